@@ -1,0 +1,285 @@
+"""A fast fake OpenAI upstream for the benchmark.
+
+A raw ``asyncio.Protocol`` HTTP/1.1 server with keep-alive: it must never be
+the bottleneck, so it does as little as an HTTP server can. Every answer is
+built once at start; a request costs a header scan and one ``json.loads`` of
+its (small) body.
+
+- ``POST /v1/chat/completions``: a fixed JSON completion with ``usage``.
+- With ``"stream": true``: SSE, N content chunks (``--chunks``, no delays),
+  a usage chunk when ``stream_options.include_usage`` is true, then
+  ``data: [DONE]``; sent chunked, one HTTP chunk per event.
+- Anything else: 404 with an OpenAI-shaped error.
+
+Run as its own process::
+
+    python bench/fake_upstream.py --port 0 --chunks 20
+
+It prints ``listening 127.0.0.1:PORT`` on stdout once it accepts connections
+and runs until killed (or for ``--max-seconds``, so it never outlives a run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from typing import Any
+
+MODEL = "gpt-bench"
+COMPLETION_ID = "chatcmpl-bench"
+CREATED = 1700000000
+CONTENT = "The quick brown fox jumps over the lazy dog."
+USAGE = {"prompt_tokens": 12, "completion_tokens": 20, "total_tokens": 32}
+
+# Any single request head above this is refused (a broken client, not a load).
+MAX_HEAD = 64 * 1024
+
+
+def _response(status: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    lines = [b"HTTP/1.1 " + status]
+    lines.extend(name + b": " + value for name, value in headers)
+    lines.append(b"content-length: %d" % len(body))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def completion_response() -> bytes:
+    body = json.dumps(
+        {
+            "id": COMPLETION_ID,
+            "object": "chat.completion",
+            "created": CREATED,
+            "model": MODEL,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": CONTENT},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": USAGE,
+        }
+    ).encode()
+    return _response(b"200 OK", [(b"content-type", b"application/json")], body)
+
+
+def _event(data: dict[str, Any] | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data)
+    payload = b"data: " + text.encode() + b"\n\n"
+    # One HTTP chunk per SSE event, as real upstreams flush them.
+    return b"%x\r\n" % len(payload) + payload + b"\r\n"
+
+
+def stream_response(chunks: int, include_usage: bool) -> bytes:
+    head = (
+        b"HTTP/1.1 200 OK\r\n"
+        b"content-type: text/event-stream\r\n"
+        b"cache-control: no-cache\r\n"
+        b"transfer-encoding: chunked\r\n\r\n"
+    )
+    words = CONTENT.split(" ")
+    parts = [head]
+    base = {
+        "id": COMPLETION_ID,
+        "object": "chat.completion.chunk",
+        "created": CREATED,
+        "model": MODEL,
+    }
+    for i in range(chunks):
+        delta: dict[str, Any] = {"content": words[i % len(words)] + " "}
+        if i == 0:
+            delta["role"] = "assistant"
+        choice = {
+            "index": 0,
+            "delta": delta,
+            "finish_reason": "stop" if i == chunks - 1 else None,
+        }
+        event: dict[str, Any] = {**base, "choices": [choice]}
+        if include_usage:
+            event["usage"] = None
+        parts.append(_event(event))
+    if include_usage:
+        parts.append(_event({**base, "choices": [], "usage": USAGE}))
+    parts.append(_event("[DONE]"))
+    parts.append(b"0\r\n\r\n")
+    return b"".join(parts)
+
+
+def not_found_response() -> bytes:
+    body = json.dumps(
+        {
+            "error": {
+                "message": "not found",
+                "type": "invalid_request_error",
+                "code": "not_found",
+            }
+        }
+    ).encode()
+    return _response(b"404 Not Found", [(b"content-type", b"application/json")], body)
+
+
+class Answers:
+    """Every response this server can give, built once."""
+
+    def __init__(self, chunks: int) -> None:
+        self.completion = completion_response()
+        self.stream = stream_response(chunks, include_usage=False)
+        self.stream_usage = stream_response(chunks, include_usage=True)
+        self.not_found = not_found_response()
+        self.bad_request = _response(
+            b"400 Bad Request", [(b"connection", b"close")], b""
+        )
+
+    def for_request(self, method: bytes, target: bytes, body: bytes) -> bytes:
+        if method != b"POST" or not target.startswith(b"/v1/chat/completions"):
+            return self.not_found
+        try:
+            request = json.loads(body)
+        except ValueError:
+            return self.bad_request
+        if not isinstance(request, dict) or not request.get("stream"):
+            return self.completion
+        options = request.get("stream_options") or {}
+        if isinstance(options, dict) and options.get("include_usage"):
+            return self.stream_usage
+        return self.stream
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """One keep-alive connection; pipelined requests are answered in order."""
+
+    def __init__(self, answers: Answers) -> None:
+        self._answers = answers
+        self._buffer = bytearray()
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        out = []
+        while True:
+            parsed = self._parse_one()
+            if parsed is None:
+                break
+            out.append(parsed)
+        if out and self._transport is not None:
+            self._transport.write(b"".join(out))
+
+    def _parse_one(self) -> bytes | None:
+        buf = self._buffer
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > MAX_HEAD:
+                self._fail()
+            return None
+        head = bytes(buf[:end]).split(b"\r\n")
+        try:
+            method, target, _version = head[0].split(b" ", 2)
+        except ValueError:
+            self._fail()
+            return None
+        length = 0
+        chunked = False
+        for line in head[1:]:
+            name, _, value = line.partition(b":")
+            lname = name.strip().lower()
+            if lname == b"content-length":
+                try:
+                    length = int(value.strip())
+                except ValueError:
+                    self._fail()
+                    return None
+            elif lname == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
+        start = end + 4
+        if chunked:
+            decoded = self._dechunk(start)
+            if decoded is None:
+                return None
+            body, consumed = decoded
+        else:
+            if len(buf) - start < length:
+                return None
+            body = bytes(buf[start : start + length])
+            consumed = start + length
+        del buf[:consumed]
+        return self._answers.for_request(method, target, body)
+
+    def _dechunk(self, pos: int) -> tuple[bytes, int] | None:
+        """A whole chunked body from ``pos``, or None until all of it is here."""
+        buf = self._buffer
+        body = bytearray()
+        while True:
+            line_end = buf.find(b"\r\n", pos)
+            if line_end < 0:
+                return None
+            try:
+                size = int(bytes(buf[pos:line_end]).split(b";", 1)[0], 16)
+            except ValueError:
+                self._fail()
+                return None
+            pos = line_end + 2
+            if size == 0:
+                # No trailers from the clients we serve: just the final CRLF.
+                if len(buf) < pos + 2:
+                    return None
+                return bytes(body), pos + 2
+            if len(buf) < pos + size + 2:
+                return None
+            body += buf[pos : pos + size]
+            pos += size + 2
+
+    def _fail(self) -> None:
+        if self._transport is not None:
+            self._transport.write(self._answers.bad_request)
+            self._transport.close()
+        self._buffer.clear()
+
+
+async def serve(port: int, chunks: int, max_seconds: float) -> None:
+    loop = asyncio.get_running_loop()
+    answers = Answers(chunks)
+    server = await loop.create_server(
+        lambda: UpstreamProtocol(answers), "127.0.0.1", port, backlog=1024
+    )
+    bound = server.sockets[0].getsockname()[1]
+    print(f"listening 127.0.0.1:{bound}", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        # Bounded: a forgotten fake upstream goes away by itself.
+        await asyncio.wait_for(stop.wait(), timeout=max_seconds)
+    except TimeoutError:
+        pass
+    server.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
+    parser.add_argument(
+        "--port", type=int, default=0, help="TCP port on 127.0.0.1 (0: any free)"
+    )
+    parser.add_argument(
+        "--chunks", type=int, default=20, help="content chunks per stream"
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=600.0,
+        help="exit after this long in any case",
+    )
+    args = parser.parse_args(argv)
+    asyncio.run(serve(args.port, args.chunks, args.max_seconds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

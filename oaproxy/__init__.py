@@ -1,0 +1,1 @@
+"""oaproxy: one stable OpenAI-compatible endpoint in front of many upstreams."""

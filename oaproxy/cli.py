@@ -1,0 +1,861 @@
+"""
+The command line: query and export the SQL record store.
+
+    oaproxy records export [--format jsonl|chat] [FILTERS] [--output FILE|-]
+    oaproxy usage [--by key|model|key,model] [--format table|json] [FILTERS]
+
+FILTERS are C{--since T}, C{--until T} (exclusive), C{--key NAME} and
+C{--model M} (both repeatable).  The database comes from the config file
+(C{--config}, default C{etc/config.yaml}: its C{dbtype} and C{dbaddr}), or
+from C{--dbtype} and C{--dbaddr}, which override it; given both, the config
+file is not read.  A relative sqlite path is taken from the current
+directory.
+
+Times are ISO 8601 dates or date-times (C{2026-11-01},
+C{2026-11-01T12:00}, C{2026-11-01T12:00+08:00}, C{…Z}); one without a zone
+is UTC.  Or relative to now: C{30m}, C{24h}, C{7d}, C{2w}, C{90s}, C{now}.
+
+This is a plain synchronous DB-API client (no reactor): a command reads,
+prints and exits.  Exit status: 0 done, 1 database (or output) error, 2 bad
+usage or configuration; errors are one line on stderr, never a traceback
+and never the DSN (it may hold a password).
+
+Output:
+  - C{records export --format jsonl}: each record's JSON as stored, one a
+    line, in time order.
+  - C{records export --format chat}: a JSON array in the shape of
+    openai-forward's C{aifd convert} (C{chat_openai.json}), one item a line:
+    C{datetime} (UTC, C{YYYY-MM-DD HH:MM:SS}), C{ip}, C{model},
+    C{temperature} (1 when the request had none), C{messages} as
+    C{[{role: content}, …]}, C{functions}, C{tools}, C{is_function_call},
+    C{is_tool_calls}, C{assistant} (the answer text) and C{tool_calls} (the
+    calls the answer made).  Records whose request body is not JSON with
+    C{messages} (embeddings, audio, bodies not kept or truncated) are left
+    out; their count goes to stderr.
+  - C{usage}: requests, ok requests (status below 400), prompt, completion
+    and total tokens and cost, summed by the database over the period, per
+    key and/or model; a table with a total line, or a JSON list of objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import io
+import json
+import os
+import re
+import sqlite3
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import (
+    closing,
+    contextmanager,
+    redirect_stderr,
+    redirect_stdout,
+    suppress,
+)
+from datetime import datetime, timezone
+from typing import Any, TextIO, TypeVar
+
+from attrs import field, frozen
+
+from oaproxy.config import ConfigError, load_config
+from oaproxy.sinks.sql import (
+    DBTYPES,
+    POSTGRES,
+    SCHEMA_VERSION,
+    SQLITE,
+    open_database,
+    placeholder,
+)
+
+__all__ = [
+    "EXIT_DATABASE",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "CommandError",
+    "Database",
+    "Filters",
+    "UsageRow",
+    "chat_item",
+    "main",
+    "parse_time",
+]
+
+EXIT_OK = 0
+EXIT_DATABASE = 1
+EXIT_USAGE = 2
+
+DEFAULT_CONFIG = "etc/config.yaml"
+
+#: Rows fetched per round trip while streaming an export.
+FETCH_SIZE = 500
+
+_T = TypeVar("_T")
+
+_UTC = timezone.utc  # noqa: UP017 - datetime.UTC needs 3.11
+
+_TIMES_HELP = """\
+times (--since, --until):
+  ISO 8601 dates or date-times: 2026-11-01, 2026-11-01T12:00,
+  "2026-11-01 12:00:30", 2026-11-01T12:00+08:00, 2026-11-01T04:00Z;
+  without a zone they are UTC.  Relative to now: 90s, 30m, 24h, 7d, 2w;
+  "now".  --since is inclusive, --until exclusive.
+
+exit status: 0 done, 1 database or output error, 2 bad usage or config.
+"""
+
+_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+#: The columns C{usage --by} may group on.
+_GROUPS = {"key": "key_name", "model": "model"}
+
+
+class CommandError(Exception):
+    """
+    A failure to report as one line on stderr, with an exit status.
+    """
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message, status)
+        self.message = message
+        self.status = status
+
+
+def parse_time(text: str, now: float) -> float:
+    """
+    A C{--since}/C{--until} value as a unix time.
+
+    @raise ValueError: with a message that shows the accepted forms.
+    """
+    value = text.strip()
+    if value == "now":
+        return now
+    relative = _RELATIVE.fullmatch(value)
+    if relative:
+        return now - float(relative[1]) * _UNITS[relative[2]]
+    # Python 3.10's fromisoformat knows no "Z".
+    if value[-1:] in ("Z", "z"):
+        value = value[:-1] + "+00:00"
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a time: expected an ISO 8601 date or date-time "
+            f"(2026-11-01, 2026-11-01T12:00, 2026-11-01T12:00+08:00) "
+            f"or a time ago (30m, 24h, 7d)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=_UTC)
+    return moment.timestamp()
+
+
+def _iso(moment: float) -> str:
+    return datetime.fromtimestamp(moment, _UTC).isoformat()
+
+
+@frozen
+class Database:
+    """
+    Where the records are.
+
+    @ivar where: how messages name the database; never the DSN, which may
+        hold a password.
+    """
+
+    dbtype: str
+    dbaddr: str = field(repr=False)
+    where: str
+
+
+@frozen
+class Filters:
+    """
+    The records a command looks at: C{since <= time < until}, and one of
+    C{keys} / C{models} when given.
+    """
+
+    since: float | None = None
+    until: float | None = None
+    keys: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+
+    def where(self, mark: str) -> tuple[str, list[object]]:
+        """
+        The C{WHERE} clause (empty, or with a leading space) and its
+        parameters, with C{mark} as the parameter marker.
+        """
+        conditions: list[str] = []
+        parameters: list[object] = []
+        if self.since is not None:
+            conditions.append(f"time >= {mark}")
+            parameters.append(self.since)
+        if self.until is not None:
+            conditions.append(f"time < {mark}")
+            parameters.append(self.until)
+        for column, values in (("key_name", self.keys), ("model", self.models)):
+            if values:
+                conditions.append(f"{column} IN ({', '.join([mark] * len(values))})")
+                parameters.extend(values)
+        if not conditions:
+            return "", parameters
+        return " WHERE " + " AND ".join(conditions), parameters
+
+
+@frozen
+class UsageRow:
+    """
+    One group of C{usage}: C{group} maps each C{--by} name (C{key},
+    C{model}) to its value, L{None} for records without one.  C{cost} is
+    L{None} when no record of the group had a cost.
+    """
+
+    group: dict[str, str | None]
+    requests: int
+    ok: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **self.group,
+            "requests": self.requests,
+            "ok": self.ok,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "cost": self.cost,
+        }
+
+
+# -- the chat shape -------------------------------------------------------
+
+
+def chat_item(record: dict[str, Any]) -> dict[str, Any] | None:
+    """
+    One record in the shape of openai-forward's C{chat_openai.json} items,
+    or L{None} when its request body has no chat C{messages}.
+    """
+    body = record.get("request_body")
+    if isinstance(body, str):
+        try:
+            body = json.loads(body)
+        except ValueError:
+            # Not JSON, or cut at max_field_bytes: no messages to show.
+            return None
+    if not isinstance(body, dict):
+        return None
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    pairs = [
+        {message["role"]: message.get("content")}
+        for message in messages
+        if isinstance(message, dict) and isinstance(message.get("role"), str)
+    ]
+    calls = record.get("tool_calls")
+    if not isinstance(calls, list):
+        calls = []
+    # The capture gives legacy function_call answers the tool-call shape;
+    # which kind it was shows in what the request offered.
+    legacy = "functions" in body and "tools" not in body
+    moment = record.get("time")
+    return {
+        "datetime": (
+            datetime.fromtimestamp(moment, _UTC).strftime("%Y-%m-%d %H:%M:%S")
+            if isinstance(moment, (int, float)) and not isinstance(moment, bool)
+            else None
+        ),
+        "ip": record.get("client_ip"),
+        "model": record.get("model") or body.get("model"),
+        "temperature": body.get("temperature", 1),
+        "messages": pairs,
+        "functions": body.get("functions"),
+        "tools": body.get("tools"),
+        "is_function_call": bool(calls) and legacy,
+        "is_tool_calls": bool(calls) and not legacy,
+        "assistant": record.get("response_text"),
+        "tool_calls": calls or None,
+    }
+
+
+# -- the database ---------------------------------------------------------
+
+
+def _database_errors(dbtype: str) -> tuple[type[BaseException], ...]:
+    if dbtype == POSTGRES:
+        import psycopg2  # type: ignore[import-untyped]
+
+        return (psycopg2.Error,)
+    return (sqlite3.Error,)
+
+
+def _error_text(error: BaseException, database: Database) -> str:
+    """
+    The first line of a driver's message, with any password taken out.
+    """
+    lines = str(error).strip().splitlines()
+    text = lines[0].strip() if lines else type(error).__name__
+    if database.dbtype != POSTGRES:
+        return text
+    import psycopg2
+    from psycopg2.extensions import parse_dsn  # type: ignore[import-untyped]
+
+    try:
+        password = parse_dsn(database.dbaddr).get("password")
+    except psycopg2.Error:
+        # libpq's parse errors quote pieces of the DSN, maybe the password.
+        return "the DSN is neither libpq key=value pairs nor a postgresql:// URL"
+    if password:
+        text = text.replace(password, "***")
+    return text
+
+
+def _missing_table(error: BaseException) -> bool:
+    if getattr(error, "pgcode", None) == "42P01":  # undefined_table
+        return True
+    return isinstance(error, sqlite3.OperationalError) and "no such table" in str(error)
+
+
+def _check_schema(connection: Any, database: Database) -> None:
+    cursor = connection.cursor()
+    try:
+        cursor.execute("SELECT version FROM schema_version")
+        versions = [row[0] for row in cursor.fetchall()]
+    except _database_errors(database.dbtype) as e:
+        if not _missing_table(e):
+            raise
+        raise CommandError(
+            f"{database.where} has no oaproxy records table "
+            f"(has oaproxy stored any record there yet?)",
+            EXIT_DATABASE,
+        ) from None
+    finally:
+        cursor.close()
+    found = max(versions, default=0)
+    if found > SCHEMA_VERSION:
+        raise CommandError(
+            f"{database.where} has schema version {found}, newer than this "
+            f"oaproxy's {SCHEMA_VERSION}: upgrade oaproxy to read it",
+            EXIT_DATABASE,
+        )
+
+
+def with_database(database: Database, work: Callable[[Any], _T]) -> _T:
+    """
+    Run C{work(connection)} on a read-only connection to C{database};
+    driver errors become L{CommandError}s.
+    """
+    errors = _database_errors(database.dbtype)
+    # sqlite would create an empty database, and a reader must not.
+    if (
+        database.dbtype == SQLITE
+        and database.dbaddr != ":memory:"
+        and not os.path.isfile(database.dbaddr)
+    ):
+        raise CommandError(
+            f"{database.where} does not exist (has oaproxy stored any record yet?)",
+            EXIT_DATABASE,
+        )
+    try:
+        connection = open_database(database.dbtype, database.dbaddr)
+    except errors + (OSError,) as e:
+        raise CommandError(
+            f"cannot open {database.where}: {_error_text(e, database)}", EXIT_DATABASE
+        ) from None
+    try:
+        if database.dbtype == POSTGRES:
+            connection.readonly = True
+        _check_schema(connection, database)
+        return work(connection)
+    except errors as e:
+        raise CommandError(
+            f"{database.where}: {_error_text(e, database)}", EXIT_DATABASE
+        ) from None
+    finally:
+        with suppress(*errors):
+            connection.close()
+
+
+def _rows(
+    connection: Any, dbtype: str, sql: str, parameters: Sequence[object]
+) -> Generator[tuple[Any, ...], None, None]:
+    """
+    The rows of a query, C{FETCH_SIZE} at a time.
+    """
+    if dbtype == POSTGRES:
+        # A named (server-side) cursor: a plain psycopg2 cursor would hold
+        # the whole result in memory before the first fetchmany.
+        cursor = connection.cursor(name=f"oaproxy_cli_{uuid.uuid4().hex[:12]}")
+    else:
+        cursor = connection.cursor()
+    try:
+        cursor.execute(sql, tuple(parameters))
+        while True:
+            batch = cursor.fetchmany(FETCH_SIZE)
+            if not batch:
+                return
+            yield from batch
+    finally:
+        cursor.close()
+
+
+def resolve_database(args: argparse.Namespace) -> Database:
+    """
+    The database the options name: C{--dbtype}/C{--dbaddr} over the config.
+    """
+    dbtype: str | None = args.dbtype
+    dbaddr: str | None = args.dbaddr
+    config_path: str = args.config
+    from_config = False
+    if dbtype is None or dbaddr is None:
+        try:
+            config = load_config(config_path)
+        except ConfigError as e:
+            raise CommandError(str(e), EXIT_USAGE) from None
+        if config.dbtype not in DBTYPES and dbtype is None:
+            raise CommandError(
+                f"{config_path}: dbtype is {config.dbtype}: there is no SQL record "
+                f"store to read (set dbtype to sqlite or postgres there, or give "
+                f"--dbtype and --dbaddr)",
+                EXIT_USAGE,
+            )
+        if dbaddr is None:
+            if dbtype is not None and dbtype != config.dbtype:
+                raise CommandError(
+                    f"--dbtype {dbtype} differs from dbtype {config.dbtype} in "
+                    f"{config_path}: give --dbaddr too",
+                    EXIT_USAGE,
+                )
+            dbaddr = config.dbaddr
+            from_config = True
+        dbtype = dbtype or config.dbtype
+    if dbtype == POSTGRES:
+        where = (
+            f"the postgres database in {config_path}"
+            if from_config
+            else "the postgres database given by --dbaddr"
+        )
+    else:
+        where = f"the sqlite database {dbaddr}"
+    return Database(dbtype=dbtype, dbaddr=dbaddr, where=where)
+
+
+def _filters(args: argparse.Namespace) -> Filters:
+    since: float | None = args.since
+    until: float | None = args.until
+    if since is not None and until is not None and since >= until:
+        raise CommandError(
+            f"--since ({_iso(since)}) is not before --until ({_iso(until)})",
+            EXIT_USAGE,
+        )
+    return Filters(
+        since=since, until=until, keys=tuple(args.key), models=tuple(args.model)
+    )
+
+
+# -- records export -------------------------------------------------------
+
+
+@contextmanager
+def _output(path: str, stdout: TextIO) -> Iterator[TextIO]:
+    """
+    Where an export goes: C{stdout} for C{-}, else C{path}, written to a
+    temporary file that replaces it only once the export is complete.
+    """
+    if path == "-":
+        yield stdout
+        stdout.flush()
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        # mkstemp's mode 0600 suits a file of prompts and answers.
+        descriptor, temporary = tempfile.mkstemp(
+            prefix=".oaproxy-export-", suffix=".tmp", dir=directory
+        )
+    except OSError as e:
+        raise CommandError(
+            f"cannot write {path}: {e.strerror or e}", EXIT_DATABASE
+        ) from None
+    try:
+        with open(descriptor, "w", encoding="utf-8", newline="\n") as f:
+            yield f
+        os.replace(temporary, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def _export(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    filters = _filters(args)
+    database = resolve_database(args)
+    where, parameters = filters.where(placeholder(database.dbtype))
+    sql = f"SELECT record FROM records{where} ORDER BY time, id"
+    chat = args.format == "chat"
+
+    def work(connection: Any) -> int:
+        # closing(): the cursor goes before the connection, whatever happens.
+        rows = _rows(connection, database.dbtype, sql, parameters)
+        with closing(rows), _output(args.output, stdout) as out:
+            return _write_chat(rows, out) if chat else _write_jsonl(rows, out)
+
+    if args.output == "-" and stdout is sys.stdout:
+        _utf8(sys.stdout)
+    try:
+        skipped = with_database(database, work)
+    except OSError as e:
+        if isinstance(e, BrokenPipeError):
+            raise
+        raise CommandError(
+            f"cannot write {args.output}: {e.strerror or e}", EXIT_DATABASE
+        ) from None
+    if skipped:
+        print(
+            f"oaproxy: left out {skipped} record{'s' if skipped != 1 else ''} "
+            f"without chat messages",
+            file=stderr,
+        )
+    return EXIT_OK
+
+
+def _write_jsonl(rows: Iterator[tuple[Any, ...]], out: TextIO) -> int:
+    for (document,) in rows:
+        if document is not None:
+            out.write(document)
+            out.write("\n")
+    return 0
+
+
+def _write_chat(rows: Iterator[tuple[Any, ...]], out: TextIO) -> int:
+    skipped = 0
+    first = True
+    out.write("[")
+    for (document,) in rows:
+        try:
+            record = json.loads(document)
+        except (TypeError, ValueError):
+            record = None
+        item = chat_item(record) if isinstance(record, dict) else None
+        if item is None:
+            skipped += 1
+            continue
+        out.write("\n" if first else ",\n")
+        out.write(json.dumps(item, ensure_ascii=False))
+        first = False
+    out.write("]\n" if first else "\n]\n")
+    return skipped
+
+
+def _utf8(stream: TextIO) -> None:
+    # JSON is UTF-8, whatever the locale says.
+    if (
+        isinstance(stream, io.TextIOWrapper)
+        and codecs.lookup(stream.encoding).name != "utf-8"
+    ):
+        stream.reconfigure(encoding="utf-8")
+
+
+# -- usage ----------------------------------------------------------------
+
+
+def _number(value: Any) -> int:
+    # PostgreSQL's SUM of BIGINT is NUMERIC: Decimal here.
+    return int(value) if value is not None else 0
+
+
+def usage_rows(
+    connection: Any, dbtype: str, by: Sequence[str], filters: Filters
+) -> list[UsageRow]:
+    """
+    The usage groups, summed by the database, in order of their names
+    (records without a key or model last).
+    """
+    columns = [_GROUPS[name] for name in by]
+    where, parameters = filters.where(placeholder(dbtype))
+    sql = (
+        f"SELECT {', '.join(columns)}, COUNT(*),"
+        " SUM(CASE WHEN status < 400 THEN 1 ELSE 0 END),"
+        " SUM(prompt_tokens), SUM(completion_tokens), SUM(total_tokens), SUM(cost)"
+        f" FROM records{where} GROUP BY {', '.join(columns)}"
+    )
+    cursor = connection.cursor()
+    try:
+        cursor.execute(sql, tuple(parameters))
+        fetched = cursor.fetchall()
+    finally:
+        cursor.close()
+    groups = len(columns)
+    rows = [
+        UsageRow(
+            group=dict(zip(by, row[:groups])),
+            requests=_number(row[groups]),
+            ok=_number(row[groups + 1]),
+            prompt_tokens=_number(row[groups + 2]),
+            completion_tokens=_number(row[groups + 3]),
+            total_tokens=_number(row[groups + 4]),
+            cost=None if row[groups + 5] is None else float(row[groups + 5]),
+        )
+        for row in fetched
+    ]
+    # Sorted here, not by ORDER BY: the two databases collate text and
+    # place NULLs differently, and the groups are few.
+    rows.sort(
+        key=lambda row: [(value is None, value or "") for value in row.group.values()]
+    )
+    return rows
+
+
+def usage_total(rows: Sequence[UsageRow], by: Sequence[str]) -> UsageRow:
+    """
+    The sum of the groups (which the same query counted, so they agree).
+    """
+    costs = [row.cost for row in rows if row.cost is not None]
+    return UsageRow(
+        group={name: None for name in by},
+        requests=sum(row.requests for row in rows),
+        ok=sum(row.ok for row in rows),
+        prompt_tokens=sum(row.prompt_tokens for row in rows),
+        completion_tokens=sum(row.completion_tokens for row in rows),
+        total_tokens=sum(row.total_tokens for row in rows),
+        cost=sum(costs) if costs else None,
+    )
+
+
+_COUNTS = (
+    "requests",
+    "ok",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cost",
+)
+
+
+def usage_table(rows: Sequence[UsageRow], by: Sequence[str]) -> str:
+    """
+    The groups and a total line as aligned columns: names left, numbers
+    right; C{-} for no key / no model / no cost.
+    """
+
+    def cells(row: UsageRow, names: list[str]) -> list[str]:
+        return [
+            *names,
+            str(row.requests),
+            str(row.ok),
+            str(row.prompt_tokens),
+            str(row.completion_tokens),
+            str(row.total_tokens),
+            "-" if row.cost is None else f"{row.cost:.4f}",
+        ]
+
+    lines = [[*by, *_COUNTS]]
+    for row in rows:
+        lines.append(cells(row, ["-" if v is None else v for v in row.group.values()]))
+    total = usage_total(rows, by)
+    lines.append(cells(total, ["total"] + [""] * (len(by) - 1)))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    text = []
+    for line in lines:
+        padded = [
+            cell.ljust(width) if i < len(by) else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(line, widths))
+        ]
+        text.append("  ".join(padded).rstrip())
+    return "\n".join(text) + "\n"
+
+
+def _by(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(","))
+    if (
+        not names
+        or any(n not in _GROUPS for n in names)
+        or len(set(names)) != len(names)
+    ):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected key, model or key,model")
+    return names
+
+
+def _usage(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    filters = _filters(args)
+    database = resolve_database(args)
+    by: tuple[str, ...] = args.by
+    rows = with_database(
+        database,
+        lambda connection: usage_rows(connection, database.dbtype, by, filters),
+    )
+    if args.format == "json":
+        stdout.write(json.dumps([row.as_dict() for row in rows], indent=2) + "\n")
+    else:
+        stdout.write(usage_table(rows, by))
+    stdout.flush()
+    return EXIT_OK
+
+
+# -- the parser -----------------------------------------------------------
+
+
+def _time_argument(now: float) -> Callable[[str], float]:
+    def convert(text: str) -> float:
+        try:
+            return parse_time(text, now)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
+
+
+def build_parser(now: float) -> argparse.ArgumentParser:
+    """
+    The argument parser; relative times count back from C{now}.
+    """
+    database = argparse.ArgumentParser(add_help=False)
+    group = database.add_argument_group("database")
+    group.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        metavar="FILE",
+        help="the oaproxy config file whose dbtype and dbaddr to use "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--dbtype", choices=DBTYPES, help="overrides the config's dbtype"
+    )
+    group.add_argument(
+        "--dbaddr",
+        metavar="ADDR",
+        help="overrides the config's dbaddr: a sqlite file, or a libpq DSN or "
+        "postgresql:// URL; with --dbtype too, the config is not read",
+    )
+    filters = argparse.ArgumentParser(add_help=False)
+    group = filters.add_argument_group("filters")
+    time_argument = _time_argument(now)
+    group.add_argument(
+        "--since", type=time_argument, metavar="T", help="from this time on (inclusive)"
+    )
+    group.add_argument(
+        "--until", type=time_argument, metavar="T", help="before this time (exclusive)"
+    )
+    group.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="only this client key name (repeatable)",
+    )
+    group.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="M",
+        help="only this model (repeatable)",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="oaproxy",
+        description="Query and export oaproxy's SQL record store.",
+        epilog=_TIMES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    records = commands.add_parser("records", help="the request records")
+    records_commands = records.add_subparsers(
+        dest="records_command", metavar="COMMAND", required=True
+    )
+    export = records_commands.add_parser(
+        "export",
+        parents=[database, filters],
+        help="write records as JSON lines or openai-forward chat JSON",
+        description="Write the records in time order, as JSON lines (each "
+        "record as stored) or as a JSON array in the shape of openai-forward's "
+        "`aifd convert` (chat records only).",
+        epilog=_TIMES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument(
+        "--format", choices=("jsonl", "chat"), default="jsonl", help="(default: jsonl)"
+    )
+    export.add_argument(
+        "--output",
+        "-o",
+        default="-",
+        metavar="FILE",
+        help="where to write; - is stdout (default); a file is replaced only "
+        "when the export is complete",
+    )
+    export.set_defaults(run=_export)
+    usage = commands.add_parser(
+        "usage",
+        parents=[database, filters],
+        help="requests, tokens and cost by key and model",
+        description="Sum requests, ok requests (status below 400), tokens and "
+        "cost over a period, by client key and/or model.",
+        epilog=_TIMES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    usage.add_argument(
+        "--by",
+        type=_by,
+        default=("key", "model"),
+        metavar="key|model|key,model",
+        help="what to group by (default: key,model)",
+    )
+    usage.add_argument(
+        "--format", choices=("table", "json"), default="table", help="(default: table)"
+    )
+    usage.set_defaults(run=_usage)
+    return parser
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+    clock: Callable[[], float] = time.time,
+) -> int:
+    """
+    Run one command; returns the exit status.
+
+    @param argv: the arguments after the program name; C{sys.argv[1:]} by
+        default.
+    @param stdout: where output goes (C{sys.stdout} by default).
+    @param stderr: where errors go (C{sys.stderr} by default).
+    @param clock: the time relative C{--since}/C{--until} count back from.
+    """
+    out = sys.stdout if stdout is None else stdout
+    err = sys.stderr if stderr is None else stderr
+    parser = build_parser(clock())
+    try:
+        # argparse prints to sys.stdout/sys.stderr itself.
+        with redirect_stdout(out), redirect_stderr(err):
+            args = parser.parse_args(argv)
+    except SystemExit as e:
+        return (
+            e.code
+            if isinstance(e.code, int)
+            else (EXIT_OK if e.code is None else EXIT_USAGE)
+        )
+    run: Callable[[argparse.Namespace, TextIO, TextIO], int] = args.run
+    try:
+        return run(args, out, err)
+    except CommandError as e:
+        print(f"oaproxy: {e.message}", file=err)
+        return e.status
+    except BrokenPipeError:
+        # The reader (| head) has gone: stop quietly, and keep the
+        # interpreter's final flush from complaining too.
+        if out is sys.stdout:
+            with suppress(OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_DATABASE
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,37 @@
+"""OpenAI-shaped error answers.
+
+Clients are OpenAI SDKs: they read ``error.message``/``error.type``/``error.code``
+from the body and choose their exception class from the status, so every error
+oaproxy makes itself is shaped like OpenAI's own.
+"""
+
+from __future__ import annotations
+
+import json
+
+from attrs import frozen
+
+
+@frozen
+class ErrorAnswer:
+    """An error oaproxy answers by itself, before or instead of an upstream."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    code: str | None = None
+    param: str | None = None
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code, self.param)
+
+
+def error_body(
+    message: str,
+    type: str = "invalid_request_error",
+    code: str | None = None,
+    param: str | None = None,
+) -> bytes:
+    return json.dumps(
+        {"error": {"message": message, "type": type, "param": param, "code": code}}
+    ).encode("utf-8")

@@ -1,0 +1,402 @@
+"""The attempt chain: one client request, tried on upstreams one after another.
+
+Every attempt runs under ``Deferred.addTimeout``; cancelling an attempt aborts
+its upstream connection, and a client that goes away cancels the whole chain.
+
+- Non-stream: the deadline covers the response headers and the whole body,
+  which is read before anything is written to the client, so an upstream that
+  dies mid-body is still failed over.
+- Stream: the deadline covers the headers and the first SSE event; the client
+  sees nothing until that event (the commit). After it, silence longer than
+  ``stream_idle_timeout`` or an upstream error ends the stream with an SSE
+  ``error`` event. The last candidate waits ``max(stream_timeout, timeout)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from attrs import define, field, frozen
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import Cooperator
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web._newclient import RequestNotSent, ResponseNeverReceived
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IResponse
+from twisted.web.server import Request
+
+from oaproxy.config import Upstream
+from oaproxy.errors import error_body
+from oaproxy.inspection import Inspected
+from oaproxy.headers import response_headers, upstream_headers
+from oaproxy.relay import BodyCollector, RelayResult, StreamRelay, describe
+
+# Statuses worth another upstream: the upstream (its key, its quota, its
+# health) is the problem. Other 4xx mean the request itself is wrong.
+FAILOVER_STATUSES = frozenset({401, 403, 404, 408, 409, 429})
+
+# A non-stream answer is held whole before it is written (to fail over an
+# upstream dying mid-body); past this size an answer is refused, not buffered.
+MAX_BUFFERED_RESPONSE = 256 * 1024 * 1024
+
+
+def fails_over(status: int) -> bool:
+    return status >= 500 or status in FAILOVER_STATUSES
+
+
+@frozen
+class Call:
+    """What the client asked for, parsed once, shared by every attempt."""
+
+    method: bytes
+    path: bytes  # as the client sent it, e.g. b"/v1/chat/completions?x=1"
+    upstream_path: bytes  # the part after "/v1", appended to each endpoint
+    headers: Headers
+    inspected: Inspected = field(eq=False)
+    authorization: bytes | None  # the client's own header, for ``sk: asis``
+    forwarded_for: bytes
+
+    @property
+    def model(self) -> str | None:
+        return self.inspected.model
+
+    @property
+    def stream(self) -> bool:
+        return self.inspected.stream
+
+
+@frozen
+class Answer:
+    """A whole upstream response, read before anything reached the client."""
+
+    upstream: Upstream
+    status: int
+    phrase: bytes
+    headers: Headers
+    body: bytes
+
+
+@frozen
+class Committed:
+    """An upstream response that is being relayed to the client."""
+
+    upstream: Upstream
+    status: int
+    relay: StreamRelay
+
+
+class AttemptTimeout(Exception):
+    def __init__(self, deadline: float) -> None:
+        super().__init__(f"timeout after {deadline:g}s")
+        self.deadline = deadline
+
+
+@define
+class AttemptLog:
+    upstream: str
+    started: float
+    status: int | None = None
+    error: str | None = None
+    ttfb: float | None = None
+    duration: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "upstream": self.upstream,
+            "status": self.status,
+            "error": self.error,
+            "ttfb": self.ttfb,
+            "duration": self.duration,
+        }
+
+
+@define
+class Exchange:
+    """The state of one client request, from which its record is made."""
+
+    call: Call
+    started: float  # on the reactor's clock, for durations
+    time: float  # wall-clock time the request arrived, for the record
+    key_name: str | None
+    client_ip: str
+    user_agent: str | None = None
+    # Set by the stream observer: what the record says of a streamed answer.
+    capture: Any = None
+    attempts: list[AttemptLog] = field(factory=list)
+    upstream: str | None = None
+    status: int | None = None
+    outcome: str = "ok"
+    ttfb: float | None = None
+    finished: float | None = None
+    bytes_out: int = 0
+    response_body: bytes | None = None  # a non-stream answer, for the record
+    error: str | None = None  # why a committed stream ended badly
+    client_gone: bool = False
+
+
+class Forwarder:
+    """Runs the attempt chain for one request at a time, for one config."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        agent: IAgent,
+        fresh_agent: IAgent,
+        cooperator: Cooperator,
+        *,
+        stream_idle_timeout: float,
+        on_event: Callable[[Exchange, Upstream], Callable[[bytes], bool]] | None = None,
+        pooled: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self._clock = clock
+        self._agent = agent
+        self._fresh_agent = fresh_agent
+        self._cooperator = cooperator
+        self._idle_timeout = stream_idle_timeout
+        self._on_event = on_event
+        # Says, right after agent.request(), whether that request went out on
+        # a connection from the pool: only such a connection can be stale.
+        self._pooled = pooled
+
+    def forward(
+        self, request: Request, exchange: Exchange, candidates: Sequence[Upstream]
+    ) -> Deferred[Exchange]:
+        """Answer ``request`` from the first candidate that serves it.
+
+        Cancelling the result (the client went away) aborts the upstream
+        request in flight; the Deferred then fires with the exchange all the
+        same, marked ``client_gone``.
+        """
+        return ensureDeferred(self._forward(request, exchange, candidates))
+
+    async def _forward(
+        self, request: Request, exchange: Exchange, candidates: Sequence[Upstream]
+    ) -> Exchange:
+        call = exchange.call
+        last_answer: Answer | None = None
+        for index, upstream in enumerate(candidates):
+            deadline = attempt_deadline(upstream, call.stream, index == len(candidates) - 1)
+            attempt = AttemptLog(upstream.name, self._clock.seconds())
+            exchange.attempts.append(attempt)
+            try:
+                result = await self._attempt(request, exchange, upstream, attempt, deadline)
+            except AttemptTimeout as e:
+                attempt.error = str(e)
+                self._end_attempt(attempt)
+                continue
+            except CancelledError:
+                attempt.error = "cancelled: client disconnected"
+                self._end_attempt(attempt)
+                exchange.client_gone = True
+                exchange.outcome = "client_disconnected"
+                return exchange
+            except Exception as e:
+                if exchange.client_gone:
+                    attempt.error = "cancelled: client disconnected"
+                    self._end_attempt(attempt)
+                    exchange.outcome = "client_disconnected"
+                    return exchange
+                attempt.error = describe(e)
+                self._end_attempt(attempt)
+                continue
+            if isinstance(result, Committed):
+                await self._finish_relay(exchange, attempt, result)
+                return exchange
+            attempt.status = result.status
+            self._end_attempt(attempt)
+            if fails_over(result.status):
+                last_answer = result
+                continue
+            self._send(request, exchange, result)
+            exchange.outcome = "ok" if result.status < 400 else "client_error"
+            return exchange
+        self._exhausted(request, exchange, last_answer)
+        return exchange
+
+    def _end_attempt(self, attempt: AttemptLog) -> None:
+        attempt.duration = self._clock.seconds() - attempt.started
+
+    def _attempt(
+        self,
+        request: Request,
+        exchange: Exchange,
+        upstream: Upstream,
+        attempt: AttemptLog,
+        deadline: float,
+    ) -> Deferred[Answer | Committed]:
+        d = ensureDeferred(self._try_upstream(request, exchange, upstream, attempt))
+
+        def timed_out(result: Any, timeout: float) -> Any:
+            raise AttemptTimeout(timeout)
+
+        return d.addTimeout(deadline, self._clock, onTimeoutCancel=timed_out)
+
+    async def _try_upstream(
+        self, request: Request, exchange: Exchange, upstream: Upstream, attempt: AttemptLog
+    ) -> Answer | Committed:
+        call = exchange.call
+        response = await self._request(upstream, call)
+        attempt.ttfb = self._clock.seconds() - attempt.started
+        status = response.code
+        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
+        if 200 <= status < 300 and content_type.startswith(b"text/event-stream"):
+            return await self._relay(request, exchange, upstream, response, sse=True)
+        if 200 <= status < 300 and not call.stream and not _is_document(content_type):
+            # Audio, files, images: large and useless to hold; relay as they come.
+            return await self._relay(request, exchange, upstream, response, sse=False)
+        collector = BodyCollector(MAX_BUFFERED_RESPONSE)
+        response.deliverBody(collector)
+        body = await collector.finished
+        return Answer(upstream, status, response.phrase, response.headers, body)
+
+    async def _request(self, upstream: Upstream, call: Call) -> IResponse:
+        body = call.inspected.body_for(upstream)
+        url = upstream.endpoint.encode("utf-8") + call.upstream_path
+        headers = upstream_headers(
+            call.headers,
+            keep_header=upstream.keep_header,
+            authorization=_authorization(upstream, call),
+            forwarded_for=call.forwarded_for,
+        )
+        sent = self._agent.request(call.method, url, headers, body.producer(self._cooperator))
+        pooled = self._pooled()
+        try:
+            return await sent
+        except (RequestNotSent, ResponseNeverReceived) as e:
+            # On a new connection the failure is the upstream's doing (it
+            # may have acted on the request): fail over, never send it twice.
+            if not (pooled and _stale_connection(e)):
+                raise
+        # A pooled connection the upstream had closed: once more, on a new one.
+        return await self._fresh_agent.request(
+            call.method, url, headers, body.producer(self._cooperator)
+        )
+
+    async def _relay(
+        self,
+        request: Request,
+        exchange: Exchange,
+        upstream: Upstream,
+        response: IResponse,
+        *,
+        sse: bool,
+    ) -> Committed:
+        def commit() -> None:
+            exchange.ttfb = self._clock.seconds() - exchange.started
+            exchange.upstream = upstream.name
+            exchange.status = response.code
+            request.setResponseCode(response.code, response.phrase)
+            _copy_headers(request, response.headers)
+
+        relay = StreamRelay(
+            request,
+            self._clock,
+            commit,
+            self._idle_timeout,
+            sse=sse,
+            on_event=self._on_event(exchange, upstream) if sse and self._on_event else None,
+        )
+        response.deliverBody(relay)
+        await relay.first_event
+        return Committed(upstream, response.code, relay)
+
+    async def _finish_relay(
+        self, exchange: Exchange, attempt: AttemptLog, committed: Committed
+    ) -> None:
+        attempt.status = committed.status
+        try:
+            result = await committed.relay.done
+        except CancelledError:
+            result = RelayResult(ok=False, error="client disconnected", client_gone=True)
+        self._end_attempt(attempt)
+        exchange.bytes_out = committed.relay.bytes_out
+        if result.client_gone:
+            exchange.client_gone = True
+            exchange.outcome = "client_disconnected"
+            attempt.error = "cancelled: client disconnected"
+        elif not result.ok:
+            exchange.outcome = "stream_failed"
+            exchange.error = result.error
+            attempt.error = result.error
+
+    def _send(self, request: Request, exchange: Exchange, answer: Answer) -> None:
+        exchange.upstream = answer.upstream.name
+        exchange.status = answer.status
+        exchange.response_body = answer.body
+        request.setResponseCode(answer.status, answer.phrase)
+        _copy_headers(request, answer.headers)
+        self._write_whole(request, exchange, answer.body)
+
+    def _write_whole(self, request: Request, exchange: Exchange, body: bytes) -> None:
+        request.setHeader(b"content-length", b"%d" % len(body))
+        exchange.ttfb = self._clock.seconds() - exchange.started
+        exchange.bytes_out = len(body)
+        request.write(body)
+        request.finish()
+
+    def _exhausted(self, request: Request, exchange: Exchange, last: Answer | None) -> None:
+        exchange.outcome = "exhausted"
+        if last is not None:
+            # The SDK then raises what the upstream meant (a real 429 or 500).
+            self._send(request, exchange, last)
+            return
+        timeouts = all(a.error is not None and a.error.startswith("timeout") for a in exchange.attempts)
+        status = 504 if timeouts and exchange.attempts else 502
+        reasons = "; ".join(f"{a.upstream}: {a.error}" for a in exchange.attempts)
+        message = f"All upstreams failed: {reasons}" if reasons else "No upstream to try."
+        body = error_body(
+            message,
+            type="upstream_error",
+            code="upstream_timeout" if status == 504 else "upstream_unavailable",
+        )
+        exchange.status = status
+        exchange.response_body = body
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        self._write_whole(request, exchange, body)
+
+
+def attempt_deadline(upstream: Upstream, stream: bool, last: bool) -> float:
+    """How long one attempt may take before the next upstream is tried."""
+    if not stream:
+        return upstream.timeout
+    if last:
+        # Nothing left to fail over to: waiting longer beats failing early.
+        return max(upstream.stream_timeout, upstream.timeout)
+    return upstream.stream_timeout
+
+
+def _authorization(upstream: Upstream, call: Call) -> bytes | None:
+    if upstream.sk == "asis":
+        return call.authorization
+    if not upstream.sk:
+        return None
+    return b"Bearer " + upstream.sk.encode("utf-8")
+
+
+def _stale_connection(error: Exception) -> bool:
+    """A pooled connection that was dead before this request, not a cancel."""
+    if isinstance(error, RequestNotSent):
+        return True
+    reasons: list[Failure] = getattr(error, "reasons", [])
+    return not any(r.check(CancelledError) for r in reasons)
+
+
+def _is_document(content_type: bytes) -> bool:
+    return (
+        not content_type
+        or content_type.startswith(b"application/json")
+        or content_type.startswith(b"text/")
+        or content_type.endswith(b"+json")
+    )
+
+
+def _copy_headers(request: Request, headers: Headers) -> None:
+    out = request.responseHeaders
+    for name, values in response_headers(headers):
+        out.setRawHeaders(name, values)

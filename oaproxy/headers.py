@@ -1,0 +1,105 @@
+"""Header hygiene, in one place, for both directions of the proxy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from twisted.web.http_headers import Headers
+
+# RFC 9110 section 7.6.1, plus the proxy-era names that still appear.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# Never forwarded from the client: credentials (replaced by the upstream's own),
+# and headers the agent or oaproxy set for itself.
+CLIENT_ONLY = frozenset(
+    {
+        b"authorization",
+        b"api-key",
+        b"x-api-key",
+        b"cookie",
+        b"host",
+        b"content-length",
+        b"accept-encoding",
+        b"x-forwarded-for",
+        b"expect",
+    }
+)
+
+# Without keep_header an upstream sees only what the API itself needs.
+ESSENTIAL = frozenset(
+    {
+        b"content-type",
+        b"accept",
+        b"user-agent",
+        b"openai-beta",
+        b"idempotency-key",
+    }
+)
+
+# Our body to the client is re-framed by twisted.web.
+RESPONSE_DROPPED = frozenset({b"content-length", b"date", b"server"})
+
+
+def _connection_tokens(headers: Headers) -> frozenset[bytes]:
+    tokens = set()
+    for value in headers.getRawHeaders(b"connection", ()):
+        tokens.update(t.strip().lower() for t in value.split(b","))
+    return frozenset(tokens)
+
+
+def hop_by_hop(headers: Headers) -> frozenset[bytes]:
+    """The names not to pass on: the fixed list and those ``Connection`` names."""
+    return HOP_BY_HOP | _connection_tokens(headers)
+
+
+def upstream_headers(
+    client: Headers,
+    *,
+    keep_header: bool,
+    authorization: bytes | None,
+    forwarded_for: bytes,
+) -> Headers:
+    """The headers of one attempt's request to an upstream."""
+    out = Headers()
+    dropped = hop_by_hop(client) | CLIENT_ONLY
+    for name, values in client.getAllRawHeaders():
+        lname = name.lower()
+        if lname in dropped:
+            continue
+        if keep_header or lname in ESSENTIAL:
+            out.setRawHeaders(name, values)
+    if authorization is not None:
+        out.setRawHeaders(b"authorization", [authorization])
+    # Ask for identity so that records can read every body as it is, and no
+    # stale Content-Length or Content-Encoding reaches the client.
+    out.setRawHeaders(b"accept-encoding", [b"identity"])
+    out.setRawHeaders(b"x-forwarded-for", [forwarded_for])
+    return out
+
+
+def forwarded_for(client: Headers, peer: str) -> bytes:
+    """``X-Forwarded-For`` with this client's address appended."""
+    previous = client.getRawHeaders(b"x-forwarded-for")
+    if previous:
+        return b", ".join([*previous, peer.encode("ascii", "replace")])
+    return peer.encode("ascii", "replace")
+
+
+def response_headers(upstream: Headers) -> Iterable[tuple[bytes, list[bytes]]]:
+    """The upstream's response headers that are passed on to the client."""
+    dropped = hop_by_hop(upstream) | RESPONSE_DROPPED
+    for name, values in upstream.getAllRawHeaders():
+        if name.lower() not in dropped:
+            yield name, values

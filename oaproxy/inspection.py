@@ -1,0 +1,56 @@
+"""What routing needs from a request body: the model, the stream flag.
+
+The body is parsed once, and only when it is JSON held in memory; a
+per-upstream body (``stream_options.include_usage`` added) is made lazily,
+once, for the first upstream that wants it.
+"""
+
+from __future__ import annotations
+
+from attrs import define, field
+
+from oaproxy.capture import RequestFields, request_fields, with_stream_usage
+from oaproxy.config import Upstream
+from oaproxy.relay import RequestBody
+
+_NOTHING = RequestFields(model=None, stream=False, include_usage=False)
+
+
+@define
+class Inspected:
+    body: RequestBody
+    model: str | None
+    stream: bool
+    # The client asked for usage itself, so the usage chunk is its own.
+    include_usage: bool
+    _fields: RequestFields = field(alias="fields", repr=False)
+    _with_usage: RequestBody | None = field(default=None, init=False, repr=False)
+
+    def asks_usage_for(self, upstream: Upstream) -> bool:
+        """Whether oaproxy adds ``include_usage`` to this upstream's request."""
+        return (
+            self.stream
+            and upstream.stream_usage
+            and not self.include_usage
+            and self._fields.parsed is not None
+        )
+
+    def body_for(self, upstream: Upstream) -> RequestBody:
+        if not self.asks_usage_for(upstream):
+            return self.body
+        if self._with_usage is None:
+            assert self._fields.parsed is not None
+            data = with_stream_usage(self._fields.parsed)
+            self._with_usage = RequestBody(size=len(data), data=data)
+        return self._with_usage
+
+
+def inspect_request(body: RequestBody, content_type: bytes | None) -> Inspected:
+    fields = _NOTHING if body.data is None else request_fields(body.data, content_type)
+    return Inspected(
+        body=body,
+        model=fields.model,
+        stream=fields.stream,
+        include_usage=fields.include_usage,
+        fields=fields,
+    )

@@ -1,0 +1,131 @@
+"""One record per client request, emitted as a ``twisted.logger`` event.
+
+Records go to their own ``LogPublisher`` (namespace ``oaproxy.record``), not
+the global one: the sinks observe it, and the daemon's text log on stdout is
+not flooded with one event per request.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from twisted.logger import ILogObserver, Logger, LogPublisher
+
+from oaproxy.capture import (
+    CapturedResponse,
+    StreamCapture,
+    capture_json_response,
+    cost,
+    describe_body,
+    redact_headers,
+)
+from oaproxy.config import Config, Upstream
+from oaproxy.forward import Exchange
+
+NAMESPACE = "oaproxy.record"
+
+
+class RecordEmitter:
+    """Emits records to whichever sinks observe ``publisher``."""
+
+    def __init__(self) -> None:
+        self.publisher = LogPublisher()
+        self._log = Logger(namespace=NAMESPACE, observer=self.publisher)
+
+    def add_observer(self, observer: ILogObserver) -> None:
+        self.publisher.addObserver(observer)
+
+    def remove_observer(self, observer: ILogObserver) -> None:
+        self.publisher.removeObserver(observer)
+
+    def emit(self, record: dict[str, Any]) -> None:
+        self._log.info("{record[method]} {record[path]} {record[status]}", record=record)
+
+
+class RecordMaker:
+    """Turns a finished exchange into a record, per the ``records`` policy."""
+
+    def __init__(self, config: Config) -> None:
+        self._policy = config.records
+        self._hostname = config.hostname
+        self._prices = config.prices
+        self._text_bytes = config.records.max_field_bytes if config.records.response else 0
+
+    def stream_observer(self, exchange: Exchange, upstream: Upstream) -> Callable[[bytes], bool]:
+        """What the relay calls with each SSE event's data: capture, and say
+        whether to pass the event on (not the usage chunk oaproxy asked for)."""
+        capture = StreamCapture(self._text_bytes)
+        exchange.capture = capture
+        feed = capture.feed
+        if exchange.call.inspected.asks_usage_for(upstream):
+            return lambda data: not feed(data)
+
+        def keep(data: bytes) -> bool:
+            feed(data)
+            return True
+
+        return keep
+
+    def make(self, exchange: Exchange, request: Any) -> dict[str, Any]:
+        call = exchange.call
+        policy = self._policy
+        truncated: list[str] = []
+        answer = self._answer(exchange)
+        if policy.response:
+            truncated.extend(answer.truncated)
+        request_body: Any = None
+        body = call.inspected.body
+        content_type = request.getHeader(b"content-type")
+        if policy.body:
+            if body.data is not None:
+                request_body, cut = describe_body(body.data, content_type, policy.max_field_bytes)
+                if cut:
+                    truncated.append("request_body")
+            else:
+                request_body = {
+                    "content_type": (content_type or b"").decode("latin-1") or None,
+                    "size": body.size,
+                }
+        finished = exchange.finished if exchange.finished is not None else exchange.started
+        usage = answer.usage
+        return {
+            "id": uuid.uuid4().hex,
+            "time": exchange.time,
+            "hostname": self._hostname,
+            "client_ip": exchange.client_ip,
+            "key_name": exchange.key_name,
+            "user_agent": exchange.user_agent,
+            "method": call.method.decode("ascii", "replace"),
+            "path": call.path.decode("utf-8", "replace"),
+            "model": call.model,
+            "stream": call.stream,
+            "attempts": [a.as_dict() for a in exchange.attempts],
+            "upstream": exchange.upstream,
+            "status": exchange.status if exchange.status is not None else 499,
+            "outcome": exchange.outcome,
+            "error": exchange.error,
+            "ttfb": exchange.ttfb,
+            "duration": finished - exchange.started,
+            "bytes_in": body.size,
+            "bytes_out": exchange.bytes_out,
+            "request_body": request_body,
+            "request_headers": (
+                redact_headers(call.headers.getAllRawHeaders()) if policy.headers else None
+            ),
+            "response_text": answer.text if policy.response else None,
+            "tool_calls": answer.tool_calls if policy.response else None,
+            "finish_reason": answer.finish_reason,
+            "truncated": truncated,
+            "usage": usage,
+            "cost": cost(usage, self._prices.get(call.model or "")),
+        }
+
+    def _answer(self, exchange: Exchange) -> CapturedResponse:
+        if exchange.capture is not None and exchange.response_body is None:
+            result: CapturedResponse = exchange.capture.result()
+            return result
+        if exchange.response_body:
+            return capture_json_response(exchange.response_body, self._text_bytes)
+        return CapturedResponse()

@@ -1,0 +1,355 @@
+"""Moving bodies: request bodies to upstreams, response bodies to clients.
+
+``StreamRelay`` is the streaming passthrough: it is the ``Protocol`` given to
+an upstream response's ``deliverBody``, writes to the client's twisted.web
+``Request`` as bytes arrive, is the client's producer in front of the
+upstream transport (a slow client pauses the upstream), and never pretends
+that a stream which ended uncleanly finished.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import IO, Any, BinaryIO, cast
+
+from attrs import frozen
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import ConnectError, ConnectionDone, DNSLookupError
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+)
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Cooperator
+from twisted.python.failure import Failure
+from twisted.web.client import FileBodyProducer, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IBodyProducer
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from oaproxy.sse import SSESplitter, event_data, sse_error_event
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A body already in memory, written in one go (no cooperator round trip)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@frozen
+class RequestBody:
+    """The client's request body, replayable for every attempt.
+
+    Small bodies are held as bytes; large ones stay in the spool file that
+    twisted.web wrote them to and are read again for each attempt.
+    """
+
+    size: int
+    data: bytes | None
+    file: IO[bytes] | None = None
+
+    def producer(self, cooperator: Cooperator) -> IBodyProducer | None:
+        if self.size == 0:
+            return None
+        if self.data is not None:
+            return BytesProducer(self.data)
+        assert self.file is not None
+        return FileBodyProducer(cast(BinaryIO, _SpoolReader(self.file)), cooperator, readSize=2**16)
+
+
+class _SpoolReader:
+    """One attempt's reading of the shared spool file.
+
+    ``FileBodyProducer`` closes its file at the end and when stopped, which
+    would leave nothing to fail over with; and an upstream that answers
+    before reading the whole body may still be sent the rest while the next
+    attempt reads: so each reader keeps its own position and never closes.
+    """
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+        self._position = 0
+
+    def read(self, size: int = -1) -> bytes:
+        self._file.seek(self._position)
+        data = self._file.read(size)
+        self._position += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_END:
+            self._position = self._file.seek(0, os.SEEK_END) + offset
+        elif whence == os.SEEK_CUR:
+            self._position += offset
+        else:
+            self._position = offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def close(self) -> None:
+        pass
+
+
+class UpstreamEndedEarly(Exception):
+    """The upstream closed a response before it was complete."""
+
+
+class BodyCollector(Protocol):
+    """Reads a whole (non-stream) response body; cancelling aborts the upstream."""
+
+    def __init__(self, limit: int) -> None:
+        self.finished: Deferred[bytes] = Deferred(self._cancel)
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+
+    def dataReceived(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size > self._limit:
+            self._parts.clear()
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+            if not self.finished.called:
+                self.finished.errback(
+                    Failure(UpstreamEndedEarly(f"response body over {self._limit} bytes"))
+                )
+            return
+        self._parts.append(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        if self.finished.called:
+            return
+        if reason.check(ResponseDone):
+            self.finished.callback(b"".join(self._parts))
+        elif reason.check(PotentialDataLoss):
+            # No Content-Length and no chunking: the close is the end.
+            self.finished.callback(b"".join(self._parts))
+        else:
+            self.finished.errback(Failure(UpstreamEndedEarly(describe(reason))))
+
+    def _cancel(self, _: Deferred[bytes]) -> None:
+        self.transport.stopProducing()  # type: ignore[attr-defined]
+
+
+@frozen
+class RelayResult:
+    """How a committed relay ended."""
+
+    ok: bool
+    error: str | None = None
+    client_gone: bool = False
+
+
+@implementer(IPushProducer)
+class StreamRelay(Protocol):
+    """Relays an upstream body to the client as it arrives.
+
+    With ``sse`` the body is split into events: the relay commits (writes the
+    status and headers to the client) only at the first whole event with
+    data, so an upstream that answers 200 and then nothing (or only
+    keep-alive comments) can still be failed over; a
+    usage-only event the client did not ask for is left out. Without ``sse``
+    bytes are passed on untouched and the relay commits at once.
+
+    ``first_event`` fires when the relay committed; ``done`` fires with a
+    ``RelayResult`` when the relay ended after committing. Before the commit an
+    upstream failure errbacks ``first_event`` (the caller fails over).
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        clock: IReactorTime,
+        commit: Callable[[], None],
+        idle_timeout: float,
+        *,
+        sse: bool,
+        on_event: Callable[[bytes], bool] | None = None,
+    ) -> None:
+        self.first_event: Deferred[None] = Deferred(self._cancel)
+        self.done: Deferred[RelayResult] = Deferred(self._cancel)
+        self.bytes_out = 0
+        self._request = request
+        self._clock = clock
+        self._commit = commit
+        self._idle_timeout = idle_timeout
+        self._splitter = SSESplitter() if sse else None
+        self._on_event = on_event
+        self._committed = False
+        self._ended = False
+        self._saw_done = False
+        self._held: list[bytes] = []
+        self._idle: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        if self._splitter is None:
+            self._start()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._ended:
+            return
+        if self._idle is not None:
+            self._idle.reset(self._idle_timeout)
+        if self._splitter is None:
+            self._write(data)
+            return
+        events = self._splitter.feed(data)
+        if not events:
+            return
+        if not self._committed:
+            # Comments and keep-alives (OpenRouter's ": OPENROUTER PROCESSING")
+            # carry no data: held until the first real event, so an upstream
+            # that only keeps the connection alive can still be failed over.
+            self._held.extend(events)
+            if all(event_data(e) is None for e in events):
+                return
+            events, self._held = self._held, []
+        out = b"".join([e for e in events if self._pass_on(e)])
+        if not self._committed:
+            self._start()
+        if out:
+            self._write(out)
+
+    def _pass_on(self, event: bytes) -> bool:
+        data = event_data(event)
+        if data is None:
+            return True
+        if data == b"[DONE]":
+            self._saw_done = True
+            return True
+        # on_event captures the event and says whether to pass it on.
+        return self._on_event is None or self._on_event(data)
+
+    def _start(self) -> None:
+        self._committed = True
+        self._commit()
+        self._idle = self._clock.callLater(self._idle_timeout, self._idle_expired)
+        # The relay, not the transport, is the client's producer: while the
+        # client holds the upstream paused, the silence is not the upstream's.
+        self._request.registerProducer(self, True)
+        self.first_event.callback(None)
+
+    def pauseProducing(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        upstream: Any = self.transport  # a push producer (TransportProxyProducer)
+        upstream.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if not self._ended and self._idle is None:
+            self._idle = self._clock.callLater(self._idle_timeout, self._idle_expired)
+        upstream: Any = self.transport
+        upstream.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._abort_upstream()
+
+    def _write(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self._request.write(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        if self._ended:
+            return
+        if not self._committed:
+            self._ended = True
+            if reason.check(ResponseDone, PotentialDataLoss):
+                error = "upstream ended the stream before its first event"
+            else:
+                error = describe(reason)
+            self.first_event.errback(Failure(UpstreamEndedEarly(error)))
+            return
+        # A body without length or chunking ends with the connection: that is
+        # a clean end for raw bodies, and for streams only after "[DONE]".
+        if reason.check(ResponseDone) or (
+            reason.check(PotentialDataLoss) and (self._splitter is None or self._saw_done)
+        ):
+            if self._splitter is not None:
+                tail = b"".join([e for e in self._splitter.end() if self._pass_on(e)])
+                tail += self._splitter.pending()
+                if tail:
+                    self._write(tail)
+            self._end(RelayResult(ok=True))
+        else:
+            self._end(RelayResult(ok=False, error=describe(reason)), error_event=True)
+
+    def _idle_expired(self) -> None:
+        self._idle = None
+        self._abort_upstream()
+        self._end(
+            RelayResult(ok=False, error=f"stream idle for more than {self._idle_timeout:g}s"),
+            error_event=True,
+        )
+
+    def _end(self, result: RelayResult, error_event: bool = False) -> None:
+        self._ended = True
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        request = self._request
+        if not result.client_gone:
+            request.unregisterProducer()
+            if error_event and self._splitter is not None:
+                # Clients raise on this instead of taking a cut answer as whole.
+                self._write(sse_error_event(f"upstream stream failed: {result.error}"))
+            if error_event and self._splitter is None:
+                # A raw body cannot carry an error: closing without the final
+                # chunk tells the client it is incomplete.
+                request.channel.transport.abortConnection()  # type: ignore[union-attr]
+            else:
+                request.finish()
+        if not self.done.called:
+            self.done.callback(result)
+
+    def _abort_upstream(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def _cancel(self, d: Deferred[Any]) -> None:
+        """The attempt's deadline passed, or the client went away."""
+        if self._ended:
+            return
+        self._abort_upstream()
+        if d is self.done:
+            self._end(RelayResult(ok=False, error="client disconnected", client_gone=True))
+        else:
+            self._ended = True
+
+
+def describe(reason: Failure | BaseException) -> str:
+    """A short reason for an attempt's failure, without secrets or tracebacks."""
+    exc = reason.value if isinstance(reason, Failure) else reason
+    inner = getattr(exc, "reasons", None)
+    if inner:
+        return "; ".join(describe(r) for r in inner)
+    if isinstance(exc, CancelledError):
+        return "cancelled"
+    if isinstance(exc, (ConnectError, DNSLookupError)) or type(exc).__module__.startswith("OpenSSL"):
+        # Metrics count these as connect errors by this prefix (DNSLookupError,
+        # what HostnameEndpoint fails with, is no ConnectError).
+        return f"connect error: {type(exc).__name__}: {str(exc).strip()}".rstrip(": ")
+    text = str(exc).strip()
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name

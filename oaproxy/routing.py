@@ -1,0 +1,129 @@
+"""Who may use which upstream: client keys, allow/deny lists, ``lb_policy``.
+
+Everything derived from the config is computed once, in ``Router.__init__``;
+a request pays for a hash, a dict lookup and a walk over the upstreams.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import random
+from collections.abc import Sequence
+
+from attrs import frozen
+
+from oaproxy.config import ClientKey, Config, Upstream
+from oaproxy.errors import ErrorAnswer
+
+# openai-api-route's texts, kept so that existing clients see what they know.
+NOT_BEARER = "authorization header should start with 'Bearer'"
+WRONG_KEY = "wrong authorization header"
+
+
+@frozen
+class Caller:
+    """The client as far as routing is concerned."""
+
+    key: ClientKey | None
+    # Why no key was accepted (one of the texts above), for the 401.
+    refusal: str | None = None
+
+
+def _digest(secret: str | bytes) -> bytes:
+    if isinstance(secret, str):
+        secret = secret.encode("utf-8")
+    return hashlib.sha256(secret).digest()
+
+
+class Router:
+    """Authenticates callers and orders the upstreams that may serve them."""
+
+    def __init__(self, config: Config, rng: random.Random | None = None) -> None:
+        self.upstreams = config.upstreams
+        self._lb_policy = config.lb_policy
+        self._rng = rng or random.SystemRandom()
+        global_keys = frozenset(k.secret for k in config.keys)
+        every_key: dict[bytes, ClientKey] = {}
+        for key in config.keys:
+            every_key[_digest(key.secret)] = key
+        for upstream in config.upstreams:
+            for key in upstream.keys or ():
+                every_key.setdefault(_digest(key.secret), key)
+        # Looked up by the SHA-256 of the presented key, so the lookup's timing
+        # says nothing about the secret; compare_digest then confirms it.
+        self._keys = every_key
+        # Without any client key configured the operator chose an open proxy
+        # (the config refuses that on a non-loopback listener).
+        self.auth_required = bool(every_key)
+        self._permitted: dict[str, frozenset[str] | None] = {}
+        for upstream in config.upstreams:
+            if upstream.noauth:
+                self._permitted[upstream.name] = None
+            elif upstream.keys is not None:
+                self._permitted[upstream.name] = frozenset(k.secret for k in upstream.keys)
+            else:
+                self._permitted[upstream.name] = global_keys
+
+    def authenticate(self, authorization: bytes | None) -> Caller:
+        """The caller behind an ``Authorization`` header value."""
+        if not self.auth_required:
+            return Caller(key=None)
+        if authorization is None or not authorization.startswith(b"Bearer"):
+            return Caller(key=None, refusal=NOT_BEARER)
+        presented = authorization[len(b"Bearer") :].strip()
+        key = self._keys.get(_digest(presented))
+        if key is None or not hmac.compare_digest(key.secret.encode("utf-8"), presented):
+            return Caller(key=None, refusal=WRONG_KEY)
+        return Caller(key=key)
+
+    def candidates(self, caller: Caller, model: str | None, path: str) -> list[Upstream] | ErrorAnswer:
+        """The upstreams to try, in order, or the error to answer instead.
+
+        ``model`` is the JSON body's model; without one the request path stands
+        in for it, so ``allow: [/v1/audio/transcriptions]`` works.
+        """
+        name = model if model is not None else path
+        serving = [u for u in self.upstreams if serves(u, name)]
+        if not self.auth_required:
+            usable = serving
+        elif caller.key is None:
+            usable = [u for u in serving if u.noauth]
+            if not usable:
+                return ErrorAnswer(401, caller.refusal or WRONG_KEY, code="invalid_api_key")
+        else:
+            secret = caller.key.secret
+            usable = [u for u in serving if self._may_use(u, secret)]
+        if not usable:
+            if not serving:
+                what = f"The model `{model}`" if model is not None else f"The path `{path}`"
+                return ErrorAnswer(
+                    404,
+                    f"{what} does not exist or is not served by this proxy.",
+                    code="model_not_found",
+                    param="model" if model is not None else None,
+                )
+            return ErrorAnswer(
+                403,
+                f"This key is not allowed to use {model or path}.",
+                type="permission_error",
+                code="model_not_allowed",
+            )
+        return self.order(usable)
+
+    def _may_use(self, upstream: Upstream, secret: str) -> bool:
+        permitted = self._permitted[upstream.name]
+        return permitted is None or secret in permitted
+
+    def order(self, usable: Sequence[Upstream]) -> list[Upstream]:
+        ordered = list(usable)
+        if self._lb_policy == "random":
+            self._rng.shuffle(ordered)
+        return ordered
+
+
+def serves(upstream: Upstream, name: str) -> bool:
+    """Whether an upstream serves a model (or path): allow first, then deny."""
+    if upstream.allow and name not in upstream.allow:
+        return False
+    return name not in upstream.deny

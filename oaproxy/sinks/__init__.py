@@ -1,0 +1,34 @@
+"""
+Record sinks: observers of C{oaproxy.record} events that store the records.
+
+Each sink is a L{twisted.application.service.Service} with an C{observer}
+(an L{ILogObserver}); wire both::
+
+    sink = FileSink("log/records.jsonl", spool_dir="log/spool")
+    sink.setServiceParent(multi_service)
+    globalLogPublisher.addObserver(sink.observer)
+
+L{RedisSink} lives in L{oaproxy.sinks.redis} and is imported from there
+(txredisapi installs the global reactor when imported).
+"""
+
+from oaproxy.sinks.file import FileSink
+from oaproxy.sinks.queue import (
+    RECORD_NAMESPACE,
+    QueuedSink,
+    RecordObserver,
+    encode_record,
+)
+from oaproxy.sinks.sql import SQLSink, connection_pool, migrate, open_database
+
+__all__ = [
+    "RECORD_NAMESPACE",
+    "FileSink",
+    "QueuedSink",
+    "RecordObserver",
+    "SQLSink",
+    "connection_pool",
+    "encode_record",
+    "migrate",
+    "open_database",
+]

@@ -1,0 +1,594 @@
+"""
+The shared base of the record sinks: a bounded queue that spills to disk.
+
+A sink's observer only appends the record to an in-memory deque; a drain
+loop writes batches to the backend.  While the backend fails, records wait
+(retried with capped exponential backoff); when the deque is full its
+oldest records are appended to a spool file, which is replayed - in order,
+before the deque - once the backend answers again.  Stopping the sink
+flushes what it can within a deadline and spools the rest, so records
+survive restarts.
+
+Order invariant: everything in the spool is older than everything in the
+deque.  Overflow always spills the oldest record, and a batch is taken from
+the deque only when the spool has nothing left to replay.  A batch taken
+from the deque stays at the head of the deque while it is written: if
+overflow spills some of it meanwhile, those records land at the very start
+of the (then empty) spool, and are skipped there if the write succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import deque
+from collections.abc import Callable
+from itertools import islice
+from typing import IO, Any, Literal, Protocol, cast
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import ILogObserver, LogEvent
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+Record = dict[str, Any]
+
+#: The twisted.logger namespace of record events (see the forwarder).
+RECORD_NAMESPACE = "oaproxy.record"
+
+#: Upper bound of one spool chunk read, so a spool of huge records is never
+#: read whole.
+_SPOOL_CHUNK_BYTES = 4 * 1024 * 1024
+
+_State = Literal["new", "running", "stopping", "stopped"]
+
+
+class _DelayedCall(Protocol):
+    # The part of IDelayedCall used here, as a Protocol: type-checks the
+    # same with or without the mypy-zope plugin.
+    def active(self) -> bool: ...
+
+    def cancel(self) -> None: ...
+
+
+class _Clock(Protocol):
+    def callLater(
+        self,
+        delay: float,
+        callable: Callable[..., object],
+        *args: object,
+        **kwargs: object,
+    ) -> _DelayedCall: ...
+
+
+def encode_record(record: Record) -> bytes:
+    """
+    One record as compact UTF-8 JSON (no newline).
+
+    C{backslashreplace} turns a lone surrogate (from a body decoded with
+    C{surrogateescape}) into a C{\\udcXX} escape, which is still valid JSON,
+    instead of failing the whole record.
+    """
+    text = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
+    return text.encode("utf-8", "backslashreplace")
+
+
+@implementer(ILogObserver)
+class RecordObserver:
+    """
+    The log observer of one sink: hands record events to L{QueuedSink.observe}.
+    """
+
+    def __init__(self, sink: QueuedSink) -> None:
+        self.sink = sink
+
+    def __call__(self, event: LogEvent) -> None:
+        self.sink.observe(event)
+
+    def __repr__(self) -> str:
+        return f"<RecordObserver of {self.sink.name!r}>"
+
+
+class QueuedSink(Service):
+    """
+    Base of a record sink: a L{Service} whose L{observer} queues records and
+    whose drain loop hands them to L{write_batch} in batches.
+
+    Subclasses implement L{write_batch}, and may override L{open_backend}
+    (called from C{startService}) and L{close_backend} (called from
+    C{stopService} after the final flush).
+
+    Counters (read by the metrics): L{queued} (records in memory now),
+    C{written} (records the backend confirmed), C{replayed} (of those, read
+    back from the spool), C{spilled} (records moved to the spool),
+    C{dropped} (records lost: not even the spool took them, or a spool line
+    could not be decoded), C{failures} (failed or timed-out batch writes).
+
+    @ivar observer: the L{ILogObserver} to add to the log publisher.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        spool_dir: str,
+        clock: IReactorTime | None = None,
+        queue_size: int = 10000,
+        batch_size: int = 100,
+        write_timeout: float = 5.0,
+        flush_timeout: float = 10.0,
+        min_backoff: float = 0.5,
+        max_backoff: float = 10.0,
+        stderr: IO[str] | None = None,
+    ) -> None:
+        if queue_size < 1 or batch_size < 1:
+            raise ValueError("queue_size and batch_size must be positive")
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor  # type: ignore[assignment]
+        self.setName(name)
+        self.spool_dir = spool_dir
+        self.queue_size = queue_size
+        self.batch_size = batch_size
+        self.write_timeout = write_timeout
+        self.flush_timeout = flush_timeout
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self._reactor_time = clock
+        self._clock = cast(_Clock, clock)
+        self._stderr = stderr
+        self.observer = RecordObserver(self)
+
+        self.written = 0
+        self.replayed = 0
+        self.spilled = 0
+        self.dropped = 0
+        self.failures = 0
+
+        self._state: _State = "new"
+        self._queue: deque[Record] = deque()
+        # The batch being written: from the spool (up to offset _pending_end)
+        # or the _inflight leftmost records of the deque.
+        self._pending: Deferred[object] | None = None
+        self._inflight = 0
+        # Bytes at the spool's read offset holding in-flight records that
+        # overflow spilled; skipped if the write succeeds.
+        self._inflight_spilled_bytes = 0
+        # In-flight records that overflow could not spool: counted as
+        # dropped, un-counted if the write succeeds after all.
+        self._inflight_dropped = 0
+        self._in_pump = False
+        self._kick: _DelayedCall | None = None
+        self._retry: _DelayedCall | None = None
+        self._deadline: _DelayedCall | None = None
+        self._flushed: Deferred[None] | None = None
+        self._attempt = 0
+        self._failing = False
+        self._spill_reported = False
+
+        self._spool_path = os.path.join(spool_dir, f"{name}.jsonl")
+        self._offset_path = os.path.join(spool_dir, f"{name}.offset")
+        self._spool_writer: IO[bytes] | None = None
+        self._spool_reader: IO[bytes] | None = None
+        self._spool_size = 0
+        self._spool_offset = 0
+        self._load_spool()
+
+    # -- to be provided by subclasses -------------------------------------
+
+    def write_batch(self, records: list[Record]) -> Deferred[object]:
+        """
+        Write C{records} to the backend, in order.
+
+        The Deferred fires when all of them are stored, and fails (or is
+        cancelled on timeout) otherwise; the whole batch is then retried, so
+        writes must be idempotent per record (id) where the backend allows.
+        """
+        raise NotImplementedError
+
+    def open_backend(self) -> None:
+        """
+        Open connections (called from C{startService}).
+        """
+
+    def close_backend(self) -> Deferred[object] | None:
+        """
+        Close connections (called from C{stopService} after the flush).
+        """
+        return None
+
+    # -- counters ---------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """
+        Records waiting in memory.
+        """
+        return len(self._queue)
+
+    @property
+    def spool_bytes(self) -> int:
+        """
+        Bytes of spooled records not yet replayed.
+        """
+        return max(0, self._spool_size - self._spool_offset)
+
+    # -- the observer -----------------------------------------------------
+
+    def observe(self, event: LogEvent) -> None:
+        """
+        Queue the record of an C{oaproxy.record} event; never blocks on the
+        network, never raises, never logs through the logger.
+        """
+        try:
+            if event.get("log_namespace") != RECORD_NAMESPACE:
+                return
+            record = event.get("record")
+            if not isinstance(record, dict):
+                return
+            if self._state == "stopped":
+                # Nobody drains any more: straight to disk, for the next run.
+                self._spill(record, keep_open=False)
+                return
+            self._queue.append(record)
+            while len(self._queue) > self.queue_size:
+                self._overflow()
+            self._schedule_pump()
+        except Exception as e:  # noqa: BLE001 - an observer must not raise
+            self._complain(f"observer error {type(e).__name__}: {e}")
+
+    # -- Service ----------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._state = "running"
+        try:
+            self.open_backend()
+        except Exception as e:  # noqa: BLE001 - writes retry until it works
+            self._complain(f"cannot open backend: {type(e).__name__}: {e}")
+        self._schedule_pump()
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Flush the queue (and spool) to the backend for at most
+        C{flush_timeout} seconds, spool what is left, close the backend.
+        """
+        super().stopService()
+        self._state = "stopping"
+        for call in (self._kick, self._retry):
+            if call is not None and call.active():
+                call.cancel()
+        self._kick = self._retry = None
+        # A failing backend gets one prompt attempt (then its usual backoff)
+        # rather than waiting out a long retry delay.
+        self._attempt = 0
+        flushed: Deferred[None] = Deferred()
+        self._flushed = flushed
+        self._deadline = self._clock.callLater(self.flush_timeout, self._flush_deadline)
+        self._pump()
+
+        def finish(_: object) -> Deferred[object]:
+            self._finish_stop()
+            return maybeDeferred(self.close_backend)
+
+        def report(failure: Failure) -> None:
+            self._complain(f"error while stopping: {failure.getErrorMessage()}")
+
+        flushed.addCallback(finish)
+        flushed.addCallbacks(lambda _: None, report)
+        return flushed
+
+    def _flush_deadline(self) -> None:
+        self._deadline = None
+        self._state = "stopped"
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        if self._pending is not None:
+            # Fails the batch through _done; its records are still queued
+            # or spooled.  A write the backend completes anyway is repeated
+            # on replay - harmless where writes are idempotent.
+            self._pending.cancel()
+        self._fire_flushed()
+
+    def _fire_flushed(self) -> None:
+        flushed, self._flushed = self._flushed, None
+        if flushed is not None:
+            flushed.callback(None)
+
+    def _finish_stop(self) -> None:
+        self._state = "stopped"
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        self._inflight = 0
+        self._inflight_spilled_bytes = 0
+        left = len(self._queue)
+        while self._queue:
+            self._spill(self._queue.popleft())
+        if left:
+            self._complain(
+                f"{left} records left unwritten at stop, spooled to {self._spool_path}"
+            )
+        self._save_offset()
+        self._close_spool()
+
+    # -- draining ---------------------------------------------------------
+
+    def _active(self) -> bool:
+        return self._state in ("running", "stopping")
+
+    def _idle(self) -> bool:
+        return (
+            self._pending is None
+            and not self._queue
+            and self._spool_offset >= self._spool_size
+        )
+
+    def _schedule_pump(self) -> None:
+        # callLater(0) so records logged in the same reactor turn share a batch.
+        if (
+            self._active()
+            and self._pending is None
+            and self._retry is None
+            and self._kick is None
+        ):
+            self._kick = self._clock.callLater(0, self._pump)
+
+    def _pump(self) -> None:
+        self._kick = None
+        if self._in_pump:
+            return
+        self._in_pump = True
+        try:
+            while self._active() and self._pending is None and self._retry is None:
+                if not self._start_batch():
+                    break
+        finally:
+            self._in_pump = False
+        if self._state == "stopping" and self._idle():
+            self._fire_flushed()
+
+    def _start_batch(self) -> bool:
+        """
+        Start writing the next batch; C{False} if there is none.
+        """
+        if self._spool_offset < self._spool_size:
+            try:
+                batch, end = self._read_spool()
+            except OSError as e:
+                self._spool_trouble(e)
+                return self._retry is None
+            if not batch:
+                self._advance_spool(end)
+                return True
+            self._write(batch, "spool", end)
+            return True
+        if self._queue:
+            count = min(self.batch_size, len(self._queue))
+            self._inflight = count
+            self._inflight_spilled_bytes = 0
+            self._inflight_dropped = 0
+            self._write(list(islice(self._queue, count)), "queue", 0)
+            return True
+        return False
+
+    def _write(self, batch: list[Record], source: str, end: int) -> None:
+        d = maybeDeferred(self.write_batch, batch)
+        d.addTimeout(self.write_timeout, self._reactor_time)
+        self._pending = d
+        d.addBoth(self._done, source, len(batch), end)
+
+    def _done(self, result: object, source: str, count: int, end: int) -> None:
+        self._pending = None
+        if isinstance(result, Failure):
+            self.failures += 1
+            self._inflight = 0
+            self._inflight_spilled_bytes = 0
+            if self._state == "stopped":
+                return
+            self._note_failure(result)
+            return
+        self.written += count
+        if source == "queue":
+            for _ in range(self._inflight):
+                self._queue.popleft()
+            self._inflight = 0
+            self.dropped -= self._inflight_dropped
+            self._inflight_dropped = 0
+            skip, self._inflight_spilled_bytes = self._inflight_spilled_bytes, 0
+            if skip:
+                self._advance_spool(self._spool_offset + skip)
+        else:
+            self.replayed += count
+            self._advance_spool(end)
+        self._attempt = 0
+        if self._failing:
+            self._failing = False
+            self._complain("backend is back, writing again")
+        self._pump()
+
+    def _note_failure(self, failure: Failure) -> None:
+        delay = min(self.max_backoff, self.min_backoff * 2 ** min(self._attempt, 30))
+        self._attempt += 1
+        if not self._failing:
+            self._failing = True
+            self._complain(
+                f"write failed ({failure.type.__name__ if failure.type else '?'}:"
+                f" {failure.getErrorMessage()}); records wait, retrying"
+            )
+        self._retry = self._clock.callLater(delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        self._pump()
+
+    # -- the spool --------------------------------------------------------
+
+    def _load_spool(self) -> None:
+        try:
+            self._spool_size = os.stat(self._spool_path).st_size
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            self._complain(f"cannot read spool {self._spool_path}: {e}")
+            return
+        try:
+            with open(self._offset_path, "rb") as f:
+                offset = int(f.read().strip() or b"0")
+        except (OSError, ValueError):
+            offset = 0
+        self._spool_offset = offset if 0 <= offset <= self._spool_size else 0
+
+    def _overflow(self) -> None:
+        record = self._queue.popleft()
+        size = self._spill(record)
+        if self._inflight:
+            # The oldest records are those being written right now.
+            self._inflight -= 1
+            if size:
+                self._inflight_spilled_bytes += size
+            else:
+                self._inflight_dropped += 1
+        if not self._spill_reported:
+            self._spill_reported = True
+            self._complain(
+                f"queue full ({self.queue_size}), spilling to {self._spool_path}"
+            )
+
+    def _spill(self, record: Record, keep_open: bool = True) -> int:
+        """
+        Append one record to the spool; its size in bytes, 0 if dropped.
+        """
+        try:
+            line = encode_record(record) + b"\n"
+            if self._spool_writer is None:
+                os.makedirs(self.spool_dir, exist_ok=True)
+                # Kept open across spills; closed with the spool.
+                self._spool_writer = open(self._spool_path, "ab")  # noqa: SIM115
+            self._spool_writer.write(line)
+            self._spool_writer.flush()
+        except Exception as e:  # noqa: BLE001 - disk trouble, or a record json can't take
+            self._drop(f"cannot spool a record ({type(e).__name__}: {e})")
+            self._repair_spool()
+            return 0
+        finally:
+            if not keep_open:
+                self._close_spool()
+        self._spool_size += len(line)
+        self.spilled += 1
+        return len(line)
+
+    def _repair_spool(self) -> None:
+        # A failed append may have left part of a line: cut the file back to
+        # what we know is whole, so the next line starts cleanly.
+        self._close_spool()
+        try:
+            if os.path.exists(self._spool_path):
+                os.truncate(self._spool_path, self._spool_size)
+        except OSError:
+            pass
+
+    def _read_spool(self) -> tuple[list[Record], int]:
+        """
+        Read the next chunk of the spool; its records and the offset after it.
+        """
+        if self._spool_reader is None:
+            self._spool_reader = open(self._spool_path, "rb")  # noqa: SIM115
+        reader = self._spool_reader
+        reader.seek(self._spool_offset)
+        batch: list[Record] = []
+        read = 0
+        position = self._spool_offset
+        while len(batch) < self.batch_size and read < _SPOOL_CHUNK_BYTES:
+            if position >= self._spool_size:
+                break
+            line = reader.readline()
+            if not line:
+                break
+            read += len(line)
+            position += len(line)
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                batch.append(record)
+            else:
+                self._drop(
+                    f"undecodable line in {self._spool_path} at byte {position - len(line)}"
+                )
+        if position == self._spool_offset:
+            # The file is shorter than we thought (cut by someone else).
+            position = self._spool_size
+        return batch, position
+
+    def _advance_spool(self, offset: int) -> None:
+        self._spool_offset = offset
+        if self._spool_offset < self._spool_size:
+            return
+        # Everything in the spool is written: remove it (and its offset).
+        self._close_spool()
+        try:
+            for path in (self._spool_path, self._offset_path):
+                if os.path.exists(path):
+                    os.remove(path)
+        except OSError as e:
+            # Keep offset == size: appends continue after the written part.
+            self._complain(f"cannot remove spool {self._spool_path}: {e}")
+            return
+        self._spool_offset = self._spool_size = 0
+        self._spill_reported = False
+
+    def _save_offset(self) -> None:
+        if self._spool_offset <= 0 or self._spool_offset >= self._spool_size:
+            return
+        temporary = self._offset_path + ".tmp"
+        try:
+            with open(temporary, "w") as f:
+                f.write(f"{self._spool_offset}\n")
+            os.replace(temporary, self._offset_path)
+        except OSError as e:
+            # Replaying from the start repeats some records; not a loss.
+            self._complain(f"cannot save spool offset {self._offset_path}: {e}")
+
+    def _spool_trouble(self, error: OSError) -> None:
+        self.failures += 1
+        self._close_spool()
+        if isinstance(error, FileNotFoundError):
+            self._drop(
+                f"spool {self._spool_path} vanished, its unreplayed records are lost"
+            )
+            self._spool_offset = self._spool_size = 0
+            return
+        self._complain(f"cannot read spool {self._spool_path}: {error}")
+        delay = min(self.max_backoff, self.min_backoff * 2 ** min(self._attempt, 30))
+        self._attempt += 1
+        self._retry = self._clock.callLater(delay, self._retry_now)
+
+    def _close_spool(self) -> None:
+        for handle in (self._spool_writer, self._spool_reader):
+            if handle is not None:
+                try:
+                    handle.close()
+                except OSError:
+                    pass
+        self._spool_writer = self._spool_reader = None
+
+    # -- own trouble: stderr, never the logger ----------------------------
+
+    def _drop(self, message: str) -> None:
+        self.dropped += 1
+        if self.dropped == 1 or self.dropped % 1000 == 0:
+            self._complain(f"{message}; {self.dropped} records dropped so far")
+
+    def _complain(self, message: str) -> None:
+        try:
+            stream = self._stderr if self._stderr is not None else sys.stderr
+            print(f"oaproxy sink {self.name}: {message}", file=stream, flush=True)
+        except Exception:  # noqa: BLE001, S110 - nowhere left to report to
+            pass

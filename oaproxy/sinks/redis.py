@@ -1,0 +1,246 @@
+"""
+The Redis record sink: a stream of records plus per-day usage counters.
+
+Per record, one Lua script (C{EVAL}) runs atomically on the server::
+
+    XADD {key} MAXLEN ~ {maxlen} * record {json}
+    HINCRBY oaproxy:usage:{YYYY-MM-DD}:key:{key_name}  requests 1,
+            prompt_tokens, completion_tokens, cost_microusd
+    HINCRBY oaproxy:usage:{YYYY-MM-DD}:model:{model}   (the same fields)
+    EXPIRE  both hashes 35 days
+
+guarded by C{SET {key}:seen:{id} 1 NX EX {dedupe_ttl}}: a record whose
+reply was lost (Redis killed mid-batch, our deadline fired) and that is
+written again is neither added nor counted twice.  The date is the UTC date
+of the record's C{time}; a missing key name or model counts as C{"-"}.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from attrs import frozen
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IReactorTime
+
+from oaproxy.sinks.queue import QueuedSink, Record, encode_record
+
+USAGE_TTL = 35 * 24 * 3600
+
+_SCRIPT = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then
+  return 0
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'record', ARGV[1])
+for i = 3, 4 do
+  redis.call('HINCRBY', KEYS[i], 'requests', 1)
+  redis.call('HINCRBY', KEYS[i], 'prompt_tokens', ARGV[5])
+  redis.call('HINCRBY', KEYS[i], 'completion_tokens', ARGV[6])
+  redis.call('HINCRBY', KEYS[i], 'cost_microusd', ARGV[7])
+  redis.call('EXPIRE', KEYS[i], ARGV[4])
+end
+return 1
+"""
+
+
+@frozen
+class RedisAddress:
+    """
+    Where a C{redis://[user:password@]host:port/db} URL points.
+    """
+
+    host: str
+    port: int
+    db: int
+    username: str | None
+    password: str | None
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisAddress:
+        parts = urlsplit(url)
+        if parts.scheme != "redis":
+            raise ValueError("redis URL must look like redis://host:port/db")
+        path = parts.path.strip("/")
+        try:
+            db = int(path) if path else 0
+            port = parts.port or 6379
+        except ValueError:
+            raise ValueError("redis URL must look like redis://host:port/db") from None
+        return cls(
+            host=parts.hostname or "127.0.0.1",
+            port=port,
+            db=db,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+        )
+
+
+def _int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0
+    if isinstance(value, float) and not math.isfinite(value):
+        return 0
+    return int(value)
+
+
+def usage_date(record: Record) -> str:
+    """
+    The UTC day a record counts for, C{YYYY-MM-DD}.
+    """
+    when = record.get("time")
+    if (
+        isinstance(when, bool)
+        or not isinstance(when, (int, float))
+        or not math.isfinite(when)
+    ):
+        when = 0.0
+    utc = datetime.timezone.utc  # noqa: UP017 - datetime.UTC needs 3.11
+    return datetime.datetime.fromtimestamp(when, utc).strftime("%Y-%m-%d")
+
+
+def script_arguments(
+    record: Record,
+    *,
+    key: str,
+    maxlen: int,
+    usage_prefix: str,
+    dedupe_ttl: int,
+) -> list[object]:
+    """
+    The C{EVAL} arguments (after the script) writing one record.
+    """
+    usage = record.get("usage")
+    if not isinstance(usage, dict):
+        usage = {}
+    cost = record.get("cost")
+    cost_micro = (
+        round(cost * 1e6)
+        if isinstance(cost, float | int) and math.isfinite(cost)
+        else 0
+    )
+    date = usage_date(record)
+    key_name = record.get("key_name") or "-"
+    model = record.get("model") or "-"
+    return [
+        4,
+        f"{key}:seen:{record.get('id')}",
+        key,
+        f"{usage_prefix}:{date}:key:{key_name}",
+        f"{usage_prefix}:{date}:model:{model}",
+        encode_record(record),
+        maxlen,
+        dedupe_ttl,
+        USAGE_TTL,
+        _int(usage.get("prompt_tokens")),
+        _int(usage.get("completion_tokens")),
+        cost_micro,
+    ]
+
+
+class RedisSink(QueuedSink):
+    """
+    Writes records to a Redis stream (C{XADD key MAXLEN ~ maxlen}) and
+    counts usage per day, key and model.
+
+    @param url: C{redis://host:port/db}.
+    @param key: the stream.
+    @param maxlen: approximate stream length kept.
+    @param dedupe_ttl: seconds a record id is remembered against double
+        writes on retry.
+    @param options: further L{QueuedSink} options.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        spool_dir: str,
+        key: str = "oaproxy:records",
+        maxlen: int = 100000,
+        usage_prefix: str = "oaproxy:usage",
+        dedupe_ttl: int = 86400,
+        connect_timeout: float = 5.0,
+        reactor: Any = None,
+        queue_size: int = 10000,
+        name: str = "redis",
+        **options: Any,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.address = RedisAddress.from_url(url)
+        self.key = key
+        self.maxlen = maxlen
+        self.usage_prefix = usage_prefix
+        self.dedupe_ttl = dedupe_ttl
+        self.connect_timeout = connect_timeout
+        self._reactor = reactor
+        self._factory: Any = None
+        clock: IReactorTime = reactor
+        super().__init__(
+            name=name,
+            spool_dir=spool_dir,
+            clock=clock,
+            queue_size=queue_size,
+            **options,
+        )
+
+    def open_backend(self) -> None:
+        # Imported here: txredisapi installs the global reactor on import.
+        import txredisapi  # type: ignore[import-untyped]
+
+        address = self.address
+        factory = txredisapi.RedisFactory(
+            f"{address.host}:{address.port}",
+            address.db,
+            1,
+            isLazy=True,
+            handler=txredisapi.ConnectionHandler,
+            password=address.password,
+            username=address.username,
+        )
+        factory.reconnect = True
+        # Reconnect within a few seconds of Redis coming back.
+        factory.maxDelay = 5
+        factory.startConnecting(
+            HostnameEndpoint(
+                self._reactor, address.host, address.port, timeout=self.connect_timeout
+            )
+        )
+        self._factory = factory
+
+    def write_batch(self, records: list[Record]) -> Deferred[object]:
+        factory = self._factory
+        if factory is None or not factory.size:
+            # txredisapi would wait for a connection indefinitely; failing
+            # at once lets the records wait in our queue (and spill).
+            raise ConnectionError("redis is not connected")
+        redis = factory.handler
+        writes = [
+            redis.execute_command(
+                "EVAL",
+                _SCRIPT,
+                *script_arguments(
+                    record,
+                    key=self.key,
+                    maxlen=self.maxlen,
+                    usage_prefix=self.usage_prefix,
+                    dedupe_ttl=self.dedupe_ttl,
+                ),
+            )
+            for record in records
+        ]
+        done: Deferred[object] = gatherResults(writes, consumeErrors=True)  # type: ignore[assignment]
+        return done
+
+    def close_backend(self) -> Deferred[object] | None:
+        factory, self._factory = self._factory, None
+        if factory is None:
+            return None
+        result: Deferred[object] = factory.disconnect()
+        return result

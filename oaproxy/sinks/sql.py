@@ -1,0 +1,395 @@
+"""
+The SQL record store (C{dbtype} C{sqlite} or C{postgres}), table C{records}.
+
+Besides L{SQLSink}, this module is the one place that knows the schema, for
+the CLI too: L{open_database} (a plain DB-API connection, synchronous),
+L{connection_pool} (an adbapi pool), L{migrate}, L{placeholder}, L{COLUMNS}.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.enterprise.adbapi import ConnectionPool
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+
+from oaproxy.sinks.queue import QueuedSink, Record, encode_record
+
+SQLITE = "sqlite"
+POSTGRES = "postgres"
+DBTYPES = (SQLITE, POSTGRES)
+
+#: Columns of C{records}, in insert order.
+COLUMNS = (
+    "id",
+    "time",
+    "hostname",
+    "client_ip",
+    "key_name",
+    "user_agent",
+    "method",
+    "path",
+    "model",
+    "stream",
+    "upstream",
+    "status",
+    "outcome",
+    "ttfb",
+    "duration",
+    "bytes_in",
+    "bytes_out",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cost",
+    "record",
+)
+
+#: Serialises concurrent migrations of several processes (PostgreSQL).
+_MIGRATION_LOCK = 0x6F617072  # "oapr"
+
+_INT32 = 2**31 - 1
+_INT64 = 2**63 - 1
+
+
+def _check(dbtype: str) -> None:
+    if dbtype not in DBTYPES:
+        raise ValueError(f"dbtype must be one of {', '.join(DBTYPES)}, not {dbtype!r}")
+
+
+def placeholder(dbtype: str) -> str:
+    """
+    The DB-API parameter marker of the driver behind C{dbtype}.
+    """
+    _check(dbtype)
+    return "?" if dbtype == SQLITE else "%s"
+
+
+def _migration_1(cursor: Any, dbtype: str) -> None:
+    real = "DOUBLE PRECISION" if dbtype == POSTGRES else "REAL"
+    boolean = "BOOLEAN" if dbtype == POSTGRES else "INTEGER"
+    # BIGINT in PostgreSQL where a value can pass 2**31 (sqlite's INTEGER
+    # is 64-bit anyway).
+    big = "BIGINT" if dbtype == POSTGRES else "INTEGER"
+    cursor.execute(
+        f"""CREATE TABLE IF NOT EXISTS records (
+            id TEXT PRIMARY KEY,
+            time {real} NOT NULL,
+            hostname TEXT,
+            client_ip TEXT,
+            key_name TEXT,
+            user_agent TEXT,
+            method TEXT,
+            path TEXT,
+            model TEXT,
+            stream {boolean},
+            upstream TEXT,
+            status INTEGER,
+            outcome TEXT,
+            ttfb {real},
+            duration {real},
+            bytes_in {big},
+            bytes_out {big},
+            prompt_tokens {big},
+            completion_tokens {big},
+            total_tokens {big},
+            cost {real},
+            record TEXT
+        )"""
+    )
+    cursor.execute("CREATE INDEX IF NOT EXISTS records_time ON records (time)")
+    cursor.execute(
+        "CREATE INDEX IF NOT EXISTS records_key_time ON records (key_name, time)"
+    )
+    cursor.execute(
+        "CREATE INDEX IF NOT EXISTS records_model_time ON records (model, time)"
+    )
+
+
+#: Schema migrations: entry N brings version N to N + 1.  Append, never edit.
+MIGRATIONS: Sequence[Callable[[Any, str], None]] = (_migration_1,)
+
+#: The schema version this code writes.
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(cursor: Any, dbtype: str) -> int:
+    """
+    Bring the schema to L{SCHEMA_VERSION}, inside the caller's transaction
+    (commit afterwards).  Returns the version found before.
+
+    @raise RuntimeError: the database is newer than this code.
+    """
+    _check(dbtype)
+    mark = placeholder(dbtype)
+    if dbtype == POSTGRES:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+    else:
+        # sqlite3 runs DDL outside a transaction unless one is open; take
+        # the write lock now so the migration is atomic and single.
+        if not cursor.connection.in_transaction:
+            cursor.execute("BEGIN IMMEDIATE")
+    cursor.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+    )
+    cursor.execute("SELECT version FROM schema_version")
+    rows = cursor.fetchall()
+    found = max(row[0] for row in rows) if rows else 0
+    if found > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"database schema version {found} is newer than this oaproxy's {SCHEMA_VERSION}"
+        )
+    for migration in MIGRATIONS[found:]:
+        migration(cursor, dbtype)
+    if not rows:
+        cursor.execute(
+            f"INSERT INTO schema_version (version) VALUES ({mark})", (SCHEMA_VERSION,)
+        )
+    elif found < SCHEMA_VERSION or len(rows) > 1:
+        cursor.execute("DELETE FROM schema_version")
+        cursor.execute(
+            f"INSERT INTO schema_version (version) VALUES ({mark})", (SCHEMA_VERSION,)
+        )
+    return found
+
+
+def insert_statement(dbtype: str) -> str:
+    """
+    The idempotent insert of one row of L{COLUMNS}.
+    """
+    mark = placeholder(dbtype)
+    return (
+        f"INSERT INTO records ({', '.join(COLUMNS)})"
+        f" VALUES ({', '.join([mark] * len(COLUMNS))})"
+        " ON CONFLICT (id) DO NOTHING"
+    )
+
+
+def _text(value: object, dbtype: str) -> str | None:
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else str(value)
+    # PostgreSQL text cannot hold NUL.
+    return text.replace("\x00", "\ufffd") if dbtype == POSTGRES else text
+
+
+def _integer(value: object, bound: int) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return max(-bound - 1, min(bound, int(value)))
+
+
+def _real(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def record_row(record: Record, dbtype: str) -> tuple[object, ...]:
+    """
+    The row of L{COLUMNS} for one record; any record shape gives a row.
+    """
+    usage = record.get("usage")
+    if not isinstance(usage, dict):
+        usage = {}
+    row_id = record.get("id")
+    # A record without id (a bug upstream) is still stored, once.
+    identifier = _text(row_id, dbtype) if row_id else uuid.uuid4().hex
+    document = encode_record(record).decode("utf-8")
+    return (
+        identifier,
+        _real(record.get("time")) or 0.0,
+        _text(record.get("hostname"), dbtype),
+        _text(record.get("client_ip"), dbtype),
+        _text(record.get("key_name"), dbtype),
+        _text(record.get("user_agent"), dbtype),
+        _text(record.get("method"), dbtype),
+        _text(record.get("path"), dbtype),
+        _text(record.get("model"), dbtype),
+        bool(record.get("stream")),
+        _text(record.get("upstream"), dbtype),
+        _integer(record.get("status"), _INT32),
+        _text(record.get("outcome"), dbtype),
+        _real(record.get("ttfb")),
+        _real(record.get("duration")),
+        _integer(record.get("bytes_in"), _INT64),
+        _integer(record.get("bytes_out"), _INT64),
+        _integer(usage.get("prompt_tokens"), _INT64),
+        _integer(usage.get("completion_tokens"), _INT64),
+        _integer(usage.get("total_tokens"), _INT64),
+        _real(record.get("cost")),
+        document,
+    )
+
+
+def _sqlite_path(dbaddr: str) -> str:
+    if dbaddr != ":memory:":
+        directory = os.path.dirname(os.path.abspath(dbaddr))
+        os.makedirs(directory, exist_ok=True)
+    return dbaddr
+
+
+def _sqlite_setup(busy_timeout: float) -> Callable[[Any], None]:
+    def setup(connection: Any) -> None:
+        # WAL: readers (the CLI) never block the writer, nor it them.
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        connection.execute("PRAGMA synchronous=NORMAL")
+
+    return setup
+
+
+def open_database(dbtype: str, dbaddr: str, *, busy_timeout: float = 5.0) -> Any:
+    """
+    A plain, synchronous DB-API connection (for the CLI): sqlite3 on the
+    file C{dbaddr}, or psycopg2 on the DSN / C{postgresql://} URL C{dbaddr}.
+    Use L{placeholder} for parameters; call L{migrate} and commit first if
+    the tables may not exist yet.
+    """
+    _check(dbtype)
+    if dbtype == SQLITE:
+        import sqlite3
+
+        connection = sqlite3.connect(_sqlite_path(dbaddr), timeout=busy_timeout)
+        _sqlite_setup(busy_timeout)(connection)
+        return connection
+    import psycopg2  # type: ignore[import-untyped]
+
+    return psycopg2.connect(dbaddr, client_encoding="UTF8")
+
+
+def connection_pool(
+    dbtype: str,
+    dbaddr: str,
+    *,
+    reactor: Any = None,
+    busy_timeout: float = 5.0,
+    connect_timeout: int = 5,
+) -> ConnectionPool:
+    """
+    An adbapi pool on the database: one connection (the sink writes one
+    batch at a time), reconnecting after a PostgreSQL restart.
+    """
+    _check(dbtype)
+    options: dict[str, Any] = {"cp_min": 1, "cp_max": 1}
+    if reactor is not None:
+        options["cp_reactor"] = reactor
+    if dbtype == SQLITE:
+        return ConnectionPool(
+            "sqlite3",
+            _sqlite_path(dbaddr),
+            check_same_thread=False,
+            timeout=busy_timeout,
+            cp_openfun=_sqlite_setup(busy_timeout),
+            **options,
+        )
+    return ConnectionPool(
+        "psycopg2",
+        dbaddr,
+        connect_timeout=connect_timeout,
+        # Else a SQL_ASCII database makes psycopg2 refuse non-ASCII text.
+        client_encoding="UTF8",
+        cp_reconnect=True,
+        cp_good_sql="SELECT 1",
+        **options,
+    )
+
+
+def _store(
+    cursor: Any, rows: list[tuple[object, ...]], dbtype: str, migrate_first: bool
+) -> None:
+    if migrate_first:
+        migrate(cursor, dbtype)
+    if rows:
+        cursor.executemany(insert_statement(dbtype), rows)
+
+
+class SQLSink(QueuedSink):
+    """
+    Inserts records into the C{records} table, one transaction per batch,
+    idempotently on C{id}; creates or migrates the schema first.
+
+    @param dbtype: C{"sqlite"} or C{"postgres"}.
+    @param dbaddr: the sqlite file, or a libpq DSN / C{postgresql://} URL.
+    @param options: further L{QueuedSink} options (C{write_timeout} defaults
+        to 30 s here: a locked sqlite waits C{busy_timeout} itself).
+    """
+
+    def __init__(
+        self,
+        dbtype: str,
+        dbaddr: str,
+        *,
+        spool_dir: str,
+        reactor: Any = None,
+        busy_timeout: float = 5.0,
+        queue_size: int = 10000,
+        name: str = "sql",
+        **options: Any,
+    ) -> None:
+        _check(dbtype)
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.dbtype = dbtype
+        self.dbaddr = dbaddr
+        self.busy_timeout = busy_timeout
+        self._reactor = reactor
+        self._pool: ConnectionPool | None = None
+        self._migrated = False
+        options.setdefault("write_timeout", 30.0)
+        clock: IReactorTime = reactor
+        super().__init__(
+            name=name,
+            spool_dir=spool_dir,
+            clock=clock,
+            queue_size=queue_size,
+            **options,
+        )
+
+    def open_backend(self) -> None:
+        self._pool = connection_pool(
+            self.dbtype,
+            self.dbaddr,
+            reactor=self._reactor,
+            busy_timeout=self.busy_timeout,
+        )
+        # Create the tables now (the CLI may read them before any record
+        # comes); if the database is down, the first batch retries it.
+        self._interact([]).addErrback(
+            lambda f: self._complain(
+                f"schema setup failed, will retry: {f.getErrorMessage()}"
+            )
+        )
+
+    def _interact(self, rows: list[tuple[object, ...]]) -> Deferred[object]:
+        assert self._pool is not None
+        d: Deferred[object] = self._pool.runInteraction(
+            _store, rows, self.dbtype, not self._migrated
+        )
+
+        def migrated(result: object) -> object:
+            self._migrated = True
+            return result
+
+        return d.addCallback(migrated)
+
+    def write_batch(self, records: list[Record]) -> Deferred[object]:
+        if self._pool is None:
+            raise RuntimeError("the SQL sink is not started")
+        rows = [record_row(record, self.dbtype) for record in records]
+        return self._interact(rows)
+
+    def close_backend(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()

@@ -1,0 +1,145 @@
+"""Server-sent events on the hot path: split a byte stream into events, read their data.
+
+The relay writes every event exactly as it arrived, so the splitter never
+rewrites bytes: the concatenation of all returned events plus ``pending()``
+is always the input.  Line ends follow the SSE spec: CRLF, LF or a bare CR,
+in any mix; an event ends at a blank line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+# A blank line is a line terminator right after another one.  "\r(?!\n)"
+# keeps a CRLF from being read as CR + LF, which would invent a blank line.
+_BLANK_LINE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+# The longest blank line ("\r\n\r\n") is 4 bytes, so a match that crosses the
+# end of what was already searched starts at most 3 bytes before it.
+_RESCAN = 3
+
+_CR = 0x0D
+_LF = 0x0A
+_COLON = 0x3A
+
+
+class SSESplitter:
+    """Incremental SSE event splitter.
+
+    ``feed`` returns each complete event as raw bytes including its
+    terminating blank line.  The search resumes where the previous one
+    stopped, so a stream fed one byte at a time costs linear time.
+
+    An event whose blank line is a bare CR at the very end of the data fed so
+    far stays pending until the next byte shows whether it is the first half
+    of a CRLF (which belongs to the same event).  At the end of the stream,
+    ``end()`` releases such an event.
+    """
+
+    __slots__ = ("_buf", "_scan")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        # Offset in _buf where the next blank-line search starts.
+        self._scan = 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add received bytes; return the events they complete (maybe none)."""
+        self._buf += data
+        return self._split(final=False)
+
+    def end(self) -> list[bytes]:
+        """The stream ended: return an event still held back by a trailing CR.
+
+        Whatever stays in ``pending()`` afterwards is an unterminated tail.
+        """
+        return self._split(final=True)
+
+    def pending(self) -> bytes:
+        """The bytes received after the last complete event."""
+        return bytes(self._buf)
+
+    def _split(self, final: bool) -> list[bytes]:
+        buf = self._buf
+        n = len(buf)
+        events: list[bytes] = []
+        start = 0
+        scan = self._scan
+        while start < n:
+            first = buf[start]
+            # A blank line at the start of an event is an event of its own.
+            if first == _LF:
+                end = start + 1
+            elif first == _CR:
+                if start + 1 < n:
+                    end = start + 2 if buf[start + 1] == _LF else start + 1
+                elif final:
+                    end = n
+                else:
+                    break
+            else:
+                match = _BLANK_LINE.search(buf, max(start, scan))
+                if match is None:
+                    scan = max(start, n - _RESCAN)
+                    break
+                end = match.end()
+                if end == n and buf[end - 1] == _CR and not final:
+                    scan = max(start, n - _RESCAN)
+                    break
+            events.append(bytes(buf[start:end]))
+            start = scan = end
+        if start:
+            del buf[:start]
+            scan -= start
+        self._scan = max(0, scan)
+        return events
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The event's data: its ``data`` field values joined with LF.
+
+    One space after the colon is removed, comment lines and other fields are
+    ignored, and None means the event had no data field at all (a comment or
+    keep-alive).
+    """
+    lines = _LINE_END.split(event) if _CR in event else event.split(b"\n")
+    values: list[bytes] | None = None
+    for line in lines:
+        # Cheap rejection of comments, blank lines and other fields.
+        if line[:4] != b"data":
+            continue
+        if len(line) == 4:
+            value = b""
+        elif line[4] == _COLON:
+            value = line[6:] if line[5:6] == b" " else line[5:]
+        else:
+            continue
+        if values is None:
+            values = [value]
+        else:
+            values.append(value)
+    if values is None:
+        return None
+    return values[0] if len(values) == 1 else b"\n".join(values)
+
+
+def sse_error_event(
+    message: str, type: str = "upstream_error", code: str | None = None
+) -> bytes:
+    """An SSE ``error`` event that OpenAI SDKs turn into an exception.
+
+    The openai Python SDK raises ``APIError`` for any stream chunk whose JSON
+    has a truthy ``error`` key (taking ``error.message`` as the message),
+    whatever the event name; ``event: error`` is there for generic SSE
+    clients.  Ending a broken stream with this makes the client raise instead
+    of taking a truncated answer as complete.
+    """
+    payload = {"error": {"message": message, "type": type, "code": code}}
+    # json.dumps escapes CR and LF, so the data stays on one line.
+    return (
+        b"event: error\ndata: "
+        + json.dumps(payload, separators=(",", ":")).encode("ascii")
+        + b"\n\n"
+    )

@@ -1,0 +1,63 @@
+"""twistd's entry: ``twistd -n oaproxy --config etc/config.yaml``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from oaproxy.config import ConfigError, check_listeners, load_config, parse_listen
+
+
+class Options(usage.Options):
+    synopsis = "[--config etc/config.yaml] [--listen ENDPOINT ...]"
+    longdesc = (
+        "Runs oaproxy: one OpenAI-compatible /v1 endpoint in front of many "
+        "upstreams, with failover, records, metrics and alerts."
+    )
+    optParameters = [
+        ["config", "c", "etc/config.yaml", "The YAML config file."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """A Twisted endpoint to serve on, e.g. tcp:8888:interface=127.0.0.1
+        (repeatable; overrides the config's listen:)."""
+        self["listen"].append(endpoint)
+
+    def postOptions(self) -> None:
+        path = self["config"]
+        try:
+            listen = []
+            for endpoint in self["listen"]:
+                try:
+                    listen.append(parse_listen(endpoint))
+                except ValueError as e:
+                    raise SystemExit(f"oaproxy: --listen {endpoint}: {e}") from None
+            config = load_config(path)
+            if listen:
+                check_listeners(config, listen, key="--listen")
+        except ConfigError as e:
+            # Not a UsageError: twistd would print its whole --help before it.
+            # One line naming file, line and key, no traceback, no reactor.
+            raise SystemExit(f"oaproxy: {e}") from None
+        except OSError as e:
+            raise SystemExit(f"oaproxy: {path}: cannot read the config: {e.strerror}") from None
+        self["loaded"] = config
+        self["listen"] = listen
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    from oaproxy.service import ProxyService
+
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    config = options["loaded"]
+    listen = tuple(options["listen"]) or config.listen
+    return ProxyService(config, reactor, listen)

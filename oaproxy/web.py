@@ -1,0 +1,300 @@
+"""The HTTP front: resource tree, body cap, client auth, OpenAI-shaped errors.
+
+``/v1/*`` is proxied for every method; ``OPTIONS`` is a CORS preflight;
+``/healthz`` says the process serves. The resources read the current
+``Runtime`` (config, router, forwarder) through a callable on every request,
+so a reload swaps it for new requests while those in flight keep theirs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Callable
+from io import BytesIO
+from typing import IO, Any
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from oaproxy.config import Config
+from oaproxy.errors import ErrorAnswer, error_body
+from oaproxy.forward import Call, Exchange, Forwarder
+from oaproxy.headers import forwarded_for
+from oaproxy.inspection import Inspected
+from oaproxy.relay import RequestBody
+from oaproxy.routing import Router
+
+# Bodies up to this size are read into memory (they are parsed for the model
+# anyway); larger ones stay in twisted.web's spool file and are replayed from it.
+IN_MEMORY_BODY = 1024 * 1024
+
+CORS_HEADERS = {
+    b"access-control-allow-origin": b"*",
+    b"access-control-allow-methods": b"GET, POST, PUT, PATCH, DELETE, OPTIONS",
+    b"access-control-max-age": b"86400",
+}
+
+
+@frozen
+class Runtime:
+    """What one config makes: built once per (re)load, never per request."""
+
+    config: Config
+    router: Router
+    forwarder: Forwarder
+    # Called once per client request when it is over (records, metrics, alerts).
+    finished: Callable[[Exchange, server.Request], None]
+    # Parses the body for routing: model, stream, the per-upstream body.
+    inspect: Callable[[RequestBody, bytes | None], Inspected]
+    # Wall-clock time for records (the reactor's clock may be a test Clock).
+    wall_clock: Callable[[], float]
+
+
+class ProxyRequest(server.Request):
+    """A request whose body is capped at ``max_body_bytes`` while it arrives.
+
+    Over the cap the rest of the body is read and thrown away (never held),
+    and the resource answers 413.
+    """
+
+    too_large = False
+    _limit = 0
+    _received = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # twisted.web would parse form bodies into request.args, reading a
+        # whole multipart upload into memory: a proxy passes them on untouched.
+        kwargs.setdefault("parsePOSTFormSubmission", False)
+        super().__init__(*args, **kwargs)
+
+    def gotLength(self, length: int | None) -> None:
+        self._limit = self.channel.site.max_body_bytes  # type: ignore[attr-defined]
+        if length is not None and length > self._limit:
+            self._discard()
+        else:
+            super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.too_large:
+            return
+        self._received += len(data)
+        if self._received > self._limit:
+            self.content.close()
+            self._discard()
+            return
+        self.content.write(data)
+
+    def _discard(self) -> None:
+        self.too_large = True
+        self.content = BytesIO()
+
+
+class ProxySite(server.Site):
+    requestFactory = ProxyRequest
+    displayTracebacks = False
+    noisy = False
+
+    def __init__(self, root: Resource, runtime: Callable[[], Runtime], **kwargs: Any) -> None:
+        super().__init__(root, **kwargs)
+        self._runtime = runtime
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self._runtime().config.max_body_bytes
+
+    def log(self, request: server.Request) -> None:
+        """No access log line: each request's record says more, in the sinks."""
+
+
+def answer_error(request: server.Request, error: ErrorAnswer) -> bytes:
+    body = error.body()
+    request.setResponseCode(error.status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body
+
+
+class ProxyResource(Resource):
+    """``/v1/*``: authenticate, choose candidates, hand over to the forwarder."""
+
+    log = Logger()
+
+    def __init__(self, runtime: Callable[[], Runtime], clock: Any) -> None:
+        super().__init__()
+        self._runtime = runtime
+        self._clock = clock
+
+    def getChild(self, path: bytes, request: server.Request) -> Resource:
+        return self
+
+    def render(self, request: server.Request) -> bytes | int:
+        for name, value in CORS_HEADERS.items():
+            request.setHeader(name, value)
+        request.setHeader(b"server", b"oaproxy")
+        if request.method == b"OPTIONS":
+            return self._preflight(request)
+        if getattr(request, "too_large", False):
+            runtime = self._runtime()
+            return answer_error(
+                request,
+                ErrorAnswer(
+                    413,
+                    f"Request body too large: the limit is {runtime.config.max_body_bytes} bytes.",
+                    code="request_too_large",
+                ),
+            )
+        runtime = self._runtime()
+        uri: bytes = request.uri
+        path = uri.split(b"?", 1)[0].decode("utf-8", "replace")
+        content_type = request.getHeader(b"content-type")
+        inspected = runtime.inspect(_request_body(request.content, content_type), content_type)
+        caller = runtime.router.authenticate(request.getHeader(b"authorization"))
+        candidates = runtime.router.candidates(caller, inspected.model, path)
+        if isinstance(candidates, ErrorAnswer):
+            return answer_error(request, candidates)
+        peer = _peer(request)
+        call = Call(
+            method=request.method,
+            path=uri,
+            upstream_path=uri[3:],
+            headers=request.requestHeaders,
+            inspected=inspected,
+            authorization=request.getHeader(b"authorization"),
+            forwarded_for=forwarded_for(request.requestHeaders, peer),
+        )
+        exchange = Exchange(
+            call=call,
+            started=self._clock.seconds(),
+            time=runtime.wall_clock(),
+            key_name=caller.key.name if caller.key is not None else None,
+            client_ip=client_ip(request, runtime.config.trusted_proxies),
+            user_agent=_text(request.getHeader(b"user-agent")),
+        )
+        self._forward(request, runtime, exchange, candidates)
+        return server.NOT_DONE_YET
+
+    def _forward(self, request: server.Request, runtime: Runtime, exchange: Exchange, candidates: Any) -> None:
+        work: list[Deferred[Exchange]] = []
+
+        def client_gone(reason: Failure) -> None:
+            exchange.client_gone = True
+            if work:
+                work[0].cancel()
+
+        # Subscribed first: a disconnect at any point reaches the upstream.
+        request.notifyFinish().addErrback(client_gone)
+        d = runtime.forwarder.forward(request, exchange, candidates)
+        work.append(d)
+
+        def done(result: Exchange | Failure) -> None:
+            if isinstance(result, Failure) and not result.check(Exception):
+                return
+            if isinstance(result, Failure):
+                if not exchange.client_gone:
+                    self.log.failure("forwarding failed", failure=result)
+                    _fail_unfinished(request)
+                    exchange.outcome = "error"
+                else:
+                    exchange.outcome = "client_disconnected"
+            exchange.finished = self._clock.seconds()
+            runtime.finished(exchange, request)
+
+        d.addBoth(done)
+
+    def _preflight(self, request: server.Request) -> bytes:
+        asked = request.getHeader(b"access-control-request-headers")
+        request.setHeader(
+            b"access-control-allow-headers",
+            asked or b"authorization, content-type, openai-beta",
+        )
+        request.setResponseCode(204)
+        return b""
+
+
+def _fail_unfinished(request: server.Request) -> None:
+    """A bug must still answer the client, never leave it hanging."""
+    if request.finished or request._disconnected:  # type: ignore[attr-defined]
+        return
+    if request.startedWriting:
+        request.channel.transport.abortConnection()  # type: ignore[union-attr]
+        return
+    body = error_body("Internal proxy error.", type="server_error", code="internal_error")
+    request.setResponseCode(500)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
+
+
+def _request_body(content: IO[bytes], content_type: bytes | None) -> RequestBody:
+    content.seek(0, 2)
+    size = content.tell()
+    content.seek(0)
+    # JSON is read whatever its size: its model decides the route.
+    if size <= IN_MEMORY_BODY or (content_type or b"").startswith(b"application/json"):
+        return RequestBody(size=size, data=content.read())
+    return RequestBody(size=size, data=None, file=content)
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode("utf-8", "replace") if value is not None else None
+
+
+def _peer(request: server.Request) -> str:
+    address = request.getClientAddress()
+    return getattr(address, "host", None) or "unix"
+
+
+def client_ip(request: server.Request, trusted: tuple[Any, ...]) -> str:
+    """The client's address: the peer, or ``X-Forwarded-For`` from a trusted proxy.
+
+    Walks the forwarded chain from the right and stops at the first address
+    that is not a trusted proxy, so a client cannot forge its own entry.
+    """
+    chain = [
+        part.strip().decode("ascii", "replace")
+        for value in request.requestHeaders.getRawHeaders(b"x-forwarded-for", ())
+        for part in value.split(b",")
+    ]
+    chain.append(_peer(request))
+    for hop in reversed(chain):
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            return hop
+        if not any(address in network for network in trusted):
+            return hop
+    return chain[0]
+
+
+class HealthResource(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"status": "ok"}).encode("ascii")
+
+
+class NotFoundResource(Resource):
+    isLeaf = True
+
+    def render(self, request: server.Request) -> bytes:
+        return answer_error(
+            request,
+            ErrorAnswer(404, f"Unknown path {request.path.decode('utf-8', 'replace')}; the API is under /v1/.", code="not_found"),
+        )
+
+
+class RootResource(Resource):
+    def __init__(self, proxy: ProxyResource) -> None:
+        super().__init__()
+        self.putChild(b"v1", proxy)
+        self.putChild(b"healthz", HealthResource())
+
+    def getChild(self, path: bytes, request: server.Request) -> Resource:
+        return NotFoundResource()

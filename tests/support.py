@@ -1,0 +1,514 @@
+"""Test doubles for the fast tests of the forwarder, relay, routing and web layer.
+
+- ``RecordingAgent``: an ``IAgent`` like treq's ``_agentspy`` that records each
+  ``request()`` call; the test fires (or fails) the response by hand and sees
+  whether the forwarder cancelled it.
+- ``FakeResponse``: an ``IResponse`` whose body the test delivers chunk by
+  chunk and ends with ``ResponseDone``, ``ResponseFailed`` or
+  ``PotentialDataLoss``; its ``UpstreamTransport`` records pause, resume and
+  stop, the calls by which the relay drives the upstream connection.
+- ``make_config``: a ``Config`` through the real parser.
+- ``Harness`` and ``Client``: the real ``ProxySite`` on a ``StringTransport``,
+  with a ``Clock``, the recording agents and a cooperator driven by the clock;
+  ``Client.reply()`` parses what the site wrote back.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, cast
+
+from attrs import define, field, frozen
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock, Cooperator
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from oaproxy.config import Config, parse_config
+from oaproxy.forward import Exchange, Forwarder
+from oaproxy.inspection import inspect_request
+from oaproxy.records import RecordMaker
+from oaproxy.routing import Router
+from oaproxy.web import ProxyResource, ProxySite, RootResource, Runtime
+
+# The wall-clock time the harness gives records (the reactor clock starts at 0).
+WALL_TIME = 1_700_000_000.0
+
+
+def make_config(yaml_text: str, environ: Mapping[str, str] | None = None) -> Config:
+    """A ``Config`` from YAML text, through the real parser."""
+    return parse_config(yaml_text, "test.yaml", environ or {})
+
+
+def sse(*datas: str | bytes) -> bytes:
+    """SSE events, one ``data:`` line each, LF-terminated as OpenAI sends them."""
+    out = b""
+    for data in datas:
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        out += b"data: " + data + b"\n\n"
+    return out
+
+
+def headers(pairs: Mapping[str, str | list[str]] | None = None) -> Headers:
+    result = Headers()
+    for name, value in (pairs or {}).items():
+        values = value if isinstance(value, list) else [value]
+        result.setRawHeaders(name.encode("latin-1"), [v.encode("latin-1") for v in values])
+    return result
+
+
+# ---------------------------------------------------------------------------
+# The upstream side
+
+
+@implementer(IPushProducer)
+class UpstreamTransport:
+    """The transport a response body protocol sees; records what is asked of it."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    @property
+    def paused(self) -> int:
+        return self.events.count("pause")
+
+    @property
+    def resumed(self) -> int:
+        return self.events.count("resume")
+
+    @property
+    def stopped(self) -> bool:
+        return "stop" in self.events or "lose" in self.events or "abort" in self.events
+
+    def pauseProducing(self) -> None:
+        self.events.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.events.append("resume")
+
+    def stopProducing(self) -> None:
+        self.events.append("stop")
+
+    def loseConnection(self) -> None:
+        self.events.append("lose")
+
+    def abortConnection(self) -> None:
+        self.events.append("abort")
+
+
+@implementer(IResponse)
+class FakeResponse:
+    """An upstream response whose body the test delivers by hand.
+
+    Body events sent before ``deliverBody`` are held and replayed to the
+    protocol, as twisted.web's own ``Response`` does.
+    """
+
+    def __init__(
+        self,
+        code: int = 200,
+        headers: Headers | None = None,
+        phrase: bytes = b"OK",
+        length: int | object = UNKNOWN_LENGTH,
+    ) -> None:
+        self.version = (b"HTTP", 1, 1)
+        self.code = code
+        self.phrase = phrase
+        self.headers = headers if headers is not None else Headers()
+        self.length = length
+        self.request = None
+        self.previousResponse: IResponse | None = None
+        self.transport = UpstreamTransport()
+        self.protocol: Protocol | None = None
+        self._held: list[bytes | Failure] = []
+        self.ended = False
+
+    def deliverBody(self, protocol: Protocol) -> None:
+        assert self.protocol is None, "deliverBody called twice"
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+        held, self._held = self._held, []
+        for item in held:
+            self._deliver(item)
+
+    def setPreviousResponse(self, response: IResponse) -> None:
+        self.previousResponse = response
+
+    def _deliver(self, item: bytes | Failure) -> None:
+        if self.protocol is None:
+            self._held.append(item)
+        elif isinstance(item, Failure):
+            self.protocol.connectionLost(item)
+        else:
+            self.protocol.dataReceived(item)
+
+    def write(self, data: bytes) -> FakeResponse:
+        assert not self.ended, "the body already ended"
+        self._deliver(data)
+        return self
+
+    def _end(self, reason: Failure) -> None:
+        assert not self.ended, "the body already ended"
+        self.ended = True
+        self._deliver(reason)
+
+    def finish(self) -> None:
+        """A clean end: Content-Length reached or the last chunk read."""
+        self._end(Failure(ResponseDone()))
+
+    def lose(self) -> None:
+        """The connection closed a body that had no length: maybe whole."""
+        self._end(Failure(PotentialDataLoss()))
+
+    def fail(self, reason: BaseException | None = None) -> None:
+        """The connection broke in the middle of the body."""
+        cause = reason if reason is not None else ConnectionLost("upstream went away")
+        self._end(Failure(ResponseFailed([Failure(cause)])))
+
+
+@implementer(IConsumer)
+class _BodyConsumer:
+    def __init__(self, call: AgentCall) -> None:
+        self._call = call
+
+    def write(self, data: bytes) -> None:
+        self._call.chunks.append(data)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        raise AssertionError("body producers do not register with their consumer")
+
+    def unregisterProducer(self) -> None:
+        raise AssertionError("body producers do not register with their consumer")
+
+
+@define(eq=False)
+class AgentCall:
+    """One ``IAgent.request`` call, and the means to answer it."""
+
+    method: bytes
+    uri: bytes
+    headers: Headers
+    producer: IBodyProducer | None
+    deferred: Deferred[IResponse] = field(init=False)
+    cancelled: bool = False
+    chunks: list[bytes] = field(factory=list)
+    body_finished: bool = False
+    response: FakeResponse | None = None
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def header(self, name: bytes) -> list[bytes] | None:
+        values = self.headers.getRawHeaders(name)
+        return None if values is None else list(values)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def respond(
+        self,
+        code: int = 200,
+        content_type: bytes | None = b"application/json",
+        body: bytes | None = None,
+        headers: Headers | None = None,
+        phrase: bytes = b"OK",
+    ) -> FakeResponse:
+        """Fire the response headers; with ``body`` also the whole body."""
+        response_headers = headers if headers is not None else Headers()
+        if content_type is not None:
+            response_headers.setRawHeaders(b"content-type", [content_type])
+        response = FakeResponse(code, response_headers, phrase)
+        self.response = response
+        self.deferred.callback(cast(IResponse, response))
+        if body is not None:
+            response.write(body)
+            response.finish()
+        return response
+
+    def fail(self, error: BaseException) -> None:
+        self.deferred.errback(Failure(error))
+
+
+@implementer(IAgent)
+class RecordingAgent:
+    """An agent that records each request; the test answers it by hand.
+
+    The request body is produced into the call at once, like an agent
+    writing it to the connection (a ``FileBodyProducer`` needs the clock
+    advanced). Cancelling a call's Deferred marks it ``cancelled`` and stops
+    its body producer; ``cancel_error`` imitates twisted's HTTP client,
+    which fails a cancelled request with
+    ``ResponseNeverReceived([Failure(CancelledError())])``.
+    """
+
+    def __init__(self, cancel_error: Callable[[], BaseException] | None = None) -> None:
+        self.calls: list[AgentCall] = []
+        self._cancel_error = cancel_error
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[IResponse]:
+        assert isinstance(method, bytes) and isinstance(uri, bytes)
+        assert bodyProducer is None or IBodyProducer.providedBy(bodyProducer)
+        call = AgentCall(method, uri, headers if headers is not None else Headers(), bodyProducer)
+        producer: Any = bodyProducer
+
+        def cancel(d: Deferred[IResponse]) -> None:
+            call.cancelled = True
+            if producer is not None and not call.body_finished:
+                producer.stopProducing()
+            if self._cancel_error is not None:
+                d.errback(Failure(self._cancel_error()))
+
+        call.deferred = Deferred(cancel)
+        self.calls.append(call)
+        if producer is not None:
+            produced: Deferred[None] = producer.startProducing(_BodyConsumer(call))
+
+            def finished(result: object) -> None:
+                call.body_finished = True
+
+            produced.addBoth(finished)
+        return call.deferred
+
+    def only(self) -> AgentCall:
+        assert len(self.calls) == 1, f"{len(self.calls)} calls, not 1"
+        return self.calls[0]
+
+
+# ---------------------------------------------------------------------------
+# The client side
+
+
+@frozen
+class Reply:
+    """An HTTP response as the client received it."""
+
+    status: int
+    phrase: bytes
+    headers: Headers
+    body: bytes
+    # The whole body arrived (Content-Length reached, or the last chunk).
+    complete: bool
+
+    def header(self, name: bytes) -> bytes | None:
+        values = self.headers.getRawHeaders(name)
+        if values is None:
+            return None
+        assert len(values) == 1, f"{name!r}: {values!r}"
+        return values[0]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def parse_reply(data: bytes) -> Reply:
+    """Parse one HTTP/1.1 response (the first one in ``data``)."""
+    head, sep, rest = data.partition(b"\r\n\r\n")
+    assert sep, f"no complete response head in {data[:200]!r}"
+    lines = head.split(b"\r\n")
+    version, status, phrase = (lines[0].split(b" ", 2) + [b""])[:3]
+    assert version == b"HTTP/1.1", lines[0]
+    parsed = Headers()
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        parsed.addRawHeader(name.strip(), value.strip())
+    code = int(status)
+    length = parsed.getRawHeaders(b"content-length")
+    if code in (204, 304):
+        return Reply(code, phrase, parsed, b"", rest == b"")
+    if parsed.getRawHeaders(b"transfer-encoding") == [b"chunked"]:
+        body, complete = _dechunk(rest)
+        return Reply(code, phrase, parsed, body, complete)
+    if length is not None:
+        size = int(length[0])
+        return Reply(code, phrase, parsed, rest[:size], len(rest) >= size)
+    return Reply(code, phrase, parsed, rest, False)
+
+
+def _dechunk(data: bytes) -> tuple[bytes, bool]:
+    body = b""
+    while True:
+        size_line, sep, data = data.partition(b"\r\n")
+        if not sep:
+            return body, False
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            return body, data.startswith(b"\r\n")
+        if len(data) < size + 2:
+            return body + data[:size], False
+        assert data[size : size + 2] == b"\r\n", "bad chunk framing"
+        body += data[:size]
+        data = data[size + 2 :]
+
+
+def http_request(
+    method: bytes,
+    path: bytes,
+    body: bytes = b"",
+    header_lines: Iterable[tuple[bytes, bytes]] = (),
+    *,
+    chunked: bool = False,
+    chunk_size: int = 4096,
+) -> bytes:
+    """The bytes of one HTTP/1.1 request."""
+    lines = [method + b" " + path + b" HTTP/1.1", b"Host: proxy.test"]
+    lines.extend(name + b": " + value for name, value in header_lines)
+    if chunked:
+        lines.append(b"Transfer-Encoding: chunked")
+        framed = b"".join(
+            b"%x\r\n" % len(body[i : i + chunk_size]) + body[i : i + chunk_size] + b"\r\n"
+            for i in range(0, len(body), chunk_size)
+        )
+        payload = framed + b"0\r\n\r\n"
+    else:
+        if body or method in (b"POST", b"PUT", b"PATCH"):
+            lines.append(b"Content-Length: %d" % len(body))
+        payload = body
+    return b"\r\n".join(lines) + b"\r\n\r\n" + payload
+
+
+class Client:
+    """One client connection to the site, on an in-memory transport."""
+
+    def __init__(self, site: ProxySite, peer: str) -> None:
+        address = IPv4Address("TCP", peer, 40000)
+        self.transport = StringTransport(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 8888), peerAddress=address
+        )
+        protocol = site.buildProtocol(address)
+        assert protocol is not None
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> Client:
+        self.protocol.dataReceived(data)
+        return self
+
+    def reply(self) -> Reply:
+        return parse_reply(self.transport.value())
+
+    @property
+    def written(self) -> bytes:
+        return self.transport.value()
+
+    def disconnect(self) -> None:
+        self.protocol.connectionLost(Failure(ConnectionDone("client went away")))
+
+    def pause(self) -> None:
+        """The client's socket buffer is full: the transport pauses its producer."""
+        self._producer().pauseProducing()
+
+    def resume(self) -> None:
+        self._producer().resumeProducing()
+
+    def _producer(self) -> Any:
+        # The HTTPChannel, registered with its transport at connectionMade.
+        producer = self.transport.producer
+        assert producer is not None
+        return producer
+
+
+class Harness:
+    """The real resource tree and site, wired as the service wires them,
+    with a clock, recording agents and a cooperator on the clock."""
+
+    def __init__(
+        self,
+        config: str | Config,
+        *,
+        rng: random.Random | None = None,
+        cancel_error: Callable[[], BaseException] | None = None,
+    ) -> None:
+        self.config = make_config(config) if isinstance(config, str) else config
+        self.clock = Clock()
+        self.agent = RecordingAgent(cancel_error)
+        self.fresh_agent = RecordingAgent(cancel_error)
+        self.cooperator = Cooperator(scheduler=lambda work: self.clock.callLater(0, work))
+        self.records: list[dict[str, Any]] = []
+        self.exchanges: list[Exchange] = []
+        maker = RecordMaker(self.config)
+        self.forwarder = Forwarder(
+            cast(IReactorTime, self.clock),
+            cast(IAgent, self.agent),
+            cast(IAgent, self.fresh_agent),
+            self.cooperator,
+            stream_idle_timeout=self.config.stream_idle_timeout,
+            on_event=maker.stream_observer,
+        )
+
+        def finished(exchange: Exchange, request: Request) -> None:
+            self.exchanges.append(exchange)
+            self.records.append(maker.make(exchange, request))
+
+        self.runtime = Runtime(
+            config=self.config,
+            router=Router(self.config, rng),
+            forwarder=self.forwarder,
+            finished=finished,
+            inspect=inspect_request,
+            wall_clock=lambda: WALL_TIME,
+        )
+        root = RootResource(ProxyResource(lambda: self.runtime, self.clock))
+        self.site = ProxySite(root, lambda: self.runtime, reactor=self.clock)
+
+    def connect(self, peer: str = "10.1.2.3") -> Client:
+        return Client(self.site, peer)
+
+    def request(
+        self,
+        method: bytes,
+        path: bytes,
+        body: bytes = b"",
+        header_lines: Iterable[tuple[bytes, bytes]] = (),
+        *,
+        peer: str = "10.1.2.3",
+        chunked: bool = False,
+    ) -> Client:
+        client = self.connect(peer)
+        client.send(http_request(method, path, body, header_lines, chunked=chunked))
+        return client
+
+    def chat(
+        self,
+        model: str = "gpt-4o-mini",
+        *,
+        key: str | None = "sk-client",
+        stream: bool = False,
+        extra: Mapping[str, Any] | None = None,
+        header_lines: Iterable[tuple[bytes, bytes]] = (),
+        peer: str = "10.1.2.3",
+    ) -> Client:
+        """A chat completion request, as an OpenAI SDK sends it."""
+        body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        if stream:
+            body["stream"] = True
+        body.update(extra or {})
+        lines = [(b"Content-Type", b"application/json"), *header_lines]
+        if key is not None:
+            lines.append((b"Authorization", b"Bearer " + key.encode("ascii")))
+        return self.request(
+            b"POST", b"/v1/chat/completions", json.dumps(body).encode("utf-8"), lines, peer=peer
+        )
+
+    def record(self) -> dict[str, Any]:
+        assert len(self.records) == 1, f"{len(self.records)} records, not 1"
+        return self.records[0]

@@ -1,0 +1,966 @@
+"""Tests for oaproxy.capture: request fields, stream reassembly, records' bodies."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx2
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+
+from oaproxy.capture import (
+    MULTIPART_MAX_FIELDS,
+    CapturedResponse,
+    StreamCapture,
+    capture_json_response,
+    cost,
+    describe_body,
+    redact_headers,
+    request_fields,
+    truncate_text,
+    with_stream_usage,
+)
+from oaproxy.config import Price
+from oaproxy.sse import SSESplitter, event_data
+
+
+def chat_chunk(
+    delta: dict[str, Any],
+    index: int = 0,
+    finish_reason: str | None = None,
+    **extra: Any,
+) -> bytes:
+    body = {
+        "id": "chatcmpl-AbC",
+        "object": "chat.completion.chunk",
+        "created": 1732000000,
+        "model": "gpt-4o-mini-2024-07-18",
+        "system_fingerprint": "fp_0ba0d124f1",
+        "choices": [
+            {
+                "index": index,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+        **extra,
+    }
+    return json.dumps(body).encode()
+
+
+def usage_chunk(prompt: int = 12, completion: int = 7) -> bytes:
+    return json.dumps(
+        {
+            "id": "chatcmpl-AbC",
+            "object": "chat.completion.chunk",
+            "created": 1732000000,
+            "model": "gpt-4o-mini-2024-07-18",
+            "choices": [],
+            "usage": {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": 0},
+            },
+        }
+    ).encode()
+
+
+def feed_all(capture: StreamCapture, chunks: list[bytes]) -> list[bool]:
+    return [capture.feed(c) for c in chunks]
+
+
+class RequestFieldsTests(SynchronousTestCase):
+    def test_chat_request(self) -> None:
+        body = b'{"model": "gpt-4o-mini", "messages": [], "stream": true, "stream_options": {"include_usage": true}}'
+        fields = request_fields(body, "application/json; charset=utf-8")
+        self.assertEqual(fields.model, "gpt-4o-mini")
+        self.assertTrue(fields.stream)
+        self.assertTrue(fields.include_usage)
+        assert fields.parsed is not None
+        self.assertEqual(fields.parsed["messages"], [])
+
+    def test_defaults(self) -> None:
+        fields = request_fields(b'{"model": "m", "stream": "yes"}', "application/json")
+        self.assertEqual(
+            (fields.model, fields.stream, fields.include_usage), ("m", False, False)
+        )
+
+    def test_json_without_content_type(self) -> None:
+        self.assertEqual(request_fields(b'  \n{"model": "m"}', None).model, "m")
+        self.assertEqual(request_fields(b'{"model": "m"}', "text/plain").model, "m")
+
+    def test_not_json(self) -> None:
+        fields = request_fields(b"--b\r\n", "multipart/form-data; boundary=b")
+        self.assertIsNone(fields.model)
+        self.assertIsNone(fields.parsed)
+        self.assertIsNone(request_fields(b"abc", None).model)
+
+    def test_invalid_json(self) -> None:
+        for body in (b"{", b'{"model": ', b"[1]", b"\xff\xfe{", b"[" * 100000):
+            fields = request_fields(body, "application/json")
+            self.assertEqual((fields.model, fields.parsed), (None, None))
+
+    def test_model_not_a_string(self) -> None:
+        self.assertIsNone(request_fields(b'{"model": 4}', "application/json").model)
+
+    def test_parsed_not_compared(self) -> None:
+        self.assertEqual(
+            request_fields(b'{"model": "m", "x": 1}', None),
+            request_fields(b'{"model": "m"}', None),
+        )
+
+
+class WithStreamUsageTests(SynchronousTestCase):
+    def test_adds_include_usage(self) -> None:
+        parsed = request_fields(
+            '{"model": "m", "stream": true, "messages": [{"content": "é"}]}'.encode(),
+            None,
+        ).parsed
+        assert parsed is not None
+        body = with_stream_usage(parsed)
+        self.assertNotIn(b" ", body)
+        self.assertIn("é".encode(), body)
+        self.assertEqual(
+            json.loads(body),
+            {
+                "model": "m",
+                "stream": True,
+                "messages": [{"content": "é"}],
+                "stream_options": {"include_usage": True},
+            },
+        )
+        self.assertNotIn("stream_options", parsed)
+
+    def test_keeps_other_stream_options(self) -> None:
+        parsed = {
+            "stream_options": {"include_obfuscation": False, "include_usage": False}
+        }
+        self.assertEqual(
+            json.loads(with_stream_usage(parsed))["stream_options"],
+            {"include_obfuscation": False, "include_usage": True},
+        )
+        self.assertEqual(parsed["stream_options"]["include_usage"], False)
+
+    def test_lone_surrogate(self) -> None:
+        parsed = json.loads('{"content": "\\ud800"}')
+        self.assertEqual(json.loads(with_stream_usage(parsed))["content"], "\ud800")
+
+
+class StreamCaptureTests(SynchronousTestCase):
+    def test_content_finish_and_usage(self) -> None:
+        capture = StreamCapture(max_bytes=1000)
+        flags = feed_all(
+            capture,
+            [
+                chat_chunk({"role": "assistant", "content": "", "refusal": None}),
+                chat_chunk({"content": "Hello"}),
+                chat_chunk({"content": ", wörld"}),
+                chat_chunk({}, finish_reason="stop"),
+                usage_chunk(),
+                b"[DONE]",
+            ],
+        )
+        self.assertEqual(flags, [False, False, False, False, True, False])
+        result = capture.result()
+        self.assertEqual(result.text, "Hello, wörld")
+        self.assertEqual(result.finish_reason, "stop")
+        self.assertEqual(
+            result.usage,
+            {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19},
+        )
+        self.assertIsNone(result.tool_calls)
+        self.assertIsNone(result.refusal)
+        self.assertEqual(result.truncated, ())
+
+    def test_through_splitter(self) -> None:
+        # The relay's path: bytes -> events -> data -> capture.
+        stream = b"".join(
+            b"data: " + c + b"\r\n\r\n"
+            for c in [
+                chat_chunk({"content": "a"}),
+                chat_chunk({"content": "b"}),
+                usage_chunk(),
+                b"[DONE]",
+            ]
+        )
+        splitter = SSESplitter()
+        capture = StreamCapture(max_bytes=100)
+        hidden = []
+        for i in range(0, len(stream), 7):
+            for event in splitter.feed(stream[i : i + 7]):
+                if capture.feed(event_data(event)):
+                    hidden.append(event)
+        self.assertEqual(capture.result().text, "ab")
+        self.assertEqual(len(hidden), 1)
+        self.assertIn(b'"choices": []', hidden[0])
+
+    def test_usage_on_last_content_chunk_is_not_usage_only(self) -> None:
+        capture = StreamCapture(max_bytes=100)
+        usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+        self.assertFalse(
+            capture.feed(
+                chat_chunk({"content": "x"}, finish_reason="stop", usage=usage)
+            )
+        )
+        self.assertFalse(capture.feed(chat_chunk({"content": "y"}, usage=None)))
+        self.assertEqual(capture.result().usage, usage)
+
+    def test_tool_calls_over_many_chunks(self) -> None:
+        chunks = [
+            chat_chunk({"role": "assistant", "content": None}),
+            chat_chunk(
+                {
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": ""},
+                        }
+                    ]
+                }
+            ),
+        ]
+        chunks += [
+            chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+            for piece in ['{"lo', 'cation"', ': "Par', 'is"}']
+        ]
+        chunks.append(
+            chat_chunk(
+                {
+                    "tool_calls": [
+                        {
+                            "index": 1,
+                            "id": "call_2",
+                            "type": "function",
+                            "function": {"name": "get_time", "arguments": ""},
+                        }
+                    ]
+                }
+            )
+        )
+        chunks += [
+            chat_chunk({"tool_calls": [{"index": 1, "function": {"arguments": piece}}]})
+            for piece in ['{"tz"', ': "Europe/', 'Paris"}']
+        ]
+        chunks += [chat_chunk({}, finish_reason="tool_calls"), b"[DONE]"]
+        capture = StreamCapture(max_bytes=1000)
+        feed_all(capture, chunks)
+        result = capture.result()
+        self.assertIsNone(result.text)
+        self.assertEqual(result.finish_reason, "tool_calls")
+        self.assertEqual(
+            result.tool_calls,
+            [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {
+                        "name": "get_weather",
+                        "arguments": '{"location": "Paris"}',
+                    },
+                },
+                {
+                    "id": "call_2",
+                    "type": "function",
+                    "function": {
+                        "name": "get_time",
+                        "arguments": '{"tz": "Europe/Paris"}',
+                    },
+                },
+            ],
+        )
+
+    def test_tool_calls_interleaved_in_one_chunk(self) -> None:
+        capture = StreamCapture(max_bytes=1000)
+        capture.feed(
+            chat_chunk(
+                {
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": "a",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": "{"},
+                        },
+                        {
+                            "index": 1,
+                            "id": "b",
+                            "type": "function",
+                            "function": {"name": "g", "arguments": "["},
+                        },
+                    ]
+                }
+            )
+        )
+        capture.feed(
+            chat_chunk(
+                {
+                    "tool_calls": [
+                        {"index": 1, "function": {"arguments": "]"}},
+                        {"index": 0, "function": {"name": "f", "arguments": "}"}},
+                    ]
+                }
+            )
+        )
+        calls = capture.result().tool_calls
+        assert calls is not None
+        self.assertEqual(
+            [
+                (c["id"], c["function"]["name"], c["function"]["arguments"])
+                for c in calls
+            ],
+            [
+                ("a", "f", "{}"),
+                ("b", "g", "[]"),
+            ],
+        )
+
+    def test_tool_calls_without_index(self) -> None:
+        # Some OpenAI-compatible servers omit "index" and send whole calls.
+        capture = StreamCapture(max_bytes=1000)
+        capture.feed(
+            chat_chunk(
+                {
+                    "tool_calls": [
+                        {"id": "a", "function": {"name": "f", "arguments": "{}"}}
+                    ]
+                }
+            )
+        )
+        capture.feed(
+            chat_chunk(
+                {
+                    "tool_calls": [
+                        {"id": "b", "function": {"name": "g", "arguments": "{"}}
+                    ]
+                }
+            )
+        )
+        capture.feed(chat_chunk({"tool_calls": [{"function": {"arguments": "}"}}]}))
+        calls = capture.result().tool_calls
+        assert calls is not None
+        self.assertEqual(
+            [(c["id"], c["function"]["arguments"]) for c in calls],
+            [("a", "{}"), ("b", "{}")],
+        )
+
+    def test_legacy_function_call(self) -> None:
+        capture = StreamCapture(max_bytes=1000)
+        capture.feed(
+            chat_chunk(
+                {"role": "assistant", "function_call": {"name": "f", "arguments": ""}}
+            )
+        )
+        capture.feed(chat_chunk({"function_call": {"arguments": '{"a":'}}))
+        capture.feed(
+            chat_chunk(
+                {"function_call": {"arguments": "1}"}}, finish_reason="function_call"
+            )
+        )
+        result = capture.result()
+        self.assertEqual(
+            result.tool_calls,
+            [
+                {
+                    "id": None,
+                    "type": "function",
+                    "function": {"name": "f", "arguments": '{"a":1}'},
+                }
+            ],
+        )
+        self.assertEqual(result.finish_reason, "function_call")
+
+    def test_refusal(self) -> None:
+        capture = StreamCapture(max_bytes=1000)
+        feed_all(
+            capture,
+            [
+                chat_chunk({"role": "assistant", "content": None, "refusal": ""}),
+                chat_chunk({"refusal": "I'm sorry, "}),
+                chat_chunk({"refusal": "I can't help with that."}),
+                chat_chunk({}, finish_reason="stop"),
+            ],
+        )
+        result = capture.result()
+        self.assertIsNone(result.text)
+        self.assertEqual(result.refusal, "I'm sorry, I can't help with that.")
+
+    def test_two_choices(self) -> None:
+        capture = StreamCapture(max_bytes=1000)
+        feed_all(
+            capture,
+            [
+                chat_chunk({"role": "assistant", "content": ""}, index=0),
+                chat_chunk({"role": "assistant", "content": ""}, index=1),
+                chat_chunk({"content": "Red"}, index=0),
+                chat_chunk({"content": "Blue"}, index=1),
+                chat_chunk({"content": " sky"}, index=1),
+                chat_chunk({}, index=1, finish_reason="length"),
+                chat_chunk({"content": " apple"}, index=0),
+                chat_chunk({}, index=0, finish_reason="stop"),
+            ],
+        )
+        result = capture.result()
+        self.assertEqual(result.texts, ("Red apple", "Blue sky"))
+        self.assertEqual(result.text, "Red apple\n\nBlue sky")
+        self.assertEqual(result.finish_reason, "stop")
+
+    def test_legacy_completions(self) -> None:
+        capture = StreamCapture(max_bytes=1000)
+        for text, finish in (("Once", None), (" upon", None), (" a time", "length")):
+            body = {
+                "object": "text_completion",
+                "choices": [{"text": text, "index": 0, "finish_reason": finish}],
+            }
+            capture.feed(json.dumps(body).encode())
+        result = capture.result()
+        self.assertEqual(
+            (result.text, result.finish_reason), ("Once upon a time", "length")
+        )
+
+    def test_responses_api_stream(self) -> None:
+        capture = StreamCapture(max_bytes=1000)
+        capture.feed(
+            b'{"type": "response.created", "response": {"status": "in_progress"}}'
+        )
+        capture.feed(b'{"type": "response.output_text.delta", "delta": "Hi"}')
+        capture.feed(b'{"type": "response.output_text.delta", "delta": " there"}')
+        capture.feed(
+            b'{"type": "response.completed", "response": {"status": "completed", '
+            b'"usage": {"input_tokens": 5, "output_tokens": 2, "total_tokens": 7}}}'
+        )
+        result = capture.result()
+        self.assertEqual(result.text, "Hi there")
+        self.assertEqual(result.finish_reason, "completed")
+        self.assertEqual(
+            result.usage,
+            {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+        )
+
+    def test_error_chunk(self) -> None:
+        capture = StreamCapture(max_bytes=1000)
+        capture.feed(chat_chunk({"content": "a"}))
+        self.assertFalse(
+            capture.feed(
+                b'{"error": {"message": "overloaded", "type": "server_error"}}'
+            )
+        )
+        self.assertEqual(
+            capture.result().error, {"message": "overloaded", "type": "server_error"}
+        )
+        self.assertEqual(capture.result().text, "a")
+
+    def test_ignores_junk(self) -> None:
+        capture = StreamCapture(max_bytes=1000)
+        for data in (
+            None,
+            b"",
+            b"[DONE]",
+            b"not json",
+            b"[1, 2]",
+            b'{"choices": "x"}',
+            b'{"choices": [3]}',
+        ):
+            self.assertFalse(capture.feed(data))
+        self.assertEqual(capture.result(), CapturedResponse())
+
+    def test_text_capped_at_multibyte_boundary(self) -> None:
+        capture = StreamCapture(max_bytes=10)
+        feed_all(
+            capture,
+            [
+                chat_chunk({"content": "abcd"}),
+                chat_chunk({"content": "éééé"}),
+                chat_chunk({"content": "z"}),
+            ],
+        )
+        result = capture.result()
+        self.assertEqual(result.text, "abcdééé")
+        self.assertEqual(len(result.text.encode()), 10)  # type: ignore[union-attr]
+        self.assertEqual(result.truncated, ("response_text",))
+
+    def test_tool_arguments_capped(self) -> None:
+        capture = StreamCapture(max_bytes=5)
+        capture.feed(
+            chat_chunk(
+                {
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": "a",
+                            "function": {"name": "f", "arguments": "{}"},
+                        }
+                    ]
+                }
+            )
+        )
+        capture.feed(
+            chat_chunk(
+                {"tool_calls": [{"index": 0, "function": {"arguments": "0123456789"}}]}
+            )
+        )
+        result = capture.result()
+        assert result.tool_calls is not None
+        self.assertEqual(result.tool_calls[0]["function"]["arguments"], "{}012")
+        self.assertEqual(result.truncated, ("tool_calls",))
+
+    def test_huge_stream_memory_bounded(self) -> None:
+        capture = StreamCapture(max_bytes=1000)
+        piece = chat_chunk({"content": "x" * 100})
+        for _ in range(1000):
+            capture.feed(piece)
+        result = capture.result()
+        self.assertEqual(len(result.text or ""), 1000)
+        self.assertEqual(len(capture._assembler.choices[0].text or []), 10)
+
+
+class CaptureJsonResponseTests(SynchronousTestCase):
+    def test_chat_completion(self) -> None:
+        body = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "gpt-4o-mini",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "content": None,
+                        "refusal": None,
+                        "tool_calls": [
+                            {
+                                "id": "call_1",
+                                "type": "function",
+                                "function": {"name": "f", "arguments": '{"x":1}'},
+                            },
+                            {
+                                "id": "call_2",
+                                "type": "function",
+                                "function": {"name": "g", "arguments": "{}"},
+                            },
+                        ],
+                    },
+                    "logprobs": None,
+                    "finish_reason": "tool_calls",
+                }
+            ],
+            "usage": {"prompt_tokens": 50, "completion_tokens": 20, "total_tokens": 70},
+        }
+        result = capture_json_response(json.dumps(body).encode(), 1000)
+        self.assertIsNone(result.text)
+        self.assertEqual(result.tool_calls, body["choices"][0]["message"]["tool_calls"])  # type: ignore[index]
+        self.assertEqual(result.finish_reason, "tool_calls")
+        self.assertEqual(result.usage, body["usage"])
+
+    def test_chat_text_and_refusal(self) -> None:
+        body = {
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "Bonjour"},
+                    "finish_reason": "stop",
+                },
+                {
+                    "index": 1,
+                    "message": {"role": "assistant", "content": None, "refusal": "No."},
+                    "finish_reason": "stop",
+                },
+            ],
+        }
+        result = capture_json_response(json.dumps(body).encode(), 1000)
+        self.assertEqual(result.texts, ("Bonjour", None))
+        self.assertEqual(result.text, "Bonjour")
+        self.assertEqual(result.refusal, "No.")
+
+    def test_truncated(self) -> None:
+        body = {
+            "choices": [
+                {"index": 0, "message": {"content": "x" * 100}, "finish_reason": "stop"}
+            ]
+        }
+        result = capture_json_response(json.dumps(body).encode(), 10)
+        self.assertEqual(result.text, "x" * 10)
+        self.assertEqual(result.truncated, ("response_text",))
+
+    def test_completion(self) -> None:
+        body = {
+            "object": "text_completion",
+            "choices": [
+                {
+                    "text": "\n\nThis is a test",
+                    "index": 0,
+                    "logprobs": None,
+                    "finish_reason": "length",
+                }
+            ],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
+        }
+        result = capture_json_response(json.dumps(body).encode(), 1000)
+        self.assertEqual(
+            (result.text, result.finish_reason), ("\n\nThis is a test", "length")
+        )
+
+    def test_embeddings(self) -> None:
+        body = {
+            "object": "list",
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.1, -0.2]}],
+            "model": "text-embedding-3-small",
+            "usage": {"prompt_tokens": 8, "total_tokens": 8},
+        }
+        result = capture_json_response(json.dumps(body).encode(), 1000)
+        self.assertIsNone(result.text)
+        self.assertEqual(
+            result.usage,
+            {"prompt_tokens": 8, "completion_tokens": 0, "total_tokens": 8},
+        )
+
+    def test_responses_api(self) -> None:
+        body = {
+            "object": "response",
+            "status": "completed",
+            "error": None,
+            "output": [
+                {"type": "reasoning", "summary": []},
+                {
+                    "type": "message",
+                    "content": [
+                        {"type": "output_text", "text": "Hi", "annotations": []}
+                    ],
+                },
+                {
+                    "type": "function_call",
+                    "call_id": "c1",
+                    "name": "f",
+                    "arguments": "{}",
+                },
+            ],
+            "usage": {"input_tokens": 3, "output_tokens": 4, "total_tokens": 7},
+        }
+        result = capture_json_response(json.dumps(body).encode(), 1000)
+        self.assertEqual(result.text, "Hi")
+        self.assertEqual(
+            result.tool_calls,
+            [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "f", "arguments": "{}"},
+                }
+            ],
+        )
+        self.assertEqual(
+            result.usage,
+            {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+        )
+        self.assertIsNone(result.error)
+
+    def test_error(self) -> None:
+        body = b'{\n  "error": {\n    "message": "Rate limit reached",\n    "type": "requests",\n    "code": "rate_limit_exceeded"\n  }\n}'
+        result = capture_json_response(body, 1000)
+        self.assertEqual(
+            result.text,
+            '{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}',
+        )
+        assert result.error is not None
+        self.assertEqual(result.error["code"], "rate_limit_exceeded")
+        short = capture_json_response(body, 12)
+        self.assertEqual(
+            (short.text, short.truncated), ('{"error":{"m', ("response_text",))
+        )
+
+    def test_not_json(self) -> None:
+        self.assertEqual(
+            capture_json_response(b"<html>502 Bad Gateway</html>", 1000),
+            CapturedResponse(),
+        )
+        self.assertIsNone(capture_json_response(b"", 1000).text)
+
+
+AUDIO = b"RIFF\x00\x01\xff\xfe\r\n--notboundary\r\n\r" + bytes(range(256)) * 4
+
+
+def multipart_body() -> tuple[bytes, str]:
+    """A transcription upload encoded by httpx2, as the openai SDK sends it."""
+    request = httpx2.Request(
+        "POST",
+        "http://upstream.test/v1/audio/transcriptions",
+        data={"model": "whisper-1", "language": "fr"},
+        files={"file": ("a;b.wav", AUDIO, "audio/wav")},
+    )
+    return request.read(), request.headers["content-type"]
+
+
+def hand_multipart(boundary: bytes, parts: list[tuple[bytes, bytes]]) -> bytes:
+    out = b""
+    for headers, content in parts:
+        out += b"--" + boundary + b"\r\n" + headers + b"\r\n\r\n" + content + b"\r\n"
+    return out + b"--" + boundary + b"--\r\n"
+
+
+class DescribeBodyTests(SynchronousTestCase):
+    def test_json(self) -> None:
+        self.assertEqual(
+            describe_body(b'{"model": "m"}', "application/json", 100),
+            ('{"model": "m"}', False),
+        )
+
+    def test_text_truncated_at_boundary(self) -> None:
+        body = "aé€😀".encode()  # 1 + 2 + 3 + 4 bytes
+        self.assertEqual(describe_body(body, "application/json", 6), ("aé€", True))
+        self.assertEqual(describe_body(body, "text/plain", 5), ("aé", True))
+        self.assertEqual(describe_body(body, "text/plain", 10), ("aé€😀", False))
+
+    def test_invalid_utf8_replaced(self) -> None:
+        self.assertEqual(
+            describe_body(b"a\xffb", "text/plain", 10), ("a\ufffdb", False)
+        )
+
+    def test_empty(self) -> None:
+        self.assertEqual(describe_body(b"", "application/json", 10), (None, False))
+
+    def test_no_content_type(self) -> None:
+        self.assertEqual(describe_body(b"hello", None, 10), ("hello", False))
+        self.assertEqual(
+            describe_body(b"\x00\xff\xfe", None, 10),
+            ({"content_type": None, "size": 3}, False),
+        )
+
+    def test_binary(self) -> None:
+        self.assertEqual(
+            describe_body(b"\x89PNG....", "image/png", 10),
+            ({"content_type": "image/png", "size": 8}, False),
+        )
+
+    def test_multipart_from_httpx(self) -> None:
+        body, content_type = multipart_body()
+        described, truncated = describe_body(body, content_type, 100)
+        self.assertFalse(truncated)
+        self.assertEqual(
+            described,
+            {
+                "content_type": "multipart/form-data",
+                "size": len(body),
+                "fields": [
+                    {"name": "model", "value": "whisper-1"},
+                    {"name": "language", "value": "fr"},
+                    {
+                        "name": "file",
+                        "filename": "a;b.wav",
+                        "content_type": "audio/wav",
+                        "size": len(AUDIO),
+                    },
+                ],
+            },
+        )
+        self.assertNotIn("RIFF", json.dumps(described))
+
+    def test_multipart_by_hand(self) -> None:
+        boundary = b"----WebKitFormBoundary7MA4YWxkTrZu0gW"
+        body = hand_multipart(
+            boundary,
+            [
+                (
+                    b'Content-Disposition: form-data; name="file"; filename="speech.mp3"\r\nContent-Type: audio/mpeg',
+                    b"\xff\xfb\x90\x00" * 1000,
+                ),
+                (b'Content-Disposition: form-data; name="model"', b"whisper-1"),
+                (b'Content-Disposition: form-data; name="prompt"', b"p" * 2000),
+                (
+                    b"Content-Disposition: form-data; name=\"f2\"; filename*=UTF-8''%E9t%C3%A9.wav",
+                    b"x",
+                ),
+            ],
+        )
+        described, _ = describe_body(
+            body, "multipart/form-data; boundary=" + boundary.decode(), 100
+        )
+        assert isinstance(described, dict)
+        self.assertEqual(
+            described["fields"],
+            [
+                {
+                    "name": "file",
+                    "filename": "speech.mp3",
+                    "content_type": "audio/mpeg",
+                    "size": 4000,
+                },
+                {"name": "model", "value": "whisper-1"},
+                {"name": "prompt", "size": 2000},
+                {"name": "f2", "filename": "\ufffdt\u00e9.wav", "size": 1},
+            ],
+        )
+
+    def test_multipart_too_many_fields(self) -> None:
+        parts = [
+            (b'Content-Disposition: form-data; name="f%d"' % i, b"v")
+            for i in range(MULTIPART_MAX_FIELDS + 5)
+        ]
+        described, truncated = describe_body(
+            hand_multipart(b"xyz", parts), "multipart/form-data; boundary=xyz", 10
+        )
+        assert isinstance(described, dict)
+        self.assertEqual(len(described["fields"]), MULTIPART_MAX_FIELDS)
+        self.assertTrue(truncated)
+
+    def test_multipart_malformed(self) -> None:
+        fallback = {"content_type": "multipart/form-data", "size": 7}
+        self.assertEqual(
+            describe_body(b"garbage", "multipart/form-data", 10), (fallback, False)
+        )
+        self.assertEqual(
+            describe_body(b"garbage", "multipart/form-data; boundary=q", 10),
+            (fallback, False),
+        )
+        self.assertEqual(
+            describe_body(b"garbage", "multipart/form-data; boundary=é€", 10),
+            (fallback, False),
+        )
+        # No close delimiter: the last part runs to the end.
+        described, _ = describe_body(
+            b'--q\r\nContent-Disposition: form-data; name="a"\r\n\r\nvalue',
+            "multipart/form-data; boundary=q",
+            10,
+        )
+        self.assertEqual(
+            described,
+            {
+                "content_type": "multipart/form-data",
+                "size": 54,
+                "fields": [{"name": "a", "value": "value"}],
+            },
+        )
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(
+            st.sampled_from(
+                [
+                    b"--q",
+                    b"\r\n",
+                    b"\n",
+                    b"Content-Disposition: form-data",
+                    b'; name="',
+                    b"filename=",
+                    b'"',
+                    b";",
+                    b"\xff",
+                    b"--",
+                    b"Content-Type:",
+                    b"x",
+                ]
+            ),
+            max_size=40,
+        ).map(b"".join)
+    )
+    def test_multipart_never_raises(self, body: bytes) -> None:
+        described, _ = describe_body(body, 'multipart/form-data; boundary="q"', 10)
+        self.assertIsInstance(described, (dict, type(None)))
+        json.dumps(described)
+
+
+class RedactHeadersTests(SynchronousTestCase):
+    def test_pairs(self) -> None:
+        self.assertEqual(
+            redact_headers(
+                [
+                    (b"Authorization", b"Bearer sk-secret"),
+                    (b"Content-Type", b"application/json"),
+                    (b"X-Api-Key", b"k"),
+                    (b"api-key", b"k"),
+                    (b"Cookie", b"a=b"),
+                    (b"Set-Cookie", b"c=d"),
+                    (b"Proxy-Authorization", b"Basic eA=="),
+                    (b"Accept", b"a"),
+                    (b"accept", b"b"),
+                ]
+            ),
+            {
+                "authorization": "[redacted]",
+                "content-type": "application/json",
+                "x-api-key": "[redacted]",
+                "api-key": "[redacted]",
+                "cookie": "[redacted]",
+                "set-cookie": "[redacted]",
+                "proxy-authorization": "[redacted]",
+                "accept": "a, b",
+            },
+        )
+
+    def test_twisted_headers(self) -> None:
+        headers = Headers(
+            {
+                b"Authorization": [b"Bearer sk-secret"],
+                b"User-Agent": [b"OpenAI/Python 1.0"],
+            }
+        )
+        redacted = redact_headers(headers.getAllRawHeaders())
+        self.assertEqual(
+            redacted, {"authorization": "[redacted]", "user-agent": "OpenAI/Python 1.0"}
+        )
+        self.assertNotIn("sk-secret", json.dumps(redacted))
+
+    def test_mapping(self) -> None:
+        self.assertEqual(
+            redact_headers(
+                {"Authorization": "Bearer x", "X-Test": "1", "X-Many": ["a", "b"]}
+            ),
+            {"authorization": "[redacted]", "x-test": "1", "x-many": "a, b"},
+        )
+
+
+class CostTests(SynchronousTestCase):
+    def test_cost(self) -> None:
+        usage = {
+            "prompt_tokens": 1_000_000,
+            "completion_tokens": 500_000,
+            "total_tokens": 1_500_000,
+        }
+        self.assertAlmostEqual(cost(usage, Price(input=0.15, output=0.6)), 0.45)
+
+    def test_unknown(self) -> None:
+        self.assertIsNone(cost(None, Price(1, 1)))
+        self.assertIsNone(cost({"prompt_tokens": 1}, None))
+
+    def test_partial_usage(self) -> None:
+        self.assertAlmostEqual(cost({"prompt_tokens": 2000}, Price(2.0, 8.0)), 0.004)
+
+
+class TruncateTextTests(SynchronousTestCase):
+    def test_short(self) -> None:
+        self.assertEqual(truncate_text("abc", 3), ("abc", False))
+        self.assertEqual(truncate_text("é" * 10, 20), ("é" * 10, False))
+
+    def test_ascii(self) -> None:
+        self.assertEqual(truncate_text("abcdef", 4), ("abcd", True))
+
+    def test_multibyte_boundary(self) -> None:
+        text = "a€😀b"  # 1 + 3 + 4 + 1 bytes
+        self.assertEqual(truncate_text(text, 1), ("a", True))
+        self.assertEqual(truncate_text(text, 2), ("a", True))
+        self.assertEqual(truncate_text(text, 3), ("a", True))
+        self.assertEqual(truncate_text(text, 4), ("a€", True))
+        self.assertEqual(truncate_text(text, 7), ("a€", True))
+        self.assertEqual(truncate_text(text, 8), ("a€😀", True))
+        self.assertEqual(truncate_text(text, 9), (text, False))
+        self.assertEqual(truncate_text(text, 0), ("", True))
+
+    @given(st.text(), st.integers(min_value=0, max_value=40))
+    def test_property(self, text: str, limit: int) -> None:
+        cut, truncated = truncate_text(text, limit)
+        self.assertTrue(text.startswith(cut))
+        size = len(cut.encode("utf-8", "surrogatepass"))
+        self.assertLessEqual(size, limit)
+        self.assertEqual(truncated, cut != text)
+        if truncated:
+            # The next character would not have fit.
+            self.assertGreater(
+                size + len(text[len(cut)].encode("utf-8", "surrogatepass")), limit
+            )

@@ -1,0 +1,609 @@
+"""End to end: the real service on a real socket, driven by the official SDK.
+
+The service is built exactly as twistd builds it (``Options`` then
+``makeService``) and listens on ``tcp:0:interface=127.0.0.1``; upstreams are
+``FakeUpstream``s in the same reactor. The openai SDK is synchronous, so each
+SDK call runs in the reactor's thread pool (``deferToThread``) while the
+reactor serves both the proxy and the fakes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import openai
+import yaml  # type: ignore[import-untyped]
+from attrs import frozen
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    connectProtocol,
+    serverFromString,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from oaproxy.tap import Options, makeService
+from tests.fakeupstream import (
+    FAKE_MODEL,
+    ConnectionTracker,
+    Drop,
+    FakeUpstream,
+    Hang,
+    Status,
+    Stream,
+)
+
+reactor: Any = _reactor
+T = TypeVar("T")
+
+CLIENT_KEY = "ck-alice-0123456789"
+OTHER_KEY = "ck-bob-0123456789"
+SK_MAIN = "sk-main-upstream"
+SK_BACKUP = "sk-backup-upstream"
+
+
+class Records:
+    """The records the service emits, observed on its record publisher."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+        self._waiting: list[tuple[int, Deferred[dict[str, Any]]]] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.seen.append(event["record"])
+        ready = [d for n, d in self._waiting if n == len(self.seen)]
+        self._waiting = [(n, d) for n, d in self._waiting if n != len(self.seen)]
+        for d in ready:
+            d.callback(self.seen[-1])
+
+    def nth(self, count: int = 1) -> Deferred[dict[str, Any]]:
+        """Fires with the ``count``-th record (1-based) once it was emitted."""
+        if len(self.seen) >= count:
+            return succeed(self.seen[count - 1])
+        d: Deferred[dict[str, Any]] = Deferred()
+        self._waiting.append((count, d))
+        return d
+
+
+@frozen
+class RunningProxy:
+    service: Any  # the ProxyService, an IService
+    port: int
+    connections: ConnectionTracker
+    records: Records
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+def listening_port(service: Any) -> Deferred[Any]:
+    """The port a started service's listener bound.
+
+    ``strports.service`` makes a ``StreamServerEndpointService`` child whose
+    ``_waitingForPort`` Deferred fires with the ``IListeningPort``; there is
+    no public accessor. The result is passed through untouched, because the
+    service's own ``stopService`` chains on that Deferred to stop listening.
+    """
+    listeners = [c for c in service if isinstance(c, StreamServerEndpointService)]
+    assert len(listeners) == 1, listeners
+    waiting = listeners[0]._waitingForPort
+    assert waiting is not None
+    got: Deferred[Any] = Deferred()
+
+    def tee(port: Any) -> Any:
+        got.callback(port)
+        return port
+
+    waiting.addCallback(tee)
+    return got
+
+
+async def refused_endpoint() -> str:
+    """An endpoint URL on which nothing listens: bound, then closed."""
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Factory.forProtocol(Protocol))
+    number = port.getHost().port
+    await port.stopListening()
+    return f"http://127.0.0.1:{number}/v1"
+
+
+def write_yaml(path: str, content: Any) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(content, f)
+    return path
+
+
+def upstream(name: str, endpoint: str, sk: str | None = SK_MAIN, **more: Any) -> dict[str, Any]:
+    return {"name": name, "endpoint": endpoint, "sk": sk, **more}
+
+
+class EndToEndCase(TestCase):
+    timeout = 20
+
+    async def fake(self, **kwargs: Any) -> FakeUpstream:
+        fake = await FakeUpstream(reactor, **kwargs).start()
+        self.addCleanup(fake.stop)
+        return fake
+
+    async def proxy(self, upstreams: list[dict[str, Any]], **top: Any) -> RunningProxy:
+        config: dict[str, Any] = {
+            "dbtype": "none",
+            "hostname": "e2e",
+            "authorization": {"alice": CLIENT_KEY, "bob": OTHER_KEY},
+            "timeout": 10,
+            "stream_timeout": 10,
+            "stream_idle_timeout": 10,
+            "upstreams": upstreams,
+        }
+        config.update(top)
+        path = write_yaml(self.mktemp() + ".yaml", config)
+        options = Options()
+        options.parseOptions(["--config", path, "--listen", "tcp:0:interface=127.0.0.1"])
+        service: Any = makeService(options, reactor)
+        # Server-side connections stay open after stopListening (keep-alive):
+        # they are followed so that cleanup closes them and waits.
+        tracker = ConnectionTracker(service.site)
+        records = Records()
+        service.records.add_observer(records)
+        service.startService()
+        self.addCleanup(tracker.close_all)
+        self.addCleanup(service.stopService)
+        port = await listening_port(service)
+        return RunningProxy(service, port.getHost().port, tracker, records)
+
+    def sdk(self, proxy: RunningProxy, call: Callable[[openai.OpenAI], T], key: str = CLIENT_KEY) -> Deferred[T]:
+        """Run ``call(client)`` in a thread with a client that is closed after it."""
+
+        def run() -> T:
+            with openai.OpenAI(
+                base_url=proxy.base_url,
+                api_key=key,
+                max_retries=0,
+                timeout=15,
+                http_client=openai.DefaultHttpxClient(trust_env=False),
+            ) as client:
+                return call(client)
+
+        return deferToThread(run)
+
+    async def sdk_error(
+        self, proxy: RunningProxy, call: Callable[[openai.OpenAI], Any], error: type[BaseException], key: str = CLIENT_KEY
+    ) -> Any:
+        result = await self.assertFailure(self.sdk(proxy, call, key), error)
+        return result
+
+
+def chat(client: openai.OpenAI, model: str = FAKE_MODEL) -> Any:
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+
+
+def collect_stream(client: openai.OpenAI, include_usage: bool = False, model: str = FAKE_MODEL) -> tuple[list[str], list[Any]]:
+    """The content deltas and the usage objects of a streamed chat."""
+    extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if include_usage else {}
+    deltas: list[str] = []
+    usages: list[Any] = []
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], stream=True, **extra
+    )
+    for chunk in stream:
+        if chunk.usage is not None:
+            usages.append(chunk.usage)
+        for choice in chunk.choices:
+            if choice.delta.content:
+                deltas.append(choice.delta.content)
+    return deltas, usages
+
+
+class HappyPathTests(EndToEndCase):
+    async def test_chat(self) -> None:
+        fake = await self.fake()
+        proxy = await self.proxy([upstream("main", fake.endpoint)])
+        completion = await self.sdk(proxy, chat)
+        self.assertEqual(completion.choices[0].message.content, "Hello, world!")
+        self.assertEqual(completion.usage.total_tokens, 11)
+        [seen] = fake.requests
+        self.assertEqual((seen.method, seen.path), (b"POST", b"/v1/chat/completions"))
+        self.assertEqual(seen.json()["messages"], [{"role": "user", "content": "hi"}])
+
+    async def test_upstream_gets_its_own_key_never_the_clients(self) -> None:
+        fake = await self.fake()
+        proxy = await self.proxy([upstream("main", fake.endpoint, sk=SK_MAIN)])
+        await self.sdk(proxy, chat)
+        await self.sdk(proxy, lambda c: collect_stream(c))
+        await self.sdk(proxy, lambda c: c.models.list())
+        self.assertEqual(len(fake.requests), 3)
+        self.assertEqual(len(proxy.records.seen), 3)
+        self.assertNotIn(CLIENT_KEY, json.dumps(proxy.records.seen))
+        self.assertNotIn(SK_MAIN, json.dumps(proxy.records.seen))
+        for seen in fake.requests:
+            self.assertEqual(seen.headers.getRawHeaders(b"authorization"), [b"Bearer " + SK_MAIN.encode()])
+            self.assertEqual(seen.headers.getRawHeaders(b"x-forwarded-for"), [b"127.0.0.1"])
+            for name, values in seen.headers.getAllRawHeaders():
+                for value in values:
+                    self.assertNotIn(CLIENT_KEY.encode(), value, name)
+
+    async def test_stream(self) -> None:
+        fake = await self.fake()
+        proxy = await self.proxy([upstream("main", fake.endpoint)])
+        deltas, usages = await self.sdk(proxy, lambda c: collect_stream(c))
+        self.assertEqual("".join(deltas), "Hello, world!")
+        self.assertEqual(deltas, ["Hel", "lo, ", "wor", "ld!"])
+        # oaproxy asked the upstream for usage (for its records) but the
+        # client did not: the usage chunk is not passed on.
+        self.assertEqual(usages, [])
+        [seen] = fake.requests
+        self.assertEqual(seen.json().get("stream_options"), {"include_usage": True})
+        # ...and recorded it.
+        record = await proxy.records.nth(1)
+        self.assertEqual(record["usage"], {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11})
+        self.assertEqual(record["response_text"], "Hello, world!")
+        self.assertEqual((record["status"], record["outcome"], record["stream"]), (200, "ok", True))
+        self.assertEqual(record["key_name"], "alice")
+
+    async def test_stream_with_delays(self) -> None:
+        fake = await self.fake(default=Stream(chunks=("a", "b", "c"), delay=0.02))
+        proxy = await self.proxy([upstream("main", fake.endpoint)])
+        deltas, _ = await self.sdk(proxy, lambda c: collect_stream(c))
+        self.assertEqual(deltas, ["a", "b", "c"])
+
+    async def test_stream_usage_when_asked(self) -> None:
+        fake = await self.fake()
+        proxy = await self.proxy([upstream("main", fake.endpoint)])
+        deltas, usages = await self.sdk(proxy, lambda c: collect_stream(c, include_usage=True))
+        self.assertEqual("".join(deltas), "Hello, world!")
+        self.assertEqual(len(usages), 1)
+        self.assertEqual(
+            (usages[0].prompt_tokens, usages[0].completion_tokens, usages[0].total_tokens), (7, 4, 11)
+        )
+
+    async def test_embeddings(self) -> None:
+        fake = await self.fake()
+        proxy = await self.proxy([upstream("main", fake.endpoint)])
+        result = await self.sdk(
+            proxy, lambda c: c.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
+        )
+        self.assertEqual([d.embedding for d in result.data], [[0.25] * 4, [0.5] * 4])
+        [seen] = fake.requests
+        self.assertEqual(seen.path, b"/v1/embeddings")
+        self.assertEqual(seen.json()["input"], ["a", "b"])
+
+    async def test_models(self) -> None:
+        fake = await self.fake()
+        proxy = await self.proxy([upstream("main", fake.endpoint)])
+        models = await self.sdk(proxy, lambda c: [m.id for m in c.models.list()])
+        self.assertEqual(models, [FAKE_MODEL, "text-embedding-3-small", "whisper-1"])
+        [seen] = fake.requests
+        self.assertEqual((seen.method, seen.path), (b"GET", b"/v1/models"))
+
+    async def _transcription(self, audio: bytes) -> None:
+        fake = await self.fake()
+        proxy = await self.proxy([upstream("main", fake.endpoint)])
+        result = await self.sdk(
+            proxy,
+            lambda c: c.audio.transcriptions.create(file=("a.wav", audio, "audio/wav"), model="whisper-1"),
+        )
+        echo = result.model_extra
+        assert echo is not None
+        self.assertEqual(result.text, "transcribed")
+        self.assertEqual(echo["file_sha256"], hashlib.sha256(audio).hexdigest())
+        self.assertEqual(echo["file_size"], len(audio))
+        self.assertEqual(echo["file_content_type"], "audio/wav")
+        self.assertEqual(echo["fields"].get("model"), "whisper-1")
+        self.assertTrue(echo["content_type"].startswith("multipart/form-data; boundary="))
+        [seen] = fake.requests
+        self.assertEqual(seen.path, b"/v1/audio/transcriptions")
+        self.assertEqual(int(seen.header(b"content-length") or b"-1"), len(seen.body))
+
+    def test_transcription_small(self) -> Deferred[None]:
+        # Every byte value, and CR/LF sequences that look like multipart syntax.
+        audio = bytes(range(256)) * 16 + b"\r\n--\r\n\r\n" + bytes(range(255, -1, -1))
+        return Deferred.fromCoroutine(self._transcription(audio))
+
+    def test_transcription_large(self) -> Deferred[None]:
+        # Over the 1 MiB held in memory: forwarded from twisted.web's spool file.
+        audio = hashlib.sha256(b"seed").digest() * (3 * 1024 * 1024 // 32) + b"tail"
+        return Deferred.fromCoroutine(self._transcription(audio))
+
+    async def test_scoped_upstream_for_its_key(self) -> None:
+        fake = await self.fake()
+        proxy = await self.proxy(
+            [
+                upstream("main", fake.endpoint, deny=["gpt-secret"]),
+                upstream("secret", fake.endpoint, sk=SK_BACKUP, allow=["gpt-secret"], authorization=OTHER_KEY),
+            ]
+        )
+        completion = await self.sdk(proxy, lambda c: chat(c, "gpt-secret"), key=OTHER_KEY)
+        self.assertEqual(completion.model, "gpt-secret")
+        [seen] = fake.requests
+        self.assertEqual(seen.header(b"authorization"), b"Bearer " + SK_BACKUP.encode())
+
+
+class FailoverTests(EndToEndCase):
+    async def test_connection_refused_then_answer(self) -> None:
+        refused = await refused_endpoint()
+        fake = await self.fake()
+        proxy = await self.proxy([upstream("dead", refused), upstream("live", fake.endpoint, sk=SK_BACKUP)])
+        completion = await self.sdk(proxy, chat)
+        self.assertEqual(completion.choices[0].message.content, "Hello, world!")
+        [seen] = fake.requests
+        self.assertEqual(seen.header(b"authorization"), b"Bearer " + SK_BACKUP.encode())
+
+    async def test_503_then_answer(self) -> None:
+        first = await self.fake(default=Status(503, "overloaded"))
+        second = await self.fake()
+        proxy = await self.proxy([upstream("first", first.endpoint), upstream("second", second.endpoint, sk=SK_BACKUP)])
+        completion = await self.sdk(proxy, chat)
+        self.assertEqual(completion.choices[0].message.content, "Hello, world!")
+        self.assertEqual(len(first.requests), 1)
+        self.assertEqual(len(second.requests), 1)
+        # The same body was replayed to the second upstream, with its own key.
+        self.assertEqual(first.requests[0].body, second.requests[0].body)
+        self.assertEqual(first.requests[0].header(b"authorization"), b"Bearer " + SK_MAIN.encode())
+        self.assertEqual(second.requests[0].header(b"authorization"), b"Bearer " + SK_BACKUP.encode())
+
+    async def test_stream_503_then_stream(self) -> None:
+        first = await self.fake(default=Status(503, "overloaded"))
+        second = await self.fake()
+        proxy = await self.proxy([upstream("first", first.endpoint), upstream("second", second.endpoint)])
+        deltas, _ = await self.sdk(proxy, lambda c: collect_stream(c))
+        self.assertEqual("".join(deltas), "Hello, world!")
+        self.assertEqual((len(first.requests), len(second.requests)), (1, 1))
+
+    async def test_stream_ending_before_its_first_event(self) -> None:
+        first = await self.fake(default=Stream(role_chunk=False, close_after=0))
+        second = await self.fake()
+        proxy = await self.proxy([upstream("first", first.endpoint), upstream("second", second.endpoint)])
+        deltas, _ = await self.sdk(proxy, lambda c: collect_stream(c))
+        self.assertEqual("".join(deltas), "Hello, world!")
+        self.assertEqual((len(first.requests), len(second.requests)), (1, 1))
+
+    async def test_upstream_dropping_the_request_gets_it_once(self) -> None:
+        # An upstream that reads a request and closes the connection without
+        # answering (a crash, a proxy in front of it) may have done the work:
+        # the POST is not sent to it again but failed over. Only a pooled
+        # connection the upstream had closed while idle is worth a retry.
+        first = await self.fake(default=Drop())
+        second = await self.fake()
+        proxy = await self.proxy([upstream("first", first.endpoint), upstream("second", second.endpoint)])
+        completion = await self.sdk(proxy, chat)
+        self.assertEqual(completion.choices[0].message.content, "Hello, world!")
+        self.assertEqual((len(first.requests), len(second.requests)), (1, 1))
+
+    async def test_stream_silent_before_its_first_event(self) -> None:
+        # 200 and headers, then nothing: not committed, so failed over after
+        # stream_timeout (a real deadline over real I/O: kept short).
+        first = await self.fake(default=Stream(role_chunk=False, hang_after=0))
+        second = await self.fake()
+        proxy = await self.proxy(
+            [upstream("first", first.endpoint, stream_timeout=0.3), upstream("second", second.endpoint)]
+        )
+        deltas, _ = await self.sdk(proxy, lambda c: collect_stream(c))
+        self.assertEqual("".join(deltas), "Hello, world!")
+        self.assertEqual(await first.requests[0].ended(), "lost")
+
+    async def test_large_upload_replayed_to_the_next_upstream(self) -> None:
+        # Over 1 MiB the body is forwarded from twisted.web's spool file,
+        # which must be read again from its start for the second attempt.
+        audio = hashlib.sha256(b"replay").digest() * (2 * 1024 * 1024 // 32) + b"end"
+        first = await self.fake(default=Status(503, "overloaded"))
+        second = await self.fake()
+        proxy = await self.proxy([upstream("first", first.endpoint), upstream("second", second.endpoint)])
+        def dbg(f):
+            print("DEBUG", proxy.records.seen, len(first.requests), len(second.requests), [len(r.body) for r in first.requests + second.requests])
+            return f
+        result = await self.sdk(
+            proxy,
+            lambda c: c.audio.transcriptions.create(file=("a.wav", audio, "audio/wav"), model="whisper-1"),
+        ).addErrback(dbg)
+        echo = result.model_extra
+        assert echo is not None
+        self.assertEqual(echo["file_sha256"], hashlib.sha256(audio).hexdigest())
+        self.assertEqual(first.requests[0].body, second.requests[0].body)
+
+    async def test_400_is_answered_at_once(self) -> None:
+        first = await self.fake(default=Status(400, "bad messages", "invalid_request_error"))
+        second = await self.fake()
+        proxy = await self.proxy([upstream("first", first.endpoint), upstream("second", second.endpoint)])
+        error = await self.sdk_error(proxy, chat, openai.BadRequestError)
+        self.assertEqual(error.body["message"], "bad messages")
+        self.assertEqual((len(first.requests), len(second.requests)), (1, 0))
+
+    async def test_hanging_upstream_times_out_and_is_hung_up_on(self) -> None:
+        # A real deadline over real I/O: kept short.
+        first = await self.fake(default=Hang())
+        second = await self.fake()
+        proxy = await self.proxy(
+            [upstream("slow", first.endpoint, timeout=0.3), upstream("second", second.endpoint)]
+        )
+        completion = await self.sdk(proxy, chat)
+        self.assertEqual(completion.choices[0].message.content, "Hello, world!")
+        # Cancelling the attempt aborted the upstream connection.
+        self.assertEqual(await first.requests[0].ended(), "lost")
+
+
+class ErrorTests(EndToEndCase):
+    async def test_wrong_client_key(self) -> None:
+        fake = await self.fake()
+        proxy = await self.proxy([upstream("main", fake.endpoint)])
+        error = await self.sdk_error(proxy, chat, openai.AuthenticationError, key="ck-wrong")
+        self.assertEqual(error.status_code, 401)
+        self.assertEqual(error.code, "invalid_api_key")
+        self.assertEqual(fake.requests, [])
+
+    async def test_all_429_passes_the_last_upstreams_answer(self) -> None:
+        first = await self.fake(default=Status(429, "first is rate limited", "requests", "rate_limit_exceeded"))
+        second = await self.fake(default=Status(429, "second is rate limited", "tokens", "rate_limit_exceeded"))
+        proxy = await self.proxy([upstream("first", first.endpoint), upstream("second", second.endpoint)])
+        error = await self.sdk_error(proxy, chat, openai.RateLimitError)
+        self.assertEqual(error.status_code, 429)
+        self.assertEqual(error.body["message"], "second is rate limited")
+        self.assertEqual(error.type, "tokens")
+        self.assertEqual((len(first.requests), len(second.requests)), (1, 1))
+
+    async def test_every_upstream_unreachable(self) -> None:
+        proxy = await self.proxy(
+            [upstream("a", await refused_endpoint()), upstream("b", await refused_endpoint())]
+        )
+        error = await self.sdk_error(proxy, chat, openai.APIStatusError)
+        self.assertEqual(error.status_code, 502)
+        self.assertEqual(error.code, "upstream_unavailable")
+        self.assertIn("a: connect error", error.message)
+        self.assertIn("b: connect error", error.message)
+
+    async def test_key_not_allowed(self) -> None:
+        fake = await self.fake()
+        proxy = await self.proxy(
+            [
+                upstream("main", fake.endpoint, deny=["gpt-secret"]),
+                upstream("secret", fake.endpoint, allow=["gpt-secret"], authorization=OTHER_KEY),
+            ]
+        )
+        error = await self.sdk_error(proxy, lambda c: chat(c, "gpt-secret"), openai.PermissionDeniedError)
+        self.assertEqual(error.status_code, 403)
+        self.assertEqual(fake.requests, [])
+
+    async def test_model_not_found(self) -> None:
+        fake = await self.fake()
+        proxy = await self.proxy([upstream("main", fake.endpoint, allow=[FAKE_MODEL])])
+        error = await self.sdk_error(proxy, lambda c: chat(c, "no-such-model"), openai.NotFoundError)
+        self.assertEqual(error.status_code, 404)
+        self.assertEqual(error.code, "model_not_found")
+        self.assertEqual(fake.requests, [])
+
+    async def test_stream_failing_midway_raises(self) -> None:
+        fake = await self.fake(default=Stream(chunks=("one ", "two ", "three"), close_after=2))
+        proxy = await self.proxy([upstream("main", fake.endpoint)])
+        deltas: list[str] = []
+
+        def read(client: openai.OpenAI) -> None:
+            stream = client.chat.completions.create(
+                model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+            for chunk in stream:
+                for choice in chunk.choices:
+                    if choice.delta.content:
+                        deltas.append(choice.delta.content)
+
+        error = await self.sdk_error(proxy, read, openai.APIError)
+        self.assertIn("upstream stream failed", error.message)
+        self.assertEqual(deltas, ["one ", "two "])
+
+    async def test_stream_falling_silent_raises(self) -> None:
+        # A real idle deadline over real I/O: kept short.
+        fake = await self.fake(default=Stream(chunks=("one ", "two ", "three"), hang_after=2))
+        proxy = await self.proxy([upstream("main", fake.endpoint)], stream_idle_timeout=0.3)
+        error = await self.sdk_error(proxy, lambda c: collect_stream(c), openai.APIError)
+        self.assertIn("idle", error.message)
+        [seen] = fake.requests
+        self.assertEqual(await seen.ended(), "lost")
+
+
+class HeaderTests(EndToEndCase):
+    async def test_forwarded_for_from_a_trusted_proxy(self) -> None:
+        fake = await self.fake()
+        proxy = await self.proxy([upstream("main", fake.endpoint)])
+        await self.sdk(
+            proxy,
+            lambda c: c.chat.completions.create(
+                model=FAKE_MODEL,
+                messages=[{"role": "user", "content": "hi"}],
+                extra_headers={"X-Forwarded-For": "203.0.113.9", "Cookie": "session=secret"},
+            ),
+        )
+        [seen] = fake.requests
+        self.assertEqual(seen.headers.getRawHeaders(b"x-forwarded-for"), [b"203.0.113.9, 127.0.0.1"])
+        self.assertIsNone(seen.header(b"cookie"))
+
+    async def test_body_too_large(self) -> None:
+        fake = await self.fake()
+        proxy = await self.proxy([upstream("main", fake.endpoint)], max_body_bytes=1000)
+        error = await self.sdk_error(
+            proxy,
+            lambda c: c.chat.completions.create(model=FAKE_MODEL, messages=[{"role": "user", "content": "x" * 5000}]),
+            openai.APIStatusError,
+        )
+        self.assertEqual(error.status_code, 413)
+        self.assertEqual(fake.requests, [])
+
+
+class _StreamReader(Protocol):
+    """A raw HTTP/1.1 client that hangs up once the first SSE event arrived."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.received = b""
+        self.first_event: Deferred[None] = Deferred()
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if b"data:" in self.received and not self.first_event.called:
+            self.first_event.callback(None)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost.callback(None)
+
+
+def raw_request(body: dict[str, Any]) -> bytes:
+    data = json.dumps(body).encode()
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\n"
+        b"Host: 127.0.0.1\r\n"
+        b"Authorization: Bearer " + CLIENT_KEY.encode() + b"\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(data)
+    ) + data
+
+
+class ClientDisconnectTests(EndToEndCase):
+    async def test_client_hangs_up_while_waiting(self) -> None:
+        fake = await self.fake(default=Hang())
+        proxy = await self.proxy([upstream("main", fake.endpoint)])
+        client = _StreamReader(raw_request({"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}]}))
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port), client)
+        seen = await fake.received()
+        hung_up = reactor.seconds()
+        transport: Any = client.transport
+        transport.abortConnection()
+        await client.lost
+        self.assertEqual(await seen.ended(), "lost")
+        assert seen.lost_at is not None
+        self.assertLess(seen.lost_at - hung_up, 2.0)
+        self.assertEqual(client.received, b"")
+        record = await proxy.records.nth(1)
+        self.assertEqual(record["outcome"], "client_disconnected")
+
+    async def test_client_hangs_up_mid_stream(self) -> None:
+        fake = await self.fake(default=Stream(hang_after=1))
+        proxy = await self.proxy([upstream("main", fake.endpoint)])
+        client = _StreamReader(
+            raw_request({"model": FAKE_MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+        )
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port), client)
+        await client.first_event
+        self.assertIn(b"HTTP/1.1 200", client.received)
+        [seen] = fake.requests
+        self.assertIsNone(seen.lost_at)
+        self.assertEqual(proxy.records.seen, [])
+        hung_up = reactor.seconds()
+        transport: Any = client.transport
+        transport.abortConnection()
+        await client.lost
+        # The upstream request is cancelled at once, not left to time out.
+        self.assertEqual(await seen.ended(), "lost")
+        assert seen.lost_at is not None
+        self.assertLess(seen.lost_at - hung_up, 2.0)
+        record = await proxy.records.nth(1)
+        self.assertEqual(record["outcome"], "client_disconnected")

@@ -1,0 +1,606 @@
+"""Tests for oaproxy.forward: the attempt chain, its deadlines, failover, cancellation.
+
+Every test drives the real site on an in-memory transport, with a ``Clock``
+and a recording agent whose responses the test fires by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import (
+    ConnectionDone,
+    ConnectionRefusedError,
+    DNSLookupError,
+)
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web._newclient import RequestNotSent, ResponseNeverReceived
+from twisted.web.http_headers import Headers
+
+from oaproxy.forward import FAILOVER_STATUSES, attempt_deadline, fails_over
+from tests.support import Harness, Reply, make_config, sse
+
+CONFIG = """
+authorization: {alice: sk-client}
+timeout: 30
+stream_timeout: 5
+stream_idle_timeout: 20
+upstreams:
+  - {name: a, endpoint: "https://a.test/v1", sk: sk-a}
+  - {name: b, endpoint: "https://b.test/api/v1", sk: sk-b}
+  - {name: c, endpoint: "https://c.test/v1", sk: sk-c}
+"""
+
+REFUSED = "connect error: ConnectionRefusedError: Connection was refused by other side."
+
+
+
+def chunk(content: str) -> str:
+    """One chat completion chunk's data, as OpenAI streams it."""
+    return (
+        '{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
+        '"choices":[{"index":0,"delta":{"content":' + json.dumps(content) + '},"finish_reason":null}]}'
+    )
+
+
+def attempt(
+    upstream: str,
+    status: int | None = None,
+    error: str | None = None,
+    ttfb: float | None = None,
+    duration: float = 0.0,
+) -> dict[str, Any]:
+    return {"upstream": upstream, "status": status, "error": error, "ttfb": ttfb, "duration": duration}
+
+
+def error_json(message: str, code: str, type: str = "upstream_error") -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": None, "code": code}}
+
+
+class ForwardTestCase(SynchronousTestCase):
+    config = CONFIG
+
+    def setUp(self) -> None:
+        self.h = Harness(self.config)
+        self.calls = self.h.agent.calls
+
+    def assertReply(self, reply: Reply, status: int, body: bytes) -> None:
+        self.assertEqual((reply.status, reply.body, reply.complete), (status, body, True))
+
+
+class FailoverTests(ForwardTestCase):
+    def test_first_upstream_answers(self) -> None:
+        client = self.h.chat()
+        self.assertEqual([c.uri for c in self.calls], [b"https://a.test/v1/chat/completions"])
+        self.h.clock.advance(1.5)
+        self.calls[0].respond(200, body=b'{"id":"x"}')
+        self.assertReply(client.reply(), 200, b'{"id":"x"}')
+        record = self.h.record()
+        self.assertEqual(record["attempts"], [attempt("a", 200, None, 1.5, 1.5)])
+        self.assertEqual(
+            (record["upstream"], record["status"], record["outcome"], record["ttfb"], record["duration"]),
+            ("a", 200, "ok", 1.5, 1.5),
+        )
+
+    def test_connection_error_fails_over(self) -> None:
+        client = self.h.chat()
+        self.h.clock.advance(0.25)
+        self.calls[0].fail(ConnectionRefusedError())
+        self.assertEqual(
+            [c.uri for c in self.calls],
+            [b"https://a.test/v1/chat/completions", b"https://b.test/api/v1/chat/completions"],
+        )
+        self.assertEqual(self.calls[1].header(b"authorization"), [b"Bearer sk-b"])
+        self.assertEqual(self.calls[1].body, self.calls[0].body)
+        self.h.clock.advance(1)
+        self.calls[1].respond(200, body=b"{}")
+        self.assertReply(client.reply(), 200, b"{}")
+        record = self.h.record()
+        self.assertEqual(
+            record["attempts"], [attempt("a", None, REFUSED, None, 0.25), attempt("b", 200, None, 1.0, 1.0)]
+        )
+        self.assertEqual((record["upstream"], record["outcome"]), ("b", "ok"))
+
+    def test_dns_error_is_a_connect_error(self) -> None:
+        client = self.h.chat()
+        self.calls[0].fail(DNSLookupError("no results for hostname lookup: a.test"))
+        self.calls[1].respond(200, body=b"{}")
+        self.assertReply(client.reply(), 200, b"{}")
+        self.assertEqual(
+            self.h.record()["attempts"][0]["error"],
+            "connect error: DNSLookupError: DNS lookup failed: no results for hostname lookup: a.test.",
+        )
+
+    def test_failover_statuses(self) -> None:
+        self.assertEqual(FAILOVER_STATUSES, {401, 403, 404, 408, 409, 429})
+        for status in [401, 403, 404, 408, 409, 429, 500, 502, 503, 504, 529]:
+            h = Harness(CONFIG)
+            client = h.chat()
+            h.agent.calls[0].respond(status, body=b'{"error":"first"}')
+            self.assertEqual(len(h.agent.calls), 2, status)
+            h.agent.calls[1].respond(200, body=b'{"ok":true}')
+            self.assertReply(client.reply(), 200, b'{"ok":true}')
+            self.assertEqual(
+                h.record()["attempts"], [attempt("a", status, None, 0.0), attempt("b", 200, None, 0.0)]
+            )
+
+    def test_request_errors_answer_at_once(self) -> None:
+        for status in [400, 405, 413, 415, 422]:
+            h = Harness(CONFIG)
+            client = h.chat()
+            body = b'{"error":{"message":"bad request","code":"%d"}}' % status
+            h.agent.calls[0].respond(status, body=body, phrase=b"Nope")
+            self.assertEqual(len(h.agent.calls), 1, status)
+            reply = client.reply()
+            self.assertReply(reply, status, body)
+            self.assertEqual(reply.phrase, b"Nope")
+            record = h.record()
+            self.assertEqual(record["attempts"], [attempt("a", status, None, 0.0)])
+            self.assertEqual((record["status"], record["outcome"], record["upstream"]), (status, "client_error", "a"))
+
+    def test_fails_over(self) -> None:
+        self.assertEqual(
+            [s for s in range(100, 600) if fails_over(s)],
+            [401, 403, 404, 408, 409, 429, *range(500, 600)],
+        )
+
+    def test_exhausted_returns_the_last_answer(self) -> None:
+        client = self.h.chat()
+        self.calls[0].respond(500, body=b'{"error":"a"}')
+        retry = Headers({b"retry-after": [b"7"], b"x-request-id": [b"req-b"]})
+        self.calls[1].respond(429, body=b'{"error":"b"}', headers=retry, phrase=b"Too Many Requests")
+        self.calls[2].respond(503, body=b'{"error":{"message":"c is down"}}', headers=Headers({b"x-request-id": [b"req-c"]}))
+        reply = client.reply()
+        self.assertReply(reply, 503, b'{"error":{"message":"c is down"}}')
+        self.assertEqual(reply.header(b"x-request-id"), b"req-c")
+        self.assertIsNone(reply.header(b"retry-after"))
+        record = self.h.record()
+        self.assertEqual(
+            record["attempts"],
+            [attempt("a", 500, None, 0.0), attempt("b", 429, None, 0.0), attempt("c", 503, None, 0.0)],
+        )
+        self.assertEqual((record["status"], record["outcome"], record["upstream"]), (503, "exhausted", "c"))
+
+    def test_exhausted_keeps_the_last_answer_past_later_errors(self) -> None:
+        client = self.h.chat()
+        self.calls[0].fail(ConnectionRefusedError())
+        self.calls[1].respond(429, body=b'{"error":"quota"}', phrase=b"Too Many Requests")
+        self.h.clock.advance(30)
+        self.assertTrue(self.calls[2].cancelled)
+        reply = client.reply()
+        self.assertReply(reply, 429, b'{"error":"quota"}')
+        self.assertEqual(reply.phrase, b"Too Many Requests")
+        record = self.h.record()
+        self.assertEqual(
+            record["attempts"],
+            [
+                attempt("a", None, REFUSED, None),
+                attempt("b", 429, None, 0.0),
+                attempt("c", None, "timeout after 30s", None, 30.0),
+            ],
+        )
+        self.assertEqual((record["status"], record["outcome"], record["upstream"]), (429, "exhausted", "b"))
+
+    def test_exhausted_without_answer_is_502(self) -> None:
+        client = self.h.chat()
+        self.calls[0].fail(ConnectionRefusedError())
+        self.h.clock.advance(30)
+        self.calls[2].fail(RequestNotSent())
+        # The stale-connection retry on a new connection fails too.
+        self.h.fresh_agent.only().fail(ConnectionRefusedError())
+        reply = client.reply()
+        message = f"All upstreams failed: a: {REFUSED}; b: timeout after 30s; c: {REFUSED}"
+        self.assertEqual(reply.status, 502)
+        self.assertEqual(reply.header(b"content-type"), b"application/json")
+        self.assertEqual(reply.json(), error_json(message, "upstream_unavailable"))
+        record = self.h.record()
+        self.assertEqual(
+            record["attempts"],
+            [
+                attempt("a", None, REFUSED),
+                attempt("b", None, "timeout after 30s", None, 30.0),
+                attempt("c", None, REFUSED),
+            ],
+        )
+        self.assertEqual((record["status"], record["outcome"], record["upstream"]), (502, "exhausted", None))
+
+    def test_exhausted_by_timeouts_is_504(self) -> None:
+        client = self.h.chat()
+        for n in range(3):
+            self.assertEqual(len(self.calls), n + 1)
+            self.h.clock.advance(29.9)
+            self.assertEqual(len(self.calls), n + 1)
+            self.h.clock.advance(0.1)
+            self.assertTrue(self.calls[n].cancelled)
+        reply = client.reply()
+        message = "All upstreams failed: a: timeout after 30s; b: timeout after 30s; c: timeout after 30s"
+        self.assertEqual((reply.status, reply.json()), (504, error_json(message, "upstream_timeout")))
+        self.assertEqual(self.h.record()["outcome"], "exhausted")
+        self.assertEqual(self.h.record()["duration"], 90.0)
+
+    def test_no_secret_in_answers_or_records(self) -> None:
+        client = self.h.chat()
+        for call in self.calls[:1]:
+            call.fail(ConnectionRefusedError())
+        self.calls[1].respond(500, body=b"{}")
+        self.calls[2].fail(ConnectionRefusedError())
+        text = client.written + json.dumps(self.h.record()).encode()
+        for secret in [b"sk-client", b"sk-a", b"sk-b", b"sk-c"]:
+            self.assertNotIn(secret, text)
+
+
+class DeadlineTests(ForwardTestCase):
+    def test_non_stream_deadline_covers_the_body(self) -> None:
+        """Headers in time, then the body stalls: the deadline counts from
+        the start of the attempt, and the next upstream is tried."""
+        client = self.h.chat()
+        self.h.clock.advance(2)
+        response = self.calls[0].respond(200)
+        response.write(b'{"id":"chatcmpl-1","choi')
+        self.h.clock.advance(27.9)
+        self.assertEqual((len(self.calls), response.transport.stopped), (1, False))
+        self.assertEqual(client.written, b"")
+        self.h.clock.advance(0.1)
+        self.assertEqual(response.transport.events, ["stop"])
+        self.assertEqual(len(self.calls), 2)
+        # The upstream's late close changes nothing.
+        response.fail()
+        self.h.clock.advance(1)
+        self.calls[1].respond(200, body=b'{"id":"chatcmpl-2"}')
+        self.assertReply(client.reply(), 200, b'{"id":"chatcmpl-2"}')
+        self.assertEqual(
+            self.h.record()["attempts"],
+            [attempt("a", None, "timeout after 30s", 2.0, 30.0), attempt("b", 200, None, 1.0, 1.0)],
+        )
+
+    def test_body_failure_before_the_end_fails_over(self) -> None:
+        client = self.h.chat()
+        response = self.calls[0].respond(200)
+        response.write(b'{"id":')
+        response.fail()
+        self.calls[1].respond(200, body=b'{"id":"b"}')
+        self.assertReply(client.reply(), 200, b'{"id":"b"}')
+        self.assertEqual(
+            self.h.record()["attempts"][0],
+            attempt(
+                "a",
+                None,
+                "UpstreamEndedEarly: ConnectionLost: Connection to the other side was lost "
+                "in a non-clean fashion: upstream went away.",
+                0.0,
+            ),
+        )
+
+    def test_body_ended_by_close_is_whole(self) -> None:
+        """No length and no chunking: the close ends a non-stream body."""
+        client = self.h.chat()
+        response = self.calls[0].respond(200)
+        response.write(b'{"id":')
+        response.write(b'"a"}')
+        response.lose()
+        self.assertReply(client.reply(), 200, b'{"id":"a"}')
+        self.assertEqual(len(self.calls), 1)
+
+    def test_per_upstream_timeouts(self) -> None:
+        h = Harness(CONFIG.replace("sk: sk-a}", "sk: sk-a, timeout: 3}").replace("sk: sk-b}", "sk: sk-b, timeout: 7}"))
+        client = h.chat()
+        h.clock.advance(3)
+        self.assertEqual(len(h.agent.calls), 2)
+        h.clock.advance(6.9)
+        self.assertEqual(len(h.agent.calls), 2)
+        h.clock.advance(0.1)
+        self.assertEqual(len(h.agent.calls), 3)
+        h.agent.calls[2].respond(200, body=b"{}")
+        self.assertReply(client.reply(), 200, b"{}")
+        self.assertEqual(
+            h.record()["attempts"],
+            [
+                attempt("a", None, "timeout after 3s", None, 3.0),
+                attempt("b", None, "timeout after 7s", None, 7.0),
+                attempt("c", 200, None, 0.0),
+            ],
+        )
+
+    def test_attempt_deadline(self) -> None:
+        upstream = make_config(CONFIG).upstreams[0]
+        self.assertEqual(attempt_deadline(upstream, stream=False, last=False), 30)
+        self.assertEqual(attempt_deadline(upstream, stream=False, last=True), 30)
+        self.assertEqual(attempt_deadline(upstream, stream=True, last=False), 5)
+        self.assertEqual(attempt_deadline(upstream, stream=True, last=True), 30)
+        slow = make_config(CONFIG.replace("stream_timeout: 5", "stream_timeout: 50")).upstreams[0]
+        self.assertEqual(attempt_deadline(slow, stream=True, last=True), 50)
+
+
+class StreamDeadlineTests(ForwardTestCase):
+    def test_first_event_late_fails_over(self) -> None:
+        """The stream deadline covers the headers and the first event."""
+        client = self.h.chat(stream=True)
+        self.h.clock.advance(1)
+        first = self.calls[0].respond(200, b"text/event-stream")
+        first.write(b": keep")  # not yet a whole event
+        self.h.clock.advance(3.9)
+        self.assertEqual((len(self.calls), client.written), (1, b""))
+        self.h.clock.advance(0.1)
+        self.assertEqual(first.transport.events, ["stop"])
+        self.assertEqual(len(self.calls), 2)
+        second = self.calls[1].respond(200, b"text/event-stream")
+        second.write(sse(chunk("Hi"), "[DONE]"))
+        second.finish()
+        reply = client.reply()
+        self.assertReply(reply, 200, sse(chunk("Hi"), "[DONE]"))
+        self.assertEqual(reply.header(b"content-type"), b"text/event-stream")
+        record = self.h.record()
+        self.assertEqual(
+            record["attempts"], [attempt("a", None, "timeout after 5s", 1.0, 5.0), attempt("b", 200, None, 0.0, 0.0)]
+        )
+        self.assertEqual((record["stream"], record["outcome"], record["upstream"]), (True, "ok", "b"))
+
+    def test_keepalive_comments_do_not_commit(self) -> None:
+        """Comments are no event: an upstream that only keeps the connection
+        alive is failed over at the stream deadline."""
+        client = self.h.chat(stream=True)
+        first = self.calls[0].respond(200, b"text/event-stream")
+        for _ in range(4):
+            self.h.clock.advance(1)
+            first.write(b": OPENROUTER PROCESSING\n\n")
+        self.assertEqual(client.written, b"")
+        self.h.clock.advance(1)
+        self.assertEqual(first.transport.events, ["stop"])
+        self.calls[1].respond(200, b"text/event-stream", body=sse(chunk("Hi"), "[DONE]"))
+        self.assertReply(client.reply(), 200, sse(chunk("Hi"), "[DONE]"))
+        self.assertEqual(self.h.record()["attempts"][0], attempt("a", None, "timeout after 5s", 0.0, 5.0))
+
+    def test_comments_before_the_first_event_are_relayed(self) -> None:
+        client = self.h.chat(stream=True)
+        first = self.calls[0].respond(200, b"text/event-stream")
+        first.write(b": OPENROUTER PROCESSING\n\n")
+        first.write(b": OPENROUTER PROCESSING\n\ndata: ")
+        self.assertEqual(client.written, b"")
+        first.write((chunk("Hi")).encode() + b"\n\n" + sse("[DONE]"))
+        first.finish()
+        self.assertReply(
+            client.reply(), 200, b": OPENROUTER PROCESSING\n\n" * 2 + sse(chunk("Hi"), "[DONE]")
+        )
+        self.assertEqual(self.h.record()["response_text"], "Hi")
+
+    def test_only_comments_then_the_end_fails_over(self) -> None:
+        client = self.h.chat(stream=True)
+        first = self.calls[0].respond(200, b"text/event-stream")
+        first.write(b": ping\n\n")
+        first.finish()
+        self.calls[1].respond(200, b"text/event-stream", body=sse("[DONE]"))
+        self.assertReply(client.reply(), 200, sse("[DONE]"))
+        self.assertEqual(
+            self.h.record()["attempts"][0]["error"],
+            "UpstreamEndedEarly: upstream ended the stream before its first event",
+        )
+
+    def test_headers_late_fail_over_after_stream_timeout(self) -> None:
+        self.h.chat(stream=True)
+        self.h.clock.advance(5)
+        self.assertTrue(self.calls[0].cancelled)
+        self.assertEqual(len(self.calls), 2)
+
+    def test_last_candidate_waits_longer(self) -> None:
+        client = self.h.chat(stream=True)
+        self.h.clock.advance(5)
+        self.h.clock.advance(5)
+        self.assertEqual(len(self.calls), 3)
+        # The last one: max(stream_timeout, timeout) = 30 s.
+        last = self.calls[2].respond(200, b"text/event-stream")
+        self.h.clock.advance(29.9)
+        self.assertEqual(last.transport.events, [])
+        self.h.clock.advance(0.1)
+        self.assertEqual(last.transport.events, ["stop"])
+        reply = client.reply()
+        message = "All upstreams failed: a: timeout after 5s; b: timeout after 5s; c: timeout after 30s"
+        self.assertEqual((reply.status, reply.json()), (504, error_json(message, "upstream_timeout")))
+        self.assertEqual(self.h.record()["duration"], 40.0)
+
+    def test_stream_error_status_is_read_whole(self) -> None:
+        """A stream request answered with an error is an ordinary answer."""
+        client = self.h.chat(stream=True)
+        self.calls[0].respond(429, body=b'{"error":"slow down"}')
+        self.calls[1].respond(400, body=b'{"error":"bad"}')
+        self.assertReply(client.reply(), 400, b'{"error":"bad"}')
+        self.assertEqual(len(self.calls), 2)
+
+    def test_end_before_first_event_fails_over(self) -> None:
+        client = self.h.chat(stream=True)
+        first = self.calls[0].respond(200, b"text/event-stream")
+        first.write(b"data: {")
+        first.finish()
+        self.calls[1].respond(200, b"text/event-stream", body=sse("[DONE]"))
+        self.assertReply(client.reply(), 200, sse("[DONE]"))
+        self.assertEqual(
+            self.h.record()["attempts"][0]["error"],
+            "UpstreamEndedEarly: upstream ended the stream before its first event",
+        )
+
+
+class CommittedStreamTests(ForwardTestCase):
+    def commit(self) -> tuple[Any, Any]:
+        client = self.h.chat(stream=True)
+        self.h.clock.advance(1)
+        response = self.calls[0].respond(200, b"text/event-stream")
+        self.h.clock.advance(1)
+        response.write(sse(chunk("Hel")))
+        return client, response
+
+    def test_failure_after_commit_ends_with_error_event(self) -> None:
+        client, response = self.commit()
+        response.write(sse(chunk("lo")))
+        self.h.clock.advance(3)
+        response.fail()
+        reply = client.reply()
+        error = (
+            "upstream stream failed: ConnectionLost: Connection to the other side was lost "
+            "in a non-clean fashion: upstream went away."
+        )
+        event = b'event: error\ndata: {"error":{"message":"' + error.encode() + b'","type":"upstream_error","code":null}}\n\n'
+        self.assertReply(reply, 200, sse(chunk("Hel"), chunk("lo")) + event)
+        # Committed: no other upstream is tried.
+        self.assertEqual(len(self.calls), 1)
+        record = self.h.record()
+        self.assertEqual(
+            record["attempts"],
+            [
+                attempt(
+                    "a",
+                    200,
+                    "ConnectionLost: Connection to the other side was lost in a non-clean fashion: "
+                    "upstream went away.",
+                    1.0,
+                    5.0,
+                )
+            ],
+        )
+        self.assertEqual(
+            (record["status"], record["outcome"], record["ttfb"], record["response_text"]),
+            (200, "stream_failed", 2.0, "Hello"),
+        )
+
+    def test_idle_timeout_ends_with_error_event(self) -> None:
+        client, response = self.commit()
+        self.h.clock.advance(19)
+        response.write(sse(chunk("lo")))
+        self.h.clock.advance(19.9)
+        self.assertFalse(response.transport.stopped)
+        self.h.clock.advance(0.1)
+        self.assertEqual(response.transport.events, ["stop"])
+        # The upstream's close after the abort is not relayed twice.
+        response.fail()
+        event = (
+            b'event: error\ndata: {"error":{"message":"upstream stream failed: stream idle for more '
+            b'than 20s","type":"upstream_error","code":null}}\n\n'
+        )
+        self.assertReply(client.reply(), 200, sse(chunk("Hel"), chunk("lo")) + event)
+        record = self.h.record()
+        self.assertEqual(record["attempts"], [attempt("a", 200, "stream idle for more than 20s", 1.0, 41.0)])
+        self.assertEqual(record["outcome"], "stream_failed")
+
+    def test_keepalive_comments_reset_the_idle_timer(self) -> None:
+        client, response = self.commit()
+        for _ in range(5):
+            self.h.clock.advance(15)
+            response.write(b": keep-alive\n\n")
+        response.write(sse("[DONE]"))
+        response.finish()
+        self.assertReply(client.reply(), 200, sse(chunk("Hel")) + b": keep-alive\n\n" * 5 + sse("[DONE]"))
+        self.assertEqual(self.h.record()["outcome"], "ok")
+
+
+class StaleConnectionTests(ForwardTestCase):
+    def test_retried_once_on_a_fresh_connection(self) -> None:
+        for error in [RequestNotSent(), ResponseNeverReceived([Failure(ConnectionDone())])]:
+            h = Harness(CONFIG)
+            client = h.chat()
+            h.agent.calls[0].fail(error)
+            fresh = h.fresh_agent.only()
+            first = h.agent.calls[0]
+            self.assertEqual(
+                (fresh.method, fresh.uri, list(fresh.headers.getAllRawHeaders()), fresh.body),
+                (first.method, first.uri, list(first.headers.getAllRawHeaders()), first.body),
+            )
+            fresh.respond(200, body=b'{"id":"fresh"}')
+            self.assertReply(client.reply(), 200, b'{"id":"fresh"}')
+            self.assertEqual(len(h.agent.calls), 1)
+            self.assertEqual(h.record()["attempts"], [attempt("a", 200, None, 0.0)])
+
+    def test_stale_then_failing_fails_over(self) -> None:
+        client = self.h.chat()
+        self.calls[0].fail(ResponseNeverReceived([Failure(ConnectionDone())]))
+        self.h.fresh_agent.only().fail(ResponseNeverReceived([Failure(ConnectionDone())]))
+        self.assertEqual(len(self.h.fresh_agent.calls), 1)
+        self.assertEqual(len(self.calls), 2)
+        self.calls[1].fail(RequestNotSent())
+        self.assertEqual(len(self.h.fresh_agent.calls), 2)
+        self.h.fresh_agent.calls[1].respond(200, body=b"{}")
+        self.assertReply(client.reply(), 200, b"{}")
+        self.assertEqual(
+            self.h.record()["attempts"],
+            [attempt("a", None, "ConnectionDone: Connection was closed cleanly."), attempt("b", 200, None, 0.0)],
+        )
+
+    def test_all_stale_is_502_not_500(self) -> None:
+        client = self.h.chat()
+        for n in range(3):
+            self.calls[n].fail(RequestNotSent())
+            self.h.fresh_agent.calls[n].fail(RequestNotSent())
+        reply = client.reply()
+        self.assertEqual(reply.status, 502)
+        self.assertEqual(
+            reply.json(),
+            error_json("All upstreams failed: a: RequestNotSent; b: RequestNotSent; c: RequestNotSent", "upstream_unavailable"),
+        )
+
+    def test_cancelled_is_not_stale(self) -> None:
+        """A request the client's HTTP stack cancelled is not sent again."""
+        client = self.h.chat()
+        self.calls[0].fail(ResponseNeverReceived([Failure(CancelledError())]))
+        self.assertEqual(self.h.fresh_agent.calls, [])
+        self.calls[1].respond(200, body=b"{}")
+        self.assertReply(client.reply(), 200, b"{}")
+        self.assertEqual(self.h.record()["attempts"][0]["error"], "cancelled")
+
+
+class ClientDisconnectTests(ForwardTestCase):
+    def check_gone(self, h: Harness, attempts: list[dict[str, Any]], status: int = 499) -> None:
+        record = h.record()
+        self.assertEqual(record["attempts"], attempts)
+        self.assertEqual((record["status"], record["outcome"]), (status, "client_disconnected"))
+
+    def test_disconnect_cancels_the_upstream_request(self) -> None:
+        for cancel_error in [None, lambda: ResponseNeverReceived([Failure(CancelledError())])]:
+            h = Harness(CONFIG, cancel_error=cancel_error)
+            client = h.chat()
+            h.clock.advance(2)
+            self.assertFalse(h.agent.calls[0].cancelled)
+            client.disconnect()
+            self.assertTrue(h.agent.calls[0].cancelled)
+            # No other upstream is tried for a client that is gone, ever.
+            h.clock.advance(100)
+            self.assertEqual(len(h.agent.calls), 1)
+            self.check_gone(h, [attempt("a", None, "cancelled: client disconnected", None, 2.0)])
+
+    def test_disconnect_after_a_failover(self) -> None:
+        client = self.h.chat()
+        self.calls[0].respond(503, body=b"{}")
+        client.disconnect()
+        self.assertEqual([c.cancelled for c in self.calls], [False, True])
+        self.check_gone(self.h, [attempt("a", 503, None, 0.0), attempt("b", None, "cancelled: client disconnected")])
+
+    def test_disconnect_while_reading_the_body(self) -> None:
+        client = self.h.chat()
+        response = self.calls[0].respond(200)
+        response.write(b'{"id":')
+        client.disconnect()
+        self.assertEqual(response.transport.events, ["stop"])
+        self.h.clock.advance(100)
+        self.assertEqual(len(self.calls), 1)
+        self.check_gone(self.h, [attempt("a", None, "cancelled: client disconnected", 0.0)])
+
+    def test_disconnect_before_the_first_event(self) -> None:
+        client = self.h.chat(stream=True)
+        response = self.calls[0].respond(200, b"text/event-stream")
+        client.disconnect()
+        self.assertEqual(response.transport.events, ["stop"])
+        self.check_gone(self.h, [attempt("a", None, "cancelled: client disconnected", 0.0)])
+
+    def test_disconnect_mid_relay(self) -> None:
+        client = self.h.chat(stream=True)
+        response = self.calls[0].respond(200, b"text/event-stream")
+        response.write(sse(chunk("Hel")))
+        self.h.clock.advance(3)
+        client.disconnect()
+        self.assertEqual(response.transport.events, ["stop"])
+        # What the upstream still sends, or its close, goes nowhere.
+        response.write(sse(chunk("lo")))
+        response.fail()
+        self.h.clock.advance(100)
+        self.assertEqual(len(self.calls), 1)
+        self.check_gone(self.h, [attempt("a", 200, "cancelled: client disconnected", 0.0, 3.0)], status=200)
+        self.assertEqual(self.h.record()["bytes_out"], len(sse(chunk("Hel"))))

@@ -1,0 +1,377 @@
+"""Tests for oaproxy.relay: the streaming relay, backpressure, body collection."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from itertools import pairwise
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.task import Clock, Cooperator
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import FileBodyProducer, ResponseFailed, ResponseNeverReceived
+
+from oaproxy.relay import (
+    BodyCollector,
+    BytesProducer,
+    RequestBody,
+    UpstreamEndedEarly,
+    describe,
+)
+from tests.support import Client, FakeResponse, Harness, sse
+
+CONFIG = """
+authorization: sk-client
+timeout: 30
+stream_timeout: 5
+stream_idle_timeout: 20
+upstreams:
+  - {name: a, endpoint: "https://a.test/v1", sk: sk-a}
+  - {name: b, endpoint: "https://b.test/v1", sk: sk-b}
+"""
+
+_BASE = (
+    '"id":"chatcmpl-9","object":"chat.completion.chunk","created":1718000000,'
+    '"model":"gpt-4o-mini-2024-07-18","system_fingerprint":"fp_1"'
+)
+
+
+def _chunk(rest: str) -> bytes:
+    return sse("{" + _BASE + "," + rest + "}")
+
+
+ROLE = _chunk(
+    '"choices":[{"index":0,"delta":{"role":"assistant","content":"","refusal":null},'
+    '"logprobs":null,"finish_reason":null}],"usage":null'
+)
+CONTENT = b"".join(
+    _chunk(
+        '"choices":[{"index":0,"delta":{"content":' + json.dumps(piece) + '},'
+        '"logprobs":null,"finish_reason":null}],"usage":null'
+    )
+    for piece in ["Bonjour", " \u00e0 vous", ", \u4f60\u597d", " \U0001f44b", "!\n\nOK"]
+)
+FINISH = _chunk('"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}],"usage":null')
+USAGE = _chunk(
+    '"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21,'
+    '"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}}'
+)
+DONE = sse("[DONE]")
+# A real OpenAI chat completion stream asked with include_usage.
+STREAM = ROLE + CONTENT + FINISH + USAGE + DONE
+
+
+def cut(data: bytes, offsets: list[int]) -> list[bytes]:
+    points = sorted({0, len(data), *(o % (len(data) + 1) for o in offsets)})
+    return [data[a:b] for a, b in pairwise(points)]
+
+
+class SSESplitTests(SynchronousTestCase):
+    def relay(self, chunks: list[bytes], extra: dict[str, Any] | None = None, config: str = CONFIG) -> tuple[Harness, Client]:
+        h = Harness(config)
+        client = h.chat(stream=True, extra=extra)
+        response = h.agent.calls[0].respond(200, b"text/event-stream; charset=utf-8")
+        for chunk in chunks:
+            response.write(chunk)
+        response.finish()
+        return h, client
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=40))
+    def test_any_split_hides_only_the_usage_chunk(self, offsets: list[int]) -> None:
+        """oaproxy asked for usage: the client gets every byte but the usage chunk's."""
+        h, client = self.relay(cut(STREAM, offsets))
+        reply = client.reply()
+        self.assertEqual((reply.status, reply.complete), (200, True))
+        self.assertEqual(reply.body, ROLE + CONTENT + FINISH + DONE)
+        record = h.record()
+        self.assertEqual(record["usage"], {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21})
+        self.assertEqual(record["response_text"], "Bonjour \u00e0 vous, \u4f60\u597d \U0001f44b!\n\nOK")
+        self.assertEqual((record["outcome"], record["finish_reason"]), ("ok", "stop"))
+        self.assertEqual(record["bytes_out"], len(reply.body))
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=40))
+    def test_any_split_is_byte_identical_when_the_client_asked(self, offsets: list[int]) -> None:
+        h, client = self.relay(cut(STREAM, offsets), {"stream_options": {"include_usage": True}})
+        self.assertEqual(client.reply().body, STREAM)
+        self.assertEqual(h.record()["usage"], {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21})
+
+    def test_byte_at_a_time_with_crlf(self) -> None:
+        crlf = STREAM.replace(b"\n", b"\r\n")
+        _, client = self.relay([crlf[i : i + 1] for i in range(len(crlf))])
+        self.assertEqual(client.reply().body, (ROLE + CONTENT + FINISH + DONE).replace(b"\n", b"\r\n"))
+
+    def test_usage_asked_for_the_upstream(self) -> None:
+        h, _ = self.relay([STREAM])
+        sent = h.agent.calls[0].json()
+        self.assertEqual(sent["stream_options"], {"include_usage": True})
+        self.assertEqual(h.agent.calls[0].producer.length, len(h.agent.calls[0].body))  # type: ignore[union-attr]
+
+    def test_no_usage_asked_when_the_upstream_opts_out(self) -> None:
+        h, client = self.relay([STREAM], config=CONFIG.replace("sk: sk-a}", "sk: sk-a, stream_usage: false}"))
+        self.assertNotIn("stream_options", h.agent.calls[0].json())
+        self.assertEqual(client.reply().body, STREAM)
+
+    def test_unterminated_tail_is_passed_on(self) -> None:
+        """Bytes after the last blank line are not invented or dropped."""
+        _, client = self.relay([ROLE, DONE, b"data: tail"])
+        self.assertEqual(client.reply().body, ROLE + DONE + b"data: tail")
+
+
+class StreamEndTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness(CONFIG)
+        self.client = self.h.chat(stream=True)
+        self.response = self.h.agent.calls[0].respond(200, b"text/event-stream")
+        self.response.write(ROLE + CONTENT)
+
+    def error_event(self, message: str) -> bytes:
+        return (
+            b'event: error\ndata: {"error":{"message":"upstream stream failed: '
+            + message.encode()
+            + b'","type":"upstream_error","code":null}}\n\n'
+        )
+
+    def test_close_after_done_is_a_clean_end(self) -> None:
+        self.response.write(FINISH + DONE)
+        self.response.lose()
+        reply = self.client.reply()
+        self.assertEqual((reply.body, reply.complete), (ROLE + CONTENT + FINISH + DONE, True))
+        self.assertEqual(self.h.record()["outcome"], "ok")
+
+    def test_close_without_done_is_a_failure(self) -> None:
+        self.response.write(FINISH)
+        self.response.lose()
+        reply = self.client.reply()
+        message = "PotentialDataLoss"
+        self.assertEqual((reply.body, reply.complete), (ROLE + CONTENT + FINISH + self.error_event(message), True))
+        record = self.h.record()
+        self.assertEqual((record["outcome"], record["error"]), ("stream_failed", message))
+
+    def test_clean_end_without_done(self) -> None:
+        """A chunked body that ends properly is whole, [DONE] or not."""
+        self.response.finish()
+        self.assertEqual(self.client.reply().body, ROLE + CONTENT)
+        self.assertEqual(self.h.record()["outcome"], "ok")
+
+    def test_data_after_the_end_is_ignored(self) -> None:
+        self.response.write(DONE)
+        self.response.finish()
+        relay = self.response.protocol
+        assert relay is not None
+        relay.dataReceived(b"data: late\n\n")
+        self.assertEqual(self.client.reply().body, ROLE + CONTENT + DONE)
+
+
+class RawRelayTests(SynchronousTestCase):
+    BINARY = bytes(range(256)) * 3 + b"\r\n\r\ndata: [DONE]\n\n" + b"\x00" * 10
+
+    def setUp(self) -> None:
+        self.h = Harness(CONFIG)
+        body = json.dumps({"model": "tts-1", "input": "hi", "voice": "alloy"}).encode()
+        self.client = self.h.request(
+            b"POST",
+            b"/v1/audio/speech",
+            body,
+            [(b"Content-Type", b"application/json"), (b"Authorization", b"Bearer sk-client")],
+        )
+        self.response = self.h.agent.calls[0].respond(200, b"audio/mpeg")
+
+    def test_bytes_pass_untouched(self) -> None:
+        for piece in cut(self.BINARY, [1, 2, 100, 101, 500, 780]):
+            self.response.write(piece)
+        self.response.lose()
+        reply = self.client.reply()
+        self.assertEqual((reply.status, reply.body, reply.complete), (200, self.BINARY, True))
+        self.assertEqual(reply.header(b"content-type"), b"audio/mpeg")
+        self.assertEqual(reply.header(b"transfer-encoding"), b"chunked")
+        record = self.h.record()
+        self.assertEqual((record["outcome"], record["bytes_out"], record["stream"]), ("ok", len(self.BINARY), False))
+
+    def test_committed_at_once(self) -> None:
+        """A raw body is relayed from its first byte, nothing held back."""
+        self.assertEqual(self.client.written, b"")
+        self.response.write(b"ID3")
+        self.assertTrue(self.client.written.startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertTrue(self.client.written.endswith(b"\r\n\r\n3\r\nID3\r\n"))
+        # The upstream's timeout no longer applies once relaying.
+        self.h.clock.advance(19)
+        self.response.write(b"\xff")
+        self.h.clock.advance(19)
+        self.response.finish()
+        self.assertEqual(self.client.reply().body, b"ID3\xff")
+        self.assertEqual(self.h.record()["outcome"], "ok")
+
+    def test_failure_aborts_the_client_connection(self) -> None:
+        """A raw body cannot carry an error: the client sees the cut instead."""
+        self.response.write(b"ID3\x04")
+        self.response.fail()
+        reply = self.client.reply()
+        self.assertEqual((reply.body, reply.complete), (b"ID3\x04", False))
+        self.assertTrue(self.client.transport.disconnected)
+        self.assertEqual(self.h.record()["outcome"], "stream_failed")
+
+    def test_idle_timeout(self) -> None:
+        self.response.write(b"ID3")
+        self.h.clock.advance(20)
+        self.assertEqual(self.response.transport.events, ["stop"])
+        self.assertTrue(self.client.transport.disconnected)
+        self.assertEqual(self.h.record()["error"], "stream idle for more than 20s")
+
+
+class BackpressureTests(SynchronousTestCase):
+    def stream(self) -> tuple[Harness, Client, FakeResponse]:
+        h = Harness(CONFIG)
+        client = h.chat(stream=True)
+        response = h.agent.calls[0].respond(200, b"text/event-stream")
+        response.write(ROLE)
+        return h, client, response
+
+    def test_slow_client_pauses_the_upstream(self) -> None:
+        _, client, response = self.stream()
+        client.pause()
+        self.assertEqual(response.transport.events, ["pause"])
+        client.resume()
+        self.assertEqual(response.transport.events, ["pause", "resume"])
+        response.write(CONTENT + DONE)
+        response.finish()
+        self.assertEqual(client.reply().body, ROLE + CONTENT + DONE)
+        # Unregistered at the end: a later pause of the connection is not passed on.
+        client.pause()
+        self.assertEqual(response.transport.events, ["pause", "resume"])
+
+    def test_raw_relay_pauses_the_upstream(self) -> None:
+        h = Harness(CONFIG)
+        client = h.request(b"GET", b"/v1/files/file-1/content", header_lines=[(b"Authorization", b"Bearer sk-client")])
+        response = h.agent.calls[0].respond(200, b"application/octet-stream")
+        client.pause()
+        client.resume()
+        client.pause()
+        self.assertEqual(response.transport.events, ["pause", "resume", "pause"])
+
+    def test_paused_client_is_not_an_idle_upstream(self) -> None:
+        """While the client holds the upstream paused, its silence is ours."""
+        h, client, response = self.stream()
+        client.pause()
+        h.clock.advance(60)
+        self.assertEqual(response.transport.events, ["pause"])
+        client.resume()
+        h.clock.advance(19)
+        response.write(DONE)
+        response.finish()
+        self.assertEqual(client.reply().body, ROLE + DONE)
+        self.assertEqual(h.record()["outcome"], "ok")
+        # And after the resume the idle timer runs again.
+        h2, client2, response2 = self.stream()
+        client2.pause()
+        h2.clock.advance(60)
+        client2.resume()
+        h2.clock.advance(20)
+        self.assertEqual(response2.transport.events, ["pause", "resume", "stop"])
+
+
+class BodyCollectorTests(SynchronousTestCase):
+    def collect(self, limit: int = 10) -> tuple[BodyCollector, FakeResponse, list[Any]]:
+        collector = BodyCollector(limit)
+        response = FakeResponse()
+        response.deliverBody(collector)
+        results: list[Any] = []
+        collector.finished.addBoth(results.append)
+        return collector, response, results
+
+    def test_whole_body(self) -> None:
+        _, response, results = self.collect()
+        response.write(b"01234").write(b"56789")
+        response.finish()
+        self.assertEqual(results, [b"0123456789"])
+
+    def test_over_the_limit(self) -> None:
+        _, response, results = self.collect()
+        response.write(b"0123456789")
+        self.assertEqual(results, [])
+        response.write(b"a")
+        self.assertEqual(response.transport.events, ["stop"])
+        self.assertIsInstance(results[0], Failure)
+        results[0].trap(UpstreamEndedEarly)
+        self.assertEqual(str(results[0].value), "response body over 10 bytes")
+        response.fail()
+        self.assertEqual(len(results), 1)
+
+    def test_cancel_stops_the_upstream(self) -> None:
+        collector, response, results = self.collect()
+        collector.finished.cancel()
+        self.assertEqual(response.transport.events, ["stop"])
+        results[0].trap(CancelledError)
+
+
+class RequestBodyTests(SynchronousTestCase):
+    def test_empty_body_has_no_producer(self) -> None:
+        self.assertIsNone(RequestBody(size=0, data=b"").producer(Cooperator()))
+
+    def test_bytes_body(self) -> None:
+        producer = RequestBody(size=3, data=b"abc").producer(Cooperator())
+        assert isinstance(producer, BytesProducer)
+        self.assertEqual(producer.length, 3)
+
+    def test_file_body_is_replayed_from_the_start(self) -> None:
+        """Each attempt reads the whole spool file, even after another closed
+        its producer, and two readers at once do not disturb each other."""
+        clock = Clock()
+        cooperator = Cooperator(scheduler=lambda work: clock.callLater(0, work))
+        data = bytes(range(256)) * 1000
+        with tempfile.TemporaryFile() as spool:
+            spool.write(data)
+            body = RequestBody(size=len(data), data=None, file=spool)
+            runs = [self.produce(body, cooperator) for _ in range(2)]
+            clock.advance(0)
+            # An attempt whose request was cancelled stops its producer.
+            stopped = self.produce(body, cooperator)
+            stopped[2].stopProducing()
+            runs.append(self.produce(body, cooperator))
+            clock.advance(0)
+            self.assertEqual(b"".join(stopped[0]), b"")
+            for out, done, _ in runs:
+                self.assertEqual((b"".join(out), done), (data, [None]))
+                self.assertTrue(all(len(chunk) <= 2**16 for chunk in out))
+            self.assertFalse(spool.closed)
+
+    def produce(self, body: RequestBody, cooperator: Cooperator) -> tuple[list[bytes], list[object], Any]:
+        producer = body.producer(cooperator)
+        assert isinstance(producer, FileBodyProducer)
+        self.assertEqual(producer.length, body.size)
+        out: list[bytes] = []
+        done: list[object] = []
+        consumer: Any = Consumer(out)
+        producer.startProducing(consumer).addBoth(done.append)
+        return out, done, producer
+
+
+class Consumer:
+    def __init__(self, out: list[bytes]) -> None:
+        self.out = out
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+
+
+class DescribeTests(SynchronousTestCase):
+    def test_reasons(self) -> None:
+        table: list[tuple[BaseException, str]] = [
+            (ConnectionRefusedError(), "connect error: ConnectionRefusedError: Connection was refused by other side."),
+            (CancelledError(), "cancelled"),
+            (ValueError(), "ValueError"),
+            (
+                ResponseFailed([Failure(ConnectionLost()), Failure(CancelledError())]),
+                "ConnectionLost: Connection to the other side was lost in a non-clean fashion.; cancelled",
+            ),
+            (ResponseNeverReceived([Failure(ConnectionRefusedError("x"))]), "connect error: ConnectionRefusedError: Connection was refused by other side: x."),
+        ]
+        for error, text in table:
+            self.assertEqual(describe(error), text)
+            self.assertEqual(describe(Failure(error)), text)

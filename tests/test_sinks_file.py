@@ -1,0 +1,158 @@
+"""
+Tests for L{oaproxy.sinks.file}: the JSON-lines record file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.python.logfile import DailyLogFile, LogFile
+from twisted.trial.unittest import SynchronousTestCase
+
+from oaproxy.sinks.file import FileSink, parse_size
+from oaproxy.sinks.queue import RECORD_NAMESPACE
+
+
+def record(number: int, **extra: object) -> dict[str, object]:
+    return {
+        "id": f"id{number}",
+        "time": 1700000000.5,
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "status": 200,
+        "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+        **extra,
+    }
+
+
+class ParseSizeTests(SynchronousTestCase):
+    def test_sizes(self) -> None:
+        self.assertEqual(parse_size("100MB"), 100 * 1024 * 1024)
+        self.assertEqual(parse_size("512k"), 512 * 1024)
+        self.assertEqual(parse_size("1.5 GiB"), 3 * 1024**3 // 2)
+        self.assertEqual(parse_size("2048"), 2048)
+        self.assertEqual(parse_size(10), 10)
+
+    def test_bad(self) -> None:
+        for text in ("", "MB", "10 parsecs", "0", "-1MB"):
+            self.assertRaises(ValueError, parse_size, text)
+
+
+class FileSinkTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.base = self.mktemp()
+        self.path = os.path.join(self.base, "deep", "records.jsonl")
+
+    def sink(self, **options: Any) -> FileSink:
+        clock: Any = self.clock
+        sink = FileSink(
+            self.path,
+            spool_dir=os.path.join(self.base, "spool"),
+            clock=clock,
+            stderr=io.StringIO(),
+            **options,
+        )
+        sink.startService()
+        self.addCleanup(sink.stopService)
+        return sink
+
+    def lines(self, path: str | None = None) -> list[bytes]:
+        with open(path or self.path, "rb") as f:
+            return f.read().splitlines(keepends=True)
+
+    def test_records_as_json_lines(self) -> None:
+        """
+        Each record is one compact UTF-8 JSON line, with non-ASCII text kept
+        as is; the directory is created.
+        """
+        sink = self.sink()
+        sink.observer({"log_namespace": RECORD_NAMESPACE, "record": record(1)})
+        sink.observer(
+            {
+                "log_namespace": RECORD_NAMESPACE,
+                "record": record(2, response_text="你好 ✓"),
+            }
+        )
+        sink.observer({"log_namespace": "other", "record": record(3)})
+        self.clock.advance(0)
+        lines = self.lines()
+        self.assertEqual(len(lines), 2)
+        self.assertTrue(all(line.endswith(b"\n") for line in lines))
+        self.assertNotIn(b" ", lines[0])
+        self.assertIn("你好 ✓".encode(), lines[1])
+        self.assertEqual(json.loads(lines[0]), record(1))
+        self.assertEqual(json.loads(lines[1])["response_text"], "你好 ✓")
+        self.assertEqual(sink.written, 2)
+
+    def test_appends(self) -> None:
+        """
+        A new sink appends to the existing file.
+        """
+        first = self.sink()
+        first.observer({"log_namespace": RECORD_NAMESPACE, "record": record(1)})
+        self.clock.advance(0)
+        self.successResultOf(first.stopService())
+        second = self.sink()
+        second.observer({"log_namespace": RECORD_NAMESPACE, "record": record(2)})
+        self.clock.advance(0)
+        self.assertEqual(
+            [json.loads(line)["id"] for line in self.lines()], ["id1", "id2"]
+        )
+
+    def test_daily(self) -> None:
+        """
+        C{rotate="daily"} writes through a L{DailyLogFile}.
+        """
+        sink = self.sink(rotate="daily")
+        self.assertIsInstance(sink._open(), DailyLogFile)
+
+    def test_size_rotation(self) -> None:
+        """
+        A size rotates the file once it is reached.
+        """
+        sink = self.sink(rotate="1KB")
+        logfile = sink._open()
+        self.assertIsInstance(logfile, LogFile)
+        self.assertNotIsInstance(logfile, DailyLogFile)
+        for number in range(30):
+            sink.observer({"log_namespace": RECORD_NAMESPACE, "record": record(number)})
+        self.clock.advance(0)
+        self.assertTrue(os.path.exists(self.path + ".1"))
+        ids = [
+            json.loads(line)["id"]
+            for path in sorted(
+                (
+                    p
+                    for p in os.listdir(os.path.dirname(self.path))
+                    if p != "records.jsonl"
+                ),
+                reverse=True,
+            )
+            + ["records.jsonl"]
+            for line in self.lines(os.path.join(os.path.dirname(self.path), path))
+        ]
+        self.assertEqual(ids, [f"id{n}" for n in range(30)])
+
+    def test_unwritable_file_waits(self) -> None:
+        """
+        When the file cannot be opened the records wait (and spill), and are
+        written once it can.
+        """
+        os.makedirs(os.path.dirname(self.path))
+        os.mkdir(self.path)  # a directory where the file should be
+        sink = self.sink(queue_size=2)
+        for number in range(5):
+            sink.observer({"log_namespace": RECORD_NAMESPACE, "record": record(number)})
+        self.clock.advance(0)
+        self.assertEqual((sink.failures, sink.queued, sink.spilled), (1, 2, 3))
+        os.rmdir(self.path)
+        self.clock.advance(0.5)
+        self.assertEqual(
+            [json.loads(line)["id"] for line in self.lines()],
+            [f"id{n}" for n in range(5)],
+        )

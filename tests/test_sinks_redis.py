@@ -1,0 +1,344 @@
+"""
+Tests for L{oaproxy.sinks.redis}, against real Redis servers: the shared one
+at 127.0.0.1:6379, and private C{redis-server}s that the fault tests stop
+and start.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import Callable, Generator
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+
+from oaproxy.sinks.queue import RECORD_NAMESPACE
+from oaproxy.sinks.redis import RedisAddress, RedisSink, script_arguments, usage_date
+
+SHARED_REDIS = ("127.0.0.1", 6379)
+
+
+def unavailable(message: str) -> None:
+    """
+    A needed service is missing: fail under CI, skip elsewhere.
+    """
+    if os.environ.get("CI") == "true":
+        raise AssertionError(message)
+    raise SkipTest(message)
+
+
+def reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@inlineCallbacks
+def wait_for(
+    condition: Callable[[], bool], timeout: float = 60.0, step: float = 0.05
+) -> Generator[Deferred[Any], Any, None]:
+    """
+    Poll C{condition} on the real reactor (only for real services).
+    """
+    waited = 0.0
+    while not condition():
+        if waited >= timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        yield deferLater(reactor, step, lambda: None)  # type: ignore[arg-type]
+        waited += step
+
+
+class PrivateRedis:
+    """
+    A C{redis-server} of our own on a free port, stopped by PID.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @inlineCallbacks
+    def start(self) -> Generator[Deferred[Any], Any, None]:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            unavailable("redis-server is not installed")
+        os.makedirs(self.directory, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                str(binary),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.directory,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        yield wait_for(lambda: reachable("127.0.0.1", self.port), timeout=10)
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+@inlineCallbacks
+def redis_client(port: int) -> Generator[Deferred[Any], Any, Any]:
+    import txredisapi  # type: ignore[import-untyped]
+
+    client = yield txredisapi.Connection("127.0.0.1", port, reconnect=False)
+    return client
+
+
+def record(number: int, **extra: object) -> dict[str, Any]:
+    return {
+        "id": uuid.uuid4().hex,
+        "time": 1700000000.0 + number,
+        "hostname": "edge-1",
+        "key_name": "alice",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "model": "gpt-4o-mini",
+        "stream": False,
+        "status": 200,
+        "outcome": "ok",
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+        "cost": 0.000013,
+        "n": number,
+        **extra,
+    }
+
+
+def emit(sink: RedisSink, rec: dict[str, Any]) -> None:
+    sink.observer({"log_namespace": RECORD_NAMESPACE, "record": rec})
+
+
+class HelperTests(SynchronousTestCase):
+    def test_address(self) -> None:
+        self.assertEqual(
+            RedisAddress.from_url("redis://u:p%40ss@redis.example:6380/2"),
+            RedisAddress("redis.example", 6380, 2, "u", "p@ss"),
+        )
+        self.assertEqual(
+            RedisAddress.from_url("redis://127.0.0.1"),
+            RedisAddress("127.0.0.1", 6379, 0, None, None),
+        )
+        self.assertRaises(ValueError, RedisAddress.from_url, "http://x/0")
+        self.assertRaises(ValueError, RedisAddress.from_url, "redis://x/abc")
+
+    def test_script_arguments(self) -> None:
+        rec = record(1, key_name=None, cost=None, usage=None)
+        arguments = script_arguments(
+            rec, key="k", maxlen=10, usage_prefix="u", dedupe_ttl=60
+        )
+        self.assertEqual(
+            arguments[:5],
+            [
+                4,
+                f"k:seen:{rec['id']}",
+                "k",
+                "u:2023-11-14:key:-",
+                "u:2023-11-14:model:gpt-4o-mini",
+            ],
+        )
+        self.assertEqual(arguments[-3:], [0, 0, 0])
+        self.assertEqual(usage_date({"time": 86400 * 365}), "1971-01-01")
+
+
+class RedisSinkTests(TestCase):
+    timeout = 120
+
+    def sink(self, port: int, spool_dir: str, **options: Any) -> RedisSink:
+        options.setdefault("stderr", io.StringIO())
+        sink = RedisSink(
+            f"redis://127.0.0.1:{port}/0",
+            spool_dir=spool_dir,
+            key=self.key,
+            usage_prefix=self.prefix,
+            **options,
+        )
+        return sink
+
+    def setUp(self) -> None:
+        tag = uuid.uuid4().hex[:12]
+        self.key = f"oaproxy-test:{tag}:records"
+        self.prefix = f"oaproxy-test:{tag}:usage"
+
+    @inlineCallbacks
+    def stream(self, port: int) -> Generator[Deferred[Any], Any, list[dict[str, Any]]]:
+        client: Any = yield redis_client(port)
+        try:
+            entries: Any = yield client.execute_command("XRANGE", self.key, "-", "+")
+        finally:
+            yield client.disconnect()
+        return [json.loads(fields[1]) for _, fields in entries]
+
+    @inlineCallbacks
+    def test_records_and_usage(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        Each record lands in the stream (field C{record}) and in the usage
+        hashes of its day, key and model, which expire.
+        """
+        if not reachable(*SHARED_REDIS):
+            unavailable("Redis is not running at 127.0.0.1:6379")
+        sink = self.sink(SHARED_REDIS[1], self.mktemp())
+        sink.startService()
+        records = [record(n) for n in range(3)]
+        records.append(record(3, model="o3", key_name="bob", cost=1.5))
+        for rec in records:
+            emit(sink, rec)
+        yield wait_for(lambda: sink.written == 4, timeout=20)
+        # A record written again (reply lost, spool replay) counts once.
+        emit(sink, records[0])
+        yield wait_for(lambda: sink.written == 5, timeout=20)
+        yield sink.stopService()
+
+        client: Any = yield redis_client(SHARED_REDIS[1])
+        try:
+            entries: Any = yield client.execute_command("XRANGE", self.key, "-", "+")
+            alice: Any = yield client.execute_command(
+                "HGETALL", f"{self.prefix}:2023-11-14:key:alice"
+            )
+            model: Any = yield client.execute_command(
+                "HGETALL", f"{self.prefix}:2023-11-14:model:gpt-4o-mini"
+            )
+            bob: Any = yield client.execute_command(
+                "HGETALL", f"{self.prefix}:2023-11-14:key:bob"
+            )
+            ttl: Any = yield client.execute_command(
+                "TTL", f"{self.prefix}:2023-11-14:key:alice"
+            )
+            keys: Any = yield client.execute_command(
+                "KEYS", f"{self.key.rsplit(':', 1)[0]}:*"
+            )
+            if keys:
+                yield client.execute_command("DEL", *keys)
+        finally:
+            yield client.disconnect()
+        self.assertEqual([json.loads(f[1]) for _, f in entries], records)
+        self.assertEqual([f[0] for _, f in entries], ["record"] * 4)
+        expected = {
+            "requests": 3,
+            "prompt_tokens": 30,
+            "completion_tokens": 15,
+            "cost_microusd": 39,
+        }
+        self.assertEqual(dict(zip(alice[::2], alice[1::2], strict=True)), expected)
+        self.assertEqual(dict(zip(model[::2], model[1::2], strict=True)), expected)
+        self.assertEqual(
+            dict(zip(bob[::2], bob[1::2], strict=True)),
+            {
+                "requests": 1,
+                "prompt_tokens": 10,
+                "completion_tokens": 5,
+                "cost_microusd": 1500000,
+            },
+        )
+        self.assertTrue(34 * 86400 < ttl <= 35 * 86400)
+
+    @inlineCallbacks
+    def test_redis_goes_away_and_comes_back(
+        self,
+    ) -> Generator[Deferred[Any], Any, None]:
+        """
+        Redis killed mid-run: records wait, overflow spills to disk; once it
+        is back on the same port every record arrives exactly once, in order.
+        """
+        server = PrivateRedis(self.mktemp())
+        yield server.start()
+        self.addCleanup(server.kill)
+        spool_dir = self.mktemp()
+        sink = self.sink(
+            server.port, spool_dir, queue_size=20, batch_size=10, write_timeout=2.0
+        )
+        sink.startService()
+        stopped = False
+
+        def stop() -> Deferred[None] | None:
+            return None if stopped else sink.stopService()
+
+        self.addCleanup(stop)
+        records = [record(n) for n in range(130)]
+        for rec in records[:30]:
+            emit(sink, rec)
+        yield wait_for(lambda: sink.written == 30, timeout=30)
+        before = yield self.stream(server.port)
+        self.assertEqual(before, records[:30])
+
+        server.kill()
+        for rec in records[30:]:
+            emit(sink, rec)
+        self.assertGreaterEqual(sink.spilled, 80)
+        yield wait_for(lambda: sink.failures >= 1, timeout=30)
+        self.assertEqual(sink.written, 30)
+
+        yield server.start()
+        yield wait_for(lambda: sink.written == 130, timeout=60)
+        stopped = True
+        yield sink.stopService()
+        # The restarted server is empty (no persistence): it holds the 100
+        # records written after the restart, none of the first 30 again.
+        after = yield self.stream(server.port)
+        self.assertEqual(after, records[30:])
+        self.assertEqual(sink.dropped, 0)
+        self.assertFalse(os.path.exists(os.path.join(spool_dir, "redis.jsonl")))
+
+    @inlineCallbacks
+    def test_spool_replayed_by_next_sink(
+        self,
+    ) -> Generator[Deferred[Any], Any, None]:
+        """
+        A sink stopped while Redis is down spools its records; the next sink
+        (Redis up again) replays them first, in order.
+        """
+        server = PrivateRedis(self.mktemp())
+        self.addCleanup(server.kill)
+        spool_dir = self.mktemp()
+        first = self.sink(server.port, spool_dir, queue_size=10, flush_timeout=1.0)
+        first.startService()
+        records = [record(n) for n in range(30)]
+        for rec in records[:25]:
+            emit(first, rec)
+        yield wait_for(lambda: first.failures >= 1, timeout=30)
+        yield first.stopService()
+        self.assertEqual((first.written, first.dropped), (0, 0))
+        with open(os.path.join(spool_dir, "redis.jsonl"), "rb") as f:
+            self.assertEqual([json.loads(line) for line in f], records[:25])
+
+        yield server.start()
+        second = self.sink(server.port, spool_dir)
+        self.assertGreater(second.spool_bytes, 0)
+        second.startService()
+        for rec in records[25:]:
+            emit(second, rec)
+        yield wait_for(lambda: second.written == 30, timeout=60)
+        yield second.stopService()
+        self.assertEqual((yield self.stream(server.port)), records)
+        self.assertEqual(second.replayed, 25)
+        self.assertFalse(os.path.exists(os.path.join(spool_dir, "redis.jsonl")))

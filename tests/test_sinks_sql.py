@@ -1,0 +1,398 @@
+"""
+Tests for L{oaproxy.sinks.sql}: sqlite in a temporary directory, the shared
+PostgreSQL (database C{test}, a fresh schema per test) and a private
+PostgreSQL instance that the fault test stops and starts.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Generator
+from typing import Any
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from oaproxy.sinks.queue import RECORD_NAMESPACE
+from oaproxy.sinks.sql import (
+    COLUMNS,
+    SCHEMA_VERSION,
+    SQLSink,
+    migrate,
+    open_database,
+    placeholder,
+    record_row,
+)
+from tests.test_sinks_redis import free_port, reachable, unavailable, wait_for
+
+SHARED_POSTGRES = ("127.0.0.1", 5432)
+
+
+def record(number: int, **extra: object) -> dict[str, Any]:
+    return {
+        "id": uuid.uuid4().hex,
+        "time": 1700000000.0 + number,
+        "hostname": "edge-1",
+        "client_ip": "127.0.0.1",
+        "key_name": "alice",
+        "user_agent": "OpenAI/Python 1.0",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "model": "gpt-4o-mini",
+        "stream": True,
+        "attempts": [
+            {
+                "upstream": "a",
+                "status": 200,
+                "error": None,
+                "ttfb": 0.1,
+                "duration": 0.5,
+            }
+        ],
+        "upstream": "a",
+        "status": 200,
+        "outcome": "ok",
+        "ttfb": 0.125,
+        "duration": 0.5,
+        "bytes_in": 120,
+        "bytes_out": 3000,
+        "response_text": "héllo",
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+        "cost": 0.25,
+        "n": number,
+        **extra,
+    }
+
+
+def emit(sink: SQLSink, rec: dict[str, Any]) -> None:
+    sink.observer({"log_namespace": RECORD_NAMESPACE, "record": rec})
+
+
+def fetch(dbtype: str, dbaddr: str) -> list[dict[str, Any]]:
+    connection = open_database(dbtype, dbaddr)
+    try:
+        cursor = connection.cursor()
+        cursor.execute(f"SELECT {', '.join(COLUMNS)} FROM records ORDER BY time")
+        return [dict(zip(COLUMNS, row, strict=True)) for row in cursor.fetchall()]
+    finally:
+        connection.close()
+
+
+class HelperTests(SynchronousTestCase):
+    def test_migrate_sqlite(self) -> None:
+        """
+        L{migrate} creates the schema once, at L{SCHEMA_VERSION}.
+        """
+        path = os.path.join(self.mktemp(), "db.sqlite")
+        connection = open_database("sqlite", path)
+        self.addCleanup(connection.close)
+        self.assertEqual(migrate(connection.cursor(), "sqlite"), 0)
+        connection.commit()
+        self.assertEqual(migrate(connection.cursor(), "sqlite"), SCHEMA_VERSION)
+        connection.commit()
+        cursor = connection.cursor()
+        cursor.execute("SELECT version FROM schema_version")
+        self.assertEqual(cursor.fetchall(), [(1,)])
+        cursor.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' ORDER BY name"
+        )
+        self.assertEqual(
+            [name for (name,) in cursor.fetchall() if not name.startswith("sqlite_")],
+            ["records_key_time", "records_model_time", "records_time"],
+        )
+        cursor.execute("PRAGMA journal_mode")
+        self.assertEqual(cursor.fetchone(), ("wal",))
+
+    def test_placeholder(self) -> None:
+        self.assertEqual(placeholder("sqlite"), "?")
+        self.assertEqual(placeholder("postgres"), "%s")
+        self.assertRaises(ValueError, placeholder, "mysql")
+
+    def test_record_row(self) -> None:
+        """
+        Any record shape gives a row; PostgreSQL text loses its NULs.
+        """
+        row: dict[str, Any] = dict(
+            zip(
+                COLUMNS,
+                record_row({"path": "/a\x00b", "status": "x"}, "postgres"),
+                strict=True,
+            )
+        )
+        self.assertEqual(len(row["id"]), 32)
+        self.assertEqual(row["time"], 0.0)
+        self.assertEqual(row["path"], "/a\ufffdb")
+        self.assertIsNone(row["status"])
+        self.assertIs(row["stream"], False)
+        self.assertEqual(json.loads(row["record"]), {"path": "/a\x00b", "status": "x"})
+
+
+class SQLSinkBase(TestCase):
+    """
+    Shared checks of the SQL sink tests (no tests of its own).
+    """
+
+    dbtype: str
+    dbaddr: str
+
+    def sink(self, spool_dir: str, **options: Any) -> SQLSink:
+        options.setdefault("stderr", io.StringIO())
+        return SQLSink(self.dbtype, self.dbaddr, spool_dir=spool_dir, **options)
+
+    @inlineCallbacks
+    def check_records_arrive(self) -> Generator[Deferred[Any], Any, None]:
+        sink = self.sink(self.mktemp())
+        sink.startService()
+        records = [record(n) for n in range(5)]
+        records[4].update(usage=None, cost=None, stream=False, ttfb=None, key_name=None)
+        for rec in records:
+            emit(sink, rec)
+        yield wait_for(lambda: sink.written == 5, timeout=30)
+        emit(sink, records[0])  # replayed: ignored by the primary key
+        yield wait_for(lambda: sink.written == 6, timeout=30)
+        yield sink.stopService()
+        rows = fetch(self.dbtype, self.dbaddr)
+        self.assertEqual([row["id"] for row in rows], [r["id"] for r in records])
+        first = rows[0]
+        expected = {
+            "time": 1700000000.0,
+            "hostname": "edge-1",
+            "client_ip": "127.0.0.1",
+            "key_name": "alice",
+            "user_agent": "OpenAI/Python 1.0",
+            "method": "POST",
+            "path": "/v1/chat/completions",
+            "model": "gpt-4o-mini",
+            "upstream": "a",
+            "status": 200,
+            "outcome": "ok",
+            "ttfb": 0.125,
+            "duration": 0.5,
+            "bytes_in": 120,
+            "bytes_out": 3000,
+            "prompt_tokens": 10,
+            "completion_tokens": 5,
+            "total_tokens": 15,
+            "cost": 0.25,
+        }
+        self.assertEqual({k: first[k] for k in expected}, expected)
+        self.assertTrue(first["stream"])
+        self.assertEqual(json.loads(first["record"]), records[0])
+        last = rows[4]
+        self.assertEqual(
+            (
+                last["prompt_tokens"],
+                last["cost"],
+                bool(last["stream"]),
+                last["key_name"],
+            ),
+            (None, None, False, None),
+        )
+
+
+class SQLiteSinkTests(SQLSinkBase):
+    dbtype = "sqlite"
+
+    def setUp(self) -> None:
+        self.dbaddr = os.path.join(self.mktemp(), "sub", "db.sqlite")
+
+    def test_records_arrive(self) -> Deferred[None]:
+        """
+        Records are inserted with their columns and whole JSON, once.
+        """
+        return self.check_records_arrive()
+
+    @inlineCallbacks
+    def test_database_locked(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        While another connection holds the write lock, records wait; they are
+        written once it is released.
+        """
+        sink = self.sink(self.mktemp(), busy_timeout=0.1, queue_size=5, batch_size=5)
+        sink.startService()
+        yield wait_for(lambda: os.path.exists(self.dbaddr), timeout=10)
+        blocker = open_database("sqlite", self.dbaddr, busy_timeout=5)
+        self.addCleanup(blocker.close)
+        migrate(blocker.cursor(), "sqlite")  # the sink may not have yet
+        blocker.commit()
+        blocker.execute("BEGIN EXCLUSIVE")
+        records = [record(n) for n in range(20)]
+        for rec in records:
+            emit(sink, rec)
+        yield wait_for(lambda: sink.failures >= 2, timeout=30)
+        self.assertEqual(sink.written, 0)
+        self.assertGreaterEqual(sink.spilled, 15)
+        blocker.rollback()
+        yield wait_for(lambda: sink.written == 20, timeout=30)
+        yield sink.stopService()
+        self.assertEqual(
+            [row["id"] for row in fetch("sqlite", self.dbaddr)],
+            [r["id"] for r in records],
+        )
+
+
+class PostgresSinkTests(SQLSinkBase):
+    dbtype = "postgres"
+
+    def setUp(self) -> None:
+        if not reachable(*SHARED_POSTGRES):
+            unavailable("PostgreSQL is not running at 127.0.0.1:5432")
+        schema = f"oaproxy_test_{uuid.uuid4().hex[:12]}"
+        base = "host=127.0.0.1 port=5432 dbname=test user=postgres"
+        connection = open_database("postgres", base)
+        connection.autocommit = True
+        connection.cursor().execute(f"CREATE SCHEMA {schema}")
+        connection.close()
+
+        def drop() -> None:
+            connection = open_database("postgres", base)
+            connection.autocommit = True
+            connection.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
+            connection.close()
+
+        self.addCleanup(drop)
+        self.dbaddr = f"{base} options='-c search_path={schema}'"
+
+    def test_records_arrive(self) -> Deferred[None]:
+        """
+        Records are inserted with their columns and whole JSON, once.
+        """
+        return self.check_records_arrive()
+
+    def test_schema_version(self) -> None:
+        connection = open_database("postgres", self.dbaddr)
+        try:
+            self.assertEqual(migrate(connection.cursor(), "postgres"), 0)
+            connection.commit()
+            self.assertEqual(migrate(connection.cursor(), "postgres"), 1)
+            connection.commit()
+        finally:
+            connection.close()
+
+
+def _postgres_bin() -> str | None:
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+    return os.path.dirname(candidates[-1]) if candidates else None
+
+
+class PrivatePostgres:
+    """
+    A PostgreSQL instance of our own (as user C{postgres} when we are root).
+    """
+
+    def __init__(self) -> None:
+        self.bin = _postgres_bin()
+        self.port = free_port()
+        self.directory = tempfile.mkdtemp(prefix="oaproxy-pg-")
+        self.data = os.path.join(self.directory, "data")
+        self.dsn = f"host=127.0.0.1 port={self.port} dbname=postgres user=postgres connect_timeout=3"
+
+    def _command(
+        self, program: str, *arguments: str
+    ) -> Deferred[tuple[bytes, bytes, int]]:
+        assert self.bin is not None
+        executable = os.path.join(self.bin, program)
+        if os.geteuid() == 0:
+            runuser = shutil.which("runuser") or "/usr/sbin/runuser"
+            return getProcessOutputAndValue(
+                runuser, ["-u", "postgres", "--", executable, *arguments]
+            )
+        return getProcessOutputAndValue(executable, list(arguments))
+
+    @inlineCallbacks
+    def _run(
+        self, program: str, *arguments: str
+    ) -> Generator[Deferred[Any], Any, None]:
+        out, err, code = yield self._command(program, *arguments)
+        if code != 0:
+            raise AssertionError(f"{program} failed ({code}): {out!r} {err!r}")
+
+    @inlineCallbacks
+    def init(self) -> Generator[Deferred[Any], Any, None]:
+        if self.bin is None:
+            unavailable("PostgreSQL server binaries are not installed")
+        if os.geteuid() == 0:
+            import pwd
+
+            try:
+                user = pwd.getpwnam("postgres")
+            except KeyError:
+                unavailable("running as root and there is no postgres user for initdb")
+            os.chown(self.directory, user.pw_uid, user.pw_gid)
+        yield self._run(
+            "initdb", "-D", self.data, "--username=postgres", "--auth=trust", "-N"
+        )
+
+    def start(self) -> Deferred[None]:
+        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
+        return self._run(  # type: ignore[return-value]
+            "pg_ctl",
+            "-D",
+            self.data,
+            "-o",
+            options,
+            "-l",
+            os.path.join(self.directory, "log"),
+            "-w",
+            "start",
+        )
+
+    def stop(self, mode: str = "immediate") -> Deferred[None]:
+        return self._run("pg_ctl", "-D", self.data, "-m", mode, "-w", "stop")  # type: ignore[return-value]
+
+    @inlineCallbacks
+    def cleanup(self) -> Generator[Deferred[Any], Any, None]:
+        if os.path.exists(os.path.join(self.data, "postmaster.pid")):
+            yield self._command(
+                "pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop"
+            )
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class PostgresOutageTests(SQLSinkBase):
+    dbtype = "postgres"
+    timeout = 180
+
+    @inlineCallbacks
+    def test_postgres_restart(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        PostgreSQL stopped mid-run: records wait and spill; after it is back
+        every record is stored exactly once.
+        """
+        server = PrivatePostgres()
+        self.addCleanup(server.cleanup)
+        yield server.init()
+        yield server.start()
+        self.dbaddr = server.dsn
+        sink = self.sink(
+            self.mktemp(), queue_size=20, batch_size=10, write_timeout=10.0
+        )
+        sink.startService()
+        records = [record(n) for n in range(80)]
+        for rec in records[:20]:
+            emit(sink, rec)
+        yield wait_for(lambda: sink.written == 20, timeout=30)
+
+        yield server.stop()
+        for rec in records[20:]:
+            emit(sink, rec)
+        self.assertGreaterEqual(sink.spilled, 40)
+        yield wait_for(lambda: sink.failures >= 1, timeout=30)
+
+        yield server.start()
+        yield wait_for(lambda: sink.written == 80, timeout=60)
+        yield sink.stopService()
+        self.assertEqual(
+            [row["id"] for row in fetch("postgres", server.dsn)],
+            [r["id"] for r in records],
+        )
+        self.assertEqual(sink.dropped, 0)
+        # adbapi reports the dead connection's failed rollback itself.
+        self.flushLoggedErrors()

@@ -1,0 +1,284 @@
+"""The twistd plugin, and the installed ``twistd`` run for real.
+
+Subprocesses run with the environment of the tests minus ``PYTHONPATH`` (the
+package is installed, so nothing must depend on it) and a temporary
+directory as their working directory. They are driven by the reactor
+(``getProcessOutputAndValue``, ``spawnProcess``), never waited on by blocking.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from io import BytesIO
+from typing import Any
+
+import yaml  # type: ignore[import-untyped]
+from twisted.application.service import IServiceMaker
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ConnectError, ProcessTerminated
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol, connectionDone
+from twisted.internet.task import deferLater
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.plugin import getPlugins
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import (
+    Agent,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    ResponseDone,
+    ResponseNeverReceived,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+from tests.fakeupstream import FAKE_MODEL, FakeUpstream
+
+reactor: Any = _reactor
+
+CLIENT_KEY = "ck-smoke-0123456789"
+UPSTREAM_SK = "sk-smoke-upstream"
+# How long the smoke test waits for the daemon to answer: 150 polls, 0.1 s apart.
+POLLS = 150
+POLL_INTERVAL = 0.1
+
+
+def twistd_command() -> list[str]:
+    """The installed twistd, run by this interpreter.
+
+    ``python -m twisted`` runs ``twist`` (no plugins of this kind) and
+    ``twisted.scripts.twistd`` has no ``__main__`` guard, so without the
+    console script next to the interpreter twistd is started by its ``run``.
+    """
+    script = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if os.path.exists(script):
+        return [sys.executable, script]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.pop("OAPROXY_TEST_UNSET_VARIABLE", None)
+    return env
+
+
+def write_file(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def run_twistd(args: list[str], cwd: str) -> Deferred[tuple[bytes, bytes, int]]:
+    command = twistd_command()
+    return getProcessOutputAndValue(command[0], command[1:] + args, env=child_env(), path=cwd, reactor=reactor)
+
+
+class PluginTests(SynchronousTestCase):
+    def test_plugin_is_found(self) -> None:
+        makers: dict[str, Any] = {str(m.tapname): m for m in getPlugins(IServiceMaker)}
+        self.assertIn("oaproxy", makers)
+        maker = makers["oaproxy"]
+        self.assertEqual(maker.description, "OpenAI-compatible reverse proxy with failover")
+        from oaproxy.tap import Options
+
+        self.assertIs(maker.options, Options)
+
+
+class TwistdTests(TestCase):
+    timeout = 30
+
+    def workdir(self) -> str:
+        path = os.path.abspath(self.mktemp())
+        os.makedirs(path)
+        return path
+
+    async def test_help_lists_oaproxy(self) -> None:
+        out, err, code = await run_twistd(["--help"], self.workdir())
+        self.assertEqual(code, 0, err)
+        lines = [line.split() for line in out.decode().splitlines()]
+        self.assertIn(["oaproxy", "OpenAI-compatible", "reverse", "proxy", "with", "failover"], lines)
+
+    async def _refused(self, text: str, line: int, key: str | None, reason: str) -> None:
+        cwd = self.workdir()
+        write_file(os.path.join(cwd, "bad.yaml"), text)
+        started = reactor.seconds()
+        out, err, code = await run_twistd(["-n", "--pidfile=", "oaproxy", "--config", "bad.yaml"], cwd)
+        self.assertLess(reactor.seconds() - started, 20)
+        self.assertNotEqual(code, 0)
+        self.assertEqual(out, b"")
+        lines = err.decode().splitlines()
+        self.assertEqual(len(lines), 1, err)
+        [message] = lines
+        self.assertTrue(message.startswith(f"oaproxy: bad.yaml:{line}: "), message)
+        if key is not None:
+            self.assertIn(f": {key}: ", message)
+        self.assertIn(reason, message)
+        self.assertNotIn("Traceback", message)
+        self.assertNotIn("starting up", message)
+
+    def test_malformed_yaml(self) -> Deferred[None]:
+        text = "dbtype: none\nupstreams:\n  - endpoint: [http://127.0.0.1:1/v1\n"
+        return Deferred.fromCoroutine(self._refused(text, 4, None, "not valid YAML"))
+
+    def test_unknown_key(self) -> Deferred[None]:
+        text = "dbtype: none\nupstreams:\n  - endpoint: http://127.0.0.1:1/v1\n    stream_timout: 3\n"
+        return Deferred.fromCoroutine(self._refused(text, 4, "upstreams[0].stream_timout", "unknown key"))
+
+    def test_wrong_type(self) -> Deferred[None]:
+        text = "dbtype: none\ntimeout: soon\nupstreams:\n  - endpoint: http://127.0.0.1:1/v1\n"
+        return Deferred.fromCoroutine(self._refused(text, 2, "timeout", "expected a number"))
+
+    def test_missing_environment_variable(self) -> Deferred[None]:
+        text = (
+            "dbtype: none\nupstreams:\n  - endpoint: http://127.0.0.1:1/v1\n"
+            "    sk: ${OAPROXY_TEST_UNSET_VARIABLE}\n"
+        )
+        return Deferred.fromCoroutine(
+            self._refused(text, 4, "upstreams[0].sk", "OAPROXY_TEST_UNSET_VARIABLE is not set")
+        )
+
+    def test_upstream_without_endpoint(self) -> Deferred[None]:
+        text = "dbtype: none\nupstreams:\n  - name: nowhere\n    sk: sk-x\n"
+        return Deferred.fromCoroutine(self._refused(text, 3, "upstreams[0].endpoint", "no endpoint"))
+
+
+class _Daemon(ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = b""
+        # Fires with the reason wrapped in a list: a Failure given to
+        # callback() would errback the Deferred instead.
+        self.ended: Deferred[list[Failure]] = Deferred()
+        self.running = True
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.output += data
+
+    def processEnded(self, reason: Failure) -> None:
+        self.running = False
+        self.ended.callback([reason])
+
+
+class _Body(Protocol):
+    # Not twisted.web.client.readBody: it warns (DeprecationWarning) when a
+    # body that already arrived is delivered through a proxy transport.
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.done: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if reason.check(ResponseDone):
+            self.done.callback(b"".join(self.parts))
+        else:
+            self.done.errback(reason)
+
+
+def read_body(response: Any) -> Deferred[bytes]:
+    body = _Body()
+    response.deliverBody(body)
+    return body.done
+
+
+async def free_port() -> int:
+    """A port nothing listens on now (bound by the OS, then released)."""
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Factory.forProtocol(Protocol))
+    number: int = port.getHost().port
+    await port.stopListening()
+    return number
+
+
+class SmokeTests(TestCase):
+    timeout = 40
+
+    async def test_twistd_serves_and_stops_cleanly(self) -> None:
+        fake = await FakeUpstream(reactor).start()
+        self.addCleanup(fake.stop)
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        config = {
+            "dbtype": "none",
+            "authorization": {"smoke": CLIENT_KEY},
+            "upstreams": [{"name": "fake", "endpoint": fake.endpoint, "sk": UPSTREAM_SK}],
+        }
+        write_file(os.path.join(cwd, "good.yaml"), yaml.safe_dump(config))
+        port = await free_port()
+        daemon = _Daemon()
+        command = twistd_command()
+        args = [
+            *command,
+            "-n",
+            "--pidfile=",
+            "oaproxy",
+            "--config",
+            "good.yaml",
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+        ]
+        process = reactor.spawnProcess(daemon, command[0], args, env=child_env(), path=cwd)
+
+        async def kill() -> None:
+            if daemon.running:
+                process.signalProcess("KILL")
+                await daemon.ended
+
+        self.addCleanup(lambda: Deferred.fromCoroutine(kill()))
+
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(pool.closeCachedConnections)
+        agent = Agent(reactor, pool=pool)
+        base = f"http://127.0.0.1:{port}".encode()
+
+        health: IResponse | None = None
+        for _ in range(POLLS):
+            if not daemon.running:
+                self.fail(f"twistd exited before serving:\n{daemon.output.decode()}")
+            try:
+                health = await agent.request(b"GET", base + b"/healthz")
+                break
+            except (ConnectError, ResponseNeverReceived):
+                await deferLater(reactor, POLL_INTERVAL, lambda: None)
+        if health is None:
+            self.fail(f"twistd did not answer /healthz:\n{daemon.output.decode()}")
+        self.assertEqual(health.code, 200)
+        self.assertEqual(json.loads(await read_body(health)), {"status": "ok"})
+
+        body = json.dumps({"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
+        producer: Any = FileBodyProducer(BytesIO(body), readSize=len(body))
+        response = await agent.request(
+            b"POST",
+            base + b"/v1/chat/completions",
+            Headers({b"authorization": [b"Bearer " + CLIENT_KEY.encode()], b"content-type": [b"application/json"]}),
+            producer,
+        )
+        answer = json.loads(await read_body(response))
+        self.assertEqual(response.code, 200, answer)
+        self.assertEqual(answer["choices"][0]["message"]["content"], "Hello, world!")
+        [seen] = fake.requests
+        self.assertEqual(seen.header(b"authorization"), b"Bearer " + UPSTREAM_SK.encode())
+        await pool.closeCachedConnections()
+
+        process.signalProcess("TERM")
+        [reason] = await daemon.ended
+        output = daemon.output.decode()
+        # twistd stops the services, then re-raises the signal on itself
+        # (twisted.application.app._exitWithSignal), so that its parent sees
+        # how it ended: a clean SIGTERM shutdown ends "by signal 15", never 0,
+        # for every twistd plugin (systemd counts SIGTERM as a clean exit).
+        self.assertTrue(reason.check(ProcessTerminated), f"{reason.value}\n{output}")
+        self.assertEqual((reason.value.exitCode, reason.value.signal), (None, signal.SIGTERM), output)
+        self.assertIn("Received SIGTERM, shutting down.", output)
+        self.assertIn(f"(TCP Port {port} Closed)", output)
+        self.assertIn("Main loop terminated.", output)
+        self.assertIn("Server Shut Down", output)
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn(CLIENT_KEY, output)
+        self.assertNotIn(UPSTREAM_SK, output)
