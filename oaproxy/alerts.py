@@ -405,10 +405,14 @@ class _AlertChannelError(Exception):
     """A channel answered, but not with success."""
 
 
+class _AlertTimeout(_AlertChannelError):
+    """The channel did not answer within ``notify.timeout``."""
+
+
 def _no_answer(result: object, timeout: float | None) -> Failure:
     # The cancelled request surfaces as ResponseNeverReceived or the like;
     # the operator wants to read that the deadline struck.
-    return Failure(_AlertChannelError(f"no answer within {timeout}s"))
+    return Failure(_AlertTimeout(f"no answer within {timeout}s"))
 
 
 def _error_name(failure: Failure) -> str:
@@ -444,8 +448,12 @@ class Notifier(Service):
         agent: IAgent,
         clock: IReactorTime,
         hostname: str,
+        on_result: Callable[[str, str], None] = lambda channel, result: None,
     ) -> None:
         self._config = config
+        # Told (channel name, "ok" | "error" | "timeout" | "suppressed") of
+        # every alert, for the metrics.
+        self._on_result = on_result
         self.channels = tuple(channels)
         producer = cast(Callable[[Any], IBodyProducer], _BytesProducer)
         self._http = HTTPClient(agent, data_to_body_producer=producer)
@@ -471,10 +479,11 @@ class Notifier(Service):
         clock: IReactorTime,
         hostname: str,
         environ: Mapping[str, str] | None = None,
+        on_result: Callable[[str, str], None] = lambda channel, result: None,
     ) -> Notifier:
         """A notifier for ``notify:`` plus the legacy environment variables."""
         env = os.environ if environ is None else environ
-        return cls(config, alert_channels(config, env), agent, clock, hostname)
+        return cls(config, alert_channels(config, env), agent, clock, hostname, on_result)
 
     def startService(self) -> None:
         super().startService()
@@ -515,6 +524,8 @@ class Notifier(Service):
         if seen is not None and now - seen.sent_at < interval:
             seen.suppressed += 1
             self.suppressed[alert.kind] = self.suppressed.get(alert.kind, 0) + 1
+            for channel in self.channels:
+                self._on_result(channel.name, "suppressed")
             self.log.debug(
                 "alert suppressed: {kind} {model} (repeat within {interval}s)",
                 kind=alert.kind,
@@ -531,6 +542,7 @@ class Notifier(Service):
                 self._post(channel, text, now)
             except Exception:  # noqa: BLE001 - one broken channel spares the others
                 self.failed[channel.name] = self.failed.get(channel.name, 0) + 1
+                self._on_result(channel.name, "error")
                 self.log.failure("alert to {channel} not sent", channel=channel.name)
 
     def _forget_old(self, now: float) -> None:
@@ -601,12 +613,14 @@ class Notifier(Service):
         if problem is not None:
             raise _AlertChannelError(problem)
         self.sent[channel.name] = self.sent.get(channel.name, 0) + 1
+        self._on_result(channel.name, "ok")
         self.log.info(
             "alert sent to {channel} ({host})", channel=channel.name, host=channel.host
         )
 
     def _not_delivered(self, failure: Failure, channel: AlertChannel) -> None:
         self.failed[channel.name] = self.failed.get(channel.name, 0) + 1
+        self._on_result(channel.name, "timeout" if failure.check(_AlertTimeout) else "error")
         if failure.check(_AlertChannelError):
             reason = str(failure.value)
         else:

@@ -113,7 +113,7 @@ class AttemptLog:
         }
 
 
-@define
+@define(eq=False)
 class Exchange:
     """The state of one client request, from which its record is made."""
 
@@ -125,6 +125,8 @@ class Exchange:
     user_agent: str | None = None
     # Set by the stream observer: what the record says of a streamed answer.
     capture: Any = None
+    # The metrics' handle on this request while it is active.
+    active: Any = None
     attempts: list[AttemptLog] = field(factory=list)
     upstream: str | None = None
     status: int | None = None

@@ -1,23 +1,42 @@
-"""The daemon: one ``MultiService`` owning listeners, the upstream pool and the runtime."""
+"""The daemon: one ``MultiService`` owning listeners, the upstream pool, the
+record sinks, the notifier, and the ``Runtime`` that requests read.
+
+- SIGHUP re-reads the config: new requests use the new one at once, requests
+  in flight finish on the old one; an invalid config is refused with a log
+  line and the old one stays. Changed listeners, sinks and alert channels
+  are replaced.
+- Stopping (SIGTERM) stops accepting first, lets requests and streams in
+  flight finish for up to ``shutdown_timeout`` seconds, then flushes the
+  record sinks and closes the upstream pool.
+"""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TextIO
 
+from attrs import astuple
 from twisted.application import strports
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError, ensureDeferred, succeed
 from twisted.internet.task import Cooperator
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher, jsonFileLogObserver
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.server import Request
 
-from oaproxy.config import Config
+from oaproxy.alerts import Notifier, alert_from_record
+from oaproxy.config import Config, ConfigError, check_listeners, load_config
 from oaproxy.forward import Exchange, Forwarder
+from oaproxy.health import Readiness, ReadyResource
 from oaproxy.inspection import inspect_request
+from oaproxy.metrics import Metrics, MetricsResource
 from oaproxy.records import RecordEmitter, RecordMaker
 from oaproxy.routing import Router
+from oaproxy.sinks import FileSink, QueuedSink, SQLSink
+from oaproxy.summary import public_url, summary
 from oaproxy.web import ProxyResource, ProxySite, RootResource, Runtime
 
 # A proxy talks to few hosts over many concurrent requests.
@@ -25,6 +44,8 @@ MAX_PERSISTENT_PER_HOST = 64
 # Below the idle timeout of common upstreams and load balancers (60 s), so a
 # connection is dropped by us before the far end drops it under a request.
 CACHED_CONNECTION_TIMEOUT = 50
+# After shutdown_timeout, how long the requests that were cut get to record.
+CUT_GRACE = 2.0
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
@@ -43,12 +64,33 @@ class ProxyPool(HTTPConnectionPool):
         return super().getConnection(key, endpoint)
 
 
+def known_models(config: Config) -> list[str]:
+    """Model names worth their own metrics label."""
+    names = [name for u in config.upstreams for name in u.allow if not name.startswith("/")]
+    return names + list(config.prices)
+
+
+def _sink_settings(config: Config) -> tuple[Any, ...]:
+    return (config.dbtype, config.dbaddr, config.redis, astuple(config.records))
+
+
 class ProxyService(MultiService):
     log = Logger()
 
-    def __init__(self, config: Config, reactor: Any, listen: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        listen: tuple[str, ...] = (),
+        *,
+        signals: bool = False,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__()
         self._reactor = reactor
+        self._listen_override = tuple(listen)
+        self._signals = signals
+        self._environ = os.environ if environ is None else environ
         self.pool = ProxyPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
         self.pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
@@ -59,11 +101,31 @@ class ProxyService(MultiService):
         self.fresh_agent = Agent(reactor, pool=ProxyPool(reactor, persistent=False))
         self.cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
         self.records = RecordEmitter()
+        self.metrics = Metrics(known_models(config), [u.name for u in config.upstreams])
+        self.readiness = Readiness(reactor)
+        self._metrics_resource = MetricsResource(self.metrics, config.metrics_key)
+        self.listeners: dict[str, IService] = {}
+        self.sinks: dict[str, QueuedSink] = {}
+        self.notifier: Notifier | None = None
+        self._inflight: dict[Exchange, Request] = {}
+        self._idle: list[Deferred[None]] = []
+        self._log_file: tuple[TextIO, Any] | None = None
+        self._previous_hup: Any = None
+        self.config = config
         self.runtime = self.build_runtime(config)
-        root = RootResource(ProxyResource(lambda: self.runtime, reactor))
+        root = RootResource(
+            ProxyResource(lambda: self.runtime, reactor),
+            metrics=self._metrics_resource,
+            ready=ReadyResource(self.readiness.state),
+        )
         self.site = ProxySite(root, lambda: self.runtime, reactor=reactor)
-        for endpoint in listen:
-            strports.service(endpoint, self.site, reactor=reactor).setServiceParent(self)
+        self._replace_sinks(config, None)
+        self._replace_notifier(config)
+        self.readiness.configure([u.name for u in config.upstreams], self.sinks)
+        for endpoint in self._listen_for(config):
+            self._add_listener(endpoint)
+
+    # -- what one config makes ------------------------------------------------
 
     def build_runtime(self, config: Config) -> Runtime:
         records = RecordMaker(config)
@@ -78,22 +140,258 @@ class ProxyService(MultiService):
         )
 
         def finished(exchange: Exchange, request: Request) -> None:
-            self.records.emit(records.make(exchange, request))
+            self._finished(records, exchange, request)
 
         return Runtime(
             config=config,
             router=Router(config),
             forwarder=forwarder,
+            started=self._started,
             finished=finished,
             inspect=inspect_request,
             wall_clock=time.time,
         )
 
-    def stopService(self) -> Deferred[Any]:
-        d = Deferred.fromCoroutine(self._stop())
-        return d
+    def _started(self, exchange: Exchange, request: Request) -> None:
+        self._inflight[exchange] = request
+        exchange.active = self.metrics.request_started(exchange.call.stream)
+
+    def _finished(self, maker: RecordMaker, exchange: Exchange, request: Request) -> None:
+        try:
+            record = maker.make(exchange, request)
+            self.records.emit(record)
+            self.metrics.request_finished(record, exchange.active)
+            self.readiness.observe(record)
+            alert = alert_from_record(record)
+            if alert is not None and self.notifier is not None:
+                self.notifier.alert(alert)
+        except Exception:
+            self.log.failure("recording a finished request failed")
+        finally:
+            self._inflight.pop(exchange, None)
+            if not self._inflight:
+                waiting, self._idle = self._idle, []
+                for d in waiting:
+                    d.callback(None)
+
+    def _listen_for(self, config: Config) -> tuple[str, ...]:
+        return self._listen_override or config.listen
+
+    def _add_listener(self, endpoint: str) -> None:
+        listener = strports.service(endpoint, self.site, reactor=self._reactor)
+        listener.setServiceParent(self)
+        self.listeners[endpoint] = listener
+
+    def _replace_sinks(self, config: Config, old: Config | None) -> list[QueuedSink]:
+        """Make the sinks a config asks for; returns the old ones to stop."""
+        if old is not None and _sink_settings(old) == _sink_settings(config):
+            return []
+        retired = list(self.sinks.values())
+        for name, sink in self.sinks.items():
+            self.records.remove_observer(sink.observer)
+            self.metrics.remove_sink(name)
+        policy = config.records
+        common: dict[str, Any] = {"spool_dir": policy.spool_dir, "queue_size": policy.queue_size}
+        sinks: dict[str, QueuedSink] = {}
+        if config.dbtype != "none":
+            sinks["sql"] = SQLSink(config.dbtype, config.dbaddr, reactor=self._reactor, **common)
+        if policy.file:
+            sinks["file"] = FileSink(policy.file, rotate=policy.rotate, clock=self._reactor, **common)
+        if config.redis:
+            # Imported here: txredisapi installs the global reactor on import.
+            from oaproxy.sinks.redis import RedisSink
+
+            sinks["redis"] = RedisSink(
+                config.redis,
+                key=policy.redis_key,
+                maxlen=policy.redis_maxlen,
+                reactor=self._reactor,
+                **common,
+            )
+        for name, sink in sinks.items():
+            # Observed before it starts: it queues until then.
+            self.records.add_observer(sink.observer)
+            self.metrics.add_sink(name, sink)
+        self.sinks = sinks
+        return retired
+
+    def _replace_notifier(self, config: Config) -> Notifier | None:
+        """Make the notifier a config asks for; returns the old one to stop."""
+        old = self.notifier
+        if old is not None and self.config.notify == config.notify and old.running:
+            return None
+        self.notifier = Notifier.from_config(
+            config.notify,
+            self.agent,
+            self._reactor,
+            config.hostname,
+            environ=self._environ,
+            on_result=self.metrics.alert_sent,
+        )
+        return old
+
+    # -- start, reload, stop ---------------------------------------------------
+
+    def startService(self) -> None:
+        self._open_log_file(self.config)
+        for sink in self.sinks.values():
+            sink.setServiceParent(self)
+        if self.notifier is not None:
+            self.notifier.setServiceParent(self)
+        super().startService()
+        if self._signals:
+            self._previous_hup = signal.signal(signal.SIGHUP, self._on_sighup)
+        self._log_summary("oaproxy started")
+
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        self._reactor.callFromThread(self.reload)
+
+    def reload(self) -> Deferred[bool]:
+        """Re-read the config file; fires True when the new config is in use."""
+        return ensureDeferred(self._reload())
+
+    async def _reload(self) -> bool:
+        path = self.config.path
+        try:
+            config = load_config(path, self._environ)
+            if self._listen_override:
+                check_listeners(config, self._listen_override, key="--listen")
+        except ConfigError as e:
+            self.log.error("reload refused, the running config stays: {error}", error=str(e))
+            return False
+        except OSError as e:
+            self.log.error(
+                "reload refused, the running config stays: {path}: {error}",
+                path=path,
+                error=e.strerror,
+            )
+            return False
+        old = self.config
+        self.runtime = self.build_runtime(config)
+        self.metrics.update_labels(known_models(config), [u.name for u in config.upstreams])
+        self._metrics_resource.metrics_key = config.metrics_key
+        retired_sinks = self._replace_sinks(config, old)
+        retired_notifier = self._replace_notifier(config)
+        self.config = config
+        self.readiness.configure([u.name for u in config.upstreams], self.sinks)
+        stopping = [sink.disownServiceParent() for sink in retired_sinks]
+        if retired_notifier is not None:
+            stopping.append(retired_notifier.disownServiceParent())
+        await _settle(stopping)
+        # Started after the old ones stopped: they share spool files.
+        for sink in self.sinks.values():
+            if sink.parent is None:
+                sink.setServiceParent(self)
+        if self.notifier is not None and self.notifier.parent is None:
+            self.notifier.setServiceParent(self)
+        await self._replace_listeners(self._listen_for(config))
+        if old.log_file != config.log_file:
+            self._close_log_file()
+            self._open_log_file(config)
+        self._log_summary("config reloaded")
+        return True
+
+    async def _replace_listeners(self, wanted: tuple[str, ...]) -> None:
+        gone = [endpoint for endpoint in self.listeners if endpoint not in wanted]
+        await _settle([self.listeners.pop(endpoint).disownServiceParent() for endpoint in gone])
+        for endpoint in wanted:
+            if endpoint not in self.listeners:
+                try:
+                    self._add_listener(endpoint)
+                except Exception as e:
+                    self.listeners.pop(endpoint, None)
+                    self.log.error(
+                        "cannot listen on {endpoint}: {error}", endpoint=endpoint, error=str(e)
+                    )
+
+    def stopService(self) -> Deferred[None]:
+        return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
+        if self._signals and self._previous_hup is not None:
+            signal.signal(signal.SIGHUP, self._previous_hup)
+        # Stop accepting first, then let what is in flight finish.
+        await _settle([listener.disownServiceParent() for listener in self.listeners.values()])
+        self.listeners = {}
+        if self._inflight:
+            timeout = self.config.shutdown_timeout
+            self.log.info(
+                "stopping: waiting up to {timeout}s for {count} requests in flight",
+                timeout=timeout,
+                count=len(self._inflight),
+            )
+            if not await self._wait_idle(timeout):
+                self._cut_inflight()
+                await self._wait_idle(CUT_GRACE)
         await super().stopService()
         self.cooperator.stop()
-        await DeferredList([self.pool.closeCachedConnections()])
+        await self.pool.closeCachedConnections()
+        self._close_log_file()
+
+    def _wait_idle(self, timeout: float) -> Deferred[bool]:
+        if not self._inflight:
+            return succeed(True)
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+
+        def timed_out(failure: Any) -> bool:
+            failure.trap(TimeoutError)
+            if d in self._idle:
+                self._idle.remove(d)
+            return False
+
+        return d.addTimeout(timeout, self._reactor).addCallbacks(lambda _: True, timed_out)
+
+    def _cut_inflight(self) -> None:
+        self.log.warn(
+            "stopping: cutting {count} requests still in flight after shutdown_timeout",
+            count=len(self._inflight),
+        )
+        for exchange, request in list(self._inflight.items()):
+            exchange.error = "cut at shutdown"
+            transport = request.channel.transport if request.channel is not None else None
+            if transport is not None:
+                transport.abortConnection()
+
+    # -- logging ---------------------------------------------------------------
+
+    def _open_log_file(self, config: Config) -> None:
+        if not config.log_file:
+            return
+        directory = os.path.dirname(os.path.abspath(config.log_file))
+        os.makedirs(directory, exist_ok=True)
+        stream = open(config.log_file, "a", encoding="utf-8")  # noqa: SIM115 - closed at stop
+        observer = jsonFileLogObserver(stream)
+        globalLogPublisher.addObserver(observer)
+        self._log_file = (stream, observer)
+
+    def _close_log_file(self) -> None:
+        if self._log_file is None:
+            return
+        stream, observer = self._log_file
+        globalLogPublisher.removeObserver(observer)
+        stream.close()
+        self._log_file = None
+
+    def _log_summary(self, headline: str) -> None:
+        alerts = []
+        if self.notifier is not None:
+            alerts = [f"{c.name} ({c.host})" for c in self.notifier.channels]
+        sinks = []
+        for name, sink in self.sinks.items():
+            where = getattr(sink, "path", None) or (
+                public_url(self.config.redis) if name == "redis" and self.config.redis else None
+            )
+            if name == "sql":
+                where = self.config.dbtype if self.config.dbtype == "postgres" else self.config.dbaddr
+            sinks.append(f"{name} ({where})" if where else name)
+        self.log.info(headline)
+        for line in summary(self.config, self.listeners, sinks, alerts):
+            self.log.info("  {line}", line=line)
+
+
+async def _settle(stopping: list[Deferred[Any] | None]) -> None:
+    """Wait for services to stop, whatever each stop's outcome."""
+    pending = [d for d in stopping if isinstance(d, Deferred)]
+    if pending:
+        await DeferredList(pending, consumeErrors=True)

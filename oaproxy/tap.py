@@ -58,6 +58,4 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    config = options["loaded"]
-    listen = tuple(options["listen"]) or config.listen
-    return ProxyService(config, reactor, listen)
+    return ProxyService(options["loaded"], reactor, tuple(options["listen"]), signals=True)

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from oaproxy.config import Config
+from oaproxy.config import Config, Upstream
 from oaproxy.errors import ErrorAnswer, error_body
 from oaproxy.forward import Call, Exchange, Forwarder
 from oaproxy.headers import forwarded_for
@@ -47,7 +47,9 @@ class Runtime:
     config: Config
     router: Router
     forwarder: Forwarder
-    # Called once per client request when it is over (records, metrics, alerts).
+    # Called when a request goes to the forwarder (in-flight, active gauges),
+    # and once per client request when it is over (records, metrics, alerts).
+    started: Callable[[Exchange, server.Request], None]
     finished: Callable[[Exchange, server.Request], None]
     # Parses the body for routing: model, stream, the per-upstream body.
     inspect: Callable[[RequestBody, bytes | None], Inspected]
@@ -63,8 +65,8 @@ class ProxyRequest(server.Request):
     """
 
     too_large = False
+    received = 0
     _limit = 0
-    _received = 0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # twisted.web would parse form bodies into request.args, reading a
@@ -75,6 +77,7 @@ class ProxyRequest(server.Request):
     def gotLength(self, length: int | None) -> None:
         self._limit = self.channel.site.max_body_bytes  # type: ignore[attr-defined]
         if length is not None and length > self._limit:
+            self.received = length
             self._discard()
         else:
             super().gotLength(length)
@@ -82,8 +85,8 @@ class ProxyRequest(server.Request):
     def handleContentChunk(self, data: bytes) -> None:
         if self.too_large:
             return
-        self._received += len(data)
-        if self._received > self._limit:
+        self.received += len(data)
+        if self.received > self._limit:
             self.content.close()
             self._discard()
             return
@@ -138,45 +141,60 @@ class ProxyResource(Resource):
         request.setHeader(b"server", b"oaproxy")
         if request.method == b"OPTIONS":
             return self._preflight(request)
-        if getattr(request, "too_large", False):
-            runtime = self._runtime()
-            return answer_error(
-                request,
-                ErrorAnswer(
-                    413,
-                    f"Request body too large: the limit is {runtime.config.max_body_bytes} bytes.",
-                    code="request_too_large",
-                ),
-            )
         runtime = self._runtime()
         uri: bytes = request.uri
-        path = uri.split(b"?", 1)[0].decode("utf-8", "replace")
         content_type = request.getHeader(b"content-type")
-        inspected = runtime.inspect(_request_body(request.content, content_type), content_type)
+        too_large = getattr(request, "too_large", False)
+        if too_large:
+            body = RequestBody(size=request.received, data=None)  # type: ignore[attr-defined]
+        else:
+            body = _request_body(request.content, content_type)
+        inspected = runtime.inspect(body, content_type)
         caller = runtime.router.authenticate(request.getHeader(b"authorization"))
-        candidates = runtime.router.candidates(caller, inspected.model, path)
-        if isinstance(candidates, ErrorAnswer):
-            return answer_error(request, candidates)
-        peer = _peer(request)
-        call = Call(
-            method=request.method,
-            path=uri,
-            upstream_path=uri[3:],
-            headers=request.requestHeaders,
-            inspected=inspected,
-            authorization=request.getHeader(b"authorization"),
-            forwarded_for=forwarded_for(request.requestHeaders, peer),
-        )
         exchange = Exchange(
-            call=call,
+            call=Call(
+                method=request.method,
+                path=uri,
+                upstream_path=uri[3:],
+                headers=request.requestHeaders,
+                inspected=inspected,
+                authorization=request.getHeader(b"authorization"),
+                forwarded_for=forwarded_for(request.requestHeaders, _peer(request)),
+            ),
             started=self._clock.seconds(),
             time=runtime.wall_clock(),
             key_name=caller.key.name if caller.key is not None else None,
             client_ip=client_ip(request, runtime.config.trusted_proxies),
             user_agent=_text(request.getHeader(b"user-agent")),
         )
+        if too_large:
+            candidates: list[Upstream] | ErrorAnswer = ErrorAnswer(
+                413,
+                f"Request body too large: the limit is {runtime.config.max_body_bytes} bytes.",
+                code="request_too_large",
+            )
+        else:
+            path = uri.split(b"?", 1)[0].decode("utf-8", "replace")
+            candidates = runtime.router.candidates(caller, inspected.model, path)
+        if isinstance(candidates, ErrorAnswer):
+            return self._refuse(request, runtime, exchange, candidates)
+        runtime.started(exchange, request)
         self._forward(request, runtime, exchange, candidates)
         return server.NOT_DONE_YET
+
+    def _refuse(
+        self, request: server.Request, runtime: Runtime, exchange: Exchange, error: ErrorAnswer
+    ) -> bytes:
+        """Answer an error of oaproxy's own; it is recorded like any request."""
+        body = answer_error(request, error)
+        exchange.status = error.status
+        exchange.outcome = "client_error"
+        exchange.response_body = body
+        exchange.bytes_out = len(body)
+        exchange.ttfb = exchange.finished = self._clock.seconds()
+        exchange.ttfb -= exchange.started
+        runtime.finished(exchange, request)
+        return body
 
     def _forward(self, request: server.Request, runtime: Runtime, exchange: Exchange, candidates: Any) -> None:
         work: list[Deferred[Exchange]] = []
@@ -291,10 +309,13 @@ class NotFoundResource(Resource):
 
 
 class RootResource(Resource):
-    def __init__(self, proxy: ProxyResource) -> None:
+    def __init__(self, proxy: ProxyResource, *, metrics: Resource, ready: Resource) -> None:
         super().__init__()
+        proxy.putChild(b"metrics", metrics)
         self.putChild(b"v1", proxy)
+        self.putChild(b"metrics", metrics)
         self.putChild(b"healthz", HealthResource())
+        self.putChild(b"readyz", ready)
 
     def getChild(self, path: bytes, request: server.Request) -> Resource:
         return NotFoundResource()

@@ -33,6 +33,7 @@ from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
+from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -463,11 +464,16 @@ class Harness:
             config=self.config,
             router=Router(self.config, rng),
             forwarder=self.forwarder,
+            started=lambda exchange, request: None,
             finished=finished,
             inspect=inspect_request,
             wall_clock=lambda: WALL_TIME,
         )
-        root = RootResource(ProxyResource(lambda: self.runtime, self.clock))
+        root = RootResource(
+            ProxyResource(lambda: self.runtime, self.clock),
+            metrics=Resource(),
+            ready=Resource(),
+        )
         self.site = ProxySite(root, lambda: self.runtime, reactor=self.clock)
 
     def connect(self, peer: str = "10.1.2.3") -> Client:

@@ -396,13 +396,10 @@ class FailoverTests(EndToEndCase):
         first = await self.fake(default=Status(503, "overloaded"))
         second = await self.fake()
         proxy = await self.proxy([upstream("first", first.endpoint), upstream("second", second.endpoint)])
-        def dbg(f):
-            print("DEBUG", proxy.records.seen, len(first.requests), len(second.requests), [len(r.body) for r in first.requests + second.requests])
-            return f
         result = await self.sdk(
             proxy,
             lambda c: c.audio.transcriptions.create(file=("a.wav", audio, "audio/wav"), model="whisper-1"),
-        ).addErrback(dbg)
+        )
         echo = result.model_extra
         assert echo is not None
         self.assertEqual(echo["file_sha256"], hashlib.sha256(audio).hexdigest())

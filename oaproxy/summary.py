@@ -1,0 +1,64 @@
+"""The block of log lines that says, at start and at each reload, what runs.
+
+Like openai-forward's banner, but as plain lines journald keeps. Names only:
+no key, token or URL credentials ever appear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+from oaproxy.config import Config, Upstream
+
+
+def public_url(url: str) -> str:
+    """A URL without user info, query or fragment (which may carry secrets)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return f"{parts.scheme}://{host}{parts.path}"
+
+
+def _upstream_line(upstream: Upstream) -> str:
+    models = ", ".join(upstream.allow) if upstream.allow else "all"
+    parts = [
+        f"upstream {upstream.name}: {public_url(upstream.endpoint)}",
+        f"models {models}",
+    ]
+    if upstream.deny:
+        parts.append("denied " + ", ".join(upstream.deny))
+    parts.append(f"timeout {upstream.timeout:g}s, stream {upstream.stream_timeout:g}s")
+    if upstream.noauth:
+        parts.append("no client key needed")
+    elif upstream.keys is not None:
+        parts.append("keys " + ", ".join(k.name for k in upstream.keys))
+    if upstream.sk == "asis":
+        parts.append("client's Authorization passed on")
+    elif not upstream.sk:
+        parts.append("no upstream key")
+    return "; ".join(parts)
+
+
+def summary(
+    config: Config, listen: Iterable[str], sinks: Iterable[str], alerts: Iterable[str]
+) -> list[str]:
+    keys = ", ".join(k.name for k in config.keys)
+    sink_list = ", ".join(sinks) or "none"
+    alert_list = ", ".join(alerts) or "none"
+    lines = [
+        f"config {config.path} (hostname {config.hostname})",
+        "listening on " + ", ".join(listen),
+        f"client keys: {keys or 'none'}; lb_policy {config.lb_policy};"
+        f" stream idle timeout {config.stream_idle_timeout:g}s;"
+        f" max body {config.max_body_bytes} bytes",
+    ]
+    lines.extend(_upstream_line(u) for u in config.upstreams)
+    policy = config.records
+    lines.append(
+        f"records: body {policy.body}, response {policy.response}, headers {policy.headers};"
+        f" sinks {sink_list}"
+    )
+    lines.append(f"alerts: {alert_list}")
+    return lines
