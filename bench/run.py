@@ -75,7 +75,7 @@ class Children:
 
     def start(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         # run.py starts no threads, so preexec_fn is safe here.
-        proc = subprocess.Popen(argv, preexec_fn=_die_with_parent, **kwargs)  # noqa: PLW1509
+        proc = subprocess.Popen(argv, preexec_fn=_die_with_parent, **kwargs)
         self.procs.append(proc)
         return proc
 

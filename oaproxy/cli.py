@@ -97,7 +97,7 @@ FETCH_SIZE = 500
 
 _T = TypeVar("_T")
 
-_UTC = timezone.utc  # noqa: UP017 - datetime.UTC needs 3.11
+_UTC = timezone.utc
 
 _TIMES_HELP = """\
 times (--since, --until):
@@ -291,7 +291,7 @@ def chat_item(record: dict[str, Any]) -> dict[str, Any] | None:
 
 def _database_errors(dbtype: str) -> tuple[type[BaseException], ...]:
     if dbtype == POSTGRES:
-        import psycopg2  # type: ignore[import-untyped]
+        import psycopg2
 
         return (psycopg2.Error,)
     return (sqlite3.Error,)
@@ -306,7 +306,7 @@ def _error_text(error: BaseException, database: Database) -> str:
     if database.dbtype != POSTGRES:
         return text
     import psycopg2
-    from psycopg2.extensions import parse_dsn  # type: ignore[import-untyped]
+    from psycopg2.extensions import parse_dsn
 
     try:
         password = parse_dsn(database.dbaddr).get("password")

@@ -45,7 +45,7 @@ from types import MappingProxyType
 from typing import NoReturn, TypeVar
 from urllib.parse import urlsplit
 
-import yaml  # type: ignore[import-untyped]
+import yaml
 from attrs import evolve, field, frozen
 
 __all__ = [

@@ -30,8 +30,8 @@ from twisted.web.server import Request
 
 from oaproxy.config import Upstream
 from oaproxy.errors import error_body
-from oaproxy.inspection import Inspected
 from oaproxy.headers import response_headers, upstream_headers
+from oaproxy.inspection import Inspected
 from oaproxy.relay import BodyCollector, RelayResult, StreamRelay, describe
 
 # Statuses worth another upstream: the upstream (its key, its quota, its
@@ -197,7 +197,7 @@ class Forwarder:
                 exchange.client_gone = True
                 exchange.outcome = "client_disconnected"
                 return exchange
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - any failed attempt means the next upstream
                 if exchange.client_gone:
                     attempt.error = "cancelled: client disconnected"
                     self._end_attempt(attempt)
@@ -392,8 +392,7 @@ def _stale_connection(error: Exception) -> bool:
 def _is_document(content_type: bytes) -> bool:
     return (
         not content_type
-        or content_type.startswith(b"application/json")
-        or content_type.startswith(b"text/")
+        or content_type.startswith((b"application/json", b"text/"))
         or content_type.endswith(b"+json")
     )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from twisted.web.http_headers import Headers
 
@@ -53,7 +53,7 @@ RESPONSE_DROPPED = frozenset({b"content-length", b"date", b"server"})
 
 
 def _connection_tokens(headers: Headers) -> frozenset[bytes]:
-    tokens = set()
+    tokens: set[bytes] = set()
     for value in headers.getRawHeaders(b"connection", ()):
         tokens.update(t.strip().lower() for t in value.split(b","))
     return frozenset(tokens)
@@ -97,7 +97,7 @@ def forwarded_for(client: Headers, peer: str) -> bytes:
     return peer.encode("ascii", "replace")
 
 
-def response_headers(upstream: Headers) -> Iterable[tuple[bytes, list[bytes]]]:
+def response_headers(upstream: Headers) -> Iterable[tuple[bytes, Sequence[bytes]]]:
     """The upstream's response headers that are passed on to the client."""
     dropped = hop_by_hop(upstream) | RESPONSE_DROPPED
     for name, values in upstream.getAllRawHeaders():

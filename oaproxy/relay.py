@@ -15,14 +15,14 @@ from typing import IO, Any, BinaryIO, cast
 
 from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.error import ConnectError, ConnectionDone, DNSLookupError
+from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
     IPushProducer,
     IReactorTime,
 )
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, ResponseDone
@@ -129,7 +129,7 @@ class BodyCollector(Protocol):
         self._size += len(data)
         if self._size > self._limit:
             self._parts.clear()
-            self.transport.stopProducing()  # type: ignore[attr-defined]
+            _producer(self).stopProducing()
             if not self.finished.called:
                 self.finished.errback(
                     Failure(UpstreamEndedEarly(f"response body over {self._limit} bytes"))
@@ -137,7 +137,7 @@ class BodyCollector(Protocol):
             return
         self._parts.append(data)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.finished.called:
             return
         if reason.check(ResponseDone):
@@ -149,7 +149,7 @@ class BodyCollector(Protocol):
             self.finished.errback(Failure(UpstreamEndedEarly(describe(reason))))
 
     def _cancel(self, _: Deferred[bytes]) -> None:
-        self.transport.stopProducing()  # type: ignore[attr-defined]
+        _producer(self).stopProducing()
 
 
 @frozen
@@ -254,14 +254,12 @@ class StreamRelay(Protocol):
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
-        upstream: Any = self.transport  # a push producer (TransportProxyProducer)
-        upstream.pauseProducing()
+        _producer(self).pauseProducing()
 
     def resumeProducing(self) -> None:
         if not self._ended and self._idle is None:
             self._idle = self._clock.callLater(self._idle_timeout, self._idle_expired)
-        upstream: Any = self.transport
-        upstream.resumeProducing()
+        _producer(self).resumeProducing()
 
     def stopProducing(self) -> None:
         self._abort_upstream()
@@ -270,7 +268,7 @@ class StreamRelay(Protocol):
         self.bytes_out += len(data)
         self._request.write(data)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._ended:
             return
         if not self._committed:
@@ -325,7 +323,7 @@ class StreamRelay(Protocol):
 
     def _abort_upstream(self) -> None:
         if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
+            _producer(self).stopProducing()
 
     def _cancel(self, d: Deferred[Any]) -> None:
         """The attempt's deadline passed, or the client went away."""
@@ -336,6 +334,11 @@ class StreamRelay(Protocol):
             self._end(RelayResult(ok=False, error="client disconnected", client_gone=True))
         else:
             self._ended = True
+
+
+def _producer(protocol: Protocol) -> IPushProducer:
+    """A body protocol's transport: the upstream connection, as a producer."""
+    return cast(IPushProducer, protocol.transport)
 
 
 def describe(reason: Failure | BaseException) -> str:

@@ -16,12 +16,13 @@ import os
 import signal
 import time
 from collections.abc import Mapping
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from attrs import astuple
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError, ensureDeferred, succeed
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger, globalLogPublisher, jsonFileLogObserver
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
@@ -165,7 +166,7 @@ class ProxyService(MultiService):
             alert = alert_from_record(record)
             if alert is not None and self.notifier is not None:
                 self.notifier.alert(alert)
-        except Exception:
+        except Exception:  # noqa: BLE001 - the client has its answer; only bookkeeping failed
             self.log.failure("recording a finished request failed")
         finally:
             self._inflight.pop(exchange, None)
@@ -298,7 +299,7 @@ class ProxyService(MultiService):
             if endpoint not in self.listeners:
                 try:
                     self._add_listener(endpoint)
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 - a reload must not stop the daemon
                     self.listeners.pop(endpoint, None)
                     self.log.error(
                         "cannot listen on {endpoint}: {error}", endpoint=endpoint, error=str(e)
@@ -349,9 +350,8 @@ class ProxyService(MultiService):
         )
         for exchange, request in list(self._inflight.items()):
             exchange.error = "cut at shutdown"
-            transport = request.channel.transport if request.channel is not None else None
-            if transport is not None:
-                transport.abortConnection()
+            if request.channel is not None and request.channel.transport is not None:
+                cast(ITCPTransport, request.channel.transport).abortConnection()
 
     # -- logging ---------------------------------------------------------------
 

@@ -12,13 +12,13 @@ import ipaddress
 import json
 from collections.abc import Callable
 from io import BytesIO
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from oaproxy.config import Config, Upstream
@@ -87,10 +87,10 @@ class ProxyRequest(server.Request):
             return
         self.received += len(data)
         if self.received > self._limit:
-            self.content.close()
+            cast(IO[bytes], self.content).close()
             self._discard()
             return
-        self.content.write(data)
+        cast(IO[bytes], self.content).write(data)
 
     def _discard(self) -> None:
         self.too_large = True
@@ -110,7 +110,7 @@ class ProxySite(server.Site):
     def max_body_bytes(self) -> int:
         return self._runtime().config.max_body_bytes
 
-    def log(self, request: server.Request) -> None:
+    def log(self, request: http.Request) -> None:
         """No access log line: each request's record says more, in the sinks."""
 
 
@@ -148,7 +148,7 @@ class ProxyResource(Resource):
         if too_large:
             body = RequestBody(size=request.received, data=None)  # type: ignore[attr-defined]
         else:
-            body = _request_body(request.content, content_type)
+            body = _request_body(cast(IO[bytes], request.content), content_type)
         inspected = runtime.inspect(body, content_type)
         caller = runtime.router.authenticate(request.getHeader(b"authorization"))
         exchange = Exchange(
@@ -236,7 +236,7 @@ class ProxyResource(Resource):
 
 def _fail_unfinished(request: server.Request) -> None:
     """A bug must still answer the client, never leave it hanging."""
-    if request.finished or request._disconnected:  # type: ignore[attr-defined]
+    if request.finished or request._disconnected:
         return
     if request.startedWriting:
         request.channel.transport.abortConnection()  # type: ignore[union-attr]

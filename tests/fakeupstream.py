@@ -501,7 +501,7 @@ class FakeUpstream:
         request.write(b"")
 
         def send(rest: list[bytes]) -> None:
-            if request._disconnected:  # type: ignore[attr-defined]
+            if request._disconnected:
                 return
             if not rest:
                 self._open.discard(request)

@@ -25,7 +25,7 @@ from oaproxy.cli import chat_item, main, parse_time
 from oaproxy.sinks.queue import encode_record
 from oaproxy.sinks.sql import insert_statement, migrate, open_database, record_row
 
-UTC = timezone.utc  # noqa: UP017 - datetime.UTC needs 3.11
+UTC = timezone.utc
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -700,7 +700,7 @@ class PostgresTests(StoreMixin, SynchronousTestCase):
     dbtype = "postgres"
 
     def setUp(self) -> None:
-        import psycopg2  # type: ignore[import-untyped]
+        import psycopg2
 
         schema = f"oaproxy_cli_{uuid.uuid4().hex[:12]}"
         try:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import openai
-import yaml  # type: ignore[import-untyped]
+import yaml
 from attrs import frozen
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import reactor as _reactor

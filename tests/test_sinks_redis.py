@@ -62,7 +62,7 @@ def wait_for(
     while not condition():
         if waited >= timeout:
             raise AssertionError(f"condition not met within {timeout} s")
-        yield deferLater(reactor, step, lambda: None)  # type: ignore[arg-type]
+        yield deferLater(reactor, step, lambda: None)
         waited += step
 
 
@@ -110,7 +110,7 @@ class PrivateRedis:
 
 @inlineCallbacks
 def redis_client(port: int) -> Generator[Deferred[Any], Any, Any]:
-    import txredisapi  # type: ignore[import-untyped]
+    import txredisapi
 
     client = yield txredisapi.Connection("127.0.0.1", port, reconnect=False)
     return client

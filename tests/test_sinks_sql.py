@@ -332,7 +332,7 @@ class PrivatePostgres:
 
     def start(self) -> Deferred[None]:
         options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
-        return self._run(  # type: ignore[return-value]
+        return self._run(
             "pg_ctl",
             "-D",
             self.data,
@@ -345,7 +345,7 @@ class PrivatePostgres:
         )
 
     def stop(self, mode: str = "immediate") -> Deferred[None]:
-        return self._run("pg_ctl", "-D", self.data, "-m", mode, "-w", "stop")  # type: ignore[return-value]
+        return self._run("pg_ctl", "-D", self.data, "-m", mode, "-w", "stop")
 
     @inlineCallbacks
     def cleanup(self) -> Generator[Deferred[Any], Any, None]:

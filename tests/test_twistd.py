@@ -13,9 +13,9 @@ import os
 import signal
 import sys
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
-import yaml  # type: ignore[import-untyped]
+import yaml
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
@@ -274,7 +274,8 @@ class SmokeTests(TestCase):
         # how it ended: a clean SIGTERM shutdown ends "by signal 15", never 0,
         # for every twistd plugin (systemd counts SIGTERM as a clean exit).
         self.assertTrue(reason.check(ProcessTerminated), f"{reason.value}\n{output}")
-        self.assertEqual((reason.value.exitCode, reason.value.signal), (None, signal.SIGTERM), output)
+        ended = cast(ProcessTerminated, reason.value)
+        self.assertEqual((ended.exitCode, ended.signal), (None, signal.SIGTERM), output)
         self.assertIn("Received SIGTERM, shutting down.", output)
         self.assertIn(f"(TCP Port {port} Closed)", output)
         self.assertIn("Main loop terminated.", output)

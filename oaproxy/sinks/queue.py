@@ -129,7 +129,7 @@ class QueuedSink(Service):
         if clock is None:
             from twisted.internet import reactor
 
-            clock = reactor  # type: ignore[assignment]
+            clock = reactor
         self.setName(name)
         self.spool_dir = spool_dir
         self.queue_size = queue_size
@@ -590,5 +590,5 @@ class QueuedSink(Service):
         try:
             stream = self._stderr if self._stderr is not None else sys.stderr
             print(f"oaproxy sink {self.name}: {message}", file=stream, flush=True)
-        except Exception:  # noqa: BLE001, S110 - nowhere left to report to
+        except Exception:  # noqa: BLE001 - nowhere left to report to
             pass

@@ -98,7 +98,7 @@ def usage_date(record: Record) -> str:
         or not math.isfinite(when)
     ):
         when = 0.0
-    utc = datetime.timezone.utc  # noqa: UP017 - datetime.UTC needs 3.11
+    utc = datetime.timezone.utc
     return datetime.datetime.fromtimestamp(when, utc).strftime("%Y-%m-%d")
 
 
@@ -192,7 +192,7 @@ class RedisSink(QueuedSink):
 
     def open_backend(self) -> None:
         # Imported here: txredisapi installs the global reactor on import.
-        import txredisapi  # type: ignore[import-untyped]
+        import txredisapi
 
         address = self.address
         factory = txredisapi.RedisFactory(

@@ -261,7 +261,7 @@ def open_database(dbtype: str, dbaddr: str, *, busy_timeout: float = 5.0) -> Any
         connection = sqlite3.connect(_sqlite_path(dbaddr), timeout=busy_timeout)
         _sqlite_setup(busy_timeout)(connection)
         return connection
-    import psycopg2  # type: ignore[import-untyped]
+    import psycopg2
 
     return psycopg2.connect(dbaddr, client_encoding="UTF8")
 
