@@ -1,7 +1,6 @@
-"""
-C{python -m oaproxy …}: the query and export command (see L{oaproxy.cli}).
+"""``python -m oaproxy …``: the query and export command (see ``oaproxy.cli``).
 
-The C{oaproxy} console script calls L{main} from here too.
+The ``oaproxy`` console script calls ``main`` from here too.
 """
 
 from oaproxy.cli import main

@@ -1,19 +1,18 @@
-"""
-The command line: query and export the SQL record store.
+"""The command line: query and export the SQL record store.
 
     oaproxy records export [--format jsonl|chat] [FILTERS] [--output FILE|-]
     oaproxy usage [--by key|model|key,model] [--format table|json] [FILTERS]
 
-FILTERS are C{--since T}, C{--until T} (exclusive), C{--key NAME} and
-C{--model M} (both repeatable).  The database comes from the config file
-(C{--config}, default C{etc/config.yaml}: its C{dbtype} and C{dbaddr}), or
-from C{--dbtype} and C{--dbaddr}, which override it; given both, the config
+FILTERS are ``--since T``, ``--until T`` (exclusive), ``--key NAME`` and
+``--model M`` (both repeatable).  The database comes from the config file
+(``--config``, default ``etc/config.yaml``: its ``dbtype`` and ``dbaddr``), or
+from ``--dbtype`` and ``--dbaddr``, which override it; given both, the config
 file is not read.  A relative sqlite path is taken from the current
 directory.
 
-Times are ISO 8601 dates or date-times (C{2026-11-01},
-C{2026-11-01T12:00}, C{2026-11-01T12:00+08:00}, C{…Z}); one without a zone
-is UTC.  Or relative to now: C{30m}, C{24h}, C{7d}, C{2w}, C{90s}, C{now}.
+Times are ISO 8601 dates or date-times (``2026-11-01``,
+``2026-11-01T12:00``, ``2026-11-01T12:00+08:00``, ``…Z``); one without a zone
+is UTC.  Or relative to now: ``30m``, ``24h``, ``7d``, ``2w``, ``90s``, ``now``.
 
 This is a plain synchronous DB-API client (no reactor): a command reads,
 prints and exits.  Exit status: 0 done, 1 database (or output) error, 2 bad
@@ -21,18 +20,18 @@ usage or configuration; errors are one line on stderr, never a traceback
 and never the DSN (it may hold a password).
 
 Output:
-  - C{records export --format jsonl}: each record's JSON as stored, one a
+  - ``records export --format jsonl``: each record's JSON as stored, one a
     line, in time order.
-  - C{records export --format chat}: a JSON array in the shape of
-    openai-forward's C{aifd convert} (C{chat_openai.json}), one item a line:
-    C{datetime} (UTC, C{YYYY-MM-DD HH:MM:SS}), C{ip}, C{model},
-    C{temperature} (1 when the request had none), C{messages} as
-    C{[{role: content}, …]}, C{functions}, C{tools}, C{is_function_call},
-    C{is_tool_calls}, C{assistant} (the answer text) and C{tool_calls} (the
+  - ``records export --format chat``: a JSON array in the shape of
+    openai-forward's ``aifd convert`` (``chat_openai.json``), one item a line:
+    ``datetime`` (UTC, ``YYYY-MM-DD HH:MM:SS``), ``ip``, ``model``,
+    ``temperature`` (1 when the request had none), ``messages`` as
+    ``[{role: content}, …]``, ``functions``, ``tools``, ``is_function_call``,
+    ``is_tool_calls``, ``assistant`` (the answer text) and ``tool_calls`` (the
     calls the answer made).  Records whose request body is not JSON with
-    C{messages} (embeddings, audio, bodies not kept or truncated) are left
+    ``messages`` (embeddings, audio, bodies not kept or truncated) are left
     out; their count goes to stderr.
-  - C{usage}: requests, ok requests (status below 400), prompt, completion
+  - ``usage``: requests, ok requests (status below 400), prompt, completion
     and total tokens and cost, summed by the database over the period, per
     key and/or model; a table with a total line, or a JSON list of objects.
 """
@@ -112,14 +111,12 @@ exit status: 0 done, 1 database or output error, 2 bad usage or config.
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
-#: The columns C{usage --by} may group on.
+#: The columns ``usage --by`` may group on.
 _GROUPS = {"key": "key_name", "model": "model"}
 
 
 class CommandError(Exception):
-    """
-    A failure to report as one line on stderr, with an exit status.
-    """
+    """A failure to report as one line on stderr, with an exit status."""
 
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message, status)
@@ -128,8 +125,7 @@ class CommandError(Exception):
 
 
 def parse_time(text: str, now: float) -> float:
-    """
-    A C{--since}/C{--until} value as a unix time.
+    """A ``--since``/``--until`` value as a unix time.
 
     @raise ValueError: with a message that shows the accepted forms.
     """
@@ -161,8 +157,7 @@ def _iso(moment: float) -> str:
 
 @frozen
 class Database:
-    """
-    Where the records are.
+    """Where the records are.
 
     @ivar where: how messages name the database; never the DSN, which may
         hold a password.
@@ -175,9 +170,8 @@ class Database:
 
 @frozen
 class Filters:
-    """
-    The records a command looks at: C{since <= time < until}, and one of
-    C{keys} / C{models} when given.
+    """The records a command looks at: ``since <= time < until``, and one of
+    ``keys`` / ``models`` when given.
     """
 
     since: float | None = None
@@ -186,9 +180,8 @@ class Filters:
     models: tuple[str, ...] = ()
 
     def where(self, mark: str) -> tuple[str, list[object]]:
-        """
-        The C{WHERE} clause (empty, or with a leading space) and its
-        parameters, with C{mark} as the parameter marker.
+        """The ``WHERE`` clause (empty, or with a leading space) and its
+        parameters, with ``mark`` as the parameter marker.
         """
         conditions: list[str] = []
         parameters: list[object] = []
@@ -209,10 +202,9 @@ class Filters:
 
 @frozen
 class UsageRow:
-    """
-    One group of C{usage}: C{group} maps each C{--by} name (C{key},
-    C{model}) to its value, L{None} for records without one.  C{cost} is
-    L{None} when no record of the group had a cost.
+    """One group of ``usage``: ``group`` maps each ``--by`` name (``key``,
+    ``model``) to its value, ``None`` for records without one.  ``cost`` is
+    ``None`` when no record of the group had a cost.
     """
 
     group: dict[str, str | None]
@@ -239,9 +231,8 @@ class UsageRow:
 
 
 def chat_item(record: dict[str, Any]) -> dict[str, Any] | None:
-    """
-    One record in the shape of openai-forward's C{chat_openai.json} items,
-    or L{None} when its request body has no chat C{messages}.
+    """One record in the shape of openai-forward's ``chat_openai.json`` items,
+    or ``None`` when its request body has no chat ``messages``.
     """
     body = record.get("request_body")
     if isinstance(body, str):
@@ -298,9 +289,7 @@ def _database_errors(dbtype: str) -> tuple[type[BaseException], ...]:
 
 
 def _error_text(error: BaseException, database: Database) -> str:
-    """
-    The first line of a driver's message, with any password taken out.
-    """
+    """The first line of a driver's message, with any password taken out."""
     lines = str(error).strip().splitlines()
     text = lines[0].strip() if lines else type(error).__name__
     if database.dbtype != POSTGRES:
@@ -349,9 +338,8 @@ def _check_schema(connection: Any, database: Database) -> None:
 
 
 def with_database(database: Database, work: Callable[[Any], _T]) -> _T:
-    """
-    Run C{work(connection)} on a read-only connection to C{database};
-    driver errors become L{CommandError}s.
+    """Run ``work(connection)`` on a read-only connection to ``database``;
+    driver errors become ``CommandError``s.
     """
     errors = _database_errors(database.dbtype)
     # sqlite would create an empty database, and a reader must not.
@@ -387,9 +375,7 @@ def with_database(database: Database, work: Callable[[Any], _T]) -> _T:
 def _rows(
     connection: Any, dbtype: str, sql: str, parameters: Sequence[object]
 ) -> Generator[tuple[Any, ...], None, None]:
-    """
-    The rows of a query, C{FETCH_SIZE} at a time.
-    """
+    """The rows of a query, ``FETCH_SIZE`` at a time."""
     if dbtype == POSTGRES:
         # A named (server-side) cursor: a plain psycopg2 cursor would hold
         # the whole result in memory before the first fetchmany.
@@ -408,9 +394,7 @@ def _rows(
 
 
 def resolve_database(args: argparse.Namespace) -> Database:
-    """
-    The database the options name: C{--dbtype}/C{--dbaddr} over the config.
-    """
+    """The database the options name: ``--dbtype``/``--dbaddr`` over the config."""
     dbtype: str | None = args.dbtype
     dbaddr: str | None = args.dbaddr
     config_path: str = args.config
@@ -466,8 +450,7 @@ def _filters(args: argparse.Namespace) -> Filters:
 
 @contextmanager
 def _output(path: str, stdout: TextIO) -> Iterator[TextIO]:
-    """
-    Where an export goes: C{stdout} for C{-}, else C{path}, written to a
+    """Where an export goes: ``stdout`` for ``-``, else ``path``, written to a
     temporary file that replaces it only once the export is complete.
     """
     if path == "-":
@@ -574,8 +557,7 @@ def _number(value: Any) -> int:
 def usage_rows(
     connection: Any, dbtype: str, by: Sequence[str], filters: Filters
 ) -> list[UsageRow]:
-    """
-    The usage groups, summed by the database, in order of their names
+    """The usage groups, summed by the database, in order of their names
     (records without a key or model last).
     """
     columns = [_GROUPS[name] for name in by]
@@ -614,9 +596,7 @@ def usage_rows(
 
 
 def usage_total(rows: Sequence[UsageRow], by: Sequence[str]) -> UsageRow:
-    """
-    The sum of the groups (which the same query counted, so they agree).
-    """
+    """The sum of the groups (which the same query counted, so they agree)."""
     costs = [row.cost for row in rows if row.cost is not None]
     return UsageRow(
         group={name: None for name in by},
@@ -640,9 +620,8 @@ _COUNTS = (
 
 
 def usage_table(rows: Sequence[UsageRow], by: Sequence[str]) -> str:
-    """
-    The groups and a total line as aligned columns: names left, numbers
-    right; C{-} for no key / no model / no cost.
+    """The groups and a total line as aligned columns: names left, numbers
+    right; ``-`` for no key / no model / no cost.
     """
 
     def cells(row: UsageRow, names: list[str]) -> list[str]:
@@ -713,9 +692,7 @@ def _time_argument(now: float) -> Callable[[str], float]:
 
 
 def build_parser(now: float) -> argparse.ArgumentParser:
-    """
-    The argument parser; relative times count back from C{now}.
-    """
+    """The argument parser; relative times count back from ``now``."""
     database = argparse.ArgumentParser(add_help=False)
     group = database.add_argument_group("database")
     group.add_argument(
@@ -821,14 +798,13 @@ def main(
     stderr: TextIO | None = None,
     clock: Callable[[], float] = time.time,
 ) -> int:
-    """
-    Run one command; returns the exit status.
+    """Run one command; returns the exit status.
 
-    @param argv: the arguments after the program name; C{sys.argv[1:]} by
+    @param argv: the arguments after the program name; ``sys.argv[1:]`` by
         default.
-    @param stdout: where output goes (C{sys.stdout} by default).
-    @param stderr: where errors go (C{sys.stderr} by default).
-    @param clock: the time relative C{--since}/C{--until} count back from.
+    @param stdout: where output goes (``sys.stdout`` by default).
+    @param stderr: where errors go (``sys.stderr`` by default).
+    @param clock: the time relative ``--since``/``--until`` count back from.
     """
     out = sys.stdout if stdout is None else stdout
     err = sys.stderr if stderr is None else stderr

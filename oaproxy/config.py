@@ -1,33 +1,32 @@
-"""
-The configuration file: YAML in, frozen attrs objects out.
+"""The configuration file: YAML in, frozen attrs objects out.
 
 The file is a superset of openai-api-route's ``config.yaml``: a file written
 for it loads here and means the same (``authorization`` as a comma string,
 upstream ``authorization`` scoping, inherited timeouts, ``address`` as the
-listen address).  Every problem is a L{ConfigError} naming the file, the line
+listen address).  Every problem is a ``ConfigError`` naming the file, the line
 of the offending key and the key's dotted path, on one line, so that
-C{twistd} can refuse to start with a message that points at the mistake.
+``twistd`` can refuse to start with a message that points at the mistake.
 
 Conventions that hold everywhere in the file:
 
-  - An explicit C{null} (C{key:} with nothing after it) means the same as
+  - An explicit ``null`` (``key:`` with nothing after it) means the same as
     leaving the key out: the default applies.
-  - C{${NAME}} in any string value is replaced by the environment variable
-    C{NAME}; C{$${} stands for a literal C{${}.  Replacement happens on the
+  - ``${NAME}`` in any string value is replaced by the environment variable
+    ``NAME``; ``$${`` stands for a literal ``${``.  Replacement happens on the
     scalar's text after YAML parsing, so a variable's content is never parsed
     as YAML.  Mapping keys are not interpolated.
   - Number and boolean settings take YAML numbers and booleans.  A string is
-    accepted for them only when the whole value is one C{${NAME}}: an
+    accepted for them only when the whole value is one ``${NAME}``: an
     environment variable can only ever hold text, and refusing
-    C{timeout: ${TIMEOUT}} would make interpolation useless for numbers.
-  - String settings take any non-null scalar as its text (C{sk: 123456},
-    C{authorization: 12345678}), as openai-api-route's Go YAML decoder does.
-    List settings (C{allow}, C{deny}, C{listen}, C{trusted_proxies}) are
-    stricter: their items must be YAML strings, so C{allow: 3} is an error.
-    Inside YAML flow collections (C{[…]}, C{{…}}) a C{${NAME}} must be quoted,
-    because C{{} is YAML syntax there.
-  - Keys are counted from 0 in paths: C{upstreams[0]} is the first upstream.
-  - Secret values (keys, C{sk}, tokens, DSNs, URLs) never appear in messages;
+    ``timeout: ${TIMEOUT}`` would make interpolation useless for numbers.
+  - String settings take any non-null scalar as its text (``sk: 123456``,
+    ``authorization: 12345678``), as openai-api-route's Go YAML decoder does.
+    List settings (``allow``, ``deny``, ``listen``, ``trusted_proxies``) are
+    stricter: their items must be YAML strings, so ``allow: 3`` is an error.
+    Inside YAML flow collections (``[…]``, ``{…}``) a ``${NAME}`` must be quoted,
+    because ``{`` is YAML syntax there.
+  - Keys are counted from 0 in paths: ``upstreams[0]`` is the first upstream.
+  - Secret values (keys, ``sk``, tokens, DSNs, URLs) never appear in messages;
     only the key that holds them does.
 """
 
@@ -160,14 +159,13 @@ class Config:
 
 
 class ConfigError(Exception):
-    """
-    A configuration problem, located as precisely as the file allows.
+    """A configuration problem, located as precisely as the file allows.
 
     @ivar path: the configuration file's path.
-    @ivar line: 1-based line of the offending key, or L{None} when unknown
-        (a required key that is missing, a C{--listen} override).
+    @ivar line: 1-based line of the offending key, or ``None`` when unknown
+        (a required key that is missing, a ``--listen`` override).
     @ivar key: dotted path of the offending key, e.g.
-        C{upstreams[1].timeout}; C{""} for problems of the file as a whole.
+        ``upstreams[1].timeout``; ``""`` for problems of the file as a whole.
     @ivar message: what is wrong, one line, never a secret value.
     """
 
@@ -289,19 +287,17 @@ _HOST_PORT = re.compile(r"(?P<host>\[[^\]]*\]|[^:\[\]]*):(?P<port>[0-9]+)\Z")
 
 
 def key_fingerprint(secret: str) -> str:
-    """
-    The name of a client key given without one: C{"key-"} and the first 8
+    """The name of a client key given without one: ``"key-"`` and the first 8
     hex digits of its SHA-256, stable across restarts and safe to log.
     """
     return "key-" + hashlib.sha256(secret.encode("utf-8")).hexdigest()[:8]
 
 
 def parse_size(text: str) -> int:
-    """
-    A byte count such as C{"100MB"}, C{"10KB"}, C{"1G"}, C{"512KiB"} or
-    C{"1048576"}.  Units are binary (1KB = 1024 bytes), as in logrotate.
+    """A byte count such as ``"100MB"``, ``"10KB"``, ``"1G"``, ``"512KiB"`` or
+    ``"1048576"``.  Units are binary (1KB = 1024 bytes), as in logrotate.
 
-    @raise ValueError: when C{text} is not a positive size.
+    @raise ValueError: when ``text`` is not a positive size.
     """
     match = _SIZE.match(text.strip())
     if match is None:
@@ -316,10 +312,9 @@ def parse_size(text: str) -> int:
 
 
 def _split_endpoint(description: str) -> tuple[list[str], dict[str, str]]:
-    """
-    Split a Twisted endpoint string the way
-    C{twisted.internet.endpoints._tokenize} does: C{:} separates arguments,
-    the first C{=} of an argument makes it a keyword, C{\\} escapes.
+    """Split a Twisted endpoint string the way
+    ``twisted.internet.endpoints._tokenize`` does: ``:`` separates arguments,
+    the first ``=`` of an argument makes it a keyword, ``\\`` escapes.
     """
     args: list[str] = []
     kwargs: dict[str, str] = {}
@@ -354,16 +349,15 @@ def _escape_endpoint(value: str) -> str:
 
 
 def parse_listen(description: str) -> str:
-    """
-    Check a listen address and return it as a Twisted endpoint string.
+    """Check a listen address and return it as a Twisted endpoint string.
 
-    Twisted endpoint strings (C{tcp:8888:interface=127.0.0.1},
-    C{unix:/run/oaproxy.sock}, C{systemd:domain=INET:index=0}, C{ssl:…},
-    C{tcp6:…}) are checked lightly and returned unchanged.  For
-    openai-api-route compatibility, C{HOST:PORT} becomes
-    C{tcp:PORT:interface=HOST} (C{localhost} becoming 127.0.0.1),
-    C{[V6]:PORT} becomes C{tcp6:PORT:interface=V6} and C{:PORT} (all
-    interfaces) becomes C{tcp:PORT}.  Nothing is built or bound here.
+    Twisted endpoint strings (``tcp:8888:interface=127.0.0.1``,
+    ``unix:/run/oaproxy.sock``, ``systemd:domain=INET:index=0``, ``ssl:…``,
+    ``tcp6:…``) are checked lightly and returned unchanged.  For
+    openai-api-route compatibility, ``HOST:PORT`` becomes
+    ``tcp:PORT:interface=HOST`` (``localhost`` becoming 127.0.0.1),
+    ``[V6]:PORT`` becomes ``tcp6:PORT:interface=V6`` and ``:PORT`` (all
+    interfaces) becomes ``tcp:PORT``.  Nothing is built or bound here.
 
     @raise ValueError: with a one-line reason.
     """
@@ -422,10 +416,9 @@ def parse_listen(description: str) -> str:
 
 
 def _is_compat_host(host: str) -> bool:
-    """
-    Whether C{host} in C{host:port} is a listen host rather than an endpoint
-    type: empty, bracketed, an IP, C{localhost} or a dotted name.  A bare
-    word (C{tpc:8080}) is taken for a mistyped endpoint type, not a host.
+    """Whether ``host`` in ``host:port`` is a listen host rather than an endpoint
+    type: empty, bracketed, an IP, ``localhost`` or a dotted name.  A bare
+    word (``tpc:8080``) is taken for a mistyped endpoint type, not a host.
     """
     if host in ("", "localhost") or host.startswith("["):
         return True
@@ -443,14 +436,13 @@ def _port(text: str) -> int:
 
 
 def is_loopback_endpoint(desc: str) -> bool:
-    """
-    Whether a listen address (endpoint string or host:port form) accepts
+    """Whether a listen address (endpoint string or host:port form) accepts
     connections from this host only.
 
     TCP and TLS endpoints are loopback when their interface is 127.0.0.0/8,
-    ::1 or C{localhost}; without an interface they listen on every
+    ::1 or ``localhost``; without an interface they listen on every
     interface.  UNIX sockets are local by nature.  Socket activation
-    (C{systemd:}) is treated as public: the socket's address is set in a unit
+    (``systemd:``) is treated as public: the socket's address is set in a unit
     file we cannot see.  Anything unparseable counts as public, so a mistake
     can only make the open-relay check stricter.
     """
@@ -477,10 +469,9 @@ def is_loopback_endpoint(desc: str) -> bool:
 
 
 def all_client_keys(config: Config) -> tuple[ClientKey, ...]:
-    """
-    Every client key the config knows, global and per-upstream, each once.
+    """Every client key the config knows, global and per-upstream, each once.
     A bearer token is valid when it is one of these; which upstreams it may
-    use is then decided by L{Upstream.keys}.
+    use is then decided by ``Upstream.keys``.
     """
     seen: dict[str, ClientKey] = {}
     for key in config.keys:
@@ -498,12 +489,11 @@ def check_listeners(
     key: str = "listen",
     line: int | None = None,
 ) -> None:
-    """
-    Refuse to run an open relay: with no client key anywhere and no
-    C{noauth: true} upstream, every listener must be loopback.
+    """Refuse to run an open relay: with no client key anywhere and no
+    ``noauth: true`` upstream, every listener must be loopback.
 
-    Run at load time on C{listen:}, and again by the caller on a C{--listen}
-    override (then C{key} can name the option).
+    Run at load time on ``listen:``, and again by the caller on a ``--listen``
+    override (then ``key`` can name the option).
 
     @raise ConfigError: naming the first public listener.
     """
@@ -525,10 +515,9 @@ def check_listeners(
 
 
 def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
-    """
-    Read and check the configuration file at C{path}.
+    """Read and check the configuration file at ``path``.
 
-    @param environ: the variables C{${NAME}} refers to; L{os.environ} by
+    @param environ: the variables ``${NAME}`` refers to; ``os.environ`` by
         default.
     @raise ConfigError: for any problem, the file's unreadability included.
     """
@@ -547,9 +536,8 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
 def parse_config(
     text: str, path: str, environ: Mapping[str, str] | None = None
 ) -> Config:
-    """
-    Check the configuration C{text}, read from C{path} (used in messages and
-    kept as L{Config.path}).  C{environ} as for L{load_config}.
+    """Check the configuration ``text``, read from ``path`` (used in messages and
+    kept as ``Config.path``).  ``environ`` as for ``load_config``.
 
     @raise ConfigError: for any problem.
     """
@@ -805,7 +793,7 @@ class _Parser:
         self.fail(item.key, item.line, f"expected true or false, got {_kind(node)}")
 
     def number(self, item: _Item, *, positive: bool = True) -> float:
-        """A finite number, > 0 (or >= 0 when not C{positive})."""
+        """A finite number, > 0 (or >= 0 when not ``positive``)."""
         node = item.node
         value: float
         if isinstance(node, yaml.ScalarNode) and node.tag in (_TAG_INT, _TAG_FLOAT):
@@ -1096,8 +1084,7 @@ class _Parser:
         return tuple(result)
 
     def raw_keys(self, item: _Item, *, scoped: bool) -> list[_RawKey] | None:
-        """
-        Client keys as written: a comma string (openai-api-route), a list, or
+        """Client keys as written: a comma string (openai-api-route), a list, or
         {name: key}.  None when there are none: for an upstream that means
         "the global keys apply", as in openai-api-route.
         """

@@ -1,18 +1,17 @@
-"""
-Prometheus metrics for oaproxy.
+"""Prometheus metrics for oaproxy.
 
-One L{Metrics} object per process owns a private L{CollectorRegistry}: tests
+One ``Metrics`` object per process owns a private ``CollectorRegistry``: tests
 build as many as they like and a config reload keeps the same object (see
-L{Metrics.update_labels}), so collectors are registered exactly once.
+``Metrics.update_labels``), so collectors are registered exactly once.
 
-The forwarder calls L{Metrics.request_started} when a client request arrives
-and L{Metrics.request_finished} with the record (the dict described in the
+The forwarder calls ``Metrics.request_started`` when a client request arrives
+and ``Metrics.request_finished`` with the record (the dict described in the
 spec) when it is done; everything per request is derived from the record.
 Every label value is bounded: models, routes and upstreams outside the
-configured or well-known sets are counted as C{"other"}, so no client can
+configured or well-known sets are counted as ``"other"``, so no client can
 create new time series by sending made-up names.
 
-L{MetricsResource} exposes the registry at C{/v1/metrics} and C{/metrics}.
+``MetricsResource`` exposes the registry at ``/v1/metrics`` and ``/metrics``.
 """
 
 from __future__ import annotations
@@ -93,7 +92,7 @@ DEFAULT_KNOWN_MODELS: tuple[str, ...] = (
 # Well-known OpenAI API routes. A request path is labelled with the longest of
 # these that is a whole-segment prefix of it (so "/v1/files/file-abc" counts as
 # "/v1/files"), otherwise "other". Routes are at most three segments deep,
-# which L{route_label} relies on.
+# which ``route_label`` relies on.
 KNOWN_ROUTES: tuple[str, ...] = (
     "/v1/chat/completions",
     "/v1/completions",
@@ -145,11 +144,10 @@ _TOKEN_KINDS: tuple[tuple[str, str], ...] = (
 
 
 def status_class(status: object) -> str:
-    """
-    Return the class of an HTTP status code: C{"2xx"}, C{"4xx"}, …
+    """Return the class of an HTTP status code: ``"2xx"``, ``"4xx"``, …
 
-    @param status: a status code, or C{None} when there was no response.
-    @return: C{"1xx"} to C{"5xx"}, C{"none"} for C{None}, C{"other"} for
+    @param status: a status code, or ``None`` when there was no response.
+    @return: ``"1xx"`` to ``"5xx"``, ``"none"`` for ``None``, ``"other"`` for
         anything else.
     """
     if status is None:
@@ -164,17 +162,16 @@ def status_class(status: object) -> str:
 
 
 def attempt_outcome(attempt: Mapping[str, Any]) -> str:
-    """
-    Map one attempt of a record to its outcome label.
+    """Map one attempt of a record to its outcome label.
 
-    The forwarder's C{error} strings start with C{"timeout"}, C{"connect"} or
-    C{"cancelled"} (the client went away) for those failures; they win over
+    The forwarder's ``error`` strings start with ``"timeout"``, ``"connect"`` or
+    ``"cancelled"`` (the client went away) for those failures; they win over
     the status, since a stream can time out after its 200 headers.
 
-    @param attempt: C{{"upstream", "status", "error", "ttfb", "duration"}}.
-    @return: C{"timeout"}, C{"connect_error"}, C{"cancelled"}, C{"ok"} for a
-        2xx without error, the status class (C{"4xx"}, C{"5xx"}, …) for any
-        other status, or C{"error"} otherwise (including a 2xx that broke
+    @param attempt: ``{"upstream", "status", "error", "ttfb", "duration"}``.
+    @return: ``"timeout"``, ``"connect_error"``, ``"cancelled"``, ``"ok"`` for a
+        2xx without error, the status class (``"4xx"``, ``"5xx"``, …) for any
+        other status, or ``"error"`` otherwise (including a 2xx that broke
         with some other error, such as a stream cut mid-way).
     """
     error = attempt.get("error")
@@ -192,11 +189,10 @@ def attempt_outcome(attempt: Mapping[str, Any]) -> str:
 
 
 def route_label(path: object) -> str:
-    """
-    Return the bounded route label of a request path.
+    """Return the bounded route label of a request path.
 
     @param path: the request path, possibly with a query string.
-    @return: one of L{KNOWN_ROUTES}, or C{"other"}.
+    @return: one of ``KNOWN_ROUTES``, or ``"other"``.
     """
     if not isinstance(path, str):
         return OTHER
@@ -232,11 +228,10 @@ def _count(value: object) -> int:
 
 
 class SinkStats(Protocol):
-    """
-    What L{Metrics.add_sink} reads from a record sink at scrape time.
+    """What ``Metrics.add_sink`` reads from a record sink at scrape time.
 
     Plain integer attributes are enough; all are totals since the sink
-    started except C{queued}, the records waiting right now.
+    started except ``queued``, the records waiting right now.
     """
 
     @property
@@ -256,8 +251,7 @@ class SinkStats(Protocol):
 
 
 class _SinkCollector:
-    """
-    Reads the sinks' own counters at scrape time, so the sinks keep plain
+    """Reads the sinks' own counters at scrape time, so the sinks keep plain
     integers and know nothing about Prometheus.
     """
 
@@ -320,12 +314,11 @@ class _SinkCollector:
 
 
 class ActiveRequest:
-    """
-    The in-flight share of one client request in the active gauges.
+    """The in-flight share of one client request in the active gauges.
 
-    Returned by L{Metrics.request_started}. L{finish} is idempotent, so the
-    forwarder can call it from a C{finally} (or pass it to
-    L{Metrics.request_finished}) without the gauges ever drifting.
+    Returned by ``Metrics.request_started``. ``finish`` is idempotent, so the
+    forwarder can call it from a ``finally`` (or pass it to
+    ``Metrics.request_finished``) without the gauges ever drifting.
     """
 
     __slots__ = ("_done", "_metrics", "_stream")
@@ -336,9 +329,7 @@ class ActiveRequest:
         self._done = False
 
     def finish(self) -> None:
-        """
-        Take this request out of the active gauges; later calls do nothing.
-        """
+        """Take this request out of the active gauges; later calls do nothing."""
         if self._done:
             return
         self._done = True
@@ -348,10 +339,9 @@ class ActiveRequest:
 
 
 class Metrics:
-    """
-    The proxy's Prometheus metrics, on a private registry.
+    """The proxy's Prometheus metrics, on a private registry.
 
-    @ivar registry: the L{CollectorRegistry} to expose; it also holds the
+    @ivar registry: the ``CollectorRegistry`` to expose; it also holds the
         process, platform and GC collectors.
     """
 
@@ -363,13 +353,12 @@ class Metrics:
         upstream_names: Iterable[str],
         extra_known_models: Iterable[str] = DEFAULT_KNOWN_MODELS,
     ) -> None:
-        """
-        @param known_models: model names that get their own label value,
-            typically every upstream's C{allow} entries (and the C{prices}
-            keys); entries starting with C{"/"} are paths and are ignored.
+        """@param known_models: model names that get their own label value,
+            typically every upstream's ``allow`` entries (and the ``prices``
+            keys); entries starting with ``"/"`` are paths and are ignored.
         @param upstream_names: the configured upstreams' names.
         @param extra_known_models: further model names, by default
-            L{DEFAULT_KNOWN_MODELS}; kept across L{update_labels}.
+            ``DEFAULT_KNOWN_MODELS``; kept across ``update_labels``.
         """
         self._extra_known_models = tuple(extra_known_models)
         self._known_models: frozenset[str] = frozenset()
@@ -458,8 +447,7 @@ class Metrics:
     def update_labels(
         self, known_models: Iterable[str], upstream_names: Iterable[str]
     ) -> None:
-        """
-        Replace the known models and upstream names, e.g. after a config
+        """Replace the known models and upstream names, e.g. after a config
         reload. Collectors stay registered; series already counted under an
         old name keep their values.
 
@@ -475,33 +463,28 @@ class Metrics:
         self._upstreams = frozenset(n for n in upstream_names if isinstance(n, str))
 
     def model_label(self, model: object) -> str:
-        """
-        @return: the model itself when known, C{"none"} for C{None}, else
-            C{"other"}.
+        """@return: the model itself when known, ``"none"`` for ``None``, else
+            ``"other"``.
         """
         return _bounded(model, self._known_models)
 
     def upstream_label(self, upstream: object) -> str:
-        """
-        @return: the upstream name when configured, C{"none"} for C{None},
-            else C{"other"}.
+        """@return: the upstream name when configured, ``"none"`` for ``None``,
+            else ``"other"``.
         """
         return _bounded(upstream, self._upstreams)
 
     def route_label(self, path: object) -> str:
-        """
-        @return: the bounded route of C{path}; see the module's L{route_label}.
-        """
+        """@return: the bounded route of ``path``; see the module's ``route_label``."""
         return route_label(path)
 
     def request_started(self, stream: bool) -> ActiveRequest:
-        """
-        Count a client request as active (and as an active stream when it
+        """Count a client request as active (and as an active stream when it
         asked for one).
 
         @param stream: whether the request asked for a stream.
-        @return: the handle whose L{ActiveRequest.finish} ends it; call that
-            in a C{finally}, or pass it to L{request_finished}.
+        @return: the handle whose ``ActiveRequest.finish`` ends it; call that
+            in a ``finally``, or pass it to ``request_finished``.
         """
         self._active_requests.inc()
         if stream:
@@ -511,16 +494,15 @@ class Metrics:
     def request_finished(
         self, record: Mapping[str, Any], active: ActiveRequest | None = None
     ) -> None:
-        """
-        Count a finished client request from its record.
+        """Count a finished client request from its record.
 
         Never raises: a malformed record is logged, and metrics never break
         a request.
 
-        @param record: the record dict of the spec (C{path}, C{status},
-            C{upstream}, C{ttfb}, C{duration}, C{bytes_in}, C{bytes_out},
-            C{usage}, C{model}, C{stream}, C{attempts}, C{outcome}).
-        @param active: the handle from L{request_started}, finished here if
+        @param record: the record dict of the spec (``path``, ``status``,
+            ``upstream``, ``ttfb``, ``duration``, ``bytes_in``, ``bytes_out``,
+            ``usage``, ``model``, ``stream``, ``attempts``, ``outcome``).
+        @param active: the handle from ``request_started``, finished here if
             given (finishing twice is harmless).
         """
         if active is not None:
@@ -574,32 +556,28 @@ class Metrics:
                     self._tokens.labels(upstream, model, kind).inc(tokens)
 
     def alert_sent(self, channel: str, result: str) -> None:
-        """
-        Count one alert, for the notifier.
+        """Count one alert, for the notifier.
 
-        @param channel: one of L{ALERT_CHANNELS}, else counted as C{"other"}.
-        @param result: one of L{ALERT_RESULTS} (C{"ok"}, C{"error"},
-            C{"timeout"}, C{"suppressed"} by the rate limit), else
-            C{"other"}.
+        @param channel: one of ``ALERT_CHANNELS``, else counted as ``"other"``.
+        @param result: one of ``ALERT_RESULTS`` (``"ok"``, ``"error"``,
+            ``"timeout"``, ``"suppressed"`` by the rate limit), else
+            ``"other"``.
         """
         channel = channel if channel in ALERT_CHANNELS else OTHER
         result = result if result in ALERT_RESULTS else OTHER
         self._alerts.labels(channel, result).inc()
 
     def add_sink(self, name: str, sink: SinkStats) -> None:
-        """
-        Expose a record sink's counters, read at each scrape, as
-        C{oaproxy_records_queued}, C{oaproxy_records_written_total},
-        C{oaproxy_records_spilled_total}, C{oaproxy_records_dropped_total}
-        and C{oaproxy_sink_failures_total}, labelled C{sink=name}. A second
+        """Expose a record sink's counters, read at each scrape, as
+        ``oaproxy_records_queued``, ``oaproxy_records_written_total``,
+        ``oaproxy_records_spilled_total``, ``oaproxy_records_dropped_total``
+        and ``oaproxy_sink_failures_total``, labelled ``sink=name``. A second
         sink under the same name replaces the first (config reload).
         """
         self._sinks.sinks[name] = sink
 
     def remove_sink(self, name: str) -> None:
-        """
-        Stop exposing the sink called C{name}; unknown names are ignored.
-        """
+        """Stop exposing the sink called ``name``; unknown names are ignored."""
         self._sinks.sinks.pop(name, None)
 
 
@@ -608,12 +586,11 @@ _UNAUTHORIZED_WRONG = "wrong authorization header"
 
 
 class MetricsResource(Resource):
-    """
-    Serves the metrics in the Prometheus text format (or OpenMetrics when the
+    """Serves the metrics in the Prometheus text format (or OpenMetrics when the
     scraper asks for it), optionally behind a bearer key.
 
-    @ivar metrics_key: the key scrapers must send as C{Authorization: Bearer
-        <key>}, or C{None} for an open endpoint. Assignable on reload.
+    @ivar metrics_key: the key scrapers must send as ``Authorization: Bearer
+        <key>``, or ``None`` for an open endpoint. Assignable on reload.
     """
 
     isLeaf = True

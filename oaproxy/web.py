@@ -274,12 +274,14 @@ def client_ip(request: server.Request, trusted: tuple[Any, ...]) -> str:
     Walks the forwarded chain from the right and stops at the first address
     that is not a trusted proxy, so a client cannot forge its own entry.
     """
+    peer = _peer(request)
+    forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
+    if not forwarded or not trusted:
+        return peer
     chain = [
-        part.strip().decode("ascii", "replace")
-        for value in request.requestHeaders.getRawHeaders(b"x-forwarded-for", ())
-        for part in value.split(b",")
+        part.strip().decode("ascii", "replace") for value in forwarded for part in value.split(b",")
     ]
-    chain.append(_peer(request))
+    chain.append(peer)
     for hop in reversed(chain):
         try:
             address = ipaddress.ip_address(hop)

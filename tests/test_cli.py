@@ -1,8 +1,7 @@
-"""
-Tests for L{oaproxy.cli}: C{records export} and C{usage} against records
+"""Tests for ``oaproxy.cli``: ``records export`` and ``usage`` against records
 stored by the SQL module, in sqlite and in PostgreSQL (a fresh schema of the
 shared server at 127.0.0.1:5432; skipped when it is down, except under
-C{CI=true}, where that fails).
+``CI=true``, where that fails).
 """
 
 from __future__ import annotations
@@ -216,18 +215,14 @@ def chat_json(*items: dict[str, Any]) -> str:
 
 
 def run(*argv: str, now: float = NOW) -> tuple[int, str, str]:
-    """
-    C{main(argv)}: its exit status, stdout and stderr.
-    """
+    """``main(argv)``: its exit status, stdout and stderr."""
     out, err = io.StringIO(), io.StringIO()
     status = main(list(argv), stdout=out, stderr=err, clock=lambda: now)
     return status, out.getvalue(), err.getvalue()
 
 
 def store(dbtype: str, dbaddr: str, records: list[dict[str, Any]]) -> None:
-    """
-    Insert C{records} the way the SQL sink does.
-    """
+    """Insert ``records`` the way the SQL sink does."""
     connection = open_database(dbtype, dbaddr)
     try:
         cursor = connection.cursor()
@@ -241,18 +236,14 @@ def store(dbtype: str, dbaddr: str, records: list[dict[str, Any]]) -> None:
 
 
 def unavailable(message: str) -> NoReturn:
-    """
-    A needed service is missing: fail under CI, skip elsewhere.
-    """
+    """A needed service is missing: fail under CI, skip elsewhere."""
     if os.environ.get("CI") == "true":
         raise AssertionError(f"{message} (CI=true: a missing service is a failure)")
     raise SkipTest(message)
 
 
 def closed_port() -> int:
-    """
-    A local port nothing listens on (connections are refused at once).
-    """
+    """A local port nothing listens on (connections are refused at once)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -260,9 +251,8 @@ def closed_port() -> int:
 
 
 class StoreMixin:
-    """
-    The commands against a database holding L{RECORDS}; subclasses set
-    C{dbtype} and C{dbaddr} in C{setUp} and store the records.
+    """The commands against a database holding ``RECORDS``; subclasses set
+    ``dbtype`` and ``dbaddr`` in ``setUp`` and store the records.
     """
 
     dbtype: str
@@ -283,8 +273,7 @@ class StoreMixin:
     # records export --format jsonl
 
     def test_export_jsonl(self) -> None:
-        """
-        Every record, in time order, one JSON document a line: the stored
+        """Every record, in time order, one JSON document a line: the stored
         text, equal to the inserted record; read a few rows at a time.
         """
         case: Any = self
@@ -294,9 +283,7 @@ class StoreMixin:
         case.assertEqual([json.loads(line) for line in out.splitlines()], RECORDS)
 
     def test_export_since_until(self) -> None:
-        """
-        C{--since} is inclusive, C{--until} exclusive; dates are UTC.
-        """
+        """``--since`` is inclusive, ``--until`` exclusive; dates are UTC."""
         self.assertOutput(
             self.export("--since", "2026-11-02", "--until", "2026-11-03"), jsonl(TOOL)
         )
@@ -308,9 +295,7 @@ class StoreMixin:
         self.assertOutput(self.export("--until", "2026-11-02T08:00+08:00"), jsonl(CHAT))
 
     def test_export_relative(self) -> None:
-        """
-        Relative times count back from now.
-        """
+        """Relative times count back from now."""
         self.assertOutput(self.export("--since", "24h"), jsonl(AUDIO, LIMITED))
         self.assertOutput(self.export("--since", "1d"), jsonl(AUDIO, LIMITED))
         self.assertOutput(
@@ -320,9 +305,7 @@ class StoreMixin:
         self.assertOutput(self.export("--since", "30m", now=NOW + 3600), "")
 
     def test_export_key_model(self) -> None:
-        """
-        C{--key} and C{--model} select, and may be repeated.
-        """
+        """``--key`` and ``--model`` select, and may be repeated."""
         self.assertOutput(self.export("--key", "bob"), jsonl(EMBEDDING, AUDIO))
         self.assertOutput(
             self.export("--model", "gpt-4o-mini"), jsonl(CHAT, TOOL, LIMITED)
@@ -334,8 +317,7 @@ class StoreMixin:
         self.assertOutput(self.export("--key", "nobody"), "")
 
     def test_export_chat(self) -> None:
-        """
-        C{--format chat} is openai-forward's C{chat_openai.json}: chat
+        """``--format chat`` is openai-forward's ``chat_openai.json``: chat
         records only, one item a line; the others are counted on stderr.
         """
         case: Any = self
@@ -360,9 +342,7 @@ class StoreMixin:
         self.assertOutput(self.export("--format", "chat", "--key", "nobody"), "[]\n")
 
     def test_export_to_file(self) -> None:
-        """
-        C{--output FILE} writes the file (replacing it), nothing on stdout.
-        """
+        """``--output FILE`` writes the file (replacing it), nothing on stdout."""
         case: Any = self
         path = os.path.join(case.mktemp())
         os.makedirs(path)
@@ -386,8 +366,7 @@ class StoreMixin:
     # usage
 
     def test_usage_table(self) -> None:
-        """
-        By key and model (the default): sums per group, C{-} for no key and
+        """By key and model (the default): sums per group, ``-`` for no key and
         no cost, a total line, columns aligned.
         """
         self.assertOutput(
@@ -423,9 +402,7 @@ class StoreMixin:
         )
 
     def test_usage_json(self) -> None:
-        """
-        C{--format json}: a list of objects, C{null} for no model or cost.
-        """
+        """``--format json``: a list of objects, ``null`` for no model or cost."""
         case: Any = self
         status, out, err = self.command(
             "usage", "--by", "model", "--format", "json", "--since", "2026-11-02"
@@ -503,9 +480,7 @@ class SQLiteTests(StoreMixin, SynchronousTestCase):
         return path
 
     def test_config(self) -> None:
-        """
-        Without --dbtype/--dbaddr the config file names the database.
-        """
+        """Without --dbtype/--dbaddr the config file names the database."""
         path = self.config(f"dbtype: sqlite\ndbaddr: {self.dbaddr}\n")
         self.assertEqual(
             run("records", "export", "--config", path, "--key", "bob"),
@@ -529,9 +504,7 @@ class SQLiteTests(StoreMixin, SynchronousTestCase):
         )
 
     def test_config_error(self) -> None:
-        """
-        A config problem is its one-line message, exit status 2.
-        """
+        """A config problem is its one-line message, exit status 2."""
         path = self.config("dbtype: sqlite\nbogus: 1\n")
         self.assertEqual(
             run("usage", "--config", path),
@@ -572,8 +545,7 @@ class SQLiteTests(StoreMixin, SynchronousTestCase):
         )
 
     def test_postgres_error_hides_dsn(self) -> None:
-        """
-        A postgres failure is one line that names the config, never the DSN
+        """A postgres failure is one line that names the config, never the DSN
         or its password.
         """
         port = closed_port()
@@ -610,9 +582,7 @@ class SQLiteTests(StoreMixin, SynchronousTestCase):
         )
 
     def test_missing_database(self) -> None:
-        """
-        A sqlite file that does not exist is an error, and is not created.
-        """
+        """A sqlite file that does not exist is an error, and is not created."""
         missing = os.path.join(os.path.dirname(self.dbaddr), "new", "db.sqlite")
         self.assertEqual(
             run("usage", "--dbtype", "sqlite", "--dbaddr", missing),
@@ -643,9 +613,7 @@ class SQLiteTests(StoreMixin, SynchronousTestCase):
         )
 
     def test_database_error(self) -> None:
-        """
-        A file that is not a database: one line, status 1, no traceback.
-        """
+        """A file that is not a database: one line, status 1, no traceback."""
         bad = os.path.join(os.path.dirname(self.dbaddr), "bad.sqlite")
         with open(bad, "wb") as f:
             f.write(b"not a database at all" * 100)
@@ -673,9 +641,7 @@ class SQLiteTests(StoreMixin, SynchronousTestCase):
         )
 
     def test_module_entry(self) -> None:
-        """
-        C{python -m oaproxy} runs the command.
-        """
+        """``python -m oaproxy`` runs the command."""
         environ = dict(os.environ)
         environ["PYTHONPATH"] = os.pathsep.join(
             [PROJECT, *filter(None, [environ.get("PYTHONPATH")])]
@@ -722,9 +688,7 @@ class PostgresTests(StoreMixin, SynchronousTestCase):
         store(self.dbtype, self.dbaddr, [LIMITED, TOOL, CHAT, AUDIO, EMBEDDING])
 
     def test_no_table(self) -> None:
-        """
-        A schema without the tables: one clear line, status 1.
-        """
+        """A schema without the tables: one clear line, status 1."""
         schema = f"oaproxy_cli_{uuid.uuid4().hex[:12]}"
         connection = open_database("postgres", SHARED_POSTGRES)
         connection.autocommit = True
@@ -758,9 +722,7 @@ class PostgresTests(StoreMixin, SynchronousTestCase):
 
 
 class ArgumentTests(SynchronousTestCase):
-    """
-    Option and time parsing, before any database.
-    """
+    """Option and time parsing, before any database."""
 
     def test_bad_time(self) -> None:
         status, out, err = run(
@@ -828,14 +790,10 @@ class ArgumentTests(SynchronousTestCase):
 
 
 class ChatItemTests(SynchronousTestCase):
-    """
-    L{chat_item} on record shapes the database tests do not cover.
-    """
+    """``chat_item`` on record shapes the database tests do not cover."""
 
     def test_function_call(self) -> None:
-        """
-        A legacy C{functions} request answered with a function call.
-        """
+        """A legacy ``functions`` request answered with a function call."""
         functions = [{"name": "f", "parameters": {"type": "object"}}]
         record = _record(
             "x",
@@ -878,9 +836,8 @@ class ChatItemTests(SynchronousTestCase):
             self.assertIsNone(chat_item(_record("x", T0, request_body=body)), body)
 
     def test_odd_messages(self) -> None:
-        """
-        Messages without a role are left out; content is kept as sent
-        (parts lists, C{None} beside tool calls).
+        """Messages without a role are left out; content is kept as sent
+        (parts lists, ``None`` beside tool calls).
         """
         parts = [
             {"type": "text", "text": "look"},

@@ -1,6 +1,4 @@
-"""
-Tests for L{oaproxy.config}: YAML in, frozen objects or a located error out.
-"""
+"""Tests for ``oaproxy.config``: YAML in, frozen objects or a located error out."""
 
 from __future__ import annotations
 
@@ -123,9 +121,8 @@ class Helpers(SynchronousTestCase):
         message: str,
         environ: Mapping[str, str] | None = None,
     ) -> ConfigError:
-        """
-        Assert that C{text} is refused at C{line} for C{key}, the message
-        containing C{message}, the whole error on one line.
+        """Assert that ``text`` is refused at ``line`` for ``key``, the message
+        containing ``message``, the whole error on one line.
         """
         error = self.assertRaises(ConfigError, parse, text, environ)
         self.assertEqual(
@@ -496,7 +493,7 @@ class OpenAIApiRouteSampleTests(Helpers):
         )
 
     def test_address_key(self) -> None:
-        """openai-api-route's C{address} is the listen address."""
+        """openai-api-route's ``address`` is the listen address."""
         config = parse("address: 0.0.0.0:8080\n" + OAR_SAMPLE)
         self.assertEqual(config.listen, ("tcp:8080:interface=0.0.0.0",))
 
@@ -608,8 +605,7 @@ class AuthorizationTests(Helpers):
         )
 
     def test_upstream_empty_after_interpolation(self) -> None:
-        """
-        An upstream C{authorization} that interpolates to nothing would
+        """An upstream ``authorization`` that interpolates to nothing would
         silently open the upstream to every global key.
         """
         self.fails(
@@ -1669,7 +1665,7 @@ class OpenRelayTests(Helpers):
         self.assertEqual(config.keys, ())
 
     def test_check_listeners_override(self) -> None:
-        """C{--listen} replaces C{listen:}: the caller checks it again."""
+        """``--listen`` replaces ``listen:``: the caller checks it again."""
         config = parse(MINIMAL)
         check_listeners(config, ["tcp:8080:interface=127.0.0.1"])
         error = self.assertRaises(

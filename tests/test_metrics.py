@@ -1,6 +1,4 @@
-"""
-Tests for L{oaproxy.metrics}.
-"""
+"""Tests for ``oaproxy.metrics``."""
 
 from __future__ import annotations
 
@@ -56,8 +54,7 @@ def attempt(
 
 
 def record(**overrides: Any) -> dict[str, Any]:
-    """
-    A record as the forwarder emits it (the fields metrics read, and a few
+    """A record as the forwarder emits it (the fields metrics read, and a few
     more), for a successful non-stream chat completion unless overridden.
     """
     base: dict[str, Any] = {
@@ -87,9 +84,7 @@ def record(**overrides: Any) -> dict[str, Any]:
 
 
 class Scrape:
-    """
-    Parsed text exposition, with lookups by sample name and exact labels.
-    """
+    """Parsed text exposition, with lookups by sample name and exact labels."""
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -132,9 +127,8 @@ def get(
     method: bytes = b"GET",
     headers: dict[bytes, bytes] | None = None,
 ) -> Response:
-    """
-    Ask a real L{Site} for C{path} over an in-memory transport, with the
-    resource mounted where the lead mounts it: C{/metrics} and C{/v1/metrics}.
+    """Ask a real ``Site`` for ``path`` over an in-memory transport, with the
+    resource mounted where the lead mounts it: ``/metrics`` and ``/v1/metrics``.
     """
     root = Resource()
     v1 = Resource()
@@ -248,8 +242,7 @@ class LabelTests(SynchronousTestCase):
         self.assertEqual(metrics.upstream_label(None), "none")
 
     def test_update_labels(self) -> None:
-        """
-        A reload swaps the label sets without registering anything again;
+        """A reload swaps the label sets without registering anything again;
         what was counted before stays.
         """
         metrics = make_metrics()
@@ -271,9 +264,7 @@ class LabelTests(SynchronousTestCase):
 
 
 class TrafficTests(SynchronousTestCase):
-    """
-    Known traffic in, exact values out.
-    """
+    """Known traffic in, exact values out."""
 
     def setUp(self) -> None:
         self.metrics = make_metrics()
@@ -603,8 +594,7 @@ class TrafficTests(SynchronousTestCase):
 
 class CardinalityTests(SynchronousTestCase):
     def test_random_names_add_no_series(self) -> None:
-        """
-        A thousand made-up models, upstreams and paths add no time series
+        """A thousand made-up models, upstreams and paths add no time series
         once the first of them made the "other" series exist.
         """
         metrics = make_metrics()
@@ -663,8 +653,7 @@ class ActiveTests(SynchronousTestCase):
         self.assertEqual(self.gauges(metrics), (0, 0))
 
     def test_exception_in_forwarder(self) -> None:
-        """
-        The try/finally pattern keeps the gauges exact when the forwarder
+        """The try/finally pattern keeps the gauges exact when the forwarder
         fails before it has a record.
         """
         metrics = make_metrics()
@@ -680,8 +669,7 @@ class ActiveTests(SynchronousTestCase):
         self.assertEqual(self.gauges(metrics), (0, 0))
 
     def test_malformed_record(self) -> None:
-        """
-        A malformed record is logged, never raised into the forwarder, and
+        """A malformed record is logged, never raised into the forwarder, and
         still finishes the active request.
         """
         metrics = make_metrics()
@@ -777,8 +765,7 @@ class SinkAndAlertTests(SynchronousTestCase):
 
 class RegistryTests(SynchronousTestCase):
     def test_private_registries(self) -> None:
-        """
-        Two instances neither collide nor share values, and neither touches
+        """Two instances neither collide nor share values, and neither touches
         the global registry.
         """
         from prometheus_client import REGISTRY
@@ -879,9 +866,7 @@ class ResourceTests(SynchronousTestCase):
         self.assertMetrics(get(resource))
 
     def test_openmetrics(self) -> None:
-        """
-        A Prometheus server asking for OpenMetrics gets it.
-        """
+        """A Prometheus server asking for OpenMetrics gets it."""
         resource = MetricsResource(self.metrics)
         response = get(
             resource,

@@ -1,6 +1,4 @@
-"""
-Tests for L{oaproxy.sinks.file}: the JSON-lines record file.
-"""
+"""Tests for ``oaproxy.sinks.file``: the JSON-lines record file."""
 
 from __future__ import annotations
 
@@ -66,8 +64,7 @@ class FileSinkTests(SynchronousTestCase):
             return f.read().splitlines(keepends=True)
 
     def test_records_as_json_lines(self) -> None:
-        """
-        Each record is one compact UTF-8 JSON line, with non-ASCII text kept
+        """Each record is one compact UTF-8 JSON line, with non-ASCII text kept
         as is; the directory is created.
         """
         sink = self.sink()
@@ -90,9 +87,7 @@ class FileSinkTests(SynchronousTestCase):
         self.assertEqual(sink.written, 2)
 
     def test_appends(self) -> None:
-        """
-        A new sink appends to the existing file.
-        """
+        """A new sink appends to the existing file."""
         first = self.sink()
         first.observer({"log_namespace": RECORD_NAMESPACE, "record": record(1)})
         self.clock.advance(0)
@@ -105,16 +100,12 @@ class FileSinkTests(SynchronousTestCase):
         )
 
     def test_daily(self) -> None:
-        """
-        C{rotate="daily"} writes through a L{DailyLogFile}.
-        """
+        """``rotate="daily"`` writes through a ``DailyLogFile``."""
         sink = self.sink(rotate="daily")
         self.assertIsInstance(sink._open(), DailyLogFile)
 
     def test_size_rotation(self) -> None:
-        """
-        A size rotates the file once it is reached.
-        """
+        """A size rotates the file once it is reached."""
         sink = self.sink(rotate="1KB")
         logfile = sink._open()
         self.assertIsInstance(logfile, LogFile)
@@ -139,8 +130,7 @@ class FileSinkTests(SynchronousTestCase):
         self.assertEqual(ids, [f"id{n}" for n in range(30)])
 
     def test_unwritable_file_waits(self) -> None:
-        """
-        When the file cannot be opened the records wait (and spill), and are
+        """When the file cannot be opened the records wait (and spill), and are
         written once it can.
         """
         os.makedirs(os.path.dirname(self.path))

@@ -1,6 +1,4 @@
-"""
-Tests for L{oaproxy.sinks.queue}: the bounded queue, backoff, spill and replay.
-"""
+"""Tests for ``oaproxy.sinks.queue``: the bounded queue, backoff, spill and replay."""
 
 from __future__ import annotations
 
@@ -24,9 +22,7 @@ def event(number: int) -> dict[str, Any]:
 
 
 class RecordingSink(QueuedSink):
-    """
-    A sink whose backend is a list; C{mode} says how writes end.
-    """
+    """A sink whose backend is a list; ``mode`` says how writes end."""
 
     def __init__(self, **options: Any) -> None:
         options.setdefault("name", "test")
@@ -82,9 +78,7 @@ class QueuedSinkTests(SynchronousTestCase):
             return [json.loads(line)["n"] for line in f]
 
     def test_observer_picks_record_events(self) -> None:
-        """
-        Only C{oaproxy.record} events with a dict record are queued.
-        """
+        """Only ``oaproxy.record`` events with a dict record are queued."""
         sink = self.sink()
         sink.observer({"log_namespace": "oaproxy.web", "record": {"id": "x"}})
         sink.observer({"log_namespace": RECORD_NAMESPACE})
@@ -94,17 +88,13 @@ class QueuedSinkTests(SynchronousTestCase):
         self.assertEqual(sink.queued, 1)
 
     def test_observer_never_raises(self) -> None:
-        """
-        Trouble inside the observer goes to stderr, not to the caller.
-        """
+        """Trouble inside the observer goes to stderr, not to the caller."""
         sink = self.sink()
         sink.observer(None)  # type: ignore[arg-type]
         self.assertIn("observer error", self.stderr.getvalue())
 
     def test_batches(self) -> None:
-        """
-        Records queued in one reactor turn are written in order, in batches.
-        """
+        """Records queued in one reactor turn are written in order, in batches."""
         sink = self.sink(batch_size=100)
         sink.startService()
         self.feed(sink, range(250))
@@ -115,9 +105,7 @@ class QueuedSinkTests(SynchronousTestCase):
         self.assertEqual((sink.written, sink.queued, sink.failures), (250, 0, 0))
 
     def test_queued_before_start(self) -> None:
-        """
-        Records observed before the service starts are written once it does.
-        """
+        """Records observed before the service starts are written once it does."""
         sink = self.sink()
         self.feed(sink, range(3))
         self.clock.advance(1)
@@ -127,8 +115,7 @@ class QueuedSinkTests(SynchronousTestCase):
         self.assertEqual(sink.stored, [0, 1, 2])
 
     def test_backoff(self) -> None:
-        """
-        A failing backend is retried after 0.5 s, doubling up to 10 s; the
+        """A failing backend is retried after 0.5 s, doubling up to 10 s; the
         records wait in the queue, and are written when it is back.
         """
         sink = self.sink()
@@ -156,9 +143,7 @@ class QueuedSinkTests(SynchronousTestCase):
         self.assertEqual(self.next_delay(), 0.5)
 
     def test_write_timeout(self) -> None:
-        """
-        A write that never answers fails after C{write_timeout}.
-        """
+        """A write that never answers fails after ``write_timeout``."""
         sink = self.sink(write_timeout=5)
         sink.mode = "hang"
         sink.startService()
@@ -170,8 +155,7 @@ class QueuedSinkTests(SynchronousTestCase):
         self.assertEqual(sink.queued, 2)
 
     def test_spill_and_replay_in_order(self) -> None:
-        """
-        A full queue spills its oldest records to the spool; when the backend
+        """A full queue spills its oldest records to the spool; when the backend
         is back the spool is replayed first, then deleted.
         """
         sink = self.sink(queue_size=10, batch_size=7)
@@ -190,9 +174,7 @@ class QueuedSinkTests(SynchronousTestCase):
         self.assertEqual(sink.spool_bytes, 0)
 
     def test_spill_during_replay(self) -> None:
-        """
-        Records spilled while the spool is replayed go after it.
-        """
+        """Records spilled while the spool is replayed go after it."""
         sink = self.sink(queue_size=2, batch_size=3)
         sink.mode = "fail"
         sink.startService()
@@ -207,8 +189,7 @@ class QueuedSinkTests(SynchronousTestCase):
         self.assertEqual(sink.stored, list(range(12)))
 
     def test_inflight_spill_then_success(self) -> None:
-        """
-        Records spilled while their batch is being written are not written a
+        """Records spilled while their batch is being written are not written a
         second time when that write succeeds.
         """
         sink = self.sink(queue_size=5)
@@ -225,8 +206,7 @@ class QueuedSinkTests(SynchronousTestCase):
         self.assertEqual(sink.written, 12)
 
     def test_inflight_spill_then_failure(self) -> None:
-        """
-        When the batch fails instead, its spilled records are replayed from
+        """When the batch fails instead, its spilled records are replayed from
         the spool, before the rest of the queue.
         """
         sink = self.sink(queue_size=5)
@@ -242,9 +222,7 @@ class QueuedSinkTests(SynchronousTestCase):
         self.assertEqual((sink.written, sink.failures), (12, 1))
 
     def test_stop_flushes(self) -> None:
-        """
-        Stopping writes what is queued.
-        """
+        """Stopping writes what is queued."""
         sink = self.sink()
         sink.startService()
         self.feed(sink, range(5))
@@ -253,8 +231,7 @@ class QueuedSinkTests(SynchronousTestCase):
         self.assertEqual(sink.stored, list(range(5)))
 
     def test_stop_spools_the_rest_and_next_run_replays(self) -> None:
-        """
-        What the backend did not take within C{flush_timeout} goes to the
+        """What the backend did not take within ``flush_timeout`` goes to the
         spool; the next sink on that spool replays it first, in order.
         """
         sink = self.sink(queue_size=10, flush_timeout=10)
@@ -282,9 +259,7 @@ class QueuedSinkTests(SynchronousTestCase):
         self.assertEqual(self.spool_lines(), [])
 
     def test_stop_keeps_replay_offset(self) -> None:
-        """
-        A spool replayed in part at stop is resumed where it stopped.
-        """
+        """A spool replayed in part at stop is resumed where it stopped."""
         first = self.sink(queue_size=1)
         self.feed(first, range(30))
         self.assertEqual(len(self.spool_lines()), 29)
@@ -310,9 +285,7 @@ class QueuedSinkTests(SynchronousTestCase):
         self.assertEqual(self.spool_lines(), [])
 
     def test_dropped_when_spool_fails(self) -> None:
-        """
-        A record that not even the spool takes is counted and reported.
-        """
+        """A record that not even the spool takes is counted and reported."""
         blocker = self.mktemp()
         with open(blocker, "w") as f:
             f.write("a file, not a directory")
@@ -322,9 +295,7 @@ class QueuedSinkTests(SynchronousTestCase):
         self.assertIn("records dropped", self.stderr.getvalue())
 
     def test_undecodable_spool_line(self) -> None:
-        """
-        A damaged spool line (e.g. a crash mid-write) is skipped and counted.
-        """
+        """A damaged spool line (e.g. a crash mid-write) is skipped and counted."""
         os.makedirs(self.spool_dir)
         with open(os.path.join(self.spool_dir, "test.jsonl"), "wb") as f:
             f.write(b'{"n": 1}\n{"n": 2, "trunc\n{"n": 3}\n')

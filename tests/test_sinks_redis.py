@@ -1,6 +1,5 @@
-"""
-Tests for L{oaproxy.sinks.redis}, against real Redis servers: the shared one
-at 127.0.0.1:6379, and private C{redis-server}s that the fault tests stop
+"""Tests for ``oaproxy.sinks.redis``, against real Redis servers: the shared one
+at 127.0.0.1:6379, and private ``redis-server``s that the fault tests stop
 and start.
 """
 
@@ -28,9 +27,7 @@ SHARED_REDIS = ("127.0.0.1", 6379)
 
 
 def unavailable(message: str) -> None:
-    """
-    A needed service is missing: fail under CI, skip elsewhere.
-    """
+    """A needed service is missing: fail under CI, skip elsewhere."""
     if os.environ.get("CI") == "true":
         raise AssertionError(message)
     raise SkipTest(message)
@@ -55,9 +52,7 @@ def free_port() -> int:
 def wait_for(
     condition: Callable[[], bool], timeout: float = 60.0, step: float = 0.05
 ) -> Generator[Deferred[Any], Any, None]:
-    """
-    Poll C{condition} on the real reactor (only for real services).
-    """
+    """Poll ``condition`` on the real reactor (only for real services)."""
     waited = 0.0
     while not condition():
         if waited >= timeout:
@@ -67,9 +62,7 @@ def wait_for(
 
 
 class PrivateRedis:
-    """
-    A C{redis-server} of our own on a free port, stopped by PID.
-    """
+    """A ``redis-server`` of our own on a free port, stopped by PID."""
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
@@ -201,8 +194,7 @@ class RedisSinkTests(TestCase):
 
     @inlineCallbacks
     def test_records_and_usage(self) -> Generator[Deferred[Any], Any, None]:
-        """
-        Each record lands in the stream (field C{record}) and in the usage
+        """Each record lands in the stream (field ``record``) and in the usage
         hashes of its day, key and model, which expire.
         """
         if not reachable(*SHARED_REDIS):
@@ -266,8 +258,7 @@ class RedisSinkTests(TestCase):
     def test_redis_goes_away_and_comes_back(
         self,
     ) -> Generator[Deferred[Any], Any, None]:
-        """
-        Redis killed mid-run: records wait, overflow spills to disk; once it
+        """Redis killed mid-run: records wait, overflow spills to disk; once it
         is back on the same port every record arrives exactly once, in order.
         """
         server = PrivateRedis(self.mktemp())
@@ -313,8 +304,7 @@ class RedisSinkTests(TestCase):
     def test_spool_replayed_by_next_sink(
         self,
     ) -> Generator[Deferred[Any], Any, None]:
-        """
-        A sink stopped while Redis is down spools its records; the next sink
+        """A sink stopped while Redis is down spools its records; the next sink
         (Redis up again) replays them first, in order.
         """
         server = PrivateRedis(self.mktemp())

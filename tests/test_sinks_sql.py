@@ -1,6 +1,5 @@
-"""
-Tests for L{oaproxy.sinks.sql}: sqlite in a temporary directory, the shared
-PostgreSQL (database C{test}, a fresh schema per test) and a private
+"""Tests for ``oaproxy.sinks.sql``: sqlite in a temporary directory, the shared
+PostgreSQL (database ``test``, a fresh schema per test) and a private
 PostgreSQL instance that the fault test stops and starts.
 """
 
@@ -87,9 +86,7 @@ def fetch(dbtype: str, dbaddr: str) -> list[dict[str, Any]]:
 
 class HelperTests(SynchronousTestCase):
     def test_migrate_sqlite(self) -> None:
-        """
-        L{migrate} creates the schema once, at L{SCHEMA_VERSION}.
-        """
+        """``migrate`` creates the schema once, at ``SCHEMA_VERSION``."""
         path = os.path.join(self.mktemp(), "db.sqlite")
         connection = open_database("sqlite", path)
         self.addCleanup(connection.close)
@@ -116,9 +113,7 @@ class HelperTests(SynchronousTestCase):
         self.assertRaises(ValueError, placeholder, "mysql")
 
     def test_record_row(self) -> None:
-        """
-        Any record shape gives a row; PostgreSQL text loses its NULs.
-        """
+        """Any record shape gives a row; PostgreSQL text loses its NULs."""
         row: dict[str, Any] = dict(
             zip(
                 COLUMNS,
@@ -135,9 +130,7 @@ class HelperTests(SynchronousTestCase):
 
 
 class SQLSinkBase(TestCase):
-    """
-    Shared checks of the SQL sink tests (no tests of its own).
-    """
+    """Shared checks of the SQL sink tests (no tests of its own)."""
 
     dbtype: str
     dbaddr: str
@@ -204,15 +197,12 @@ class SQLiteSinkTests(SQLSinkBase):
         self.dbaddr = os.path.join(self.mktemp(), "sub", "db.sqlite")
 
     def test_records_arrive(self) -> Deferred[None]:
-        """
-        Records are inserted with their columns and whole JSON, once.
-        """
+        """Records are inserted with their columns and whole JSON, once."""
         return self.check_records_arrive()
 
     @inlineCallbacks
     def test_database_locked(self) -> Generator[Deferred[Any], Any, None]:
-        """
-        While another connection holds the write lock, records wait; they are
+        """While another connection holds the write lock, records wait; they are
         written once it is released.
         """
         sink = self.sink(self.mktemp(), busy_timeout=0.1, queue_size=5, batch_size=5)
@@ -261,9 +251,7 @@ class PostgresSinkTests(SQLSinkBase):
         self.dbaddr = f"{base} options='-c search_path={schema}'"
 
     def test_records_arrive(self) -> Deferred[None]:
-        """
-        Records are inserted with their columns and whole JSON, once.
-        """
+        """Records are inserted with their columns and whole JSON, once."""
         return self.check_records_arrive()
 
     def test_schema_version(self) -> None:
@@ -283,9 +271,7 @@ def _postgres_bin() -> str | None:
 
 
 class PrivatePostgres:
-    """
-    A PostgreSQL instance of our own (as user C{postgres} when we are root).
-    """
+    """A PostgreSQL instance of our own (as user ``postgres`` when we are root)."""
 
     def __init__(self) -> None:
         self.bin = _postgres_bin()
@@ -362,8 +348,7 @@ class PostgresOutageTests(SQLSinkBase):
 
     @inlineCallbacks
     def test_postgres_restart(self) -> Generator[Deferred[Any], Any, None]:
-        """
-        PostgreSQL stopped mid-run: records wait and spill; after it is back
+        """PostgreSQL stopped mid-run: records wait and spill; after it is back
         every record is stored exactly once.
         """
         server = PrivatePostgres()

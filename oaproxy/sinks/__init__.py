@@ -1,14 +1,13 @@
-"""
-Record sinks: observers of C{oaproxy.record} events that store the records.
+"""Record sinks: observers of ``oaproxy.record`` events that store the records.
 
-Each sink is a L{twisted.application.service.Service} with an C{observer}
-(an L{ILogObserver}); wire both::
+Each sink is a ``twisted.application.service.Service`` with an ``observer``
+(an ``ILogObserver``); wire both::
 
     sink = FileSink("log/records.jsonl", spool_dir="log/spool")
     sink.setServiceParent(multi_service)
     globalLogPublisher.addObserver(sink.observer)
 
-L{RedisSink} lives in L{oaproxy.sinks.redis} and is imported from there
+``RedisSink`` lives in ``oaproxy.sinks.redis`` and is imported from there
 (txredisapi installs the global reactor when imported).
 """
 

@@ -1,6 +1,4 @@
-"""
-The JSON-lines record file (C{records.file}), rotated daily or by size.
-"""
+"""The JSON-lines record file (``records.file``), rotated daily or by size."""
 
 from __future__ import annotations
 
@@ -30,8 +28,7 @@ _UNITS = {
 
 
 def parse_size(text: str | int) -> int:
-    """
-    A size like C{"100MB"}, C{"512k"} or C{1048576} in bytes (units are
+    """A size like ``"100MB"``, ``"512k"`` or ``1048576`` in bytes (units are
     binary: 1 MB = 1024 * 1024 bytes).
     """
     if isinstance(text, int):
@@ -47,16 +44,15 @@ def parse_size(text: str | int) -> int:
 
 
 class FileSink(QueuedSink):
-    """
-    Appends each record as one compact JSON line (UTF-8) to C{path}.
+    """Appends each record as one compact JSON line (UTF-8) to ``path``.
 
-    @param rotate: C{"daily"} (a L{DailyLogFile}: C{path.YYYY_M_D} at local
-        midnight), a size (C{"100MB"}, or bytes as an int: a L{LogFile}
-        rotating to C{path.1}, C{path.2}…), or L{None} for no rotation.
+    @param rotate: ``"daily"`` (a ``DailyLogFile``: ``path.YYYY_M_D`` at local
+        midnight), a size (``"100MB"``, or bytes as an int: a ``LogFile``
+        rotating to ``path.1``, ``path.2``…), or ``None`` for no rotation.
     @param max_rotated_files: for size rotation, how many old files to keep
-        (L{None}: all).
-    @param options: further L{QueuedSink} options (C{batch_size},
-        C{write_timeout}, C{flush_timeout}, C{stderr}…).
+        (``None``: all).
+    @param options: further ``QueuedSink`` options (``batch_size``,
+        ``write_timeout``, ``flush_timeout``, ``stderr``…).
     """
 
     def __init__(
@@ -121,9 +117,7 @@ class FileSink(QueuedSink):
         return succeed(None)
 
     def reopen(self) -> None:
-        """
-        Reopen the file, for rotation by an outside tool (logrotate).
-        """
+        """Reopen the file, for rotation by an outside tool (logrotate)."""
         self._close()
 
     def _close(self) -> None:

@@ -1,5 +1,4 @@
-"""
-The shared base of the record sinks: a bounded queue that spills to disk.
+"""The shared base of the record sinks: a bounded queue that spills to disk.
 
 A sink's observer only appends the record to an in-memory deque; a drain
 loop writes batches to the backend.  While the backend fails, records wait
@@ -65,11 +64,10 @@ class _Clock(Protocol):
 
 
 def encode_record(record: Record) -> bytes:
-    """
-    One record as compact UTF-8 JSON (no newline).
+    """One record as compact UTF-8 JSON (no newline).
 
-    C{backslashreplace} turns a lone surrogate (from a body decoded with
-    C{surrogateescape}) into a C{\\udcXX} escape, which is still valid JSON,
+    ``backslashreplace`` turns a lone surrogate (from a body decoded with
+    ``surrogateescape``) into a ``\\udcXX`` escape, which is still valid JSON,
     instead of failing the whole record.
     """
     text = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
@@ -78,9 +76,7 @@ def encode_record(record: Record) -> bytes:
 
 @implementer(ILogObserver)
 class RecordObserver:
-    """
-    The log observer of one sink: hands record events to L{QueuedSink.observe}.
-    """
+    """The log observer of one sink: hands record events to ``QueuedSink.observe``."""
 
     def __init__(self, sink: QueuedSink) -> None:
         self.sink = sink
@@ -93,21 +89,20 @@ class RecordObserver:
 
 
 class QueuedSink(Service):
-    """
-    Base of a record sink: a L{Service} whose L{observer} queues records and
-    whose drain loop hands them to L{write_batch} in batches.
+    """Base of a record sink: a ``Service`` whose ``observer`` queues records and
+    whose drain loop hands them to ``write_batch`` in batches.
 
-    Subclasses implement L{write_batch}, and may override L{open_backend}
-    (called from C{startService}) and L{close_backend} (called from
-    C{stopService} after the final flush).
+    Subclasses implement ``write_batch``, and may override ``open_backend``
+    (called from ``startService``) and ``close_backend`` (called from
+    ``stopService`` after the final flush).
 
-    Counters (read by the metrics): L{queued} (records in memory now),
-    C{written} (records the backend confirmed), C{replayed} (of those, read
-    back from the spool), C{spilled} (records moved to the spool),
-    C{dropped} (records lost: not even the spool took them, or a spool line
-    could not be decoded), C{failures} (failed or timed-out batch writes).
+    Counters (read by the metrics): ``queued`` (records in memory now),
+    ``written`` (records the backend confirmed), ``replayed`` (of those, read
+    back from the spool), ``spilled`` (records moved to the spool),
+    ``dropped`` (records lost: not even the spool took them, or a spool line
+    could not be decoded), ``failures`` (failed or timed-out batch writes).
 
-    @ivar observer: the L{ILogObserver} to add to the log publisher.
+    @ivar observer: the ``ILogObserver`` to add to the log publisher.
     """
 
     def __init__(
@@ -181,8 +176,7 @@ class QueuedSink(Service):
     # -- to be provided by subclasses -------------------------------------
 
     def write_batch(self, records: list[Record]) -> Deferred[object]:
-        """
-        Write C{records} to the backend, in order.
+        """Write ``records`` to the backend, in order.
 
         The Deferred fires when all of them are stored, and fails (or is
         cancelled on timeout) otherwise; the whole batch is then retried, so
@@ -191,37 +185,28 @@ class QueuedSink(Service):
         raise NotImplementedError
 
     def open_backend(self) -> None:
-        """
-        Open connections (called from C{startService}).
-        """
+        """Open connections (called from ``startService``)."""
 
     def close_backend(self) -> Deferred[object] | None:
-        """
-        Close connections (called from C{stopService} after the flush).
-        """
+        """Close connections (called from ``stopService`` after the flush)."""
         return None
 
     # -- counters ---------------------------------------------------------
 
     @property
     def queued(self) -> int:
-        """
-        Records waiting in memory.
-        """
+        """Records waiting in memory."""
         return len(self._queue)
 
     @property
     def spool_bytes(self) -> int:
-        """
-        Bytes of spooled records not yet replayed.
-        """
+        """Bytes of spooled records not yet replayed."""
         return max(0, self._spool_size - self._spool_offset)
 
     # -- the observer -----------------------------------------------------
 
     def observe(self, event: LogEvent) -> None:
-        """
-        Queue the record of an C{oaproxy.record} event; never blocks on the
+        """Queue the record of an ``oaproxy.record`` event; never blocks on the
         network, never raises, never logs through the logger.
         """
         try:
@@ -253,9 +238,8 @@ class QueuedSink(Service):
         self._schedule_pump()
 
     def stopService(self) -> Deferred[None]:
-        """
-        Flush the queue (and spool) to the backend for at most
-        C{flush_timeout} seconds, spool what is left, close the backend.
+        """Flush the queue (and spool) to the backend for at most
+        ``flush_timeout`` seconds, spool what is left, close the backend.
         """
         super().stopService()
         self._state = "stopping"
@@ -354,9 +338,7 @@ class QueuedSink(Service):
             self._fire_flushed()
 
     def _start_batch(self) -> bool:
-        """
-        Start writing the next batch; C{False} if there is none.
-        """
+        """Start writing the next batch; ``False`` if there is none."""
         if self._spool_offset < self._spool_size:
             try:
                 batch, end = self._read_spool()
@@ -461,9 +443,7 @@ class QueuedSink(Service):
             )
 
     def _spill(self, record: Record, keep_open: bool = True) -> int:
-        """
-        Append one record to the spool; its size in bytes, 0 if dropped.
-        """
+        """Append one record to the spool; its size in bytes, 0 if dropped."""
         try:
             line = encode_record(record) + b"\n"
             if self._spool_writer is None:
@@ -494,9 +474,7 @@ class QueuedSink(Service):
             pass
 
     def _read_spool(self) -> tuple[list[Record], int]:
-        """
-        Read the next chunk of the spool; its records and the offset after it.
-        """
+        """Read the next chunk of the spool; its records and the offset after it."""
         if self._spool_reader is None:
             self._spool_reader = open(self._spool_path, "rb")  # noqa: SIM115
         reader = self._spool_reader

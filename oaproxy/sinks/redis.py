@@ -1,7 +1,6 @@
-"""
-The Redis record sink: a stream of records plus per-day usage counters.
+"""The Redis record sink: a stream of records plus per-day usage counters.
 
-Per record, one Lua script (C{EVAL}) runs atomically on the server::
+Per record, one Lua script (``EVAL``) runs atomically on the server::
 
     XADD {key} MAXLEN ~ {maxlen} * record {json}
     HINCRBY oaproxy:usage:{YYYY-MM-DD}:key:{key_name}  requests 1,
@@ -9,10 +8,10 @@ Per record, one Lua script (C{EVAL}) runs atomically on the server::
     HINCRBY oaproxy:usage:{YYYY-MM-DD}:model:{model}   (the same fields)
     EXPIRE  both hashes 35 days
 
-guarded by C{SET {key}:seen:{id} 1 NX EX {dedupe_ttl}}: a record whose
+guarded by ``SET {key}:seen:{id} 1 NX EX {dedupe_ttl}``: a record whose
 reply was lost (Redis killed mid-batch, our deadline fired) and that is
 written again is neither added nor counted twice.  The date is the UTC date
-of the record's C{time}; a missing key name or model counts as C{"-"}.
+of the record's ``time``; a missing key name or model counts as ``"-"``.
 """
 
 from __future__ import annotations
@@ -49,9 +48,7 @@ return 1
 
 @frozen
 class RedisAddress:
-    """
-    Where a C{redis://[user:password@]host:port/db} URL points.
-    """
+    """Where a ``redis://[user:password@]host:port/db`` URL points."""
 
     host: str
     port: int
@@ -88,9 +85,7 @@ def _int(value: object) -> int:
 
 
 def usage_date(record: Record) -> str:
-    """
-    The UTC day a record counts for, C{YYYY-MM-DD}.
-    """
+    """The UTC day a record counts for, ``YYYY-MM-DD``."""
     when = record.get("time")
     if (
         isinstance(when, bool)
@@ -110,9 +105,7 @@ def script_arguments(
     usage_prefix: str,
     dedupe_ttl: int,
 ) -> list[object]:
-    """
-    The C{EVAL} arguments (after the script) writing one record.
-    """
+    """The ``EVAL`` arguments (after the script) writing one record."""
     usage = record.get("usage")
     if not isinstance(usage, dict):
         usage = {}
@@ -142,16 +135,15 @@ def script_arguments(
 
 
 class RedisSink(QueuedSink):
-    """
-    Writes records to a Redis stream (C{XADD key MAXLEN ~ maxlen}) and
+    """Writes records to a Redis stream (``XADD key MAXLEN ~ maxlen``) and
     counts usage per day, key and model.
 
-    @param url: C{redis://host:port/db}.
+    @param url: ``redis://host:port/db``.
     @param key: the stream.
     @param maxlen: approximate stream length kept.
     @param dedupe_ttl: seconds a record id is remembered against double
         writes on retry.
-    @param options: further L{QueuedSink} options.
+    @param options: further ``QueuedSink`` options.
     """
 
     def __init__(

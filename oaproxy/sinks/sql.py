@@ -1,9 +1,8 @@
-"""
-The SQL record store (C{dbtype} C{sqlite} or C{postgres}), table C{records}.
+"""The SQL record store (``dbtype`` ``sqlite`` or ``postgres``), table ``records``.
 
-Besides L{SQLSink}, this module is the one place that knows the schema, for
-the CLI too: L{open_database} (a plain DB-API connection, synchronous),
-L{connection_pool} (an adbapi pool), L{migrate}, L{placeholder}, L{COLUMNS}.
+Besides ``SQLSink``, this module is the one place that knows the schema, for
+the CLI too: ``open_database`` (a plain DB-API connection, synchronous),
+``connection_pool`` (an adbapi pool), ``migrate``, ``placeholder``, ``COLUMNS``.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ SQLITE = "sqlite"
 POSTGRES = "postgres"
 DBTYPES = (SQLITE, POSTGRES)
 
-#: Columns of C{records}, in insert order.
+#: Columns of ``records``, in insert order.
 COLUMNS = (
     "id",
     "time",
@@ -63,9 +62,7 @@ def _check(dbtype: str) -> None:
 
 
 def placeholder(dbtype: str) -> str:
-    """
-    The DB-API parameter marker of the driver behind C{dbtype}.
-    """
+    """The DB-API parameter marker of the driver behind ``dbtype``."""
     _check(dbtype)
     return "?" if dbtype == SQLITE else "%s"
 
@@ -119,8 +116,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 def migrate(cursor: Any, dbtype: str) -> int:
-    """
-    Bring the schema to L{SCHEMA_VERSION}, inside the caller's transaction
+    """Bring the schema to ``SCHEMA_VERSION``, inside the caller's transaction
     (commit afterwards).  Returns the version found before.
 
     @raise RuntimeError: the database is newer than this code.
@@ -159,9 +155,7 @@ def migrate(cursor: Any, dbtype: str) -> int:
 
 
 def insert_statement(dbtype: str) -> str:
-    """
-    The idempotent insert of one row of L{COLUMNS}.
-    """
+    """The idempotent insert of one row of ``COLUMNS``."""
     mark = placeholder(dbtype)
     return (
         f"INSERT INTO records ({', '.join(COLUMNS)})"
@@ -194,9 +188,7 @@ def _real(value: object) -> float | None:
 
 
 def record_row(record: Record, dbtype: str) -> tuple[object, ...]:
-    """
-    The row of L{COLUMNS} for one record; any record shape gives a row.
-    """
+    """The row of ``COLUMNS`` for one record; any record shape gives a row."""
     usage = record.get("usage")
     if not isinstance(usage, dict):
         usage = {}
@@ -248,10 +240,9 @@ def _sqlite_setup(busy_timeout: float) -> Callable[[Any], None]:
 
 
 def open_database(dbtype: str, dbaddr: str, *, busy_timeout: float = 5.0) -> Any:
-    """
-    A plain, synchronous DB-API connection (for the CLI): sqlite3 on the
-    file C{dbaddr}, or psycopg2 on the DSN / C{postgresql://} URL C{dbaddr}.
-    Use L{placeholder} for parameters; call L{migrate} and commit first if
+    """A plain, synchronous DB-API connection (for the CLI): sqlite3 on the
+    file ``dbaddr``, or psycopg2 on the DSN / ``postgresql://`` URL ``dbaddr``.
+    Use ``placeholder`` for parameters; call ``migrate`` and commit first if
     the tables may not exist yet.
     """
     _check(dbtype)
@@ -274,8 +265,7 @@ def connection_pool(
     busy_timeout: float = 5.0,
     connect_timeout: int = 5,
 ) -> ConnectionPool:
-    """
-    An adbapi pool on the database: one connection (the sink writes one
+    """An adbapi pool on the database: one connection (the sink writes one
     batch at a time), reconnecting after a PostgreSQL restart.
     """
     _check(dbtype)
@@ -313,14 +303,13 @@ def _store(
 
 
 class SQLSink(QueuedSink):
-    """
-    Inserts records into the C{records} table, one transaction per batch,
-    idempotently on C{id}; creates or migrates the schema first.
+    """Inserts records into the ``records`` table, one transaction per batch,
+    idempotently on ``id``; creates or migrates the schema first.
 
-    @param dbtype: C{"sqlite"} or C{"postgres"}.
-    @param dbaddr: the sqlite file, or a libpq DSN / C{postgresql://} URL.
-    @param options: further L{QueuedSink} options (C{write_timeout} defaults
-        to 30 s here: a locked sqlite waits C{busy_timeout} itself).
+    @param dbtype: ``"sqlite"`` or ``"postgres"``.
+    @param dbaddr: the sqlite file, or a libpq DSN / ``postgresql://`` URL.
+    @param options: further ``QueuedSink`` options (``write_timeout`` defaults
+        to 30 s here: a locked sqlite waits ``busy_timeout`` itself).
     """
 
     def __init__(

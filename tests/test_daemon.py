@@ -1,0 +1,480 @@
+"""Operating the real daemon: ``twistd -n --pidfile= oaproxy --config FILE``.
+
+Each test runs the installed twistd as a subprocess (``reactor.spawnProcess``)
+in a temporary working directory, against ``FakeUpstream``s in the test's
+reactor, and drives it with signals: SIGHUP reloads, SIGTERM drains and
+stops. Waiting is bounded polling on real sockets and on the daemon's
+output (``deferLater``); every child is killed in cleanup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from io import BytesIO
+from typing import Any
+
+import yaml  # type: ignore[import-untyped]
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectError, ConnectionRefusedError, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from twisted.web.client import (
+    Agent,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    ResponseDone,
+    ResponseNeverReceived,
+)
+from twisted.web.http_headers import Headers
+
+from tests.fakeupstream import FAKE_MODEL, Chat, FakeUpstream, Stream
+from tests.test_twistd import child_env, free_port, read_body, twistd_command
+
+from tests.test_e2e import reactor
+
+OLD_KEY = "ck-old-0123456789abcdef"
+NEW_KEY = "ck-new-0123456789abcdef"
+SK_A = "sk-upstream-a-0123456789"
+SK_B = "sk-upstream-b-0123456789"
+MATRIX_TOKEN = "syt-matrix-daemon-0123456789"
+FEISHU_SECRET = "fs-daemon-secret-0123"
+FEISHU_TOKEN = "hook-daemon-token-0123"
+POLL = 0.05
+# A slow stream: one chunk every 0.2 s, about 2 s in all.
+SLOW_CHUNKS = tuple(f"c{i} " for i in range(10))
+SLOW = Stream(chunks=SLOW_CHUNKS, delay=0.2)
+
+
+class Daemon(ProcessProtocol):
+    """One twistd child: its output, and a Deferred for its end."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: Deferred[Failure] = Deferred()
+        self.ended_at: float | None = None
+        self.running = True
+        self.process: Any = None
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self.output += data
+
+    def processEnded(self, reason: Failure) -> None:
+        self.running = False
+        self.ended_at = reactor.seconds()
+        # Wrapped: a Failure given to callback() would errback.
+        self.ended.callback([reason])  # type: ignore[arg-type]
+
+    @property
+    def text(self) -> str:
+        return self.output.decode("utf-8", "replace")
+
+    def signal(self, name: str) -> None:
+        self.process.signalProcess(name)
+
+    async def wait_for(self, text: str, count: int = 1, timeout: float = 10.0) -> None:
+        """Until ``text`` appeared ``count`` times in the output."""
+        for _ in range(int(timeout / POLL)):
+            if self.text.count(text) >= count:
+                return
+            if not self.running:
+                break
+            await deferLater(reactor, POLL, lambda: None)
+        raise AssertionError(f"{text!r} x{count} not in the daemon's output:\n{self.text}")
+
+    async def end(self) -> Failure:
+        result: Any = await self.ended
+        reason: Failure = result[0]
+        return reason
+
+
+class Incoming(Protocol):
+    """A response body as it arrives; ``done`` fires with (body, clean end)."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.first: Deferred[None] = Deferred()
+        self.done: Deferred[tuple[bytes, bool]] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.parts.append(data)
+        if not self.first.called:
+            self.first.callback(None)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.first.called:
+            self.first.callback(None)
+        self.done.callback((b"".join(self.parts), bool(reason.check(ResponseDone))))
+
+
+def chat_body(stream: bool = False) -> bytes:
+    payload: dict[str, Any] = {"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    if stream:
+        payload["stream"] = True
+    return json.dumps(payload).encode()
+
+
+def write_config(path: str, config: dict[str, Any]) -> None:
+    # Written whole to a new file, then renamed: the daemon never reads half.
+    with open(path + ".new", "w", encoding="utf-8") as f:
+        yaml.safe_dump(config, f)
+    os.replace(path + ".new", path)
+
+
+def upstream(name: str, fake: FakeUpstream, sk: str, **more: Any) -> dict[str, Any]:
+    return {"name": name, "endpoint": fake.endpoint, "sk": sk, **more}
+
+
+def base_config(port: int | None, keys: dict[str, str], upstreams: list[dict[str, Any]], **more: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "dbtype": "none",
+        "hostname": "daemon-test",
+        "authorization": keys,
+        "timeout": 10,
+        "stream_timeout": 10,
+        "stream_idle_timeout": 10,
+        "upstreams": upstreams,
+    }
+    if port is not None:
+        config["listen"] = f"tcp:{port}:interface=127.0.0.1"
+    config.update(more)
+    return config
+
+
+def records_in(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class DaemonCase(TestCase):
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.cwd = os.path.abspath(self.mktemp())
+        os.makedirs(self.cwd)
+        self.config_path = os.path.join(self.cwd, "config.yaml")
+        self.agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+
+    async def fake(self, **kwargs: Any) -> FakeUpstream:
+        fake = await FakeUpstream(reactor, **kwargs).start()
+        self.addCleanup(fake.stop)
+        return fake
+
+    def spawn(
+        self,
+        config: dict[str, Any],
+        *,
+        env: dict[str, str] | None = None,
+        child_fds: dict[int, Any] | None = None,
+        prefix: list[str] | None = None,
+    ) -> Daemon:
+        write_config(self.config_path, config)
+        daemon = Daemon()
+        command = [*(prefix or []), *twistd_command(), "-n", "--pidfile=", "oaproxy", "--config", "config.yaml"]
+        daemon.process = reactor.spawnProcess(
+            daemon,
+            command[0],
+            command,
+            env=env if env is not None else child_env(),
+            path=self.cwd,
+            childFDs=child_fds if child_fds is not None else {0: "w", 1: "r", 2: "r"},
+        )
+
+        async def kill() -> None:
+            if daemon.running:
+                daemon.signal("KILL")
+                await daemon.ended
+
+        self.addCleanup(lambda: Deferred.fromCoroutine(kill()))
+        return daemon
+
+    async def serving(self, daemon: Daemon, port: int, attempts: int = 300) -> None:
+        """Until ``/healthz`` answers 200 on ``port`` (about 15 s at most)."""
+        for _ in range(attempts):
+            if not daemon.running:
+                self.fail(f"twistd exited before serving:\n{daemon.text}")
+            try:
+                response = await self.agent.request(b"GET", f"http://127.0.0.1:{port}/healthz".encode())
+                await read_body(response)
+                if response.code == 200:
+                    return
+            except (ConnectError, ResponseNeverReceived):
+                pass
+            await deferLater(reactor, POLL, lambda: None)
+        self.fail(f"twistd did not answer /healthz on {port}:\n{daemon.text}")
+
+    async def chat(self, port: int, key: str) -> tuple[int, bytes]:
+        body = chat_body()
+        producer: Any = FileBodyProducer(BytesIO(body), readSize=len(body))
+        response = await self.agent.request(
+            b"POST",
+            f"http://127.0.0.1:{port}/v1/chat/completions".encode(),
+            Headers({b"authorization": [b"Bearer " + key.encode()], b"content-type": [b"application/json"]}),
+            producer,
+        )
+        return response.code, await read_body(response)
+
+    async def start_stream(self, port: int, key: str) -> Incoming:
+        """A stream request, once its first bytes have arrived."""
+        body = chat_body(stream=True)
+        producer: Any = FileBodyProducer(BytesIO(body), readSize=len(body))
+        response = await self.agent.request(
+            b"POST",
+            f"http://127.0.0.1:{port}/v1/chat/completions".encode(),
+            Headers({b"authorization": [b"Bearer " + key.encode()], b"content-type": [b"application/json"]}),
+            producer,
+        )
+        self.assertEqual(response.code, 200)
+        incoming = Incoming()
+        response.deliverBody(incoming)
+        await incoming.first
+        return incoming
+
+    async def refused(self, port: int) -> bool:
+        """Whether a new connection to ``port`` is refused now."""
+        try:
+            protocol = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=2), Protocol())
+        except ConnectionRefusedError:
+            return True
+        assert protocol.transport is not None
+        protocol.transport.abortConnection()
+        return False
+
+    def assert_stream_complete(self, incoming: tuple[bytes, bool]) -> None:
+        body, clean = incoming
+        text = body.decode()
+        self.assertTrue(clean, text)
+        deltas = []
+        for line in text.splitlines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[len("data: ") :])["choices"]:
+                    deltas.append(choice["delta"].get("content") or "")
+        self.assertEqual("".join(deltas), "".join(SLOW_CHUNKS))
+        self.assertTrue(text.rstrip().endswith("data: [DONE]"), text[-200:])
+        self.assertNotIn("error", text)
+
+    def assert_stopped_by_sigterm(self, reason: Failure, daemon: Daemon) -> None:
+        # twistd stops its services, then re-raises the signal on itself
+        # (twisted.application.app._exitWithSignal): a clean SIGTERM stop
+        # ends "by signal 15", not with status 0 (see tests.test_twistd).
+        self.assertTrue(reason.check(ProcessTerminated), f"{reason.value}\n{daemon.text}")
+        self.assertEqual((reason.value.exitCode, reason.value.signal), (None, signal.SIGTERM), daemon.text)
+        self.assertIn("Server Shut Down", daemon.text)
+        self.assertNotIn("Traceback", daemon.text)
+
+
+class ReloadTests(DaemonCase):
+    async def test_sighup_reload(self) -> None:
+        a = await self.fake(default=SLOW)
+        b = await self.fake(default=Chat(text="from B"))
+        first_port = await free_port()
+        second_port = await free_port()
+        old = base_config(first_port, {"old": OLD_KEY}, [upstream("a", a, SK_A)])
+        daemon = self.spawn(old)
+        await self.serving(daemon, first_port)
+        await daemon.wait_for("oaproxy started")
+
+        # A slow stream from A is in flight during the reload.
+        incoming = await self.start_stream(first_port, OLD_KEY)
+        new = base_config(first_port, {"new": NEW_KEY}, [upstream("b", b, SK_B)])
+        write_config(self.config_path, new)
+        daemon.signal("HUP")
+        await daemon.wait_for("config reloaded")
+        self.assertFalse(incoming.done.called, "the stream ended before the reload was done")
+
+        # New requests: the new key, served by B; the old key is gone.
+        code, body = await self.chat(first_port, NEW_KEY)
+        self.assertEqual(code, 200, body)
+        self.assertEqual(json.loads(body)["choices"][0]["message"]["content"], "from B")
+        self.assertEqual(b.requests[0].header(b"authorization"), b"Bearer " + SK_B.encode())
+        code, body = await self.chat(first_port, OLD_KEY)
+        self.assertEqual(code, 401, body)
+        self.assertEqual(json.loads(body)["error"]["code"], "invalid_api_key")
+
+        # The stream in flight finishes normally, from A, the only request A got.
+        self.assert_stream_complete(await incoming.done)
+        self.assertEqual(len(a.requests), 1)
+        self.assertEqual(len(b.requests), 1)
+
+        # An invalid config is refused with a log line; the last good one stays.
+        with open(self.config_path, "w", encoding="utf-8") as f:
+            f.write("dbtype: none\nupstreams:\n  - endpoint: http://127.0.0.1:1/v1\n    stream_timout: 3\n")
+        daemon.signal("HUP")
+        await daemon.wait_for("reload refused")
+        refusal = [line for line in daemon.text.splitlines() if "reload refused" in line]
+        self.assertEqual(len(refusal), 1, refusal)
+        self.assertIn("stream_timout", refusal[0])
+        code, body = await self.chat(first_port, NEW_KEY)
+        self.assertEqual(code, 200, body)
+        self.assertEqual(len(b.requests), 2)
+        self.assertEqual((await self.chat(first_port, OLD_KEY))[0], 401)
+
+        # A changed listener is re-bound: the new port answers, the old one is closed.
+        write_config(self.config_path, {**new, "listen": f"tcp:{second_port}:interface=127.0.0.1"})
+        daemon.signal("HUP")
+        await daemon.wait_for("config reloaded", count=2)
+        await self.serving(daemon, second_port, attempts=40)
+        code, body = await self.chat(second_port, NEW_KEY)
+        self.assertEqual(code, 200, body)
+        self.assertTrue(await self.refused(first_port))
+        self.assertTrue(daemon.running)
+        self.assertNotIn("Traceback", daemon.text)
+        for secret in (OLD_KEY, NEW_KEY, SK_A, SK_B):
+            self.assertNotIn(secret, daemon.text)
+
+
+class StopTests(DaemonCase):
+    async def test_sigterm_drains_a_stream_in_flight(self) -> None:
+        a = await self.fake(default=SLOW)
+        port = await free_port()
+        config = base_config(
+            port,
+            {"old": OLD_KEY},
+            [upstream("a", a, SK_A)],
+            records={"file": "records.jsonl", "spool_dir": "spool"},
+        )
+        daemon = self.spawn(config)
+        await self.serving(daemon, port)
+        incoming = await self.start_stream(port, OLD_KEY)
+        daemon.signal("TERM")
+        sent = reactor.seconds()
+
+        # New connections are refused promptly, while the stream goes on.
+        for _ in range(40):
+            if await self.refused(port):
+                break
+            await deferLater(reactor, POLL, lambda: None)
+        else:
+            self.fail(f"still accepting 2 s after SIGTERM:\n{daemon.text}")
+        self.assertLess(reactor.seconds() - sent, 1.5)
+        self.assertFalse(incoming.done.called, "the stream ended before the listener closed")
+        self.assertTrue(daemon.running)
+
+        self.assert_stream_complete(await incoming.done)
+        self.assert_stopped_by_sigterm(await daemon.end(), daemon)
+        self.assertIn("stopping: waiting up to 30s for 1 requests in flight", daemon.text)
+
+        [record] = records_in(os.path.join(self.cwd, "records.jsonl"))
+        self.assertEqual((record["stream"], record["status"], record["outcome"]), (True, 200, "ok"))
+        self.assertEqual(record["upstream"], "a")
+        self.assertEqual(record["response_text"], "".join(SLOW_CHUNKS))
+        self.assertEqual(record["key_name"], "old")
+
+    async def test_shutdown_timeout_cuts_a_long_stream(self) -> None:
+        # About 8 s of stream, against a 1 s shutdown_timeout.
+        a = await self.fake(default=Stream(chunks=tuple(f"c{i} " for i in range(40)), delay=0.2))
+        port = await free_port()
+        config = base_config(
+            port,
+            {"old": OLD_KEY},
+            [upstream("a", a, SK_A)],
+            shutdown_timeout=1,
+            records={"file": "records.jsonl", "spool_dir": "spool"},
+        )
+        daemon = self.spawn(config)
+        await self.serving(daemon, port)
+        incoming = await self.start_stream(port, OLD_KEY)
+        daemon.signal("TERM")
+        sent = reactor.seconds()
+        reason = await daemon.end()
+        assert daemon.ended_at is not None
+        took = daemon.ended_at - sent
+        self.assertGreaterEqual(took, 0.9, daemon.text)
+        self.assertLess(took, 3.5, daemon.text)
+        self.assert_stopped_by_sigterm(reason, daemon)
+        self.assertIn("cutting 1 requests still in flight", daemon.text)
+
+        body, clean = await incoming.done
+        self.assertFalse(clean, "a cut stream must not look complete")
+        self.assertNotIn(b"[DONE]", body)
+
+        [record] = records_in(os.path.join(self.cwd, "records.jsonl"))
+        self.assertEqual(record["stream"], True)
+        self.assertIn(record["outcome"], ("client_disconnected", "stream_failed"))
+        self.assertNotEqual(record["response_text"], "".join(f"c{i} " for i in range(40)))
+        self.assertLess(record["duration"], 3.5)
+
+
+class SocketActivationTests(DaemonCase):
+    async def test_listen_on_an_inherited_socket(self) -> None:
+        fake = await self.fake()
+        listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(16)
+        port = listening.getsockname()[1]
+        config = base_config(None, {"old": OLD_KEY}, [upstream("a", fake, SK_A)], listen="systemd:domain=INET:index=0")
+        env = {k: v for k, v in child_env().items() if k not in ("LISTEN_PID", "LISTEN_FDNAMES")}
+        env["LISTEN_FDS"] = "1"
+        # As systemd does: fd 3, and LISTEN_PID naming the process that execs
+        # twistd (known only after the fork, hence the shell).
+        daemon = self.spawn(
+            config,
+            env=env,
+            child_fds={0: "w", 1: "r", 2: "r", 3: listening.fileno()},
+            prefix=["/bin/sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh"],
+        )
+        # Only the daemon holds the socket now.
+        listening.close()
+        await self.serving(daemon, port)
+        code, body = await self.chat(port, OLD_KEY)
+        self.assertEqual(code, 200, body)
+        self.assertEqual(json.loads(body)["choices"][0]["message"]["content"], "Hello, world!")
+        self.assertEqual(len(fake.requests), 1)
+        await daemon.wait_for("listening on systemd:domain=INET:index=0")
+        self.assertNotIn("Traceback", daemon.text)
+
+
+class SummaryTests(DaemonCase):
+    async def test_startup_summary(self) -> None:
+        main = await self.fake()
+        spare = await self.fake()
+        port = await free_port()
+        config = base_config(
+            port,
+            {"alice": OLD_KEY, "bob": NEW_KEY},
+            [
+                upstream("main", main, SK_A, allow=["gpt-4o-mini", "gpt-4o"], timeout=30, stream_timeout=7),
+                upstream("spare", spare, SK_B),
+            ],
+            records={"file": "log/records.jsonl", "spool_dir": "spool"},
+            notify={
+                "feishu": {
+                    "webhook": f"http://127.0.0.1:9/open-apis/bot/v2/hook/{FEISHU_TOKEN}",
+                    "secret": FEISHU_SECRET,
+                },
+                "matrix": {
+                    "homeserver": "http://127.0.0.1:9",
+                    "access_token": MATRIX_TOKEN,
+                    "room_id": "!ops:example.org",
+                },
+            },
+        )
+        daemon = self.spawn(config)
+        await self.serving(daemon, port)
+        await daemon.wait_for("oaproxy started")
+        lines = daemon.text.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.endswith("oaproxy started"))
+        # The block: the headline's following lines, each "  "-indented.
+        block = []
+        for line in lines[start + 1 :]:
+            _, _, message = line.partition("] ")
+            if not message.startswith("  "):
+                break
+            block.append(message.strip())
+        self.assertIn(f"listening on tcp:{port}:interface=127.0.0.1", block)
+        self.assertTrue(any(line.startswith("client keys: alice, bob;") for line in block), block)
+        self.assertIn(f"upstream main: {main.endpoint}; models gpt-4o-mini, gpt-4o; timeout 30s, stream 7s", block)
+        self.assertIn(f"upstream spare: {spare.endpoint}; models all; timeout 10s, stream 10s", block)
+        records = [line for line in block if line.startswith("records:")]
+        self.assertEqual(len(records), 1, block)
+        self.assertIn("sinks file (", records[0])
+        self.assertIn("alerts: feishu (127.0.0.1), matrix (127.0.0.1)", block)
+        for secret in (OLD_KEY, NEW_KEY, SK_A, SK_B, MATRIX_TOKEN, FEISHU_SECRET, FEISHU_TOKEN):
+            self.assertNotIn(secret, daemon.text)
+        self.assertNotIn("Traceback", daemon.text)
