@@ -49,7 +49,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import (
     closing,
     contextmanager,
@@ -84,6 +84,26 @@ __all__ = [
     "main",
     "parse_time",
 ]
+
+
+class _ReadingEnviron(Mapping[str, str]):
+    """The environment, where unset variables stand in as placeholders.
+
+    Reading records needs only ``dbtype`` and ``dbaddr``; the daemon's other
+    secrets (an upstream's ``sk``) need not be set in an operator's shell.
+    """
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def __getitem__(self, name: str) -> str:
+        return self._environ.get(name, f"unset-{name}")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._environ)
+
+    def __len__(self) -> int:
+        return len(self._environ)
 
 EXIT_OK = 0
 EXIT_DATABASE = 1
@@ -127,7 +147,8 @@ class CommandError(Exception):
 def parse_time(text: str, now: float) -> float:
     """A ``--since``/``--until`` value as a unix time.
 
-    @raise ValueError: with a message that shows the accepted forms.
+    Raises ``ValueError``, with a message that shows the accepted forms, when
+    ``text`` is not a time.
     """
     value = text.strip()
     if value == "now":
@@ -159,8 +180,8 @@ def _iso(moment: float) -> str:
 class Database:
     """Where the records are.
 
-    @ivar where: how messages name the database; never the DSN, which may
-        hold a password.
+    ``where`` is how messages name the database; never the DSN, which may
+    hold a password.
     """
 
     dbtype: str
@@ -401,7 +422,7 @@ def resolve_database(args: argparse.Namespace) -> Database:
     from_config = False
     if dbtype is None or dbaddr is None:
         try:
-            config = load_config(config_path)
+            config = load_config(config_path, _ReadingEnviron(os.environ))
         except ConfigError as e:
             raise CommandError(str(e), EXIT_USAGE) from None
         if config.dbtype not in DBTYPES and dbtype is None:
@@ -800,11 +821,10 @@ def main(
 ) -> int:
     """Run one command; returns the exit status.
 
-    @param argv: the arguments after the program name; ``sys.argv[1:]`` by
-        default.
-    @param stdout: where output goes (``sys.stdout`` by default).
-    @param stderr: where errors go (``sys.stderr`` by default).
-    @param clock: the time relative ``--since``/``--until`` count back from.
+    ``argv`` is the arguments after the program name (``sys.argv[1:]`` by
+    default); output goes to ``stdout`` and errors to ``stderr``
+    (``sys.stdout`` and ``sys.stderr`` by default); ``clock`` gives the time
+    relative ``--since``/``--until`` count back from.
     """
     out = sys.stdout if stdout is None else stdout
     err = sys.stderr if stderr is None else stderr

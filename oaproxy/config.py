@@ -161,12 +161,14 @@ class Config:
 class ConfigError(Exception):
     """A configuration problem, located as precisely as the file allows.
 
-    @ivar path: the configuration file's path.
-    @ivar line: 1-based line of the offending key, or ``None`` when unknown
-        (a required key that is missing, a ``--listen`` override).
-    @ivar key: dotted path of the offending key, e.g.
-        ``upstreams[1].timeout``; ``""`` for problems of the file as a whole.
-    @ivar message: what is wrong, one line, never a secret value.
+    Attributes:
+
+    - ``path``: the configuration file's path.
+    - ``line``: 1-based line of the offending key, or ``None`` when unknown
+      (a required key that is missing, a ``--listen`` override).
+    - ``key``: dotted path of the offending key, e.g.
+      ``upstreams[1].timeout``; ``""`` for problems of the file as a whole.
+    - ``message``: what is wrong, one line, never a secret value.
     """
 
     def __init__(self, path: str, line: int | None, key: str, message: str) -> None:
@@ -297,7 +299,7 @@ def parse_size(text: str) -> int:
     """A byte count such as ``"100MB"``, ``"10KB"``, ``"1G"``, ``"512KiB"`` or
     ``"1048576"``.  Units are binary (1KB = 1024 bytes), as in logrotate.
 
-    @raise ValueError: when ``text`` is not a positive size.
+    Raises ``ValueError`` when ``text`` is not a positive size.
     """
     match = _SIZE.match(text.strip())
     if match is None:
@@ -359,7 +361,8 @@ def parse_listen(description: str) -> str:
     ``[V6]:PORT`` becomes ``tcp6:PORT:interface=V6`` and ``:PORT`` (all
     interfaces) becomes ``tcp:PORT``.  Nothing is built or bound here.
 
-    @raise ValueError: with a one-line reason.
+    Raises ``ValueError``, with a one-line reason, when the address is not
+    valid.
     """
     description = description.strip()
     if not description:
@@ -495,7 +498,7 @@ def check_listeners(
     Run at load time on ``listen:``, and again by the caller on a ``--listen``
     override (then ``key`` can name the option).
 
-    @raise ConfigError: naming the first public listener.
+    Raises ``ConfigError``, naming the first public listener, otherwise.
     """
     if all_client_keys(config):
         return
@@ -517,9 +520,9 @@ def check_listeners(
 def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
     """Read and check the configuration file at ``path``.
 
-    @param environ: the variables ``${NAME}`` refers to; ``os.environ`` by
-        default.
-    @raise ConfigError: for any problem, the file's unreadability included.
+    ``environ`` holds the variables ``${NAME}`` refers to; ``os.environ`` by
+    default.  Raises ``ConfigError`` for any problem, the file's
+    unreadability included.
     """
     try:
         with open(path, encoding="utf-8") as f:
@@ -539,7 +542,7 @@ def parse_config(
     """Check the configuration ``text``, read from ``path`` (used in messages and
     kept as ``Config.path``).  ``environ`` as for ``load_config``.
 
-    @raise ConfigError: for any problem.
+    Raises ``ConfigError`` for any problem.
     """
     if environ is None:
         environ = os.environ

@@ -146,9 +146,9 @@ _TOKEN_KINDS: tuple[tuple[str, str], ...] = (
 def status_class(status: object) -> str:
     """Return the class of an HTTP status code: ``"2xx"``, ``"4xx"``, …
 
-    @param status: a status code, or ``None`` when there was no response.
-    @return: ``"1xx"`` to ``"5xx"``, ``"none"`` for ``None``, ``"other"`` for
-        anything else.
+    ``status`` is a status code, or ``None`` when there was no response.
+    Returns ``"1xx"`` to ``"5xx"``, ``"none"`` for ``None``, ``"other"`` for
+    anything else.
     """
     if status is None:
         return NONE
@@ -168,11 +168,12 @@ def attempt_outcome(attempt: Mapping[str, Any]) -> str:
     ``"cancelled"`` (the client went away) for those failures; they win over
     the status, since a stream can time out after its 200 headers.
 
-    @param attempt: ``{"upstream", "status", "error", "ttfb", "duration"}``.
-    @return: ``"timeout"``, ``"connect_error"``, ``"cancelled"``, ``"ok"`` for a
-        2xx without error, the status class (``"4xx"``, ``"5xx"``, …) for any
-        other status, or ``"error"`` otherwise (including a 2xx that broke
-        with some other error, such as a stream cut mid-way).
+    ``attempt`` has the keys ``{"upstream", "status", "error", "ttfb",
+    "duration"}``.  Returns ``"timeout"``, ``"connect_error"``,
+    ``"cancelled"``, ``"ok"`` for a 2xx without error, the status class
+    (``"4xx"``, ``"5xx"``, …) for any other status, or ``"error"`` otherwise
+    (including a 2xx that broke with some other error, such as a stream cut
+    mid-way).
     """
     error = attempt.get("error")
     status = attempt.get("status")
@@ -191,8 +192,8 @@ def attempt_outcome(attempt: Mapping[str, Any]) -> str:
 def route_label(path: object) -> str:
     """Return the bounded route label of a request path.
 
-    @param path: the request path, possibly with a query string.
-    @return: one of ``KNOWN_ROUTES``, or ``"other"``.
+    ``path`` is the request path, possibly with a query string.  Returns one
+    of ``KNOWN_ROUTES``, or ``"other"``.
     """
     if not isinstance(path, str):
         return OTHER
@@ -341,8 +342,8 @@ class ActiveRequest:
 class Metrics:
     """The proxy's Prometheus metrics, on a private registry.
 
-    @ivar registry: the ``CollectorRegistry`` to expose; it also holds the
-        process, platform and GC collectors.
+    ``registry`` is the ``CollectorRegistry`` to expose; it also holds the
+    process, platform and GC collectors.
     """
 
     log = Logger()
@@ -353,12 +354,14 @@ class Metrics:
         upstream_names: Iterable[str],
         extra_known_models: Iterable[str] = DEFAULT_KNOWN_MODELS,
     ) -> None:
-        """@param known_models: model names that get their own label value,
-            typically every upstream's ``allow`` entries (and the ``prices``
-            keys); entries starting with ``"/"`` are paths and are ignored.
-        @param upstream_names: the configured upstreams' names.
-        @param extra_known_models: further model names, by default
-            ``DEFAULT_KNOWN_MODELS``; kept across ``update_labels``.
+        """Set up the collectors on a fresh registry.
+
+        ``known_models`` are the model names that get their own label value,
+        typically every upstream's ``allow`` entries (and the ``prices``
+        keys); entries starting with ``"/"`` are paths and are ignored.
+        ``upstream_names`` are the configured upstreams' names.
+        ``extra_known_models`` are further model names, by default
+        ``DEFAULT_KNOWN_MODELS``; they are kept across ``update_labels``.
         """
         self._extra_known_models = tuple(extra_known_models)
         self._known_models: frozenset[str] = frozenset()
@@ -451,8 +454,8 @@ class Metrics:
         reload. Collectors stay registered; series already counted under an
         old name keep their values.
 
-        @param known_models: as for the constructor (paths are ignored).
-        @param upstream_names: the configured upstreams' names.
+        ``known_models`` is as for the constructor (paths are ignored);
+        ``upstream_names`` are the configured upstreams' names.
         """
         models = {
             m for m in known_models if isinstance(m, str) and not m.startswith("/")
@@ -463,28 +466,28 @@ class Metrics:
         self._upstreams = frozenset(n for n in upstream_names if isinstance(n, str))
 
     def model_label(self, model: object) -> str:
-        """@return: the model itself when known, ``"none"`` for ``None``, else
-            ``"other"``.
+        """Return the model itself when known, ``"none"`` for ``None``, else
+        ``"other"``.
         """
         return _bounded(model, self._known_models)
 
     def upstream_label(self, upstream: object) -> str:
-        """@return: the upstream name when configured, ``"none"`` for ``None``,
-            else ``"other"``.
+        """Return the upstream name when configured, ``"none"`` for ``None``,
+        else ``"other"``.
         """
         return _bounded(upstream, self._upstreams)
 
     def route_label(self, path: object) -> str:
-        """@return: the bounded route of ``path``; see the module's ``route_label``."""
+        """Return the bounded route of ``path``; see the module's ``route_label``."""
         return route_label(path)
 
     def request_started(self, stream: bool) -> ActiveRequest:
         """Count a client request as active (and as an active stream when it
         asked for one).
 
-        @param stream: whether the request asked for a stream.
-        @return: the handle whose ``ActiveRequest.finish`` ends it; call that
-            in a ``finally``, or pass it to ``request_finished``.
+        ``stream`` tells whether the request asked for a stream.  Returns the
+        handle whose ``ActiveRequest.finish`` ends it; call that in a
+        ``finally``, or pass it to ``request_finished``.
         """
         self._active_requests.inc()
         if stream:
@@ -499,11 +502,11 @@ class Metrics:
         Never raises: a malformed record is logged, and metrics never break
         a request.
 
-        @param record: the record dict of the spec (``path``, ``status``,
-            ``upstream``, ``ttfb``, ``duration``, ``bytes_in``, ``bytes_out``,
-            ``usage``, ``model``, ``stream``, ``attempts``, ``outcome``).
-        @param active: the handle from ``request_started``, finished here if
-            given (finishing twice is harmless).
+        ``record`` is the record dict of the spec (``path``, ``status``,
+        ``upstream``, ``ttfb``, ``duration``, ``bytes_in``, ``bytes_out``,
+        ``usage``, ``model``, ``stream``, ``attempts``, ``outcome``).
+        ``active`` is the handle from ``request_started``, finished here if
+        given (finishing twice is harmless).
         """
         if active is not None:
             active.finish()
@@ -558,10 +561,9 @@ class Metrics:
     def alert_sent(self, channel: str, result: str) -> None:
         """Count one alert, for the notifier.
 
-        @param channel: one of ``ALERT_CHANNELS``, else counted as ``"other"``.
-        @param result: one of ``ALERT_RESULTS`` (``"ok"``, ``"error"``,
-            ``"timeout"``, ``"suppressed"`` by the rate limit), else
-            ``"other"``.
+        ``channel`` is one of ``ALERT_CHANNELS``, else counted as ``"other"``;
+        ``result`` is one of ``ALERT_RESULTS`` (``"ok"``, ``"error"``,
+        ``"timeout"``, ``"suppressed"`` by the rate limit), else ``"other"``.
         """
         channel = channel if channel in ALERT_CHANNELS else OTHER
         result = result if result in ALERT_RESULTS else OTHER
@@ -589,8 +591,9 @@ class MetricsResource(Resource):
     """Serves the metrics in the Prometheus text format (or OpenMetrics when the
     scraper asks for it), optionally behind a bearer key.
 
-    @ivar metrics_key: the key scrapers must send as ``Authorization: Bearer
-        <key>``, or ``None`` for an open endpoint. Assignable on reload.
+    ``metrics_key`` is the key scrapers must send as
+    ``Authorization: Bearer <key>``, or ``None`` for an open endpoint.
+    Assignable on reload.
     """
 
     isLeaf = True

@@ -46,13 +46,12 @@ def parse_size(text: str | int) -> int:
 class FileSink(QueuedSink):
     """Appends each record as one compact JSON line (UTF-8) to ``path``.
 
-    @param rotate: ``"daily"`` (a ``DailyLogFile``: ``path.YYYY_M_D`` at local
-        midnight), a size (``"100MB"``, or bytes as an int: a ``LogFile``
-        rotating to ``path.1``, ``path.2``…), or ``None`` for no rotation.
-    @param max_rotated_files: for size rotation, how many old files to keep
-        (``None``: all).
-    @param options: further ``QueuedSink`` options (``batch_size``,
-        ``write_timeout``, ``flush_timeout``, ``stderr``…).
+    ``rotate`` is ``"daily"`` (a ``DailyLogFile``: ``path.YYYY_M_D`` at local
+    midnight), a size (``"100MB"``, or bytes as an int: a ``LogFile``
+    rotating to ``path.1``, ``path.2``…), or ``None`` for no rotation.
+    ``max_rotated_files`` is, for size rotation, how many old files to keep
+    (``None``: all).  Further ``QueuedSink`` options (``batch_size``,
+    ``write_timeout``, ``flush_timeout``, ``stderr``…) are passed on.
     """
 
     def __init__(

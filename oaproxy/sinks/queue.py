@@ -102,7 +102,7 @@ class QueuedSink(Service):
     ``dropped`` (records lost: not even the spool took them, or a spool line
     could not be decoded), ``failures`` (failed or timed-out batch writes).
 
-    @ivar observer: the ``ILogObserver`` to add to the log publisher.
+    ``observer`` is the ``ILogObserver`` to add to the log publisher.
     """
 
     def __init__(

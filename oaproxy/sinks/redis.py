@@ -138,12 +138,14 @@ class RedisSink(QueuedSink):
     """Writes records to a Redis stream (``XADD key MAXLEN ~ maxlen``) and
     counts usage per day, key and model.
 
-    @param url: ``redis://host:port/db``.
-    @param key: the stream.
-    @param maxlen: approximate stream length kept.
-    @param dedupe_ttl: seconds a record id is remembered against double
-        writes on retry.
-    @param options: further ``QueuedSink`` options.
+    Parameters:
+
+    - ``url``: ``redis://host:port/db``.
+    - ``key``: the stream.
+    - ``maxlen``: approximate stream length kept.
+    - ``dedupe_ttl``: seconds a record id is remembered against double
+      writes on retry.
+    - ``options``: further ``QueuedSink`` options.
     """
 
     def __init__(

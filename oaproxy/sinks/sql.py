@@ -119,7 +119,7 @@ def migrate(cursor: Any, dbtype: str) -> int:
     """Bring the schema to ``SCHEMA_VERSION``, inside the caller's transaction
     (commit afterwards).  Returns the version found before.
 
-    @raise RuntimeError: the database is newer than this code.
+    Raises ``RuntimeError`` when the database is newer than this code.
     """
     _check(dbtype)
     mark = placeholder(dbtype)
@@ -306,10 +306,10 @@ class SQLSink(QueuedSink):
     """Inserts records into the ``records`` table, one transaction per batch,
     idempotently on ``id``; creates or migrates the schema first.
 
-    @param dbtype: ``"sqlite"`` or ``"postgres"``.
-    @param dbaddr: the sqlite file, or a libpq DSN / ``postgresql://`` URL.
-    @param options: further ``QueuedSink`` options (``write_timeout`` defaults
-        to 30 s here: a locked sqlite waits ``busy_timeout`` itself).
+    ``dbtype`` is ``"sqlite"`` or ``"postgres"``; ``dbaddr`` is the sqlite
+    file, or a libpq DSN / ``postgresql://`` URL.  Further ``QueuedSink``
+    options are passed on (``write_timeout`` defaults to 30 s here: a locked
+    sqlite waits ``busy_timeout`` itself).
     """
 
     def __init__(
