@@ -11,6 +11,7 @@ from treq.client import HTTPClient
 from twisted.internet import ssl
 from twisted.web import resource, server
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
 
 from oaproxy.service import CACHED_CONNECTION_TIMEOUT, MAX_PERSISTENT_PER_HOST
 from tests.test_e2e import CLIENT_KEY, EndToEndCase, chat, reactor, upstream
@@ -74,7 +75,7 @@ class OutboundTests(EndToEndCase):
         response = await client.post(
             proxy.base_url + "/chat/completions",
             json={"model": "m", "messages": []},
-            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+            headers=Headers({"Authorization": [f"Bearer {CLIENT_KEY}"]}),
             allow_redirects=False,
         )
         self.assertEqual(response.code, 302)
