@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from oaproxy.config import Config, Upstream
+from oaproxy.config import Config, Upstream, all_client_keys
 
 
 def public_url(url: str) -> str:
@@ -44,13 +44,13 @@ def _upstream_line(upstream: Upstream) -> str:
 def summary(
     config: Config, listen: Iterable[str], sinks: Iterable[str], alerts: Iterable[str]
 ) -> list[str]:
-    keys = ", ".join(k.name for k in config.keys)
+    keys = ", ".join(k.name for k in all_client_keys(config)) or "none, the proxy is open"
     sink_list = ", ".join(sinks) or "none"
     alert_list = ", ".join(alerts) or "none"
     lines = [
         f"config {config.path} (hostname {config.hostname})",
         "listening on " + ", ".join(listen),
-        f"client keys: {keys or 'none'}; lb_policy {config.lb_policy};"
+        f"client keys: {keys}; lb_policy {config.lb_policy};"
         f" stream idle timeout {config.stream_idle_timeout:g}s;"
         f" max body {config.max_body_bytes} bytes",
     ]

@@ -25,8 +25,8 @@ class Options(usage.Options):
         self["listen"] = []
 
     def opt_listen(self, endpoint: str) -> None:
-        """A Twisted endpoint to serve on, e.g. tcp:8888:interface=127.0.0.1
-        (repeatable; overrides the config's listen:)."""
+        """Serve on this Twisted endpoint instead of the config's listen:
+        (repeatable), e.g. tcp:8888:interface=0.0.0.0"""
         self["listen"].append(endpoint)
 
     def postOptions(self) -> None:

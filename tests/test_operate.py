@@ -337,7 +337,7 @@ class AlertTests(OperateCase):
             self.assertNotIn(secret, text)
 
     async def test_exhausted_and_stream_failure_alerts(self) -> None:
-        proxy, feishu, matrix, breaking = await self._setup()
+        proxy, feishu, matrix, _ = await self._setup()
 
         answer = await self.chat(proxy, "gpt-4o")
         self.assertEqual(answer.code, 500)
