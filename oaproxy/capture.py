@@ -774,8 +774,8 @@ def capture_json_response(body: bytes, max_bytes: int) -> CapturedResponse:
     """What a record keeps of a non-stream answer.
 
     Chat completions (message content, refusal, tool calls, finish reason),
-    legacy completions (``text``), Responses API objects, embeddings (usage
-    only) and error bodies (``text`` is the whole body as compact JSON, cut
+    legacy completions (``text``), Responses API objects, transcriptions
+    (``text``), embeddings (usage only) and error bodies (``text`` is the whole body as compact JSON, cut
     at max_bytes).  A body that is not a JSON object captures nothing.
     """
     obj = _loads(body)
@@ -800,6 +800,9 @@ def capture_json_response(body: bytes, max_bytes: int) -> CapturedResponse:
                 _capture_choice(assembler, choice_obj, position)
     elif obj.get("object") == "response":
         _capture_response_object(assembler, obj)
+    elif isinstance(obj.get("text"), str):
+        # Transcriptions and translations: {"text": ...}.
+        assembler.add_text(assembler.choice(0), obj["text"])
     return assembler.result()
 
 

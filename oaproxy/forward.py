@@ -38,6 +38,8 @@ from oaproxy.relay import BodyCollector, RelayResult, StreamRelay, describe
 # health) is the problem. Other 4xx mean the request itself is wrong.
 FAILOVER_STATUSES = frozenset({401, 403, 404, 408, 409, 429})
 
+REDACTED = b"[redacted]"
+
 # A non-stream answer is held whole before it is written (to fail over an
 # upstream dying mid-body); past this size an answer is refused, not buffered.
 MAX_BUFFERED_RESPONSE = 256 * 1024 * 1024
@@ -329,10 +331,15 @@ class Forwarder:
     def _send(self, request: Request, exchange: Exchange, answer: Answer) -> None:
         exchange.upstream = answer.upstream.name
         exchange.status = answer.status
-        exchange.response_body = answer.body
+        body = answer.body
+        sk = answer.upstream.sk
+        if answer.status >= 400 and sk and sk != "asis":
+            # Some upstreams quote the key they refused; it is not the client's.
+            body = body.replace(sk.encode("utf-8"), REDACTED)
+        exchange.response_body = body
         request.setResponseCode(answer.status, answer.phrase)
         _copy_headers(request, answer.headers)
-        self._write_whole(request, exchange, answer.body)
+        self._write_whole(request, exchange, body)
 
     def _write_whole(self, request: Request, exchange: Exchange, body: bytes) -> None:
         request.setHeader(b"content-length", b"%d" % len(body))

@@ -23,6 +23,7 @@ from oaproxy.capture import (
 )
 from oaproxy.config import Config, Upstream
 from oaproxy.forward import Exchange
+from oaproxy.redact import Redactor, config_secrets
 
 NAMESPACE = "oaproxy.record"
 
@@ -52,6 +53,7 @@ class RecordMaker:
         self._hostname = config.hostname
         self._prices = config.prices
         self._text_bytes = config.records.max_field_bytes if config.records.response else 0
+        self._redact = Redactor(config_secrets(config))
 
     def stream_observer(self, exchange: Exchange, upstream: Upstream) -> Callable[[bytes], bool]:
         """What the relay calls with each SSE event's data: capture, and say
@@ -90,7 +92,8 @@ class RecordMaker:
                 }
         finished = exchange.finished if exchange.finished is not None else exchange.started
         usage = answer.usage
-        return {
+        model = call.model if call.model is not None else _form_model(request_body)
+        record = {
             "id": uuid.uuid4().hex,
             "time": exchange.time,
             "hostname": self._hostname,
@@ -99,7 +102,7 @@ class RecordMaker:
             "user_agent": exchange.user_agent,
             "method": call.method.decode("ascii", "replace"),
             "path": call.path.decode("utf-8", "replace"),
-            "model": call.model,
+            "model": model,
             "stream": call.stream,
             "attempts": [a.as_dict() for a in exchange.attempts],
             "upstream": exchange.upstream,
@@ -119,8 +122,13 @@ class RecordMaker:
             "finish_reason": answer.finish_reason,
             "truncated": truncated,
             "usage": usage,
-            "cost": cost(usage, self._prices.get(call.model or "")),
+            "cost": cost(usage, self._prices.get(model or "")),
         }
+        # Text from upstreams and clients may quote a key (an upstream's "Incorrect
+        # API key provided: sk-…"): none is kept.
+        for name in ("request_body", "request_headers", "response_text", "tool_calls", "error", "attempts"):
+            record[name] = self._redact(record[name], _bearer(call.authorization))
+        return record
 
     def _answer(self, exchange: Exchange) -> CapturedResponse:
         if exchange.capture is not None and exchange.response_body is None:
@@ -129,3 +137,20 @@ class RecordMaker:
         if exchange.response_body:
             return capture_json_response(exchange.response_body, self._text_bytes)
         return CapturedResponse()
+
+
+def _form_model(request_body: Any) -> str | None:
+    """The ``model`` field of a described multipart body (audio uploads)."""
+    if not isinstance(request_body, dict):
+        return None
+    for part in request_body.get("fields", ()):
+        if part.get("name") == "model" and isinstance(part.get("value"), str):
+            value: str = part["value"]
+            return value
+    return None
+
+
+def _bearer(authorization: bytes | None) -> str | None:
+    if authorization is None or not authorization.startswith(b"Bearer "):
+        return None
+    return authorization[7:].strip().decode("utf-8", "replace") or None

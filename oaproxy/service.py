@@ -22,6 +22,7 @@ from attrs import astuple
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError, ensureDeferred, succeed
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger, globalLogPublisher, jsonFileLogObserver
@@ -47,6 +48,7 @@ MAX_PERSISTENT_PER_HOST = 64
 CACHED_CONNECTION_TIMEOUT = 50
 # After shutdown_timeout, how long the requests that were cut get to record.
 CUT_GRACE = 2.0
+CUT_AT_SHUTDOWN = "cut at shutdown"
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
@@ -65,10 +67,37 @@ class ProxyPool(HTTPConnectionPool):
         return super().getConnection(key, endpoint)
 
 
+def check_endpoint(reactor: Any, endpoint: str, path: str) -> None:
+    """Build a listen endpoint once, so that a bad one is a ConfigError.
+
+    Twisted raises IndexError or KeyError from a ``systemd:`` endpoint when
+    no socket was inherited; a traceback at start says nothing useful.
+    """
+    try:
+        serverFromString(reactor, endpoint)
+    except (IndexError, KeyError, ValueError) as e:
+        if endpoint.startswith("systemd:"):
+            reason = (
+                "no socket inherited from systemd (LISTEN_FDS, LISTEN_FDNAMES);"
+                " start oaproxy through oaproxy.socket"
+            )
+        else:
+            reason = str(e) or type(e).__name__
+        raise ConfigError(path, None, "listen", f"{endpoint}: {reason}") from None
+
+
 def known_models(config: Config) -> list[str]:
     """Model names worth their own metrics label."""
     names = [name for u in config.upstreams for name in u.allow if not name.startswith("/")]
     return names + list(config.prices)
+
+
+def usage_prefix(redis_key: str) -> str:
+    """Where the daily usage counters go: beside the records stream
+    (``oaproxy:records`` -> ``oaproxy:usage``), so that deployments sharing a
+    Redis with their own keys keep their own counters."""
+    namespace, colon, _ = redis_key.rpartition(":")
+    return f"{namespace}:usage" if colon else f"{redis_key}:usage"
 
 
 def _sink_settings(config: Config) -> tuple[Any, ...]:
@@ -124,7 +153,7 @@ class ProxyService(MultiService):
         self._replace_notifier(config)
         self.readiness.configure([u.name for u in config.upstreams], self.sinks)
         for endpoint in self._listen_for(config):
-            self._add_listener(endpoint)
+            self.listeners[endpoint] = self._add_listener(endpoint)
 
     # -- what one config makes ------------------------------------------------
 
@@ -158,6 +187,9 @@ class ProxyService(MultiService):
         exchange.active = self.metrics.request_started(exchange.call.stream)
 
     def _finished(self, maker: RecordMaker, exchange: Exchange, request: Request) -> None:
+        if exchange.error == CUT_AT_SHUTDOWN:
+            # The client did not go away: the proxy cut it off.
+            exchange.outcome = "shutdown"
         try:
             record = maker.make(exchange, request)
             self.records.emit(record)
@@ -178,10 +210,16 @@ class ProxyService(MultiService):
     def _listen_for(self, config: Config) -> tuple[str, ...]:
         return self._listen_override or config.listen
 
-    def _add_listener(self, endpoint: str) -> None:
+    def _add_listener(self, endpoint: str) -> IService:
+        """A listener child; when running, it binds now or raises."""
         listener = strports.service(endpoint, self.site, reactor=self._reactor)
-        listener.setServiceParent(self)
-        self.listeners[endpoint] = listener
+        try:
+            listener.setServiceParent(self)
+        except Exception:
+            # addService keeps a child whose start failed: take it back out.
+            listener.disownServiceParent()
+            raise
+        return listener
 
     def _replace_sinks(self, config: Config, old: Config | None) -> list[QueuedSink]:
         """Make the sinks a config asks for; returns the old ones to stop."""
@@ -206,6 +244,7 @@ class ProxyService(MultiService):
                 config.redis,
                 key=policy.redis_key,
                 maxlen=policy.redis_maxlen,
+                usage_prefix=usage_prefix(policy.redis_key),
                 reactor=self._reactor,
                 **common,
             )
@@ -257,6 +296,9 @@ class ProxyService(MultiService):
             config = load_config(path, self._environ)
             if self._listen_override:
                 check_listeners(config, self._listen_override, key="--listen")
+            for endpoint in self._listen_for(config):
+                if endpoint not in self.listeners:
+                    check_endpoint(self._reactor, endpoint, config.path)
         except ConfigError as e:
             self.log.error("reload refused, the running config stays: {error}", error=str(e))
             return False
@@ -293,17 +335,24 @@ class ProxyService(MultiService):
         return True
 
     async def _replace_listeners(self, wanted: tuple[str, ...]) -> None:
+        """Bind the new listeners first; only when all bound, close the old."""
+        added: dict[str, IService] = {}
+        for endpoint in wanted:
+            if endpoint in self.listeners:
+                continue
+            try:
+                added[endpoint] = self._add_listener(endpoint)
+            except Exception as e:  # noqa: BLE001 - a reload must not stop the daemon
+                self.log.error(
+                    "reload: cannot listen on {endpoint}: {error}; the listeners stay as they were",
+                    endpoint=endpoint,
+                    error=str(e),
+                )
+                await _settle([listener.disownServiceParent() for listener in added.values()])
+                return
         gone = [endpoint for endpoint in self.listeners if endpoint not in wanted]
         await _settle([self.listeners.pop(endpoint).disownServiceParent() for endpoint in gone])
-        for endpoint in wanted:
-            if endpoint not in self.listeners:
-                try:
-                    self._add_listener(endpoint)
-                except Exception as e:  # noqa: BLE001 - a reload must not stop the daemon
-                    self.listeners.pop(endpoint, None)
-                    self.log.error(
-                        "cannot listen on {endpoint}: {error}", endpoint=endpoint, error=str(e)
-                    )
+        self.listeners.update(added)
 
     def stopService(self) -> Deferred[None]:
         return ensureDeferred(self._stop())
@@ -349,7 +398,7 @@ class ProxyService(MultiService):
             count=len(self._inflight),
         )
         for exchange, request in list(self._inflight.items()):
-            exchange.error = "cut at shutdown"
+            exchange.error = CUT_AT_SHUTDOWN
             if request.channel is not None and request.channel.transport is not None:
                 cast(ITCPTransport, request.channel.transport).abortConnection()
 

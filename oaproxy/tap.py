@@ -52,10 +52,17 @@ class Options(usage.Options):
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
-    from oaproxy.service import ProxyService
+    from oaproxy.service import ProxyService, check_endpoint
 
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return ProxyService(options["loaded"], reactor, tuple(options["listen"]), signals=True)
+    config = options["loaded"]
+    listen = tuple(options["listen"])
+    try:
+        for endpoint in listen or config.listen:
+            check_endpoint(reactor, endpoint, config.path)
+    except ConfigError as e:
+        raise SystemExit(f"oaproxy: {e}") from None
+    return ProxyService(config, reactor, listen, signals=True)

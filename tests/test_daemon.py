@@ -334,7 +334,6 @@ class ReloadTests(DaemonCase):
         for secret in (OLD_KEY, NEW_KEY, SK_A, SK_B):
             self.assertNotIn(secret, daemon.text)
 
-
     async def test_reload_onto_a_busy_port_keeps_serving(self) -> None:
         """A new listen address that cannot be bound must not leave the daemon
         listening nowhere: the old listener stays until the new one is bound."""
@@ -356,10 +355,6 @@ class ReloadTests(DaemonCase):
         await self.serving(daemon, port, attempts=20)
         code, body = await self.chat(port, NEW_KEY)
         self.assertEqual(code, 200, body)
-
-    test_reload_onto_a_busy_port_keeps_serving.todo = (  # type: ignore[attr-defined]
-        "bug: the old listener is stopped before the new one is bound"
-    )
 
 
 class StopTests(DaemonCase):
@@ -431,7 +426,7 @@ class StopTests(DaemonCase):
         self.assertEqual(record["stream"], True)
         # The proxy cut it, the client did not go away; the record says so.
         self.assertEqual(record["error"], "cut at shutdown")
-        self.assertIn(record["outcome"], ("client_disconnected", "stream_failed"))
+        self.assertEqual(record["outcome"], "shutdown")
         self.assertNotEqual(record["response_text"], "".join(f"c{i} " for i in range(40)))
         self.assertLess(record["duration"], 3.5)
 
@@ -487,10 +482,6 @@ class SocketActivationTests(DaemonCase):
         self.assertEqual(len(lines), 1, err)
         self.assertTrue(lines[0].startswith("oaproxy: "), lines[0])
         self.assertIn("systemd:domain=INET:index=0", lines[0])
-
-    test_no_inherited_socket_is_one_clear_line.todo = (  # type: ignore[attr-defined]
-        "bug: IndexError traceback from twisted's systemd endpoint parser"
-    )
 
 
 class SummaryTests(DaemonCase):

@@ -216,7 +216,11 @@ class BodyTests(SynchronousTestCase):
         call.respond(200, body=b'{"text":"hi"}')
         self.assertEqual(client.reply().body, b'{"text":"hi"}')
         record = self.h.record()
-        self.assertEqual((record["model"], record["bytes_in"]), (None, len(body)))
+        # Routed by its path; recorded with the form's model and the answer's text.
+        self.assertEqual(
+            (record["model"], record["bytes_in"], record["response_text"]),
+            ("whisper-1", len(body), "hi"),
+        )
 
     def test_large_multipart_streams_from_the_spool_file(self) -> None:
         """Over 1 MiB the body is read from twisted.web's spool file for each
