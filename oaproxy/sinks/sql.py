@@ -254,7 +254,8 @@ def open_database(dbtype: str, dbaddr: str, *, busy_timeout: float = 5.0) -> Any
         return connection
     import psycopg2
 
-    return psycopg2.connect(dbaddr, client_encoding="UTF8")
+    # A host that drops packets must not hang a command line for minutes.
+    return psycopg2.connect(dbaddr, client_encoding="UTF8", connect_timeout=10)
 
 
 def connection_pool(
