@@ -29,7 +29,8 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
-from zope.interface import implementer
+
+from oaproxy.relay import BytesProducer
 
 if TYPE_CHECKING:
     # Only attributes are read from the config objects, so the import is for
@@ -360,39 +361,8 @@ def alert_channels(
     return tuple(channels)
 
 
-class _Writable(Protocol):
-    def write(self, data: bytes) -> None: ...
-
-
 class _Seconds(Protocol):
     def seconds(self) -> float: ...
-
-
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """
-    A whole small body written at once: treq's default producer reads through
-    the global reactor's cooperator, which would bypass the injected one.
-    """
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    # _Writable rather than IConsumer: mypy without the zope plugin cannot
-    # call interface methods.
-    def startProducing(self, consumer: _Writable) -> Deferred[None]:
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 @define
@@ -455,7 +425,9 @@ class Notifier(Service):
         # every alert, for the metrics.
         self._on_result = on_result
         self.channels = tuple(channels)
-        producer = cast(Callable[[Any], IBodyProducer], _BytesProducer)
+        # treq's default producer would read through the global reactor's
+        # cooperator, bypassing the injected one; the body is small anyway.
+        producer = cast(Callable[[Any], IBodyProducer], BytesProducer)
         self._http = HTTPClient(agent, data_to_body_producer=producer)
         self._clock = clock
         # Same object; the Protocol lets mypy without the zope plugin call it.
