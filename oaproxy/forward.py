@@ -14,6 +14,7 @@ its upstream connection, and a client that goes away cancels the whole chain.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,7 +33,7 @@ from oaproxy.config import Upstream
 from oaproxy.errors import error_body
 from oaproxy.headers import response_headers, upstream_headers
 from oaproxy.inspection import Inspected
-from oaproxy.relay import BodyCollector, RelayResult, StreamRelay, describe
+from oaproxy.relay import BodyCollector, RelayResult, RequestBody, StreamRelay, describe
 
 # Statuses worth another upstream: the upstream (its key, its quota, its
 # health) is the problem. Other 4xx mean the request itself is wrong.
@@ -125,6 +126,8 @@ class Exchange:
     key_name: str | None
     client_ip: str
     user_agent: str | None = None
+    # Whether the current attempt's body asks for usage the client did not.
+    usage_added: bool = False
     # Set by the stream observer: what the record says of a streamed answer.
     capture: Any = None
     # The metrics' handle on this request while it is active.
@@ -183,12 +186,17 @@ class Forwarder:
     ) -> Exchange:
         call = exchange.call
         last_answer: Answer | None = None
-        for index, upstream in enumerate(candidates):
-            deadline = attempt_deadline(upstream, call.stream, index == len(candidates) - 1)
+        # (upstream, whether oaproxy may add stream_options for usage)
+        tries = deque((upstream, True) for upstream in candidates)
+        while tries:
+            upstream, with_usage = tries.popleft()
+            deadline = attempt_deadline(upstream, call.stream, not tries)
             attempt = AttemptLog(upstream.name, self._clock.seconds())
             exchange.attempts.append(attempt)
             try:
-                result = await self._attempt(request, exchange, upstream, attempt, deadline)
+                result = await self._attempt(
+                    request, exchange, upstream, attempt, deadline, with_usage
+                )
             except AttemptTimeout as e:
                 attempt.error = str(e)
                 self._end_attempt(attempt)
@@ -213,6 +221,11 @@ class Forwarder:
                 return exchange
             attempt.status = result.status
             self._end_attempt(attempt)
+            if exchange.usage_added and result.status in (400, 422):
+                # Some OpenAI-compatible servers refuse stream_options: once
+                # more on the same upstream, with the body the client sent.
+                tries.appendleft((upstream, False))
+                continue
             if fails_over(result.status):
                 last_answer = result
                 continue
@@ -232,8 +245,9 @@ class Forwarder:
         upstream: Upstream,
         attempt: AttemptLog,
         deadline: float,
+        with_usage: bool,
     ) -> Deferred[Answer | Committed]:
-        d = ensureDeferred(self._try_upstream(request, exchange, upstream, attempt))
+        d = ensureDeferred(self._try_upstream(request, exchange, upstream, attempt, with_usage))
 
         def timed_out(result: Any, timeout: float) -> Any:
             raise AttemptTimeout(timeout)
@@ -241,10 +255,17 @@ class Forwarder:
         return d.addTimeout(deadline, self._clock, onTimeoutCancel=timed_out)
 
     async def _try_upstream(
-        self, request: Request, exchange: Exchange, upstream: Upstream, attempt: AttemptLog
+        self,
+        request: Request,
+        exchange: Exchange,
+        upstream: Upstream,
+        attempt: AttemptLog,
+        with_usage: bool,
     ) -> Answer | Committed:
         call = exchange.call
-        response = await self._request(upstream, call)
+        exchange.usage_added = with_usage and call.inspected.asks_usage_for(upstream)
+        sent = call.inspected.body_for(upstream) if with_usage else call.inspected.body
+        response = await self._request(upstream, call, sent)
         attempt.ttfb = self._clock.seconds() - attempt.started
         status = response.code
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
@@ -258,8 +279,7 @@ class Forwarder:
         body = await collector.finished
         return Answer(upstream, status, response.phrase, response.headers, body)
 
-    async def _request(self, upstream: Upstream, call: Call) -> IResponse:
-        body = call.inspected.body_for(upstream)
+    async def _request(self, upstream: Upstream, call: Call, body: RequestBody) -> IResponse:
         url = upstream.endpoint.encode("utf-8") + call.upstream_path
         headers = upstream_headers(
             call.headers,

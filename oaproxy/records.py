@@ -61,7 +61,7 @@ class RecordMaker:
         capture = StreamCapture(self._text_bytes)
         exchange.capture = capture
         feed = capture.feed
-        if exchange.call.inspected.asks_usage_for(upstream):
+        if exchange.usage_added:
             return lambda data: not feed(data)
 
         def keep(data: bytes) -> bool:

@@ -402,11 +402,29 @@ class StreamDeadlineTests(ForwardTestCase):
 
     def test_stream_error_status_is_read_whole(self) -> None:
         """A stream request answered with an error is an ordinary answer."""
-        client = self.h.chat(stream=True)
+        client = self.h.chat(stream=True, extra={"stream_options": {"include_usage": True}})
         self.calls[0].respond(429, body=b'{"error":"slow down"}')
         self.calls[1].respond(400, body=b'{"error":"bad"}')
         self.assertReply(client.reply(), 400, b'{"error":"bad"}')
         self.assertEqual(len(self.calls), 2)
+
+    def test_stream_options_refused_retried_without(self) -> None:
+        """An upstream that refuses the stream_options oaproxy added gets the
+        request once more as the client sent it; a second refusal is the answer."""
+        client = self.h.chat(stream=True)
+        self.calls[0].respond(400, body=b'{"error":"unknown field stream_options"}')
+        self.assertEqual(len(self.calls), 2)
+        first, second = (json.loads(call.body) for call in self.calls)
+        self.assertEqual(first["stream_options"], {"include_usage": True})
+        self.assertNotIn("stream_options", second)
+        self.assertEqual(self.calls[1].uri, self.calls[0].uri)
+        self.calls[1].respond(400, body=b'{"error":"bad"}')
+        self.assertReply(client.reply(), 400, b'{"error":"bad"}')
+        self.assertEqual(len(self.calls), 2)
+        self.assertEqual(
+            [(a["upstream"], a["status"]) for a in self.h.record()["attempts"]],
+            [("a", 400), ("a", 400)],
+        )
 
     def test_end_before_first_event_fails_over(self) -> None:
         client = self.h.chat(stream=True)
