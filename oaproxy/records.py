@@ -126,8 +126,9 @@ class RecordMaker:
         }
         # Text from upstreams and clients may quote a key (an upstream's "Incorrect
         # API key provided: sk-…"): none is kept.
+        token = _bearer(call.authorization)
         for name in ("request_body", "request_headers", "response_text", "tool_calls", "error", "attempts"):
-            record[name] = self._redact(record[name], _bearer(call.authorization))
+            record[name] = self._redact(record[name], token)
         return record
 
     def _answer(self, exchange: Exchange) -> CapturedResponse:

@@ -26,7 +26,6 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger, globalLogPublisher, jsonFileLogObserver
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.server import Request
 
 from oaproxy.alerts import Notifier, alert_from_record
@@ -35,36 +34,16 @@ from oaproxy.forward import Exchange, Forwarder
 from oaproxy.health import Readiness, ReadyResource
 from oaproxy.inspection import inspect_request
 from oaproxy.metrics import Metrics, MetricsResource
+from oaproxy.outbound import ProxyPool, upstream_agent, upstream_pool
 from oaproxy.records import RecordEmitter, RecordMaker
 from oaproxy.routing import Router
 from oaproxy.sinks import FileSink, QueuedSink, SQLSink
 from oaproxy.summary import public_url, summary
 from oaproxy.web import ProxyResource, ProxySite, RootResource, Runtime
 
-# A proxy talks to few hosts over many concurrent requests.
-MAX_PERSISTENT_PER_HOST = 64
-# Below the idle timeout of common upstreams and load balancers (60 s), so a
-# connection is dropped by us before the far end drops it under a request.
-CACHED_CONNECTION_TIMEOUT = 50
 # After shutdown_timeout, how long the requests that were cut get to record.
 CUT_GRACE = 2.0
 CUT_AT_SHUTDOWN = "cut at shutdown"
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    # One log line per upstream connection is noise in a proxy's journal.
-    noisy = False
-
-
-class ProxyPool(HTTPConnectionPool):
-    _factory = _QuietClientFactory
-    # Whether the last getConnection() handed out a cached connection; the
-    # forwarder reads it right after Agent.request(), which calls us at once.
-    reused = False
-
-    def getConnection(self, key: Any, endpoint: Any) -> Any:
-        self.reused = bool(self._connections.get(key))
-        return super().getConnection(key, endpoint)
 
 
 def check_endpoint(reactor: Any, endpoint: str, path: str) -> None:
@@ -121,14 +100,10 @@ class ProxyService(MultiService):
         self._listen_override = tuple(listen)
         self._signals = signals
         self._environ = os.environ if environ is None else environ
-        self.pool = ProxyPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
-        self.pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
-        # Agent's default TLS policy verifies certificates (service-identity)
-        # and it follows no redirects.
-        self.agent = Agent(reactor, pool=self.pool)
+        self.pool = upstream_pool(reactor)
+        self.agent = upstream_agent(reactor, self.pool)
         # For the one retry after a stale pooled connection: a new connection.
-        self.fresh_agent = Agent(reactor, pool=ProxyPool(reactor, persistent=False))
+        self.fresh_agent = upstream_agent(reactor, ProxyPool(reactor, persistent=False))
         self.cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
         self.records = RecordEmitter()
         self.metrics = Metrics(known_models(config), [u.name for u in config.upstreams])

@@ -13,8 +13,8 @@ from twisted.web import resource, server
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
-from oaproxy.service import CACHED_CONNECTION_TIMEOUT, MAX_PERSISTENT_PER_HOST
-from tests.test_e2e import CLIENT_KEY, EndToEndCase, chat, reactor, upstream
+from oaproxy.outbound import CACHED_CONNECTION_TIMEOUT, MAX_PERSISTENT_PER_HOST
+from tests.harness import CLIENT_KEY, EndToEndCase, chat, reactor, upstream
 
 
 class _Redirect(resource.Resource):

@@ -7,6 +7,7 @@ installed ``twistd``."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,9 +24,18 @@ class InstallTests(TestCase):
 
     async def test_pip_install_places_the_plugin(self) -> None:
         target = Path(self.mktemp()).resolve()
+        # Built from a copy: setuptools leaves build/ and *.egg-info in the tree.
+        source = Path(self.mktemp()).resolve()
+        for name in ("setup.cfg", "pyproject.toml", "README.rst"):
+            source.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / name, source / name)
+        for package in ("oaproxy", "twisted"):
+            shutil.copytree(
+                ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__", "dropin.cache")
+            )
         out, err, code = await getProcessOutputAndValue(
             sys.executable,
-            ["-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(ROOT)],
+            ["-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(source)],
             env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1"),
             path=str(Path(self.mktemp()).parent),
             reactor=reactor,
