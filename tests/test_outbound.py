@@ -9,11 +9,15 @@ from typing import Any
 from service_identity.exceptions import CertificateError
 from treq.client import HTTPClient
 from twisted.internet import ssl
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource, server
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import URI, Agent, HTTPConnectionPool
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 
-from oaproxy.outbound import CACHED_CONNECTION_TIMEOUT, MAX_PERSISTENT_PER_HOST
+from oaproxy.outbound import CACHED_CONNECTION_TIMEOUT, MAX_PERSISTENT_PER_HOST, ReusedEndpoints
 from tests.harness import CLIENT_KEY, EndToEndCase, chat, reactor, upstream
 
 
@@ -99,3 +103,20 @@ class OutboundTests(EndToEndCase):
         # Three requests, one after another, over one upstream connection.
         self.assertEqual(len(fake.requests), 3)
         self.assertEqual(len(fake.connections.open), 1)
+
+
+class ReusedEndpointsTests(SynchronousTestCase):
+    def test_one_endpoint_per_scheme_host_and_port(self) -> None:
+        endpoints = ReusedEndpoints(Clock())
+        a = endpoints.endpointForURI(URI.fromBytes(b"https://api.example/v1/chat/completions"))
+        b = endpoints.endpointForURI(URI.fromBytes(b"https://api.example/v1/embeddings?x=1"))
+        c = endpoints.endpointForURI(URI.fromBytes(b"http://api.example/v1/embeddings"))
+        d = endpoints.endpointForURI(URI.fromBytes(b"https://api.example:8443/v1/models"))
+        self.assertIs(a, b)
+        self.assertEqual(len({id(a), id(c), id(d)}), 3)
+        self.assertIsInstance(c, HostnameEndpoint)
+        self.assertNotIsInstance(a, HostnameEndpoint)  # wrapped in TLS
+
+    def test_other_schemes_refused(self) -> None:
+        endpoints = ReusedEndpoints(Clock())
+        self.assertRaises(SchemeNotSupported, endpoints.endpointForURI, URI.fromBytes(b"ftp://x/v1"))
