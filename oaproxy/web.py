@@ -78,6 +78,8 @@ class ProxyRequest(server.Request):
         self._limit = self.channel.site.max_body_bytes  # type: ignore[attr-defined]
         if length is not None and length > self._limit:
             self.received = length
+            # No "100 Continue" for a body that will be refused anyway.
+            self.requestHeaders.removeHeader(b"expect")
             self._discard()
         else:
             super().gotLength(length)

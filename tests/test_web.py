@@ -84,6 +84,24 @@ class BodyCapTests(SynchronousTestCase):
         client = self.h.request(b"POST", b"/v1/chat/completions", b"x" * 1001, [JSON, AUTH])
         self.check_413(client.reply())
 
+    def test_no_100_continue_for_a_refused_body(self) -> None:
+        client = self.h.connect()
+        client.send(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Length: 1001\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        self.assertNotIn(b"100 Continue", client.transport.value())
+        client.send(b"x" * 1001)
+        self.check_413(client.reply())
+
+    def test_100_continue_within_the_cap(self) -> None:
+        client = self.h.connect()
+        client.send(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Length: 10\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        self.assertEqual(client.transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+
     def test_chunked_over_the_cap(self) -> None:
         client = self.h.connect()
         head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n"
