@@ -215,13 +215,17 @@ def _transport(protocol: Any) -> Any:
     return transport
 
 
-def _sse(payload: Any) -> bytes:
+def sse_event(payload: Any) -> bytes:
+    """One SSE event carrying ``payload`` as compact JSON."""
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode("utf-8") + b"\n\n"
 
 
-def _chunk(index: int, delta: dict[str, Any], finish: str | None, model: str) -> dict[str, Any]:
+def stream_chunk(
+    index: int, delta: dict[str, Any], finish: str | None, model: str, chunk_id: str = "chatcmpl-fake"
+) -> dict[str, Any]:
+    """A ``chat.completion.chunk`` with one choice."""
     return {
-        "id": "chatcmpl-fake",
+        "id": chunk_id,
         "object": "chat.completion.chunk",
         "created": 1700000000,
         "model": model,
@@ -475,7 +479,7 @@ class FakeUpstream:
         request.setHeader(b"cache-control", b"no-cache")
         events: list[bytes] = []
         if behaviour.role_chunk:
-            events.append(_sse(_chunk(0, {"role": "assistant", "content": ""}, None, model)))
+            events.append(sse_event(stream_chunk(0, {"role": "assistant", "content": ""}, None, model)))
         for index, text in enumerate(behaviour.chunks):
             if behaviour.close_after is not None and index == behaviour.close_after:
                 events.append(b"CLOSE")
@@ -483,11 +487,11 @@ class FakeUpstream:
             if behaviour.hang_after is not None and index == behaviour.hang_after:
                 events.append(b"HANG")
                 break
-            events.append(_sse(_chunk(0, {"content": text}, None, model)))
+            events.append(sse_event(stream_chunk(0, {"content": text}, None, model)))
         else:
-            events.append(_sse(_chunk(0, {}, "stop", model)))
+            events.append(sse_event(stream_chunk(0, {}, "stop", model)))
             if include_usage:
-                events.append(_sse({
+                events.append(sse_event({
                     "id": "chatcmpl-fake",
                     "object": "chat.completion.chunk",
                     "created": 1700000000,

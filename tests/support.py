@@ -337,7 +337,7 @@ def parse_reply(data: bytes) -> Reply:
     if code in (204, 304):
         return Reply(code, phrase, parsed, b"", rest == b"")
     if parsed.getRawHeaders(b"transfer-encoding") == [b"chunked"]:
-        body, complete = _dechunk(rest)
+        body, complete = dechunk(rest)
         return Reply(code, phrase, parsed, body, complete)
     if length is not None:
         size = int(length[0])
@@ -345,7 +345,8 @@ def parse_reply(data: bytes) -> Reply:
     return Reply(code, phrase, parsed, rest, False)
 
 
-def _dechunk(data: bytes) -> tuple[bytes, bool]:
+def dechunk(data: bytes) -> tuple[bytes, bool]:
+    """A chunked body, up to where it stops, and whether it was complete."""
     body = b""
     while True:
         size_line, sep, data = data.partition(b"\r\n")

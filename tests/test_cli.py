@@ -9,20 +9,20 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
 import uuid
 from datetime import datetime, timezone
-from typing import Any, NoReturn
+from typing import Any
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy import cli
 from oaproxy.cli import chat_item, main, parse_time
 from oaproxy.sinks.queue import encode_record
 from oaproxy.sinks.sql import insert_statement, migrate, open_database, record_row
+from tests.harness import POSTGRES_DSN, free_port, postgres_schema, unavailable
 
 UTC = timezone.utc
 
@@ -34,7 +34,7 @@ DAY = 86400.0
 #: "now" for relative times: a second after the last record.
 NOW = T0 + 3 * DAY + 1
 
-SHARED_POSTGRES = "host=127.0.0.1 port=5432 dbname=test user=postgres connect_timeout=3"
+SHARED_POSTGRES = f"{POSTGRES_DSN} connect_timeout=3"
 
 WEATHER_TOOL = {
     "type": "function",
@@ -233,21 +233,6 @@ def store(dbtype: str, dbaddr: str, records: list[dict[str, Any]]) -> None:
         connection.commit()
     finally:
         connection.close()
-
-
-def unavailable(message: str) -> NoReturn:
-    """A needed service is missing: fail under CI, skip elsewhere."""
-    if os.environ.get("CI") == "true":
-        raise AssertionError(f"{message} (CI=true: a missing service is a failure)")
-    raise SkipTest(message)
-
-
-def closed_port() -> int:
-    """A local port nothing listens on (connections are refused at once)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 class StoreMixin:
@@ -548,7 +533,7 @@ class SQLiteTests(StoreMixin, SynchronousTestCase):
         """A postgres failure is one line that names the config, never the DSN
         or its password.
         """
-        port = closed_port()
+        port = free_port()
         path = self.config(
             f"dbtype: postgres\n"
             f"dbaddr: host=127.0.0.1 port={port} user=u password=hunter2 dbname=x\n"
@@ -670,46 +655,16 @@ class PostgresTests(StoreMixin, SynchronousTestCase):
 
         schema = f"oaproxy_cli_{uuid.uuid4().hex[:12]}"
         try:
-            connection = open_database("postgres", SHARED_POSTGRES)
+            self.dbaddr = postgres_schema(self, schema, SHARED_POSTGRES)
         except psycopg2.OperationalError as e:
             unavailable(f"PostgreSQL is not reachable at 127.0.0.1:5432: {e}")
-        connection.autocommit = True
-        connection.cursor().execute(f"CREATE SCHEMA {schema}")
-        connection.close()
-
-        def drop() -> None:
-            connection = open_database("postgres", SHARED_POSTGRES)
-            connection.autocommit = True
-            connection.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
-            connection.close()
-
-        self.addCleanup(drop)
-        self.dbaddr = f"{SHARED_POSTGRES} options='-c search_path={schema}'"
         store(self.dbtype, self.dbaddr, [LIMITED, TOOL, CHAT, AUDIO, EMBEDDING])
 
     def test_no_table(self) -> None:
         """A schema without the tables: one clear line, status 1."""
-        schema = f"oaproxy_cli_{uuid.uuid4().hex[:12]}"
-        connection = open_database("postgres", SHARED_POSTGRES)
-        connection.autocommit = True
-        connection.cursor().execute(f"CREATE SCHEMA {schema}")
-        connection.close()
-
-        def drop() -> None:
-            connection = open_database("postgres", SHARED_POSTGRES)
-            connection.autocommit = True
-            connection.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
-            connection.close()
-
-        self.addCleanup(drop)
+        dbaddr = postgres_schema(self, f"oaproxy_cli_{uuid.uuid4().hex[:12]}", SHARED_POSTGRES)
         self.assertEqual(
-            run(
-                "usage",
-                "--dbtype",
-                "postgres",
-                "--dbaddr",
-                f"{SHARED_POSTGRES} options='-c search_path={schema}'",
-            ),
+            run("usage", "--dbtype", "postgres", "--dbaddr", dbaddr),
             (
                 1,
                 "",

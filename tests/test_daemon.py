@@ -13,30 +13,32 @@ import json
 import os
 import signal
 import socket
-from io import BytesIO
 from typing import Any
 
-import yaml
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
 from twisted.internet.error import ConnectError, ConnectionRefusedError, ProcessTerminated
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol, connectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
-from twisted.web.client import (
-    Agent,
-    FileBodyProducer,
-    HTTPConnectionPool,
-    ResponseDone,
-    ResponseNeverReceived,
-)
-from twisted.web.http_headers import Headers
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseNeverReceived
 
-from tests.fakeupstream import FAKE_MODEL, Chat, FakeUpstream, Stream
-from tests.test_e2e import reactor
-from tests.test_twistd import child_env, free_port, read_body, twistd_command
+from tests.fakeupstream import Chat, FakeUpstream, Stream
+from tests.harness import (
+    POLL,
+    Daemon,
+    LiveCase,
+    chat_body,
+    child_env,
+    free_port,
+    post_json,
+    proxy_config,
+    reactor,
+    read_body,
+    run_twistd,
+    spawn_daemon,
+    write_yaml,
+)
 
 OLD_KEY = "ck-old-0123456789abcdef"
 NEW_KEY = "ck-new-0123456789abcdef"
@@ -45,52 +47,11 @@ SK_B = "sk-upstream-b-0123456789"
 MATRIX_TOKEN = "syt-matrix-daemon-0123456789"
 FEISHU_SECRET = "fs-daemon-secret-0123"
 FEISHU_TOKEN = "hook-daemon-token-0123"
-POLL = 0.05
 # A slow stream: one chunk every 0.2 s, about 2 s in all.
 SLOW_CHUNKS = tuple(f"c{i} " for i in range(10))
 SLOW = Stream(chunks=SLOW_CHUNKS, delay=0.2)
-
-
-class Daemon(ProcessProtocol):
-    """One twistd child: its output, and a Deferred for its end."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        # Fires with the reason in a list: a Failure given to callback()
-        # would errback the Deferred instead.
-        self.ended: Deferred[list[Failure]] = Deferred()
-        self.ended_at: float | None = None
-        self.running = True
-        self.process: Any = None
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        self.output += data
-
-    def processEnded(self, reason: Failure) -> None:
-        self.running = False
-        self.ended_at = reactor.seconds()
-        self.ended.callback([reason])
-
-    @property
-    def text(self) -> str:
-        return self.output.decode("utf-8", "replace")
-
-    def signal(self, name: str) -> None:
-        self.process.signalProcess(name)
-
-    async def wait_for(self, text: str, count: int = 1, timeout: float = 10.0) -> None:
-        """Until ``text`` appeared ``count`` times in the output."""
-        for _ in range(int(timeout / POLL)):
-            if self.text.count(text) >= count:
-                return
-            if not self.running:
-                break
-            await deferLater(reactor, POLL, lambda: None)
-        raise AssertionError(f"{text!r} x{count} not in the daemon's output:\n{self.text}")
-
-    async def end(self) -> Failure:
-        [reason] = await self.ended
-        return reason
+#: How twistd is run: in the foreground, without a pidfile, on config.yaml.
+TWISTD_ARGS = ["-n", "--pidfile=", "oaproxy", "--config", "config.yaml"]
 
 
 class Incoming(Protocol):
@@ -112,44 +73,14 @@ class Incoming(Protocol):
         self.done.callback((b"".join(self.parts), bool(reason.check(ResponseDone))))
 
 
-def chat_body(stream: bool = False) -> bytes:
-    payload: dict[str, Any] = {"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}]}
-    if stream:
-        payload["stream"] = True
-    return json.dumps(payload).encode()
-
-
-def write_config(path: str, config: dict[str, Any]) -> None:
-    # Written whole to a new file, then renamed: the daemon never reads half.
-    with open(path + ".new", "w", encoding="utf-8") as f:
-        yaml.safe_dump(config, f)
-    os.replace(path + ".new", path)
-
-
 def upstream(name: str, fake: FakeUpstream, sk: str, **more: Any) -> dict[str, Any]:
     return {"name": name, "endpoint": fake.endpoint, "sk": sk, **more}
 
 
 def base_config(port: int | None, keys: dict[str, str], upstreams: list[dict[str, Any]], **more: Any) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        "dbtype": "none",
-        "hostname": "daemon-test",
-        "authorization": keys,
-        "timeout": 10,
-        "stream_timeout": 10,
-        "stream_idle_timeout": 10,
-        "upstreams": upstreams,
-    }
     if port is not None:
-        config["listen"] = f"tcp:{port}:interface=127.0.0.1"
-    config.update(more)
-    return config
-
-
-def run_twistd_in(cwd: str, env: dict[str, str]) -> Deferred[tuple[bytes, bytes, int]]:
-    command = twistd_command()
-    args = [*command[1:], "-n", "--pidfile=", "oaproxy", "--config", "config.yaml"]
-    return getProcessOutputAndValue(command[0], args, env=env, path=cwd, reactor=reactor)
+        more.setdefault("listen", f"tcp:{port}:interface=127.0.0.1")
+    return proxy_config("daemon-test", keys, upstreams, **more)
 
 
 def records_in(path: str) -> list[dict[str, Any]]:
@@ -157,7 +88,7 @@ def records_in(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-class DaemonCase(TestCase):
+class DaemonCase(LiveCase):
     timeout = 30
 
     def setUp(self) -> None:
@@ -165,11 +96,6 @@ class DaemonCase(TestCase):
         os.makedirs(self.cwd)
         self.config_path = os.path.join(self.cwd, "config.yaml")
         self.agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
-
-    async def fake(self, **kwargs: Any) -> FakeUpstream:
-        fake = await FakeUpstream(reactor, **kwargs).start()
-        self.addCleanup(fake.stop)
-        return fake
 
     def spawn(
         self,
@@ -179,25 +105,8 @@ class DaemonCase(TestCase):
         child_fds: dict[int, Any] | None = None,
         prefix: list[str] | None = None,
     ) -> Daemon:
-        write_config(self.config_path, config)
-        daemon = Daemon()
-        command = [*(prefix or []), *twistd_command(), "-n", "--pidfile=", "oaproxy", "--config", "config.yaml"]
-        daemon.process = reactor.spawnProcess(
-            daemon,
-            command[0],
-            command,
-            env=env if env is not None else child_env(),
-            path=self.cwd,
-            childFDs=child_fds if child_fds is not None else {0: "w", 1: "r", 2: "r"},
-        )
-
-        async def kill() -> None:
-            if daemon.running:
-                daemon.signal("KILL")
-                await daemon.ended
-
-        self.addCleanup(lambda: Deferred.fromCoroutine(kill()))
-        return daemon
+        write_yaml(self.config_path, config)
+        return spawn_daemon(self, TWISTD_ARGS, self.cwd, env=env, child_fds=child_fds, prefix=prefix)
 
     async def serving(self, daemon: Daemon, port: int, attempts: int = 300) -> None:
         """Until ``/healthz`` answers 200 on ``port`` (about 15 s at most)."""
@@ -215,25 +124,13 @@ class DaemonCase(TestCase):
         self.fail(f"twistd did not answer /healthz on {port}:\n{daemon.text}")
 
     async def chat(self, port: int, key: str) -> tuple[int, bytes]:
-        body = chat_body()
-        producer: Any = FileBodyProducer(BytesIO(body), readSize=len(body))
-        response = await self.agent.request(
-            b"POST",
-            f"http://127.0.0.1:{port}/v1/chat/completions".encode(),
-            Headers({b"authorization": [b"Bearer " + key.encode()], b"content-type": [b"application/json"]}),
-            producer,
-        )
+        response = await post_json(self.agent, f"http://127.0.0.1:{port}/v1/chat/completions", key, chat_body())
         return response.code, await read_body(response)
 
     async def start_stream(self, port: int, key: str) -> Incoming:
         """A stream request, once its first bytes have arrived."""
-        body = chat_body(stream=True)
-        producer: Any = FileBodyProducer(BytesIO(body), readSize=len(body))
-        response = await self.agent.request(
-            b"POST",
-            f"http://127.0.0.1:{port}/v1/chat/completions".encode(),
-            Headers({b"authorization": [b"Bearer " + key.encode()], b"content-type": [b"application/json"]}),
-            producer,
+        response = await post_json(
+            self.agent, f"http://127.0.0.1:{port}/v1/chat/completions", key, chat_body(stream=True)
         )
         self.assertEqual(response.code, 200)
         incoming = Incoming()
@@ -279,8 +176,8 @@ class ReloadTests(DaemonCase):
     async def test_sighup_reload(self) -> None:
         a = await self.fake(default=SLOW)
         b = await self.fake(default=Chat(text="from B"))
-        first_port = await free_port()
-        second_port = await free_port()
+        first_port = free_port()
+        second_port = free_port()
         old = base_config(first_port, {"old": OLD_KEY}, [upstream("a", a, SK_A)])
         daemon = self.spawn(old)
         await self.serving(daemon, first_port)
@@ -289,7 +186,7 @@ class ReloadTests(DaemonCase):
         # A slow stream from A is in flight during the reload.
         incoming = await self.start_stream(first_port, OLD_KEY)
         new = base_config(first_port, {"new": NEW_KEY}, [upstream("b", b, SK_B)])
-        write_config(self.config_path, new)
+        write_yaml(self.config_path, new)
         daemon.signal("HUP")
         await daemon.wait_for("config reloaded")
         self.assertFalse(incoming.done.called, "the stream ended before the reload was done")
@@ -322,7 +219,7 @@ class ReloadTests(DaemonCase):
         self.assertEqual((await self.chat(first_port, OLD_KEY))[0], 401)
 
         # A changed listener is re-bound: the new port answers, the old one is closed.
-        write_config(self.config_path, {**new, "listen": f"tcp:{second_port}:interface=127.0.0.1"})
+        write_yaml(self.config_path, {**new, "listen": f"tcp:{second_port}:interface=127.0.0.1"})
         daemon.signal("HUP")
         await daemon.wait_for("config reloaded", count=2)
         await self.serving(daemon, second_port, attempts=40)
@@ -338,7 +235,7 @@ class ReloadTests(DaemonCase):
         """A new listen address that cannot be bound must not leave the daemon
         listening nowhere: the old listener stays until the new one is bound."""
         b = await self.fake()
-        port = await free_port()
+        port = free_port()
         busy = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
             Factory.forProtocol(Protocol)
         )
@@ -347,7 +244,7 @@ class ReloadTests(DaemonCase):
         daemon = self.spawn(config)
         await self.serving(daemon, port)
         await daemon.wait_for("oaproxy started")
-        write_config(self.config_path, {**config, "listen": f"tcp:{busy.getHost().port}:interface=127.0.0.1"})
+        write_yaml(self.config_path, {**config, "listen": f"tcp:{busy.getHost().port}:interface=127.0.0.1"})
         daemon.signal("HUP")
         await daemon.wait_for("config reloaded")
         # Some line names the address that could not be bound.
@@ -360,7 +257,7 @@ class ReloadTests(DaemonCase):
 class StopTests(DaemonCase):
     async def test_sigterm_drains_a_stream_in_flight(self) -> None:
         a = await self.fake(default=SLOW)
-        port = await free_port()
+        port = free_port()
         config = base_config(
             port,
             {"old": OLD_KEY},
@@ -397,7 +294,7 @@ class StopTests(DaemonCase):
     async def test_shutdown_timeout_cuts_a_long_stream(self) -> None:
         # About 8 s of stream, against a 1 s shutdown_timeout.
         a = await self.fake(default=Stream(chunks=tuple(f"c{i} " for i in range(40)), delay=0.2))
-        port = await free_port()
+        port = free_port()
         config = base_config(
             port,
             {"old": OLD_KEY},
@@ -473,9 +370,9 @@ class SocketActivationTests(DaemonCase):
         for any config error, not a traceback."""
         upstreams = [{"name": "a", "endpoint": "http://127.0.0.1:9/v1", "sk": SK_A}]
         config = base_config(None, {"old": OLD_KEY}, upstreams, listen="systemd:domain=INET:index=0")
-        write_config(self.config_path, config)
+        write_yaml(self.config_path, config)
         env = {k: v for k, v in child_env().items() if not k.startswith("LISTEN_")}
-        out, err, code = await run_twistd_in(self.cwd, env)
+        out, err, code = await run_twistd(TWISTD_ARGS, self.cwd, env)
         self.assertNotEqual(code, 0)
         self.assertNotIn(b"Traceback", out + err)
         lines = err.decode().splitlines()
@@ -488,7 +385,7 @@ class SummaryTests(DaemonCase):
     async def test_startup_summary(self) -> None:
         main = await self.fake()
         spare = await self.fake()
-        port = await free_port()
+        port = free_port()
         config = base_config(
             port,
             {"alice": OLD_KEY, "bob": NEW_KEY},

@@ -11,178 +11,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import openai
-import yaml
-from attrs import frozen
-from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import (
-    TCP4ClientEndpoint,
-    connectProtocol,
-    serverFromString,
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+from tests.fakeupstream import FAKE_MODEL, Drop, Hang, Status, Stream
+from tests.harness import (
+    CLIENT_KEY,
+    OTHER_KEY,
+    SK_BACKUP,
+    SK_MAIN,
+    EndToEndCase,
+    RawClient,
+    chat,
+    raw_chat_request,
+    reactor,
+    refused_endpoint,
+    upstream,
 )
-from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.threads import deferToThread
-from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
-
-from oaproxy.tap import Options, makeService
-from tests.fakeupstream import (
-    FAKE_MODEL,
-    ConnectionTracker,
-    Drop,
-    FakeUpstream,
-    Hang,
-    Status,
-    Stream,
-)
-
-reactor: Any = _reactor
-T = TypeVar("T")
-
-CLIENT_KEY = "ck-alice-0123456789"
-OTHER_KEY = "ck-bob-0123456789"
-SK_MAIN = "sk-main-upstream"
-SK_BACKUP = "sk-backup-upstream"
-
-
-class Records:
-    """The records the service emits, observed on its record publisher."""
-
-    def __init__(self) -> None:
-        self.seen: list[dict[str, Any]] = []
-        self._waiting: list[tuple[int, Deferred[dict[str, Any]]]] = []
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        self.seen.append(event["record"])
-        ready = [d for n, d in self._waiting if n == len(self.seen)]
-        self._waiting = [(n, d) for n, d in self._waiting if n != len(self.seen)]
-        for d in ready:
-            d.callback(self.seen[-1])
-
-    def nth(self, count: int = 1) -> Deferred[dict[str, Any]]:
-        """Fires with the ``count``-th record (1-based) once it was emitted."""
-        if len(self.seen) >= count:
-            return succeed(self.seen[count - 1])
-        d: Deferred[dict[str, Any]] = Deferred()
-        self._waiting.append((count, d))
-        return d
-
-
-@frozen
-class RunningProxy:
-    service: Any  # the ProxyService, an IService
-    port: int
-    connections: ConnectionTracker
-    records: Records
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-
-def listening_port(service: Any) -> Deferred[Any]:
-    """The port a started service's listener bound.
-
-    ``strports.service`` makes a ``StreamServerEndpointService`` child whose
-    ``_waitingForPort`` Deferred fires with the ``IListeningPort``; there is
-    no public accessor. The result is passed through untouched, because the
-    service's own ``stopService`` chains on that Deferred to stop listening.
-    """
-    listeners = [c for c in service if isinstance(c, StreamServerEndpointService)]
-    assert len(listeners) == 1, listeners
-    waiting = listeners[0]._waitingForPort
-    assert waiting is not None
-    got: Deferred[Any] = Deferred()
-
-    def tee(port: Any) -> Any:
-        got.callback(port)
-        return port
-
-    waiting.addCallback(tee)
-    return got
-
-
-async def refused_endpoint() -> str:
-    """An endpoint URL on which nothing listens: bound, then closed."""
-    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Factory.forProtocol(Protocol))
-    number = port.getHost().port
-    await port.stopListening()
-    return f"http://127.0.0.1:{number}/v1"
-
-
-def write_yaml(path: str, content: Any) -> str:
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(content, f)
-    return path
-
-
-def upstream(name: str, endpoint: str, sk: str | None = SK_MAIN, **more: Any) -> dict[str, Any]:
-    return {"name": name, "endpoint": endpoint, "sk": sk, **more}
-
-
-class EndToEndCase(TestCase):
-    timeout = 20
-
-    async def fake(self, **kwargs: Any) -> FakeUpstream:
-        fake = await FakeUpstream(reactor, **kwargs).start()
-        self.addCleanup(fake.stop)
-        return fake
-
-    async def proxy(self, upstreams: list[dict[str, Any]], **top: Any) -> RunningProxy:
-        config: dict[str, Any] = {
-            "dbtype": "none",
-            "hostname": "e2e",
-            "authorization": {"alice": CLIENT_KEY, "bob": OTHER_KEY},
-            "timeout": 10,
-            "stream_timeout": 10,
-            "stream_idle_timeout": 10,
-            "upstreams": upstreams,
-        }
-        config.update(top)
-        path = write_yaml(self.mktemp() + ".yaml", config)
-        options = Options()
-        options.parseOptions(["--config", path, "--listen", "tcp:0:interface=127.0.0.1"])
-        service: Any = makeService(options, reactor)
-        # Server-side connections stay open after stopListening (keep-alive):
-        # they are followed so that cleanup closes them and waits.
-        tracker = ConnectionTracker(service.site)
-        records = Records()
-        service.records.add_observer(records)
-        service.startService()
-        self.addCleanup(tracker.close_all)
-        self.addCleanup(service.stopService)
-        port = await listening_port(service)
-        return RunningProxy(service, port.getHost().port, tracker, records)
-
-    def sdk(self, proxy: RunningProxy, call: Callable[[openai.OpenAI], T], key: str = CLIENT_KEY) -> Deferred[T]:
-        """Run ``call(client)`` in a thread with a client that is closed after it."""
-
-        def run() -> T:
-            with openai.OpenAI(
-                base_url=proxy.base_url,
-                api_key=key,
-                max_retries=0,
-                timeout=15,
-                http_client=openai.DefaultHttpxClient(trust_env=False),
-            ) as client:
-                return call(client)
-
-        return deferToThread(run)
-
-    async def sdk_error(
-        self, proxy: RunningProxy, call: Callable[[openai.OpenAI], Any], error: type[BaseException], key: str = CLIENT_KEY
-    ) -> Any:
-        result = await self.assertFailure(self.sdk(proxy, call, key), error)
-        return result
-
-
-def chat(client: openai.OpenAI, model: str = FAKE_MODEL) -> Any:
-    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
 
 
 def collect_stream(client: openai.OpenAI, include_usage: bool = False, model: str = FAKE_MODEL) -> tuple[list[str], list[Any]]:
@@ -328,7 +176,7 @@ class HappyPathTests(EndToEndCase):
 
 class FailoverTests(EndToEndCase):
     async def test_connection_refused_then_answer(self) -> None:
-        refused = await refused_endpoint()
+        refused = refused_endpoint()
         fake = await self.fake()
         proxy = await self.proxy([upstream("dead", refused), upstream("live", fake.endpoint, sk=SK_BACKUP)])
         completion = await self.sdk(proxy, chat)
@@ -447,7 +295,7 @@ class ErrorTests(EndToEndCase):
 
     async def test_every_upstream_unreachable(self) -> None:
         proxy = await self.proxy(
-            [upstream("a", await refused_endpoint()), upstream("b", await refused_endpoint())]
+            [upstream("a", refused_endpoint()), upstream("b", refused_endpoint())]
         )
         error = await self.sdk_error(proxy, chat, openai.APIStatusError)
         self.assertEqual(error.status_code, 502)
@@ -531,50 +379,17 @@ class HeaderTests(EndToEndCase):
         self.assertEqual(fake.requests, [])
 
 
-class _StreamReader(Protocol):
-    """A raw HTTP/1.1 client that hangs up once the first SSE event arrived."""
-
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.received = b""
-        self.first_event: Deferred[None] = Deferred()
-        self.lost: Deferred[None] = Deferred()
-
-    def connectionMade(self) -> None:
-        transport: Any = self.transport
-        transport.write(self.request)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-        if b"data:" in self.received and not self.first_event.called:
-            self.first_event.callback(None)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.lost.callback(None)
-
-
-def raw_request(body: dict[str, Any]) -> bytes:
-    data = json.dumps(body).encode()
-    return (
-        b"POST /v1/chat/completions HTTP/1.1\r\n"
-        b"Host: 127.0.0.1\r\n"
-        b"Authorization: Bearer " + CLIENT_KEY.encode() + b"\r\n"
-        b"Content-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n" % len(data)
-    ) + data
-
-
 class ClientDisconnectTests(EndToEndCase):
     async def test_client_hangs_up_while_waiting(self) -> None:
         fake = await self.fake(default=Hang())
         proxy = await self.proxy([upstream("main", fake.endpoint)])
-        client = _StreamReader(raw_request({"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}]}))
+        client = RawClient(
+            raw_chat_request({"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}]}, CLIENT_KEY)
+        )
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port), client)
         seen = await fake.received()
         hung_up = reactor.seconds()
-        transport: Any = client.transport
-        transport.abortConnection()
-        await client.lost
+        await client.hang_up()
         self.assertEqual(await seen.ended(), "lost")
         assert seen.lost_at is not None
         self.assertLess(seen.lost_at - hung_up, 2.0)
@@ -585,19 +400,19 @@ class ClientDisconnectTests(EndToEndCase):
     async def test_client_hangs_up_mid_stream(self) -> None:
         fake = await self.fake(default=Stream(hang_after=1))
         proxy = await self.proxy([upstream("main", fake.endpoint)])
-        client = _StreamReader(
-            raw_request({"model": FAKE_MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+        client = RawClient(
+            raw_chat_request(
+                {"model": FAKE_MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}, CLIENT_KEY
+            )
         )
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port), client)
-        await client.first_event
+        await client.enough
         self.assertIn(b"HTTP/1.1 200", client.received)
         [seen] = fake.requests
         self.assertIsNone(seen.lost_at)
         self.assertEqual(proxy.records.seen, [])
         hung_up = reactor.seconds()
-        transport: Any = client.transport
-        transport.abortConnection()
-        await client.lost
+        await client.hang_up()
         # The upstream request is cancelled at once, not left to time out.
         self.assertEqual(await seen.ended(), "lost")
         assert seen.lost_at is not None

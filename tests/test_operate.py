@@ -1,6 +1,6 @@
 """Operating the daemon, in process: metrics, alerts, readiness.
 
-The service is built as twistd builds it (``tests.test_e2e.EndToEndCase``)
+The service is built as twistd builds it (``tests.harness.EndToEndCase``)
 and listens on ``tcp:0:interface=127.0.0.1``; upstreams and the alert
 endpoints (Feishu webhook, Matrix homeserver) are ``FakeUpstream``s in the
 same reactor. Requests go over real sockets with twisted.web's ``Agent``.
@@ -13,27 +13,28 @@ import hashlib
 import hmac
 import json
 import os
-from io import BytesIO
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from tests.fakeupstream import Chat, FakeUpstream, Hang, Status, Stream
-from tests.test_e2e import (
+from tests.harness import (
     CLIENT_KEY,
     SK_BACKUP,
     SK_MAIN,
     EndToEndCase,
     RunningProxy,
+    chat_body,
+    post_json,
     reactor,
+    read_body,
     refused_endpoint,
     upstream,
 )
-from tests.test_twistd import read_body
 
 METRICS_KEY = "mk-scraper-0123456789"
 FEISHU_SECRET = "fs-signing-secret-0123"
@@ -80,18 +81,9 @@ class OperateCase(EndToEndCase):
         key: str = CLIENT_KEY,
         include_usage: bool = False,
     ) -> Answer:
-        payload: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-        if stream:
-            payload["stream"] = True
-        if include_usage:
-            payload["stream_options"] = {"include_usage": True}
-        body = json.dumps(payload).encode()
-        producer: Any = FileBodyProducer(BytesIO(body), readSize=len(body))
-        headers = Headers(
-            {b"authorization": [b"Bearer " + key.encode()], b"content-type": [b"application/json"]}
-        )
-        url = f"http://127.0.0.1:{proxy.port}{CHAT_ROUTE}".encode()
-        response = await self.agent.request(b"POST", url, headers, producer)
+        body = chat_body(model, stream=stream, include_usage=include_usage)
+        url = f"http://127.0.0.1:{proxy.port}{CHAT_ROUTE}"
+        response = await post_json(self.agent, url, key, body)
         return Answer(response.code, response.headers, await read_body(response))
 
 
@@ -383,7 +375,7 @@ class AlertTests(OperateCase):
     async def test_dead_alert_endpoints_do_not_slow_the_answer(self) -> None:
         deadline = 2.0
         hanging = await self.fake(default=Hang())
-        refused = await refused_endpoint()
+        refused = refused_endpoint()
         proxy, _, _, _ = await self._setup(
             feishu={"webhook": refused + "/hook/" + FEISHU_TOKEN, "secret": FEISHU_SECRET},
             matrix={

@@ -18,47 +18,48 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import Iterable
+from typing import Any
 
 import openai
-import yaml
-from attrs import frozen
-from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
 from twisted.web import server
 
 from oaproxy.cli import main as cli_main
 from oaproxy.service import usage_prefix
 from oaproxy.sinks.redis import usage_date
-from oaproxy.sinks.sql import COLUMNS, open_database
-from oaproxy.tap import Options, makeService
-from tests.fakeupstream import ConnectionTracker, FakeUpstream, RecordedRequest, Status, Stream
-from tests.test_sinks_redis import (
+from tests.fakeupstream import (
+    FakeUpstream,
+    RecordedRequest,
+    Status,
+    Stream,
+    sse_event,
+    stream_chunk,
+)
+from tests.harness import (
+    SHARED_POSTGRES,
     SHARED_REDIS,
     PrivateRedis,
+    ProxyCase,
+    RawClient,
+    RunningProxy,
+    postgres_schema,
+    proxy_config,
+    raw_chat_request,
     reachable,
+    reactor,
     redis_client,
+    sql_rows,
     unavailable,
     wait_for,
 )
-from tests.test_sinks_sql import SHARED_POSTGRES
-
-reactor: Any = _reactor
-T = TypeVar("T")
+from tests.support import dechunk
 
 #: The shared server's database the tests write to (not the default 0).
 REDIS_DB = 11
@@ -127,18 +128,8 @@ def cost(usage: dict[str, int], price: dict[str, float]) -> float:
 # -- the upstream -------------------------------------------------------------
 
 
-def _sse(payload: Any) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-
-
 def _tool_chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-    return {
-        "id": "chatcmpl-tools",
-        "object": "chat.completion.chunk",
-        "created": 1700000000,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-    }
+    return stream_chunk(0, delta, finish, model, chunk_id="chatcmpl-tools")
 
 
 def tool_call_events(model: str, include_usage: bool) -> list[bytes]:
@@ -160,12 +151,12 @@ def tool_call_events(model: str, include_usage: bool) -> list[bytes]:
         },
         {"index": 1, "function": {"arguments": '"CET"}'}},
     ]
-    events = [_sse(_tool_chunk(model, {"role": "assistant", "content": None}))]
-    events += [_sse(_tool_chunk(model, {"tool_calls": [call]})) for call in calls]
-    events.append(_sse(_tool_chunk(model, {}, "tool_calls")))
+    events = [sse_event(_tool_chunk(model, {"role": "assistant", "content": None}))]
+    events += [sse_event(_tool_chunk(model, {"tool_calls": [call]})) for call in calls]
+    events.append(sse_event(_tool_chunk(model, {}, "tool_calls")))
     if include_usage:
         usage_chunk = {**_tool_chunk(model, {}), "choices": [], "usage": TOOL_USAGE}
-        events.append(_sse(usage_chunk))
+        events.append(sse_event(usage_chunk))
     events.append(b"data: [DONE]\n\n")
     return events
 
@@ -200,56 +191,6 @@ class ToolCallUpstream(FakeUpstream):
 # -- the service ---------------------------------------------------------------
 
 
-class RecordLog:
-    """The records the service emits, observed on its record publisher."""
-
-    def __init__(self) -> None:
-        self.seen: list[dict[str, Any]] = []
-        self._waiting: list[tuple[int, Deferred[dict[str, Any]]]] = []
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        self.seen.append(event["record"])
-        ready = [d for n, d in self._waiting if n <= len(self.seen)]
-        self._waiting = [(n, d) for n, d in self._waiting if n > len(self.seen)]
-        for d in ready:
-            d.callback(self.seen[-1])
-
-    def nth(self, count: int) -> Deferred[dict[str, Any]]:
-        """Fires with the ``count``-th record (1-based) once it was emitted."""
-        if len(self.seen) >= count:
-            return succeed(self.seen[count - 1])
-        d: Deferred[dict[str, Any]] = Deferred()
-        self._waiting.append((count, d))
-        return d
-
-
-@frozen
-class Running:
-    service: Any  # the ProxyService
-    port: int
-    records: RecordLog
-    config_path: str
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-
-def _listening_port(service: Any) -> Deferred[Any]:
-    """The port the service's one listener bound (passed on untouched)."""
-    [listener] = [c for c in service if isinstance(c, StreamServerEndpointService)]
-    waiting = listener._waitingForPort
-    assert waiting is not None
-    got: Deferred[Any] = Deferred()
-
-    def tee(port: Any) -> Any:
-        got.callback(port)
-        return port
-
-    waiting.addCallback(tee)
-    return got
-
-
 class _Tee(io.StringIO):
     """stderr during a test: kept for the secrets grep, and passed on."""
 
@@ -262,47 +203,11 @@ class _Tee(io.StringIO):
         return super().write(text)
 
 
-class _AbandoningClient(Protocol):
-    """A raw HTTP/1.1 client that hangs up after ``events`` SSE events."""
-
-    def __init__(self, request: bytes, events: int) -> None:
-        self.request = request
-        self.events = events
-        self.received = b""
-        self.enough: Deferred[None] = Deferred()
-        self.lost: Deferred[None] = Deferred()
-
-    def connectionMade(self) -> None:
-        transport: Any = self.transport
-        transport.write(self.request)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-        if self.received.count(b"data: ") >= self.events and not self.enough.called:
-            self.enough.callback(None)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.lost.callback(None)
-
-
-def dechunk(data: bytes) -> bytes:
-    """The body of a chunked transfer encoding, up to where it stops."""
-    body = b""
-    while True:
-        size_line, sep, data = data.partition(b"\r\n")
-        if not sep or not size_line:
-            return body
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            return body
-        body += data[:size]
-        data = data[size + 2 :]
-
-
-class RecordTrailBase(TestCase):
+class RecordTrailBase(ProxyCase):
     """Starts the real service with every sink and reads the sinks back."""
 
     timeout = 120
+    client_key = CLIENT_SECRET
 
     def setUp(self) -> None:
         if not reachable(*SHARED_REDIS):
@@ -331,18 +236,8 @@ class RecordTrailBase(TestCase):
 
     # -- starting and driving -------------------------------------------------
 
-    async def fake(self, fake: FakeUpstream) -> FakeUpstream:
-        await fake.start()
-        self.addCleanup(fake.stop)
-        return fake
-
     def config(self, upstreams: list[dict[str, Any]], redis_url: str, **top: Any) -> dict[str, Any]:
-        config: dict[str, Any] = {
-            "hostname": "records-e2e",
-            "authorization": {self.alice: CLIENT_SECRET, self.bob: OTHER_SECRET},
-            "timeout": 10,
-            "stream_timeout": 10,
-            "stream_idle_timeout": 10,
+        more: dict[str, Any] = {
             "dbtype": self.dbtype,
             "dbaddr": self.dbaddr,
             "redis": redis_url,
@@ -355,53 +250,22 @@ class RecordTrailBase(TestCase):
                 "spool_dir": self.spool_dir,
             },
             "prices": {self.model: PRICE, self.tool_model: TOOL_PRICE},
-            "upstreams": upstreams,
         }
-        config.update(top)
-        return config
+        more.update(top)
+        return proxy_config(
+            "records-e2e", {self.alice: CLIENT_SECRET, self.bob: OTHER_SECRET}, upstreams, **more
+        )
 
-    async def start(self, config: dict[str, Any]) -> Running:
-        path = os.path.join(self.directory, "config.yaml")
-        with open(path, "w", encoding="utf-8") as f:
-            yaml.safe_dump(config, f)
-        options = Options()
-        options.parseOptions(["--config", path, "--listen", "tcp:0:interface=127.0.0.1"])
-        service: Any = makeService(options, reactor)
-        tracker = ConnectionTracker(service.site)
-        records = RecordLog()
-        service.records.add_observer(records)
-        service.startService()
-        self.addCleanup(tracker.close_all)
+    async def start(self, config: dict[str, Any]) -> RunningProxy:
+        return await self.start_proxy(config, os.path.join(self.directory, "config.yaml"))
 
-        def stop() -> Deferred[None] | None:
-            return service.stopService() if service.running else None
-
-        self.addCleanup(stop)
-        port = await _listening_port(service)
-        return Running(service, port.getHost().port, records, path)
-
-    def sdk(
-        self, running: Running, call: Callable[[openai.OpenAI], T], key: str = CLIENT_SECRET
-    ) -> Deferred[T]:
-        def run() -> T:
-            with openai.OpenAI(
-                base_url=running.base_url,
-                api_key=key,
-                max_retries=0,
-                timeout=15,
-                http_client=openai.DefaultHttpxClient(trust_env=False),
-            ) as client:
-                return call(client)
-
-        return deferToThread(run)
-
-    async def main_proxy(self) -> tuple[Running, ToolCallUpstream]:
+    async def main_proxy(self) -> tuple[RunningProxy, ToolCallUpstream]:
         """The proxy in front of a working upstream and two failing ones."""
         main = ToolCallUpstream(reactor)
         main.tool_model = self.tool_model
-        await self.fake(main)
-        bad1 = await self.fake(FakeUpstream(reactor, default=Status(503, "first is overloaded")))
-        bad2 = await self.fake(FakeUpstream(reactor, default=Status(500, "second broke")))
+        await self.start_fake(main)
+        bad1 = await self.fake(default=Status(503, "first is overloaded"))
+        bad2 = await self.fake(default=Status(500, "second broke"))
         upstreams = [
             {
                 "name": "main",
@@ -428,7 +292,7 @@ class RecordTrailBase(TestCase):
         self.addCleanup(self.clean_shared_redis, running)
         return running, main
 
-    async def traffic(self, running: Running, main: FakeUpstream) -> dict[str, dict[str, Any]]:
+    async def traffic(self, running: RunningProxy, main: FakeUpstream) -> dict[str, dict[str, Any]]:
         """The known requests, one after another; their records by name."""
         records: dict[str, dict[str, Any]] = {}
         count = 0
@@ -552,24 +416,19 @@ class RecordTrailBase(TestCase):
         await recorded("unauthorized")
 
         main.script(Stream(chunks=("one ", "two ", "three"), hang_after=2))
-        body = json.dumps({"model": model, "stream": True, "messages": CHAT_MESSAGES}).encode()
-        request = (
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Authorization: Bearer " + CLIENT_SECRET.encode() + b"\r\n"
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
-        ) + body
+        request = raw_chat_request(
+            {"model": model, "stream": True, "messages": CHAT_MESSAGES}, CLIENT_SECRET
+        )
         # The role chunk and two content chunks, then the client hangs up.
-        client = _AbandoningClient(request, events=3)
+        client = RawClient(request, events=3)
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", running.port), client)
         await client.enough
-        transport: Any = client.transport
-        transport.abortConnection()
-        await client.lost
+        await client.hang_up()
         await recorded("abandoned")
         self.assertEqual(len(running.records.seen), 7)
         # What was relayed until the hang-up, as the client received it.
         _, _, chunked = client.received.partition(b"\r\n\r\n")
-        self.abandoned_body = dechunk(chunked)
+        self.abandoned_body, _ = dechunk(chunked)
         return records
 
     # -- reading the sinks back ------------------------------------------------
@@ -581,14 +440,7 @@ class RecordTrailBase(TestCase):
     async def read_redis(
         self, port: int, key: str, password: str | None = None
     ) -> list[dict[str, Any]]:
-        if password is None:
-            client: Any = await redis_client(port)
-        else:
-            import txredisapi
-
-            client = await txredisapi.Connection(
-                "127.0.0.1", port, reconnect=False, password=password
-            )
+        client: Any = await redis_client(port, password)
         try:
             if port == SHARED_REDIS[1]:
                 await client.execute_command("SELECT", REDIS_DB)
@@ -634,7 +486,7 @@ class RecordTrailBase(TestCase):
             await client.disconnect()
         return {k: int(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
 
-    async def clean_shared_redis(self, running: Running) -> None:
+    async def clean_shared_redis(self, running: RunningProxy) -> None:
         """Delete this test's keys: its stream and its usage hashes."""
         client: Any = await redis_client(SHARED_REDIS[1])
         try:
@@ -646,13 +498,7 @@ class RecordTrailBase(TestCase):
             await client.disconnect()
 
     def read_sql(self) -> list[dict[str, Any]]:
-        connection = open_database(self.dbtype, self.dbaddr)
-        try:
-            cursor = connection.cursor()
-            cursor.execute(f"SELECT {', '.join(COLUMNS)} FROM records ORDER BY time, id")
-            return [dict(zip(COLUMNS, row, strict=True)) for row in cursor.fetchall()]
-        finally:
-            connection.close()
+        return sql_rows(self.dbtype, self.dbaddr, order_by="time, id")
 
     def spool_texts(self) -> list[tuple[str, str]]:
         texts = []
@@ -1024,22 +870,8 @@ class PostgresRecordTrailTests(RecordTrailBase):
         super().setUp()
         if not reachable(*SHARED_POSTGRES):
             unavailable("PostgreSQL is not running at 127.0.0.1:5432")
-        schema = f"oaproxy_rec_{self.tag}"
-        base = "host=127.0.0.1 port=5432 dbname=test user=postgres"
-        connection = open_database("postgres", base)
-        connection.autocommit = True
-        connection.cursor().execute(f"CREATE SCHEMA {schema}")
-        connection.close()
-
-        def drop() -> None:
-            connection = open_database("postgres", base)
-            connection.autocommit = True
-            connection.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
-            connection.close()
-
-        self.addCleanup(drop)
         self.dbtype = "postgres"
-        self.dbaddr = f"{base} options='-c search_path={schema}'"
+        self.dbaddr = postgres_schema(self, f"oaproxy_rec_{self.tag}")
 
     def test_record_trail(self) -> Deferred[None]:
         """
@@ -1057,49 +889,19 @@ class PostgresRecordTrailTests(RecordTrailBase):
 # -- a sink outage under load -----------------------------------------------------
 
 
-class PersistentRedis(PrivateRedis):
-    """A private ``redis-server`` that keeps its data over a SIGKILL and
-    restart (append-only file, fsync on every write), with a password."""
-
-    async def start_persistent(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            unavailable("redis-server is not installed")
-        os.makedirs(self.directory, exist_ok=True)
-        self.process = subprocess.Popen(
-            [
-                str(binary),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--requirepass",
-                REDIS_PASSWORD,
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                self.directory,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        await wait_for(lambda: reachable("127.0.0.1", self.port), timeout=10)
-
-
 class SinkOutageTests(RecordTrailBase):
     def setUp(self) -> None:
         super().setUp()
         self.dbtype = "none"
 
     async def check_outage(self) -> None:
-        server = PersistentRedis(os.path.join(self.directory, "redis"))
+        # Keeps its data over the SIGKILL and restart, and has a password.
+        server = PrivateRedis(
+            os.path.join(self.directory, "redis"), password=REDIS_PASSWORD, persistent=True
+        )
         self.addCleanup(server.kill)
-        await server.start_persistent()
-        main = await self.fake(FakeUpstream(reactor))
+        await server.start()
+        main = await self.fake()
         config = self.config(
             [{"name": "main", "endpoint": main.endpoint, "sk": UPSTREAM_SK, "allow": [self.model]}],
             f"redis://:{REDIS_PASSWORD}@127.0.0.1:{server.port}/0",
@@ -1133,7 +935,7 @@ class SinkOutageTests(RecordTrailBase):
             if n == down_at:
                 server.kill()
             if n == up_at:
-                await server.start_persistent()
+                await server.start()
             answers.append(Deferred.fromCoroutine(one()))
             await deferLater(reactor, 0.06, lambda: None)
         results = await DeferredList(answers, fireOnOneErrback=True, consumeErrors=True)
@@ -1181,14 +983,11 @@ class UpstreamEchoTests(RecordTrailBase):
 
     async def check_echoed_key(self) -> None:
         echo = await self.fake(
-            FakeUpstream(
-                reactor,
-                default=Status(
-                    401,
-                    f"Incorrect API key provided: {UPSTREAM_SK}.",
-                    "invalid_request_error",
-                    "invalid_api_key",
-                ),
+            default=Status(
+                401,
+                f"Incorrect API key provided: {UPSTREAM_SK}.",
+                "invalid_request_error",
+                "invalid_api_key",
             )
         )
         config = self.config(

@@ -8,105 +8,23 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import socket
-import subprocess
 import uuid
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from typing import Any
 
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import deferLater
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from oaproxy.sinks.queue import RECORD_NAMESPACE
 from oaproxy.sinks.redis import RedisAddress, RedisSink, script_arguments, usage_date
-
-SHARED_REDIS = ("127.0.0.1", 6379)
-
-
-def unavailable(message: str) -> None:
-    """A needed service is missing: fail under CI, skip elsewhere."""
-    if os.environ.get("CI") == "true":
-        raise AssertionError(message)
-    raise SkipTest(message)
-
-
-def reachable(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@inlineCallbacks
-def wait_for(
-    condition: Callable[[], bool], timeout: float = 60.0, step: float = 0.05
-) -> Generator[Deferred[Any], Any, None]:
-    """Poll ``condition`` on the real reactor (only for real services)."""
-    waited = 0.0
-    while not condition():
-        if waited >= timeout:
-            raise AssertionError(f"condition not met within {timeout} s")
-        yield deferLater(reactor, step, lambda: None)
-        waited += step
-
-
-class PrivateRedis:
-    """A ``redis-server`` of our own on a free port, stopped by PID."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @inlineCallbacks
-    def start(self) -> Generator[Deferred[Any], Any, None]:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            unavailable("redis-server is not installed")
-        os.makedirs(self.directory, exist_ok=True)
-        self.process = subprocess.Popen(
-            [
-                str(binary),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.directory,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        yield wait_for(lambda: reachable("127.0.0.1", self.port), timeout=10)
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-
-@inlineCallbacks
-def redis_client(port: int) -> Generator[Deferred[Any], Any, Any]:
-    import txredisapi
-
-    client = yield txredisapi.Connection("127.0.0.1", port, reconnect=False)
-    return client
+from tests.harness import (
+    SHARED_REDIS,
+    PrivateRedis,
+    emit,
+    reachable,
+    redis_client,
+    unavailable,
+    wait_for,
+)
 
 
 def record(number: int, **extra: object) -> dict[str, Any]:
@@ -126,10 +44,6 @@ def record(number: int, **extra: object) -> dict[str, Any]:
         "n": number,
         **extra,
     }
-
-
-def emit(sink: RedisSink, rec: dict[str, Any]) -> None:
-    sink.observer({"log_namespace": RECORD_NAMESPACE, "record": rec})
 
 
 class HelperTests(SynchronousTestCase):

@@ -19,7 +19,6 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from oaproxy.sinks.queue import RECORD_NAMESPACE
 from oaproxy.sinks.sql import (
     COLUMNS,
     SCHEMA_VERSION,
@@ -29,9 +28,16 @@ from oaproxy.sinks.sql import (
     placeholder,
     record_row,
 )
-from tests.test_sinks_redis import free_port, reachable, unavailable, wait_for
-
-SHARED_POSTGRES = ("127.0.0.1", 5432)
+from tests.harness import (
+    SHARED_POSTGRES,
+    emit,
+    free_port,
+    postgres_schema,
+    reachable,
+    sql_rows,
+    unavailable,
+    wait_for,
+)
 
 
 def record(number: int, **extra: object) -> dict[str, Any]:
@@ -68,20 +74,6 @@ def record(number: int, **extra: object) -> dict[str, Any]:
         "n": number,
         **extra,
     }
-
-
-def emit(sink: SQLSink, rec: dict[str, Any]) -> None:
-    sink.observer({"log_namespace": RECORD_NAMESPACE, "record": rec})
-
-
-def fetch(dbtype: str, dbaddr: str) -> list[dict[str, Any]]:
-    connection = open_database(dbtype, dbaddr)
-    try:
-        cursor = connection.cursor()
-        cursor.execute(f"SELECT {', '.join(COLUMNS)} FROM records ORDER BY time")
-        return [dict(zip(COLUMNS, row, strict=True)) for row in cursor.fetchall()]
-    finally:
-        connection.close()
 
 
 class HelperTests(SynchronousTestCase):
@@ -151,7 +143,7 @@ class SQLSinkBase(TestCase):
         emit(sink, records[0])  # replayed: ignored by the primary key
         yield wait_for(lambda: sink.written == 6, timeout=30)
         yield sink.stopService()
-        rows = fetch(self.dbtype, self.dbaddr)
+        rows = sql_rows(self.dbtype, self.dbaddr)
         self.assertEqual([row["id"] for row in rows], [r["id"] for r in records])
         first = rows[0]
         expected = {
@@ -223,7 +215,7 @@ class SQLiteSinkTests(SQLSinkBase):
         yield wait_for(lambda: sink.written == 20, timeout=30)
         yield sink.stopService()
         self.assertEqual(
-            [row["id"] for row in fetch("sqlite", self.dbaddr)],
+            [row["id"] for row in sql_rows("sqlite", self.dbaddr)],
             [r["id"] for r in records],
         )
 
@@ -234,21 +226,7 @@ class PostgresSinkTests(SQLSinkBase):
     def setUp(self) -> None:
         if not reachable(*SHARED_POSTGRES):
             unavailable("PostgreSQL is not running at 127.0.0.1:5432")
-        schema = f"oaproxy_test_{uuid.uuid4().hex[:12]}"
-        base = "host=127.0.0.1 port=5432 dbname=test user=postgres"
-        connection = open_database("postgres", base)
-        connection.autocommit = True
-        connection.cursor().execute(f"CREATE SCHEMA {schema}")
-        connection.close()
-
-        def drop() -> None:
-            connection = open_database("postgres", base)
-            connection.autocommit = True
-            connection.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
-            connection.close()
-
-        self.addCleanup(drop)
-        self.dbaddr = f"{base} options='-c search_path={schema}'"
+        self.dbaddr = postgres_schema(self, f"oaproxy_test_{uuid.uuid4().hex[:12]}")
 
     def test_records_arrive(self) -> Deferred[None]:
         """Records are inserted with their columns and whole JSON, once."""
@@ -375,7 +353,7 @@ class PostgresOutageTests(SQLSinkBase):
         yield wait_for(lambda: sink.written == 80, timeout=60)
         yield sink.stopService()
         self.assertEqual(
-            [row["id"] for row in fetch("postgres", server.dsn)],
+            [row["id"] for row in sql_rows("postgres", server.dsn)],
             [r["id"] for r in records],
         )
         self.assertEqual(sink.dropped, 0)

@@ -11,35 +11,28 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
-from io import BytesIO
 from typing import Any, cast
 
-import yaml
 from twisted.application.service import IServiceMaker
-from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectError, ProcessTerminated
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol, connectionDone
 from twisted.internet.task import deferLater
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.plugin import getPlugins
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import (
-    Agent,
-    FileBodyProducer,
-    HTTPConnectionPool,
-    ResponseDone,
-    ResponseNeverReceived,
-)
-from twisted.web.http_headers import Headers
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 from twisted.web.iweb import IResponse
 
-from tests.fakeupstream import FAKE_MODEL, FakeUpstream
-
-reactor: Any = _reactor
+from tests.harness import (
+    LiveCase,
+    chat_body,
+    free_port,
+    post_json,
+    reactor,
+    read_body,
+    run_twistd,
+    spawn_daemon,
+    write_yaml,
+)
 
 CLIENT_KEY = "ck-smoke-0123456789"
 UPSTREAM_SK = "sk-smoke-upstream"
@@ -48,33 +41,9 @@ POLLS = 150
 POLL_INTERVAL = 0.1
 
 
-def twistd_command() -> list[str]:
-    """The installed twistd, run by this interpreter.
-
-    ``python -m twisted`` runs ``twist`` (no plugins of this kind) and
-    ``twisted.scripts.twistd`` has no ``__main__`` guard, so without the
-    console script next to the interpreter twistd is started by its ``run``.
-    """
-    script = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.path.exists(script):
-        return [sys.executable, script]
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
-def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.pop("OAPROXY_TEST_UNSET_VARIABLE", None)
-    return env
-
-
 def write_file(path: str, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
-
-
-def run_twistd(args: list[str], cwd: str) -> Deferred[tuple[bytes, bytes, int]]:
-    command = twistd_command()
-    return getProcessOutputAndValue(command[0], command[1:] + args, env=child_env(), path=cwd, reactor=reactor)
 
 
 class PluginTests(SynchronousTestCase):
@@ -146,62 +115,11 @@ class TwistdTests(TestCase):
         return Deferred.fromCoroutine(self._refused(text, 3, "upstreams[0].endpoint", "no endpoint"))
 
 
-class _Daemon(ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = b""
-        # Fires with the reason wrapped in a list: a Failure given to
-        # callback() would errback the Deferred instead.
-        self.ended: Deferred[list[Failure]] = Deferred()
-        self.running = True
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    def errReceived(self, data: bytes) -> None:
-        self.output += data
-
-    def processEnded(self, reason: Failure) -> None:
-        self.running = False
-        self.ended.callback([reason])
-
-
-class _Body(Protocol):
-    # Not twisted.web.client.readBody: it warns (DeprecationWarning) when a
-    # body that already arrived is delivered through a proxy transport.
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-        self.done: Deferred[bytes] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.parts.append(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if reason.check(ResponseDone):
-            self.done.callback(b"".join(self.parts))
-        else:
-            self.done.errback(reason)
-
-
-def read_body(response: Any) -> Deferred[bytes]:
-    body = _Body()
-    response.deliverBody(body)
-    return body.done
-
-
-async def free_port() -> int:
-    """A port nothing listens on now (bound by the OS, then released)."""
-    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Factory.forProtocol(Protocol))
-    number: int = port.getHost().port
-    await port.stopListening()
-    return number
-
-
-class SmokeTests(TestCase):
+class SmokeTests(LiveCase):
     timeout = 40
 
     async def test_twistd_serves_and_stops_cleanly(self) -> None:
-        fake = await FakeUpstream(reactor).start()
-        self.addCleanup(fake.stop)
+        fake = await self.fake()
         cwd = os.path.abspath(self.mktemp())
         os.makedirs(cwd)
         config = {
@@ -209,28 +127,13 @@ class SmokeTests(TestCase):
             "authorization": {"smoke": CLIENT_KEY},
             "upstreams": [{"name": "fake", "endpoint": fake.endpoint, "sk": UPSTREAM_SK}],
         }
-        write_file(os.path.join(cwd, "good.yaml"), yaml.safe_dump(config))
-        port = await free_port()
-        daemon = _Daemon()
-        command = twistd_command()
-        args = [
-            *command,
-            "-n",
-            "--pidfile=",
-            "oaproxy",
-            "--config",
-            "good.yaml",
-            "--listen",
-            f"tcp:{port}:interface=127.0.0.1",
-        ]
-        process = reactor.spawnProcess(daemon, command[0], args, env=child_env(), path=cwd)
-
-        async def kill() -> None:
-            if daemon.running:
-                process.signalProcess("KILL")
-                await daemon.ended
-
-        self.addCleanup(lambda: Deferred.fromCoroutine(kill()))
+        write_yaml(os.path.join(cwd, "good.yaml"), config)
+        port = free_port()
+        daemon = spawn_daemon(
+            self,
+            ["-n", "--pidfile=", "oaproxy", "--config", "good.yaml", "--listen", f"tcp:{port}:interface=127.0.0.1"],
+            cwd,
+        )
 
         pool = HTTPConnectionPool(reactor, persistent=True)
         self.addCleanup(pool.closeCachedConnections)
@@ -251,14 +154,7 @@ class SmokeTests(TestCase):
         self.assertEqual(health.code, 200)
         self.assertEqual(json.loads(await read_body(health)), {"status": "ok"})
 
-        body = json.dumps({"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
-        producer: Any = FileBodyProducer(BytesIO(body), readSize=len(body))
-        response = await agent.request(
-            b"POST",
-            base + b"/v1/chat/completions",
-            Headers({b"authorization": [b"Bearer " + CLIENT_KEY.encode()], b"content-type": [b"application/json"]}),
-            producer,
-        )
+        response = await post_json(agent, f"http://127.0.0.1:{port}/v1/chat/completions", CLIENT_KEY, chat_body())
         answer = json.loads(await read_body(response))
         self.assertEqual(response.code, 200, answer)
         self.assertEqual(answer["choices"][0]["message"]["content"], "Hello, world!")
@@ -266,7 +162,7 @@ class SmokeTests(TestCase):
         self.assertEqual(seen.header(b"authorization"), b"Bearer " + UPSTREAM_SK.encode())
         await pool.closeCachedConnections()
 
-        process.signalProcess("TERM")
+        daemon.signal("TERM")
         [reason] = await daemon.ended
         output = daemon.output.decode()
         # twistd stops the services, then re-raises the signal on itself
