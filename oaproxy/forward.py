@@ -342,7 +342,7 @@ class Forwarder:
         if result.client_gone:
             exchange.client_gone = True
             exchange.outcome = "client_disconnected"
-            attempt.error = "cancelled: client disconnected"
+            attempt.error = f"cancelled: {result.error}"
         elif not result.ok:
             exchange.outcome = "stream_failed"
             exchange.error = result.error
@@ -375,9 +375,9 @@ class Forwarder:
             self._send(request, exchange, last)
             return
         timeouts = all(a.error is not None and a.error.startswith("timeout") for a in exchange.attempts)
-        status = 504 if timeouts and exchange.attempts else 502
+        status = 504 if timeouts else 502
         reasons = "; ".join(f"{a.upstream}: {a.error}" for a in exchange.attempts)
-        message = f"All upstreams failed: {reasons}" if reasons else "No upstream to try."
+        message = f"All upstreams failed: {reasons}"
         body = error_body(
             message,
             type="upstream_error",

@@ -59,9 +59,15 @@ def _connection_tokens(headers: Headers) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
-def hop_by_hop(headers: Headers) -> frozenset[bytes]:
-    """The names not to pass on: the fixed list and those ``Connection`` names."""
-    return HOP_BY_HOP | _connection_tokens(headers)
+_NOT_TO_UPSTREAM = HOP_BY_HOP | CLIENT_ONLY
+_NOT_TO_CLIENT = HOP_BY_HOP | RESPONSE_DROPPED
+
+
+def _dropped(headers: Headers, fixed: frozenset[bytes]) -> frozenset[bytes]:
+    """The fixed names, and those listed in ``Connection`` (rarely any)."""
+    if not headers.hasHeader(b"connection"):
+        return fixed
+    return fixed | _connection_tokens(headers)
 
 
 def upstream_headers(
@@ -73,7 +79,7 @@ def upstream_headers(
 ) -> Headers:
     """The headers of one attempt's request to an upstream."""
     out = Headers()
-    dropped = hop_by_hop(client) | CLIENT_ONLY
+    dropped = _dropped(client, _NOT_TO_UPSTREAM)
     for name, values in client.getAllRawHeaders():
         lname = name.lower()
         if lname in dropped:
@@ -99,7 +105,7 @@ def forwarded_for(client: Headers, peer: str) -> bytes:
 
 def response_headers(upstream: Headers) -> Iterable[tuple[bytes, Sequence[bytes]]]:
     """The upstream's response headers that are passed on to the client."""
-    dropped = hop_by_hop(upstream) | RESPONSE_DROPPED
+    dropped = _dropped(upstream, _NOT_TO_CLIENT)
     for name, values in upstream.getAllRawHeaders():
         if name.lower() not in dropped:
             yield name, values

@@ -15,6 +15,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from oaproxy.forward import fails_over
+
 # Consecutive failed attempts after which an upstream counts as unusable
 # until one of its attempts succeeds again.
 FAILING_AFTER = 3
@@ -46,7 +48,7 @@ class Readiness:
             status = attempt.get("status")
             if error is not None and error.startswith("cancelled"):
                 continue
-            if error is None and status is not None and status < 500 and status not in (401, 403, 429):
+            if error is None and status is not None and not fails_over(status):
                 self._failures[name] = 0
             else:
                 self._failures[name] += 1

@@ -198,6 +198,7 @@ class StreamRelay(Protocol):
         self._on_event = on_event
         self._committed = False
         self._ended = False
+        self._paused = False
         self._saw_done = False
         self._held: list[bytes] = []
         self._idle: IDelayedCall | None = None
@@ -251,15 +252,24 @@ class StreamRelay(Protocol):
         self.first_event.callback(None)
 
     def pauseProducing(self) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
-        self._idle = None
+        # From now on the timer measures the client's silence, not the
+        # upstream's: a client that stops reading must not hold it forever.
+        self._paused = True
+        self._restart_timer()
         _producer(self).pauseProducing()
 
     def resumeProducing(self) -> None:
-        if not self._ended and self._idle is None:
-            self._idle = self._clock.callLater(self._idle_timeout, self._idle_expired)
+        self._paused = False
+        self._restart_timer()
         _producer(self).resumeProducing()
+
+    def _restart_timer(self) -> None:
+        if self._ended:
+            return
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self._idle_timeout)
+        else:
+            self._idle = self._clock.callLater(self._idle_timeout, self._idle_expired)
 
     def stopProducing(self) -> None:
         self._abort_upstream()
@@ -296,6 +306,16 @@ class StreamRelay(Protocol):
     def _idle_expired(self) -> None:
         self._idle = None
         self._abort_upstream()
+        if self._paused:
+            self._end(
+                RelayResult(
+                    ok=False,
+                    error=f"client stopped reading for more than {self._idle_timeout:g}s",
+                    client_gone=True,
+                )
+            )
+            self._request.channel.transport.abortConnection()  # type: ignore[union-attr]
+            return
         self._end(
             RelayResult(ok=False, error=f"stream idle for more than {self._idle_timeout:g}s"),
             error_event=True,

@@ -42,7 +42,8 @@ class Router:
     def __init__(self, config: Config, rng: random.Random | None = None) -> None:
         self.upstreams = config.upstreams
         self._lb_policy = config.lb_policy
-        self._rng = rng or random.SystemRandom()
+        # Spreading load needs no cryptographic randomness.
+        self._rng = rng or random.Random()
         global_keys = frozenset(k.secret for k in config.keys)
         every_key: dict[bytes, ClientKey] = {}
         for key in config.keys:
@@ -56,6 +57,7 @@ class Router:
         # Without any client key configured the operator chose an open proxy
         # (the config refuses that on a non-loopback listener).
         self.auth_required = bool(every_key)
+        self._open_upstreams = any(u.noauth for u in config.upstreams)
         self._permitted: dict[str, frozenset[str] | None] = {}
         for upstream in config.upstreams:
             if upstream.noauth:
@@ -90,7 +92,7 @@ class Router:
         elif caller.key is None:
             usable = [u for u in serving if u.noauth]
             if not usable:
-                return ErrorAnswer(401, caller.refusal or WRONG_KEY, code="invalid_api_key")
+                return _unauthorized(caller)
         else:
             secret = caller.key.secret
             usable = [u for u in serving if self._may_use(u, secret)]
@@ -111,6 +113,12 @@ class Router:
             )
         return self.order(usable)
 
+    def unauthorized(self, caller: Caller) -> ErrorAnswer | None:
+        """The 401 for a caller no upstream would serve, whatever the model."""
+        if self.auth_required and caller.key is None and not self._open_upstreams:
+            return _unauthorized(caller)
+        return None
+
     def _may_use(self, upstream: Upstream, secret: str) -> bool:
         permitted = self._permitted[upstream.name]
         return permitted is None or secret in permitted
@@ -120,6 +128,10 @@ class Router:
         if self._lb_policy == "random":
             self._rng.shuffle(ordered)
         return ordered
+
+
+def _unauthorized(caller: Caller) -> ErrorAnswer:
+    return ErrorAnswer(401, caller.refusal or WRONG_KEY, code="invalid_api_key")
 
 
 def serves(upstream: Upstream, name: str) -> bool:

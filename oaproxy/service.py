@@ -158,8 +158,8 @@ class ProxyService(MultiService):
         )
 
     def _started(self, exchange: Exchange, request: Request) -> None:
-        self._inflight[exchange] = request
         exchange.active = self.metrics.request_started(exchange.call.stream)
+        self._inflight[exchange] = request
 
     def _finished(self, maker: RecordMaker, exchange: Exchange, request: Request) -> None:
         if exchange.error == CUT_AT_SHUTDOWN:
@@ -259,7 +259,10 @@ class ProxyService(MultiService):
         self._log_summary("oaproxy started")
 
     def _on_sighup(self, signum: int, frame: Any) -> None:
-        self._reactor.callFromThread(self.reload)
+        self._reactor.callFromThread(self._reload_logged)
+
+    def _reload_logged(self) -> None:
+        self.reload().addErrback(lambda failure: self.log.failure("reload failed", failure=failure))
 
     def reload(self) -> Deferred[bool]:
         """Re-read the config file; fires True when the new config is in use."""
@@ -285,12 +288,14 @@ class ProxyService(MultiService):
             )
             return False
         old = self.config
-        self.runtime = self.build_runtime(config)
-        self.metrics.update_labels(known_models(config), [u.name for u in config.upstreams])
-        self._metrics_resource.metrics_key = config.metrics_key
+        runtime = self.build_runtime(config)
         retired_sinks = self._replace_sinks(config, old)
         retired_notifier = self._replace_notifier(config)
+        # Swapped last: new requests see the new config only once it is whole.
+        self.metrics.update_labels(known_models(config), [u.name for u in config.upstreams])
+        self._metrics_resource.metrics_key = config.metrics_key
         self.config = config
+        self.runtime = runtime
         self.readiness.configure([u.name for u in config.upstreams], self.sinks)
         stopping = [sink.disownServiceParent() for sink in retired_sinks]
         if retired_notifier is not None:
@@ -402,13 +407,14 @@ class ProxyService(MultiService):
         if self.notifier is not None:
             alerts = [f"{c.name} ({c.host})" for c in self.notifier.channels]
         sinks = []
-        for name, sink in self.sinks.items():
-            where = getattr(sink, "path", None) or (
-                public_url(self.config.redis) if name == "redis" and self.config.redis else None
-            )
-            if name == "sql":
-                where = self.config.dbtype if self.config.dbtype == "postgres" else self.config.dbaddr
-            sinks.append(f"{name} ({where})" if where else name)
+        where = {
+            # A postgres DSN may hold a password; a sqlite path does not.
+            "sql": "postgres" if self.config.dbtype == "postgres" else self.config.dbaddr,
+            "file": self.config.records.file,
+            "redis": public_url(self.config.redis) if self.config.redis else None,
+        }
+        for name in self.sinks:
+            sinks.append(f"{name} ({where[name]})")
         self.log.info(headline)
         for line in summary(self.config, self.listeners, sinks, alerts):
             self.log.info("  {line}", line=line)

@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable
 from io import BytesIO
 from typing import IO, Any, cast
+from urllib.parse import unquote_to_bytes
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
@@ -21,13 +22,13 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-from oaproxy.config import Config, Upstream
+from oaproxy.config import Config
 from oaproxy.errors import ErrorAnswer, error_body
 from oaproxy.forward import Call, Exchange, Forwarder
 from oaproxy.headers import forwarded_for
 from oaproxy.inspection import Inspected
 from oaproxy.relay import RequestBody
-from oaproxy.routing import Router
+from oaproxy.routing import Caller, Router
 
 # Bodies up to this size are read into memory (they are parsed for the model
 # anyway); larger ones stay in twisted.web's spool file and are replayed from it.
@@ -146,13 +147,16 @@ class ProxyResource(Resource):
         runtime = self._runtime()
         uri: bytes = request.uri
         content_type = request.getHeader(b"content-type")
-        too_large = getattr(request, "too_large", False)
-        if too_large:
-            body = RequestBody(size=request.received, data=None)  # type: ignore[attr-defined]
+        caller = runtime.router.authenticate(request.getHeader(b"authorization"))
+        path = route_path(uri)
+        refusal = self._refusal(request, runtime, caller, path)
+        if refusal is not None:
+            # Refused before the body is read or parsed: a client without a
+            # key cannot make the reactor parse 64 MiB of JSON for a 401.
+            body = RequestBody(size=_declared_size(request), data=None)
         else:
             body = _request_body(cast(IO[bytes], request.content), content_type)
         inspected = runtime.inspect(body, content_type)
-        caller = runtime.router.authenticate(request.getHeader(b"authorization"))
         exchange = Exchange(
             call=Call(
                 method=request.method,
@@ -169,20 +173,29 @@ class ProxyResource(Resource):
             client_ip=client_ip(request, runtime.config.trusted_proxies),
             user_agent=_text(request.getHeader(b"user-agent")),
         )
-        if too_large:
-            candidates: list[Upstream] | ErrorAnswer = ErrorAnswer(
-                413,
-                f"Request body too large: the limit is {runtime.config.max_body_bytes} bytes.",
-                code="request_too_large",
-            )
-        else:
-            path = uri.split(b"?", 1)[0].decode("utf-8", "replace")
-            candidates = runtime.router.candidates(caller, inspected.model, path)
+        if refusal is not None:
+            return self._refuse(request, runtime, exchange, refusal)
+        assert path is not None
+        candidates = runtime.router.candidates(caller, inspected.model, path)
         if isinstance(candidates, ErrorAnswer):
             return self._refuse(request, runtime, exchange, candidates)
         runtime.started(exchange, request)
         self._forward(request, runtime, exchange, candidates)
         return server.NOT_DONE_YET
+
+    def _refusal(
+        self, request: server.Request, runtime: Runtime, caller: Caller, path: str | None
+    ) -> ErrorAnswer | None:
+        """An answer that needs no look at the body, or None."""
+        if getattr(request, "too_large", False):
+            return ErrorAnswer(
+                413,
+                f"Request body too large: the limit is {runtime.config.max_body_bytes} bytes.",
+                code="request_too_large",
+            )
+        if path is None:
+            return ErrorAnswer(400, "Invalid path: no '.' or '..' segments.", code="invalid_path")
+        return runtime.router.unauthorized(caller)
 
     def _refuse(
         self, request: server.Request, runtime: Runtime, exchange: Exchange, error: ErrorAnswer
@@ -212,8 +225,6 @@ class ProxyResource(Resource):
         work.append(d)
 
         def done(result: Exchange | Failure) -> None:
-            if isinstance(result, Failure) and not result.check(Exception):
-                return
             if isinstance(result, Failure):
                 if not exchange.client_gone:
                     self.log.failure("forwarding failed", failure=result)
@@ -224,7 +235,9 @@ class ProxyResource(Resource):
             exchange.finished = self._clock.seconds()
             runtime.finished(exchange, request)
 
-        d.addBoth(done)
+        d.addBoth(done).addErrback(
+            lambda failure: self.log.failure("finishing a request failed", failure=failure)
+        )
 
     def _preflight(self, request: server.Request) -> bytes:
         asked = request.getHeader(b"access-control-request-headers")
@@ -249,6 +262,29 @@ def _fail_unfinished(request: server.Request) -> None:
     request.setHeader(b"content-length", b"%d" % len(body))
     request.write(body)
     request.finish()
+
+
+def route_path(uri: bytes) -> str | None:
+    """The request path as routing sees it: percent-decoded, without empty
+    segments (so ``/v1//files`` or ``/v1/%66iles`` cannot slip past
+    ``deny: [/v1/files]``); None for a path with ``.`` or ``..`` segments,
+    which no API has and which would climb out of an upstream's base path."""
+    decoded = unquote_to_bytes(uri.split(b"?", 1)[0]).decode("utf-8", "replace")
+    segments = [segment for segment in decoded.split("/") if segment]
+    if any(segment in (".", "..") for segment in segments):
+        return None
+    return "/" + "/".join(segments)
+
+
+def _declared_size(request: server.Request) -> int:
+    """The body's size without reading it (what arrived, or was announced)."""
+    if getattr(request, "too_large", False):
+        return int(request.received)  # type: ignore[attr-defined]
+    content = cast(IO[bytes], request.content)
+    content.seek(0, 2)
+    size = content.tell()
+    content.seek(0)
+    return size
 
 
 def _request_body(content: IO[bytes], content_type: bytes | None) -> RequestBody:

@@ -661,6 +661,9 @@ class RecordTrailBase(ProxyCase):
             ),
             (None, 401, "client_error", []),
         )
+        # Refused before its body was parsed: no model, the body only described.
+        self.assertIsNone(unauthorized["model"])
+        self.assertNotIn(self.model, json.dumps(unauthorized["request_body"]))
         self.assertEqual(unauthorized["request_headers"]["cookie"], "[redacted]")
         self.assertEqual(unauthorized["request_headers"]["authorization"], "[redacted]")
 
@@ -730,9 +733,9 @@ class RecordTrailBase(ProxyCase):
         chat_cost = round(cost(CHAT_USAGE, PRICE) * 1e6)
         self.assertEqual(
             await self.usage_hash("model", self.model, records["chat"]),
-            # chat, stream, abandoned stream, the 401 (a chat for this model)
+            # chat, stream, abandoned stream (the 401 was refused unread: no model)
             {
-                "requests": 4,
+                "requests": 3,
                 "prompt_tokens": 14,
                 "completion_tokens": 8,
                 "cost_microusd": 2 * chat_cost,
@@ -788,9 +791,10 @@ class RecordTrailBase(ProxyCase):
         status, out, err = self.cli("records", "export", "--config", config, "--format", "chat")
         self.assertEqual(status, 0)
         items = json.loads(out)
-        # The multipart upload has no chat messages: left out, and said so.
-        self.assertEqual(len(items), 6)
-        self.assertIn("left out 1 record without chat messages", err)
+        # The multipart upload has no chat messages, nor the 401 (refused
+        # unread): left out, and said so.
+        self.assertEqual(len(items), 5)
+        self.assertIn("left out 2 records without chat messages", err)
         chat = items[0]
         self.assertEqual(chat["messages"], [{m["role"]: m["content"]} for m in CHAT_MESSAGES])
         self.assertEqual(
@@ -811,7 +815,7 @@ class RecordTrailBase(ProxyCase):
             (self.alice, self.tool_model): (1, 1, 20, 9, 29, cost(TOOL_USAGE, TOOL_PRICE)),
             (self.alice, "whisper-1"): (1, 1, 0, 0, 0, None),  # the form's model field
             (self.alice, self.fail_model): (1, 0, 0, 0, 0, None),
-            (None, self.model): (1, 0, 0, 0, 0, None),
+            (None, None): (1, 0, 0, 0, 0, None),  # the 401, refused unread
         }
         got: dict[tuple[str | None, str | None], tuple[Any, ...]] = {}
         for row in json.loads(out):

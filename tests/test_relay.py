@@ -258,8 +258,9 @@ class BackpressureTests(SynchronousTestCase):
     def test_paused_client_is_not_an_idle_upstream(self) -> None:
         """While the client holds the upstream paused, its silence is ours."""
         h, client, response = self.stream()
+        h.clock.advance(15)
         client.pause()
-        h.clock.advance(60)
+        h.clock.advance(19)
         self.assertEqual(response.transport.events, ["pause"])
         client.resume()
         h.clock.advance(19)
@@ -270,10 +271,26 @@ class BackpressureTests(SynchronousTestCase):
         # And after the resume the idle timer runs again.
         h2, client2, response2 = self.stream()
         client2.pause()
-        h2.clock.advance(60)
+        h2.clock.advance(19)
         client2.resume()
         h2.clock.advance(20)
         self.assertEqual(response2.transport.events, ["pause", "resume", "stop"])
+
+    def test_client_that_stops_reading_is_let_go(self) -> None:
+        """A client that holds the upstream paused longer than the idle
+        timeout loses its stream: it must not hold the upstream forever."""
+        h, client, response = self.stream()
+        client.pause()
+        h.clock.advance(19.9)
+        self.assertEqual(response.transport.events, ["pause"])
+        h.clock.advance(0.1)
+        self.assertEqual(response.transport.events, ["pause", "stop"])
+        self.assertTrue(client.transport.disconnecting or client.transport.disconnected)
+        record = h.record()
+        self.assertEqual(record["outcome"], "client_disconnected")
+        self.assertEqual(
+            record["attempts"][0]["error"], "cancelled: client stopped reading for more than 20s"
+        )
 
 
 class BodyCollectorTests(SynchronousTestCase):

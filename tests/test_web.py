@@ -8,6 +8,7 @@ import os
 from io import BytesIO
 from typing import IO, Any, ClassVar, cast
 
+import attrs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import FileBodyProducer
@@ -15,7 +16,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyChannel
 
 from oaproxy.relay import BytesProducer
-from oaproxy.web import IN_MEMORY_BODY, ProxyRequest
+from oaproxy.web import IN_MEMORY_BODY, ProxyRequest, route_path
 from tests.support import Harness, Reply
 
 CONFIG = """
@@ -474,3 +475,57 @@ class ForwardingFailureTests(SynchronousTestCase):
         self.assertEqual((reply.status, reply.json()), (500, error("Internal proxy error.", "internal_error", type="server_error")))
         self.assertEqual(h.record()["outcome"], "error")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class PathTests(SynchronousTestCase):
+    """Routing sees the path decoded and without empty segments; a path that
+    climbs is refused, so no path slips past an allow or deny list."""
+
+    DENY_FILES = """
+authorization: {alice: sk-client}
+upstreams:
+  - {name: a, endpoint: "https://a.test/v1", sk: sk-a, deny: [/v1/files]}
+"""
+
+    def test_route_path(self) -> None:
+        self.assertEqual(route_path(b"/v1/models?limit=2"), "/v1/models")
+        self.assertEqual(route_path(b"/v1//files/"), "/v1/files")
+        self.assertEqual(route_path(b"/v1/%66iles"), "/v1/files")
+        self.assertEqual(route_path(b"/v1"), "/v1")
+        self.assertIsNone(route_path(b"/v1/../admin"))
+        self.assertIsNone(route_path(b"/v1/files/%2e%2e/x"))
+        self.assertIsNone(route_path(b"/v1/./models"))
+
+    def test_denied_path_in_every_spelling(self) -> None:
+        for path in (b"/v1/files", b"/v1//files", b"/v1/%66iles", b"/v1/files/"):
+            h = Harness(self.DENY_FILES)
+            reply = h.request(b"GET", path, b"", [AUTH]).reply()
+            self.assertEqual(reply.status, 404, path)
+            self.assertEqual(h.agent.calls, [], path)
+
+    def test_climbing_path_refused(self) -> None:
+        h = Harness(CONFIG)
+        reply = h.request(b"GET", b"/v1/%2e%2e/%2e%2e/admin", b"", [AUTH]).reply()
+        self.assertEqual(reply.status, 400)
+        self.assertEqual(reply.json(), error("Invalid path: no '.' or '..' segments.", "invalid_path"))
+        self.assertEqual(h.agent.calls, [])
+        self.assertEqual(h.record()["status"], 400)
+
+
+class RefusedUnreadTests(SynchronousTestCase):
+    def test_no_key_no_parse(self) -> None:
+        """Without a valid key (and no noauth upstream) the body is not parsed."""
+        h = Harness(CONFIG)
+        parsed: list[bytes] = []
+        inspect = h.runtime.inspect
+
+        def spy(body: Any, content_type: bytes | None) -> Any:
+            parsed.append(body.data)
+            return inspect(body, content_type)
+
+        h.runtime = attrs.evolve(h.runtime, inspect=spy)
+        reply = h.request(b"POST", b"/v1/chat/completions", CHAT, [JSON]).reply()
+        self.assertEqual(reply.status, 401)
+        self.assertEqual(parsed, [None])
+        record = h.record()
+        self.assertEqual((record["model"], record["bytes_in"]), (None, len(CHAT)))
