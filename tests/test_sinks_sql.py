@@ -182,6 +182,51 @@ class SQLSinkBase(TestCase):
         )
 
 
+    @inlineCallbacks
+    def check_refused_record_does_not_block(self) -> Generator[Deferred[Any], Any, None]:
+        """A record the database refuses for its data is set aside; the
+        records around it, and after it, are written."""
+        # record_row makes a row of any record; a rule of the database's own
+        # (an operator's constraint, say) is what refuses one.
+        connection = open_database(self.dbtype, self.dbaddr)
+        try:
+            migrate(connection.cursor(), self.dbtype)
+            if self.dbtype == "sqlite":
+                connection.execute(
+                    "CREATE TRIGGER refuse BEFORE INSERT ON records"
+                    " WHEN NEW.hostname = 'refuse-me' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+                )
+            else:
+                connection.cursor().execute(
+                    "ALTER TABLE records ADD CONSTRAINT refuse CHECK (hostname <> 'refuse-me')"
+                )
+            connection.commit()
+        finally:
+            connection.close()
+        spool = self.mktemp()
+        stderr = io.StringIO()
+        sink = self.sink(spool, stderr=stderr)
+        sink.startService()
+        records = [record(n) for n in range(3)]
+        records[1]["hostname"] = "refuse-me"
+        for rec in records:
+            emit(sink, rec)
+        yield wait_for(lambda: sink.written + sink.dropped == 3, timeout=30)
+        later = record(3)
+        emit(sink, later)
+        yield wait_for(lambda: sink.written == 3, timeout=30)
+        yield sink.stopService()
+        self.assertEqual(
+            [row["id"] for row in sql_rows(self.dbtype, self.dbaddr)],
+            [records[0]["id"], records[2]["id"], later["id"]],
+        )
+        self.assertEqual((sink.written, sink.dropped, sink.queued), (3, 1, 0))
+        with open(os.path.join(spool, "sql.rejected.jsonl"), encoding="utf-8") as kept:
+            self.assertEqual([json.loads(line) for line in kept], [records[1]])
+        error = "IntegrityError" if self.dbtype == "sqlite" else "CheckViolation"
+        self.assertIn(f"the backend refused a record ({error}); kept in", stderr.getvalue())
+
+
 class SQLiteSinkTests(SQLSinkBase):
     dbtype = "sqlite"
 
@@ -191,6 +236,9 @@ class SQLiteSinkTests(SQLSinkBase):
     def test_records_arrive(self) -> Deferred[None]:
         """Records are inserted with their columns and whole JSON, once."""
         return self.check_records_arrive()
+
+    def test_refused_record_does_not_block(self) -> Deferred[None]:
+        return self.check_refused_record_does_not_block()
 
     @inlineCallbacks
     def test_database_locked(self) -> Generator[Deferred[Any], Any, None]:
@@ -231,6 +279,9 @@ class PostgresSinkTests(SQLSinkBase):
     def test_records_arrive(self) -> Deferred[None]:
         """Records are inserted with their columns and whole JSON, once."""
         return self.check_records_arrive()
+
+    def test_refused_record_does_not_block(self) -> Deferred[None]:
+        return self.check_refused_record_does_not_block()
 
     def test_schema_version(self) -> None:
         connection = open_database("postgres", self.dbaddr)

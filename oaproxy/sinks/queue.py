@@ -142,6 +142,8 @@ class QueuedSink(Service):
         self.replayed = 0
         self.spilled = 0
         self.dropped = 0
+        # Records of the batch being written that the backend refused.
+        self._refused_now = 0
         self.failures = 0
 
         self._state: _State = "new"
@@ -367,6 +369,7 @@ class QueuedSink(Service):
 
     def _done(self, result: object, source: str, count: int, end: int) -> None:
         self._pending = None
+        refused, self._refused_now = self._refused_now, 0
         if isinstance(result, Failure):
             self.failures += 1
             self._inflight = 0
@@ -375,7 +378,7 @@ class QueuedSink(Service):
                 return
             self._note_failure(result)
             return
-        self.written += count
+        self.written += count - refused
         if source == "queue":
             for _ in range(self._inflight):
                 self._queue.popleft()
@@ -558,6 +561,22 @@ class QueuedSink(Service):
         self._spool_writer = self._spool_reader = None
 
     # -- own trouble: stderr, never the logger ----------------------------
+
+    def reject(self, records: list[Record], reason: str) -> None:
+        """Records the backend refuses for good (their data, not its being
+        down): kept in ``{name}.rejected.jsonl`` in the spool directory for an
+        operator, counted as dropped from this sink and reported, so that the
+        records behind them move on."""
+        self._refused_now += len(records)
+        path = os.path.join(self.spool_dir, f"{self.name}.rejected.jsonl")
+        try:
+            os.makedirs(self.spool_dir, exist_ok=True)
+            with open(path, "ab") as kept:
+                kept.writelines(encode_record(record) + b"\n" for record in records)
+        except OSError as e:
+            self._complain(f"cannot keep refused records in {path}: {e}")
+        for _ in records:
+            self._drop(f"the backend refused a record ({reason}); kept in {path}")
 
     def _drop(self, message: str) -> None:
         self.dropped += 1

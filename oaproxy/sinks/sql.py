@@ -294,13 +294,55 @@ def connection_pool(
     )
 
 
+def _refusals(dbtype: str) -> tuple[type[BaseException], ...]:
+    """The errors by which a database refuses a row itself (its data), as
+    opposed to being down, locked or misconfigured: those are retried."""
+    if dbtype == SQLITE:
+        import sqlite3
+
+        return (sqlite3.DataError, sqlite3.IntegrityError, sqlite3.InterfaceError, OverflowError)
+    import psycopg2
+
+    return (psycopg2.DataError, psycopg2.IntegrityError)
+
+
 def _store(
     cursor: Any, rows: list[tuple[object, ...]], dbtype: str, migrate_first: bool
-) -> None:
+) -> list[tuple[int, str]]:
+    """Insert the rows; returns (index, error name) of the rows refused."""
     if migrate_first:
         migrate(cursor, dbtype)
-    if rows:
-        cursor.executemany(insert_statement(dbtype), rows)
+    if not rows:
+        return []
+    statement = insert_statement(dbtype)
+    refusals = _refusals(dbtype)
+    # PostgreSQL aborts the whole transaction on an error; savepoints keep
+    # the rows before it. (sqlite undoes only the failing statement.)
+    savepoints = dbtype == POSTGRES
+    if savepoints:
+        cursor.execute("SAVEPOINT batch")
+    try:
+        cursor.executemany(statement, rows)
+        return []
+    except refusals:
+        if savepoints:
+            cursor.execute("ROLLBACK TO SAVEPOINT batch")
+    # One row the database refuses must not hold the others back forever:
+    # row by row (rows already in are skipped by ON CONFLICT).
+    refused = []
+    for index, row in enumerate(rows):
+        if savepoints:
+            cursor.execute("SAVEPOINT one_row")
+        try:
+            cursor.execute(statement, row)
+        except refusals as e:
+            if savepoints:
+                cursor.execute("ROLLBACK TO SAVEPOINT one_row")
+            refused.append((index, type(e).__name__))
+        else:
+            if savepoints:
+                cursor.execute("RELEASE SAVEPOINT one_row")
+    return refused
 
 
 class SQLSink(QueuedSink):
@@ -361,13 +403,13 @@ class SQLSink(QueuedSink):
             )
         )
 
-    def _interact(self, rows: list[tuple[object, ...]]) -> Deferred[object]:
+    def _interact(self, rows: list[tuple[object, ...]]) -> Deferred[list[tuple[int, str]]]:
         assert self._pool is not None
-        d: Deferred[object] = self._pool.runInteraction(
+        d: Deferred[list[tuple[int, str]]] = self._pool.runInteraction(
             _store, rows, self.dbtype, not self._migrated
         )
 
-        def migrated(result: object) -> object:
+        def migrated(result: list[tuple[int, str]]) -> list[tuple[int, str]]:
             self._migrated = True
             return result
 
@@ -377,7 +419,12 @@ class SQLSink(QueuedSink):
         if self._pool is None:
             raise RuntimeError("the SQL sink is not started")
         rows = [record_row(record, self.dbtype) for record in records]
-        return self._interact(rows)
+
+        def refused(rejected: list[tuple[int, str]]) -> None:
+            if rejected:
+                self.reject([records[index] for index, _ in rejected], rejected[0][1])
+
+        return self._interact(rows).addCallback(refused)
 
     def close_backend(self) -> None:
         pool, self._pool = self._pool, None
