@@ -16,7 +16,7 @@ import os
 import signal
 import time
 from collections.abc import Mapping
-from typing import Any, TextIO, cast
+from typing import Any, cast
 
 from attrs import astuple
 from twisted.application import strports
@@ -25,7 +25,7 @@ from twisted.internet.defer import Deferred, DeferredList, TimeoutError, ensureD
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.task import Cooperator
-from twisted.logger import Logger, globalLogPublisher, jsonFileLogObserver
+from twisted.logger import Logger
 from twisted.web.server import Request
 
 from oaproxy.alerts import Notifier, alert_from_record
@@ -33,6 +33,7 @@ from oaproxy.config import Config, ConfigError, check_listeners, load_config
 from oaproxy.forward import Exchange, Forwarder
 from oaproxy.health import Readiness, ReadyResource
 from oaproxy.inspection import inspect_request
+from oaproxy.logfile import JSONLogFile
 from oaproxy.metrics import Metrics, MetricsResource
 from oaproxy.outbound import ProxyPool, upstream_agent, upstream_pool
 from oaproxy.records import RecordEmitter, RecordMaker
@@ -114,7 +115,7 @@ class ProxyService(MultiService):
         self.notifier: Notifier | None = None
         self._inflight: dict[Exchange, Request] = {}
         self._idle: list[Deferred[None]] = []
-        self._log_file: tuple[TextIO, Any] | None = None
+        self._log_file: JSONLogFile | None = None
         self._previous_hup: Any = None
         self.config = config
         self.runtime = self.build_runtime(config)
@@ -385,22 +386,14 @@ class ProxyService(MultiService):
     # -- logging ---------------------------------------------------------------
 
     def _open_log_file(self, config: Config) -> None:
-        if not config.log_file:
-            return
-        directory = os.path.dirname(os.path.abspath(config.log_file))
-        os.makedirs(directory, exist_ok=True)
-        stream = open(config.log_file, "a", encoding="utf-8")  # noqa: SIM115 - closed at stop
-        observer = jsonFileLogObserver(stream)
-        globalLogPublisher.addObserver(observer)
-        self._log_file = (stream, observer)
+        if config.log_file:
+            self._log_file = JSONLogFile(config.log_file, self._reactor)
+            self._log_file.startService()
 
     def _close_log_file(self) -> None:
-        if self._log_file is None:
-            return
-        stream, observer = self._log_file
-        globalLogPublisher.removeObserver(observer)
-        stream.close()
-        self._log_file = None
+        if self._log_file is not None:
+            self._log_file.stopService()
+            self._log_file = None
 
     def _log_summary(self, headline: str) -> None:
         alerts = []
