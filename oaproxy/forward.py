@@ -359,10 +359,16 @@ class Forwarder:
         exchange.response_body = body
         request.setResponseCode(answer.status, answer.phrase)
         _copy_headers(request, answer.headers)
-        self._write_whole(request, exchange, body)
+        length = None
+        if request.method == b"HEAD":
+            length = (answer.headers.getRawHeaders(b"content-length") or [None])[0]
+        self._write_whole(request, exchange, body, length)
 
-    def _write_whole(self, request: Request, exchange: Exchange, body: bytes) -> None:
-        request.setHeader(b"content-length", b"%d" % len(body))
+    def _write_whole(
+        self, request: Request, exchange: Exchange, body: bytes, length: bytes | None = None
+    ) -> None:
+        # A HEAD answer has no body but tells the length the GET would have.
+        request.setHeader(b"content-length", length or b"%d" % len(body))
         exchange.ttfb = self._clock.seconds() - exchange.started
         exchange.bytes_out = len(body)
         request.write(body)

@@ -209,6 +209,16 @@ class ResourceTreeTests(SynchronousTestCase):
         record = self.h.record()
         self.assertEqual((record["path"], record["model"], record["method"], record["key_name"]), ("/v1/models?limit=2&after=x", None, "GET", "alice"))
 
+    def test_head_keeps_the_upstreams_length(self) -> None:
+        client = self.h.request(b"HEAD", b"/v1/files/file-1/content", header_lines=[AUTH])
+        call = self.h.agent.only()
+        self.assertEqual(call.method, b"HEAD")
+        call.respond(200, body=b"", headers=Headers({b"content-length": [b"1234"]}))
+        raw = client.transport.value()
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        self.assertIn(b"Content-Length: 1234", head)
+        self.assertEqual(rest, b"")
+
 
 class BodyTests(SynchronousTestCase):
     BOUNDARY = b"----oaproxy-test-boundary"
