@@ -361,7 +361,8 @@ class Forwarder:
         _copy_headers(request, answer.headers)
         length = None
         if request.method == b"HEAD":
-            length = (answer.headers.getRawHeaders(b"content-length") or [None])[0]
+            announced = answer.headers.getRawHeaders(b"content-length")
+            length = announced[0] if announced else None
         self._write_whole(request, exchange, body, length)
 
     def _write_whole(
