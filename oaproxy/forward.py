@@ -25,6 +25,7 @@ from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestNotSent, ResponseNeverReceived
+from twisted.web.http import NO_BODY_CODES
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 from twisted.web.server import Request
@@ -368,8 +369,10 @@ class Forwarder:
     def _write_whole(
         self, request: Request, exchange: Exchange, body: bytes, length: bytes | None = None
     ) -> None:
-        # A HEAD answer has no body but tells the length the GET would have.
-        request.setHeader(b"content-length", length or b"%d" % len(body))
+        # A HEAD answer has no body but tells the length the GET would have;
+        # 204 and 304 have no body and must not say otherwise.
+        if request.code not in NO_BODY_CODES:
+            request.setHeader(b"content-length", length or b"%d" % len(body))
         exchange.ttfb = self._clock.seconds() - exchange.started
         exchange.bytes_out = len(body)
         request.write(body)

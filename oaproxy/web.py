@@ -194,7 +194,11 @@ class ProxyResource(Resource):
                 code="request_too_large",
             )
         if path is None:
-            return ErrorAnswer(400, "Invalid path: no '.' or '..' segments.", code="invalid_path")
+            return ErrorAnswer(
+                400,
+                "Invalid path: the API is under /v1/, spelled plainly, with no '.' or '..' segments.",
+                code="invalid_path",
+            )
         return runtime.router.unauthorized(caller)
 
     def _refuse(
@@ -239,14 +243,17 @@ class ProxyResource(Resource):
             lambda failure: self.log.failure("finishing a request failed", failure=failure)
         )
 
-    def _preflight(self, request: server.Request) -> bytes:
+    def _preflight(self, request: server.Request) -> int:
         asked = request.getHeader(b"access-control-request-headers")
         request.setHeader(
             b"access-control-allow-headers",
             asked or b"authorization, content-type, openai-beta",
         )
         request.setResponseCode(204)
-        return b""
+        # Finished here: twisted.web would add "Content-Length: 0" to a
+        # returned b"", which a 204 must not carry.
+        request.finish()
+        return server.NOT_DONE_YET
 
 
 def _fail_unfinished(request: server.Request) -> None:
@@ -268,8 +275,17 @@ def route_path(uri: bytes) -> str | None:
     """The request path as routing sees it: percent-decoded, without empty
     segments (so ``/v1//files`` or ``/v1/%66iles`` cannot slip past
     ``deny: [/v1/files]``); None for a path with ``.`` or ``..`` segments,
-    which no API has and which would climb out of an upstream's base path."""
-    decoded = unquote_to_bytes(uri.split(b"?", 1)[0]).decode("utf-8", "replace")
+    which no API has and which would climb out of an upstream's base path.
+
+    None too unless the raw path starts with the bytes ``/v1``: twisted.web
+    finds this resource through the decoded ``%761``, but the upstream URL is
+    the endpoint plus the raw path after those three bytes, which must not be
+    anything else (``/%761/x`` would make ``https://10.0.0.1`` ``…161/x``).
+    """
+    raw = uri.split(b"?", 1)[0]
+    if not raw.startswith(b"/v1") or raw[3:4] not in (b"", b"/"):
+        return None
+    decoded = unquote_to_bytes(raw).decode("utf-8", "replace")
     segments = [segment for segment in decoded.split("/") if segment]
     if any(segment in (".", "..") for segment in segments):
         return None

@@ -158,6 +158,7 @@ class ResourceTreeTests(SynchronousTestCase):
         self.assertEqual(reply.header(b"access-control-allow-origin"), b"*")
         self.assertEqual(reply.header(b"access-control-allow-methods"), b"GET, POST, PUT, PATCH, DELETE, OPTIONS")
         self.assertEqual(reply.header(b"access-control-allow-headers"), b"authorization, x-stainless-os")
+        self.assertIsNone(reply.header(b"content-length"))  # a 204 has no body to measure
         self.assertEqual(reply.header(b"access-control-max-age"), b"86400")
         self.assertEqual(self.h.agent.calls, [])
         self.assertEqual(self.h.records, [])
@@ -208,6 +209,13 @@ class ResourceTreeTests(SynchronousTestCase):
         self.assertEqual(client.reply().body, b'{"data":[]}')
         record = self.h.record()
         self.assertEqual((record["path"], record["model"], record["method"], record["key_name"]), ("/v1/models?limit=2&after=x", None, "GET", "alice"))
+
+    def test_204_from_upstream_has_no_length(self) -> None:
+        client = self.h.request(b"DELETE", b"/v1/files/file-1", header_lines=[AUTH])
+        self.h.agent.only().respond(204, content_type=None, body=b"")
+        raw = client.transport.value()
+        self.assertTrue(raw.startswith(b"HTTP/1.1 204 "), raw)
+        self.assertNotIn(b"content-length", raw.lower())
 
     def test_head_keeps_the_upstreams_length(self) -> None:
         client = self.h.request(b"HEAD", b"/v1/files/file-1/content", header_lines=[AUTH])
@@ -505,6 +513,17 @@ upstreams:
         self.assertIsNone(route_path(b"/v1/../admin"))
         self.assertIsNone(route_path(b"/v1/files/%2e%2e/x"))
         self.assertIsNone(route_path(b"/v1/./models"))
+        # The upstream URL is endpoint + the raw bytes after "/v1".
+        self.assertIsNone(route_path(b"/%761/chat/completions"))
+        self.assertIsNone(route_path(b"/v%31/models"))
+        self.assertIsNone(route_path(b"/v1x/models"))
+
+    def test_encoded_v1_never_reaches_an_upstream(self) -> None:
+        for path in (b"/%761/chat/completions", b"/v%31/chat/completions", b"/%76%31/models"):
+            h = Harness(CONFIG)
+            reply = h.request(b"POST", path, CHAT, [JSON, AUTH]).reply()
+            self.assertEqual(reply.status, 400, path)
+            self.assertEqual(h.agent.calls, [], path)
 
     def test_denied_path_in_every_spelling(self) -> None:
         for path in (b"/v1/files", b"/v1//files", b"/v1/%66iles", b"/v1/files/"):
@@ -517,7 +536,13 @@ upstreams:
         h = Harness(CONFIG)
         reply = h.request(b"GET", b"/v1/%2e%2e/%2e%2e/admin", b"", [AUTH]).reply()
         self.assertEqual(reply.status, 400)
-        self.assertEqual(reply.json(), error("Invalid path: no '.' or '..' segments.", "invalid_path"))
+        self.assertEqual(
+            reply.json(),
+            error(
+                "Invalid path: the API is under /v1/, spelled plainly, with no '.' or '..' segments.",
+                "invalid_path",
+            ),
+        )
         self.assertEqual(h.agent.calls, [])
         self.assertEqual(h.record()["status"], 400)
 
