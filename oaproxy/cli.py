@@ -68,6 +68,8 @@ from oaproxy.sinks.sql import (
     POSTGRES,
     SCHEMA_VERSION,
     SQLITE,
+    TABLE,
+    VERSION_TABLE,
     open_database,
     placeholder,
 )
@@ -337,7 +339,7 @@ def _missing_table(error: BaseException) -> bool:
 def _check_schema(connection: Any, database: Database) -> None:
     cursor = connection.cursor()
     try:
-        cursor.execute("SELECT version FROM schema_version")
+        cursor.execute(f"SELECT version FROM {VERSION_TABLE}")
         versions = [row[0] for row in cursor.fetchall()]
     except _database_errors(database.dbtype) as e:
         if not _missing_table(e):
@@ -502,7 +504,7 @@ def _export(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     filters = _filters(args)
     database = resolve_database(args)
     where, parameters = filters.where(placeholder(database.dbtype))
-    sql = f"SELECT record FROM records{where} ORDER BY time, id"
+    sql = f"SELECT record FROM {TABLE}{where} ORDER BY time, id"
     chat = args.format == "chat"
 
     def work(connection: Any) -> int:
@@ -587,7 +589,7 @@ def usage_rows(
         f"SELECT {', '.join(columns)}, COUNT(*),"
         " SUM(CASE WHEN status < 400 THEN 1 ELSE 0 END),"
         " SUM(prompt_tokens), SUM(completion_tokens), SUM(total_tokens), SUM(cost)"
-        f" FROM records{where} GROUP BY {', '.join(columns)}"
+        f" FROM {TABLE}{where} GROUP BY {', '.join(columns)}"
     )
     cursor = connection.cursor()
     try:

@@ -18,7 +18,6 @@ import time
 from collections.abc import Mapping
 from typing import Any, cast
 
-from attrs import astuple
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError, ensureDeferred, succeed
@@ -81,7 +80,19 @@ def usage_prefix(redis_key: str) -> str:
 
 
 def _sink_settings(config: Config) -> tuple[Any, ...]:
-    return (config.dbtype, config.dbaddr, config.redis, astuple(config.records))
+    """What the sinks are made of (not what records keep: that is the runtime's)."""
+    policy = config.records
+    return (
+        config.dbtype,
+        config.dbaddr,
+        config.redis,
+        policy.file,
+        policy.rotate,
+        policy.redis_key,
+        policy.redis_maxlen,
+        policy.spool_dir,
+        policy.queue_size,
+    )
 
 
 class ProxyService(MultiService):
@@ -112,7 +123,6 @@ class ProxyService(MultiService):
         self._metrics_resource = MetricsResource(self.metrics, config.metrics_key)
         self.listeners: dict[str, IService] = {}
         self.sinks: dict[str, QueuedSink] = {}
-        self.notifier: Notifier | None = None
         self._inflight: dict[Exchange, Request] = {}
         self._idle: list[Deferred[None]] = []
         self._log_file: JSONLogFile | None = None
@@ -125,8 +135,10 @@ class ProxyService(MultiService):
             ready=ReadyResource(self.readiness.state),
         )
         self.site = ProxySite(root, lambda: self.runtime, reactor=reactor)
-        self._replace_sinks(config, None)
-        self._replace_notifier(config)
+        self.sinks = self._make_sinks(config)
+        # Observed before they start: they queue until then.
+        self._observe(self.sinks)
+        self.notifier = self._make_notifier(config)
         self.readiness.configure([u.name for u in config.upstreams], self.sinks)
         for endpoint in self._listen_for(config):
             self.listeners[endpoint] = self._add_listener(endpoint)
@@ -172,11 +184,13 @@ class ProxyService(MultiService):
             self.metrics.request_finished(record, exchange.active)
             self.readiness.observe(record)
             alert = alert_from_record(record)
-            if alert is not None and self.notifier is not None:
+            if alert is not None:
                 self.notifier.alert(alert)
         except Exception:  # noqa: BLE001 - the client has its answer; only bookkeeping failed
             self.log.failure("recording a finished request failed")
         finally:
+            if exchange.active is not None:
+                exchange.active.finish()  # idempotent; exact gauges even after a failure above
             self._inflight.pop(exchange, None)
             if not self._inflight:
                 waiting, self._idle = self._idle, []
@@ -197,14 +211,8 @@ class ProxyService(MultiService):
             raise
         return listener
 
-    def _replace_sinks(self, config: Config, old: Config | None) -> list[QueuedSink]:
-        """Make the sinks a config asks for; returns the old ones to stop."""
-        if old is not None and _sink_settings(old) == _sink_settings(config):
-            return []
-        retired = list(self.sinks.values())
-        for name, sink in self.sinks.items():
-            self.records.remove_observer(sink.observer)
-            self.metrics.remove_sink(name)
+    def _make_sinks(self, config: Config) -> dict[str, QueuedSink]:
+        """The sinks a config asks for, not yet observing nor started."""
         policy = config.records
         common: dict[str, Any] = {"spool_dir": policy.spool_dir, "queue_size": policy.queue_size}
         sinks: dict[str, QueuedSink] = {}
@@ -224,19 +232,33 @@ class ProxyService(MultiService):
                 reactor=self._reactor,
                 **common,
             )
+        return sinks
+
+    def _observe(self, sinks: dict[str, QueuedSink]) -> None:
         for name, sink in sinks.items():
-            # Observed before it starts: it queues until then.
             self.records.add_observer(sink.observer)
             self.metrics.add_sink(name, sink)
-        self.sinks = sinks
-        return retired
 
-    def _replace_notifier(self, config: Config) -> Notifier | None:
-        """Make the notifier a config asks for; returns the old one to stop."""
-        old = self.notifier
-        if old is not None and self.config.notify == config.notify and old.running:
-            return None
-        self.notifier = Notifier.from_config(
+    async def _swap_sinks(self, sinks: dict[str, QueuedSink]) -> None:
+        """Stop the old sinks, then start the new ones.
+
+        The old ones keep observing until they have stopped (records that come
+        meanwhile are queued or spooled by them); the new ones read the spool
+        at their start, so none is written by two sinks at once.
+        """
+        old = self.sinks
+        await _settle([sink.disownServiceParent() for sink in old.values()])
+        for name, sink in old.items():
+            self.records.remove_observer(sink.observer)
+            self.metrics.remove_sink(name)
+        self.sinks = sinks
+        for sink in sinks.values():
+            sink.setServiceParent(self)
+        self._observe(sinks)
+        self.readiness.configure([u.name for u in self.config.upstreams], self.sinks)
+
+    def _make_notifier(self, config: Config) -> Notifier:
+        return Notifier.from_config(
             config.notify,
             self.agent,
             self._reactor,
@@ -244,7 +266,6 @@ class ProxyService(MultiService):
             environ=self._environ,
             on_result=self.metrics.alert_sent,
         )
-        return old
 
     # -- start, reload, stop ---------------------------------------------------
 
@@ -252,8 +273,7 @@ class ProxyService(MultiService):
         self._open_log_file(self.config)
         for sink in self.sinks.values():
             sink.setServiceParent(self)
-        if self.notifier is not None:
-            self.notifier.setServiceParent(self)
+        self.notifier.setServiceParent(self)
         super().startService()
         if self._signals:
             self._previous_hup = signal.signal(signal.SIGHUP, self._on_sighup)
@@ -271,6 +291,7 @@ class ProxyService(MultiService):
 
     async def _reload(self) -> bool:
         path = self.config.path
+        old = self.config
         try:
             config = load_config(path, self._environ)
             if self._listen_override:
@@ -278,6 +299,15 @@ class ProxyService(MultiService):
             for endpoint in self._listen_for(config):
                 if endpoint not in self.listeners:
                     check_endpoint(self._reactor, endpoint, config.path)
+            # Everything the new config makes is made before anything is
+            # swapped: a failure here leaves the running config untouched.
+            runtime = self.build_runtime(config)
+            sinks = None
+            if _sink_settings(old) != _sink_settings(config):
+                sinks = self._make_sinks(config)
+            notifier = None
+            if (old.notify, old.hostname) != (config.notify, config.hostname):
+                notifier = self._make_notifier(config)
         except ConfigError as e:
             self.log.error("reload refused, the running config stays: {error}", error=str(e))
             return False
@@ -288,26 +318,20 @@ class ProxyService(MultiService):
                 error=e.strerror,
             )
             return False
-        old = self.config
-        runtime = self.build_runtime(config)
-        retired_sinks = self._replace_sinks(config, old)
-        retired_notifier = self._replace_notifier(config)
-        # Swapped last: new requests see the new config only once it is whole.
+        except Exception:  # noqa: BLE001 - a reload must not stop the daemon
+            self.log.failure("reload refused, the running config stays")
+            return False
         self.metrics.update_labels(known_models(config), [u.name for u in config.upstreams])
         self._metrics_resource.metrics_key = config.metrics_key
         self.config = config
         self.runtime = runtime
         self.readiness.configure([u.name for u in config.upstreams], self.sinks)
-        stopping = [sink.disownServiceParent() for sink in retired_sinks]
-        if retired_notifier is not None:
-            stopping.append(retired_notifier.disownServiceParent())
-        await _settle(stopping)
-        # Started after the old ones stopped: they share spool files.
-        for sink in self.sinks.values():
-            if sink.parent is None:
-                sink.setServiceParent(self)
-        if self.notifier is not None and self.notifier.parent is None:
-            self.notifier.setServiceParent(self)
+        if notifier is not None:
+            retired, self.notifier = self.notifier, notifier
+            notifier.setServiceParent(self)
+            await _settle([retired.disownServiceParent()])
+        if sinks is not None:
+            await self._swap_sinks(sinks)
         await self._replace_listeners(self._listen_for(config))
         if old.log_file != config.log_file:
             self._close_log_file()
@@ -396,9 +420,7 @@ class ProxyService(MultiService):
             self._log_file = None
 
     def _log_summary(self, headline: str) -> None:
-        alerts = []
-        if self.notifier is not None:
-            alerts = [f"{c.name} ({c.host})" for c in self.notifier.channels]
+        alerts = [f"{c.name} ({c.host})" for c in self.notifier.channels]
         sinks = []
         where = {
             # A postgres DSN may hold a password; a sqlite path does not.

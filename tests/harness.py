@@ -48,7 +48,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from oaproxy.sinks.queue import RECORD_NAMESPACE
-from oaproxy.sinks.sql import COLUMNS, open_database
+from oaproxy.sinks.sql import COLUMNS, TABLE, open_database
 from oaproxy.tap import Options, makeService
 from tests.fakeupstream import FAKE_MODEL, ConnectionTracker, FakeUpstream
 
@@ -173,7 +173,7 @@ def sql_rows(dbtype: str, dbaddr: str, order_by: str = "time") -> list[dict[str,
     connection = open_database(dbtype, dbaddr)
     try:
         cursor = connection.cursor()
-        cursor.execute(f"SELECT {', '.join(COLUMNS)} FROM records ORDER BY {order_by}")
+        cursor.execute(f"SELECT {', '.join(COLUMNS)} FROM {TABLE} ORDER BY {order_by}")
         return [dict(zip(COLUMNS, row, strict=True)) for row in cursor.fetchall()]
     finally:
         connection.close()

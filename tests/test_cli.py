@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from oaproxy import cli
 from oaproxy.cli import chat_item, main, parse_time
 from oaproxy.sinks.queue import encode_record
-from oaproxy.sinks.sql import insert_statement, migrate, open_database, record_row
+from oaproxy.sinks.sql import VERSION_TABLE, insert_statement, migrate, open_database, record_row
 from tests.harness import POSTGRES_DSN, free_port, postgres_schema, unavailable
 
 UTC = timezone.utc
@@ -610,7 +610,7 @@ class SQLiteTests(StoreMixin, SynchronousTestCase):
 
     def test_newer_schema(self) -> None:
         connection = sqlite3.connect(self.dbaddr)
-        connection.execute("UPDATE schema_version SET version = 99")
+        connection.execute(f"UPDATE {VERSION_TABLE} SET version = 99")
         connection.commit()
         connection.close()
         self.assertEqual(

@@ -15,6 +15,7 @@ import json
 import os
 from typing import Any
 
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
@@ -34,6 +35,7 @@ from tests.harness import (
     read_body,
     refused_endpoint,
     upstream,
+    write_yaml,
 )
 
 METRICS_KEY = "mk-scraper-0123456789"
@@ -436,3 +438,74 @@ class ReadinessTests(OperateCase):
         ready = await self.get(proxy, "/readyz")
         self.assertEqual(ready.code, 200, ready.body)
         self.assertEqual(ready.json()["usable_upstreams"], ["only"])
+
+
+class ReloadTests(OperateCase):
+    async def test_sinks_replaced_without_losing_spooled_records(self) -> None:
+        """A reload that changes the sinks hands their spool over whole: the
+        old sink flushes and stops before the new one reads the spool."""
+        fake = await self.fake()
+        directory = os.path.abspath(self.mktemp())
+        records_file = os.path.join(directory, "records.jsonl")
+        top: dict[str, Any] = {
+            "records": {
+                "file": records_file,
+                "spool_dir": os.path.join(directory, "spool"),
+                # One record in memory: the rest of a burst spills to the spool.
+                "queue_size": 1,
+            }
+        }
+        proxy = await self.proxy([upstream("main", fake.endpoint)], **top)
+        service = proxy.service
+        old_sink = service.sinks["file"]
+
+        def emit(n: int) -> dict[str, Any]:
+            record = {"id": f"r{n}", "time": 1.0, "method": "POST", "path": CHAT_ROUTE, "status": 200}
+            service.records.emit(record)
+            return record
+
+        burst = [emit(n) for n in range(5)]  # one turn: 4 spill before any write
+        self.assertGreater(old_sink.spilled, 0)
+        with open(proxy.config_path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+        config["records"]["queue_size"] = 2
+        write_yaml(proxy.config_path, config)
+        self.assertTrue(await service.reload())
+        new_sink = service.sinks["file"]
+        self.assertIsNot(new_sink, old_sink)
+        later = [emit(n) for n in range(5, 8)]
+        await service.stopService()
+        with open(records_file, encoding="utf-8") as f:
+            written = [json.loads(line)["id"] for line in f]
+        self.assertEqual(written, [r["id"] for r in burst + later])
+        self.assertEqual((old_sink.dropped, new_sink.dropped), (0, 0))
+        self.assertEqual(os.listdir(os.path.join(directory, "spool")), [])
+
+    async def test_a_config_the_sinks_refuse_is_refused_whole(self) -> None:
+        """Whatever fails while a new config's parts are made leaves the
+        running config untouched: no half-applied reload."""
+        fake = await self.fake()
+        proxy = await self.proxy(
+            [upstream("main", fake.endpoint)],
+            records={"file": os.path.abspath(self.mktemp()) + ".jsonl"},
+        )
+        service = proxy.service
+        before = (service.runtime, service.sinks, service.config)
+        with open(proxy.config_path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+        config["records"]["queue_size"] = 5
+        config["authorization"] = {"carol": "ck-carol-0123456789"}
+        write_yaml(proxy.config_path, config)
+
+        def broken(config: Any) -> Any:
+            raise ValueError("a sink cannot be made of this")
+
+        self.patch(service, "_make_sinks", broken)
+        refused = await service.reload()
+        self.assertEqual(
+            (refused, (service.runtime, service.sinks, service.config)), (False, before)
+        )
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        # Nothing of the new config is in use: the old key still works.
+        # Still served, still recorded.
+        self.assertEqual((await self.chat(proxy, "gpt-4o-mini")).code, 200)

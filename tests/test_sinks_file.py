@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.python.logfile import DailyLogFile, LogFile
 from twisted.trial.unittest import SynchronousTestCase
 
-from oaproxy.sinks.file import FileSink, parse_size
+from oaproxy.sinks.file import FileSink
 from oaproxy.sinks.queue import RECORD_NAMESPACE
 
 
@@ -25,19 +25,6 @@ def record(number: int, **extra: object) -> dict[str, object]:
         "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
         **extra,
     }
-
-
-class ParseSizeTests(SynchronousTestCase):
-    def test_sizes(self) -> None:
-        self.assertEqual(parse_size("100MB"), 100 * 1024 * 1024)
-        self.assertEqual(parse_size("512k"), 512 * 1024)
-        self.assertEqual(parse_size("1.5 GiB"), 3 * 1024**3 // 2)
-        self.assertEqual(parse_size("2048"), 2048)
-        self.assertEqual(parse_size(10), 10)
-
-    def test_bad(self) -> None:
-        for text in ("", "MB", "10 parsecs", "0", "-1MB"):
-            self.assertRaises(ValueError, parse_size, text)
 
 
 class FileSinkTests(SynchronousTestCase):

@@ -237,8 +237,8 @@ class RedisSinkTests(TestCase):
 
         yield server.start()
         second = self.sink(server.port, spool_dir)
-        self.assertGreater(second.spool_bytes, 0)
         second.startService()
+        self.assertGreater(second.spool_bytes, 0)
         for rec in records[25:]:
             emit(second, rec)
         yield wait_for(lambda: second.written == 30, timeout=60)

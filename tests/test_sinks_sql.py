@@ -22,7 +22,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from oaproxy.sinks.sql import (
     COLUMNS,
     SCHEMA_VERSION,
+    TABLE,
+    VERSION_TABLE,
     SQLSink,
+    insert_statement,
     migrate,
     open_database,
     placeholder,
@@ -87,15 +90,34 @@ class HelperTests(SynchronousTestCase):
         self.assertEqual(migrate(connection.cursor(), "sqlite"), SCHEMA_VERSION)
         connection.commit()
         cursor = connection.cursor()
-        cursor.execute("SELECT version FROM schema_version")
+        cursor.execute(f"SELECT version FROM {VERSION_TABLE}")
         self.assertEqual(cursor.fetchall(), [(1,)])
         cursor.execute(
             "SELECT name FROM sqlite_master WHERE type = 'index' ORDER BY name"
         )
         self.assertEqual(
             [name for (name,) in cursor.fetchall() if not name.startswith("sqlite_")],
-            ["records_key_time", "records_model_time", "records_time"],
+            ["oaproxy_records_key_time", "oaproxy_records_model_time", "oaproxy_records_time"],
         )
+
+    def test_beside_an_openai_api_route_database(self) -> None:
+        """dbaddr may be openai-api-route's own db.sqlite, with its table
+        called "records": oaproxy's tables are its own."""
+        path = os.path.join(self.mktemp(), "db.sqlite")
+        os.makedirs(os.path.dirname(path))
+        connection = open_database("sqlite", path)
+        self.addCleanup(connection.close)
+        connection.execute("CREATE TABLE records (id INTEGER PRIMARY KEY, body TEXT)")
+        connection.commit()
+        migrate(connection.cursor(), "sqlite")
+        connection.commit()
+        cursor = connection.cursor()
+        cursor.execute(insert_statement("sqlite"), record_row(record(1), "sqlite"))
+        connection.commit()
+        cursor.execute(f"SELECT count(*) FROM {TABLE}")
+        self.assertEqual(cursor.fetchone(), (1,))
+        cursor.execute("SELECT count(*) FROM records")
+        self.assertEqual(cursor.fetchone(), (0,))
         cursor.execute("PRAGMA journal_mode")
         self.assertEqual(cursor.fetchone(), ("wal",))
 
@@ -193,12 +215,12 @@ class SQLSinkBase(TestCase):
             migrate(connection.cursor(), self.dbtype)
             if self.dbtype == "sqlite":
                 connection.execute(
-                    "CREATE TRIGGER refuse BEFORE INSERT ON records"
+                    f"CREATE TRIGGER refuse BEFORE INSERT ON {TABLE}"
                     " WHEN NEW.hostname = 'refuse-me' BEGIN SELECT RAISE(ABORT, 'refused'); END"
                 )
             else:
                 connection.cursor().execute(
-                    "ALTER TABLE records ADD CONSTRAINT refuse CHECK (hostname <> 'refuse-me')"
+                    f"ALTER TABLE {TABLE} ADD CONSTRAINT refuse CHECK (hostname <> 'refuse-me')"
                 )
             connection.commit()
         finally:

@@ -3,44 +3,14 @@
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.logfile import BaseLogFile, DailyLogFile, LogFile
 
+from oaproxy.config import parse_size
 from oaproxy.sinks.queue import QueuedSink, Record, encode_record
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1024,
-    "kb": 1024,
-    "kib": 1024,
-    "m": 1024**2,
-    "mb": 1024**2,
-    "mib": 1024**2,
-    "g": 1024**3,
-    "gb": 1024**3,
-    "gib": 1024**3,
-}
-
-
-def parse_size(text: str | int) -> int:
-    """A size like ``"100MB"``, ``"512k"`` or ``1048576`` in bytes (units are
-    binary: 1 MB = 1024 * 1024 bytes).
-    """
-    if isinstance(text, int):
-        size = text
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-        if match is None or match.group(2).lower() not in _UNITS:
-            raise ValueError(f"not a size: {text!r} (use e.g. 100MB, 512KB, daily)")
-        size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-    if size <= 0:
-        raise ValueError(f"size must be positive: {text!r}")
-    return size
 
 
 class FileSink(QueuedSink):
@@ -70,7 +40,7 @@ class FileSink(QueuedSink):
         if rotate is None or rotate == "daily":
             self._rotate_length: int | None = None
         else:
-            self._rotate_length = parse_size(rotate)
+            self._rotate_length = rotate if isinstance(rotate, int) else parse_size(rotate)
         self.rotate = rotate
         self.max_rotated_files = max_rotated_files
         self._logfile: BaseLogFile | None = None
@@ -114,10 +84,6 @@ class FileSink(QueuedSink):
             self._close()
             raise
         return succeed(None)
-
-    def reopen(self) -> None:
-        """Reopen the file, for rotation by an outside tool (logrotate)."""
-        self._close()
 
     def _close(self) -> None:
         logfile, self._logfile = self._logfile, None

@@ -173,7 +173,6 @@ class QueuedSink(Service):
         self._spool_reader: IO[bytes] | None = None
         self._spool_size = 0
         self._spool_offset = 0
-        self._load_spool()
 
     # -- to be provided by subclasses -------------------------------------
 
@@ -232,6 +231,9 @@ class QueuedSink(Service):
 
     def startService(self) -> None:
         super().startService()
+        # Read at start, not before: on a reload the sink this one replaces
+        # may still be writing the same spool until it has stopped.
+        self._load_spool()
         self._state = "running"
         try:
             self.open_backend()

@@ -1,4 +1,4 @@
-"""The SQL record store (``dbtype`` ``sqlite`` or ``postgres``), table ``records``.
+"""The SQL record store (``dbtype`` ``sqlite`` or ``postgres``), table ``oaproxy_records``.
 
 Besides ``SQLSink``, this module is the one place that knows the schema, for
 the CLI too: ``open_database`` (a plain DB-API connection, synchronous),
@@ -67,6 +67,12 @@ def placeholder(dbtype: str) -> str:
     return "?" if dbtype == SQLITE else "%s"
 
 
+# Named for oaproxy: openai-api-route (whose db.sqlite a user may point
+# dbaddr at) keeps its own table called "records".
+TABLE = "oaproxy_records"
+VERSION_TABLE = "oaproxy_schema_version"
+
+
 def _migration_1(cursor: Any, dbtype: str) -> None:
     real = "DOUBLE PRECISION" if dbtype == POSTGRES else "REAL"
     boolean = "BOOLEAN" if dbtype == POSTGRES else "INTEGER"
@@ -74,7 +80,7 @@ def _migration_1(cursor: Any, dbtype: str) -> None:
     # is 64-bit anyway).
     big = "BIGINT" if dbtype == POSTGRES else "INTEGER"
     cursor.execute(
-        f"""CREATE TABLE IF NOT EXISTS records (
+        f"""CREATE TABLE IF NOT EXISTS {TABLE} (
             id TEXT PRIMARY KEY,
             time {real} NOT NULL,
             hostname TEXT,
@@ -99,12 +105,12 @@ def _migration_1(cursor: Any, dbtype: str) -> None:
             record TEXT
         )"""
     )
-    cursor.execute("CREATE INDEX IF NOT EXISTS records_time ON records (time)")
+    cursor.execute(f"CREATE INDEX IF NOT EXISTS {TABLE}_time ON {TABLE} (time)")
     cursor.execute(
-        "CREATE INDEX IF NOT EXISTS records_key_time ON records (key_name, time)"
+        f"CREATE INDEX IF NOT EXISTS {TABLE}_key_time ON {TABLE} (key_name, time)"
     )
     cursor.execute(
-        "CREATE INDEX IF NOT EXISTS records_model_time ON records (model, time)"
+        f"CREATE INDEX IF NOT EXISTS {TABLE}_model_time ON {TABLE} (model, time)"
     )
 
 
@@ -131,9 +137,9 @@ def migrate(cursor: Any, dbtype: str) -> int:
         if not cursor.connection.in_transaction:
             cursor.execute("BEGIN IMMEDIATE")
     cursor.execute(
-        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+        f"CREATE TABLE IF NOT EXISTS {VERSION_TABLE} (version INTEGER NOT NULL)"
     )
-    cursor.execute("SELECT version FROM schema_version")
+    cursor.execute(f"SELECT version FROM {VERSION_TABLE}")
     rows = cursor.fetchall()
     found = max(row[0] for row in rows) if rows else 0
     if found > SCHEMA_VERSION:
@@ -144,12 +150,12 @@ def migrate(cursor: Any, dbtype: str) -> int:
         migration(cursor, dbtype)
     if not rows:
         cursor.execute(
-            f"INSERT INTO schema_version (version) VALUES ({mark})", (SCHEMA_VERSION,)
+            f"INSERT INTO {VERSION_TABLE} (version) VALUES ({mark})", (SCHEMA_VERSION,)
         )
     elif found < SCHEMA_VERSION or len(rows) > 1:
-        cursor.execute("DELETE FROM schema_version")
+        cursor.execute(f"DELETE FROM {VERSION_TABLE}")
         cursor.execute(
-            f"INSERT INTO schema_version (version) VALUES ({mark})", (SCHEMA_VERSION,)
+            f"INSERT INTO {VERSION_TABLE} (version) VALUES ({mark})", (SCHEMA_VERSION,)
         )
     return found
 
@@ -158,7 +164,7 @@ def insert_statement(dbtype: str) -> str:
     """The idempotent insert of one row of ``COLUMNS``."""
     mark = placeholder(dbtype)
     return (
-        f"INSERT INTO records ({', '.join(COLUMNS)})"
+        f"INSERT INTO {TABLE} ({', '.join(COLUMNS)})"
         f" VALUES ({', '.join([mark] * len(COLUMNS))})"
         " ON CONFLICT (id) DO NOTHING"
     )
@@ -346,7 +352,7 @@ def _store(
 
 
 class SQLSink(QueuedSink):
-    """Inserts records into the ``records`` table, one transaction per batch,
+    """Inserts records into the ``oaproxy_records`` table, one transaction per batch,
     idempotently on ``id``; creates or migrates the schema first.
 
     ``dbtype`` is ``"sqlite"`` or ``"postgres"``; ``dbaddr`` is the sqlite
