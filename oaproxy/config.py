@@ -819,6 +819,11 @@ class _Parser:
             self.fail(item.key, item.line, "must not be negative")
         return value
 
+    def deadline(self, item: _Item) -> float:
+        """A deadline in seconds; 0 means "not set", as in openai-api-route,
+        whose zero value let the default (or the top-level value) apply."""
+        return self.number(item, positive=False)
+
     def integer(self, item: _Item) -> int:
         """An integer > 0."""
         node = item.node
@@ -922,8 +927,8 @@ class _Parser:
             top, "authorization", lambda i: self.raw_keys(i, scoped=False), None
         )
 
-        timeout = self.get(top, "timeout", self.number, 120.0)
-        stream_timeout = self.get(top, "stream_timeout", self.number, 10.0)
+        timeout = self.get(top, "timeout", self.deadline, 0.0) or 120.0
+        stream_timeout = self.get(top, "stream_timeout", self.deadline, 0.0) or 10.0
         stream_idle_timeout = self.get(top, "stream_idle_timeout", self.number, 120.0)
         shutdown_timeout = self.get(
             top, "shutdown_timeout", lambda i: self.number(i, positive=False), 30.0
@@ -1204,10 +1209,9 @@ class _Parser:
             endpoint=endpoint,
             sk=self.get(section, "sk", self.string, None) or None,
             type=upstream_type,
-            timeout=self.get(section, "timeout", self.number, timeout),
-            stream_timeout=self.get(
-                section, "stream_timeout", self.number, stream_timeout
-            ),
+            timeout=self.get(section, "timeout", self.deadline, 0.0) or timeout,
+            stream_timeout=self.get(section, "stream_timeout", self.deadline, 0.0)
+            or stream_timeout,
             allow=self.get(section, "allow", self.strings, ()),
             deny=self.get(section, "deny", self.strings, ()),
             keys=None,  # set once every key is known (names must agree)

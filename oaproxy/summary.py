@@ -30,6 +30,9 @@ def _upstream_line(upstream: Upstream) -> str:
     if upstream.deny:
         parts.append("denied " + ", ".join(upstream.deny))
     parts.append(f"timeout {upstream.timeout:g}s, stream {upstream.stream_timeout:g}s")
+    if urlsplit(upstream.endpoint).path in ("", "/"):
+        # openai-api-route dropped the endpoint's path; oaproxy appends to it.
+        parts.append("WARNING: the endpoint has no path (most APIs want one ending in /v1)")
     if upstream.noauth:
         parts.append("no client key needed")
     elif upstream.keys is not None:

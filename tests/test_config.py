@@ -985,15 +985,24 @@ class TypeTests(Helpers):
             "timeout: abc\n" + MINIMAL, 1, "timeout", "expected a number, got a string"
         )
 
-    def test_timeout_zero(self) -> None:
-        self.fails("timeout: 0\n" + MINIMAL, 1, "timeout", "must be greater than 0")
+    def test_timeout_zero_means_the_default(self) -> None:
+        """As in openai-api-route, whose zero value meant "use the default"."""
+        config = parse_config(
+            "timeout: 0\nstream_timeout: 0\nupstreams:\n  - endpoint: http://a\n    timeout: 0\n",
+            "etc/test.yaml",
+            {},
+        )
+        self.assertEqual((config.timeout, config.stream_timeout), (120.0, 10.0))
+        self.assertEqual(
+            (config.upstreams[0].timeout, config.upstreams[0].stream_timeout), (120.0, 10.0)
+        )
 
     def test_stream_timeout_negative(self) -> None:
         self.fails(
             "stream_timeout: -1\n" + MINIMAL,
             1,
             "stream_timeout",
-            "must be greater than 0",
+            "must not be negative",
         )
 
     def test_stream_idle_timeout(self) -> None:
@@ -1028,12 +1037,20 @@ class TypeTests(Helpers):
             "expected a number",
         )
 
-    def test_upstream_stream_timeout_zero(self) -> None:
+    def test_upstream_stream_timeout_zero_inherits(self) -> None:
+        config = parse_config(
+            "stream_timeout: 7\nupstreams:\n  - endpoint: http://a\n    stream_timeout: 0\n",
+            "etc/test.yaml",
+            {},
+        )
+        self.assertEqual(config.upstreams[0].stream_timeout, 7.0)
+
+    def test_upstream_timeout_negative(self) -> None:
         self.fails(
-            "upstreams:\n  - endpoint: http://a\n    stream_timeout: 0\n",
+            "upstreams:\n  - endpoint: http://a\n    timeout: -3\n",
             3,
-            "upstreams[0].stream_timeout",
-            "must be greater than 0",
+            "upstreams[0].timeout",
+            "must not be negative",
         )
 
     def test_allow_number(self) -> None:
