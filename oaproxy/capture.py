@@ -192,7 +192,7 @@ class RequestFields:
     parsed: dict[str, Any] | None = field(default=None, eq=False, repr=False)
 
 
-_NOT_JSON = RequestFields(model=None, stream=False, include_usage=False, parsed=None)
+NOT_JSON = RequestFields(model=None, stream=False, include_usage=False, parsed=None)
 
 
 def request_fields(body: bytes, content_type: str | bytes | None) -> RequestFields:
@@ -204,15 +204,15 @@ def request_fields(body: bytes, content_type: str | bytes | None) -> RequestFiel
     """
     media_type = _media_type(content_type)
     if media_type is not None and media_type.startswith("multipart/"):
-        return _NOT_JSON
+        return NOT_JSON
     is_json = media_type is not None and (
         media_type == "application/json" or media_type.endswith("+json")
     )
     if not is_json and not _looks_like_json_object(body):
-        return _NOT_JSON
+        return NOT_JSON
     parsed = _loads(body)
     if not isinstance(parsed, dict):
-        return _NOT_JSON
+        return NOT_JSON
     model = parsed.get("model")
     stream_options = parsed.get("stream_options")
     return RequestFields(

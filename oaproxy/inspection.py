@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from attrs import define, field
 
-from oaproxy.capture import RequestFields, request_fields, with_stream_usage
+from oaproxy.capture import NOT_JSON, RequestFields, request_fields, with_stream_usage
 from oaproxy.config import Upstream
 from oaproxy.relay import RequestBody
-
-_NOTHING = RequestFields(model=None, stream=False, include_usage=False)
 
 
 @define
@@ -46,7 +44,7 @@ class Inspected:
 
 
 def inspect_request(body: RequestBody, content_type: bytes | None) -> Inspected:
-    fields = _NOTHING if body.data is None else request_fields(body.data, content_type)
+    fields = NOT_JSON if body.data is None else request_fields(body.data, content_type)
     return Inspected(
         body=body,
         model=fields.model,

@@ -17,7 +17,6 @@ create new time series by sending made-up names.
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol, cast
 
@@ -40,6 +39,9 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Request
+
+from oaproxy.errors import error_body
+from oaproxy.routing import NOT_BEARER, WRONG_KEY
 
 __all__ = [
     "ALERT_CHANNELS",
@@ -583,8 +585,6 @@ class Metrics:
         self._sinks.sinks.pop(name, None)
 
 
-_UNAUTHORIZED_HEADER = "authorization header should start with 'Bearer'"
-_UNAUTHORIZED_WRONG = "wrong authorization header"
 
 
 class MetricsResource(Resource):
@@ -623,15 +623,7 @@ class MetricsResource(Resource):
             request.setResponseCode(401)
             request.setHeader(b"content-type", b"application/json")
             request.setHeader(b"www-authenticate", b"Bearer")
-            body = {
-                "error": {
-                    "message": refusal,
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": "invalid_api_key",
-                }
-            }
-            return json.dumps(body).encode("utf-8")
+            return error_body(refusal, code="invalid_api_key")
         accept = request.getHeader(b"accept")
         encoder, content_type = choose_encoder(
             accept.decode("latin-1") if accept else ""
@@ -647,8 +639,8 @@ class MetricsResource(Resource):
             return None
         header = request.getHeader(b"authorization")
         if header is None or not header.startswith(b"Bearer "):
-            return _UNAUTHORIZED_HEADER
+            return NOT_BEARER
         given = header[len(b"Bearer ") :].strip()
         if not hmac.compare_digest(given, key.encode("utf-8")):
-            return _UNAUTHORIZED_WRONG
+            return WRONG_KEY
         return None
