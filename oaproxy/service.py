@@ -122,7 +122,6 @@ class ProxyService(MultiService):
         self.readiness = Readiness(reactor)
         self._metrics_resource = MetricsResource(self.metrics, config.metrics_key)
         self.listeners: dict[str, IService] = {}
-        self.sinks: dict[str, QueuedSink] = {}
         self._inflight: dict[Exchange, Request] = {}
         self._idle: list[Deferred[None]] = []
         self._log_file: JSONLogFile | None = None
@@ -135,7 +134,7 @@ class ProxyService(MultiService):
             ready=ReadyResource(self.readiness.state),
         )
         self.site = ProxySite(root, lambda: self.runtime, reactor=reactor)
-        self.sinks = self._make_sinks(config)
+        self.sinks: dict[str, QueuedSink] = self._make_sinks(config)
         # Observed before they start: they queue until then.
         self._observe(self.sinks)
         self.notifier = self._make_notifier(config)
