@@ -40,6 +40,7 @@ class FileSinkTests(SynchronousTestCase):
             spool_dir=os.path.join(self.base, "spool"),
             clock=clock,
             stderr=io.StringIO(),
+            in_thread=False,  # on the test's Clock
             **options,
         )
         sink.startService()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.logfile import BaseLogFile, DailyLogFile, LogFile
+from twisted.python.threadpool import ThreadPool
 
 from oaproxy.config import parse_size
 from oaproxy.sinks.queue import QueuedSink, Record, encode_record
@@ -22,6 +24,11 @@ class FileSink(QueuedSink):
     ``max_rotated_files`` is, for size rotation, how many old files to keep
     (``None``: all).  Further ``QueuedSink`` options (``batch_size``,
     ``write_timeout``, ``flush_timeout``, ``stderr``…) are passed on.
+
+    Batches are written by one thread of the sink's own, so a slow disk
+    never stalls the reactor (one thread keeps the lines in order; a batch
+    that outlives ``write_timeout`` is retried behind it).  ``in_thread=False``
+    writes on the calling thread, for tests on a ``Clock``.
     """
 
     def __init__(
@@ -34,9 +41,19 @@ class FileSink(QueuedSink):
         clock: IReactorTime | None = None,
         queue_size: int = 10000,
         name: str = "file",
+        in_thread: bool = True,
         **options: Any,
     ) -> None:
         self.path = os.path.abspath(path)
+        if clock is None:
+            from twisted.internet import reactor as default_reactor
+
+            clock = cast(IReactorTime, default_reactor)
+        # The writer thread hands its results back through callFromThread.
+        self._reactor = cast(IReactorFromThreads, clock)
+        self._threads: ThreadPool | None = (
+            ThreadPool(minthreads=1, maxthreads=1, name=f"oaproxy-{name}-writer") if in_thread else None
+        )
         if rotate is None or rotate == "daily":
             self._rotate_length: int | None = None
         else:
@@ -69,21 +86,28 @@ class FileSink(QueuedSink):
         return self._logfile
 
     def open_backend(self) -> None:
-        self._open()
+        if self._threads is not None:
+            self._threads.start()
 
     def write_batch(self, records: list[Record]) -> Deferred[object]:
+        lines = [encode_record(record) + b"\n" for record in records]
+        if self._threads is None:
+            self._append_lines(lines)
+            return succeed(None)
+        return deferToThreadPool(self._reactor, self._threads, self._append_lines, lines)
+
+    def _append_lines(self, lines: list[bytes]) -> None:
         try:
             logfile = self._open()
-            for record in records:
+            for line in lines:
                 # bytes, so LogFile counts the size in bytes, not characters.
-                logfile.write(encode_record(record) + b"\n")
+                logfile.write(line)
             logfile.flush()
         except BaseException:
             # Reopen next time: the file may have been moved or the disk
             # remounted.  (A retried batch may repeat its first lines.)
             self._close()
             raise
-        return succeed(None)
 
     def _close(self) -> None:
         logfile, self._logfile = self._logfile, None
@@ -94,4 +118,7 @@ class FileSink(QueuedSink):
                 pass
 
     def close_backend(self) -> None:
+        if self._threads is not None and self._threads.started:
+            # Waits for a write under way: the last lines are on disk after.
+            self._threads.stop()
         self._close()
