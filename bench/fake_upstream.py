@@ -128,9 +128,7 @@ class Answers:
         self.stream = stream_response(chunks, include_usage=False)
         self.stream_usage = stream_response(chunks, include_usage=True)
         self.not_found = not_found_response()
-        self.bad_request = _response(
-            b"400 Bad Request", [(b"connection", b"close")], b""
-        )
+        self.bad_request = _response(b"400 Bad Request", [(b"connection", b"close")], b"")
 
     def for_request(self, method: bytes, target: bytes, body: bytes) -> bytes:
         if method != b"POST" or not target.startswith(b"/v1/chat/completions"):
@@ -261,15 +259,9 @@ async def serve(port: int, chunks: int, max_seconds: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
-    parser.add_argument(
-        "--port", type=int, default=0, help="TCP port on 127.0.0.1 (0: any free)"
-    )
-    parser.add_argument(
-        "--chunks", type=int, default=20, help="content chunks per stream"
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0: any free)")
+    parser.add_argument("--chunks", type=int, default=20, help="content chunks per stream")
     parser.add_argument(
         "--max-seconds",
         type=float,

@@ -66,9 +66,7 @@ class Response:
     tail: bytes  # the last bytes of the body, to check a stream ended with [DONE]
 
 
-def build_request(
-    url: str, key: str | None, stream: bool, model: str
-) -> tuple[str, int, bytes]:
+def build_request(url: str, key: str | None, stream: bool, model: str) -> tuple[str, int, bytes]:
     parts = urlsplit(url)
     if parts.scheme != "http" or parts.hostname is None:
         raise SystemExit(f"load: only http:// URLs are supported, not {url!r}")
@@ -189,9 +187,7 @@ def percentile(sorted_values: list[float], fraction: float) -> float | None:
     """Nearest-rank percentile of an already sorted list."""
     if not sorted_values:
         return None
-    rank = max(
-        0, min(len(sorted_values) - 1, math.ceil(fraction * len(sorted_values)) - 1)
-    )
+    rank = max(0, min(len(sorted_values) - 1, math.ceil(fraction * len(sorted_values)) - 1))
     return sorted_values[rank]
 
 
@@ -275,9 +271,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for c in connections:
             c.close()
     done = len(tally.samples)
-    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (
-        cpu_after.ru_stime - cpu_before.ru_stime
-    )
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     result: dict[str, Any] = {
         "url": args.url,
         "stream": args.stream,
@@ -294,9 +288,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "driver_cpu": round(cpu / elapsed, 2) if elapsed > 0 else None,
     }
     if args.stream:
-        result["ttfb_ms"] = summarize(
-            [s.ttfb for s in tally.samples if s.ttfb is not None]
-        )
+        result["ttfb_ms"] = summarize([s.ttfb for s in tally.samples if s.ttfb is not None])
     return result
 
 
@@ -304,26 +296,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="HTTP/1.1 keep-alive load driver for oaproxy's benchmark"
     )
-    parser.add_argument(
-        "--url", required=True, help="http://127.0.0.1:PORT/v1/chat/completions"
-    )
-    parser.add_argument(
-        "--key", default=None, help="client key sent as Authorization: Bearer"
-    )
+    parser.add_argument("--url", required=True, help="http://127.0.0.1:PORT/v1/chat/completions")
+    parser.add_argument("--key", default=None, help="client key sent as Authorization: Bearer")
     parser.add_argument("--model", default="gpt-bench")
     parser.add_argument("--stream", action="store_true", help='send "stream": true')
-    parser.add_argument(
-        "--requests", type=int, default=2000, help="measured requests in all"
-    )
-    parser.add_argument(
-        "--concurrency", type=int, default=16, help="keep-alive connections"
-    )
+    parser.add_argument("--requests", type=int, default=2000, help="measured requests in all")
+    parser.add_argument("--concurrency", type=int, default=16, help="keep-alive connections")
     parser.add_argument(
         "--warmup", type=int, default=5, help="unmeasured requests per connection first"
     )
-    parser.add_argument(
-        "--timeout", type=float, default=10.0, help="per-request deadline (s)"
-    )
+    parser.add_argument("--timeout", type=float, default=10.0, help="per-request deadline (s)")
     parser.add_argument(
         "--max-seconds",
         type=float,

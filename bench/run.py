@@ -134,9 +134,7 @@ def write_config(directory: Path, upstream_port: int) -> Path:
 def wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
     for _ in range(READY_TRIES):
         if proc.poll() is not None:
-            raise SystemExit(
-                f"bench: oaproxy exited with {proc.returncode}:\n{tail(log)}"
-            )
+            raise SystemExit(f"bench: oaproxy exited with {proc.returncode}:\n{tail(log)}")
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
             conn.request("GET", "/healthz")
@@ -147,9 +145,7 @@ def wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
         except OSError:
             pass
         time.sleep(READY_INTERVAL)
-    raise SystemExit(
-        f"bench: oaproxy not ready after {READY_TRIES} tries:\n{tail(log)}"
-    )
+    raise SystemExit(f"bench: oaproxy not ready after {READY_TRIES} tries:\n{tail(log)}")
 
 
 def tail(path: Path, lines: int = 20) -> str:
@@ -169,9 +165,7 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
-def load(
-    port: int, *, stream: bool, args: argparse.Namespace, key: str | None
-) -> dict[str, Any]:
+def load(port: int, *, stream: bool, args: argparse.Namespace, key: str | None) -> dict[str, Any]:
     argv = [
         sys.executable,
         str(HERE / "load.py"),
@@ -241,8 +235,7 @@ def report(results: dict[str, dict[str, Any]], rss: dict[str, int | None]) -> st
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(
-            cell.rjust(w) if i else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(row, widths))
+            cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))
         )
         for row in rows
     ]
@@ -253,9 +246,7 @@ def report(results: dict[str, dict[str, Any]], rss: dict[str, int | None]) -> st
         proxied = results[f"oaproxy {mode}"]
         added = _minus(proxied["latency_ms"]["p50"], direct["latency_ms"]["p50"])
         added99 = _minus(proxied["latency_ms"]["p99"], direct["latency_ms"]["p99"])
-        ratio = (
-            proxied["rps"] / direct["rps"] if direct["rps"] and proxied["rps"] else None
-        )
+        ratio = proxied["rps"] / direct["rps"] if direct["rps"] and proxied["rps"] else None
         lines.append(
             f"{mode:<10}  added latency p50 {fmt(added)} ms, p99 {fmt(added99)} ms;"
             f" oaproxy/direct rate {fmt(ratio, 3)}"
@@ -273,24 +264,16 @@ def _minus(a: float | None, b: float | None) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="oaproxy benchmark: direct versus proxied"
-    )
-    parser.add_argument(
-        "--requests", type=int, default=3000, help="measured requests per scenario"
-    )
-    parser.add_argument(
-        "--concurrency", type=int, default=16, help="keep-alive client connections"
-    )
+    parser = argparse.ArgumentParser(description="oaproxy benchmark: direct versus proxied")
+    parser.add_argument("--requests", type=int, default=3000, help="measured requests per scenario")
+    parser.add_argument("--concurrency", type=int, default=16, help="keep-alive client connections")
     parser.add_argument(
         "--chunks", type=int, default=20, help="SSE content chunks per stream answer"
     )
     parser.add_argument(
         "--max-seconds", type=float, default=20.0, help="cap on each scenario's run"
     )
-    parser.add_argument(
-        "--json", action="store_true", help="also print the raw results as JSON"
-    )
+    parser.add_argument("--json", action="store_true", help="also print the raw results as JSON")
     args = parser.parse_args(argv)
 
     children = Children()

@@ -125,9 +125,7 @@ class Alert:
             self.kind,
             self.model,
             _without_query(self.path),
-            tuple(
-                (upstream, _reason_class(reason)) for upstream, reason in self.attempts
-            ),
+            tuple((upstream, _reason_class(reason)) for upstream, reason in self.attempts),
         )
 
 
@@ -353,9 +351,7 @@ def alert_channels(
     elif environ.get("FEISHU_WEBHOOK", "").strip():
         channels.append(FeishuChannel(environ["FEISHU_WEBHOOK"].strip()))
     if matrix is not None:
-        channels.append(
-            MatrixChannel(matrix.homeserver, matrix.access_token, matrix.room_id)
-        )
+        channels.append(MatrixChannel(matrix.homeserver, matrix.access_token, matrix.room_id))
     elif environ.get("MATRIX_API", "").strip():
         channels.append(LegacyMatrixChannel(environ["MATRIX_API"].strip()))
     return tuple(channels)
@@ -394,9 +390,7 @@ def _error_name(failure: Failure) -> str:
     name = type(value).__name__
     inner = getattr(value, "reasons", None)
     if isinstance(inner, list) and inner:
-        names = ", ".join(
-            type(f.value).__name__ for f in inner if isinstance(f, Failure)
-        )
+        names = ", ".join(type(f.value).__name__ for f in inner if isinstance(f, Failure))
         return f"{name}({names})"
     return name
 
@@ -547,9 +541,7 @@ class Notifier(Service):
     def _post(self, channel: AlertChannel, text: str, now: float) -> None:
         request = channel.request(text, now, self._txn_id(now))
         delivering = ensureDeferred(self._deliver(request))
-        delivering.addTimeout(
-            self._config.timeout, self._clock, onTimeoutCancel=_no_answer
-        )
+        delivering.addTimeout(self._config.timeout, self._clock, onTimeoutCancel=_no_answer)
         # A refusal raised by _delivered is counted by _not_delivered too.
         posting: Deferred[None] = delivering.addCallback(self._delivered, channel)
         posting.addErrback(self._not_delivered, channel)
@@ -586,9 +578,7 @@ class Notifier(Service):
             raise _AlertChannelError(problem)
         self.sent[channel.name] = self.sent.get(channel.name, 0) + 1
         self._on_result(channel.name, "ok")
-        self.log.info(
-            "alert sent to {channel} ({host})", channel=channel.name, host=channel.host
-        )
+        self.log.info("alert sent to {channel} ({host})", channel=channel.name, host=channel.host)
 
     def _not_delivered(self, failure: Failure, channel: AlertChannel) -> None:
         self.failed[channel.name] = self.failed.get(channel.name, 0) + 1

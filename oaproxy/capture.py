@@ -310,9 +310,7 @@ def _header_params(value: str) -> tuple[str, dict[str, str]]:
     return main, params
 
 
-def _describe_multipart(
-    body: bytes, content_type: str | bytes
-) -> tuple[dict[str, Any], bool]:
+def _describe_multipart(body: bytes, content_type: str | bytes) -> tuple[dict[str, Any], bool]:
     size = len(body)
     fallback = {"content_type": "multipart/form-data", "size": size}
     if isinstance(content_type, bytes):
@@ -391,9 +389,7 @@ def _describe_part(body: bytes, start: int, end: int) -> dict[str, Any]:
                 charset, _, rest = extended.partition("'")
                 _, _, encoded = rest.partition("'")
                 try:
-                    filename = unquote(
-                        encoded, encoding=charset or "utf-8", errors="replace"
-                    )
+                    filename = unquote(encoded, encoding=charset or "utf-8", errors="replace")
                 except LookupError:
                     filename = unquote(encoded, errors="replace")
         elif header == "content-type":
@@ -412,8 +408,7 @@ def _describe_part(body: bytes, start: int, end: int) -> dict[str, Any]:
 
 
 def redact_headers(
-    headers: Iterable[tuple[bytes | str, bytes | str | Iterable[bytes | str]]]
-    | Mapping[Any, Any],
+    headers: Iterable[tuple[bytes | str, bytes | str | Iterable[bytes | str]]] | Mapping[Any, Any],
 ) -> dict[str, str]:
     """Headers as a record keeps them: lower-case names, secrets replaced.
 
@@ -432,14 +427,11 @@ def redact_headers(
             continue
         if isinstance(raw_value, (bytes, str)):
             value = (
-                raw_value.decode("utf-8", "replace")
-                if isinstance(raw_value, bytes)
-                else raw_value
+                raw_value.decode("utf-8", "replace") if isinstance(raw_value, bytes) else raw_value
             )
         else:
             value = ", ".join(
-                v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-                for v in raw_value
+                v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in raw_value
             )
         previous = result.get(name)
         result[name] = value if previous is None else previous + ", " + value
@@ -488,11 +480,7 @@ class _Budget:
     def take(self, piece: str) -> str | None:
         if self.truncated:
             return None
-        size = (
-            len(piece)
-            if piece.isascii()
-            else len(piece.encode("utf-8", "surrogatepass"))
-        )
+        size = len(piece) if piece.isascii() else len(piece.encode("utf-8", "surrogatepass"))
         if size <= self.left:
             self.left -= size
             return piece
@@ -576,9 +564,7 @@ class _Assembler:
             # Providers that omit "index": a new id starts a new call, no id
             # continues the last one, and a whole list is taken by position.
             if isinstance(call_id, str):
-                index = next(
-                    (k for k, c in calls.items() if c.call_id == call_id), None
-                )
+                index = next((k for k, c in calls.items() if c.call_id == call_id), None)
                 if index is None:
                     index = max(calls, default=-1) + 1
             elif calls:
@@ -622,9 +608,7 @@ class _Assembler:
     def result(self) -> CapturedResponse:
         order = sorted(self.choices)
         texts = tuple(
-            None
-            if self.choices[i].text is None
-            else "".join(self.choices[i].text or ())
+            None if self.choices[i].text is None else "".join(self.choices[i].text or ())
             for i in order
         )
         present = [t for t in texts if t is not None]
@@ -637,9 +621,7 @@ class _Assembler:
         finish_reason = None
         for i in order:
             choice = self.choices[i]
-            tool_calls.extend(
-                choice.tool_calls[k].as_dict() for k in sorted(choice.tool_calls)
-            )
+            tool_calls.extend(choice.tool_calls[k].as_dict() for k in sorted(choice.tool_calls))
             if choice.function_call is not None:
                 tool_calls.append(choice.function_call.as_dict())
             if choice.refusal is not None:
@@ -828,9 +810,7 @@ def _capture_choice(assembler: _Assembler, obj: dict[str, Any], position: int) -
         if isinstance(tool_calls, list):
             for call_position, call in enumerate(tool_calls):
                 if isinstance(call, dict):
-                    assembler.add_tool_call(
-                        choice, {**call, "index": call_position}, call_position
-                    )
+                    assembler.add_tool_call(choice, {**call, "index": call_position}, call_position)
         function_call = message.get("function_call")
         if function_call is not None:
             assembler.add_function_call(choice, function_call)

@@ -107,6 +107,7 @@ class _ReadingEnviron(Mapping[str, str]):
     def __len__(self) -> int:
         return len(self._environ)
 
+
 EXIT_OK = 0
 EXIT_DATABASE = 1
 EXIT_USAGE = 2
@@ -387,9 +388,7 @@ def with_database(database: Database, work: Callable[[Any], _T]) -> _T:
         _check_schema(connection, database)
         return work(connection)
     except errors as e:
-        raise CommandError(
-            f"{database.where}: {_error_text(e, database)}", EXIT_DATABASE
-        ) from None
+        raise CommandError(f"{database.where}: {_error_text(e, database)}", EXIT_DATABASE) from None
     finally:
         with suppress(*errors):
             connection.close()
@@ -463,9 +462,7 @@ def _filters(args: argparse.Namespace) -> Filters:
             f"--since ({_iso(since)}) is not before --until ({_iso(until)})",
             EXIT_USAGE,
         )
-    return Filters(
-        since=since, until=until, keys=tuple(args.key), models=tuple(args.model)
-    )
+    return Filters(since=since, until=until, keys=tuple(args.key), models=tuple(args.model))
 
 
 # -- records export -------------------------------------------------------
@@ -487,9 +484,7 @@ def _output(path: str, stdout: TextIO) -> Iterator[TextIO]:
             prefix=".oaproxy-export-", suffix=".tmp", dir=directory
         )
     except OSError as e:
-        raise CommandError(
-            f"cannot write {path}: {e.strerror or e}", EXIT_DATABASE
-        ) from None
+        raise CommandError(f"cannot write {path}: {e.strerror or e}", EXIT_DATABASE) from None
     try:
         with open(descriptor, "w", encoding="utf-8", newline="\n") as f:
             yield f
@@ -562,10 +557,7 @@ def _write_chat(rows: Iterator[tuple[Any, ...]], out: TextIO) -> int:
 
 def _utf8(stream: TextIO) -> None:
     # JSON is UTF-8, whatever the locale says.
-    if (
-        isinstance(stream, io.TextIOWrapper)
-        and codecs.lookup(stream.encoding).name != "utf-8"
-    ):
+    if isinstance(stream, io.TextIOWrapper) and codecs.lookup(stream.encoding).name != "utf-8":
         stream.reconfigure(encoding="utf-8")
 
 
@@ -577,9 +569,7 @@ def _number(value: Any) -> int:
     return int(value) if value is not None else 0
 
 
-def usage_rows(
-    connection: Any, dbtype: str, by: Sequence[str], filters: Filters
-) -> list[UsageRow]:
+def usage_rows(connection: Any, dbtype: str, by: Sequence[str], filters: Filters) -> list[UsageRow]:
     """The usage groups, summed by the database, in order of their names
     (records without a key or model last).
     """
@@ -612,9 +602,7 @@ def usage_rows(
     ]
     # Sorted here, not by ORDER BY: the two databases collate text and
     # place NULLs differently, and the groups are few.
-    rows.sort(
-        key=lambda row: [(value is None, value or "") for value in row.group.values()]
-    )
+    rows.sort(key=lambda row: [(value is None, value or "") for value in row.group.values()])
     return rows
 
 
@@ -676,11 +664,7 @@ def usage_table(rows: Sequence[UsageRow], by: Sequence[str]) -> str:
 
 def _by(text: str) -> tuple[str, ...]:
     names = tuple(name.strip() for name in text.split(","))
-    if (
-        not names
-        or any(n not in _GROUPS for n in names)
-        or len(set(names)) != len(names)
-    ):
+    if not names or any(n not in _GROUPS for n in names) or len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"{text!r}: expected key, model or key,model")
     return names
 
@@ -722,12 +706,9 @@ def build_parser(now: float) -> argparse.ArgumentParser:
         "--config",
         default=DEFAULT_CONFIG,
         metavar="FILE",
-        help="the oaproxy config file whose dbtype and dbaddr to use "
-        "(default: %(default)s)",
+        help="the oaproxy config file whose dbtype and dbaddr to use (default: %(default)s)",
     )
-    group.add_argument(
-        "--dbtype", choices=DBTYPES, help="overrides the config's dbtype"
-    )
+    group.add_argument("--dbtype", choices=DBTYPES, help="overrides the config's dbtype")
     group.add_argument(
         "--dbaddr",
         metavar="ADDR",
@@ -836,11 +817,7 @@ def main(
         with redirect_stdout(out), redirect_stderr(err):
             args = parser.parse_args(argv)
     except SystemExit as e:
-        return (
-            e.code
-            if isinstance(e.code, int)
-            else (EXIT_OK if e.code is None else EXIT_USAGE)
-        )
+        return e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_USAGE)
     run: Callable[[argparse.Namespace, TextIO, TextIO], int] = args.run
     try:
         return run(args, out, err)

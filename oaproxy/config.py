@@ -378,9 +378,7 @@ def parse_listen(description: str) -> str:
             try:
                 ipaddress.IPv6Address(inner.split("%", 1)[0])
             except ValueError:
-                raise ValueError(
-                    f"{description!r}: bad IPv6 address in brackets"
-                ) from None
+                raise ValueError(f"{description!r}: bad IPv6 address in brackets") from None
             return f"tcp6:{port}:interface={_escape_endpoint(inner)}"
         if host.lower() == "localhost":
             host = "127.0.0.1"
@@ -412,9 +410,7 @@ def parse_listen(description: str) -> str:
     elif kind == "systemd" and (
         "domain" not in kwargs or not ("index" in kwargs or "name" in kwargs)
     ):
-        raise ValueError(
-            f"{description!r}: systemd endpoints need domain= and index= or name="
-        )
+        raise ValueError(f"{description!r}: systemd endpoints need domain= and index= or name=")
     return description
 
 
@@ -536,9 +532,7 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
     return parse_config(text, path, environ)
 
 
-def parse_config(
-    text: str, path: str, environ: Mapping[str, str] | None = None
-) -> Config:
+def parse_config(text: str, path: str, environ: Mapping[str, str] | None = None) -> Config:
     """Check the configuration ``text``, read from ``path`` (used in messages and
     kept as ``Config.path``).  ``environ`` as for ``load_config``.
 
@@ -650,9 +644,7 @@ def _kind(node: yaml.Node) -> str:
 
 
 class _Parser:
-    def __init__(
-        self, path: str, environ: Mapping[str, str], loader: yaml.SafeLoader
-    ) -> None:
+    def __init__(self, path: str, environ: Mapping[str, str], loader: yaml.SafeLoader) -> None:
         self.path = path
         self.environ = environ
         self.loader = loader
@@ -696,9 +688,7 @@ class _Parser:
         result: dict[str, _Item] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _TAG_NULL:
-                self.fail(
-                    item.key, _line(key_node), "mapping keys must be plain strings"
-                )
+                self.fail(item.key, _line(key_node), "mapping keys must be plain strings")
             name = str(key_node.value)
             # After flattening, a later pair overrides an earlier one.
             result[name] = _Item(_child(item.key, name), _line(key_node), value_node)
@@ -722,10 +712,7 @@ class _Parser:
         node = item.node
         if not isinstance(node, yaml.SequenceNode):
             self.fail(item.key, item.line, f"expected {what}, got {_kind(node)}")
-        return [
-            _Item(f"{item.key}[{i}]", _line(sub), sub)
-            for i, sub in enumerate(node.value)
-        ]
+        return [_Item(f"{item.key}[{i}]", _line(sub), sub) for i, sub in enumerate(node.value)]
 
     def interpolate(self, item: _Item, text: str) -> str:
         def replace(match: re.Match[str]) -> str:
@@ -742,9 +729,7 @@ class _Parser:
             try:
                 return self.environ[name]
             except KeyError:
-                self.fail(
-                    item.key, item.line, f"environment variable {name} is not set"
-                )
+                self.fail(item.key, item.line, f"environment variable {name} is not set")
 
         return _INTERPOLATION.sub(replace, text)
 
@@ -808,9 +793,7 @@ class _Parser:
             try:
                 value = float(text)
             except ValueError:
-                self.fail(
-                    item.key, item.line, "expected a number in the environment variable"
-                )
+                self.fail(item.key, item.line, "expected a number in the environment variable")
         if not math.isfinite(value):
             self.fail(item.key, item.line, "must be a finite number")
         if positive and value <= 0:
@@ -833,9 +816,7 @@ class _Parser:
         else:
             text = self._from_variable(item)
             if text is None:
-                self.fail(
-                    item.key, item.line, f"expected an integer, got {_kind(node)}"
-                )
+                self.fail(item.key, item.line, f"expected an integer, got {_kind(node)}")
             try:
                 value = int(text, 10)
             except ValueError:
@@ -859,15 +840,11 @@ class _Parser:
         result = []
         for part in parts:
             # Strict here: "allow: 3" is far likelier a slip than a model named 3.
-            value = self.required_string(
-                part, "a string or a list of strings", _STR_ONLY
-            )
+            value = self.required_string(part, "a string or a list of strings", _STR_ONLY)
             result.append(value.strip())
         return tuple(result)
 
-    def choice(
-        self, item: _Item, allowed: Sequence[str], later: Sequence[str] = ()
-    ) -> str:
+    def choice(self, item: _Item, allowed: Sequence[str], later: Sequence[str] = ()) -> str:
         value = self.required_string(item).strip()
         if value in later:
             self.fail(item.key, item.line, f"{value!r} is not supported yet")
@@ -912,9 +889,7 @@ class _Parser:
 
     def config(self, root: yaml.Node) -> Config:
         top_item = _Item("", _line(root), root)
-        top = self.mapping(
-            top_item, _TOP_KEYS, "a mapping of settings at the top level"
-        )
+        top = self.mapping(top_item, _TOP_KEYS, "a mapping of settings at the top level")
 
         def optional_secret(item: _Item) -> str | None:
             # An empty admin or metrics key would be a guessable credential:
@@ -923,9 +898,7 @@ class _Parser:
 
         listen, listen_item = self.listen(top)
         hostname = self.get(top, "hostname", self.required_string, None)
-        global_keys = self.get(
-            top, "authorization", lambda i: self.raw_keys(i, scoped=False), None
-        )
+        global_keys = self.get(top, "authorization", lambda i: self.raw_keys(i, scoped=False), None)
 
         timeout = self.get(top, "timeout", self.deadline, 0.0) or 120.0
         stream_timeout = self.get(top, "stream_timeout", self.deadline, 0.0) or 10.0
@@ -943,9 +916,7 @@ class _Parser:
         dbaddr = self.dbaddr(top, dbtype)
         redis = self.get(top, "redis", self.redis_url, None)
         max_body_bytes = self.get(top, "max_body_bytes", self.integer, 64 * 1024 * 1024)
-        trusted_proxies = self.get(
-            top, "trusted_proxies", self.networks, DEFAULT_TRUSTED_PROXIES
-        )
+        trusted_proxies = self.get(top, "trusted_proxies", self.networks, DEFAULT_TRUSTED_PROXIES)
         records = self.get(top, "records", self.records, RecordsPolicy())
         notify = self.get(top, "notify", self.notify, NotifyConfig(None, None))
         prices: dict[str, Price] = self.get(top, "prices", self.prices, {})
@@ -958,9 +929,7 @@ class _Parser:
         upstream_items = self.sequence(upstreams_item, "a list of upstreams")
         if not upstream_items:
             self.fail("upstreams", upstreams_item.line, "no upstreams are configured")
-        parsed = [
-            self.upstream(item, timeout, stream_timeout) for item in upstream_items
-        ]
+        parsed = [self.upstream(item, timeout, stream_timeout) for item in upstream_items]
 
         names = self.resolve_keys([global_keys or []] + [p.keys or [] for p in parsed])
 
@@ -1005,9 +974,7 @@ class _Parser:
         if listen_item is None:
             check_listeners(config, config.listen)
         else:
-            check_listeners(
-                config, config.listen, key=listen_item.key, line=listen_item.line
-            )
+            check_listeners(config, config.listen, key=listen_item.key, line=listen_item.line)
         return config
 
     def listen(self, top: Mapping[str, _Item]) -> tuple[tuple[str, ...], _Item | None]:
@@ -1024,9 +991,7 @@ class _Parser:
         descriptions = self.strings(item)
         if not descriptions:
             self.fail(item.key, item.line, "no listen address")
-        parts = (
-            self.sequence(item) if isinstance(item.node, yaml.SequenceNode) else [item]
-        )
+        parts = self.sequence(item) if isinstance(item.node, yaml.SequenceNode) else [item]
         result = []
         for part, description in zip(parts, descriptions):
             try:
@@ -1070,17 +1035,11 @@ class _Parser:
             )
         return value
 
-    def networks(
-        self, item: _Item
-    ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-        parts = (
-            self.sequence(item) if isinstance(item.node, yaml.SequenceNode) else [item]
-        )
+    def networks(self, item: _Item) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        parts = self.sequence(item) if isinstance(item.node, yaml.SequenceNode) else [item]
         result = []
         for part in parts:
-            value = self.required_string(
-                part, "an address or a CIDR network", _STR_ONLY
-            ).strip()
+            value = self.required_string(part, "an address or a CIDR network", _STR_ONLY).strip()
             try:
                 result.append(ipaddress.ip_network(value, strict=False))
             except ValueError:
@@ -1111,9 +1070,7 @@ class _Parser:
                 secret = self.required_string(part).strip()
                 result.append(_RawKey(None, secret, part.key, part.line))
         else:
-            text = self.string(
-                item, "a comma-separated string, a list or a mapping of client keys"
-            )
+            text = self.string(item, "a comma-separated string, a list or a mapping of client keys")
             assert text is not None
             for secret in (s.strip() for s in text.split(",")):
                 if secret:
@@ -1122,9 +1079,7 @@ class _Parser:
                 if scoped and str(node.value).strip():
                     # Written but empty after ${…}: silently widening the
                     # upstream to the global keys would be a surprise.
-                    self.fail(
-                        item.key, item.line, "no client key left after interpolation"
-                    )
+                    self.fail(item.key, item.line, "no client key left after interpolation")
                 return None
         return result or None
 
@@ -1170,9 +1125,7 @@ class _Parser:
             names[r.secret] = name
         return names
 
-    def upstream(
-        self, item: _Item, timeout: float, stream_timeout: float
-    ) -> _ParsedUpstream:
+    def upstream(self, item: _Item, timeout: float, stream_timeout: float) -> _ParsedUpstream:
         section = self.mapping(item, _UPSTREAM_KEYS, "an upstream mapping")
 
         # The type first: openai-api-route's replicate upstreams have no
@@ -1181,9 +1134,7 @@ class _Parser:
 
         endpoint_item = section.get("endpoint")
         if endpoint_item is None:
-            self.fail(
-                _child(item.key, "endpoint"), item.line, "upstream has no endpoint"
-            )
+            self.fail(_child(item.key, "endpoint"), item.line, "upstream has no endpoint")
         if self.is_null(endpoint_item):
             self.fail(endpoint_item.key, endpoint_item.line, "upstream has no endpoint")
         endpoint = self.url(endpoint_item, ("http", "https"))
@@ -1200,9 +1151,7 @@ class _Parser:
         name_item = section.get("name")
         if name_item is not None and self.is_null(name_item):
             name_item = None
-        explicit_name = (
-            None if name_item is None else self.required_string(name_item).strip()
-        )
+        explicit_name = None if name_item is None else self.required_string(name_item).strip()
 
         upstream = Upstream(
             name="",  # set once every upstream is known (defaults must be unique)
@@ -1218,13 +1167,9 @@ class _Parser:
             noauth=self.get(section, "noauth", self.boolean, False),
             keep_header=self.get(section, "keep_header", self.boolean, False),
             weight=self.get(section, "weight", self.number, 1.0),
-            stream_usage=self.get(
-                section, "stream_usage", self.boolean, upstream_type == "openai"
-            ),
+            stream_usage=self.get(section, "stream_usage", self.boolean, upstream_type == "openai"),
         )
-        keys = self.get(
-            section, "authorization", lambda i: self.raw_keys(i, scoped=True), None
-        )
+        keys = self.get(section, "authorization", lambda i: self.raw_keys(i, scoped=True), None)
         return _ParsedUpstream(upstream, keys, explicit_name, name_item, item.line)
 
     def upstream_type(self, item: _Item) -> str:
@@ -1282,13 +1227,9 @@ class _Parser:
             file=self.get(section, "file", self.string, None) or None,
             rotate=self.get(section, "rotate", self.rotate, default.rotate),
             redis_key=self.get(section, "redis_key", text, default.redis_key),
-            redis_maxlen=self.get(
-                section, "redis_maxlen", self.integer, default.redis_maxlen
-            ),
+            redis_maxlen=self.get(section, "redis_maxlen", self.integer, default.redis_maxlen),
             spool_dir=self.get(section, "spool_dir", text, default.spool_dir),
-            queue_size=self.get(
-                section, "queue_size", self.integer, default.queue_size
-            ),
+            queue_size=self.get(section, "queue_size", self.integer, default.queue_size),
         )
 
     def rotate(self, item: _Item) -> str:
@@ -1305,9 +1246,7 @@ class _Parser:
         section = self.mapping(item, _NOTIFY_KEYS, "a mapping of alert settings")
         feishu = None
         if "feishu" in section and not self.is_null(section["feishu"]):
-            sub = self.mapping(
-                section["feishu"], _FEISHU_KEYS, "a mapping with webhook and secret"
-            )
+            sub = self.mapping(section["feishu"], _FEISHU_KEYS, "a mapping with webhook and secret")
             if "webhook" not in sub:
                 self.fail(
                     _child(section["feishu"].key, "webhook"),
@@ -1315,9 +1254,7 @@ class _Parser:
                     "feishu needs a webhook",
                 )
             secret = self.string(sub["secret"]) if "secret" in sub else None
-            feishu = FeishuConfig(
-                self.url(sub["webhook"], ("http", "https")), secret or None
-            )
+            feishu = FeishuConfig(self.url(sub["webhook"], ("http", "https")), secret or None)
         matrix = None
         if "matrix" in section and not self.is_null(section["matrix"]):
             matrix_item = section["matrix"]
@@ -1350,9 +1287,7 @@ class _Parser:
     def prices(self, item: _Item) -> dict[str, Price]:
         result = {}
         for model, entry in self.entries(item, "a mapping of model names to prices"):
-            section = self.mapping(
-                entry, _PRICE_KEYS, "a mapping with input and output"
-            )
+            section = self.mapping(entry, _PRICE_KEYS, "a mapping with input and output")
             values = {}
             for name in ("input", "output"):
                 if name not in section or self.is_null(section[name]):

@@ -384,7 +384,9 @@ class Forwarder:
             # The SDK then raises what the upstream meant (a real 429 or 500).
             self._send(request, exchange, last)
             return
-        timeouts = all(a.error is not None and a.error.startswith("timeout") for a in exchange.attempts)
+        timeouts = all(
+            a.error is not None and a.error.startswith("timeout") for a in exchange.attempts
+        )
         status = 504 if timeouts else 502
         reasons = "; ".join(f"{a.upstream}: {a.error}" for a in exchange.attempts)
         message = f"All upstreams failed: {reasons}"

@@ -154,11 +154,7 @@ def status_class(status: object) -> str:
     """
     if status is None:
         return NONE
-    if (
-        isinstance(status, int)
-        and not isinstance(status, bool)
-        and 100 <= status <= 599
-    ):
+    if isinstance(status, int) and not isinstance(status, bool) and 100 <= status <= 599:
         return f"{status // 100}xx"
     return OTHER
 
@@ -449,9 +445,7 @@ class Metrics:
         self._sinks = _SinkCollector()
         registry.register(self._sinks)
 
-    def update_labels(
-        self, known_models: Iterable[str], upstream_names: Iterable[str]
-    ) -> None:
+    def update_labels(self, known_models: Iterable[str], upstream_names: Iterable[str]) -> None:
         """Replace the known models and upstream names, e.g. after a config
         reload. Collectors stay registered; series already counted under an
         old name keep their values.
@@ -459,9 +453,7 @@ class Metrics:
         ``known_models`` is as for the constructor (paths are ignored);
         ``upstream_names`` are the configured upstreams' names.
         """
-        models = {
-            m for m in known_models if isinstance(m, str) and not m.startswith("/")
-        }
+        models = {m for m in known_models if isinstance(m, str) and not m.startswith("/")}
         models.update(self._extra_known_models)
         # Swap whole frozensets so a label lookup never sees a half-update.
         self._known_models = frozenset(models)
@@ -585,8 +577,6 @@ class Metrics:
         self._sinks.sinks.pop(name, None)
 
 
-
-
 class MetricsResource(Resource):
     """Serves the metrics in the Prometheus text format (or OpenMetrics when the
     scraper asks for it), optionally behind a bearer key.
@@ -625,9 +615,7 @@ class MetricsResource(Resource):
             request.setHeader(b"www-authenticate", b"Bearer")
             return error_body(refusal, code="invalid_api_key")
         accept = request.getHeader(b"accept")
-        encoder, content_type = choose_encoder(
-            accept.decode("latin-1") if accept else ""
-        )
+        encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
         output = encoder(self._metrics.registry)
         request.setHeader(b"content-type", content_type.encode("ascii"))
         request.setHeader(b"cache-control", b"no-store")

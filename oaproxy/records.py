@@ -127,7 +127,14 @@ class RecordMaker:
         # Text from upstreams and clients may quote a key (an upstream's "Incorrect
         # API key provided: sk-…"): none is kept.
         token = _bearer(call.authorization)
-        for name in ("request_body", "request_headers", "response_text", "tool_calls", "error", "attempts"):
+        for name in (
+            "request_body",
+            "request_headers",
+            "response_text",
+            "tool_calls",
+            "error",
+            "attempts",
+        ):
             record[name] = self._redact(record[name], token)
         return record
 

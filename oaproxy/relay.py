@@ -369,7 +369,9 @@ def describe(reason: Failure | BaseException) -> str:
         return "; ".join(describe(r) for r in inner)
     if isinstance(exc, CancelledError):
         return "cancelled"
-    if isinstance(exc, (ConnectError, DNSLookupError)) or type(exc).__module__.startswith("OpenSSL"):
+    if isinstance(exc, (ConnectError, DNSLookupError)) or type(exc).__module__.startswith(
+        "OpenSSL"
+    ):
         # Metrics count these as connect errors by this prefix (DNSLookupError,
         # what HostnameEndpoint fails with, is no ConnectError).
         return f"connect error: {type(exc).__name__}: {str(exc).strip()}".rstrip(": ")

@@ -79,7 +79,9 @@ class Router:
             return Caller(key=None, refusal=WRONG_KEY)
         return Caller(key=key)
 
-    def candidates(self, caller: Caller, model: str | None, path: str) -> list[Upstream] | ErrorAnswer:
+    def candidates(
+        self, caller: Caller, model: str | None, path: str
+    ) -> list[Upstream] | ErrorAnswer:
         """The upstreams to try, in order, or the error to answer instead.
 
         ``model`` is the JSON body's model; without one the request path stands

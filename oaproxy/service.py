@@ -218,7 +218,9 @@ class ProxyService(MultiService):
         if config.dbtype != "none":
             sinks["sql"] = SQLSink(config.dbtype, config.dbaddr, reactor=self._reactor, **common)
         if policy.file:
-            sinks["file"] = FileSink(policy.file, rotate=policy.rotate, clock=self._reactor, **common)
+            sinks["file"] = FileSink(
+                policy.file, rotate=policy.rotate, clock=self._reactor, **common
+            )
         if config.redis:
             # Imported here: txredisapi installs the global reactor on import.
             from oaproxy.sinks.redis import RedisSink

@@ -125,9 +125,7 @@ def event_data(event: bytes) -> bytes | None:
     return values[0] if len(values) == 1 else b"\n".join(values)
 
 
-def sse_error_event(
-    message: str, type: str = "upstream_error", code: str | None = None
-) -> bytes:
+def sse_error_event(message: str, type: str = "upstream_error", code: str | None = None) -> bytes:
     """An SSE ``error`` event that OpenAI SDKs turn into an exception.
 
     The openai Python SDK raises ``APIError`` for any stream chunk whose JSON

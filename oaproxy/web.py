@@ -215,7 +215,9 @@ class ProxyResource(Resource):
         runtime.finished(exchange, request)
         return body
 
-    def _forward(self, request: server.Request, runtime: Runtime, exchange: Exchange, candidates: Any) -> None:
+    def _forward(
+        self, request: server.Request, runtime: Runtime, exchange: Exchange, candidates: Any
+    ) -> None:
         work: list[Deferred[Exchange]] = []
 
         def client_gone(reason: Failure) -> None:
@@ -360,7 +362,11 @@ class NotFoundResource(Resource):
     def render(self, request: server.Request) -> bytes:
         return answer_error(
             request,
-            ErrorAnswer(404, f"Unknown path {request.path.decode('utf-8', 'replace')}; the API is under /v1/.", code="not_found"),
+            ErrorAnswer(
+                404,
+                f"Unknown path {request.path.decode('utf-8', 'replace')}; the API is under /v1/.",
+                code="not_found",
+            ),
         )
 
 

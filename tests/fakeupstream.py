@@ -103,7 +103,14 @@ class Status:
         if self.body is not None:
             return self.body
         return json.dumps(
-            {"error": {"message": self.message, "type": self.type, "param": None, "code": self.error_code}}
+            {
+                "error": {
+                    "message": self.message,
+                    "type": self.type,
+                    "param": None,
+                    "code": self.error_code,
+                }
+            }
         ).encode("utf-8")
 
 
@@ -221,7 +228,11 @@ def sse_event(payload: Any) -> bytes:
 
 
 def stream_chunk(
-    index: int, delta: dict[str, Any], finish: str | None, model: str, chunk_id: str = "chatcmpl-fake"
+    index: int,
+    delta: dict[str, Any],
+    finish: str | None,
+    model: str,
+    chunk_id: str = "chatcmpl-fake",
 ) -> dict[str, Any]:
     """A ``chat.completion.chunk`` with one choice."""
     return {
@@ -387,7 +398,9 @@ class FakeUpstream:
             return TranscriptionEcho()
         return Status(404, f"no such path {path!r}", "invalid_request_error", "not_found")
 
-    def _answer(self, request: server.Request, recorded: RecordedRequest, behaviour: Behaviour) -> bytes | int:
+    def _answer(
+        self, request: server.Request, recorded: RecordedRequest, behaviour: Behaviour
+    ) -> bytes | int:
         model = FAKE_MODEL
         try:
             asked = recorded.json()
@@ -396,36 +409,54 @@ class FakeUpstream:
         except ValueError:
             asked = None
         if isinstance(behaviour, Chat):
-            return self._json(request, {
-                "id": "chatcmpl-fake",
-                "object": "chat.completion",
-                "created": 1700000000,
-                "model": model,
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": behaviour.text},
-                    "finish_reason": "stop",
-                    "logprobs": None,
-                }],
-                "usage": behaviour.usage,
-            })
+            return self._json(
+                request,
+                {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion",
+                    "created": 1700000000,
+                    "model": model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": behaviour.text},
+                            "finish_reason": "stop",
+                            "logprobs": None,
+                        }
+                    ],
+                    "usage": behaviour.usage,
+                },
+            )
         if isinstance(behaviour, Embeddings):
             inputs = asked.get("input") if isinstance(asked, dict) else None
             count = len(inputs) if isinstance(inputs, list) else 1
-            return self._json(request, {
-                "object": "list",
-                "data": [
-                    {"object": "embedding", "index": i, "embedding": [0.25 * (i + 1)] * behaviour.dimensions}
-                    for i in range(count)
-                ],
-                "model": model,
-                "usage": {"prompt_tokens": 3, "total_tokens": 3},
-            })
+            return self._json(
+                request,
+                {
+                    "object": "list",
+                    "data": [
+                        {
+                            "object": "embedding",
+                            "index": i,
+                            "embedding": [0.25 * (i + 1)] * behaviour.dimensions,
+                        }
+                        for i in range(count)
+                    ],
+                    "model": model,
+                    "usage": {"prompt_tokens": 3, "total_tokens": 3},
+                },
+            )
         if isinstance(behaviour, Models):
-            return self._json(request, {
-                "object": "list",
-                "data": [{"id": i, "object": "model", "created": 0, "owned_by": "fake"} for i in behaviour.ids],
-            })
+            return self._json(
+                request,
+                {
+                    "object": "list",
+                    "data": [
+                        {"id": i, "object": "model", "created": 0, "owned_by": "fake"}
+                        for i in behaviour.ids
+                    ],
+                },
+            )
         if isinstance(behaviour, TranscriptionEcho):
             content_type = request.getHeader(b"content-type") or b""
             answer: dict[str, Any] = {
@@ -446,7 +477,9 @@ class FakeUpstream:
                     file_content_type=part_type.decode("latin-1"),
                 )
             answer["fields"] = {
-                name: data.decode("utf-8", "replace") for name, (_, data) in parts.items() if name != "file"
+                name: data.decode("utf-8", "replace")
+                for name, (_, data) in parts.items()
+                if name != "file"
             }
             return self._json(request, answer)
         if isinstance(behaviour, Status):
@@ -474,12 +507,16 @@ class FakeUpstream:
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(payload).encode("utf-8")
 
-    def _stream(self, request: server.Request, behaviour: Stream, model: str, include_usage: bool) -> None:
+    def _stream(
+        self, request: server.Request, behaviour: Stream, model: str, include_usage: bool
+    ) -> None:
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-cache")
         events: list[bytes] = []
         if behaviour.role_chunk:
-            events.append(sse_event(stream_chunk(0, {"role": "assistant", "content": ""}, None, model)))
+            events.append(
+                sse_event(stream_chunk(0, {"role": "assistant", "content": ""}, None, model))
+            )
         for index, text in enumerate(behaviour.chunks):
             if behaviour.close_after is not None and index == behaviour.close_after:
                 events.append(b"CLOSE")
@@ -491,14 +528,18 @@ class FakeUpstream:
         else:
             events.append(sse_event(stream_chunk(0, {}, "stop", model)))
             if include_usage:
-                events.append(sse_event({
-                    "id": "chatcmpl-fake",
-                    "object": "chat.completion.chunk",
-                    "created": 1700000000,
-                    "model": model,
-                    "choices": [],
-                    "usage": behaviour.usage,
-                }))
+                events.append(
+                    sse_event(
+                        {
+                            "id": "chatcmpl-fake",
+                            "object": "chat.completion.chunk",
+                            "created": 1700000000,
+                            "model": model,
+                            "choices": [],
+                            "usage": behaviour.usage,
+                        }
+                    )
+                )
             events.append(b"data: [DONE]\n\n")
         self._open.add(request)
         # Status and headers go out at once, as OpenAI's do, before any event.

@@ -112,7 +112,9 @@ class PrivateRedis:
     (append-only file, fsync on every write); with ``password`` it asks for one.
     """
 
-    def __init__(self, directory: str, password: str | None = None, persistent: bool = False) -> None:
+    def __init__(
+        self, directory: str, password: str | None = None, persistent: bool = False
+    ) -> None:
         self.directory = directory
         self.password = password
         self.persistent = persistent
@@ -396,7 +398,11 @@ class EndToEndCase(ProxyCase):
         return await self.start_proxy(config, self.mktemp() + ".yaml")
 
     async def sdk_error(
-        self, proxy: RunningProxy, call: Callable[[openai.OpenAI], Any], error: type[BaseException], key: str = CLIENT_KEY
+        self,
+        proxy: RunningProxy,
+        call: Callable[[openai.OpenAI], Any],
+        error: type[BaseException],
+        key: str = CLIENT_KEY,
     ) -> Any:
         result = await self.assertFailure(self.sdk(proxy, call, key), error)
         return result

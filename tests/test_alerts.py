@@ -78,9 +78,7 @@ def _config(
     min_interval: float = 60.0,
     timeout: float = 10.0,
 ) -> NotifyConfig:
-    return NotifyConfig(
-        feishu=feishu, matrix=matrix, min_interval=min_interval, timeout=timeout
-    )
+    return NotifyConfig(feishu=feishu, matrix=matrix, min_interval=min_interval, timeout=timeout)
 
 
 @define
@@ -164,9 +162,7 @@ class CapturesLog:
         test.addCleanup(globalLogPublisher.removeObserver, observer)
 
     def logged_text(self) -> str:
-        return "\n".join(
-            (formatEvent(event) or "") + " " + repr(event) for event in self.events
-        )
+        return "\n".join((formatEvent(event) or "") + " " + repr(event) for event in self.events)
 
     def assert_no_secrets(self, test: SynchronousTestCase, *secrets: str) -> None:
         text = self.logged_text()
@@ -194,9 +190,7 @@ class RealEndpointTests(TestCase, CapturesLog):
         return f"http://127.0.0.1:{cast(IPv4Address, port.getHost()).port}"
 
     def notifier(self, config: NotifyConfig, clock: Any = _reactor) -> Notifier:
-        notifier = Notifier.from_config(
-            config, self.agent, as_time(clock), "edge-1", environ={}
-        )
+        notifier = Notifier.from_config(config, self.agent, as_time(clock), "edge-1", environ={})
         notifier.startService()
         self.addCleanup(notifier.stopService)
         return notifier
@@ -223,9 +217,7 @@ class RealEndpointTests(TestCase, CapturesLog):
             seen.headers.getRawHeaders("content-type"),
             ["application/json; charset=utf-8"],
         )
-        self.assertEqual(
-            sorted(seen.body), ["content", "msg_type", "sign", "timestamp"]
-        )
+        self.assertEqual(sorted(seen.body), ["content", "msg_type", "sign", "timestamp"])
         self.assertEqual(seen.body["msg_type"], "text")
         timestamp = seen.body["timestamp"]
         self.assertIsInstance(timestamp, str)
@@ -268,9 +260,7 @@ class RealEndpointTests(TestCase, CapturesLog):
         """
         fake = FakeEndpoint(answer={"event_id": "$abc"})
         base = self.listen(fake)
-        notifier = self.notifier(
-            _config(matrix=MatrixConfig(base + "/", MATRIX_TOKEN, ROOM))
-        )
+        notifier = self.notifier(_config(matrix=MatrixConfig(base + "/", MATRIX_TOKEN, ROOM)))
         notifier.alert(EXHAUSTED)
         notifier.alert(
             Alert(
@@ -318,9 +308,7 @@ class RealEndpointTests(TestCase, CapturesLog):
         feishu_base, matrix_base = self.listen(feishu), self.listen(matrix)
         notifier = self.notifier(
             _config(
-                feishu=FeishuConfig(
-                    f"{feishu_base}/hook/{FEISHU_TOKEN}", FEISHU_SECRET
-                ),
+                feishu=FeishuConfig(f"{feishu_base}/hook/{FEISHU_TOKEN}", FEISHU_SECRET),
                 matrix=MatrixConfig(matrix_base, MATRIX_TOKEN, ROOM),
             )
         )
@@ -330,9 +318,7 @@ class RealEndpointTests(TestCase, CapturesLog):
             _answer_of(notifier),
             ({"feishu": 1, "matrix": 1}, {"feishu": 0, "matrix": 0}),
         )
-        self.assertEqual(
-            feishu.seen[0].body["content"]["text"], matrix.seen[0].body["body"]
-        )
+        self.assertEqual(feishu.seen[0].body["content"]["text"], matrix.seen[0].body["body"])
 
     @inlineCallbacks
     def test_channel_refusals_counted(self) -> Generator[Deferred[Any], Any, None]:
@@ -345,9 +331,7 @@ class RealEndpointTests(TestCase, CapturesLog):
         feishu_base, matrix_base = self.listen(feishu), self.listen(matrix)
         notifier = self.notifier(
             _config(
-                feishu=FeishuConfig(
-                    f"{feishu_base}/hook/{FEISHU_TOKEN}", FEISHU_SECRET
-                ),
+                feishu=FeishuConfig(f"{feishu_base}/hook/{FEISHU_TOKEN}", FEISHU_SECRET),
                 matrix=MatrixConfig(matrix_base, MATRIX_TOKEN, ROOM),
             )
         )
@@ -428,9 +412,7 @@ class RealEndpointTests(TestCase, CapturesLog):
             "MATRIX_API": f"{matrix_base}/_matrix/client/r0/rooms/{ROOM}"
             f"/send/m.room.message?access_token={MATRIX_TOKEN}",
         }
-        notifier = Notifier.from_config(
-            _config(), self.agent, _reactor, "edge-1", environ=environ
-        )
+        notifier = Notifier.from_config(_config(), self.agent, _reactor, "edge-1", environ=environ)
         notifier.startService()
         self.addCleanup(notifier.stopService)
         notifier.alert(EXHAUSTED)
@@ -517,9 +499,7 @@ class InMemory:
 
 
 def _exhausted(model: str = "gpt-4o-mini", *reasons: str) -> Alert:
-    attempts = tuple(
-        (f"up{i}", reason) for i, reason in enumerate(reasons or ("HTTP 502",))
-    )
+    attempts = tuple((f"up{i}", reason) for i, reason in enumerate(reasons or ("HTTP 502",)))
     return Alert("exhausted", model, "/v1/chat/completions", "bob", attempts, "r", 502)
 
 
@@ -731,9 +711,7 @@ class ChannelTests(SynchronousTestCase):
         self.assertNotIn("tok", repr(MatrixChannel("https://m", "tok", ROOM)))
 
     def test_legacy_matrix_other_url_posted(self) -> None:
-        request = LegacyMatrixChannel("https://bridge.test/notify?token=t").request(
-            "hi", 0, "txn"
-        )
+        request = LegacyMatrixChannel("https://bridge.test/notify?token=t").request("hi", 0, "txn")
         self.assertEqual(
             (request.method, request.url),
             ("POST", "https://bridge.test/notify?token=t"),
@@ -742,8 +720,7 @@ class ChannelTests(SynchronousTestCase):
 
     def test_legacy_matrix_send_endpoint_put(self) -> None:
         request = LegacyMatrixChannel(
-            "https://m.test/_matrix/client/r0/rooms/!r:m.test/send/m.room.message/"
-            "?access_token=t"
+            "https://m.test/_matrix/client/r0/rooms/!r:m.test/send/m.room.message/?access_token=t"
         ).request("hi", 0, "txn.1")
         self.assertEqual(request.method, "PUT")
         self.assertEqual(
@@ -807,9 +784,7 @@ class MessageTests(SynchronousTestCase):
         )
         text = format_alert(alert, "h")
         self.assertNotIn("SECRET", text)
-        self.assertIn(
-            "all upstreams failed for (no model) (/v1/embeddings, no client key)", text
-        )
+        self.assertIn("all upstreams failed for (no model) (/v1/embeddings, no client key)", text)
         self.assertIn("- up: HTTP 401: Incorrect API key provided: ***", text)
 
     def test_long_attempt_lists_cut(self) -> None:

@@ -86,9 +86,7 @@ class RequestFieldsTests(SynchronousTestCase):
 
     def test_defaults(self) -> None:
         fields = request_fields(b'{"model": "m", "stream": "yes"}', "application/json")
-        self.assertEqual(
-            (fields.model, fields.stream, fields.include_usage), ("m", False, False)
-        )
+        self.assertEqual((fields.model, fields.stream, fields.include_usage), ("m", False, False))
 
     def test_json_without_content_type(self) -> None:
         self.assertEqual(request_fields(b'  \n{"model": "m"}', None).model, "m")
@@ -137,9 +135,7 @@ class WithStreamUsageTests(SynchronousTestCase):
         self.assertNotIn("stream_options", parsed)
 
     def test_keeps_other_stream_options(self) -> None:
-        parsed = {
-            "stream_options": {"include_obfuscation": False, "include_usage": False}
-        }
+        parsed = {"stream_options": {"include_obfuscation": False, "include_usage": False}}
         self.assertEqual(
             json.loads(with_stream_usage(parsed))["stream_options"],
             {"include_obfuscation": False, "include_usage": True},
@@ -203,9 +199,7 @@ class StreamCaptureTests(SynchronousTestCase):
         capture = StreamCapture(max_bytes=100)
         usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
         self.assertFalse(
-            capture.feed(
-                chat_chunk({"content": "x"}, finish_reason="stop", usage=usage)
-            )
+            capture.feed(chat_chunk({"content": "x"}, finish_reason="stop", usage=usage))
         )
         self.assertFalse(capture.feed(chat_chunk({"content": "y"}, usage=None)))
         self.assertEqual(capture.result().usage, usage)
@@ -311,10 +305,7 @@ class StreamCaptureTests(SynchronousTestCase):
         calls = capture.result().tool_calls
         assert calls is not None
         self.assertEqual(
-            [
-                (c["id"], c["function"]["name"], c["function"]["arguments"])
-                for c in calls
-            ],
+            [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls],
             [
                 ("a", "f", "{}"),
                 ("b", "g", "[]"),
@@ -325,22 +316,10 @@ class StreamCaptureTests(SynchronousTestCase):
         # Some OpenAI-compatible servers omit "index" and send whole calls.
         capture = StreamCapture(max_bytes=1000)
         capture.feed(
-            chat_chunk(
-                {
-                    "tool_calls": [
-                        {"id": "a", "function": {"name": "f", "arguments": "{}"}}
-                    ]
-                }
-            )
+            chat_chunk({"tool_calls": [{"id": "a", "function": {"name": "f", "arguments": "{}"}}]})
         )
         capture.feed(
-            chat_chunk(
-                {
-                    "tool_calls": [
-                        {"id": "b", "function": {"name": "g", "arguments": "{"}}
-                    ]
-                }
-            )
+            chat_chunk({"tool_calls": [{"id": "b", "function": {"name": "g", "arguments": "{"}}]})
         )
         capture.feed(chat_chunk({"tool_calls": [{"function": {"arguments": "}"}}]}))
         calls = capture.result().tool_calls
@@ -353,15 +332,11 @@ class StreamCaptureTests(SynchronousTestCase):
     def test_legacy_function_call(self) -> None:
         capture = StreamCapture(max_bytes=1000)
         capture.feed(
-            chat_chunk(
-                {"role": "assistant", "function_call": {"name": "f", "arguments": ""}}
-            )
+            chat_chunk({"role": "assistant", "function_call": {"name": "f", "arguments": ""}})
         )
         capture.feed(chat_chunk({"function_call": {"arguments": '{"a":'}}))
         capture.feed(
-            chat_chunk(
-                {"function_call": {"arguments": "1}"}}, finish_reason="function_call"
-            )
+            chat_chunk({"function_call": {"arguments": "1}"}}, finish_reason="function_call")
         )
         result = capture.result()
         self.assertEqual(
@@ -420,15 +395,11 @@ class StreamCaptureTests(SynchronousTestCase):
             }
             capture.feed(json.dumps(body).encode())
         result = capture.result()
-        self.assertEqual(
-            (result.text, result.finish_reason), ("Once upon a time", "length")
-        )
+        self.assertEqual((result.text, result.finish_reason), ("Once upon a time", "length"))
 
     def test_responses_api_stream(self) -> None:
         capture = StreamCapture(max_bytes=1000)
-        capture.feed(
-            b'{"type": "response.created", "response": {"status": "in_progress"}}'
-        )
+        capture.feed(b'{"type": "response.created", "response": {"status": "in_progress"}}')
         capture.feed(b'{"type": "response.output_text.delta", "delta": "Hi"}')
         capture.feed(b'{"type": "response.output_text.delta", "delta": " there"}')
         capture.feed(
@@ -447,13 +418,9 @@ class StreamCaptureTests(SynchronousTestCase):
         capture = StreamCapture(max_bytes=1000)
         capture.feed(chat_chunk({"content": "a"}))
         self.assertFalse(
-            capture.feed(
-                b'{"error": {"message": "overloaded", "type": "server_error"}}'
-            )
+            capture.feed(b'{"error": {"message": "overloaded", "type": "server_error"}}')
         )
-        self.assertEqual(
-            capture.result().error, {"message": "overloaded", "type": "server_error"}
-        )
+        self.assertEqual(capture.result().error, {"message": "overloaded", "type": "server_error"})
         self.assertEqual(capture.result().text, "a")
 
     def test_ignores_junk(self) -> None:
@@ -501,9 +468,7 @@ class StreamCaptureTests(SynchronousTestCase):
             )
         )
         capture.feed(
-            chat_chunk(
-                {"tool_calls": [{"index": 0, "function": {"arguments": "0123456789"}}]}
-            )
+            chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": "0123456789"}}]})
         )
         result = capture.result()
         assert result.tool_calls is not None
@@ -582,9 +547,7 @@ class CaptureJsonResponseTests(SynchronousTestCase):
 
     def test_truncated(self) -> None:
         body = {
-            "choices": [
-                {"index": 0, "message": {"content": "x" * 100}, "finish_reason": "stop"}
-            ]
+            "choices": [{"index": 0, "message": {"content": "x" * 100}, "finish_reason": "stop"}]
         }
         result = capture_json_response(json.dumps(body).encode(), 10)
         self.assertEqual(result.text, "x" * 10)
@@ -604,9 +567,7 @@ class CaptureJsonResponseTests(SynchronousTestCase):
             "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
         }
         result = capture_json_response(json.dumps(body).encode(), 1000)
-        self.assertEqual(
-            (result.text, result.finish_reason), ("\n\nThis is a test", "length")
-        )
+        self.assertEqual((result.text, result.finish_reason), ("\n\nThis is a test", "length"))
 
     def test_embeddings(self) -> None:
         body = {
@@ -631,9 +592,7 @@ class CaptureJsonResponseTests(SynchronousTestCase):
                 {"type": "reasoning", "summary": []},
                 {
                     "type": "message",
-                    "content": [
-                        {"type": "output_text", "text": "Hi", "annotations": []}
-                    ],
+                    "content": [{"type": "output_text", "text": "Hi", "annotations": []}],
                 },
                 {
                     "type": "function_call",
@@ -672,9 +631,7 @@ class CaptureJsonResponseTests(SynchronousTestCase):
         assert result.error is not None
         self.assertEqual(result.error["code"], "rate_limit_exceeded")
         short = capture_json_response(body, 12)
-        self.assertEqual(
-            (short.text, short.truncated), ('{"error":{"m', ("response_text",))
-        )
+        self.assertEqual((short.text, short.truncated), ('{"error":{"m', ("response_text",)))
 
     def test_not_json(self) -> None:
         self.assertEqual(
@@ -719,9 +676,7 @@ class DescribeBodyTests(SynchronousTestCase):
         self.assertEqual(describe_body(body, "text/plain", 10), ("aé€😀", False))
 
     def test_invalid_utf8_replaced(self) -> None:
-        self.assertEqual(
-            describe_body(b"a\xffb", "text/plain", 10), ("a\ufffdb", False)
-        )
+        self.assertEqual(describe_body(b"a\xffb", "text/plain", 10), ("a\ufffdb", False))
 
     def test_empty(self) -> None:
         self.assertEqual(describe_body(b"", "application/json", 10), (None, False))
@@ -812,9 +767,7 @@ class DescribeBodyTests(SynchronousTestCase):
 
     def test_multipart_malformed(self) -> None:
         fallback = {"content_type": "multipart/form-data", "size": 7}
-        self.assertEqual(
-            describe_body(b"garbage", "multipart/form-data", 10), (fallback, False)
-        )
+        self.assertEqual(describe_body(b"garbage", "multipart/form-data", 10), (fallback, False))
         self.assertEqual(
             describe_body(b"garbage", "multipart/form-data; boundary=q", 10),
             (fallback, False),
@@ -909,9 +862,7 @@ class RedactHeadersTests(SynchronousTestCase):
 
     def test_mapping(self) -> None:
         self.assertEqual(
-            redact_headers(
-                {"Authorization": "Bearer x", "X-Test": "1", "X-Many": ["a", "b"]}
-            ),
+            redact_headers({"Authorization": "Bearer x", "X-Test": "1", "X-Many": ["a", "b"]}),
             {"authorization": "[redacted]", "x-test": "1", "x-many": "a, b"},
         )
 
@@ -961,6 +912,4 @@ class TruncateTextTests(SynchronousTestCase):
         self.assertEqual(truncated, cut != text)
         if truncated:
             # The next character would not have fit.
-            self.assertGreater(
-                size + len(text[len(cut)].encode("utf-8", "surrogatepass")), limit
-            )
+            self.assertGreater(size + len(text[len(cut)].encode("utf-8", "surrogatepass")), limit)

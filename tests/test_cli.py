@@ -209,9 +209,7 @@ def jsonl(*records: dict[str, Any]) -> str:
 def chat_json(*items: dict[str, Any]) -> str:
     if not items:
         return "[]\n"
-    return (
-        "[\n" + ",\n".join(json.dumps(i, ensure_ascii=False) for i in items) + "\n]\n"
-    )
+    return "[\n" + ",\n".join(json.dumps(i, ensure_ascii=False) for i in items) + "\n]\n"
 
 
 def run(*argv: str, now: float = NOW) -> tuple[int, str, str]:
@@ -227,9 +225,7 @@ def store(dbtype: str, dbaddr: str, records: list[dict[str, Any]]) -> None:
     try:
         cursor = connection.cursor()
         migrate(cursor, dbtype)
-        cursor.executemany(
-            insert_statement(dbtype), [record_row(r, dbtype) for r in records]
-        )
+        cursor.executemany(insert_statement(dbtype), [record_row(r, dbtype) for r in records])
         connection.commit()
     finally:
         connection.close()
@@ -249,9 +245,7 @@ class StoreMixin:
     def export(self, *argv: str, now: float = NOW) -> tuple[int, str, str]:
         return self.command("records", "export", *argv, now=now)
 
-    def assertOutput(
-        self, result: tuple[int, str, str], stdout: str, stderr: str = ""
-    ) -> None:
+    def assertOutput(self, result: tuple[int, str, str], stdout: str, stderr: str = "") -> None:
         case: Any = self
         case.assertEqual(result, (0, stdout, stderr))
 
@@ -283,18 +277,14 @@ class StoreMixin:
         """Relative times count back from now."""
         self.assertOutput(self.export("--since", "24h"), jsonl(AUDIO, LIMITED))
         self.assertOutput(self.export("--since", "1d"), jsonl(AUDIO, LIMITED))
-        self.assertOutput(
-            self.export("--since", "3d", "--until", "2d"), jsonl(CHAT, TOOL)
-        )
+        self.assertOutput(self.export("--since", "3d", "--until", "2d"), jsonl(CHAT, TOOL))
         self.assertOutput(self.export("--since", "30m"), jsonl(LIMITED))
         self.assertOutput(self.export("--since", "30m", now=NOW + 3600), "")
 
     def test_export_key_model(self) -> None:
         """``--key`` and ``--model`` select, and may be repeated."""
         self.assertOutput(self.export("--key", "bob"), jsonl(EMBEDDING, AUDIO))
-        self.assertOutput(
-            self.export("--model", "gpt-4o-mini"), jsonl(CHAT, TOOL, LIMITED)
-        )
+        self.assertOutput(self.export("--model", "gpt-4o-mini"), jsonl(CHAT, TOOL, LIMITED))
         self.assertOutput(
             self.export("--key", "alice", "--key", "bob", "--model", "gpt-4o-mini"),
             jsonl(CHAT, TOOL),

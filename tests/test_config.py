@@ -125,9 +125,7 @@ class Helpers(SynchronousTestCase):
         containing ``message``, the whole error on one line.
         """
         error = self.assertRaises(ConfigError, parse, text, environ)
-        self.assertEqual(
-            (error.path, error.line, error.key), (PATH, line, key), str(error)
-        )
+        self.assertEqual((error.path, error.line, error.key), (PATH, line, key), str(error))
         self.assertIn(message, error.message)
         self.assertNotIn("\n", str(error))
         return error
@@ -135,12 +133,8 @@ class Helpers(SynchronousTestCase):
 
 class ConfigErrorTests(SynchronousTestCase):
     def test_str_with_line(self) -> None:
-        error = ConfigError(
-            "c.yaml", 7, "upstreams[1].timeout", "must be greater than 0"
-        )
-        self.assertEqual(
-            str(error), "c.yaml:7: upstreams[1].timeout: must be greater than 0"
-        )
+        error = ConfigError("c.yaml", 7, "upstreams[1].timeout", "must be greater than 0")
+        self.assertEqual(str(error), "c.yaml:7: upstreams[1].timeout: must be greater than 0")
         self.assertEqual(
             (error.path, error.line, error.key, error.message),
             ("c.yaml", 7, "upstreams[1].timeout", "must be greater than 0"),
@@ -305,9 +299,7 @@ class DefaultsTests(SynchronousTestCase):
                 stream_usage: false
             """
         )
-        self.assertEqual(
-            config.listen, ("tcp:8080:interface=127.0.0.1", "unix:/run/oaproxy.sock")
-        )
+        self.assertEqual(config.listen, ("tcp:8080:interface=127.0.0.1", "unix:/run/oaproxy.sock"))
         self.assertEqual(config.hostname, "edge-1")
         self.assertEqual(config.keys, (ClientKey("alice", "k1"),))
         self.assertEqual((config.admin_key, config.metrics_key), ("adm", "met"))
@@ -318,9 +310,7 @@ class DefaultsTests(SynchronousTestCase):
         self.assertIsInstance(config.timeout, float)
         self.assertEqual(config.lb_policy, "random")
         self.assertEqual(config.dbtype, "postgres")
-        self.assertEqual(
-            config.dbaddr, "host=127.0.0.1 port=5432 user=postgres dbname=test"
-        )
+        self.assertEqual(config.dbaddr, "host=127.0.0.1 port=5432 user=postgres dbname=test")
         self.assertEqual(config.redis, "redis://127.0.0.1:6379/2")
         self.assertEqual(config.max_body_bytes, 1048576)
         self.assertEqual(
@@ -347,12 +337,8 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(
             config.notify,
             NotifyConfig(
-                feishu=FeishuConfig(
-                    "https://open.feishu.cn/open-apis/bot/v2/hook/x", "fs"
-                ),
-                matrix=MatrixConfig(
-                    "https://matrix.example.org", "tok", "!room:example.org"
-                ),
+                feishu=FeishuConfig("https://open.feishu.cn/open-apis/bot/v2/hook/x", "fs"),
+                matrix=MatrixConfig("https://matrix.example.org", "tok", "!room:example.org"),
                 min_interval=0.0,
                 timeout=2.5,
             ),
@@ -416,9 +402,7 @@ class DefaultsTests(SynchronousTestCase):
 class OpenAIApiRouteSampleTests(Helpers):
     def test_readme_sample_without_replicate(self) -> None:
         config = parse(OAR_SAMPLE)
-        self.assertEqual(
-            config.keys, (ClientKey(key_fingerprint("woshimima"), "woshimima"),)
-        )
+        self.assertEqual(config.keys, (ClientKey(key_fingerprint("woshimima"), "woshimima"),))
         self.assertEqual((config.timeout, config.stream_timeout), (120.0, 10.0))
         self.assertEqual((config.dbtype, config.dbaddr), ("sqlite", "./db.sqlite"))
         first, second, third = config.upstreams
@@ -446,9 +430,7 @@ class OpenAIApiRouteSampleTests(Helpers):
 
     def test_readme_sample_inherits_changed_timeouts(self) -> None:
         config = parse(
-            OAR_SAMPLE.replace(
-                "timeout: 120\nstream_timeout: 10", "timeout: 50\nstream_timeout: 7"
-            )
+            OAR_SAMPLE.replace("timeout: 120\nstream_timeout: 10", "timeout: 50\nstream_timeout: 7")
         )
         self.assertEqual(
             [(u.timeout, u.stream_timeout) for u in config.upstreams],
@@ -459,9 +441,7 @@ class OpenAIApiRouteSampleTests(Helpers):
         text = OAR_SAMPLE + OAR_REPLICATE
         line = text.splitlines().index("    type: replicate") + 1
         self.assertEqual(line, 38)
-        error = self.fails(
-            text, 38, "upstreams[3].type", "type 'replicate' is not supported yet"
-        )
+        error = self.fails(text, 38, "upstreams[3].type", "type 'replicate' is not supported yet")
         self.assertEqual(
             str(error),
             f"{PATH}:38: upstreams[3].type: type 'replicate' is not supported yet",
@@ -469,9 +449,7 @@ class OpenAIApiRouteSampleTests(Helpers):
 
     def test_complex_sample(self) -> None:
         config = parse(OAR_COMPLEX)
-        self.assertEqual(
-            config.keys, (ClientKey(key_fingerprint("woshimima"), "woshimima"),)
-        )
+        self.assertEqual(config.keys, (ClientKey(key_fingerprint("woshimima"), "woshimima"),))
         public, guest = config.upstreams
         self.assertTrue(public.noauth)
         self.assertEqual(public.sk, "xxx")
@@ -540,9 +518,7 @@ class AuthorizationTests(Helpers):
                 authorization: {guest: g}
             """
         )
-        self.assertEqual(
-            config.keys, (ClientKey("alice", "k1"), ClientKey("bob", "k2"))
-        )
+        self.assertEqual(config.keys, (ClientKey("alice", "k1"), ClientKey("bob", "k2")))
         # The same secret keeps its one name everywhere.
         self.assertEqual(config.upstreams[0].keys, (ClientKey("alice", "k1"),))
         self.assertEqual(config.upstreams[1].keys, (ClientKey("guest", "g"),))
@@ -729,9 +705,7 @@ class EnvironmentTests(Helpers):
         )
 
     def test_bad_name(self) -> None:
-        self.fails(
-            "hostname: ${A-B}\n" + MINIMAL, 1, "hostname", "bad '${NAME}' reference"
-        )
+        self.fails("hostname: ${A-B}\n" + MINIMAL, 1, "hostname", "bad '${NAME}' reference")
 
     def test_content_is_not_yaml(self) -> None:
         value = "[1, 2]\nfoo: bar # ${Y} &a *b"
@@ -845,9 +819,7 @@ class FileTests(Helpers):
         self.fails("timeout: 1\n  stream_timeout: 2\n", 2, "", "not valid YAML")
 
     def test_tab(self) -> None:
-        error = self.fails(
-            "upstreams:\n\t- endpoint: http://a\n", 2, "", "not valid YAML"
-        )
+        error = self.fails("upstreams:\n\t- endpoint: http://a\n", 2, "", "not valid YAML")
         self.assertIn("\\t", error.message)
 
     def test_forbidden_character(self) -> None:
@@ -981,9 +953,7 @@ class UnknownKeyTests(Helpers):
 
 class TypeTests(Helpers):
     def test_timeout_not_a_number(self) -> None:
-        self.fails(
-            "timeout: abc\n" + MINIMAL, 1, "timeout", "expected a number, got a string"
-        )
+        self.fails("timeout: abc\n" + MINIMAL, 1, "timeout", "expected a number, got a string")
 
     def test_timeout_zero_means_the_default(self) -> None:
         """As in openai-api-route, whose zero value meant "use the default"."""
@@ -1062,9 +1032,7 @@ class TypeTests(Helpers):
         )
 
     def test_allow_single_string(self) -> None:
-        config = parse(
-            "upstreams:\n  - endpoint: http://a\n    allow: gpt-4o\n    deny: [gpt-4]\n"
-        )
+        config = parse("upstreams:\n  - endpoint: http://a\n    allow: gpt-4o\n    deny: [gpt-4]\n")
         self.assertEqual(config.upstreams[0].allow, ("gpt-4o",))
         self.assertEqual(config.upstreams[0].deny, ("gpt-4",))
 
@@ -1109,9 +1077,7 @@ class TypeTests(Helpers):
         )
 
     def test_int_for_float(self) -> None:
-        config = parse(
-            "timeout: 7\nupstreams:\n  - endpoint: http://a\n    weight: 3\n"
-        )
+        config = parse("timeout: 7\nupstreams:\n  - endpoint: http://a\n    weight: 3\n")
         self.assertEqual(config.timeout, 7.0)
         self.assertEqual(config.upstreams[0].weight, 3.0)
 
@@ -1160,9 +1126,7 @@ class UpstreamTests(Helpers):
             "upstreams[1].endpoint",
             "upstream has no endpoint",
         )
-        self.assertEqual(
-            str(error), f"{PATH}:4: upstreams[1].endpoint: upstream has no endpoint"
-        )
+        self.assertEqual(str(error), f"{PATH}:4: upstreams[1].endpoint: upstream has no endpoint")
         self.assertNotIn("key", error.message)
 
     def test_null_endpoint(self) -> None:
@@ -1237,9 +1201,7 @@ class UpstreamTests(Helpers):
                 sk: 123456
             """
         )
-        self.assertEqual(
-            [u.sk for u in config.upstreams], ["asis", None, None, "123456"]
-        )
+        self.assertEqual([u.sk for u in config.upstreams], ["asis", None, None, "123456"])
 
     def test_unknown_type(self) -> None:
         self.fails(
@@ -1258,20 +1220,14 @@ class UpstreamTests(Helpers):
         )
 
     def test_upstreams_missing(self) -> None:
-        error = self.fails(
-            "timeout: 1\n", None, "upstreams", "no upstreams are configured"
-        )
+        error = self.fails("timeout: 1\n", None, "upstreams", "no upstreams are configured")
         self.assertEqual(str(error), f"{PATH}: upstreams: no upstreams are configured")
 
     def test_upstreams_empty(self) -> None:
-        self.fails(
-            "timeout: 1\nupstreams: []\n", 2, "upstreams", "no upstreams are configured"
-        )
+        self.fails("timeout: 1\nupstreams: []\n", 2, "upstreams", "no upstreams are configured")
 
     def test_upstreams_null(self) -> None:
-        self.fails(
-            "timeout: 1\nupstreams:\n", 2, "upstreams", "no upstreams are configured"
-        )
+        self.fails("timeout: 1\nupstreams:\n", 2, "upstreams", "no upstreams are configured")
 
     def test_upstreams_mapping(self) -> None:
         self.fails(
@@ -1324,9 +1280,7 @@ class UpstreamNameTests(Helpers):
                 endpoint: http://other/v1
             """
         )
-        self.assertEqual(
-            [u.name for u in config.upstreams], ["api.openai.com#2", "api.openai.com"]
-        )
+        self.assertEqual([u.name for u in config.upstreams], ["api.openai.com#2", "api.openai.com"])
 
     def test_explicit_duplicate(self) -> None:
         self.fails(
@@ -1377,9 +1331,7 @@ class PolicyTests(Helpers):
             "expected one of: sqlite, postgres, none",
         )
         self.assertEqual(parse("dbtype: none\n" + MINIMAL).dbtype, "none")
-        self.assertEqual(
-            parse("dbaddr: /var/lib/x.sqlite\n" + MINIMAL).dbaddr, "/var/lib/x.sqlite"
-        )
+        self.assertEqual(parse("dbaddr: /var/lib/x.sqlite\n" + MINIMAL).dbaddr, "/var/lib/x.sqlite")
 
     def test_postgres_needs_dbaddr(self) -> None:
         self.fails(
@@ -1396,9 +1348,7 @@ class PolicyTests(Helpers):
         )
 
     def test_postgres_dsn(self) -> None:
-        config = parse(
-            "dbtype: postgres\ndbaddr: postgresql://postgres@127.0.0.1/test\n" + MINIMAL
-        )
+        config = parse("dbtype: postgres\ndbaddr: postgresql://postgres@127.0.0.1/test\n" + MINIMAL)
         self.assertEqual(config.dbaddr, "postgresql://postgres@127.0.0.1/test")
         error = self.fails(
             "dbtype: postgres\ndbaddr: not-a-dsn-secret\n" + MINIMAL,
@@ -1409,9 +1359,7 @@ class PolicyTests(Helpers):
         self.assertNotIn("secret", str(error))
 
     def test_redis(self) -> None:
-        self.assertEqual(
-            parse("redis: redis://h:6380\n" + MINIMAL).redis, "redis://h:6380"
-        )
+        self.assertEqual(parse("redis: redis://h:6380\n" + MINIMAL).redis, "redis://h:6380")
         error = self.fails(
             "redis: http://:pw@h/0\n" + MINIMAL,
             1,
@@ -1446,9 +1394,7 @@ class PolicyTests(Helpers):
             "records.rotate",
             "expected 'daily' or a size",
         )
-        self.fails(
-            "records:\n  rotate: 0MB\n" + MINIMAL, 2, "records.rotate", "greater than 0"
-        )
+        self.fails("records:\n  rotate: 0MB\n" + MINIMAL, 2, "records.rotate", "greater than 0")
 
     def test_parse_size(self) -> None:
         self.assertEqual(parse_size("100MB"), 100 * 1024 * 1024)
@@ -1488,8 +1434,7 @@ class PolicyTests(Helpers):
             "feishu needs a webhook",
         )
         self.fails(
-            "notify:\n  matrix:\n    homeserver: https://m\n    access_token: t\n"
-            + MINIMAL,
+            "notify:\n  matrix:\n    homeserver: https://m\n    access_token: t\n" + MINIMAL,
             2,
             "notify.matrix.room_id",
             "matrix needs room_id",
@@ -1500,9 +1445,7 @@ class PolicyTests(Helpers):
             "notify.feishu.webhook",
             "must be a URL",
         )
-        self.fails(
-            "notify:\n  timeout: 0\n" + MINIMAL, 2, "notify.timeout", "greater than 0"
-        )
+        self.fails("notify:\n  timeout: 0\n" + MINIMAL, 2, "notify.timeout", "greater than 0")
 
     def test_prices(self) -> None:
         self.fails(
@@ -1584,9 +1527,7 @@ class ListenTests(Helpers):
         )
 
     def test_bad_listen(self) -> None:
-        self.fails(
-            "listen: tcp:http\n" + MINIMAL, 1, "listen", "the port must be a number"
-        )
+        self.fails("listen: tcp:http\n" + MINIMAL, 1, "listen", "the port must be a number")
         self.fails("listen: []\n" + MINIMAL, 1, "listen", "no listen address")
         self.fails(
             "listen: 8888\n" + MINIMAL,
@@ -1653,9 +1594,7 @@ class OpenRelayTests(Helpers):
         )
 
     def test_systemd_refused(self) -> None:
-        self.fails(
-            "listen: systemd:domain=INET:index=0\n" + MINIMAL, 1, "listen", "open relay"
-        )
+        self.fails("listen: systemd:domain=INET:index=0\n" + MINIMAL, 1, "listen", "open relay")
 
     def test_loopback_allowed(self) -> None:
         for listen in (
@@ -1671,9 +1610,7 @@ class OpenRelayTests(Helpers):
         parse("authorization: k\nlisten: tcp:8888\n" + MINIMAL)
 
     def test_upstream_keys_allowed(self) -> None:
-        parse(
-            "listen: tcp:8888\nupstreams:\n  - endpoint: http://a\n    authorization: guest\n"
-        )
+        parse("listen: tcp:8888\nupstreams:\n  - endpoint: http://a\n    authorization: guest\n")
 
     def test_noauth_upstream_allowed(self) -> None:
         config = parse(
@@ -1685,14 +1622,10 @@ class OpenRelayTests(Helpers):
         """``--listen`` replaces ``listen:``: the caller checks it again."""
         config = parse(MINIMAL)
         check_listeners(config, ["tcp:8080:interface=127.0.0.1"])
-        error = self.assertRaises(
-            ConfigError, check_listeners, config, ["unix:/s", "tcp:8080"]
-        )
+        error = self.assertRaises(ConfigError, check_listeners, config, ["unix:/s", "tcp:8080"])
         self.assertEqual((error.path, error.line, error.key), (PATH, None, "listen"))
         self.assertIn("open relay", error.message)
-        error = self.assertRaises(
-            ConfigError, check_listeners, config, [":8080"], key="--listen"
-        )
+        error = self.assertRaises(ConfigError, check_listeners, config, [":8080"], key="--listen")
         self.assertEqual(str(error).split(": ")[:2], [PATH, "--listen"])
 
     def test_check_listeners_with_keys(self) -> None:

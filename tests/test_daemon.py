@@ -77,7 +77,9 @@ def upstream(name: str, fake: FakeUpstream, sk: str, **more: Any) -> dict[str, A
     return {"name": name, "endpoint": fake.endpoint, "sk": sk, **more}
 
 
-def base_config(port: int | None, keys: dict[str, str], upstreams: list[dict[str, Any]], **more: Any) -> dict[str, Any]:
+def base_config(
+    port: int | None, keys: dict[str, str], upstreams: list[dict[str, Any]], **more: Any
+) -> dict[str, Any]:
     if port is not None:
         more.setdefault("listen", f"tcp:{port}:interface=127.0.0.1")
     return proxy_config("daemon-test", keys, upstreams, **more)
@@ -106,7 +108,9 @@ class DaemonCase(LiveCase):
         prefix: list[str] | None = None,
     ) -> Daemon:
         write_yaml(self.config_path, config)
-        return spawn_daemon(self, TWISTD_ARGS, self.cwd, env=env, child_fds=child_fds, prefix=prefix)
+        return spawn_daemon(
+            self, TWISTD_ARGS, self.cwd, env=env, child_fds=child_fds, prefix=prefix
+        )
 
     async def serving(self, daemon: Daemon, port: int, attempts: int = 300) -> None:
         """Until ``/healthz`` answers 200 on ``port`` (about 15 s at most)."""
@@ -114,7 +118,9 @@ class DaemonCase(LiveCase):
             if not daemon.running:
                 self.fail(f"twistd exited before serving:\n{daemon.text}")
             try:
-                response = await self.agent.request(b"GET", f"http://127.0.0.1:{port}/healthz".encode())
+                response = await self.agent.request(
+                    b"GET", f"http://127.0.0.1:{port}/healthz".encode()
+                )
                 await read_body(response)
                 if response.code == 200:
                     return
@@ -124,7 +130,9 @@ class DaemonCase(LiveCase):
         self.fail(f"twistd did not answer /healthz on {port}:\n{daemon.text}")
 
     async def chat(self, port: int, key: str) -> tuple[int, bytes]:
-        response = await post_json(self.agent, f"http://127.0.0.1:{port}/v1/chat/completions", key, chat_body())
+        response = await post_json(
+            self.agent, f"http://127.0.0.1:{port}/v1/chat/completions", key, chat_body()
+        )
         return response.code, await read_body(response)
 
     async def start_stream(self, port: int, key: str) -> Incoming:
@@ -141,7 +149,9 @@ class DaemonCase(LiveCase):
     async def refused(self, port: int) -> bool:
         """Whether a new connection to ``port`` is refused now."""
         try:
-            protocol = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=2), Protocol())
+            protocol = await connectProtocol(
+                TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=2), Protocol()
+            )
         except ConnectionRefusedError:
             return True
         assert protocol.transport is not None
@@ -207,7 +217,9 @@ class ReloadTests(DaemonCase):
 
         # An invalid config is refused with a log line; the last good one stays.
         with open(self.config_path, "w", encoding="utf-8") as f:
-            f.write("dbtype: none\nupstreams:\n  - endpoint: http://127.0.0.1:1/v1\n    stream_timout: 3\n")
+            f.write(
+                "dbtype: none\nupstreams:\n  - endpoint: http://127.0.0.1:1/v1\n    stream_timout: 3\n"
+            )
         daemon.signal("HUP")
         await daemon.wait_for("reload refused")
         refusal = [line for line in daemon.text.splitlines() if "reload refused" in line]
@@ -244,7 +256,9 @@ class ReloadTests(DaemonCase):
         daemon = self.spawn(config)
         await self.serving(daemon, port)
         await daemon.wait_for("oaproxy started")
-        write_yaml(self.config_path, {**config, "listen": f"tcp:{busy.getHost().port}:interface=127.0.0.1"})
+        write_yaml(
+            self.config_path, {**config, "listen": f"tcp:{busy.getHost().port}:interface=127.0.0.1"}
+        )
         daemon.signal("HUP")
         await daemon.wait_for("config reloaded")
         # Some line names the address that could not be bound.
@@ -369,7 +383,9 @@ class SocketActivationTests(DaemonCase):
         """Started by hand, without the .socket unit: a one-line refusal, as
         for any config error, not a traceback."""
         upstreams = [{"name": "a", "endpoint": "http://127.0.0.1:9/v1", "sk": SK_A}]
-        config = base_config(None, {"old": OLD_KEY}, upstreams, listen="systemd:domain=INET:index=0")
+        config = base_config(
+            None, {"old": OLD_KEY}, upstreams, listen="systemd:domain=INET:index=0"
+        )
         write_yaml(self.config_path, config)
         env = {k: v for k, v in child_env().items() if not k.startswith("LISTEN_")}
         out, err, code = await run_twistd(TWISTD_ARGS, self.cwd, env)
@@ -390,7 +406,14 @@ class SummaryTests(DaemonCase):
             port,
             {"alice": OLD_KEY, "bob": NEW_KEY},
             [
-                upstream("main", main, SK_A, allow=["gpt-4o-mini", "gpt-4o"], timeout=30, stream_timeout=7),
+                upstream(
+                    "main",
+                    main,
+                    SK_A,
+                    allow=["gpt-4o-mini", "gpt-4o"],
+                    timeout=30,
+                    stream_timeout=7,
+                ),
                 upstream("spare", spare, SK_B),
             ],
             records={"file": "log/records.jsonl", "spool_dir": "spool"},
@@ -420,8 +443,13 @@ class SummaryTests(DaemonCase):
             block.append(message.strip())
         self.assertIn(f"listening on tcp:{port}:interface=127.0.0.1", block)
         self.assertTrue(any(line.startswith("client keys: alice, bob;") for line in block), block)
-        self.assertIn(f"upstream main: {main.endpoint}; models gpt-4o-mini, gpt-4o; timeout 30s, stream 7s", block)
-        self.assertIn(f"upstream spare: {spare.endpoint}; models all; timeout 10s, stream 10s", block)
+        self.assertIn(
+            f"upstream main: {main.endpoint}; models gpt-4o-mini, gpt-4o; timeout 30s, stream 7s",
+            block,
+        )
+        self.assertIn(
+            f"upstream spare: {spare.endpoint}; models all; timeout 10s, stream 10s", block
+        )
         records = [line for line in block if line.startswith("records:")]
         self.assertEqual(len(records), 1, block)
         self.assertIn("sinks file (", records[0])

@@ -33,7 +33,9 @@ from tests.harness import (
 )
 
 
-def collect_stream(client: openai.OpenAI, include_usage: bool = False, model: str = FAKE_MODEL) -> tuple[list[str], list[Any]]:
+def collect_stream(
+    client: openai.OpenAI, include_usage: bool = False, model: str = FAKE_MODEL
+) -> tuple[list[str], list[Any]]:
     """The content deltas and the usage objects of a streamed chat."""
     extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if include_usage else {}
     deltas: list[str] = []
@@ -72,7 +74,9 @@ class HappyPathTests(EndToEndCase):
         self.assertNotIn(CLIENT_KEY, json.dumps(proxy.records.seen))
         self.assertNotIn(SK_MAIN, json.dumps(proxy.records.seen))
         for seen in fake.requests:
-            self.assertEqual(seen.headers.getRawHeaders(b"authorization"), [b"Bearer " + SK_MAIN.encode()])
+            self.assertEqual(
+                seen.headers.getRawHeaders(b"authorization"), [b"Bearer " + SK_MAIN.encode()]
+            )
             self.assertEqual(seen.headers.getRawHeaders(b"x-forwarded-for"), [b"127.0.0.1"])
             for name, values in seen.headers.getAllRawHeaders():
                 for value in values:
@@ -91,7 +95,9 @@ class HappyPathTests(EndToEndCase):
         self.assertEqual(seen.json().get("stream_options"), {"include_usage": True})
         # ...and recorded it.
         record = await proxy.records.nth(1)
-        self.assertEqual(record["usage"], {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11})
+        self.assertEqual(
+            record["usage"], {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}
+        )
         self.assertEqual(record["response_text"], "Hello, world!")
         self.assertEqual((record["status"], record["outcome"], record["stream"]), (200, "ok", True))
         self.assertEqual(record["key_name"], "alice")
@@ -109,7 +115,8 @@ class HappyPathTests(EndToEndCase):
         self.assertEqual("".join(deltas), "Hello, world!")
         self.assertEqual(len(usages), 1)
         self.assertEqual(
-            (usages[0].prompt_tokens, usages[0].completion_tokens, usages[0].total_tokens), (7, 4, 11)
+            (usages[0].prompt_tokens, usages[0].completion_tokens, usages[0].total_tokens),
+            (7, 4, 11),
         )
 
     async def test_embeddings(self) -> None:
@@ -136,7 +143,9 @@ class HappyPathTests(EndToEndCase):
         proxy = await self.proxy([upstream("main", fake.endpoint)])
         result = await self.sdk(
             proxy,
-            lambda c: c.audio.transcriptions.create(file=("a.wav", audio, "audio/wav"), model="whisper-1"),
+            lambda c: c.audio.transcriptions.create(
+                file=("a.wav", audio, "audio/wav"), model="whisper-1"
+            ),
         )
         echo = result.model_extra
         assert echo is not None
@@ -165,7 +174,13 @@ class HappyPathTests(EndToEndCase):
         proxy = await self.proxy(
             [
                 upstream("main", fake.endpoint, deny=["gpt-secret"]),
-                upstream("secret", fake.endpoint, sk=SK_BACKUP, allow=["gpt-secret"], authorization=OTHER_KEY),
+                upstream(
+                    "secret",
+                    fake.endpoint,
+                    sk=SK_BACKUP,
+                    allow=["gpt-secret"],
+                    authorization=OTHER_KEY,
+                ),
             ]
         )
         completion = await self.sdk(proxy, lambda c: chat(c, "gpt-secret"), key=OTHER_KEY)
@@ -178,7 +193,9 @@ class FailoverTests(EndToEndCase):
     async def test_connection_refused_then_answer(self) -> None:
         refused = refused_endpoint()
         fake = await self.fake()
-        proxy = await self.proxy([upstream("dead", refused), upstream("live", fake.endpoint, sk=SK_BACKUP)])
+        proxy = await self.proxy(
+            [upstream("dead", refused), upstream("live", fake.endpoint, sk=SK_BACKUP)]
+        )
         completion = await self.sdk(proxy, chat)
         self.assertEqual(completion.choices[0].message.content, "Hello, world!")
         [seen] = fake.requests
@@ -187,7 +204,9 @@ class FailoverTests(EndToEndCase):
     async def test_503_then_answer(self) -> None:
         first = await self.fake(default=Status(503, "overloaded"))
         second = await self.fake()
-        proxy = await self.proxy([upstream("first", first.endpoint), upstream("second", second.endpoint, sk=SK_BACKUP)])
+        proxy = await self.proxy(
+            [upstream("first", first.endpoint), upstream("second", second.endpoint, sk=SK_BACKUP)]
+        )
         completion = await self.sdk(proxy, chat)
         self.assertEqual(completion.choices[0].message.content, "Hello, world!")
         self.assertEqual(len(first.requests), 1)
@@ -195,12 +214,16 @@ class FailoverTests(EndToEndCase):
         # The same body was replayed to the second upstream, with its own key.
         self.assertEqual(first.requests[0].body, second.requests[0].body)
         self.assertEqual(first.requests[0].header(b"authorization"), b"Bearer " + SK_MAIN.encode())
-        self.assertEqual(second.requests[0].header(b"authorization"), b"Bearer " + SK_BACKUP.encode())
+        self.assertEqual(
+            second.requests[0].header(b"authorization"), b"Bearer " + SK_BACKUP.encode()
+        )
 
     async def test_stream_503_then_stream(self) -> None:
         first = await self.fake(default=Status(503, "overloaded"))
         second = await self.fake()
-        proxy = await self.proxy([upstream("first", first.endpoint), upstream("second", second.endpoint)])
+        proxy = await self.proxy(
+            [upstream("first", first.endpoint), upstream("second", second.endpoint)]
+        )
         deltas, _ = await self.sdk(proxy, lambda c: collect_stream(c))
         self.assertEqual("".join(deltas), "Hello, world!")
         self.assertEqual((len(first.requests), len(second.requests)), (1, 1))
@@ -208,7 +231,9 @@ class FailoverTests(EndToEndCase):
     async def test_stream_ending_before_its_first_event(self) -> None:
         first = await self.fake(default=Stream(role_chunk=False, close_after=0))
         second = await self.fake()
-        proxy = await self.proxy([upstream("first", first.endpoint), upstream("second", second.endpoint)])
+        proxy = await self.proxy(
+            [upstream("first", first.endpoint), upstream("second", second.endpoint)]
+        )
         deltas, _ = await self.sdk(proxy, lambda c: collect_stream(c))
         self.assertEqual("".join(deltas), "Hello, world!")
         self.assertEqual((len(first.requests), len(second.requests)), (1, 1))
@@ -220,7 +245,9 @@ class FailoverTests(EndToEndCase):
         # connection the upstream had closed while idle is worth a retry.
         first = await self.fake(default=Drop())
         second = await self.fake()
-        proxy = await self.proxy([upstream("first", first.endpoint), upstream("second", second.endpoint)])
+        proxy = await self.proxy(
+            [upstream("first", first.endpoint), upstream("second", second.endpoint)]
+        )
         completion = await self.sdk(proxy, chat)
         self.assertEqual(completion.choices[0].message.content, "Hello, world!")
         self.assertEqual((len(first.requests), len(second.requests)), (1, 1))
@@ -231,7 +258,10 @@ class FailoverTests(EndToEndCase):
         first = await self.fake(default=Stream(role_chunk=False, hang_after=0))
         second = await self.fake()
         proxy = await self.proxy(
-            [upstream("first", first.endpoint, stream_timeout=0.3), upstream("second", second.endpoint)]
+            [
+                upstream("first", first.endpoint, stream_timeout=0.3),
+                upstream("second", second.endpoint),
+            ]
         )
         deltas, _ = await self.sdk(proxy, lambda c: collect_stream(c))
         self.assertEqual("".join(deltas), "Hello, world!")
@@ -243,10 +273,14 @@ class FailoverTests(EndToEndCase):
         audio = hashlib.sha256(b"replay").digest() * (2 * 1024 * 1024 // 32) + b"end"
         first = await self.fake(default=Status(503, "overloaded"))
         second = await self.fake()
-        proxy = await self.proxy([upstream("first", first.endpoint), upstream("second", second.endpoint)])
+        proxy = await self.proxy(
+            [upstream("first", first.endpoint), upstream("second", second.endpoint)]
+        )
         result = await self.sdk(
             proxy,
-            lambda c: c.audio.transcriptions.create(file=("a.wav", audio, "audio/wav"), model="whisper-1"),
+            lambda c: c.audio.transcriptions.create(
+                file=("a.wav", audio, "audio/wav"), model="whisper-1"
+            ),
         )
         echo = result.model_extra
         assert echo is not None
@@ -256,7 +290,9 @@ class FailoverTests(EndToEndCase):
     async def test_400_is_answered_at_once(self) -> None:
         first = await self.fake(default=Status(400, "bad messages", "invalid_request_error"))
         second = await self.fake()
-        proxy = await self.proxy([upstream("first", first.endpoint), upstream("second", second.endpoint)])
+        proxy = await self.proxy(
+            [upstream("first", first.endpoint), upstream("second", second.endpoint)]
+        )
         error = await self.sdk_error(proxy, chat, openai.BadRequestError)
         self.assertEqual(error.body["message"], "bad messages")
         self.assertEqual((len(first.requests), len(second.requests)), (1, 0))
@@ -284,9 +320,15 @@ class ErrorTests(EndToEndCase):
         self.assertEqual(fake.requests, [])
 
     async def test_all_429_passes_the_last_upstreams_answer(self) -> None:
-        first = await self.fake(default=Status(429, "first is rate limited", "requests", "rate_limit_exceeded"))
-        second = await self.fake(default=Status(429, "second is rate limited", "tokens", "rate_limit_exceeded"))
-        proxy = await self.proxy([upstream("first", first.endpoint), upstream("second", second.endpoint)])
+        first = await self.fake(
+            default=Status(429, "first is rate limited", "requests", "rate_limit_exceeded")
+        )
+        second = await self.fake(
+            default=Status(429, "second is rate limited", "tokens", "rate_limit_exceeded")
+        )
+        proxy = await self.proxy(
+            [upstream("first", first.endpoint), upstream("second", second.endpoint)]
+        )
         error = await self.sdk_error(proxy, chat, openai.RateLimitError)
         self.assertEqual(error.status_code, 429)
         self.assertEqual(error.body["message"], "second is rate limited")
@@ -311,14 +353,18 @@ class ErrorTests(EndToEndCase):
                 upstream("secret", fake.endpoint, allow=["gpt-secret"], authorization=OTHER_KEY),
             ]
         )
-        error = await self.sdk_error(proxy, lambda c: chat(c, "gpt-secret"), openai.PermissionDeniedError)
+        error = await self.sdk_error(
+            proxy, lambda c: chat(c, "gpt-secret"), openai.PermissionDeniedError
+        )
         self.assertEqual(error.status_code, 403)
         self.assertEqual(fake.requests, [])
 
     async def test_model_not_found(self) -> None:
         fake = await self.fake()
         proxy = await self.proxy([upstream("main", fake.endpoint, allow=[FAKE_MODEL])])
-        error = await self.sdk_error(proxy, lambda c: chat(c, "no-such-model"), openai.NotFoundError)
+        error = await self.sdk_error(
+            proxy, lambda c: chat(c, "no-such-model"), openai.NotFoundError
+        )
         self.assertEqual(error.status_code, 404)
         self.assertEqual(error.code, "model_not_found")
         self.assertEqual(fake.requests, [])
@@ -364,7 +410,9 @@ class HeaderTests(EndToEndCase):
             ),
         )
         [seen] = fake.requests
-        self.assertEqual(seen.headers.getRawHeaders(b"x-forwarded-for"), [b"203.0.113.9, 127.0.0.1"])
+        self.assertEqual(
+            seen.headers.getRawHeaders(b"x-forwarded-for"), [b"203.0.113.9, 127.0.0.1"]
+        )
         self.assertIsNone(seen.header(b"cookie"))
 
     async def test_body_too_large(self) -> None:
@@ -372,7 +420,9 @@ class HeaderTests(EndToEndCase):
         proxy = await self.proxy([upstream("main", fake.endpoint)], max_body_bytes=1000)
         error = await self.sdk_error(
             proxy,
-            lambda c: c.chat.completions.create(model=FAKE_MODEL, messages=[{"role": "user", "content": "x" * 5000}]),
+            lambda c: c.chat.completions.create(
+                model=FAKE_MODEL, messages=[{"role": "user", "content": "x" * 5000}]
+            ),
             openai.APIStatusError,
         )
         self.assertEqual(error.status_code, 413)
@@ -384,7 +434,9 @@ class ClientDisconnectTests(EndToEndCase):
         fake = await self.fake(default=Hang())
         proxy = await self.proxy([upstream("main", fake.endpoint)])
         client = RawClient(
-            raw_chat_request({"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}]}, CLIENT_KEY)
+            raw_chat_request(
+                {"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}]}, CLIENT_KEY
+            )
         )
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port), client)
         seen = await fake.received()
@@ -402,7 +454,12 @@ class ClientDisconnectTests(EndToEndCase):
         proxy = await self.proxy([upstream("main", fake.endpoint)])
         client = RawClient(
             raw_chat_request(
-                {"model": FAKE_MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}, CLIENT_KEY
+                {
+                    "model": FAKE_MODEL,
+                    "stream": True,
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+                CLIENT_KEY,
             )
         )
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port), client)

@@ -37,12 +37,13 @@ upstreams:
 REFUSED = "connect error: ConnectionRefusedError: Connection was refused by other side."
 
 
-
 def chunk(content: str) -> str:
     """One chat completion chunk's data, as OpenAI streams it."""
     return (
         '{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
-        '"choices":[{"index":0,"delta":{"content":' + json.dumps(content) + '},"finish_reason":null}]}'
+        '"choices":[{"index":0,"delta":{"content":'
+        + json.dumps(content)
+        + '},"finish_reason":null}]}'
     )
 
 
@@ -53,7 +54,13 @@ def attempt(
     ttfb: float | None = None,
     duration: float = 0.0,
 ) -> dict[str, Any]:
-    return {"upstream": upstream, "status": status, "error": error, "ttfb": ttfb, "duration": duration}
+    return {
+        "upstream": upstream,
+        "status": status,
+        "error": error,
+        "ttfb": ttfb,
+        "duration": duration,
+    }
 
 
 def error_json(message: str, code: str, type: str = "upstream_error") -> dict[str, Any]:
@@ -81,7 +88,13 @@ class FailoverTests(ForwardTestCase):
         record = self.h.record()
         self.assertEqual(record["attempts"], [attempt("a", 200, None, 1.5, 1.5)])
         self.assertEqual(
-            (record["upstream"], record["status"], record["outcome"], record["ttfb"], record["duration"]),
+            (
+                record["upstream"],
+                record["status"],
+                record["outcome"],
+                record["ttfb"],
+                record["duration"],
+            ),
             ("a", 200, "ok", 1.5, 1.5),
         )
 
@@ -100,7 +113,8 @@ class FailoverTests(ForwardTestCase):
         self.assertReply(client.reply(), 200, b"{}")
         record = self.h.record()
         self.assertEqual(
-            record["attempts"], [attempt("a", None, REFUSED, None, 0.25), attempt("b", 200, None, 1.0, 1.0)]
+            record["attempts"],
+            [attempt("a", None, REFUSED, None, 0.25), attempt("b", 200, None, 1.0, 1.0)],
         )
         self.assertEqual((record["upstream"], record["outcome"]), ("b", "ok"))
 
@@ -124,7 +138,8 @@ class FailoverTests(ForwardTestCase):
             h.agent.calls[1].respond(200, body=b'{"ok":true}')
             self.assertReply(client.reply(), 200, b'{"ok":true}')
             self.assertEqual(
-                h.record()["attempts"], [attempt("a", status, None, 0.0), attempt("b", 200, None, 0.0)]
+                h.record()["attempts"],
+                [attempt("a", status, None, 0.0), attempt("b", 200, None, 0.0)],
             )
 
     def test_request_errors_answer_at_once(self) -> None:
@@ -139,7 +154,10 @@ class FailoverTests(ForwardTestCase):
             self.assertEqual(reply.phrase, b"Nope")
             record = h.record()
             self.assertEqual(record["attempts"], [attempt("a", status, None, 0.0)])
-            self.assertEqual((record["status"], record["outcome"], record["upstream"]), (status, "client_error", "a"))
+            self.assertEqual(
+                (record["status"], record["outcome"], record["upstream"]),
+                (status, "client_error", "a"),
+            )
 
     def test_fails_over(self) -> None:
         self.assertEqual(
@@ -151,8 +169,14 @@ class FailoverTests(ForwardTestCase):
         client = self.h.chat()
         self.calls[0].respond(500, body=b'{"error":"a"}')
         retry = Headers({b"retry-after": [b"7"], b"x-request-id": [b"req-b"]})
-        self.calls[1].respond(429, body=b'{"error":"b"}', headers=retry, phrase=b"Too Many Requests")
-        self.calls[2].respond(503, body=b'{"error":{"message":"c is down"}}', headers=Headers({b"x-request-id": [b"req-c"]}))
+        self.calls[1].respond(
+            429, body=b'{"error":"b"}', headers=retry, phrase=b"Too Many Requests"
+        )
+        self.calls[2].respond(
+            503,
+            body=b'{"error":{"message":"c is down"}}',
+            headers=Headers({b"x-request-id": [b"req-c"]}),
+        )
         reply = client.reply()
         self.assertReply(reply, 503, b'{"error":{"message":"c is down"}}')
         self.assertEqual(reply.header(b"x-request-id"), b"req-c")
@@ -160,9 +184,15 @@ class FailoverTests(ForwardTestCase):
         record = self.h.record()
         self.assertEqual(
             record["attempts"],
-            [attempt("a", 500, None, 0.0), attempt("b", 429, None, 0.0), attempt("c", 503, None, 0.0)],
+            [
+                attempt("a", 500, None, 0.0),
+                attempt("b", 429, None, 0.0),
+                attempt("c", 503, None, 0.0),
+            ],
         )
-        self.assertEqual((record["status"], record["outcome"], record["upstream"]), (503, "exhausted", "c"))
+        self.assertEqual(
+            (record["status"], record["outcome"], record["upstream"]), (503, "exhausted", "c")
+        )
 
     def test_exhausted_keeps_the_last_answer_past_later_errors(self) -> None:
         client = self.h.chat()
@@ -182,7 +212,9 @@ class FailoverTests(ForwardTestCase):
                 attempt("c", None, "timeout after 30s", None, 30.0),
             ],
         )
-        self.assertEqual((record["status"], record["outcome"], record["upstream"]), (429, "exhausted", "b"))
+        self.assertEqual(
+            (record["status"], record["outcome"], record["upstream"]), (429, "exhausted", "b")
+        )
 
     def test_exhausted_without_answer_is_502(self) -> None:
         client = self.h.chat()
@@ -205,7 +237,9 @@ class FailoverTests(ForwardTestCase):
                 attempt("c", None, REFUSED),
             ],
         )
-        self.assertEqual((record["status"], record["outcome"], record["upstream"]), (502, "exhausted", None))
+        self.assertEqual(
+            (record["status"], record["outcome"], record["upstream"]), (502, "exhausted", None)
+        )
 
     def test_exhausted_by_timeouts_is_504(self) -> None:
         client = self.h.chat()
@@ -216,8 +250,12 @@ class FailoverTests(ForwardTestCase):
             self.h.clock.advance(0.1)
             self.assertTrue(self.calls[n].cancelled)
         reply = client.reply()
-        message = "All upstreams failed: a: timeout after 30s; b: timeout after 30s; c: timeout after 30s"
-        self.assertEqual((reply.status, reply.json()), (504, error_json(message, "upstream_timeout")))
+        message = (
+            "All upstreams failed: a: timeout after 30s; b: timeout after 30s; c: timeout after 30s"
+        )
+        self.assertEqual(
+            (reply.status, reply.json()), (504, error_json(message, "upstream_timeout"))
+        )
         self.assertEqual(self.h.record()["outcome"], "exhausted")
         self.assertEqual(self.h.record()["duration"], 90.0)
 
@@ -285,7 +323,11 @@ class DeadlineTests(ForwardTestCase):
         self.assertEqual(len(self.calls), 1)
 
     def test_per_upstream_timeouts(self) -> None:
-        h = Harness(CONFIG.replace("sk: sk-a}", "sk: sk-a, timeout: 3}").replace("sk: sk-b}", "sk: sk-b, timeout: 7}"))
+        h = Harness(
+            CONFIG.replace("sk: sk-a}", "sk: sk-a, timeout: 3}").replace(
+                "sk: sk-b}", "sk: sk-b, timeout: 7}"
+            )
+        )
         client = h.chat()
         h.clock.advance(3)
         self.assertEqual(len(h.agent.calls), 2)
@@ -334,9 +376,12 @@ class StreamDeadlineTests(ForwardTestCase):
         self.assertEqual(reply.header(b"content-type"), b"text/event-stream")
         record = self.h.record()
         self.assertEqual(
-            record["attempts"], [attempt("a", None, "timeout after 5s", 1.0, 5.0), attempt("b", 200, None, 0.0, 0.0)]
+            record["attempts"],
+            [attempt("a", None, "timeout after 5s", 1.0, 5.0), attempt("b", 200, None, 0.0, 0.0)],
         )
-        self.assertEqual((record["stream"], record["outcome"], record["upstream"]), (True, "ok", "b"))
+        self.assertEqual(
+            (record["stream"], record["outcome"], record["upstream"]), (True, "ok", "b")
+        )
 
     def test_keepalive_comments_do_not_commit(self) -> None:
         """Comments are no event: an upstream that only keeps the connection
@@ -351,7 +396,9 @@ class StreamDeadlineTests(ForwardTestCase):
         self.assertEqual(first.transport.events, ["stop"])
         self.calls[1].respond(200, b"text/event-stream", body=sse(chunk("Hi"), "[DONE]"))
         self.assertReply(client.reply(), 200, sse(chunk("Hi"), "[DONE]"))
-        self.assertEqual(self.h.record()["attempts"][0], attempt("a", None, "timeout after 5s", 0.0, 5.0))
+        self.assertEqual(
+            self.h.record()["attempts"][0], attempt("a", None, "timeout after 5s", 0.0, 5.0)
+        )
 
     def test_comments_before_the_first_event_are_relayed(self) -> None:
         client = self.h.chat(stream=True)
@@ -396,8 +443,12 @@ class StreamDeadlineTests(ForwardTestCase):
         self.h.clock.advance(0.1)
         self.assertEqual(last.transport.events, ["stop"])
         reply = client.reply()
-        message = "All upstreams failed: a: timeout after 5s; b: timeout after 5s; c: timeout after 30s"
-        self.assertEqual((reply.status, reply.json()), (504, error_json(message, "upstream_timeout")))
+        message = (
+            "All upstreams failed: a: timeout after 5s; b: timeout after 5s; c: timeout after 30s"
+        )
+        self.assertEqual(
+            (reply.status, reply.json()), (504, error_json(message, "upstream_timeout"))
+        )
         self.assertEqual(self.h.record()["duration"], 40.0)
 
     def test_stream_error_status_is_read_whole(self) -> None:
@@ -458,7 +509,11 @@ class CommittedStreamTests(ForwardTestCase):
             "upstream stream failed: ConnectionLost: Connection to the other side was lost "
             "in a non-clean fashion: upstream went away."
         )
-        event = b'event: error\ndata: {"error":{"message":"' + error.encode() + b'","type":"upstream_error","code":null}}\n\n'
+        event = (
+            b'event: error\ndata: {"error":{"message":"'
+            + error.encode()
+            + b'","type":"upstream_error","code":null}}\n\n'
+        )
         self.assertReply(reply, 200, sse(chunk("Hel"), chunk("lo")) + event)
         # Committed: no other upstream is tried.
         self.assertEqual(len(self.calls), 1)
@@ -497,7 +552,9 @@ class CommittedStreamTests(ForwardTestCase):
         )
         self.assertReply(client.reply(), 200, sse(chunk("Hel"), chunk("lo")) + event)
         record = self.h.record()
-        self.assertEqual(record["attempts"], [attempt("a", 200, "stream idle for more than 20s", 1.0, 41.0)])
+        self.assertEqual(
+            record["attempts"], [attempt("a", 200, "stream idle for more than 20s", 1.0, 41.0)]
+        )
         self.assertEqual(record["outcome"], "stream_failed")
 
     def test_keepalive_comments_reset_the_idle_timer(self) -> None:
@@ -507,7 +564,9 @@ class CommittedStreamTests(ForwardTestCase):
             response.write(b": keep-alive\n\n")
         response.write(sse("[DONE]"))
         response.finish()
-        self.assertReply(client.reply(), 200, sse(chunk("Hel")) + b": keep-alive\n\n" * 5 + sse("[DONE]"))
+        self.assertReply(
+            client.reply(), 200, sse(chunk("Hel")) + b": keep-alive\n\n" * 5 + sse("[DONE]")
+        )
         self.assertEqual(self.h.record()["outcome"], "ok")
 
 
@@ -540,7 +599,10 @@ class StaleConnectionTests(ForwardTestCase):
         self.assertReply(client.reply(), 200, b"{}")
         self.assertEqual(
             self.h.record()["attempts"],
-            [attempt("a", None, "ConnectionDone: Connection was closed cleanly."), attempt("b", 200, None, 0.0)],
+            [
+                attempt("a", None, "ConnectionDone: Connection was closed cleanly."),
+                attempt("b", 200, None, 0.0),
+            ],
         )
 
     def test_all_stale_is_502_not_500(self) -> None:
@@ -552,7 +614,10 @@ class StaleConnectionTests(ForwardTestCase):
         self.assertEqual(reply.status, 502)
         self.assertEqual(
             reply.json(),
-            error_json("All upstreams failed: a: RequestNotSent; b: RequestNotSent; c: RequestNotSent", "upstream_unavailable"),
+            error_json(
+                "All upstreams failed: a: RequestNotSent; b: RequestNotSent; c: RequestNotSent",
+                "upstream_unavailable",
+            ),
         )
 
     def test_cancelled_is_not_stale(self) -> None:
@@ -589,7 +654,10 @@ class ClientDisconnectTests(ForwardTestCase):
         self.calls[0].respond(503, body=b"{}")
         client.disconnect()
         self.assertEqual([c.cancelled for c in self.calls], [False, True])
-        self.check_gone(self.h, [attempt("a", 503, None, 0.0), attempt("b", None, "cancelled: client disconnected")])
+        self.check_gone(
+            self.h,
+            [attempt("a", 503, None, 0.0), attempt("b", None, "cancelled: client disconnected")],
+        )
 
     def test_disconnect_while_reading_the_body(self) -> None:
         client = self.h.chat()
@@ -620,5 +688,7 @@ class ClientDisconnectTests(ForwardTestCase):
         response.fail()
         self.h.clock.advance(100)
         self.assertEqual(len(self.calls), 1)
-        self.check_gone(self.h, [attempt("a", 200, "cancelled: client disconnected", 0.0, 3.0)], status=200)
+        self.check_gone(
+            self.h, [attempt("a", 200, "cancelled: client disconnected", 0.0, 3.0)], status=200
+        )
         self.assertEqual(self.h.record()["bytes_out"], len(sse(chunk("Hel"))))

@@ -21,10 +21,7 @@ def _read(name: str) -> str:
 def _readme_commands() -> list[str]:
     """The literal blocks of README.rst before its first section."""
     head = _read("README.rst").split("\n----", 1)[0]
-    return [
-        block.strip()
-        for block in re.findall(r"::\n\n((?:    .*\n)+)", head)
-    ]
+    return [block.strip() for block in re.findall(r"::\n\n((?:    .*\n)+)", head)]
 
 
 class ReadmeTests(SynchronousTestCase):

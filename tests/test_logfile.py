@@ -41,7 +41,9 @@ class JSONLogFileTests(SynchronousTestCase):
         self.assertEqual(self.lines(), [])
         self.clock.advance(0)
         events = self.lines()
-        self.assertEqual([(e["log_format"], e["n"]) for e in events], [("first {n}", 1), ("second {n}", 2)])
+        self.assertEqual(
+            [(e["log_format"], e["n"]) for e in events], [("first {n}", 1), ("second {n}", 2)]
+        )
         self.assertEqual(events[1]["log_level"]["name"], "warn")
 
     def test_stop_flushes_and_unsubscribes(self) -> None:

@@ -89,9 +89,7 @@ class Scrape:
     def __init__(self, text: str) -> None:
         self.text = text
         self.samples = [
-            sample
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
+            sample for family in text_string_to_metric_families(text) for sample in family.samples
         ]
 
     def value(self, name: str, **labels: str) -> float | None:
@@ -255,12 +253,8 @@ class LabelTests(SynchronousTestCase):
         metrics.request_finished(record(upstream="gamma"))
         result = scrape(metrics)
         labels = {"route": "/v1/chat/completions", "status_class": "2xx"}
-        self.assertEqual(
-            result.value("oaproxy_requests_total", upstream="alpha", **labels), 1
-        )
-        self.assertEqual(
-            result.value("oaproxy_requests_total", upstream="gamma", **labels), 1
-        )
+        self.assertEqual(result.value("oaproxy_requests_total", upstream="alpha", **labels), 1)
+        self.assertEqual(result.value("oaproxy_requests_total", upstream="gamma", **labels), 1)
 
 
 class TrafficTests(SynchronousTestCase):
@@ -398,27 +392,15 @@ class TrafficTests(SynchronousTestCase):
 
     def test_attempts(self) -> None:
         value = self.scrape.value
-        self.assertEqual(
-            value("oaproxy_attempts_total", upstream="alpha", outcome="ok"), 2
-        )
-        self.assertEqual(
-            value("oaproxy_attempts_total", upstream="alpha", outcome="5xx"), 1
-        )
-        self.assertEqual(
-            value("oaproxy_attempts_total", upstream="alpha", outcome="timeout"), 1
-        )
-        self.assertEqual(
-            value("oaproxy_attempts_total", upstream="alpha", outcome="cancelled"), 1
-        )
-        self.assertEqual(
-            value("oaproxy_attempts_total", upstream="beta", outcome="ok"), 1
-        )
+        self.assertEqual(value("oaproxy_attempts_total", upstream="alpha", outcome="ok"), 2)
+        self.assertEqual(value("oaproxy_attempts_total", upstream="alpha", outcome="5xx"), 1)
+        self.assertEqual(value("oaproxy_attempts_total", upstream="alpha", outcome="timeout"), 1)
+        self.assertEqual(value("oaproxy_attempts_total", upstream="alpha", outcome="cancelled"), 1)
+        self.assertEqual(value("oaproxy_attempts_total", upstream="beta", outcome="ok"), 1)
         self.assertEqual(
             value("oaproxy_attempts_total", upstream="beta", outcome="connect_error"), 1
         )
-        self.assertEqual(
-            value("oaproxy_attempts_total", upstream="other", outcome="ok"), 1
-        )
+        self.assertEqual(value("oaproxy_attempts_total", upstream="other", outcome="ok"), 1)
         self.assertEqual(len(self.scrape.series("oaproxy_attempts_total")), 7)
 
     def test_failovers(self) -> None:
@@ -426,9 +408,7 @@ class TrafficTests(SynchronousTestCase):
         # Left alpha twice (503, timeout); never left beta, the last one tried.
         self.assertEqual(value("oaproxy_failovers_total", upstream="alpha"), 2)
         self.assertIsNone(value("oaproxy_failovers_total", upstream="beta"))
-        self.assertEqual(
-            value("oaproxy_failover_exhausted_total", route="/v1/chat/completions"), 1
-        )
+        self.assertEqual(value("oaproxy_failover_exhausted_total", route="/v1/chat/completions"), 1)
         self.assertEqual(
             self.scrape.series("oaproxy_failover_exhausted_total"),
             [{"route": "/v1/chat/completions"}],
@@ -455,9 +435,7 @@ class TrafficTests(SynchronousTestCase):
                 le,
             )
         self.assertEqual(value("oaproxy_request_duration_seconds_count", route=chat), 3)
-        self.assertAlmostEqual(
-            value("oaproxy_request_duration_seconds_sum", route=chat) or 0, 29.7
-        )
+        self.assertAlmostEqual(value("oaproxy_request_duration_seconds_sum", route=chat) or 0, 29.7)
         buckets = {
             s["le"]
             for s in self.scrape.series("oaproxy_request_duration_seconds_bucket")
@@ -488,9 +466,7 @@ class TrafficTests(SynchronousTestCase):
         )
         # The cancelled stream sent no byte: not observed.
         self.assertEqual(
-            value(
-                "oaproxy_time_to_first_byte_seconds_count", route=chat, stream="true"
-            ),
+            value("oaproxy_time_to_first_byte_seconds_count", route=chat, stream="true"),
             1,
         )
         self.assertEqual(
@@ -572,9 +548,7 @@ class TrafficTests(SynchronousTestCase):
             )
         )
         self.assertEqual(
-            value(
-                "oaproxy_tokens_total", upstream="other", model="other", kind="prompt"
-            ),
+            value("oaproxy_tokens_total", upstream="other", model="other", kind="prompt"),
             7,
         )
         self.assertEqual(
@@ -601,9 +575,7 @@ class CardinalityTests(SynchronousTestCase):
         rng = random.Random(1234)
 
         def name() -> str:
-            return "".join(
-                rng.choices(string.ascii_letters + string.digits + "-/.", k=16)
-            )
+            return "".join(rng.choices(string.ascii_letters + string.digits + "-/.", k=16))
 
         def one() -> dict[str, Any]:
             return record(
@@ -621,9 +593,7 @@ class CardinalityTests(SynchronousTestCase):
         after = scrape(metrics)
         self.assertEqual(len(after.samples), before)
         self.assertEqual(
-            after.value(
-                "oaproxy_tokens_total", upstream="other", model="other", kind="prompt"
-            ),
+            after.value("oaproxy_tokens_total", upstream="other", model="other", kind="prompt"),
             1001,
         )
 
@@ -711,9 +681,7 @@ class SinkAndAlertTests(SynchronousTestCase):
         metrics.add_sink("file", FakeSink(0, 50, 0, 0, 0))
         result = scrape(metrics)
         self.assertEqual(result.value("oaproxy_records_queued", sink="redis"), 3)
-        self.assertEqual(
-            result.value("oaproxy_records_written_total", sink="redis"), 100
-        )
+        self.assertEqual(result.value("oaproxy_records_written_total", sink="redis"), 100)
         self.assertEqual(result.value("oaproxy_records_spilled_total", sink="redis"), 7)
         self.assertEqual(result.value("oaproxy_records_dropped_total", sink="redis"), 1)
         self.assertEqual(result.value("oaproxy_sink_failures_total", sink="redis"), 2)
@@ -724,9 +692,7 @@ class SinkAndAlertTests(SynchronousTestCase):
         redis.written = 110
         result = scrape(metrics)
         self.assertEqual(result.value("oaproxy_records_queued", sink="redis"), 0)
-        self.assertEqual(
-            result.value("oaproxy_records_written_total", sink="redis"), 110
-        )
+        self.assertEqual(result.value("oaproxy_records_written_total", sink="redis"), 110)
 
         metrics.remove_sink("redis")
         metrics.remove_sink("never-added")
@@ -752,15 +718,9 @@ class SinkAndAlertTests(SynchronousTestCase):
         metrics.alert_sent("matrix", "error")
         metrics.alert_sent("pigeon", "lost")
         result = scrape(metrics)
-        self.assertEqual(
-            result.value("oaproxy_alerts_total", channel="feishu", result="ok"), 2
-        )
-        self.assertEqual(
-            result.value("oaproxy_alerts_total", channel="matrix", result="error"), 1
-        )
-        self.assertEqual(
-            result.value("oaproxy_alerts_total", channel="other", result="other"), 1
-        )
+        self.assertEqual(result.value("oaproxy_alerts_total", channel="feishu", result="ok"), 2)
+        self.assertEqual(result.value("oaproxy_alerts_total", channel="matrix", result="error"), 1)
+        self.assertEqual(result.value("oaproxy_alerts_total", channel="other", result="other"), 1)
 
 
 class RegistryTests(SynchronousTestCase):
@@ -833,9 +793,7 @@ class ResourceTests(SynchronousTestCase):
 
     def test_key_required(self) -> None:
         resource = MetricsResource(self.metrics, metrics_key="scrape-secret")
-        self.assertUnauthorized(
-            get(resource), "authorization header should start with 'Bearer'"
-        )
+        self.assertUnauthorized(get(resource), "authorization header should start with 'Bearer'")
         self.assertUnauthorized(
             get(resource, headers={b"Authorization": b"Basic c2NyYXBlLXNlY3JldA=="}),
             "authorization header should start with 'Bearer'",
@@ -858,9 +816,7 @@ class ResourceTests(SynchronousTestCase):
     def test_key_changed_on_reload(self) -> None:
         resource = MetricsResource(self.metrics, metrics_key="old")
         resource.metrics_key = "new"
-        self.assertEqual(
-            get(resource, headers={b"Authorization": b"Bearer old"}).code, 401
-        )
+        self.assertEqual(get(resource, headers={b"Authorization": b"Bearer old"}).code, 401)
         self.assertMetrics(get(resource, headers={b"Authorization": b"Bearer new"}))
         resource.metrics_key = None
         self.assertMetrics(get(resource))
@@ -870,16 +826,11 @@ class ResourceTests(SynchronousTestCase):
         resource = MetricsResource(self.metrics)
         response = get(
             resource,
-            headers={
-                b"Accept": b"application/openmetrics-text;version=1.0.0,"
-                b"text/plain;q=0.5"
-            },
+            headers={b"Accept": b"application/openmetrics-text;version=1.0.0,text/plain;q=0.5"},
         )
         self.assertEqual(response.code, 200)
         self.assertTrue(
-            response.headers[b"content-type"].startswith(
-                b"application/openmetrics-text"
-            )
+            response.headers[b"content-type"].startswith(b"application/openmetrics-text")
         )
         samples = [
             s

@@ -164,7 +164,9 @@ class MetricsTests(OperateCase):
             answer = await self.get(proxy, path, key=METRICS_KEY)
             self.assertEqual(answer.code, 200, answer.body)
             self.assertTrue(
-                (answer.headers.getRawHeaders(b"content-type") or [b""])[0].startswith(b"text/plain"),
+                (answer.headers.getRawHeaders(b"content-type") or [b""])[0].startswith(
+                    b"text/plain"
+                ),
                 answer.headers,
             )
             scraped.append(parse_metrics(answer.body.decode()))
@@ -173,11 +175,19 @@ class MetricsTests(OperateCase):
 
     def _check(self, s: Samples) -> None:
         requests = "oaproxy_requests_total"
-        self.assertEqual(value(s, requests, route=CHAT_ROUTE, status_class="2xx", upstream="main"), 3)
-        self.assertEqual(value(s, requests, route=CHAT_ROUTE, status_class="2xx", upstream="backup"), 1)
-        self.assertEqual(value(s, requests, route=CHAT_ROUTE, status_class="2xx", upstream="open"), 1)
+        self.assertEqual(
+            value(s, requests, route=CHAT_ROUTE, status_class="2xx", upstream="main"), 3
+        )
+        self.assertEqual(
+            value(s, requests, route=CHAT_ROUTE, status_class="2xx", upstream="backup"), 1
+        )
+        self.assertEqual(
+            value(s, requests, route=CHAT_ROUTE, status_class="2xx", upstream="open"), 1
+        )
         # The exhausted request: the client got flaky's own 503.
-        self.assertEqual(value(s, requests, route=CHAT_ROUTE, status_class="5xx", upstream="flaky"), 1)
+        self.assertEqual(
+            value(s, requests, route=CHAT_ROUTE, status_class="5xx", upstream="flaky"), 1
+        )
         self.assertEqual(total(s, requests), 6)
 
         attempts = "oaproxy_attempts_total"
@@ -253,7 +263,10 @@ class MetricsTests(OperateCase):
             self.assertEqual(client.code, 401, path)
             right = await self.get(proxy, path, key=METRICS_KEY)
             self.assertEqual(right.code, 200, path)
-            self.assertIn("oaproxy_requests", {f.name for f in text_string_to_metric_families(right.body.decode())})
+            self.assertIn(
+                "oaproxy_requests",
+                {f.name for f in text_string_to_metric_families(right.body.decode())},
+            )
             self.assertNotIn(METRICS_KEY.encode(), missing.body + wrong.body + right.body)
 
 
@@ -268,7 +281,9 @@ MATRIX_OK = Status(200, body=b'{"event_id":"$event:example.org"}')
 
 
 class AlertTests(OperateCase):
-    async def _setup(self, **notify: Any) -> tuple[RunningProxy, FakeUpstream, FakeUpstream, FakeUpstream]:
+    async def _setup(
+        self, **notify: Any
+    ) -> tuple[RunningProxy, FakeUpstream, FakeUpstream, FakeUpstream]:
         feishu = await self.fake(default=FEISHU_OK)
         matrix = await self.fake(default=MATRIX_OK)
         failing = await self.fake(default=Status(500, "boom"))
@@ -321,7 +336,9 @@ class AlertTests(OperateCase):
         text: str = body["body"]
         return text
 
-    def _check_text(self, text: str, record: dict[str, Any], model: str, upstream_name: str) -> None:
+    def _check_text(
+        self, text: str, record: dict[str, Any], model: str, upstream_name: str
+    ) -> None:
         self.assertIn(model, text)
         self.assertIn(CHAT_ROUTE, text)
         self.assertIn("alice", text)  # the key's name
@@ -371,7 +388,9 @@ class AlertTests(OperateCase):
         self.assertEqual((len(feishu.requests), len(matrix.requests)), (1, 1))
         self.assertEqual(notifier.suppressed, {"exhausted": 1})
         scrape = parse_metrics((await self.get(proxy, "/metrics")).body.decode())
-        self.assertEqual(value(scrape, "oaproxy_alerts_total", channel="feishu", result="suppressed"), 1)
+        self.assertEqual(
+            value(scrape, "oaproxy_alerts_total", channel="feishu", result="suppressed"), 1
+        )
         self.assertEqual(value(scrape, "oaproxy_alerts_total", channel="feishu", result="ok"), 1)
 
     async def test_dead_alert_endpoints_do_not_slow_the_answer(self) -> None:
@@ -404,7 +423,9 @@ class AlertTests(OperateCase):
         self.assertEqual(notifier.failed, {"feishu": 1, "matrix": 1})
         scrape = parse_metrics((await self.get(proxy, "/metrics")).body.decode())
         self.assertEqual(value(scrape, "oaproxy_alerts_total", channel="feishu", result="error"), 1)
-        self.assertEqual(value(scrape, "oaproxy_alerts_total", channel="matrix", result="timeout"), 1)
+        self.assertEqual(
+            value(scrape, "oaproxy_alerts_total", channel="matrix", result="timeout"), 1
+        )
         self.assertEqual(await seen.ended(), "lost")
 
 
@@ -460,7 +481,13 @@ class ReloadTests(OperateCase):
         old_sink = service.sinks["file"]
 
         def emit(n: int) -> dict[str, Any]:
-            record = {"id": f"r{n}", "time": 1.0, "method": "POST", "path": CHAT_ROUTE, "status": 200}
+            record = {
+                "id": f"r{n}",
+                "time": 1.0,
+                "method": "POST",
+                "path": CHAT_ROUTE,
+                "status": 200,
+            }
             service.records.emit(record)
             return record
 

@@ -71,9 +71,7 @@ class OutboundTests(EndToEndCase):
         redirect = _Redirect(target.endpoint.encode() + b"/chat/completions")
         port = reactor.listenTCP(0, server.Site(redirect), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        proxy = await self.proxy(
-            [upstream("moved", f"http://127.0.0.1:{port.getHost().port}/v1")]
-        )
+        proxy = await self.proxy([upstream("moved", f"http://127.0.0.1:{port.getHost().port}/v1")])
         # Not the SDK: httpx would follow the redirect itself.
         client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
         response = await client.post(
@@ -119,4 +117,6 @@ class ReusedEndpointsTests(SynchronousTestCase):
 
     def test_other_schemes_refused(self) -> None:
         endpoints = ReusedEndpoints(Clock())
-        self.assertRaises(SchemeNotSupported, endpoints.endpointForURI, URI.fromBytes(b"ftp://x/v1"))
+        self.assertRaises(
+            SchemeNotSupported, endpoints.endpointForURI, URI.fromBytes(b"ftp://x/v1")
+        )

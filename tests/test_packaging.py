@@ -31,7 +31,9 @@ class InstallTests(TestCase):
             shutil.copy(ROOT / name, source / name)
         for package in ("oaproxy", "twisted"):
             shutil.copytree(
-                ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__", "dropin.cache")
+                ROOT / package,
+                source / package,
+                ignore=shutil.ignore_patterns("__pycache__", "dropin.cache"),
             )
         out, err, code = await getProcessOutputAndValue(
             sys.executable,

@@ -51,12 +51,14 @@ ROLE = _chunk(
 )
 CONTENT = b"".join(
     _chunk(
-        '"choices":[{"index":0,"delta":{"content":' + json.dumps(piece) + '},'
+        '"choices":[{"index":0,"delta":{"content":' + json.dumps(piece) + "},"
         '"logprobs":null,"finish_reason":null}],"usage":null'
     )
     for piece in ["Bonjour", " \u00e0 vous", ", \u4f60\u597d", " \U0001f44b", "!\n\nOK"]
 )
-FINISH = _chunk('"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}],"usage":null')
+FINISH = _chunk(
+    '"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}],"usage":null'
+)
 USAGE = _chunk(
     '"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21,'
     '"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}}'
@@ -72,7 +74,9 @@ def cut(data: bytes, offsets: list[int]) -> list[bytes]:
 
 
 class SSESplitTests(SynchronousTestCase):
-    def relay(self, chunks: list[bytes], extra: dict[str, Any] | None = None, config: str = CONFIG) -> tuple[Harness, Client]:
+    def relay(
+        self, chunks: list[bytes], extra: dict[str, Any] | None = None, config: str = CONFIG
+    ) -> tuple[Harness, Client]:
         h = Harness(config)
         client = h.chat(stream=True, extra=extra)
         response = h.agent.calls[0].respond(200, b"text/event-stream; charset=utf-8")
@@ -90,8 +94,12 @@ class SSESplitTests(SynchronousTestCase):
         self.assertEqual((reply.status, reply.complete), (200, True))
         self.assertEqual(reply.body, ROLE + CONTENT + FINISH + DONE)
         record = h.record()
-        self.assertEqual(record["usage"], {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21})
-        self.assertEqual(record["response_text"], "Bonjour \u00e0 vous, \u4f60\u597d \U0001f44b!\n\nOK")
+        self.assertEqual(
+            record["usage"], {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21}
+        )
+        self.assertEqual(
+            record["response_text"], "Bonjour \u00e0 vous, \u4f60\u597d \U0001f44b!\n\nOK"
+        )
         self.assertEqual((record["outcome"], record["finish_reason"]), ("ok", "stop"))
         self.assertEqual(record["bytes_out"], len(reply.body))
 
@@ -100,12 +108,16 @@ class SSESplitTests(SynchronousTestCase):
     def test_any_split_is_byte_identical_when_the_client_asked(self, offsets: list[int]) -> None:
         h, client = self.relay(cut(STREAM, offsets), {"stream_options": {"include_usage": True}})
         self.assertEqual(client.reply().body, STREAM)
-        self.assertEqual(h.record()["usage"], {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21})
+        self.assertEqual(
+            h.record()["usage"], {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21}
+        )
 
     def test_byte_at_a_time_with_crlf(self) -> None:
         crlf = STREAM.replace(b"\n", b"\r\n")
         _, client = self.relay([crlf[i : i + 1] for i in range(len(crlf))])
-        self.assertEqual(client.reply().body, (ROLE + CONTENT + FINISH + DONE).replace(b"\n", b"\r\n"))
+        self.assertEqual(
+            client.reply().body, (ROLE + CONTENT + FINISH + DONE).replace(b"\n", b"\r\n")
+        )
 
     def test_usage_asked_for_the_upstream(self) -> None:
         h, _ = self.relay([STREAM])
@@ -114,7 +126,9 @@ class SSESplitTests(SynchronousTestCase):
         self.assertEqual(h.agent.calls[0].producer.length, len(h.agent.calls[0].body))  # type: ignore[union-attr]
 
     def test_no_usage_asked_when_the_upstream_opts_out(self) -> None:
-        h, client = self.relay([STREAM], config=CONFIG.replace("sk: sk-a}", "sk: sk-a, stream_usage: false}"))
+        h, client = self.relay(
+            [STREAM], config=CONFIG.replace("sk: sk-a}", "sk: sk-a, stream_usage: false}")
+        )
         self.assertNotIn("stream_options", h.agent.calls[0].json())
         self.assertEqual(client.reply().body, STREAM)
 
@@ -150,7 +164,10 @@ class StreamEndTests(SynchronousTestCase):
         self.response.lose()
         reply = self.client.reply()
         message = "PotentialDataLoss"
-        self.assertEqual((reply.body, reply.complete), (ROLE + CONTENT + FINISH + self.error_event(message), True))
+        self.assertEqual(
+            (reply.body, reply.complete),
+            (ROLE + CONTENT + FINISH + self.error_event(message), True),
+        )
         record = self.h.record()
         self.assertEqual((record["outcome"], record["error"]), ("stream_failed", message))
 
@@ -192,7 +209,10 @@ class RawRelayTests(SynchronousTestCase):
         self.assertEqual(reply.header(b"content-type"), b"audio/mpeg")
         self.assertEqual(reply.header(b"transfer-encoding"), b"chunked")
         record = self.h.record()
-        self.assertEqual((record["outcome"], record["bytes_out"], record["stream"]), ("ok", len(self.BINARY), False))
+        self.assertEqual(
+            (record["outcome"], record["bytes_out"], record["stream"]),
+            ("ok", len(self.BINARY), False),
+        )
 
     def test_committed_at_once(self) -> None:
         """A raw body is relayed from its first byte, nothing held back."""
@@ -248,7 +268,11 @@ class BackpressureTests(SynchronousTestCase):
 
     def test_raw_relay_pauses_the_upstream(self) -> None:
         h = Harness(CONFIG)
-        client = h.request(b"GET", b"/v1/files/file-1/content", header_lines=[(b"Authorization", b"Bearer sk-client")])
+        client = h.request(
+            b"GET",
+            b"/v1/files/file-1/content",
+            header_lines=[(b"Authorization", b"Bearer sk-client")],
+        )
         response = h.agent.calls[0].respond(200, b"application/octet-stream")
         client.pause()
         client.resume()
@@ -358,7 +382,9 @@ class RequestBodyTests(SynchronousTestCase):
                 self.assertTrue(all(len(chunk) <= 2**16 for chunk in out))
             self.assertFalse(spool.closed)
 
-    def produce(self, body: RequestBody, cooperator: Cooperator) -> tuple[list[bytes], list[object], Any]:
+    def produce(
+        self, body: RequestBody, cooperator: Cooperator
+    ) -> tuple[list[bytes], list[object], Any]:
         producer = body.producer(cooperator)
         assert isinstance(producer, FileBodyProducer)
         self.assertEqual(producer.length, body.size)
@@ -380,14 +406,20 @@ class Consumer:
 class DescribeTests(SynchronousTestCase):
     def test_reasons(self) -> None:
         table: list[tuple[BaseException, str]] = [
-            (ConnectionRefusedError(), "connect error: ConnectionRefusedError: Connection was refused by other side."),
+            (
+                ConnectionRefusedError(),
+                "connect error: ConnectionRefusedError: Connection was refused by other side.",
+            ),
             (CancelledError(), "cancelled"),
             (ValueError(), "ValueError"),
             (
                 ResponseFailed([Failure(ConnectionLost()), Failure(CancelledError())]),
                 "ConnectionLost: Connection to the other side was lost in a non-clean fashion.; cancelled",
             ),
-            (ResponseNeverReceived([Failure(ConnectionRefusedError("x"))]), "connect error: ConnectionRefusedError: Connection was refused by other side: x."),
+            (
+                ResponseNeverReceived([Failure(ConnectionRefusedError("x"))]),
+                "connect error: ConnectionRefusedError: Connection was refused by other side: x.",
+            ),
         ]
         for error, text in table:
             self.assertEqual(describe(error), text)

@@ -61,7 +61,13 @@ class AuthenticateTests(SynchronousTestCase):
             self.assertEqual((caller.key.name, caller.refusal), (name, None), header)
 
     def test_not_bearer(self) -> None:
-        for header in [None, b"", b"Basic c2stYWxpY2UtMDAwMQ==", b"bearer sk-alice-0001", b"sk-alice-0001"]:
+        for header in [
+            None,
+            b"",
+            b"Basic c2stYWxpY2UtMDAwMQ==",
+            b"bearer sk-alice-0001",
+            b"sk-alice-0001",
+        ]:
             self.assertEqual(
                 self.router.authenticate(header), Caller(key=None, refusal=NOT_BEARER), header
             )
@@ -98,7 +104,9 @@ class AuthenticateTests(SynchronousTestCase):
         self.patch(hmac, "compare_digest", spy)
         # Every secret hashes alike: the lookup finds a key for any input.
         self.patch(routing, "_digest", lambda secret: b"collision")
-        router = Router(make_config("authorization: sk-alice-0001\nupstreams: [{endpoint: https://a.test}]\n"))
+        router = Router(
+            make_config("authorization: sk-alice-0001\nupstreams: [{endpoint: https://a.test}]\n")
+        )
         self.assertEqual(
             router.authenticate(b"Bearer sk-alice-0002"), Caller(key=None, refusal=WRONG_KEY)
         )
@@ -109,12 +117,19 @@ class AuthenticateTests(SynchronousTestCase):
         self.assertEqual(len(compared), 2)
 
     def test_no_keys_is_open(self) -> None:
-        router = Router(make_config("upstreams: [{endpoint: https://a.test/v1}, {endpoint: https://b.test/v1}]\n"))
+        router = Router(
+            make_config(
+                "upstreams: [{endpoint: https://a.test/v1}, {endpoint: https://b.test/v1}]\n"
+            )
+        )
         self.assertFalse(router.auth_required)
         for header in [None, b"Bearer whatever", b"Basic x"]:
             caller = router.authenticate(header)
             self.assertEqual(caller, Caller(key=None))
-            self.assertEqual(names(router.candidates(caller, "any-model", "/v1/chat/completions")), ["a.test", "b.test"])
+            self.assertEqual(
+                names(router.candidates(caller, "any-model", "/v1/chat/completions")),
+                ["a.test", "b.test"],
+            )
 
 
 class CandidateTests(SynchronousTestCase):
@@ -167,10 +182,14 @@ class CandidateTests(SynchronousTestCase):
         missing = self.router.candidates(self.caller(None), "gpt-4", "/v1/chat/completions")
         self.assertEqual(
             missing,
-            ErrorAnswer(401, "authorization header should start with 'Bearer'", code="invalid_api_key"),
+            ErrorAnswer(
+                401, "authorization header should start with 'Bearer'", code="invalid_api_key"
+            ),
         )
         wrong = self.router.candidates(self.caller("sk-nope"), "gpt-4", "/v1/chat/completions")
-        self.assertEqual(wrong, ErrorAnswer(401, "wrong authorization header", code="invalid_api_key"))
+        self.assertEqual(
+            wrong, ErrorAnswer(401, "wrong authorization header", code="invalid_api_key")
+        )
         self.assertEqual(
             json.loads(wrong.body()) if isinstance(wrong, ErrorAnswer) else None,
             {
@@ -184,7 +203,9 @@ class CandidateTests(SynchronousTestCase):
         )
 
     def test_403_and_404_answers(self) -> None:
-        forbidden = self.router.candidates(self.caller("sk-alice-0001"), "llama-3", "/v1/chat/completions")
+        forbidden = self.router.candidates(
+            self.caller("sk-alice-0001"), "llama-3", "/v1/chat/completions"
+        )
         self.assertEqual(
             forbidden,
             ErrorAnswer(
@@ -204,9 +225,9 @@ class CandidateTests(SynchronousTestCase):
                 param="model",
             ),
         )
-        path = Router(make_config(CONFIG.replace("    deny: [o1, llama-3]\n", "    allow: [x]\n"))).candidates(
-            self.caller("sk-alice-0001"), None, "/v1/files"
-        )
+        path = Router(
+            make_config(CONFIG.replace("    deny: [o1, llama-3]\n", "    allow: [x]\n"))
+        ).candidates(self.caller("sk-alice-0001"), None, "/v1/files")
         self.assertEqual(
             path,
             ErrorAnswer(
@@ -243,13 +264,19 @@ upstreams:
 
     def test_scoped_keys_alone_require_auth(self) -> None:
         """Keys only on an upstream still make the proxy require a key."""
-        router = Router(make_config("upstreams: [{name: s, endpoint: https://s.test/v1, authorization: sk-s}]\n"))
+        router = Router(
+            make_config(
+                "upstreams: [{name: s, endpoint: https://s.test/v1, authorization: sk-s}]\n"
+            )
+        )
         self.assertTrue(router.auth_required)
         self.assertEqual(
             router.candidates(router.authenticate(None), "m", "/v1/x"),
             ErrorAnswer(401, NOT_BEARER, code="invalid_api_key"),
         )
-        self.assertEqual(names(router.candidates(router.authenticate(b"Bearer sk-s"), "m", "/v1/x")), ["s"])
+        self.assertEqual(
+            names(router.candidates(router.authenticate(b"Bearer sk-s"), "m", "/v1/x")), ["s"]
+        )
 
 
 class OrderTests(SynchronousTestCase):
@@ -289,7 +316,9 @@ class OrderTests(SynchronousTestCase):
 
 class ServesTests(SynchronousTestCase):
     def upstream(self, allow: str, deny: str) -> Upstream:
-        config = make_config(f"upstreams: [{{endpoint: https://a.test/v1, allow: {allow}, deny: {deny}}}]\n")
+        config = make_config(
+            f"upstreams: [{{endpoint: https://a.test/v1, allow: {allow}, deny: {deny}}}]\n"
+        )
         return config.upstreams[0]
 
     def test_allow_then_deny(self) -> None:
@@ -309,4 +338,6 @@ class ServesTests(SynchronousTestCase):
             ("[gpt-4]", "[]", "GPT-4", False),
         ]
         for allow, deny, name, expected in table:
-            self.assertEqual(serves(self.upstream(allow, deny), name), expected, (allow, deny, name))
+            self.assertEqual(
+                serves(self.upstream(allow, deny), name), expected, (allow, deny, name)
+            )

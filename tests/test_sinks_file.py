@@ -83,9 +83,7 @@ class FileSinkTests(SynchronousTestCase):
         second = self.sink()
         second.observer({"log_namespace": RECORD_NAMESPACE, "record": record(2)})
         self.clock.advance(0)
-        self.assertEqual(
-            [json.loads(line)["id"] for line in self.lines()], ["id1", "id2"]
-        )
+        self.assertEqual([json.loads(line)["id"] for line in self.lines()], ["id1", "id2"])
 
     def test_daily(self) -> None:
         """``rotate="daily"`` writes through a ``DailyLogFile``."""
@@ -105,11 +103,7 @@ class FileSinkTests(SynchronousTestCase):
         ids = [
             json.loads(line)["id"]
             for path in sorted(
-                (
-                    p
-                    for p in os.listdir(os.path.dirname(self.path))
-                    if p != "records.jsonl"
-                ),
+                (p for p in os.listdir(os.path.dirname(self.path)) if p != "records.jsonl"),
                 reverse=True,
             )
             + ["records.jsonl"]

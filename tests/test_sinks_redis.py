@@ -61,9 +61,7 @@ class HelperTests(SynchronousTestCase):
 
     def test_script_arguments(self) -> None:
         rec = record(1, key_name=None, cost=None, usage=None)
-        arguments = script_arguments(
-            rec, key="k", maxlen=10, usage_prefix="u", dedupe_ttl=60
-        )
+        arguments = script_arguments(rec, key="k", maxlen=10, usage_prefix="u", dedupe_ttl=60)
         self.assertEqual(
             arguments[:5],
             [
@@ -134,15 +132,9 @@ class RedisSinkTests(TestCase):
             model: Any = yield client.execute_command(
                 "HGETALL", f"{self.prefix}:2023-11-14:model:gpt-4o-mini"
             )
-            bob: Any = yield client.execute_command(
-                "HGETALL", f"{self.prefix}:2023-11-14:key:bob"
-            )
-            ttl: Any = yield client.execute_command(
-                "TTL", f"{self.prefix}:2023-11-14:key:alice"
-            )
-            keys: Any = yield client.execute_command(
-                "KEYS", f"{self.key.rsplit(':', 1)[0]}:*"
-            )
+            bob: Any = yield client.execute_command("HGETALL", f"{self.prefix}:2023-11-14:key:bob")
+            ttl: Any = yield client.execute_command("TTL", f"{self.prefix}:2023-11-14:key:alice")
+            keys: Any = yield client.execute_command("KEYS", f"{self.key.rsplit(':', 1)[0]}:*")
             if keys:
                 yield client.execute_command("DEL", *keys)
         finally:
@@ -179,9 +171,7 @@ class RedisSinkTests(TestCase):
         yield server.start()
         self.addCleanup(server.kill)
         spool_dir = self.mktemp()
-        sink = self.sink(
-            server.port, spool_dir, queue_size=20, batch_size=10, write_timeout=2.0
-        )
+        sink = self.sink(server.port, spool_dir, queue_size=20, batch_size=10, write_timeout=2.0)
         sink.startService()
         stopped = False
 

@@ -92,9 +92,7 @@ class HelperTests(SynchronousTestCase):
         cursor = connection.cursor()
         cursor.execute(f"SELECT version FROM {VERSION_TABLE}")
         self.assertEqual(cursor.fetchall(), [(1,)])
-        cursor.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'index' ORDER BY name"
-        )
+        cursor.execute("SELECT name FROM sqlite_master WHERE type = 'index' ORDER BY name")
         self.assertEqual(
             [name for (name,) in cursor.fetchall() if not name.startswith("sqlite_")],
             ["oaproxy_records_key_time", "oaproxy_records_model_time", "oaproxy_records_time"],
@@ -202,7 +200,6 @@ class SQLSinkBase(TestCase):
             ),
             (None, None, False, None),
         )
-
 
     @inlineCallbacks
     def check_refused_record_does_not_block(self) -> Generator[Deferred[Any], Any, None]:
@@ -329,11 +326,11 @@ class PrivatePostgres:
         self.port = free_port()
         self.directory = tempfile.mkdtemp(prefix="oaproxy-pg-")
         self.data = os.path.join(self.directory, "data")
-        self.dsn = f"host=127.0.0.1 port={self.port} dbname=postgres user=postgres connect_timeout=3"
+        self.dsn = (
+            f"host=127.0.0.1 port={self.port} dbname=postgres user=postgres connect_timeout=3"
+        )
 
-    def _command(
-        self, program: str, *arguments: str
-    ) -> Deferred[tuple[bytes, bytes, int]]:
+    def _command(self, program: str, *arguments: str) -> Deferred[tuple[bytes, bytes, int]]:
         assert self.bin is not None
         executable = os.path.join(self.bin, program)
         if os.geteuid() == 0:
@@ -344,9 +341,7 @@ class PrivatePostgres:
         return getProcessOutputAndValue(executable, list(arguments))
 
     @inlineCallbacks
-    def _run(
-        self, program: str, *arguments: str
-    ) -> Generator[Deferred[Any], Any, None]:
+    def _run(self, program: str, *arguments: str) -> Generator[Deferred[Any], Any, None]:
         out, err, code = yield self._command(program, *arguments)
         if code != 0:
             raise AssertionError(f"{program} failed ({code}): {out!r} {err!r}")
@@ -363,9 +358,7 @@ class PrivatePostgres:
             except KeyError:
                 unavailable("running as root and there is no postgres user for initdb")
             os.chown(self.directory, user.pw_uid, user.pw_gid)
-        yield self._run(
-            "initdb", "-D", self.data, "--username=postgres", "--auth=trust", "-N"
-        )
+        yield self._run("initdb", "-D", self.data, "--username=postgres", "--auth=trust", "-N")
 
     def start(self) -> Deferred[None]:
         options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
@@ -387,9 +380,7 @@ class PrivatePostgres:
     @inlineCallbacks
     def cleanup(self) -> Generator[Deferred[Any], Any, None]:
         if os.path.exists(os.path.join(self.data, "postmaster.pid")):
-            yield self._command(
-                "pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop"
-            )
+            yield self._command("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -407,9 +398,7 @@ class PostgresOutageTests(SQLSinkBase):
         yield server.init()
         yield server.start()
         self.dbaddr = server.dsn
-        sink = self.sink(
-            self.mktemp(), queue_size=20, batch_size=10, write_timeout=10.0
-        )
+        sink = self.sink(self.mktemp(), queue_size=20, batch_size=10, write_timeout=10.0)
         sink.startService()
         records = [record(n) for n in range(80)]
         for rec in records[:20]:

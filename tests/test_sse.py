@@ -51,16 +51,12 @@ def events(draw: st.DrawFn) -> list[bytes]:
     """Well-formed events, each ending at its own blank line."""
     result = []
     for _ in range(draw(st.integers(0, 6))):
-        lines = draw(
-            st.lists(st.tuples(field_line, terminator), min_size=1, max_size=4)
-        )
+        lines = draw(st.lists(st.tuples(field_line, terminator), min_size=1, max_size=4))
         blank = draw(terminator)
         if lines[-1][1] == "\r" and blank.startswith("\n"):
             # A bare CR then LF is one CRLF line end, not a blank line.
             blank = "\r"
-        result.append(
-            ("".join(line + end for line, end in lines) + blank).encode("utf-8")
-        )
+        result.append(("".join(line + end for line, end in lines) + blank).encode("utf-8"))
     return result
 
 
@@ -122,9 +118,7 @@ class SplitterTests(SynchronousTestCase):
 
     def test_leading_blank_line_is_its_own_event(self) -> None:
         splitter = SSESplitter()
-        self.assertEqual(
-            splitter.feed(b"\ndata: a\n\n\r\n"), [b"\n", b"data: a\n\n", b"\r\n"]
-        )
+        self.assertEqual(splitter.feed(b"\ndata: a\n\n\r\n"), [b"\n", b"data: a\n\n", b"\r\n"])
 
     def test_byte_at_a_time(self) -> None:
         data = b"".join(b'data: {"i": %d}\r\n\r\n' % i for i in range(200)) + b": tail"
@@ -147,9 +141,7 @@ class SplitterTests(SynchronousTestCase):
 
     @settings(max_examples=300, deadline=None)
     @given(events(), st.lists(st.integers(min_value=0), max_size=30))
-    def test_any_split_of_well_formed_events(
-        self, evs: list[bytes], offsets: list[int]
-    ) -> None:
+    def test_any_split_of_well_formed_events(self, evs: list[bytes], offsets: list[int]) -> None:
         data = b"".join(evs)
         got, pending = split_all(cut(data, offsets))
         self.assertEqual(got, evs)
@@ -180,16 +172,12 @@ class SplitterTests(SynchronousTestCase):
     @settings(max_examples=300, deadline=None)
     @given(
         st.lists(
-            st.sampled_from(
-                [b"\r", b"\n", b"\r\n", b"data: x", b"data:y", b"data", b": c", b"z"]
-            ),
+            st.sampled_from([b"\r", b"\n", b"\r\n", b"data: x", b"data:y", b"data", b": c", b"z"]),
             max_size=30,
         ).map(b"".join),
         st.lists(st.integers(min_value=0), max_size=10),
     )
-    def test_data_agrees_with_openai_decoder(
-        self, data: bytes, offsets: list[int]
-    ) -> None:
+    def test_data_agrees_with_openai_decoder(self, data: bytes, offsets: list[int]) -> None:
         # The SDK's own decoder is the reference for what a client will see.
         # With only data lines and comments it dispatches exactly the events
         # that have data.
@@ -213,9 +201,7 @@ class EventDataTests(SynchronousTestCase):
         self.assertEqual(event_data(b"data: a\r\ndata: b\r\ndata\r\n\r\n"), b"a\nb\n")
 
     def test_comments_and_fields_ignored(self) -> None:
-        self.assertEqual(
-            event_data(b": keep-alive\nevent: x\nid: 3\ndata: a\nretry: 5\n\n"), b"a"
-        )
+        self.assertEqual(event_data(b": keep-alive\nevent: x\nid: 3\ndata: a\nretry: 5\n\n"), b"a")
         self.assertEqual(event_data(b"datax: no\ndata: yes\n\n"), b"yes")
 
     def test_no_data(self) -> None:
@@ -264,9 +250,7 @@ class ErrorEventTests(SynchronousTestCase):
         """Run a chat completion stream with this body through the installed SDK."""
 
         def handler(request: httpx2.Request) -> httpx2.Response:
-            return httpx2.Response(
-                200, headers={"content-type": "text/event-stream"}, content=body
-            )
+            return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=body)
 
         http_client = httpx2.Client(transport=httpx2.MockTransport(handler))
         self.addCleanup(http_client.close)
@@ -302,7 +286,5 @@ class ErrorEventTests(SynchronousTestCase):
 
     def test_sdk_without_error_event_completes(self) -> None:
         # The control: the same stream without the error event ends quietly.
-        stream = self.stream_through_sdk(
-            chunk("Hel") + chunk("lo") + b"data: [DONE]\n\n"
-        )
+        stream = self.stream_through_sdk(chunk("Hel") + chunk("lo") + b"data: [DONE]\n\n")
         self.assertEqual(len(list(stream)), 2)

@@ -69,13 +69,17 @@ class TwistdTests(TestCase):
         out, err, code = await run_twistd(["--help"], self.workdir())
         self.assertEqual(code, 0, err)
         lines = [line.split() for line in out.decode().splitlines()]
-        self.assertIn(["oaproxy", "OpenAI-compatible", "reverse", "proxy", "with", "failover"], lines)
+        self.assertIn(
+            ["oaproxy", "OpenAI-compatible", "reverse", "proxy", "with", "failover"], lines
+        )
 
     async def _refused(self, text: str, line: int, key: str | None, reason: str) -> None:
         cwd = self.workdir()
         write_file(os.path.join(cwd, "bad.yaml"), text)
         started = reactor.seconds()
-        out, err, code = await run_twistd(["-n", "--pidfile=", "oaproxy", "--config", "bad.yaml"], cwd)
+        out, err, code = await run_twistd(
+            ["-n", "--pidfile=", "oaproxy", "--config", "bad.yaml"], cwd
+        )
         self.assertLess(reactor.seconds() - started, 20)
         self.assertNotEqual(code, 0)
         self.assertEqual(out, b"")
@@ -94,8 +98,12 @@ class TwistdTests(TestCase):
         return Deferred.fromCoroutine(self._refused(text, 4, None, "not valid YAML"))
 
     def test_unknown_key(self) -> Deferred[None]:
-        text = "dbtype: none\nupstreams:\n  - endpoint: http://127.0.0.1:1/v1\n    stream_timout: 3\n"
-        return Deferred.fromCoroutine(self._refused(text, 4, "upstreams[0].stream_timout", "unknown key"))
+        text = (
+            "dbtype: none\nupstreams:\n  - endpoint: http://127.0.0.1:1/v1\n    stream_timout: 3\n"
+        )
+        return Deferred.fromCoroutine(
+            self._refused(text, 4, "upstreams[0].stream_timout", "unknown key")
+        )
 
     def test_wrong_type(self) -> Deferred[None]:
         text = "dbtype: none\ntimeout: soon\nupstreams:\n  - endpoint: http://127.0.0.1:1/v1\n"
@@ -112,7 +120,9 @@ class TwistdTests(TestCase):
 
     def test_upstream_without_endpoint(self) -> Deferred[None]:
         text = "dbtype: none\nupstreams:\n  - name: nowhere\n    sk: sk-x\n"
-        return Deferred.fromCoroutine(self._refused(text, 3, "upstreams[0].endpoint", "no endpoint"))
+        return Deferred.fromCoroutine(
+            self._refused(text, 3, "upstreams[0].endpoint", "no endpoint")
+        )
 
 
 class SmokeTests(LiveCase):
@@ -131,7 +141,15 @@ class SmokeTests(LiveCase):
         port = free_port()
         daemon = spawn_daemon(
             self,
-            ["-n", "--pidfile=", "oaproxy", "--config", "good.yaml", "--listen", f"tcp:{port}:interface=127.0.0.1"],
+            [
+                "-n",
+                "--pidfile=",
+                "oaproxy",
+                "--config",
+                "good.yaml",
+                "--listen",
+                f"tcp:{port}:interface=127.0.0.1",
+            ],
             cwd,
         )
 
@@ -154,7 +172,9 @@ class SmokeTests(LiveCase):
         self.assertEqual(health.code, 200)
         self.assertEqual(json.loads(await read_body(health)), {"status": "ok"})
 
-        response = await post_json(agent, f"http://127.0.0.1:{port}/v1/chat/completions", CLIENT_KEY, chat_body())
+        response = await post_json(
+            agent, f"http://127.0.0.1:{port}/v1/chat/completions", CLIENT_KEY, chat_body()
+        )
         answer = json.loads(await read_body(response))
         self.assertEqual(response.code, 200, answer)
         self.assertEqual(answer["choices"][0]["message"]["content"], "Hello, world!")

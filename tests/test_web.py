@@ -33,7 +33,9 @@ JSON = (b"Content-Type", b"application/json")
 CHAT = json.dumps({"model": "gpt-4o-mini", "messages": []}).encode()
 
 
-def error(message: str, code: str | None, type: str = "invalid_request_error", param: str | None = None) -> dict[str, Any]:
+def error(
+    message: str, code: str | None, type: str = "invalid_request_error", param: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -74,7 +76,8 @@ class BodyCapTests(SynchronousTestCase):
         self.assertEqual(reply.status, 413)
         self.assertEqual(reply.header(b"content-type"), b"application/json")
         self.assertEqual(
-            reply.json(), error("Request body too large: the limit is 1000 bytes.", "request_too_large")
+            reply.json(),
+            error("Request body too large: the limit is 1000 bytes.", "request_too_large"),
         )
         self.assertEqual(self.h.agent.calls, [])
         [request] = self.made
@@ -105,7 +108,9 @@ class BodyCapTests(SynchronousTestCase):
 
     def test_chunked_over_the_cap(self) -> None:
         client = self.h.connect()
-        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n"
+        head = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
         client.send(head + b"258\r\n" + b"y" * 600 + b"\r\n")
         [request] = self.made
         self.assertFalse(request.too_large)
@@ -156,8 +161,12 @@ class ResourceTreeTests(SynchronousTestCase):
         reply = client.reply()
         self.assertEqual((reply.status, reply.body), (204, b""))
         self.assertEqual(reply.header(b"access-control-allow-origin"), b"*")
-        self.assertEqual(reply.header(b"access-control-allow-methods"), b"GET, POST, PUT, PATCH, DELETE, OPTIONS")
-        self.assertEqual(reply.header(b"access-control-allow-headers"), b"authorization, x-stainless-os")
+        self.assertEqual(
+            reply.header(b"access-control-allow-methods"), b"GET, POST, PUT, PATCH, DELETE, OPTIONS"
+        )
+        self.assertEqual(
+            reply.header(b"access-control-allow-headers"), b"authorization, x-stainless-os"
+        )
         self.assertIsNone(reply.header(b"content-length"))  # a 204 has no body to measure
         self.assertEqual(reply.header(b"access-control-max-age"), b"86400")
         self.assertEqual(self.h.agent.calls, [])
@@ -165,7 +174,10 @@ class ResourceTreeTests(SynchronousTestCase):
 
     def test_preflight_default_headers(self) -> None:
         reply = self.h.request(b"OPTIONS", b"/v1/models").reply()
-        self.assertEqual(reply.header(b"access-control-allow-headers"), b"authorization, content-type, openai-beta")
+        self.assertEqual(
+            reply.header(b"access-control-allow-headers"),
+            b"authorization, content-type, openai-beta",
+        )
 
     def test_healthz(self) -> None:
         reply = self.h.request(b"GET", b"/healthz").reply()
@@ -178,14 +190,19 @@ class ResourceTreeTests(SynchronousTestCase):
             self.assertEqual(reply.status, 404, path)
             shown = path.decode()
             self.assertEqual(
-                reply.json(), error(f"Unknown path {shown}; the API is under /v1/.", "not_found"), path
+                reply.json(),
+                error(f"Unknown path {shown}; the API is under /v1/.", "not_found"),
+                path,
             )
         self.assertEqual(self.h.agent.calls, [])
 
     def test_401_answers(self) -> None:
         for lines, message in [
             ([JSON], "authorization header should start with 'Bearer'"),
-            ([JSON, (b"Authorization", b"Basic eDp5")], "authorization header should start with 'Bearer'"),
+            (
+                [JSON, (b"Authorization", b"Basic eDp5")],
+                "authorization header should start with 'Bearer'",
+            ),
             ([JSON, (b"Authorization", b"Bearer sk-clienT")], "wrong authorization header"),
         ]:
             reply = self.h.request(b"POST", b"/v1/chat/completions", CHAT, lines).reply()
@@ -194,21 +211,38 @@ class ResourceTreeTests(SynchronousTestCase):
         self.assertEqual(self.h.agent.calls, [])
 
     def test_404_model(self) -> None:
-        h = Harness(CONFIG.replace('sk: sk-b}', 'sk: sk-b, allow: [gpt-4o]}').replace('sk: sk-a}', 'sk: sk-a, allow: [gpt-4o]}'))
+        h = Harness(
+            CONFIG.replace("sk: sk-b}", "sk: sk-b, allow: [gpt-4o]}").replace(
+                "sk: sk-a}", "sk: sk-a, allow: [gpt-4o]}"
+            )
+        )
         reply = h.request(b"POST", b"/v1/chat/completions", CHAT, [JSON, AUTH]).reply()
         self.assertEqual(
             (reply.status, reply.json()),
-            (404, error("The model `gpt-4o-mini` does not exist or is not served by this proxy.", "model_not_found", param="model")),
+            (
+                404,
+                error(
+                    "The model `gpt-4o-mini` does not exist or is not served by this proxy.",
+                    "model_not_found",
+                    param="model",
+                ),
+            ),
         )
 
     def test_query_and_bodiless_get(self) -> None:
         client = self.h.request(b"GET", b"/v1/models?limit=2&after=x", header_lines=[AUTH])
         call = self.h.agent.only()
-        self.assertEqual((call.method, call.uri, call.producer), (b"GET", b"https://a.test/v1/models?limit=2&after=x", None))
+        self.assertEqual(
+            (call.method, call.uri, call.producer),
+            (b"GET", b"https://a.test/v1/models?limit=2&after=x", None),
+        )
         call.respond(200, body=b'{"data":[]}')
         self.assertEqual(client.reply().body, b'{"data":[]}')
         record = self.h.record()
-        self.assertEqual((record["path"], record["model"], record["method"], record["key_name"]), ("/v1/models?limit=2&after=x", None, "GET", "alice"))
+        self.assertEqual(
+            (record["path"], record["model"], record["method"], record["key_name"]),
+            ("/v1/models?limit=2&after=x", None, "GET", "alice"),
+        )
 
     def test_204_from_upstream_has_no_length(self) -> None:
         client = self.h.request(b"DELETE", b"/v1/files/file-1", header_lines=[AUTH])
@@ -232,7 +266,9 @@ class BodyTests(SynchronousTestCase):
     BOUNDARY = b"----oaproxy-test-boundary"
 
     def setUp(self) -> None:
-        self.h = Harness(CONFIG.replace('sk: sk-b}', 'sk: sk-b, allow: [/v1/audio/transcriptions]}'))
+        self.h = Harness(
+            CONFIG.replace("sk: sk-b}", "sk: sk-b, allow: [/v1/audio/transcriptions]}")
+        )
 
     def send(self, audio: bytes) -> tuple[Any, bytes]:
         body = multipart(self.BOUNDARY, audio)
@@ -249,7 +285,9 @@ class BodyTests(SynchronousTestCase):
         self.assertIsInstance(call.producer, BytesProducer)
         self.assertEqual((call.uri, call.body), (b"https://a.test/v1/audio/transcriptions", body))
         self.assertEqual(call.producer.length, len(body))  # type: ignore[union-attr]
-        self.assertEqual(call.header(b"content-type"), [b"multipart/form-data; boundary=" + self.BOUNDARY])
+        self.assertEqual(
+            call.header(b"content-type"), [b"multipart/form-data; boundary=" + self.BOUNDARY]
+        )
         call.respond(200, body=b'{"text":"hi"}')
         self.assertEqual(client.reply().body, b'{"text":"hi"}')
         record = self.h.record()
@@ -276,10 +314,18 @@ class BodyTests(SynchronousTestCase):
         second = self.h.agent.calls[1]
         self.assertEqual(second.uri, b"https://b.test/v1/audio/transcriptions")
         self.h.clock.advance(0)
-        self.assertEqual((second.body_finished, len(second.body), second.body == body), (True, len(body), True))
+        self.assertEqual(
+            (second.body_finished, len(second.body), second.body == body), (True, len(body), True)
+        )
         second.respond(200, body=b'{"text":"ok"}')
         self.assertEqual(client.reply().body, b'{"text":"ok"}')
-        self.assertEqual(self.h.record()["request_body"], {"content_type": "multipart/form-data; boundary=" + self.BOUNDARY.decode(), "size": len(body)})
+        self.assertEqual(
+            self.h.record()["request_body"],
+            {
+                "content_type": "multipart/form-data; boundary=" + self.BOUNDARY.decode(),
+                "size": len(body),
+            },
+        )
 
     def test_early_answer_while_the_body_is_sent(self) -> None:
         """An upstream that answers before reading the whole body may still be
@@ -327,7 +373,12 @@ class HeaderTests(SynchronousTestCase):
     ]
 
     def forwarded(self, upstream: str, **kwargs: Any) -> Headers:
-        h = Harness(CONFIG.replace('{name: a, endpoint: "https://a.test/v1", sk: sk-a}', "{name: a, endpoint: \"https://a.test/v1\", " + upstream + "}"))
+        h = Harness(
+            CONFIG.replace(
+                '{name: a, endpoint: "https://a.test/v1", sk: sk-a}',
+                '{name: a, endpoint: "https://a.test/v1", ' + upstream + "}",
+            )
+        )
         h.request(b"POST", b"/v1/chat/completions", CHAT, self.CLIENT_HEADERS, **kwargs)
         return h.agent.only().headers
 
@@ -373,7 +424,9 @@ class HeaderTests(SynchronousTestCase):
             ('sk: ""', None),
             ("keep_header: true", None),
         ]:
-            self.assertEqual(self.forwarded(upstream).getRawHeaders(b"authorization"), expected, upstream)
+            self.assertEqual(
+                self.forwarded(upstream).getRawHeaders(b"authorization"), expected, upstream
+            )
 
     def test_no_forwarded_for_from_the_client(self) -> None:
         h = Harness(CONFIG)
@@ -405,7 +458,15 @@ class HeaderTests(SynchronousTestCase):
         reply = client.reply()
         self.assertEqual((reply.status, reply.body, reply.complete), (200, b'{"id":"x"}', True))
         names = {name.lower() for name, _ in reply.headers.getAllRawHeaders()}
-        for gone in [b"connection", b"x-upstream-hop", b"keep-alive", b"transfer-encoding", b"proxy-authenticate", b"trailer", b"upgrade"]:
+        for gone in [
+            b"connection",
+            b"x-upstream-hop",
+            b"keep-alive",
+            b"transfer-encoding",
+            b"proxy-authenticate",
+            b"trailer",
+            b"upgrade",
+        ]:
             self.assertNotIn(gone, names)
         self.assertEqual(reply.header(b"content-length"), b"10")
         self.assertEqual(reply.header(b"server"), b"oaproxy")
@@ -454,13 +515,35 @@ class ClientAddressTests(SynchronousTestCase):
 
     def test_record_fields_from_the_request(self) -> None:
         h = Harness(CONFIG)
-        client = h.request(b"POST", b"/v1/chat/completions", CHAT, [JSON, AUTH, (b"User-Agent", b"ua/1")], peer="198.51.100.7")
+        client = h.request(
+            b"POST",
+            b"/v1/chat/completions",
+            CHAT,
+            [JSON, AUTH, (b"User-Agent", b"ua/1")],
+            peer="198.51.100.7",
+        )
         h.clock.advance(2)
         h.agent.only().respond(200, body=b'{"id":"x"}')
         client.reply()
         record = h.record()
         self.assertEqual(
-            {k: record[k] for k in ["time", "client_ip", "key_name", "user_agent", "method", "path", "model", "stream", "bytes_in", "bytes_out", "ttfb", "duration"]},
+            {
+                k: record[k]
+                for k in [
+                    "time",
+                    "client_ip",
+                    "key_name",
+                    "user_agent",
+                    "method",
+                    "path",
+                    "model",
+                    "stream",
+                    "bytes_in",
+                    "bytes_out",
+                    "ttfb",
+                    "duration",
+                ]
+            },
             {
                 "time": 1_700_000_000.0,
                 "client_ip": "198.51.100.7",
@@ -490,7 +573,10 @@ class ForwardingFailureTests(SynchronousTestCase):
 
         self.patch(h.forwarder, "forward", broken)
         reply = h.request(b"POST", b"/v1/chat/completions", CHAT, [JSON, AUTH]).reply()
-        self.assertEqual((reply.status, reply.json()), (500, error("Internal proxy error.", "internal_error", type="server_error")))
+        self.assertEqual(
+            (reply.status, reply.json()),
+            (500, error("Internal proxy error.", "internal_error", type="server_error")),
+        )
         self.assertEqual(h.record()["outcome"], "error")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 

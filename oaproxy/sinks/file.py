@@ -52,7 +52,9 @@ class FileSink(QueuedSink):
         # The writer thread hands its results back through callFromThread.
         self._reactor = cast(IReactorFromThreads, clock)
         self._threads: ThreadPool | None = (
-            ThreadPool(minthreads=1, maxthreads=1, name=f"oaproxy-{name}-writer") if in_thread else None
+            ThreadPool(minthreads=1, maxthreads=1, name=f"oaproxy-{name}-writer")
+            if in_thread
+            else None
         )
         if rotate is None or rotate == "daily":
             self._rotate_length: int | None = None

@@ -299,9 +299,7 @@ class QueuedSink(Service):
         while self._queue:
             self._spill(self._queue.popleft())
         if left:
-            self._complain(
-                f"{left} records left unwritten at stop, spooled to {self._spool_path}"
-            )
+            self._complain(f"{left} records left unwritten at stop, spooled to {self._spool_path}")
         self._save_offset()
         self._close_spool()
 
@@ -311,20 +309,11 @@ class QueuedSink(Service):
         return self._state in ("running", "stopping")
 
     def _idle(self) -> bool:
-        return (
-            self._pending is None
-            and not self._queue
-            and self._spool_offset >= self._spool_size
-        )
+        return self._pending is None and not self._queue and self._spool_offset >= self._spool_size
 
     def _schedule_pump(self) -> None:
         # callLater(0) so records logged in the same reactor turn share a batch.
-        if (
-            self._active()
-            and self._pending is None
-            and self._retry is None
-            and self._kick is None
-        ):
+        if self._active() and self._pending is None and self._retry is None and self._kick is None:
             self._kick = self._clock.callLater(0, self._pump)
 
     def _pump(self) -> None:
@@ -443,9 +432,7 @@ class QueuedSink(Service):
                 self._inflight_dropped += 1
         if not self._spill_reported:
             self._spill_reported = True
-            self._complain(
-                f"queue full ({self.queue_size}), spilling to {self._spool_path}"
-            )
+            self._complain(f"queue full ({self.queue_size}), spilling to {self._spool_path}")
 
     def _spill(self, record: Record, keep_open: bool = True) -> int:
         """Append one record to the spool; its size in bytes, 0 if dropped."""
@@ -502,9 +489,7 @@ class QueuedSink(Service):
             if isinstance(record, dict):
                 batch.append(record)
             else:
-                self._drop(
-                    f"undecodable line in {self._spool_path} at byte {position - len(line)}"
-                )
+                self._drop(f"undecodable line in {self._spool_path} at byte {position - len(line)}")
         if position == self._spool_offset:
             # The file is shorter than we thought (cut by someone else).
             position = self._spool_size
@@ -543,9 +528,7 @@ class QueuedSink(Service):
         self.failures += 1
         self._close_spool()
         if isinstance(error, FileNotFoundError):
-            self._drop(
-                f"spool {self._spool_path} vanished, its unreplayed records are lost"
-            )
+            self._drop(f"spool {self._spool_path} vanished, its unreplayed records are lost")
             self._spool_offset = self._spool_size = 0
             return
         self._complain(f"cannot read spool {self._spool_path}: {error}")

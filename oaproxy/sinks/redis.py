@@ -87,11 +87,7 @@ def _int(value: object) -> int:
 def usage_date(record: Record) -> str:
     """The UTC day a record counts for, ``YYYY-MM-DD``."""
     when = record.get("time")
-    if (
-        isinstance(when, bool)
-        or not isinstance(when, (int, float))
-        or not math.isfinite(when)
-    ):
+    if isinstance(when, bool) or not isinstance(when, (int, float)) or not math.isfinite(when):
         when = 0.0
     utc = datetime.timezone.utc
     return datetime.datetime.fromtimestamp(when, utc).strftime("%Y-%m-%d")
@@ -110,11 +106,7 @@ def script_arguments(
     if not isinstance(usage, dict):
         usage = {}
     cost = record.get("cost")
-    cost_micro = (
-        round(cost * 1e6)
-        if isinstance(cost, float | int) and math.isfinite(cost)
-        else 0
-    )
+    cost_micro = round(cost * 1e6) if isinstance(cost, float | int) and math.isfinite(cost) else 0
     date = usage_date(record)
     key_name = record.get("key_name") or "-"
     model = record.get("model") or "-"

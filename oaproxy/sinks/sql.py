@@ -106,12 +106,8 @@ def _migration_1(cursor: Any, dbtype: str) -> None:
         )"""
     )
     cursor.execute(f"CREATE INDEX IF NOT EXISTS {TABLE}_time ON {TABLE} (time)")
-    cursor.execute(
-        f"CREATE INDEX IF NOT EXISTS {TABLE}_key_time ON {TABLE} (key_name, time)"
-    )
-    cursor.execute(
-        f"CREATE INDEX IF NOT EXISTS {TABLE}_model_time ON {TABLE} (model, time)"
-    )
+    cursor.execute(f"CREATE INDEX IF NOT EXISTS {TABLE}_key_time ON {TABLE} (key_name, time)")
+    cursor.execute(f"CREATE INDEX IF NOT EXISTS {TABLE}_model_time ON {TABLE} (model, time)")
 
 
 #: Schema migrations: entry N brings version N to N + 1.  Append, never edit.
@@ -136,9 +132,7 @@ def migrate(cursor: Any, dbtype: str) -> int:
         # the write lock now so the migration is atomic and single.
         if not cursor.connection.in_transaction:
             cursor.execute("BEGIN IMMEDIATE")
-    cursor.execute(
-        f"CREATE TABLE IF NOT EXISTS {VERSION_TABLE} (version INTEGER NOT NULL)"
-    )
+    cursor.execute(f"CREATE TABLE IF NOT EXISTS {VERSION_TABLE} (version INTEGER NOT NULL)")
     cursor.execute(f"SELECT version FROM {VERSION_TABLE}")
     rows = cursor.fetchall()
     found = max(row[0] for row in rows) if rows else 0
@@ -149,14 +143,10 @@ def migrate(cursor: Any, dbtype: str) -> int:
     for migration in MIGRATIONS[found:]:
         migration(cursor, dbtype)
     if not rows:
-        cursor.execute(
-            f"INSERT INTO {VERSION_TABLE} (version) VALUES ({mark})", (SCHEMA_VERSION,)
-        )
+        cursor.execute(f"INSERT INTO {VERSION_TABLE} (version) VALUES ({mark})", (SCHEMA_VERSION,))
     elif found < SCHEMA_VERSION or len(rows) > 1:
         cursor.execute(f"DELETE FROM {VERSION_TABLE}")
-        cursor.execute(
-            f"INSERT INTO {VERSION_TABLE} (version) VALUES ({mark})", (SCHEMA_VERSION,)
-        )
+        cursor.execute(f"INSERT INTO {VERSION_TABLE} (version) VALUES ({mark})", (SCHEMA_VERSION,))
     return found
 
 
@@ -404,9 +394,7 @@ class SQLSink(QueuedSink):
         # Create the tables now (the CLI may read them before any record
         # comes); if the database is down, the first batch retries it.
         self._interact([]).addErrback(
-            lambda f: self._complain(
-                f"schema setup failed, will retry: {f.getErrorMessage()}"
-            )
+            lambda f: self._complain(f"schema setup failed, will retry: {f.getErrorMessage()}")
         )
 
     def _interact(self, rows: list[tuple[object, ...]]) -> Deferred[list[tuple[int, str]]]:
