@@ -264,7 +264,7 @@ class QueuedSinkTests(SynchronousTestCase):
         first = self.sink(queue_size=1)
         self.feed(first, range(30))
         self.assertEqual(len(self.spool_lines()), 29)
-        first._close_spool()
+        first.spool.close()
 
         second = self.sink(batch_size=10, flush_timeout=3)
         second.mode = "hang"

@@ -6,7 +6,8 @@ loop writes batches to the backend.  While the backend fails, records wait
 oldest records are appended to a spool file, which is replayed - in order,
 before the deque - once the backend answers again.  Stopping the sink
 flushes what it can within a deadline and spools the rest, so records
-survive restarts.
+survive restarts.  This module is that state machine; the spool file is
+``oaproxy.sinks.spool.Spool``'s.
 
 Order invariant: everything in the spool is older than everything in the
 deque.  Overflow always spills the oldest record, and a batch is taken from
@@ -33,14 +34,12 @@ from twisted.logger import ILogObserver, LogEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from oaproxy.sinks.spool import Spool
+
 Record = dict[str, Any]
 
 #: The twisted.logger namespace of record events (see the forwarder).
 RECORD_NAMESPACE = "oaproxy.record"
-
-#: Upper bound of one spool chunk read, so a spool of huge records is never
-#: read whole.
-_SPOOL_CHUNK_BYTES = 4 * 1024 * 1024
 
 _State = Literal["new", "running", "stopping", "stopped"]
 
@@ -74,6 +73,15 @@ def encode_record(record: Record) -> bytes:
     return text.encode("utf-8", "backslashreplace")
 
 
+def decode_record(line: bytes) -> Record:
+    """The record of one line ``encode_record`` made; ``ValueError`` if the
+    line holds no JSON object."""
+    record = json.loads(line)
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    return record
+
+
 @implementer(ILogObserver)
 class RecordObserver:
     """The log observer of one sink: hands record events to ``QueuedSink.observe``."""
@@ -95,6 +103,9 @@ class QueuedSink(Service):
     Subclasses implement ``write_batch``, and may override ``open_backend``
     (called from ``startService``) and ``close_backend`` (called from
     ``stopService`` after the final flush).
+
+    ``spool`` is the ``Spool`` that takes the records the queue has no room
+    for, and those left at stop.
 
     Counters (read by the metrics): ``queued`` (records in memory now),
     ``written`` (records the backend confirmed), ``replayed`` (of those, read
@@ -166,13 +177,9 @@ class QueuedSink(Service):
         self._attempt = 0
         self._failing = False
         self._spill_reported = False
-
-        self._spool_path = os.path.join(spool_dir, f"{name}.jsonl")
-        self._offset_path = os.path.join(spool_dir, f"{name}.offset")
-        self._spool_writer: IO[bytes] | None = None
-        self._spool_reader: IO[bytes] | None = None
-        self._spool_size = 0
-        self._spool_offset = 0
+        self.spool: Spool[Record] = Spool(
+            spool_dir, name, decode=decode_record, drop=self._drop, complain=self._complain
+        )
 
     # -- to be provided by subclasses -------------------------------------
 
@@ -202,7 +209,7 @@ class QueuedSink(Service):
     @property
     def spool_bytes(self) -> int:
         """Bytes of spooled records not yet replayed."""
-        return max(0, self._spool_size - self._spool_offset)
+        return self.spool.unreplayed_bytes
 
     # -- the observer -----------------------------------------------------
 
@@ -218,7 +225,7 @@ class QueuedSink(Service):
                 return
             if self._state == "stopped":
                 # Nobody drains any more: straight to disk, for the next run.
-                self._spill(record, keep_open=False)
+                self._spill(record)
                 return
             self._queue.append(record)
             while len(self._queue) > self.queue_size:
@@ -233,7 +240,7 @@ class QueuedSink(Service):
         super().startService()
         # Read at start, not before: on a reload the sink this one replaces
         # may still be writing the same spool until it has stopped.
-        self._load_spool()
+        self.spool.load()
         self._state = "running"
         try:
             self.open_backend()
@@ -299,9 +306,8 @@ class QueuedSink(Service):
         while self._queue:
             self._spill(self._queue.popleft())
         if left:
-            self._complain(f"{left} records left unwritten at stop, spooled to {self._spool_path}")
-        self._save_offset()
-        self._close_spool()
+            self._complain(f"{left} records left unwritten at stop, spooled to {self.spool.path}")
+        self.spool.close()
 
     # -- draining ---------------------------------------------------------
 
@@ -309,7 +315,7 @@ class QueuedSink(Service):
         return self._state in ("running", "stopping")
 
     def _idle(self) -> bool:
-        return self._pending is None and not self._queue and self._spool_offset >= self._spool_size
+        return self._pending is None and not self._queue and not self.spool.has_records
 
     def _schedule_pump(self) -> None:
         # callLater(0) so records logged in the same reactor turn share a batch.
@@ -332,16 +338,19 @@ class QueuedSink(Service):
 
     def _start_batch(self) -> bool:
         """Start writing the next batch; ``False`` if there is none."""
-        if self._spool_offset < self._spool_size:
-            try:
-                batch, end = self._read_spool()
-            except OSError as e:
-                self._spool_trouble(e)
-                return self._retry is None
-            if not batch:
-                self._advance_spool(end)
+        if self.spool.has_records:
+            batch = self.spool.read_batch(self.batch_size)
+            if batch is None:
+                self.failures += 1
+                if not self.spool.has_records:
+                    # It vanished (its records counted as dropped): on to the queue.
+                    return True
+                self._back_off()
+                return False
+            if not batch.records:
+                self._advance_spool(batch.size)
                 return True
-            self._write(batch, "spool", end)
+            self._write(batch.records, "spool", batch.size)
             return True
         if self._queue:
             count = min(self.batch_size, len(self._queue))
@@ -352,13 +361,13 @@ class QueuedSink(Service):
             return True
         return False
 
-    def _write(self, batch: list[Record], source: str, end: int) -> None:
+    def _write(self, batch: list[Record], source: str, spool_bytes: int) -> None:
         d = maybeDeferred(self.write_batch, batch)
         d.addTimeout(self.write_timeout, self._reactor_time)
         self._pending = d
-        d.addBoth(self._done, source, len(batch), end)
+        d.addBoth(self._done, source, len(batch), spool_bytes)
 
-    def _done(self, result: object, source: str, count: int, end: int) -> None:
+    def _done(self, result: object, source: str, count: int, spool_bytes: int) -> None:
         self._pending = None
         refused, self._refused_now = self._refused_now, 0
         if isinstance(result, Failure):
@@ -378,10 +387,10 @@ class QueuedSink(Service):
             self._inflight_dropped = 0
             skip, self._inflight_spilled_bytes = self._inflight_spilled_bytes, 0
             if skip:
-                self._advance_spool(self._spool_offset + skip)
+                self._advance_spool(skip)
         else:
             self.replayed += count
-            self._advance_spool(end)
+            self._advance_spool(spool_bytes)
         self._attempt = 0
         if self._failing:
             self._failing = False
@@ -389,36 +398,24 @@ class QueuedSink(Service):
         self._pump()
 
     def _note_failure(self, failure: Failure) -> None:
-        delay = min(self.max_backoff, self.min_backoff * 2 ** min(self._attempt, 30))
-        self._attempt += 1
         if not self._failing:
             self._failing = True
             self._complain(
                 f"write failed ({failure.type.__name__ if failure.type else '?'}:"
                 f" {failure.getErrorMessage()}); records wait, retrying"
             )
+        self._back_off()
+
+    def _back_off(self) -> None:
+        delay = min(self.max_backoff, self.min_backoff * 2 ** min(self._attempt, 30))
+        self._attempt += 1
         self._retry = self._clock.callLater(delay, self._retry_now)
 
     def _retry_now(self) -> None:
         self._retry = None
         self._pump()
 
-    # -- the spool --------------------------------------------------------
-
-    def _load_spool(self) -> None:
-        try:
-            self._spool_size = os.stat(self._spool_path).st_size
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            self._complain(f"cannot read spool {self._spool_path}: {e}")
-            return
-        try:
-            with open(self._offset_path, "rb") as f:
-                offset = int(f.read().strip() or b"0")
-        except (OSError, ValueError):
-            offset = 0
-        self._spool_offset = offset if 0 <= offset <= self._spool_size else 0
+    # -- spilling ---------------------------------------------------------
 
     def _overflow(self) -> None:
         record = self._queue.popleft()
@@ -432,118 +429,22 @@ class QueuedSink(Service):
                 self._inflight_dropped += 1
         if not self._spill_reported:
             self._spill_reported = True
-            self._complain(f"queue full ({self.queue_size}), spilling to {self._spool_path}")
+            self._complain(f"queue full ({self.queue_size}), spilling to {self.spool.path}")
 
-    def _spill(self, record: Record, keep_open: bool = True) -> int:
+    def _spill(self, record: Record) -> int:
         """Append one record to the spool; its size in bytes, 0 if dropped."""
         try:
-            line = encode_record(record) + b"\n"
-            if self._spool_writer is None:
-                os.makedirs(self.spool_dir, exist_ok=True)
-                # Kept open across spills; closed with the spool.
-                self._spool_writer = open(self._spool_path, "ab")  # noqa: SIM115
-            self._spool_writer.write(line)
-            self._spool_writer.flush()
+            size = self.spool.spill(encode_record(record))
         except Exception as e:  # noqa: BLE001 - disk trouble, or a record json can't take
             self._drop(f"cannot spool a record ({type(e).__name__}: {e})")
-            self._repair_spool()
             return 0
-        finally:
-            if not keep_open:
-                self._close_spool()
-        self._spool_size += len(line)
         self.spilled += 1
-        return len(line)
+        return size
 
-    def _repair_spool(self) -> None:
-        # A failed append may have left part of a line: cut the file back to
-        # what we know is whole, so the next line starts cleanly.
-        self._close_spool()
-        try:
-            if os.path.exists(self._spool_path):
-                os.truncate(self._spool_path, self._spool_size)
-        except OSError:
-            pass
-
-    def _read_spool(self) -> tuple[list[Record], int]:
-        """Read the next chunk of the spool; its records and the offset after it."""
-        if self._spool_reader is None:
-            self._spool_reader = open(self._spool_path, "rb")  # noqa: SIM115
-        reader = self._spool_reader
-        reader.seek(self._spool_offset)
-        batch: list[Record] = []
-        read = 0
-        position = self._spool_offset
-        while len(batch) < self.batch_size and read < _SPOOL_CHUNK_BYTES:
-            if position >= self._spool_size:
-                break
-            line = reader.readline()
-            if not line:
-                break
-            read += len(line)
-            position += len(line)
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = None
-            if isinstance(record, dict):
-                batch.append(record)
-            else:
-                self._drop(f"undecodable line in {self._spool_path} at byte {position - len(line)}")
-        if position == self._spool_offset:
-            # The file is shorter than we thought (cut by someone else).
-            position = self._spool_size
-        return batch, position
-
-    def _advance_spool(self, offset: int) -> None:
-        self._spool_offset = offset
-        if self._spool_offset < self._spool_size:
-            return
-        # Everything in the spool is written: remove it (and its offset).
-        self._close_spool()
-        try:
-            for path in (self._spool_path, self._offset_path):
-                if os.path.exists(path):
-                    os.remove(path)
-        except OSError as e:
-            # Keep offset == size: appends continue after the written part.
-            self._complain(f"cannot remove spool {self._spool_path}: {e}")
-            return
-        self._spool_offset = self._spool_size = 0
-        self._spill_reported = False
-
-    def _save_offset(self) -> None:
-        if self._spool_offset <= 0 or self._spool_offset >= self._spool_size:
-            return
-        temporary = self._offset_path + ".tmp"
-        try:
-            with open(temporary, "w") as f:
-                f.write(f"{self._spool_offset}\n")
-            os.replace(temporary, self._offset_path)
-        except OSError as e:
-            # Replaying from the start repeats some records; not a loss.
-            self._complain(f"cannot save spool offset {self._offset_path}: {e}")
-
-    def _spool_trouble(self, error: OSError) -> None:
-        self.failures += 1
-        self._close_spool()
-        if isinstance(error, FileNotFoundError):
-            self._drop(f"spool {self._spool_path} vanished, its unreplayed records are lost")
-            self._spool_offset = self._spool_size = 0
-            return
-        self._complain(f"cannot read spool {self._spool_path}: {error}")
-        delay = min(self.max_backoff, self.min_backoff * 2 ** min(self._attempt, 30))
-        self._attempt += 1
-        self._retry = self._clock.callLater(delay, self._retry_now)
-
-    def _close_spool(self) -> None:
-        for handle in (self._spool_writer, self._spool_reader):
-            if handle is not None:
-                try:
-                    handle.close()
-                except OSError:
-                    pass
-        self._spool_writer = self._spool_reader = None
+    def _advance_spool(self, size: int) -> None:
+        if self.spool.advance(size):
+            # A new spool: the next overflow into it is reported again.
+            self._spill_reported = False
 
     # -- own trouble: stderr, never the logger ----------------------------
 
