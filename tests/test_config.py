@@ -8,7 +8,9 @@ import os
 import socket
 from collections.abc import Mapping
 from textwrap import dedent
+from types import MappingProxyType
 
+from attrs import field, frozen
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.config import (
@@ -31,6 +33,9 @@ from oaproxy.config import (
     parse_listen,
     parse_size,
 )
+from oaproxy.config.nodes import read_document
+from oaproxy.config.schema import every_key, named_sections, read, read_section, section
+from oaproxy.config.values import integer, number, one_of, text
 
 # openai-api-route's README sample (seeds/000), comments as in the original.
 OAR_SAMPLE = """\
@@ -1631,3 +1636,126 @@ class OpenRelayTests(Helpers):
     def test_check_listeners_with_keys(self) -> None:
         config = parse("authorization: k\n" + MINIMAL)
         check_listeners(config, ["tcp:80", "systemd:domain=INET:index=0"])
+
+
+class RequiredKeyTests(Helpers):
+    """A required key given as null is as missing as one left out; the
+    message names the key's own line."""
+
+    def test_null_webhook(self) -> None:
+        """``webhook:`` with nothing after it: feishu still needs one."""
+        self.fails(
+            "notify:\n  feishu:\n    webhook:\n" + MINIMAL,
+            3,
+            "notify.feishu.webhook",
+            "feishu needs a webhook",
+        )
+
+    def test_null_price(self) -> None:
+        """A null price is reported on its own line, not on its model's."""
+        self.fails(
+            "prices:\n  m:\n    input:\n    output: 1\n" + MINIMAL,
+            3,
+            "prices.m.input",
+            "the price needs input",
+        )
+
+
+@frozen
+class _Level:
+    level: int = field(default=3, metadata=read(integer))
+
+
+@frozen
+class _Section:
+    """A section as the model writes one, to show what the schema derives."""
+
+    name: str = field(metadata=read(text, missing="the section needs a name"))
+    size: float = field(default=1.0, metadata=read(number))
+    colour: str = field(
+        default="red", metadata=read(one_of(("red", "blue")), key="color", alias="colour")
+    )
+    nested: _Level = field(factory=_Level, metadata=section(_Level, "a mapping of levels"))
+    named: Mapping[str, _Level] = field(
+        default=MappingProxyType({}),
+        metadata=named_sections(_Level, "a mapping of names to levels", "a level mapping"),
+    )
+    not_a_key: int = 0
+
+
+def read_toy(text: str) -> _Section:
+    return read_document(
+        dedent(text), PATH, {}, lambda nodes, root: read_section(nodes, root, _Section, "a toy")
+    )
+
+
+class SchemaTests(Helpers):
+    """A section is its attrs class: keys, defaults and messages follow from
+    the fields."""
+
+    def test_defaults_are_the_attrs_defaults(self) -> None:
+        """Keys left out or null take the attrs defaults; nothing else states them."""
+        self.assertEqual(read_toy("name: a\nsize:\n"), _Section(name="a"))
+
+    def test_every_key(self) -> None:
+        """Each field is read by its reader, under its file name or its alias,
+        nested and named sections included."""
+        toy = read_toy(
+            """\
+            name: a
+            size: 2
+            color: blue
+            nested: {level: 4}
+            named: {x: {level: 5}, y: {}}
+            """
+        )
+        self.assertEqual(
+            toy,
+            _Section(
+                name="a",
+                size=2.0,
+                colour="blue",
+                nested=_Level(4),
+                named={"x": _Level(5), "y": _Level()},
+            ),
+        )
+        self.assertEqual(read_toy("name: a\ncolour: blue\n").colour, "blue")
+
+    def test_allowed_keys(self) -> None:
+        """The allowed keys are the fields with metadata, aliases and nested
+        sections included; any other key is refused where it is written."""
+        self.assertEqual(
+            every_key(_Section), {"name", "size", "color", "colour", "nested", "named", "level"}
+        )
+        error = self.assertRaises(ConfigError, read_toy, "name: a\nnot_a_key: 1\n")
+        self.assertEqual((error.line, error.key), (2, "not_a_key"))
+        self.assertEqual(error.message, "unknown key 'not_a_key'")
+        error = self.assertRaises(ConfigError, read_toy, "name: a\nnested: {levels: 1}\n")
+        self.assertEqual(error.key, "nested.levels")
+        self.assertIn("(did you mean 'level'?)", error.message)
+
+    def test_key_and_alias(self) -> None:
+        """One setting under both its names is refused at the later one."""
+        error = self.assertRaises(ConfigError, read_toy, "colour: red\nname: a\ncolor: red\n")
+        self.assertEqual((error.line, error.key), (3, "color"))
+        self.assertEqual(
+            error.message,
+            "give either 'color' or 'colour' (openai-api-route's name for it), not both",
+        )
+
+    def test_required(self) -> None:
+        """A field without a default, absent: the section's line; null: its own."""
+        error = self.assertRaises(ConfigError, read_toy, "size: 1\n")
+        self.assertEqual(
+            (error.line, error.key, error.message), (1, "name", "the section needs a name")
+        )
+        error = self.assertRaises(ConfigError, read_toy, "size: 1\nname:\n")
+        self.assertEqual(
+            (error.line, error.key, error.message), (2, "name", "the section needs a name")
+        )
+
+    def test_messages_name_the_section(self) -> None:
+        """A named section's entry is described by the words the field gives."""
+        error = self.assertRaises(ConfigError, read_toy, "name: a\nnamed: {x: 1}\n")
+        self.assertEqual(error.key, "named.x")
+        self.assertEqual(error.message, "expected a level mapping, got an integer")

@@ -17,11 +17,8 @@ from twisted.enterprise.adbapi import ConnectionPool
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
+from oaproxy.config import DBTYPES, POSTGRES, SQLITE
 from oaproxy.sinks.queue import QueuedSink, Record, encode_record
-
-SQLITE = "sqlite"
-POSTGRES = "postgres"
-DBTYPES = (SQLITE, POSTGRES)
 
 #: Columns of ``records``, in insert order.
 COLUMNS = (

@@ -1,0 +1,239 @@
+"""The kinds of value a setting holds, each read from a node.
+
+A reader is a function ``(nodes, item) -> value``, named in the model's
+field metadata (``read(boolean)``).  It is called for keys given a value
+other than null; returning ``None`` means "not set": the field's default
+applies, as for a key left out.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias
+from urllib.parse import urlsplit
+
+from oaproxy.config.nodes import (
+    BOOLEAN_TAGS,
+    INTEGER_TAGS,
+    NUMBER_TAGS,
+    STRING_TAGS,
+    Item,
+    NodeReader,
+    kind,
+)
+
+Reader: TypeAlias = Callable[[NodeReader, Item], Any]
+
+_TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
+_FALSE_WORDS = frozenset({"false", "no", "off", "0"})
+
+_SIZE = re.compile(r"(?P<number>[0-9]+)\s*(?P<unit>[kmgt]?i?b?)\Z", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+_HTTP = ("http", "https")
+
+
+def text(nodes: NodeReader, item: Item) -> str:
+    """Non-empty text, stripped."""
+    return nodes.required_string(item).strip()
+
+
+def optional_text(nodes: NodeReader, item: Item) -> str | None:
+    """Text as written; empty text is not set (``sk: ""``, an empty
+    ``${ADMIN}``: an empty credential would be a guessable one)."""
+    return nodes.string(item) or None
+
+
+def boolean(nodes: NodeReader, item: Item) -> bool:
+    value = nodes.scalar(item, BOOLEAN_TAGS)
+    if value is not None:
+        return bool(value)
+    variable = nodes.variable(item)
+    if variable is not None:
+        if variable.lower() in _TRUE_WORDS:
+            return True
+        if variable.lower() in _FALSE_WORDS:
+            return False
+        nodes.fail(item.key, item.line, "expected true or false in the environment variable")
+    nodes.fail(item.key, item.line, f"expected true or false, got {kind(item.node)}")
+
+
+def number(nodes: NodeReader, item: Item, *, positive: bool = True) -> float:
+    """A finite number, > 0 (or >= 0 when not ``positive``)."""
+    constructed = nodes.scalar(item, NUMBER_TAGS)
+    value: float
+    if constructed is not None:
+        value = float(constructed)
+    else:
+        variable = nodes.variable(item)
+        if variable is None:
+            nodes.fail(item.key, item.line, f"expected a number, got {kind(item.node)}")
+        try:
+            value = float(variable)
+        except ValueError:
+            nodes.fail(item.key, item.line, "expected a number in the environment variable")
+    if not math.isfinite(value):
+        nodes.fail(item.key, item.line, "must be a finite number")
+    if positive and value <= 0:
+        nodes.fail(item.key, item.line, "must be greater than 0")
+    if value < 0:
+        nodes.fail(item.key, item.line, "must not be negative")
+    return value
+
+
+def non_negative(nodes: NodeReader, item: Item) -> float:
+    """A finite number >= 0."""
+    return number(nodes, item, positive=False)
+
+
+def deadline(nodes: NodeReader, item: Item) -> float | None:
+    """A deadline in seconds; 0 means "not set", as in openai-api-route,
+    whose zero value let the default (or the top-level value) apply."""
+    return non_negative(nodes, item) or None
+
+
+def integer(nodes: NodeReader, item: Item) -> int:
+    """An integer > 0."""
+    constructed = nodes.scalar(item, INTEGER_TAGS)
+    value: int
+    if constructed is not None:
+        value = int(constructed)
+    else:
+        variable = nodes.variable(item)
+        if variable is None:
+            nodes.fail(item.key, item.line, f"expected an integer, got {kind(item.node)}")
+        try:
+            value = int(variable, 10)
+        except ValueError:
+            nodes.fail(item.key, item.line, "expected an integer in the environment variable")
+    if value <= 0:
+        nodes.fail(item.key, item.line, "must be greater than 0")
+    return value
+
+
+def strings(nodes: NodeReader, item: Item) -> tuple[str, ...]:
+    """A list of non-empty strings, stripped; one string is a one-item list."""
+    if nodes.is_null(item):
+        return ()
+    return tuple(
+        nodes.required_string(part, "a string or a list of strings", STRING_TAGS).strip()
+        for part in nodes.as_list(item)
+    )
+
+
+def one_of(allowed: Sequence[str], later: Sequence[str] = (), noun: str | None = None) -> Reader:
+    """A reader of one of the words ``allowed``.  Words in ``later`` are
+    known but not built yet, and say so.  ``noun`` names the setting in the
+    messages ("unknown type 'x'"); without it they say "value"."""
+
+    def choice(nodes: NodeReader, item: Item) -> str:
+        value = nodes.required_string(item).strip()
+        said = repr(value) if noun is None else f"{noun} {value!r}"
+        if value in later:
+            nodes.fail(item.key, item.line, f"{said} is not supported yet")
+        if value not in allowed:
+            nodes.fail(
+                item.key,
+                item.line,
+                f"unknown {noun or 'value'} {value!r}; expected one of: {', '.join(allowed)}",
+            )
+        return value
+
+    return choice
+
+
+def url(nodes: NodeReader, item: Item, schemes: Sequence[str]) -> str:
+    """A URL with one of ``schemes`` and a host, stripped, else unchanged."""
+    value = nodes.required_string(item).strip()
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError:
+        nodes.fail(item.key, item.line, "not a valid URL")
+    if parts.scheme.lower() not in schemes:
+        nodes.fail(
+            item.key,
+            item.line,
+            f"must be a URL starting with {' or '.join(s + '://' for s in schemes)}",
+        )
+    if not parts.hostname:
+        nodes.fail(item.key, item.line, "the URL has no host")
+    return value
+
+
+def http_url(nodes: NodeReader, item: Item) -> str:
+    return url(nodes, item, _HTTP)
+
+
+def homeserver_url(nodes: NodeReader, item: Item) -> str:
+    """An http(s) URL that API paths are appended to: no trailing ``/``."""
+    return http_url(nodes, item).rstrip("/")
+
+
+def endpoint_url(nodes: NodeReader, item: Item) -> str:
+    """An upstream endpoint: an http(s) URL that the request path is
+    appended to, so without a query or fragment, and no trailing ``/``."""
+    value = http_url(nodes, item)
+    parts = urlsplit(value)
+    if parts.query or parts.fragment or value.endswith(("?", "#")):
+        nodes.fail(item.key, item.line, "the endpoint must not have a query or fragment")
+    return value.rstrip("/")
+
+
+def redis_url(nodes: NodeReader, item: Item) -> str:
+    value = url(nodes, item, ("redis",))
+    path = urlsplit(value).path
+    if path not in ("", "/") and not re.fullmatch(r"/[0-9]+", path):
+        nodes.fail(
+            item.key,
+            item.line,
+            "the database after the host must be a number, e.g. redis://127.0.0.1:6379/0",
+        )
+    return value
+
+
+def networks(
+    nodes: NodeReader, item: Item
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """IP networks in CIDR form; an address is a network of one."""
+    result = []
+    for part in nodes.as_list(item):
+        value = nodes.required_string(part, "an address or a CIDR network", STRING_TAGS).strip()
+        try:
+            result.append(ipaddress.ip_network(value, strict=False))
+        except ValueError:
+            nodes.fail(part.key, part.line, f"{value!r} is not an IP address or CIDR network")
+    return tuple(result)
+
+
+def parse_size(text: str) -> int:
+    """A byte count such as ``"100MB"``, ``"10KB"``, ``"1G"``, ``"512KiB"`` or
+    ``"1048576"``.  Units are binary (1KB = 1024 bytes), as in logrotate.
+
+    Raises ``ValueError`` when ``text`` is not a positive size.
+    """
+    match = _SIZE.match(text.strip())
+    if match is None:
+        raise ValueError("expected a size such as 100MB, 10KB or a number of bytes")
+    unit = match.group("unit").lower()
+    if unit in ("ib", "i"):
+        raise ValueError("expected a size such as 100MB, 10KB or a number of bytes")
+    size = int(match.group("number")) * _SIZE_UNITS[unit[:1] if unit != "b" else ""]
+    if size <= 0:
+        raise ValueError("a size must be greater than 0")
+    return size
+
+
+def rotation(nodes: NodeReader, item: Item) -> str:
+    """When a file is rotated: ``daily``, or at a size (``parse_size``)."""
+    value = text(nodes, item)
+    if value.lower() == "daily":
+        return "daily"
+    try:
+        parse_size(value)
+    except ValueError as e:
+        nodes.fail(item.key, item.line, f"expected 'daily' or a size: {e}")
+    return value
