@@ -42,6 +42,9 @@ FAILOVER_STATUSES = frozenset({401, 403, 404, 408, 409, 429})
 
 REDACTED = b"[redacted]"
 
+# Written into a request's error when the daemon's stop cut it off.
+CUT_AT_SHUTDOWN = "cut at shutdown"
+
 # A non-stream answer is held whole before it is written (to fail over an
 # upstream dying mid-body); past this size an answer is refused, not buffered.
 MAX_BUFFERED_RESPONSE = 256 * 1024 * 1024
@@ -159,6 +162,7 @@ class Forwarder:
         *,
         stream_idle_timeout: float,
         on_event: Callable[[Exchange, Upstream], Callable[[bytes], bool]] | None = None,
+        on_attempt: Callable[[Exchange, AttemptLog], None] | None = None,
         pooled: Callable[[], bool] = lambda: True,
     ) -> None:
         self._clock = clock
@@ -167,6 +171,8 @@ class Forwarder:
         self._cooperator = cooperator
         self._idle_timeout = stream_idle_timeout
         self._on_event = on_event
+        # Told of each attempt as it ends (the pipeline's observers).
+        self._on_attempt = on_attempt
         # Says, right after agent.request(), whether that request went out on
         # a connection from the pool: only such a connection can be stale.
         self._pooled = pooled
@@ -200,28 +206,28 @@ class Forwarder:
                 )
             except AttemptTimeout as e:
                 attempt.error = str(e)
-                self._end_attempt(attempt)
+                self._end_attempt(exchange, attempt)
                 continue
             except CancelledError:
                 attempt.error = "cancelled: client disconnected"
-                self._end_attempt(attempt)
+                self._end_attempt(exchange, attempt)
                 exchange.client_gone = True
                 exchange.outcome = "client_disconnected"
                 return exchange
             except Exception as e:  # noqa: BLE001 - any failed attempt means the next upstream
                 if exchange.client_gone:
                     attempt.error = "cancelled: client disconnected"
-                    self._end_attempt(attempt)
+                    self._end_attempt(exchange, attempt)
                     exchange.outcome = "client_disconnected"
                     return exchange
                 attempt.error = describe(e)
-                self._end_attempt(attempt)
+                self._end_attempt(exchange, attempt)
                 continue
             if isinstance(result, Committed):
                 await self._finish_relay(exchange, attempt, result)
                 return exchange
             attempt.status = result.status
-            self._end_attempt(attempt)
+            self._end_attempt(exchange, attempt)
             if exchange.usage_added and result.status in (400, 422):
                 # Some OpenAI-compatible servers refuse stream_options: once
                 # more on the same upstream, with the body the client sent.
@@ -236,8 +242,10 @@ class Forwarder:
         self._exhausted(request, exchange, last_answer)
         return exchange
 
-    def _end_attempt(self, attempt: AttemptLog) -> None:
+    def _end_attempt(self, exchange: Exchange, attempt: AttemptLog) -> None:
         attempt.duration = self._clock.seconds() - attempt.started
+        if self._on_attempt is not None:
+            self._on_attempt(exchange, attempt)
 
     def _attempt(
         self,
@@ -338,7 +346,7 @@ class Forwarder:
             result = await committed.relay.done
         except CancelledError:
             result = RelayResult(ok=False, error="client disconnected", client_gone=True)
-        self._end_attempt(attempt)
+        self._end_attempt(exchange, attempt)
         exchange.bytes_out = committed.relay.bytes_out
         if result.client_gone:
             exchange.client_gone = True

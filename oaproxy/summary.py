@@ -7,9 +7,15 @@ no key, token or URL credentials ever appear.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from twisted.logger import Logger
+
 from oaproxy.config import Config, Upstream, all_client_keys
+
+if TYPE_CHECKING:
+    from oaproxy.generation import Generation
 
 
 def public_url(url: str) -> str:
@@ -65,3 +71,19 @@ def summary(
     )
     lines.append(f"alerts: {alert_list}")
     return lines
+
+
+def log_summary(log: Logger, headline: str, generation: Generation, listen: Iterable[str]) -> None:
+    """Log ``headline`` and the summary of what ``generation`` runs."""
+    config = generation.config
+    alerts = [f"{c.name} ({c.host})" for c in generation.notifier.channels]
+    where = {
+        # A postgres DSN may hold a password; a sqlite path does not.
+        "sql": "postgres" if config.dbtype == "postgres" else config.dbaddr,
+        "file": config.records.file,
+        "redis": public_url(config.redis) if config.redis else None,
+    }
+    sinks = [f"{name} ({where[name]})" for name in generation.sinks]
+    log.info(headline)
+    for line in summary(config, listen, sinks, alerts):
+        log.info("  {line}", line=line)

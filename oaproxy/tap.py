@@ -52,7 +52,8 @@ class Options(usage.Options):
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
-    from oaproxy.service import ProxyService, check_endpoint
+    from oaproxy.listeners import check_endpoint
+    from oaproxy.service import ProxyService
 
     if reactor is None:
         from twisted.internet import reactor as default_reactor

@@ -1,34 +1,27 @@
-"""The HTTP front: resource tree, body cap, client auth, OpenAI-shaped errors.
+"""The HTTP front: the resource tree, the body cap, reading a request's path
+and client address, OpenAI-shaped error answers.
 
-``/v1/*`` is proxied for every method; ``OPTIONS`` is a CORS preflight;
-``/healthz`` says the process serves. The resources read the current
-``Runtime`` (config, router, forwarder) through a callable on every request,
-so a reload swaps it for new requests while those in flight keep theirs.
+``/v1/*`` goes to the request pipeline of the config that made the tree
+(``oaproxy.pipeline``); ``OPTIONS`` is a CORS preflight; ``/healthz`` says
+the process serves. A reload puts a new tree in the site
+(``ProxySite.serve``): new requests use it, those in flight keep theirs.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Callable
 from io import BytesIO
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 from urllib.parse import unquote_to_bytes
 
-from attrs import frozen
-from twisted.internet.defer import Deferred
-from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-from oaproxy.config import Config
-from oaproxy.errors import ErrorAnswer, error_body
-from oaproxy.forward import Call, Exchange, Forwarder
-from oaproxy.headers import forwarded_for
-from oaproxy.inspection import Inspected
-from oaproxy.relay import RequestBody
-from oaproxy.routing import Caller, Router
+from oaproxy.errors import ErrorAnswer
+
+if TYPE_CHECKING:
+    from oaproxy.pipeline import Pipeline
 
 # Bodies up to this size are read into memory (they are parsed for the model
 # anyway); larger ones stay in twisted.web's spool file and are replayed from it.
@@ -39,23 +32,6 @@ CORS_HEADERS = {
     b"access-control-allow-methods": b"GET, POST, PUT, PATCH, DELETE, OPTIONS",
     b"access-control-max-age": b"86400",
 }
-
-
-@frozen
-class Runtime:
-    """What one config makes: built once per (re)load, never per request."""
-
-    config: Config
-    router: Router
-    forwarder: Forwarder
-    # Called when a request goes to the forwarder (in-flight, active gauges),
-    # and once per client request when it is over (records, metrics, alerts).
-    started: Callable[[Exchange, server.Request], None]
-    finished: Callable[[Exchange, server.Request], None]
-    # Parses the body for routing: model, stream, the per-upstream body.
-    inspect: Callable[[RequestBody, bytes | None], Inspected]
-    # Wall-clock time for records (the reactor's clock may be a test Clock).
-    wall_clock: Callable[[], float]
 
 
 class ProxyRequest(server.Request):
@@ -101,17 +77,20 @@ class ProxyRequest(server.Request):
 
 
 class ProxySite(server.Site):
+    """The site of every listener; ``serve`` puts a config's resource tree in
+    place for the requests that come next (those in flight keep theirs)."""
+
     requestFactory = ProxyRequest
     displayTracebacks = False
     noisy = False
 
-    def __init__(self, root: Resource, runtime: Callable[[], Runtime], **kwargs: Any) -> None:
+    def __init__(self, root: Resource, max_body_bytes: int, **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
-        self._runtime = runtime
+        self.max_body_bytes = max_body_bytes
 
-    @property
-    def max_body_bytes(self) -> int:
-        return self._runtime().config.max_body_bytes
+    def serve(self, root: Resource, max_body_bytes: int) -> None:
+        self.resource = root
+        self.max_body_bytes = max_body_bytes
 
     def log(self, request: http.Request) -> None:
         """No access log line: each request's record says more, in the sinks."""
@@ -126,14 +105,11 @@ def answer_error(request: server.Request, error: ErrorAnswer) -> bytes:
 
 
 class ProxyResource(Resource):
-    """``/v1/*``: authenticate, choose candidates, hand over to the forwarder."""
+    """``/v1/*``: CORS, then the request pipeline of one config."""
 
-    log = Logger()
-
-    def __init__(self, runtime: Callable[[], Runtime], clock: Any) -> None:
+    def __init__(self, pipeline: Pipeline) -> None:
         super().__init__()
-        self._runtime = runtime
-        self._clock = clock
+        self.pipeline = pipeline
 
     def getChild(self, path: bytes, request: server.Request) -> Resource:
         return self
@@ -144,106 +120,7 @@ class ProxyResource(Resource):
         request.setHeader(b"server", b"oaproxy")
         if request.method == b"OPTIONS":
             return self._preflight(request)
-        runtime = self._runtime()
-        uri: bytes = request.uri
-        content_type = request.getHeader(b"content-type")
-        caller = runtime.router.authenticate(request.getHeader(b"authorization"))
-        path = route_path(uri)
-        refusal = self._refusal(request, runtime, caller, path)
-        if refusal is not None:
-            # Refused before the body is read or parsed: a client without a
-            # key cannot make the reactor parse 64 MiB of JSON for a 401.
-            body = RequestBody(size=_declared_size(request), data=None)
-        else:
-            body = _request_body(cast(IO[bytes], request.content), content_type)
-        inspected = runtime.inspect(body, content_type)
-        exchange = Exchange(
-            call=Call(
-                method=request.method,
-                path=uri,
-                upstream_path=uri[3:],
-                headers=request.requestHeaders,
-                inspected=inspected,
-                authorization=request.getHeader(b"authorization"),
-                forwarded_for=forwarded_for(request.requestHeaders, _peer(request)),
-            ),
-            started=self._clock.seconds(),
-            time=runtime.wall_clock(),
-            key_name=caller.key.name if caller.key is not None else None,
-            client_ip=client_ip(request, runtime.config.trusted_proxies),
-            user_agent=_text(request.getHeader(b"user-agent")),
-        )
-        if refusal is not None:
-            return self._refuse(request, runtime, exchange, refusal)
-        assert path is not None
-        candidates = runtime.router.candidates(caller, inspected.model, path)
-        if isinstance(candidates, ErrorAnswer):
-            return self._refuse(request, runtime, exchange, candidates)
-        runtime.started(exchange, request)
-        self._forward(request, runtime, exchange, candidates)
-        return server.NOT_DONE_YET
-
-    def _refusal(
-        self, request: server.Request, runtime: Runtime, caller: Caller, path: str | None
-    ) -> ErrorAnswer | None:
-        """An answer that needs no look at the body, or None."""
-        if getattr(request, "too_large", False):
-            return ErrorAnswer(
-                413,
-                f"Request body too large: the limit is {runtime.config.max_body_bytes} bytes.",
-                code="request_too_large",
-            )
-        if path is None:
-            return ErrorAnswer(
-                400,
-                "Invalid path: the API is under /v1/, spelled plainly, with no '.' or '..' segments.",
-                code="invalid_path",
-            )
-        return runtime.router.unauthorized(caller)
-
-    def _refuse(
-        self, request: server.Request, runtime: Runtime, exchange: Exchange, error: ErrorAnswer
-    ) -> bytes:
-        """Answer an error of oaproxy's own; it is recorded like any request."""
-        body = answer_error(request, error)
-        exchange.status = error.status
-        exchange.outcome = "client_error"
-        exchange.response_body = body
-        exchange.bytes_out = len(body)
-        exchange.ttfb = exchange.finished = self._clock.seconds()
-        exchange.ttfb -= exchange.started
-        runtime.finished(exchange, request)
-        return body
-
-    def _forward(
-        self, request: server.Request, runtime: Runtime, exchange: Exchange, candidates: Any
-    ) -> None:
-        work: list[Deferred[Exchange]] = []
-
-        def client_gone(reason: Failure) -> None:
-            exchange.client_gone = True
-            if work:
-                work[0].cancel()
-
-        # Subscribed first: a disconnect at any point reaches the upstream.
-        request.notifyFinish().addErrback(client_gone)
-        d = runtime.forwarder.forward(request, exchange, candidates)
-        work.append(d)
-
-        def done(result: Exchange | Failure) -> None:
-            if isinstance(result, Failure):
-                if not exchange.client_gone:
-                    self.log.failure("forwarding failed", failure=result)
-                    _fail_unfinished(request)
-                    exchange.outcome = "error"
-                else:
-                    exchange.outcome = "client_disconnected"
-            exchange.finished = self._clock.seconds()
-            runtime.finished(exchange, request)
-
-        d.addBoth(done).addErrback(
-            lambda failure: self.log.failure("finishing a request failed", failure=failure)
-        )
+        return self.pipeline.handle(request)
 
     def _preflight(self, request: server.Request) -> int:
         asked = request.getHeader(b"access-control-request-headers")
@@ -256,21 +133,6 @@ class ProxyResource(Resource):
         # returned b"", which a 204 must not carry.
         request.finish()
         return server.NOT_DONE_YET
-
-
-def _fail_unfinished(request: server.Request) -> None:
-    """A bug must still answer the client, never leave it hanging."""
-    if request.finished or request._disconnected:
-        return
-    if request.startedWriting:
-        request.channel.transport.abortConnection()  # type: ignore[union-attr]
-        return
-    body = error_body("Internal proxy error.", type="server_error", code="internal_error")
-    request.setResponseCode(500)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"content-length", b"%d" % len(body))
-    request.write(body)
-    request.finish()
 
 
 def route_path(uri: bytes) -> str | None:
@@ -294,7 +156,7 @@ def route_path(uri: bytes) -> str | None:
     return "/" + "/".join(segments)
 
 
-def _declared_size(request: server.Request) -> int:
+def declared_size(request: server.Request) -> int:
     """The body's size without reading it (what arrived, or was announced)."""
     if getattr(request, "too_large", False):
         return int(request.received)  # type: ignore[attr-defined]
@@ -305,21 +167,7 @@ def _declared_size(request: server.Request) -> int:
     return size
 
 
-def _request_body(content: IO[bytes], content_type: bytes | None) -> RequestBody:
-    content.seek(0, 2)
-    size = content.tell()
-    content.seek(0)
-    # JSON is read whatever its size: its model decides the route.
-    if size <= IN_MEMORY_BODY or (content_type or b"").startswith(b"application/json"):
-        return RequestBody(size=size, data=content.read())
-    return RequestBody(size=size, data=None, file=content)
-
-
-def _text(value: bytes | None) -> str | None:
-    return value.decode("utf-8", "replace") if value is not None else None
-
-
-def _peer(request: server.Request) -> str:
+def peer(request: server.Request) -> str:
     address = request.getClientAddress()
     return getattr(address, "host", None) or "unix"
 
@@ -330,14 +178,14 @@ def client_ip(request: server.Request, trusted: tuple[Any, ...]) -> str:
     Walks the forwarded chain from the right and stops at the first address
     that is not a trusted proxy, so a client cannot forge its own entry.
     """
-    peer = _peer(request)
+    peer_address = peer(request)
     forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
     if not forwarded or not trusted:
-        return peer
+        return peer_address
     chain = [
         part.strip().decode("ascii", "replace") for value in forwarded for part in value.split(b",")
     ]
-    chain.append(peer)
+    chain.append(peer_address)
     for hop in reversed(chain):
         try:
             address = ipaddress.ip_address(hop)

@@ -300,7 +300,7 @@ class ProxyCase(LiveCase):
         # they are followed so that cleanup closes them and waits.
         tracker = ConnectionTracker(service.site)
         records = RecordLog()
-        service.records.add_observer(records)
+        service.shared.records.add_observer(records)
         service.startService()
         self.addCleanup(tracker.close_all)
 

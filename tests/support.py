@@ -24,25 +24,21 @@ from attrs import define, field, frozen
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import Clock, Cooperator
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import ILogObserver
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
-from twisted.web.resource import Resource
-from twisted.web.server import Request
 from zope.interface import implementer
 
 from oaproxy.config import Config, parse_config
-from oaproxy.forward import Exchange, Forwarder
-from oaproxy.inspection import inspect_request
-from oaproxy.records import RecordMaker
-from oaproxy.routing import Router
-from oaproxy.web import ProxyResource, ProxySite, RootResource, Runtime
+from oaproxy.generation import Shared, build_generation
+from oaproxy.web import ProxySite
 
 # The wall-clock time the harness gives records (the reactor clock starts at 0).
 WALL_TIME = 1_700_000_000.0
@@ -430,8 +426,9 @@ class Client:
 
 
 class Harness:
-    """The real resource tree and site, wired as the service wires them,
-    with a clock, recording agents and a cooperator on the clock."""
+    """The real resource tree and site, built by the daemon's own factory
+    (``build_generation``), with a clock, recording agents and a cooperator
+    on the clock."""
 
     def __init__(
         self,
@@ -444,38 +441,25 @@ class Harness:
         self.clock = Clock()
         self.agent = RecordingAgent(cancel_error)
         self.fresh_agent = RecordingAgent(cancel_error)
-        self.cooperator = Cooperator(scheduler=lambda work: self.clock.callLater(0, work))
-        self.records: list[dict[str, Any]] = []
-        self.exchanges: list[Exchange] = []
-        maker = RecordMaker(self.config)
-        self.forwarder = Forwarder(
-            cast(IReactorTime, self.clock),
-            cast(IAgent, self.agent),
-            cast(IAgent, self.fresh_agent),
-            self.cooperator,
-            stream_idle_timeout=self.config.stream_idle_timeout,
-            on_event=maker.stream_observer,
-        )
-
-        def finished(exchange: Exchange, request: Request) -> None:
-            self.exchanges.append(exchange)
-            self.records.append(maker.make(exchange, request))
-
-        self.runtime = Runtime(
-            config=self.config,
-            router=Router(self.config, rng),
-            forwarder=self.forwarder,
-            started=lambda exchange, request: None,
-            finished=finished,
-            inspect=inspect_request,
+        self.shared = Shared.create(
+            self.clock,
+            self.config,
+            agent=cast(IAgent, self.agent),
+            fresh_agent=cast(IAgent, self.fresh_agent),
+            pooled=lambda: True,
+            environ={},
             wall_clock=lambda: WALL_TIME,
+            rng=rng,
         )
-        root = RootResource(
-            ProxyResource(lambda: self.runtime, self.clock),
-            metrics=Resource(),
-            ready=Resource(),
+        self.cooperator = self.shared.cooperator
+        self.records: list[dict[str, Any]] = []
+        self.shared.records.add_observer(
+            cast(ILogObserver, lambda event: self.records.append(event["record"]))
         )
-        self.site = ProxySite(root, lambda: self.runtime, reactor=self.clock)
+        self.generation = build_generation(self.config, self.shared)
+        self.pipeline = self.generation.pipeline
+        self.forwarder = self.generation.forwarder
+        self.site = ProxySite(self.generation.root, self.config.max_body_bytes, reactor=self.clock)
 
     def connect(self, peer: str = "10.1.2.3") -> Client:
         return Client(self.site, peer)

@@ -22,6 +22,7 @@ from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
+from oaproxy import generation
 from tests.fakeupstream import Chat, FakeUpstream, Hang, Status, Stream
 from tests.harness import (
     CLIENT_KEY,
@@ -368,7 +369,7 @@ class AlertTests(OperateCase):
         self.assertIn("stream", text)
         self._check_matrix(await matrix.received(2))
 
-        notifier = proxy.service.notifier
+        notifier = proxy.service.generation.notifier
         await notifier.drained()
         self.assertEqual((len(feishu.requests), len(matrix.requests)), (2, 2))
         self.assertEqual(notifier.sent, {"feishu": 2, "matrix": 2})
@@ -382,7 +383,7 @@ class AlertTests(OperateCase):
             answer = await self.chat(proxy, "gpt-4o")
             self.assertEqual(answer.code, 500)
             await proxy.records.nth(count)
-        notifier = proxy.service.notifier
+        notifier = proxy.service.generation.notifier
         # The second alert was decided (suppressed) when its record was made.
         await notifier.drained()
         self.assertEqual((len(feishu.requests), len(matrix.requests)), (1, 1))
@@ -415,7 +416,7 @@ class AlertTests(OperateCase):
         # The Matrix post is still hanging when the client has its answer.
         seen = await hanging.received(1)
         self.assertIsNone(seen.ended_as)
-        notifier = proxy.service.notifier
+        notifier = proxy.service.generation.notifier
         self.assertEqual(notifier.sent, {"feishu": 0, "matrix": 0})
         # Then each post ends on its own: refused at once, the other by its deadline.
         await notifier.drained()
@@ -488,7 +489,7 @@ class ReloadTests(OperateCase):
                 "path": CHAT_ROUTE,
                 "status": 200,
             }
-            service.records.emit(record)
+            service.shared.records.emit(record)
             return record
 
         burst = [emit(n) for n in range(5)]  # one turn: 4 spill before any write
@@ -517,20 +518,20 @@ class ReloadTests(OperateCase):
             records={"file": os.path.abspath(self.mktemp()) + ".jsonl"},
         )
         service = proxy.service
-        before = (service.runtime, service.sinks, service.config)
+        before = (service.generation, service.sinks, service.config)
         with open(proxy.config_path, encoding="utf-8") as f:
             config = yaml.safe_load(f)
         config["records"]["queue_size"] = 5
         config["authorization"] = {"carol": "ck-carol-0123456789"}
         write_yaml(proxy.config_path, config)
 
-        def broken(config: Any) -> Any:
+        def broken(config: Any, reactor: Any) -> Any:
             raise ValueError("a sink cannot be made of this")
 
-        self.patch(service, "_make_sinks", broken)
+        self.patch(generation, "make_sinks", broken)
         refused = await service.reload()
         self.assertEqual(
-            (refused, (service.runtime, service.sinks, service.config)), (False, before)
+            (refused, (service.generation, service.sinks, service.config)), (False, before)
         )
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
         # Nothing of the new config is in use: the old key still works.

@@ -32,7 +32,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web import server
 
 from oaproxy.cli import main as cli_main
-from oaproxy.service import usage_prefix
+from oaproxy.generation import usage_prefix
 from oaproxy.sinks.redis import usage_date
 from tests.fakeupstream import (
     FakeUpstream,

@@ -8,7 +8,6 @@ import os
 from io import BytesIO
 from typing import IO, Any, ClassVar, cast
 
-import attrs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import FileBodyProducer
@@ -638,13 +637,13 @@ class RefusedUnreadTests(SynchronousTestCase):
         """Without a valid key (and no noauth upstream) the body is not parsed."""
         h = Harness(CONFIG)
         parsed: list[bytes] = []
-        inspect = h.runtime.inspect
+        inspect = h.pipeline.inspect
 
         def spy(body: Any, content_type: bytes | None) -> Any:
             parsed.append(body.data)
             return inspect(body, content_type)
 
-        h.runtime = attrs.evolve(h.runtime, inspect=spy)
+        self.patch(h.pipeline, "inspect", spy)
         reply = h.request(b"POST", b"/v1/chat/completions", CHAT, [JSON]).reply()
         self.assertEqual(reply.status, 401)
         self.assertEqual(parsed, [None])

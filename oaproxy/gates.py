@@ -1,0 +1,45 @@
+"""The head gates every config has: body cap, path, client key (in this order).
+
+Each looks at the ``Arrival`` only: none of them reads or parses the body.
+"""
+
+from __future__ import annotations
+
+from oaproxy.errors import ErrorAnswer
+from oaproxy.pipeline import Arrival, HeadGate, Verdict
+from oaproxy.routing import Router
+
+
+def body_cap(arrival: Arrival) -> Verdict:
+    """413 for a body over ``max_body_bytes`` (it was thrown away as it came)."""
+    if getattr(arrival.request, "too_large", False):
+        return ErrorAnswer(
+            413,
+            f"Request body too large: the limit is {arrival.config.max_body_bytes} bytes.",
+            code="request_too_large",
+        )
+    return None
+
+
+def path_check(arrival: Arrival) -> Verdict:
+    """400 for a path no API has (``.`` or ``..`` segments, ``/v1`` spelled with escapes)."""
+    if arrival.path is None:
+        return ErrorAnswer(
+            400,
+            "Invalid path: the API is under /v1/, spelled plainly, with no '.' or '..' segments.",
+            code="invalid_path",
+        )
+    return None
+
+
+def client_key(router: Router) -> HeadGate:
+    """401 for a caller without a valid key whom no ``noauth`` upstream would serve."""
+
+    def check(arrival: Arrival) -> Verdict:
+        return router.unauthorized(arrival.caller)
+
+    return check
+
+
+def builtin_head_gates(router: Router) -> tuple[HeadGate, ...]:
+    return (body_cap, path_check, client_key(router))

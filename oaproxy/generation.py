@@ -1,0 +1,229 @@
+"""What one config makes, built in one place: for the daemon, at start and
+at each reload, and for the tests, which run the same wiring in memory.
+
+``Shared`` is what outlives a reload (the upstream agents, the record
+publisher, metrics, readiness, the in-flight ledger); a ``Generation`` is
+everything one config makes on top of it (router, forwarder, the request
+pipeline and its resource tree, sinks, notifier, log file). A reload builds
+a whole new generation before anything is swapped, reusing the previous
+one's sinks, notifier and log file where their config sections did not
+change.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from attrs import frozen
+from twisted.internet.task import Cooperator
+from twisted.web.iweb import IAgent
+from twisted.web.resource import Resource
+
+from oaproxy.alerts import Notifier
+from oaproxy.config import Config
+from oaproxy.forward import Forwarder
+from oaproxy.gates import builtin_head_gates
+from oaproxy.health import Readiness, ReadyResource
+from oaproxy.inspection import inspect_request
+from oaproxy.ledger import RequestLedger
+from oaproxy.logfile import JSONLogFile
+from oaproxy.metrics import Metrics, MetricsResource
+from oaproxy.observers import Alerting, MetricsCounting, ReadinessFollowing, RecordPublishing
+from oaproxy.pipeline import Observers, Pipeline
+from oaproxy.records import RecordEmitter, RecordMaker
+from oaproxy.routing import Router
+from oaproxy.sinks import FileSink, QueuedSink, SQLSink
+from oaproxy.web import ProxyResource, RootResource
+
+
+@frozen
+class Shared:
+    """What every generation of one daemon uses, and a reload keeps."""
+
+    reactor: Any
+    agent: IAgent
+    # For the one retry after a stale pooled connection: a new connection.
+    fresh_agent: IAgent
+    # Says, right after agent.request(), whether it used a pooled connection.
+    pooled: Callable[[], bool]
+    cooperator: Cooperator
+    records: RecordEmitter
+    metrics: Metrics
+    readiness: Readiness
+    ledger: RequestLedger
+    environ: Mapping[str, str]
+    # Wall-clock time for records (the reactor's clock may be a test Clock).
+    wall_clock: Callable[[], float]
+    # Spreading load needs no cryptographic randomness; tests seed it.
+    rng: random.Random
+
+    @classmethod
+    def create(
+        cls,
+        reactor: Any,
+        config: Config,
+        *,
+        agent: IAgent,
+        fresh_agent: IAgent,
+        pooled: Callable[[], bool],
+        environ: Mapping[str, str],
+        wall_clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> Shared:
+        return cls(
+            reactor=reactor,
+            agent=agent,
+            fresh_agent=fresh_agent,
+            pooled=pooled,
+            cooperator=Cooperator(scheduler=lambda work: reactor.callLater(0, work)),
+            records=RecordEmitter(),
+            metrics=Metrics(known_models(config), upstream_names(config)),
+            readiness=Readiness(reactor),
+            ledger=RequestLedger(reactor),
+            environ=environ,
+            wall_clock=wall_clock,
+            rng=rng or random.Random(),
+        )
+
+
+@frozen
+class Generation:
+    """Everything one config makes; none of it started yet."""
+
+    config: Config
+    router: Router
+    forwarder: Forwarder
+    pipeline: Pipeline
+    root: Resource
+    sinks: Mapping[str, QueuedSink]
+    notifier: Notifier
+    log_file: JSONLogFile | None
+
+
+def build_generation(
+    config: Config, shared: Shared, previous: Generation | None = None
+) -> Generation:
+    """Build what ``config`` makes; raises whatever stops a part being made."""
+    reactor = shared.reactor
+    if previous is not None and _sink_section(previous.config) == _sink_section(config):
+        sinks = previous.sinks
+    else:
+        sinks = make_sinks(config, reactor)
+    if previous is not None and _notify_section(previous.config) == _notify_section(config):
+        notifier = previous.notifier
+    else:
+        notifier = Notifier.from_config(
+            config.notify,
+            shared.agent,
+            reactor,
+            config.hostname,
+            environ=shared.environ,
+            on_result=shared.metrics.alert_sent,
+        )
+    if previous is not None and previous.config.log_file == config.log_file:
+        log_file = previous.log_file
+    else:
+        log_file = JSONLogFile(config.log_file, reactor) if config.log_file else None
+    observers = Observers(
+        [
+            RecordPublishing(shared.records),
+            MetricsCounting(shared.metrics),
+            ReadinessFollowing(shared.readiness),
+            Alerting(notifier),
+            # Last: a stop waiting for the last request goes on only once
+            # its record is on its way.
+            shared.ledger,
+        ]
+    )
+    records = RecordMaker(config)
+    router = Router(config, shared.rng)
+    forwarder = Forwarder(
+        reactor,
+        shared.agent,
+        shared.fresh_agent,
+        shared.cooperator,
+        stream_idle_timeout=config.stream_idle_timeout,
+        on_event=records.stream_observer,
+        on_attempt=observers.attempt_finished,
+        pooled=shared.pooled,
+    )
+    pipeline = Pipeline(
+        config,
+        router,
+        forwarder,
+        records,
+        clock=reactor,
+        wall_clock=shared.wall_clock,
+        inspect=inspect_request,
+        head_gates=builtin_head_gates(router),
+        observers=observers,
+    )
+    root = RootResource(
+        ProxyResource(pipeline),
+        metrics=MetricsResource(shared.metrics, config.metrics_key),
+        ready=ReadyResource(shared.readiness.state),
+    )
+    return Generation(
+        config=config,
+        router=router,
+        forwarder=forwarder,
+        pipeline=pipeline,
+        root=root,
+        sinks=sinks,
+        notifier=notifier,
+        log_file=log_file,
+    )
+
+
+def make_sinks(config: Config, reactor: Any) -> dict[str, QueuedSink]:
+    """The sinks a config asks for, not yet observing nor started."""
+    policy = config.records
+    common: dict[str, Any] = {"spool_dir": policy.spool_dir, "queue_size": policy.queue_size}
+    sinks: dict[str, QueuedSink] = {}
+    if config.dbtype != "none":
+        sinks["sql"] = SQLSink(config.dbtype, config.dbaddr, reactor=reactor, **common)
+    if policy.file:
+        sinks["file"] = FileSink(policy.file, rotate=policy.rotate, clock=reactor, **common)
+    if config.redis:
+        # Imported here: txredisapi installs the global reactor on import.
+        from oaproxy.sinks.redis import RedisSink
+
+        sinks["redis"] = RedisSink(
+            config.redis,
+            key=policy.redis_key,
+            maxlen=policy.redis_maxlen,
+            usage_prefix=usage_prefix(policy.redis_key),
+            reactor=reactor,
+            **common,
+        )
+    return sinks
+
+
+def _sink_section(config: Config) -> tuple[Any, ...]:
+    """What the sinks are made of: a change anywhere in it makes new ones."""
+    return (config.dbtype, config.dbaddr, config.redis, config.records)
+
+
+def _notify_section(config: Config) -> tuple[Any, ...]:
+    return (config.notify, config.hostname)
+
+
+def known_models(config: Config) -> list[str]:
+    """Model names worth their own metrics label."""
+    names = [name for u in config.upstreams for name in u.allow if not name.startswith("/")]
+    return names + list(config.prices)
+
+
+def upstream_names(config: Config) -> list[str]:
+    return [u.name for u in config.upstreams]
+
+
+def usage_prefix(redis_key: str) -> str:
+    """Where the daily usage counters go: beside the records stream
+    (``oaproxy:records`` -> ``oaproxy:usage``), so that deployments sharing a
+    Redis with their own keys keep their own counters."""
+    namespace, colon, _ = redis_key.rpartition(":")
+    return f"{namespace}:usage" if colon else f"{redis_key}:usage"

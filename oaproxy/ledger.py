@@ -1,0 +1,60 @@
+"""The requests in flight, for a graceful stop: wait for them, or cut them."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.interfaces import IReactorTime, ITCPTransport
+from twisted.web.server import Request
+
+from oaproxy.forward import CUT_AT_SHUTDOWN, Exchange
+from oaproxy.pipeline import Observer
+
+
+class RequestLedger(Observer):
+    """Follows every forwarded request from its start to its record.
+
+    It outlives reloads: requests in flight on an old config are counted
+    until they finish, whatever config the daemon runs by then.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._inflight: dict[Exchange, Request] = {}
+        self._idle: list[Deferred[None]] = []
+
+    def __len__(self) -> int:
+        return len(self._inflight)
+
+    def request_started(self, exchange: Exchange, request: Request) -> None:
+        self._inflight[exchange] = request
+
+    def request_finished(self, exchange: Exchange, record: Any) -> None:
+        self._inflight.pop(exchange, None)
+        if not self._inflight:
+            waiting, self._idle = self._idle, []
+            for d in waiting:
+                d.callback(None)
+
+    def wait_idle(self, timeout: float) -> Deferred[bool]:
+        """Fires True once nothing is in flight, False after ``timeout`` seconds."""
+        if not self._inflight:
+            return succeed(True)
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+
+        def timed_out(failure: Any) -> bool:
+            failure.trap(TimeoutError)
+            if d in self._idle:
+                self._idle.remove(d)
+            return False
+
+        return d.addTimeout(timeout, self._clock).addCallbacks(lambda _: True, timed_out)
+
+    def cut_all(self) -> None:
+        """Close every connection still in flight; their records say ``shutdown``."""
+        for exchange, request in list(self._inflight.items()):
+            exchange.error = CUT_AT_SHUTDOWN
+            if request.channel is not None and request.channel.transport is not None:
+                cast(ITCPTransport, request.channel.transport).abortConnection()

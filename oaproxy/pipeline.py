@@ -1,0 +1,377 @@
+"""The request pipeline: what happens to a client request on ``/v1``, in order,
+and the named places where behaviour plugs in.
+
+1. **Head gates** (``HeadGate``) run before the body is read or parsed; each
+   sees the ``Arrival`` (the request, the authenticated caller, the route
+   path) and may refuse it. Built in, in this order: the body cap (413), the
+   path check (400), the client key (401). Checks that need no body go here
+   (IP rules before the key check, request-rate limits after it), so that a
+   refused client never makes the reactor parse its body.
+2. **Inspection**: the body is read and parsed for what routing needs (the
+   model, the stream flag).
+3. **Routing**: the router picks the upstreams that may serve this caller
+   and model (404 or 403 otherwise); then each **candidate filter**
+   (``CandidateFilter``) reorders or narrows that list, or refuses: the
+   balancing policy is one (circuit breakers and content-filter exemptions
+   go here too).
+4. **Gates** (``Gate``) see the exchange and the candidates and may answer
+   themselves: token limits and budgets, a cache hit.
+5. **Forwarding**: the forwarder tries the candidates in order.
+6. **Observers** (``Observer``) see each forwarded request start, each
+   attempt end, and every request finish with its record, refused ones
+   included: records, metrics, readiness, alerts, the in-flight ledger
+   (limiter accounting, breaker state and cache fill go here too).
+
+A gate may answer at once or return a ``Deferred`` (a Redis round trip):
+gates run synchronously until one returns a Deferred, so a request whose
+gates need no I/O pays for no Deferred; a client that goes away while a gate
+waits cancels it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import IO, Any, Protocol, TypeVar, cast
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+
+from oaproxy.config import Config, Upstream
+from oaproxy.errors import ErrorAnswer, error_body
+from oaproxy.forward import CUT_AT_SHUTDOWN, AttemptLog, Call, Exchange, Forwarder
+from oaproxy.headers import forwarded_for
+from oaproxy.inspection import Inspected
+from oaproxy.records import RecordMaker
+from oaproxy.relay import RequestBody
+from oaproxy.routing import Caller, Router
+from oaproxy.web import IN_MEMORY_BODY, answer_error, client_ip, declared_size, peer, route_path
+
+Verdict = ErrorAnswer | None
+_T = TypeVar("_T")
+
+
+@frozen
+class Arrival:
+    """A request before its body is read: what head gates decide on."""
+
+    request: server.Request
+    caller: Caller
+    # The path as routing sees it; None for one no API has (see route_path).
+    path: str | None
+    config: Config
+
+
+class HeadGate(Protocol):
+    """Runs before the body is read; returns an answer to refuse the request."""
+
+    def __call__(self, arrival: Arrival) -> Verdict | Deferred[Verdict]: ...
+
+
+class CandidateFilter(Protocol):
+    """Reorders or narrows the upstreams that may serve a request, or refuses it."""
+
+    def __call__(
+        self, exchange: Exchange, candidates: list[Upstream]
+    ) -> list[Upstream] | ErrorAnswer: ...
+
+
+class Gate(Protocol):
+    """Runs once the body is parsed and the candidates are known; returns an
+    answer to give instead of forwarding."""
+
+    def __call__(
+        self, exchange: Exchange, candidates: Sequence[Upstream]
+    ) -> Verdict | Deferred[Verdict]: ...
+
+
+class Observer:
+    """Sees requests go by; the methods it does not need are left as they are."""
+
+    def request_started(self, exchange: Exchange, request: server.Request) -> None:
+        """A request goes to the forwarder (refused requests never start)."""
+
+    def attempt_finished(self, exchange: Exchange, attempt: AttemptLog) -> None:
+        """One attempt on one upstream is over."""
+
+    def request_finished(self, exchange: Exchange, record: Any) -> None:
+        """A request is over, forwarded or refused. ``record`` is None only
+        when it could not be made (a bug, logged): what counts requests in
+        flight must still count this one out."""
+
+
+class Observers:
+    """Every observer of one config, each shielded from the others' bugs."""
+
+    log = Logger()
+
+    def __init__(self, observers: Sequence[Observer]) -> None:
+        self._observers = tuple(observers)
+
+    def request_started(self, exchange: Exchange, request: server.Request) -> None:
+        for observer in self._observers:
+            try:
+                observer.request_started(exchange, request)
+            except Exception:  # noqa: BLE001 - one observer's bug must not stop the others
+                self.log.failure("an observer failed on a started request")
+
+    def attempt_finished(self, exchange: Exchange, attempt: AttemptLog) -> None:
+        for observer in self._observers:
+            try:
+                observer.attempt_finished(exchange, attempt)
+            except Exception:  # noqa: BLE001 - one observer's bug must not stop the others
+                self.log.failure("an observer failed on a finished attempt")
+
+    def request_finished(self, exchange: Exchange, record: Any) -> None:
+        for observer in self._observers:
+            try:
+                observer.request_finished(exchange, record)
+            except Exception:  # noqa: BLE001 - one observer's bug must not stop the others
+                self.log.failure("an observer failed on a finished request")
+
+
+class Pipeline:
+    """Runs the stages above for each request of one config."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        router: Router,
+        forwarder: Forwarder,
+        records: RecordMaker,
+        *,
+        clock: IReactorTime,
+        wall_clock: Callable[[], float],
+        inspect: Callable[[RequestBody, bytes | None], Inspected],
+        head_gates: Sequence[HeadGate] = (),
+        candidate_filters: Sequence[CandidateFilter] = (),
+        gates: Sequence[Gate] = (),
+        observers: Observers,
+    ) -> None:
+        self.config = config
+        self.router = router
+        self.forwarder = forwarder
+        self.inspect = inspect
+        self._records = records
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._head_gates = tuple(head_gates)
+        self._candidate_filters = tuple(candidate_filters)
+        self._gates = tuple(gates)
+        self._observers = observers
+
+    # -- the stages ----------------------------------------------------------
+
+    def handle(self, request: server.Request) -> bytes | int:
+        """Render a ``/v1`` request: its answer, or ``NOT_DONE_YET``."""
+        arrival = Arrival(
+            request=request,
+            caller=self.router.authenticate(request.getHeader(b"authorization")),
+            path=route_path(request.uri),
+            config=self.config,
+        )
+        verdict = _run(self._head_gates, arrival)
+        if isinstance(verdict, Deferred):
+            return self._later(request, verdict, lambda v: self._admitted(arrival, v))
+        return self._admitted(arrival, verdict)
+
+    def _admitted(self, arrival: Arrival, refusal: Verdict) -> bytes | int:
+        request = arrival.request
+        content_type = request.getHeader(b"content-type")
+        if refusal is not None:
+            # Refused before the body is read or parsed: a client without a
+            # key cannot make the reactor parse 64 MiB of JSON for a 401.
+            body = RequestBody(size=declared_size(request), data=None)
+        else:
+            body = _request_body(cast(IO[bytes], request.content), content_type)
+        exchange = self._exchange(arrival, self.inspect(body, content_type))
+        if refusal is not None:
+            return self._refuse(request, exchange, refusal)
+        assert arrival.path is not None
+        candidates = self.router.candidates(arrival.caller, exchange.call.model, arrival.path)
+        for candidate_filter in self._candidate_filters:
+            if isinstance(candidates, ErrorAnswer):
+                break
+            candidates = candidate_filter(exchange, candidates)
+        if isinstance(candidates, ErrorAnswer):
+            return self._refuse(request, exchange, candidates)
+        chosen = candidates
+        verdict = _run(self._gates, exchange, chosen)
+        if isinstance(verdict, Deferred):
+            return self._later(
+                request, verdict, lambda v: self._gated(request, exchange, chosen, v)
+            )
+        return self._gated(request, exchange, chosen, verdict)
+
+    def _gated(
+        self,
+        request: server.Request,
+        exchange: Exchange,
+        candidates: list[Upstream],
+        answer: Verdict,
+    ) -> bytes | int:
+        if answer is not None:
+            return self._refuse(request, exchange, answer)
+        self._observers.request_started(exchange, request)
+        self._forward(request, exchange, candidates)
+        return server.NOT_DONE_YET
+
+    def _exchange(self, arrival: Arrival, inspected: Inspected) -> Exchange:
+        request = arrival.request
+        uri: bytes = request.uri
+        caller = arrival.caller
+        return Exchange(
+            call=Call(
+                method=request.method,
+                path=uri,
+                upstream_path=uri[3:],
+                headers=request.requestHeaders,
+                inspected=inspected,
+                authorization=request.getHeader(b"authorization"),
+                forwarded_for=forwarded_for(request.requestHeaders, peer(request)),
+            ),
+            started=self._clock.seconds(),
+            time=self._wall_clock(),
+            key_name=caller.key.name if caller.key is not None else None,
+            client_ip=client_ip(request, self.config.trusted_proxies),
+            user_agent=_text(request.getHeader(b"user-agent")),
+        )
+
+    def _refuse(self, request: server.Request, exchange: Exchange, error: ErrorAnswer) -> bytes:
+        """Answer an error of oaproxy's own; it is recorded like any request."""
+        body = answer_error(request, error)
+        exchange.status = error.status
+        exchange.outcome = "client_error"
+        exchange.response_body = body
+        exchange.bytes_out = len(body)
+        exchange.finished = self._clock.seconds()
+        exchange.ttfb = exchange.finished - exchange.started
+        self.finished(exchange, request)
+        return body
+
+    def _forward(
+        self, request: server.Request, exchange: Exchange, candidates: list[Upstream]
+    ) -> None:
+        work: list[Deferred[Exchange]] = []
+
+        def client_gone(reason: Failure) -> None:
+            exchange.client_gone = True
+            if work:
+                work[0].cancel()
+
+        # Subscribed first: a disconnect at any point reaches the upstream.
+        request.notifyFinish().addErrback(client_gone)
+        d = self.forwarder.forward(request, exchange, candidates)
+        work.append(d)
+
+        def done(result: Exchange | Failure) -> None:
+            if isinstance(result, Failure):
+                if not exchange.client_gone:
+                    self.log.failure("forwarding failed", failure=result)
+                    fail_unfinished(request)
+                    exchange.outcome = "error"
+                else:
+                    exchange.outcome = "client_disconnected"
+            exchange.finished = self._clock.seconds()
+            self.finished(exchange, request)
+
+        d.addBoth(done).addErrback(
+            lambda failure: self.log.failure("finishing a request failed", failure=failure)
+        )
+
+    def _later(
+        self,
+        request: server.Request,
+        pending: Deferred[_T],
+        then: Callable[[_T], bytes | int],
+    ) -> int:
+        """Go on with ``then`` when a gate's answer comes; a client that goes
+        away meanwhile cancels the wait."""
+
+        def client_gone(reason: Failure) -> None:
+            pending.cancel()
+
+        request.notifyFinish().addErrback(client_gone)
+
+        def answered(verdict: _T) -> None:
+            if request._disconnected:
+                return
+            body = then(verdict)
+            if isinstance(body, bytes):
+                request.write(body)
+                request.finish()
+
+        def failed(failure: Failure) -> None:
+            if request._disconnected:
+                return
+            self.log.failure("a request gate failed", failure=failure)
+            fail_unfinished(request)
+
+        pending.addCallbacks(answered, failed).addErrback(
+            lambda failure: self.log.failure("finishing a request failed", failure=failure)
+        )
+        return server.NOT_DONE_YET
+
+    # -- the end -------------------------------------------------------------
+
+    def finished(self, exchange: Exchange, request: server.Request) -> None:
+        """Make the request's record and give it to every observer."""
+        if exchange.error == CUT_AT_SHUTDOWN:
+            # The client did not go away: the proxy cut it off.
+            exchange.outcome = "shutdown"
+        record = None
+        try:
+            record = self._records.make(exchange, request)
+        except Exception:  # noqa: BLE001 - the client has its answer; only bookkeeping failed
+            self.log.failure("recording a finished request failed")
+        self._observers.request_finished(exchange, record)
+
+
+def _run(checks: Sequence[Callable[..., Verdict | Deferred[Verdict]]], *args: Any) -> Any:
+    """The first refusal of ``checks`` called in order, or None; a Deferred of
+    it from the first check that answers later."""
+    for position, check in enumerate(checks):
+        verdict = check(*args)
+        if isinstance(verdict, Deferred):
+            return verdict.addCallback(_then, checks[position + 1 :], args)
+        if verdict is not None:
+            return verdict
+    return None
+
+
+def _then(verdict: Verdict, rest: Sequence[Callable[..., Any]], args: tuple[Any, ...]) -> Any:
+    return verdict if verdict is not None else _run(rest, *args)
+
+
+def fail_unfinished(request: server.Request) -> None:
+    """A bug must still answer the client, never leave it hanging."""
+    if request.finished or request._disconnected:
+        return
+    if request.startedWriting:
+        request.channel.transport.abortConnection()  # type: ignore[union-attr]
+        return
+    body = error_body("Internal proxy error.", type="server_error", code="internal_error")
+    request.setResponseCode(500)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
+
+
+def _request_body(content: IO[bytes], content_type: bytes | None) -> RequestBody:
+    content.seek(0, 2)
+    size = content.tell()
+    content.seek(0)
+    # JSON is read whatever its size: its model decides the route.
+    if size <= IN_MEMORY_BODY or (content_type or b"").startswith(b"application/json"):
+        return RequestBody(size=size, data=content.read())
+    return RequestBody(size=size, data=None, file=content)
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode("utf-8", "replace") if value is not None else None
