@@ -35,6 +35,7 @@ from oaproxy.observers import Alerting, MetricsCounting, ReadinessFollowing, Rec
 from oaproxy.pipeline import Observers, Pipeline
 from oaproxy.records import RecordEmitter, RecordMaker
 from oaproxy.routing import Router
+from oaproxy.sharedredis import SharedRedis
 from oaproxy.sinks import FileSink, QueuedSink, SQLSink
 from oaproxy.web import ProxyResource, RootResource
 
@@ -101,6 +102,8 @@ class Generation:
     sinks: Mapping[str, QueuedSink]
     notifier: Notifier
     log_file: JSONLogFile | None
+    # The top-level redis: for state shared between processes; None without one.
+    shared_redis: SharedRedis | None
 
 
 def build_generation(
@@ -122,6 +125,12 @@ def build_generation(
             config.hostname,
             environ=shared.environ,
             on_result=shared.metrics.alert_sent,
+        )
+    if previous is not None and _redis_section(previous.config) == _redis_section(config):
+        shared_redis = previous.shared_redis
+    else:
+        shared_redis = (
+            SharedRedis(config.redis, config.redis_prefix, reactor) if config.redis else None
         )
     if previous is not None and previous.config.log_file == config.log_file:
         log_file = previous.log_file
@@ -175,6 +184,7 @@ def build_generation(
         sinks=sinks,
         notifier=notifier,
         log_file=log_file,
+        shared_redis=shared_redis,
     )
 
 
@@ -205,6 +215,10 @@ def make_sinks(config: Config, reactor: Any) -> dict[str, QueuedSink]:
 def _sink_section(config: Config) -> tuple[Any, ...]:
     """What the sinks are made of: a change anywhere in it makes new ones."""
     return (config.dbtype, config.dbaddr, config.redis, config.records)
+
+
+def _redis_section(config: Config) -> tuple[Any, ...]:
+    return (config.redis, config.redis_prefix)
 
 
 def _notify_section(config: Config) -> tuple[Any, ...]:

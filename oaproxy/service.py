@@ -19,7 +19,7 @@ import signal
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.application.service import MultiService
+from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
@@ -69,6 +69,8 @@ class ProxyService(MultiService):
         self._attach_sinks(self.generation.sinks)
         self.shared.readiness.configure(upstream_names(config), self.generation.sinks)
         self.generation.notifier.setServiceParent(self)
+        if self.generation.shared_redis is not None:
+            self.generation.shared_redis.setServiceParent(self)
         self.listeners = Listeners(self, self.site, reactor)
         for endpoint in self._listen_for(config):
             self.listeners.add(endpoint)
@@ -138,9 +140,8 @@ class ProxyService(MultiService):
         shared.metrics.update_labels(known_models(new.config), upstream_names(new.config))
         self.site.serve(new.root, new.config.max_body_bytes)
         shared.readiness.configure(upstream_names(new.config), old.sinks)
-        if new.notifier is not old.notifier:
-            new.notifier.setServiceParent(self)
-            await settle([old.notifier.disownServiceParent()])
+        await self._replace(old.notifier, new.notifier)
+        await self._replace(old.shared_redis, new.shared_redis)
         if new.sinks is not old.sinks:
             # The old sinks keep observing until they have stopped (records
             # that come meanwhile are queued or spooled by them); the new ones
@@ -152,10 +153,18 @@ class ProxyService(MultiService):
             self._attach_sinks(new.sinks)
             shared.readiness.configure(upstream_names(new.config), new.sinks)
         if new.log_file is not old.log_file:
-            if old.log_file is not None:
-                await settle([old.log_file.disownServiceParent()])
+            await self._replace(old.log_file, None)
             if new.log_file is not None:
                 self._add_log_file(new.log_file)
+
+    async def _replace(self, old: IService | None, new: IService | None) -> None:
+        """Start ``new``, then stop ``old``, unless they are one."""
+        if new is old:
+            return
+        if new is not None:
+            new.setServiceParent(self)
+        if old is not None:
+            await settle([old.disownServiceParent()])
 
     def _attach_sinks(self, sinks: Mapping[str, QueuedSink]) -> None:
         # Observed before they start: records queue until then.

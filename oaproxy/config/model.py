@@ -174,6 +174,9 @@ class Config:
     # A file, or for postgres a DSN, which may hold a password.
     dbaddr: str = field(default="./db.sqlite", repr=False, metadata=read_by_loader())
     redis: str | None = field(default=None, repr=False, metadata=read(redis_url))
+    # Starts every Redis key of state shared between processes (limits,
+    # budgets, cache, breakers); records keep their own ``records.redis_key``.
+    redis_prefix: str = field(default="oaproxy:", metadata=read(text))
     max_body_bytes: int = field(default=64 * 1024 * 1024, metadata=read(integer))
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
         default=DEFAULT_TRUSTED_PROXIES, metadata=read(networks)
