@@ -8,8 +8,12 @@ oaproxy makes itself is shaped like OpenAI's own.
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from attrs import frozen
+
+if TYPE_CHECKING:
+    from oaproxy.traffic.refusal import LimitRefusal
 
 
 @frozen
@@ -21,6 +25,8 @@ class ErrorAnswer:
     type: str = "invalid_request_error"
     code: str | None = None
     param: str | None = None
+    # Set when a limit refused the request: its record says which.
+    limit: LimitRefusal | None = None
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code, self.param)

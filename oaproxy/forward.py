@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import define, field, frozen
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
@@ -35,6 +35,9 @@ from oaproxy.errors import error_body
 from oaproxy.headers import response_headers, upstream_headers
 from oaproxy.inspection import Inspected
 from oaproxy.relay import BodyCollector, RelayResult, RequestBody, StreamRelay, describe
+
+if TYPE_CHECKING:
+    from oaproxy.traffic.refusal import LimitRefusal
 
 # Statuses worth another upstream: the upstream (its key, its quota, its
 # health) is the problem. Other 4xx mean the request itself is wrong.
@@ -146,6 +149,14 @@ class Exchange:
     response_body: bytes | None = None  # a non-stream answer, for the record
     error: str | None = None  # why a committed stream ended badly
     client_gone: bool = False
+    # Headers for the answer, whatever it is, over the upstream's (see
+    # oaproxy.web.ProxyRequest); the pipeline gives the request's own.
+    answer_headers: Headers = field(factory=Headers)
+    # The tokens and budget a gate reserved, settled when the request is
+    # over (oaproxy.traffic.tokens).
+    reservation: Any = None
+    # The limit that refused the request, for its record.
+    limit: LimitRefusal | None = None
 
 
 class Forwarder:
@@ -164,6 +175,7 @@ class Forwarder:
         on_event: Callable[[Exchange, Upstream], Callable[[bytes], bool]] | None = None,
         on_attempt: Callable[[Exchange, AttemptLog], None] | None = None,
         pooled: Callable[[], bool] = lambda: True,
+        stream_pace: Callable[[bytes], float | None] | None = None,
     ) -> None:
         self._clock = clock
         self._agent = agent
@@ -176,6 +188,9 @@ class Forwarder:
         # Says, right after agent.request(), whether that request went out on
         # a connection from the pool: only such a connection can be stale.
         self._pooled = pooled
+        # Seconds between two content events of a stream, by request URI
+        # (limits.stream_pace); None: not paced.
+        self._stream_pace = stream_pace
 
     def forward(
         self, request: Request, exchange: Exchange, candidates: Sequence[Upstream]
@@ -333,6 +348,7 @@ class Forwarder:
             self._idle_timeout,
             sse=sse,
             on_event=self._on_event(exchange, upstream) if sse and self._on_event else None,
+            pace=self._stream_pace(exchange.call.path) if sse and self._stream_pace else None,
         )
         response.deliverBody(relay)
         await relay.first_event

@@ -37,6 +37,7 @@ from oaproxy.records import RecordEmitter, RecordMaker
 from oaproxy.routing import Router
 from oaproxy.sharedredis import SharedRedis
 from oaproxy.sinks import FileSink, QueuedSink, SQLSink
+from oaproxy.traffic.control import MemoryTraffic, build_traffic
 from oaproxy.web import ProxyResource, RootResource
 
 
@@ -60,6 +61,8 @@ class Shared:
     wall_clock: Callable[[], float]
     # Spreading load needs no cryptographic randomness; tests seed it.
     rng: random.Random
+    # The limits' counters of limits.backend: memory.
+    traffic: MemoryTraffic
 
     @classmethod
     def create(
@@ -87,6 +90,7 @@ class Shared:
             environ=environ,
             wall_clock=wall_clock,
             rng=rng or random.Random(),
+            traffic=MemoryTraffic.create(reactor),
         )
 
 
@@ -136,12 +140,21 @@ def build_generation(
         log_file = previous.log_file
     else:
         log_file = JSONLogFile(config.log_file, reactor) if config.log_file else None
+    traffic = build_traffic(
+        config,
+        reactor=reactor,
+        wall_clock=shared.wall_clock,
+        memory=shared.traffic,
+        shared_redis=shared_redis,
+        count_backend_error=shared.metrics.limiter_backend_error,
+    )
     observers = Observers(
         [
             RecordPublishing(shared.records),
             MetricsCounting(shared.metrics),
             ReadinessFollowing(shared.readiness),
             Alerting(notifier),
+            *traffic.observers,
             # Last: a stop waiting for the last request goes on only once
             # its record is on its way.
             shared.ledger,
@@ -158,6 +171,7 @@ def build_generation(
         on_event=records.stream_observer,
         on_attempt=observers.attempt_finished,
         pooled=shared.pooled,
+        stream_pace=traffic.stream_pace,
     )
     pipeline = Pipeline(
         config,
@@ -167,7 +181,9 @@ def build_generation(
         clock=reactor,
         wall_clock=shared.wall_clock,
         inspect=inspect_request,
-        head_gates=builtin_head_gates(router),
+        head_gates=(*builtin_head_gates(router), *traffic.head_gates),
+        # Limits last: a gate that answers itself (a cache hit) spends no tokens.
+        gates=traffic.gates,
         observers=observers,
     )
     root = RootResource(

@@ -7,6 +7,8 @@ once, for the first upstream that wants it.
 
 from __future__ import annotations
 
+from typing import Any
+
 from attrs import define, field
 
 from oaproxy.capture import NOT_JSON, RequestFields, request_fields, with_stream_usage
@@ -23,6 +25,11 @@ class Inspected:
     include_usage: bool
     _fields: RequestFields = field(alias="fields", repr=False)
     _with_usage: RequestBody | None = field(default=None, init=False, repr=False)
+
+    @property
+    def parsed(self) -> dict[str, Any] | None:
+        """The JSON body, parsed once; None for other bodies. Shared: do not mutate."""
+        return self._fields.parsed
 
     def asks_usage_for(self, upstream: Upstream) -> bool:
         """Whether oaproxy adds ``include_usage`` to this upstream's request."""

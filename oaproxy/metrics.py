@@ -42,6 +42,7 @@ from twisted.web.server import Request
 
 from oaproxy.errors import error_body
 from oaproxy.routing import NOT_BEARER, WRONG_KEY
+from oaproxy.traffic.refusal import LimitKind, LimitScope
 
 __all__ = [
     "ALERT_CHANNELS",
@@ -138,6 +139,9 @@ _ERROR_OUTCOMES: tuple[tuple[str, str], ...] = (
     ("connect", "connect_error"),
     ("cancelled", "cancelled"),
 )
+
+_LIMIT_KINDS = frozenset(kind.value for kind in LimitKind)
+_SCOPES = frozenset(scope.value for scope in LimitScope)
 
 _TOKEN_KINDS: tuple[tuple[str, str], ...] = (
     ("prompt_tokens", "prompt"),
@@ -442,6 +446,17 @@ class Metrics:
             ["channel", "result"],
             registry=registry,
         )
+        self._rate_limited = Counter(
+            "oaproxy_rate_limited",
+            "Requests refused by a limit, by its kind and scope.",
+            ["kind", "scope"],
+            registry=registry,
+        )
+        self._limiter_backend_errors = Counter(
+            "oaproxy_limiter_backend_errors",
+            "Checks and settlements the limiter's backend (Redis) failed.",
+            registry=registry,
+        )
         self._sinks = _SinkCollector()
         registry.register(self._sinks)
 
@@ -536,6 +551,11 @@ class Metrics:
                 self._failovers.labels(attempt_upstream).inc()
         if record.get("outcome") == "exhausted":
             self._exhausted.labels(route).inc()
+        limit = record.get("limit")
+        if isinstance(limit, Mapping):
+            self._rate_limited.labels(
+                _bounded(limit.get("kind"), _LIMIT_KINDS), _bounded(limit.get("scope"), _SCOPES)
+            ).inc()
 
         bytes_in = _count(record.get("bytes_in"))
         if bytes_in:
@@ -551,6 +571,10 @@ class Metrics:
                 tokens = _count(usage.get(key))
                 if tokens:
                     self._tokens.labels(upstream, model, kind).inc(tokens)
+
+    def limiter_backend_error(self) -> None:
+        """Count one failure of the limiter's backend (see ``oaproxy.traffic.backend``)."""
+        self._limiter_backend_errors.inc()
 
     def alert_sent(self, channel: str, result: str) -> None:
         """Count one alert, for the notifier.

@@ -39,6 +39,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
+from twisted.web.http_headers import Headers
 
 from oaproxy.config import Config, Upstream
 from oaproxy.errors import ErrorAnswer, error_body
@@ -48,7 +49,15 @@ from oaproxy.inspection import Inspected
 from oaproxy.records import RecordMaker
 from oaproxy.relay import RequestBody
 from oaproxy.routing import Caller, Router
-from oaproxy.web import IN_MEMORY_BODY, answer_error, client_ip, declared_size, peer, route_path
+from oaproxy.web import (
+    IN_MEMORY_BODY,
+    answer_error,
+    answer_headers,
+    client_ip,
+    declared_size,
+    peer,
+    route_path,
+)
 
 Verdict = ErrorAnswer | None
 _T = TypeVar("_T")
@@ -63,6 +72,9 @@ class Arrival:
     # The path as routing sees it; None for one no API has (see route_path).
     path: str | None
     config: Config
+    # What a gate adds to the answer, whatever it is (x-ratelimit-*): the
+    # request's own (oaproxy.web.ProxyRequest), the exchange's later.
+    answer_headers: Headers
 
 
 class HeadGate(Protocol):
@@ -174,6 +186,7 @@ class Pipeline:
             caller=self.router.authenticate(request.getHeader(b"authorization")),
             path=route_path(request.uri),
             config=self.config,
+            answer_headers=answer_headers(request),
         )
         verdict = _run(self._head_gates, arrival)
         if isinstance(verdict, Deferred):
@@ -240,13 +253,18 @@ class Pipeline:
             key_name=caller.key.name if caller.key is not None else None,
             client_ip=client_ip(request, self.config.trusted_proxies),
             user_agent=_text(request.getHeader(b"user-agent")),
+            answer_headers=arrival.answer_headers,
         )
 
     def _refuse(self, request: server.Request, exchange: Exchange, error: ErrorAnswer) -> bytes:
         """Answer an error of oaproxy's own; it is recorded like any request."""
         body = answer_error(request, error)
         exchange.status = error.status
-        exchange.outcome = "client_error"
+        if error.limit is not None:
+            exchange.outcome = "rate_limited"
+            exchange.limit = error.limit
+        else:
+            exchange.outcome = "error" if error.status >= 500 else "client_error"
         exchange.response_body = body
         exchange.bytes_out = len(body)
         exchange.finished = self._clock.seconds()

@@ -108,6 +108,8 @@ class RecordMaker:
             "upstream": exchange.upstream,
             "status": exchange.status if exchange.status is not None else 499,
             "outcome": exchange.outcome,
+            # The limit that refused the request (outcome "rate_limited").
+            "limit": exchange.limit.as_record() if exchange.limit is not None else None,
             "error": exchange.error,
             "ttfb": exchange.ttfb,
             "duration": finished - exchange.started,

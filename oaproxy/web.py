@@ -16,6 +16,7 @@ from typing import IO, TYPE_CHECKING, Any, cast
 from urllib.parse import unquote_to_bytes
 
 from twisted.web import http, server
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
 from oaproxy.errors import ErrorAnswer
@@ -39,6 +40,12 @@ class ProxyRequest(server.Request):
 
     Over the cap the rest of the body is read and thrown away (never held),
     and the resource answers 413.
+
+    ``answer_headers`` are put on whatever answer the request gets, when its
+    head is written: an error of oaproxy's own, a relayed upstream answer or
+    stream, alike; they replace the upstream's headers of the same name
+    (a limit's ``x-ratelimit-*`` describe the client's limit, the upstream's
+    the shared upstream key).
     """
 
     too_large = False
@@ -50,6 +57,13 @@ class ProxyRequest(server.Request):
         # whole multipart upload into memory: a proxy passes them on untouched.
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(*args, **kwargs)
+        self.answer_headers = Headers()
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            for name, values in self.answer_headers.getAllRawHeaders():
+                self.responseHeaders.setRawHeaders(name, values)
+        super().write(data)
 
     def gotLength(self, length: int | None) -> None:
         self._limit = self.channel.site.max_body_bytes  # type: ignore[attr-defined]
@@ -94,6 +108,11 @@ class ProxySite(server.Site):
 
     def log(self, request: http.Request) -> None:
         """No access log line: each request's record says more, in the sinks."""
+
+
+def answer_headers(request: server.Request) -> Headers:
+    """The headers oaproxy gives this request's answer (see ``ProxyRequest``)."""
+    return cast(ProxyRequest, request).answer_headers
 
 
 def answer_error(request: server.Request, error: ErrorAnswer) -> bytes:

@@ -20,7 +20,15 @@ from attrs import frozen
 
 from oaproxy.config.errors import ConfigError
 from oaproxy.config.listen import check_listeners
-from oaproxy.config.model import POSTGRES, ClientKey, Config, Upstream, key_fingerprint
+from oaproxy.config.model import (
+    POSTGRES,
+    ClientKey,
+    Config,
+    LimiterBackend,
+    Limits,
+    Upstream,
+    key_fingerprint,
+)
 from oaproxy.config.nodes import Item, NodeReader, read_document
 from oaproxy.config.schema import read_settings, section_items
 
@@ -63,6 +71,9 @@ class _RawKey:
     secret: str = attrs.field(repr=False)
     key: str
     line: int
+    # The key's own limits, given as {name: {key: ..., rate_limit: ...}};
+    # None when it was given as plain text.
+    limits: dict[str, Any] | None = None
 
 
 @frozen
@@ -89,12 +100,16 @@ def _config(nodes: NodeReader, root: Item) -> Config:
         values["dbaddr"] = dbaddr
 
     parsed = [_upstream(nodes, item) for item in _upstream_items(nodes, items.get("upstreams"))]
-    names = _key_names(nodes, [global_keys or []] + [p.keys or [] for p in parsed])
+    groups = [global_keys or []] + [p.keys or [] for p in parsed]
+    names = _key_names(nodes, groups)
+    limits = _key_limits(nodes, groups)
 
     def client_keys(raw: list[_RawKey]) -> tuple[ClientKey, ...]:
         seen: dict[str, ClientKey] = {}
         for r in raw:
-            seen.setdefault(r.secret, ClientKey(names[r.secret], r.secret))
+            seen.setdefault(
+                r.secret, ClientKey(names[r.secret], r.secret, **limits.get(r.secret, {}))
+            )
         return tuple(seen.values())
 
     # An upstream without deadlines of its own takes the top-level ones.
@@ -112,6 +127,7 @@ def _config(nodes: NodeReader, root: Item) -> Config:
         )
         for p, name in zip(parsed, _upstream_names(nodes, parsed))
     )
+    _check_limiter_backend(nodes, items, values)
     config = Config(
         path=nodes.path, keys=client_keys(global_keys or []), upstreams=upstreams, **values
     )
@@ -121,6 +137,18 @@ def _config(nodes: NodeReader, root: Item) -> Config:
     else:
         check_listeners(config, config.listen, key=listen_item.key, line=listen_item.line)
     return config
+
+
+def _check_limiter_backend(
+    nodes: NodeReader, items: Mapping[str, Item], values: Mapping[str, Any]
+) -> None:
+    """``limits.backend: redis`` keeps its counters in the top-level ``redis:``."""
+    limits = values.get("limits")
+    if limits is None or limits.backend is not LimiterBackend.REDIS or values.get("redis"):
+        return
+    given = section_items(nodes, items["limits"], Limits, "a mapping of limit settings")
+    backend = given["backend"]
+    nodes.fail(backend.key, backend.line, "backend redis needs the top-level redis: URL")
 
 
 def _dbaddr(nodes: NodeReader, items: Mapping[str, Item], dbtype: str | None) -> str | None:
@@ -162,6 +190,9 @@ def _raw_keys(nodes: NodeReader, item: Item, *, scoped: bool) -> list[_RawKey] |
         for name, value in nodes.entries(item, "client keys"):
             if not name.strip():
                 nodes.fail(value.key, value.line, "a key name must not be empty")
+            if isinstance(value.node, yaml.MappingNode):
+                result.append(_key_with_limits(nodes, name.strip(), value))
+                continue
             secret = nodes.required_string(value).strip()
             result.append(_RawKey(name.strip(), secret, value.key, value.line))
     elif isinstance(node, yaml.SequenceNode):
@@ -181,6 +212,30 @@ def _raw_keys(nodes: NodeReader, item: Item, *, scoped: bool) -> list[_RawKey] |
                 nodes.fail(item.key, item.line, "no client key left after interpolation")
             return None
     return result or None
+
+
+def _key_with_limits(nodes: NodeReader, name: str, item: Item) -> _RawKey:
+    """``{key: ..., rate_limit: ..., token_limit: ..., budget: ...}``."""
+    given = section_items(
+        nodes, item, ClientKey, "a client key mapping (key, rate_limit, token_limit, budget)"
+    )
+    settings = read_settings(nodes, item, given, ClientKey)
+    secret = settings.pop("secret").strip()
+    return _RawKey(name, secret, item.key, item.line, settings)
+
+
+def _key_limits(nodes: NodeReader, groups: Iterable[list[_RawKey]]) -> dict[str, dict[str, Any]]:
+    """Each secret's own limits; refuse two different sets for one key (a
+    key may be listed under several upstreams, its limits only once)."""
+    given: dict[str, _RawKey] = {}
+    for r in (r for group in groups for r in group):
+        if r.limits is None:
+            continue
+        other = given.get(r.secret)
+        if other is not None and other.limits != r.limits:
+            nodes.fail(r.key, r.line, f"this key's limits are already given on line {other.line}")
+        given.setdefault(r.secret, r)
+    return {secret: r.limits for secret, r in given.items() if r.limits is not None}
 
 
 def _key_names(nodes: NodeReader, groups: Iterable[list[_RawKey]]) -> dict[str, str]:

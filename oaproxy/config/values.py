@@ -12,7 +12,8 @@ import ipaddress
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, TypeAlias
+from enum import Enum
+from typing import Any, TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
 from oaproxy.config.nodes import (
@@ -34,6 +35,8 @@ _SIZE = re.compile(r"(?P<number>[0-9]+)\s*(?P<unit>[kmgt]?i?b?)\Z", re.IGNORECAS
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 _HTTP = ("http", "https")
+
+_E = TypeVar("_E", bound=Enum)
 
 
 def text(nodes: NodeReader, item: Item) -> str:
@@ -143,6 +146,16 @@ def one_of(allowed: Sequence[str], later: Sequence[str] = (), noun: str | None =
         return value
 
     return choice
+
+
+def choice(enum: type[_E]) -> Callable[[NodeReader, Item], _E]:
+    """A reader of one of an enum's values (its words), as the member."""
+    words = one_of([member.value for member in enum])
+
+    def member(nodes: NodeReader, item: Item) -> _E:
+        return enum(words(nodes, item))
+
+    return member
 
 
 def url(nodes: NodeReader, item: Item, schemes: Sequence[str]) -> str:
