@@ -198,7 +198,7 @@ def write_yaml(path: str, content: Any) -> str:
 
 
 def proxy_config(
-    hostname: str, keys: dict[str, str], upstreams: list[dict[str, Any]], **more: Any
+    hostname: str, keys: dict[str, Any], upstreams: list[dict[str, Any]], **more: Any
 ) -> dict[str, Any]:
     """A config without a database and with 10 s deadlines, and ``more``."""
     config: dict[str, Any] = {

@@ -5,17 +5,20 @@ the 429s and 403, and the estimate itself."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.cli import UsageRow
-from oaproxy.config import Budget, BudgetPeriod
+from oaproxy.config import BackendErrorPolicy, Budget, BudgetPeriod
+from oaproxy.traffic.backend import BackendTrouble
 from oaproxy.traffic.budgets import BudgetHistory, budget_counter, period_at
-from oaproxy.traffic.counters import Charge
+from oaproxy.traffic.counters import Admission, Charge, Held
 from oaproxy.traffic.estimate import Usage, estimate
 from oaproxy.traffic.memory import MemoryCounters
+from oaproxy.traffic.tokens import TokenLimits
 from tests.support import WALL_TIME, Client, Harness, sse
 
 # One message "hi" with role "user": 6 characters, 2 prompt tokens.
@@ -300,3 +303,37 @@ class EstimateTests(SynchronousTestCase):
         for _ in range(100_000):
             body = [body]
         self.assertEqual(estimate({"input": body}, "/v1/embeddings", 64), Usage(1, 0))
+
+
+class SlowCounters:
+    """A store whose answers the test gives, as Redis would, later."""
+
+    def __init__(self) -> None:
+        self.asked: list[Deferred[Admission]] = []
+        self.settled: list[tuple[Held, list[int]]] = []
+
+    def acquire(self, charges: Sequence[Charge]) -> Deferred[Admission]:
+        self.asked.append(Deferred())
+        self.charges = tuple(charges)
+        return self.asked[-1]
+
+    def settle(self, held: Held, amounts: Sequence[int]) -> None:
+        self.settled.append((held, list(amounts)))
+
+
+class AbandonedReservationTests(TokenCase):
+    def test_a_reservation_made_for_a_client_gone_is_refunded(self) -> None:
+        """A client that leaves while the store answers cancels only its wait:
+        the reservation the store made meanwhile is given back."""
+        slow = SlowCounters()
+        trouble = BackendTrouble(BackendErrorPolicy.OPEN, self.h.clock, lambda: None)
+        gate = TokenLimits(self.h.config, slow, trouble, self.h.clock, lambda: WALL_TIME)
+        self.h.pipeline._gates = (gate,)
+        client = self.ask()
+        [asked] = slow.asked
+        client.disconnect()
+        self.assertEqual(self.h.agent.calls, [])
+        held = Held("m", slow.charges)
+        asked.callback(Admission(True, (), held))
+        self.assertEqual(slow.settled, [(held, [0])])
+        self.assertEqual(self.h.agent.calls, [])

@@ -24,6 +24,7 @@ from typing import Any
 from attrs import frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from oaproxy.config import Budget, ClientKey, Config, Price, Rate, Upstream, all_client_keys
 from oaproxy.errors import ErrorAnswer
@@ -203,10 +204,36 @@ class TokenLimits:
         )
 
     def _acquire(self, exchange: Exchange, plan: _Plan) -> Verdict | Deferred[Verdict]:
+        acquired = self._counters.acquire(plan.charges)
+        if isinstance(acquired, Deferred):
+            acquired = self._refunded_if_abandoned(acquired)
         return self._trouble.checked(
-            self._counters.acquire(plan.charges),
-            lambda admission: self._decide(exchange, plan, admission),
+            acquired, lambda admission: self._decide(exchange, plan, admission)
         )
+
+    def _refunded_if_abandoned(self, acquired: Deferred[Admission]) -> Deferred[Admission]:
+        """A client gone while Redis answers cancels its wait, not the script
+        on the server, which may have made the reservation: that one is given
+        back when the answer comes, instead of holding a budget until the
+        period ends."""
+        abandoned: list[bool] = []
+        waiting: Deferred[Admission] = Deferred(lambda _: abandoned.append(True))
+
+        def answered(admission: Admission) -> None:
+            if not abandoned:
+                waiting.callback(admission)
+            elif admission.held is not None:
+                refund = [0] * len(admission.held.charges)
+                settled = self._counters.settle(admission.held, refund)
+                if settled is not None:
+                    settled.addErrback(self._trouble.failed, "refunding an abandoned reservation")
+
+        def failed(failure: Failure) -> None:
+            if not abandoned:
+                waiting.errback(failure)
+
+        acquired.addCallbacks(answered, failed)
+        return waiting
 
     def _decide(self, exchange: Exchange, plan: _Plan, admission: Admission) -> Verdict:
         headers = exchange.answer_headers
