@@ -33,17 +33,17 @@ from oaproxy.forward import Exchange, Forwarder
 from oaproxy.health import Readiness, ReadyResource
 from oaproxy.inspection import inspect_request
 from oaproxy.logfile import JSONLogFile
-from oaproxy.metrics import Metrics, MetricsResource
+from oaproxy.metrics import Metrics
 from oaproxy.outbound import ProxyPool, upstream_agent, upstream_pool
 from oaproxy.records import RecordEmitter, RecordMaker
 from oaproxy.routing import Router
+from oaproxy.scrape import MetricsResource
 from oaproxy.sinks import FileSink, QueuedSink, SQLSink
 from oaproxy.summary import public_url, summary
 from oaproxy.web import ProxyResource, ProxySite, RootResource, Runtime
 
 # After shutdown_timeout, how long the requests that were cut get to record.
 CUT_GRACE = 2.0
-CUT_AT_SHUTDOWN = "cut at shutdown"
 
 
 def check_endpoint(reactor: Any, endpoint: str, path: str) -> None:
@@ -152,6 +152,7 @@ class ProxyService(MultiService):
             self.fresh_agent,
             self.cooperator,
             stream_idle_timeout=config.stream_idle_timeout,
+            redactor=records.redactor,
             on_event=records.stream_observer,
             pooled=lambda: self.pool.reused,
         )
@@ -174,9 +175,6 @@ class ProxyService(MultiService):
         self._inflight[exchange] = request
 
     def _finished(self, maker: RecordMaker, exchange: Exchange, request: Request) -> None:
-        if exchange.error == CUT_AT_SHUTDOWN:
-            # The client did not go away: the proxy cut it off.
-            exchange.outcome = "shutdown"
         try:
             record = maker.make(exchange, request)
             self.records.emit(record)
@@ -404,7 +402,7 @@ class ProxyService(MultiService):
             count=len(self._inflight),
         )
         for exchange, request in list(self._inflight.items()):
-            exchange.error = CUT_AT_SHUTDOWN
+            exchange.cut_at_shutdown()
             if request.channel is not None and request.channel.transport is not None:
                 cast(ITCPTransport, request.channel.transport).abortConnection()
 

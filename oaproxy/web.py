@@ -27,6 +27,7 @@ from oaproxy.errors import ErrorAnswer, error_body
 from oaproxy.forward import Call, Exchange, Forwarder
 from oaproxy.headers import forwarded_for
 from oaproxy.inspection import Inspected
+from oaproxy.record import Outcome
 from oaproxy.relay import RequestBody
 from oaproxy.routing import Caller, Router
 
@@ -207,7 +208,7 @@ class ProxyResource(Resource):
         """Answer an error of oaproxy's own; it is recorded like any request."""
         body = answer_error(request, error)
         exchange.status = error.status
-        exchange.outcome = "client_error"
+        exchange.outcome = Outcome.CLIENT_ERROR
         exchange.response_body = body
         exchange.bytes_out = len(body)
         exchange.ttfb = exchange.finished = self._clock.seconds()
@@ -221,7 +222,7 @@ class ProxyResource(Resource):
         work: list[Deferred[Exchange]] = []
 
         def client_gone(reason: Failure) -> None:
-            exchange.client_gone = True
+            exchange.client_disconnected()
             if work:
                 work[0].cancel()
 
@@ -231,13 +232,10 @@ class ProxyResource(Resource):
         work.append(d)
 
         def done(result: Exchange | Failure) -> None:
-            if isinstance(result, Failure):
-                if not exchange.client_gone:
-                    self.log.failure("forwarding failed", failure=result)
-                    _fail_unfinished(request)
-                    exchange.outcome = "error"
-                else:
-                    exchange.outcome = "client_disconnected"
+            if isinstance(result, Failure) and not exchange.client_gone:
+                self.log.failure("forwarding failed", failure=result)
+                _fail_unfinished(request)
+                exchange.outcome = Outcome.ERROR
             exchange.finished = self._clock.seconds()
             runtime.finished(exchange, request)
 

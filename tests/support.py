@@ -40,6 +40,7 @@ from zope.interface import implementer
 from oaproxy.config import Config, parse_config
 from oaproxy.forward import Exchange, Forwarder
 from oaproxy.inspection import inspect_request
+from oaproxy.record import Record, record_document
 from oaproxy.records import RecordMaker
 from oaproxy.routing import Router
 from oaproxy.web import ProxyResource, ProxySite, RootResource, Runtime
@@ -445,7 +446,7 @@ class Harness:
         self.agent = RecordingAgent(cancel_error)
         self.fresh_agent = RecordingAgent(cancel_error)
         self.cooperator = Cooperator(scheduler=lambda work: self.clock.callLater(0, work))
-        self.records: list[dict[str, Any]] = []
+        self.records: list[Record] = []
         self.exchanges: list[Exchange] = []
         maker = RecordMaker(self.config)
         self.forwarder = Forwarder(
@@ -454,6 +455,7 @@ class Harness:
             cast(IAgent, self.fresh_agent),
             self.cooperator,
             stream_idle_timeout=self.config.stream_idle_timeout,
+            redactor=maker.redactor,
             on_event=maker.stream_observer,
         )
 
@@ -517,5 +519,6 @@ class Harness:
         )
 
     def record(self) -> dict[str, Any]:
+        """The one record made so far, in its stored form."""
         assert len(self.records) == 1, f"{len(self.records)} records, not 1"
-        return self.records[0]
+        return record_document(self.records[0])

@@ -18,13 +18,12 @@ of the (then empty) spool, and are skipped there if the write succeeds.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections import deque
 from collections.abc import Callable
 from itertools import islice
-from typing import IO, Any, Literal, Protocol, cast
+from typing import IO, Literal, Protocol, cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -33,7 +32,7 @@ from twisted.logger import ILogObserver, LogEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-Record = dict[str, Any]
+from oaproxy.record import BadRecord, Record, decode_record, encode_record
 
 #: The twisted.logger namespace of record events (see the forwarder).
 RECORD_NAMESPACE = "oaproxy.record"
@@ -61,17 +60,6 @@ class _Clock(Protocol):
         *args: object,
         **kwargs: object,
     ) -> _DelayedCall: ...
-
-
-def encode_record(record: Record) -> bytes:
-    """One record as compact UTF-8 JSON (no newline).
-
-    ``backslashreplace`` turns a lone surrogate (from a body decoded with
-    ``surrogateescape``) into a ``\\udcXX`` escape, which is still valid JSON,
-    instead of failing the whole record.
-    """
-    text = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
-    return text.encode("utf-8", "backslashreplace")
 
 
 @implementer(ILogObserver)
@@ -214,7 +202,7 @@ class QueuedSink(Service):
             if event.get("log_namespace") != RECORD_NAMESPACE:
                 return
             record = event.get("record")
-            if not isinstance(record, dict):
+            if not isinstance(record, Record):
                 return
             if self._state == "stopped":
                 # Nobody drains any more: straight to disk, for the next run.
@@ -483,12 +471,8 @@ class QueuedSink(Service):
             read += len(line)
             position += len(line)
             try:
-                record = json.loads(line)
-            except ValueError:
-                record = None
-            if isinstance(record, dict):
-                batch.append(record)
-            else:
+                batch.append(decode_record(line))
+            except BadRecord:
                 self._drop(f"undecodable line in {self._spool_path} at byte {position - len(line)}")
         if position == self._spool_offset:
             # The file is shorter than we thought (cut by someone else).
