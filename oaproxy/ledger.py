@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.web.server import Request
 
-from oaproxy.forward import CUT_AT_SHUTDOWN, Exchange
+from oaproxy.forward import Exchange
 from oaproxy.pipeline import Observer
+from oaproxy.record import Record
 
 
 class RequestLedger(Observer):
@@ -27,10 +29,13 @@ class RequestLedger(Observer):
     def __len__(self) -> int:
         return len(self._inflight)
 
+    def __iter__(self) -> Iterator[Exchange]:
+        return iter(self._inflight)
+
     def request_started(self, exchange: Exchange, request: Request) -> None:
         self._inflight[exchange] = request
 
-    def request_finished(self, exchange: Exchange, record: Any) -> None:
+    def request_finished(self, exchange: Exchange, record: Record | None) -> None:
         self._inflight.pop(exchange, None)
         if not self._inflight:
             waiting, self._idle = self._idle, []
@@ -55,6 +60,6 @@ class RequestLedger(Observer):
     def cut_all(self) -> None:
         """Close every connection still in flight; their records say ``shutdown``."""
         for exchange, request in list(self._inflight.items()):
-            exchange.error = CUT_AT_SHUTDOWN
+            exchange.cut_at_shutdown()
             if request.channel is not None and request.channel.transport is not None:
                 cast(ITCPTransport, request.channel.transport).abortConnection()
