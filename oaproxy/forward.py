@@ -170,7 +170,7 @@ class Exchange:
         """Mark the request as cut off by the proxy (still in flight after
         ``shutdown_timeout``), before its connection is aborted."""
         self.cut = True
-        self.error = "cut at shutdown"
+        self.error = f"cut at {Outcome.SHUTDOWN.value}"
 
 
 class Forwarder:

@@ -7,11 +7,15 @@ from typing import Any, cast
 
 from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime, ITCPTransport
+from twisted.logger import Logger
 from twisted.web.server import Request
 
 from oaproxy.forward import Exchange
 from oaproxy.pipeline import Observer
 from oaproxy.record import Record
+
+# After shutdown_timeout, how long the requests that were cut get to record.
+CUT_GRACE = 2.0
 
 
 class RequestLedger(Observer):
@@ -20,6 +24,8 @@ class RequestLedger(Observer):
     It outlives reloads: requests in flight on an old config are counted
     until they finish, whatever config the daemon runs by then.
     """
+
+    log = Logger()
 
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
@@ -56,6 +62,25 @@ class RequestLedger(Observer):
             return False
 
         return d.addTimeout(timeout, self._clock).addCallbacks(lambda _: True, timed_out)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the requests in flight; then cut
+        those still running, and give them a moment to record."""
+        if not self._inflight:
+            return
+        self.log.info(
+            "stopping: waiting up to {timeout}s for {count} requests in flight",
+            timeout=timeout,
+            count=len(self._inflight),
+        )
+        if await self.wait_idle(timeout):
+            return
+        self.log.warn(
+            "stopping: cutting {count} requests still in flight after shutdown_timeout",
+            count=len(self._inflight),
+        )
+        self.cut_all()
+        await self.wait_idle(CUT_GRACE)
 
     def cut_all(self) -> None:
         """Close every connection still in flight; their records say ``shutdown``."""
