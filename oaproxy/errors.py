@@ -8,12 +8,10 @@ oaproxy makes itself is shaped like OpenAI's own.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
 
 from attrs import frozen
 
-if TYPE_CHECKING:
-    from oaproxy.traffic.refusal import LimitRefusal
+from oaproxy.record import LimitRefusal
 
 
 @frozen

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from attrs import define, field, frozen
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
@@ -31,22 +31,16 @@ from twisted.web.iweb import IAgent, IResponse
 from twisted.web.server import Request
 
 from oaproxy.config import Upstream
+from oaproxy.credentials import Redactor
 from oaproxy.errors import error_body
 from oaproxy.headers import response_headers, upstream_headers
 from oaproxy.inspection import Inspected
-from oaproxy.relay import BodyCollector, RelayResult, RequestBody, StreamRelay, describe
-
-if TYPE_CHECKING:
-    from oaproxy.traffic.refusal import LimitRefusal
+from oaproxy.record import FailureKind, LimitRefusal, Outcome
+from oaproxy.relay import BodyCollector, RelayFailure, RequestBody, StreamRelay, describe
 
 # Statuses worth another upstream: the upstream (its key, its quota, its
 # health) is the problem. Other 4xx mean the request itself is wrong.
 FAILOVER_STATUSES = frozenset({401, 403, 404, 408, 409, 429})
-
-REDACTED = b"[redacted]"
-
-# Written into a request's error when the daemon's stop cut it off.
-CUT_AT_SHUTDOWN = "cut at shutdown"
 
 # A non-stream answer is held whole before it is written (to fail over an
 # upstream dying mid-body); past this size an answer is refused, not buffered.
@@ -106,21 +100,19 @@ class AttemptTimeout(Exception):
 
 @define
 class AttemptLog:
+    """One attempt while it runs; the record keeps it as an ``Attempt``."""
+
     upstream: str
     started: float
     status: int | None = None
     error: str | None = None
+    failure: FailureKind | None = None
     ttfb: float | None = None
     duration: float | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "upstream": self.upstream,
-            "status": self.status,
-            "error": self.error,
-            "ttfb": self.ttfb,
-            "duration": self.duration,
-        }
+    def failed(self, failure: FailureKind, error: str) -> None:
+        self.failure = failure
+        self.error = error
 
 
 @define(eq=False)
@@ -142,13 +134,15 @@ class Exchange:
     attempts: list[AttemptLog] = field(factory=list)
     upstream: str | None = None
     status: int | None = None
-    outcome: str = "ok"
+    _outcome: Outcome = field(default=Outcome.OK, alias="outcome")
     ttfb: float | None = None
     finished: float | None = None
     bytes_out: int = 0
     response_body: bytes | None = None  # a non-stream answer, for the record
     error: str | None = None  # why a committed stream ended badly
     client_gone: bool = False
+    # The proxy cut the request off at shutdown.
+    cut: bool = False
     # Headers for the answer, whatever it is, over the upstream's (see
     # oaproxy.web.ProxyRequest); the pipeline gives the request's own.
     answer_headers: Headers = field(factory=Headers)
@@ -157,6 +151,34 @@ class Exchange:
     reservation: Any = None
     # The limit that refused the request, for its record.
     limit: LimitRefusal | None = None
+
+    @property
+    def outcome(self) -> Outcome:
+        # After a cut the client's side closes too: that is not why it ended.
+        return Outcome.SHUTDOWN if self.cut else self._outcome
+
+    @outcome.setter
+    def outcome(self, outcome: Outcome) -> None:
+        self._outcome = outcome
+
+    def client_disconnected(
+        self,
+        attempt: AttemptLog | None = None,
+        failure: FailureKind = FailureKind.CANCELLED,
+        why: str = "client disconnected",
+    ) -> None:
+        """The client went away (or was let go): the request ends here, and
+        the attempt under way, if any, was cancelled rather than failed."""
+        self.client_gone = True
+        self.outcome = Outcome.CLIENT_DISCONNECTED
+        if attempt is not None:
+            attempt.failed(failure, f"cancelled: {why}")
+
+    def cut_at_shutdown(self) -> None:
+        """Mark the request as cut off by the proxy (still in flight after
+        ``shutdown_timeout``), before its connection is aborted."""
+        self.cut = True
+        self.error = f"cut at {Outcome.SHUTDOWN.value}"
 
 
 class Forwarder:
@@ -172,6 +194,7 @@ class Forwarder:
         cooperator: Cooperator,
         *,
         stream_idle_timeout: float,
+        redactor: Redactor,
         on_event: Callable[[Exchange, Upstream], Callable[[bytes], bool]] | None = None,
         on_attempt: Callable[[Exchange, AttemptLog], None] | None = None,
         pooled: Callable[[], bool] = lambda: True,
@@ -182,6 +205,7 @@ class Forwarder:
         self._fresh_agent = fresh_agent
         self._cooperator = cooperator
         self._idle_timeout = stream_idle_timeout
+        self._redactor = redactor
         self._on_event = on_event
         # Told of each attempt as it ends (the pipeline's observers).
         self._on_attempt = on_attempt
@@ -220,44 +244,41 @@ class Forwarder:
                     request, exchange, upstream, attempt, deadline, with_usage
                 )
             except AttemptTimeout as e:
-                attempt.error = str(e)
+                attempt.failed(FailureKind.TIMEOUT, str(e))
                 self._end_attempt(exchange, attempt)
                 continue
-            except CancelledError:
-                attempt.error = "cancelled: client disconnected"
-                self._end_attempt(exchange, attempt)
-                exchange.client_gone = True
-                exchange.outcome = "client_disconnected"
-                return exchange
             except Exception as e:  # noqa: BLE001 - any failed attempt means the next upstream
-                if exchange.client_gone:
-                    attempt.error = "cancelled: client disconnected"
+                if exchange.client_gone or isinstance(e, CancelledError):
+                    exchange.client_disconnected(attempt)
                     self._end_attempt(exchange, attempt)
-                    exchange.outcome = "client_disconnected"
                     return exchange
-                attempt.error = describe(e)
+                attempt.failed(*describe(e))
                 self._end_attempt(exchange, attempt)
                 continue
             if isinstance(result, Committed):
                 await self._finish_relay(exchange, attempt, result)
                 return exchange
             attempt.status = result.status
-            self._end_attempt(exchange, attempt)
             if exchange.usage_added and result.status in (400, 422):
                 # Some OpenAI-compatible servers refuse stream_options: once
                 # more on the same upstream, with the body the client sent.
+                self._end_attempt(exchange, attempt)
                 tries.appendleft((upstream, False))
                 continue
             if fails_over(result.status):
+                attempt.failure = FailureKind.STATUS
+                self._end_attempt(exchange, attempt)
                 last_answer = result
                 continue
+            self._end_attempt(exchange, attempt)
             self._send(request, exchange, result)
-            exchange.outcome = "ok" if result.status < 400 else "client_error"
+            exchange.outcome = Outcome.OK if result.status < 400 else Outcome.CLIENT_ERROR
             return exchange
         self._exhausted(request, exchange, last_answer)
         return exchange
 
     def _end_attempt(self, exchange: Exchange, attempt: AttemptLog) -> None:
+        """The attempt is over and says why: time it, tell the observers."""
         attempt.duration = self._clock.seconds() - attempt.started
         if self._on_attempt is not None:
             self._on_attempt(exchange, attempt)
@@ -358,29 +379,27 @@ class Forwarder:
         self, exchange: Exchange, attempt: AttemptLog, committed: Committed
     ) -> None:
         attempt.status = committed.status
+        failure: RelayFailure | None
         try:
-            result = await committed.relay.done
+            failure = await committed.relay.done
         except CancelledError:
-            result = RelayResult(ok=False, error="client disconnected", client_gone=True)
-        self._end_attempt(exchange, attempt)
+            failure = RelayFailure(FailureKind.CANCELLED, "client disconnected")
         exchange.bytes_out = committed.relay.bytes_out
-        if result.client_gone:
-            exchange.client_gone = True
-            exchange.outcome = "client_disconnected"
-            attempt.error = f"cancelled: {result.error}"
-        elif not result.ok:
-            exchange.outcome = "stream_failed"
-            exchange.error = result.error
-            attempt.error = result.error
+        if failure is not None and failure.kind.caused_by_client:
+            exchange.client_disconnected(attempt, failure.kind, failure.error)
+        elif failure is not None:
+            exchange.outcome = Outcome.STREAM_FAILED
+            exchange.error = failure.error
+            attempt.failed(failure.kind, failure.error)
+        self._end_attempt(exchange, attempt)
 
     def _send(self, request: Request, exchange: Exchange, answer: Answer) -> None:
         exchange.upstream = answer.upstream.name
         exchange.status = answer.status
         body = answer.body
-        sk = answer.upstream.sk
-        if answer.status >= 400 and sk and sk != "asis":
+        if answer.status >= 400:
             # Some upstreams quote the key they refused; it is not the client's.
-            body = body.replace(sk.encode("utf-8"), REDACTED)
+            body = self._redactor.redact_bytes(body)
         exchange.response_body = body
         request.setResponseCode(answer.status, answer.phrase)
         _copy_headers(request, answer.headers)
@@ -403,14 +422,12 @@ class Forwarder:
         request.finish()
 
     def _exhausted(self, request: Request, exchange: Exchange, last: Answer | None) -> None:
-        exchange.outcome = "exhausted"
+        exchange.outcome = Outcome.EXHAUSTED
         if last is not None:
             # The SDK then raises what the upstream meant (a real 429 or 500).
             self._send(request, exchange, last)
             return
-        timeouts = all(
-            a.error is not None and a.error.startswith("timeout") for a in exchange.attempts
-        )
+        timeouts = all(a.failure is FailureKind.TIMEOUT for a in exchange.attempts)
         status = 504 if timeouts else 502
         reasons = "; ".join(f"{a.upstream}: {a.error}" for a in exchange.attempts)
         message = f"All upstreams failed: {reasons}"

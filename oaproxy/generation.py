@@ -30,11 +30,12 @@ from oaproxy.health import Readiness, ReadyResource
 from oaproxy.inspection import inspect_request
 from oaproxy.ledger import RequestLedger
 from oaproxy.logfile import JSONLogFile
-from oaproxy.metrics import Metrics, MetricsResource
+from oaproxy.metrics import Metrics
 from oaproxy.observers import Alerting, MetricsCounting, ReadinessFollowing, RecordPublishing
 from oaproxy.pipeline import Observers, Pipeline
 from oaproxy.records import RecordEmitter, RecordMaker
 from oaproxy.routing import Router
+from oaproxy.scrape import MetricsResource
 from oaproxy.sharedredis import SharedRedis
 from oaproxy.sinks import FileSink, QueuedSink, SQLSink
 from oaproxy.traffic.control import MemoryTraffic, build_traffic
@@ -168,6 +169,7 @@ def build_generation(
         shared.fresh_agent,
         shared.cooperator,
         stream_idle_timeout=config.stream_idle_timeout,
+        redactor=records.redactor,
         on_event=records.stream_observer,
         on_attempt=observers.attempt_finished,
         pooled=shared.pooled,

@@ -43,9 +43,10 @@ from twisted.web.http_headers import Headers
 
 from oaproxy.config import Config, Upstream
 from oaproxy.errors import ErrorAnswer, error_body
-from oaproxy.forward import CUT_AT_SHUTDOWN, AttemptLog, Call, Exchange, Forwarder
+from oaproxy.forward import AttemptLog, Call, Exchange, Forwarder
 from oaproxy.headers import forwarded_for
 from oaproxy.inspection import Inspected
+from oaproxy.record import Outcome, Record
 from oaproxy.records import RecordMaker
 from oaproxy.relay import RequestBody
 from oaproxy.routing import Caller, Router
@@ -109,7 +110,7 @@ class Observer:
     def attempt_finished(self, exchange: Exchange, attempt: AttemptLog) -> None:
         """One attempt on one upstream is over."""
 
-    def request_finished(self, exchange: Exchange, record: Any) -> None:
+    def request_finished(self, exchange: Exchange, record: Record | None) -> None:
         """A request is over, forwarded or refused. ``record`` is None only
         when it could not be made (a bug, logged): what counts requests in
         flight must still count this one out."""
@@ -137,7 +138,7 @@ class Observers:
             except Exception:  # noqa: BLE001 - one observer's bug must not stop the others
                 self.log.failure("an observer failed on a finished attempt")
 
-    def request_finished(self, exchange: Exchange, record: Any) -> None:
+    def request_finished(self, exchange: Exchange, record: Record | None) -> None:
         for observer in self._observers:
             try:
                 observer.request_finished(exchange, record)
@@ -261,10 +262,11 @@ class Pipeline:
         body = answer_error(request, error)
         exchange.status = error.status
         if error.limit is not None:
-            exchange.outcome = "rate_limited"
+            exchange.outcome = Outcome.RATE_LIMITED
             exchange.limit = error.limit
         else:
-            exchange.outcome = "error" if error.status >= 500 else "client_error"
+            # A 5xx of our own (the limiter unavailable) is no fault of the client's.
+            exchange.outcome = Outcome.ERROR if error.status >= 500 else Outcome.CLIENT_ERROR
         exchange.response_body = body
         exchange.bytes_out = len(body)
         exchange.finished = self._clock.seconds()
@@ -278,7 +280,7 @@ class Pipeline:
         work: list[Deferred[Exchange]] = []
 
         def client_gone(reason: Failure) -> None:
-            exchange.client_gone = True
+            exchange.client_disconnected()
             if work:
                 work[0].cancel()
 
@@ -288,13 +290,10 @@ class Pipeline:
         work.append(d)
 
         def done(result: Exchange | Failure) -> None:
-            if isinstance(result, Failure):
-                if not exchange.client_gone:
-                    self.log.failure("forwarding failed", failure=result)
-                    fail_unfinished(request)
-                    exchange.outcome = "error"
-                else:
-                    exchange.outcome = "client_disconnected"
+            if isinstance(result, Failure) and not exchange.client_gone:
+                self.log.failure("forwarding failed", failure=result)
+                fail_unfinished(request)
+                exchange.outcome = Outcome.ERROR
             exchange.finished = self._clock.seconds()
             self.finished(exchange, request)
 
@@ -339,9 +338,6 @@ class Pipeline:
 
     def finished(self, exchange: Exchange, request: server.Request) -> None:
         """Make the request's record and give it to every observer."""
-        if exchange.error == CUT_AT_SHUTDOWN:
-            # The client did not go away: the proxy cut it off.
-            exchange.outcome = "shutdown"
         record = None
         try:
             record = self._records.make(exchange, request)

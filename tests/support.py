@@ -38,6 +38,7 @@ from zope.interface import implementer
 
 from oaproxy.config import Config, parse_config
 from oaproxy.generation import Shared, build_generation
+from oaproxy.record import Record, record_document
 from oaproxy.web import ProxySite
 
 # The wall-clock time the harness gives records (the reactor clock starts at 0).
@@ -452,7 +453,7 @@ class Harness:
             rng=rng,
         )
         self.cooperator = self.shared.cooperator
-        self.records: list[dict[str, Any]] = []
+        self.records: list[Record] = []
         self.shared.records.add_observer(
             cast(ILogObserver, lambda event: self.records.append(event["record"]))
         )
@@ -502,4 +503,5 @@ class Harness:
 
     def record(self) -> dict[str, Any]:
         assert len(self.records) == 1, f"{len(self.records)} records, not 1"
-        return self.records[0]
+        """The one record made so far, in its stored form."""
+        return record_document(self.records[0])

@@ -8,6 +8,15 @@ import re
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from oaproxy.record import (
+    BadRecord,
+    LimitKind,
+    LimitRefusal,
+    LimitScope,
+    Outcome,
+    record_document,
+    record_from_document,
+)
 from oaproxy.traffic.headers import openai_duration, retry_after
 from oaproxy.traffic.routes import RouteTable, api_path
 from tests.support import Client, Harness, headers, sse
@@ -94,11 +103,11 @@ class PerKeyTests(Limited):
         for _ in range(2):
             self.served(self.h.chat(key="sk-alice"))
         self.h.chat(key="sk-alice")
-        record = self.h.records[-1]
+        record = record_document(self.h.records[-1])
         self.assertEqual((record["status"], record["outcome"]), (429, "rate_limited"))
         self.assertEqual(record["limit"], {"kind": "requests", "scope": "key", "limit": "2/minute"})
         self.assertEqual(record["attempts"], [])
-        self.assertIsNone(self.h.records[0]["limit"])
+        self.assertIsNone(self.h.records[0].limit)
         registry = self.h.shared.metrics.registry
         self.assertEqual(
             registry.get_sample_value(
@@ -116,7 +125,7 @@ class PerKeyTests(Limited):
             self.assertEqual(self.served(self.h.chat(key="sk-bob")).reply().status, 200)
         refused = self.h.chat(key="sk-bob")
         self.assertEqual(refused.reply().status, 429)
-        self.assertEqual(self.h.records[-1]["limit"]["limit"], "3/minute")
+        self.assertEqual(record_document(self.h.records[-1])["limit"]["limit"], "3/minute")
 
     def test_headers_on_every_answer_over_the_upstreams(self) -> None:
         """Errors, relayed answers and streams all carry the client's own limit,
@@ -196,7 +205,7 @@ upstreams:
         self.served(self.h.chat(key="sk-alice"))
         refused = self.h.chat(key="sk-bob")
         self.assertEqual(refused.reply().status, 429)
-        self.assertEqual(self.h.records[-1]["limit"]["scope"], "global")
+        self.assertEqual(record_document(self.h.records[-1])["limit"]["scope"], "global")
 
     def test_route_limit_per_key(self) -> None:
         """A route's limit counts each key on that route only."""
@@ -204,7 +213,7 @@ upstreams:
         refused = self.embed("sk-alice")
         self.assertEqual(refused.reply().status, 429)
         self.assertEqual(
-            self.h.records[-1]["limit"],
+            record_document(self.h.records[-1])["limit"],
             {"kind": "requests", "scope": "route", "limit": "1/minute"},
         )
         self.assertIn(b"for this key on /v1/embeddings", refused.reply().body)
@@ -212,7 +221,7 @@ upstreams:
         self.assertEqual(self.served(self.embed("sk-bob")).reply().status, 200)
         self.assertEqual(self.served(self.h.chat(key="sk-alice")).reply().status, 200)
         self.assertEqual(self.h.chat(key="sk-bob").reply().status, 429)
-        self.assertEqual(self.h.records[-1]["limit"]["scope"], "global")
+        self.assertEqual(record_document(self.h.records[-1])["limit"]["scope"], "global")
 
     def test_requests_without_a_key_count_per_address(self) -> None:
         """Without a key, a client's address is whom the limit counts."""
@@ -256,3 +265,22 @@ class RouteMatchTests(SynchronousTestCase):
         self.assertEqual(table.match("/v1/chat/completions?x=1"), ("/v1/chat", 3))
         self.assertIsNone(table.match("/v1/filesystem"))
         self.assertEqual(table.match("/team/v1/files"), ("/v1/files", 1))
+
+
+class RefusalRecordTests(Limited):
+    def test_the_stored_form_of_a_refusal(self) -> None:
+        """A refusal's record stores its limit, reads back the same, and other
+        records are stored as they always were (no "limit" at all)."""
+        for _ in range(2):
+            self.served(self.h.chat(key="sk-alice"))
+        self.h.chat(key="sk-alice")
+        served, refused = self.h.records[0], self.h.records[-1]
+        self.assertEqual(refused.outcome, Outcome.RATE_LIMITED)
+        self.assertEqual(
+            refused.limit, LimitRefusal(LimitKind.REQUESTS, LimitScope.KEY, "2/minute")
+        )
+        self.assertNotIn("limit", record_document(served))
+        self.assertEqual(record_from_document(record_document(refused)), refused)
+        document = record_document(refused)
+        document["limit"] = {"kind": "wishes", "scope": "key", "limit": "1/day"}
+        self.assertRaises(BadRecord, record_from_document, document)

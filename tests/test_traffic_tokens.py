@@ -13,10 +13,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.cli import UsageRow
 from oaproxy.config import BackendErrorPolicy, Budget, BudgetPeriod
+from oaproxy.record import record_document
 from oaproxy.traffic.backend import BackendTrouble
 from oaproxy.traffic.budgets import BudgetHistory, budget_counter, period_at
 from oaproxy.traffic.counters import Admission, Charge, Held
-from oaproxy.traffic.estimate import Usage, estimate
+from oaproxy.traffic.estimate import estimate, tokens
 from oaproxy.traffic.memory import MemoryCounters
 from oaproxy.traffic.tokens import TokenLimits
 from tests.support import WALL_TIME, Client, Harness, sse
@@ -91,7 +92,8 @@ class TokenLimitTests(TokenCase):
         self.assertEqual(refused.header(b"retry-after"), b"60")
         self.assertEqual(self.tokens_headers(clients[3]), (b"1000", b"100", b"1m0s"))
         self.assertEqual(
-            self.h.records[0]["limit"], {"kind": "tokens", "scope": "key", "limit": "1000/minute"}
+            record_document(self.h.records[0])["limit"],
+            {"kind": "tokens", "scope": "key", "limit": "1000/minute"},
         )
 
     def test_real_usage_replaces_the_reservation(self) -> None:
@@ -112,7 +114,7 @@ class TokenLimitTests(TokenCase):
         self.ask()
         self.h.agent.calls[0].respond(500, body=b'{"error": {"message": "down"}}')
         self.h.agent.calls[1].respond(400, body=b'{"error": {"message": "bad"}}')
-        self.assertEqual([r["status"] for r in self.h.records], [500, 400])
+        self.assertEqual([r["status"] for r in map(record_document, self.h.records)], [500, 400])
         for _ in range(2):
             self.ask()
         self.assertEqual(len(self.h.agent.calls), 5)
@@ -122,7 +124,7 @@ class TokenLimitTests(TokenCase):
         for _ in range(3):
             gone = self.ask()
         gone.disconnect()
-        self.assertEqual(self.h.records[-1]["outcome"], "client_disconnected")
+        self.assertEqual(record_document(self.h.records[-1])["outcome"], "client_disconnected")
         self.ask()
         self.assertEqual(len(self.h.agent.calls), 4)
 
@@ -133,7 +135,7 @@ class TokenLimitTests(TokenCase):
         response.write(sse('{"choices":[{"delta":{"content":"hi"}}]}'))
         response.fail()
         self.assertEqual(stream.reply().status, 200)
-        self.assertEqual(self.h.records[-1]["outcome"], "stream_failed")
+        self.assertEqual(record_document(self.h.records[-1])["outcome"], "stream_failed")
         self.ask()
         self.ask()
         self.assertEqual(len(self.h.agent.calls), 3)
@@ -198,7 +200,7 @@ class BudgetTests(TokenCase):
         self.assertEqual(reply.header(b"retry-after"), b"6400")
         self.assertEqual(reply.header(b"x-should-retry"), b"false")
         self.assertEqual(
-            self.h.records[-1]["limit"],
+            record_document(self.h.records[-1])["limit"],
             {"kind": "budget", "scope": "key", "limit": "1000 tokens/day"},
         )
         registry = self.h.shared.metrics.registry
@@ -287,14 +289,14 @@ class EstimateTests(SynchronousTestCase):
             "n": 2,
         }
         # system(6) + 94 + user(4) + text(4) + 100 + image_url(9) = 217 -> 55
-        self.assertEqual(estimate(body, "/v1/chat/completions", 1024), Usage(55, 100))
+        self.assertEqual(estimate(body, "/v1/chat/completions", 1024), tokens(55, 100))
 
     def test_completion_default_and_embeddings(self) -> None:
         """Without max_tokens the default applies; embeddings complete nothing."""
-        self.assertEqual(estimate({"prompt": "abcd"}, "/v1/completions", 64), Usage(1, 64))
-        self.assertEqual(estimate({"input": "abcd" * 10}, "/v1/embeddings", 64), Usage(10, 0))
+        self.assertEqual(estimate({"prompt": "abcd"}, "/v1/completions", 64), tokens(1, 64))
+        self.assertEqual(estimate({"input": "abcd" * 10}, "/v1/embeddings", 64), tokens(10, 0))
         self.assertEqual(
-            estimate({"input": "x", "max_output_tokens": 9}, "/v1/responses", 64), Usage(1, 9)
+            estimate({"input": "x", "max_output_tokens": 9}, "/v1/responses", 64), tokens(1, 9)
         )
 
     def test_deep_bodies_do_not_exhaust_the_stack(self) -> None:
@@ -302,7 +304,7 @@ class EstimateTests(SynchronousTestCase):
         body: Any = "z"
         for _ in range(100_000):
             body = [body]
-        self.assertEqual(estimate({"input": body}, "/v1/embeddings", 64), Usage(1, 0))
+        self.assertEqual(estimate({"input": body}, "/v1/embeddings", 64), tokens(1, 0))
 
 
 class SlowCounters:

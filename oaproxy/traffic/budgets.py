@@ -23,8 +23,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from oaproxy.cli import Filters, UsageRow, missing_table, usage_rows
 from oaproxy.config import SQLITE, Budget, BudgetPeriod, Price
+from oaproxy.recordstore import Filters, UsageRow, missing_table, usage_rows
 from oaproxy.sinks.sql import open_database
 from oaproxy.traffic.counters import Counter, FixedWindow
 from oaproxy.traffic.memory import MemoryCounters

@@ -10,7 +10,8 @@
   ``limits.default_max_tokens``; times ``n`` when it asks for several
   choices; 0 for embeddings, which complete nothing.
 
-The guess is only held until the answer's real usage replaces it.
+The guess is only held until the answer's real usage replaces it. Both
+are the record's ``Usage``.
 """
 
 from __future__ import annotations
@@ -19,34 +20,22 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from attrs import frozen
-
+from oaproxy.record import Usage
 from oaproxy.traffic.routes import api_path
 
 _MAX_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 _NO_COMPLETION = frozenset({"/v1/embeddings"})
 
 
-@frozen
-class Usage:
-    """Tokens of one request: estimated, or as the upstream reported them."""
-
-    prompt: int
-    completion: int
-
-    @property
-    def total(self) -> int:
-        return self.prompt + self.completion
+NOTHING = Usage(0, 0, 0)
 
 
-NOTHING = Usage(0, 0)
+def tokens(prompt: int, completion: int) -> Usage:
+    return Usage(prompt, completion, prompt + completion)
 
 
 def estimate(body: Mapping[str, Any], path: str, default_max_tokens: int) -> Usage:
-    return Usage(
-        prompt=math.ceil(text_characters(body) / 4),
-        completion=_completion(body, path, default_max_tokens),
-    )
+    return tokens(math.ceil(text_characters(body) / 4), _completion(body, path, default_max_tokens))
 
 
 def text_characters(body: Mapping[str, Any]) -> int:
@@ -76,15 +65,12 @@ def _completion(body: Mapping[str, Any], path: str, default_max_tokens: int) -> 
     return most * max(1, _count(body.get("n")))
 
 
-def reported_usage(usage: object) -> Usage | None:
-    """A record's usage (``oaproxy.capture.normalise_usage``), if it has one."""
-    if not isinstance(usage, Mapping):
-        return None
-    prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
-    if prompt + completion == 0:
-        # Only a total (some servers): counted as prompt tokens.
-        return Usage(_count(usage.get("total_tokens")), 0)
-    return Usage(prompt, completion)
+def billed(usage: Usage) -> Usage:
+    """A record's usage as limits count it: a server that reports only a
+    total (prompt and completion 0) has it counted as prompt tokens."""
+    if usage.prompt_tokens + usage.completion_tokens == 0 and usage.total_tokens > 0:
+        return tokens(usage.total_tokens, 0)
+    return usage
 
 
 def _count(value: object) -> int:

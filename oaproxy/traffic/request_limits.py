@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from oaproxy.config import Limits, Rate
 from oaproxy.errors import ErrorAnswer
 from oaproxy.pipeline import Arrival, Verdict
+from oaproxy.record import LimitKind, LimitRefusal, LimitScope
 from oaproxy.traffic.backend import BackendTrouble
 from oaproxy.traffic.counters import Admission, Charge, Counters, rate_counter
 from oaproxy.traffic.headers import (
@@ -28,7 +29,6 @@ from oaproxy.traffic.headers import (
     set_rate_headers,
     set_retry_after,
 )
-from oaproxy.traffic.refusal import LimitKind, LimitRefusal, LimitScope
 from oaproxy.traffic.routes import RouteTable, address, key_named
 from oaproxy.web import client_ip
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
-from typing import Any
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
@@ -30,6 +29,7 @@ from oaproxy.config import Budget, ClientKey, Config, Price, Rate, Upstream, all
 from oaproxy.errors import ErrorAnswer
 from oaproxy.forward import Exchange
 from oaproxy.pipeline import Observer, Verdict
+from oaproxy.record import LimitKind, LimitRefusal, LimitScope, Record, Usage
 from oaproxy.traffic.backend import BackendTrouble
 from oaproxy.traffic.budgets import (
     BudgetHistory,
@@ -42,7 +42,7 @@ from oaproxy.traffic.budgets import (
     period_at,
 )
 from oaproxy.traffic.counters import Admission, Charge, Counters, Held, Reading, rate_counter
-from oaproxy.traffic.estimate import NOTHING, Usage, estimate, reported_usage
+from oaproxy.traffic.estimate import NOTHING, billed, estimate
 from oaproxy.traffic.headers import (
     longest_wait,
     most_constrained,
@@ -51,7 +51,6 @@ from oaproxy.traffic.headers import (
     set_rate_headers,
     set_retry_after,
 )
-from oaproxy.traffic.refusal import LimitKind, LimitRefusal, LimitScope
 from oaproxy.traffic.routes import who
 from oaproxy.web import route_path
 
@@ -74,13 +73,13 @@ class Reservation:
     def amounts(self, used: Usage) -> list[int]:
         """What the charges become once the request used ``used``."""
         return [
-            used.total if measure is Measure.TOKENS else self._cost(used)
+            used.total_tokens if measure is Measure.TOKENS else self._cost(used)
             for measure in self.measures
         ]
 
     def _cost(self, used: Usage) -> int:
         assert self.price is not None
-        return cost_in_micro_dollars(used.prompt, used.completion, self.price)
+        return cost_in_micro_dollars(used.prompt_tokens, used.completion_tokens, self.price)
 
 
 @frozen
@@ -172,7 +171,8 @@ class TokenLimits:
         whom = who(exchange.key_name, exchange.client_ip)
         charges = [
             Charge(
-                rate_counter(f"limits:tokens:key:{whom}", rate, self._strategy, now), guess.total
+                rate_counter(f"limits:tokens:key:{whom}", rate, self._strategy, now),
+                guess.total_tokens,
             )
             for rate in rates
         ]
@@ -184,10 +184,10 @@ class TokenLimits:
             period = period_at(budget.period, wall)
             counter = budget_counter(exchange.key_name, budget, period, wall)
             if price is None:
-                charges.append(Charge(counter, guess.total))
+                charges.append(Charge(counter, guess.total_tokens))
                 measures.append(Measure.TOKENS)
             else:
-                cost = cost_in_micro_dollars(guess.prompt, guess.completion, price)
+                cost = cost_in_micro_dollars(guess.prompt_tokens, guess.completion_tokens, price)
                 charges.append(Charge(counter, cost))
                 measures.append(Measure.MICRO_DOLLARS)
         return _Plan(
@@ -254,13 +254,13 @@ class TokenLimits:
         whose = "this key" if exchange.key_name is not None else "this client address"
         if reading.wait is None:
             message = (
-                f"Request too large for tokens: about {plan.estimate.total} tokens"
+                f"Request too large for tokens: about {plan.estimate.total_tokens} tokens"
                 f" (prompt and max_tokens), and {whose} may use {rate.text}."
             )
         else:
             message = (
                 f"Rate limit reached for tokens: {rate.text} for {whose}; this request needs"
-                f" about {plan.estimate.total}, {reading.remaining} remain."
+                f" about {plan.estimate.total_tokens}, {reading.remaining} remain."
                 f" Please try again in {retry_after(reading.wait)}s."
             )
         return ErrorAnswer(
@@ -300,7 +300,7 @@ class TokenSettlement(Observer):
         self._counters = counters
         self._trouble = trouble
 
-    def request_finished(self, exchange: Exchange, record: Any) -> None:
+    def request_finished(self, exchange: Exchange, record: Record | None) -> None:
         reservation: Reservation | None = exchange.reservation
         if reservation is None:
             return
@@ -316,10 +316,12 @@ class TokenSettlement(Observer):
             settled.addErrback(self._trouble.failed, "settling a reservation")
 
 
-def _used(exchange: Exchange, record: Any) -> Usage | None:
+def _used(exchange: Exchange, record: Record | None) -> Usage | None:
     """What a finished request used; None when unknown (the estimate stands)."""
     status = exchange.status
     if exchange.upstream is None or status is None or not 200 <= status < 300:
         # No upstream answered, or it refused: nothing was used.
         return NOTHING
-    return reported_usage(record.get("usage")) if record is not None else None
+    if record is None or record.usage is None:
+        return None
+    return billed(record.usage)
