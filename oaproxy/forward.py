@@ -35,6 +35,7 @@ from oaproxy.errors import error_body
 from oaproxy.headers import response_headers, upstream_headers
 from oaproxy.inspection import Inspected
 from oaproxy.relay import BodyCollector, RelayResult, RequestBody, StreamRelay, describe
+from oaproxy.upstreamclient import NoResponse, retry_on_new_connection
 
 # Statuses worth another upstream: the upstream (its key, its quota, its
 # health) is the problem. Other 4xx mean the request itself is wrong.
@@ -106,6 +107,9 @@ class AttemptLog:
     error: str | None = None
     ttfb: float | None = None
     duration: float | None = None
+    # Why the request went out a second time, on a new connection (the pooled
+    # one was stale); not in the record yet (issue 11 makes it an attempt).
+    resent: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -159,7 +163,6 @@ class Forwarder:
         *,
         stream_idle_timeout: float,
         on_event: Callable[[Exchange, Upstream], Callable[[bytes], bool]] | None = None,
-        pooled: Callable[[], bool] = lambda: True,
     ) -> None:
         self._clock = clock
         self._agent = agent
@@ -167,9 +170,6 @@ class Forwarder:
         self._cooperator = cooperator
         self._idle_timeout = stream_idle_timeout
         self._on_event = on_event
-        # Says, right after agent.request(), whether that request went out on
-        # a connection from the pool: only such a connection can be stale.
-        self._pooled = pooled
 
     def forward(
         self, request: Request, exchange: Exchange, candidates: Sequence[Upstream]
@@ -266,7 +266,7 @@ class Forwarder:
         call = exchange.call
         exchange.usage_added = with_usage and call.inspected.asks_usage_for(upstream)
         sent = call.inspected.body_for(upstream) if with_usage else call.inspected.body
-        response = await self._request(upstream, call, sent)
+        response = await self._request(upstream, call, sent, attempt)
         attempt.ttfb = self._clock.seconds() - attempt.started
         status = response.code
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
@@ -280,7 +280,9 @@ class Forwarder:
         body = await collector.finished
         return Answer(upstream, status, response.phrase, response.headers, body)
 
-    async def _request(self, upstream: Upstream, call: Call, body: RequestBody) -> IResponse:
+    async def _request(
+        self, upstream: Upstream, call: Call, body: RequestBody, attempt: AttemptLog
+    ) -> IResponse:
         url = upstream.endpoint.encode("utf-8") + call.upstream_path
         headers = upstream_headers(
             call.headers,
@@ -289,14 +291,14 @@ class Forwarder:
             forwarded_for=call.forwarded_for,
         )
         sent = self._agent.request(call.method, url, headers, body.producer(self._cooperator))
-        pooled = self._pooled()
         try:
             return await sent
         except (RequestNotSent, ResponseNeverReceived) as e:
             # On a new connection the failure is the upstream's doing (it
             # may have acted on the request): fail over, never send it twice.
-            if not (pooled and _stale_connection(e)):
+            if not _stale_connection(e):
                 raise
+            attempt.resent = describe(e)
         # A pooled connection the upstream had closed: once more, on a new one.
         return await self._fresh_agent.request(
             call.method, url, headers, body.producer(self._cooperator)
@@ -422,6 +424,10 @@ def _authorization(upstream: Upstream, call: Call) -> bytes | None:
 
 def _stale_connection(error: Exception) -> bool:
     """A pooled connection that was dead before this request, not a cancel."""
+    if isinstance(error, NoResponse):
+        # Our upstream client says whether the connection had been reused.
+        return retry_on_new_connection(error)
+    # Another agent cannot tell: any connection may have come from a pool.
     if isinstance(error, RequestNotSent):
         return True
     reasons: list[Failure] = getattr(error, "reasons", [])

@@ -34,7 +34,7 @@ from oaproxy.health import Readiness, ReadyResource
 from oaproxy.inspection import inspect_request
 from oaproxy.logfile import JSONLogFile
 from oaproxy.metrics import Metrics, MetricsResource
-from oaproxy.outbound import ProxyPool, upstream_agent, upstream_pool
+from oaproxy.outbound import alert_agent, upstream_agent, upstream_pool
 from oaproxy.records import RecordEmitter, RecordMaker
 from oaproxy.routing import Router
 from oaproxy.sinks import FileSink, QueuedSink, SQLSink
@@ -113,9 +113,10 @@ class ProxyService(MultiService):
         self._signals = signals
         self._environ = os.environ if environ is None else environ
         self.pool = upstream_pool(reactor)
-        self.agent = upstream_agent(reactor, self.pool)
+        self.agent = upstream_agent(self.pool)
         # For the one retry after a stale pooled connection: a new connection.
-        self.fresh_agent = upstream_agent(reactor, ProxyPool(reactor, persistent=False))
+        self.fresh_agent = upstream_agent(self.pool, fresh=True)
+        self.alert_agent = alert_agent(reactor)
         self.cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
         self.records = RecordEmitter()
         self.metrics = Metrics(known_models(config), [u.name for u in config.upstreams])
@@ -153,7 +154,6 @@ class ProxyService(MultiService):
             self.cooperator,
             stream_idle_timeout=config.stream_idle_timeout,
             on_event=records.stream_observer,
-            pooled=lambda: self.pool.reused,
         )
 
         def finished(exchange: Exchange, request: Request) -> None:
@@ -261,7 +261,7 @@ class ProxyService(MultiService):
     def _make_notifier(self, config: Config) -> Notifier:
         return Notifier.from_config(
             config.notify,
-            self.agent,
+            self.alert_agent,
             self._reactor,
             config.hostname,
             environ=self._environ,
