@@ -37,6 +37,7 @@ from oaproxy.headers import response_headers, upstream_headers
 from oaproxy.inspection import Inspected
 from oaproxy.record import FailureKind, LimitRefusal, Outcome
 from oaproxy.relay import BodyCollector, RelayFailure, RequestBody, StreamRelay, describe
+from oaproxy.upstreamclient import NoResponse, retry_on_new_connection
 
 # Statuses worth another upstream: the upstream (its key, its quota, its
 # health) is the problem. Other 4xx mean the request itself is wrong.
@@ -109,6 +110,9 @@ class AttemptLog:
     failure: FailureKind | None = None
     ttfb: float | None = None
     duration: float | None = None
+    # Why the request went out a second time, on a new connection (the pooled
+    # one was stale); not in the record yet (issue 11 makes it an attempt).
+    resent: str | None = None
 
     def failed(self, failure: FailureKind, error: str) -> None:
         self.failure = failure
@@ -197,7 +201,6 @@ class Forwarder:
         redactor: Redactor,
         on_event: Callable[[Exchange, Upstream], Callable[[bytes], bool]] | None = None,
         on_attempt: Callable[[Exchange, AttemptLog], None] | None = None,
-        pooled: Callable[[], bool] = lambda: True,
         stream_pace: Callable[[bytes], float | None] | None = None,
     ) -> None:
         self._clock = clock
@@ -209,9 +212,6 @@ class Forwarder:
         self._on_event = on_event
         # Told of each attempt as it ends (the pipeline's observers).
         self._on_attempt = on_attempt
-        # Says, right after agent.request(), whether that request went out on
-        # a connection from the pool: only such a connection can be stale.
-        self._pooled = pooled
         # Seconds between two content events of a stream, by request URI
         # (limits.stream_pace); None: not paced.
         self._stream_pace = stream_pace
@@ -310,7 +310,7 @@ class Forwarder:
         call = exchange.call
         exchange.usage_added = with_usage and call.inspected.asks_usage_for(upstream)
         sent = call.inspected.body_for(upstream) if with_usage else call.inspected.body
-        response = await self._request(upstream, call, sent)
+        response = await self._request(upstream, call, sent, attempt)
         attempt.ttfb = self._clock.seconds() - attempt.started
         status = response.code
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
@@ -324,7 +324,9 @@ class Forwarder:
         body = await collector.finished
         return Answer(upstream, status, response.phrase, response.headers, body)
 
-    async def _request(self, upstream: Upstream, call: Call, body: RequestBody) -> IResponse:
+    async def _request(
+        self, upstream: Upstream, call: Call, body: RequestBody, attempt: AttemptLog
+    ) -> IResponse:
         url = upstream.endpoint.encode("utf-8") + call.upstream_path
         headers = upstream_headers(
             call.headers,
@@ -333,14 +335,14 @@ class Forwarder:
             forwarded_for=call.forwarded_for,
         )
         sent = self._agent.request(call.method, url, headers, body.producer(self._cooperator))
-        pooled = self._pooled()
         try:
             return await sent
         except (RequestNotSent, ResponseNeverReceived) as e:
             # On a new connection the failure is the upstream's doing (it
             # may have acted on the request): fail over, never send it twice.
-            if not (pooled and _stale_connection(e)):
+            if not _stale_connection(e):
                 raise
+            attempt.resent = describe(e)[1]
         # A pooled connection the upstream had closed: once more, on a new one.
         return await self._fresh_agent.request(
             call.method, url, headers, body.producer(self._cooperator)
@@ -463,6 +465,10 @@ def _authorization(upstream: Upstream, call: Call) -> bytes | None:
 
 def _stale_connection(error: Exception) -> bool:
     """A pooled connection that was dead before this request, not a cancel."""
+    if isinstance(error, NoResponse):
+        # Our upstream client says whether the connection had been reused.
+        return retry_on_new_connection(error)
+    # Another agent cannot tell: any connection may have come from a pool.
     if isinstance(error, RequestNotSent):
         return True
     reasons: list[Failure] = getattr(error, "reasons", [])

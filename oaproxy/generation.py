@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from attrs import frozen
@@ -32,7 +32,7 @@ from oaproxy.ledger import RequestLedger
 from oaproxy.logfile import JSONLogFile
 from oaproxy.metrics import Metrics
 from oaproxy.observers import Alerting, MetricsCounting, ReadinessFollowing, RecordPublishing
-from oaproxy.pipeline import Observers, Pipeline
+from oaproxy.pipeline import Observer, Observers, Pipeline
 from oaproxy.records import RecordEmitter, RecordMaker
 from oaproxy.routing import Router
 from oaproxy.scrape import MetricsResource
@@ -50,8 +50,8 @@ class Shared:
     agent: IAgent
     # For the one retry after a stale pooled connection: a new connection.
     fresh_agent: IAgent
-    # Says, right after agent.request(), whether it used a pooled connection.
-    pooled: Callable[[], bool]
+    # Alerts go out on an agent of their own, not through the upstream pool.
+    alert_agent: IAgent
     cooperator: Cooperator
     records: RecordEmitter
     metrics: Metrics
@@ -73,7 +73,7 @@ class Shared:
         *,
         agent: IAgent,
         fresh_agent: IAgent,
-        pooled: Callable[[], bool],
+        alert_agent: IAgent,
         environ: Mapping[str, str],
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
@@ -82,7 +82,7 @@ class Shared:
             reactor=reactor,
             agent=agent,
             fresh_agent=fresh_agent,
-            pooled=pooled,
+            alert_agent=alert_agent,
             cooperator=Cooperator(scheduler=lambda work: reactor.callLater(0, work)),
             records=RecordEmitter(),
             metrics=Metrics(known_models(config), upstream_names(config)),
@@ -112,9 +112,14 @@ class Generation:
 
 
 def build_generation(
-    config: Config, shared: Shared, previous: Generation | None = None
+    config: Config,
+    shared: Shared,
+    previous: Generation | None = None,
+    *,
+    observers: Sequence[Observer] = (),
 ) -> Generation:
-    """Build what ``config`` makes; raises whatever stops a part being made."""
+    """Build what ``config`` makes; raises whatever stops a part being made.
+    ``observers`` watch requests beside the built-in ones."""
     reactor = shared.reactor
     if previous is not None and _sink_section(previous.config) == _sink_section(config):
         sinks = previous.sinks
@@ -125,7 +130,7 @@ def build_generation(
     else:
         notifier = Notifier.from_config(
             config.notify,
-            shared.agent,
+            shared.alert_agent,
             reactor,
             config.hostname,
             environ=shared.environ,
@@ -149,12 +154,13 @@ def build_generation(
         shared_redis=shared_redis,
         count_backend_error=shared.metrics.limiter_backend_error,
     )
-    observers = Observers(
+    watching = Observers(
         [
             RecordPublishing(shared.records),
             MetricsCounting(shared.metrics),
             ReadinessFollowing(shared.readiness),
             Alerting(notifier),
+            *observers,
             *traffic.observers,
             # Last: a stop waiting for the last request goes on only once
             # its record is on its way.
@@ -171,8 +177,7 @@ def build_generation(
         stream_idle_timeout=config.stream_idle_timeout,
         redactor=records.redactor,
         on_event=records.stream_observer,
-        on_attempt=observers.attempt_finished,
-        pooled=shared.pooled,
+        on_attempt=watching.attempt_finished,
         stream_pace=traffic.stream_pace,
     )
     pipeline = Pipeline(
@@ -186,7 +191,7 @@ def build_generation(
         head_gates=(*builtin_head_gates(router), *traffic.head_gates),
         # Limits last: a gate that answers itself (a cache hit) spends no tokens.
         gates=traffic.gates,
-        observers=observers,
+        observers=watching,
     )
     root = RootResource(
         ProxyResource(pipeline),

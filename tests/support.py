@@ -37,7 +37,9 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from oaproxy.config import Config, parse_config
+from oaproxy.forward import Exchange
 from oaproxy.generation import Shared, build_generation
+from oaproxy.pipeline import Observer
 from oaproxy.record import Record, record_document
 from oaproxy.web import ProxySite
 
@@ -426,6 +428,16 @@ class Client:
         return producer
 
 
+class ExchangeLog(Observer):
+    """Keeps each finished request's exchange, for tests that look inside."""
+
+    def __init__(self, exchanges: list[Exchange]) -> None:
+        self._exchanges = exchanges
+
+    def request_finished(self, exchange: Exchange, record: Record | None) -> None:
+        self._exchanges.append(exchange)
+
+
 class Harness:
     """The real resource tree and site, built by the daemon's own factory
     (``build_generation``), with a clock, recording agents and a cooperator
@@ -447,7 +459,7 @@ class Harness:
             self.config,
             agent=cast(IAgent, self.agent),
             fresh_agent=cast(IAgent, self.fresh_agent),
-            pooled=lambda: True,
+            alert_agent=cast(IAgent, RecordingAgent()),
             environ={},
             wall_clock=lambda: WALL_TIME,
             rng=rng,
@@ -457,7 +469,10 @@ class Harness:
         self.shared.records.add_observer(
             cast(ILogObserver, lambda event: self.records.append(event["record"]))
         )
-        self.generation = build_generation(self.config, self.shared)
+        self.exchanges: list[Exchange] = []
+        self.generation = build_generation(
+            self.config, self.shared, observers=[ExchangeLog(self.exchanges)]
+        )
         self.pipeline = self.generation.pipeline
         self.forwarder = self.generation.forwarder
         self.site = ProxySite(self.generation.root, self.config.max_body_bytes, reactor=self.clock)

@@ -22,6 +22,7 @@ from twisted.web.http_headers import Headers
 
 from oaproxy.forward import FAILOVER_STATUSES, Exchange, attempt_deadline, fails_over
 from oaproxy.record import FailureKind, Outcome
+from oaproxy.upstreamclient import NoResponse
 from tests.support import Harness, Reply, make_config, sse
 
 CONFIG = """
@@ -629,6 +630,29 @@ class StaleConnectionTests(ForwardTestCase):
         self.calls[1].respond(200, body=b"{}")
         self.assertReply(client.reply(), 200, b"{}")
         self.assertEqual(self.h.record()["attempts"][0]["error"], "cancelled")
+
+
+class UpstreamClientStaleTests(ForwardTestCase):
+    """oaproxy.upstreamclient says on the failure whether the connection was reused."""
+
+    def test_reused_connection_retried_and_noted(self) -> None:
+        """NoResponse on a reused connection: once more on a new one, and the attempt says so."""
+        client = self.h.chat()
+        self.calls[0].fail(NoResponse([Failure(ConnectionDone())], reused=True, request_sent=True))
+        self.h.fresh_agent.only().respond(200, body=b"{}")
+        self.assertReply(client.reply(), 200, b"{}")
+        (attempt_log,) = self.h.exchanges[0].attempts
+        self.assertEqual(attempt_log.resent, "ConnectionDone: Connection was closed cleanly.")
+        self.assertNotIn("resent", self.h.record()["attempts"][0])
+
+    def test_new_connection_failed_over_not_resent(self) -> None:
+        """NoResponse on a new connection: the upstream may have acted, so fail over."""
+        client = self.h.chat()
+        self.calls[0].fail(NoResponse([Failure(ConnectionDone())], reused=False, request_sent=True))
+        self.assertEqual(self.h.fresh_agent.calls, [])
+        self.calls[1].respond(200, body=b"{}")
+        self.assertReply(client.reply(), 200, b"{}")
+        self.assertIsNone(self.h.exchanges[0].attempts[0].resent)
 
 
 class ClientDisconnectTests(ForwardTestCase):
