@@ -1,6 +1,7 @@
 """One command: direct-to-upstream versus through oaproxy, non-stream and stream.
 
     python bench/run.py [--requests N] [--concurrency C] [--chunks K]
+                        [--limits [--redis URL]]
 
 It starts the fake upstream (``bench/fake_upstream.py``) and oaproxy through
 the real ``twistd`` of the same virtualenv as ``sys.executable``, on loopback
@@ -8,6 +9,13 @@ ports, with a temporary config (``dbtype: none``, one client key, one
 upstream: the fake; records policy left at its defaults). Once ``/healthz``
 answers it runs ``bench/load.py`` four times and prints a table. Children are
 stopped at the end, on an error and on Ctrl-C. All traffic stays on 127.0.0.1.
+
+With ``--limits`` it also measures what the limiter costs on the hot path:
+the same load through two more oaproxy processes whose every request passes
+a global, a per-key and a per-token limit (set high enough never to refuse),
+one keeping its counters in memory, one in Redis (``--redis``, default
+``redis://127.0.0.1:6379/0``, under a key prefix of its own; the keys expire
+with their one-minute windows).
 
 The machine may be noisy: compare the ratios within one run, not absolute
 numbers across runs.
@@ -25,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +126,19 @@ def start_fake_upstream(
     return proc, int(line.rsplit(":", 1)[1])
 
 
-def write_config(directory: Path, upstream_port: int) -> Path:
+# Every request passes all three (and a token reservation settled by the
+# answer's usage); none of them ever refuses.
+LIMITS = (
+    "limits:\n"
+    "  backend: {backend}\n"
+    '  global: "100000000/minute"\n'
+    '  per_key: "100000000/minute"\n'
+    '  tokens_per_key: "100000000000/minute"\n'
+)
+
+
+def write_config(directory: Path, upstream_port: int, extra: str = "") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
     path = directory / "config.yaml"
     path.write_text(
         "# Written by bench/run.py for one run.\n"
@@ -126,9 +147,59 @@ def write_config(directory: Path, upstream_port: int) -> Path:
         "upstreams:\n"
         "  - name: fake\n"
         f"    endpoint: http://127.0.0.1:{upstream_port}/v1\n"
-        f"    sk: {UPSTREAM_KEY}\n"
+        f"    sk: {UPSTREAM_KEY}\n" + extra
     )
     return path
+
+
+def limits_config(backend: str, redis_url: str) -> str:
+    text = LIMITS.format(backend=backend)
+    if backend == "redis":
+        # A prefix of its own: nothing of another run (or deployment) is counted.
+        text += f"redis: {redis_url}\nredis_prefix: 'oaproxy-bench:{uuid.uuid4().hex}:'\n"
+    return text
+
+
+def start_proxy(
+    children: Children, directory: Path, config: Path
+) -> tuple[subprocess.Popen[bytes], int, Path]:
+    port = free_port()
+    log = directory / "twistd.log"
+    with log.open("wb") as log_file:
+        proxy = children.start(
+            [
+                twistd_path(),
+                "-n",
+                "--pidfile=",
+                "oaproxy",
+                "--config",
+                str(config),
+                "--listen",
+                f"tcp:{port}:interface=127.0.0.1",
+            ],
+            cwd=directory,  # anything relative (./log, spools) lands in the temp dir
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    wait_ready(port, proxy, log)
+    return proxy, port, log
+
+
+def wait_limited(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Until answers carry the limiter's headers: its Redis connection is up
+    (before that, on_backend_error: open serves without counting)."""
+    body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}]})
+    for _ in range(READY_TRIES):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        headers = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}
+        conn.request("POST", PATH, body, headers)
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        if response.getheader("x-ratelimit-limit-requests"):
+            return
+        time.sleep(READY_INTERVAL)
+    raise SystemExit(f"bench: the limiter never answered (is Redis up?):\n{tail(log)}")
 
 
 def wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -251,11 +322,21 @@ def report(results: dict[str, dict[str, Any]], rss: dict[str, int | None]) -> st
             f"{mode:<10}  added latency p50 {fmt(added)} ms, p99 {fmt(added99)} ms;"
             f" oaproxy/direct rate {fmt(ratio, 3)}"
         )
-    lines.append(
-        "oaproxy RSS: after start {} KiB, after the run {} KiB".format(
-            rss.get("start") or "?", rss.get("end") or "?"
-        )
-    )
+    for mode in ("non-stream", "stream"):
+        plain = results[f"oaproxy {mode}"]
+        for backend in ("memory", "redis"):
+            limited = results.get(f"oaproxy {mode}, limits in {backend}")
+            if limited is None:
+                continue
+            added = _minus(limited["latency_ms"]["p50"], plain["latency_ms"]["p50"])
+            added99 = _minus(limited["latency_ms"]["p99"], plain["latency_ms"]["p99"])
+            ratio = limited["rps"] / plain["rps"] if plain["rps"] and limited["rps"] else None
+            lines.append(
+                f"{mode:<10}  limits in {backend:<6}: added latency p50 {fmt(added)} ms,"
+                f" p99 {fmt(added99)} ms; limited/unlimited rate {fmt(ratio, 3)}"
+            )
+    for name, kib in rss.items():
+        lines.append(f"oaproxy RSS {name}: {kib or '?'} KiB")
     return "\n".join(lines)
 
 
@@ -273,6 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-seconds", type=float, default=20.0, help="cap on each scenario's run"
     )
+    parser.add_argument(
+        "--limits",
+        action="store_true",
+        help="also measure the limiter: counters in memory and in Redis",
+    )
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="the Redis of --limits")
     parser.add_argument("--json", action="store_true", help="also print the raw results as JSON")
     args = parser.parse_args(argv)
 
@@ -297,44 +384,42 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def run(args: argparse.Namespace, children: Children, directory: Path) -> int:
     # The children outlive no run: the fake stops itself after the longest one could take.
-    lifetime = 4 * (args.max_seconds + 30) + 60
+    runs = 8 if args.limits else 4
+    lifetime = runs * (args.max_seconds + 30) + 60
     _fake, upstream_port = start_fake_upstream(children, args.chunks, lifetime)
-    config = write_config(directory, upstream_port)
-    proxy_port = free_port()
-    log = directory / "twistd.log"
-    with log.open("wb") as log_file:
-        proxy = children.start(
-            [
-                twistd_path(),
-                "-n",
-                "--pidfile=",
-                "oaproxy",
-                "--config",
-                str(config),
-                "--listen",
-                f"tcp:{proxy_port}:interface=127.0.0.1",
-            ],
-            cwd=directory,  # anything relative (./log, spools) lands in the temp dir
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    wait_ready(proxy_port, proxy, log)
-    rss = {"start": rss_kib(proxy.pid)}
+    plain = directory / "plain"
+    proxy, proxy_port, log = start_proxy(children, plain, write_config(plain, upstream_port))
+    rss = {"after start": rss_kib(proxy.pid)}
     print(
         f"fake upstream 127.0.0.1:{upstream_port}, oaproxy 127.0.0.1:{proxy_port} (pid {proxy.pid}); "
         f"{args.requests} requests x {args.concurrency} connections, {args.chunks} chunks per stream",
         flush=True,
     )
+    # (where, what, port, key): the load is sent to port as "{where} {mode}{what}".
+    targets: list[tuple[str, str, int, str | None]] = [
+        ("direct", "", upstream_port, None),
+        ("oaproxy", "", proxy_port, CLIENT_KEY),
+    ]
+    limited: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+    if args.limits:
+        for backend in ("memory", "redis"):
+            backend_dir = directory / backend
+            config = write_config(backend_dir, upstream_port, limits_config(backend, args.redis))
+            process, port, backend_log = start_proxy(children, backend_dir, config)
+            wait_limited(port, process, backend_log)
+            targets.append(("oaproxy", f", limits in {backend}", port, CLIENT_KEY))
+            limited.append((backend, process, backend_log))
     results: dict[str, dict[str, Any]] = {}
     for mode, stream in (("non-stream", False), ("stream", True)):
-        for where, port, key in (
-            ("direct", upstream_port, None),
-            ("oaproxy", proxy_port, CLIENT_KEY),
-        ):
-            name = f"{where} {mode}"
+        for where, what, port, key in targets:
+            name = f"{where} {mode}{what}"
             print(f"  running {name} ...", file=sys.stderr, flush=True)
             results[name] = load(port, stream=stream, args=args, key=key)
-    rss["end"] = rss_kib(proxy.pid)
+    rss["after the run"] = rss_kib(proxy.pid)
+    for backend, process, backend_log in limited:
+        rss[f"after the run, limits in {backend}"] = rss_kib(process.pid)
+        if process.poll() is not None:
+            raise SystemExit(f"bench: oaproxy died during the run:\n{tail(backend_log)}")
     if proxy.poll() is not None:
         raise SystemExit(f"bench: oaproxy died during the run:\n{tail(log)}")
     print(report(results, rss))
