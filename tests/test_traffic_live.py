@@ -137,6 +137,7 @@ class RedisDownTests(LiveLimitsCase):
         self.assertEqual(self.sample(proxy, "oaproxy_limiter_backend_errors_total"), 3)
         self.assertEqual(len(logged), 1, logged)
         self.assertIn("requests are served", logged[0])
+        self.assertIn("(RedisUnavailable: redis is not connected)", logged[0])
 
     async def test_closed_refuses_with_503_then_recovers(self) -> None:
         """on_backend_error: closed: with Redis gone requests get 503

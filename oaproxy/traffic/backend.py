@@ -55,10 +55,10 @@ class BackendTrouble:
         """``decide`` on an acquisition's result, or what the policy says
         when the backend failed."""
         if isinstance(result, Deferred):
-            return result.addCallbacks(decide, self.refused)
+            return result.addCallbacks(decide, self.unavailable)
         return decide(result)
 
-    def refused(self, failure: Failure) -> Verdict | Failure:
+    def unavailable(self, failure: Failure) -> Verdict | Failure:
         """The answer while the backend fails: none (serve) or a 503."""
         if failure.check(CancelledError):
             # The client went away while we waited: not the backend's fault.
@@ -73,11 +73,12 @@ class BackendTrouble:
         if self._logged_at is not None and now - self._logged_at < LOG_INTERVAL:
             self._unlogged += 1
             return
+        _, error = describe(failure)
         self.log.warn(
             "limiter backend failed {doing} ({error}); requests are {treated}"
             " ({unlogged} more failures since the last message)",
             doing=doing,
-            error=describe(failure),
+            error=error,
             treated="served" if self._policy is BackendErrorPolicy.OPEN else "refused with 503",
             unlogged=self._unlogged,
         )

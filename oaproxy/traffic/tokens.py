@@ -5,8 +5,8 @@ request with a JSON body and a model, it estimates the tokens
 (``estimate``) and, in one acquisition, reserves them against the key's
 token rates (its ``token_limit``, else ``limits.tokens_per_key``; per
 client IP without a key) and its budget (tokens, or dollars at the model's
-price). Concurrent requests can then never together pass a limit by more
-than the last one's underestimate.
+price). The estimates of requests in flight together never pass a limit:
+only what a request uses beyond its estimate can.
 
 ``TokenSettlement`` is an observer: when the request is over it replaces
 the reservation by what the request used: the answer's usage; nothing when
@@ -241,14 +241,16 @@ class TokenLimits:
         if admission.admitted:
             assert admission.held is not None
             exchange.reservation = Reservation(admission.held, plan.measures, plan.price)
-            if token_readings:
-                set_rate_headers(headers, "tokens", most_constrained(token_readings))
+        if token_readings:
+            set_rate_headers(headers, "tokens", most_constrained(token_readings))
+        if admission.admitted:
             return None
         if plan.budget is not None and not admission.readings[-1].fits:
             return self._over_budget(exchange, plan, admission.readings[-1])
         refused = [(rate, r) for rate, r in zip(plan.rates, token_readings) if not r.fits]
         reading = longest_wait([r for _, r in refused])
         rate = next(rate for rate, r in refused if r is reading)
+        # The refusing limit, which may not be the one with the least remaining.
         set_rate_headers(headers, "tokens", reading)
         set_retry_after(headers, reading.wait)
         whose = "this key" if exchange.key_name is not None else "this client address"
