@@ -13,6 +13,7 @@ from oaproxy.config import (
     Rate,
     WindowStrategy,
 )
+from oaproxy.summary import summary
 from tests.test_config import Helpers, parse
 
 UPSTREAM = """
@@ -195,3 +196,29 @@ class KeySettingsTests(Helpers):
             "authorization.bob.burst",
             "unknown",
         )
+
+
+class SummaryTests(Helpers):
+    def test_the_startup_summary_says_what_is_limited(self) -> None:
+        """The start and reload summary has one line of limits, keys by name only."""
+        config = parse(
+            """
+            authorization:
+              alice: k1-secret
+              bob: {key: k2-secret, rate_limit: "10/minute", budget: {usd: 50}}
+            limits:
+              per_key: "60/minute"
+              routes: {/v1/embeddings: "5/second"}
+              stream_pace: {/v1/chat/completions: "60/second"}
+            """
+            + INDENTED_UPSTREAM
+        )
+        line = summary(config, [], [], [])[-2]
+        self.assertEqual(
+            line,
+            "limits (memory, moving-window, on backend error open): per key 60/minute;"
+            " route /v1/embeddings 5/second; key bob: requests 10/minute,"
+            " budget 50 usd/month; pace /v1/chat/completions 60/second",
+        )
+        self.assertNotIn("secret", line)
+        self.assertEqual(summary(parse(UPSTREAM), [], [], [])[-2], "limits: none")
