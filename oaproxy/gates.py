@@ -1,4 +1,5 @@
-"""The head gates every config has: body cap, path, client key (in this order).
+"""The head gates every config has: method, body cap, path, client key (in
+this order).
 
 Each looks at the ``Arrival`` only: none of them reads or parses the body.
 """
@@ -8,6 +9,25 @@ from __future__ import annotations
 from oaproxy.errors import ErrorAnswer
 from oaproxy.pipeline import Arrival, HeadGate, Verdict
 from oaproxy.routing import Router
+from oaproxy.web import API_METHODS
+
+_ALLOW = b", ".join(API_METHODS)
+
+
+def method_check(arrival: Arrival) -> Verdict:
+    """405 for a method the API does not use: ``TRACE`` would echo the
+    upstream's key back, ``CONNECT`` would ask the upstream for a tunnel."""
+    method = arrival.request.method
+    if method in API_METHODS:
+        return None
+    arrival.answer_headers.setRawHeaders(b"allow", [_ALLOW])
+    # Any token is a method to twisted.web: only its head is shown back.
+    shown = method[:32].decode("latin-1")
+    return ErrorAnswer(
+        405,
+        f"Method {shown} is not allowed; the API uses {_ALLOW.decode()}.",
+        code="method_not_allowed",
+    )
 
 
 def body_cap(arrival: Arrival) -> Verdict:
@@ -42,4 +62,4 @@ def client_key(router: Router) -> HeadGate:
 
 
 def builtin_head_gates(router: Router) -> tuple[HeadGate, ...]:
-    return (body_cap, path_check, client_key(router))
+    return (method_check, body_cap, path_check, client_key(router))

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 # anyway); larger ones stay in twisted.web's spool file and are replayed from it.
 IN_MEMORY_BODY = 1024 * 1024
 
+#: The methods the OpenAI API uses; any other gets 405 and is never forwarded.
+API_METHODS: tuple[bytes, ...] = (b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"HEAD", b"OPTIONS")
+
 CORS_HEADERS = {
     b"access-control-allow-origin": b"*",
     b"access-control-allow-methods": b"GET, POST, PUT, PATCH, DELETE, OPTIONS",
