@@ -362,7 +362,7 @@ class Forwarder:
             exchange.upstream = upstream.name
             exchange.status = response.code
             request.setResponseCode(response.code, response.phrase)
-            _copy_headers(request, response.headers)
+            _copy_headers(request, response.headers, upstream)
 
         relay = StreamRelay(
             request,
@@ -404,7 +404,7 @@ class Forwarder:
             body = self._redactor.redact_bytes(body)
         exchange.response_body = body
         request.setResponseCode(answer.status, answer.phrase)
-        _copy_headers(request, answer.headers)
+        _copy_headers(request, answer.headers, answer.upstream)
         length = None
         if request.method == b"HEAD":
             announced = answer.headers.getRawHeaders(b"content-length")
@@ -483,7 +483,7 @@ def _is_document(content_type: bytes) -> bool:
     )
 
 
-def _copy_headers(request: Request, headers: Headers) -> None:
+def _copy_headers(request: Request, headers: Headers, upstream: Upstream) -> None:
     out = request.responseHeaders
-    for name, values in response_headers(headers):
+    for name, values in response_headers(headers, keep_header=upstream.keep_header):
         out.setRawHeaders(name, values)

@@ -24,6 +24,7 @@ from twisted.web.resource import Resource
 
 from oaproxy.alerts import Notifier
 from oaproxy.config import Config
+from oaproxy.cors import CorsPolicy
 from oaproxy.forward import Forwarder
 from oaproxy.gates import builtin_head_gates
 from oaproxy.health import Readiness, ReadyResource
@@ -194,7 +195,7 @@ def build_generation(
         observers=watching,
     )
     root = RootResource(
-        ProxyResource(pipeline),
+        ProxyResource(pipeline, CorsPolicy.from_config(config)),
         metrics=MetricsResource(shared.metrics, config.metrics_key),
         ready=ReadyResource(shared.readiness.state),
     )

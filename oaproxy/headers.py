@@ -51,6 +51,14 @@ ESSENTIAL = frozenset(
 # Our body to the client is re-framed by twisted.web.
 RESPONSE_DROPPED = frozenset({b"content-length", b"date", b"server"})
 
+# An upstream's cookies would be set on the proxy's origin, for every client
+# of it: only an upstream that gets the clients' own headers (keep_header)
+# may set them.
+COOKIES = frozenset({b"set-cookie", b"set-cookie2"})
+
+# Which pages may read the answers is oaproxy's to say (oaproxy.cors).
+_CORS_PREFIX = b"access-control-"
+
 
 def _connection_tokens(headers: Headers) -> frozenset[bytes]:
     tokens: set[bytes] = set()
@@ -103,9 +111,12 @@ def forwarded_for(client: Headers, peer: str) -> bytes:
     return peer.encode("ascii", "replace")
 
 
-def response_headers(upstream: Headers) -> Iterable[tuple[bytes, Sequence[bytes]]]:
+def response_headers(
+    upstream: Headers, *, keep_header: bool
+) -> Iterable[tuple[bytes, Sequence[bytes]]]:
     """The upstream's response headers that are passed on to the client."""
-    dropped = _dropped(upstream, _NOT_TO_CLIENT)
+    dropped = _dropped(upstream, _NOT_TO_CLIENT if keep_header else _NOT_TO_CLIENT | COOKIES)
     for name, values in upstream.getAllRawHeaders():
-        if name.lower() not in dropped:
+        lname = name.lower()
+        if lname not in dropped and not lname.startswith(_CORS_PREFIX):
             yield name, values

@@ -2,7 +2,7 @@
 and client address, OpenAI-shaped error answers.
 
 ``/v1/*`` goes to the request pipeline of the config that made the tree
-(``oaproxy.pipeline``); ``OPTIONS`` is a CORS preflight; ``/healthz`` says
+(``oaproxy.pipeline``); ``OPTIONS`` is a CORS preflight (``oaproxy.cors``); ``/healthz`` says
 the process serves. A reload puts a new tree in the site
 (``ProxySite.serve``): new requests use it, those in flight keep theirs.
 """
@@ -19,6 +19,7 @@ from twisted.web import http, server
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
+from oaproxy.cors import CorsPolicy
 from oaproxy.errors import ErrorAnswer
 
 if TYPE_CHECKING:
@@ -30,12 +31,6 @@ IN_MEMORY_BODY = 1024 * 1024
 
 #: The methods the OpenAI API uses; any other gets 405 and is never forwarded.
 API_METHODS: tuple[bytes, ...] = (b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"HEAD", b"OPTIONS")
-
-CORS_HEADERS = {
-    b"access-control-allow-origin": b"*",
-    b"access-control-allow-methods": b"GET, POST, PUT, PATCH, DELETE, OPTIONS",
-    b"access-control-max-age": b"86400",
-}
 
 
 class ProxyRequest(server.Request):
@@ -129,27 +124,25 @@ def answer_error(request: server.Request, error: ErrorAnswer) -> bytes:
 class ProxyResource(Resource):
     """``/v1/*``: CORS, then the request pipeline of one config."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, cors: CorsPolicy) -> None:
         super().__init__()
         self.pipeline = pipeline
+        self.cors = cors
 
     def getChild(self, path: bytes, request: server.Request) -> Resource:
         return self
 
     def render(self, request: server.Request) -> bytes | int:
-        for name, value in CORS_HEADERS.items():
-            request.setHeader(name, value)
         request.setHeader(b"server", b"oaproxy")
+        origin = request.getHeader(b"origin")
         if request.method == b"OPTIONS":
+            asked = request.getHeader(b"access-control-request-headers")
+            self.cors.preflight_headers(origin, asked, answer_headers(request))
             return self._preflight(request)
+        self.cors.answer_headers(origin, answer_headers(request))
         return self.pipeline.handle(request)
 
     def _preflight(self, request: server.Request) -> int:
-        asked = request.getHeader(b"access-control-request-headers")
-        request.setHeader(
-            b"access-control-allow-headers",
-            asked or b"authorization, content-type, openai-beta",
-        )
         request.setResponseCode(204)
         # Finished here: twisted.web would add "Content-Length: 0" to a
         # returned b"", which a 204 must not carry.

@@ -1389,6 +1389,22 @@ class PolicyTests(Helpers):
             "'300.1.1.1' is not an IP address or CIDR network",
         )
 
+    def test_cors_origins(self) -> None:
+        """Origins as browsers send them, '*' alone, or none; never a path."""
+        self.assertIsNone(parse(MINIMAL).cors_origins)
+        self.assertEqual(parse("cors_origins: '*'\n" + MINIMAL).cors_origins, ("*",))
+        self.assertEqual(parse("cors_origins: []\n" + MINIMAL).cors_origins, ())
+        self.assertEqual(
+            parse(
+                "cors_origins: [https://app.example, 'http://localhost:3000']\n" + MINIMAL
+            ).cors_origins,
+            ("https://app.example", "http://localhost:3000"),
+        )
+        for bad in ("https://app.example/", "https://app.example/x", "app.example", "HTTPS://A.B"):
+            self.fails(f"cors_origins: ['{bad}']\n" + MINIMAL, 1, "cors_origins", "not an origin")
+        self.fails("cors_origins: ['*', https://a.b]\n" + MINIMAL, 1, "cors_origins", "alone")
+        self.fails("cors_origins: ['https://a.b:x']\n" + MINIMAL, 1, "cors_origins", "bad port")
+
     def test_rotate(self) -> None:
         for rotate in ("daily", "100MB", "10KB", "1048576", "1G"):
             config = parse(f"records: {{rotate: {rotate}}}\n" + MINIMAL)

@@ -178,6 +178,24 @@ class ResourceTreeTests(SynchronousTestCase):
             b"authorization, content-type, openai-beta",
         )
 
+    def test_preflight_never_reflects_arbitrary_headers(self) -> None:
+        """A preflight is told only the headers OpenAI's clients send."""
+        reply = self.h.request(
+            b"OPTIONS",
+            b"/v1/chat/completions",
+            header_lines=[
+                (b"Origin", b"https://app.example"),
+                (
+                    b"Access-Control-Request-Headers",
+                    b"Authorization, X-Stainless-Lang, x-evil, cookie, openai-project, a b",
+                ),
+            ],
+        ).reply()
+        self.assertEqual(
+            reply.header(b"access-control-allow-headers"),
+            b"authorization, x-stainless-lang, openai-project",
+        )
+
     def test_healthz(self) -> None:
         reply = self.h.request(b"GET", b"/healthz").reply()
         self.assertEqual((reply.status, reply.json()), (200, {"status": "ok"}))
@@ -259,6 +277,66 @@ class ResourceTreeTests(SynchronousTestCase):
         head, _, rest = raw.partition(b"\r\n\r\n")
         self.assertIn(b"Content-Length: 1234", head)
         self.assertEqual(rest, b"")
+
+
+class CorsTests(SynchronousTestCase):
+    """Which pages may read the answers (``cors_origins``)."""
+
+    def answers(self, config: str, origin: bytes) -> tuple[Reply, Reply]:
+        """A preflight and a chat from a page of ``origin``."""
+        h = Harness(config)
+        page = (b"Origin", origin)
+        preflight = h.request(b"OPTIONS", b"/v1/chat/completions", header_lines=[page]).reply()
+        client = h.request(b"POST", b"/v1/chat/completions", CHAT, [JSON, AUTH, page])
+        h.agent.only().respond(200, body=b"{}")
+        return preflight, client.reply()
+
+    def test_keyless_proxy_lets_no_page_in(self) -> None:
+        """Without client keys any page could spend the upstream keys: no CORS."""
+        keyless = "upstreams: [{name: a, endpoint: 'https://a.test/v1', sk: sk-a}]"
+        preflight, answer = self.answers(keyless, b"https://evil.example")
+        self.assertEqual(preflight.status, 204)
+        for reply in (preflight, answer):
+            names = {name.lower() for name, _ in reply.headers.getAllRawHeaders()}
+            self.assertEqual({n for n in names if n.startswith(b"access-control-")}, set())
+
+    def test_noauth_upstream_lets_no_page_in(self) -> None:
+        """Keys configured, but an upstream serves without one: no CORS either."""
+        config = CONFIG.replace("sk: sk-b}", "sk: sk-b, noauth: true}")
+        _, answer = self.answers(config, b"https://evil.example")
+        self.assertIsNone(answer.header(b"access-control-allow-origin"))
+
+    def test_keyed_proxy_lets_every_page_in(self) -> None:
+        preflight, answer = self.answers(CONFIG, b"https://app.example")
+        self.assertEqual(preflight.header(b"access-control-allow-origin"), b"*")
+        self.assertEqual(answer.header(b"access-control-allow-origin"), b"*")
+        self.assertIsNone(answer.header(b"vary"))
+
+    def test_listed_origins(self) -> None:
+        """A listed origin is named back, with Vary: Origin; any other is not."""
+        config = CONFIG + 'cors_origins: ["https://app.example", "http://localhost:3000"]\n'
+        preflight, answer = self.answers(config, b"http://localhost:3000")
+        for reply in (preflight, answer):
+            self.assertEqual(reply.header(b"access-control-allow-origin"), b"http://localhost:3000")
+            self.assertEqual(reply.header(b"vary"), b"Origin")
+        self.assertEqual(
+            preflight.header(b"access-control-allow-methods"),
+            b"GET, POST, PUT, PATCH, DELETE, OPTIONS",
+        )
+        preflight, answer = self.answers(config, b"https://evil.example")
+        for reply in (preflight, answer):
+            self.assertIsNone(reply.header(b"access-control-allow-origin"))
+            self.assertEqual(reply.header(b"vary"), b"Origin")
+        self.assertIsNone(preflight.header(b"access-control-allow-methods"))
+
+    def test_none_on_a_keyed_proxy(self) -> None:
+        _, answer = self.answers(CONFIG + "cors_origins: []\n", b"https://app.example")
+        self.assertIsNone(answer.header(b"access-control-allow-origin"))
+
+    def test_any_on_a_keyless_proxy(self) -> None:
+        config = "cors_origins: '*'\nupstreams: [{name: a, endpoint: 'https://a.test/v1'}]"
+        _, answer = self.answers(config, b"https://app.example")
+        self.assertEqual(answer.header(b"access-control-allow-origin"), b"*")
 
 
 class BodyTests(SynchronousTestCase):
@@ -451,6 +529,8 @@ class HeaderTests(SynchronousTestCase):
                 b"OpenAI-Processing-Ms": [b"42"],
                 b"X-RateLimit-Remaining-Requests": [b"99"],
                 b"Set-Cookie": [b"__cf_bm=a", b"b=c"],
+                b"Access-Control-Allow-Origin": [b"https://upstream.example"],
+                b"Access-Control-Allow-Credentials": [b"true"],
             }
         )
         h.agent.only().respond(200, body=b'{"id":"x"}', headers=upstream)
@@ -465,15 +545,19 @@ class HeaderTests(SynchronousTestCase):
             b"proxy-authenticate",
             b"trailer",
             b"upgrade",
+            # Cookies on the proxy's origin, for every client: not without keep_header.
+            b"set-cookie",
+            # Which pages may read the answer is the proxy's to say.
+            b"access-control-allow-credentials",
         ]:
             self.assertNotIn(gone, names)
+        self.assertEqual(reply.header(b"access-control-allow-origin"), b"*")
         self.assertEqual(reply.header(b"content-length"), b"10")
         self.assertEqual(reply.header(b"server"), b"oaproxy")
         self.assertNotEqual(reply.header(b"date"), b"Mon, 01 Jan 2024 00:00:00 GMT")
         self.assertEqual(reply.header(b"x-request-id"), b"req-123")
         self.assertEqual(reply.header(b"openai-processing-ms"), b"42")
         self.assertEqual(reply.header(b"x-ratelimit-remaining-requests"), b"99")
-        self.assertEqual(reply.headers.getRawHeaders(b"set-cookie"), [b"__cf_bm=a", b"b=c"])
         self.assertEqual(reply.header(b"content-type"), b"application/json")
 
 

@@ -35,6 +35,7 @@ from oaproxy.config.values import (
     number,
     one_of,
     optional_text,
+    origins,
     redis_url,
     rotation,
     strings,
@@ -263,6 +264,9 @@ class Config:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
         default=DEFAULT_TRUSTED_PROXIES, metadata=read(networks)
     )
+    # Browser origins let in by CORS; None: "*" when every request needs a
+    # client key, else none (oaproxy.cors).
+    cors_origins: tuple[str, ...] | None = field(default=None, metadata=read(origins))
     shutdown_timeout: float = field(default=30.0, metadata=read(non_negative))
     log_file: str | None = field(default=None, metadata=read(optional_text))
     records: RecordsPolicy = field(

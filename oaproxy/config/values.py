@@ -208,6 +208,35 @@ def redis_url(nodes: NodeReader, item: Item) -> str:
     return value
 
 
+def origins(nodes: NodeReader, item: Item) -> tuple[str, ...]:
+    """Browser origins (``https://app.example``, ``http://localhost:3000``),
+    or ``"*"`` alone for any; an empty list for none."""
+    result = strings(nodes, item)
+    for value in result:
+        if value == "*":
+            if len(result) > 1:
+                nodes.fail(item.key, item.line, "'*' already lets in every origin: give it alone")
+            continue
+        parts = urlsplit(value)
+        try:
+            parts.port  # noqa: B018 -- raises ValueError on a bad port
+        except ValueError:
+            nodes.fail(item.key, item.line, f"{value!r} has a bad port")
+        if (
+            parts.scheme not in _HTTP
+            or not parts.hostname
+            or value != f"{parts.scheme}://{parts.netloc}"
+            or value != value.lower()
+        ):
+            nodes.fail(
+                item.key,
+                item.line,
+                f"{value!r} is not an origin: expected scheme://host[:port] in lower case,"
+                " as browsers send it (no path, no trailing /), or '*'",
+            )
+    return result
+
+
 def networks(
     nodes: NodeReader, item: Item
 ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
