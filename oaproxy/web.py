@@ -15,12 +15,15 @@ from io import BytesIO
 from typing import IO, TYPE_CHECKING, Any, cast
 from urllib.parse import unquote_to_bytes
 
+from twisted.logger import Logger, globalLogPublisher
 from twisted.web import http, server
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
+from oaproxy.channel import ProxyChannel
 from oaproxy.cors import CorsPolicy
 from oaproxy.errors import ErrorAnswer
+from oaproxy.logthrottle import RepeatLimit
 
 if TYPE_CHECKING:
     from oaproxy.pipeline import Pipeline
@@ -90,8 +93,13 @@ class ProxyRequest(server.Request):
 
 class ProxySite(server.Site):
     """The site of every listener; ``serve`` puts a config's resource tree in
-    place for the requests that come next (those in flight keep theirs)."""
+    place for the requests that come next (those in flight keep theirs).
 
+    What the connections say about their clients goes through ``client_log``,
+    whose repeated lines are rate-limited.
+    """
+
+    protocol = ProxyChannel  # type: ignore[assignment]
     requestFactory = ProxyRequest
     displayTracebacks = False
     noisy = False
@@ -99,6 +107,12 @@ class ProxySite(server.Site):
     def __init__(self, root: Resource, max_body_bytes: int, **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
         self.max_body_bytes = max_body_bytes
+        self._repeats = RepeatLimit(globalLogPublisher, self.reactor)
+        self.client_log = Logger(namespace="oaproxy.clients", observer=self._repeats)
+
+    def stopFactory(self) -> None:
+        super().stopFactory()
+        self._repeats.flush()
 
     def serve(self, root: Resource, max_body_bytes: int) -> None:
         self.resource = root
