@@ -1,13 +1,26 @@
-"""One client connection: twisted.web's ``HTTPChannel``, saying what it does
-to its clients through the site's rate-limited log (``oaproxy.logthrottle``).
+"""One client connection: twisted.web's ``HTTPChannel`` with deadlines a slow
+client cannot stretch, saying what it does through the site's rate-limited
+log (``oaproxy.logthrottle``).
 
-Twisted writes one line for each idle connection it times out; a proxy with
-thousands of clients (or one client opening thousands of connections) would
-fill its journal with them.
+Twisted's idle timer restarts on every byte, so a client sending its request
+head one byte a second holds its connection (and a descriptor) for ever; a
+few hundred such clients exhaust the process. Here:
+
+- a request head must arrive whole within ``header_timeout`` seconds: of the
+  connection's start for the first, of its first byte for the next ones (a
+  keep-alive connection may idle between requests for the site's
+  ``timeOut``, as before);
+- a body must average ``body_min_rate`` bytes a second over each
+  ``body_rate_window`` seconds until it is whole.
+
+Either way the client gets ``408`` and the connection is closed (aborted if
+it is still open ``abortTimeout`` seconds later). Twisted would also write
+one log line per idle connection it times out.
 """
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall
@@ -15,22 +28,112 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http
 
+from oaproxy.errors import error_body
+
+
+class ClientClose(Enum):
+    """Why oaproxy closed a client connection itself."""
+
+    IDLE = "idle"  # no byte for the site's timeOut
+    SLOW_HEAD = "slow_head"  # the request head took longer than header_timeout
+    SLOW_BODY = "slow_body"  # the body came slower than body_min_rate
+
+
+_LOG_LINES = {
+    ClientClose.IDLE: "closing client connections idle too long, such as {peer}",
+    ClientClose.SLOW_HEAD: (
+        "closing client connections whose request head took over {seconds:g}s, such as {peer}"
+    ),
+    ClientClose.SLOW_BODY: (
+        "closing client connections whose body came slower than {rate} bytes/s"
+        " over {seconds:g}s, such as {peer}"
+    ),
+}
+
+_TIMEOUT_BODY = error_body(
+    "The request was not received in time.", type="invalid_request_error", code="request_timeout"
+)
+_TIMEOUT_ANSWER = (
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_TIMEOUT_BODY)
+) + _TIMEOUT_BODY
+
 
 class ProxyChannel(http.HTTPChannel):
     """An HTTP/1.1 client connection of a ``ProxySite``."""
 
     site: Any  # the ProxySite, set by Site.buildProtocol
     _abort_later: IDelayedCall | None = None
+    _head_due: IDelayedCall | None = None
+    _rate_check: IDelayedCall | None = None
+    # Between requests: the next byte starts a head, and its deadline.
+    _awaiting_head = True
+    # Body bytes in the current rate window.
+    _window_bytes = 0
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.site.connection_opened()
+        self._head_due = self.callLater(self.site.config.header_timeout, self._slow_head)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._awaiting_head and self._head_due is None:
+            self._head_due = self.callLater(self.site.config.header_timeout, self._slow_head)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._awaiting_head = False
+        _cancel(self._head_due)
+        self._head_due = None
+        super().allHeadersReceived()
+        # 0: no body; an int: Content-Length; None: chunked.
+        if self.length != 0:
+            self._window_bytes = 0
+            self._rate_check = self.callLater(self.site.config.body_rate_window, self._body_rate)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._rate_check is not None:
+            self._window_bytes += len(data)
+        super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:
+        _cancel(self._rate_check)
+        self._rate_check = None
+        super().allContentReceived()
+
+    def requestDone(self, request: http.Request) -> None:
+        # Set first: the requests the client sent meanwhile are read from
+        # here on, and their heads are due like any.
+        self._awaiting_head = bool(self.persistent)
+        super().requestDone(request)
 
     def timeoutConnection(self) -> None:
-        self.site.client_log.info(
-            "closing client connections idle too long, such as {peer}", peer=self._peer()
-        )
-        self._close()
+        self._give_up(ClientClose.IDLE)
 
-    def _close(self) -> None:
-        """Close, and abort the connection if it is still open after
-        ``abortTimeout`` (a client that does not read what is left to send)."""
+    def _slow_head(self) -> None:
+        self._head_due = None
+        self._give_up(ClientClose.SLOW_HEAD, seconds=self.site.config.header_timeout)
+
+    def _body_rate(self) -> None:
+        config = self.site.config
+        if self._window_bytes < config.body_min_rate * config.body_rate_window:
+            self._rate_check = None
+            self._give_up(
+                ClientClose.SLOW_BODY, rate=config.body_min_rate, seconds=config.body_rate_window
+            )
+            return
+        self._window_bytes = 0
+        self._rate_check = self.callLater(config.body_rate_window, self._body_rate)
+
+    def _give_up(self, why: ClientClose, **fields: Any) -> None:
+        """Close the connection, saying why; abort it if it is still open
+        ``abortTimeout`` seconds later (a client that reads nothing)."""
+        self.site.client_log.info(_LOG_LINES[why], peer=self._peer(), **fields)
+        self.site.connection_closed_for(why)
+        self.setTimeout(None)
+        if why is not ClientClose.IDLE:
+            # Nothing was answered on it yet: the client may learn why.
+            self.transport.write(_TIMEOUT_ANSWER)  # type: ignore[union-attr]
         self._abort_later = self.callLater(self.abortTimeout, self._abort)
         self.loseConnection()
 
@@ -42,11 +145,20 @@ class ProxyChannel(http.HTTPChannel):
         self.transport.abortConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._abort_later is not None:
-            self._abort_later.cancel()
-            self._abort_later = None
+        _cancel(self._abort_later)
+        self._abort_later = None
+        _cancel(self._head_due)
+        self._head_due = None
+        _cancel(self._rate_check)
+        self._rate_check = None
+        self.site.connection_lost()
         super().connectionLost(reason)
 
     def _peer(self) -> str:
         address = self.transport.getPeer()  # type: ignore[union-attr]
         return getattr(address, "host", None) or "unix"
+
+
+def _cancel(call: IDelayedCall | None) -> None:
+    if call is not None and call.active():
+        call.cancel()

@@ -35,6 +35,7 @@ from prometheus_client.metrics_core import (
 )
 from twisted.logger import Logger
 
+from oaproxy.frontmetrics import FrontMetrics
 from oaproxy.record import Attempt, FailureKind, Outcome, Record
 
 __all__ = [
@@ -430,6 +431,7 @@ class Metrics:
         )
         self._sinks = _SinkCollector()
         registry.register(self._sinks)
+        self.front = FrontMetrics(registry)
 
     def update_labels(self, known_models: Iterable[str], upstream_names: Iterable[str]) -> None:
         """Replace the known models and upstream names, e.g. after a config

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from oaproxy.config import Config, ConfigError, check_listeners, load_config
+from oaproxy.descriptors import raise_descriptor_limit
 from oaproxy.generation import Generation, Shared, build_generation, known_models, upstream_names
 from oaproxy.listeners import Listeners, check_endpoint, settle
 from oaproxy.outbound import alert_agent, upstream_agent, upstream_pool
@@ -60,7 +61,9 @@ class ProxyService(MultiService):
             environ=os.environ if environ is None else environ,
         )
         self.generation = build_generation(config, self.shared)
-        self.site = ProxySite(self.generation.root, config.max_body_bytes, reactor=reactor)
+        # More client connections, and never EMFILE under them (see oaproxy.descriptors).
+        raise_descriptor_limit()
+        self.site = ProxySite(self.generation.root, config, self.shared.metrics, reactor=reactor)
         # Nothing runs yet, so nothing is waited for: done at once.
         failed: list[Failure] = []
         ensureDeferred(self._adopt(None, self.generation)).addErrback(failed.append)
@@ -132,7 +135,7 @@ class ProxyService(MultiService):
     async def _swap(self, new: Generation) -> None:
         old, self.generation = self.generation, new
         self.shared.metrics.update_labels(known_models(new.config), upstream_names(new.config))
-        self.site.serve(new.root, new.config.max_body_bytes)
+        self.site.serve(new.root, new.config)
         await self._adopt(old, new)
 
     async def _adopt(self, old: Generation | None, new: Generation) -> None:

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from twisted.logger import Logger
 
 from oaproxy.config import Config, Rate, Upstream, all_client_keys
+from oaproxy.descriptors import connection_cap
 from oaproxy.traffic.budgets import describe_budget
 
 if TYPE_CHECKING:
@@ -49,6 +50,17 @@ def _upstream_line(upstream: Upstream) -> str:
     elif not upstream.sk:
         parts.append("no upstream key")
     return "; ".join(parts)
+
+
+def _clients_line(config: Config) -> str:
+    cap = connection_cap(config.max_connections)
+    allowed = f"at most {cap} connections"
+    if cap < config.max_connections:
+        allowed += f" (max_connections {config.max_connections}: the descriptor limit allows fewer)"
+    return (
+        f"clients: {allowed}; request head within {config.header_timeout:g}s;"
+        f" bodies at least {config.body_min_rate} bytes/s over {config.body_rate_window:g}s"
+    )
 
 
 def _rates(rates: Iterable[Rate]) -> str:
@@ -99,6 +111,7 @@ def summary(
         f" stream idle timeout {config.stream_idle_timeout:g}s;"
         f" max body {config.max_body_bytes} bytes",
     ]
+    lines.append(_clients_line(config))
     lines.extend(_upstream_line(u) for u in config.upstreams)
     policy = config.records
     lines.append(

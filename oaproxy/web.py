@@ -15,17 +15,21 @@ from io import BytesIO
 from typing import IO, TYPE_CHECKING, Any, cast
 from urllib.parse import unquote_to_bytes
 
+from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger, globalLogPublisher
 from twisted.web import http, server
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
-from oaproxy.channel import ProxyChannel
+from oaproxy.channel import ClientClose, ProxyChannel
+from oaproxy.config import Config
 from oaproxy.cors import CorsPolicy
+from oaproxy.descriptors import connection_cap
 from oaproxy.errors import ErrorAnswer
 from oaproxy.logthrottle import RepeatLimit
 
 if TYPE_CHECKING:
+    from oaproxy.metrics import Metrics
     from oaproxy.pipeline import Pipeline
 
 # Bodies up to this size are read into memory (they are parsed for the model
@@ -67,7 +71,7 @@ class ProxyRequest(server.Request):
         super().write(data)
 
     def gotLength(self, length: int | None) -> None:
-        self._limit = self.channel.site.max_body_bytes  # type: ignore[attr-defined]
+        self._limit = self.channel.site.config.max_body_bytes  # type: ignore[attr-defined]
         if length is not None and length > self._limit:
             self.received = length
             # No "100 Continue" for a body that will be refused anyway.
@@ -96,7 +100,9 @@ class ProxySite(server.Site):
     place for the requests that come next (those in flight keep theirs).
 
     What the connections say about their clients goes through ``client_log``,
-    whose repeated lines are rate-limited.
+    whose repeated lines are rate-limited. Past ``max_connections`` open
+    client connections (fewer when the descriptor limit allows no more:
+    ``oaproxy.descriptors``) new ones are closed at once, and counted.
     """
 
     protocol = ProxyChannel  # type: ignore[assignment]
@@ -104,19 +110,46 @@ class ProxySite(server.Site):
     displayTracebacks = False
     noisy = False
 
-    def __init__(self, root: Resource, max_body_bytes: int, **kwargs: Any) -> None:
+    def __init__(self, root: Resource, config: Config, metrics: Metrics, **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
-        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
         self._repeats = RepeatLimit(globalLogPublisher, self.reactor)
         self.client_log = Logger(namespace="oaproxy.clients", observer=self._repeats)
+        self.open_connections = 0
+        self.serve(root, config)
+
+    def serve(self, root: Resource, config: Config) -> None:
+        self.resource = root
+        self.config = config
+        self.max_connections = connection_cap(config.max_connections)
+
+    # Any: twisted.web says its HTTP/2-capable wrapper; this site makes ProxyChannels.
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        if self.open_connections >= self.max_connections:
+            # None: the listening port closes the socket at once.
+            self.metrics.front.connection_refused()
+            self.client_log.info(
+                "refusing client connections while {cap} are open, such as {peer}",
+                cap=self.max_connections,
+                peer=getattr(addr, "host", None) or "unix",
+            )
+            return None
+        return super().buildProtocol(addr)
+
+    def connection_opened(self) -> None:
+        self.open_connections += 1
+        self.metrics.front.connections_open(self.open_connections)
+
+    def connection_lost(self) -> None:
+        self.open_connections -= 1
+        self.metrics.front.connections_open(self.open_connections)
+
+    def connection_closed_for(self, why: ClientClose) -> None:
+        self.metrics.front.connection_closed(why)
 
     def stopFactory(self) -> None:
         super().stopFactory()
         self._repeats.flush()
-
-    def serve(self, root: Resource, max_body_bytes: int) -> None:
-        self.resource = root
-        self.max_body_bytes = max_body_bytes
 
     def log(self, request: http.Request) -> None:
         """No access log line: each request's record says more, in the sinks."""

@@ -475,7 +475,9 @@ class Harness:
         )
         self.pipeline = self.generation.pipeline
         self.forwarder = self.generation.forwarder
-        self.site = ProxySite(self.generation.root, self.config.max_body_bytes, reactor=self.clock)
+        self.site = ProxySite(
+            self.generation.root, self.config, self.shared.metrics, reactor=self.clock
+        )
 
     def connect(self, peer: str = "10.1.2.3") -> Client:
         return Client(self.site, peer)

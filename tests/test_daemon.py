@@ -443,6 +443,13 @@ class SummaryTests(DaemonCase):
             block.append(message.strip())
         self.assertIn(f"listening on tcp:{port}:interface=127.0.0.1", block)
         self.assertTrue(any(line.startswith("client keys: alice, bob;") for line in block), block)
+        # How many connections depends on this machine's descriptor limit.
+        clients = [line for line in block if line.startswith("clients: at most ")]
+        self.assertEqual(len(clients), 1, block)
+        self.assertTrue(
+            clients[0].endswith("; request head within 10s; bodies at least 1024 bytes/s over 10s"),
+            clients,
+        )
         self.assertIn(
             f"upstream main: {main.endpoint}; models gpt-4o-mini, gpt-4o; timeout 30s, stream 7s",
             block,

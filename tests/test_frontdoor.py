@@ -74,6 +74,8 @@ class SystemdTests(SynchronousTestCase):
             "ProtectSystem=strict",
             "PrivateTmp=yes",
             "ExecReload=/bin/kill -HUP $MAINPID",
+            # Room for max_connections' default of 10,000 client connections.
+            "LimitNOFILE=65536",
         ):
             self.assertIn(directive, unit)
 

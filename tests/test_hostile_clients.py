@@ -1,12 +1,33 @@
-"""What a hostile client tries, on a real socket against the running service:
-methods the API does not use."""
+"""What a hostile client tries, on real sockets against the running service
+(in process, or the real twistd): methods the API does not use, request
+heads and bodies sent a byte at a time, more connections than descriptors."""
 
 from __future__ import annotations
 
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+import os
+import shutil
+from typing import Any
 
-from tests.harness import CLIENT_KEY, SK_MAIN, EndToEndCase, RawClient, reactor, upstream
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SkipTest
+
+from tests.harness import (
+    CLIENT_KEY,
+    SK_MAIN,
+    EndToEndCase,
+    RawClient,
+    chat,
+    free_port,
+    reactor,
+    read_body,
+    upstream,
+)
 from tests.support import Reply, parse_reply
+from tests.test_daemon import DaemonCase, base_config
 
 
 async def send_raw(port: int, request: bytes) -> Reply:
@@ -52,3 +73,136 @@ class MethodTests(EndToEndCase):
         for method in (b"GET", b"DELETE", b"HEAD"):
             await send_raw(proxy.port, request_head(method, b"/v1/models", auth))
         self.assertEqual([r.method for r in fake.requests], [b"GET", b"DELETE", b"HEAD"])
+
+
+SLOW_HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nX-Slow: " + b"a" * 4096
+
+
+class Slowloris(Protocol):
+    """Sends ``data`` (a request head that never ends) one byte every
+    ``interval`` seconds; ``lost`` fires with how long the connection lived."""
+
+    def __init__(self, interval: float, data: bytes = SLOW_HEAD) -> None:
+        self.interval = interval
+        self.data = data
+        self.sent = 0
+        self.received = b""
+        self.opened = 0.0
+        self.lost: Deferred[float] = Deferred()
+        self._next: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self.opened = reactor.seconds()
+        self._send()
+
+    def _send(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.data[self.sent : self.sent + 1])
+        self.sent += 1
+        self._next = reactor.callLater(self.interval, self._send)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._next is not None and self._next.active():
+            self._next.cancel()
+        self.lost.callback(reactor.seconds() - self.opened)
+
+    def stop(self) -> None:
+        transport: Any = self.transport
+        if transport is not None and not self.lost.called:
+            transport.abortConnection()
+
+
+async def slowloris(case: Any, port: int, count: int, interval: float) -> list[Slowloris]:
+    """``count`` slow clients on ``port``, each aborted in cleanup if still open."""
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    clients = []
+    for _ in range(count):
+        client = Slowloris(interval)
+        case.addCleanup(client.stop)
+        await connectProtocol(endpoint, client)
+        clients.append(client)
+    return clients
+
+
+async def all_closed_within(clients: list[Slowloris], seconds: float) -> list[float]:
+    """How long each client's connection lived; fails if any outlives ``seconds``."""
+    lived: Deferred[list[Any]] = DeferredList([c.lost for c in clients], fireOnOneErrback=True)
+    lived.addTimeout(seconds, reactor)
+    results = await lived
+    return [value for _, value in results]
+
+
+class SlowClientTests(EndToEndCase):
+    async def test_forty_slow_heads_are_closed_at_the_deadline(self) -> None:
+        """40 clients sending their heads a byte every 0.2 s (which keeps
+        Twisted's idle timer alive) get 408 and are closed after
+        header_timeout, while a normal client is served."""
+        fake = await self.fake()
+        proxy = await self.proxy([upstream("main", fake.endpoint)], header_timeout=1)
+        clients = await slowloris(self, proxy.port, 40, 0.2)
+        completion = await self.sdk(proxy, chat)
+        self.assertEqual(completion.choices[0].message.content, "Hello, world!")
+        lived = await all_closed_within(clients, 3)
+        self.assertTrue(all(0.9 <= seconds < 2 for seconds in lived), lived)
+        for client in clients:
+            self.assertTrue(client.received.startswith(b"HTTP/1.1 408 "), client.received[:50])
+
+    async def test_a_slow_body_is_closed(self) -> None:
+        """A whole head, then a body at 500 bytes/s where 4 KiB/s are asked."""
+        fake = await self.fake()
+        proxy = await self.proxy(
+            [upstream("main", fake.endpoint)], body_min_rate=4096, body_rate_window=0.5
+        )
+        head = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Length: 100000\r\n"
+            b"Authorization: Bearer " + CLIENT_KEY.encode() + b"\r\n\r\n"
+        )
+        client = Slowloris(0.002, head + b"x" * 100000)
+        self.addCleanup(client.stop)
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port), client)
+        [lived] = await all_closed_within([client], 3)
+        self.assertLess(lived, 2)
+        self.assertTrue(client.received.startswith(b"HTTP/1.1 408 "), client.received[:50])
+        self.assertEqual(fake.requests, [])
+
+
+class DescriptorLimitTests(DaemonCase):
+    timeout = 60
+
+    async def test_more_slow_clients_than_descriptors(self) -> None:
+        """260 slow clients against twistd with 256 descriptors: those past
+        what the descriptors allow are closed at once and counted, the
+        others at header_timeout; the daemon never runs out of descriptors
+        and serves again."""
+        if shutil.which("prlimit") is None:
+            raise SkipTest("prlimit (util-linux) is not installed")
+        fake = await self.fake()
+        port = free_port()
+        config = base_config(
+            port,
+            {"alice": CLIENT_KEY},
+            [{"name": "main", "endpoint": fake.endpoint, "sk": SK_MAIN}],
+            header_timeout=2,
+        )
+        daemon = self.spawn(config, prefix=["prlimit", "--nofile=256:256"])
+        await self.serving(daemon, port)
+        clients = await slowloris(self, port, 260, 0.3)
+        descriptors = len(os.listdir(f"/proc/{daemon.process.pid}/fd"))
+        lived = await all_closed_within(clients, 8)
+        at_once = [seconds for seconds in lived if seconds < 1]
+        # (256 - 64 reserved) // 3 per connection: 64 are let in.
+        self.assertEqual(len(at_once), 260 - 64, sorted(lived))
+        self.assertTrue(all(1.9 <= seconds < 4 for seconds in lived if seconds >= 1), lived)
+        self.assertLess(descriptors, 200)
+        await self.serving(daemon, port, attempts=20)
+        response = await self.agent.request(b"GET", f"http://127.0.0.1:{port}/metrics".encode())
+        metrics = (await read_body(response)).decode()
+        self.assertIn("oaproxy_connections_refused_total 196.0", metrics)
+        self.assertIn('oaproxy_connections_closed_total{reason="slow_head"} 64.0', metrics)
+        self.assertNotIn("EMFILE", daemon.text)
+        self.assertNotIn("Traceback", daemon.text)
+        # Two lines for 196 refusals, not 196.
+        self.assertEqual(daemon.text.count("refusing client connections"), 1, daemon.text)

@@ -261,6 +261,13 @@ class Config:
     # budgets, cache, breakers); records keep their own ``records.redis_key``.
     redis_prefix: str = field(default="oaproxy:", metadata=read(text))
     max_body_bytes: int = field(default=64 * 1024 * 1024, metadata=read(integer))
+    # Client connections (oaproxy.channel): seconds for a request head, the
+    # bytes per second a body must average over body_rate_window seconds,
+    # and how many may be open at once.
+    header_timeout: float = field(default=10.0, metadata=read(number))
+    body_min_rate: int = field(default=1024, metadata=read(integer))
+    body_rate_window: float = field(default=10.0, metadata=read(number))
+    max_connections: int = field(default=10000, metadata=read(integer))
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
         default=DEFAULT_TRUSTED_PROXIES, metadata=read(networks)
     )

@@ -1,0 +1,146 @@
+"""Client connections (``oaproxy.channel``, ``ProxySite``): deadlines for the
+request head and the body's rate, the cap on open connections; on the real
+site with an in-memory transport and a ``Clock``."""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.support import Client, Harness, http_request, parse_reply
+
+CONFIG = """
+authorization: {alice: sk-client}
+header_timeout: 5
+body_min_rate: 100
+body_rate_window: 2
+max_connections: 3
+upstreams:
+  - {name: a, endpoint: "https://a.test/v1", sk: sk-a}
+"""
+
+AUTH = (b"Authorization", b"Bearer sk-client")
+HEAD = b"POST /v1/embeddings HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer sk-client\r\n"
+
+
+def sample(h: Harness, name: str, **labels: str) -> float | None:
+    value: float | None = h.shared.metrics.registry.get_sample_value(name, labels)
+    return value
+
+
+class HeadDeadlineTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness(CONFIG)
+
+    def check_408(self, client: Client) -> None:
+        reply = parse_reply(client.written)
+        self.assertEqual((reply.status, reply.header(b"connection")), (408, b"close"))
+        self.assertEqual(reply.json()["error"]["code"], "request_timeout")
+        self.assertTrue(client.transport.disconnecting)
+
+    def test_a_head_sent_slowly_is_cut_off(self) -> None:
+        """A byte every second keeps Twisted's idle timer alive; not the head's deadline."""
+        client = self.h.connect()
+        for byte in HEAD[:4]:
+            client.send(bytes([byte]))
+            self.h.clock.advance(1)
+        self.assertFalse(client.transport.disconnecting)
+        client.send(HEAD[4:5])
+        self.h.clock.advance(1)
+        self.check_408(client)
+        self.assertEqual(sample(self.h, "oaproxy_connections_closed_total", reason="slow_head"), 1)
+        self.assertEqual(self.h.agent.calls, [])
+
+    def test_a_silent_connection_is_cut_off(self) -> None:
+        """The first head is due header_timeout after the connection opens."""
+        client = self.h.connect()
+        self.h.clock.advance(5)
+        self.check_408(client)
+
+    def test_the_next_head_is_due_from_its_first_byte(self) -> None:
+        """A kept-alive connection may idle between requests; its next head
+        then has header_timeout from its first byte."""
+        client = self.h.connect()
+        client.send(http_request(b"GET", b"/v1/models", header_lines=[AUTH]))
+        self.h.agent.only().respond(200, body=b"{}")
+        self.h.clock.advance(30)
+        self.assertFalse(client.transport.disconnecting)
+        client.send(b"GET /v1/mo")
+        self.h.clock.advance(4)
+        client.send(b"dels HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer sk-client\r\n\r\n")
+        self.assertEqual(len(self.h.agent.calls), 2)
+        self.h.clock.advance(10)
+        self.assertFalse(client.transport.disconnecting)
+
+    def test_pipelined_requests_have_their_deadlines(self) -> None:
+        """A second request sent with the first is read when the first is
+        done; a half head left after it is cut off like any."""
+        client = self.h.connect()
+        request = http_request(b"GET", b"/v1/models", header_lines=[AUTH])
+        client.send(request + request + b"GET /v1/models HTTP/1.1\r\n")
+        self.h.agent.only().respond(200, body=b"{}")
+        self.h.agent.calls[1].respond(200, body=b"{}")
+        self.h.clock.advance(5)
+        self.assertTrue(client.transport.disconnecting)
+        self.assertIn(b"HTTP/1.1 408 Request Timeout", client.written)
+
+
+class BodyRateTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness(CONFIG)
+
+    def start(self, length: int) -> Client:
+        client = self.h.connect()
+        client.send(HEAD + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % length)
+        return client
+
+    def test_a_body_below_the_rate_is_cut_off(self) -> None:
+        """100 bytes/s over 2 s asks for 200 bytes in each window; 150 is too few."""
+        client = self.start(10000)
+        client.send(b"x" * 150)
+        self.h.clock.advance(2)
+        reply = parse_reply(client.written)
+        self.assertEqual(reply.status, 408)
+        self.assertTrue(client.transport.disconnecting)
+        self.assertEqual(sample(self.h, "oaproxy_connections_closed_total", reason="slow_body"), 1)
+        self.assertEqual(self.h.agent.calls, [])
+        self.assertEqual(self.h.records, [])
+
+    def test_each_window_must_reach_the_rate(self) -> None:
+        client = self.start(10000)
+        for _ in range(3):
+            client.send(b"x" * 200)
+            self.h.clock.advance(2)
+        self.assertFalse(client.transport.disconnecting)
+        client.send(b"x" * 199)
+        self.h.clock.advance(2)
+        self.assertTrue(client.transport.disconnecting)
+
+    def test_a_whole_body_stops_the_clock(self) -> None:
+        body = b'{"model": "m", "input": "hi"}'
+        client = self.start(len(body))
+        client.send(body)
+        self.h.clock.advance(60)
+        self.assertFalse(client.transport.disconnecting)
+        self.assertEqual(len(self.h.agent.calls), 1)
+
+    def test_chunked_bodies_too(self) -> None:
+        client = self.h.connect()
+        client.send(HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + b"10\r\n" + b"y" * 16 + b"\r\n")
+        self.h.clock.advance(2)
+        self.assertTrue(client.transport.disconnecting)
+
+
+class ConnectionCapTests(SynchronousTestCase):
+    def test_connections_over_the_cap_are_closed_at_once(self) -> None:
+        """With max_connections open, the site builds no protocol (the port
+        closes the socket at once) and counts the refusal."""
+        h = Harness(CONFIG)
+        clients = [h.connect() for _ in range(3)]
+        address = IPv4Address("TCP", "10.9.9.9", 1234)
+        self.assertIsNone(h.site.buildProtocol(address))
+        self.assertEqual(sample(h, "oaproxy_connections_refused_total"), 1)
+        self.assertEqual(sample(h, "oaproxy_connections_open"), 3)
+        clients[0].disconnect()
+        self.assertIsNotNone(h.site.buildProtocol(address))
+        self.assertEqual(sample(h, "oaproxy_connections_open"), 2)
