@@ -128,6 +128,13 @@ def cost(usage: Usage | None, price: Price | None) -> float | None:
     return (usage.prompt_tokens * price.input + usage.completion_tokens * price.output) / 1_000_000
 
 
+def keeps_text(content_type: str | bytes | None) -> bool:
+    """Whether ``describe_body`` keeps a body of this type as text: then the
+    head of a large one is all it needs."""
+    kind = media_type(content_type)
+    return kind is None or _is_text_type(kind)
+
+
 def describe_body(
     body: bytes, content_type: str | bytes | None, max_bytes: int
 ) -> tuple[str | JSONObject | None, bool]:

@@ -1,5 +1,5 @@
-"""The head gates every config has: method, body cap, path, client key (in
-this order).
+"""The head gates every config has: method, body cap, path, content encoding,
+client key (in this order).
 
 Each looks at the ``Arrival`` only: none of them reads or parses the body.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 from oaproxy.errors import ErrorAnswer
 from oaproxy.pipeline import Arrival, HeadGate, Verdict
 from oaproxy.routing import Router
-from oaproxy.web import API_METHODS
+from oaproxy.web import API_METHODS, declared_size
 
 _ALLOW = b", ".join(API_METHODS)
 
@@ -52,6 +52,21 @@ def path_check(arrival: Arrival) -> Verdict:
     return None
 
 
+def content_encoding_check(arrival: Arrival) -> Verdict:
+    """415 for a body in a ``Content-Encoding`` (gzip...): its model could not
+    be read, and a proxy must not decompress what a client chose the size of."""
+    request = arrival.request
+    encodings = request.requestHeaders.getRawHeaders(b"content-encoding") or ()
+    codings = {coding.strip().lower() for value in encodings for coding in value.split(b",")}
+    if not codings - {b"", b"identity"} or not declared_size(request):
+        return None
+    return ErrorAnswer(
+        415,
+        "Request bodies with a Content-Encoding are not accepted: send the body as it is.",
+        code="unsupported_content_encoding",
+    )
+
+
 def client_key(router: Router) -> HeadGate:
     """401 for a caller without a valid key whom no ``noauth`` upstream would serve."""
 
@@ -62,4 +77,4 @@ def client_key(router: Router) -> HeadGate:
 
 
 def builtin_head_gates(router: Router) -> tuple[HeadGate, ...]:
-    return (method_check, body_cap, path_check, client_key(router))
+    return (method_check, body_cap, path_check, content_encoding_check, client_key(router))

@@ -23,12 +23,13 @@ from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 
 from oaproxy.alerts import Notifier
+from oaproxy.bodyrules import form_model_filter
 from oaproxy.config import Config
 from oaproxy.cors import CorsPolicy
 from oaproxy.forward import Forwarder
 from oaproxy.gates import builtin_head_gates
 from oaproxy.health import Readiness, ReadyResource
-from oaproxy.inspection import inspect_request
+from oaproxy.inspection import Inspector
 from oaproxy.ledger import RequestLedger
 from oaproxy.logfile import JSONLogFile
 from oaproxy.metrics import Metrics
@@ -188,7 +189,9 @@ def build_generation(
         records,
         clock=reactor,
         wall_clock=shared.wall_clock,
-        inspect=inspect_request,
+        inspect=Inspector(shared.cooperator),
+        # Forms are routed by path; their model may still be denied.
+        candidate_filters=(form_model_filter,),
         head_gates=(*builtin_head_gates(router), *traffic.head_gates),
         # Limits last: a gate that answers itself (a cache hit) spends no tokens.
         gates=traffic.gates,

@@ -1,4 +1,5 @@
-"""multipart/form-data bodies (audio and file uploads) as a record describes them.
+"""multipart/form-data bodies (audio and file uploads): as a record describes
+them, and the text fields routing reads (``model``).
 
 Field by field: files by name, filename, content type and size; short text
 fields with their value. File contents are never kept.
@@ -6,6 +7,7 @@ fields with their value. File contents are never kept.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote
 
@@ -13,6 +15,10 @@ from urllib.parse import unquote
 MULTIPART_VALUE_BYTES = 1024
 #: At most this many multipart fields are described; more marks it truncated.
 MULTIPART_MAX_FIELDS = 64
+#: A part's headers are looked for in this many bytes from its start.
+MULTIPART_HEAD_BYTES = 16 * 1024
+
+Buffer = Any  # bytes or mmap: find and slices
 
 
 def _header_params(value: str) -> tuple[str, dict[str, str]]:
@@ -57,42 +63,13 @@ def describe_multipart(body: bytes, content_type: str | bytes) -> tuple[dict[str
     """The description of a multipart body, and whether fields were left out."""
     size = len(body)
     fallback = {"content_type": "multipart/form-data", "size": size}
-    if isinstance(content_type, bytes):
-        content_type = content_type.decode("latin-1")
-    boundary = _header_params(content_type)[1].get("boundary")
-    if not boundary:
-        return fallback, False
-    try:
-        delimiter = b"--" + boundary.encode("latin-1")
-    except UnicodeEncodeError:
-        return fallback, False
     fields: list[dict[str, Any]] = []
     truncated = False
-    pos = body.find(delimiter)
-    # The first delimiter starts the body or a line after a preamble.
-    if pos < 0 or (pos > 0 and body[pos - 1] != 0x0A):
-        return fallback, False
-    next_delimiter = b"\n" + delimiter
-    while True:
-        after = pos + len(delimiter)
-        if body.startswith(b"--", after):
-            break  # close delimiter
-        eol = body.find(b"\n", after)
-        if eol < 0:
-            break
-        start = eol + 1
-        nxt = body.find(next_delimiter, start)
-        # Leniency: a missing close delimiter ends the last part at the body's end.
-        end = nxt if nxt >= 0 else size
-        if end > start and body[end - 1] == 0x0D:
-            end -= 1
+    for start, end in _parts(body, content_type):
         if len(fields) >= MULTIPART_MAX_FIELDS:
             truncated = True
             break
         fields.append(_describe_part(body, start, end))
-        if nxt < 0:
-            break
-        pos = nxt + 1
     if not fields:
         return fallback, False
     return {
@@ -102,23 +79,81 @@ def describe_multipart(body: bytes, content_type: str | bytes) -> tuple[dict[str
     }, truncated
 
 
-def _describe_part(body: bytes, start: int, end: int) -> dict[str, Any]:
+def form_values(body: Buffer, content_type: str | bytes, name: str) -> list[str] | None:
+    """The values of the text fields called ``name`` (not files), in order;
+    None for a form that cannot be read to its end in ``MULTIPART_MAX_FIELDS``
+    parts (a field further on would go unseen). ``body`` is any buffer with
+    ``find`` and slices (``bytes``, ``mmap``): a large upload is not copied."""
+    values: list[str] = []
+    for count, (start, end) in enumerate(_parts(body, content_type), 1):
+        if count > MULTIPART_MAX_FIELDS:
+            return None
+        field, filename, _, content_start = _part_head(body, start, end)
+        if field == name and filename is None:
+            if end - content_start > MULTIPART_VALUE_BYTES:
+                return None
+            values.append(bytes(body[content_start:end]).decode("utf-8", "replace"))
+    return values
+
+
+def _parts(body: Buffer, content_type: str | bytes) -> Iterator[tuple[int, int]]:
+    """The content span (headers included) of each part of a multipart body."""
+    if isinstance(content_type, bytes):
+        content_type = content_type.decode("latin-1")
+    boundary = _header_params(content_type)[1].get("boundary")
+    if not boundary:
+        return
+    try:
+        delimiter = b"--" + boundary.encode("latin-1")
+    except UnicodeEncodeError:
+        return
+    size = len(body)
+    pos = body.find(delimiter)
+    # The first delimiter starts the body or a line after a preamble.
+    if pos < 0 or (pos > 0 and body[pos - 1] != 0x0A):
+        return
+    next_delimiter = b"\n" + delimiter
+    while True:
+        after = pos + len(delimiter)
+        if body[after : after + 2] == b"--":
+            return  # close delimiter
+        eol = body.find(b"\n", after)
+        if eol < 0:
+            return
+        start = eol + 1
+        nxt = body.find(next_delimiter, start)
+        # Leniency: a missing close delimiter ends the last part at the body's end.
+        end = nxt if nxt >= 0 else size
+        if end > start and body[end - 1] == 0x0D:
+            end -= 1
+        yield start, end
+        if nxt < 0:
+            return
+        pos = nxt + 1
+
+
+def _part_head(
+    body: Buffer, start: int, end: int
+) -> tuple[str | None, str | None, str | None, int]:
+    """A part's field name, filename and content type, and where its content starts."""
     # The headers end at the first blank line, CRLF or (leniently) LF.
-    if body.startswith(b"\r\n", start):
+    if body[start : start + 2] == b"\r\n":
         header_end, content_start = start, start + 2
-    elif body.startswith(b"\n", start):
+    elif body[start : start + 1] == b"\n":
         header_end, content_start = start, start + 1
     else:
-        header_end = body.find(b"\r\n\r\n", start, end)
+        # Only so far: a part without a blank line is not read whole.
+        limit = min(end, start + MULTIPART_HEAD_BYTES)
+        header_end = body.find(b"\r\n\r\n", start, limit)
         if header_end >= 0:
             content_start = header_end + 4
         else:
-            header_end = body.find(b"\n\n", start, end)
+            header_end = body.find(b"\n\n", start, limit)
             content_start = header_end + 2 if header_end >= 0 else end
             if header_end < 0:
-                header_end = end
+                header_end = limit
     name = filename = part_type = None
-    for raw_line in body[start:header_end].split(b"\n"):
+    for raw_line in bytes(body[start:header_end]).split(b"\n"):
         header, sep, value = raw_line.decode("utf-8", "replace").partition(":")
         if not sep:
             continue
@@ -138,6 +173,11 @@ def _describe_part(body: bytes, start: int, end: int) -> dict[str, Any]:
                     filename = unquote(encoded, errors="replace")
         elif header == "content-type":
             part_type = value.strip()
+    return name, filename, part_type, content_start
+
+
+def _describe_part(body: bytes, start: int, end: int) -> dict[str, Any]:
+    name, filename, part_type, content_start = _part_head(body, start, end)
     part_size = max(end - content_start, 0)
     described: dict[str, Any] = {"name": name}
     if filename is not None:

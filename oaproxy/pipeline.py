@@ -3,12 +3,14 @@ and the named places where behaviour plugs in.
 
 1. **Head gates** (``HeadGate``) run before the body is read or parsed; each
    sees the ``Arrival`` (the request, the authenticated caller, the route
-   path) and may refuse it. Built in, in this order: the body cap (413), the
-   path check (400), the client key (401). Checks that need no body go here
+   path) and may refuse it. Built in, in this order: the method (405), the
+   body cap (413), the path check (400), the content encoding (415), the
+   client key (401). Checks that need no body go here
    (IP rules before the key check, request-rate limits after it), so that a
    refused client never makes the reactor parse its body.
-2. **Inspection**: the body is read and parsed for what routing needs (the
-   model, the stream flag).
+2. **Inspection**: the body is read for what routing needs (the model, the
+   stream flag), at once or, for a large one, a step at a time; a body whose
+   model cannot be trusted is refused here (``oaproxy.bodyrules``).
 3. **Routing**: the router picks the upstreams that may serve this caller
    and model (404 or 403 otherwise); then each **candidate filter**
    (``CandidateFilter``) reorders or narrows that list, or refuses: the
@@ -41,11 +43,12 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.http_headers import Headers
 
+from oaproxy.bodyrules import body_refusal
 from oaproxy.config import Config, Upstream
 from oaproxy.errors import ErrorAnswer, error_body
 from oaproxy.forward import AttemptLog, Call, Exchange, Forwarder
 from oaproxy.headers import forwarded_for
-from oaproxy.inspection import Inspected
+from oaproxy.inspection import WALK_AT_ONCE, Inspected, unread
 from oaproxy.record import Outcome, Record
 from oaproxy.records import RecordMaker
 from oaproxy.relay import RequestBody
@@ -160,7 +163,7 @@ class Pipeline:
         *,
         clock: IReactorTime,
         wall_clock: Callable[[], float],
-        inspect: Callable[[RequestBody, bytes | None], Inspected],
+        inspect: Callable[[RequestBody, bytes | None], Inspected | Deferred[Inspected]],
         head_gates: Sequence[HeadGate] = (),
         candidate_filters: Sequence[CandidateFilter] = (),
         gates: Sequence[Gate] = (),
@@ -196,17 +199,26 @@ class Pipeline:
 
     def _admitted(self, arrival: Arrival, refusal: Verdict) -> bytes | int:
         request = arrival.request
-        content_type = request.getHeader(b"content-type")
         if refusal is not None:
             # Refused before the body is read or parsed: a client without a
             # key cannot make the reactor parse 64 MiB of JSON for a 401.
-            body = RequestBody(size=declared_size(request), data=None)
-        else:
-            body = _request_body(cast(IO[bytes], request.content), content_type)
-        exchange = self._exchange(arrival, self.inspect(body, content_type))
-        if refusal is not None:
-            return self._refuse(request, exchange, refusal)
+            unread_body = unread(RequestBody(size=declared_size(request), data=None))
+            return self._refuse(request, self._exchange(arrival, unread_body), refusal)
+        body = _request_body(
+            cast(IO[bytes], request.content), self.config.records.max_field_bytes + 1
+        )
+        inspected = self.inspect(body, request.getHeader(b"content-type"))
+        if isinstance(inspected, Deferred):
+            return self._later(request, inspected, lambda i: self._inspected(arrival, i))
+        return self._inspected(arrival, inspected)
+
+    def _inspected(self, arrival: Arrival, inspected: Inspected) -> bytes | int:
+        request = arrival.request
+        exchange = self._exchange(arrival, inspected)
         assert arrival.path is not None
+        untrusted = body_refusal(request.method, arrival.path, inspected)
+        if untrusted is not None:
+            return self._refuse(request, exchange, untrusted)
         candidates = self.router.candidates(arrival.caller, exchange.call.model, arrival.path)
         for candidate_filter in self._candidate_filters:
             if isinstance(candidates, ErrorAnswer):
@@ -377,14 +389,16 @@ def fail_unfinished(request: server.Request) -> None:
     request.finish()
 
 
-def _request_body(content: IO[bytes], content_type: bytes | None) -> RequestBody:
+def _request_body(content: IO[bytes], head_bytes: int) -> RequestBody:
     content.seek(0, 2)
     size = content.tell()
     content.seek(0)
-    # JSON is read whatever its size: its model decides the route.
-    if size <= IN_MEMORY_BODY or (content_type or b"").startswith(b"application/json"):
+    if size <= IN_MEMORY_BODY:
         return RequestBody(size=size, data=content.read())
-    return RequestBody(size=size, data=None, file=content)
+    # Read where it is, JSON too (oaproxy.inspection): never a copy in memory
+    # but the head a record may keep.
+    head = content.read(max(head_bytes, WALK_AT_ONCE))
+    return RequestBody(size=size, data=None, file=content, head=head)
 
 
 def _text(value: bytes | None) -> str | None:

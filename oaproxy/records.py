@@ -19,6 +19,7 @@ from oaproxy.capture import (
     capture_json_response,
     cost,
     describe_body,
+    keeps_text,
 )
 from oaproxy.config import Config, Upstream
 from oaproxy.credentials import Redactor, bearer_token, config_secrets, redact_headers
@@ -82,8 +83,9 @@ class RecordMaker:
         body = call.inspected.body
         content_type = request.getHeader(b"content-type")
         if policy.body:
-            if body.data is not None:
-                request_body, cut = describe_body(body.data, content_type, policy.max_field_bytes)
+            if body.data is not None or (body.file is not None and keeps_text(content_type)):
+                # A JSON or text body in its spool file: its head is all a record keeps.
+                request_body, cut = describe_body(body.head, content_type, policy.max_field_bytes)
                 if cut:
                     truncated.append("request_body")
             else:

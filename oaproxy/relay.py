@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from typing import IO, Any, BinaryIO, cast
 
-from attrs import frozen
+from attrs import evolve, field, frozen
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import (
@@ -38,14 +38,17 @@ from oaproxy.traffic.pacing import Pacer
 
 @implementer(IBodyProducer)
 class BytesProducer:
-    """A body already in memory, written in one go (no cooperator round trip)."""
+    """A body already in memory, written in one go (no cooperator round trip);
+    its pieces are let go once written."""
 
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
+    def __init__(self, *pieces: bytes) -> None:
+        self._pieces = pieces
+        self.length = sum(len(piece) for piece in pieces)
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._data)
+        pieces, self._pieces = self._pieces, ()
+        for piece in pieces:
+            consumer.write(piece)
         return succeed(None)
 
     def pauseProducing(self) -> None:
@@ -59,28 +62,76 @@ class BytesProducer:
 
 
 @frozen
+class Splice:
+    """Bytes put in place of the body's ``[start, end)`` (an edit of a JSON body)."""
+
+    start: int
+    end: int
+    insert: bytes
+
+
+# A piece of a body as it is sent: a range of the client's bytes, or new ones.
+_Piece = tuple[int, int] | bytes
+
+
+@frozen
 class RequestBody:
     """The client's request body, replayable for every attempt.
 
     Small bodies are held as bytes; large ones stay in the spool file that
-    twisted.web wrote them to and are read again for each attempt.
+    twisted.web wrote them to and are read again for each attempt. Either
+    way it is the only copy: an edited body (``edited``) is the client's
+    bytes with splices, read from the same bytes or file as it is sent.
     """
 
-    size: int
+    size: int  # as the client sent it
     data: bytes | None
     file: IO[bytes] | None = None
+    splices: tuple[Splice, ...] = ()
+    # The first bytes the client sent: all of a body held in memory, the
+    # start of one in its file (kept for the record, made once twisted.web
+    # has closed the file).
+    head: bytes = field()
+
+    @head.default
+    def _whole(self) -> bytes:
+        return self.data or b""
+
+    @property
+    def length(self) -> int:
+        """The bytes that are sent: the client's, edited."""
+        return self.size + sum(len(s.insert) - (s.end - s.start) for s in self.splices)
+
+    def edited(self, splice: Splice) -> RequestBody:
+        splices = sorted((*self.splices, splice), key=lambda s: s.start)
+        return evolve(self, splices=tuple(splices))
 
     def producer(self, cooperator: Cooperator) -> IBodyProducer | None:
-        if self.size == 0:
+        if self.length == 0:
             return None
         if self.data is not None:
-            return BytesProducer(self.data)
+            if not self.splices:
+                return BytesProducer(self.data)
+            data = self.data
+            return BytesProducer(
+                *(p if isinstance(p, bytes) else data[p[0] : p[1]] for p in self._pieces())
+            )
         assert self.file is not None
-        return FileBodyProducer(cast(BinaryIO, _SpoolReader(self.file)), cooperator, readSize=2**16)
+        reader = _SpoolReader(self.file, self._pieces())
+        return FileBodyProducer(cast(BinaryIO, reader), cooperator, readSize=2**16)
+
+    def _pieces(self) -> tuple[_Piece, ...]:
+        pieces: list[_Piece] = []
+        position = 0
+        for splice in self.splices:
+            pieces += [(position, splice.start), splice.insert]
+            position = splice.end
+        pieces.append((position, self.size))
+        return tuple(piece for piece in pieces if isinstance(piece, bytes) or piece[1] > piece[0])
 
 
 class _SpoolReader:
-    """One attempt's reading of the shared spool file.
+    """One attempt's reading of the shared spool file (its ``pieces``).
 
     ``FileBodyProducer`` closes its file at the end and when stopped, which
     would leave nothing to fail over with; and an upstream that answers
@@ -88,19 +139,35 @@ class _SpoolReader:
     attempt reads: so each reader keeps its own position and never closes.
     """
 
-    def __init__(self, file: IO[bytes]) -> None:
+    def __init__(self, file: IO[bytes], pieces: tuple[_Piece, ...]) -> None:
         self._file = file
+        self._pieces = pieces
+        self._length = sum(len(p) if isinstance(p, bytes) else p[1] - p[0] for p in pieces)
         self._position = 0
 
     def read(self, size: int = -1) -> bytes:
-        self._file.seek(self._position)
-        data = self._file.read(size)
-        self._position += len(data)
-        return data
+        wanted = self._length - self._position if size < 0 else size
+        out: list[bytes] = []
+        offset = 0  # where the current piece starts, in what is sent
+        for piece in self._pieces:
+            piece_length = len(piece) if isinstance(piece, bytes) else piece[1] - piece[0]
+            skip = self._position - offset
+            offset += piece_length
+            if wanted <= 0 or skip >= piece_length:
+                continue
+            take = min(piece_length - skip, wanted)
+            if isinstance(piece, bytes):
+                out.append(piece[skip : skip + take])
+            else:
+                self._file.seek(piece[0] + skip)
+                out.append(self._file.read(take))
+            self._position += take
+            wanted -= take
+        return b"".join(out)
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         if whence == os.SEEK_END:
-            self._position = self._file.seek(0, os.SEEK_END) + offset
+            self._position = self._length + offset
         elif whence == os.SEEK_CUR:
             self._position += offset
         else:

@@ -4,6 +4,7 @@ heads and bodies sent a byte at a time, more connections than descriptors."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 from typing import Any
@@ -206,3 +207,111 @@ class DescriptorLimitTests(DaemonCase):
         self.assertNotIn("Traceback", daemon.text)
         # Two lines for 196 refusals, not 196.
         self.assertEqual(daemon.text.count("refusing client connections"), 1, daemon.text)
+
+
+DENIED = "gpt-denied"
+
+
+def deep(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+class DenyListTests(EndToEndCase):
+    """An upstream that denies a model never gets it, however the body hides it."""
+
+    async def test_bodies_that_hide_their_model(self) -> None:
+        """Each disguise of a denied model is refused (400, 404 or 415) and
+        reaches no upstream; the body it would have been forwarded as is the
+        one a lenient parser (or a Go upstream, matching keys in any case) reads."""
+        fake = await self.fake()
+        proxy = await self.proxy([upstream("main", fake.endpoint, deny=[DENIED])])
+        json_type = b"application/json"
+        form_type = b"multipart/form-data; boundary=b"
+        form = (
+            b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
+            + DENIED.encode()
+            + b"\r\n--b--\r\n"
+        )
+        cases: list[tuple[bytes, bytes, bytes | None, bytes, int]] = [
+            # path, body, content type, extra header, status
+            (b"/v1/chat/completions", b'{"model": ["gpt-denied"]}', json_type, b"", 400),
+            (b"/v1/chat/completions", b'{"model": 4, "x": "gpt-denied"}', json_type, b"", 400),
+            (
+                b"/v1/chat/completions",
+                f'{{"model": "{DENIED}", "a": {deep(2000)}}}'.encode(),
+                json_type,
+                b"",
+                404,
+            ),
+            (b"/v1/chat/completions", b'{"model": "gpt-denied"}', b"text/plain", b"", 404),
+            (b"/v1/embeddings", b" " * 5000 + b'{"model": "gpt-denied"}', None, b"", 404),
+            (
+                b"/v1/chat/completions",
+                b'{"model": "gpt-4o-mini", "MODEL": "gpt-denied"}',
+                json_type,
+                b"",
+                400,
+            ),
+            (b"/v1/chat/completions", b'{"Model": "gpt-denied"}', json_type, b"", 400),
+            (b"/v1/chat/completions", b'{"mod\\u0065l": "gpt-denied"}', json_type, b"", 404),
+            (
+                b"/v1/chat/completions",
+                b'{"model": "gpt-4o-mini"}{"model": "gpt-denied"}',
+                json_type,
+                b"",
+                400,
+            ),
+            (
+                b"/v1/chat/completions",
+                gzip.compress(b'{"model": "gpt-denied"}'),
+                json_type,
+                b"Content-Encoding: gzip\r\n",
+                415,
+            ),
+            (b"/v1/chat/completions", gzip.compress(b'{"model": "x"}'), json_type, b"", 400),
+            (
+                b"/v1/chat/completions",
+                b"model=gpt-denied",
+                b"application/x-www-form-urlencoded",
+                b"",
+                400,
+            ),
+            (b"/v1/chat/completions", form, form_type, b"", 400),
+            (b"/v1/audio/transcriptions", form, form_type, b"", 404),
+            (b"/v1/responses", b"", json_type, b"", 400),
+        ]
+        for path, body, content_type, extra, status in cases:
+            head = (
+                b"POST " + path + b" HTTP/1.1\r\nHost: p\r\nConnection: close\r\n"
+                b"Authorization: Bearer " + CLIENT_KEY.encode() + b"\r\n" + extra
+            )
+            if content_type is not None:
+                head += b"Content-Type: " + content_type + b"\r\n"
+            request = head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+            reply = await send_raw(proxy.port, request)
+            self.assertEqual(reply.status, status, (path, body[:60], reply.body))
+        self.assertEqual(fake.requests, [])
+        for n in range(1, len(cases) + 1):
+            record = await proxy.records.nth(n)
+            self.assertEqual(record["outcome"], "client_error", record)
+
+    async def test_what_routing_can_read_still_passes(self) -> None:
+        """Allowed models, forms and bodies without one keep being forwarded."""
+        fake = await self.fake()
+        proxy = await self.proxy([upstream("main", fake.endpoint, deny=[DENIED])])
+        completion = await self.sdk(proxy, chat)
+        self.assertEqual(completion.choices[0].message.content, "Hello, world!")
+        auth = b"Authorization: Bearer " + CLIENT_KEY.encode()
+        for path, body, content_type in [
+            (b"/v1/batches", b'{"input_file_id": "f"}', b"application/json"),
+            (b"/v1/files/f-1/content", b"\x00\x01binary", b"application/octet-stream"),
+            (b"/v1/chat/completions", b'\n {"model": "gpt-4o-mini"}', b"text/plain"),
+        ]:
+            head = request_head(b"POST", path, auth, b"Content-Type: " + content_type)
+            request = head[:-2] + b"Content-Length: %d\r\n\r\n" % len(body) + body
+            await send_raw(proxy.port, request)
+        self.assertEqual(
+            [r.path for r in fake.requests],
+            [b"/v1/chat/completions", b"/v1/batches", b"/v1/files/f-1/content",
+             b"/v1/chat/completions"],
+        )  # fmt: skip

@@ -17,7 +17,7 @@ from oaproxy.record import record_document
 from oaproxy.traffic.backend import BackendTrouble
 from oaproxy.traffic.budgets import BudgetHistory, budget_counter, period_at
 from oaproxy.traffic.counters import Admission, Charge, Held
-from oaproxy.traffic.estimate import estimate, tokens
+from oaproxy.traffic.estimate import estimate, text_characters, tokens
 from oaproxy.traffic.memory import MemoryCounters
 from oaproxy.traffic.tokens import TokenLimits
 from tests.support import WALL_TIME, Client, Harness, sse
@@ -56,6 +56,11 @@ def answer(prompt: int = 7, completion: int = 4) -> bytes:
             },
         }
     ).encode()
+
+
+def guess(body: dict[str, Any], path: str, default_max_tokens: int) -> Any:
+    """The estimate of a parsed body, as the token gate makes it."""
+    return estimate(text_characters(body), body, path, default_max_tokens)
 
 
 class TokenCase(SynchronousTestCase):
@@ -289,14 +294,14 @@ class EstimateTests(SynchronousTestCase):
             "n": 2,
         }
         # system(6) + 94 + user(4) + text(4) + 100 + image_url(9) = 217 -> 55
-        self.assertEqual(estimate(body, "/v1/chat/completions", 1024), tokens(55, 100))
+        self.assertEqual(guess(body, "/v1/chat/completions", 1024), tokens(55, 100))
 
     def test_completion_default_and_embeddings(self) -> None:
         """Without max_tokens the default applies; embeddings complete nothing."""
-        self.assertEqual(estimate({"prompt": "abcd"}, "/v1/completions", 64), tokens(1, 64))
-        self.assertEqual(estimate({"input": "abcd" * 10}, "/v1/embeddings", 64), tokens(10, 0))
+        self.assertEqual(guess({"prompt": "abcd"}, "/v1/completions", 64), tokens(1, 64))
+        self.assertEqual(guess({"input": "abcd" * 10}, "/v1/embeddings", 64), tokens(10, 0))
         self.assertEqual(
-            estimate({"input": "x", "max_output_tokens": 9}, "/v1/responses", 64), tokens(1, 9)
+            guess({"input": "x", "max_output_tokens": 9}, "/v1/responses", 64), tokens(1, 9)
         )
 
     def test_deep_bodies_do_not_exhaust_the_stack(self) -> None:
@@ -304,7 +309,7 @@ class EstimateTests(SynchronousTestCase):
         body: Any = "z"
         for _ in range(100_000):
             body = [body]
-        self.assertEqual(estimate({"input": body}, "/v1/embeddings", 64), tokens(1, 0))
+        self.assertEqual(guess({"input": body}, "/v1/embeddings", 64), tokens(1, 0))
 
 
 class SlowCounters:

@@ -417,12 +417,22 @@ class BodyTests(SynchronousTestCase):
         second.respond(200, body=b"{}")
         self.assertEqual(client.reply().status, 200)
 
-    def test_large_json_is_read_for_its_model(self) -> None:
+    def test_large_json_is_read_in_its_spool_file(self) -> None:
+        """Over 1 MiB a JSON body is read for its model where twisted.web
+        spooled it, a step at a time on the cooperator, and sent from there."""
         body = json.dumps({"model": "gpt-4o-mini", "input": "w" * (IN_MEMORY_BODY + 10)}).encode()
-        self.h.request(b"POST", b"/v1/embeddings", body, [JSON, AUTH])
+        client = self.h.request(b"POST", b"/v1/embeddings", body, [JSON, AUTH])
+        self.assertEqual(self.h.agent.calls, [])
+        self.h.clock.advance(0)
         call = self.h.agent.only()
-        self.assertIsInstance(call.producer, BytesProducer)
+        self.assertIsInstance(call.producer, FileBodyProducer)
         self.assertEqual(call.body, body)
+        call.respond(200, body=b"{}")
+        self.assertEqual(client.reply().status, 200)
+        record = self.h.record()
+        self.assertEqual((record["model"], record["bytes_in"]), ("gpt-4o-mini", len(body)))
+        self.assertEqual(record["request_body"], body[:65536].decode())
+        self.assertIn("request_body", record["truncated"])
 
 
 class HeaderTests(SynchronousTestCase):
@@ -730,6 +740,6 @@ class RefusedUnreadTests(SynchronousTestCase):
         self.patch(h.pipeline, "inspect", spy)
         reply = h.request(b"POST", b"/v1/chat/completions", CHAT, [JSON]).reply()
         self.assertEqual(reply.status, 401)
-        self.assertEqual(parsed, [None])
+        self.assertEqual(parsed, [])
         record = h.record()
         self.assertEqual((record["model"], record["bytes_in"]), (None, len(CHAT)))

@@ -34,8 +34,12 @@ def tokens(prompt: int, completion: int) -> Usage:
     return Usage(prompt, completion, prompt + completion)
 
 
-def estimate(body: Mapping[str, Any], path: str, default_max_tokens: int) -> Usage:
-    return tokens(math.ceil(text_characters(body) / 4), _completion(body, path, default_max_tokens))
+def estimate(
+    characters: int, numbers: Mapping[str, Any], path: str, default_max_tokens: int
+) -> Usage:
+    """From the characters of a body's text (``text_characters``) and its
+    top-level numbers (``max_tokens``, ``n``...)."""
+    return tokens(math.ceil(characters / 4), _completion(numbers, path, default_max_tokens))
 
 
 def text_characters(body: Mapping[str, Any]) -> int:

@@ -42,7 +42,7 @@ from oaproxy.traffic.budgets import (
     period_at,
 )
 from oaproxy.traffic.counters import Admission, Charge, Counters, Held, Reading, rate_counter
-from oaproxy.traffic.estimate import NOTHING, billed, estimate
+from oaproxy.traffic.estimate import NOTHING, billed, estimate, text_characters
 from oaproxy.traffic.headers import (
     longest_wait,
     most_constrained,
@@ -127,8 +127,7 @@ class TokenLimits:
         self, exchange: Exchange, candidates: Sequence[Upstream]
     ) -> Verdict | Deferred[Verdict]:
         call = exchange.call
-        body = call.inspected.parsed
-        if body is None or call.model is None:
+        if call.model is None:
             # Not a model's work (listing models, files): nothing to count.
             return None
         key = self._keys.get(exchange.key_name) if exchange.key_name is not None else None
@@ -151,9 +150,14 @@ class TokenLimits:
                     param="model",
                 )
         path = route_path(call.path) or ""
-        plan = self._plan(
-            exchange, rates, budget, price, estimate(body, path, self._default_max_tokens)
+        inspected = call.inspected
+        guess = estimate(
+            inspected.text_characters(text_characters),
+            inspected.fields.numbers,
+            path,
+            self._default_max_tokens,
         )
+        plan = self._plan(exchange, rates, budget, price, guess)
         waiting = self._history_ready(plan)
         if waiting is not None:
             return waiting.addCallback(lambda _: self._acquire(exchange, plan))

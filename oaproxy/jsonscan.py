@@ -1,0 +1,310 @@
+"""The members of a JSON object, found without building it.
+
+Routing needs a few small fields of a body that may be tens of MiB of
+messages; ``json.loads`` would build the whole tree (several times the
+body's size) on the reactor thread, and fail on what other parsers take
+(a body nested 2,000 deep). ``scan_object`` walks the bytes instead: it
+reads the object's own members (each key decoded, each value as its span
+of bytes) and steps over everything inside the values, only telling
+strings from brackets. ``memchr`` and the C regex engine do the stepping;
+Python only sees brackets. Nothing is copied but the keys.
+
+The walk is a generator that yields after each piece of work of about
+``STEP`` bytes, so a caller can run it on a ``Cooperator`` and keep the
+reactor serving; ``run`` drives one to its end at once (small bodies). It
+reads any buffer with ``find``, slicing and ``re`` (``bytes``, ``mmap``).
+
+What the walk checks is the structure parsers agree on: the object's own
+members (keys, colons, commas), whole strings and matched brackets inside
+values, and nothing after the object. Numbers and words inside values are
+stepped over, not checked: an upstream refuses such a body anyway, and they
+cannot make two parsers see different members.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Generator
+from enum import Enum
+from typing import Any, TypeVar
+
+from attrs import frozen
+
+#: About this many bytes are looked at between two yields.
+STEP = 256 * 1024
+# Stepping over one bracket or member costs this much of a step.
+_ITEM_COST = 128
+#: A body with more brackets than this is refused: each costs about a
+#: microsecond of Python, and no API body has a fraction of this many.
+MAX_BRACKETS = 2 << 20
+#: Keys longer than this (as bytes, escapes included) are not decoded: no
+#: key a caller asks for is near this long, however it is escaped.
+KEY_BYTES = 256
+
+_T = TypeVar("_T")
+Buffer = Any  # bytes or mmap: find, slices, len and re
+
+_BOM = b"\xef\xbb\xbf"
+_QUOTE = ord('"')
+_CLOSING = {ord("["): ord("]"), ord("{"): ord("}")}
+_WHITESPACE = re.compile(rb"[ \t\n\r]*")
+# The rest of a string after its opening quote, up to its closing quote.
+_STRING_REST = re.compile(rb'(?:[^"\\]++|\\.)*+', re.DOTALL)
+# Anything but brackets, strings whole: a run inside a container value.
+_RUN = re.compile(rb'(?:[^"\[\]{}]++|"(?:[^"\\]++|\\.)*+")*+', re.DOTALL)
+_SCALAR = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null")
+
+
+class Problem(Enum):
+    """Why a walk found no object."""
+
+    NOT_JSON = "is not valid JSON"
+    NOT_AN_OBJECT = "is not a JSON object"
+    TOO_COMPLEX = f"has more than {MAX_BRACKETS} brackets"
+
+
+class NotAnObject(Exception):
+    """The bytes are not one JSON object (as far as the walk looks)."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.value)
+        self.problem = problem
+
+
+@frozen
+class Member:
+    """One member of the object: its decoded key, where it starts (its
+    key's quote) and where its value is (``value_end`` is past it)."""
+
+    key: str
+    start: int
+    value_start: int
+    value_end: int
+
+
+@frozen
+class ObjectScan:
+    """An object's ``{`` and ``}`` offsets, how many members it has, and the
+    members asked for, in order."""
+
+    open_at: int
+    close_at: int
+    count: int
+    members: tuple[Member, ...]
+
+
+def scan_object(
+    buffer: Buffer,
+    keys: frozenset[str],
+    start: int = 0,
+    end: int | None = None,
+    *,
+    whole: bool = True,
+) -> Generator[None, None, ObjectScan]:
+    """Walk the object at ``start`` (after whitespace), keeping the members
+    whose key, case folded, is one of ``keys`` (some parsers match keys
+    without regard to case, so a caller may want to see ``MODEL`` too). With
+    ``whole``, only whitespace may follow the object up to ``end``. Raises
+    ``NotAnObject``."""
+    walk = _Walk(buffer, len(buffer) if end is None else end)
+    if whole and buffer[start : start + 3] == _BOM:
+        start += 3
+    return (yield from walk.object(start, keys, whole))
+
+
+def run(walk: Generator[None, None, _T]) -> _T:
+    """Drive a walk to its end at once."""
+    while True:
+        try:
+            next(walk)
+        except StopIteration as done:
+            result: _T = done.value
+            return result
+
+
+def stepped(
+    walk: Generator[None, None, _T], done: Callable[[_T], None]
+) -> Generator[None, None, None]:
+    """The walk as a plain iterator (what ``Cooperator.cooperate`` takes),
+    giving its result to ``done`` at the end."""
+    result = yield from walk
+    done(result)
+
+
+class _Walk:
+    """One walk over ``buffer`` up to ``end``, with its costs so far."""
+
+    def __init__(self, buffer: Buffer, end: int) -> None:
+        self.buffer = buffer
+        self.end = end
+        self.work = 0
+        self.brackets = 0
+
+    def object(
+        self, start: int, keys: frozenset[str], whole: bool
+    ) -> Generator[None, None, ObjectScan]:
+        buffer, end = self.buffer, self.end
+        position = yield from self.whitespace(start)
+        if buffer[position : position + 1] != b"{":
+            raise NotAnObject(Problem.NOT_AN_OBJECT if position < end else Problem.NOT_JSON)
+        open_at = position
+        kept: list[Member] = []
+        count = 0
+        position = yield from self.whitespace(position + 1)
+        if buffer[position : position + 1] == b"}":
+            close_at = position
+        else:
+            while True:
+                if buffer[position : position + 1] != b'"':
+                    raise NotAnObject(Problem.NOT_JSON)
+                key_end = yield from self.string_end(position)
+                colon = yield from self.whitespace(key_end)
+                if buffer[colon : colon + 1] != b":":
+                    raise NotAnObject(Problem.NOT_JSON)
+                value_start = yield from self.whitespace(colon + 1)
+                value_end = yield from self.value_end(value_start)
+                count += 1
+                key = self.key(position, key_end)
+                if key is not None and key.casefold() in keys:
+                    kept.append(Member(key, position, value_start, value_end))
+                position = yield from self.whitespace(value_end)
+                separator = buffer[position : position + 1]
+                if separator == b"}":
+                    close_at = position
+                    break
+                if separator != b",":
+                    raise NotAnObject(Problem.NOT_JSON)
+                position = yield from self.whitespace(position + 1)
+                yield from self.spent(_ITEM_COST)
+        if whole and (yield from self.whitespace(close_at + 1)) != end:
+            raise NotAnObject(Problem.NOT_JSON)
+        return ObjectScan(open_at, close_at, count, tuple(kept))
+
+    def spent(self, work: int) -> Generator[None, None, None]:
+        """Count ``work``; yield when a step's worth has been done."""
+        self.work += work
+        if self.work >= STEP:
+            self.work = 0
+            yield
+
+    def whitespace(self, position: int) -> Generator[None, None, int]:
+        """Past the whitespace at ``position`` (a client may send MiBs of it)."""
+        while True:
+            window = min(position + STEP, self.end)
+            match = _WHITESPACE.match(self.buffer, position, window)
+            assert match is not None  # the pattern matches the empty string
+            position = match.end()
+            if position < window or window >= self.end:
+                return position
+            yield from self.spent(STEP)
+
+    def key(self, start: int, end: int) -> str | None:
+        if end - start > KEY_BYTES:
+            return None
+        try:
+            key: str = json.loads(self.buffer[start:end])
+        except ValueError:
+            # Control characters, bad escapes: no parser would take it.
+            raise NotAnObject(Problem.NOT_JSON) from None
+        return key
+
+    def string_end(self, start: int) -> Generator[None, None, int]:
+        """Past the closing quote of the string whose opening quote is at ``start``."""
+        buffer, end = self.buffer, self.end
+        position = start + 1
+        while True:
+            window = min(position + STEP, end)
+            quote = buffer.find(b'"', position, window)
+            if buffer.find(b"\\", position, quote if quote >= 0 else window) < 0:
+                # No escape before the next quote (most of a long text): memchr fast.
+                if quote >= 0:
+                    return quote + 1
+                position = window
+            else:
+                match = _STRING_REST.match(buffer, position, window)
+                assert match is not None  # the pattern matches the empty string
+                position = match.end()
+                if position < window and buffer[position] == _QUOTE:
+                    return position + 1
+            if window >= end:
+                raise NotAnObject(Problem.NOT_JSON)
+            # The window ended inside the string (or inside an escape in it).
+            yield from self.spent(STEP)
+
+    def value_end(self, start: int) -> Generator[None, None, int]:
+        """Past the value that starts at ``start``."""
+        first = self.buffer[start : start + 1]
+        if first == b'"':
+            return (yield from self.string_end(start))
+        if first in (b"{", b"["):
+            return (yield from self.container_end(start))
+        match = _SCALAR.match(self.buffer, start, self.end)
+        if match is None:
+            raise NotAnObject(Problem.NOT_JSON)
+        return match.end()
+
+    def container_end(self, start: int) -> Generator[None, None, int]:
+        """Past the bracket that closes the one at ``start``."""
+        buffer, end = self.buffer, self.end
+        # The closing bracket each open one needs, innermost last.
+        expected = bytearray([_CLOSING[buffer[start]]])
+        position = start + 1
+        while True:
+            window = min(position + STEP, end)
+            match = _RUN.match(buffer, position, window)
+            assert match is not None  # the pattern matches the empty string
+            self.work += match.end() - position
+            position = match.end()
+            if position >= end:
+                raise NotAnObject(Problem.NOT_JSON)
+            character = buffer[position]
+            if character == expected[-1]:
+                expected.pop()
+                position += 1
+                if not expected:
+                    return position
+            elif character in _CLOSING:
+                expected.append(_CLOSING[character])
+                position += 1
+            elif character == _QUOTE and position < window:
+                # A string the run could not finish: it goes past the window.
+                position = yield from self.string_end(position)
+            elif position < window:
+                # A closing bracket that closes nothing open.
+                raise NotAnObject(Problem.NOT_JSON)
+            self.brackets += 1
+            if self.brackets > MAX_BRACKETS:
+                raise NotAnObject(Problem.TOO_COMPLEX)
+            # Inline, not spent(): a generator per bracket would double the cost.
+            self.work += _ITEM_COST
+            if self.work >= STEP:
+                self.work = 0
+                yield
+
+
+def media_bytes(buffer: Buffer) -> Generator[None, None, int]:
+    """The bytes of the strings that are ``data:`` URLs (inline images and
+    audio), wherever they are: what a prompt's size leaves out. (Close
+    enough: a ``"data:`` after a run of backslashes is taken as no string.)"""
+    walk = _Walk(buffer, len(buffer))
+    end = walk.end
+    total = position = 0
+    while True:
+        window = min(position + STEP, end)
+        found = buffer.find(b'"data:', position, window)
+        if found < 0:
+            if window >= end:
+                return total
+            # One may straddle the window's end.
+            position = window - 5
+            yield
+        elif buffer[max(found - 16, 0) : found].endswith(b"\\"):
+            position = found + 1  # an escaped quote inside a string
+        else:
+            try:
+                string_end = yield from walk.string_end(found)
+            except NotAnObject:
+                return total
+            total += string_end - found
+            position = string_end
