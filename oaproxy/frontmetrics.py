@@ -28,6 +28,11 @@ class FrontMetrics:
         )
         for why in ClientClose:
             self._closed.labels(why.value)
+        self._bodies = Gauge(
+            "oaproxy_request_body_bytes",
+            "Request body bytes held now (max_inflight_body_bytes).",
+            registry=registry,
+        )
 
     def connections_open(self, count: int) -> None:
         self._open.set(count)
@@ -37,3 +42,6 @@ class FrontMetrics:
 
     def connection_closed(self, why: ClientClose) -> None:
         self._closed.labels(why.value).inc()
+
+    def body_bytes_held(self, held: int) -> None:
+        self._bodies.set(held)

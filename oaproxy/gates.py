@@ -1,5 +1,5 @@
-"""The head gates every config has: method, body cap, path, content encoding,
-client key (in this order).
+"""The head gates every config has: method, body cap, body budget, path,
+content encoding, client key (in this order).
 
 Each looks at the ``Arrival`` only: none of them reads or parses the body.
 """
@@ -9,9 +9,11 @@ from __future__ import annotations
 from oaproxy.errors import ErrorAnswer
 from oaproxy.pipeline import Arrival, HeadGate, Verdict
 from oaproxy.routing import Router
-from oaproxy.web import API_METHODS, declared_size
+from oaproxy.web import API_METHODS, BodyRefusal, declared_size
 
 _ALLOW = b", ".join(API_METHODS)
+# Seconds: bodies in flight are forwarded and let go within seconds.
+RETRY_BUSY = b"2"
 
 
 def method_check(arrival: Arrival) -> Verdict:
@@ -32,13 +34,27 @@ def method_check(arrival: Arrival) -> Verdict:
 
 def body_cap(arrival: Arrival) -> Verdict:
     """413 for a body over ``max_body_bytes`` (it was thrown away as it came)."""
-    if getattr(arrival.request, "too_large", False):
+    if getattr(arrival.request, "refused", None) is BodyRefusal.TOO_LARGE:
         return ErrorAnswer(
             413,
             f"Request body too large: the limit is {arrival.config.max_body_bytes} bytes.",
             code="request_too_large",
         )
     return None
+
+
+def body_budget(arrival: Arrival) -> Verdict:
+    """503 for a large body while the bodies held are at
+    ``max_inflight_body_bytes`` (it was thrown away as it came)."""
+    if getattr(arrival.request, "refused", None) is not BodyRefusal.BUSY:
+        return None
+    arrival.answer_headers.setRawHeaders(b"retry-after", [RETRY_BUSY])
+    return ErrorAnswer(
+        503,
+        "The proxy holds as many request bodies as it may right now; retry shortly.",
+        type="server_error",
+        code="server_busy",
+    )
 
 
 def path_check(arrival: Arrival) -> Verdict:
@@ -77,4 +93,11 @@ def client_key(router: Router) -> HeadGate:
 
 
 def builtin_head_gates(router: Router) -> tuple[HeadGate, ...]:
-    return (method_check, body_cap, path_check, content_encoding_check, client_key(router))
+    return (
+        method_check,
+        body_cap,
+        body_budget,
+        path_check,
+        content_encoding_check,
+        client_key(router),
+    )

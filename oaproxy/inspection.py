@@ -317,8 +317,8 @@ class Inspector:
             if body.data is not None:
                 return self._stepped(body, _large_json_fields(body.data, content_type))
             mapped = _mapped(body)
-            inspected = self._stepped(body, _large_json_fields(mapped, content_type))
-            return inspected.addBoth(_closing(mapped))
+            walk = _dropping_pages(mapped, _large_json_fields(mapped, content_type))
+            return self._stepped(body, walk).addBoth(_closing(mapped))
         if body.data is not None:
             return Inspected(body, run(read_fields(body.data, kind, content_type)))
         if kind is BodyKind.FORM:
@@ -354,6 +354,22 @@ def _large_json_fields(
         # Too large to parse for a token estimate: its inline media are left out.
         fields = evolve(fields, media_bytes=(yield from media_bytes(buffer)))
     return fields
+
+
+def _dropping_pages(
+    mapped: mmap.mmap, walk: Generator[None, None, _T]
+) -> Generator[None, None, _T]:
+    """The walk, letting go of the pages it read at each step: a walk over a
+    60 MiB file must not make the process 60 MiB larger (they stay in the
+    page cache, for the attempts that send the file)."""
+    while True:
+        try:
+            next(walk)
+        except StopIteration as done:
+            result: _T = done.value
+            return result
+        mapped.madvise(mmap.MADV_DONTNEED)
+        yield
 
 
 def _mapped(body: RequestBody) -> mmap.mmap:

@@ -4,8 +4,8 @@ and the named places where behaviour plugs in.
 1. **Head gates** (``HeadGate``) run before the body is read or parsed; each
    sees the ``Arrival`` (the request, the authenticated caller, the route
    path) and may refuse it. Built in, in this order: the method (405), the
-   body cap (413), the path check (400), the content encoding (415), the
-   client key (401). Checks that need no body go here
+   body cap (413), the body budget (503), the path check (400), the content
+   encoding (415), the client key (401). Checks that need no body go here
    (IP rules before the key check, request-rate limits after it), so that a
    refused client never makes the reactor parse its body.
 2. **Inspection**: the body is read for what routing needs (the model, the

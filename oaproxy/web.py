@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from enum import Enum
 from io import BytesIO
 from typing import IO, TYPE_CHECKING, Any, cast
 from urllib.parse import unquote_to_bytes
@@ -21,6 +22,7 @@ from twisted.web import http, server
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
+from oaproxy.bodybudget import BodyBudget
 from oaproxy.channel import ClientClose, ProxyChannel
 from oaproxy.config import Config
 from oaproxy.cors import CorsPolicy
@@ -40,11 +42,19 @@ IN_MEMORY_BODY = 1024 * 1024
 API_METHODS: tuple[bytes, ...] = (b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"HEAD", b"OPTIONS")
 
 
-class ProxyRequest(server.Request):
-    """A request whose body is capped at ``max_body_bytes`` while it arrives.
+class BodyRefusal(Enum):
+    """Why a body was thrown away as it came (the resource then says so)."""
 
-    Over the cap the rest of the body is read and thrown away (never held),
-    and the resource answers 413.
+    TOO_LARGE = "over max_body_bytes"  # 413
+    BUSY = "over max_inflight_body_bytes"  # 503
+
+
+class ProxyRequest(server.Request):
+    """A request whose body is capped at ``max_body_bytes`` while it arrives,
+    and counted against the site's ``BodyBudget`` until the request ends.
+
+    A body over the cap, or a large one over the budget, is read and thrown
+    away (never held), and the resource answers 413 or 503 (``refused``).
 
     ``answer_headers`` are put on whatever answer the request gets, when its
     head is written: an error of oaproxy's own, a relayed upstream answer or
@@ -53,9 +63,12 @@ class ProxyRequest(server.Request):
     the shared upstream key).
     """
 
-    too_large = False
+    refused: BodyRefusal | None = None
     received = 0
     _limit = 0
+    # What this body holds of the budget, and whether it is counted as it comes.
+    _held = 0
+    _counted_as_it_comes = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # twisted.web would parse form bodies into request.args, reading a
@@ -71,28 +84,48 @@ class ProxyRequest(server.Request):
         super().write(data)
 
     def gotLength(self, length: int | None) -> None:
-        self._limit = self.channel.site.config.max_body_bytes  # type: ignore[attr-defined]
+        site = self.channel.site  # type: ignore[attr-defined]
+        self._limit = site.config.max_body_bytes
+        self._budget: BodyBudget = site.bodies
         if length is not None and length > self._limit:
-            self.received = length
-            # No "100 Continue" for a body that will be refused anyway.
-            self.requestHeaders.removeHeader(b"expect")
-            self._discard()
+            self._refuse(BodyRefusal.TOO_LARGE, length)
+        elif length is not None and not self._budget.take(length, length):
+            self._refuse(BodyRefusal.BUSY, length)
         else:
+            self._held = length or 0
+            # Chunked: counted as it comes, against the budget then.
+            self._counted_as_it_comes = length is None
+            self.notifyFinish().addBoth(self._give_back)
             super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self.too_large:
+        if self.refused is not None:
             return
         self.received += len(data)
         if self.received > self._limit:
             cast(IO[bytes], self.content).close()
-            self._discard()
+            self._refuse(BodyRefusal.TOO_LARGE, self.received)
             return
+        if self._counted_as_it_comes:
+            if not self._budget.take(len(data), self.received):
+                cast(IO[bytes], self.content).close()
+                self._refuse(BodyRefusal.BUSY, self.received)
+                return
+            self._held += len(data)
         cast(IO[bytes], self.content).write(data)
 
-    def _discard(self) -> None:
-        self.too_large = True
+    def _refuse(self, why: BodyRefusal, received: int) -> None:
+        self.refused = why
+        self.received = received
+        # No "100 Continue" for a body that will be refused anyway.
+        self.requestHeaders.removeHeader(b"expect")
         self.content = BytesIO()
+        self._give_back(None)
+
+    def _give_back(self, result: object) -> None:
+        held, self._held = self._held, 0
+        if held:
+            self._budget.give_back(held)
 
 
 class ProxySite(server.Site):
@@ -116,12 +149,15 @@ class ProxySite(server.Site):
         self._repeats = RepeatLimit(globalLogPublisher, self.reactor)
         self.client_log = Logger(namespace="oaproxy.clients", observer=self._repeats)
         self.open_connections = 0
+        # One budget for the process: the bodies in flight outlive a reload.
+        self.bodies = BodyBudget(config.max_inflight_body_bytes, metrics.front.body_bytes_held)
         self.serve(root, config)
 
     def serve(self, root: Resource, config: Config) -> None:
         self.resource = root
         self.config = config
         self.max_connections = connection_cap(config.max_connections)
+        self.bodies.limit = config.max_inflight_body_bytes
 
     # Any: twisted.web says its HTTP/2-capable wrapper; this site makes ProxyChannels.
     def buildProtocol(self, addr: IAddress | None) -> Any:
@@ -220,7 +256,7 @@ def route_path(uri: bytes) -> str | None:
 
 def declared_size(request: server.Request) -> int:
     """The body's size without reading it (what arrived, or was announced)."""
-    if getattr(request, "too_large", False):
+    if getattr(request, "refused", None) is not None:
         return int(request.received)  # type: ignore[attr-defined]
     content = cast(IO[bytes], request.content)
     content.seek(0, 2)

@@ -15,7 +15,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyChannel
 
 from oaproxy.relay import BytesProducer
-from oaproxy.web import IN_MEMORY_BODY, ProxyRequest, route_path
+from oaproxy.web import IN_MEMORY_BODY, BodyRefusal, ProxyRequest, route_path
 from tests.support import Harness, Reply
 
 CONFIG = """
@@ -80,7 +80,7 @@ class BodyCapTests(SynchronousTestCase):
         )
         self.assertEqual(self.h.agent.calls, [])
         [request] = self.made
-        self.assertTrue(request.too_large)
+        self.assertIs(request.refused, BodyRefusal.TOO_LARGE)
         self.assertEqual(self.kept, [b""])
 
     def test_content_length_over_the_cap(self) -> None:
@@ -112,10 +112,10 @@ class BodyCapTests(SynchronousTestCase):
         )
         client.send(head + b"258\r\n" + b"y" * 600 + b"\r\n")
         [request] = self.made
-        self.assertFalse(request.too_large)
+        self.assertIsNone(request.refused)
         spool = cast(IO[bytes], request.content)
         client.send(b"258\r\n" + b"y" * 600 + b"\r\n")
-        self.assertTrue(request.too_large)
+        self.assertIs(request.refused, BodyRefusal.TOO_LARGE)
         self.assertTrue(spool.closed)
         client.send(b"258\r\n" + b"y" * 600 + b"\r\n0\r\n\r\n")
         self.check_413(client.reply())
@@ -134,7 +134,7 @@ class BodyCapTests(SynchronousTestCase):
         request = self.request()
         request.gotLength(5000)
         request.handleContentChunk(b"z" * 5000)
-        self.assertTrue(request.too_large)
+        self.assertIs(request.refused, BodyRefusal.TOO_LARGE)
         self.assertEqual(cast(BytesIO, request.content).getvalue(), b"")
 
     def request(self) -> ProxyRequest:

@@ -261,6 +261,8 @@ class Config:
     # budgets, cache, breakers); records keep their own ``records.redis_key``.
     redis_prefix: str = field(default="oaproxy:", metadata=read(text))
     max_body_bytes: int = field(default=64 * 1024 * 1024, metadata=read(integer))
+    # All the request bodies held at once (oaproxy.bodybudget).
+    max_inflight_body_bytes: int = field(default=512 * 1024 * 1024, metadata=read(integer))
     # Client connections (oaproxy.channel): seconds for a request head, the
     # bytes per second a body must average over body_rate_window seconds,
     # and how many may be open at once.
