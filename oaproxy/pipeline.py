@@ -319,8 +319,8 @@ class Pipeline:
         pending: Deferred[_T],
         then: Callable[[_T], bytes | int],
     ) -> int:
-        """Go on with ``then`` when a gate's answer comes; a client that goes
-        away meanwhile cancels the wait."""
+        """Go on with ``then`` when a gate's answer (or a large body's
+        inspection) comes; a client that goes away meanwhile cancels the wait."""
 
         def client_gone(reason: Failure) -> None:
             pending.cancel()
@@ -338,7 +338,7 @@ class Pipeline:
         def failed(failure: Failure) -> None:
             if request._disconnected:
                 return
-            self.log.failure("a request gate failed", failure=failure)
+            self.log.failure("a request stage failed", failure=failure)
             fail_unfinished(request)
 
         pending.addCallbacks(answered, failed).addErrback(

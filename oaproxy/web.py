@@ -2,8 +2,8 @@
 and client address, OpenAI-shaped error answers.
 
 ``/v1/*`` goes to the request pipeline of the config that made the tree
-(``oaproxy.pipeline``); ``OPTIONS`` is a CORS preflight (``oaproxy.cors``); ``/healthz`` says
-the process serves. A reload puts a new tree in the site
+(``oaproxy.pipeline``); ``OPTIONS`` is a CORS preflight (``oaproxy.cors``);
+``/healthz`` says the process serves. A reload puts a new tree in the site
 (``ProxySite.serve``): new requests use it, those in flight keep theirs.
 """
 
@@ -34,8 +34,8 @@ if TYPE_CHECKING:
     from oaproxy.metrics import Metrics
     from oaproxy.pipeline import Pipeline
 
-# Bodies up to this size are read into memory (they are parsed for the model
-# anyway); larger ones stay in twisted.web's spool file and are replayed from it.
+# Bodies up to this size are read into memory; larger ones stay in
+# twisted.web's spool file, are read there for their model and replayed from it.
 IN_MEMORY_BODY = 1024 * 1024
 
 #: The methods the OpenAI API uses; any other gets 405 and is never forwarded.
