@@ -58,8 +58,7 @@ class HeadDeadlineTests(SynchronousTestCase):
         self.check_408(client)
 
     def test_the_next_head_is_due_from_its_first_byte(self) -> None:
-        """A kept-alive connection may idle between requests; its next head
-        then has header_timeout from its first byte."""
+        """Between requests a connection may idle; the next head is due from its first byte."""
         client = self.h.connect()
         client.send(http_request(b"GET", b"/v1/models", header_lines=[AUTH]))
         self.h.agent.only().respond(200, body=b"{}")
@@ -73,8 +72,7 @@ class HeadDeadlineTests(SynchronousTestCase):
         self.assertFalse(client.transport.disconnecting)
 
     def test_pipelined_requests_have_their_deadlines(self) -> None:
-        """A second request sent with the first is read when the first is
-        done; a half head left after it is cut off like any."""
+        """Pipelined requests are read in turn; a half head after them is cut off."""
         client = self.h.connect()
         request = http_request(b"GET", b"/v1/models", header_lines=[AUTH])
         client.send(request + request + b"GET /v1/models HTTP/1.1\r\n")
@@ -107,6 +105,7 @@ class BodyRateTests(SynchronousTestCase):
         self.assertEqual(self.h.records, [])
 
     def test_each_window_must_reach_the_rate(self) -> None:
+        """Every window of the body must reach the rate, not just the average so far."""
         client = self.start(10000)
         for _ in range(3):
             client.send(b"x" * 200)
@@ -117,6 +116,7 @@ class BodyRateTests(SynchronousTestCase):
         self.assertTrue(client.transport.disconnecting)
 
     def test_a_whole_body_stops_the_clock(self) -> None:
+        """Once the body is whole, however long the answer takes, no rate applies."""
         body = b'{"model": "m", "input": "hi"}'
         client = self.start(len(body))
         client.send(body)
@@ -125,6 +125,7 @@ class BodyRateTests(SynchronousTestCase):
         self.assertEqual(len(self.h.agent.calls), 1)
 
     def test_chunked_bodies_too(self) -> None:
+        """A chunked body is held to the same rate."""
         client = self.h.connect()
         client.send(HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + b"10\r\n" + b"y" * 16 + b"\r\n")
         self.h.clock.advance(2)
@@ -133,8 +134,7 @@ class BodyRateTests(SynchronousTestCase):
 
 class ConnectionCapTests(SynchronousTestCase):
     def test_connections_over_the_cap_are_closed_at_once(self) -> None:
-        """With max_connections open, the site builds no protocol (the port
-        closes the socket at once) and counts the refusal."""
+        """Past max_connections no protocol is built (the socket is closed), and it is counted."""
         h = Harness(CONFIG)
         clients = [h.connect() for _ in range(3)]
         address = IPv4Address("TCP", "10.9.9.9", 1234)

@@ -86,6 +86,7 @@ class RequestFieldsTests(SynchronousTestCase):
             self.assertEqual((read.kind, read.model), (BodyKind.JSON, "m"), body[:20])
 
     def test_other_bodies(self) -> None:
+        """Bodies that are not JSON or forms are said to be other (or empty)."""
         self.assertEqual(fields(b"abc", None).kind, BodyKind.OTHER)
         self.assertEqual(fields(b"", b"application/json").kind, BodyKind.EMPTY)
         self.assertEqual(fields(b"\x00\x01", b"audio/wav").kind, BodyKind.OTHER)
@@ -124,6 +125,7 @@ class RequestFieldsTests(SynchronousTestCase):
         self.assertEqual((read.model, read.stream), ("gpt-4o", True))
 
     def test_form_model(self) -> None:
+        """A form's model is read wherever it is; two of them, or 65 parts, are refused."""
         content_type = b"multipart/form-data; boundary=b"
 
         def form(*parts: bytes) -> bytes:
@@ -188,11 +190,13 @@ class UsageSpliceTests(SynchronousTestCase):
         return out
 
     def test_added(self) -> None:
+        """Missing stream_options go first in the object; the rest is the client's bytes."""
         body = '{"model": "m", "stream": true, "messages": [{"content": "é \\ud800"}]}'.encode()
         out = self.check(body, {"include_usage": True})
         self.assertEqual(out, b'{"stream_options":{"include_usage":true},' + body[1:])
 
     def test_other_options_kept(self) -> None:
+        """The client's other stream_options stay; include_usage false becomes true."""
         body = b'{"model": "m", "stream": true, "stream_options": {"include_obfuscation": false}}'
         self.check(body, {"include_usage": True, "include_obfuscation": False})
         body = b'{"stream": true, "stream_options": {"include_usage": false, "x": 1}}'
@@ -200,9 +204,11 @@ class UsageSpliceTests(SynchronousTestCase):
         self.check(b'{"stream": true, "stream_options": {}}', {"include_usage": True})
 
     def test_options_not_an_object(self) -> None:
+        """stream_options that are not an object are replaced."""
         self.check(b'{"stream": true, "stream_options": null}', {"include_usage": True})
 
     def test_not_asked_when_not_needed(self) -> None:
+        """No stream, or usage asked for already: the body is sent as it is."""
         for body in (
             b'{"model": "m"}',
             b'{"model": "m", "stream": true, "stream_options": {"include_usage": true}}',
@@ -256,6 +262,7 @@ class InspectorTests(SynchronousTestCase):
         return self.successResultOf(result)
 
     def test_small_bodies_at_once(self) -> None:
+        """A body of 64 KiB or less is read at once, and parsed if asked."""
         body = b'{"model": "m"}'
         inspected = self.inspect(RequestBody(len(body), body), b"application/json")
         assert isinstance(inspected, Inspected)
@@ -263,13 +270,13 @@ class InspectorTests(SynchronousTestCase):
         self.assertEqual(inspected.parsed(), {"model": "m"})
 
     def test_large_bodies_step_by_step(self) -> None:
+        """A larger body in memory is walked a step at a time on the cooperator."""
         body = json.dumps({"model": "m", "input": ["ab"] * (WALK_AT_ONCE * 4)}).encode()
         inspected = self.drive(self.inspect(RequestBody(len(body), body), None))
         self.assertEqual(inspected.model, "m")
 
     def test_spooled_bodies_read_in_place(self) -> None:
-        """A body in its spool file is walked through a map of the file; a
-        token estimate leaves its inline media out (it is not parsed)."""
+        """A spooled body is walked in a map of its file; estimates leave media out."""
         image = "data:image/png;base64," + "A" * 1_000_000
         body = json.dumps({"model": "m", "messages": [{"content": [image, "hello"]}]}).encode()
         spool = tempfile.TemporaryFile()  # noqa: SIM115 - closed in cleanup
@@ -285,6 +292,7 @@ class InspectorTests(SynchronousTestCase):
         self.assertEqual(spool.read(), body)
 
     def test_cancel_stops_the_walk(self) -> None:
+        """A client gone mid-walk stops the walk: nothing is left running."""
         body = json.dumps({"model": "m", "input": ["ab"] * (WALK_AT_ONCE * 4)}).encode()
         result = self.inspect(RequestBody(len(body), body), None)
         assert isinstance(result, Deferred)
@@ -294,8 +302,7 @@ class InspectorTests(SynchronousTestCase):
         self.assertEqual(self.turns.waiting, [])
 
     def test_parsed_exactly_when_small(self) -> None:
-        """A body in memory is parsed (once) for the estimate; one too deep for
-        Python is counted by its size."""
+        """A small body is counted exactly; one too deep for Python by its size."""
         body = b'{"model": "m", "input": "abcd"}'
         inspected = self.inspect(RequestBody(len(body), body), None)
         assert isinstance(inspected, Inspected)

@@ -54,9 +54,7 @@ class BodyBudgetTests(SynchronousTestCase):
         return value
 
     def test_large_bodies_over_the_budget_get_503(self) -> None:
-        """With 2 MiB of a 3 MiB budget held, another 2 MiB body gets 503
-        server_busy and Retry-After, and is never forwarded; a small one
-        passes; once the first is over, a large one passes again."""
+        """Over the budget a large body gets 503 server_busy; small ones pass."""
         first = self.post(chat_of(2 * MIB))
         self.h.clock.advance(0)
         [call] = self.h.agent.calls
@@ -86,6 +84,7 @@ class BodyBudgetTests(SynchronousTestCase):
         self.assertEqual(len(self.h.agent.calls), 1)
 
     def test_a_client_gone_gives_its_share_back(self) -> None:
+        """A client that leaves mid-body gives its share of the budget back."""
         client = self.h.connect()
         client.send(http_request(b"POST", b"/v1/embeddings", chat_of(2 * MIB), [JSON, AUTH])[:-100])
         self.assertGreater(self.held() or 0, 0)
@@ -136,11 +135,7 @@ class DaemonMemoryTests(DaemonCase):
         return float(reactor.seconds() - started)
 
     async def test_twelve_60_mib_bodies(self) -> None:
-        """12 concurrent 60 MiB chat bodies (half of them streams that oaproxy
-        asks for usage): peak RSS under 1 GiB, back within 50 MiB of the start
-        after they finish (no gc.collect()), /healthz under 100 ms throughout;
-        those past max_inflight_body_bytes get 503 server_busy, the others
-        reach the upstream whole."""
+        """12 x 60 MiB at once: peak RSS < 1 GiB, back within 50 MiB, /healthz < 100 ms."""
         sink = spawn_helper(self, "sink")
         await sink.wait_for("listening ")
         sink_port = int(sink.text.split("listening ", 1)[1].split()[0])

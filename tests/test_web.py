@@ -307,6 +307,7 @@ class CorsTests(SynchronousTestCase):
         self.assertIsNone(answer.header(b"access-control-allow-origin"))
 
     def test_keyed_proxy_lets_every_page_in(self) -> None:
+        """When every request needs a key, any page may read the answers (*)."""
         preflight, answer = self.answers(CONFIG, b"https://app.example")
         self.assertEqual(preflight.header(b"access-control-allow-origin"), b"*")
         self.assertEqual(answer.header(b"access-control-allow-origin"), b"*")
@@ -330,10 +331,12 @@ class CorsTests(SynchronousTestCase):
         self.assertIsNone(preflight.header(b"access-control-allow-methods"))
 
     def test_none_on_a_keyed_proxy(self) -> None:
+        """cors_origins: [] lets no page in, keys or not."""
         _, answer = self.answers(CONFIG + "cors_origins: []\n", b"https://app.example")
         self.assertIsNone(answer.header(b"access-control-allow-origin"))
 
     def test_any_on_a_keyless_proxy(self) -> None:
+        """cors_origins: '*' lets every page in, keys or not."""
         config = "cors_origins: '*'\nupstreams: [{name: a, endpoint: 'https://a.test/v1'}]"
         _, answer = self.answers(config, b"https://app.example")
         self.assertEqual(answer.header(b"access-control-allow-origin"), b"*")
@@ -418,8 +421,7 @@ class BodyTests(SynchronousTestCase):
         self.assertEqual(client.reply().status, 200)
 
     def test_large_json_is_read_in_its_spool_file(self) -> None:
-        """Over 1 MiB a JSON body is read for its model where twisted.web
-        spooled it, a step at a time on the cooperator, and sent from there."""
+        """A JSON body over 1 MiB is read in its spool file and sent from there."""
         body = json.dumps({"model": "gpt-4o-mini", "input": "w" * (IN_MEMORY_BODY + 10)}).encode()
         client = self.h.request(b"POST", b"/v1/embeddings", body, [JSON, AUTH])
         self.assertEqual(self.h.agent.calls, [])
