@@ -2,9 +2,10 @@
 at each reload, and for the tests, which run the same wiring in memory.
 
 ``Shared`` is what outlives a reload (the upstream agents, the record
-publisher, metrics, readiness, the in-flight ledger); a ``Generation`` is
-everything one config makes on top of it (router, forwarder, the request
-pipeline and its resource tree, sinks, notifier, log file). A reload builds
+publisher, metrics, readiness, the in-flight ledger, circuit states, upstream
+load and models lists); a ``Generation`` is everything one config makes on
+top of it (router, forwarder, the request pipeline and its resource tree,
+sinks, notifier, log file). A reload builds
 a whole new generation before anything is swapped, reusing the previous
 one's sinks, notifier and log file where their config sections did not
 change.
@@ -23,6 +24,9 @@ from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 
 from oaproxy.alerts import Notifier
+from oaproxy.balancing import Balancer, LoadFollowing, UpstreamLoad
+from oaproxy.breaker import Breakers
+from oaproxy.circuits import Circuits
 from oaproxy.config import Config
 from oaproxy.forward import Forwarder
 from oaproxy.gates import builtin_head_gates
@@ -31,6 +35,7 @@ from oaproxy.inspection import inspect_request
 from oaproxy.ledger import RequestLedger
 from oaproxy.logfile import JSONLogFile
 from oaproxy.metrics import Metrics
+from oaproxy.models import ModelLists, ModelsAnswer
 from oaproxy.observers import Alerting, MetricsCounting, ReadinessFollowing, RecordPublishing
 from oaproxy.pipeline import Observers, Pipeline
 from oaproxy.records import RecordEmitter, RecordMaker
@@ -38,6 +43,7 @@ from oaproxy.routing import Router
 from oaproxy.scrape import MetricsResource
 from oaproxy.sharedredis import SharedRedis
 from oaproxy.sinks import FileSink, QueuedSink, SQLSink
+from oaproxy.upstreams import UpstreamClient, UpstreamClients
 from oaproxy.web import ProxyResource, RootResource
 
 
@@ -61,6 +67,12 @@ class Shared:
     wall_clock: Callable[[], float]
     # Spreading load needs no cryptographic randomness; tests seed it.
     rng: random.Random
+    # Each upstream's circuit: what metrics, /readyz and the log show.
+    circuits: Circuits
+    # Attempts in flight and latencies, for least_busy and least_latency.
+    load: UpstreamLoad
+    # Upstreams' own /v1/models answers.
+    model_lists: ModelLists
 
     @classmethod
     def create(
@@ -75,6 +87,9 @@ class Shared:
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> Shared:
+        circuits = Circuits(reactor)
+        metrics = Metrics(known_models(config), upstream_names(config))
+        metrics.add_circuits(circuits)
         return cls(
             reactor=reactor,
             agent=agent,
@@ -82,12 +97,15 @@ class Shared:
             pooled=pooled,
             cooperator=Cooperator(scheduler=lambda work: reactor.callLater(0, work)),
             records=RecordEmitter(),
-            metrics=Metrics(known_models(config), upstream_names(config)),
-            readiness=Readiness(reactor),
+            metrics=metrics,
+            readiness=Readiness(reactor, circuits),
             ledger=RequestLedger(reactor),
             environ=environ,
             wall_clock=wall_clock,
             rng=rng or random.Random(),
+            circuits=circuits,
+            load=UpstreamLoad(),
+            model_lists=ModelLists(reactor),
         )
 
 
@@ -137,11 +155,20 @@ def build_generation(
         log_file = previous.log_file
     else:
         log_file = JSONLogFile(config.log_file, reactor) if config.log_file else None
+    breakers = Breakers(
+        config.breaker,
+        shared.circuits,
+        wall_clock=shared.wall_clock,
+        rng=shared.rng,
+        redis=shared_redis if config.breaker.shared else None,
+    )
     observers = Observers(
         [
             RecordPublishing(shared.records),
             MetricsCounting(shared.metrics),
             ReadinessFollowing(shared.readiness),
+            LoadFollowing(shared.load),
+            breakers,
             Alerting(notifier),
             # Last: a stop waiting for the last request goes on only once
             # its record is on its way.
@@ -149,17 +176,22 @@ def build_generation(
         ]
     )
     records = RecordMaker(config)
-    router = Router(config, shared.rng)
+    router = Router(config)
+    clients = UpstreamClients(
+        config.upstreams,
+        UpstreamClient(shared.agent, shared.fresh_agent, shared.pooled),
+        clock=reactor,
+        wall_clock=shared.wall_clock,
+    )
     forwarder = Forwarder(
         reactor,
-        shared.agent,
-        shared.fresh_agent,
+        clients,
         shared.cooperator,
         stream_idle_timeout=config.stream_idle_timeout,
         redactor=records.redactor,
         on_event=records.stream_observer,
+        on_attempt_started=observers.attempt_started,
         on_attempt=observers.attempt_finished,
-        pooled=shared.pooled,
     )
     pipeline = Pipeline(
         config,
@@ -170,12 +202,15 @@ def build_generation(
         wall_clock=shared.wall_clock,
         inspect=inspect_request,
         head_gates=builtin_head_gates(router),
+        own_answers=[ModelsAnswer(router, clients, shared.model_lists, reactor)],
+        candidate_filters=[Balancer(config, shared.load, shared.rng), breakers.order],
         observers=observers,
     )
     root = RootResource(
         ProxyResource(pipeline),
         metrics=MetricsResource(shared.metrics, config.metrics_key),
         ready=ReadyResource(shared.readiness.state),
+        routes=config.route_prefixes,
     )
     return Generation(
         config=config,
@@ -228,9 +263,10 @@ def _notify_section(config: Config) -> tuple[Any, ...]:
 
 
 def known_models(config: Config) -> list[str]:
-    """Model names worth their own metrics label."""
+    """Model names worth their own metrics label (client-facing: aliases too)."""
     names = [name for u in config.upstreams for name in u.allow if not name.startswith("/")]
-    return names + list(config.prices)
+    aliases = [alias for u in config.upstreams for alias in u.models]
+    return names + aliases + list(config.prices)
 
 
 def upstream_names(config: Config) -> list[str]:

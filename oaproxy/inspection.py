@@ -1,8 +1,9 @@
 """What routing needs from a request body: the model, the stream flag.
 
 The body is parsed once, and only when it is JSON held in memory; a
-per-upstream body (``stream_options.include_usage`` added) is made lazily,
-once, for the first upstream that wants it.
+per-upstream body (the upstream's own name for an aliased model,
+``stream_options.include_usage`` added) is made lazily, once for each
+distinct rewrite, for the first upstream that wants it.
 """
 
 from __future__ import annotations
@@ -93,11 +94,21 @@ def with_stream_usage(parsed: Mapping[str, Any]) -> bytes:
     kept); ``parsed`` is not modified.  The caller must send the new
     Content-Length.
     """
+    return rewritten_body(parsed, model=None, include_usage=True)
+
+
+def rewritten_body(parsed: Mapping[str, Any], *, model: str | None, include_usage: bool) -> bytes:
+    """The request body again, with ``model`` in place of the client's (when
+    given) and asking for usage in the stream (with ``include_usage``);
+    ``parsed`` is not modified."""
     body = dict(parsed)
-    stream_options = body.get("stream_options")
-    merged = dict(stream_options) if isinstance(stream_options, dict) else {}
-    merged["include_usage"] = True
-    body["stream_options"] = merged
+    if model is not None:
+        body["model"] = model
+    if include_usage:
+        stream_options = body.get("stream_options")
+        merged = dict(stream_options) if isinstance(stream_options, dict) else {}
+        merged["include_usage"] = True
+        body["stream_options"] = merged
     try:
         return json.dumps(body, separators=_COMPACT, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
@@ -113,7 +124,10 @@ class Inspected:
     # The client asked for usage itself, so the usage chunk is its own.
     include_usage: bool
     _fields: RequestFields = field(alias="fields", repr=False)
-    _with_usage: RequestBody | None = field(default=None, init=False, repr=False)
+    # Rewritten bodies, by (the upstream's model name, whether usage is added).
+    _rewritten: dict[tuple[str | None, bool], RequestBody] = field(
+        factory=dict, init=False, repr=False
+    )
 
     def asks_usage_for(self, upstream: Upstream) -> bool:
         """Whether oaproxy adds ``include_usage`` to this upstream's request."""
@@ -124,14 +138,20 @@ class Inspected:
             and self._fields.parsed is not None
         )
 
-    def body_for(self, upstream: Upstream) -> RequestBody:
-        if not self.asks_usage_for(upstream):
+    def body_for(self, upstream: Upstream, *, with_usage: bool = True) -> RequestBody:
+        """The body ``upstream`` is sent: with its own name for an aliased
+        model, and (``with_usage``) asking for usage when oaproxy does."""
+        parsed = self._fields.parsed
+        usage = with_usage and self.asks_usage_for(upstream)
+        alias = upstream.models.get(self.model) if self.model is not None else None
+        if parsed is None or (alias is None and not usage):
             return self.body
-        if self._with_usage is None:
-            assert self._fields.parsed is not None
-            data = with_stream_usage(self._fields.parsed)
-            self._with_usage = RequestBody(size=len(data), data=data)
-        return self._with_usage
+        key = (alias, usage)
+        body = self._rewritten.get(key)
+        if body is None:
+            data = rewritten_body(parsed, model=alias, include_usage=usage)
+            body = self._rewritten[key] = RequestBody(size=len(data), data=data)
+        return body
 
 
 def inspect_request(body: RequestBody, content_type: bytes | None) -> Inspected:

@@ -35,6 +35,7 @@ from prometheus_client.metrics_core import (
 )
 from twisted.logger import Logger
 
+from oaproxy.circuits import CircuitCollector, Circuits
 from oaproxy.record import Attempt, FailureKind, Outcome, Record
 
 __all__ = [
@@ -379,6 +380,12 @@ class Metrics:
             ["upstream"],
             registry=registry,
         )
+        self._prefix_requests = Counter(
+            "oaproxy_prefix_requests",
+            "Client requests by route prefix (none: /v1 itself) and final status class.",
+            ["prefix", "status_class"],
+            registry=registry,
+        )
         self._exhausted = Counter(
             "oaproxy_failover_exhausted",
             "Requests for which every candidate upstream failed.",
@@ -480,9 +487,15 @@ class Metrics:
             self.log.failure("Could not count record {record_id} in metrics", record_id=record.id)
 
     def _count_record(self, record: Record) -> None:
-        route = route_label(record.path)
+        path = record.path
+        if record.route is not None and path.startswith(record.route):
+            # The API route under the prefix; the prefix has its own counter.
+            path = path[len(record.route) :]
+        route = route_label(path)
         upstream = self.upstream_label(record.upstream)
         self._requests.labels(route, status_class(record.status), upstream).inc()
+        # Only configured prefixes are ever a record's route: the label is bounded.
+        self._prefix_requests.labels(record.route or NONE, status_class(record.status)).inc()
 
         # The reactor's clock is the wall clock: a step back makes a time negative.
         if record.duration >= 0:
@@ -523,6 +536,10 @@ class Metrics:
         channel = channel if channel in ALERT_CHANNELS else OTHER
         result = result if result in ALERT_RESULTS else OTHER
         self._alerts.labels(channel, result).inc()
+
+    def add_circuits(self, circuits: Circuits) -> None:
+        """Expose each configured upstream's circuit as ``oaproxy_upstream_state``."""
+        self.registry.register(CircuitCollector(circuits, lambda: sorted(self._upstreams)))
 
     def add_sink(self, name: str, sink: SinkStats) -> None:
         """Expose a record sink's counters, read at each scrape, as

@@ -129,6 +129,11 @@ class Record:
     truncated: tuple[str, ...]
     usage: Usage | None
     cost: float | None
+    #: The route prefix the request came under ("/ollama"); None for /v1.
+    route: str | None = None
+    #: The model name the answering upstream was sent: ``model``, or what an
+    #: alias stands for there.
+    upstream_model: str | None = None
 
 
 def record_document(record: Record) -> JSONObject:
@@ -178,6 +183,8 @@ def record_document(record: Record) -> JSONObject:
             "total_tokens": usage.total_tokens,
         },
         "cost": record.cost,
+        "route": record.route,
+        "upstream_model": record.upstream_model,
     }
 
 
@@ -232,6 +239,9 @@ def record_from_document(document: object) -> Record:
         truncated=_texts(fields.get("truncated", list)),
         usage=_usage(fields.optional("usage", dict)),
         cost=fields.optional_number("cost"),
+        # Added later: records stored before them have neither.
+        route=fields.later_text("route"),
+        upstream_model=fields.later_text("upstream_model"),
     )
 
 
@@ -274,6 +284,10 @@ class _Fields:
     def optional_text(self, key: str) -> str | None:
         value: str | None = self.optional(key, str)
         return value
+
+    def later_text(self, key: str) -> str | None:
+        """Text of a key added to the schema later: absent means None."""
+        return self.optional_text(key) if key in self._document else None
 
     def integer(self, key: str) -> int:
         value: int = self.get(key, int)

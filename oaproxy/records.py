@@ -141,6 +141,8 @@ class RecordMaker:
             truncated=tuple(truncated),
             usage=usage,
             cost=cost(usage, self._prices.get(model or "")),
+            route=call.route,
+            upstream_model=exchange.upstream_model,
         )
 
     def _answer(self, exchange: Exchange) -> CapturedResponse:

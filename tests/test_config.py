@@ -15,15 +15,18 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.config import (
     DEFAULT_LISTEN,
+    BreakerConfig,
     ClientKey,
     Config,
     ConfigError,
     FeishuConfig,
+    LbPolicy,
     MatrixConfig,
     NotifyConfig,
     Price,
     RecordsPolicy,
     Upstream,
+    UpstreamType,
     all_client_keys,
     check_listeners,
     is_loopback_endpoint,
@@ -184,6 +187,9 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(config.records, RecordsPolicy())
         self.assertEqual(config.notify, NotifyConfig(None, None, 60.0, 10.0))
         self.assertEqual(dict(config.prices), {})
+        self.assertEqual(config.breaker, BreakerConfig(failures=5, cooldown=30.0, shared=False))
+        self.assertEqual(dict(config.routes), {})
+        self.assertEqual(config.disabled_upstreams, ())
 
     def test_records_defaults(self) -> None:
         self.assertEqual(
@@ -210,7 +216,7 @@ class DefaultsTests(SynchronousTestCase):
                 name="api.openai.com",
                 endpoint="https://api.openai.com/v1",
                 sk=None,
-                type="openai",
+                type=UpstreamType.OPENAI,
                 timeout=120.0,
                 stream_timeout=10.0,
                 allow=(),
@@ -359,7 +365,7 @@ class DefaultsTests(SynchronousTestCase):
                     name="main",
                     endpoint="https://api.openai.com/v1",
                     sk="sk-1",
-                    type="openai",
+                    type=UpstreamType.OPENAI,
                     timeout=30.0,
                     stream_timeout=3.0,
                     allow=("gpt-4o-mini", "/v1/audio/transcriptions"),
@@ -443,14 +449,16 @@ class OpenAIApiRouteSampleTests(Helpers):
         )
 
     def test_readme_sample_with_replicate(self) -> None:
-        text = OAR_SAMPLE + OAR_REPLICATE
-        line = text.splitlines().index("    type: replicate") + 1
-        self.assertEqual(line, 38)
-        error = self.fails(text, 38, "upstreams[3].type", "type 'replicate' is not supported yet")
-        self.assertEqual(
-            str(error),
-            f"{PATH}:38: upstreams[3].type: type 'replicate' is not supported yet",
-        )
+        """openai-api-route's replicate upstream, without an endpoint, goes to
+        Replicate's API with its key and allow list."""
+        config = parse(OAR_SAMPLE + OAR_REPLICATE)
+        replicate = config.upstreams[3]
+        self.assertEqual(replicate.type, UpstreamType.REPLICATE)
+        self.assertEqual(replicate.endpoint, "https://api.replicate.com/v1")
+        self.assertEqual(replicate.name, "api.replicate.com")
+        self.assertEqual(replicate.sk, "key_for_replicate")
+        self.assertEqual(replicate.allow, ("mistralai/mixtral-8x7b-instruct-v0.1",))
+        self.assertFalse(replicate.stream_usage)
 
     def test_complex_sample(self) -> None:
         config = parse(OAR_COMPLEX)
@@ -1213,16 +1221,19 @@ class UpstreamTests(Helpers):
             "upstreams:\n  - endpoint: http://a\n    type: azure\n",
             3,
             "upstreams[0].type",
-            "unknown type 'azure'; expected one of: openai",
+            "unknown type 'azure'; expected one of: openai, replicate, echo",
         )
 
     def test_replicate(self) -> None:
-        self.fails(
-            "upstreams:\n  - endpoint: http://a\n  - type: replicate\n",
-            3,
-            "upstreams[1].type",
-            "type 'replicate' is not supported yet",
+        """A replicate upstream's endpoint defaults to Replicate's API, and may be set."""
+        config = parse(
+            "upstreams:\n  - type: replicate\n  - {type: replicate, endpoint: 'http://r.test/v1'}\n"
         )
+        self.assertEqual(
+            [u.endpoint for u in config.upstreams],
+            ["https://api.replicate.com/v1", "http://r.test/v1"],
+        )
+        self.assertEqual([u.name for u in config.upstreams], ["api.replicate.com", "r.test"])
 
     def test_upstreams_missing(self) -> None:
         error = self.fails("timeout: 1\n", None, "upstreams", "no upstreams are configured")
@@ -1311,21 +1322,20 @@ class UpstreamNameTests(Helpers):
 
 
 class PolicyTests(Helpers):
-    def test_lb_policy_later(self) -> None:
-        for policy in ("round_robin", "weighted", "least_latency"):
-            self.fails(
-                f"lb_policy: {policy}\n" + MINIMAL,
-                1,
-                "lb_policy",
-                f"'{policy}' is not supported yet",
-            )
+    def test_lb_policies(self) -> None:
+        """Every balancing policy of the issue loads, as its enum member."""
+        for policy in LbPolicy:
+            config = parse(f"lb_policy: {policy.value}\n" + MINIMAL)
+            self.assertIs(config.lb_policy, policy)
+            self.assertEqual(config.lb_policy, policy.value)
 
     def test_lb_policy_unknown(self) -> None:
         self.fails(
             "lb_policy: fastest\n" + MINIMAL,
             1,
             "lb_policy",
-            "unknown value 'fastest'; expected one of: order, random",
+            "unknown value 'fastest'; expected one of: order, random, round_robin, weighted,"
+            " least_latency, least_busy",
         )
 
     def test_dbtype(self) -> None:

@@ -73,11 +73,16 @@ class HappyPathTests(EndToEndCase):
         self.assertEqual(len(proxy.records.seen), 3)
         self.assertNotIn(CLIENT_KEY, json.dumps(proxy.records.seen))
         self.assertNotIn(SK_MAIN, json.dumps(proxy.records.seen))
+        forwarded, listed = fake.requests[:2], fake.requests[2]
+        # The models list is oaproxy's own request, on behalf of no one client.
+        self.assertEqual((listed.method, listed.path), (b"GET", b"/v1/models"))
+        self.assertIsNone(listed.headers.getRawHeaders(b"x-forwarded-for"))
         for seen in fake.requests:
             self.assertEqual(
                 seen.headers.getRawHeaders(b"authorization"), [b"Bearer " + SK_MAIN.encode()]
             )
-            self.assertEqual(seen.headers.getRawHeaders(b"x-forwarded-for"), [b"127.0.0.1"])
+            if seen in forwarded:
+                self.assertEqual(seen.headers.getRawHeaders(b"x-forwarded-for"), [b"127.0.0.1"])
             for name, values in seen.headers.getAllRawHeaders():
                 for value in values:
                     self.assertNotIn(CLIENT_KEY.encode(), value, name)

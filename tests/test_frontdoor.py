@@ -9,7 +9,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy import config as config_module
-from oaproxy.config import load_config
+from oaproxy.config import UpstreamType, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,10 +26,12 @@ def _readme_commands() -> list[str]:
 
 class ReadmeTests(SynchronousTestCase):
     def test_opens_with_two_commands(self) -> None:
+        """The first runs the sample config as it is (no key: the echo
+        upstream answers); the second runs the tests."""
         run, test = _readme_commands()
         self.assertIn("pip install .", run)
         self.assertIn("twistd -n oaproxy --config etc/config.yaml", run)
-        self.assertIn("OPENAI_API_KEY=", run)
+        self.assertNotIn("OPENAI_API_KEY", run)
         self.assertIn("'.[test]'", test)
         self.assertIn("-m twisted.trial tests", test)
 
@@ -44,10 +46,22 @@ class ReadmeTests(SynchronousTestCase):
 
 class SampleConfigTests(SynchronousTestCase):
     def test_loads(self) -> None:
+        """With OPENAI_API_KEY the sample config is OpenAI alone, echo left out."""
         config = load_config(str(ROOT / "etc/config.yaml"), {"OPENAI_API_KEY": "sk-test"})
         self.assertEqual(config.listen, ("tcp:8888:interface=127.0.0.1",))
         self.assertEqual([u.name for u in config.upstreams], ["openai"])
         self.assertEqual(config.upstreams[0].endpoint, "https://api.openai.com/v1")
+        self.assertEqual(config.upstreams[0].sk, "sk-test")
+        self.assertEqual([u.name for u in config.disabled_upstreams], ["echo"])
+
+    def test_loads_without_a_key(self) -> None:
+        """Without OPENAI_API_KEY (unset or empty) the echo upstream answers alone."""
+        for environ in ({}, {"OPENAI_API_KEY": ""}):
+            config = load_config(str(ROOT / "etc/config.yaml"), environ)
+            self.assertEqual(
+                [(u.name, u.type) for u in config.upstreams], [("echo", UpstreamType.ECHO)]
+            )
+            self.assertEqual([u.name for u in config.disabled_upstreams], ["openai"])
 
     def test_shows_every_option(self) -> None:
         """Each key the loader knows appears in etc/config.yaml, set or commented."""

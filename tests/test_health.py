@@ -8,6 +8,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from oaproxy.circuits import Circuits
 from oaproxy.health import FAILING_AFTER, Readiness
 from oaproxy.record import Attempt, FailureKind
 from tests.records import attempt, record
@@ -20,7 +21,7 @@ class Sink:
 class ReadinessTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.readiness = Readiness(cast(IReactorTime, self.clock))
+        self.readiness = Readiness(cast(IReactorTime, self.clock), Circuits(self.clock))
         self.readiness.configure(["alpha", "beta"], {"file": Sink()})
 
     def tried(self, *attempts: Attempt) -> None:

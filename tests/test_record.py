@@ -71,6 +71,8 @@ FIELDS = [
     "truncated",
     "usage",
     "cost",
+    "route",
+    "upstream_model",
 ]
 
 
@@ -175,7 +177,11 @@ class DocumentTests(SynchronousTestCase):
         )
         self.assertEqual((rec.outcome, rec.usage), (Outcome.OK, Usage(12, 7, 19)))
         self.assertEqual(rec.response_text, "Bonjour ✓")
-        self.assertEqual(encode_record(rec), OLD_SPOOL_LINE)
+        self.assertEqual((rec.route, rec.upstream_model), (None, None))
+        # Stored again, it has the fields added since, as null.
+        self.assertEqual(
+            encode_record(rec), OLD_SPOOL_LINE[:-1] + b',"route":null,"upstream_model":null}'
+        )
 
     def test_lone_surrogate(self) -> None:
         """Text with a lone surrogate is stored as an escape, not refused."""

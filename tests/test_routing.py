@@ -1,10 +1,9 @@
-"""Tests for oaproxy.routing: client keys, allow/deny, key scopes, lb_policy."""
+"""Tests for oaproxy.routing: client keys, allow/deny, key scopes, routes, aliases."""
 
 from __future__ import annotations
 
 import hmac
 import json
-import random
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -282,36 +281,14 @@ upstreams:
 class OrderTests(SynchronousTestCase):
     UPSTREAMS = "".join(f"  - {{name: u{i}, endpoint: https://u{i}.test/v1}}\n" for i in range(6))
 
-    def test_order_policy_keeps_config_order(self) -> None:
+    def test_candidates_in_config_order(self) -> None:
+        """The router keeps the config's order: the balancing policy is a
+        candidate filter of its own (tests/test_balancing.py)."""
         router = Router(make_config("upstreams:\n" + self.UPSTREAMS))
         for _ in range(3):
             self.assertEqual(
                 names(router.candidates(Caller(None), "m", "/v1/x")), [f"u{i}" for i in range(6)]
             )
-
-    def test_random_policy_uses_the_given_rng(self) -> None:
-        config = make_config("lb_policy: random\nupstreams:\n" + self.UPSTREAMS)
-        router = Router(config, random.Random(1234))
-        expected_rng = random.Random(1234)
-        seen = set()
-        for _ in range(5):
-            expected = [f"u{i}" for i in range(6)]
-            expected_rng.shuffle(expected)
-            got = names(router.candidates(Caller(None), "m", "/v1/x"))
-            self.assertEqual(got, expected)
-            seen.add(tuple(got))
-        # The shuffle really shuffles: five draws are not all one order.
-        self.assertGreater(len(seen), 1)
-
-    def test_random_policy_only_orders_the_usable(self) -> None:
-        config = make_config(
-            "lb_policy: random\nupstreams:\n"
-            + self.UPSTREAMS
-            + "  - {name: other, endpoint: https://x.test/v1, allow: [n]}\n"
-        )
-        for seed in range(10):
-            got = names(Router(config, random.Random(seed)).candidates(Caller(None), "m", "/v1/x"))
-            self.assertEqual(sorted(got), [f"u{i}" for i in range(6)])
 
 
 class ServesTests(SynchronousTestCase):

@@ -14,8 +14,9 @@ from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyChannel
 
+from oaproxy.paths import RequestPath, request_path
 from oaproxy.relay import BytesProducer
-from oaproxy.web import IN_MEMORY_BODY, ProxyRequest, route_path
+from oaproxy.web import IN_MEMORY_BODY, ProxyRequest
 from tests.support import Harness, Reply
 
 CONFIG = """
@@ -229,18 +230,18 @@ class ResourceTreeTests(SynchronousTestCase):
         )
 
     def test_query_and_bodiless_get(self) -> None:
-        client = self.h.request(b"GET", b"/v1/models?limit=2&after=x", header_lines=[AUTH])
+        client = self.h.request(b"GET", b"/v1/files?limit=2&after=x", header_lines=[AUTH])
         call = self.h.agent.only()
         self.assertEqual(
             (call.method, call.uri, call.producer),
-            (b"GET", b"https://a.test/v1/models?limit=2&after=x", None),
+            (b"GET", b"https://a.test/v1/files?limit=2&after=x", None),
         )
         call.respond(200, body=b'{"data":[]}')
         self.assertEqual(client.reply().body, b'{"data":[]}')
         record = self.h.record()
         self.assertEqual(
             (record["path"], record["model"], record["method"], record["key_name"]),
-            ("/v1/models?limit=2&after=x", None, "GET", "alice"),
+            ("/v1/files?limit=2&after=x", None, "GET", "alice"),
         )
 
     def test_204_from_upstream_has_no_length(self) -> None:
@@ -591,17 +592,48 @@ upstreams:
 """
 
     def test_route_path(self) -> None:
-        self.assertEqual(route_path(b"/v1/models?limit=2"), "/v1/models")
-        self.assertEqual(route_path(b"/v1//files/"), "/v1/files")
-        self.assertEqual(route_path(b"/v1/%66iles"), "/v1/files")
-        self.assertEqual(route_path(b"/v1"), "/v1")
-        self.assertIsNone(route_path(b"/v1/../admin"))
-        self.assertIsNone(route_path(b"/v1/files/%2e%2e/x"))
-        self.assertIsNone(route_path(b"/v1/./models"))
+        """The API path is decoded and without empty segments; paths that
+        climb or spell /v1 with escapes are none."""
+
+        def api_path(uri: bytes) -> str | None:
+            where = request_path(uri)
+            return None if where is None else where.api_path
+
+        self.assertEqual(api_path(b"/v1/models?limit=2"), "/v1/models")
+        self.assertEqual(api_path(b"/v1//files/"), "/v1/files")
+        self.assertEqual(api_path(b"/v1/%66iles"), "/v1/files")
+        self.assertEqual(api_path(b"/v1"), "/v1")
+        self.assertIsNone(api_path(b"/v1/../admin"))
+        self.assertIsNone(api_path(b"/v1/files/%2e%2e/x"))
+        self.assertIsNone(api_path(b"/v1/./models"))
         # The upstream URL is endpoint + the raw bytes after "/v1".
-        self.assertIsNone(route_path(b"/%761/chat/completions"))
-        self.assertIsNone(route_path(b"/v%31/models"))
-        self.assertIsNone(route_path(b"/v1x/models"))
+        self.assertIsNone(api_path(b"/%761/chat/completions"))
+        self.assertIsNone(api_path(b"/v%31/models"))
+        self.assertIsNone(api_path(b"/v1x/models"))
+
+    def test_route_prefix_path(self) -> None:
+        """Under a route prefix the same rules hold for what follows it."""
+        routes = ["/ollama", "/team/a"]
+        self.assertEqual(
+            request_path(b"/ollama/v1/chat/completions?x=1", routes),
+            RequestPath("/ollama", "/v1/chat/completions", b"/chat/completions?x=1"),
+        )
+        self.assertEqual(
+            request_path(b"/team/a/v1//files", routes),
+            RequestPath("/team/a", "/v1/files", b"//files"),
+        )
+        self.assertEqual(
+            request_path(b"/v1/models", routes), RequestPath(None, "/v1/models", b"/models")
+        )
+        for uri in (
+            b"/ollama/v1/../x",
+            b"/ollama/%761/models",
+            b"/%6Fllama/v1/models",
+            b"/ollama/v1x",
+            b"/other/v1/models",
+            b"/ollama",
+        ):
+            self.assertIsNone(request_path(uri, routes), uri)
 
     def test_encoded_v1_never_reaches_an_upstream(self) -> None:
         for path in (b"/%761/chat/completions", b"/v%31/chat/completions", b"/%76%31/models"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,9 +21,19 @@ from attrs import frozen
 
 from oaproxy.config.errors import ConfigError
 from oaproxy.config.listen import check_listeners
-from oaproxy.config.model import POSTGRES, ClientKey, Config, Upstream, key_fingerprint
-from oaproxy.config.nodes import Item, NodeReader, read_document
-from oaproxy.config.schema import read_settings, section_items
+from oaproxy.config.model import (
+    POSTGRES,
+    REPLICATE_ENDPOINT,
+    ClientKey,
+    Config,
+    RouteSettings,
+    Upstream,
+    UpstreamType,
+    key_fingerprint,
+)
+from oaproxy.config.nodes import Item, NodeReader, child_key, read_document
+from oaproxy.config.schema import read_section, read_settings, section_items
+from oaproxy.config.values import checked_route
 
 __all__ = ["load_config", "parse_config"]
 
@@ -101,7 +112,7 @@ def _config(nodes: NodeReader, root: Item) -> Config:
     inherited = {
         name: values.get(name, _default(Config, name)) for name in ("timeout", "stream_timeout")
     }
-    upstreams = tuple(
+    every_upstream = [
         Upstream(
             **{
                 **inherited,
@@ -111,9 +122,25 @@ def _config(nodes: NodeReader, root: Item) -> Config:
             }
         )
         for p, name in zip(parsed, _upstream_names(nodes, parsed))
-    )
+    ]
+    upstreams = tuple(u for u in every_upstream if u.enabled)
+    if not upstreams:
+        nodes.fail("upstreams", items["upstreams"].line, "every upstream has enabled: false")
+    if "routes" in items:
+        values["routes"] = _routes(nodes, items["routes"], {u.route for u in every_upstream})
+    breaker = values.get("breaker")
+    if breaker is not None and breaker.shared and not values.get("redis"):
+        nodes.fail(
+            "breaker.shared",
+            items["breaker"].line,
+            "shared breakers keep their state in the top-level redis:, which is not set",
+        )
     config = Config(
-        path=nodes.path, keys=client_keys(global_keys or []), upstreams=upstreams, **values
+        path=nodes.path,
+        keys=client_keys(global_keys or []),
+        upstreams=upstreams,
+        disabled_upstreams=tuple(u for u in every_upstream if not u.enabled),
+        **values,
     )
     listen_item = items.get("listen")
     if listen_item is None:
@@ -241,8 +268,36 @@ def _upstream_items(nodes: NodeReader, item: Item | None) -> list[Item]:
 def _upstream(nodes: NodeReader, item: Item) -> _ParsedUpstream:
     items = section_items(nodes, item, Upstream, "an upstream mapping")
     values = read_settings(nodes, item, items, Upstream)
+    kind = values.get("type", UpstreamType.OPENAI)
+    if kind is UpstreamType.ECHO:
+        # Given, they would say the answers come from somewhere: they do not.
+        for key in ("endpoint", "sk"):
+            if key in values:
+                nodes.fail(
+                    items[key].key,
+                    items[key].line,
+                    f"an echo upstream answers by itself: it has no {key}",
+                )
+    elif "endpoint" not in values:
+        if kind is not UpstreamType.REPLICATE:
+            # Absent, the mapping is what lacks it; null, the key itself.
+            given = items.get("endpoint")
+            line = item.line if given is None else given.line
+            nodes.fail(child_key(item.key, "endpoint"), line, "upstream has no endpoint")
+        values["endpoint"] = REPLICATE_ENDPOINT
     keys = _raw_keys(nodes, items["keys"], scoped=True) if "keys" in items else None
     return _ParsedUpstream(values, items, keys, item.line)
+
+
+def _routes(nodes: NodeReader, item: Item, served: set[str | None]) -> Mapping[str, RouteSettings]:
+    """``routes:``, each prefix checked and served by some upstream."""
+    result = {}
+    for prefix, entry in nodes.entries(item, "a mapping of route prefixes to their settings"):
+        route = checked_route(nodes, entry, prefix)
+        if route not in served:
+            nodes.fail(entry.key, entry.line, f"no upstream has route: {route}")
+        result[route] = read_section(nodes, entry, RouteSettings, "a mapping of route settings")
+    return MappingProxyType(result)
 
 
 def _upstream_names(nodes: NodeReader, parsed: Sequence[_ParsedUpstream]) -> list[str]:
@@ -262,8 +317,9 @@ def _upstream_names(nodes: NodeReader, parsed: Sequence[_ParsedUpstream]) -> lis
     for p in parsed:
         name = p.values.get("name")
         if name is None:
+            endpoint = p.values.get("endpoint")
             # netloc keeps an explicit port and IPv6 brackets; drop userinfo.
-            base = urlsplit(p.values["endpoint"]).netloc.rpartition("@")[2].lower()
+            base = urlsplit(endpoint).netloc.rpartition("@")[2].lower() if endpoint else "echo"
             name, n = base, 1
             while name in used:
                 n += 1

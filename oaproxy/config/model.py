@@ -8,6 +8,7 @@ on other settings (upstream names, keys and inherited timeouts).
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import ipaddress
 import socket
@@ -19,12 +20,14 @@ from attrs import field, frozen
 from oaproxy.config.listen import listen_addresses
 from oaproxy.config.schema import named_sections, read, read_by_loader, section
 from oaproxy.config.values import (
+    aliases,
     boolean,
     deadline,
     endpoint_url,
     homeserver_url,
     http_url,
     integer,
+    member_of,
     networks,
     non_negative,
     number,
@@ -32,6 +35,7 @@ from oaproxy.config.values import (
     optional_text,
     redis_url,
     rotation,
+    route_prefix,
     strings,
     text,
 )
@@ -49,11 +53,35 @@ DBTYPES = (SQLITE, POSTGRES)
 #: The dbtype that keeps no SQL record store.
 NO_DATABASE = "none"
 
-OPENAI = "openai"
-UPSTREAM_TYPES = (OPENAI,)
-_LATER_UPSTREAM_TYPES = ("replicate",)
-LB_POLICIES = ("order", "random")
-_LATER_LB_POLICIES = ("round_robin", "weighted", "least_latency")
+
+class Word(str, enum.Enum):
+    """An enum whose members are the words the file gives, and read as them."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class UpstreamType(Word):
+    OPENAI = "openai"
+    #: Chat completions translated to Replicate's predictions.
+    REPLICATE = "replicate"
+    #: Built in: answers locally, without network or key.
+    ECHO = "echo"
+
+
+#: Where a replicate upstream without an endpoint goes.
+REPLICATE_ENDPOINT = "https://api.replicate.com/v1"
+
+
+class LbPolicy(Word):
+    """How the upstreams that may serve a request are ordered."""
+
+    ORDER = "order"
+    RANDOM = "random"
+    ROUND_ROBIN = "round_robin"
+    WEIGHTED = "weighted"
+    LEAST_LATENCY = "least_latency"
+    LEAST_BUSY = "least_busy"
 
 
 def key_fingerprint(secret: str) -> str:
@@ -83,15 +111,15 @@ class Price:
 
 @frozen(kw_only=True)
 class Upstream:
-    # The type first: openai-api-route's replicate upstreams have no
-    # endpoint, and "not supported yet" is the message that helps there.
-    type: str = field(
-        default=OPENAI,
-        metadata=read(one_of(UPSTREAM_TYPES, _LATER_UPSTREAM_TYPES, noun="type")),
+    # The type first: whether an endpoint is needed depends on it.
+    type: UpstreamType = field(
+        default=UpstreamType.OPENAI, metadata=read(member_of(UpstreamType, noun="type"))
     )
-    endpoint: str = field(metadata=read(endpoint_url, missing="upstream has no endpoint"))
+    # Required for openai; replicate's default is REPLICATE_ENDPOINT; echo
+    # has none (set by the loader).
+    endpoint: str | None = field(default=None, metadata=read(endpoint_url))
     # Default (set by the loader, as defaults must differ): the endpoint's
-    # host (host:port), made unique with "#2"…
+    # host (host:port), or "echo", made unique with "#2"…
     name: str = field(metadata=read(text))
     # None = no Authorization; "asis" = the client's.
     sk: str | None = field(default=None, repr=False, metadata=read(optional_text))
@@ -108,11 +136,48 @@ class Upstream:
     keep_header: bool = field(default=False, metadata=read(boolean))
     weight: float = field(default=1.0, metadata=read(number))
     stream_usage: bool = field(metadata=read(boolean))
+    # None: serves /v1/*; "/ollama": serves /ollama/v1/* only.
+    route: str | None = field(default=None, metadata=read(route_prefix))
+    # Tried only after every other candidate.
+    backup: bool = field(default=False, metadata=read(boolean))
+    # Client-facing model name -> this upstream's own name for it.
+    models: Mapping[str, str] = field(default=MappingProxyType({}), metadata=read(aliases))
+    # False: configured, but left out (the loader keeps it aside).
+    enabled: bool = field(default=True, metadata=read(boolean))
 
     @stream_usage.default
     def _stream_usage_default(self) -> bool:
-        # Asking for usage in the stream is an OpenAI API option.
-        return self.type == OPENAI
+        # Asking for usage in the stream is an OpenAI API option (echo has it too).
+        return self.type in (UpstreamType.OPENAI, UpstreamType.ECHO)
+
+    def url(self, upstream_path: bytes) -> bytes:
+        """Where an API path (the part after ``/v1``) goes on this upstream;
+        an echo upstream, which has no endpoint, takes the path alone."""
+        return (self.endpoint or "").encode("utf-8") + upstream_path
+
+    def upstream_model(self, model: str | None) -> str | None:
+        """This upstream's own name for the client's ``model``."""
+        return self.models.get(model, model) if model is not None else None
+
+
+@frozen
+class BreakerConfig:
+    """When an upstream's circuit opens, and where its state is kept."""
+
+    # Consecutive failed attempts that open the circuit.
+    failures: int = field(default=5, metadata=read(integer))
+    # Seconds before one probe request is let through (half-open).
+    cooldown: float = field(default=30.0, metadata=read(number))
+    # True: kept in the top-level redis:, seen by every process.
+    shared: bool = field(default=False, metadata=read(boolean))
+
+
+@frozen
+class RouteSettings:
+    """What a route prefix does differently from ``/v1``."""
+
+    # None: the top-level lb_policy.
+    lb_policy: LbPolicy | None = field(default=None, metadata=read(member_of(LbPolicy)))
 
 
 @frozen
@@ -169,7 +234,15 @@ class Config:
     timeout: float = field(default=120.0, metadata=read(deadline))
     stream_timeout: float = field(default=10.0, metadata=read(deadline))
     stream_idle_timeout: float = field(default=120.0, metadata=read(number))
-    lb_policy: str = field(default="order", metadata=read(one_of(LB_POLICIES, _LATER_LB_POLICIES)))
+    lb_policy: LbPolicy = field(default=LbPolicy.ORDER, metadata=read(member_of(LbPolicy)))
+    breaker: BreakerConfig = field(
+        factory=BreakerConfig,
+        metadata=section(BreakerConfig, "a mapping of circuit breaker settings"),
+    )
+    # Route prefix -> its settings, read-only; every prefix is some upstream's route.
+    routes: Mapping[str, RouteSettings] = field(
+        default=MappingProxyType({}), metadata=read_by_loader(section=RouteSettings)
+    )
     dbtype: str = field(default=SQLITE, metadata=read(one_of((*DBTYPES, NO_DATABASE))))
     # A file, or for postgres a DSN, which may hold a password.
     dbaddr: str = field(default="./db.sqlite", repr=False, metadata=read_by_loader())
@@ -196,6 +269,20 @@ class Config:
         ),
     )
     upstreams: tuple[Upstream, ...] = field(metadata=read_by_loader(section=Upstream))
+    # The upstreams given with ``enabled: false``; not a key.
+    disabled_upstreams: tuple[Upstream, ...] = ()
+
+    def lb_policy_for(self, route: str | None) -> LbPolicy:
+        """The balancing policy of a route prefix (None: ``/v1`` itself)."""
+        settings = self.routes.get(route) if route is not None else None
+        if settings is not None and settings.lb_policy is not None:
+            return settings.lb_policy
+        return self.lb_policy
+
+    @property
+    def route_prefixes(self) -> frozenset[str]:
+        """The route prefixes some upstream serves."""
+        return frozenset(u.route for u in self.upstreams if u.route is not None)
 
 
 def all_client_keys(config: Config) -> tuple[ClientKey, ...]:

@@ -8,11 +8,13 @@ applies, as for a key left out.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import math
 import re
-from collections.abc import Callable, Sequence
-from typing import Any, TypeAlias
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
 from oaproxy.config.nodes import (
@@ -26,6 +28,7 @@ from oaproxy.config.nodes import (
 )
 
 Reader: TypeAlias = Callable[[NodeReader, Item], Any]
+_E = TypeVar("_E", bound=enum.Enum)
 
 _TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
 _FALSE_WORDS = frozenset({"false", "no", "off", "0"})
@@ -124,16 +127,12 @@ def strings(nodes: NodeReader, item: Item) -> tuple[str, ...]:
     )
 
 
-def one_of(allowed: Sequence[str], later: Sequence[str] = (), noun: str | None = None) -> Reader:
-    """A reader of one of the words ``allowed``.  Words in ``later`` are
-    known but not built yet, and say so.  ``noun`` names the setting in the
-    messages ("unknown type 'x'"); without it they say "value"."""
+def one_of(allowed: Sequence[str], noun: str | None = None) -> Reader:
+    """A reader of one of the words ``allowed``.  ``noun`` names the setting
+    in the messages ("unknown type 'x'"); without it they say "value"."""
 
     def choice(nodes: NodeReader, item: Item) -> str:
         value = nodes.required_string(item).strip()
-        said = repr(value) if noun is None else f"{noun} {value!r}"
-        if value in later:
-            nodes.fail(item.key, item.line, f"{said} is not supported yet")
         if value not in allowed:
             nodes.fail(
                 item.key,
@@ -141,6 +140,16 @@ def one_of(allowed: Sequence[str], later: Sequence[str] = (), noun: str | None =
                 f"unknown {noun or 'value'} {value!r}; expected one of: {', '.join(allowed)}",
             )
         return value
+
+    return choice
+
+
+def member_of(kind: type[_E], noun: str | None = None) -> Reader:
+    """A reader of one member of the enum ``kind``, given by its value."""
+    word = one_of([member.value for member in kind], noun)
+
+    def choice(nodes: NodeReader, item: Item) -> _E:
+        return kind(word(nodes, item))
 
     return choice
 
@@ -237,3 +246,43 @@ def rotation(nodes: NodeReader, item: Item) -> str:
     except ValueError as e:
         nodes.fail(item.key, item.line, f"expected 'daily' or a size: {e}")
     return value
+
+
+# A route is one or more plain path segments; these first segments are taken.
+_ROUTE_SEGMENT = re.compile(r"[A-Za-z0-9._~-]+\Z")
+RESERVED_ROOTS = frozenset({"v1", "metrics", "healthz", "readyz", "admin"})
+
+
+def route_prefix(nodes: NodeReader, item: Item) -> str:
+    """A route prefix such as ``/ollama``: plain path segments, without a
+    trailing ``/``, not starting with a path oaproxy serves itself."""
+    return checked_route(nodes, item, text(nodes, item))
+
+
+def checked_route(nodes: NodeReader, item: Item, value: str) -> str:
+    """``value`` as a route prefix, or a failure at ``item``."""
+    segments = value.rstrip("/").split("/")
+    if (
+        not value.startswith("/")
+        or len(segments) < 2
+        or not all(_ROUTE_SEGMENT.match(s) and s not in (".", "..") for s in segments[1:])
+    ):
+        nodes.fail(
+            item.key,
+            item.line,
+            "a route is a path such as /ollama: '/' and segments of letters, digits, "
+            "'.', '_', '~' or '-'",
+        )
+    if segments[1] in RESERVED_ROOTS:
+        nodes.fail(item.key, item.line, f"/{segments[1]} is a path oaproxy serves itself")
+    return "/".join(segments)
+
+
+def aliases(nodes: NodeReader, item: Item) -> Mapping[str, str]:
+    """``{client-facing model name: the upstream's own name}``."""
+    result = {}
+    for name, value in nodes.entries(item, "a mapping of model names to the upstream's names"):
+        if not name.strip() or name.startswith("/"):
+            nodes.fail(value.key, value.line, "an alias is a model name, not empty nor a path")
+        result[name.strip()] = text(nodes, value)
+    return MappingProxyType(result)
