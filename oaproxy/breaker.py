@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from attrs import define, field
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -226,10 +226,14 @@ class Breakers(Observer):
             return arranged(ready, opened)
 
         def unavailable(failure: Failure) -> list[Upstream]:
+            # The client went away: nothing to order, nor to say of Redis.
+            if failure.check(CancelledError):
+                failure.raiseException()
             self._redis_failed(failure)
             return self._order_here(exchange, candidates)
 
-        return d.addCallbacks(ordered, unavailable)
+        # A reply of the wrong shape is handled like no reply.
+        return d.addCallback(ordered).addErrback(unavailable)
 
     def _order_here(self, exchange: Exchange, candidates: list[Upstream]) -> list[Upstream]:
         ready: list[Upstream] = []
@@ -316,7 +320,9 @@ class Breakers(Observer):
                 why=why,
             )
 
-        self._redis.run(FAILURE, [self._key(name)], arguments).addCallbacks(counted, unavailable)
+        self._redis.run(FAILURE, [self._key(name)], arguments).addCallback(counted).addErrback(
+            unavailable
+        )
 
     def _answered(self, name: str) -> None:
         view = self._circuits.view(name)
@@ -337,9 +343,9 @@ class Breakers(Observer):
             self._redis_failed(failure)
             self._circuits.succeeded(name)
 
-        self._redis.run(SUCCESS, [self._key(name)], [self._circuits.now()]).addCallbacks(
-            closed, unavailable
-        )
+        self._redis.run(SUCCESS, [self._key(name)], [self._circuits.now()]).addCallback(
+            closed
+        ).addErrback(unavailable)
 
     # -- shared state ----------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from oaproxy.config import Upstream
+from oaproxy.credentials import REDACTED, bearer_token
 from oaproxy.localanswer import (
     EVENT_STREAM,
     SSE_DONE,
@@ -77,6 +78,15 @@ MAX_ANSWER = 16 * 1024 * 1024
 
 class PollingFailed(UpstreamEndedEarly):
     """Replicate could not be asked how the prediction goes."""
+
+
+def hidden(text: str, auth: bytes | None) -> str:
+    """``text`` without the credential it might quote: texts of Replicate's
+    that end a stream reach the client as they are."""
+    token = bearer_token(auth)
+    if token:
+        text = text.replace(token.decode("utf-8", "replace"), REDACTED)
+    return text
 
 
 def _event_name(event: bytes) -> bytes:
@@ -316,7 +326,7 @@ class _StreamTranslator(Protocol):
                     self._spoke = True
                 self._chunk(delta)
             elif name == b"error":
-                self._end(f"Replicate: {detail(text or b'')}")
+                self._end(hidden(f"Replicate: {detail(text or b'')}", self._auth))
             elif name == b"done":
                 reason = _document(text or b"{}").get("reason")
                 if reason in ("error", "canceled"):

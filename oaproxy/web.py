@@ -20,6 +20,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from oaproxy.errors import ErrorAnswer
+from oaproxy.headers import UPSTREAM_HEADER
 from oaproxy.paths import route_of
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ CORS_HEADERS = {
     b"access-control-allow-origin": b"*",
     b"access-control-allow-methods": b"GET, POST, PUT, PATCH, DELETE, OPTIONS",
     b"access-control-max-age": b"86400",
+    # Browser clients may read which upstream answered.
+    b"access-control-expose-headers": UPSTREAM_HEADER,
 }
 
 

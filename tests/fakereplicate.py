@@ -28,6 +28,8 @@ class Prediction:
     # The status the creation answers with: "succeeded" (as with Replicate's
     # "Prefer: wait"), or "starting" for a prediction to poll.
     status: str = "succeeded"
+    # Polls answered "processing" before the prediction is done.
+    processing_polls: int = 0
     # A failed prediction's error.
     error: str | None = None
     # An SSE error event after this many outputs (None: none).
@@ -55,6 +57,7 @@ class FakeReplicate:
         self.next = Prediction()
         self.requests: list[RecordedRequest] = []
         self._predictions: dict[str, Prediction] = {}
+        self._polls: dict[str, int] = {}
         self._ids = itertools.count(1)
         self._site = server.Site(_Resource(self))
         self._site.noisy = False
@@ -101,7 +104,9 @@ class FakeReplicate:
         if request.method == b"POST" and path.endswith("/cancel"):
             return self._json(request, 200, {"id": parts[-2], "status": "canceled"})
         if request.method == b"GET" and parts[:2] == ["v1", "predictions"]:
-            return self._json(request, 200, self._state(parts[2], final=True))
+            polled = self._polls[parts[2]] = self._polls.get(parts[2], 0) + 1
+            done = polled > self._predictions[parts[2]].processing_polls
+            return self._json(request, 200, self._state(parts[2], final=done))
         if request.method == b"GET" and parts[:1] == ["stream"]:
             return self._stream(request, parts[1])
         return self._json(request, 404, {"detail": "Not found."})
@@ -125,7 +130,10 @@ class FakeReplicate:
 
     def _state(self, prediction_id: str, *, final: bool) -> dict[str, Any]:
         script = self._predictions[prediction_id]
-        status = script.status if not final or script.status == "failed" else "succeeded"
+        if final:
+            status = "failed" if script.status == "failed" else "succeeded"
+        else:
+            status = script.status if prediction_id not in self._polls else "processing"
         done = status in ("succeeded", "failed", "canceled")
         return {
             "id": prediction_id,

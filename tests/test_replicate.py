@@ -12,14 +12,18 @@ import json
 from typing import Any
 
 import openai
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from oaproxy.circuits import CircuitState
+from oaproxy.relay import BodyCollector, BytesProducer
+from oaproxy.replicate import ReplicateAgent
 from oaproxy.replicate_format import mistral_prompt
 from tests.fakereplicate import FakeReplicate, Prediction
-from tests.harness import EndToEndCase, reactor
-from tests.support import AgentCall, Harness
+from tests.harness import EndToEndCase, LiveCase, reactor, wait_for
+from tests.support import AgentCall, Harness, make_config
 
 MODEL = "mistralai/mixtral-8x7b-instruct-v0.1"
 TOKEN = "r8-secret-token-0123"
@@ -288,6 +292,15 @@ class StreamTests(SynchronousTestCase):
         self.assertTrue(body.endswith(b"data: [DONE]\n\n"))
         self.assertEqual(self.h.record()["response_text"], "Hello\nyou")
 
+    def test_error_text_hides_the_token(self) -> None:
+        """An error event quoting the token ends the stream without it."""
+        events = self.stream.respond(200, content_type=b"text/event-stream")
+        events.write(b"event: output\ndata: Hel\n\n")
+        events.write(b'event: error\ndata: {"detail": "token ' + TOKEN.encode() + b' revoked"}\n\n')
+        body = self.client.reply().body
+        self.assertIn(b"Replicate: token [redacted] revoked", body)
+        self.assertNotIn(TOKEN.encode(), body)
+
     def test_error_before_output_fails_over(self) -> None:
         """An error event before any output: nothing reached the client yet,
         so the next upstream is tried."""
@@ -312,6 +325,48 @@ class StreamTests(SynchronousTestCase):
         self.assertTrue(events.transport.stopped)
         cancels = [c for c in self.h.agent.calls if c.uri.endswith(b"/p1/cancel")]
         self.assertEqual(len(cancels), 1)
+
+
+class PollingOnASocketTests(LiveCase):
+    """The agent alone, over a real HTTP client to FakeReplicate, its polls on a Clock."""
+
+    async def test_polls_until_done(self) -> None:
+        """Created, polled three times (0.5, 1 and 2 s apart on the clock),
+        answered as one completion; every call carries the token."""
+        fake = FakeReplicate(reactor)
+        await fake.start()
+        self.addCleanup(fake.stop)
+        fake.next = Prediction(status="starting", processing_polls=2)
+        upstream = make_config(
+            f"upstreams:\n  - {{type: replicate, endpoint: '{fake.endpoint}', sk: {TOKEN}}}\n"
+        ).upstreams[0]
+        clock = Clock()
+        http = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        agent = ReplicateAgent(upstream, http, clock, lambda: 1_700_000_000.0)
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+        answered = agent.request(
+            b"POST",
+            upstream.url(b"/chat/completions"),
+            Headers({b"authorization": [b"Bearer " + TOKEN.encode()]}),
+            BytesProducer(body.encode()),
+        )
+        for delay, polls in ((0.5, 1), (1.0, 2), (2.0, 3)):
+            await wait_for(lambda: bool(clock.getDelayedCalls()), timeout=5)
+            clock.advance(delay)
+            await wait_for(lambda polls=polls: len(fake.requests) == 1 + polls, timeout=5)  # type: ignore[misc]
+        response = await answered
+        collector = BodyCollector(1 << 20)
+        response.deliverBody(collector)
+        completion = json.loads(await collector.finished)
+        self.assertEqual(completion["choices"][0]["message"]["content"], "Hello!")
+        self.assertEqual(completion["usage"]["total_tokens"], 12)
+        self.assertEqual(
+            fake.paths(),
+            [(b"POST", f"/v1/models/{MODEL}/predictions".encode())]
+            + [(b"GET", b"/v1/predictions/p1")] * 3,
+        )
+        for seen in fake.requests:
+            self.assertEqual(seen.header(b"authorization"), b"Bearer " + TOKEN.encode())
 
 
 class ReplicateThroughTheSDKTests(EndToEndCase):
