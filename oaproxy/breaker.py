@@ -26,6 +26,7 @@ import enum
 import random
 import weakref
 from collections.abc import Callable, Sequence
+from operator import attrgetter
 from typing import Any
 
 from attrs import define, field
@@ -71,10 +72,12 @@ def evidence(attempt: AttemptLog) -> Evidence:
     return Evidence.FAILED
 
 
+_BACKUP_LAST = attrgetter("backup")
+
+
 def arranged(ready: Sequence[Upstream], opened: Sequence[Upstream]) -> list[Upstream]:
     """Ready upstreams, then open ones, each non-backup first (stable)."""
-    by_backup: Callable[[Upstream], bool] = lambda upstream: upstream.backup  # noqa: E731
-    return sorted(ready, key=by_backup) + sorted(opened, key=by_backup)
+    return sorted(ready, key=_BACKUP_LAST) + sorted(opened, key=_BACKUP_LAST)
 
 
 def probe_hold(upstream: Upstream) -> float:
@@ -89,8 +92,13 @@ class _Claim:
     probes: set[str] = field(factory=set)
 
 
-# Each script returns, for each circuit it looked at, [state code, failures,
-# open_until or ""]: open_until is a string, as Lua numbers become integers.
+# The scripts keep each circuit in a hash (failures, open_until, and the
+# probe's probe_id and probe_until) and answer with state codes: 0 closed,
+# 1 half-open and probed by the asking request, 2 open, 3 half-open and
+# probed by another. Times go as strings: Lua numbers become integers.
+#
+# ORDER: for each key, [code, failures, open_until or ""]; a half-open
+# circuit nobody probes is given to the asking request's token.
 ORDER = LuaScript(
     """
 local now, token = tonumber(ARGV[1]), ARGV[2]
@@ -115,6 +123,7 @@ end
 return result
 """
 )
+# FAILURE: one more failure; [state before, failures, open_until or ""].
 FAILURE = LuaScript(
     """
 local now, threshold, cooldown = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -134,6 +143,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[6])
 return {before, failures, open_until and tostring(open_until) or ''}
 """
 )
+# SUCCESS: the circuit is closed (forgotten); the state before.
 SUCCESS = LuaScript(
     """
 local open_until, before = tonumber(redis.call('HGET', KEYS[1], 'open_until')), 0
@@ -144,6 +154,7 @@ redis.call('DEL', KEYS[1])
 return before
 """
 )
+# RELEASE: the probes the token holds go back.
 RELEASE = LuaScript(
     """
 for i, key in ipairs(KEYS) do
@@ -222,6 +233,7 @@ class Breakers(Observer):
                 self._circuits.mirror(upstream.name, int(failures), _number(open_until))
                 if int(code) == 1:
                     claim.probes.add(upstream.name)
+                    self._circuits.probing(upstream.name)
                 (ready if int(code) in (0, 1) else opened).append(upstream)
             return arranged(ready, opened)
 
@@ -283,7 +295,8 @@ class Breakers(Observer):
         config = self._config
         if hold is not None:
             why = f"Retry-After {hold:g}s; {why}"
-        if self._redis is None:
+
+        def count_here() -> None:
             self._circuits.failed(
                 name,
                 threshold=config.failures,
@@ -292,6 +305,9 @@ class Breakers(Observer):
                 probe_id=probe,
                 why=why,
             )
+
+        if self._redis is None:
+            count_here()
             return
         arguments: list[object] = [
             self._circuits.now(),
@@ -311,14 +327,7 @@ class Breakers(Observer):
 
         def unavailable(failure: Failure) -> None:
             self._redis_failed(failure)
-            self._circuits.failed(
-                name,
-                threshold=config.failures,
-                cooldown=config.cooldown,
-                hold=hold,
-                probe_id=probe,
-                why=why,
-            )
+            count_here()
 
         self._redis.run(FAILURE, [self._key(name)], arguments).addCallback(counted).addErrback(
             unavailable

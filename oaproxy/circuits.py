@@ -135,8 +135,16 @@ class Circuits:
             return False
         if circuit.probe_id not in (None, probe_id) and now < circuit.probe_until:
             return False
+        if circuit.probe_id != probe_id:
+            self.probing(name)
         circuit.probe_id, circuit.probe_until = probe_id, now + hold
         return True
+
+    def probing(self, name: str) -> None:
+        """A request was given the probe of the half-open ``name``."""
+        self.log.info(
+            "upstream {upstream}: circuit half_open, one request probes it", upstream=name
+        )
 
     def failed(
         self,

@@ -89,12 +89,8 @@ class LocalResponse:
         protocol.makeConnection(_LocalTransport(self))
         self._flush()
 
-    @property
-    def stopped(self) -> bool:
-        """The reader went away: more writes are dropped."""
-        return self._stopped
-
     def write(self, data: bytes) -> None:
+        """More of the body; dropped once the reader went away."""
         if not self._stopped and self._end is None:
             self._chunks.append(data)
             self._flush()
@@ -143,9 +139,9 @@ class LocalResponse:
             self._on_stop()
 
 
-def json_response(code: int, payload: Any, headers: Headers | None = None) -> LocalResponse:
+def json_response(code: int, payload: Any) -> LocalResponse:
     """A whole JSON answer."""
-    response = LocalResponse(code, JSON, headers)
+    response = LocalResponse(code, JSON)
     response.write(json.dumps(payload, ensure_ascii=False).encode("utf-8"))
     response.finish()
     return response

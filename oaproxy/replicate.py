@@ -76,8 +76,9 @@ USAGE_TIMEOUT = 5.0
 MAX_ANSWER = 16 * 1024 * 1024
 
 
-class PollingFailed(UpstreamEndedEarly):
-    """Replicate could not be asked how the prediction goes."""
+class PredictionUnreachable(UpstreamEndedEarly):
+    """Replicate could not be reached about a prediction it already has: the
+    attempt fails, and is never retried as a new prediction."""
 
 
 def hidden(text: str, auth: bytes | None) -> str:
@@ -109,9 +110,6 @@ class ReplicateAgent:
         http: IAgent,
         clock: IReactorTime,
         wall_clock: Callable[[], float],
-        *,
-        poll_first: float = POLL_FIRST,
-        poll_longest: float = POLL_LONGEST,
     ) -> None:
         assert upstream.endpoint is not None
         self._endpoint = upstream.endpoint
@@ -119,8 +117,6 @@ class ReplicateAgent:
         self._http = http
         self._clock = clock
         self._wall_clock = wall_clock
-        self._poll_first = poll_first
-        self._poll_longest = poll_longest
 
     def request(
         self,
@@ -177,12 +173,12 @@ class ReplicateAgent:
         chat: ChatRequest,
         auth: bytes | None,
     ) -> IResponse:
-        delay = self._poll_first
+        delay = POLL_FIRST
         failures = 0
         try:
             while prediction.get("status") not in TERMINAL:
                 await deferLater(self._clock, delay, lambda: None)
-                delay = min(delay * 2, self._poll_longest)
+                delay = min(delay * 2, POLL_LONGEST)
                 try:
                     code, headers, answer = await self._call(b"GET", _url(urls, "get"), auth)
                 except CancelledError:
@@ -190,7 +186,7 @@ class ReplicateAgent:
                 except Exception as e:  # noqa: BLE001 - a poll that failed is tried again
                     failures += 1
                     if failures >= POLL_TRIES:
-                        raise PollingFailed(f"Replicate: polling failed: {e}") from None
+                        raise PredictionUnreachable(f"Replicate: polling failed: {e}") from None
                     continue
                 failures = 0
                 if code != 200:
@@ -225,7 +221,7 @@ class ReplicateAgent:
             raise
         except Exception as e:  # noqa: BLE001 - the prediction exists: never retried as new
             self._cancel(urls, auth)
-            raise PollingFailed(f"Replicate: the stream failed: {e}") from None
+            raise PredictionUnreachable(f"Replicate: the stream failed: {e}") from None
         if response.code != 200:
             self._cancel(urls, auth)
             collector = BodyCollector(MAX_ANSWER)
@@ -381,7 +377,7 @@ def _headers(auth: bytes | None, *, accept: bytes) -> Headers:
 def _url(urls: Mapping[str, Any], name: str) -> bytes:
     url = urls.get(name)
     if not isinstance(url, str):
-        raise PollingFailed(f"Replicate: the prediction has no {name} url")
+        raise PredictionUnreachable(f"Replicate: the prediction has no {name} url")
     return url.encode("utf-8")
 
 

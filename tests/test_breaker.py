@@ -150,6 +150,7 @@ class LifecycleTests(BreakerCase):
             self.log.transitions(),
             [
                 "closed -> open (2 failed in a row, the last: status 500)",
+                "half_open, one request probes it",
                 "half_open -> closed (it answered)",
             ],
         )
