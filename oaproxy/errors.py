@@ -22,8 +22,16 @@ class ErrorAnswer:
     code: str | None = None
     param: str | None = None
 
+    @property
+    def content_type(self) -> bytes:
+        return b"application/json"
+
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code, self.param)
+
+    def recorded(self) -> None:
+        """The record reads the body itself (see ``oaproxy.answers.LocalAnswer``)."""
+        return None
 
 
 def error_body(

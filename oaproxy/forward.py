@@ -146,6 +146,8 @@ class Exchange:
     response_body: bytes | None = None  # a non-stream answer, for the record
     error: str | None = None  # why a committed stream ended badly
     client_gone: bool = False
+    # Headers added to the answer, whoever writes it (see web.ProxyRequest).
+    answer_headers: Headers = field(factory=Headers)
 
 
 class Forwarder:

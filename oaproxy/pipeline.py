@@ -15,12 +15,16 @@ and the named places where behaviour plugs in.
    balancing policy is one (circuit breakers and content-filter exemptions
    go here too).
 4. **Gates** (``Gate``) see the exchange and the candidates and may answer
-   themselves: token limits and budgets, a cache hit.
+   themselves (a ``LocalAnswer``): token limits and budgets, a cache hit.
 5. **Forwarding**: the forwarder tries the candidates in order.
 6. **Observers** (``Observer``) see each forwarded request start, each
    attempt end, and every request finish with its record, refused ones
    included: records, metrics, readiness, alerts, the in-flight ledger
    (limiter accounting, breaker state and cache fill go here too).
+
+Any stage may add headers to the answer, whoever ends up writing it
+(``Arrival.answer_headers``, the same object as ``Exchange.answer_headers``):
+the cache's ``X-Oaproxy-Cache``, the limits' ``x-ratelimit-*``.
 
 A gate may answer at once or return a ``Deferred`` (a Redis round trip):
 gates run synchronously until one returns a Deferred, so a request whose
@@ -39,7 +43,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
+from twisted.web.http_headers import Headers
 
+from oaproxy.answers import LocalAnswer, write_answer
 from oaproxy.config import Config, Upstream
 from oaproxy.errors import ErrorAnswer, error_body
 from oaproxy.forward import CUT_AT_SHUTDOWN, AttemptLog, Call, Exchange, Forwarder
@@ -48,9 +54,16 @@ from oaproxy.inspection import Inspected
 from oaproxy.records import RecordMaker
 from oaproxy.relay import RequestBody
 from oaproxy.routing import Caller, Router
-from oaproxy.web import IN_MEMORY_BODY, answer_error, client_ip, declared_size, peer, route_path
+from oaproxy.web import (
+    IN_MEMORY_BODY,
+    answer_headers,
+    client_ip,
+    declared_size,
+    peer,
+    route_path,
+)
 
-Verdict = ErrorAnswer | None
+Verdict = LocalAnswer | None
 _T = TypeVar("_T")
 
 
@@ -63,6 +76,10 @@ class Arrival:
     # The path as routing sees it; None for one no API has (see route_path).
     path: str | None
     config: Config
+    # As records see it: the peer, or X-Forwarded-For past trusted proxies.
+    client_ip: str
+    # Headers added to the answer, whoever writes it (see ProxyRequest).
+    answer_headers: Headers
 
 
 class HeadGate(Protocol):
@@ -174,6 +191,8 @@ class Pipeline:
             caller=self.router.authenticate(request.getHeader(b"authorization")),
             path=route_path(request.uri),
             config=self.config,
+            client_ip=client_ip(request, self.config.trusted_proxies),
+            answer_headers=answer_headers(request),
         )
         verdict = _run(self._head_gates, arrival)
         if isinstance(verdict, Deferred):
@@ -191,7 +210,7 @@ class Pipeline:
             body = _request_body(cast(IO[bytes], request.content), content_type)
         exchange = self._exchange(arrival, self.inspect(body, content_type))
         if refusal is not None:
-            return self._refuse(request, exchange, refusal)
+            return self._answer_here(request, exchange, refusal)
         assert arrival.path is not None
         candidates = self.router.candidates(arrival.caller, exchange.call.model, arrival.path)
         for candidate_filter in self._candidate_filters:
@@ -199,7 +218,7 @@ class Pipeline:
                 break
             candidates = candidate_filter(exchange, candidates)
         if isinstance(candidates, ErrorAnswer):
-            return self._refuse(request, exchange, candidates)
+            return self._answer_here(request, exchange, candidates)
         chosen = candidates
         verdict = _run(self._gates, exchange, chosen)
         if isinstance(verdict, Deferred):
@@ -216,7 +235,7 @@ class Pipeline:
         answer: Verdict,
     ) -> bytes | int:
         if answer is not None:
-            return self._refuse(request, exchange, answer)
+            return self._answer_here(request, exchange, answer)
         self._observers.request_started(exchange, request)
         self._forward(request, exchange, candidates)
         return server.NOT_DONE_YET
@@ -238,16 +257,21 @@ class Pipeline:
             started=self._clock.seconds(),
             time=self._wall_clock(),
             key_name=caller.key.name if caller.key is not None else None,
-            client_ip=client_ip(request, self.config.trusted_proxies),
+            client_ip=arrival.client_ip,
             user_agent=_text(request.getHeader(b"user-agent")),
+            answer_headers=arrival.answer_headers,
         )
 
-    def _refuse(self, request: server.Request, exchange: Exchange, error: ErrorAnswer) -> bytes:
-        """Answer an error of oaproxy's own; it is recorded like any request."""
-        body = answer_error(request, error)
-        exchange.status = error.status
-        exchange.outcome = "client_error"
-        exchange.response_body = body
+    def _answer_here(
+        self, request: server.Request, exchange: Exchange, answer: LocalAnswer
+    ) -> bytes:
+        """Give an answer of oaproxy's own (a refusal, a cache hit); it is
+        recorded like any request."""
+        body = write_answer(request, answer)
+        recorded = answer.recorded()
+        exchange.status = answer.status
+        exchange.outcome = "ok" if answer.status < 400 else "client_error"
+        exchange.response_body = body if recorded is None else recorded
         exchange.bytes_out = len(body)
         exchange.finished = self._clock.seconds()
         exchange.ttfb = exchange.finished - exchange.started

@@ -16,8 +16,10 @@ from typing import IO, TYPE_CHECKING, Any, cast
 from urllib.parse import unquote_to_bytes
 
 from twisted.web import http, server
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
+from oaproxy.answers import write_answer
 from oaproxy.errors import ErrorAnswer
 
 if TYPE_CHECKING:
@@ -35,10 +37,16 @@ CORS_HEADERS = {
 
 
 class ProxyRequest(server.Request):
-    """A request whose body is capped at ``max_body_bytes`` while it arrives.
+    """A request whose body is capped at ``max_body_bytes`` while it arrives,
+    and whose answer carries oaproxy's own headers.
 
     Over the cap the rest of the body is read and thrown away (never held),
     and the resource answers 413.
+
+    ``answer_headers`` are headers oaproxy adds to this request's answer,
+    whoever writes it (an upstream's answer or stream, a refusal, a cache
+    hit, a 500): gates put them there, and they are set over the answer's own
+    headers as its head goes out, so an upstream cannot override them.
     """
 
     too_large = False
@@ -50,6 +58,13 @@ class ProxyRequest(server.Request):
         # whole multipart upload into memory: a proxy passes them on untouched.
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(*args, **kwargs)
+        self.answer_headers = Headers()
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            for name, values in self.answer_headers.getAllRawHeaders():
+                self.responseHeaders.setRawHeaders(name, values)
+        super().write(data)
 
     def gotLength(self, length: int | None) -> None:
         self._limit = self.channel.site.max_body_bytes  # type: ignore[attr-defined]
@@ -96,12 +111,9 @@ class ProxySite(server.Site):
         """No access log line: each request's record says more, in the sinks."""
 
 
-def answer_error(request: server.Request, error: ErrorAnswer) -> bytes:
-    body = error.body()
-    request.setResponseCode(error.status)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"content-length", b"%d" % len(body))
-    return body
+def answer_headers(request: server.Request) -> Headers:
+    """The headers oaproxy adds to ``request``'s answer (see ``ProxyRequest``)."""
+    return cast(ProxyRequest, request).answer_headers
 
 
 class ProxyResource(Resource):
@@ -208,7 +220,7 @@ class NotFoundResource(Resource):
     isLeaf = True
 
     def render(self, request: server.Request) -> bytes:
-        return answer_error(
+        return write_answer(
             request,
             ErrorAnswer(
                 404,

@@ -1,0 +1,40 @@
+"""Answers oaproxy gives by itself, instead of forwarding: what a gate returns.
+
+A refusal (``oaproxy.errors.ErrorAnswer``: 401, 403, 413…) and a cache hit
+(``oaproxy.cache.lookup.CacheHit``) are both whole answers held in memory: a
+status, a content type and a body. The pipeline writes every one of them the
+same way (``write_answer``) and records it like any other request.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from twisted.web import server
+
+
+class LocalAnswer(Protocol):
+    """An answer made by oaproxy, not by an upstream."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def content_type(self) -> bytes: ...
+
+    def body(self) -> bytes: ...
+
+    def recorded(self) -> bytes | None:
+        """What the record reads as the answer (a JSON document) when that is
+        not ``body()`` itself: a stream replayed from a cached completion
+        records the completion."""
+        ...
+
+
+def write_answer(request: server.Request, answer: LocalAnswer) -> bytes:
+    """Set the status and headers of ``answer`` on ``request``; its body."""
+    body = answer.body()
+    request.setResponseCode(answer.status)
+    request.setHeader(b"content-type", answer.content_type)
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body
