@@ -1759,3 +1759,74 @@ class SchemaTests(Helpers):
         error = self.assertRaises(ConfigError, read_toy, "name: a\nnamed: {x: 1}\n")
         self.assertEqual(error.key, "named.x")
         self.assertEqual(error.message, "expected a level mapping, got an integer")
+
+
+class TrafficControlConfigTests(Helpers):
+    """cache:, ip_allow, ip_deny, content_filter: (and per upstream)."""
+
+    def test_defaults(self) -> None:
+        """All off by default; cache: {} is the cache with its defaults."""
+        config = parse(MINIMAL)
+        self.assertEqual(
+            (config.cache, config.ip_allow, config.ip_deny, config.content_filter),
+            (None, (), (), None),
+        )
+        self.assertTrue(config.upstreams[0].content_filter)
+        cache = parse("cache: {}\n" + MINIMAL).cache
+        assert cache is not None
+        self.assertEqual(
+            (cache.backend, cache.ttl, cache.max_entries, cache.max_entry_bytes, cache.default),
+            ("memory", 3600, 10000, 1048576, False),
+        )
+        self.assertEqual(
+            cache.routes, ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+        )
+
+    def test_values(self) -> None:
+        """Routes lose a trailing /; networks are read as CIDRs; patterns stay as written."""
+        config = parse(
+            """\
+            redis: redis://127.0.0.1:6379/0
+            cache: {backend: redis, routes: [/v1/embeddings/], shared: true}
+            ip_allow: [10.0.0.0/8, 192.0.2.1]
+            ip_deny: ["2001:db8::/32"]
+            content_filter: {patterns: [' secret '], words: [project-x]}
+            upstreams:
+              - {endpoint: "https://a/v1", content_filter: false}
+            """
+        )
+        assert config.cache is not None and config.content_filter is not None
+        self.assertEqual((config.cache.routes, config.cache.shared), (("/v1/embeddings",), True))
+        self.assertEqual(
+            config.ip_allow,
+            (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("192.0.2.1/32")),
+        )
+        self.assertEqual(config.content_filter.patterns, (" secret ",))
+        self.assertFalse(config.upstreams[0].content_filter)
+
+    def test_errors(self) -> None:
+        """Each mistake is refused at its line, naming the key."""
+        self.fails(
+            "cache: {backend: redis}\n" + MINIMAL, 1, "cache.backend", "needs the top-level redis"
+        )
+        self.fails("cache: {backend: disk}\n" + MINIMAL, 1, "cache.backend", "unknown value 'disk'")
+        self.fails(
+            "cache: {routes: [chat]}\n" + MINIMAL, 1, "cache.routes[0]", "is not an API path"
+        )
+        self.fails("cache: {ttl: 0}\n" + MINIMAL, 1, "cache.ttl", "must be greater than 0")
+        self.fails("ip_deny: [10.0.0.300/8]\n" + MINIMAL, 1, "ip_deny[0]", "is not an IP address")
+        self.fails(
+            "content_filter:\n  patterns: ['(a)\\1']\n" + MINIMAL,
+            2,
+            "content_filter.patterns[0]",
+            "not an RE2 pattern: invalid escape sequence",
+        )
+        self.fails(
+            "content_filter: {patterns: ['(?<=a)b']}\n" + MINIMAL,
+            1,
+            "content_filter.patterns[0]",
+            "not an RE2 pattern",
+        )
+        self.fails(
+            "content_filter: {wrods: [x]}\n" + MINIMAL, 1, "content_filter.wrods", "unknown key"
+        )

@@ -20,7 +20,15 @@ from attrs import frozen
 
 from oaproxy.config.errors import ConfigError
 from oaproxy.config.listen import check_listeners
-from oaproxy.config.model import POSTGRES, ClientKey, Config, Upstream, key_fingerprint
+from oaproxy.config.model import (
+    POSTGRES,
+    REDIS,
+    CacheConfig,
+    ClientKey,
+    Config,
+    Upstream,
+    key_fingerprint,
+)
 from oaproxy.config.nodes import Item, NodeReader, read_document
 from oaproxy.config.schema import read_settings, section_items
 
@@ -115,6 +123,13 @@ def _config(nodes: NodeReader, root: Item) -> Config:
     config = Config(
         path=nodes.path, keys=client_keys(global_keys or []), upstreams=upstreams, **values
     )
+    if config.cache is not None and config.cache.backend == REDIS and config.redis is None:
+        cache = section_items(nodes, items["cache"], CacheConfig, "a mapping of cache settings")
+        nodes.fail(
+            cache["backend"].key,
+            cache["backend"].line,
+            "the redis backend needs the top-level redis: URL",
+        )
     listen_item = items.get("listen")
     if listen_item is None:
         check_listeners(config, config.listen)

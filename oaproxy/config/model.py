@@ -19,6 +19,7 @@ from attrs import field, frozen
 from oaproxy.config.listen import listen_addresses
 from oaproxy.config.schema import named_sections, read, read_by_loader, section
 from oaproxy.config.values import (
+    api_paths,
     boolean,
     deadline,
     endpoint_url,
@@ -30,6 +31,7 @@ from oaproxy.config.values import (
     number,
     one_of,
     optional_text,
+    re2_patterns,
     redis_url,
     rotation,
     strings,
@@ -54,6 +56,10 @@ UPSTREAM_TYPES = (OPENAI,)
 _LATER_UPSTREAM_TYPES = ("replicate",)
 LB_POLICIES = ("order", "random")
 _LATER_LB_POLICIES = ("round_robin", "weighted", "least_latency")
+
+MEMORY = "memory"
+REDIS = "redis"
+CACHE_BACKENDS = (MEMORY, REDIS)
 
 
 def key_fingerprint(secret: str) -> str:
@@ -108,6 +114,8 @@ class Upstream:
     keep_header: bool = field(default=False, metadata=read(boolean))
     weight: float = field(default=1.0, metadata=read(number))
     stream_usage: bool = field(metadata=read(boolean))
+    # False: exempt from the content filter (e.g. an internal model).
+    content_filter: bool = field(default=True, metadata=read(boolean))
 
     @stream_usage.default
     def _stream_usage_default(self) -> bool:
@@ -156,6 +164,35 @@ class RecordsPolicy:
     queue_size: int = field(default=10000, metadata=read(integer))
 
 
+@frozen
+class CacheConfig:
+    """The response cache; see ``oaproxy.cache``."""
+
+    backend: str = field(default=MEMORY, metadata=read(one_of(CACHE_BACKENDS)))
+    ttl: int = field(default=3600, metadata=read(integer))  # seconds
+    max_entries: int = field(default=10000, metadata=read(integer))  # memory backend
+    # All entries together (memory backend): entries alone would allow
+    # max_entries x max_entry_bytes.
+    max_bytes: int = field(default=256 * 1024 * 1024, metadata=read(integer))
+    max_entry_bytes: int = field(default=1024 * 1024, metadata=read(integer))
+    routes: tuple[str, ...] = field(
+        default=("/v1/chat/completions", "/v1/completions", "/v1/embeddings"),
+        metadata=read(api_paths),
+    )
+    # False: only requests with "caching": true; true: all but "caching": false.
+    default: bool = field(default=False, metadata=read(boolean))
+    # False: one namespace per client key; true: one for all.
+    shared: bool = field(default=False, metadata=read(boolean))
+
+
+@frozen
+class ContentFilterConfig:
+    """Requests refused for what they ask a model to read; see ``oaproxy.contentfilter``."""
+
+    patterns: tuple[str, ...] = field(default=(), metadata=read(re2_patterns))
+    words: tuple[str, ...] = field(default=(), metadata=read(strings))
+
+
 @frozen(kw_only=True)
 class Config:
     path: str  # the file it was read from; not a key
@@ -194,6 +231,19 @@ class Config:
         metadata=named_sections(
             Price, "a mapping of model names to prices", "a mapping with input and output"
         ),
+    )
+    cache: CacheConfig | None = field(  # None: no cache
+        default=None, metadata=section(CacheConfig, "a mapping of cache settings")
+    )
+    ip_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
+        default=(), metadata=read(networks)
+    )
+    ip_deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
+        default=(), metadata=read(networks)
+    )
+    content_filter: ContentFilterConfig | None = field(  # None: no filter
+        default=None,
+        metadata=section(ContentFilterConfig, "a mapping with patterns and words"),
     )
     upstreams: tuple[Upstream, ...] = field(metadata=read_by_loader(section=Upstream))
 

@@ -209,6 +209,37 @@ def networks(
     return tuple(result)
 
 
+def api_paths(nodes: NodeReader, item: Item) -> tuple[str, ...]:
+    """API paths such as ``/v1/chat/completions``, without a trailing ``/``."""
+    paths = strings(nodes, item)
+    for part, path in zip(nodes.as_list(item), paths):
+        if not path.startswith("/v1/") or "?" in path:
+            nodes.fail(part.key, part.line, f"{path!r} is not an API path such as /v1/embeddings")
+    return tuple(path.rstrip("/") for path in paths)
+
+
+def re2_patterns(nodes: NodeReader, item: Item) -> tuple[str, ...]:
+    """Regular expressions in RE2 syntax, as written (not stripped: a space
+    may be part of one); each is compiled here, so a bad one stops the load."""
+    # Imported here: only a config with a content filter needs RE2.
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False
+    result = []
+    for part in nodes.as_list(item):
+        pattern = nodes.required_string(part, "a pattern", STRING_TAGS)
+        try:
+            re2.compile(pattern, options)
+        except re2.error as e:
+            reason = e.args[0] if e.args else "invalid"
+            if isinstance(reason, bytes):
+                reason = reason.decode("utf-8", "replace")
+            nodes.fail(part.key, part.line, f"not an RE2 pattern: {reason}")
+        result.append(pattern)
+    return tuple(result)
+
+
 def parse_size(text: str) -> int:
     """A byte count such as ``"100MB"``, ``"10KB"``, ``"1G"``, ``"512KiB"`` or
     ``"1048576"``.  Units are binary (1KB = 1024 bytes), as in logrotate.
