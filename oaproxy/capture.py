@@ -236,11 +236,16 @@ def with_stream_usage(parsed: Mapping[str, Any]) -> bytes:
     merged = dict(stream_options) if isinstance(stream_options, dict) else {}
     merged["include_usage"] = True
     body["stream_options"] = merged
+    return json_body(body)
+
+
+def json_body(value: Any) -> bytes:
+    """``value`` as a compact JSON body, UTF-8."""
     try:
-        return json.dumps(body, separators=_COMPACT, ensure_ascii=False).encode("utf-8")
+        return json.dumps(value, separators=_COMPACT, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         # A lone surrogate from a "\ud800" escape cannot be UTF-8; escape all.
-        return json.dumps(body, separators=_COMPACT).encode("ascii")
+        return json.dumps(value, separators=_COMPACT).encode("ascii")
 
 
 def describe_body(

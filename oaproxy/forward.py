@@ -30,6 +30,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 from twisted.web.server import Request
 
+from oaproxy.cache.ticket import CacheTicket
 from oaproxy.config import Upstream
 from oaproxy.errors import error_body
 from oaproxy.headers import response_headers, upstream_headers
@@ -148,6 +149,8 @@ class Exchange:
     client_gone: bool = False
     # Headers added to the answer, whoever writes it (see web.ProxyRequest).
     answer_headers: Headers = field(factory=Headers)
+    # What the response cache decided; None when it was not asked.
+    cache: CacheTicket | None = None
 
 
 class Forwarder:

@@ -23,16 +23,19 @@ from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 
 from oaproxy.alerts import Notifier
+from oaproxy.cache.lookup import ResponseCache, StreamObserver
 from oaproxy.config import Config
+from oaproxy.contentfilter import ContentFilter
 from oaproxy.forward import Forwarder
 from oaproxy.gates import builtin_head_gates
 from oaproxy.health import Readiness, ReadyResource
 from oaproxy.inspection import inspect_request
+from oaproxy.iprules import IPRules
 from oaproxy.ledger import RequestLedger
 from oaproxy.logfile import JSONLogFile
 from oaproxy.metrics import Metrics, MetricsResource
 from oaproxy.observers import Alerting, MetricsCounting, ReadinessFollowing, RecordPublishing
-from oaproxy.pipeline import Observers, Pipeline
+from oaproxy.pipeline import CandidateFilter, Gate, HeadGate, Observer, Observers, Pipeline
 from oaproxy.records import RecordEmitter, RecordMaker
 from oaproxy.routing import Router
 from oaproxy.sharedredis import SharedRedis
@@ -104,6 +107,8 @@ class Generation:
     log_file: JSONLogFile | None
     # The top-level redis: for state shared between processes; None without one.
     shared_redis: SharedRedis | None
+    # None without a cache: section.
+    response_cache: ResponseCache | None
 
 
 def build_generation(
@@ -132,31 +137,47 @@ def build_generation(
         shared_redis = (
             SharedRedis(config.redis, config.redis_prefix, reactor) if config.redis else None
         )
+    if previous is not None and _cache_section(previous.config) == _cache_section(config):
+        # Entries in memory outlive a reload that leaves the cache as it was.
+        response_cache = previous.response_cache
+    else:
+        response_cache = ResponseCache.from_config(config, shared_redis, reactor, shared.metrics)
     if previous is not None and previous.config.log_file == config.log_file:
         log_file = previous.log_file
     else:
         log_file = JSONLogFile(config.log_file, reactor) if config.log_file else None
-    observers = Observers(
-        [
-            RecordPublishing(shared.records),
-            MetricsCounting(shared.metrics),
-            ReadinessFollowing(shared.readiness),
-            Alerting(notifier),
-            # Last: a stop waiting for the last request goes on only once
-            # its record is on its way.
-            shared.ledger,
-        ]
-    )
+    observers: list[Observer] = [
+        RecordPublishing(shared.records),
+        MetricsCounting(shared.metrics),
+        ReadinessFollowing(shared.readiness),
+        Alerting(notifier),
+    ]
     records = RecordMaker(config)
+    stream_observer: StreamObserver = records.stream_observer
     router = Router(config, shared.rng)
+    # IP rules first: a denied address gets 403 whatever it sends.
+    ip_rules = IPRules.from_config(config)
+    head_gates: list[HeadGate] = [] if ip_rules is None else [ip_rules]
+    head_gates.extend(builtin_head_gates(router))
+    content_filter = ContentFilter.from_config(config)
+    candidate_filters: list[CandidateFilter] = [] if content_filter is None else [content_filter]
+    gates: list[Gate] = []
+    if response_cache is not None:
+        gates.append(response_cache)
+        observers.append(response_cache)
+        stream_observer = response_cache.following(stream_observer)
+    # Last: a stop waiting for the last request goes on only once its
+    # record is on its way.
+    observers.append(shared.ledger)
+    every_observer = Observers(observers)
     forwarder = Forwarder(
         reactor,
         shared.agent,
         shared.fresh_agent,
         shared.cooperator,
         stream_idle_timeout=config.stream_idle_timeout,
-        on_event=records.stream_observer,
-        on_attempt=observers.attempt_finished,
+        on_event=stream_observer,
+        on_attempt=every_observer.attempt_finished,
         pooled=shared.pooled,
     )
     pipeline = Pipeline(
@@ -167,8 +188,10 @@ def build_generation(
         clock=reactor,
         wall_clock=shared.wall_clock,
         inspect=inspect_request,
-        head_gates=builtin_head_gates(router),
-        observers=observers,
+        head_gates=head_gates,
+        candidate_filters=candidate_filters,
+        gates=gates,
+        observers=every_observer,
     )
     root = RootResource(
         ProxyResource(pipeline),
@@ -185,6 +208,7 @@ def build_generation(
         notifier=notifier,
         log_file=log_file,
         shared_redis=shared_redis,
+        response_cache=response_cache,
     )
 
 
@@ -219,6 +243,10 @@ def _sink_section(config: Config) -> tuple[Any, ...]:
 
 def _redis_section(config: Config) -> tuple[Any, ...]:
     return (config.redis, config.redis_prefix)
+
+
+def _cache_section(config: Config) -> tuple[Any, ...]:
+    return (config.cache, *_redis_section(config))
 
 
 def _notify_section(config: Config) -> tuple[Any, ...]:

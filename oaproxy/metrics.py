@@ -40,6 +40,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from oaproxy.cache.ticket import CacheResult
 from oaproxy.errors import error_body
 from oaproxy.routing import NOT_BEARER, WRONG_KEY
 
@@ -127,6 +128,8 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 
 ALERT_CHANNELS: tuple[str, ...] = ("feishu", "matrix")
 ALERT_RESULTS: tuple[str, ...] = ("ok", "error", "timeout", "suppressed")
+# A record's "cache", as counted in oaproxy_cache_total (besides "store").
+CACHE_RESULTS: frozenset[str] = frozenset(result.value for result in CacheResult)
 
 OTHER = "other"
 NONE = "none"
@@ -442,6 +445,12 @@ class Metrics:
             ["channel", "result"],
             registry=registry,
         )
+        self._cache = Counter(
+            "oaproxy_cache",
+            "Response cache lookups by result (hit, miss, bypass), and entries stored (store).",
+            ["result"],
+            registry=registry,
+        )
         self._sinks = _SinkCollector()
         registry.register(self._sinks)
 
@@ -544,13 +553,21 @@ class Metrics:
         if bytes_out:
             self._bytes_out.inc(bytes_out)
 
+        cache = record.get("cache")
+        if cache in CACHE_RESULTS:
+            self._cache.labels(cache).inc()
         usage = record.get("usage")
-        if isinstance(usage, Mapping):
+        # A cache hit's usage is the replayed answer's: no upstream used tokens.
+        if isinstance(usage, Mapping) and cache != CacheResult.HIT.value:
             model = self.model_label(record.get("model"))
             for key, kind in _TOKEN_KINDS:
                 tokens = _count(usage.get(key))
                 if tokens:
                     self._tokens.labels(upstream, model, kind).inc(tokens)
+
+    def cache_stored(self) -> None:
+        """Count one answer stored in the response cache."""
+        self._cache.labels("store").inc()
 
     def alert_sent(self, channel: str, result: str) -> None:
         """Count one alert, for the notifier.

@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.logger import ILogObserver, Logger, LogPublisher
 
+from oaproxy.cache.ticket import CacheResult
 from oaproxy.capture import (
     CapturedResponse,
     StreamCapture,
@@ -93,6 +94,7 @@ class RecordMaker:
         finished = exchange.finished if exchange.finished is not None else exchange.started
         usage = answer.usage
         model = call.model if call.model is not None else _form_model(request_body)
+        cache = exchange.cache.result if exchange.cache is not None else None
         record = {
             "id": uuid.uuid4().hex,
             "time": exchange.time,
@@ -121,8 +123,10 @@ class RecordMaker:
             "tool_calls": answer.tool_calls if policy.response else None,
             "finish_reason": answer.finish_reason,
             "truncated": truncated,
+            # A cache hit keeps the usage of the answer it replays, at no cost.
             "usage": usage,
-            "cost": cost(usage, self._prices.get(model or "")),
+            "cost": 0.0 if cache is CacheResult.HIT else cost(usage, self._prices.get(model or "")),
+            "cache": cache.value if cache is not None else None,
         }
         # Text from upstreams and clients may quote a key (an upstream's "Incorrect
         # API key provided: sk-…"): none is kept.

@@ -1,0 +1,54 @@
+"""Which requests the cache serves, and the key of each.
+
+The key is the route plus a canonical form of the body: JSON with sorted
+keys, without the parameters that do not change the answer's content
+(``stream``, ``stream_options``: a stream and a non-stream request share an
+entry; ``user``; ``caching``). It is namespaced per client key (by the
+key's name, never the key) unless ``cache.shared``, and hashed, so no
+client text or key name shows in a Redis key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+IGNORED_PARAMETERS = frozenset({"stream", "stream_options", "user", "caching"})
+
+SHARED = "shared"
+ANONYMOUS = "anonymous"
+
+
+def api_route(path: str) -> str | None:
+    """The API path of a routing path: the part from its ``/v1`` segment on,
+    so ``cache.routes`` match under any route prefix
+    (``/ollama/v1/chat/completions`` is ``/v1/chat/completions``)."""
+    if path.startswith("/v1/"):
+        return path
+    at = path.find("/v1/")
+    return path[at:] if at >= 0 else None
+
+
+def namespace(key_name: str | None, shared: bool) -> str:
+    """Whose entries a request may be served: everyone's, or its key's."""
+    if shared:
+        return SHARED
+    return ANONYMOUS if key_name is None else "key:" + key_name
+
+
+def cache_key(space: str, route: str, body: Mapping[str, Any]) -> str | None:
+    """The hex SHA-256 naming a request's entry; None for a body that has no
+    canonical form (nested too deep to encode again)."""
+    kept = {name: value for name, value in body.items() if name not in IGNORED_PARAMETERS}
+    try:
+        canonical = json.dumps(kept, sort_keys=True, separators=(",", ":"))
+    except (ValueError, RecursionError):
+        return None
+    digest = hashlib.sha256()
+    for part in (space, route, canonical):
+        # Lone surrogates pass through: the digest only needs the same bytes each time.
+        digest.update(part.encode("utf-8", "surrogatepass"))
+        digest.update(b"\0")
+    return digest.hexdigest()
