@@ -5,7 +5,7 @@ and the named places where behaviour plugs in.
    sees the ``Arrival`` (the request, the authenticated caller, the route
    path) and may refuse it. Built in, in this order: the body cap (413), the
    path check (400), the client key (401). Checks that need no body go here
-   (IP rules before the key check, request-rate limits after it), so that a
+   (IP rules first of all, request-rate limits after the key check), so that a
    refused client never makes the reactor parse its body.
 2. **Inspection**: the body is read and parsed for what routing needs (the
    model, the stream flag).
