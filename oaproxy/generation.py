@@ -163,6 +163,7 @@ def build_generation(
     candidate_filters: list[CandidateFilter] = [] if content_filter is None else [content_filter]
     gates: list[Gate] = []
     if response_cache is not None:
+        # First of the gates: a hit costs no tokens.
         gates.append(response_cache)
         observers.append(response_cache)
         stream_observer = response_cache.following(stream_observer)

@@ -12,7 +12,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from oaproxy.cache.keys import api_route, cache_key, namespace
 from oaproxy.cache.replay import StreamedAnswer, stream_from_completion
 from oaproxy.cache.stores import MemoryStore
-from tests.support import Client, Harness, Reply, headers, sse
+from oaproxy.generation import build_generation
+from tests.support import Client, Harness, Reply, headers, make_config, sse
 
 CONFIG = """
 authorization: {alice: sk-alice, bob: sk-bob}
@@ -139,8 +140,7 @@ class HitAndMissTests(CacheCase):
         self.assertEqual(reply.json(), COMPLETION)
 
     def test_hit_is_recorded_without_upstream_at_no_cost(self) -> None:
-        """A hit's record: outcome ok, cache hit, no upstream or attempt, the
-        original answer's usage, cost 0."""
+        """A hit is recorded: outcome ok, cache hit, no upstream, the original usage, cost 0."""
         self.ask()
         self.answer_json()
         self.ask()
@@ -160,8 +160,7 @@ class HitAndMissTests(CacheCase):
         self.assertEqual((hit["status"], hit["response_text"]), (200, "Hello there"))
 
     def test_stream_miss_then_hit(self) -> None:
-        """A stream that ended with [DONE] is stored; the next stream request
-        gets it as a well-formed stream: role, content, finish, [DONE]."""
+        """A stream that ended with [DONE] is stored and replayed as a well-formed stream."""
         first = self.ask(stream=True)
         self.answer_stream()
         self.assertEqual(self.cached(first.reply()), b"miss")
@@ -278,8 +277,7 @@ class HitAndMissTests(CacheCase):
         self.assertEqual(self.forwarded(), 1)
 
     def test_embeddings_serve_non_stream_requests_only(self) -> None:
-        """An entry that is no completion cannot become a stream: a stream
-        request for it is a miss."""
+        """An entry that is no completion (embeddings) serves no stream request."""
         embedding = {"object": "list", "data": [{"embedding": [0.5]}], "model": "m"}
         path = b"/v1/embeddings"
         self.ask(path=path)
@@ -565,3 +563,13 @@ class ReplayTests(SynchronousTestCase):
         for data in (chunk({"content": "ABCD"}), "[DONE]"):
             cut.feed(data.encode())
         self.assertEqual(cut.completion(), None)
+
+
+class ReloadTests(CacheCase):
+    def test_entries_outlive_a_reload_that_keeps_the_cache(self) -> None:
+        """A reload with the same cache: section keeps the cache; another makes a new one."""
+        same = build_generation(make_config(CONFIG), self.h.shared, self.h.generation)
+        self.assertIs(same.response_cache, self.h.generation.response_cache)
+        other = make_config(CONFIG.replace("ttl: 60", "ttl: 61"))
+        changed = build_generation(other, self.h.shared, self.h.generation)
+        self.assertIsNot(changed.response_cache, self.h.generation.response_cache)

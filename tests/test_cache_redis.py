@@ -154,8 +154,7 @@ class RedisCacheEndToEndTests(EndToEndCase):
         return value or 0.0
 
     async def test_sdk_reads_cached_streams(self) -> None:
-        """The official SDK reads a stream replayed from Redis
-        (extra_body={"caching": True}), and a completion made from it."""
+        """The official SDK reads a stream and a completion replayed from Redis."""
         prefix = own_prefix(self)
         fake, proxy = await self.cached_proxy(shared_redis_url(), prefix)
         first = await self.sdk(proxy, lambda c: sdk_stream(c))
@@ -184,8 +183,7 @@ class RedisCacheEndToEndTests(EndToEndCase):
         self.assertEqual((hit["cache"], hit["upstream"], hit["cost"]), ("hit", None, 0.0))
 
     async def test_redis_stopped_mid_run(self) -> None:
-        """A private Redis stopped by PID: the cache falls back to a miss, every
-        request is still answered by the upstream, nothing fails or waits."""
+        """Redis stopped by PID mid-run: lookups fall back to a miss, nothing fails or waits."""
         private = PrivateRedis(self.mktemp())
         await private.start()
         self.addCleanup(private.kill)
@@ -223,8 +221,7 @@ upstreams:
         return h.chat(key="sk-alice", extra=CACHING)
 
     def test_not_connected_is_a_miss_at_once(self) -> None:
-        """With no connection to Redis a lookup is a miss at once and the store
-        is dropped: the request is forwarded as if there were no cache."""
+        """Without a connection to Redis a lookup is a miss at once and the request goes on."""
         h = Harness(self.CONFIG)
         client = self.ask(h)
         h.agent.only().respond(200, body=json.dumps(COMPLETION).encode())

@@ -50,8 +50,7 @@ class MatchingTests(SynchronousTestCase):
         self.assertEqual(f.first_match(iter(["a"])), "patterns[1]")
 
     def test_pathological_input_is_linear(self) -> None:
-        """(a+)+$ on a long run of a's ending in "!" backtracks for hours in
-        Python's re (2^n paths); RE2 answers at once."""
+        """(a+)+$ on 100 000 a's and a '!', exponential for Python's re, is instant in RE2."""
         f = rules(patterns=("(a+)+$", "(x+x+)+y"))
         hostile = ["a" * 100_000 + "!", "x" * 100_000]
         started = time.perf_counter()
@@ -65,8 +64,7 @@ class MatchingTests(SynchronousTestCase):
         )
 
     def test_texts_a_model_reads(self) -> None:
-        """messages content (text parts too), prompt, input and instructions; not
-        images, token ids or other fields."""
+        """Checked: messages content and text parts, prompt, input, instructions; nothing else."""
         body: dict[str, Any] = {
             "model": "password",
             "messages": [
@@ -101,8 +99,7 @@ class ThroughTheSiteTests(SynchronousTestCase):
         return h.chat(extra={"messages": [{"role": "user", "content": text}], **more})
 
     def test_hit_is_refused_naming_the_rule(self) -> None:
-        """A match with no exempt candidate is 400 content_filter naming the
-        rule, never the client's text; nothing is forwarded."""
+        """A match with no exempt candidate is 400 content_filter naming the rule, not the text."""
         h = Harness(ONLY_CHECKED)
         reply = self.ask(h, "here is sk-abcdefghij0123456789 for you").reply()
         self.assertEqual(reply.status, 400)

@@ -35,8 +35,7 @@ class IPRulesTests(SynchronousTestCase):
         self.assertFalse(rules.admits("2001:db9::7"))
 
     def test_mapped_ipv4_and_non_addresses(self) -> None:
-        """::ffff:a.b.c.d counts as a.b.c.d; what is no address (a Unix
-        socket peer) is in no network."""
+        """::ffff:a.b.c.d counts as a.b.c.d; a non-address is in no network."""
         rules = self.rules()
         self.assertTrue(rules.admits("::ffff:10.1.2.3"))
         self.assertFalse(rules.admits("::ffff:10.9.0.1"))
@@ -60,8 +59,7 @@ class ThroughTheSiteTests(SynchronousTestCase):
         self.h = Harness(CONFIG)
 
     def test_denied_before_auth_and_body(self) -> None:
-        """A denied address gets 403 ip_not_allowed whatever its key, before
-        its body is parsed; the refusal is recorded."""
+        """A denied address gets 403 whatever its key, its body unparsed, and is recorded."""
         for key in ("sk-client", "sk-wrong", None):
             reply = self.h.chat(key=key, peer="192.0.2.1").reply()
             self.assertEqual(reply.status, 403)
@@ -88,8 +86,7 @@ class ThroughTheSiteTests(SynchronousTestCase):
         self.assertEqual(self.h.chat(key="sk-wrong", peer="10.1.2.3").reply().status, 401)
 
     def test_forwarded_for_from_a_trusted_proxy(self) -> None:
-        """Behind a trusted proxy the rules see the X-Forwarded-For address,
-        walked from the right past the trusted hops."""
+        """Behind trusted proxies the rules see the forwarded client, walked from the right."""
         h = Harness(CONFIG + "trusted_proxies: [127.0.0.1/32, 172.16.0.0/12]\n")
         denied = h.chat(header_lines=[(b"X-Forwarded-For", b"192.0.2.7")], peer="127.0.0.1")
         self.assertEqual(denied.reply().status, 403)
@@ -103,8 +100,7 @@ class ThroughTheSiteTests(SynchronousTestCase):
         self.assertEqual(len(h.agent.calls), 1)
 
     def test_forwarded_for_is_not_believed_without_trust(self) -> None:
-        """Without trusted proxies X-Forwarded-For is the client's own claim:
-        the peer address decides, either way."""
+        """Without trusted proxies X-Forwarded-For is ignored: the peer decides."""
         h = Harness(CONFIG + "trusted_proxies: []\n")
         forged = h.chat(header_lines=[(b"X-Forwarded-For", b"10.1.1.1")], peer="192.0.2.1")
         self.assertEqual(forged.reply().status, 403)

@@ -15,7 +15,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-IGNORED_PARAMETERS = frozenset({"stream", "stream_options", "user", "caching"})
+from oaproxy.inspection import CACHING
+
+# "caching" is out of the parsed body already (see oaproxy.inspection): listed all the same.
+IGNORED_PARAMETERS = frozenset({"stream", "stream_options", "user", CACHING})
 
 SHARED = "shared"
 ANONYMOUS = "anonymous"
