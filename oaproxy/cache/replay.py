@@ -100,7 +100,8 @@ class StreamedAnswer:
 
     def __init__(self, max_bytes: int) -> None:
         self._capture = StreamCapture(max_bytes)
-        # The first chunk: the id, model and kind every chunk repeats.
+        # The first chunk: the id, model and kind every chunk repeats
+        # ({} when it was no JSON object).
         self._head: dict[str, Any] | None = None
         self.ended = False
 
@@ -113,8 +114,7 @@ class StreamedAnswer:
                 chunk = json.loads(data)
             except (ValueError, RecursionError):
                 chunk = None
-            if isinstance(chunk, dict) and isinstance(chunk.get("object"), str):
-                self._head = chunk
+            self._head = chunk if isinstance(chunk, dict) else {}
         self._capture.feed(data)
 
     def completion(self) -> bytes | None:

@@ -17,8 +17,9 @@ from twisted.internet.interfaces import IReactorTime
 
 from oaproxy.sharedredis import SharedRedis
 
-# A Redis lookup slower than this is a miss: a sick Redis must not hold requests.
-REDIS_LOOKUP_TIMEOUT = 1.0
+# A Redis command slower than this is given up (a lookup is then a miss): a
+# sick Redis must not hold requests.
+REDIS_TIMEOUT = 1.0
 
 # Starts every Redis value: our format, version 1. 0xFF is never UTF-8, so
 # txredisapi hands the value back as bytes, untouched.
@@ -91,13 +92,14 @@ class RedisStore:
 
     def get(self, key: str) -> Deferred[bytes | None]:
         found: Deferred[object] = self._redis.command("GET", self._key(key))
-        found.addTimeout(REDIS_LOOKUP_TIMEOUT, self._clock)
+        found.addTimeout(REDIS_TIMEOUT, self._clock)
         return found.addCallback(self._decode)
 
     def put(self, key: str, value: bytes) -> Deferred[None]:
         stored: Deferred[object] = self._redis.command(
             "SET", self._key(key), _FORMAT + zlib.compress(value), "EX", self._ttl
         )
+        stored.addTimeout(REDIS_TIMEOUT, self._clock)
         return stored.addCallback(lambda _: None)
 
     def _decode(self, value: object) -> bytes | None:
