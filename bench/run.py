@@ -1,16 +1,28 @@
 """One command: direct-to-upstream versus through oaproxy, non-stream and
-stream; and what the response cache costs and saves.
+stream; what the response cache costs and saves; and, with ``--limits``,
+what the limiter costs.
 
     python bench/run.py [--requests N] [--concurrency C] [--chunks K]
+                        [--limits] [--redis URL]
 
 It starts the fake upstream (``bench/fake_upstream.py``) and oaproxy through
 the real ``twistd`` of the same virtualenv as ``sys.executable``, on loopback
 ports, with a temporary config (``dbtype: none``, one client key, one
 upstream: the fake; records policy left at its defaults). Two more oaproxy
-instances have a cache: one in memory, one in a private ``redis-server``
-(skipped when there is none). Once ``/healthz`` answers it runs
-``bench/load.py`` once per scenario and prints a table. Children are stopped
-at the end, on an error and on Ctrl-C. All traffic stays on 127.0.0.1.
+instances have a cache: one in memory, one in Redis. Once ``/healthz``
+answers it runs ``bench/load.py`` once per scenario and prints a table.
+Children are stopped at the end, on an error and on Ctrl-C. All traffic
+stays on 127.0.0.1.
+
+With ``--limits`` it also measures what the limiter costs on the hot path:
+the same load through two more oaproxy processes whose every request passes
+a global, a per-key and a per-token limit (set high enough never to refuse),
+one keeping its counters in memory, one in Redis.
+
+Redis is a private ``redis-server`` started for the run (without one the
+Redis rows are left out), or ``--redis URL``; each instance that uses it
+has a key prefix of its own, so nothing of another run (or deployment) is
+read or counted.
 
 The machine may be noisy: compare the ratios within one run, not absolute
 numbers across runs.
@@ -30,8 +42,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 HERE = Path(__file__).resolve().parent
 CLIENT_KEY = "sk-bench-client-0123456789"
@@ -124,6 +137,22 @@ def start_fake_upstream(
     return proc, int(line.rsplit(":", 1)[1])
 
 
+# Every request passes all three (and a token reservation settled by the
+# answer's usage); none of them ever refuses.
+LIMITS = (
+    "limits:\n"
+    "  backend: {backend}\n"
+    '  global: "100000000/minute"\n'
+    '  per_key: "100000000/minute"\n'
+    '  tokens_per_key: "100000000000/minute"\n'
+)
+
+
+def redis_config(redis_url: str) -> str:
+    # A prefix of its own: nothing of another run (or deployment) is counted.
+    return f"redis: {redis_url}\nredis_prefix: 'oaproxy-bench:{uuid.uuid4().hex}:'\n"
+
+
 def write_config(directory: Path, name: str, upstream_port: int, more: str = "") -> Path:
     path = directory / f"{name}.yaml"
     path.write_text(
@@ -140,8 +169,14 @@ def write_config(directory: Path, name: str, upstream_port: int, more: str = "")
     return path
 
 
-def start_proxy(children: Children, directory: Path, config: Path) -> tuple[int, int]:
-    """An oaproxy on ``config``, once it answers: its port and pid."""
+class Proxy(NamedTuple):
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+
+def start_proxy(children: Children, directory: Path, config: Path) -> Proxy:
+    """An oaproxy on ``config``, once it answers."""
     port = free_port()
     log = directory / f"{config.stem}.log"
     with log.open("wb") as log_file:
@@ -161,7 +196,7 @@ def start_proxy(children: Children, directory: Path, config: Path) -> tuple[int,
             stderr=subprocess.STDOUT,
         )
     wait_ready(port, proxy, log)
-    return port, proxy.pid
+    return Proxy(proxy, port, log)
 
 
 def start_redis(children: Children, directory: Path) -> int | None:
@@ -182,6 +217,23 @@ def start_redis(children: Children, directory: Path) -> int | None:
         except OSError:
             time.sleep(READY_INTERVAL)
     raise SystemExit("bench: redis-server did not start")
+
+
+def wait_limited(proxy: Proxy) -> None:
+    """Until answers carry the limiter's headers: its Redis connection is up
+    (before that, on_backend_error: open serves without counting)."""
+    body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}]})
+    for _ in range(READY_TRIES):
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
+        headers = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}
+        conn.request("POST", PATH, body, headers)
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        if response.getheader("x-ratelimit-limit-requests"):
+            return
+        time.sleep(READY_INTERVAL)
+    raise SystemExit(f"bench: the limiter never answered (is Redis up?):\n{tail(proxy.log)}")
 
 
 def wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -329,18 +381,21 @@ def report(
     for mode in ("non-stream", "stream"):
         direct = results[f"direct {mode}"]
         proxied = results[f"oaproxy {mode}"]
-        added = _minus(proxied["latency_ms"]["p50"], direct["latency_ms"]["p50"])
-        added99 = _minus(proxied["latency_ms"]["p99"], direct["latency_ms"]["p99"])
-        ratio = proxied["rps"] / direct["rps"] if direct["rps"] and proxied["rps"] else None
-        lines.append(
-            f"{mode:<10}  added latency p50 {fmt(added)} ms, p99 {fmt(added99)} ms;"
-            f" oaproxy/direct rate {fmt(ratio, 3)}"
-        )
-    lines.append(
-        "oaproxy RSS: after start {} KiB, after the run {} KiB".format(
-            rss.get("start") or "?", rss.get("end") or "?"
-        )
-    )
+        ratio = _ratio(proxied["rps"], direct["rps"])
+        lines.append(f"{mode:<10}  {_added(proxied, direct)}; oaproxy/direct rate {fmt(ratio, 3)}")
+    for mode in ("non-stream", "stream"):
+        plain = results[f"oaproxy {mode}"]
+        for backend in ("memory", "redis"):
+            limited = results.get(f"oaproxy {mode}, limits in {backend}")
+            if limited is None:
+                continue
+            ratio = _ratio(limited["rps"], plain["rps"])
+            lines.append(
+                f"{mode:<10}  limits in {backend:<6}: {_added(limited, plain)};"
+                f" limited/unlimited rate {fmt(ratio, 3)}"
+            )
+    for name, kib in rss.items():
+        lines.append(f"oaproxy RSS {name}: {kib or '?'} KiB")
     lines.append(
         f"cache rows: one request at a time (but x{concurrency}), to an upstream that answers"
         f" after {upstream_ms:g} ms"
@@ -360,6 +415,13 @@ def report(
             f" ms p50 and {fmt(_minus(cpu['miss'], cpu['bypass']), 3)} ms of proxy CPU"
         )
     return "\n".join(lines)
+
+
+def _added(row: dict[str, Any], base: dict[str, Any]) -> str:
+    """The latency ``row`` adds to ``base``, at p50 and p99."""
+    p50 = _minus(row["latency_ms"]["p50"], base["latency_ms"]["p50"])
+    p99 = _minus(row["latency_ms"]["p99"], base["latency_ms"]["p99"])
+    return f"added latency p50 {fmt(p50)} ms, p99 {fmt(p99)} ms"
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -389,6 +451,14 @@ def main(argv: list[str] | None = None) -> int:
         default=50.0,
         help="how long the upstream of the cache rows takes to answer (real models: 300+)",
     )
+    parser.add_argument(
+        "--limits",
+        action="store_true",
+        help="also measure the limiter: counters in memory and in Redis",
+    )
+    parser.add_argument(
+        "--redis", help="the Redis of the Redis rows (default: a private redis-server)"
+    )
     parser.add_argument("--json", action="store_true", help="also print the raw results as JSON")
     args = parser.parse_args(argv)
 
@@ -413,26 +483,48 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def run(args: argparse.Namespace, children: Children, directory: Path) -> int:
     # The children outlive no run: the fake stops itself after the longest one could take.
-    lifetime = 10 * (args.max_seconds + 30) + 60
+    runs = 4 + 10 + (4 if args.limits else 0)
+    lifetime = runs * (args.max_seconds + 30) + 60
     _fake, upstream_port = start_fake_upstream(children, args.chunks, lifetime)
-    proxy_port, proxy_pid = start_proxy(
-        children, directory, write_config(directory, "plain", upstream_port)
-    )
+    plain = start_proxy(children, directory, write_config(directory, "plain", upstream_port))
+    proxies = [plain]
+    redis_url = args.redis
+    if redis_url is None:
+        redis_port = start_redis(children, directory)
+        if redis_port is not None:
+            redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        else:
+            print("bench: no redis-server and no --redis, no Redis rows", file=sys.stderr)
+    backends = ["memory"] if redis_url is None else ["memory", "redis"]
+    # (name, proxy): the load is sent to proxy as "oaproxy {mode}{name}".
+    limited: list[tuple[str, Proxy]] = []
+    if args.limits:
+        for backend in backends:
+            more = LIMITS.format(backend=backend)
+            if backend == "redis":
+                assert redis_url is not None
+                more += redis_config(redis_url)
+            config = write_config(directory, f"limits-{backend}", upstream_port, more)
+            proxy = start_proxy(children, directory, config)
+            wait_limited(proxy)
+            limited.append((f", limits in {backend}", proxy))
+            proxies.append(proxy)
     # The cache rows: an upstream that takes time, as models do.
     _slow, slow_port = start_fake_upstream(children, args.chunks, lifetime, args.upstream_ms)
-    memory = write_config(directory, "memory", slow_port, "cache: {backend: memory}\n")
-    cached = {"memory": start_proxy(children, directory, memory)}
-    redis_port = start_redis(children, directory)
-    if redis_port is None:
-        print("bench: no redis-server, no Redis cache rows", file=sys.stderr)
-    else:
-        more = f"redis: redis://127.0.0.1:{redis_port}/0\ncache: {{backend: redis}}\n"
-        redis = write_config(directory, "redis", slow_port, more)
-        cached["redis"] = start_proxy(children, directory, redis)
-    rss = {"start": rss_kib(proxy_pid)}
+    cached: dict[str, Proxy] = {}
+    for backend in backends:
+        more = f"cache: {{backend: {backend}}}\n"
+        if backend == "redis":
+            assert redis_url is not None
+            more += redis_config(redis_url)
+        config = write_config(directory, f"cache-{backend}", slow_port, more)
+        cached[backend] = start_proxy(children, directory, config)
+        proxies.append(cached[backend])
+    rss = {"after start": rss_kib(plain.proc.pid)}
     print(
-        f"fake upstream 127.0.0.1:{upstream_port}, oaproxy 127.0.0.1:{proxy_port} (pid {proxy_pid}); "
-        f"{args.requests} requests x {args.concurrency} connections, {args.chunks} chunks per stream",
+        f"fake upstream 127.0.0.1:{upstream_port}, oaproxy 127.0.0.1:{plain.port}"
+        f" (pid {plain.proc.pid}); {args.requests} requests x {args.concurrency} connections,"
+        f" {args.chunks} chunks per stream",
         flush=True,
     )
     results: dict[str, dict[str, Any]] = {}
@@ -449,13 +541,17 @@ def run(args: argparse.Namespace, children: Children, directory: Path) -> int:
 
     for mode, stream in (("non-stream", False), ("stream", True)):
         scenario(f"direct {mode}", upstream_port, None, stream=stream, key=None)
-        scenario(f"oaproxy {mode}", proxy_port, proxy_pid, stream=stream, key=CLIENT_KEY)
+        for what, proxy in [("", plain), *limited]:
+            scenario(
+                f"oaproxy {mode}{what}", proxy.port, proxy.proc.pid, stream=stream, key=CLIENT_KEY
+            )
     # One request at a time: how fast one is answered, not how many queue.
     # Bypass: not looked up, forwarded. Misses: every request differs, so each
     # is looked up, forwarded and stored. Hits: the same request every time
     # (the warm-up stores it).
     one_by_one = {"key": CLIENT_KEY, "requests": args.cache_requests, "concurrency": 1}
-    for backend, (port, pid) in cached.items():
+    for backend, proxy in cached.items():
+        port, pid = proxy.port, proxy.proc.pid
         for name, caching, unique in (
             ("bypass", False, False),
             ("miss", True, True),
@@ -474,7 +570,12 @@ def run(args: argparse.Namespace, children: Children, directory: Path) -> int:
         # And as many at once as the rows above: how many hits one process serves.
         hits = f"cache {backend} hit x{args.concurrency}"
         scenario(hits, port, pid, stream=False, key=CLIENT_KEY, caching=True)
-    rss["end"] = rss_kib(proxy_pid)
+    rss["after the run"] = rss_kib(plain.proc.pid)
+    for what, proxy in limited:
+        rss[f"after the run{what}"] = rss_kib(proxy.proc.pid)
+    for proxy in proxies:
+        if proxy.proc.poll() is not None:
+            raise SystemExit(f"bench: oaproxy died during the run:\n{tail(proxy.log)}")
     print(report(results, rss, list(cached), args.upstream_ms, args.concurrency))
     if args.json:
         print(json.dumps({"results": results, "rss_kib": rss}, indent=2))

@@ -4,22 +4,18 @@ The forwarder calls `Notifier.alert` and goes on at once: posting is
 fire-and-forget, each post under its own short deadline, never retried, so a
 dead alert channel can neither delay nor fail the client's answer.  Repeats of
 the same failure are folded into one message per ``notify.min_interval``.
+The channels themselves are in ``oaproxy.channels``.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
 import os
-import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, cast
-from urllib.parse import quote, urlsplit, urlunsplit
 
-from attrs import define, field, frozen
+from attrs import define, frozen
 from treq.client import HTTPClient
 from treq.content import collect
 from twisted.application.service import Service
@@ -30,29 +26,25 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 
+from oaproxy.channels import AlertChannel, ChannelRequest, alert_channels, answer_problem
+from oaproxy.credentials import hide_key_shapes
+from oaproxy.record import Attempt, FailureKind, Outcome, Record
 from oaproxy.relay import BytesProducer
 
 if TYPE_CHECKING:
     # Only attributes are read from the config objects, so the import is for
     # the type checker alone.
-    from oaproxy.config import FeishuConfig, MatrixConfig, NotifyConfig
+    from oaproxy.config import NotifyConfig
 
 __all__ = [
     "Alert",
-    "AlertChannel",
-    "ChannelRequest",
-    "FeishuChannel",
-    "LegacyMatrixChannel",
-    "MatrixChannel",
     "Notifier",
-    "alert_channels",
     "alert_from_record",
-    "feishu_sign",
     "format_alert",
 ]
 
-EXHAUSTED = "exhausted"
-STREAM_FAILED = "stream_failed"
+#: The outcomes an operator is told of.
+ALERTED = frozenset({Outcome.EXHAUSTED, Outcome.STREAM_FAILED})
 
 # Enough of an answer to read Feishu's {"code":…,"msg":…} or Matrix's errcode;
 # anything longer is read (so the connection ends cleanly) but not kept.
@@ -64,40 +56,18 @@ _MAX_REASON_CHARS = 300
 # min_interval; this bounds the table when many distinct failures recur.
 _MAX_SIGNATURES = 1024
 
-# Defence in depth: reasons come from upstream error text, which could echo a
-# key back.  These shapes never reach a message.
-_SECRET_SHAPES = re.compile(
-    r"(?i)(bearer\s+)\S+"
-    r"|\bsk-[A-Za-z0-9_\-]{6,}"
-    r"|((?:api[_-]?key|access_token|token|key|sig|sign)=)[^&\s]+"
-)
-
-
-def _scrub(text: str) -> str:
-    def hide(match: re.Match[str]) -> str:
-        prefix = match.group(1) or match.group(2) or ""
-        return prefix + "***"
-
-    return _SECRET_SHAPES.sub(hide, text)
-
 
 def _without_query(path: str) -> str:
     # A query string may carry a key (`?key=…` in some APIs).
     return path.split("?", 1)[0]
 
 
-def _reason_class(reason: str) -> str:
-    """
-    Reduce a free-text reason to what makes two failures "the same".
-
-    "HTTP 502" and "HTTP 503" are one kind of failure; so are "timeout after
-    60s" and "timeout after 61.2s".
-    """
-    status = re.match(r"\s*HTTP\s+(\d)\d\d\b", reason)
-    if status:
-        return f"HTTP {status.group(1)}xx"
-    head = reason.split(":", 1)[0]
-    return re.sub(r"\d+(?:\.\d+)?", "#", head).strip().lower()[:80]
+def _failure_class(attempt: Attempt) -> tuple[FailureKind | None, int | None]:
+    """What makes two attempts' failures "the same": their kind and, for
+    answers, the hundreds of the status (HTTP 502 and 503 are one failure;
+    so are timeouts after 60s and after 61.2s)."""
+    status = attempt.status // 100 if attempt.status is not None else None
+    return attempt.failure, status
 
 
 @frozen
@@ -105,16 +75,15 @@ class Alert:
     """
     One failure worth telling an operator about.
 
-    ``attempts`` holds ``(upstream name, reason)`` pairs in the order they were
-    tried; reasons are short texts such as ``"HTTP 429"`` or
-    ``"timeout after 60s"`` and must not hold secrets.
+    ``attempts`` are the request's attempts in the order they were tried;
+    their error texts come from records, where they are already redacted.
     """
 
-    kind: str  # EXHAUSTED | STREAM_FAILED
+    kind: Outcome  # one of ALERTED
     model: str | None
     path: str
     key_name: str | None
-    attempts: tuple[tuple[str, str], ...]
+    attempts: tuple[Attempt, ...]
     record_id: str | None
     status: int | None
     method: str | None = None
@@ -125,45 +94,35 @@ class Alert:
             self.kind,
             self.model,
             _without_query(self.path),
-            tuple((upstream, _reason_class(reason)) for upstream, reason in self.attempts),
+            tuple((attempt.upstream, _failure_class(attempt)) for attempt in self.attempts),
         )
 
 
-def _attempt_reason(attempt: Mapping[str, Any]) -> str:
-    error = attempt.get("error")
-    status = attempt.get("status")
+def _attempt_reason(attempt: Attempt) -> str:
+    error = attempt.error
+    status = attempt.status
     if error and status is not None:
         return f"HTTP {status}: {error}"
     if error:
-        return str(error)
+        return error
     if status is not None:
         return f"HTTP {status}"
     return "unknown error"
 
 
-def alert_from_record(record: Mapping[str, Any]) -> Alert | None:
-    """
-    The alert a finished request's record calls for, if any.
-
-    Only the outcomes ``exhausted`` and ``stream_failed`` are alerted; the
-    record is the plain dict of the ``oaproxy.record`` log event.
-    """
-    kind = record.get("outcome")
-    if kind not in (EXHAUSTED, STREAM_FAILED):
+def alert_from_record(record: Record) -> Alert | None:
+    """The alert a finished request's record calls for, if any."""
+    if record.outcome not in ALERTED:
         return None
-    attempts = tuple(
-        (str(attempt.get("upstream")), _attempt_reason(attempt))
-        for attempt in record.get("attempts") or ()
-    )
     return Alert(
-        kind=kind,
-        model=record.get("model"),
-        path=str(record.get("path") or ""),
-        key_name=record.get("key_name"),
-        attempts=attempts,
-        record_id=record.get("id"),
-        status=record.get("status"),
-        method=record.get("method"),
+        kind=record.outcome,
+        model=record.model,
+        path=record.path,
+        key_name=record.key_name,
+        attempts=record.attempts,
+        record_id=record.id,
+        status=record.status,
+        method=record.method,
     )
 
 
@@ -176,20 +135,22 @@ def format_alert(
     if alert.method:
         where = f"{alert.method} {where}"
     key = f"key {alert.key_name}" if alert.key_name else "no client key"
-    if alert.kind == STREAM_FAILED:
-        upstream = alert.attempts[-1][0] if alert.attempts else "upstream"
+    if alert.kind is Outcome.STREAM_FAILED:
+        upstream = alert.attempts[-1].upstream if alert.attempts else "upstream"
         headline = f"stream from {upstream} failed mid-way for {model}"
-    elif alert.kind == EXHAUSTED:
+    elif alert.kind is Outcome.EXHAUSTED:
         headline = f"all upstreams failed for {model}"
     else:
-        headline = f"{alert.kind} for {model}"
+        headline = f"{alert.kind.value} for {model}"
     lines = [f"oaproxy {hostname}: {headline} ({where}, {key})"]
     shown = alert.attempts[:_MAX_ATTEMPTS_SHOWN]
-    for upstream, reason in shown:
-        reason = _scrub(reason)
+    for attempt in shown:
+        # Defence in depth: reasons come from upstream error text, which
+        # could echo a key oaproxy does not know back.
+        reason = hide_key_shapes(_attempt_reason(attempt))
         if len(reason) > _MAX_REASON_CHARS:
             reason = reason[:_MAX_REASON_CHARS] + "…"
-        lines.append(f"- {upstream}: {reason}")
+        lines.append(f"- {attempt.upstream}: {reason}")
     if len(alert.attempts) > len(shown):
         lines.append(f"- … and {len(alert.attempts) - len(shown)} more attempts")
     tail = []
@@ -204,157 +165,6 @@ def format_alert(
         window = f" in the last {since:.0f}s" if since is not None else ""
         lines.append(f"({suppressed} similar {plural} suppressed{window})")
     return "\n".join(lines)
-
-
-@frozen
-class ChannelRequest:
-    """One HTTP request that delivers a message; its URL may hold a token."""
-
-    method: str
-    url: str = field(repr=False)
-    body: Mapping[str, Any]
-    headers: Mapping[str, str] = field(factory=dict, repr=False)
-
-
-class AlertChannel(Protocol):
-    """A place alerts go to: builds the request for one message."""
-
-    @property
-    def name(self) -> str:
-        """Counter key and log name: "feishu" or "matrix"."""
-
-    @property
-    def kind(self) -> str:
-        """Either "feishu" or "matrix"; the config's channel wins over the env's."""
-
-    @property
-    def host(self) -> str:
-        """The only part of the URL that is safe to log."""
-
-    def request(self, text: str, now: float, txn_id: str) -> ChannelRequest:
-        """The request that posts ``text``."""
-
-
-def _host(url: str) -> str:
-    try:
-        return urlsplit(url).hostname or "?"
-    except ValueError:
-        return "?"
-
-
-def feishu_sign(timestamp: int, secret: str) -> str:
-    """
-    Feishu's custom-bot signature: the key is "timestamp\\nsecret" and the
-    message is empty, as the Feishu documentation specifies.
-    """
-    string_to_sign = f"{timestamp}\n{secret}".encode()
-    digest = hmac.new(string_to_sign, b"", hashlib.sha256).digest()
-    return base64.b64encode(digest).decode("ascii")
-
-
-@frozen
-class FeishuChannel:
-    """A Feishu custom bot webhook (the URL's last segment is its token)."""
-
-    webhook: str = field(repr=False)
-    secret: str | None = field(default=None, repr=False)
-    name: str = "feishu"
-    kind: str = "feishu"
-
-    @property
-    def host(self) -> str:
-        return _host(self.webhook)
-
-    def request(self, text: str, now: float, txn_id: str) -> ChannelRequest:
-        body: dict[str, Any] = {"msg_type": "text", "content": {"text": text}}
-        if self.secret:
-            timestamp = int(now)
-            body["timestamp"] = str(timestamp)
-            body["sign"] = feishu_sign(timestamp, self.secret)
-        return ChannelRequest("POST", self.webhook, body)
-
-
-@frozen
-class MatrixChannel:
-    """A room, through the Matrix client-server API's send endpoint."""
-
-    homeserver: str
-    access_token: str = field(repr=False)
-    room_id: str
-    name: str = "matrix"
-    kind: str = "matrix"
-
-    @property
-    def host(self) -> str:
-        return _host(self.homeserver)
-
-    def request(self, text: str, now: float, txn_id: str) -> ChannelRequest:
-        url = (
-            f"{self.homeserver.rstrip('/')}/_matrix/client/v3/rooms/"
-            f"{quote(self.room_id, safe='')}/send/m.room.message/"
-            f"{quote(txn_id, safe='')}"
-        )
-        return ChannelRequest(
-            "PUT",
-            url,
-            {"msgtype": "m.text", "body": text},
-            {"Authorization": f"Bearer {self.access_token}"},
-        )
-
-
-@frozen
-class LegacyMatrixChannel:
-    """
-    openai-api-route's ``MATRIX_API``: one full URL that already names the
-    room and carries the access token (``?access_token=…``).
-
-    The Go code POSTed the message to that URL as is; the room send endpoint
-    without a transaction id is deprecated, so when the URL ends with
-    ``/send/m.room.message`` a transaction id is appended and the message PUT,
-    as the client-server API wants.  Any other URL (a webhook bridge) still
-    gets the POST.  openai-api-route read no other Matrix variable, so neither
-    does this.  The body is the proper ``m.text`` content (the Go code sent
-    ``"message": "m.text"``, which Matrix ignores).
-    """
-
-    url: str = field(repr=False)
-    name: str = "matrix"
-    kind: str = "matrix"
-
-    @property
-    def host(self) -> str:
-        return _host(self.url)
-
-    def request(self, text: str, now: float, txn_id: str) -> ChannelRequest:
-        body = {"msgtype": "m.text", "body": text}
-        parts = urlsplit(self.url)
-        path = parts.path.rstrip("/")
-        if path.endswith("/send/m.room.message"):
-            path = f"{path}/{quote(txn_id, safe='')}"
-            return ChannelRequest("PUT", urlunsplit(parts._replace(path=path)), body)
-        return ChannelRequest("POST", self.url, body)
-
-
-def alert_channels(
-    config: NotifyConfig | None, environ: Mapping[str, str]
-) -> tuple[AlertChannel, ...]:
-    """
-    The channels of ``notify:`` plus openai-api-route's environment variables
-    ``FEISHU_WEBHOOK`` and ``MATRIX_API``; the config wins over the
-    environment for the same kind of channel.
-    """
-    channels: list[AlertChannel] = []
-    feishu: FeishuConfig | None = config.feishu if config is not None else None
-    matrix: MatrixConfig | None = config.matrix if config is not None else None
-    if feishu is not None:
-        channels.append(FeishuChannel(feishu.webhook, feishu.secret or None))
-    elif environ.get("FEISHU_WEBHOOK", "").strip():
-        channels.append(FeishuChannel(environ["FEISHU_WEBHOOK"].strip()))
-    if matrix is not None:
-        channels.append(MatrixChannel(matrix.homeserver, matrix.access_token, matrix.room_id))
-    elif environ.get("MATRIX_API", "").strip():
-        channels.append(LegacyMatrixChannel(environ["MATRIX_API"].strip()))
-    return tuple(channels)
 
 
 class _Seconds(Protocol):
@@ -477,7 +287,7 @@ class Notifier(Service):
         try:
             self._alert(alert)
         except Exception:  # noqa: BLE001 - an alert must never fail a request
-            self.log.failure("alert not sent: {kind}", kind=alert.kind)
+            self.log.failure("alert not sent: {kind}", kind=alert.kind.value)
 
     def _alert(self, alert: Alert) -> None:
         if not self.channels:
@@ -489,12 +299,13 @@ class Notifier(Service):
         interval = self._config.min_interval
         if seen is not None and now - seen.sent_at < interval:
             seen.suppressed += 1
-            self.suppressed[alert.kind] = self.suppressed.get(alert.kind, 0) + 1
+            kind = alert.kind.value
+            self.suppressed[kind] = self.suppressed.get(kind, 0) + 1
             for channel in self.channels:
                 self._on_result(channel.name, "suppressed")
             self.log.debug(
                 "alert suppressed: {kind} {model} (repeat within {interval}s)",
-                kind=alert.kind,
+                kind=alert.kind.value,
                 model=alert.model,
                 interval=interval,
             )
@@ -573,7 +384,7 @@ class Notifier(Service):
 
     def _delivered(self, answer: tuple[int, bytes], channel: AlertChannel) -> None:
         code, body = answer
-        problem = _answer_problem(channel, code, body)
+        problem = answer_problem(channel, code, body)
         if problem is not None:
             raise _AlertChannelError(problem)
         self.sent[channel.name] = self.sent.get(channel.name, 0) + 1
@@ -597,29 +408,3 @@ class Notifier(Service):
 
     def _settled(self, result: None, posting: Deferred[None]) -> None:
         self._in_flight.discard(posting)
-
-
-def _json_object(body: bytes) -> Mapping[str, Any]:
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _answer_problem(channel: AlertChannel, code: int, body: bytes) -> str | None:
-    """Why an answer is not a success, in words safe to log; None if it is."""
-    answer = _json_object(body)
-    if not 200 <= code < 300:
-        # Matrix errcodes (M_FORBIDDEN…) are fixed names, safe to log.
-        errcode = answer.get("errcode")
-        detail = f" {errcode[:64]}" if isinstance(errcode, str) else ""
-        return f"HTTP {code}{detail}"
-    if channel.kind == "feishu":
-        # Feishu answers 200 with a non-zero code for a bad sign, an unknown
-        # bot or a rate limit (older deployments used StatusCode).
-        feishu_code = answer.get("code", answer.get("StatusCode", 0))
-        if feishu_code not in (0, None):
-            message = answer.get("msg", answer.get("StatusMessage", ""))
-            return f"Feishu code {feishu_code}: {_scrub(str(message))[:200]}"
-    return None

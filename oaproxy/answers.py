@@ -3,7 +3,9 @@
 A refusal (``oaproxy.errors.ErrorAnswer``: 401, 403, 413…) and a cache hit
 (``oaproxy.cache.lookup.CacheHit``) are both whole answers held in memory: a
 status, a content type and a body. The pipeline writes every one of them the
-same way (``write_answer``) and records it like any other request.
+same way (``write_answer``) and records it like any other request, with the
+outcome the answer says (``ok`` for a hit, ``rate_limited`` for a limit's
+refusal).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 from typing import Protocol
 
 from twisted.web import server
+
+from oaproxy.record import LimitRefusal, Outcome
 
 
 class LocalAnswer(Protocol):
@@ -21,6 +25,17 @@ class LocalAnswer(Protocol):
 
     @property
     def content_type(self) -> bytes: ...
+
+    @property
+    def outcome(self) -> Outcome:
+        """How the request ended, for its record and metrics."""
+        ...
+
+    @property
+    def limit(self) -> LimitRefusal | None:
+        """The limit that refused the request (outcome ``rate_limited``);
+        None for every other answer."""
+        ...
 
     def body(self) -> bytes: ...
 

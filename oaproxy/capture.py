@@ -1,44 +1,26 @@
-"""What a record keeps of a request and its answer, read on the hot path.
+"""What a record keeps of a request body and of the answer, read on the hot path.
 
-Everything here is pure and cheap: bodies are parsed once, streams are
-reassembled chunk by chunk with a byte budget, and nothing here logs.
+Everything here is pure and cheap: streams are reassembled chunk by chunk
+with a byte budget, and nothing here logs.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
 from typing import Any
-from urllib.parse import unquote
 
-from attrs import field, frozen
+from attrs import frozen
 
 from oaproxy.config import Price
+from oaproxy.inspection import media_type, parse_json
+from oaproxy.multipart import describe_multipart
+from oaproxy.record import JSONObject, Usage
 
 _COMPACT = (",", ":")
 
-#: Header names (lower case) whose values never reach a record.
-REDACTED_HEADERS = frozenset(
-    {
-        "authorization",
-        "proxy-authorization",
-        "api-key",
-        "x-api-key",
-        "x-goog-api-key",
-        "cookie",
-        "set-cookie",
-    }
-)
-REDACTED = "[redacted]"
-
 #: Joins the texts of several choices (``n > 1``) into one ``response_text``.
 CHOICE_SEPARATOR = "\n\n"
-
-#: A multipart field without a filename keeps its value when shorter than this.
-MULTIPART_VALUE_BYTES = 1024
-#: At most this many multipart fields are described; more marks it truncated.
-MULTIPART_MAX_FIELDS = 64
 
 _TEXT_TYPES = frozenset(
     {
@@ -57,20 +39,8 @@ _TEXT_TYPES = frozenset(
 # Small helpers
 
 
-def _media_type(content_type: str | bytes | None) -> str | None:
-    if content_type is None:
-        return None
-    if isinstance(content_type, bytes):
-        content_type = content_type.decode("latin-1")
-    return content_type.partition(";")[0].strip().lower() or None
-
-
-def _is_text_type(media_type: str) -> bool:
-    return (
-        media_type.startswith("text/")
-        or media_type in _TEXT_TYPES
-        or media_type.endswith(("+json", "+xml"))
-    )
+def _is_text_type(kind: str) -> bool:
+    return kind.startswith("text/") or kind in _TEXT_TYPES or kind.endswith(("+json", "+xml"))
 
 
 def _utf8_boundary(data: bytes | bytearray, limit: int) -> int:
@@ -114,20 +84,6 @@ def _decode_prefix(data: bytes, max_bytes: int) -> tuple[str, bool]:
     return data[:cut].decode("utf-8", "replace"), True
 
 
-def _loads(data: bytes | str) -> Any:
-    """json.loads, with None for anything that is not JSON."""
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError):
-        # ValueError covers JSONDecodeError and UnicodeDecodeError.
-        return None
-
-
-def _looks_like_json_object(body: bytes) -> bool:
-    # Only the head is stripped: bodies may be tens of MiB.
-    return body[:64].lstrip()[:1] == b"{"
-
-
 def _int(value: object) -> int:
     # bool is an int subclass, but a token count of True is nonsense.
     if isinstance(value, int) and not isinstance(value, bool):
@@ -137,7 +93,7 @@ def _int(value: object) -> int:
     return 0
 
 
-def normalise_usage(usage: object) -> dict[str, int] | None:
+def normalise_usage(usage: object) -> Usage | None:
     """The record's usage: prompt, completion and total tokens as ints.
 
     Accepts chat/completions/embeddings usage (``prompt_tokens``…) and
@@ -158,99 +114,23 @@ def normalise_usage(usage: object) -> dict[str, int] | None:
     else:
         return None
     total = usage.get("total_tokens")
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": _int(total) if total is not None else prompt + completion,
-    }
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=_int(total) if total is not None else prompt + completion,
+    )
 
 
-def cost(usage: Mapping[str, Any] | None, price: Price | None) -> float | None:
+def cost(usage: Usage | None, price: Price | None) -> float | None:
     """US dollars for the usage at a per-million-tokens price; None if either is unknown."""
     if usage is None or price is None:
         return None
-    prompt = _int(usage.get("prompt_tokens"))
-    completion = _int(usage.get("completion_tokens"))
-    return (prompt * price.input + completion * price.output) / 1_000_000
-
-
-# --------------------------------------------------------------------------
-# Requests
-
-
-@frozen
-class RequestFields:
-    """What the forwarder needs from a request body, parsed once.
-
-    ``parsed`` is the decoded JSON object (None for non-JSON or invalid JSON
-    bodies); it is shared, not copied: do not mutate it.
-    """
-
-    model: str | None
-    stream: bool
-    include_usage: bool
-    parsed: dict[str, Any] | None = field(default=None, eq=False, repr=False)
-
-
-NOT_JSON = RequestFields(model=None, stream=False, include_usage=False, parsed=None)
-
-
-def request_fields(body: bytes, content_type: str | bytes | None) -> RequestFields:
-    """Model, stream flag and ``stream_options.include_usage`` of a request body.
-
-    A body is JSON when its content type says so or, failing that, when it
-    starts with ``{`` (clients that forget the header).  Invalid JSON is not
-    an error here: the upstream is the judge of that.
-    """
-    media_type = _media_type(content_type)
-    if media_type is not None and media_type.startswith("multipart/"):
-        return NOT_JSON
-    is_json = media_type is not None and (
-        media_type == "application/json" or media_type.endswith("+json")
-    )
-    if not is_json and not _looks_like_json_object(body):
-        return NOT_JSON
-    parsed = _loads(body)
-    if not isinstance(parsed, dict):
-        return NOT_JSON
-    model = parsed.get("model")
-    stream_options = parsed.get("stream_options")
-    return RequestFields(
-        model=model if isinstance(model, str) else None,
-        stream=parsed.get("stream") is True,
-        include_usage=isinstance(stream_options, dict)
-        and stream_options.get("include_usage") is True,
-        parsed=parsed,
-    )
-
-
-def with_stream_usage(parsed: Mapping[str, Any]) -> bytes:
-    """The request body again, asking for usage in the stream's last chunk.
-
-    Merges ``"include_usage": true`` into ``stream_options`` (other options
-    kept); ``parsed`` is not modified.  The caller must send the new
-    Content-Length.
-    """
-    body = dict(parsed)
-    stream_options = body.get("stream_options")
-    merged = dict(stream_options) if isinstance(stream_options, dict) else {}
-    merged["include_usage"] = True
-    body["stream_options"] = merged
-    return json_body(body)
-
-
-def json_body(value: Any) -> bytes:
-    """``value`` as a compact JSON body, UTF-8."""
-    try:
-        return json.dumps(value, separators=_COMPACT, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        # A lone surrogate from a "\ud800" escape cannot be UTF-8; escape all.
-        return json.dumps(value, separators=_COMPACT).encode("ascii")
+    return (usage.prompt_tokens * price.input + usage.completion_tokens * price.output) / 1_000_000
 
 
 def describe_body(
     body: bytes, content_type: str | bytes | None, max_bytes: int
-) -> tuple[str | dict[str, Any] | None, bool]:
+) -> tuple[str | JSONObject | None, bool]:
     """The request body as a record keeps it, and whether it was truncated.
 
     JSON and text bodies become text (UTF-8, errors replaced) of at most
@@ -261,8 +141,8 @@ def describe_body(
     """
     if not body:
         return None, False
-    media_type = _media_type(content_type)
-    if media_type is None:
+    kind = media_type(content_type)
+    if kind is None:
         # No content type: keep it as text only when it is text.
         head_cut = _utf8_boundary(body, max_bytes)
         try:
@@ -270,177 +150,11 @@ def describe_body(
         except UnicodeDecodeError:
             return {"content_type": None, "size": len(body)}, False
         return _decode_prefix(body, max_bytes)
-    if _is_text_type(media_type):
+    if _is_text_type(kind):
         return _decode_prefix(body, max_bytes)
-    if media_type == "multipart/form-data":
-        return _describe_multipart(body, content_type or "")
-    return {"content_type": media_type, "size": len(body)}, False
-
-
-def _header_params(value: str) -> tuple[str, dict[str, str]]:
-    """Split ``form-data; name="a;b"; filename=x`` into the value and its parameters."""
-    params: dict[str, str] = {}
-    i = value.find(";")
-    if i < 0:
-        return value.strip().lower(), params
-    main = value[:i].strip().lower()
-    n = len(value)
-    while i < n:
-        i += 1  # past the ";"
-        eq = value.find("=", i)
-        if eq < 0:
-            break
-        name = value[i:eq].strip().lower()
-        j = eq + 1
-        while j < n and value[j] in " \t":
-            j += 1
-        if j < n and value[j] == '"':
-            # Quoted string: may hold ";"; backslash escapes one character.
-            chars = []
-            j += 1
-            while j < n and value[j] != '"':
-                if value[j] == "\\" and j + 1 < n:
-                    j += 1
-                chars.append(value[j])
-                j += 1
-            param = "".join(chars)
-            semi = value.find(";", j)
-        else:
-            semi = value.find(";", j)
-            param = value[j : semi if semi >= 0 else n].strip()
-        params[name] = param
-        if semi < 0:
-            break
-        i = semi
-    return main, params
-
-
-def _describe_multipart(body: bytes, content_type: str | bytes) -> tuple[dict[str, Any], bool]:
-    size = len(body)
-    fallback = {"content_type": "multipart/form-data", "size": size}
-    if isinstance(content_type, bytes):
-        content_type = content_type.decode("latin-1")
-    boundary = _header_params(content_type)[1].get("boundary")
-    if not boundary:
-        return fallback, False
-    try:
-        delimiter = b"--" + boundary.encode("latin-1")
-    except UnicodeEncodeError:
-        return fallback, False
-    fields: list[dict[str, Any]] = []
-    truncated = False
-    pos = body.find(delimiter)
-    # The first delimiter starts the body or a line after a preamble.
-    if pos < 0 or (pos > 0 and body[pos - 1] != 0x0A):
-        return fallback, False
-    next_delimiter = b"\n" + delimiter
-    while True:
-        after = pos + len(delimiter)
-        if body.startswith(b"--", after):
-            break  # close delimiter
-        eol = body.find(b"\n", after)
-        if eol < 0:
-            break
-        start = eol + 1
-        nxt = body.find(next_delimiter, start)
-        # Leniency: a missing close delimiter ends the last part at the body's end.
-        end = nxt if nxt >= 0 else size
-        if end > start and body[end - 1] == 0x0D:
-            end -= 1
-        if len(fields) >= MULTIPART_MAX_FIELDS:
-            truncated = True
-            break
-        fields.append(_describe_part(body, start, end))
-        if nxt < 0:
-            break
-        pos = nxt + 1
-    if not fields:
-        return fallback, False
-    return {
-        "content_type": "multipart/form-data",
-        "size": size,
-        "fields": fields,
-    }, truncated
-
-
-def _describe_part(body: bytes, start: int, end: int) -> dict[str, Any]:
-    # The headers end at the first blank line, CRLF or (leniently) LF.
-    if body.startswith(b"\r\n", start):
-        header_end, content_start = start, start + 2
-    elif body.startswith(b"\n", start):
-        header_end, content_start = start, start + 1
-    else:
-        header_end = body.find(b"\r\n\r\n", start, end)
-        if header_end >= 0:
-            content_start = header_end + 4
-        else:
-            header_end = body.find(b"\n\n", start, end)
-            content_start = header_end + 2 if header_end >= 0 else end
-            if header_end < 0:
-                header_end = end
-    name = filename = part_type = None
-    for raw_line in body[start:header_end].split(b"\n"):
-        header, sep, value = raw_line.decode("utf-8", "replace").partition(":")
-        if not sep:
-            continue
-        header = header.strip().lower()
-        if header == "content-disposition":
-            params = _header_params(value)[1]
-            name = params.get("name")
-            filename = params.get("filename")
-            extended = params.get("filename*")
-            if extended is not None:
-                # RFC 5987: charset'language'percent-encoded
-                charset, _, rest = extended.partition("'")
-                _, _, encoded = rest.partition("'")
-                try:
-                    filename = unquote(encoded, encoding=charset or "utf-8", errors="replace")
-                except LookupError:
-                    filename = unquote(encoded, errors="replace")
-        elif header == "content-type":
-            part_type = value.strip()
-    part_size = max(end - content_start, 0)
-    described: dict[str, Any] = {"name": name}
-    if filename is not None:
-        described["filename"] = filename
-    if part_type is not None:
-        described["content_type"] = part_type
-    if filename is None and part_size < MULTIPART_VALUE_BYTES:
-        described["value"] = body[content_start:end].decode("utf-8", "replace")
-    else:
-        described["size"] = part_size
-    return described
-
-
-def redact_headers(
-    headers: Iterable[tuple[bytes | str, bytes | str | Iterable[bytes | str]]] | Mapping[Any, Any],
-) -> dict[str, str]:
-    """Headers as a record keeps them: lower-case names, secrets replaced.
-
-    Takes ``(name, value)`` pairs, ``(name, [values])`` pairs as Twisted's
-    ``Headers.getAllRawHeaders()`` yields them, or a mapping of either.
-    Repeated headers are joined with ", ".
-    """
-    items = headers.items() if isinstance(headers, Mapping) else headers
-    result: dict[str, str] = {}
-    for raw_name, raw_value in items:
-        name = (
-            raw_name.decode("latin-1") if isinstance(raw_name, bytes) else str(raw_name)
-        ).lower()
-        if name in REDACTED_HEADERS:
-            result[name] = REDACTED
-            continue
-        if isinstance(raw_value, (bytes, str)):
-            value = (
-                raw_value.decode("utf-8", "replace") if isinstance(raw_value, bytes) else raw_value
-            )
-        else:
-            value = ", ".join(
-                v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in raw_value
-            )
-        previous = result.get(name)
-        result[name] = value if previous is None else previous + ", " + value
-    return result
+    if kind == "multipart/form-data":
+        return describe_multipart(body, content_type or "")
+    return {"content_type": kind, "size": len(body)}, False
 
 
 # --------------------------------------------------------------------------
@@ -467,7 +181,7 @@ class CapturedResponse:
     tool_calls: list[dict[str, Any]] | None = None
     finish_reason: str | None = None
     refusal: str | None = None
-    usage: dict[str, int] | None = None
+    usage: Usage | None = None
     truncated: tuple[str, ...] = ()
     error: dict[str, Any] | None = None
     texts: tuple[str | None, ...] = ()
@@ -528,7 +242,7 @@ class _Assembler:
 
     def __init__(self, max_bytes: int) -> None:
         self.choices: dict[int, _Choice] = {}
-        self.usage: dict[str, int] | None = None
+        self.usage: Usage | None = None
         self.error: dict[str, Any] | None = None
         self.text_budget = _Budget(max_bytes)
         self.refusal_budget = _Budget(max_bytes)
@@ -683,7 +397,7 @@ class StreamCapture:
             return False
         if data[:6] == (b"[DONE]" if isinstance(data, bytes) else "[DONE]"):
             return False
-        chunk = _loads(data)
+        chunk = parse_json(data)
         if not isinstance(chunk, dict):
             return False
         assembler = self._assembler
@@ -765,7 +479,7 @@ def capture_json_response(body: bytes, max_bytes: int) -> CapturedResponse:
     (``text``), embeddings (usage only) and error bodies (``text`` is the whole body as compact JSON, cut
     at max_bytes).  A body that is not a JSON object captures nothing.
     """
-    obj = _loads(body)
+    obj = parse_json(body)
     if not isinstance(obj, dict):
         return CapturedResponse()
     error = obj.get("error")

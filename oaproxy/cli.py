@@ -14,8 +14,8 @@ Times are ISO 8601 dates or date-times (``2026-11-01``,
 ``2026-11-01T12:00``, ``2026-11-01T12:00+08:00``, ``…Z``); one without a zone
 is UTC.  Or relative to now: ``30m``, ``24h``, ``7d``, ``2w``, ``90s``, ``now``.
 
-This is a plain synchronous DB-API client (no reactor): a command reads,
-prints and exits.  Exit status: 0 done, 1 database (or output) error, 2 bad
+This is a plain synchronous DB-API client (no reactor, the database side
+in ``oaproxy.recordstore``): a command reads, prints and exits.  Exit status: 0 done, 1 database (or output) error, 2 bad
 usage or configuration; errors are one line on stderr, never a traceback
 and never the DSN (it may hold a password).
 
@@ -44,12 +44,10 @@ import io
 import json
 import os
 import re
-import sqlite3
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import (
     closing,
     contextmanager,
@@ -58,66 +56,35 @@ from contextlib import (
     suppress,
 )
 from datetime import datetime, timezone
-from typing import Any, TextIO, TypeVar
+from typing import Any, TextIO
 
-from attrs import field, frozen
-
-from oaproxy.config import ConfigError, load_config
-from oaproxy.sinks.sql import (
-    DBTYPES,
-    POSTGRES,
-    SCHEMA_VERSION,
-    SQLITE,
-    TABLE,
-    VERSION_TABLE,
-    open_database,
-    placeholder,
+from oaproxy.record import BadRecord, Record, decode_record
+from oaproxy.recordstore import (
+    EXIT_DATABASE,
+    EXIT_OK,
+    EXIT_USAGE,
+    GROUP_COLUMNS,
+    CommandError,
+    Filters,
+    UsageRow,
+    fetch_rows,
+    resolve_database,
+    usage_rows,
+    with_database,
 )
+from oaproxy.sinks.sql import DBTYPES, TABLE, placeholder
 
 __all__ = [
-    "EXIT_DATABASE",
-    "EXIT_OK",
-    "EXIT_USAGE",
-    "CommandError",
-    "Database",
-    "Filters",
-    "UsageRow",
+    "build_parser",
     "chat_item",
     "main",
     "parse_time",
+    "usage_table",
+    "usage_total",
 ]
 
 
-class _ReadingEnviron(Mapping[str, str]):
-    """The environment, where unset variables stand in as placeholders.
-
-    Reading records needs only ``dbtype`` and ``dbaddr``; the daemon's other
-    secrets (an upstream's ``sk``) need not be set in an operator's shell.
-    """
-
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self._environ = environ
-
-    def __getitem__(self, name: str) -> str:
-        return self._environ.get(name, f"unset-{name}")
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._environ)
-
-    def __len__(self) -> int:
-        return len(self._environ)
-
-
-EXIT_OK = 0
-EXIT_DATABASE = 1
-EXIT_USAGE = 2
-
 DEFAULT_CONFIG = "etc/config.yaml"
-
-#: Rows fetched per round trip while streaming an export.
-FETCH_SIZE = 500
-
-_T = TypeVar("_T")
 
 _UTC = timezone.utc
 
@@ -133,18 +100,6 @@ exit status: 0 done, 1 database or output error, 2 bad usage or config.
 
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-
-#: The columns ``usage --by`` may group on.
-_GROUPS = {"key": "key_name", "model": "model"}
-
-
-class CommandError(Exception):
-    """A failure to report as one line on stderr, with an exit status."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message, status)
-        self.message = message
-        self.status = status
 
 
 def parse_time(text: str, now: float) -> float:
@@ -179,86 +134,14 @@ def _iso(moment: float) -> str:
     return datetime.fromtimestamp(moment, _UTC).isoformat()
 
 
-@frozen
-class Database:
-    """Where the records are.
-
-    ``where`` is how messages name the database; never the DSN, which may
-    hold a password.
-    """
-
-    dbtype: str
-    dbaddr: str = field(repr=False)
-    where: str
-
-
-@frozen
-class Filters:
-    """The records a command looks at: ``since <= time < until``, and one of
-    ``keys`` / ``models`` when given.
-    """
-
-    since: float | None = None
-    until: float | None = None
-    keys: tuple[str, ...] = ()
-    models: tuple[str, ...] = ()
-
-    def where(self, mark: str) -> tuple[str, list[object]]:
-        """The ``WHERE`` clause (empty, or with a leading space) and its
-        parameters, with ``mark`` as the parameter marker.
-        """
-        conditions: list[str] = []
-        parameters: list[object] = []
-        if self.since is not None:
-            conditions.append(f"time >= {mark}")
-            parameters.append(self.since)
-        if self.until is not None:
-            conditions.append(f"time < {mark}")
-            parameters.append(self.until)
-        for column, values in (("key_name", self.keys), ("model", self.models)):
-            if values:
-                conditions.append(f"{column} IN ({', '.join([mark] * len(values))})")
-                parameters.extend(values)
-        if not conditions:
-            return "", parameters
-        return " WHERE " + " AND ".join(conditions), parameters
-
-
-@frozen
-class UsageRow:
-    """One group of ``usage``: ``group`` maps each ``--by`` name (``key``,
-    ``model``) to its value, ``None`` for records without one.  ``cost`` is
-    ``None`` when no record of the group had a cost.
-    """
-
-    group: dict[str, str | None]
-    requests: int
-    ok: int
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    cost: float | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            **self.group,
-            "requests": self.requests,
-            "ok": self.ok,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.total_tokens,
-            "cost": self.cost,
-        }
-
-
 # -- the chat shape -------------------------------------------------------
 
 
-def chat_item(record: dict[str, Any]) -> dict[str, Any] | None:
+def chat_item(record: Record) -> dict[str, Any] | None:
     """One record in the shape of openai-forward's ``chat_openai.json`` items,
     or ``None`` when its request body has no chat ``messages``.
     """
-    body = record.get("request_body")
+    body: Any = record.request_body
     if isinstance(body, str):
         try:
             body = json.loads(body)
@@ -275,183 +158,23 @@ def chat_item(record: dict[str, Any]) -> dict[str, Any] | None:
         for message in messages
         if isinstance(message, dict) and isinstance(message.get("role"), str)
     ]
-    calls = record.get("tool_calls")
-    if not isinstance(calls, list):
-        calls = []
+    calls = record.tool_calls or []
     # The capture gives legacy function_call answers the tool-call shape;
     # which kind it was shows in what the request offered.
     legacy = "functions" in body and "tools" not in body
-    moment = record.get("time")
     return {
-        "datetime": (
-            datetime.fromtimestamp(moment, _UTC).strftime("%Y-%m-%d %H:%M:%S")
-            if isinstance(moment, (int, float)) and not isinstance(moment, bool)
-            else None
-        ),
-        "ip": record.get("client_ip"),
-        "model": record.get("model") or body.get("model"),
+        "datetime": datetime.fromtimestamp(record.time, _UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        "ip": record.client_ip,
+        "model": record.model or body.get("model"),
         "temperature": body.get("temperature", 1),
         "messages": pairs,
         "functions": body.get("functions"),
         "tools": body.get("tools"),
         "is_function_call": bool(calls) and legacy,
         "is_tool_calls": bool(calls) and not legacy,
-        "assistant": record.get("response_text"),
+        "assistant": record.response_text,
         "tool_calls": calls or None,
     }
-
-
-# -- the database ---------------------------------------------------------
-
-
-def _database_errors(dbtype: str) -> tuple[type[BaseException], ...]:
-    if dbtype == POSTGRES:
-        import psycopg2
-
-        return (psycopg2.Error,)
-    return (sqlite3.Error,)
-
-
-def _error_text(error: BaseException, database: Database) -> str:
-    """The first line of a driver's message, with any password taken out."""
-    lines = str(error).strip().splitlines()
-    text = lines[0].strip() if lines else type(error).__name__
-    if database.dbtype != POSTGRES:
-        return text
-    import psycopg2
-    from psycopg2.extensions import parse_dsn
-
-    try:
-        password = parse_dsn(database.dbaddr).get("password")
-    except psycopg2.Error:
-        # libpq's parse errors quote pieces of the DSN, maybe the password.
-        return "the DSN is neither libpq key=value pairs nor a postgresql:// URL"
-    if password:
-        text = text.replace(password, "***")
-    return text
-
-
-def _missing_table(error: BaseException) -> bool:
-    if getattr(error, "pgcode", None) == "42P01":  # undefined_table
-        return True
-    return isinstance(error, sqlite3.OperationalError) and "no such table" in str(error)
-
-
-def _check_schema(connection: Any, database: Database) -> None:
-    cursor = connection.cursor()
-    try:
-        cursor.execute(f"SELECT version FROM {VERSION_TABLE}")
-        versions = [row[0] for row in cursor.fetchall()]
-    except _database_errors(database.dbtype) as e:
-        if not _missing_table(e):
-            raise
-        raise CommandError(
-            f"{database.where} has no oaproxy records table "
-            f"(has oaproxy stored any record there yet?)",
-            EXIT_DATABASE,
-        ) from None
-    finally:
-        cursor.close()
-    found = max(versions, default=0)
-    if found > SCHEMA_VERSION:
-        raise CommandError(
-            f"{database.where} has schema version {found}, newer than this "
-            f"oaproxy's {SCHEMA_VERSION}: upgrade oaproxy to read it",
-            EXIT_DATABASE,
-        )
-
-
-def with_database(database: Database, work: Callable[[Any], _T]) -> _T:
-    """Run ``work(connection)`` on a read-only connection to ``database``;
-    driver errors become ``CommandError``s.
-    """
-    errors = _database_errors(database.dbtype)
-    # sqlite would create an empty database, and a reader must not.
-    if (
-        database.dbtype == SQLITE
-        and database.dbaddr != ":memory:"
-        and not os.path.isfile(database.dbaddr)
-    ):
-        raise CommandError(
-            f"{database.where} does not exist (has oaproxy stored any record yet?)",
-            EXIT_DATABASE,
-        )
-    try:
-        connection = open_database(database.dbtype, database.dbaddr)
-    except errors + (OSError,) as e:
-        raise CommandError(
-            f"cannot open {database.where}: {_error_text(e, database)}", EXIT_DATABASE
-        ) from None
-    try:
-        if database.dbtype == POSTGRES:
-            connection.readonly = True
-        _check_schema(connection, database)
-        return work(connection)
-    except errors as e:
-        raise CommandError(f"{database.where}: {_error_text(e, database)}", EXIT_DATABASE) from None
-    finally:
-        with suppress(*errors):
-            connection.close()
-
-
-def _rows(
-    connection: Any, dbtype: str, sql: str, parameters: Sequence[object]
-) -> Generator[tuple[Any, ...], None, None]:
-    """The rows of a query, ``FETCH_SIZE`` at a time."""
-    if dbtype == POSTGRES:
-        # A named (server-side) cursor: a plain psycopg2 cursor would hold
-        # the whole result in memory before the first fetchmany.
-        cursor = connection.cursor(name=f"oaproxy_cli_{uuid.uuid4().hex[:12]}")
-    else:
-        cursor = connection.cursor()
-    try:
-        cursor.execute(sql, tuple(parameters))
-        while True:
-            batch = cursor.fetchmany(FETCH_SIZE)
-            if not batch:
-                return
-            yield from batch
-    finally:
-        cursor.close()
-
-
-def resolve_database(args: argparse.Namespace) -> Database:
-    """The database the options name: ``--dbtype``/``--dbaddr`` over the config."""
-    dbtype: str | None = args.dbtype
-    dbaddr: str | None = args.dbaddr
-    config_path: str = args.config
-    from_config = False
-    if dbtype is None or dbaddr is None:
-        try:
-            config = load_config(config_path, _ReadingEnviron(os.environ))
-        except ConfigError as e:
-            raise CommandError(str(e), EXIT_USAGE) from None
-        if config.dbtype not in DBTYPES and dbtype is None:
-            raise CommandError(
-                f"{config_path}: dbtype is {config.dbtype}: there is no SQL record "
-                f"store to read (set dbtype to sqlite or postgres there, or give "
-                f"--dbtype and --dbaddr)",
-                EXIT_USAGE,
-            )
-        if dbaddr is None:
-            if dbtype is not None and dbtype != config.dbtype:
-                raise CommandError(
-                    f"--dbtype {dbtype} differs from dbtype {config.dbtype} in "
-                    f"{config_path}: give --dbaddr too",
-                    EXIT_USAGE,
-                )
-            dbaddr = config.dbaddr
-            from_config = True
-        dbtype = dbtype or config.dbtype
-    if dbtype == POSTGRES:
-        where = (
-            f"the postgres database in {config_path}"
-            if from_config
-            else "the postgres database given by --dbaddr"
-        )
-    else:
-        where = f"the sqlite database {dbaddr}"
-    return Database(dbtype=dbtype, dbaddr=dbaddr, where=where)
 
 
 def _filters(args: argparse.Namespace) -> Filters:
@@ -504,7 +227,7 @@ def _export(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
 
     def work(connection: Any) -> int:
         # closing(): the cursor goes before the connection, whatever happens.
-        rows = _rows(connection, database.dbtype, sql, parameters)
+        rows = fetch_rows(connection, database.dbtype, sql, parameters)
         with closing(rows), _output(args.output, stdout) as out:
             return _write_chat(rows, out) if chat else _write_jsonl(rows, out)
 
@@ -541,10 +264,9 @@ def _write_chat(rows: Iterator[tuple[Any, ...]], out: TextIO) -> int:
     out.write("[")
     for (document,) in rows:
         try:
-            record = json.loads(document)
-        except (TypeError, ValueError):
-            record = None
-        item = chat_item(record) if isinstance(record, dict) else None
+            item = chat_item(decode_record(document))
+        except BadRecord:
+            item = None
         if item is None:
             skipped += 1
             continue
@@ -562,48 +284,6 @@ def _utf8(stream: TextIO) -> None:
 
 
 # -- usage ----------------------------------------------------------------
-
-
-def _number(value: Any) -> int:
-    # PostgreSQL's SUM of BIGINT is NUMERIC: Decimal here.
-    return int(value) if value is not None else 0
-
-
-def usage_rows(connection: Any, dbtype: str, by: Sequence[str], filters: Filters) -> list[UsageRow]:
-    """The usage groups, summed by the database, in order of their names
-    (records without a key or model last).
-    """
-    columns = [_GROUPS[name] for name in by]
-    where, parameters = filters.where(placeholder(dbtype))
-    sql = (
-        f"SELECT {', '.join(columns)}, COUNT(*),"
-        " SUM(CASE WHEN status < 400 THEN 1 ELSE 0 END),"
-        " SUM(prompt_tokens), SUM(completion_tokens), SUM(total_tokens), SUM(cost)"
-        f" FROM {TABLE}{where} GROUP BY {', '.join(columns)}"
-    )
-    cursor = connection.cursor()
-    try:
-        cursor.execute(sql, tuple(parameters))
-        fetched = cursor.fetchall()
-    finally:
-        cursor.close()
-    groups = len(columns)
-    rows = [
-        UsageRow(
-            group=dict(zip(by, row[:groups])),
-            requests=_number(row[groups]),
-            ok=_number(row[groups + 1]),
-            prompt_tokens=_number(row[groups + 2]),
-            completion_tokens=_number(row[groups + 3]),
-            total_tokens=_number(row[groups + 4]),
-            cost=None if row[groups + 5] is None else float(row[groups + 5]),
-        )
-        for row in fetched
-    ]
-    # Sorted here, not by ORDER BY: the two databases collate text and
-    # place NULLs differently, and the groups are few.
-    rows.sort(key=lambda row: [(value is None, value or "") for value in row.group.values()])
-    return rows
 
 
 def usage_total(rows: Sequence[UsageRow], by: Sequence[str]) -> UsageRow:
@@ -664,7 +344,7 @@ def usage_table(rows: Sequence[UsageRow], by: Sequence[str]) -> str:
 
 def _by(text: str) -> tuple[str, ...]:
     names = tuple(name.strip() for name in text.split(","))
-    if not names or any(n not in _GROUPS for n in names) or len(set(names)) != len(names):
+    if not names or any(n not in GROUP_COLUMNS for n in names) or len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"{text!r}: expected key, model or key,model")
     return names
 

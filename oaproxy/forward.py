@@ -32,19 +32,17 @@ from twisted.web.server import Request
 
 from oaproxy.cache.ticket import CacheTicket
 from oaproxy.config import Upstream
+from oaproxy.credentials import Redactor
 from oaproxy.errors import error_body
 from oaproxy.headers import response_headers, upstream_headers
 from oaproxy.inspection import Inspected
-from oaproxy.relay import BodyCollector, RelayResult, RequestBody, StreamRelay, describe
+from oaproxy.record import FailureKind, LimitRefusal, Outcome
+from oaproxy.relay import BodyCollector, RelayFailure, RequestBody, StreamRelay, describe
+from oaproxy.upstreamclient import NoResponse, retry_on_new_connection
 
 # Statuses worth another upstream: the upstream (its key, its quota, its
 # health) is the problem. Other 4xx mean the request itself is wrong.
 FAILOVER_STATUSES = frozenset({401, 403, 404, 408, 409, 429})
-
-REDACTED = b"[redacted]"
-
-# Written into a request's error when the daemon's stop cut it off.
-CUT_AT_SHUTDOWN = "cut at shutdown"
 
 # A non-stream answer is held whole before it is written (to fail over an
 # upstream dying mid-body); past this size an answer is refused, not buffered.
@@ -104,21 +102,22 @@ class AttemptTimeout(Exception):
 
 @define
 class AttemptLog:
+    """One attempt while it runs; the record keeps it as an ``Attempt``."""
+
     upstream: str
     started: float
     status: int | None = None
     error: str | None = None
+    failure: FailureKind | None = None
     ttfb: float | None = None
     duration: float | None = None
+    # Why the request went out a second time, on a new connection (the pooled
+    # one was stale); not in the record yet (issue 11 makes it an attempt).
+    resent: str | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "upstream": self.upstream,
-            "status": self.status,
-            "error": self.error,
-            "ttfb": self.ttfb,
-            "duration": self.duration,
-        }
+    def failed(self, failure: FailureKind, error: str) -> None:
+        self.failure = failure
+        self.error = error
 
 
 @define(eq=False)
@@ -140,17 +139,53 @@ class Exchange:
     attempts: list[AttemptLog] = field(factory=list)
     upstream: str | None = None
     status: int | None = None
-    outcome: str = "ok"
+    _outcome: Outcome = field(default=Outcome.OK, alias="outcome")
     ttfb: float | None = None
     finished: float | None = None
     bytes_out: int = 0
     response_body: bytes | None = None  # a non-stream answer, for the record
     error: str | None = None  # why a committed stream ended badly
     client_gone: bool = False
-    # Headers added to the answer, whoever writes it (see web.ProxyRequest).
+    # The proxy cut the request off at shutdown.
+    cut: bool = False
+    # Headers for the answer, whatever it is, over the upstream's (see
+    # oaproxy.web.ProxyRequest); the pipeline gives the request's own.
     answer_headers: Headers = field(factory=Headers)
+    # The tokens and budget a gate reserved, settled when the request is
+    # over (oaproxy.traffic.tokens).
+    reservation: Any = None
+    # The limit that refused the request, for its record.
+    limit: LimitRefusal | None = None
     # What the response cache decided; None when it was not asked.
     cache: CacheTicket | None = None
+
+    @property
+    def outcome(self) -> Outcome:
+        # After a cut the client's side closes too: that is not why it ended.
+        return Outcome.SHUTDOWN if self.cut else self._outcome
+
+    @outcome.setter
+    def outcome(self, outcome: Outcome) -> None:
+        self._outcome = outcome
+
+    def client_disconnected(
+        self,
+        attempt: AttemptLog | None = None,
+        failure: FailureKind = FailureKind.CANCELLED,
+        why: str = "client disconnected",
+    ) -> None:
+        """The client went away (or was let go): the request ends here, and
+        the attempt under way, if any, was cancelled rather than failed."""
+        self.client_gone = True
+        self.outcome = Outcome.CLIENT_DISCONNECTED
+        if attempt is not None:
+            attempt.failed(failure, f"cancelled: {why}")
+
+    def cut_at_shutdown(self) -> None:
+        """Mark the request as cut off by the proxy (still in flight after
+        ``shutdown_timeout``), before its connection is aborted."""
+        self.cut = True
+        self.error = f"cut at {Outcome.SHUTDOWN.value}"
 
 
 class Forwarder:
@@ -166,21 +201,23 @@ class Forwarder:
         cooperator: Cooperator,
         *,
         stream_idle_timeout: float,
+        redactor: Redactor,
         on_event: Callable[[Exchange, Upstream], Callable[[bytes], bool]] | None = None,
         on_attempt: Callable[[Exchange, AttemptLog], None] | None = None,
-        pooled: Callable[[], bool] = lambda: True,
+        stream_pace: Callable[[bytes], float | None] | None = None,
     ) -> None:
         self._clock = clock
         self._agent = agent
         self._fresh_agent = fresh_agent
         self._cooperator = cooperator
         self._idle_timeout = stream_idle_timeout
+        self._redactor = redactor
         self._on_event = on_event
         # Told of each attempt as it ends (the pipeline's observers).
         self._on_attempt = on_attempt
-        # Says, right after agent.request(), whether that request went out on
-        # a connection from the pool: only such a connection can be stale.
-        self._pooled = pooled
+        # Seconds between two content events of a stream, by request URI
+        # (limits.stream_pace); None: not paced.
+        self._stream_pace = stream_pace
 
     def forward(
         self, request: Request, exchange: Exchange, candidates: Sequence[Upstream]
@@ -210,44 +247,41 @@ class Forwarder:
                     request, exchange, upstream, attempt, deadline, with_usage
                 )
             except AttemptTimeout as e:
-                attempt.error = str(e)
+                attempt.failed(FailureKind.TIMEOUT, str(e))
                 self._end_attempt(exchange, attempt)
                 continue
-            except CancelledError:
-                attempt.error = "cancelled: client disconnected"
-                self._end_attempt(exchange, attempt)
-                exchange.client_gone = True
-                exchange.outcome = "client_disconnected"
-                return exchange
             except Exception as e:  # noqa: BLE001 - any failed attempt means the next upstream
-                if exchange.client_gone:
-                    attempt.error = "cancelled: client disconnected"
+                if exchange.client_gone or isinstance(e, CancelledError):
+                    exchange.client_disconnected(attempt)
                     self._end_attempt(exchange, attempt)
-                    exchange.outcome = "client_disconnected"
                     return exchange
-                attempt.error = describe(e)
+                attempt.failed(*describe(e))
                 self._end_attempt(exchange, attempt)
                 continue
             if isinstance(result, Committed):
                 await self._finish_relay(exchange, attempt, result)
                 return exchange
             attempt.status = result.status
-            self._end_attempt(exchange, attempt)
             if exchange.usage_added and result.status in (400, 422):
                 # Some OpenAI-compatible servers refuse stream_options: once
                 # more on the same upstream, with the body the client sent.
+                self._end_attempt(exchange, attempt)
                 tries.appendleft((upstream, False))
                 continue
             if fails_over(result.status):
+                attempt.failure = FailureKind.STATUS
+                self._end_attempt(exchange, attempt)
                 last_answer = result
                 continue
+            self._end_attempt(exchange, attempt)
             self._send(request, exchange, result)
-            exchange.outcome = "ok" if result.status < 400 else "client_error"
+            exchange.outcome = Outcome.OK if result.status < 400 else Outcome.CLIENT_ERROR
             return exchange
         self._exhausted(request, exchange, last_answer)
         return exchange
 
     def _end_attempt(self, exchange: Exchange, attempt: AttemptLog) -> None:
+        """The attempt is over and says why: time it, tell the observers."""
         attempt.duration = self._clock.seconds() - attempt.started
         if self._on_attempt is not None:
             self._on_attempt(exchange, attempt)
@@ -279,7 +313,7 @@ class Forwarder:
         call = exchange.call
         exchange.usage_added = with_usage and call.inspected.asks_usage_for(upstream)
         sent = call.inspected.body_for(upstream) if with_usage else call.inspected.body
-        response = await self._request(upstream, call, sent)
+        response = await self._request(upstream, call, sent, attempt)
         attempt.ttfb = self._clock.seconds() - attempt.started
         status = response.code
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
@@ -293,7 +327,9 @@ class Forwarder:
         body = await collector.finished
         return Answer(upstream, status, response.phrase, response.headers, body)
 
-    async def _request(self, upstream: Upstream, call: Call, body: RequestBody) -> IResponse:
+    async def _request(
+        self, upstream: Upstream, call: Call, body: RequestBody, attempt: AttemptLog
+    ) -> IResponse:
         url = upstream.endpoint.encode("utf-8") + call.upstream_path
         headers = upstream_headers(
             call.headers,
@@ -302,14 +338,14 @@ class Forwarder:
             forwarded_for=call.forwarded_for,
         )
         sent = self._agent.request(call.method, url, headers, body.producer(self._cooperator))
-        pooled = self._pooled()
         try:
             return await sent
         except (RequestNotSent, ResponseNeverReceived) as e:
             # On a new connection the failure is the upstream's doing (it
             # may have acted on the request): fail over, never send it twice.
-            if not (pooled and _stale_connection(e)):
+            if not _stale_connection(e):
                 raise
+            attempt.resent = describe(e)[1]
         # A pooled connection the upstream had closed: once more, on a new one.
         return await self._fresh_agent.request(
             call.method, url, headers, body.producer(self._cooperator)
@@ -338,6 +374,7 @@ class Forwarder:
             self._idle_timeout,
             sse=sse,
             on_event=self._on_event(exchange, upstream) if sse and self._on_event else None,
+            pace=self._stream_pace(exchange.call.path) if sse and self._stream_pace else None,
         )
         response.deliverBody(relay)
         await relay.first_event
@@ -347,29 +384,27 @@ class Forwarder:
         self, exchange: Exchange, attempt: AttemptLog, committed: Committed
     ) -> None:
         attempt.status = committed.status
+        failure: RelayFailure | None
         try:
-            result = await committed.relay.done
+            failure = await committed.relay.done
         except CancelledError:
-            result = RelayResult(ok=False, error="client disconnected", client_gone=True)
-        self._end_attempt(exchange, attempt)
+            failure = RelayFailure(FailureKind.CANCELLED, "client disconnected")
         exchange.bytes_out = committed.relay.bytes_out
-        if result.client_gone:
-            exchange.client_gone = True
-            exchange.outcome = "client_disconnected"
-            attempt.error = f"cancelled: {result.error}"
-        elif not result.ok:
-            exchange.outcome = "stream_failed"
-            exchange.error = result.error
-            attempt.error = result.error
+        if failure is not None and failure.kind.caused_by_client:
+            exchange.client_disconnected(attempt, failure.kind, failure.error)
+        elif failure is not None:
+            exchange.outcome = Outcome.STREAM_FAILED
+            exchange.error = failure.error
+            attempt.failed(failure.kind, failure.error)
+        self._end_attempt(exchange, attempt)
 
     def _send(self, request: Request, exchange: Exchange, answer: Answer) -> None:
         exchange.upstream = answer.upstream.name
         exchange.status = answer.status
         body = answer.body
-        sk = answer.upstream.sk
-        if answer.status >= 400 and sk and sk != "asis":
+        if answer.status >= 400:
             # Some upstreams quote the key they refused; it is not the client's.
-            body = body.replace(sk.encode("utf-8"), REDACTED)
+            body = self._redactor.redact_bytes(body)
         exchange.response_body = body
         request.setResponseCode(answer.status, answer.phrase)
         _copy_headers(request, answer.headers)
@@ -392,14 +427,12 @@ class Forwarder:
         request.finish()
 
     def _exhausted(self, request: Request, exchange: Exchange, last: Answer | None) -> None:
-        exchange.outcome = "exhausted"
+        exchange.outcome = Outcome.EXHAUSTED
         if last is not None:
             # The SDK then raises what the upstream meant (a real 429 or 500).
             self._send(request, exchange, last)
             return
-        timeouts = all(
-            a.error is not None and a.error.startswith("timeout") for a in exchange.attempts
-        )
+        timeouts = all(a.failure is FailureKind.TIMEOUT for a in exchange.attempts)
         status = 504 if timeouts else 502
         reasons = "; ".join(f"{a.upstream}: {a.error}" for a in exchange.attempts)
         message = f"All upstreams failed: {reasons}"
@@ -435,6 +468,10 @@ def _authorization(upstream: Upstream, call: Call) -> bytes | None:
 
 def _stale_connection(error: Exception) -> bool:
     """A pooled connection that was dead before this request, not a cancel."""
+    if isinstance(error, NoResponse):
+        # Our upstream client says whether the connection had been reused.
+        return retry_on_new_connection(error)
+    # Another agent cannot tell: any connection may have come from a pool.
     if isinstance(error, RequestNotSent):
         return True
     reasons: list[Failure] = getattr(error, "reasons", [])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from attrs import frozen
@@ -33,13 +33,15 @@ from oaproxy.inspection import inspect_request
 from oaproxy.iprules import IPRules
 from oaproxy.ledger import RequestLedger
 from oaproxy.logfile import JSONLogFile
-from oaproxy.metrics import Metrics, MetricsResource
+from oaproxy.metrics import Metrics
 from oaproxy.observers import Alerting, MetricsCounting, ReadinessFollowing, RecordPublishing
 from oaproxy.pipeline import CandidateFilter, Gate, HeadGate, Observer, Observers, Pipeline
 from oaproxy.records import RecordEmitter, RecordMaker
 from oaproxy.routing import Router
+from oaproxy.scrape import MetricsResource
 from oaproxy.sharedredis import SharedRedis
 from oaproxy.sinks import FileSink, QueuedSink, SQLSink
+from oaproxy.traffic.control import MemoryTraffic, build_traffic
 from oaproxy.web import ProxyResource, RootResource
 
 
@@ -51,8 +53,8 @@ class Shared:
     agent: IAgent
     # For the one retry after a stale pooled connection: a new connection.
     fresh_agent: IAgent
-    # Says, right after agent.request(), whether it used a pooled connection.
-    pooled: Callable[[], bool]
+    # Alerts go out on an agent of their own, not through the upstream pool.
+    alert_agent: IAgent
     cooperator: Cooperator
     records: RecordEmitter
     metrics: Metrics
@@ -63,6 +65,8 @@ class Shared:
     wall_clock: Callable[[], float]
     # Spreading load needs no cryptographic randomness; tests seed it.
     rng: random.Random
+    # The limits' counters of limits.backend: memory.
+    traffic: MemoryTraffic
 
     @classmethod
     def create(
@@ -72,7 +76,7 @@ class Shared:
         *,
         agent: IAgent,
         fresh_agent: IAgent,
-        pooled: Callable[[], bool],
+        alert_agent: IAgent,
         environ: Mapping[str, str],
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
@@ -81,7 +85,7 @@ class Shared:
             reactor=reactor,
             agent=agent,
             fresh_agent=fresh_agent,
-            pooled=pooled,
+            alert_agent=alert_agent,
             cooperator=Cooperator(scheduler=lambda work: reactor.callLater(0, work)),
             records=RecordEmitter(),
             metrics=Metrics(known_models(config), upstream_names(config)),
@@ -90,6 +94,7 @@ class Shared:
             environ=environ,
             wall_clock=wall_clock,
             rng=rng or random.Random(),
+            traffic=MemoryTraffic.create(reactor),
         )
 
 
@@ -112,9 +117,14 @@ class Generation:
 
 
 def build_generation(
-    config: Config, shared: Shared, previous: Generation | None = None
+    config: Config,
+    shared: Shared,
+    previous: Generation | None = None,
+    *,
+    observers: Sequence[Observer] = (),
 ) -> Generation:
-    """Build what ``config`` makes; raises whatever stops a part being made."""
+    """Build what ``config`` makes; raises whatever stops a part being made.
+    ``observers`` watch requests beside the built-in ones."""
     reactor = shared.reactor
     if previous is not None and _sink_section(previous.config) == _sink_section(config):
         sinks = previous.sinks
@@ -125,7 +135,7 @@ def build_generation(
     else:
         notifier = Notifier.from_config(
             config.notify,
-            shared.agent,
+            shared.alert_agent,
             reactor,
             config.hostname,
             environ=shared.environ,
@@ -146,40 +156,53 @@ def build_generation(
         log_file = previous.log_file
     else:
         log_file = JSONLogFile(config.log_file, reactor) if config.log_file else None
-    observers: list[Observer] = [
+    traffic = build_traffic(
+        config,
+        reactor=reactor,
+        wall_clock=shared.wall_clock,
+        memory=shared.traffic,
+        shared_redis=shared_redis,
+        count_backend_error=shared.metrics.limiter_backend_error,
+    )
+    records = RecordMaker(config)
+    stream_observer: StreamObserver = records.stream_observer
+    router = Router(config, shared.rng)
+    # IP rules first: a denied address gets 403 whatever it sends; request
+    # limits after the client key.
+    ip_rules = IPRules.from_config(config)
+    head_gates: list[HeadGate] = [] if ip_rules is None else [ip_rules]
+    head_gates += [*builtin_head_gates(router), *traffic.head_gates]
+    content_filter = ContentFilter.from_config(config)
+    candidate_filters: list[CandidateFilter] = [] if content_filter is None else [content_filter]
+    gates: list[Gate] = []
+    watchers: list[Observer] = [
         RecordPublishing(shared.records),
         MetricsCounting(shared.metrics),
         ReadinessFollowing(shared.readiness),
         Alerting(notifier),
+        *observers,
     ]
-    records = RecordMaker(config)
-    stream_observer: StreamObserver = records.stream_observer
-    router = Router(config, shared.rng)
-    # IP rules first: a denied address gets 403 whatever it sends.
-    ip_rules = IPRules.from_config(config)
-    head_gates: list[HeadGate] = [] if ip_rules is None else [ip_rules]
-    head_gates.extend(builtin_head_gates(router))
-    content_filter = ContentFilter.from_config(config)
-    candidate_filters: list[CandidateFilter] = [] if content_filter is None else [content_filter]
-    gates: list[Gate] = []
     if response_cache is not None:
-        # First of the gates: a hit costs no tokens.
+        # First of the gates, before the token limits: a hit costs no tokens.
         gates.append(response_cache)
-        observers.append(response_cache)
+        watchers.append(response_cache)
         stream_observer = response_cache.following(stream_observer)
+    gates += traffic.gates
+    watchers += traffic.observers
     # Last: a stop waiting for the last request goes on only once its
     # record is on its way.
-    observers.append(shared.ledger)
-    every_observer = Observers(observers)
+    watchers.append(shared.ledger)
+    watching = Observers(watchers)
     forwarder = Forwarder(
         reactor,
         shared.agent,
         shared.fresh_agent,
         shared.cooperator,
         stream_idle_timeout=config.stream_idle_timeout,
+        redactor=records.redactor,
         on_event=stream_observer,
-        on_attempt=every_observer.attempt_finished,
-        pooled=shared.pooled,
+        on_attempt=watching.attempt_finished,
+        stream_pace=traffic.stream_pace,
     )
     pipeline = Pipeline(
         config,
@@ -192,7 +215,7 @@ def build_generation(
         head_gates=head_gates,
         candidate_filters=candidate_filters,
         gates=gates,
-        observers=every_observer,
+        observers=watching,
     )
     root = RootResource(
         ProxyResource(pipeline),

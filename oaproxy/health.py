@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from oaproxy.forward import fails_over
+from oaproxy.record import Record
 
 # Consecutive failed attempts after which an upstream counts as unusable
 # until one of its attempts succeeds again.
@@ -39,16 +39,15 @@ class Readiness:
         self._failures = {name: self._failures.get(name, 0) for name in self._upstreams}
         self._sinks = sinks
 
-    def observe(self, record: Mapping[str, Any]) -> None:
-        for attempt in record.get("attempts", ()):
-            name = attempt.get("upstream")
+    def observe(self, record: Record) -> None:
+        for attempt in record.attempts:
+            name = attempt.upstream
             if name not in self._failures:
                 continue
-            error = attempt.get("error")
-            status = attempt.get("status")
-            if error is not None and error.startswith("cancelled"):
+            failure = attempt.failure
+            if failure is not None and failure.caused_by_client:
                 continue
-            if error is None and status is not None and not fails_over(status):
+            if failure is None and attempt.status is not None:
                 self._failures[name] = 0
             else:
                 self._failures[name] += 1

@@ -11,16 +11,109 @@ parameters it does not know.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
-from attrs import define, field
+from attrs import define, field, frozen
 
-from oaproxy.capture import NOT_JSON, RequestFields, json_body, request_fields, with_stream_usage
 from oaproxy.config import Upstream
 from oaproxy.relay import RequestBody
 
+_COMPACT = (",", ":")
 CACHING = "caching"
+
+
+def media_type(content_type: str | bytes | None) -> str | None:
+    """The media type of a Content-Type value, lower case, without parameters."""
+    if content_type is None:
+        return None
+    if isinstance(content_type, bytes):
+        content_type = content_type.decode("latin-1")
+    return content_type.partition(";")[0].strip().lower() or None
+
+
+def parse_json(data: bytes | str) -> Any:
+    """json.loads, with None for anything that is not JSON."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        # ValueError covers JSONDecodeError and UnicodeDecodeError.
+        return None
+
+
+def _looks_like_json_object(body: bytes) -> bool:
+    # Only the head is stripped: bodies may be tens of MiB.
+    return body[:64].lstrip()[:1] == b"{"
+
+
+@frozen
+class RequestFields:
+    """What the forwarder needs from a request body, parsed once.
+
+    ``parsed`` is the decoded JSON object (None for non-JSON or invalid JSON
+    bodies); it is shared, not copied: do not mutate it.
+    """
+
+    model: str | None
+    stream: bool
+    include_usage: bool
+    parsed: dict[str, Any] | None = field(default=None, eq=False, repr=False)
+
+
+NOT_JSON = RequestFields(model=None, stream=False, include_usage=False, parsed=None)
+
+
+def request_fields(body: bytes, content_type: str | bytes | None) -> RequestFields:
+    """Model, stream flag and ``stream_options.include_usage`` of a request body.
+
+    A body is JSON when its content type says so or, failing that, when it
+    starts with ``{`` (clients that forget the header).  Invalid JSON is not
+    an error here: the upstream is the judge of that.
+    """
+    kind = media_type(content_type)
+    if kind is not None and kind.startswith("multipart/"):
+        return NOT_JSON
+    is_json = kind is not None and (kind == "application/json" or kind.endswith("+json"))
+    if not is_json and not _looks_like_json_object(body):
+        return NOT_JSON
+    parsed = parse_json(body)
+    if not isinstance(parsed, dict):
+        return NOT_JSON
+    model = parsed.get("model")
+    stream_options = parsed.get("stream_options")
+    return RequestFields(
+        model=model if isinstance(model, str) else None,
+        stream=parsed.get("stream") is True,
+        include_usage=isinstance(stream_options, dict)
+        and stream_options.get("include_usage") is True,
+        parsed=parsed,
+    )
+
+
+def with_stream_usage(parsed: Mapping[str, Any]) -> bytes:
+    """The request body again, asking for usage in the stream's last chunk.
+
+    Merges ``"include_usage": true`` into ``stream_options`` (other options
+    kept); ``parsed`` is not modified.  The caller must send the new
+    Content-Length.
+    """
+    body = dict(parsed)
+    stream_options = body.get("stream_options")
+    merged = dict(stream_options) if isinstance(stream_options, dict) else {}
+    merged["include_usage"] = True
+    body["stream_options"] = merged
+    return json_body(body)
+
+
+def json_body(value: Any) -> bytes:
+    """``value`` as a compact JSON body, UTF-8."""
+    try:
+        return json.dumps(value, separators=_COMPACT, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate from a "\ud800" escape cannot be UTF-8; escape all.
+        return json.dumps(value, separators=_COMPACT).encode("ascii")
 
 
 @define
@@ -37,7 +130,8 @@ class Inspected:
 
     @property
     def parsed(self) -> dict[str, Any] | None:
-        """The body's JSON object (without "caching"); shared: do not mutate it."""
+        """The JSON body (without "caching"), parsed once; None for other bodies.
+        Shared: do not mutate."""
         return self._fields.parsed
 
     def asks_usage_for(self, upstream: Upstream) -> bool:

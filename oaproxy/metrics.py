@@ -5,20 +5,19 @@ build as many as they like and a config reload keeps the same object (see
 ``Metrics.update_labels``), so collectors are registered exactly once.
 
 The forwarder calls ``Metrics.request_started`` when a client request arrives
-and ``Metrics.request_finished`` with the record (the dict described in the
-spec) when it is done; everything per request is derived from the record.
-Every label value is bounded: models, routes and upstreams outside the
-configured or well-known sets are counted as ``"other"``, so no client can
-create new time series by sending made-up names.
+and ``Metrics.request_finished`` with its ``Record`` when it is done;
+everything per request is derived from the record. Every label value is
+bounded: models, routes and upstreams outside the configured or well-known
+sets are counted as ``"other"``, so no client can create new time series by
+sending made-up names.
 
-``MetricsResource`` exposes the registry at ``/v1/metrics`` and ``/metrics``.
+``oaproxy.scrape.MetricsResource`` exposes the registry.
 """
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Protocol, cast
+from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -29,20 +28,14 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     Metric,
 )
 from twisted.logger import Logger
-from twisted.web.iweb import IRequest
-from twisted.web.resource import Resource
-from twisted.web.server import Request
 
-from oaproxy.cache.ticket import CacheResult
-from oaproxy.errors import error_body
-from oaproxy.routing import NOT_BEARER, WRONG_KEY
+from oaproxy.record import Attempt, CacheResult, FailureKind, Outcome, Record
 
 __all__ = [
     "ALERT_CHANNELS",
@@ -52,7 +45,6 @@ __all__ = [
     "LATENCY_BUCKETS",
     "ActiveRequest",
     "Metrics",
-    "MetricsResource",
     "SinkStats",
     "attempt_outcome",
     "route_label",
@@ -128,24 +120,21 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 
 ALERT_CHANNELS: tuple[str, ...] = ("feishu", "matrix")
 ALERT_RESULTS: tuple[str, ...] = ("ok", "error", "timeout", "suppressed")
-# A record's "cache", as counted in oaproxy_cache_total (besides "store").
-CACHE_RESULTS: frozenset[str] = frozenset(result.value for result in CacheResult)
 
 OTHER = "other"
 NONE = "none"
 
-# Prefixes of an attempt's "error" string, as agreed with the forwarder, and
-# the outcome label each one maps to.
-_ERROR_OUTCOMES: tuple[tuple[str, str], ...] = (
-    ("timeout", "timeout"),
-    ("connect", "connect_error"),
-    ("cancelled", "cancelled"),
-)
-
-_TOKEN_KINDS: tuple[tuple[str, str], ...] = (
-    ("prompt_tokens", "prompt"),
-    ("completion_tokens", "completion"),
-)
+# The attempt outcome label of the failures that have one of their own,
+# whatever the status (a stream can fall silent after its 200 headers).
+_FAILURE_OUTCOMES: dict[FailureKind, str] = {
+    FailureKind.TIMEOUT: "timeout",
+    FailureKind.STREAM_IDLE: "timeout",
+    FailureKind.CONNECT_ERROR: "connect_error",
+    FailureKind.DNS_ERROR: "connect_error",
+    FailureKind.TLS_ERROR: "connect_error",
+    FailureKind.CANCELLED: "cancelled",
+    FailureKind.CLIENT_STOPPED_READING: "cancelled",
+}
 
 
 def status_class(status: object) -> str:
@@ -162,29 +151,24 @@ def status_class(status: object) -> str:
     return OTHER
 
 
-def attempt_outcome(attempt: Mapping[str, Any]) -> str:
+def attempt_outcome(attempt: Attempt) -> str:
     """Map one attempt of a record to its outcome label.
 
-    The forwarder's ``error`` strings start with ``"timeout"``, ``"connect"`` or
-    ``"cancelled"`` (the client went away) for those failures; they win over
-    the status, since a stream can time out after its 200 headers.
-
-    ``attempt`` has the keys ``{"upstream", "status", "error", "ttfb",
-    "duration"}``.  Returns ``"timeout"``, ``"connect_error"``,
-    ``"cancelled"``, ``"ok"`` for a 2xx without error, the status class
-    (``"4xx"``, ``"5xx"``, …) for any other status, or ``"error"`` otherwise
-    (including a 2xx that broke with some other error, such as a stream cut
-    mid-way).
+    Returns ``"timeout"`` (the deadline, or a stream idle too long),
+    ``"connect_error"`` (connection, DNS or TLS), ``"cancelled"`` (the client
+    went away), ``"ok"`` for a 2xx that served, the status class (``"4xx"``,
+    ``"5xx"``, …) of any other answer, or ``"error"`` otherwise (including
+    a 2xx that broke some other way, such as a stream cut mid-way).
     """
-    error = attempt.get("error")
-    status = attempt.get("status")
-    if isinstance(error, str):
-        for prefix, outcome in _ERROR_OUTCOMES:
-            if error.startswith(prefix):
-                return outcome
-    klass = status_class(status)
+    failure = attempt.failure
+    label = _FAILURE_OUTCOMES.get(failure) if failure is not None else None
+    if label is not None:
+        return label
+    if failure is not None and failure is not FailureKind.STATUS:
+        return "error"
+    klass = status_class(attempt.status)
     if klass == "2xx":
-        return "error" if error else "ok"
+        return "ok"
     if klass in (NONE, OTHER):
         return "error"
     return klass
@@ -215,18 +199,6 @@ def _bounded(value: object, allowed: frozenset[str]) -> str:
     if isinstance(value, str) and value in allowed:
         return value
     return OTHER
-
-
-def _seconds(value: object) -> float | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    return None
-
-
-def _count(value: object) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    return 0
 
 
 class SinkStats(Protocol):
@@ -445,6 +417,17 @@ class Metrics:
             ["channel", "result"],
             registry=registry,
         )
+        self._rate_limited = Counter(
+            "oaproxy_rate_limited",
+            "Requests refused by a limit, by its kind and scope.",
+            ["kind", "scope"],
+            registry=registry,
+        )
+        self._limiter_backend_errors = Counter(
+            "oaproxy_limiter_backend_errors",
+            "Checks and settlements the limiter's backend (Redis) failed.",
+            registry=registry,
+        )
         self._cache = Counter(
             "oaproxy_cache",
             "Response cache lookups by result (hit, miss, bypass), and entries stored (store).",
@@ -497,17 +480,12 @@ class Metrics:
             self._active_streams.inc()
         return ActiveRequest(self, stream)
 
-    def request_finished(
-        self, record: Mapping[str, Any], active: ActiveRequest | None = None
-    ) -> None:
+    def request_finished(self, record: Record, active: ActiveRequest | None = None) -> None:
         """Count a finished client request from its record.
 
-        Never raises: a malformed record is logged, and metrics never break
+        Never raises: a failure to count is logged, and metrics never break
         a request.
 
-        ``record`` is the record dict of the spec (``path``, ``status``,
-        ``upstream``, ``ttfb``, ``duration``, ``bytes_in``, ``bytes_out``,
-        ``usage``, ``model``, ``stream``, ``attempts``, ``outcome``).
         ``active`` is the handle from ``request_started``, finished here if
         given (finishing twice is harmless).
         """
@@ -516,54 +494,50 @@ class Metrics:
         try:
             self._count_record(record)
         except Exception:  # noqa: BLE001 -- counting must never fail a request
-            self.log.failure(
-                "Could not count record {record_id} in metrics",
-                record_id=record.get("id"),
-            )
+            self.log.failure("Could not count record {record_id} in metrics", record_id=record.id)
 
-    def _count_record(self, record: Mapping[str, Any]) -> None:
-        route = route_label(record.get("path"))
-        upstream = self.upstream_label(record.get("upstream"))
-        self._requests.labels(route, status_class(record.get("status")), upstream).inc()
+    def _count_record(self, record: Record) -> None:
+        route = route_label(record.path)
+        upstream = self.upstream_label(record.upstream)
+        self._requests.labels(route, status_class(record.status), upstream).inc()
 
-        duration = _seconds(record.get("duration"))
-        if duration is not None:
-            self._duration.labels(route).observe(duration)
-        ttfb = _seconds(record.get("ttfb"))
-        if ttfb is not None:
-            stream = "true" if record.get("stream") else "false"
-            self._ttfb.labels(route, stream).observe(ttfb)
+        # The reactor's clock is the wall clock: a step back makes a time negative.
+        if record.duration >= 0:
+            self._duration.labels(route).observe(record.duration)
+        if record.ttfb is not None and record.ttfb >= 0:
+            self._ttfb.labels(route, "true" if record.stream else "false").observe(record.ttfb)
 
-        attempts = record.get("attempts") or ()
+        attempts = record.attempts
         last = len(attempts) - 1
         for index, attempt in enumerate(attempts):
-            if not isinstance(attempt, Mapping):
-                continue
-            attempt_upstream = self.upstream_label(attempt.get("upstream"))
+            attempt_upstream = self.upstream_label(attempt.upstream)
             self._attempts.labels(attempt_upstream, attempt_outcome(attempt)).inc()
             if index < last:
                 self._failovers.labels(attempt_upstream).inc()
-        if record.get("outcome") == "exhausted":
+        if record.outcome is Outcome.EXHAUSTED:
             self._exhausted.labels(route).inc()
+        if record.limit is not None:
+            self._rate_limited.labels(record.limit.kind.value, record.limit.scope.value).inc()
 
-        bytes_in = _count(record.get("bytes_in"))
-        if bytes_in:
-            self._bytes_in.inc(bytes_in)
-        bytes_out = _count(record.get("bytes_out"))
-        if bytes_out:
-            self._bytes_out.inc(bytes_out)
+        if record.bytes_in:
+            self._bytes_in.inc(record.bytes_in)
+        if record.bytes_out:
+            self._bytes_out.inc(record.bytes_out)
 
-        cache = record.get("cache")
-        if cache in CACHE_RESULTS:
-            self._cache.labels(cache).inc()
-        usage = record.get("usage")
+        if record.cache is not None:
+            self._cache.labels(record.cache.value).inc()
+        usage = record.usage
         # A cache hit's usage is the replayed answer's: no upstream used tokens.
-        if isinstance(usage, Mapping) and cache != CacheResult.HIT.value:
-            model = self.model_label(record.get("model"))
-            for key, kind in _TOKEN_KINDS:
-                tokens = _count(usage.get(key))
-                if tokens:
-                    self._tokens.labels(upstream, model, kind).inc(tokens)
+        if usage is not None and record.cache is not CacheResult.HIT:
+            model = self.model_label(record.model)
+            if usage.prompt_tokens > 0:
+                self._tokens.labels(upstream, model, "prompt").inc(usage.prompt_tokens)
+            if usage.completion_tokens > 0:
+                self._tokens.labels(upstream, model, "completion").inc(usage.completion_tokens)
+
+    def limiter_backend_error(self) -> None:
+        """Count one failure of the limiter's backend (see ``oaproxy.traffic.backend``)."""
+        self._limiter_backend_errors.inc()
 
     def cache_stored(self) -> None:
         """Count one answer stored in the response cache."""
@@ -592,60 +566,3 @@ class Metrics:
     def remove_sink(self, name: str) -> None:
         """Stop exposing the sink called ``name``; unknown names are ignored."""
         self._sinks.sinks.pop(name, None)
-
-
-class MetricsResource(Resource):
-    """Serves the metrics in the Prometheus text format (or OpenMetrics when the
-    scraper asks for it), optionally behind a bearer key.
-
-    ``metrics_key`` is the key scrapers must send as
-    ``Authorization: Bearer <key>``, or ``None`` for an open endpoint.
-    Assignable on reload.
-    """
-
-    isLeaf = True
-
-    def __init__(self, metrics: Metrics, metrics_key: str | None = None) -> None:
-        super().__init__()
-        self._metrics = metrics
-        self.metrics_key = metrics_key
-
-    def render(self, request: IRequest) -> bytes:
-        # Site hands us a server.Request; the cast lets mypy see its methods
-        # with or without the mypy-zope plugin.
-        return self._render(cast(Request, request))
-
-    def _render(self, request: Request) -> bytes:
-        # Our own 405: Resource.render's goes through a deprecated error page.
-        if request.method not in (b"GET", b"HEAD"):
-            request.setResponseCode(405)
-            request.setHeader(b"allow", b"GET, HEAD")
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            return b"Method Not Allowed\n"
-        return self._render_get(request)
-
-    def _render_get(self, request: Request) -> bytes:
-        refusal = self._refusal(request)
-        if refusal is not None:
-            request.setResponseCode(401)
-            request.setHeader(b"content-type", b"application/json")
-            request.setHeader(b"www-authenticate", b"Bearer")
-            return error_body(refusal, code="invalid_api_key")
-        accept = request.getHeader(b"accept")
-        encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
-        output = encoder(self._metrics.registry)
-        request.setHeader(b"content-type", content_type.encode("ascii"))
-        request.setHeader(b"cache-control", b"no-store")
-        return output
-
-    def _refusal(self, request: Request) -> str | None:
-        key = self.metrics_key
-        if not key:
-            return None
-        header = request.getHeader(b"authorization")
-        if header is None or not header.startswith(b"Bearer "):
-            return NOT_BEARER
-        given = header[len(b"Bearer ") :].strip()
-        if not hmac.compare_digest(given, key.encode("utf-8")):
-            return WRONG_KEY
-        return None

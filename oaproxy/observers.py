@@ -3,8 +3,6 @@ alerts. Each sees a finished request's record (see ``oaproxy.pipeline``)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.web.server import Request
 
 from oaproxy.alerts import Notifier, alert_from_record
@@ -12,6 +10,7 @@ from oaproxy.forward import Exchange
 from oaproxy.health import Readiness
 from oaproxy.metrics import Metrics
 from oaproxy.pipeline import Observer
+from oaproxy.record import Record
 from oaproxy.records import RecordEmitter
 
 
@@ -21,7 +20,7 @@ class RecordPublishing(Observer):
     def __init__(self, emitter: RecordEmitter) -> None:
         self._emitter = emitter
 
-    def request_finished(self, exchange: Exchange, record: Any) -> None:
+    def request_finished(self, exchange: Exchange, record: Record | None) -> None:
         if record is not None:
             self._emitter.emit(record)
 
@@ -35,7 +34,7 @@ class MetricsCounting(Observer):
     def request_started(self, exchange: Exchange, request: Request) -> None:
         exchange.active = self._metrics.request_started(exchange.call.stream)
 
-    def request_finished(self, exchange: Exchange, record: Any) -> None:
+    def request_finished(self, exchange: Exchange, record: Record | None) -> None:
         if record is not None:
             self._metrics.request_finished(record, exchange.active)
         elif exchange.active is not None:
@@ -48,7 +47,7 @@ class ReadinessFollowing(Observer):
     def __init__(self, readiness: Readiness) -> None:
         self._readiness = readiness
 
-    def request_finished(self, exchange: Exchange, record: Any) -> None:
+    def request_finished(self, exchange: Exchange, record: Record | None) -> None:
         if record is not None:
             self._readiness.observe(record)
 
@@ -59,7 +58,7 @@ class Alerting(Observer):
     def __init__(self, notifier: Notifier) -> None:
         self._notifier = notifier
 
-    def request_finished(self, exchange: Exchange, record: Any) -> None:
+    def request_finished(self, exchange: Exchange, record: Record | None) -> None:
         alert = alert_from_record(record) if record is not None else None
         if alert is not None:
             self._notifier.alert(alert)

@@ -15,7 +15,8 @@ and the named places where behaviour plugs in.
    balancing policy is one (circuit breakers and content-filter exemptions
    go here too).
 4. **Gates** (``Gate``) see the exchange and the candidates and may answer
-   themselves (a ``LocalAnswer``): token limits and budgets, a cache hit.
+   themselves (a ``LocalAnswer``): a cache hit first (it costs no tokens),
+   then token limits and budgets.
 5. **Forwarding**: the forwarder tries the candidates in order.
 6. **Observers** (``Observer``) see each forwarded request start, each
    attempt end, and every request finish with its record, refused ones
@@ -48,9 +49,10 @@ from twisted.web.http_headers import Headers
 from oaproxy.answers import LocalAnswer, write_answer
 from oaproxy.config import Config, Upstream
 from oaproxy.errors import ErrorAnswer, error_body
-from oaproxy.forward import CUT_AT_SHUTDOWN, AttemptLog, Call, Exchange, Forwarder
+from oaproxy.forward import AttemptLog, Call, Exchange, Forwarder
 from oaproxy.headers import forwarded_for
 from oaproxy.inspection import Inspected
+from oaproxy.record import Outcome, Record
 from oaproxy.records import RecordMaker
 from oaproxy.relay import RequestBody
 from oaproxy.routing import Caller, Router
@@ -78,7 +80,9 @@ class Arrival:
     config: Config
     # As records see it: the peer, or X-Forwarded-For past trusted proxies.
     client_ip: str
-    # Headers added to the answer, whoever writes it (see ProxyRequest).
+    # What a gate adds to the answer, whatever it is (x-ratelimit-*,
+    # X-Oaproxy-Cache): the request's own (oaproxy.web.ProxyRequest), the
+    # exchange's later.
     answer_headers: Headers
 
 
@@ -114,7 +118,7 @@ class Observer:
     def attempt_finished(self, exchange: Exchange, attempt: AttemptLog) -> None:
         """One attempt on one upstream is over."""
 
-    def request_finished(self, exchange: Exchange, record: Any) -> None:
+    def request_finished(self, exchange: Exchange, record: Record | None) -> None:
         """A request is over, forwarded or refused. ``record`` is None only
         when it could not be made (a bug, logged): what counts requests in
         flight must still count this one out."""
@@ -142,7 +146,7 @@ class Observers:
             except Exception:  # noqa: BLE001 - one observer's bug must not stop the others
                 self.log.failure("an observer failed on a finished attempt")
 
-    def request_finished(self, exchange: Exchange, record: Any) -> None:
+    def request_finished(self, exchange: Exchange, record: Record | None) -> None:
         for observer in self._observers:
             try:
                 observer.request_finished(exchange, record)
@@ -266,11 +270,12 @@ class Pipeline:
         self, request: server.Request, exchange: Exchange, answer: LocalAnswer
     ) -> bytes:
         """Give an answer of oaproxy's own (a refusal, a cache hit); it is
-        recorded like any request."""
+        recorded like any request, with the outcome the answer says."""
         body = write_answer(request, answer)
         recorded = answer.recorded()
         exchange.status = answer.status
-        exchange.outcome = "ok" if answer.status < 400 else "client_error"
+        exchange.outcome = answer.outcome
+        exchange.limit = answer.limit
         exchange.response_body = body if recorded is None else recorded
         exchange.bytes_out = len(body)
         exchange.finished = self._clock.seconds()
@@ -284,7 +289,7 @@ class Pipeline:
         work: list[Deferred[Exchange]] = []
 
         def client_gone(reason: Failure) -> None:
-            exchange.client_gone = True
+            exchange.client_disconnected()
             if work:
                 work[0].cancel()
 
@@ -294,13 +299,10 @@ class Pipeline:
         work.append(d)
 
         def done(result: Exchange | Failure) -> None:
-            if isinstance(result, Failure):
-                if not exchange.client_gone:
-                    self.log.failure("forwarding failed", failure=result)
-                    fail_unfinished(request)
-                    exchange.outcome = "error"
-                else:
-                    exchange.outcome = "client_disconnected"
+            if isinstance(result, Failure) and not exchange.client_gone:
+                self.log.failure("forwarding failed", failure=result)
+                fail_unfinished(request)
+                exchange.outcome = Outcome.ERROR
             exchange.finished = self._clock.seconds()
             self.finished(exchange, request)
 
@@ -345,9 +347,6 @@ class Pipeline:
 
     def finished(self, exchange: Exchange, request: server.Request) -> None:
         """Make the request's record and give it to every observer."""
-        if exchange.error == CUT_AT_SHUTDOWN:
-            # The client did not go away: the proxy cut it off.
-            exchange.outcome = "shutdown"
         record = None
         try:
             record = self._records.make(exchange, request)

@@ -13,18 +13,17 @@ from typing import Any
 
 from twisted.logger import ILogObserver, Logger, LogPublisher
 
-from oaproxy.cache.ticket import CacheResult
 from oaproxy.capture import (
     CapturedResponse,
     StreamCapture,
     capture_json_response,
     cost,
     describe_body,
-    redact_headers,
 )
 from oaproxy.config import Config, Upstream
+from oaproxy.credentials import Redactor, bearer_token, config_secrets, redact_headers
 from oaproxy.forward import Exchange
-from oaproxy.redact import Redactor, config_secrets
+from oaproxy.record import Attempt, CacheResult, JSONObject, Record
 
 NAMESPACE = "oaproxy.record"
 
@@ -42,8 +41,8 @@ class RecordEmitter:
     def remove_observer(self, observer: ILogObserver) -> None:
         self.publisher.removeObserver(observer)
 
-    def emit(self, record: dict[str, Any]) -> None:
-        self._log.info("{record[method]} {record[path]} {record[status]}", record=record)
+    def emit(self, record: Record) -> None:
+        self._log.info("{record.method} {record.path} {record.status}", record=record)
 
 
 class RecordMaker:
@@ -54,7 +53,8 @@ class RecordMaker:
         self._hostname = config.hostname
         self._prices = config.prices
         self._text_bytes = config.records.max_field_bytes if config.records.response else 0
-        self._redact = Redactor(config_secrets(config))
+        # Also what the forwarder hides in the answers it passes on.
+        self.redactor = Redactor(config_secrets(config))
 
     def stream_observer(self, exchange: Exchange, upstream: Upstream) -> Callable[[bytes], bool]:
         """What the relay calls with each SSE event's data: capture, and say
@@ -71,14 +71,14 @@ class RecordMaker:
 
         return keep
 
-    def make(self, exchange: Exchange, request: Any) -> dict[str, Any]:
+    def make(self, exchange: Exchange, request: Any) -> Record:
         call = exchange.call
         policy = self._policy
         truncated: list[str] = []
         answer = self._answer(exchange)
         if policy.response:
             truncated.extend(answer.truncated)
-        request_body: Any = None
+        request_body: str | JSONObject | None = None
         body = call.inspected.body
         content_type = request.getHeader(b"content-type")
         if policy.body:
@@ -95,52 +95,57 @@ class RecordMaker:
         usage = answer.usage
         model = call.model if call.model is not None else _form_model(request_body)
         cache = exchange.cache.result if exchange.cache is not None else None
-        record = {
-            "id": uuid.uuid4().hex,
-            "time": exchange.time,
-            "hostname": self._hostname,
-            "client_ip": exchange.client_ip,
-            "key_name": exchange.key_name,
-            "user_agent": exchange.user_agent,
-            "method": call.method.decode("ascii", "replace"),
-            "path": call.path.decode("utf-8", "replace"),
-            "model": model,
-            "stream": call.stream,
-            "attempts": [a.as_dict() for a in exchange.attempts],
-            "upstream": exchange.upstream,
-            "status": exchange.status if exchange.status is not None else 499,
-            "outcome": exchange.outcome,
-            "error": exchange.error,
-            "ttfb": exchange.ttfb,
-            "duration": finished - exchange.started,
-            "bytes_in": body.size,
-            "bytes_out": exchange.bytes_out,
-            "request_body": request_body,
-            "request_headers": (
-                redact_headers(call.headers.getAllRawHeaders()) if policy.headers else None
-            ),
-            "response_text": answer.text if policy.response else None,
-            "tool_calls": answer.tool_calls if policy.response else None,
-            "finish_reason": answer.finish_reason,
-            "truncated": truncated,
-            # A cache hit keeps the usage of the answer it replays, at no cost.
-            "usage": usage,
-            "cost": 0.0 if cache is CacheResult.HIT else cost(usage, self._prices.get(model or "")),
-            "cache": cache.value if cache is not None else None,
-        }
         # Text from upstreams and clients may quote a key (an upstream's "Incorrect
         # API key provided: sk-…"): none is kept.
-        token = _bearer(call.authorization)
-        for name in (
-            "request_body",
-            "request_headers",
-            "response_text",
-            "tool_calls",
-            "error",
-            "attempts",
-        ):
-            record[name] = self._redact(record[name], token)
-        return record
+        redact = self.redactor
+        token = bearer_token(call.authorization)
+        own_token = token.decode("utf-8", "replace") if token else None
+        return Record(
+            id=uuid.uuid4().hex,
+            time=exchange.time,
+            hostname=self._hostname,
+            client_ip=exchange.client_ip,
+            key_name=exchange.key_name,
+            user_agent=exchange.user_agent,
+            method=call.method.decode("ascii", "replace"),
+            path=call.path.decode("utf-8", "replace"),
+            model=model,
+            stream=call.stream,
+            attempts=tuple(
+                Attempt(
+                    upstream=attempt.upstream,
+                    status=attempt.status,
+                    error=redact(attempt.error, own_token),
+                    ttfb=attempt.ttfb,
+                    duration=attempt.duration,
+                    failure=attempt.failure,
+                )
+                for attempt in exchange.attempts
+            ),
+            upstream=exchange.upstream,
+            status=exchange.status if exchange.status is not None else 499,
+            outcome=exchange.outcome,
+            error=redact(exchange.error, own_token),
+            ttfb=exchange.ttfb,
+            duration=finished - exchange.started,
+            bytes_in=body.size,
+            bytes_out=exchange.bytes_out,
+            request_body=redact(request_body, own_token),
+            request_headers=(
+                redact(redact_headers(call.headers.getAllRawHeaders()), own_token)
+                if policy.headers
+                else None
+            ),
+            response_text=redact(answer.text, own_token) if policy.response else None,
+            tool_calls=redact(answer.tool_calls, own_token) if policy.response else None,
+            finish_reason=answer.finish_reason,
+            truncated=tuple(truncated),
+            # A cache hit keeps the usage of the answer it replays, at no cost.
+            usage=usage,
+            cost=0.0 if cache is CacheResult.HIT else cost(usage, self._prices.get(model or "")),
+            limit=exchange.limit,
+            cache=cache,
+        )
 
     def _answer(self, exchange: Exchange) -> CapturedResponse:
         if exchange.capture is not None and exchange.response_body is None:
@@ -160,9 +165,3 @@ def _form_model(request_body: Any) -> str | None:
             value: str = part["value"]
             return value
     return None
-
-
-def _bearer(authorization: bytes | None) -> str | None:
-    if authorization is None or not authorization.startswith(b"Bearer "):
-        return None
-    return authorization[7:].strip().decode("utf-8", "replace") or None

@@ -31,7 +31,9 @@ from twisted.web.iweb import IBodyProducer
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from oaproxy.record import FailureKind
 from oaproxy.sse import SSESplitter, event_data, sse_error_event
+from oaproxy.traffic.pacing import Pacer
 
 
 @implementer(IBodyProducer)
@@ -113,7 +115,11 @@ class _SpoolReader:
 
 
 class UpstreamEndedEarly(Exception):
-    """The upstream closed a response before it was complete."""
+    """The upstream closed a response before it was complete (or made it too long)."""
+
+    def __init__(self, message: str, kind: FailureKind = FailureKind.UPSTREAM_ENDED_EARLY) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class BodyCollector(Protocol):
@@ -132,7 +138,11 @@ class BodyCollector(Protocol):
             _producer(self).stopProducing()
             if not self.finished.called:
                 self.finished.errback(
-                    Failure(UpstreamEndedEarly(f"response body over {self._limit} bytes"))
+                    Failure(
+                        UpstreamEndedEarly(
+                            f"response body over {self._limit} bytes", FailureKind.BODY_TOO_LARGE
+                        )
+                    )
                 )
             return
         self._parts.append(data)
@@ -146,19 +156,19 @@ class BodyCollector(Protocol):
             # No Content-Length and no chunking: the close is the end.
             self.finished.callback(b"".join(self._parts))
         else:
-            self.finished.errback(Failure(UpstreamEndedEarly(describe(reason))))
+            _, error = describe(reason)
+            self.finished.errback(Failure(UpstreamEndedEarly(error)))
 
     def _cancel(self, _: Deferred[bytes]) -> None:
         _producer(self).stopProducing()
 
 
 @frozen
-class RelayResult:
-    """How a committed relay ended."""
+class RelayFailure:
+    """Why a committed relay did not end with the whole answer."""
 
-    ok: bool
-    error: str | None = None
-    client_gone: bool = False
+    kind: FailureKind
+    error: str
 
 
 @implementer(IPushProducer)
@@ -172,9 +182,10 @@ class StreamRelay(Protocol):
     usage-only event the client did not ask for is left out. Without ``sse``
     bytes are passed on untouched and the relay commits at once.
 
-    ``first_event`` fires when the relay committed; ``done`` fires with a
-    ``RelayResult`` when the relay ended after committing. Before the commit an
-    upstream failure errbacks ``first_event`` (the caller fails over).
+    ``first_event`` fires when the relay committed; ``done`` fires when the
+    relay ended after committing: with None for a whole answer, else with a
+    ``RelayFailure``. Before the commit an upstream failure errbacks
+    ``first_event`` (the caller fails over).
     """
 
     def __init__(
@@ -186,9 +197,10 @@ class StreamRelay(Protocol):
         *,
         sse: bool,
         on_event: Callable[[bytes], bool] | None = None,
+        pace: float | None = None,
     ) -> None:
         self.first_event: Deferred[None] = Deferred(self._cancel)
-        self.done: Deferred[RelayResult] = Deferred(self._cancel)
+        self.done: Deferred[RelayFailure | None] = Deferred(self._cancel)
         self.bytes_out = 0
         self._request = request
         self._clock = clock
@@ -202,6 +214,16 @@ class StreamRelay(Protocol):
         self._saw_done = False
         self._held: list[bytes] = []
         self._idle: IDelayedCall | None = None
+        # The upstream is paused while the client is (_paused) or while the
+        # pacer holds events back (_pace_holding).
+        self._upstream_paused = False
+        self._pace_holding = False
+        self._upstream_over = False
+        self._pacer = (
+            Pacer(clock, pace, self._paced_write, self._pace_hold)
+            if pace is not None and sse
+            else None
+        )
 
     def connectionMade(self) -> None:
         if self._splitter is None:
@@ -226,11 +248,16 @@ class StreamRelay(Protocol):
             if all(event_data(e) is None for e in events):
                 return
             events, self._held = self._held, []
-        out = b"".join([e for e in events if self._pass_on(e)])
+        passed = [e for e in events if self._pass_on(e)]
         if not self._committed:
             self._start()
-        if out:
-            self._write(out)
+        self._relay_events(passed)
+
+    def _relay_events(self, events: list[bytes]) -> None:
+        if self._pacer is not None:
+            self._pacer.feed(events)
+        elif events:
+            self._write(b"".join(events))
 
     def _pass_on(self, event: bytes) -> bool:
         data = event_data(event)
@@ -260,12 +287,32 @@ class StreamRelay(Protocol):
         # upstream's: a client that stops reading must not hold it forever.
         self._paused = True
         self._restart_timer()
-        _producer(self).pauseProducing()
+        self._steer_upstream()
 
     def resumeProducing(self) -> None:
         self._paused = False
         self._restart_timer()
-        _producer(self).resumeProducing()
+        self._steer_upstream()
+
+    def _steer_upstream(self) -> None:
+        paused = self._paused or self._pace_holding
+        if paused != self._upstream_paused:
+            self._upstream_paused = paused
+            if paused:
+                _producer(self).pauseProducing()
+            else:
+                _producer(self).resumeProducing()
+
+    def _pace_hold(self, holding: bool) -> None:
+        self._pace_holding = holding
+        if not self._ended and not self._upstream_over:
+            self._steer_upstream()
+
+    def _paced_write(self, data: bytes) -> None:
+        # The upstream is silent because the pacer holds it: not idle.
+        if not self._paused and self._idle is not None and self._idle.active():
+            self._idle.reset(self._idle_timeout)
+        self._write(data)
 
     def _restart_timer(self) -> None:
         if self._ended:
@@ -283,6 +330,7 @@ class StreamRelay(Protocol):
         self._request.write(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._upstream_over = True
         if self._ended:
             return
         if not self._committed:
@@ -290,7 +338,7 @@ class StreamRelay(Protocol):
             if reason.check(ResponseDone, PotentialDataLoss):
                 error = "upstream ended the stream before its first event"
             else:
-                error = describe(reason)
+                _, error = describe(reason)
             self.first_event.errback(Failure(UpstreamEndedEarly(error)))
             return
         # A body without length or chunking ends with the connection: that is
@@ -299,51 +347,60 @@ class StreamRelay(Protocol):
             reason.check(PotentialDataLoss) and (self._splitter is None or self._saw_done)
         ):
             if self._splitter is not None:
-                tail = b"".join([e for e in self._splitter.end() if self._pass_on(e)])
-                tail += self._splitter.pending()
-                if tail:
-                    self._write(tail)
-            self._end(RelayResult(ok=True))
+                tail = [e for e in self._splitter.end() if self._pass_on(e)]
+                pending = self._splitter.pending()
+                self._relay_events([*tail, pending] if pending else tail)
+            self._after_paced(None)
         else:
-            self._end(RelayResult(ok=False, error=describe(reason)), error_event=True)
+            _, error = describe(reason)
+            self._after_paced(RelayFailure(FailureKind.UPSTREAM_ENDED_EARLY, error))
+
+    def _after_paced(self, failure: RelayFailure | None) -> None:
+        """End once the pacer wrote what it holds (at once without one)."""
+        if self._pacer is None:
+            self._end(failure)
+        else:
+            self._pacer.when_drained(lambda: self._end(failure))
 
     def _idle_expired(self) -> None:
         self._idle = None
         self._abort_upstream()
         if self._paused:
             self._end(
-                RelayResult(
-                    ok=False,
-                    error=f"client stopped reading for more than {self._idle_timeout:g}s",
-                    client_gone=True,
+                RelayFailure(
+                    FailureKind.CLIENT_STOPPED_READING,
+                    f"client stopped reading for more than {self._idle_timeout:g}s",
                 )
             )
             self._request.channel.transport.abortConnection()  # type: ignore[union-attr]
             return
         self._end(
-            RelayResult(ok=False, error=f"stream idle for more than {self._idle_timeout:g}s"),
-            error_event=True,
+            RelayFailure(
+                FailureKind.STREAM_IDLE, f"stream idle for more than {self._idle_timeout:g}s"
+            )
         )
 
-    def _end(self, result: RelayResult, error_event: bool = False) -> None:
+    def _end(self, failure: RelayFailure | None) -> None:
         self._ended = True
+        if self._pacer is not None:
+            self._pacer.stop()
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
         request = self._request
-        if not result.client_gone:
+        if failure is None or not failure.kind.caused_by_client:
             request.unregisterProducer()
-            if error_event and self._splitter is not None:
-                # Clients raise on this instead of taking a cut answer as whole.
-                self._write(sse_error_event(f"upstream stream failed: {result.error}"))
-            if error_event and self._splitter is None:
+            if failure is not None and self._splitter is None:
                 # A raw body cannot carry an error: closing without the final
                 # chunk tells the client it is incomplete.
                 request.channel.transport.abortConnection()  # type: ignore[union-attr]
             else:
+                if failure is not None:
+                    # Clients raise on this instead of taking a cut answer as whole.
+                    self._write(sse_error_event(f"upstream stream failed: {failure.error}"))
                 request.finish()
         if not self.done.called:
-            self.done.callback(result)
+            self.done.callback(failure)
 
     def _abort_upstream(self) -> None:
         if self.transport is not None:
@@ -355,7 +412,7 @@ class StreamRelay(Protocol):
             return
         self._abort_upstream()
         if d is self.done:
-            self._end(RelayResult(ok=False, error="client disconnected", client_gone=True))
+            self._end(RelayFailure(FailureKind.CANCELLED, "client disconnected"))
         else:
             self._ended = True
 
@@ -365,20 +422,33 @@ def _producer(protocol: Protocol) -> IPushProducer:
     return cast(IPushProducer, protocol.transport)
 
 
-def describe(reason: Failure | BaseException) -> str:
-    """A short reason for an attempt's failure, without secrets or tracebacks."""
+def describe(reason: Failure | BaseException) -> tuple[FailureKind, str]:
+    """The kind of an attempt's failure, and a short text for it without
+    secrets or tracebacks."""
     exc = reason.value if isinstance(reason, Failure) else reason
     inner = getattr(exc, "reasons", None)
     if inner:
-        return "; ".join(describe(r) for r in inner)
+        described = [describe(r) for r in inner]
+        # The first reason is what went wrong; the others followed from it.
+        return described[0][0], "; ".join(text for _, text in described)
     if isinstance(exc, CancelledError):
-        return "cancelled"
-    if isinstance(exc, (ConnectError, DNSLookupError)) or type(exc).__module__.startswith(
-        "OpenSSL"
-    ):
-        # Metrics count these as connect errors by this prefix (DNSLookupError,
-        # what HostnameEndpoint fails with, is no ConnectError).
-        return f"connect error: {type(exc).__name__}: {str(exc).strip()}".rstrip(": ")
+        return FailureKind.CANCELLED, "cancelled"
+    kind = _connect_failure(exc)
+    if kind is not None:
+        return kind, f"connect error: {type(exc).__name__}: {str(exc).strip()}".rstrip(": ")
     text = str(exc).strip()
     name = type(exc).__name__
-    return f"{name}: {text}" if text else name
+    kind = exc.kind if isinstance(exc, UpstreamEndedEarly) else FailureKind.OTHER
+    return kind, f"{name}: {text}" if text else name
+
+
+def _connect_failure(exc: object) -> FailureKind | None:
+    """How reaching the upstream failed, if that is what ``exc`` says."""
+    # DNSLookupError, what HostnameEndpoint fails with, is no ConnectError.
+    if isinstance(exc, DNSLookupError):
+        return FailureKind.DNS_ERROR
+    if isinstance(exc, ConnectError):
+        return FailureKind.CONNECT_ERROR
+    if type(exc).__module__.startswith("OpenSSL"):
+        return FailureKind.TLS_ERROR
+    return None

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from attrs import frozen
 
 from oaproxy.config import ClientKey, Config, Upstream
+from oaproxy.credentials import bearer_token
 from oaproxy.errors import ErrorAnswer
 
 # openai-api-route's texts, kept so that existing clients see what they know.
@@ -71,9 +72,9 @@ class Router:
         """The caller behind an ``Authorization`` header value."""
         if not self.auth_required:
             return Caller(key=None)
-        if authorization is None or not authorization.startswith(b"Bearer"):
+        presented = bearer_token(authorization)
+        if presented is None:
             return Caller(key=None, refusal=NOT_BEARER)
-        presented = authorization[len(b"Bearer") :].strip()
         key = self._keys.get(_digest(presented))
         if key is None or not hmac.compare_digest(key.secret.encode("utf-8"), presented):
             return Caller(key=None, refusal=WRONG_KEY)

@@ -22,18 +22,15 @@ from typing import Any
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from oaproxy.config import Config, ConfigError, check_listeners, load_config
 from oaproxy.generation import Generation, Shared, build_generation, known_models, upstream_names
 from oaproxy.listeners import Listeners, check_endpoint, settle
-from oaproxy.logfile import JSONLogFile
-from oaproxy.outbound import ProxyPool, upstream_agent, upstream_pool
+from oaproxy.outbound import alert_agent, upstream_agent, upstream_pool
 from oaproxy.sinks import QueuedSink
 from oaproxy.summary import log_summary
 from oaproxy.web import ProxySite
-
-# After shutdown_timeout, how long the requests that were cut get to record.
-CUT_GRACE = 2.0
 
 
 class ProxyService(MultiService):
@@ -57,20 +54,18 @@ class ProxyService(MultiService):
         self.shared = Shared.create(
             reactor,
             config,
-            agent=upstream_agent(reactor, self.pool),
-            fresh_agent=upstream_agent(reactor, ProxyPool(reactor, persistent=False)),
-            pooled=lambda: self.pool.reused,
+            agent=upstream_agent(self.pool),
+            fresh_agent=upstream_agent(self.pool, fresh=True),
+            alert_agent=alert_agent(reactor),
             environ=os.environ if environ is None else environ,
         )
         self.generation = build_generation(config, self.shared)
         self.site = ProxySite(self.generation.root, config.max_body_bytes, reactor=reactor)
-        if self.generation.log_file is not None:
-            self._add_log_file(self.generation.log_file)
-        self._attach_sinks(self.generation.sinks)
-        self.shared.readiness.configure(upstream_names(config), self.generation.sinks)
-        self.generation.notifier.setServiceParent(self)
-        if self.generation.shared_redis is not None:
-            self.generation.shared_redis.setServiceParent(self)
+        # Nothing runs yet, so nothing is waited for: done at once.
+        failed: list[Failure] = []
+        ensureDeferred(self._adopt(None, self.generation)).addErrback(failed.append)
+        if failed:
+            failed[0].raiseException()
         self.listeners = Listeners(self, self.site, reactor)
         for endpoint in self._listen_for(config):
             self.listeners.add(endpoint)
@@ -136,26 +131,36 @@ class ProxyService(MultiService):
 
     async def _swap(self, new: Generation) -> None:
         old, self.generation = self.generation, new
-        shared = self.shared
-        shared.metrics.update_labels(known_models(new.config), upstream_names(new.config))
+        self.shared.metrics.update_labels(known_models(new.config), upstream_names(new.config))
         self.site.serve(new.root, new.config.max_body_bytes)
-        shared.readiness.configure(upstream_names(new.config), old.sinks)
-        await self._replace(old.notifier, new.notifier)
-        await self._replace(old.shared_redis, new.shared_redis)
-        if new.sinks is not old.sinks:
+        await self._adopt(old, new)
+
+    async def _adopt(self, old: Generation | None, new: Generation) -> None:
+        """Run ``new``'s services in place of those of ``old`` that differ."""
+        shared = self.shared
+        if old is None or new.log_file is not old.log_file:
+            await self._replace(old.log_file if old else None, None)
+            if new.log_file is not None:
+                new.log_file.setServiceParent(self)
+                # The first child: children stop in reverse order, so it
+                # sees the others' last words.
+                self.services.remove(new.log_file)
+                self.services.insert(0, new.log_file)
+        await self._replace(old.notifier if old else None, new.notifier)
+        await self._replace(old.shared_redis if old else None, new.shared_redis)
+        if old is None or new.sinks is not old.sinks:
             # The old sinks keep observing until they have stopped (records
             # that come meanwhile are queued or spooled by them); the new ones
             # read the spool at their start, so none is written by two at once.
-            await settle([sink.disownServiceParent() for sink in old.sinks.values()])
-            for name, sink in old.sinks.items():
+            for name, sink in (old.sinks if old else {}).items():
+                await settle([sink.disownServiceParent()])
                 shared.records.remove_observer(sink.observer)
                 shared.metrics.remove_sink(name)
-            self._attach_sinks(new.sinks)
-            shared.readiness.configure(upstream_names(new.config), new.sinks)
-        if new.log_file is not old.log_file:
-            await self._replace(old.log_file, None)
-            if new.log_file is not None:
-                self._add_log_file(new.log_file)
+            for name, sink in new.sinks.items():
+                sink.setServiceParent(self)
+                shared.records.add_observer(sink.observer)
+                shared.metrics.add_sink(name, sink)
+        shared.readiness.configure(upstream_names(new.config), new.sinks)
 
     async def _replace(self, old: IService | None, new: IService | None) -> None:
         """Start ``new``, then stop ``old``, unless they are one."""
@@ -165,20 +170,6 @@ class ProxyService(MultiService):
             new.setServiceParent(self)
         if old is not None:
             await settle([old.disownServiceParent()])
-
-    def _attach_sinks(self, sinks: Mapping[str, QueuedSink]) -> None:
-        # Observed before they start: records queue until then.
-        for name, sink in sinks.items():
-            sink.setServiceParent(self)
-            self.shared.records.add_observer(sink.observer)
-            self.shared.metrics.add_sink(name, sink)
-
-    def _add_log_file(self, log_file: JSONLogFile) -> None:
-        log_file.setServiceParent(self)
-        # The first child: children stop in reverse order, so it sees the
-        # others' last words.
-        self.services.remove(log_file)
-        self.services.insert(0, log_file)
 
     # -- stop ------------------------------------------------------------------
 
@@ -190,21 +181,7 @@ class ProxyService(MultiService):
             signal.signal(signal.SIGHUP, self._previous_hup)
         # Stop accepting first, then let what is in flight finish.
         await self.listeners.close()
-        ledger = self.shared.ledger
-        if len(ledger):
-            timeout = self.config.shutdown_timeout
-            self.log.info(
-                "stopping: waiting up to {timeout}s for {count} requests in flight",
-                timeout=timeout,
-                count=len(ledger),
-            )
-            if not await ledger.wait_idle(timeout):
-                self.log.warn(
-                    "stopping: cutting {count} requests still in flight after shutdown_timeout",
-                    count=len(ledger),
-                )
-                ledger.cut_all()
-                await ledger.wait_idle(CUT_GRACE)
+        await self.shared.ledger.drain(self.config.shutdown_timeout)
         # The remaining children stop in reverse order: the log file last.
         await super().stopService()
         self.shared.cooperator.stop()

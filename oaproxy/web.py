@@ -43,10 +43,11 @@ class ProxyRequest(server.Request):
     Over the cap the rest of the body is read and thrown away (never held),
     and the resource answers 413.
 
-    ``answer_headers`` are headers oaproxy adds to this request's answer,
-    whoever writes it (an upstream's answer or stream, a refusal, a cache
-    hit, a 500): gates put them there, and they are set over the answer's own
-    headers as its head goes out, so an upstream cannot override them.
+    ``answer_headers`` are put on whatever answer the request gets, when its
+    head is written: an answer of oaproxy's own (a refusal, a cache hit), a
+    relayed upstream answer or stream, alike; they replace the upstream's
+    headers of the same name (a limit's ``x-ratelimit-*`` describe the
+    client's limit, the upstream's the shared upstream key).
     """
 
     too_large = False
@@ -112,7 +113,7 @@ class ProxySite(server.Site):
 
 
 def answer_headers(request: server.Request) -> Headers:
-    """The headers oaproxy adds to ``request``'s answer (see ``ProxyRequest``)."""
+    """The headers oaproxy gives this request's answer (see ``ProxyRequest``)."""
     return cast(ProxyRequest, request).answer_headers
 
 

@@ -124,7 +124,18 @@ class Drop:
     """Read the request, then close the connection without any answer."""
 
 
-Behaviour = Auto | Chat | Stream | Embeddings | Models | TranscriptionEcho | Status | Hang | Drop
+@frozen
+class Wait:
+    """Answer like ``then`` (a ``Chat``), but only once the test calls
+    ``FakeUpstream.release()``: requests in flight together, for as long as
+    the test needs."""
+
+    then: Chat = field(factory=Chat)
+
+
+Behaviour = (
+    Auto | Chat | Stream | Embeddings | Models | TranscriptionEcho | Status | Hang | Drop | Wait
+)
 
 
 @define
@@ -296,11 +307,25 @@ class FakeUpstream:
         self._timers: set[Any] = set()
         # Requests left open on purpose (Hang), finished by stop() if needed.
         self._open: set[server.Request] = set()
+        # Requests that Wait for release().
+        self._waiting: list[tuple[server.Request, RecordedRequest, Chat]] = []
         self._arrivals: list[tuple[int, Deferred[RecordedRequest]]] = []
 
     def script(self, *behaviours: Behaviour) -> None:
         """Answer the next requests with these, in order, then ``default``."""
         self._script.extend(behaviours)
+
+    def release(self) -> None:
+        """Answer every request that waits (``Wait``)."""
+        waiting, self._waiting = self._waiting, []
+        for request, recorded, then in waiting:
+            self._open.discard(request)
+            if request._disconnected:
+                continue
+            body = self._answer(request, recorded, then)
+            assert isinstance(body, bytes)
+            request.write(body)
+            request.finish()
 
     def received(self, count: int = 1) -> Deferred[RecordedRequest]:
         """Fires with the ``count``-th request (1-based) once it has arrived."""
@@ -488,6 +513,10 @@ class FakeUpstream:
             return behaviour.render_body()
         if isinstance(behaviour, Hang):
             self._open.add(request)
+            return server.NOT_DONE_YET
+        if isinstance(behaviour, Wait):
+            self._open.add(request)
+            self._waiting.append((request, recorded, behaviour.then))
             return server.NOT_DONE_YET
         if isinstance(behaviour, Drop):
             assert request.channel is not None and request.channel.transport is not None

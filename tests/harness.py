@@ -47,6 +47,7 @@ from twisted.web.client import FileBodyProducer, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from oaproxy.record import Record, record_document
 from oaproxy.sinks.queue import RECORD_NAMESPACE
 from oaproxy.sinks.sql import COLUMNS, TABLE, open_database
 from oaproxy.tap import Options, makeService
@@ -181,7 +182,7 @@ def sql_rows(dbtype: str, dbaddr: str, order_by: str = "time") -> list[dict[str,
         connection.close()
 
 
-def emit(sink: Any, record: dict[str, Any]) -> None:
+def emit(sink: Any, record: Record) -> None:
     """Give a sink's log observer the event of one record."""
     sink.observer({"log_namespace": RECORD_NAMESPACE, "record": record})
 
@@ -198,7 +199,7 @@ def write_yaml(path: str, content: Any) -> str:
 
 
 def proxy_config(
-    hostname: str, keys: dict[str, str], upstreams: list[dict[str, Any]], **more: Any
+    hostname: str, keys: dict[str, Any], upstreams: list[dict[str, Any]], **more: Any
 ) -> dict[str, Any]:
     """A config without a database and with 10 s deadlines, and ``more``."""
     config: dict[str, Any] = {
@@ -215,14 +216,15 @@ def proxy_config(
 
 
 class RecordLog:
-    """The records the service emits, observed on its record publisher."""
+    """The records the service emits, observed on its record publisher, in
+    their stored form."""
 
     def __init__(self) -> None:
         self.seen: list[dict[str, Any]] = []
         self._waiting: list[tuple[int, Deferred[dict[str, Any]]]] = []
 
     def __call__(self, event: dict[str, Any]) -> None:
-        self.seen.append(event["record"])
+        self.seen.append(record_document(event["record"]))
         ready = [(n, d) for n, d in self._waiting if n <= len(self.seen)]
         self._waiting = [(n, d) for n, d in self._waiting if n > len(self.seen)]
         for n, d in ready:

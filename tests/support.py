@@ -37,7 +37,10 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from oaproxy.config import Config, parse_config
+from oaproxy.forward import Exchange
 from oaproxy.generation import Shared, build_generation
+from oaproxy.pipeline import Observer
+from oaproxy.record import Record, record_document
 from oaproxy.web import ProxySite
 
 # The wall-clock time the harness gives records (the reactor clock starts at 0).
@@ -425,6 +428,16 @@ class Client:
         return producer
 
 
+class ExchangeLog(Observer):
+    """Keeps each finished request's exchange, for tests that look inside."""
+
+    def __init__(self, exchanges: list[Exchange]) -> None:
+        self._exchanges = exchanges
+
+    def request_finished(self, exchange: Exchange, record: Record | None) -> None:
+        self._exchanges.append(exchange)
+
+
 class Harness:
     """The real resource tree and site, built by the daemon's own factory
     (``build_generation``), with a clock, recording agents and a cooperator
@@ -446,17 +459,20 @@ class Harness:
             self.config,
             agent=cast(IAgent, self.agent),
             fresh_agent=cast(IAgent, self.fresh_agent),
-            pooled=lambda: True,
+            alert_agent=cast(IAgent, RecordingAgent()),
             environ={},
             wall_clock=lambda: WALL_TIME,
             rng=rng,
         )
         self.cooperator = self.shared.cooperator
-        self.records: list[dict[str, Any]] = []
+        self.records: list[Record] = []
         self.shared.records.add_observer(
             cast(ILogObserver, lambda event: self.records.append(event["record"]))
         )
-        self.generation = build_generation(self.config, self.shared)
+        self.exchanges: list[Exchange] = []
+        self.generation = build_generation(
+            self.config, self.shared, observers=[ExchangeLog(self.exchanges)]
+        )
         self.pipeline = self.generation.pipeline
         self.forwarder = self.generation.forwarder
         self.site = ProxySite(self.generation.root, self.config.max_body_bytes, reactor=self.clock)
@@ -502,4 +518,5 @@ class Harness:
 
     def record(self) -> dict[str, Any]:
         assert len(self.records) == 1, f"{len(self.records)} records, not 1"
-        return self.records[0]
+        """The one record made so far, in its stored form."""
+        return record_document(self.records[0])

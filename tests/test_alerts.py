@@ -10,6 +10,7 @@ from collections.abc import Generator
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import attrs
 from attrs import define, field
 from treq.testing import RequestTraversalAgent
 from twisted.internet import reactor
@@ -27,32 +28,44 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from oaproxy.alerts import (
-    Alert,
+from oaproxy.alerts import Alert, Notifier, alert_from_record, format_alert
+from oaproxy.channels import (
     AlertChannel,
     ChannelRequest,
     FeishuChannel,
     LegacyMatrixChannel,
     MatrixChannel,
-    Notifier,
     alert_channels,
-    alert_from_record,
     feishu_sign,
-    format_alert,
 )
 from oaproxy.config import FeishuConfig, MatrixConfig, NotifyConfig
+from oaproxy.credentials import REDACTED
+from oaproxy.record import Attempt, FailureKind, Outcome
+from tests.records import attempt, record
 
 FEISHU_TOKEN = "0f1e2d3c-feishu-hook-token"
 FEISHU_SECRET = "feishu-signing-secret-XYZ"
 MATRIX_TOKEN = "syt_matrix_access_token_ABC"
 ROOM = "!room:example.org"
 
+
+def timed_out(upstream: str, seconds: float = 60) -> Attempt:
+    """An attempt whose deadline passed."""
+    error = f"timeout after {seconds:g}s"
+    return attempt(upstream, None, error, None, seconds, failure=FailureKind.TIMEOUT)
+
+
+def refused(upstream: str, status: int, error: str | None = None) -> Attempt:
+    """An attempt answered with a status worth another upstream."""
+    return attempt(upstream, status, error, failure=FailureKind.STATUS)
+
+
 EXHAUSTED = Alert(
-    kind="exhausted",
+    kind=Outcome.EXHAUSTED,
     model="gpt-4o-mini",
     path="/v1/chat/completions",
     key_name="alice",
-    attempts=(("openai-main", "timeout after 60s"), ("openrouter", "HTTP 429")),
+    attempts=(timed_out("openai-main"), refused("openrouter", 429)),
     record_id="3f2a9c0d4e5b6a7f8091a2b3c4d5e6f7",
     status=429,
     method="POST",
@@ -264,11 +277,18 @@ class RealEndpointTests(TestCase, CapturesLog):
         notifier.alert(EXHAUSTED)
         notifier.alert(
             Alert(
-                kind="stream_failed",
+                kind=Outcome.STREAM_FAILED,
                 model="gpt-4o",
                 path="/v1/chat/completions",
                 key_name=None,
-                attempts=(("openai-main", "idle timeout after 120s"),),
+                attempts=(
+                    attempt(
+                        "openai-main",
+                        None,
+                        "idle timeout after 120s",
+                        failure=FailureKind.STREAM_IDLE,
+                    ),
+                ),
                 record_id="r2",
                 status=200,
             )
@@ -498,9 +518,9 @@ class InMemory:
         return [body["content"]["text"] for body in self.recorder.bodies]
 
 
-def _exhausted(model: str = "gpt-4o-mini", *reasons: str) -> Alert:
-    attempts = tuple((f"up{i}", reason) for i, reason in enumerate(reasons or ("HTTP 502",)))
-    return Alert("exhausted", model, "/v1/chat/completions", "bob", attempts, "r", 502)
+def _exhausted(model: str = "gpt-4o-mini", *attempts: Attempt) -> Alert:
+    tried = attempts or (refused("up0", 502),)
+    return Alert(Outcome.EXHAUSTED, model, "/v1/chat/completions", "bob", tried, "r", 502)
 
 
 class DeduplicationTests(SynchronousTestCase, CapturesLog):
@@ -546,29 +566,29 @@ class DeduplicationTests(SynchronousTestCase, CapturesLog):
         429 or another model is a different one.
         """
         notifier = self.memory.notifier()
-        notifier.alert(_exhausted("m", "timeout after 60s", "HTTP 502"))
-        notifier.alert(_exhausted("m", "timeout after 61.5s", "HTTP 503"))
+        notifier.alert(_exhausted("m", timed_out("up0", 60), refused("up1", 502)))
+        notifier.alert(_exhausted("m", timed_out("up0", 61.5), refused("up1", 503)))
         notifier.alert(
             Alert(
-                "exhausted",
+                Outcome.EXHAUSTED,
                 "m",
                 "/v1/chat/completions?x=1",
                 "eve",
-                (("up0", "timeout after 9s"), ("up1", "HTTP 500")),
+                (timed_out("up0", 9), refused("up1", 500)),
                 "r9",
                 500,
             )
         )
         self.assertEqual(len(self.memory.texts()), 1)
-        notifier.alert(_exhausted("m", "timeout after 60s", "HTTP 429"))
-        notifier.alert(_exhausted("other", "timeout after 60s", "HTTP 502"))
+        notifier.alert(_exhausted("m", timed_out("up0", 60), refused("up1", 429)))
+        notifier.alert(_exhausted("other", timed_out("up0", 60), refused("up1", 502)))
         notifier.alert(
             Alert(
-                "stream_failed",
+                Outcome.STREAM_FAILED,
                 "m",
                 "/v1/chat/completions",
                 "bob",
-                (("up0", "timeout after 60s"), ("up1", "HTTP 502")),
+                (timed_out("up0", 60), refused("up1", 502)),
                 "r",
                 200,
             )
@@ -771,13 +791,13 @@ class MessageTests(SynchronousTestCase):
 
     def test_no_query_or_key_shapes(self) -> None:
         alert = Alert(
-            "exhausted",
+            Outcome.EXHAUSTED,
             None,
             "/v1/embeddings?key=AIzaSECRET",
             None,
             (
-                ("up", "HTTP 401: Incorrect API key provided: sk-proj-abcdefSECRET"),
-                ("up2", "upstream said Bearer abc.SECRET"),
+                refused("up", 401, "Incorrect API key provided: sk-proj-abcdefSECRET"),
+                attempt("up2", None, "upstream said Bearer abc.SECRET", failure=FailureKind.OTHER),
             ),
             None,
             None,
@@ -785,15 +805,15 @@ class MessageTests(SynchronousTestCase):
         text = format_alert(alert, "h")
         self.assertNotIn("SECRET", text)
         self.assertIn("all upstreams failed for (no model) (/v1/embeddings, no client key)", text)
-        self.assertIn("- up: HTTP 401: Incorrect API key provided: ***", text)
+        self.assertIn(f"- up: HTTP 401: Incorrect API key provided: {REDACTED}", text)
 
     def test_long_attempt_lists_cut(self) -> None:
         alert = Alert(
-            "exhausted",
+            Outcome.EXHAUSTED,
             "m",
             "/v1/x",
             "k",
-            tuple((f"u{i}", "x" * 1000) for i in range(30)),
+            tuple(attempt(f"u{i}", None, "x" * 1000, failure=FailureKind.OTHER) for i in range(30)),
             "r",
             502,
         )
@@ -803,57 +823,41 @@ class MessageTests(SynchronousTestCase):
         self.assertLess(len(lines[1]), 320)
 
     def test_from_record(self) -> None:
-        record = {
-            "id": "abc",
-            "method": "POST",
-            "path": "/v1/chat/completions",
-            "model": "gpt-4o-mini",
-            "key_name": "alice",
-            "status": 504,
-            "outcome": "exhausted",
-            "attempts": [
-                {
-                    "upstream": "a",
-                    "status": None,
-                    "error": "timeout after 60s",
-                    "ttfb": None,
-                    "duration": 60.0,
-                },
-                {
-                    "upstream": "b",
-                    "status": 429,
-                    "error": None,
-                    "ttfb": 0.1,
-                    "duration": 0.1,
-                },
-                {
-                    "upstream": "c",
-                    "status": 502,
-                    "error": "bad gateway",
-                    "ttfb": 0.1,
-                    "duration": 0.1,
-                },
-            ],
-        }
+        """Exhausted failover and broken streams are alerted, with the
+        record's attempts; other outcomes are not."""
+        attempts = (
+            timed_out("a", 60),
+            refused("b", 429),
+            refused("c", 502, "bad gateway"),
+        )
+        exhausted = record(
+            id="abc",
+            key_name="alice",
+            status=504,
+            outcome=Outcome.EXHAUSTED,
+            attempts=attempts,
+        )
+        alert = alert_from_record(exhausted)
         self.assertEqual(
-            alert_from_record(record),
+            alert,
             Alert(
-                "exhausted",
+                Outcome.EXHAUSTED,
                 "gpt-4o-mini",
                 "/v1/chat/completions",
                 "alice",
-                (
-                    ("a", "timeout after 60s"),
-                    ("b", "HTTP 429"),
-                    ("c", "HTTP 502: bad gateway"),
-                ),
+                attempts,
                 "abc",
                 504,
                 "POST",
             ),
         )
-        self.assertIsNone(alert_from_record({**record, "outcome": "ok"}))
+        assert alert is not None
         self.assertEqual(
-            alert_from_record({**record, "outcome": "stream_failed"}).kind,  # type: ignore[union-attr]
-            "stream_failed",
+            format_alert(alert, "h").splitlines()[1:4],
+            ["- a: timeout after 60s", "- b: HTTP 429", "- c: HTTP 502: bad gateway"],
         )
+        others = set(Outcome) - {Outcome.EXHAUSTED, Outcome.STREAM_FAILED}
+        for outcome in others:
+            self.assertIsNone(alert_from_record(attrs.evolve(exhausted, outcome=outcome)))
+        stream_failed = alert_from_record(attrs.evolve(exhausted, outcome=Outcome.STREAM_FAILED))
+        self.assertEqual(stream_failed.kind, Outcome.STREAM_FAILED)  # type: ignore[union-attr]

@@ -9,10 +9,12 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from oaproxy.cache.keys import api_route, cache_key, namespace
+from oaproxy.cache.keys import cache_key, namespace
 from oaproxy.cache.replay import StreamedAnswer, stream_from_completion
 from oaproxy.cache.stores import MemoryStore
 from oaproxy.generation import build_generation
+from oaproxy.record import record_document
+from oaproxy.traffic.routes import api_path
 from tests.support import Client, Harness, Reply, headers, make_config, sse
 
 CONFIG = """
@@ -144,7 +146,7 @@ class HitAndMissTests(CacheCase):
         self.ask()
         self.answer_json()
         self.ask()
-        miss, hit = self.h.records
+        miss, hit = map(record_document, self.h.records)
         self.assertEqual((miss["cache"], miss["upstream"], miss["cost"]), ("miss", "a", 9e-06))
         self.assertEqual(
             {k: hit[k] for k in ("outcome", "cache", "upstream", "attempts", "usage", "cost")},
@@ -191,8 +193,9 @@ class HitAndMissTests(CacheCase):
             {(e["id"], e["object"], e["model"]) for e in replayed[:-1]},
             {("chatcmpl-1", "chat.completion.chunk", "gpt-4o-mini")},
         )
-        self.assertEqual(self.h.records[1]["usage"], USAGE)
-        self.assertEqual(self.h.records[1]["response_text"], "Hello there")
+        record = record_document(self.h.records[1])
+        self.assertEqual(record["usage"], USAGE)
+        self.assertEqual(record["response_text"], "Hello there")
 
     def test_usage_chunk_only_when_asked(self) -> None:
         """A replayed stream ends with a usage chunk when the client asks for one."""
@@ -353,9 +356,9 @@ class KeyTests(CacheCase):
 
     def test_routes_match_under_any_prefix(self) -> None:
         """cache.routes are API paths, matched from the /v1 segment on."""
-        self.assertEqual(api_route("/v1/chat/completions"), "/v1/chat/completions")
-        self.assertEqual(api_route("/ollama/v1/chat/completions"), "/v1/chat/completions")
-        self.assertEqual(api_route("/v2/chat"), None)
+        self.assertEqual(api_path("/v1/chat/completions"), "/v1/chat/completions")
+        self.assertEqual(api_path("/ollama/v1/chat/completions"), "/v1/chat/completions")
+        self.assertEqual(api_path("/v2/chat"), None)
 
 
 class SharedTests(CacheCase):
@@ -450,7 +453,7 @@ class BypassTests(CacheCase):
         client = self.ask(extra={})
         self.answer_json()
         self.assertEqual(self.cached(client.reply()), b"bypass")
-        self.assertEqual(self.h.records[0]["cache"], "bypass")
+        self.assertEqual(record_document(self.h.records[0])["cache"], "bypass")
         self.ask()  # nothing was stored
         self.assertEqual(self.forwarded(), 2)
 
@@ -491,7 +494,7 @@ class BypassTests(CacheCase):
         self.assertEqual(
             (self.cached(moderation.reply()), self.cached(models.reply())), (None, None)
         )
-        self.assertEqual([r["cache"] for r in self.h.records], [None, None])
+        self.assertEqual([r.cache for r in self.h.records], [None, None])
 
     def test_our_header_wins_over_the_upstreams(self) -> None:
         """An upstream (another oaproxy) saying X-Oaproxy-Cache does not decide ours."""

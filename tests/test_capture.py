@@ -1,4 +1,4 @@
-"""Tests for oaproxy.capture: request fields, stream reassembly, records' bodies."""
+"""Tests for oaproxy.capture and oaproxy.multipart: stream reassembly, records' bodies."""
 
 from __future__ import annotations
 
@@ -9,21 +9,18 @@ import httpx2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.http_headers import Headers
 
 from oaproxy.capture import (
-    MULTIPART_MAX_FIELDS,
     CapturedResponse,
     StreamCapture,
     capture_json_response,
     cost,
     describe_body,
-    redact_headers,
-    request_fields,
     truncate_text,
-    with_stream_usage,
 )
 from oaproxy.config import Price
+from oaproxy.multipart import MULTIPART_MAX_FIELDS
+from oaproxy.record import Usage
 from oaproxy.sse import SSESplitter, event_data
 
 
@@ -74,79 +71,6 @@ def feed_all(capture: StreamCapture, chunks: list[bytes]) -> list[bool]:
     return [capture.feed(c) for c in chunks]
 
 
-class RequestFieldsTests(SynchronousTestCase):
-    def test_chat_request(self) -> None:
-        body = b'{"model": "gpt-4o-mini", "messages": [], "stream": true, "stream_options": {"include_usage": true}}'
-        fields = request_fields(body, "application/json; charset=utf-8")
-        self.assertEqual(fields.model, "gpt-4o-mini")
-        self.assertTrue(fields.stream)
-        self.assertTrue(fields.include_usage)
-        assert fields.parsed is not None
-        self.assertEqual(fields.parsed["messages"], [])
-
-    def test_defaults(self) -> None:
-        fields = request_fields(b'{"model": "m", "stream": "yes"}', "application/json")
-        self.assertEqual((fields.model, fields.stream, fields.include_usage), ("m", False, False))
-
-    def test_json_without_content_type(self) -> None:
-        self.assertEqual(request_fields(b'  \n{"model": "m"}', None).model, "m")
-        self.assertEqual(request_fields(b'{"model": "m"}', "text/plain").model, "m")
-
-    def test_not_json(self) -> None:
-        fields = request_fields(b"--b\r\n", "multipart/form-data; boundary=b")
-        self.assertIsNone(fields.model)
-        self.assertIsNone(fields.parsed)
-        self.assertIsNone(request_fields(b"abc", None).model)
-
-    def test_invalid_json(self) -> None:
-        for body in (b"{", b'{"model": ', b"[1]", b"\xff\xfe{", b"[" * 100000):
-            fields = request_fields(body, "application/json")
-            self.assertEqual((fields.model, fields.parsed), (None, None))
-
-    def test_model_not_a_string(self) -> None:
-        self.assertIsNone(request_fields(b'{"model": 4}', "application/json").model)
-
-    def test_parsed_not_compared(self) -> None:
-        self.assertEqual(
-            request_fields(b'{"model": "m", "x": 1}', None),
-            request_fields(b'{"model": "m"}', None),
-        )
-
-
-class WithStreamUsageTests(SynchronousTestCase):
-    def test_adds_include_usage(self) -> None:
-        parsed = request_fields(
-            '{"model": "m", "stream": true, "messages": [{"content": "é"}]}'.encode(),
-            None,
-        ).parsed
-        assert parsed is not None
-        body = with_stream_usage(parsed)
-        self.assertNotIn(b" ", body)
-        self.assertIn("é".encode(), body)
-        self.assertEqual(
-            json.loads(body),
-            {
-                "model": "m",
-                "stream": True,
-                "messages": [{"content": "é"}],
-                "stream_options": {"include_usage": True},
-            },
-        )
-        self.assertNotIn("stream_options", parsed)
-
-    def test_keeps_other_stream_options(self) -> None:
-        parsed = {"stream_options": {"include_obfuscation": False, "include_usage": False}}
-        self.assertEqual(
-            json.loads(with_stream_usage(parsed))["stream_options"],
-            {"include_obfuscation": False, "include_usage": True},
-        )
-        self.assertEqual(parsed["stream_options"]["include_usage"], False)
-
-    def test_lone_surrogate(self) -> None:
-        parsed = json.loads('{"content": "\\ud800"}')
-        self.assertEqual(json.loads(with_stream_usage(parsed))["content"], "\ud800")
-
-
 class StreamCaptureTests(SynchronousTestCase):
     def test_content_finish_and_usage(self) -> None:
         capture = StreamCapture(max_bytes=1000)
@@ -167,7 +91,7 @@ class StreamCaptureTests(SynchronousTestCase):
         self.assertEqual(result.finish_reason, "stop")
         self.assertEqual(
             result.usage,
-            {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19},
+            Usage(prompt_tokens=12, completion_tokens=7, total_tokens=19),
         )
         self.assertIsNone(result.tool_calls)
         self.assertIsNone(result.refusal)
@@ -202,7 +126,7 @@ class StreamCaptureTests(SynchronousTestCase):
             capture.feed(chat_chunk({"content": "x"}, finish_reason="stop", usage=usage))
         )
         self.assertFalse(capture.feed(chat_chunk({"content": "y"}, usage=None)))
-        self.assertEqual(capture.result().usage, usage)
+        self.assertEqual(capture.result().usage, Usage(1, 2, 3))
 
     def test_tool_calls_over_many_chunks(self) -> None:
         chunks = [
@@ -411,7 +335,7 @@ class StreamCaptureTests(SynchronousTestCase):
         self.assertEqual(result.finish_reason, "completed")
         self.assertEqual(
             result.usage,
-            {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+            Usage(prompt_tokens=5, completion_tokens=2, total_tokens=7),
         )
 
     def test_error_chunk(self) -> None:
@@ -522,7 +446,7 @@ class CaptureJsonResponseTests(SynchronousTestCase):
         self.assertIsNone(result.text)
         self.assertEqual(result.tool_calls, body["choices"][0]["message"]["tool_calls"])  # type: ignore[index]
         self.assertEqual(result.finish_reason, "tool_calls")
-        self.assertEqual(result.usage, body["usage"])
+        self.assertEqual(result.usage, Usage(50, 20, 70))
 
     def test_chat_text_and_refusal(self) -> None:
         body = {
@@ -580,7 +504,7 @@ class CaptureJsonResponseTests(SynchronousTestCase):
         self.assertIsNone(result.text)
         self.assertEqual(
             result.usage,
-            {"prompt_tokens": 8, "completion_tokens": 0, "total_tokens": 8},
+            Usage(prompt_tokens=8, completion_tokens=0, total_tokens=8),
         )
 
     def test_responses_api(self) -> None:
@@ -617,7 +541,7 @@ class CaptureJsonResponseTests(SynchronousTestCase):
         )
         self.assertEqual(
             result.usage,
-            {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+            Usage(prompt_tokens=3, completion_tokens=4, total_tokens=7),
         )
         self.assertIsNone(result.error)
 
@@ -819,69 +743,17 @@ class DescribeBodyTests(SynchronousTestCase):
         json.dumps(described)
 
 
-class RedactHeadersTests(SynchronousTestCase):
-    def test_pairs(self) -> None:
-        self.assertEqual(
-            redact_headers(
-                [
-                    (b"Authorization", b"Bearer sk-secret"),
-                    (b"Content-Type", b"application/json"),
-                    (b"X-Api-Key", b"k"),
-                    (b"api-key", b"k"),
-                    (b"Cookie", b"a=b"),
-                    (b"Set-Cookie", b"c=d"),
-                    (b"Proxy-Authorization", b"Basic eA=="),
-                    (b"Accept", b"a"),
-                    (b"accept", b"b"),
-                ]
-            ),
-            {
-                "authorization": "[redacted]",
-                "content-type": "application/json",
-                "x-api-key": "[redacted]",
-                "api-key": "[redacted]",
-                "cookie": "[redacted]",
-                "set-cookie": "[redacted]",
-                "proxy-authorization": "[redacted]",
-                "accept": "a, b",
-            },
-        )
-
-    def test_twisted_headers(self) -> None:
-        headers = Headers(
-            {
-                b"Authorization": [b"Bearer sk-secret"],
-                b"User-Agent": [b"OpenAI/Python 1.0"],
-            }
-        )
-        redacted = redact_headers(headers.getAllRawHeaders())
-        self.assertEqual(
-            redacted, {"authorization": "[redacted]", "user-agent": "OpenAI/Python 1.0"}
-        )
-        self.assertNotIn("sk-secret", json.dumps(redacted))
-
-    def test_mapping(self) -> None:
-        self.assertEqual(
-            redact_headers({"Authorization": "Bearer x", "X-Test": "1", "X-Many": ["a", "b"]}),
-            {"authorization": "[redacted]", "x-test": "1", "x-many": "a, b"},
-        )
-
-
 class CostTests(SynchronousTestCase):
     def test_cost(self) -> None:
-        usage = {
-            "prompt_tokens": 1_000_000,
-            "completion_tokens": 500_000,
-            "total_tokens": 1_500_000,
-        }
+        usage = Usage(prompt_tokens=1_000_000, completion_tokens=500_000, total_tokens=1_500_000)
         self.assertAlmostEqual(cost(usage, Price(input=0.15, output=0.6)), 0.45)
 
     def test_unknown(self) -> None:
         self.assertIsNone(cost(None, Price(1, 1)))
-        self.assertIsNone(cost({"prompt_tokens": 1}, None))
+        self.assertIsNone(cost(Usage(1, 0, 1), None))
 
     def test_partial_usage(self) -> None:
-        self.assertAlmostEqual(cost({"prompt_tokens": 2000}, Price(2.0, 8.0)), 0.004)
+        self.assertAlmostEqual(cost(Usage(2000, 0, 2000), Price(2.0, 8.0)), 0.004)
 
 
 class TruncateTextTests(SynchronousTestCase):

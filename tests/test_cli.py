@@ -1,7 +1,7 @@
-"""Tests for ``oaproxy.cli``: ``records export`` and ``usage`` against records
-stored by the SQL module, in sqlite and in PostgreSQL (a fresh schema of the
-shared server at 127.0.0.1:5432; skipped when it is down, except under
-``CI=true``, where that fails).
+"""Tests for ``oaproxy.cli`` and ``oaproxy.recordstore``: ``records export`` and
+``usage`` against records stored by the SQL module, in sqlite and in
+PostgreSQL (a fresh schema of the shared server at 127.0.0.1:5432; skipped
+when it is down, except under ``CI=true``, where that fails).
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from oaproxy import cli
+from oaproxy import recordstore
 from oaproxy.cli import chat_item, main, parse_time
-from oaproxy.sinks.queue import encode_record
+from oaproxy.record import Outcome, Record, decode_record, encode_record
 from oaproxy.sinks.sql import VERSION_TABLE, insert_statement, migrate, open_database, record_row
 from tests.harness import POSTGRES_DSN, free_port, postgres_schema, unavailable
+from tests.records import record, usage
 
 UTC = timezone.utc
 
@@ -50,37 +51,19 @@ WEATHER_CALL = {
 }
 
 
-def _record(identifier: str, time: float, **fields: Any) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "id": identifier,
-        "time": time,
-        "hostname": "edge-1",
+def _record(identifier: str, time: float, **fields: Any) -> Record:
+    defaults: dict[str, Any] = {
         "client_ip": "10.0.0.1",
         "key_name": None,
-        "user_agent": "test",
-        "method": "POST",
-        "path": "/v1/chat/completions",
         "model": None,
-        "stream": False,
         "attempts": [],
         "upstream": "up",
-        "status": 200,
-        "outcome": "ok",
         "ttfb": 0.1,
         "duration": 0.2,
         "bytes_in": 10,
         "bytes_out": 20,
-        "request_body": None,
-        "request_headers": None,
-        "response_text": None,
-        "tool_calls": None,
-        "finish_reason": None,
-        "truncated": [],
-        "usage": None,
-        "cost": None,
     }
-    record.update(fields)
-    return record
+    return record(id=identifier, time=time, **{**defaults, **fields})
 
 
 #: A chat answer (01:00 on day 0).
@@ -97,7 +80,7 @@ CHAT = _record(
     ),
     response_text="Hello! 你好",
     finish_reason="stop",
-    usage={"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+    usage=usage(10, 5),
     cost=0.0015,
 )
 #: A tool call (exactly 00:00 on day 1).
@@ -119,7 +102,7 @@ TOOL = _record(
     ),
     tool_calls=[WEATHER_CALL],
     finish_reason="tool_calls",
-    usage={"prompt_tokens": 20, "completion_tokens": 10, "total_tokens": 30},
+    usage=usage(20, 10),
     cost=0.003,
 )
 #: Embeddings, no cost known (exactly 00:00 on day 2).
@@ -130,7 +113,7 @@ EMBEDDING = _record(
     path="/v1/embeddings",
     model="text-embedding-3-small",
     request_body=json.dumps({"model": "text-embedding-3-small", "input": "hi"}),
-    usage={"prompt_tokens": 8, "completion_tokens": 0, "total_tokens": 8},
+    usage=usage(8, 0),
 )
 #: A multipart upload that failed.
 AUDIO = _record(
@@ -145,7 +128,7 @@ AUDIO = _record(
         "fields": [{"name": "file", "filename": "a.mp3", "size": 1000}],
     },
     status=500,
-    outcome="exhausted",
+    outcome=Outcome.EXHAUSTED,
 )
 #: A rate-limited chat without a key (noauth upstream).
 LIMITED = _record(
@@ -156,7 +139,7 @@ LIMITED = _record(
         {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "again"}]}
     ),
     status=429,
-    outcome="upstream_error",
+    outcome=Outcome.EXHAUSTED,
 )
 
 RECORDS = [CHAT, TOOL, EMBEDDING, AUDIO, LIMITED]
@@ -202,7 +185,7 @@ LIMITED_ITEM = {
 }
 
 
-def jsonl(*records: dict[str, Any]) -> str:
+def jsonl(*records: Record) -> str:
     return "".join(encode_record(record).decode("utf-8") + "\n" for record in records)
 
 
@@ -219,7 +202,7 @@ def run(*argv: str, now: float = NOW) -> tuple[int, str, str]:
     return status, out.getvalue(), err.getvalue()
 
 
-def store(dbtype: str, dbaddr: str, records: list[dict[str, Any]]) -> None:
+def store(dbtype: str, dbaddr: str, records: list[Record]) -> None:
     """Insert ``records`` the way the SQL sink does."""
     connection = open_database(dbtype, dbaddr)
     try:
@@ -256,10 +239,10 @@ class StoreMixin:
         text, equal to the inserted record; read a few rows at a time.
         """
         case: Any = self
-        case.patch(cli, "FETCH_SIZE", 2)
+        case.patch(recordstore, "FETCH_SIZE", 2)
         status, out, err = self.export()
         self.assertOutput((status, out, err), jsonl(*RECORDS))
-        case.assertEqual([json.loads(line) for line in out.splitlines()], RECORDS)
+        case.assertEqual([decode_record(line) for line in out.splitlines()], RECORDS)
 
     def test_export_since_until(self) -> None:
         """``--since`` is inclusive, ``--until`` exclusive; dates are UTC."""

@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.config import (
     DEFAULT_LISTEN,
+    CacheBackend,
     ClientKey,
     Config,
     ConfigError,
@@ -1776,7 +1777,7 @@ class TrafficControlConfigTests(Helpers):
         assert cache is not None
         self.assertEqual(
             (cache.backend, cache.ttl, cache.max_entries, cache.max_entry_bytes, cache.default),
-            ("memory", 3600, 10000, 1048576, False),
+            (CacheBackend.MEMORY, 3600, 10000, 1048576, False),
         )
         self.assertEqual(
             cache.routes, ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")

@@ -78,7 +78,7 @@ def upstream(name: str, fake: FakeUpstream, sk: str, **more: Any) -> dict[str, A
 
 
 def base_config(
-    port: int | None, keys: dict[str, str], upstreams: list[dict[str, Any]], **more: Any
+    port: int | None, keys: dict[str, Any], upstreams: list[dict[str, Any]], **more: Any
 ) -> dict[str, Any]:
     if port is not None:
         more.setdefault("listen", f"tcp:{port}:interface=127.0.0.1")

@@ -20,7 +20,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import RequestNotSent, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 
-from oaproxy.forward import FAILOVER_STATUSES, attempt_deadline, fails_over
+from oaproxy.forward import FAILOVER_STATUSES, Exchange, attempt_deadline, fails_over
+from oaproxy.record import FailureKind, Outcome
+from oaproxy.upstreamclient import NoResponse
 from tests.support import Harness, Reply, make_config, sse
 
 CONFIG = """
@@ -630,6 +632,29 @@ class StaleConnectionTests(ForwardTestCase):
         self.assertEqual(self.h.record()["attempts"][0]["error"], "cancelled")
 
 
+class UpstreamClientStaleTests(ForwardTestCase):
+    """oaproxy.upstreamclient says on the failure whether the connection was reused."""
+
+    def test_reused_connection_retried_and_noted(self) -> None:
+        """NoResponse on a reused connection: once more on a new one, and the attempt says so."""
+        client = self.h.chat()
+        self.calls[0].fail(NoResponse([Failure(ConnectionDone())], reused=True, request_sent=True))
+        self.h.fresh_agent.only().respond(200, body=b"{}")
+        self.assertReply(client.reply(), 200, b"{}")
+        (attempt_log,) = self.h.exchanges[0].attempts
+        self.assertEqual(attempt_log.resent, "ConnectionDone: Connection was closed cleanly.")
+        self.assertNotIn("resent", self.h.record()["attempts"][0])
+
+    def test_new_connection_failed_over_not_resent(self) -> None:
+        """NoResponse on a new connection: the upstream may have acted, so fail over."""
+        client = self.h.chat()
+        self.calls[0].fail(NoResponse([Failure(ConnectionDone())], reused=False, request_sent=True))
+        self.assertEqual(self.h.fresh_agent.calls, [])
+        self.calls[1].respond(200, body=b"{}")
+        self.assertReply(client.reply(), 200, b"{}")
+        self.assertIsNone(self.h.exchanges[0].attempts[0].resent)
+
+
 class ClientDisconnectTests(ForwardTestCase):
     def check_gone(self, h: Harness, attempts: list[dict[str, Any]], status: int = 499) -> None:
         record = h.record()
@@ -692,3 +717,109 @@ class ClientDisconnectTests(ForwardTestCase):
             self.h, [attempt("a", 200, "cancelled: client disconnected", 0.0, 3.0)], status=200
         )
         self.assertEqual(self.h.record()["bytes_out"], len(sse(chunk("Hel"))))
+
+
+class FailureKindTests(ForwardTestCase):
+    """Each attempt's record says why it failed as a kind, beside its text."""
+
+    def kinds(self, index: int = 0) -> list[FailureKind | None]:
+        return [attempt.failure for attempt in self.h.records[index].attempts]
+
+    def test_failover_reasons(self) -> None:
+        """A refused connection, a DNS failure and a status worth another
+        upstream each have their kind; the answer that served has none."""
+        client = self.h.chat()
+        self.calls[0].fail(ConnectionRefusedError())
+        self.calls[1].fail(DNSLookupError("no results for hostname lookup: b.test"))
+        self.calls[2].respond(200, body=b"{}")
+        self.assertReply(client.reply(), 200, b"{}")
+        self.assertEqual(self.kinds(), [FailureKind.CONNECT_ERROR, FailureKind.DNS_ERROR, None])
+        self.h.chat()
+        self.calls[3].respond(429, body=b"{}")
+        self.calls[4].respond(400, body=b"{}")
+        self.assertEqual(self.kinds(1), [FailureKind.STATUS, None])
+        self.assertEqual(self.h.records[1].outcome, Outcome.CLIENT_ERROR)
+
+    def test_timeouts(self) -> None:
+        """Deadlines are timeouts: all of them make the exhausted answer a 504."""
+        client = self.h.chat()
+        for _ in range(3):
+            self.h.clock.advance(30)
+        self.assertEqual(client.reply().status, 504)
+        self.assertEqual(self.kinds(), [FailureKind.TIMEOUT] * 3)
+        self.assertEqual(self.h.records[0].outcome, Outcome.EXHAUSTED)
+
+    def test_upstream_ended_early(self) -> None:
+        """A body cut before its end, and a stream closed before its first
+        event, ended early; a timeout among such failures makes a 502."""
+        client = self.h.chat(stream=True)
+        self.calls[0].respond(200, b"text/event-stream").finish()
+        self.calls[1].respond(200, b"text/event-stream").write(b": keep-alive\n\n").fail()
+        self.h.clock.advance(30)
+        self.assertEqual(client.reply().status, 502)
+        self.assertEqual(
+            self.kinds(),
+            [
+                FailureKind.UPSTREAM_ENDED_EARLY,
+                FailureKind.UPSTREAM_ENDED_EARLY,
+                FailureKind.TIMEOUT,
+            ],
+        )
+
+    def test_committed_stream_failures(self) -> None:
+        """After the commit, an unclean end ended early and silence is a
+        stream idle; both make the request a failed stream."""
+        self.h.chat(stream=True)
+        self.calls[0].respond(200, b"text/event-stream").write(sse(chunk("a"))).fail()
+        self.h.chat(stream=True)
+        self.calls[1].respond(200, b"text/event-stream").write(sse(chunk("a")))
+        self.h.clock.advance(20)
+        self.assertEqual(self.kinds(0), [FailureKind.UPSTREAM_ENDED_EARLY])
+        self.assertEqual(self.kinds(1), [FailureKind.STREAM_IDLE])
+        self.assertEqual([record.outcome for record in self.h.records], [Outcome.STREAM_FAILED] * 2)
+
+    def test_client_disconnected(self) -> None:
+        """The attempt a departing client leaves was cancelled, whatever the
+        stage: waiting for headers, or relaying a stream."""
+        self.h.chat().disconnect()
+        stream = self.h.chat(stream=True)
+        self.calls[1].respond(200, b"text/event-stream").write(sse(chunk("a")))
+        stream.disconnect()
+        for index in (0, 1):
+            self.assertEqual(self.kinds(index), [FailureKind.CANCELLED])
+            self.assertEqual(self.h.records[index].outcome, Outcome.CLIENT_DISCONNECTED)
+
+
+class ExchangeTests(SynchronousTestCase):
+    """The state of one request, as the forwarder and the service leave it."""
+
+    def exchange(self) -> Exchange:
+        h = Harness(CONFIG)
+        self.h = h
+        self.client = h.chat(stream=True)
+        [exchange] = h.shared.ledger
+        return exchange
+
+    def test_cut_at_shutdown(self) -> None:
+        """A request the proxy cuts off ended by shutdown, though its client's
+        side closes next (and its attempt is cancelled)."""
+        exchange = self.exchange()
+        self.h.agent.calls[0].respond(200, b"text/event-stream").write(sse(chunk("a")))
+        exchange.cut_at_shutdown()
+        self.client.disconnect()
+        record = self.h.record()
+        self.assertEqual((record["outcome"], record["error"]), ("shutdown", "cut at shutdown"))
+        self.assertEqual(record["attempts"][0]["error"], "cancelled: client disconnected")
+        self.assertIs(exchange.outcome, Outcome.SHUTDOWN)
+
+    def test_client_disconnected_once(self) -> None:
+        """The departure is told twice (the web layer, then the forwarder)
+        and counted as one: one outcome, the attempt cancelled once."""
+        exchange = self.exchange()
+        self.client.disconnect()
+        self.assertTrue(exchange.client_gone)
+        self.assertIs(exchange.outcome, Outcome.CLIENT_DISCONNECTED)
+        self.assertEqual(
+            [(a.failure, a.error) for a in exchange.attempts],
+            [(FailureKind.CANCELLED, "cancelled: client disconnected")],
+        )

@@ -8,6 +8,7 @@ import json
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.iprules import IPRules
+from oaproxy.record import record_document
 from tests.support import Harness, make_config
 
 CONFIG = """
@@ -66,7 +67,7 @@ class ThroughTheSiteTests(SynchronousTestCase):
             self.assertEqual(reply.json()["error"]["code"], "ip_not_allowed")
             self.assertEqual(reply.json()["error"]["type"], "permission_error")
         self.assertEqual(self.h.agent.calls, [])
-        record = self.h.records[0]
+        record = record_document(self.h.records[0])
         self.assertEqual((record["status"], record["client_ip"]), (403, "192.0.2.1"))
         # Not parsed: no model read from it, the body only described.
         self.assertEqual(record["model"], None)
@@ -95,7 +96,7 @@ class ThroughTheSiteTests(SynchronousTestCase):
             peer="127.0.0.1",
         )
         self.assertEqual(chain.reply().status, 403)
-        self.assertEqual(h.records[-1]["client_ip"], "192.0.2.8")
+        self.assertEqual(h.records[-1].client_ip, "192.0.2.8")
         h.chat(header_lines=[(b"X-Forwarded-For", b"10.4.4.4")], peer="127.0.0.1")
         self.assertEqual(len(h.agent.calls), 1)
 

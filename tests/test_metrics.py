@@ -1,4 +1,4 @@
-"""Tests for ``oaproxy.metrics``."""
+"""Tests for ``oaproxy.metrics`` and the resource scrapers read, ``oaproxy.scrape``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import random
 import string
 from typing import Any, cast
 
+import attrs
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.openmetrics.parser import (
@@ -23,11 +24,13 @@ from oaproxy.metrics import (
     KNOWN_ROUTES,
     LATENCY_BUCKETS,
     Metrics,
-    MetricsResource,
     attempt_outcome,
     route_label,
     status_class,
 )
+from oaproxy.record import FailureKind, Outcome, Record
+from oaproxy.scrape import MetricsResource
+from tests.records import attempt, record, usage
 
 UPSTREAMS = ("alpha", "beta")
 ALLOW = ("llama-3-70b", "/v1/audio/transcriptions", "gpt-4o-mini")
@@ -35,52 +38,6 @@ ALLOW = ("llama-3-70b", "/v1/audio/transcriptions", "gpt-4o-mini")
 
 def make_metrics() -> Metrics:
     return Metrics(known_models=ALLOW, upstream_names=UPSTREAMS)
-
-
-def attempt(
-    upstream: str | None,
-    status: int | None,
-    error: str | None = None,
-    ttfb: float | None = 0.1,
-    duration: float = 0.2,
-) -> dict[str, Any]:
-    return {
-        "upstream": upstream,
-        "status": status,
-        "error": error,
-        "ttfb": ttfb,
-        "duration": duration,
-    }
-
-
-def record(**overrides: Any) -> dict[str, Any]:
-    """A record as the forwarder emits it (the fields metrics read, and a few
-    more), for a successful non-stream chat completion unless overridden.
-    """
-    base: dict[str, Any] = {
-        "id": "0" * 32,
-        "time": 1700000000.0,
-        "hostname": "edge-1",
-        "client_ip": "127.0.0.1",
-        "key_name": "k1",
-        "user_agent": "test",
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "model": "gpt-4o-mini",
-        "stream": False,
-        "attempts": [attempt("alpha", 200)],
-        "upstream": "alpha",
-        "status": 200,
-        "outcome": "ok",
-        "ttfb": 0.5,
-        "duration": 0.6,
-        "bytes_in": 0,
-        "bytes_out": 0,
-        "usage": None,
-        "cost": None,
-    }
-    base.update(overrides)
-    return base
 
 
 class Scrape:
@@ -159,25 +116,56 @@ class LabelTests(SynchronousTestCase):
         self.assertEqual(status_class("200"), "other")
 
     def test_attempt_outcome(self) -> None:
+        """Failures with a label of their own win over the status; answers
+        are labelled by their status class."""
+        status = FailureKind.STATUS
         cases = [
             (attempt("a", 200), "ok"),
             (attempt("a", 201), "ok"),
-            (attempt("a", 429), "4xx"),
-            (attempt("a", 503), "5xx"),
-            (attempt("a", None, "timeout after 10.0s"), "timeout"),
-            (attempt("a", None, "connect: connection refused"), "connect_error"),
-            (attempt("a", None, "cancelled by client"), "cancelled"),
-            # A stream that timed out after its 200 headers timed out.
-            (attempt("a", 200, "timeout: idle 120s"), "timeout"),
+            (attempt("a", 429, failure=status), "4xx"),
+            (attempt("a", 400), "4xx"),
+            (attempt("a", 503, failure=status), "5xx"),
+            (attempt("a", None, "timeout after 10s", failure=FailureKind.TIMEOUT), "timeout"),
+            (
+                attempt("a", None, "connect error: …", failure=FailureKind.CONNECT_ERROR),
+                "connect_error",
+            ),
+            (
+                attempt("a", None, "connect error: …", failure=FailureKind.DNS_ERROR),
+                "connect_error",
+            ),
+            (
+                attempt("a", None, "connect error: …", failure=FailureKind.TLS_ERROR),
+                "connect_error",
+            ),
+            (attempt("a", None, "cancelled: …", failure=FailureKind.CANCELLED), "cancelled"),
+            (
+                attempt("a", 200, "cancelled: …", failure=FailureKind.CLIENT_STOPPED_READING),
+                "cancelled",
+            ),
+            # A stream that fell silent after its 200 headers timed out.
+            (attempt("a", 200, "stream idle …", failure=FailureKind.STREAM_IDLE), "timeout"),
             # A 200 that broke some other way did not succeed.
-            (attempt("a", 200, "stream ended uncleanly"), "error"),
-            (attempt("a", None, "TLS handshake failed"), "error"),
+            (
+                attempt("a", 200, "PotentialDataLoss", failure=FailureKind.UPSTREAM_ENDED_EARLY),
+                "error",
+            ),
+            (attempt("a", None, "ConnectionLost", failure=FailureKind.OTHER), "error"),
+            (
+                attempt("a", None, "response body over …", failure=FailureKind.BODY_TOO_LARGE),
+                "error",
+            ),
             (attempt("a", None, None), "error"),
-            (attempt("a", 502, "bad gateway body"), "5xx"),
-            ({}, "error"),
+            (attempt("a", 502, "bad gateway body", failure=status), "5xx"),
         ]
         for given_attempt, expected in cases:
             self.assertEqual(attempt_outcome(given_attempt), expected, given_attempt)
+
+    def test_every_failure_kind_has_a_label(self) -> None:
+        """No failure kind falls through to an unbounded label."""
+        labels = {"ok", "4xx", "5xx", "timeout", "connect_error", "cancelled", "error"}
+        for kind in FailureKind:
+            self.assertIn(attempt_outcome(attempt("a", 503, "x", failure=kind)), labels, kind)
 
     def test_route_label(self) -> None:
         cases = [
@@ -271,33 +259,34 @@ class TrafficTests(SynchronousTestCase):
                 bytes_in=100,
                 bytes_out=2000,
                 attempts=[attempt("alpha", 200, ttfb=0.3)],
-                usage={
-                    "prompt_tokens": 10,
-                    "completion_tokens": 20,
-                    "total_tokens": 30,
-                },
+                usage=usage(10, 20),
             ),
             # A failover from alpha's 503 to beta, then success.
             record(
                 path="/v1/embeddings?x=1",
                 model="text-embedding-3-small",
-                attempts=[attempt("alpha", 503), attempt("beta", 200)],
+                attempts=[
+                    attempt("alpha", 503, failure=FailureKind.STATUS),
+                    attempt("beta", 200),
+                ],
                 upstream="beta",
                 ttfb=1.5,
                 duration=1.6,
                 bytes_in=50,
                 bytes_out=500,
-                usage={"prompt_tokens": 5, "total_tokens": 5},
+                usage=usage(5, 0),
             ),
             # Exhausted: alpha timed out, beta refused the connection.
             record(
                 attempts=[
-                    attempt("alpha", None, "timeout after 10s", None),
-                    attempt("beta", None, "connect: refused", None),
+                    attempt("alpha", None, "timeout after 10s", None, failure=FailureKind.TIMEOUT),
+                    attempt(
+                        "beta", None, "connect error: …", None, failure=FailureKind.CONNECT_ERROR
+                    ),
                 ],
                 upstream=None,
                 status=502,
-                outcome="exhausted",
+                outcome=Outcome.EXHAUSTED,
                 ttfb=25.0,
                 duration=25.0,
                 bytes_in=10,
@@ -305,10 +294,18 @@ class TrafficTests(SynchronousTestCase):
             ),
             # The client went away during the only attempt.
             record(
-                attempts=[attempt("alpha", None, "cancelled", None)],
+                attempts=[
+                    attempt(
+                        "alpha",
+                        None,
+                        "cancelled: client disconnected",
+                        None,
+                        failure=FailureKind.CANCELLED,
+                    )
+                ],
                 upstream=None,
                 status=499,
-                outcome="client_disconnected",
+                outcome=Outcome.CLIENT_DISCONNECTED,
                 ttfb=None,
                 duration=0.7,
                 stream=True,
@@ -319,12 +316,12 @@ class TrafficTests(SynchronousTestCase):
                 model="my-private-model-123",
                 attempts=[attempt("ghost", 200)],
                 upstream="ghost",
-                usage={"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+                usage=usage(7, 3),
             ),
             record(
                 path="/v1/not-a-route",
                 model="my-private-model-123",
-                usage={"prompt_tokens": 1, "completion_tokens": 2},
+                usage=usage(1, 2),
             ),
         ]
         for each in feed:
@@ -577,13 +574,13 @@ class CardinalityTests(SynchronousTestCase):
         def name() -> str:
             return "".join(rng.choices(string.ascii_letters + string.digits + "-/.", k=16))
 
-        def one() -> dict[str, Any]:
+        def one() -> Record:
             return record(
                 model=name(),
                 path="/v1/" + name(),
                 upstream=name(),
-                attempts=[attempt(name(), 500), attempt(name(), 200)],
-                usage={"prompt_tokens": 1, "completion_tokens": 1},
+                attempts=[attempt(name(), 500, failure=FailureKind.STATUS), attempt(name(), 200)],
+                usage=usage(1, 1),
             )
 
         metrics.request_finished(one())
@@ -638,28 +635,31 @@ class ActiveTests(SynchronousTestCase):
         self.assertRaises(RuntimeError, forward)
         self.assertEqual(self.gauges(metrics), (0, 0))
 
-    def test_malformed_record(self) -> None:
-        """A malformed record is logged, never raised into the forwarder, and
-        still finishes the active request.
+    def test_counting_failure(self) -> None:
+        """A record that cannot be counted is logged, never raised into the
+        forwarder, and still finishes the active request.
         """
         metrics = make_metrics()
         active = metrics.request_started(stream=False)
-        metrics.request_finished(record(attempts=5), active)
+        broken = attrs.evolve(record(), attempts=5)  # type: ignore[arg-type]
+        metrics.request_finished(broken, active)
         self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
         self.assertEqual(self.gauges(metrics), (0, 0))
-        # Missing and odd fields are simply not counted.
-        metrics.request_finished({"bytes_in": -5, "duration": "slow", "usage": "x"})
+
+    def test_negative_times_and_tokens_not_counted(self) -> None:
+        """A wall clock stepping back, or an upstream's nonsense token count,
+        is left out rather than counted."""
+        metrics = make_metrics()
+        metrics.request_finished(record(duration=-1.0, ttfb=-0.5, usage=usage(-5, 3)))
         result = scrape(metrics)
-        self.assertEqual(
-            result.value(
-                "oaproxy_requests_total",
-                route="other",
-                status_class="none",
-                upstream="none",
-            ),
-            1,
+        chat = "/v1/chat/completions"
+        self.assertIsNone(result.value("oaproxy_request_duration_seconds_count", route=chat))
+        self.assertIsNone(
+            result.value("oaproxy_time_to_first_byte_seconds_count", route=chat, stream="false")
         )
-        self.assertEqual(result.value("oaproxy_bytes_in_total"), 0)
+        labels = {"upstream": "alpha", "model": "gpt-4o-mini"}
+        self.assertIsNone(result.value("oaproxy_tokens_total", kind="prompt", **labels))
+        self.assertEqual(result.value("oaproxy_tokens_total", kind="completion", **labels), 3)
 
 
 class FakeSink:

@@ -23,6 +23,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from oaproxy import generation
+from oaproxy.record import Record
 from tests.fakeupstream import Chat, FakeUpstream, Hang, Status, Stream
 from tests.harness import (
     CLIENT_KEY,
@@ -38,6 +39,7 @@ from tests.harness import (
     upstream,
     write_yaml,
 )
+from tests.records import record
 
 METRICS_KEY = "mk-scraper-0123456789"
 FEISHU_SECRET = "fs-signing-secret-0123"
@@ -481,16 +483,10 @@ class ReloadTests(OperateCase):
         service = proxy.service
         old_sink = service.sinks["file"]
 
-        def emit(n: int) -> dict[str, Any]:
-            record = {
-                "id": f"r{n}",
-                "time": 1.0,
-                "method": "POST",
-                "path": CHAT_ROUTE,
-                "status": 200,
-            }
-            service.shared.records.emit(record)
-            return record
+        def emit(n: int) -> Record:
+            emitted = record(id=f"r{n}", time=1.0, path=CHAT_ROUTE)
+            service.shared.records.emit(emitted)
+            return emitted
 
         burst = [emit(n) for n in range(5)]  # one turn: 4 spill before any write
         self.assertGreater(old_sink.spilled, 0)
@@ -505,7 +501,7 @@ class ReloadTests(OperateCase):
         await service.stopService()
         with open(records_file, encoding="utf-8") as f:
             written = [json.loads(line)["id"] for line in f]
-        self.assertEqual(written, [r["id"] for r in burst + later])
+        self.assertEqual(written, [r.id for r in burst + later])
         self.assertEqual((old_sink.dropped, new_sink.dropped), (0, 0))
         self.assertEqual(os.listdir(os.path.join(directory, "spool")), [])
 

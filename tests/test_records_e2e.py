@@ -33,6 +33,7 @@ from twisted.web import server
 
 from oaproxy.cli import main as cli_main
 from oaproxy.generation import usage_prefix
+from oaproxy.record import record_from_document
 from oaproxy.sinks.redis import usage_date
 from tests.fakeupstream import (
     FakeUpstream,
@@ -480,7 +481,8 @@ class RecordTrailBase(ProxyCase):
         try:
             await client.execute_command("SELECT", REDIS_DB)
             flat: Any = await client.execute_command(
-                "HGETALL", f"{usage_prefix(self.redis_key)}:{usage_date(record)}:{kind}:{name}"
+                "HGETALL",
+                f"{usage_prefix(self.redis_key)}:{usage_date(record_from_document(record))}:{kind}:{name}",
             )
         finally:
             await client.disconnect()

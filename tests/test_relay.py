@@ -9,13 +9,15 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from OpenSSL import SSL
 from twisted.internet.defer import CancelledError
-from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError, DNSLookupError
 from twisted.internet.task import Clock, Cooperator
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import FileBodyProducer, ResponseFailed, ResponseNeverReceived
 
+from oaproxy.record import FailureKind
 from oaproxy.relay import (
     BodyCollector,
     BytesProducer,
@@ -315,6 +317,7 @@ class BackpressureTests(SynchronousTestCase):
         self.assertEqual(
             record["attempts"][0]["error"], "cancelled: client stopped reading for more than 20s"
         )
+        self.assertIs(h.records[0].attempts[0].failure, FailureKind.CLIENT_STOPPED_READING)
 
 
 class BodyCollectorTests(SynchronousTestCase):
@@ -341,6 +344,7 @@ class BodyCollectorTests(SynchronousTestCase):
         self.assertIsInstance(results[0], Failure)
         results[0].trap(UpstreamEndedEarly)
         self.assertEqual(str(results[0].value), "response body over 10 bytes")
+        self.assertIs(results[0].value.kind, FailureKind.BODY_TOO_LARGE)
         response.fail()
         self.assertEqual(len(results), 1)
 
@@ -405,22 +409,47 @@ class Consumer:
 
 class DescribeTests(SynchronousTestCase):
     def test_reasons(self) -> None:
-        table: list[tuple[BaseException, str]] = [
+        """Each failure gets its kind and a short text; a wrapped one is
+        described by its reasons, the first of which names the kind."""
+        table: list[tuple[BaseException, FailureKind, str]] = [
             (
                 ConnectionRefusedError(),
+                FailureKind.CONNECT_ERROR,
                 "connect error: ConnectionRefusedError: Connection was refused by other side.",
             ),
-            (CancelledError(), "cancelled"),
-            (ValueError(), "ValueError"),
+            (CancelledError(), FailureKind.CANCELLED, "cancelled"),
+            (ValueError(), FailureKind.OTHER, "ValueError"),
             (
                 ResponseFailed([Failure(ConnectionLost()), Failure(CancelledError())]),
+                FailureKind.OTHER,
                 "ConnectionLost: Connection to the other side was lost in a non-clean fashion.; cancelled",
             ),
             (
                 ResponseNeverReceived([Failure(ConnectionRefusedError("x"))]),
+                FailureKind.CONNECT_ERROR,
                 "connect error: ConnectionRefusedError: Connection was refused by other side: x.",
             ),
+            (
+                DNSLookupError("no.such.host"),
+                FailureKind.DNS_ERROR,
+                "connect error: DNSLookupError: DNS lookup failed: no.such.host.",
+            ),
+            (
+                SSL.Error([("SSL routines", "", "certificate verify failed")]),
+                FailureKind.TLS_ERROR,
+                "connect error: Error: [('SSL routines', '', 'certificate verify failed')]",
+            ),
+            (
+                UpstreamEndedEarly("response body over 10 bytes", FailureKind.BODY_TOO_LARGE),
+                FailureKind.BODY_TOO_LARGE,
+                "UpstreamEndedEarly: response body over 10 bytes",
+            ),
+            (
+                UpstreamEndedEarly("upstream ended the stream before its first event"),
+                FailureKind.UPSTREAM_ENDED_EARLY,
+                "UpstreamEndedEarly: upstream ended the stream before its first event",
+            ),
         ]
-        for error, text in table:
-            self.assertEqual(describe(error), text)
-            self.assertEqual(describe(Failure(error)), text)
+        for error, kind, text in table:
+            self.assertEqual(describe(error), (kind, text))
+            self.assertEqual(describe(Failure(error)), (kind, text))

@@ -11,20 +11,14 @@ from twisted.internet.task import Clock
 from twisted.python.logfile import DailyLogFile, LogFile
 from twisted.trial.unittest import SynchronousTestCase
 
+from oaproxy.record import Record, record_document
 from oaproxy.sinks.file import FileSink
 from oaproxy.sinks.queue import RECORD_NAMESPACE
+from tests.records import record, usage
 
 
-def record(number: int, **extra: object) -> dict[str, object]:
-    return {
-        "id": f"id{number}",
-        "time": 1700000000.5,
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "status": 200,
-        "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
-        **extra,
-    }
+def numbered(number: int, **extra: Any) -> Record:
+    return record(id=f"id{number}", time=1700000000.5, usage=usage(3, 4), **extra)
 
 
 class FileSinkTests(SynchronousTestCase):
@@ -56,32 +50,32 @@ class FileSinkTests(SynchronousTestCase):
         as is; the directory is created.
         """
         sink = self.sink()
-        sink.observer({"log_namespace": RECORD_NAMESPACE, "record": record(1)})
+        sink.observer({"log_namespace": RECORD_NAMESPACE, "record": numbered(1)})
         sink.observer(
             {
                 "log_namespace": RECORD_NAMESPACE,
-                "record": record(2, response_text="你好 ✓"),
+                "record": numbered(2, response_text="你好 ✓"),
             }
         )
-        sink.observer({"log_namespace": "other", "record": record(3)})
+        sink.observer({"log_namespace": "other", "record": numbered(3)})
         self.clock.advance(0)
         lines = self.lines()
         self.assertEqual(len(lines), 2)
         self.assertTrue(all(line.endswith(b"\n") for line in lines))
         self.assertNotIn(b" ", lines[0])
         self.assertIn("你好 ✓".encode(), lines[1])
-        self.assertEqual(json.loads(lines[0]), record(1))
+        self.assertEqual(json.loads(lines[0]), record_document(numbered(1)))
         self.assertEqual(json.loads(lines[1])["response_text"], "你好 ✓")
         self.assertEqual(sink.written, 2)
 
     def test_appends(self) -> None:
         """A new sink appends to the existing file."""
         first = self.sink()
-        first.observer({"log_namespace": RECORD_NAMESPACE, "record": record(1)})
+        first.observer({"log_namespace": RECORD_NAMESPACE, "record": numbered(1)})
         self.clock.advance(0)
         self.successResultOf(first.stopService())
         second = self.sink()
-        second.observer({"log_namespace": RECORD_NAMESPACE, "record": record(2)})
+        second.observer({"log_namespace": RECORD_NAMESPACE, "record": numbered(2)})
         self.clock.advance(0)
         self.assertEqual([json.loads(line)["id"] for line in self.lines()], ["id1", "id2"])
 
@@ -92,12 +86,14 @@ class FileSinkTests(SynchronousTestCase):
 
     def test_size_rotation(self) -> None:
         """A size rotates the file once it is reached."""
-        sink = self.sink(rotate="1KB")
+        # 30 records of some 600 bytes: a few files, fewer than ten (sorted
+        # by name below).
+        sink = self.sink(rotate="4KB")
         logfile = sink._open()
         self.assertIsInstance(logfile, LogFile)
         self.assertNotIsInstance(logfile, DailyLogFile)
         for number in range(30):
-            sink.observer({"log_namespace": RECORD_NAMESPACE, "record": record(number)})
+            sink.observer({"log_namespace": RECORD_NAMESPACE, "record": numbered(number)})
         self.clock.advance(0)
         self.assertTrue(os.path.exists(self.path + ".1"))
         ids = [
@@ -119,7 +115,7 @@ class FileSinkTests(SynchronousTestCase):
         os.mkdir(self.path)  # a directory where the file should be
         sink = self.sink(queue_size=2)
         for number in range(5):
-            sink.observer({"log_namespace": RECORD_NAMESPACE, "record": record(number)})
+            sink.observer({"log_namespace": RECORD_NAMESPACE, "record": numbered(number)})
         self.clock.advance(0)
         self.assertEqual((sink.failures, sink.queued, sink.spilled), (1, 2, 3))
         os.rmdir(self.path)

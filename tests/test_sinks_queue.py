@@ -11,14 +11,22 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from oaproxy.sinks.queue import RECORD_NAMESPACE, QueuedSink, Record
+from oaproxy.record import Record, encode_record
+from oaproxy.sinks.queue import RECORD_NAMESPACE, QueuedSink
+from tests.records import record
+
+
+def numbered(number: int) -> Record:
+    """The record whose id says its number, as the sinks here count them."""
+    return record(id=f"r{number:04d}", time=1700000000.0 + number)
+
+
+def number_of(record_id: str) -> int:
+    return int(record_id[1:])
 
 
 def event(number: int) -> dict[str, Any]:
-    return {
-        "log_namespace": RECORD_NAMESPACE,
-        "record": {"id": f"r{number:04d}", "time": 1700000000.0 + number, "n": number},
-    }
+    return {"log_namespace": RECORD_NAMESPACE, "record": numbered(number)}
 
 
 class RecordingSink(QueuedSink):
@@ -33,7 +41,7 @@ class RecordingSink(QueuedSink):
         self.pending: list[tuple[list[Record], Deferred[object]]] = []
 
     def write_batch(self, records: list[Record]) -> Deferred[object]:
-        numbers = [record["n"] for record in records]
+        numbers = [number_of(record.id) for record in records]
         self.batches.append(numbers)
         if self.mode == "ok":
             self.stored.extend(numbers)
@@ -46,7 +54,7 @@ class RecordingSink(QueuedSink):
 
     def succeed_pending(self) -> None:
         records, d = self.pending.pop(0)
-        self.stored.extend(record["n"] for record in records)
+        self.stored.extend(number_of(record.id) for record in records)
         d.callback(None)
 
 
@@ -75,10 +83,10 @@ class QueuedSinkTests(SynchronousTestCase):
         if not os.path.exists(path):
             return []
         with open(path, "rb") as f:
-            return [json.loads(line)["n"] for line in f]
+            return [number_of(json.loads(line)["id"]) for line in f]
 
     def test_observer_picks_record_events(self) -> None:
-        """Only ``oaproxy.record`` events with a dict record are queued."""
+        """Only ``oaproxy.record`` events with a ``Record`` are queued."""
         sink = self.sink()
         sink.observer({"log_namespace": "oaproxy.web", "record": {"id": "x"}})
         sink.observer({"log_namespace": RECORD_NAMESPACE})
@@ -299,9 +307,26 @@ class QueuedSinkTests(SynchronousTestCase):
         """A damaged spool line (e.g. a crash mid-write) is skipped and counted."""
         os.makedirs(self.spool_dir)
         with open(os.path.join(self.spool_dir, "test.jsonl"), "wb") as f:
-            f.write(b'{"n": 1}\n{"n": 2, "trunc\n{"n": 3}\n')
+            f.write(encode_record(numbered(1)) + b"\n")
+            f.write(encode_record(numbered(2))[:40] + b"\n")
+            f.write(encode_record(numbered(3)) + b"\n")
         sink = self.sink()
         sink.startService()
         self.clock.advance(0)
         self.assertEqual(sink.stored, [1, 3])
         self.assertEqual(sink.dropped, 1)
+
+    def test_spool_line_that_is_no_record(self) -> None:
+        """A JSON line that is not a record of the schema is skipped and
+        counted like a damaged one (the sinks never see it)."""
+        os.makedirs(self.spool_dir)
+        with open(os.path.join(self.spool_dir, "test.jsonl"), "wb") as f:
+            f.write(encode_record(numbered(1)) + b"\n")
+            f.write(b'{"n": 2}\n')
+            f.write(encode_record(numbered(3)) + b"\n")
+        sink = self.sink()
+        sink.startService()
+        self.clock.advance(0)
+        self.assertEqual(sink.stored, [1, 3])
+        self.assertEqual(sink.dropped, 1)
+        self.assertIn("undecodable line", self.stderr.getvalue())

@@ -15,6 +15,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from oaproxy.record import Record, record_document
 from oaproxy.sinks.redis import RedisAddress, RedisSink, script_arguments, usage_date
 from tests.harness import (
     SHARED_REDIS,
@@ -25,25 +26,24 @@ from tests.harness import (
     unavailable,
     wait_for,
 )
+from tests.records import record, usage
 
 
-def record(number: int, **extra: object) -> dict[str, Any]:
-    return {
+def numbered(number: int, **extra: Any) -> Record:
+    """A chat completion's record of alice's, the ``number``-th second of the run."""
+    fields: dict[str, Any] = {
         "id": uuid.uuid4().hex,
         "time": 1700000000.0 + number,
-        "hostname": "edge-1",
         "key_name": "alice",
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "model": "gpt-4o-mini",
-        "stream": False,
-        "status": 200,
-        "outcome": "ok",
-        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+        "usage": usage(10, 5),
         "cost": 0.000013,
-        "n": number,
-        **extra,
     }
+    fields.update(extra)
+    return record(**fields)
+
+
+def documents(records: list[Record]) -> list[dict[str, Any]]:
+    return [record_document(r) for r in records]
 
 
 class HelperTests(SynchronousTestCase):
@@ -60,20 +60,20 @@ class HelperTests(SynchronousTestCase):
         self.assertRaises(ValueError, RedisAddress.from_url, "redis://x/abc")
 
     def test_script_arguments(self) -> None:
-        rec = record(1, key_name=None, cost=None, usage=None)
+        rec = numbered(1, key_name=None, cost=None, usage=None)
         arguments = script_arguments(rec, key="k", maxlen=10, usage_prefix="u", dedupe_ttl=60)
         self.assertEqual(
             arguments[:5],
             [
                 4,
-                f"k:seen:{rec['id']}",
+                f"k:seen:{rec.id}",
                 "k",
                 "u:2023-11-14:key:-",
                 "u:2023-11-14:model:gpt-4o-mini",
             ],
         )
         self.assertEqual(arguments[-3:], [0, 0, 0])
-        self.assertEqual(usage_date({"time": 86400 * 365}), "1971-01-01")
+        self.assertEqual(usage_date(record(time=86400.0 * 365)), "1971-01-01")
 
 
 class RedisSinkTests(TestCase):
@@ -113,8 +113,8 @@ class RedisSinkTests(TestCase):
             unavailable("Redis is not running at 127.0.0.1:6379")
         sink = self.sink(SHARED_REDIS[1], self.mktemp())
         sink.startService()
-        records = [record(n) for n in range(3)]
-        records.append(record(3, model="o3", key_name="bob", cost=1.5))
+        records = [numbered(n) for n in range(3)]
+        records.append(numbered(3, model="o3", key_name="bob", cost=1.5))
         for rec in records:
             emit(sink, rec)
         yield wait_for(lambda: sink.written == 4, timeout=20)
@@ -139,7 +139,7 @@ class RedisSinkTests(TestCase):
                 yield client.execute_command("DEL", *keys)
         finally:
             yield client.disconnect()
-        self.assertEqual([json.loads(f[1]) for _, f in entries], records)
+        self.assertEqual([json.loads(f[1]) for _, f in entries], documents(records))
         self.assertEqual([f[0] for _, f in entries], ["record"] * 4)
         expected = {
             "requests": 3,
@@ -179,12 +179,12 @@ class RedisSinkTests(TestCase):
             return None if stopped else sink.stopService()
 
         self.addCleanup(stop)
-        records = [record(n) for n in range(130)]
+        records = [numbered(n) for n in range(130)]
         for rec in records[:30]:
             emit(sink, rec)
         yield wait_for(lambda: sink.written == 30, timeout=30)
         before = yield self.stream(server.port)
-        self.assertEqual(before, records[:30])
+        self.assertEqual(before, documents(records[:30]))
 
         server.kill()
         for rec in records[30:]:
@@ -200,7 +200,7 @@ class RedisSinkTests(TestCase):
         # The restarted server is empty (no persistence): it holds the 100
         # records written after the restart, none of the first 30 again.
         after = yield self.stream(server.port)
-        self.assertEqual(after, records[30:])
+        self.assertEqual(after, documents(records[30:]))
         self.assertEqual(sink.dropped, 0)
         self.assertFalse(os.path.exists(os.path.join(spool_dir, "redis.jsonl")))
 
@@ -216,14 +216,14 @@ class RedisSinkTests(TestCase):
         spool_dir = self.mktemp()
         first = self.sink(server.port, spool_dir, queue_size=10, flush_timeout=1.0)
         first.startService()
-        records = [record(n) for n in range(30)]
+        records = [numbered(n) for n in range(30)]
         for rec in records[:25]:
             emit(first, rec)
         yield wait_for(lambda: first.failures >= 1, timeout=30)
         yield first.stopService()
         self.assertEqual((first.written, first.dropped), (0, 0))
         with open(os.path.join(spool_dir, "redis.jsonl"), "rb") as f:
-            self.assertEqual([json.loads(line) for line in f], records[:25])
+            self.assertEqual([json.loads(line) for line in f], documents(records[:25]))
 
         yield server.start()
         second = self.sink(server.port, spool_dir)
@@ -233,6 +233,6 @@ class RedisSinkTests(TestCase):
             emit(second, rec)
         yield wait_for(lambda: second.written == 30, timeout=60)
         yield second.stopService()
-        self.assertEqual((yield self.stream(server.port)), records)
+        self.assertEqual((yield self.stream(server.port)), documents(records))
         self.assertEqual(second.replayed, 25)
         self.assertFalse(os.path.exists(os.path.join(spool_dir, "redis.jsonl")))

@@ -15,10 +15,12 @@ import uuid
 from collections.abc import Generator
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from oaproxy.record import Record, record_document
 from oaproxy.sinks.sql import (
     COLUMNS,
     SCHEMA_VERSION,
@@ -41,42 +43,29 @@ from tests.harness import (
     unavailable,
     wait_for,
 )
+from tests.records import attempt, record, usage
 
 
-def record(number: int, **extra: object) -> dict[str, Any]:
-    return {
+def numbered(number: int, **extra: Any) -> Record:
+    """A streamed chat completion's record, the ``number``-th second of the run."""
+    fields: dict[str, Any] = {
         "id": uuid.uuid4().hex,
         "time": 1700000000.0 + number,
-        "hostname": "edge-1",
-        "client_ip": "127.0.0.1",
         "key_name": "alice",
         "user_agent": "OpenAI/Python 1.0",
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "model": "gpt-4o-mini",
         "stream": True,
-        "attempts": [
-            {
-                "upstream": "a",
-                "status": 200,
-                "error": None,
-                "ttfb": 0.1,
-                "duration": 0.5,
-            }
-        ],
+        "attempts": [attempt("a", 200, ttfb=0.1, duration=0.5)],
         "upstream": "a",
-        "status": 200,
-        "outcome": "ok",
         "ttfb": 0.125,
         "duration": 0.5,
         "bytes_in": 120,
         "bytes_out": 3000,
         "response_text": "héllo",
-        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+        "usage": usage(10, 5),
         "cost": 0.25,
-        "n": number,
-        **extra,
     }
+    fields.update(extra)
+    return record(**fields)
 
 
 class HelperTests(SynchronousTestCase):
@@ -110,7 +99,7 @@ class HelperTests(SynchronousTestCase):
         migrate(connection.cursor(), "sqlite")
         connection.commit()
         cursor = connection.cursor()
-        cursor.execute(insert_statement("sqlite"), record_row(record(1), "sqlite"))
+        cursor.execute(insert_statement("sqlite"), record_row(numbered(1), "sqlite"))
         connection.commit()
         cursor.execute(f"SELECT count(*) FROM {TABLE}")
         self.assertEqual(cursor.fetchone(), (1,))
@@ -125,20 +114,28 @@ class HelperTests(SynchronousTestCase):
         self.assertRaises(ValueError, placeholder, "mysql")
 
     def test_record_row(self) -> None:
-        """Any record shape gives a row; PostgreSQL text loses its NULs."""
-        row: dict[str, Any] = dict(
-            zip(
-                COLUMNS,
-                record_row({"path": "/a\x00b", "status": "x"}, "postgres"),
-                strict=True,
-            )
-        )
-        self.assertEqual(len(row["id"]), 32)
-        self.assertEqual(row["time"], 0.0)
+        """The columns are the record's attributes; PostgreSQL text loses its
+        NULs (the JSON document keeps them, escaped)."""
+        rec = record(path="/a\x00b", stream=False)
+        row: dict[str, Any] = dict(zip(COLUMNS, record_row(rec, "postgres"), strict=True))
+        self.assertEqual(row["id"], rec.id)
+        self.assertEqual(row["time"], 1700000000.0)
         self.assertEqual(row["path"], "/a\ufffdb")
-        self.assertIsNone(row["status"])
+        self.assertEqual((row["status"], row["outcome"]), (200, "ok"))
         self.assertIs(row["stream"], False)
-        self.assertEqual(json.loads(row["record"]), {"path": "/a\x00b", "status": "x"})
+        self.assertEqual(json.loads(row["record"]), record_document(rec))
+        sqlite_row = dict(zip(COLUMNS, record_row(rec, "sqlite"), strict=True))
+        self.assertEqual(sqlite_row["path"], "/a\x00b")
+
+    def test_record_row_bounds_tokens(self) -> None:
+        """An upstream's nonsense token count is cut to what a BIGINT holds,
+        so the row is still stored."""
+        rec = record(usage=usage(2**70, -(2**70), 5))
+        row = dict(zip(COLUMNS, record_row(rec, "sqlite"), strict=True))
+        self.assertEqual(
+            (row["prompt_tokens"], row["completion_tokens"], row["total_tokens"]),
+            (2**63 - 1, -(2**63), 5),
+        )
 
 
 class SQLSinkBase(TestCase):
@@ -155,8 +152,10 @@ class SQLSinkBase(TestCase):
     def check_records_arrive(self) -> Generator[Deferred[Any], Any, None]:
         sink = self.sink(self.mktemp())
         sink.startService()
-        records = [record(n) for n in range(5)]
-        records[4].update(usage=None, cost=None, stream=False, ttfb=None, key_name=None)
+        records = [numbered(n) for n in range(5)]
+        records[4] = attrs.evolve(
+            records[4], usage=None, cost=None, stream=False, ttfb=None, key_name=None
+        )
         for rec in records:
             emit(sink, rec)
         yield wait_for(lambda: sink.written == 5, timeout=30)
@@ -164,7 +163,7 @@ class SQLSinkBase(TestCase):
         yield wait_for(lambda: sink.written == 6, timeout=30)
         yield sink.stopService()
         rows = sql_rows(self.dbtype, self.dbaddr)
-        self.assertEqual([row["id"] for row in rows], [r["id"] for r in records])
+        self.assertEqual([row["id"] for row in rows], [r.id for r in records])
         first = rows[0]
         expected = {
             "time": 1700000000.0,
@@ -189,7 +188,7 @@ class SQLSinkBase(TestCase):
         }
         self.assertEqual({k: first[k] for k in expected}, expected)
         self.assertTrue(first["stream"])
-        self.assertEqual(json.loads(first["record"]), records[0])
+        self.assertEqual(json.loads(first["record"]), record_document(records[0]))
         last = rows[4]
         self.assertEqual(
             (
@@ -205,8 +204,8 @@ class SQLSinkBase(TestCase):
     def check_refused_record_does_not_block(self) -> Generator[Deferred[Any], Any, None]:
         """A record the database refuses for its data is set aside; the
         records around it, and after it, are written."""
-        # record_row makes a row of any record; a rule of the database's own
-        # (an operator's constraint, say) is what refuses one.
+        # Every record makes a row; a rule of the database's own (an
+        # operator's constraint, say) is what refuses one.
         connection = open_database(self.dbtype, self.dbaddr)
         try:
             migrate(connection.cursor(), self.dbtype)
@@ -226,22 +225,22 @@ class SQLSinkBase(TestCase):
         stderr = io.StringIO()
         sink = self.sink(spool, stderr=stderr)
         sink.startService()
-        records = [record(n) for n in range(3)]
-        records[1]["hostname"] = "refuse-me"
+        records = [numbered(n) for n in range(3)]
+        records[1] = attrs.evolve(records[1], hostname="refuse-me")
         for rec in records:
             emit(sink, rec)
         yield wait_for(lambda: sink.written + sink.dropped == 3, timeout=30)
-        later = record(3)
+        later = numbered(3)
         emit(sink, later)
         yield wait_for(lambda: sink.written == 3, timeout=30)
         yield sink.stopService()
         self.assertEqual(
             [row["id"] for row in sql_rows(self.dbtype, self.dbaddr)],
-            [records[0]["id"], records[2]["id"], later["id"]],
+            [records[0].id, records[2].id, later.id],
         )
         self.assertEqual((sink.written, sink.dropped, sink.queued), (3, 1, 0))
         with open(os.path.join(spool, "sql.rejected.jsonl"), encoding="utf-8") as kept:
-            self.assertEqual([json.loads(line) for line in kept], [records[1]])
+            self.assertEqual([json.loads(line) for line in kept], [record_document(records[1])])
         error = "IntegrityError" if self.dbtype == "sqlite" else "CheckViolation"
         self.assertIn(f"the backend refused a record ({error}); kept in", stderr.getvalue())
 
@@ -272,7 +271,7 @@ class SQLiteSinkTests(SQLSinkBase):
         migrate(blocker.cursor(), "sqlite")  # the sink may not have yet
         blocker.commit()
         blocker.execute("BEGIN EXCLUSIVE")
-        records = [record(n) for n in range(20)]
+        records = [numbered(n) for n in range(20)]
         for rec in records:
             emit(sink, rec)
         yield wait_for(lambda: sink.failures >= 2, timeout=30)
@@ -283,7 +282,7 @@ class SQLiteSinkTests(SQLSinkBase):
         yield sink.stopService()
         self.assertEqual(
             [row["id"] for row in sql_rows("sqlite", self.dbaddr)],
-            [r["id"] for r in records],
+            [r.id for r in records],
         )
 
 
@@ -400,7 +399,7 @@ class PostgresOutageTests(SQLSinkBase):
         self.dbaddr = server.dsn
         sink = self.sink(self.mktemp(), queue_size=20, batch_size=10, write_timeout=10.0)
         sink.startService()
-        records = [record(n) for n in range(80)]
+        records = [numbered(n) for n in range(80)]
         for rec in records[:20]:
             emit(sink, rec)
         yield wait_for(lambda: sink.written == 20, timeout=30)
@@ -416,7 +415,7 @@ class PostgresOutageTests(SQLSinkBase):
         yield sink.stopService()
         self.assertEqual(
             [row["id"] for row in sql_rows("postgres", server.dsn)],
-            [r["id"] for r in records],
+            [r.id for r in records],
         )
         self.assertEqual(sink.dropped, 0)
         # adbapi reports the dead connection's failed rollback itself.

@@ -24,16 +24,6 @@ SHARED = "shared"
 ANONYMOUS = "anonymous"
 
 
-def api_route(path: str) -> str | None:
-    """The API path of a routing path: the part from its ``/v1`` segment on,
-    so ``cache.routes`` match under any route prefix
-    (``/ollama/v1/chat/completions`` is ``/v1/chat/completions``)."""
-    if path.startswith("/v1/"):
-        return path
-    at = path.find("/v1/")
-    return path[at:] if at >= 0 else None
-
-
 def namespace(key_name: str | None, shared: bool) -> str:
     """Whose entries a request may be served: everyone's, or its key's."""
     if shared:

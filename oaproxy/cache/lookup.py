@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from attrs import field, frozen
 from twisted.internet.defer import CancelledError, Deferred
@@ -26,18 +25,19 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from oaproxy.cache.keys import api_route, cache_key, namespace
+from oaproxy.cache.keys import cache_key, namespace
 from oaproxy.cache.replay import StreamedAnswer, stream_from_completion
 from oaproxy.cache.stores import AnswerStore, MemoryStore, RedisStore
-from oaproxy.cache.ticket import CacheResult, CacheTicket
-from oaproxy.config import CacheConfig, Config, Upstream
-from oaproxy.config.model import REDIS
+from oaproxy.cache.ticket import CacheTicket
+from oaproxy.config import CacheBackend, CacheConfig, Config, Upstream
 from oaproxy.forward import Exchange
 from oaproxy.inspection import Inspected
 from oaproxy.metrics import Metrics
 from oaproxy.pipeline import Observer, Verdict
+from oaproxy.record import CacheResult, LimitRefusal, Outcome, Record
 from oaproxy.relay import describe
 from oaproxy.sharedredis import SharedRedis
+from oaproxy.traffic.routes import api_path
 from oaproxy.web import route_path
 
 HEADER = b"x-oaproxy-cache"
@@ -62,6 +62,14 @@ class CacheHit:
     @property
     def status(self) -> int:
         return 200
+
+    @property
+    def outcome(self) -> Outcome:
+        return Outcome.OK
+
+    @property
+    def limit(self) -> LimitRefusal | None:
+        return None
 
     def body(self) -> bytes:
         return self._body
@@ -100,7 +108,7 @@ class ResponseCache(Observer):
         if section is None:
             return None
         store: AnswerStore
-        if section.backend == REDIS:
+        if section.backend is CacheBackend.REDIS:
             # The loader refuses the redis backend without a redis: URL.
             assert shared_redis is not None
             store = RedisStore(shared_redis, clock, section.ttl, section.max_entry_bytes)
@@ -116,7 +124,7 @@ class ResponseCache(Observer):
         """Look the request up: a hit answers it; a miss or bypass goes on."""
         call = exchange.call
         path = route_path(call.path)
-        route = api_route(path) if path is not None else None
+        route = api_path(path) if path is not None else None
         if call.method != b"POST" or route not in self._routes:
             return None
         assert route is not None
@@ -179,12 +187,12 @@ class ResponseCache(Observer):
 
     # -- the observer --------------------------------------------------------
 
-    def request_finished(self, exchange: Exchange, record: Any) -> None:
+    def request_finished(self, exchange: Exchange, record: Record | None) -> None:
         """Store a miss's answer if it is complete."""
         ticket = exchange.cache
         if ticket is None or ticket.result is not CacheResult.MISS or ticket.key is None:
             return
-        if exchange.status != 200 or exchange.outcome != "ok":
+        if exchange.status != 200 or exchange.outcome is not Outcome.OK:
             return
         entry = self._entry(exchange, ticket)
         if entry is None or len(entry) > self._max_entry_bytes:
@@ -216,7 +224,7 @@ class ResponseCache(Observer):
         if self._complained is not None and now - self._complained < COMPLAINT_INTERVAL:
             return
         self._complained = now
-        self.log.warn("{message}: {reason}", message=message, reason=describe(failure))
+        self.log.warn("{message}: {reason}", message=message, reason=describe(failure)[1])
 
 
 def _hit(entry: bytes, inspected: Inspected) -> CacheHit | None:

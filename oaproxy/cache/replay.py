@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from oaproxy.capture import StreamCapture, json_body
+from oaproxy.capture import StreamCapture
+from oaproxy.inspection import json_body
+from oaproxy.record import usage_document
 
 CHAT = "chat.completion"
 CHAT_CHUNK = "chat.completion.chunk"
@@ -151,5 +153,5 @@ class StreamedAnswer:
         completion = {name: head[name] for name in _HEAD_FIELDS if name in head}
         completion.update(object=kind, choices=[choice])
         if captured.usage is not None:
-            completion["usage"] = captured.usage
+            completion["usage"] = usage_document(captured.usage)
         return json_body(completion)

@@ -3,17 +3,10 @@
 
 from __future__ import annotations
 
-import enum
-
 from attrs import define
 
 from oaproxy.cache.replay import StreamedAnswer
-
-
-class CacheResult(enum.Enum):
-    HIT = "hit"  # answered from the cache
-    MISS = "miss"  # looked up, not found; stored if the answer is complete
-    BYPASS = "bypass"  # not looked up: "caching": false, or not asked while default: false
+from oaproxy.record import CacheResult
 
 
 @define

@@ -22,10 +22,12 @@ from oaproxy.config.errors import ConfigError
 from oaproxy.config.listen import check_listeners
 from oaproxy.config.model import (
     POSTGRES,
-    REDIS,
+    CacheBackend,
     CacheConfig,
     ClientKey,
     Config,
+    LimiterBackend,
+    Limits,
     Upstream,
     key_fingerprint,
 )
@@ -71,6 +73,9 @@ class _RawKey:
     secret: str = attrs.field(repr=False)
     key: str
     line: int
+    # The key's own limits, given as {name: {key: ..., rate_limit: ...}};
+    # None when it was given as plain text.
+    limits: dict[str, Any] | None = None
 
 
 @frozen
@@ -97,12 +102,16 @@ def _config(nodes: NodeReader, root: Item) -> Config:
         values["dbaddr"] = dbaddr
 
     parsed = [_upstream(nodes, item) for item in _upstream_items(nodes, items.get("upstreams"))]
-    names = _key_names(nodes, [global_keys or []] + [p.keys or [] for p in parsed])
+    groups = [global_keys or []] + [p.keys or [] for p in parsed]
+    names = _key_names(nodes, groups)
+    limits = _key_limits(nodes, groups)
 
     def client_keys(raw: list[_RawKey]) -> tuple[ClientKey, ...]:
         seen: dict[str, ClientKey] = {}
         for r in raw:
-            seen.setdefault(r.secret, ClientKey(names[r.secret], r.secret))
+            seen.setdefault(
+                r.secret, ClientKey(names[r.secret], r.secret, **limits.get(r.secret, {}))
+            )
         return tuple(seen.values())
 
     # An upstream without deadlines of its own takes the top-level ones.
@@ -120,22 +129,35 @@ def _config(nodes: NodeReader, root: Item) -> Config:
         )
         for p, name in zip(parsed, _upstream_names(nodes, parsed))
     )
+    _check_redis_backends(nodes, items, values)
     config = Config(
         path=nodes.path, keys=client_keys(global_keys or []), upstreams=upstreams, **values
     )
-    if config.cache is not None and config.cache.backend == REDIS and config.redis is None:
-        cache = section_items(nodes, items["cache"], CacheConfig, "a mapping of cache settings")
-        nodes.fail(
-            cache["backend"].key,
-            cache["backend"].line,
-            "the redis backend needs the top-level redis: URL",
-        )
     listen_item = items.get("listen")
     if listen_item is None:
         check_listeners(config, config.listen)
     else:
         check_listeners(config, config.listen, key=listen_item.key, line=listen_item.line)
     return config
+
+
+def _check_redis_backends(
+    nodes: NodeReader, items: Mapping[str, Item], values: Mapping[str, Any]
+) -> None:
+    """``limits.backend: redis`` and ``cache.backend: redis`` keep their
+    counters and entries in the top-level ``redis:``."""
+    if values.get("redis"):
+        return
+    sections = (
+        ("limits", Limits, LimiterBackend.REDIS, "a mapping of limit settings"),
+        ("cache", CacheConfig, CacheBackend.REDIS, "a mapping of cache settings"),
+    )
+    for name, cls, redis, what in sections:
+        settings = values.get(name)
+        if settings is None or settings.backend is not redis:
+            continue
+        backend = section_items(nodes, items[name], cls, what)["backend"]
+        nodes.fail(backend.key, backend.line, "backend redis needs the top-level redis: URL")
 
 
 def _dbaddr(nodes: NodeReader, items: Mapping[str, Item], dbtype: str | None) -> str | None:
@@ -177,6 +199,9 @@ def _raw_keys(nodes: NodeReader, item: Item, *, scoped: bool) -> list[_RawKey] |
         for name, value in nodes.entries(item, "client keys"):
             if not name.strip():
                 nodes.fail(value.key, value.line, "a key name must not be empty")
+            if isinstance(value.node, yaml.MappingNode):
+                result.append(_key_with_limits(nodes, name.strip(), value))
+                continue
             secret = nodes.required_string(value).strip()
             result.append(_RawKey(name.strip(), secret, value.key, value.line))
     elif isinstance(node, yaml.SequenceNode):
@@ -196,6 +221,30 @@ def _raw_keys(nodes: NodeReader, item: Item, *, scoped: bool) -> list[_RawKey] |
                 nodes.fail(item.key, item.line, "no client key left after interpolation")
             return None
     return result or None
+
+
+def _key_with_limits(nodes: NodeReader, name: str, item: Item) -> _RawKey:
+    """``{key: ..., rate_limit: ..., token_limit: ..., budget: ...}``."""
+    given = section_items(
+        nodes, item, ClientKey, "a client key mapping (key, rate_limit, token_limit, budget)"
+    )
+    settings = read_settings(nodes, item, given, ClientKey)
+    secret = settings.pop("secret").strip()
+    return _RawKey(name, secret, item.key, item.line, settings)
+
+
+def _key_limits(nodes: NodeReader, groups: Iterable[list[_RawKey]]) -> dict[str, dict[str, Any]]:
+    """Each secret's own limits; refuse two different sets for one key (a
+    key may be listed under several upstreams, its limits only once)."""
+    given: dict[str, _RawKey] = {}
+    for r in (r for group in groups for r in group):
+        if r.limits is None:
+            continue
+        other = given.get(r.secret)
+        if other is not None and other.limits != r.limits:
+            nodes.fail(r.key, r.line, f"this key's limits are already given on line {other.line}")
+        given.setdefault(r.secret, r)
+    return {secret: r.limits for secret, r in given.items() if r.limits is not None}
 
 
 def _key_names(nodes: NodeReader, groups: Iterable[list[_RawKey]]) -> dict[str, str]:

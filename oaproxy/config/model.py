@@ -12,15 +12,19 @@ import hashlib
 import ipaddress
 import socket
 from collections.abc import Mapping
+from enum import Enum
 from types import MappingProxyType
+from typing import Any
 
 from attrs import field, frozen
 
 from oaproxy.config.listen import listen_addresses
+from oaproxy.config.nodes import Item, NodeReader
+from oaproxy.config.rates import Rate, api_paths, rates, route_paces, route_rates
 from oaproxy.config.schema import named_sections, read, read_by_loader, section
 from oaproxy.config.values import (
-    api_paths,
     boolean,
+    choice,
     deadline,
     endpoint_url,
     homeserver_url,
@@ -57,10 +61,6 @@ _LATER_UPSTREAM_TYPES = ("replicate",)
 LB_POLICIES = ("order", "random")
 _LATER_LB_POLICIES = ("round_robin", "weighted", "least_latency")
 
-MEMORY = "memory"
-REDIS = "redis"
-CACHE_BACKENDS = (MEMORY, REDIS)
-
 
 def key_fingerprint(secret: str) -> str:
     """The name of a client key given without one: ``"key-"`` and the first 8
@@ -69,10 +69,42 @@ def key_fingerprint(secret: str) -> str:
     return "key-" + hashlib.sha256(secret.encode("utf-8")).hexdigest()[:8]
 
 
+class BudgetPeriod(Enum):
+    """The calendar period a budget covers, in UTC."""
+
+    DAY = "day"
+    MONTH = "month"
+
+
+@frozen
+class Budget:
+    """What one client key may spend per period: dollars or tokens."""
+
+    usd: float | None = field(default=None, metadata=read(number))
+    tokens: int | None = field(default=None, metadata=read(integer))
+    period: BudgetPeriod = field(default=BudgetPeriod.MONTH, metadata=read(choice(BudgetPeriod)))
+
+
+def _one_measure(nodes: NodeReader, item: Item, budget: Budget) -> None:
+    if (budget.usd is None) == (budget.tokens is None):
+        nodes.fail(item.key, item.line, "a budget needs either usd or tokens (not both)")
+
+
 @frozen
 class ClientKey:
-    name: str  # the name given in {name: key}, else key_fingerprint(secret)
-    secret: str = field(repr=False)
+    """A client key; given as ``{name: {key: ..., rate_limit: ...}}`` it has
+    limits of its own (None: the ``limits:`` section's apply)."""
+
+    name: str  # the name given in {name: key}, else key_fingerprint(secret); set by the loader
+    secret: str = field(
+        repr=False, metadata=read(text, key="key", missing="a client key mapping needs key")
+    )
+    rate_limit: tuple[Rate, ...] | None = field(default=None, metadata=read(rates))
+    token_limit: tuple[Rate, ...] | None = field(default=None, metadata=read(rates))
+    budget: Budget | None = field(
+        default=None,
+        metadata=section(Budget, "a mapping with usd or tokens, and period", _one_measure),
+    )
 
 
 @frozen
@@ -164,11 +196,59 @@ class RecordsPolicy:
     queue_size: int = field(default=10000, metadata=read(integer))
 
 
+class LimiterBackend(Enum):
+    MEMORY = "memory"  # this process only
+    REDIS = "redis"  # the top-level redis:, shared by every process using it
+
+
+class WindowStrategy(Enum):
+    MOVING = "moving-window"
+    FIXED = "fixed-window"
+
+
+class BackendErrorPolicy(Enum):
+    """What a request gets while the limiter's backend cannot be asked."""
+
+    OPEN = "open"  # served, and the failure counted
+    CLOSED = "closed"  # 503 limiter_unavailable
+
+
+def _no_routes() -> Mapping[str, Any]:
+    return MappingProxyType({})
+
+
+@frozen
+class Limits:
+    """Request and token limits (``oaproxy.traffic``); every rate is a tuple
+    of ``Rate``s, empty when not limited."""
+
+    backend: LimiterBackend = field(
+        default=LimiterBackend.MEMORY, metadata=read(choice(LimiterBackend))
+    )
+    strategy: WindowStrategy = field(
+        default=WindowStrategy.MOVING, metadata=read(choice(WindowStrategy))
+    )
+    on_backend_error: BackendErrorPolicy = field(
+        default=BackendErrorPolicy.OPEN, metadata=read(choice(BackendErrorPolicy))
+    )
+    global_: tuple[Rate, ...] = field(default=(), metadata=read(rates, key="global"))
+    per_key: tuple[Rate, ...] = field(default=(), metadata=read(rates))
+    routes: Mapping[str, tuple[Rate, ...]] = field(factory=_no_routes, metadata=read(route_rates))
+    tokens_per_key: tuple[Rate, ...] = field(default=(), metadata=read(rates))
+    default_max_tokens: int = field(default=1024, metadata=read(integer))
+    stream_pace: Mapping[str, Rate] = field(factory=_no_routes, metadata=read(route_paces))
+
+
+class CacheBackend(Enum):
+    MEMORY = "memory"  # an LRU in this process
+    REDIS = "redis"  # the top-level redis:, shared by every process using it
+
+
 @frozen
 class CacheConfig:
     """The response cache; see ``oaproxy.cache``."""
 
-    backend: str = field(default=MEMORY, metadata=read(one_of(CACHE_BACKENDS)))
+    backend: CacheBackend = field(default=CacheBackend.MEMORY, metadata=read(choice(CacheBackend)))
     ttl: int = field(default=3600, metadata=read(integer))  # seconds
     max_entries: int = field(default=10000, metadata=read(integer))  # memory backend
     # All entries together (memory backend): entries alone would allow
@@ -200,7 +280,9 @@ class Config:
         default=DEFAULT_LISTEN, metadata=read(listen_addresses, alias="address")
     )
     hostname: str = field(factory=socket.gethostname, metadata=read(text))
-    keys: tuple[ClientKey, ...] = field(default=(), metadata=read_by_loader(key="authorization"))
+    keys: tuple[ClientKey, ...] = field(
+        default=(), metadata=read_by_loader(key="authorization", section=ClientKey)
+    )
     admin_key: str | None = field(default=None, repr=False, metadata=read(optional_text))
     metrics_key: str | None = field(default=None, repr=False, metadata=read(optional_text))
     timeout: float = field(default=120.0, metadata=read(deadline))
@@ -226,6 +308,7 @@ class Config:
     notify: NotifyConfig = field(
         factory=NotifyConfig, metadata=section(NotifyConfig, "a mapping of alert settings")
     )
+    limits: Limits = field(factory=Limits, metadata=section(Limits, "a mapping of limit settings"))
     prices: Mapping[str, Price] = field(  # model -> Price, read-only
         default=MappingProxyType({}),
         metadata=named_sections(

@@ -12,7 +12,8 @@ import ipaddress
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, TypeAlias
+from enum import Enum
+from typing import Any, TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
 from oaproxy.config.nodes import (
@@ -34,6 +35,8 @@ _SIZE = re.compile(r"(?P<number>[0-9]+)\s*(?P<unit>[kmgt]?i?b?)\Z", re.IGNORECAS
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 _HTTP = ("http", "https")
+
+_E = TypeVar("_E", bound=Enum)
 
 
 def text(nodes: NodeReader, item: Item) -> str:
@@ -145,6 +148,16 @@ def one_of(allowed: Sequence[str], later: Sequence[str] = (), noun: str | None =
     return choice
 
 
+def choice(enum: type[_E]) -> Callable[[NodeReader, Item], _E]:
+    """A reader of one of an enum's values (its words), as the member."""
+    words = one_of([member.value for member in enum])
+
+    def member(nodes: NodeReader, item: Item) -> _E:
+        return enum(words(nodes, item))
+
+    return member
+
+
 def url(nodes: NodeReader, item: Item, schemes: Sequence[str]) -> str:
     """A URL with one of ``schemes`` and a host, stripped, else unchanged."""
     value = nodes.required_string(item).strip()
@@ -207,15 +220,6 @@ def networks(
         except ValueError:
             nodes.fail(part.key, part.line, f"{value!r} is not an IP address or CIDR network")
     return tuple(result)
-
-
-def api_paths(nodes: NodeReader, item: Item) -> tuple[str, ...]:
-    """API paths such as ``/v1/chat/completions``, without a trailing ``/``."""
-    paths = strings(nodes, item)
-    for part, path in zip(nodes.as_list(item), paths):
-        if not path.startswith("/v1/") or "?" in path:
-            nodes.fail(part.key, part.line, f"{path!r} is not an API path such as /v1/embeddings")
-    return tuple(path.rstrip("/") for path in paths)
 
 
 def re2_patterns(nodes: NodeReader, item: Item) -> tuple[str, ...]:

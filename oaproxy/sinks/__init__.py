@@ -11,13 +11,9 @@ Each sink is a ``twisted.application.service.Service`` with an ``observer``
 (txredisapi installs the global reactor when imported).
 """
 
+from oaproxy.record import encode_record
 from oaproxy.sinks.file import FileSink
-from oaproxy.sinks.queue import (
-    RECORD_NAMESPACE,
-    QueuedSink,
-    RecordObserver,
-    encode_record,
-)
+from oaproxy.sinks.queue import RECORD_NAMESPACE, QueuedSink, RecordObserver
 from oaproxy.sinks.sql import SQLSink, connection_pool, migrate, open_database
 
 __all__ = [

@@ -12,7 +12,8 @@ from twisted.python.logfile import BaseLogFile, DailyLogFile, LogFile
 from twisted.python.threadpool import ThreadPool
 
 from oaproxy.config import parse_size
-from oaproxy.sinks.queue import QueuedSink, Record, encode_record
+from oaproxy.record import Record, encode_record
+from oaproxy.sinks.queue import QueuedSink
 
 
 class FileSink(QueuedSink):

@@ -19,13 +19,12 @@ of the (then empty) spool, and are skipped there if the write succeeds.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections import deque
 from collections.abc import Callable
 from itertools import islice
-from typing import IO, Any, Literal, Protocol, cast
+from typing import IO, Literal, Protocol, cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -34,9 +33,8 @@ from twisted.logger import ILogObserver, LogEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from oaproxy.record import Record, decode_record, encode_record
 from oaproxy.sinks.spool import Spool
-
-Record = dict[str, Any]
 
 #: The twisted.logger namespace of record events (see the forwarder).
 RECORD_NAMESPACE = "oaproxy.record"
@@ -60,26 +58,6 @@ class _Clock(Protocol):
         *args: object,
         **kwargs: object,
     ) -> _DelayedCall: ...
-
-
-def encode_record(record: Record) -> bytes:
-    """One record as compact UTF-8 JSON (no newline).
-
-    ``backslashreplace`` turns a lone surrogate (from a body decoded with
-    ``surrogateescape``) into a ``\\udcXX`` escape, which is still valid JSON,
-    instead of failing the whole record.
-    """
-    text = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
-    return text.encode("utf-8", "backslashreplace")
-
-
-def decode_record(line: bytes) -> Record:
-    """The record of one line ``encode_record`` made; ``ValueError`` if the
-    line holds no JSON object."""
-    record = json.loads(line)
-    if not isinstance(record, dict):
-        raise ValueError("not a JSON object")
-    return record
 
 
 @implementer(ILogObserver)
@@ -221,7 +199,7 @@ class QueuedSink(Service):
             if event.get("log_namespace") != RECORD_NAMESPACE:
                 return
             record = event.get("record")
-            if not isinstance(record, dict):
+            if not isinstance(record, Record):
                 return
             if self._state == "stopped":
                 # Nobody drains any more: straight to disk, for the next run.

@@ -26,7 +26,8 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IReactorTime
 
-from oaproxy.sinks.queue import QueuedSink, Record, encode_record
+from oaproxy.record import Record, encode_record
+from oaproxy.sinks.queue import QueuedSink
 
 USAGE_TTL = 35 * 24 * 3600
 
@@ -76,21 +77,10 @@ class RedisAddress:
         )
 
 
-def _int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return 0
-    if isinstance(value, float) and not math.isfinite(value):
-        return 0
-    return int(value)
-
-
 def usage_date(record: Record) -> str:
     """The UTC day a record counts for, ``YYYY-MM-DD``."""
-    when = record.get("time")
-    if isinstance(when, bool) or not isinstance(when, (int, float)) or not math.isfinite(when):
-        when = 0.0
     utc = datetime.timezone.utc
-    return datetime.datetime.fromtimestamp(when, utc).strftime("%Y-%m-%d")
+    return datetime.datetime.fromtimestamp(record.time, utc).strftime("%Y-%m-%d")
 
 
 def script_arguments(
@@ -102,17 +92,15 @@ def script_arguments(
     dedupe_ttl: int,
 ) -> list[object]:
     """The ``EVAL`` arguments (after the script) writing one record."""
-    usage = record.get("usage")
-    if not isinstance(usage, dict):
-        usage = {}
-    cost = record.get("cost")
-    cost_micro = round(cost * 1e6) if isinstance(cost, float | int) and math.isfinite(cost) else 0
+    usage = record.usage
+    cost = record.cost
+    cost_micro = round(cost * 1e6) if cost is not None and math.isfinite(cost) else 0
     date = usage_date(record)
-    key_name = record.get("key_name") or "-"
-    model = record.get("model") or "-"
+    key_name = record.key_name or "-"
+    model = record.model or "-"
     return [
         4,
-        f"{key}:seen:{record.get('id')}",
+        f"{key}:seen:{record.id}",
         key,
         f"{usage_prefix}:{date}:key:{key_name}",
         f"{usage_prefix}:{date}:model:{model}",
@@ -120,8 +108,8 @@ def script_arguments(
         maxlen,
         dedupe_ttl,
         USAGE_TTL,
-        _int(usage.get("prompt_tokens")),
-        _int(usage.get("completion_tokens")),
+        usage.prompt_tokens if usage is not None else 0,
+        usage.completion_tokens if usage is not None else 0,
         cost_micro,
     ]
 

@@ -7,9 +7,7 @@ the CLI too: ``open_database`` (a plain DB-API connection, synchronous),
 
 from __future__ import annotations
 
-import math
 import os
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,7 +16,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from oaproxy.config import DBTYPES, POSTGRES, SQLITE
-from oaproxy.sinks.queue import QueuedSink, Record, encode_record
+from oaproxy.record import Record, encode_record
+from oaproxy.sinks.queue import QueuedSink
 
 #: Columns of ``records``, in insert order.
 COLUMNS = (
@@ -49,7 +48,6 @@ COLUMNS = (
 #: Serialises concurrent migrations of several processes (PostgreSQL).
 _MIGRATION_LOCK = 0x6F617072  # "oapr"
 
-_INT32 = 2**31 - 1
 _INT64 = 2**63 - 1
 
 
@@ -157,62 +155,46 @@ def insert_statement(dbtype: str) -> str:
     )
 
 
-def _text(value: object, dbtype: str) -> str | None:
-    if value is None:
-        return None
-    text = value if isinstance(value, str) else str(value)
-    # PostgreSQL text cannot hold NUL.
-    return text.replace("\x00", "\ufffd") if dbtype == POSTGRES else text
-
-
-def _integer(value: object, bound: int) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return max(-bound - 1, min(bound, int(value)))
-
-
-def _real(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
 def record_row(record: Record, dbtype: str) -> tuple[object, ...]:
-    """The row of ``COLUMNS`` for one record; any record shape gives a row."""
-    usage = record.get("usage")
-    if not isinstance(usage, dict):
-        usage = {}
-    row_id = record.get("id")
-    # A record without id (a bug upstream) is still stored, once.
-    identifier = _text(row_id, dbtype) if row_id else uuid.uuid4().hex
-    document = encode_record(record).decode("utf-8")
+    """The row of ``COLUMNS`` for one record."""
+    usage = record.usage
     return (
-        identifier,
-        _real(record.get("time")) or 0.0,
-        _text(record.get("hostname"), dbtype),
-        _text(record.get("client_ip"), dbtype),
-        _text(record.get("key_name"), dbtype),
-        _text(record.get("user_agent"), dbtype),
-        _text(record.get("method"), dbtype),
-        _text(record.get("path"), dbtype),
-        _text(record.get("model"), dbtype),
-        bool(record.get("stream")),
-        _text(record.get("upstream"), dbtype),
-        _integer(record.get("status"), _INT32),
-        _text(record.get("outcome"), dbtype),
-        _real(record.get("ttfb")),
-        _real(record.get("duration")),
-        _integer(record.get("bytes_in"), _INT64),
-        _integer(record.get("bytes_out"), _INT64),
-        _integer(usage.get("prompt_tokens"), _INT64),
-        _integer(usage.get("completion_tokens"), _INT64),
-        _integer(usage.get("total_tokens"), _INT64),
-        _real(record.get("cost")),
-        document,
+        _text(record.id, dbtype),
+        record.time,
+        _text(record.hostname, dbtype),
+        _text(record.client_ip, dbtype),
+        _text(record.key_name, dbtype),
+        _text(record.user_agent, dbtype),
+        _text(record.method, dbtype),
+        _text(record.path, dbtype),
+        _text(record.model, dbtype),
+        record.stream,
+        _text(record.upstream, dbtype),
+        record.status,
+        record.outcome.value,
+        record.ttfb,
+        record.duration,
+        record.bytes_in,
+        record.bytes_out,
+        _tokens(usage.prompt_tokens) if usage is not None else None,
+        _tokens(usage.completion_tokens) if usage is not None else None,
+        _tokens(usage.total_tokens) if usage is not None else None,
+        record.cost,
+        # JSON escapes a NUL: the document needs no _text.
+        encode_record(record).decode("utf-8"),
     )
+
+
+def _text(value: str | None, dbtype: str) -> str | None:
+    # PostgreSQL text cannot hold NUL.
+    if value is None or dbtype != POSTGRES:
+        return value
+    return value.replace("\x00", "\ufffd")
+
+
+def _tokens(count: int) -> int:
+    # Token counts come from upstreams: a nonsense one must not cost the row.
+    return max(-_INT64 - 1, min(_INT64, count))
 
 
 def _sqlite_path(dbaddr: str) -> str:

@@ -1,0 +1,209 @@
+"""oaproxy.credentials: the one bearer parser, and secrets kept out of what
+oaproxy writes (records, answers, alerts, error messages)."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+
+from oaproxy.config import parse_config
+from oaproxy.credentials import (
+    REDACTED,
+    Redactor,
+    bearer_token,
+    config_secrets,
+    hide_key_shapes,
+    redact_headers,
+)
+
+CONFIG = """
+authorization: {alice: ck-alice-0123456789, guest: guest}
+metrics_key: metrics-key-0123
+notify:
+  feishu: {webhook: "https://open.feishu.cn/hook/x", secret: feishu-secret-0123}
+  matrix: {homeserver: "https://m.example", access_token: matrix-token-0123, room_id: "!r:m"}
+upstreams:
+  - endpoint: https://a.example/v1
+    sk: sk-upstream-0123456789
+  - endpoint: https://b.example/v1
+    sk: asis
+    authorization: {bob: ck-bob-0123456789}
+"""
+
+
+class BearerTokenTests(SynchronousTestCase):
+    def test_token(self) -> None:
+        """The token follows "Bearer"; spaces around it are not part of it."""
+        self.assertEqual(bearer_token(b"Bearer sk-1"), b"sk-1")
+        self.assertEqual(bearer_token(b"Bearer   sk-1  "), b"sk-1")
+
+    def test_no_space_needed(self) -> None:
+        """As openai-api-route reads it, "Bearersk-1" is the token sk-1."""
+        self.assertEqual(bearer_token(b"Bearersk-1"), b"sk-1")
+
+    def test_empty_token(self) -> None:
+        """A bare "Bearer" is a bearer with an empty token (a wrong key, not
+        a missing header)."""
+        self.assertEqual(bearer_token(b"Bearer"), b"")
+        self.assertEqual(bearer_token(b"Bearer   "), b"")
+
+    def test_not_a_bearer(self) -> None:
+        """Other schemes, the wrong case, or no header at all are no bearer."""
+        for value in (None, b"", b"Basic eA==", b"bearer sk-1", b" Bearer sk-1", b"sk-1"):
+            self.assertIsNone(bearer_token(value), value)
+
+
+class RedactorTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.config = parse_config(CONFIG, "test.yaml", {})
+        self.redact = Redactor(config_secrets(self.config))
+
+    def test_every_configured_secret(self) -> None:
+        """Client keys, upstream keys, the admin and metrics keys, and the
+        alert channels' secrets are the config's secrets."""
+        self.assertEqual(
+            sorted(config_secrets(self.config)),
+            sorted(
+                [
+                    "ck-alice-0123456789",
+                    "guest",
+                    "ck-bob-0123456789",
+                    "sk-upstream-0123456789",
+                    "metrics-key-0123",
+                    "feishu-secret-0123",
+                    "matrix-token-0123",
+                ]
+            ),
+        )
+
+    def test_replaced_in_nested_values(self) -> None:
+        """Every string inside a JSON value is redacted; other values stay."""
+        value = {
+            "text": "Incorrect API key provided: sk-upstream-0123456789.",
+            "attempts": [{"error": "bad ck-bob-0123456789 and matrix-token-0123"}, {"status": 200}],
+            "count": 3,
+        }
+        self.assertEqual(
+            self.redact(value),
+            {
+                "text": f"Incorrect API key provided: {REDACTED}.",
+                "attempts": [{"error": f"bad {REDACTED} and {REDACTED}"}, {"status": 200}],
+                "count": 3,
+            },
+        )
+
+    def test_short_keys_are_words(self) -> None:
+        """A key like "guest" is left alone in answers: it is a word."""
+        self.assertEqual(self.redact("Welcome, guest!"), "Welcome, guest!")
+
+    def test_a_requests_own_token(self) -> None:
+        """A request's own bearer token is redacted too, when long enough."""
+        self.assertEqual(
+            self.redact("echo: caller-token-0123456", extra="caller-token-0123456"),
+            f"echo: {REDACTED}",
+        )
+        self.assertEqual(self.redact("echo: abc", extra="abc"), "echo: abc")
+
+    def test_nothing_configured(self) -> None:
+        """Without secrets a value is handed back as it is, not copied."""
+        value = {"a": ["b"]}
+        self.assertIs(Redactor([])(value), value)
+
+    def test_bytes(self) -> None:
+        """An answer passed on as bytes has the secrets replaced by the same
+        marker; bytes without one are handed back as they are."""
+        body = b'{"error": {"message": "Incorrect API key provided: sk-upstream-0123456789"}}'
+        self.assertEqual(
+            self.redact.redact_bytes(body),
+            b'{"error": {"message": "Incorrect API key provided: ' + REDACTED.encode() + b'"}}',
+        )
+        self.assertEqual(self.redact.redact_bytes(b"guest"), b"guest")
+        clean = b"nothing secret"
+        self.assertIs(Redactor([]).redact_bytes(clean), clean)
+
+    def test_non_ascii_secret_in_bytes(self) -> None:
+        """A secret is matched in bytes as its UTF-8 encoding."""
+        redact = Redactor(["clé-secrète-0123"])
+        self.assertEqual(
+            redact.redact_bytes("la clé-secrète-0123 !".encode()), f"la {REDACTED} !".encode()
+        )
+
+    def test_longest_secret_first(self) -> None:
+        """A secret inside a longer one does not leave the longer one's rest."""
+        redact = Redactor(["sk-0123456789", "sk-0123456789-long"])
+        self.assertEqual(redact("a sk-0123456789-long b"), f"a {REDACTED} b")
+
+    def test_min_length(self) -> None:
+        """A known secret may be hidden whatever its length (a password in a
+        driver's message)."""
+        self.assertEqual(
+            Redactor(["pw"], min_length=1)("auth failed for pw"), f"auth failed for {REDACTED}"
+        )
+        self.assertEqual(Redactor(["pw"])("auth failed for pw"), "auth failed for pw")
+
+
+class KeyShapeTests(SynchronousTestCase):
+    def test_shapes(self) -> None:
+        """Key and token shapes oaproxy does not know are hidden, their
+        labels kept."""
+        self.assertEqual(
+            hide_key_shapes("key sk-proj-abcdefSECRET, Bearer abc.def ?api_key=x&b=1 token=t"),
+            f"key {REDACTED}, Bearer {REDACTED} ?api_key={REDACTED}&b=1 token={REDACTED}",
+        )
+
+    def test_ordinary_text(self) -> None:
+        """Text without such shapes is left alone."""
+        text = "HTTP 429: rate limited, sk-1 too short to be a key"
+        self.assertEqual(hide_key_shapes(text), text)
+
+
+class RedactHeadersTests(SynchronousTestCase):
+    """Credentials in headers never reach a record."""
+
+    def test_pairs(self) -> None:
+        self.assertEqual(
+            redact_headers(
+                [
+                    (b"Authorization", b"Bearer sk-secret"),
+                    (b"Content-Type", b"application/json"),
+                    (b"X-Api-Key", b"k"),
+                    (b"api-key", b"k"),
+                    (b"Cookie", b"a=b"),
+                    (b"Set-Cookie", b"c=d"),
+                    (b"Proxy-Authorization", b"Basic eA=="),
+                    (b"Accept", b"a"),
+                    (b"accept", b"b"),
+                ]
+            ),
+            {
+                "authorization": "[redacted]",
+                "content-type": "application/json",
+                "x-api-key": "[redacted]",
+                "api-key": "[redacted]",
+                "cookie": "[redacted]",
+                "set-cookie": "[redacted]",
+                "proxy-authorization": "[redacted]",
+                "accept": "a, b",
+            },
+        )
+
+    def test_twisted_headers(self) -> None:
+        headers = Headers(
+            {
+                b"Authorization": [b"Bearer sk-secret"],
+                b"User-Agent": [b"OpenAI/Python 1.0"],
+            }
+        )
+        redacted = redact_headers(headers.getAllRawHeaders())
+        self.assertEqual(
+            redacted, {"authorization": "[redacted]", "user-agent": "OpenAI/Python 1.0"}
+        )
+        self.assertNotIn("sk-secret", json.dumps(redacted))
+
+    def test_mapping(self) -> None:
+        self.assertEqual(
+            redact_headers({"Authorization": "Bearer x", "X-Test": "1", "X-Many": ["a", "b"]}),
+            {"authorization": "[redacted]", "x-test": "1", "x-many": "a, b"},
+        )
