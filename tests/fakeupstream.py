@@ -29,7 +29,8 @@ from twisted.web import server
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
-FAKE_MODEL = "gpt-4o-mini"
+from tests.payloads import FAKE_MODEL, sse_event, stream_chunk
+
 DEFAULT_CHUNKS = ("Hel", "lo, ", "wor", "ld!")
 DEFAULT_USAGE = {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}
 
@@ -220,28 +221,6 @@ def _transport(protocol: Any) -> Any:
     if transport is None:
         transport = getattr(getattr(protocol, "_channel", None), "transport", None)
     return transport
-
-
-def sse_event(payload: Any) -> bytes:
-    """One SSE event carrying ``payload`` as compact JSON."""
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode("utf-8") + b"\n\n"
-
-
-def stream_chunk(
-    index: int,
-    delta: dict[str, Any],
-    finish: str | None,
-    model: str,
-    chunk_id: str = "chatcmpl-fake",
-) -> dict[str, Any]:
-    """A ``chat.completion.chunk`` with one choice."""
-    return {
-        "id": chunk_id,
-        "object": "chat.completion.chunk",
-        "created": 1700000000,
-        "model": model,
-        "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}],
-    }
 
 
 _BOUNDARY = re.compile(rb'boundary="?([^";]+)"?')

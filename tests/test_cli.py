@@ -22,7 +22,7 @@ from oaproxy import recordstore
 from oaproxy.cli import chat_item, main, parse_time
 from oaproxy.record import Outcome, Record, decode_record, encode_record
 from oaproxy.sinks.sql import VERSION_TABLE, insert_statement, migrate, open_database, record_row
-from tests.harness import POSTGRES_DSN, free_port, postgres_schema, unavailable
+from tests.live import POSTGRES_DSN, free_port, postgres_schema, unavailable
 from tests.records import record, usage
 
 UTC = timezone.utc

@@ -24,21 +24,20 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseNeverReceived
 
 from tests.fakeupstream import Chat, FakeUpstream, Stream
-from tests.harness import (
+from tests.live import (
     POLL,
     Daemon,
     LiveCase,
-    chat_body,
     child_env,
     free_port,
     post_json,
-    proxy_config,
     reactor,
     read_body,
     run_twistd,
     spawn_daemon,
     write_yaml,
 )
+from tests.payloads import chat_body, proxy_config
 
 OLD_KEY = "ck-old-0123456789abcdef"
 NEW_KEY = "ck-new-0123456789abcdef"

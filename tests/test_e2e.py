@@ -17,18 +17,15 @@ import openai
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from tests.fakeupstream import FAKE_MODEL, Drop, Hang, Status, Stream
-from tests.harness import (
+from tests.fakeupstream import Drop, Hang, Status, Stream
+from tests.live import EndToEndCase, RawClient, chat, reactor, refused_endpoint
+from tests.payloads import (
     CLIENT_KEY,
+    FAKE_MODEL,
     OTHER_KEY,
     SK_BACKUP,
     SK_MAIN,
-    EndToEndCase,
-    RawClient,
-    chat,
     raw_chat_request,
-    reactor,
-    refused_endpoint,
     upstream,
 )
 

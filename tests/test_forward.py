@@ -22,7 +22,8 @@ from twisted.web.http_headers import Headers
 
 from oaproxy.forward import FAILOVER_STATUSES, Exchange, attempt_deadline, fails_over
 from oaproxy.record import FailureKind, Outcome
-from tests.support import Harness, Reply, make_config, sse
+from tests.doubles import Harness, Reply, make_config
+from tests.payloads import sse
 
 CONFIG = """
 authorization: {alice: sk-client}

@@ -1,6 +1,6 @@
 """Operating the daemon, in process: metrics, alerts, readiness.
 
-The service is built as twistd builds it (``tests.harness.EndToEndCase``)
+The service is built as twistd builds it (``tests.live.EndToEndCase``)
 and listens on ``tcp:0:interface=127.0.0.1``; upstreams and the alert
 endpoints (Feishu webhook, Matrix homeserver) are ``FakeUpstream``s in the
 same reactor. Requests go over real sockets with twisted.web's ``Agent``.
@@ -25,20 +25,16 @@ from twisted.web.http_headers import Headers
 from oaproxy import generation
 from oaproxy.record import Record
 from tests.fakeupstream import Chat, FakeUpstream, Hang, Status, Stream
-from tests.harness import (
-    CLIENT_KEY,
-    SK_BACKUP,
-    SK_MAIN,
+from tests.live import (
     EndToEndCase,
     RunningProxy,
-    chat_body,
     post_json,
     reactor,
     read_body,
     refused_endpoint,
-    upstream,
     write_yaml,
 )
+from tests.payloads import CLIENT_KEY, SK_BACKUP, SK_MAIN, chat_body, upstream
 from tests.records import record
 
 METRICS_KEY = "mk-scraper-0123456789"

@@ -18,7 +18,8 @@ from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 
 from oaproxy.outbound import CACHED_CONNECTION_TIMEOUT, MAX_PERSISTENT_PER_HOST, ReusedEndpoints
-from tests.harness import CLIENT_KEY, EndToEndCase, chat, reactor, upstream
+from tests.live import EndToEndCase, chat, reactor
+from tests.payloads import CLIENT_KEY, upstream
 
 
 class _Redirect(resource.Resource):

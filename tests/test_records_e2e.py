@@ -35,15 +35,9 @@ from oaproxy.cli import main as cli_main
 from oaproxy.generation import usage_prefix
 from oaproxy.record import record_from_document
 from oaproxy.sinks.redis import usage_date
-from tests.fakeupstream import (
-    FakeUpstream,
-    RecordedRequest,
-    Status,
-    Stream,
-    sse_event,
-    stream_chunk,
-)
-from tests.harness import (
+from tests.doubles import dechunk
+from tests.fakeupstream import FakeUpstream, RecordedRequest, Status, Stream
+from tests.live import (
     SHARED_POSTGRES,
     SHARED_REDIS,
     PrivateRedis,
@@ -51,8 +45,6 @@ from tests.harness import (
     RawClient,
     RunningProxy,
     postgres_schema,
-    proxy_config,
-    raw_chat_request,
     reachable,
     reactor,
     redis_client,
@@ -60,7 +52,7 @@ from tests.harness import (
     unavailable,
     wait_for,
 )
-from tests.support import dechunk
+from tests.payloads import proxy_config, raw_chat_request, sse_event, stream_chunk
 
 #: The shared server's database the tests write to (not the default 0).
 REDIS_DB = 11

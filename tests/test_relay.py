@@ -25,7 +25,8 @@ from oaproxy.relay import (
     UpstreamEndedEarly,
     describe,
 )
-from tests.support import Client, FakeResponse, Harness, sse
+from tests.doubles import Client, FakeResponse, Harness
+from tests.payloads import sse
 
 CONFIG = """
 authorization: sk-client

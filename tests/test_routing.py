@@ -12,7 +12,7 @@ from oaproxy import routing
 from oaproxy.config import Upstream
 from oaproxy.errors import ErrorAnswer
 from oaproxy.routing import NOT_BEARER, WRONG_KEY, Caller, Router, serves
-from tests.support import make_config
+from tests.doubles import make_config
 
 CONFIG = """
 authorization: {alice: sk-alice-0001, bob: sk-bob-00002}

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from oaproxy.record import Record, record_document
 from oaproxy.sinks.redis import RedisAddress, RedisSink, script_arguments, usage_date
-from tests.harness import (
+from tests.live import (
     SHARED_REDIS,
     PrivateRedis,
     emit,

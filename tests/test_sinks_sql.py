@@ -33,7 +33,7 @@ from oaproxy.sinks.sql import (
     placeholder,
     record_row,
 )
-from tests.harness import (
+from tests.live import (
     SHARED_POSTGRES,
     emit,
     free_port,

@@ -22,9 +22,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 from twisted.web.iweb import IResponse
 
-from tests.harness import (
+from tests.live import (
     LiveCase,
-    chat_body,
     free_port,
     post_json,
     reactor,
@@ -33,6 +32,7 @@ from tests.harness import (
     spawn_daemon,
     write_yaml,
 )
+from tests.payloads import chat_body
 
 CLIENT_KEY = "ck-smoke-0123456789"
 UPSTREAM_SK = "sk-smoke-upstream"

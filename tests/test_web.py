@@ -16,7 +16,7 @@ from twisted.web.test.requesthelper import DummyChannel
 
 from oaproxy.relay import BytesProducer
 from oaproxy.web import IN_MEMORY_BODY, ProxyRequest, route_path
-from tests.support import Harness, Reply
+from tests.doubles import Harness, Reply
 
 CONFIG = """
 authorization: {alice: sk-client}

@@ -1,7 +1,7 @@
 """Helpers of the tests that run for real: sockets, subprocesses, servers.
 
-(The fast, in-memory doubles are in ``tests.support``; the scripted upstream
-is ``tests.fakeupstream``.)
+(The fast, in-memory doubles are in ``tests.doubles``; request bodies and
+configs in ``tests.payloads``; the scripted upstream is ``tests.fakeupstream``.)
 
 - External services: ``unavailable`` (skip, or fail under ``CI=true``),
   ``reachable``, ``free_port``, ``wait_for``; the shared Redis and
@@ -15,13 +15,12 @@ is ``tests.fakeupstream``.)
   ``RawClient`` is an HTTP/1.1 client that hangs up mid-stream.
   ``EndToEndCase`` is that case with the keys and defaults most tests use.
 - The installed twistd as a subprocess: ``twistd_command``, ``child_env``,
-  ``run_twistd``, ``Daemon`` (its output and its end), ``read_body`` and
-  ``post_json`` for talking to it with twisted.web's ``Agent``.
+  ``run_twistd``, ``spawn_daemon``, ``Daemon`` (its output and its end),
+  ``read_body`` and ``post_json`` for talking to it with twisted.web's ``Agent``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -51,7 +50,8 @@ from oaproxy.record import Record, record_document
 from oaproxy.sinks.queue import RECORD_NAMESPACE
 from oaproxy.sinks.sql import COLUMNS, TABLE, open_database
 from oaproxy.tap import Options, makeService
-from tests.fakeupstream import FAKE_MODEL, ConnectionTracker, FakeUpstream
+from tests.fakeupstream import ConnectionTracker, FakeUpstream
+from tests.payloads import CLIENT_KEY, FAKE_MODEL, OTHER_KEY, proxy_config
 
 reactor: Any = _reactor
 T = TypeVar("T")
@@ -196,23 +196,6 @@ def write_yaml(path: str, content: Any) -> str:
         yaml.safe_dump(content, f)
     os.replace(path + ".new", path)
     return path
-
-
-def proxy_config(
-    hostname: str, keys: dict[str, str], upstreams: list[dict[str, Any]], **more: Any
-) -> dict[str, Any]:
-    """A config without a database and with 10 s deadlines, and ``more``."""
-    config: dict[str, Any] = {
-        "dbtype": "none",
-        "hostname": hostname,
-        "authorization": keys,
-        "timeout": 10,
-        "stream_timeout": 10,
-        "stream_idle_timeout": 10,
-        "upstreams": upstreams,
-    }
-    config.update(more)
-    return config
 
 
 class RecordLog:
@@ -360,29 +343,6 @@ class RawClient(Protocol):
         transport: Any = self.transport
         transport.abortConnection()
         return self.lost
-
-
-def raw_chat_request(body: dict[str, Any], key: str) -> bytes:
-    """A chat completions request as the bytes of HTTP/1.1."""
-    data = json.dumps(body).encode()
-    return (
-        b"POST /v1/chat/completions HTTP/1.1\r\n"
-        b"Host: 127.0.0.1\r\n"
-        b"Authorization: Bearer " + key.encode() + b"\r\n"
-        b"Content-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n" % len(data)
-    ) + data
-
-
-# The keys of EndToEndCase's config.
-CLIENT_KEY = "ck-alice-0123456789"
-OTHER_KEY = "ck-bob-0123456789"
-SK_MAIN = "sk-main-upstream"
-SK_BACKUP = "sk-backup-upstream"
-
-
-def upstream(name: str, endpoint: str, sk: str | None = SK_MAIN, **more: Any) -> dict[str, Any]:
-    return {"name": name, "endpoint": endpoint, "sk": sk, **more}
 
 
 def chat(client: openai.OpenAI, model: str = FAKE_MODEL) -> Any:
@@ -542,18 +502,6 @@ def read_body(response: Any) -> Deferred[bytes]:
     body = _Body()
     response.deliverBody(body)
     return body.done
-
-
-def chat_body(
-    model: str = FAKE_MODEL, *, stream: bool = False, include_usage: bool = False
-) -> bytes:
-    """A chat completions request body: one user message, "hi"."""
-    payload: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-    if stream:
-        payload["stream"] = True
-    if include_usage:
-        payload["stream_options"] = {"include_usage": True}
-    return json.dumps(payload).encode()
 
 
 def post_json(agent: Any, url: str, key: str, body: bytes) -> Deferred[IResponse]:

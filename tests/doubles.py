@@ -1,4 +1,4 @@
-"""Test doubles for the fast tests of the forwarder, relay, routing and web layer.
+"""In-memory doubles for the fast tests of the forwarder, relay, routing and web layer.
 
 - ``RecordingAgent``: an ``IAgent`` like treq's ``_agentspy`` that records each
   ``request()`` call; the test fires (or fails) the response by hand and sees
@@ -11,6 +11,9 @@
 - ``Harness`` and ``Client``: the real ``ProxySite`` on a ``StringTransport``,
   with a ``Clock``, the recording agents and a cooperator driven by the clock;
   ``Client.reply()`` parses what the site wrote back.
+
+(Real sockets and processes are in ``tests.live``; request bodies and SSE
+chunks in ``tests.payloads``.)
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from oaproxy.config import Config, parse_config
 from oaproxy.generation import Shared, build_generation
 from oaproxy.record import Record, record_document
 from oaproxy.web import ProxySite
+from tests.payloads import http_request
 
 # The wall-clock time the harness gives records (the reactor clock starts at 0).
 WALL_TIME = 1_700_000_000.0
@@ -48,16 +52,6 @@ WALL_TIME = 1_700_000_000.0
 def make_config(yaml_text: str, environ: Mapping[str, str] | None = None) -> Config:
     """A ``Config`` from YAML text, through the real parser."""
     return parse_config(yaml_text, "test.yaml", environ or {})
-
-
-def sse(*datas: str | bytes) -> bytes:
-    """SSE events, one ``data:`` line each, LF-terminated as OpenAI sends them."""
-    out = b""
-    for data in datas:
-        if isinstance(data, str):
-            data = data.encode("utf-8")
-        out += b"data: " + data + b"\n\n"
-    return out
 
 
 def headers(pairs: Mapping[str, str | list[str]] | None = None) -> Headers:
@@ -357,32 +351,6 @@ def dechunk(data: bytes) -> tuple[bytes, bool]:
         assert data[size : size + 2] == b"\r\n", "bad chunk framing"
         body += data[:size]
         data = data[size + 2 :]
-
-
-def http_request(
-    method: bytes,
-    path: bytes,
-    body: bytes = b"",
-    header_lines: Iterable[tuple[bytes, bytes]] = (),
-    *,
-    chunked: bool = False,
-    chunk_size: int = 4096,
-) -> bytes:
-    """The bytes of one HTTP/1.1 request."""
-    lines = [method + b" " + path + b" HTTP/1.1", b"Host: proxy.test"]
-    lines.extend(name + b": " + value for name, value in header_lines)
-    if chunked:
-        lines.append(b"Transfer-Encoding: chunked")
-        framed = b"".join(
-            b"%x\r\n" % len(body[i : i + chunk_size]) + body[i : i + chunk_size] + b"\r\n"
-            for i in range(0, len(body), chunk_size)
-        )
-        payload = framed + b"0\r\n\r\n"
-    else:
-        if body or method in (b"POST", b"PUT", b"PATCH"):
-            lines.append(b"Content-Length: %d" % len(body))
-        payload = body
-    return b"\r\n".join(lines) + b"\r\n\r\n" + payload
 
 
 class Client:
