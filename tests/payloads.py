@@ -1,22 +1,33 @@
 """What the tests send and what their upstreams answer, built in one place.
 
-- Requests: ``chat_body`` (a chat completions body), ``http_request`` (the
-  bytes of one HTTP/1.1 request), ``raw_chat_request`` (a chat request as
-  those bytes).
+- Requests: ``chat_payload`` and ``chat_body`` (a chat completions body, as a
+  dict and as bytes: ``FAKE_MODEL`` told ``HI``), ``http_request`` (the bytes of one HTTP/1.1 request),
+  ``raw_chat_request`` (a chat request as those bytes), ``multipart`` (a
+  multipart/form-data body by hand).
+- Answers: ``error_body`` (OpenAI's error object), ``feishu_signature``
+  (what a Feishu bot with a signing secret checks).
 - SSE: ``sse`` (``data:`` events), ``sse_event`` (one event of compact JSON),
-  ``stream_chunk`` (a ``chat.completion.chunk``).
+  ``stream_chunk``, ``chunk_data``, ``content_chunk`` and ``usage_chunk`` (the
+  chunks of a chat completion stream), ``compact`` (JSON as OpenAI streams
+  it), ``cut`` (bytes split as they may arrive).
 - Configs: ``upstream`` (one upstream's entry), ``proxy_config`` (a whole
   config as a dict, for YAML), and the keys they use.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 from collections.abc import Iterable
+from itertools import pairwise
 from typing import Any
 
 #: The model the fakes answer for unless asked another.
 FAKE_MODEL = "gpt-4o-mini"
+#: The conversation of every chat request unless a test says another.
+HI: list[Any] = [{"role": "user", "content": "hi"}]
 
 # The keys of EndToEndCase's config.
 CLIENT_KEY = "ck-alice-0123456789"
@@ -28,16 +39,35 @@ SK_BACKUP = "sk-backup-upstream"
 # -- requests ---------------------------------------------------------------------
 
 
-def chat_body(
-    model: str = FAKE_MODEL, *, stream: bool = False, include_usage: bool = False
-) -> bytes:
-    """A chat completions request body: one user message, "hi"."""
-    payload: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+def chat_payload(
+    model: str = FAKE_MODEL,
+    *,
+    stream: bool = False,
+    include_usage: bool = False,
+    messages: list[Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A chat completions request body, as a dict: one user message, "hi",
+    unless ``messages`` says otherwise; ``extra`` fields last."""
+    payload: dict[str, Any] = {
+        "model": model,
+        "messages": [dict(message) for message in HI] if messages is None else messages,
+    }
     if stream:
         payload["stream"] = True
     if include_usage:
         payload["stream_options"] = {"include_usage": True}
-    return json.dumps(payload).encode()
+    payload.update(extra)
+    return payload
+
+
+def chat_body(
+    model: str = FAKE_MODEL, *, stream: bool = False, include_usage: bool = False, **extra: Any
+) -> bytes:
+    """A chat completions request body, as the bytes an SDK sends."""
+    return json.dumps(
+        chat_payload(model, stream=stream, include_usage=include_usage, **extra)
+    ).encode()
 
 
 def http_request(
@@ -48,9 +78,10 @@ def http_request(
     *,
     chunked: bool = False,
     chunk_size: int = 4096,
+    host: bytes = b"proxy.test",
 ) -> bytes:
     """The bytes of one HTTP/1.1 request."""
-    lines = [method + b" " + path + b" HTTP/1.1", b"Host: proxy.test"]
+    lines = [method + b" " + path + b" HTTP/1.1", b"Host: " + host]
     lines.extend(name + b": " + value for name, value in header_lines)
     if chunked:
         lines.append(b"Transfer-Encoding: chunked")
@@ -67,15 +98,39 @@ def http_request(
 
 
 def raw_chat_request(body: dict[str, Any], key: str) -> bytes:
-    """A chat completions request as the bytes of HTTP/1.1."""
-    data = json.dumps(body).encode()
-    return (
-        b"POST /v1/chat/completions HTTP/1.1\r\n"
-        b"Host: 127.0.0.1\r\n"
-        b"Authorization: Bearer " + key.encode() + b"\r\n"
-        b"Content-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n" % len(data)
-    ) + data
+    """A chat completions request with a bearer ``key``, as the bytes of HTTP/1.1."""
+    return http_request(
+        b"POST",
+        b"/v1/chat/completions",
+        json.dumps(body).encode(),
+        [(b"Authorization", b"Bearer " + key.encode()), (b"Content-Type", b"application/json")],
+        host=b"127.0.0.1",
+    )
+
+
+def multipart(boundary: bytes, parts: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """A multipart/form-data body of (part headers, content) pairs, by hand."""
+    out = b""
+    for headers, content in parts:
+        out += b"--" + boundary + b"\r\n" + headers + b"\r\n\r\n" + content + b"\r\n"
+    return out + b"--" + boundary + b"--\r\n"
+
+
+# -- answers ----------------------------------------------------------------------
+
+
+def error_body(
+    message: str, code: str | None, type: str = "invalid_request_error", param: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error object, as oaproxy and the fake upstreams answer it."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def feishu_signature(timestamp: int, secret: str) -> str:
+    """Feishu's documented custom-bot signature, written here independently
+    of ``oaproxy.channels``."""
+    key = f"{timestamp}\n{secret}".encode()
+    return base64.b64encode(hmac.new(key, b"", hashlib.sha256).digest()).decode()
 
 
 # -- SSE --------------------------------------------------------------------------
@@ -93,7 +148,7 @@ def sse(*datas: str | bytes) -> bytes:
 
 def sse_event(payload: Any) -> bytes:
     """One SSE event carrying ``payload`` as compact JSON."""
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode("utf-8") + b"\n\n"
+    return sse(compact(payload))
 
 
 def stream_chunk(
@@ -102,21 +157,62 @@ def stream_chunk(
     finish: str | None,
     model: str,
     chunk_id: str = "chatcmpl-fake",
+    *,
+    created: int = 1700000000,
+    **extra: Any,
 ) -> dict[str, Any]:
-    """A ``chat.completion.chunk`` with one choice."""
+    """A ``chat.completion.chunk`` with one choice; ``extra`` fields last
+    (``usage=None``, ``system_fingerprint=...``, as some upstreams send)."""
     return {
         "id": chunk_id,
         "object": "chat.completion.chunk",
-        "created": 1700000000,
+        "created": created,
         "model": model,
         "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        **extra,
     }
+
+
+def chunk_data(
+    delta: dict[str, Any],
+    finish: str | None = None,
+    *,
+    index: int = 0,
+    model: str = FAKE_MODEL,
+    **extra: Any,
+) -> bytes:
+    """The data of one stream event: a chunk as compact JSON."""
+    return compact(stream_chunk(index, delta, finish, model, **extra))
+
+
+def content_chunk(text: str) -> bytes:
+    """The data of one stream event whose chunk carries ``text``."""
+    return chunk_data({"content": text})
+
+
+def usage_chunk(
+    usage: dict[str, Any], model: str = FAKE_MODEL, chunk_id: str = "chatcmpl-fake", **extra: Any
+) -> dict[str, Any]:
+    """The last chunk of a stream asked with ``include_usage``: no choices, the usage."""
+    return {**stream_chunk(0, {}, None, model, chunk_id, **extra), "choices": [], "usage": usage}
+
+
+def cut(data: bytes, offsets: list[int]) -> list[bytes]:
+    """``data`` split at ``offsets`` (taken modulo its length + 1), in order."""
+    points = sorted({0, len(data), *(o % (len(data) + 1) for o in offsets)})
+    return [data[a:b] for a, b in pairwise(points)]
+
+
+def compact(payload: Any) -> bytes:
+    """``payload`` as compact JSON, as OpenAI streams it."""
+    return json.dumps(payload, separators=(",", ":")).encode("utf-8")
 
 
 # -- configs ----------------------------------------------------------------------
 
 
 def upstream(name: str, endpoint: str, sk: str | None = SK_MAIN, **more: Any) -> dict[str, Any]:
+    """One entry of a config's ``upstreams``."""
     return {"name": name, "endpoint": endpoint, "sk": sk, **more}
 
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
 from collections.abc import Generator
 from typing import Any, cast
@@ -18,15 +15,14 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import http
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
-from zope.interface import implementer
 
 from oaproxy.alerts import Alert, Notifier, alert_from_record, format_alert
 from oaproxy.channels import (
@@ -41,6 +37,8 @@ from oaproxy.channels import (
 from oaproxy.config import FeishuConfig, MatrixConfig, NotifyConfig
 from oaproxy.credentials import REDACTED
 from oaproxy.record import Attempt, FailureKind, Outcome
+from tests.doubles import EventList, RecordingAgent, capture_log
+from tests.payloads import feishu_signature
 from tests.records import attempt, record
 
 FEISHU_TOKEN = "0f1e2d3c-feishu-hook-token"
@@ -157,22 +155,13 @@ class QuietSite(Site):
         pass
 
 
-@implementer(ILogObserver)
-class EventList(list[LogEvent]):
-    def __call__(self, event: LogEvent) -> None:
-        self.append(event)
-
-
 class CapturesLog:
     """Collects every log event of a test, to prove no secret is in one."""
 
     events: EventList
 
     def capture_log(self, test: SynchronousTestCase) -> None:
-        self.events = EventList()
-        observer = cast(ILogObserver, self.events)
-        globalLogPublisher.addObserver(observer)
-        test.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.events = capture_log(test)
 
     def logged_text(self) -> str:
         return "\n".join((formatEvent(event) or "") + " " + repr(event) for event in self.events)
@@ -235,9 +224,7 @@ class RealEndpointTests(TestCase, CapturesLog):
         timestamp = seen.body["timestamp"]
         self.assertIsInstance(timestamp, str)
         self.assertLess(abs(int(timestamp) - _reactor.seconds()), 5)
-        key = f"{timestamp}\n{FEISHU_SECRET}".encode()
-        expected = base64.b64encode(hmac.new(key, b"", hashlib.sha256).digest())
-        self.assertEqual(seen.body["sign"], expected.decode())
+        self.assertEqual(seen.body["sign"], feishu_signature(int(timestamp), FEISHU_SECRET))
 
         text = seen.body["content"]["text"]
         self.assertEqual(
@@ -457,29 +444,6 @@ class RealEndpointTests(TestCase, CapturesLog):
         self.assert_no_secrets(self, FEISHU_TOKEN, MATRIX_TOKEN)
 
 
-@implementer(IAgent)
-class HangingAgent:
-    """An agent whose requests never get an answer until cancelled."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[bytes, bytes]] = []
-        self.cancelled = 0
-
-    def request(
-        self,
-        method: bytes,
-        uri: bytes,
-        headers: Headers | None = None,
-        bodyProducer: IBodyProducer | None = None,
-    ) -> Deferred[IResponse]:
-        self.requests.append((method, uri))
-
-        def cancel(d: Deferred[IResponse]) -> None:
-            self.cancelled += 1
-
-        return Deferred(cancel)
-
-
 class Recorder(Resource):
     """In-memory endpoint for the de-duplication tests."""
 
@@ -610,7 +574,7 @@ class DeduplicationTests(SynchronousTestCase, CapturesLog):
         notifier = Notifier(
             _config(min_interval=60, timeout=1),
             [FeishuChannel("http://feishu.test/hook/" + FEISHU_TOKEN)],
-            as_agent(HangingAgent()),
+            as_agent(RecordingAgent()),
             as_time(clock),
             "edge-1",
         )
@@ -633,7 +597,7 @@ class DeduplicationTests(SynchronousTestCase, CapturesLog):
         A post that hangs ends at the deadline, counted once; the next repeat
         inside the interval is suppressed, not a retry.
         """
-        agent = HangingAgent()
+        agent = RecordingAgent()
         notifier = Notifier(
             _config(min_interval=60, timeout=10),
             [FeishuChannel("http://feishu.test/hook/" + FEISHU_TOKEN)],
@@ -642,18 +606,20 @@ class DeduplicationTests(SynchronousTestCase, CapturesLog):
             "edge-1",
         )
         notifier.alert(_exhausted())
-        self.assertEqual(len(agent.requests), 1)
+        self.assertEqual(len(agent.calls), 1)
         self.memory.clock.advance(10)
-        self.assertEqual((agent.cancelled, notifier.failed), (1, {"feishu": 1}))
+        self.assertEqual(
+            (sum(call.cancelled for call in agent.calls), notifier.failed), (1, {"feishu": 1})
+        )
         self.assertEqual(self.memory.clock.getDelayedCalls(), [])
         notifier.alert(_exhausted())
         self.memory.clock.advance(49)
-        self.assertEqual(len(agent.requests), 1)
+        self.assertEqual(len(agent.calls), 1)
         self.assertEqual(self.memory.clock.getDelayedCalls(), [])
         self.assert_no_secrets(self, FEISHU_TOKEN)
 
     def test_stop_waits_for_posts(self) -> None:
-        agent = HangingAgent()
+        agent = RecordingAgent()
         notifier = Notifier(
             _config(timeout=3),
             [MatrixChannel("http://m.test", MATRIX_TOKEN, ROOM)],
@@ -681,7 +647,7 @@ class DeduplicationTests(SynchronousTestCase, CapturesLog):
             def request(self, text: str, now: float, txn_id: str) -> ChannelRequest:
                 raise RuntimeError("bug")
 
-        agent = HangingAgent()
+        agent = RecordingAgent()
         channels: list[AlertChannel] = [
             Broken(),
             MatrixChannel("http://m.test", MATRIX_TOKEN, ROOM),
@@ -690,13 +656,13 @@ class DeduplicationTests(SynchronousTestCase, CapturesLog):
         notifier.alert(_exhausted())
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual(notifier.failed, {"broken": 1, "matrix": 0})
-        self.assertEqual(len(agent.requests), 1)  # the other channel still posts
+        self.assertEqual(len(agent.calls), 1)  # the other channel still posts
 
     def test_no_channels(self) -> None:
-        agent = HangingAgent()
+        agent = RecordingAgent()
         notifier = Notifier(_config(), [], as_agent(agent), as_time(Clock()), "h")
         notifier.alert(_exhausted())
-        self.assertEqual(agent.requests, [])
+        self.assertEqual(agent.calls, [])
         self.assertIsNone(self.successResultOf(notifier.drained()))
 
 
@@ -704,9 +670,7 @@ class ChannelTests(SynchronousTestCase):
     """Request shapes and the legacy environment variables."""
 
     def test_feishu_sign_matches_recipe(self) -> None:
-        key = b"1700000000\nsecret"
-        expected = base64.b64encode(hmac.new(key, b"", hashlib.sha256).digest())
-        self.assertEqual(feishu_sign(1700000000, "secret"), expected.decode())
+        self.assertEqual(feishu_sign(1700000000, "secret"), feishu_signature(1700000000, "secret"))
 
     def test_feishu_request_uses_clock(self) -> None:
         request = FeishuChannel("https://open.feishu.cn/hook/t", "s").request(

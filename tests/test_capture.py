@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import httpx2
 from hypothesis import given, settings
@@ -22,49 +21,19 @@ from oaproxy.config import Price
 from oaproxy.multipart import MULTIPART_MAX_FIELDS
 from oaproxy.record import Usage
 from oaproxy.sse import SSESplitter, event_data
+from tests.payloads import chunk_data, compact, multipart, usage_chunk
 
-
-def chat_chunk(
-    delta: dict[str, Any],
-    index: int = 0,
-    finish_reason: str | None = None,
-    **extra: Any,
-) -> bytes:
-    body = {
-        "id": "chatcmpl-AbC",
-        "object": "chat.completion.chunk",
-        "created": 1732000000,
-        "model": "gpt-4o-mini-2024-07-18",
-        "system_fingerprint": "fp_0ba0d124f1",
-        "choices": [
-            {
-                "index": index,
-                "delta": delta,
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        ],
-        **extra,
-    }
-    return json.dumps(body).encode()
-
-
-def usage_chunk(prompt: int = 12, completion: int = 7) -> bytes:
-    return json.dumps(
+#: The usage-only chunk that ends a stream asked with include_usage.
+USAGE_CHUNK = compact(
+    usage_chunk(
         {
-            "id": "chatcmpl-AbC",
-            "object": "chat.completion.chunk",
-            "created": 1732000000,
-            "model": "gpt-4o-mini-2024-07-18",
-            "choices": [],
-            "usage": {
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": 0},
-            },
+            "prompt_tokens": 12,
+            "completion_tokens": 7,
+            "total_tokens": 19,
+            "prompt_tokens_details": {"cached_tokens": 0},
         }
-    ).encode()
+    )
+)
 
 
 def feed_all(capture: StreamCapture, chunks: list[bytes]) -> list[bool]:
@@ -77,11 +46,11 @@ class StreamCaptureTests(SynchronousTestCase):
         flags = feed_all(
             capture,
             [
-                chat_chunk({"role": "assistant", "content": "", "refusal": None}),
-                chat_chunk({"content": "Hello"}),
-                chat_chunk({"content": ", wörld"}),
-                chat_chunk({}, finish_reason="stop"),
-                usage_chunk(),
+                chunk_data({"role": "assistant", "content": "", "refusal": None}),
+                chunk_data({"content": "Hello"}),
+                chunk_data({"content": ", wörld"}),
+                chunk_data({}, finish="stop"),
+                USAGE_CHUNK,
                 b"[DONE]",
             ],
         )
@@ -102,9 +71,9 @@ class StreamCaptureTests(SynchronousTestCase):
         stream = b"".join(
             b"data: " + c + b"\r\n\r\n"
             for c in [
-                chat_chunk({"content": "a"}),
-                chat_chunk({"content": "b"}),
-                usage_chunk(),
+                chunk_data({"content": "a"}),
+                chunk_data({"content": "b"}),
+                USAGE_CHUNK,
                 b"[DONE]",
             ]
         )
@@ -117,21 +86,19 @@ class StreamCaptureTests(SynchronousTestCase):
                     hidden.append(event)
         self.assertEqual(capture.result().text, "ab")
         self.assertEqual(len(hidden), 1)
-        self.assertIn(b'"choices": []', hidden[0])
+        self.assertIn(b'"choices":[]', hidden[0])
 
     def test_usage_on_last_content_chunk_is_not_usage_only(self) -> None:
         capture = StreamCapture(max_bytes=100)
         usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
-        self.assertFalse(
-            capture.feed(chat_chunk({"content": "x"}, finish_reason="stop", usage=usage))
-        )
-        self.assertFalse(capture.feed(chat_chunk({"content": "y"}, usage=None)))
+        self.assertFalse(capture.feed(chunk_data({"content": "x"}, finish="stop", usage=usage)))
+        self.assertFalse(capture.feed(chunk_data({"content": "y"}, usage=None)))
         self.assertEqual(capture.result().usage, Usage(1, 2, 3))
 
     def test_tool_calls_over_many_chunks(self) -> None:
         chunks = [
-            chat_chunk({"role": "assistant", "content": None}),
-            chat_chunk(
+            chunk_data({"role": "assistant", "content": None}),
+            chunk_data(
                 {
                     "tool_calls": [
                         {
@@ -145,11 +112,11 @@ class StreamCaptureTests(SynchronousTestCase):
             ),
         ]
         chunks += [
-            chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+            chunk_data({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
             for piece in ['{"lo', 'cation"', ': "Par', 'is"}']
         ]
         chunks.append(
-            chat_chunk(
+            chunk_data(
                 {
                     "tool_calls": [
                         {
@@ -163,10 +130,10 @@ class StreamCaptureTests(SynchronousTestCase):
             )
         )
         chunks += [
-            chat_chunk({"tool_calls": [{"index": 1, "function": {"arguments": piece}}]})
+            chunk_data({"tool_calls": [{"index": 1, "function": {"arguments": piece}}]})
             for piece in ['{"tz"', ': "Europe/', 'Paris"}']
         ]
-        chunks += [chat_chunk({}, finish_reason="tool_calls"), b"[DONE]"]
+        chunks += [chunk_data({}, finish="tool_calls"), b"[DONE]"]
         capture = StreamCapture(max_bytes=1000)
         feed_all(capture, chunks)
         result = capture.result()
@@ -197,7 +164,7 @@ class StreamCaptureTests(SynchronousTestCase):
     def test_tool_calls_interleaved_in_one_chunk(self) -> None:
         capture = StreamCapture(max_bytes=1000)
         capture.feed(
-            chat_chunk(
+            chunk_data(
                 {
                     "tool_calls": [
                         {
@@ -217,7 +184,7 @@ class StreamCaptureTests(SynchronousTestCase):
             )
         )
         capture.feed(
-            chat_chunk(
+            chunk_data(
                 {
                     "tool_calls": [
                         {"index": 1, "function": {"arguments": "]"}},
@@ -240,12 +207,12 @@ class StreamCaptureTests(SynchronousTestCase):
         # Some OpenAI-compatible servers omit "index" and send whole calls.
         capture = StreamCapture(max_bytes=1000)
         capture.feed(
-            chat_chunk({"tool_calls": [{"id": "a", "function": {"name": "f", "arguments": "{}"}}]})
+            chunk_data({"tool_calls": [{"id": "a", "function": {"name": "f", "arguments": "{}"}}]})
         )
         capture.feed(
-            chat_chunk({"tool_calls": [{"id": "b", "function": {"name": "g", "arguments": "{"}}]})
+            chunk_data({"tool_calls": [{"id": "b", "function": {"name": "g", "arguments": "{"}}]})
         )
-        capture.feed(chat_chunk({"tool_calls": [{"function": {"arguments": "}"}}]}))
+        capture.feed(chunk_data({"tool_calls": [{"function": {"arguments": "}"}}]}))
         calls = capture.result().tool_calls
         assert calls is not None
         self.assertEqual(
@@ -256,12 +223,10 @@ class StreamCaptureTests(SynchronousTestCase):
     def test_legacy_function_call(self) -> None:
         capture = StreamCapture(max_bytes=1000)
         capture.feed(
-            chat_chunk({"role": "assistant", "function_call": {"name": "f", "arguments": ""}})
+            chunk_data({"role": "assistant", "function_call": {"name": "f", "arguments": ""}})
         )
-        capture.feed(chat_chunk({"function_call": {"arguments": '{"a":'}}))
-        capture.feed(
-            chat_chunk({"function_call": {"arguments": "1}"}}, finish_reason="function_call")
-        )
+        capture.feed(chunk_data({"function_call": {"arguments": '{"a":'}}))
+        capture.feed(chunk_data({"function_call": {"arguments": "1}"}}, finish="function_call"))
         result = capture.result()
         self.assertEqual(
             result.tool_calls,
@@ -280,10 +245,10 @@ class StreamCaptureTests(SynchronousTestCase):
         feed_all(
             capture,
             [
-                chat_chunk({"role": "assistant", "content": None, "refusal": ""}),
-                chat_chunk({"refusal": "I'm sorry, "}),
-                chat_chunk({"refusal": "I can't help with that."}),
-                chat_chunk({}, finish_reason="stop"),
+                chunk_data({"role": "assistant", "content": None, "refusal": ""}),
+                chunk_data({"refusal": "I'm sorry, "}),
+                chunk_data({"refusal": "I can't help with that."}),
+                chunk_data({}, finish="stop"),
             ],
         )
         result = capture.result()
@@ -295,14 +260,14 @@ class StreamCaptureTests(SynchronousTestCase):
         feed_all(
             capture,
             [
-                chat_chunk({"role": "assistant", "content": ""}, index=0),
-                chat_chunk({"role": "assistant", "content": ""}, index=1),
-                chat_chunk({"content": "Red"}, index=0),
-                chat_chunk({"content": "Blue"}, index=1),
-                chat_chunk({"content": " sky"}, index=1),
-                chat_chunk({}, index=1, finish_reason="length"),
-                chat_chunk({"content": " apple"}, index=0),
-                chat_chunk({}, index=0, finish_reason="stop"),
+                chunk_data({"role": "assistant", "content": ""}, index=0),
+                chunk_data({"role": "assistant", "content": ""}, index=1),
+                chunk_data({"content": "Red"}, index=0),
+                chunk_data({"content": "Blue"}, index=1),
+                chunk_data({"content": " sky"}, index=1),
+                chunk_data({}, index=1, finish="length"),
+                chunk_data({"content": " apple"}, index=0),
+                chunk_data({}, index=0, finish="stop"),
             ],
         )
         result = capture.result()
@@ -340,7 +305,7 @@ class StreamCaptureTests(SynchronousTestCase):
 
     def test_error_chunk(self) -> None:
         capture = StreamCapture(max_bytes=1000)
-        capture.feed(chat_chunk({"content": "a"}))
+        capture.feed(chunk_data({"content": "a"}))
         self.assertFalse(
             capture.feed(b'{"error": {"message": "overloaded", "type": "server_error"}}')
         )
@@ -366,9 +331,9 @@ class StreamCaptureTests(SynchronousTestCase):
         feed_all(
             capture,
             [
-                chat_chunk({"content": "abcd"}),
-                chat_chunk({"content": "éééé"}),
-                chat_chunk({"content": "z"}),
+                chunk_data({"content": "abcd"}),
+                chunk_data({"content": "éééé"}),
+                chunk_data({"content": "z"}),
             ],
         )
         result = capture.result()
@@ -379,7 +344,7 @@ class StreamCaptureTests(SynchronousTestCase):
     def test_tool_arguments_capped(self) -> None:
         capture = StreamCapture(max_bytes=5)
         capture.feed(
-            chat_chunk(
+            chunk_data(
                 {
                     "tool_calls": [
                         {
@@ -392,7 +357,7 @@ class StreamCaptureTests(SynchronousTestCase):
             )
         )
         capture.feed(
-            chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": "0123456789"}}]})
+            chunk_data({"tool_calls": [{"index": 0, "function": {"arguments": "0123456789"}}]})
         )
         result = capture.result()
         assert result.tool_calls is not None
@@ -401,7 +366,7 @@ class StreamCaptureTests(SynchronousTestCase):
 
     def test_huge_stream_memory_bounded(self) -> None:
         capture = StreamCapture(max_bytes=1000)
-        piece = chat_chunk({"content": "x" * 100})
+        piece = chunk_data({"content": "x" * 100})
         for _ in range(1000):
             capture.feed(piece)
         result = capture.result()
@@ -579,13 +544,6 @@ def multipart_body() -> tuple[bytes, str]:
     return request.read(), request.headers["content-type"]
 
 
-def hand_multipart(boundary: bytes, parts: list[tuple[bytes, bytes]]) -> bytes:
-    out = b""
-    for headers, content in parts:
-        out += b"--" + boundary + b"\r\n" + headers + b"\r\n\r\n" + content + b"\r\n"
-    return out + b"--" + boundary + b"--\r\n"
-
-
 class DescribeBodyTests(SynchronousTestCase):
     def test_json(self) -> None:
         self.assertEqual(
@@ -643,7 +601,7 @@ class DescribeBodyTests(SynchronousTestCase):
 
     def test_multipart_by_hand(self) -> None:
         boundary = b"----WebKitFormBoundary7MA4YWxkTrZu0gW"
-        body = hand_multipart(
+        body = multipart(
             boundary,
             [
                 (
@@ -683,7 +641,7 @@ class DescribeBodyTests(SynchronousTestCase):
             for i in range(MULTIPART_MAX_FIELDS + 5)
         ]
         described, truncated = describe_body(
-            hand_multipart(b"xyz", parts), "multipart/form-data; boundary=xyz", 10
+            multipart(b"xyz", parts), "multipart/form-data; boundary=xyz", 10
         )
         assert isinstance(described, dict)
         self.assertEqual(len(described["fields"]), MULTIPART_MAX_FIELDS)

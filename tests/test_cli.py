@@ -6,7 +6,6 @@ when it is down, except under ``CI=true``, where that fails).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sqlite3
@@ -14,14 +13,16 @@ import subprocess
 import sys
 import uuid
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy import recordstore
-from oaproxy.cli import chat_item, main, parse_time
+from oaproxy.cli import chat_item, parse_time
 from oaproxy.record import Outcome, Record, decode_record, encode_record
 from oaproxy.sinks.sql import VERSION_TABLE, insert_statement, migrate, open_database, record_row
+from tests.doubles import run_cli
 from tests.live import POSTGRES_DSN, free_port, postgres_schema, unavailable
 from tests.records import record, usage
 
@@ -51,25 +52,25 @@ WEATHER_CALL = {
 }
 
 
-def _record(identifier: str, time: float, **fields: Any) -> Record:
-    defaults: dict[str, Any] = {
-        "client_ip": "10.0.0.1",
-        "key_name": None,
-        "model": None,
-        "attempts": [],
-        "upstream": "up",
-        "ttfb": 0.1,
-        "duration": 0.2,
-        "bytes_in": 10,
-        "bytes_out": 20,
-    }
-    return record(id=identifier, time=time, **{**defaults, **fields})
+#: The records here: answered by ``up``, from 10.0.0.1, with neither key nor model.
+_record = partial(
+    record,
+    client_ip="10.0.0.1",
+    key_name=None,
+    model=None,
+    attempts=[],
+    upstream="up",
+    ttfb=0.1,
+    duration=0.2,
+    bytes_in=10,
+    bytes_out=20,
+)
 
 
 #: A chat answer (01:00 on day 0).
 CHAT = _record(
-    "r1-chat",
-    T0 + 3600,
+    id="r1-chat",
+    time=T0 + 3600,
     key_name="alice",
     model="gpt-4o-mini",
     request_body=json.dumps(
@@ -85,8 +86,8 @@ CHAT = _record(
 )
 #: A tool call (exactly 00:00 on day 1).
 TOOL = _record(
-    "r2-tool",
-    T0 + DAY,
+    id="r2-tool",
+    time=T0 + DAY,
     key_name="alice",
     model="gpt-4o-mini",
     request_body=json.dumps(
@@ -107,8 +108,8 @@ TOOL = _record(
 )
 #: Embeddings, no cost known (exactly 00:00 on day 2).
 EMBEDDING = _record(
-    "r3-embedding",
-    T0 + 2 * DAY,
+    id="r3-embedding",
+    time=T0 + 2 * DAY,
     key_name="bob",
     path="/v1/embeddings",
     model="text-embedding-3-small",
@@ -117,8 +118,8 @@ EMBEDDING = _record(
 )
 #: A multipart upload that failed.
 AUDIO = _record(
-    "r4-audio",
-    T0 + 2 * DAY + 60,
+    id="r4-audio",
+    time=T0 + 2 * DAY + 60,
     key_name="bob",
     path="/v1/audio/transcriptions",
     model="/v1/audio/transcriptions",
@@ -132,8 +133,8 @@ AUDIO = _record(
 )
 #: A rate-limited chat without a key (noauth upstream).
 LIMITED = _record(
-    "r5-limited",
-    T0 + 3 * DAY,
+    id="r5-limited",
+    time=T0 + 3 * DAY,
     model="gpt-4o-mini",
     request_body=json.dumps(
         {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "again"}]}
@@ -195,11 +196,8 @@ def chat_json(*items: dict[str, Any]) -> str:
     return "[\n" + ",\n".join(json.dumps(i, ensure_ascii=False) for i in items) + "\n]\n"
 
 
-def run(*argv: str, now: float = NOW) -> tuple[int, str, str]:
-    """``main(argv)``: its exit status, stdout and stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    status = main(list(argv), stdout=out, stderr=err, clock=lambda: now)
-    return status, out.getvalue(), err.getvalue()
+#: The command line in process, at ``NOW`` unless told another time.
+run = partial(run_cli, now=NOW)
 
 
 def store(dbtype: str, dbaddr: str, records: list[Record]) -> None:
@@ -724,8 +722,8 @@ class ChatItemTests(SynchronousTestCase):
         """A legacy ``functions`` request answered with a function call."""
         functions = [{"name": "f", "parameters": {"type": "object"}}]
         record = _record(
-            "x",
-            T0,
+            id="x",
+            time=T0,
             request_body={
                 "model": "m",
                 "messages": [{"role": "user", "content": "x"}],
@@ -761,7 +759,7 @@ class ChatItemTests(SynchronousTestCase):
             "[1, 2]",
             {"content_type": "multipart/form-data", "size": 3, "fields": []},
         ):
-            self.assertIsNone(chat_item(_record("x", T0, request_body=body)), body)
+            self.assertIsNone(chat_item(_record(id="x", time=T0, request_body=body)), body)
 
     def test_odd_messages(self) -> None:
         """Messages without a role are left out; content is kept as sent
@@ -780,7 +778,7 @@ class ChatItemTests(SynchronousTestCase):
                 "junk",
             ]
         }
-        item = chat_item(_record("x", T0, request_body=json.dumps(body)))
+        item = chat_item(_record(id="x", time=T0, request_body=json.dumps(body)))
         assert item is not None
         self.assertEqual(
             item["messages"], [{"user": parts}, {"assistant": None}, {"tool": "sunny"}]

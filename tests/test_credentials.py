@@ -8,7 +8,6 @@ import json
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from oaproxy.config import parse_config
 from oaproxy.credentials import (
     REDACTED,
     Redactor,
@@ -17,6 +16,7 @@ from oaproxy.credentials import (
     hide_key_shapes,
     redact_headers,
 )
+from tests.doubles import make_config
 
 CONFIG = """
 authorization: {alice: ck-alice-0123456789, guest: guest}
@@ -57,7 +57,7 @@ class BearerTokenTests(SynchronousTestCase):
 
 class RedactorTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.config = parse_config(CONFIG, "test.yaml", {})
+        self.config = make_config(CONFIG)
         self.redact = Redactor(config_secrets(self.config))
 
     def test_every_configured_secret(self) -> None:

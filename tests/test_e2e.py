@@ -11,42 +11,31 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
 
 import openai
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from tests.fakeupstream import Drop, Hang, Status, Stream
-from tests.live import EndToEndCase, RawClient, chat, reactor, refused_endpoint
+from tests.live import (
+    EndToEndCase,
+    RawClient,
+    chat,
+    collect_stream,
+    reactor,
+    refused_endpoint,
+)
 from tests.payloads import (
     CLIENT_KEY,
     FAKE_MODEL,
+    HI,
     OTHER_KEY,
     SK_BACKUP,
     SK_MAIN,
+    chat_payload,
     raw_chat_request,
     upstream,
 )
-
-
-def collect_stream(
-    client: openai.OpenAI, include_usage: bool = False, model: str = FAKE_MODEL
-) -> tuple[list[str], list[Any]]:
-    """The content deltas and the usage objects of a streamed chat."""
-    extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if include_usage else {}
-    deltas: list[str] = []
-    usages: list[Any] = []
-    stream = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "hi"}], stream=True, **extra
-    )
-    for chunk in stream:
-        if chunk.usage is not None:
-            usages.append(chunk.usage)
-        for choice in chunk.choices:
-            if choice.delta.content:
-                deltas.append(choice.delta.content)
-    return deltas, usages
 
 
 class HappyPathTests(EndToEndCase):
@@ -58,7 +47,7 @@ class HappyPathTests(EndToEndCase):
         self.assertEqual(completion.usage.total_tokens, 11)
         [seen] = fake.requests
         self.assertEqual((seen.method, seen.path), (b"POST", b"/v1/chat/completions"))
-        self.assertEqual(seen.json()["messages"], [{"role": "user", "content": "hi"}])
+        self.assertEqual(seen.json()["messages"], HI)
 
     async def test_upstream_gets_its_own_key_never_the_clients(self) -> None:
         fake = await self.fake()
@@ -372,9 +361,7 @@ class ErrorTests(EndToEndCase):
         deltas: list[str] = []
 
         def read(client: openai.OpenAI) -> None:
-            stream = client.chat.completions.create(
-                model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
-            )
+            stream = client.chat.completions.create(model=FAKE_MODEL, messages=HI, stream=True)
             for chunk in stream:
                 for choice in chunk.choices:
                     if choice.delta.content:
@@ -402,7 +389,7 @@ class HeaderTests(EndToEndCase):
             proxy,
             lambda c: c.chat.completions.create(
                 model=FAKE_MODEL,
-                messages=[{"role": "user", "content": "hi"}],
+                messages=HI,
                 extra_headers={"X-Forwarded-For": "203.0.113.9", "Cookie": "session=secret"},
             ),
         )
@@ -430,11 +417,7 @@ class ClientDisconnectTests(EndToEndCase):
     async def test_client_hangs_up_while_waiting(self) -> None:
         fake = await self.fake(default=Hang())
         proxy = await self.proxy([upstream("main", fake.endpoint)])
-        client = RawClient(
-            raw_chat_request(
-                {"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}]}, CLIENT_KEY
-            )
-        )
+        client = RawClient(raw_chat_request(chat_payload(), CLIENT_KEY))
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port), client)
         seen = await fake.received()
         hung_up = reactor.seconds()
@@ -449,16 +432,7 @@ class ClientDisconnectTests(EndToEndCase):
     async def test_client_hangs_up_mid_stream(self) -> None:
         fake = await self.fake(default=Stream(hang_after=1))
         proxy = await self.proxy([upstream("main", fake.endpoint)])
-        client = RawClient(
-            raw_chat_request(
-                {
-                    "model": FAKE_MODEL,
-                    "stream": True,
-                    "messages": [{"role": "user", "content": "hi"}],
-                },
-                CLIENT_KEY,
-            )
-        )
+        client = RawClient(raw_chat_request(chat_payload(stream=True), CLIENT_KEY))
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port), client)
         await client.enough
         self.assertIn(b"HTTP/1.1 200", client.received)

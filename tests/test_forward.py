@@ -23,7 +23,8 @@ from twisted.web.http_headers import Headers
 from oaproxy.forward import FAILOVER_STATUSES, Exchange, attempt_deadline, fails_over
 from oaproxy.record import FailureKind, Outcome
 from tests.doubles import Harness, Reply, make_config
-from tests.payloads import sse
+from tests.payloads import content_chunk, error_body, sse
+from tests.records import stored_attempt
 
 CONFIG = """
 authorization: {alice: sk-client}
@@ -37,36 +38,6 @@ upstreams:
 """
 
 REFUSED = "connect error: ConnectionRefusedError: Connection was refused by other side."
-
-
-def chunk(content: str) -> str:
-    """One chat completion chunk's data, as OpenAI streams it."""
-    return (
-        '{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
-        '"choices":[{"index":0,"delta":{"content":'
-        + json.dumps(content)
-        + '},"finish_reason":null}]}'
-    )
-
-
-def attempt(
-    upstream: str,
-    status: int | None = None,
-    error: str | None = None,
-    ttfb: float | None = None,
-    duration: float = 0.0,
-) -> dict[str, Any]:
-    return {
-        "upstream": upstream,
-        "status": status,
-        "error": error,
-        "ttfb": ttfb,
-        "duration": duration,
-    }
-
-
-def error_json(message: str, code: str, type: str = "upstream_error") -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": None, "code": code}}
 
 
 class ForwardTestCase(SynchronousTestCase):
@@ -88,7 +59,7 @@ class FailoverTests(ForwardTestCase):
         self.calls[0].respond(200, body=b'{"id":"x"}')
         self.assertReply(client.reply(), 200, b'{"id":"x"}')
         record = self.h.record()
-        self.assertEqual(record["attempts"], [attempt("a", 200, None, 1.5, 1.5)])
+        self.assertEqual(record["attempts"], [stored_attempt("a", 200, None, 1.5, 1.5)])
         self.assertEqual(
             (
                 record["upstream"],
@@ -116,7 +87,10 @@ class FailoverTests(ForwardTestCase):
         record = self.h.record()
         self.assertEqual(
             record["attempts"],
-            [attempt("a", None, REFUSED, None, 0.25), attempt("b", 200, None, 1.0, 1.0)],
+            [
+                stored_attempt("a", None, REFUSED, None, 0.25),
+                stored_attempt("b", 200, None, 1.0, 1.0),
+            ],
         )
         self.assertEqual((record["upstream"], record["outcome"]), ("b", "ok"))
 
@@ -141,7 +115,7 @@ class FailoverTests(ForwardTestCase):
             self.assertReply(client.reply(), 200, b'{"ok":true}')
             self.assertEqual(
                 h.record()["attempts"],
-                [attempt("a", status, None, 0.0), attempt("b", 200, None, 0.0)],
+                [stored_attempt("a", status, None, 0.0), stored_attempt("b", 200, None, 0.0)],
             )
 
     def test_request_errors_answer_at_once(self) -> None:
@@ -155,7 +129,7 @@ class FailoverTests(ForwardTestCase):
             self.assertReply(reply, status, body)
             self.assertEqual(reply.phrase, b"Nope")
             record = h.record()
-            self.assertEqual(record["attempts"], [attempt("a", status, None, 0.0)])
+            self.assertEqual(record["attempts"], [stored_attempt("a", status, None, 0.0)])
             self.assertEqual(
                 (record["status"], record["outcome"], record["upstream"]),
                 (status, "client_error", "a"),
@@ -187,9 +161,9 @@ class FailoverTests(ForwardTestCase):
         self.assertEqual(
             record["attempts"],
             [
-                attempt("a", 500, None, 0.0),
-                attempt("b", 429, None, 0.0),
-                attempt("c", 503, None, 0.0),
+                stored_attempt("a", 500, None, 0.0),
+                stored_attempt("b", 429, None, 0.0),
+                stored_attempt("c", 503, None, 0.0),
             ],
         )
         self.assertEqual(
@@ -209,9 +183,9 @@ class FailoverTests(ForwardTestCase):
         self.assertEqual(
             record["attempts"],
             [
-                attempt("a", None, REFUSED, None),
-                attempt("b", 429, None, 0.0),
-                attempt("c", None, "timeout after 30s", None, 30.0),
+                stored_attempt("a", None, REFUSED, None),
+                stored_attempt("b", 429, None, 0.0),
+                stored_attempt("c", None, "timeout after 30s", None, 30.0),
             ],
         )
         self.assertEqual(
@@ -229,14 +203,16 @@ class FailoverTests(ForwardTestCase):
         message = f"All upstreams failed: a: {REFUSED}; b: timeout after 30s; c: {REFUSED}"
         self.assertEqual(reply.status, 502)
         self.assertEqual(reply.header(b"content-type"), b"application/json")
-        self.assertEqual(reply.json(), error_json(message, "upstream_unavailable"))
+        self.assertEqual(
+            reply.json(), error_body(message, "upstream_unavailable", "upstream_error")
+        )
         record = self.h.record()
         self.assertEqual(
             record["attempts"],
             [
-                attempt("a", None, REFUSED),
-                attempt("b", None, "timeout after 30s", None, 30.0),
-                attempt("c", None, REFUSED),
+                stored_attempt("a", None, REFUSED),
+                stored_attempt("b", None, "timeout after 30s", None, 30.0),
+                stored_attempt("c", None, REFUSED),
             ],
         )
         self.assertEqual(
@@ -256,7 +232,8 @@ class FailoverTests(ForwardTestCase):
             "All upstreams failed: a: timeout after 30s; b: timeout after 30s; c: timeout after 30s"
         )
         self.assertEqual(
-            (reply.status, reply.json()), (504, error_json(message, "upstream_timeout"))
+            (reply.status, reply.json()),
+            (504, error_body(message, "upstream_timeout", "upstream_error")),
         )
         self.assertEqual(self.h.record()["outcome"], "exhausted")
         self.assertEqual(self.h.record()["duration"], 90.0)
@@ -293,7 +270,10 @@ class DeadlineTests(ForwardTestCase):
         self.assertReply(client.reply(), 200, b'{"id":"chatcmpl-2"}')
         self.assertEqual(
             self.h.record()["attempts"],
-            [attempt("a", None, "timeout after 30s", 2.0, 30.0), attempt("b", 200, None, 1.0, 1.0)],
+            [
+                stored_attempt("a", None, "timeout after 30s", 2.0, 30.0),
+                stored_attempt("b", 200, None, 1.0, 1.0),
+            ],
         )
 
     def test_body_failure_before_the_end_fails_over(self) -> None:
@@ -305,7 +285,7 @@ class DeadlineTests(ForwardTestCase):
         self.assertReply(client.reply(), 200, b'{"id":"b"}')
         self.assertEqual(
             self.h.record()["attempts"][0],
-            attempt(
+            stored_attempt(
                 "a",
                 None,
                 "UpstreamEndedEarly: ConnectionLost: Connection to the other side was lost "
@@ -342,9 +322,9 @@ class DeadlineTests(ForwardTestCase):
         self.assertEqual(
             h.record()["attempts"],
             [
-                attempt("a", None, "timeout after 3s", None, 3.0),
-                attempt("b", None, "timeout after 7s", None, 7.0),
-                attempt("c", 200, None, 0.0),
+                stored_attempt("a", None, "timeout after 3s", None, 3.0),
+                stored_attempt("b", None, "timeout after 7s", None, 7.0),
+                stored_attempt("c", 200, None, 0.0),
             ],
         )
 
@@ -371,15 +351,18 @@ class StreamDeadlineTests(ForwardTestCase):
         self.assertEqual(first.transport.events, ["stop"])
         self.assertEqual(len(self.calls), 2)
         second = self.calls[1].respond(200, b"text/event-stream")
-        second.write(sse(chunk("Hi"), "[DONE]"))
+        second.write(sse(content_chunk("Hi"), "[DONE]"))
         second.finish()
         reply = client.reply()
-        self.assertReply(reply, 200, sse(chunk("Hi"), "[DONE]"))
+        self.assertReply(reply, 200, sse(content_chunk("Hi"), "[DONE]"))
         self.assertEqual(reply.header(b"content-type"), b"text/event-stream")
         record = self.h.record()
         self.assertEqual(
             record["attempts"],
-            [attempt("a", None, "timeout after 5s", 1.0, 5.0), attempt("b", 200, None, 0.0, 0.0)],
+            [
+                stored_attempt("a", None, "timeout after 5s", 1.0, 5.0),
+                stored_attempt("b", 200, None, 0.0, 0.0),
+            ],
         )
         self.assertEqual(
             (record["stream"], record["outcome"], record["upstream"]), (True, "ok", "b")
@@ -396,10 +379,10 @@ class StreamDeadlineTests(ForwardTestCase):
         self.assertEqual(client.written, b"")
         self.h.clock.advance(1)
         self.assertEqual(first.transport.events, ["stop"])
-        self.calls[1].respond(200, b"text/event-stream", body=sse(chunk("Hi"), "[DONE]"))
-        self.assertReply(client.reply(), 200, sse(chunk("Hi"), "[DONE]"))
+        self.calls[1].respond(200, b"text/event-stream", body=sse(content_chunk("Hi"), "[DONE]"))
+        self.assertReply(client.reply(), 200, sse(content_chunk("Hi"), "[DONE]"))
         self.assertEqual(
-            self.h.record()["attempts"][0], attempt("a", None, "timeout after 5s", 0.0, 5.0)
+            self.h.record()["attempts"][0], stored_attempt("a", None, "timeout after 5s", 0.0, 5.0)
         )
 
     def test_comments_before_the_first_event_are_relayed(self) -> None:
@@ -408,10 +391,12 @@ class StreamDeadlineTests(ForwardTestCase):
         first.write(b": OPENROUTER PROCESSING\n\n")
         first.write(b": OPENROUTER PROCESSING\n\ndata: ")
         self.assertEqual(client.written, b"")
-        first.write((chunk("Hi")).encode() + b"\n\n" + sse("[DONE]"))
+        first.write(content_chunk("Hi") + b"\n\n" + sse("[DONE]"))
         first.finish()
         self.assertReply(
-            client.reply(), 200, b": OPENROUTER PROCESSING\n\n" * 2 + sse(chunk("Hi"), "[DONE]")
+            client.reply(),
+            200,
+            b": OPENROUTER PROCESSING\n\n" * 2 + sse(content_chunk("Hi"), "[DONE]"),
         )
         self.assertEqual(self.h.record()["response_text"], "Hi")
 
@@ -449,7 +434,8 @@ class StreamDeadlineTests(ForwardTestCase):
             "All upstreams failed: a: timeout after 5s; b: timeout after 5s; c: timeout after 30s"
         )
         self.assertEqual(
-            (reply.status, reply.json()), (504, error_json(message, "upstream_timeout"))
+            (reply.status, reply.json()),
+            (504, error_body(message, "upstream_timeout", "upstream_error")),
         )
         self.assertEqual(self.h.record()["duration"], 40.0)
 
@@ -498,12 +484,12 @@ class CommittedStreamTests(ForwardTestCase):
         self.h.clock.advance(1)
         response = self.calls[0].respond(200, b"text/event-stream")
         self.h.clock.advance(1)
-        response.write(sse(chunk("Hel")))
+        response.write(sse(content_chunk("Hel")))
         return client, response
 
     def test_failure_after_commit_ends_with_error_event(self) -> None:
         client, response = self.commit()
-        response.write(sse(chunk("lo")))
+        response.write(sse(content_chunk("lo")))
         self.h.clock.advance(3)
         response.fail()
         reply = client.reply()
@@ -516,14 +502,14 @@ class CommittedStreamTests(ForwardTestCase):
             + error.encode()
             + b'","type":"upstream_error","code":null}}\n\n'
         )
-        self.assertReply(reply, 200, sse(chunk("Hel"), chunk("lo")) + event)
+        self.assertReply(reply, 200, sse(content_chunk("Hel"), content_chunk("lo")) + event)
         # Committed: no other upstream is tried.
         self.assertEqual(len(self.calls), 1)
         record = self.h.record()
         self.assertEqual(
             record["attempts"],
             [
-                attempt(
+                stored_attempt(
                     "a",
                     200,
                     "ConnectionLost: Connection to the other side was lost in a non-clean fashion: "
@@ -541,7 +527,7 @@ class CommittedStreamTests(ForwardTestCase):
     def test_idle_timeout_ends_with_error_event(self) -> None:
         client, response = self.commit()
         self.h.clock.advance(19)
-        response.write(sse(chunk("lo")))
+        response.write(sse(content_chunk("lo")))
         self.h.clock.advance(19.9)
         self.assertFalse(response.transport.stopped)
         self.h.clock.advance(0.1)
@@ -552,10 +538,13 @@ class CommittedStreamTests(ForwardTestCase):
             b'event: error\ndata: {"error":{"message":"upstream stream failed: stream idle for more '
             b'than 20s","type":"upstream_error","code":null}}\n\n'
         )
-        self.assertReply(client.reply(), 200, sse(chunk("Hel"), chunk("lo")) + event)
+        self.assertReply(
+            client.reply(), 200, sse(content_chunk("Hel"), content_chunk("lo")) + event
+        )
         record = self.h.record()
         self.assertEqual(
-            record["attempts"], [attempt("a", 200, "stream idle for more than 20s", 1.0, 41.0)]
+            record["attempts"],
+            [stored_attempt("a", 200, "stream idle for more than 20s", 1.0, 41.0)],
         )
         self.assertEqual(record["outcome"], "stream_failed")
 
@@ -567,7 +556,7 @@ class CommittedStreamTests(ForwardTestCase):
         response.write(sse("[DONE]"))
         response.finish()
         self.assertReply(
-            client.reply(), 200, sse(chunk("Hel")) + b": keep-alive\n\n" * 5 + sse("[DONE]")
+            client.reply(), 200, sse(content_chunk("Hel")) + b": keep-alive\n\n" * 5 + sse("[DONE]")
         )
         self.assertEqual(self.h.record()["outcome"], "ok")
 
@@ -587,7 +576,7 @@ class StaleConnectionTests(ForwardTestCase):
             fresh.respond(200, body=b'{"id":"fresh"}')
             self.assertReply(client.reply(), 200, b'{"id":"fresh"}')
             self.assertEqual(len(h.agent.calls), 1)
-            self.assertEqual(h.record()["attempts"], [attempt("a", 200, None, 0.0)])
+            self.assertEqual(h.record()["attempts"], [stored_attempt("a", 200, None, 0.0)])
 
     def test_stale_then_failing_fails_over(self) -> None:
         client = self.h.chat()
@@ -602,8 +591,8 @@ class StaleConnectionTests(ForwardTestCase):
         self.assertEqual(
             self.h.record()["attempts"],
             [
-                attempt("a", None, "ConnectionDone: Connection was closed cleanly."),
-                attempt("b", 200, None, 0.0),
+                stored_attempt("a", None, "ConnectionDone: Connection was closed cleanly."),
+                stored_attempt("b", 200, None, 0.0),
             ],
         )
 
@@ -616,9 +605,10 @@ class StaleConnectionTests(ForwardTestCase):
         self.assertEqual(reply.status, 502)
         self.assertEqual(
             reply.json(),
-            error_json(
+            error_body(
                 "All upstreams failed: a: RequestNotSent; b: RequestNotSent; c: RequestNotSent",
                 "upstream_unavailable",
+                "upstream_error",
             ),
         )
 
@@ -649,7 +639,9 @@ class ClientDisconnectTests(ForwardTestCase):
             # No other upstream is tried for a client that is gone, ever.
             h.clock.advance(100)
             self.assertEqual(len(h.agent.calls), 1)
-            self.check_gone(h, [attempt("a", None, "cancelled: client disconnected", None, 2.0)])
+            self.check_gone(
+                h, [stored_attempt("a", None, "cancelled: client disconnected", None, 2.0)]
+            )
 
     def test_disconnect_after_a_failover(self) -> None:
         client = self.h.chat()
@@ -658,7 +650,10 @@ class ClientDisconnectTests(ForwardTestCase):
         self.assertEqual([c.cancelled for c in self.calls], [False, True])
         self.check_gone(
             self.h,
-            [attempt("a", 503, None, 0.0), attempt("b", None, "cancelled: client disconnected")],
+            [
+                stored_attempt("a", 503, None, 0.0),
+                stored_attempt("b", None, "cancelled: client disconnected"),
+            ],
         )
 
     def test_disconnect_while_reading_the_body(self) -> None:
@@ -669,31 +664,33 @@ class ClientDisconnectTests(ForwardTestCase):
         self.assertEqual(response.transport.events, ["stop"])
         self.h.clock.advance(100)
         self.assertEqual(len(self.calls), 1)
-        self.check_gone(self.h, [attempt("a", None, "cancelled: client disconnected", 0.0)])
+        self.check_gone(self.h, [stored_attempt("a", None, "cancelled: client disconnected", 0.0)])
 
     def test_disconnect_before_the_first_event(self) -> None:
         client = self.h.chat(stream=True)
         response = self.calls[0].respond(200, b"text/event-stream")
         client.disconnect()
         self.assertEqual(response.transport.events, ["stop"])
-        self.check_gone(self.h, [attempt("a", None, "cancelled: client disconnected", 0.0)])
+        self.check_gone(self.h, [stored_attempt("a", None, "cancelled: client disconnected", 0.0)])
 
     def test_disconnect_mid_relay(self) -> None:
         client = self.h.chat(stream=True)
         response = self.calls[0].respond(200, b"text/event-stream")
-        response.write(sse(chunk("Hel")))
+        response.write(sse(content_chunk("Hel")))
         self.h.clock.advance(3)
         client.disconnect()
         self.assertEqual(response.transport.events, ["stop"])
         # What the upstream still sends, or its close, goes nowhere.
-        response.write(sse(chunk("lo")))
+        response.write(sse(content_chunk("lo")))
         response.fail()
         self.h.clock.advance(100)
         self.assertEqual(len(self.calls), 1)
         self.check_gone(
-            self.h, [attempt("a", 200, "cancelled: client disconnected", 0.0, 3.0)], status=200
+            self.h,
+            [stored_attempt("a", 200, "cancelled: client disconnected", 0.0, 3.0)],
+            status=200,
         )
-        self.assertEqual(self.h.record()["bytes_out"], len(sse(chunk("Hel"))))
+        self.assertEqual(self.h.record()["bytes_out"], len(sse(content_chunk("Hel"))))
 
 
 class FailureKindTests(ForwardTestCase):
@@ -747,9 +744,9 @@ class FailureKindTests(ForwardTestCase):
         """After the commit, an unclean end ended early and silence is a
         stream idle; both make the request a failed stream."""
         self.h.chat(stream=True)
-        self.calls[0].respond(200, b"text/event-stream").write(sse(chunk("a"))).fail()
+        self.calls[0].respond(200, b"text/event-stream").write(sse(content_chunk("a"))).fail()
         self.h.chat(stream=True)
-        self.calls[1].respond(200, b"text/event-stream").write(sse(chunk("a")))
+        self.calls[1].respond(200, b"text/event-stream").write(sse(content_chunk("a")))
         self.h.clock.advance(20)
         self.assertEqual(self.kinds(0), [FailureKind.UPSTREAM_ENDED_EARLY])
         self.assertEqual(self.kinds(1), [FailureKind.STREAM_IDLE])
@@ -760,7 +757,7 @@ class FailureKindTests(ForwardTestCase):
         stage: waiting for headers, or relaying a stream."""
         self.h.chat().disconnect()
         stream = self.h.chat(stream=True)
-        self.calls[1].respond(200, b"text/event-stream").write(sse(chunk("a")))
+        self.calls[1].respond(200, b"text/event-stream").write(sse(content_chunk("a")))
         stream.disconnect()
         for index in (0, 1):
             self.assertEqual(self.kinds(index), [FailureKind.CANCELLED])
@@ -781,7 +778,7 @@ class ExchangeTests(SynchronousTestCase):
         """A request the proxy cuts off ended by shutdown, though its client's
         side closes next (and its attempt is cancelled)."""
         exchange = self.exchange()
-        self.h.agent.calls[0].respond(200, b"text/event-stream").write(sse(chunk("a")))
+        self.h.agent.calls[0].respond(200, b"text/event-stream").write(sse(content_chunk("a")))
         exchange.cut_at_shutdown()
         self.client.disconnect()
         record = self.h.record()

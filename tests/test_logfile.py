@@ -4,7 +4,6 @@ its bound, flushed at stop."""
 from __future__ import annotations
 
 import io
-import json
 import os
 from contextlib import redirect_stderr
 from typing import Any
@@ -15,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy import logfile
 from oaproxy.logfile import JSONLogFile
+from tests.records import read_json_lines
 
 
 class JSONLogFileTests(SynchronousTestCase):
@@ -32,8 +32,7 @@ class JSONLogFileTests(SynchronousTestCase):
             self.service.stopService()
 
     def lines(self) -> list[dict[str, Any]]:
-        with open(self.path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
+        return read_json_lines(self.path)
 
     def test_batched_on_the_next_turn(self) -> None:
         self.log.info("first {n}", n=1)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import random
 import string
-from typing import Any, cast
+from typing import cast
 
 import attrs
 from hypothesis import given
@@ -13,8 +12,6 @@ from hypothesis import strategies as st
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
-from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
@@ -30,6 +27,8 @@ from oaproxy.metrics import (
 )
 from oaproxy.record import FailureKind, Outcome, Record
 from oaproxy.scrape import MetricsResource
+from tests.doubles import Client, Reply, Scrape, SinkCounters
+from tests.payloads import error_body, http_request
 from tests.records import attempt, record, usage
 
 UPSTREAMS = ("alpha", "beta")
@@ -40,40 +39,10 @@ def make_metrics() -> Metrics:
     return Metrics(known_models=ALLOW, upstream_names=UPSTREAMS)
 
 
-class Scrape:
-    """Parsed text exposition, with lookups by sample name and exact labels."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.samples = [
-            sample for family in text_string_to_metric_families(text) for sample in family.samples
-        ]
-
-    def value(self, name: str, **labels: str) -> float | None:
-        for sample in self.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-        return None
-
-    def series(self, name: str) -> list[dict[str, str]]:
-        return [s.labels for s in self.samples if s.name == name]
-
-
 def scrape(metrics: Metrics) -> Scrape:
     from prometheus_client import generate_latest
 
     return Scrape(generate_latest(metrics.registry).decode("utf-8"))
-
-
-class Response:
-    def __init__(self, raw: bytes) -> None:
-        head, _, self.body = raw.partition(b"\r\n\r\n")
-        status_line, *header_lines = head.split(b"\r\n")
-        self.code = int(status_line.split(b" ")[1])
-        self.headers: dict[bytes, bytes] = {}
-        for line in header_lines:
-            name, _, value = line.partition(b":")
-            self.headers[name.strip().lower()] = value.strip()
 
 
 def get(
@@ -81,7 +50,7 @@ def get(
     path: bytes = b"/metrics",
     method: bytes = b"GET",
     headers: dict[bytes, bytes] | None = None,
-) -> Response:
+) -> Reply:
     """Ask a real ``Site`` for ``path`` over an in-memory transport, with the
     resource mounted where the lead mounts it: ``/metrics`` and ``/v1/metrics``.
     """
@@ -92,15 +61,11 @@ def get(
     root.putChild(b"metrics", cast(IResource, resource))
     root.putChild(b"v1", cast(IResource, v1))
     v1.putChild(b"metrics", cast(IResource, resource))
-    site = Site(root)
-    channel = site.buildProtocol(None)
-    transport = StringTransport()
-    channel.makeConnection(transport)
-    lines = [method + b" " + path + b" HTTP/1.1", b"Host: proxy", b"Connection: close"]
-    lines += [name + b": " + value for name, value in (headers or {}).items()]
-    channel.dataReceived(b"\r\n".join(lines) + b"\r\n\r\n")
-    channel.connectionLost(None)
-    return Response(transport.value())
+    client = Client(Site(root))
+    lines = [(b"Connection", b"close"), *(headers or {}).items()]
+    client.send(http_request(method, path, header_lines=lines))
+    client.disconnect()
+    return client.reply()
 
 
 class LabelTests(SynchronousTestCase):
@@ -662,23 +627,12 @@ class ActiveTests(SynchronousTestCase):
         self.assertEqual(result.value("oaproxy_tokens_total", kind="completion", **labels), 3)
 
 
-class FakeSink:
-    def __init__(
-        self, queued: int, written: int, spilled: int, dropped: int, failures: int
-    ) -> None:
-        self.queued = queued
-        self.written = written
-        self.spilled = spilled
-        self.dropped = dropped
-        self.failures = failures
-
-
 class SinkAndAlertTests(SynchronousTestCase):
     def test_sinks_read_at_scrape(self) -> None:
         metrics = make_metrics()
-        redis = FakeSink(3, 100, 7, 1, 2)
+        redis = SinkCounters(3, 100, 7, 1, 2)
         metrics.add_sink("redis", redis)
-        metrics.add_sink("file", FakeSink(0, 50, 0, 0, 0))
+        metrics.add_sink("file", SinkCounters(0, 50, 0, 0, 0))
         result = scrape(metrics)
         self.assertEqual(result.value("oaproxy_records_queued", sink="redis"), 3)
         self.assertEqual(result.value("oaproxy_records_written_total", sink="redis"), 100)
@@ -756,9 +710,9 @@ class ResourceTests(SynchronousTestCase):
         self.metrics = make_metrics()
         self.metrics.request_finished(record())
 
-    def assertMetrics(self, response: Any) -> None:
-        self.assertEqual(response.code, 200)
-        self.assertTrue(response.headers[b"content-type"].startswith(b"text/plain"))
+    def assertMetrics(self, response: Reply) -> None:
+        self.assertEqual(response.status, 200)
+        self.assertTrue((response.header(b"content-type") or b"").startswith(b"text/plain"))
         result = Scrape(response.body.decode("utf-8"))
         self.assertEqual(
             result.value(
@@ -770,20 +724,10 @@ class ResourceTests(SynchronousTestCase):
             1,
         )
 
-    def assertUnauthorized(self, response: Any, message: str) -> None:
-        self.assertEqual(response.code, 401)
-        self.assertEqual(response.headers[b"content-type"], b"application/json")
-        self.assertEqual(
-            json.loads(response.body),
-            {
-                "error": {
-                    "message": message,
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": "invalid_api_key",
-                }
-            },
-        )
+    def assertUnauthorized(self, response: Reply, message: str) -> None:
+        self.assertEqual(response.status, 401)
+        self.assertEqual(response.header(b"content-type"), b"application/json")
+        self.assertEqual(response.json(), error_body(message, "invalid_api_key"))
         self.assertNotIn(b"oaproxy_", response.body)
 
     def test_open(self) -> None:
@@ -816,7 +760,7 @@ class ResourceTests(SynchronousTestCase):
     def test_key_changed_on_reload(self) -> None:
         resource = MetricsResource(self.metrics, metrics_key="old")
         resource.metrics_key = "new"
-        self.assertEqual(get(resource, headers={b"Authorization": b"Bearer old"}).code, 401)
+        self.assertEqual(get(resource, headers={b"Authorization": b"Bearer old"}).status, 401)
         self.assertMetrics(get(resource, headers={b"Authorization": b"Bearer new"}))
         resource.metrics_key = None
         self.assertMetrics(get(resource))
@@ -828,9 +772,9 @@ class ResourceTests(SynchronousTestCase):
             resource,
             headers={b"Accept": b"application/openmetrics-text;version=1.0.0,text/plain;q=0.5"},
         )
-        self.assertEqual(response.code, 200)
+        self.assertEqual(response.status, 200)
         self.assertTrue(
-            response.headers[b"content-type"].startswith(b"application/openmetrics-text")
+            (response.header(b"content-type") or b"").startswith(b"application/openmetrics-text")
         )
         samples = [
             s
@@ -842,10 +786,10 @@ class ResourceTests(SynchronousTestCase):
 
     def test_only_get(self) -> None:
         response = get(MetricsResource(self.metrics), method=b"POST")
-        self.assertEqual(response.code, 405)
-        self.assertEqual(response.headers[b"allow"], b"GET, HEAD")
+        self.assertEqual(response.status, 405)
+        self.assertEqual(response.header(b"allow"), b"GET, HEAD")
 
     def test_head(self) -> None:
         response = get(MetricsResource(self.metrics), method=b"HEAD")
-        self.assertEqual(response.code, 200)
+        self.assertEqual(response.status, 200)
         self.assertEqual(response.body, b"")

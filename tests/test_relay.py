@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from itertools import pairwise
 from typing import Any
 
 from hypothesis import given, settings
@@ -25,8 +24,8 @@ from oaproxy.relay import (
     UpstreamEndedEarly,
     describe,
 )
-from tests.doubles import Client, FakeResponse, Harness
-from tests.payloads import sse
+from tests.doubles import ChunkConsumer, Client, FakeResponse, Harness
+from tests.payloads import chunk_data, cut, sse, sse_event, usage_chunk
 
 CONFIG = """
 authorization: sk-client
@@ -38,42 +37,34 @@ upstreams:
   - {name: b, endpoint: "https://b.test/v1", sk: sk-b}
 """
 
-_BASE = (
-    '"id":"chatcmpl-9","object":"chat.completion.chunk","created":1718000000,'
-    '"model":"gpt-4o-mini-2024-07-18","system_fingerprint":"fp_1"'
-)
-
-
-def _chunk(rest: str) -> bytes:
-    return sse("{" + _BASE + "," + rest + "}")
-
-
-ROLE = _chunk(
-    '"choices":[{"index":0,"delta":{"role":"assistant","content":"","refusal":null},'
-    '"logprobs":null,"finish_reason":null}],"usage":null'
-)
+# A real OpenAI chat completion stream asked with include_usage: every chunk
+# names the dated model and a fingerprint, and carries "usage": null until the last.
+OPENAI: dict[str, Any] = {
+    "model": "gpt-4o-mini-2024-07-18",
+    "chunk_id": "chatcmpl-9",
+    "created": 1718000000,
+    "system_fingerprint": "fp_1",
+}
+ROLE = sse(chunk_data({"role": "assistant", "content": "", "refusal": None}, usage=None, **OPENAI))
 CONTENT = b"".join(
-    _chunk(
-        '"choices":[{"index":0,"delta":{"content":' + json.dumps(piece) + "},"
-        '"logprobs":null,"finish_reason":null}],"usage":null'
-    )
+    sse(chunk_data({"content": piece}, usage=None, **OPENAI))
     for piece in ["Bonjour", " \u00e0 vous", ", \u4f60\u597d", " \U0001f44b", "!\n\nOK"]
 )
-FINISH = _chunk(
-    '"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}],"usage":null'
-)
-USAGE = _chunk(
-    '"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21,'
-    '"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}}'
+FINISH = sse(chunk_data({}, "stop", usage=None, **OPENAI))
+USAGE = sse_event(
+    usage_chunk(
+        {
+            "prompt_tokens": 12,
+            "completion_tokens": 9,
+            "total_tokens": 21,
+            "prompt_tokens_details": {"cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        },
+        **OPENAI,
+    )
 )
 DONE = sse("[DONE]")
-# A real OpenAI chat completion stream asked with include_usage.
 STREAM = ROLE + CONTENT + FINISH + USAGE + DONE
-
-
-def cut(data: bytes, offsets: list[int]) -> list[bytes]:
-    points = sorted({0, len(data), *(o % (len(data) + 1) for o in offsets)})
-    return [data[a:b] for a, b in pairwise(points)]
 
 
 class SSESplitTests(SynchronousTestCase):
@@ -395,17 +386,9 @@ class RequestBodyTests(SynchronousTestCase):
         self.assertEqual(producer.length, body.size)
         out: list[bytes] = []
         done: list[object] = []
-        consumer: Any = Consumer(out)
+        consumer: Any = ChunkConsumer(out)
         producer.startProducing(consumer).addBoth(done.append)
         return out, done, producer
-
-
-class Consumer:
-    def __init__(self, out: list[bytes]) -> None:
-        self.out = out
-
-    def write(self, data: bytes) -> None:
-        self.out.append(data)
 
 
 class DescribeTests(SynchronousTestCase):

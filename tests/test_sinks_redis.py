@@ -10,6 +10,7 @@ import json
 import os
 import uuid
 from collections.abc import Generator
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -20,26 +21,16 @@ from oaproxy.sinks.redis import RedisAddress, RedisSink, script_arguments, usage
 from tests.live import (
     SHARED_REDIS,
     PrivateRedis,
-    emit,
     reachable,
     redis_client,
     unavailable,
     wait_for,
 )
-from tests.records import record, usage
+from tests.records import emit, record, usage
+from tests.records import numbered as nth_record
 
-
-def numbered(number: int, **extra: Any) -> Record:
-    """A chat completion's record of alice's, the ``number``-th second of the run."""
-    fields: dict[str, Any] = {
-        "id": uuid.uuid4().hex,
-        "time": 1700000000.0 + number,
-        "key_name": "alice",
-        "usage": usage(10, 5),
-        "cost": 0.000013,
-    }
-    fields.update(extra)
-    return record(**fields)
+#: The records here: chat completions of alice's, with usage and cost.
+numbered = partial(nth_record, key_name="alice", usage=usage(10, 5), cost=0.000013)
 
 
 def documents(records: list[Record]) -> list[dict[str, Any]]:

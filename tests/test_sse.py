@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from itertools import pairwise
 
 import httpx2
 import openai
@@ -15,6 +14,7 @@ from openai.types.chat import ChatCompletionChunk
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.sse import SSESplitter, event_data, sse_error_event
+from tests.payloads import FAKE_MODEL, HI, content_chunk, cut, sse
 
 
 def split_all(chunks: list[bytes]) -> tuple[list[bytes], bytes]:
@@ -24,11 +24,6 @@ def split_all(chunks: list[bytes]) -> tuple[list[bytes], bytes]:
         events.extend(splitter.feed(chunk))
     events.extend(splitter.end())
     return events, splitter.pending()
-
-
-def cut(data: bytes, offsets: list[int]) -> list[bytes]:
-    points = sorted({0, len(data), *(o % (len(data) + 1) for o in offsets)})
-    return [data[a:b] for a, b in pairwise(points)]
 
 
 # Lines are text without CR or LF; terminators are any SSE line end.
@@ -181,7 +176,7 @@ class SplitterTests(SynchronousTestCase):
         # The SDK's own decoder is the reference for what a client will see.
         # With only data lines and comments it dispatches exactly the events
         # that have data.
-        sdk = [sse.data for sse in SSEDecoder().iter_bytes(iter(cut(data, offsets)))]
+        sdk = [event.data for event in SSEDecoder().iter_bytes(iter(cut(data, offsets)))]
         got, _ = split_all(cut(data, offsets))
         ours = [d.decode() for d in map(event_data, got) if d is not None]
         self.assertEqual(ours, sdk)
@@ -214,17 +209,6 @@ class EventDataTests(SynchronousTestCase):
 
     def test_cr_lines(self) -> None:
         self.assertEqual(event_data(b"data: a\rdata: b\r\r"), b"a\nb")
-
-
-def chunk(content: str) -> bytes:
-    body = {
-        "id": "chatcmpl-1",
-        "object": "chat.completion.chunk",
-        "created": 1,
-        "model": "gpt-4o-mini",
-        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
-    }
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
 class ErrorEventTests(SynchronousTestCase):
@@ -260,17 +244,15 @@ class ErrorEventTests(SynchronousTestCase):
             http_client=http_client,
         )
         stream = client.chat.completions.create(
-            model="gpt-4o-mini",
-            messages=[{"role": "user", "content": "hi"}],
+            model=FAKE_MODEL,
+            messages=HI,
             stream=True,
         )
         return iter(stream)
 
     def test_sdk_raises(self) -> None:
-        body = (
-            chunk("Hel")
-            + chunk("lo")
-            + sse_error_event("upstream went silent", code="stream_idle_timeout")
+        body = sse(content_chunk("Hel"), content_chunk("lo")) + sse_error_event(
+            "upstream went silent", code="stream_idle_timeout"
         )
         stream = self.stream_through_sdk(body)
         texts = [
@@ -286,5 +268,5 @@ class ErrorEventTests(SynchronousTestCase):
 
     def test_sdk_without_error_event_completes(self) -> None:
         # The control: the same stream without the error event ends quietly.
-        stream = self.stream_through_sdk(chunk("Hel") + chunk("lo") + b"data: [DONE]\n\n")
+        stream = self.stream_through_sdk(sse(content_chunk("Hel"), content_chunk("lo"), "[DONE]"))
         self.assertEqual(len(list(stream)), 2)

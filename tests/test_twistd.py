@@ -30,9 +30,10 @@ from tests.live import (
     read_body,
     run_twistd,
     spawn_daemon,
+    twistd_args,
     write_yaml,
 )
-from tests.payloads import chat_body
+from tests.payloads import chat_body, upstream
 
 CLIENT_KEY = "ck-smoke-0123456789"
 UPSTREAM_SK = "sk-smoke-upstream"
@@ -77,9 +78,7 @@ class TwistdTests(TestCase):
         cwd = self.workdir()
         write_file(os.path.join(cwd, "bad.yaml"), text)
         started = reactor.seconds()
-        out, err, code = await run_twistd(
-            ["-n", "--pidfile=", "oaproxy", "--config", "bad.yaml"], cwd
-        )
+        out, err, code = await run_twistd(twistd_args("bad.yaml"), cwd)
         self.assertLess(reactor.seconds() - started, 20)
         self.assertNotEqual(code, 0)
         self.assertEqual(out, b"")
@@ -135,21 +134,13 @@ class SmokeTests(LiveCase):
         config = {
             "dbtype": "none",
             "authorization": {"smoke": CLIENT_KEY},
-            "upstreams": [{"name": "fake", "endpoint": fake.endpoint, "sk": UPSTREAM_SK}],
+            "upstreams": [upstream("fake", fake.endpoint, UPSTREAM_SK)],
         }
         write_yaml(os.path.join(cwd, "good.yaml"), config)
         port = free_port()
         daemon = spawn_daemon(
             self,
-            [
-                "-n",
-                "--pidfile=",
-                "oaproxy",
-                "--config",
-                "good.yaml",
-                "--listen",
-                f"tcp:{port}:interface=127.0.0.1",
-            ],
+            twistd_args("good.yaml", "--listen", f"tcp:{port}:interface=127.0.0.1"),
             cwd,
         )
 

@@ -17,6 +17,7 @@ from twisted.web.test.requesthelper import DummyChannel
 from oaproxy.relay import BytesProducer
 from oaproxy.web import IN_MEMORY_BODY, ProxyRequest, route_path
 from tests.doubles import Harness, Reply
+from tests.payloads import chat_body, error_body, multipart
 
 CONFIG = """
 authorization: {alice: sk-client}
@@ -29,25 +30,7 @@ upstreams:
 
 AUTH = (b"Authorization", b"Bearer sk-client")
 JSON = (b"Content-Type", b"application/json")
-CHAT = json.dumps({"model": "gpt-4o-mini", "messages": []}).encode()
-
-
-def error(
-    message: str, code: str | None, type: str = "invalid_request_error", param: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def multipart(boundary: bytes, audio: bytes) -> bytes:
-    return (
-        b"--" + boundary + b"\r\n"
-        b'Content-Disposition: form-data; name="model"\r\n\r\n'
-        b"whisper-1\r\n"
-        b"--" + boundary + b"\r\n"
-        b'Content-Disposition: form-data; name="file"; filename="a.wav"\r\n'
-        b"Content-Type: audio/wav\r\n\r\n" + audio + b"\r\n"
-        b"--" + boundary + b"--\r\n"
-    )
+CHAT = chat_body()
 
 
 class BodyCapTests(SynchronousTestCase):
@@ -76,7 +59,7 @@ class BodyCapTests(SynchronousTestCase):
         self.assertEqual(reply.header(b"content-type"), b"application/json")
         self.assertEqual(
             reply.json(),
-            error("Request body too large: the limit is 1000 bytes.", "request_too_large"),
+            error_body("Request body too large: the limit is 1000 bytes.", "request_too_large"),
         )
         self.assertEqual(self.h.agent.calls, [])
         [request] = self.made
@@ -190,7 +173,7 @@ class ResourceTreeTests(SynchronousTestCase):
             shown = path.decode()
             self.assertEqual(
                 reply.json(),
-                error(f"Unknown path {shown}; the API is under /v1/.", "not_found"),
+                error_body(f"Unknown path {shown}; the API is under /v1/.", "not_found"),
                 path,
             )
         self.assertEqual(self.h.agent.calls, [])
@@ -205,7 +188,9 @@ class ResourceTreeTests(SynchronousTestCase):
             ([JSON, (b"Authorization", b"Bearer sk-clienT")], "wrong authorization header"),
         ]:
             reply = self.h.request(b"POST", b"/v1/chat/completions", CHAT, lines).reply()
-            self.assertEqual((reply.status, reply.json()), (401, error(message, "invalid_api_key")))
+            self.assertEqual(
+                (reply.status, reply.json()), (401, error_body(message, "invalid_api_key"))
+            )
             self.assertEqual(reply.header(b"access-control-allow-origin"), b"*")
         self.assertEqual(self.h.agent.calls, [])
 
@@ -220,7 +205,7 @@ class ResourceTreeTests(SynchronousTestCase):
             (reply.status, reply.json()),
             (
                 404,
-                error(
+                error_body(
                     "The model `gpt-4o-mini` does not exist or is not served by this proxy.",
                     "model_not_found",
                     param="model",
@@ -270,7 +255,17 @@ class BodyTests(SynchronousTestCase):
         )
 
     def send(self, audio: bytes) -> tuple[Any, bytes]:
-        body = multipart(self.BOUNDARY, audio)
+        body = multipart(
+            self.BOUNDARY,
+            [
+                (b'Content-Disposition: form-data; name="model"', b"whisper-1"),
+                (
+                    b'Content-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+                    b"Content-Type: audio/wav",
+                    audio,
+                ),
+            ],
+        )
         content_type = b"multipart/form-data; boundary=" + self.BOUNDARY
         client = self.h.request(
             b"POST", b"/v1/audio/transcriptions", body, [(b"Content-Type", content_type), AUTH]
@@ -574,7 +569,7 @@ class ForwardingFailureTests(SynchronousTestCase):
         reply = h.request(b"POST", b"/v1/chat/completions", CHAT, [JSON, AUTH]).reply()
         self.assertEqual(
             (reply.status, reply.json()),
-            (500, error("Internal proxy error.", "internal_error", type="server_error")),
+            (500, error_body("Internal proxy error.", "internal_error", type="server_error")),
         )
         self.assertEqual(h.record()["outcome"], "error")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
@@ -623,7 +618,7 @@ upstreams:
         self.assertEqual(reply.status, 400)
         self.assertEqual(
             reply.json(),
-            error(
+            error_body(
                 "Invalid path: the API is under /v1/, spelled plainly, with no '.' or '..' segments.",
                 "invalid_path",
             ),
