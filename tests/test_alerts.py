@@ -560,6 +560,7 @@ class DeduplicationTests(SynchronousTestCase, CapturesLog):
         self.assertEqual(len(self.memory.texts()), 4)
 
     def test_zero_interval_sends_all(self) -> None:
+        """With min_interval 0 every alert is posted."""
         notifier = self.memory.notifier(min_interval=0)
         for _ in range(3):
             notifier.alert(_exhausted())
@@ -619,6 +620,8 @@ class DeduplicationTests(SynchronousTestCase, CapturesLog):
         self.assert_no_secrets(self, FEISHU_TOKEN)
 
     def test_stop_waits_for_posts(self) -> None:
+        """Stopping the notifier waits for the posts under way, which end at
+        their deadline and are counted as failed."""
         agent = RecordingAgent()
         notifier = Notifier(
             _config(timeout=3),
@@ -659,6 +662,7 @@ class DeduplicationTests(SynchronousTestCase, CapturesLog):
         self.assertEqual(len(agent.calls), 1)  # the other channel still posts
 
     def test_no_channels(self) -> None:
+        """Without channels an alert posts nothing and leaves nothing to wait for."""
         agent = RecordingAgent()
         notifier = Notifier(_config(), [], as_agent(agent), as_time(Clock()), "h")
         notifier.alert(_exhausted())
@@ -670,9 +674,12 @@ class ChannelTests(SynchronousTestCase):
     """Request shapes and the legacy environment variables."""
 
     def test_feishu_sign_matches_recipe(self) -> None:
+        """feishu_sign gives what Feishu's documented recipe gives."""
         self.assertEqual(feishu_sign(1700000000, "secret"), feishu_signature(1700000000, "secret"))
 
     def test_feishu_request_uses_clock(self) -> None:
+        """A Feishu request is signed for the whole second of the clock it is
+        given, and its repr hides the webhook."""
         request = FeishuChannel("https://open.feishu.cn/hook/t", "s").request(
             "hi", 1700000000.9, "txn"
         )
@@ -681,6 +688,8 @@ class ChannelTests(SynchronousTestCase):
         self.assertNotIn("open.feishu.cn/hook/t", repr(request))
 
     def test_matrix_url(self) -> None:
+        """A Matrix request is a PUT to the room's send URL, room id escaped,
+        with the token as a bearer that no repr shows."""
         request = MatrixChannel("https://m.example.org/", "tok", ROOM).request(
             "hi", 0, "oaproxy.1.a.2"
         )
@@ -695,6 +704,7 @@ class ChannelTests(SynchronousTestCase):
         self.assertNotIn("tok", repr(MatrixChannel("https://m", "tok", ROOM)))
 
     def test_legacy_matrix_other_url_posted(self) -> None:
+        """A legacy MATRIX_API URL that is no send endpoint is POSTed the message as it stands."""
         request = LegacyMatrixChannel("https://bridge.test/notify?token=t").request("hi", 0, "txn")
         self.assertEqual(
             (request.method, request.url),
@@ -703,6 +713,8 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(request.body, {"msgtype": "m.text", "body": "hi"})
 
     def test_legacy_matrix_send_endpoint_put(self) -> None:
+        """A legacy MATRIX_API send endpoint gets a PUT with the transaction id
+        in its path, before the query."""
         request = LegacyMatrixChannel(
             "https://m.test/_matrix/client/r0/rooms/!r:m.test/send/m.room.message/?access_token=t"
         ).request("hi", 0, "txn.1")
@@ -714,6 +726,8 @@ class ChannelTests(SynchronousTestCase):
         )
 
     def test_environment_channels(self) -> None:
+        """FEISHU_WEBHOOK and MATRIX_API make channels when the config has none,
+        trimmed; empty or absent ones make none."""
         environ = {
             "FEISHU_WEBHOOK": " https://f.test/hook/t ",
             "MATRIX_API": "https://m",
@@ -727,6 +741,8 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(alert_channels(None, {"MATRIX_API": ""}), ())
 
     def test_config_wins_over_environment(self) -> None:
+        """A channel in the config replaces the environment's of its kind; the
+        other kind may still come from the environment."""
         environ = {"FEISHU_WEBHOOK": "https://env/hook", "MATRIX_API": "https://env/m"}
         config = _config(
             feishu=FeishuConfig("https://conf/hook", "s"),
@@ -750,10 +766,13 @@ class MessageTests(SynchronousTestCase):
     """What an alert says."""
 
     def test_suppressed_line(self) -> None:
+        """An alert that follows suppressed ones ends by saying how many, and over how long."""
         text = format_alert(EXHAUSTED, "h", suppressed=1, since=75.4)
         self.assertTrue(text.endswith("(1 similar alert suppressed in the last 75s)"))
 
     def test_no_query_or_key_shapes(self) -> None:
+        """An alert shows no query string and nothing shaped like a key; a
+        missing model or key is said so."""
         alert = Alert(
             Outcome.EXHAUSTED,
             None,
@@ -772,6 +791,8 @@ class MessageTests(SynchronousTestCase):
         self.assertIn(f"- up: HTTP 401: Incorrect API key provided: {REDACTED}", text)
 
     def test_long_attempt_lists_cut(self) -> None:
+        """A long list of attempts is cut to twenty lines, each line shortened,
+        with a line saying how many more."""
         alert = Alert(
             Outcome.EXHAUSTED,
             "m",

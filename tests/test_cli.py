@@ -286,6 +286,9 @@ class StoreMixin:
         case.assertEqual(json.loads(result[1]), [CHAT_ITEM, TOOL_ITEM, LIMITED_ITEM])
 
     def test_export_chat_filtered(self) -> None:
+        """The chat format obeys --since and --key, says how many records it
+        left out for having no chat messages, and gives an empty list when
+        nothing matches."""
         self.assertOutput(
             self.export("--format", "chat", "--since", "2026-11-02", "--key", "alice"),
             chat_json(TOOL_ITEM),
@@ -311,6 +314,8 @@ class StoreMixin:
         case.assertEqual(os.listdir(path), ["export.jsonl"])
 
     def test_export_to_missing_directory(self) -> None:
+        """Exporting into a directory that does not exist fails with one line
+        naming the file, and writes nothing to stdout."""
         case: Any = self
         target = os.path.join(case.mktemp(), "export.jsonl")
         status, out, err = self.export("-o", target)
@@ -342,6 +347,8 @@ class StoreMixin:
         )
 
     def test_usage_by_key(self) -> None:
+        """usage --by key sums each key's requests, tokens and cost up to
+        --until (exclusive), '-' for an unknown cost, with a total line."""
         self.assertOutput(
             self.command("usage", "--by", "key", "--until", "2026-11-03T00:01"),
             "key    requests  ok  prompt_tokens  completion_tokens  total_tokens    cost\n"
@@ -351,6 +358,7 @@ class StoreMixin:
         )
 
     def test_usage_empty(self) -> None:
+        """A usage table over no records has only its header and a zero total."""
         self.assertOutput(
             self.command("usage", "--by", "model", "--since", "2027-01-01"),
             "model  requests  ok  prompt_tokens  completion_tokens  total_tokens  cost\n"
@@ -398,6 +406,8 @@ class StoreMixin:
         )
 
     def test_usage_filters(self) -> None:
+        """usage --key and --model keep only their records, grouped in the order
+        --by names, a keyless request under a null key."""
         case: Any = self
         status, out, _ = self.command(
             "usage", "--by", "key,model", "--format", "json", "--key", "alice"
@@ -444,6 +454,7 @@ class SQLiteTests(StoreMixin, SynchronousTestCase):
         )
 
     def test_config_dbaddr_override(self) -> None:
+        """--dbaddr overrides the config file's dbaddr."""
         path = self.config("dbtype: sqlite\ndbaddr: /nonexistent/db.sqlite\n")
         self.assertEqual(
             run(
@@ -477,6 +488,8 @@ class SQLiteTests(StoreMixin, SynchronousTestCase):
         )
 
     def test_dbtype_none(self) -> None:
+        """A config with dbtype none is refused with one line saying there is no
+        store to read and what to set."""
         path = self.config("dbtype: none\n")
         status, out, err = run("usage", "--config", path)
         self.assertEqual((status, out), (2, ""))
@@ -487,6 +500,8 @@ class SQLiteTests(StoreMixin, SynchronousTestCase):
         )
 
     def test_dbtype_override_needs_dbaddr(self) -> None:
+        """A --dbtype other than the config's, without a --dbaddr, is refused
+        with one line saying so."""
         path = self.config(f"dbtype: sqlite\ndbaddr: {self.dbaddr}\n")
         self.assertEqual(
             run("usage", "--config", path, "--dbtype", "postgres"),
@@ -554,6 +569,8 @@ class SQLiteTests(StoreMixin, SynchronousTestCase):
         self.assertFalse(os.path.exists(os.path.dirname(missing)))
 
     def test_no_table(self) -> None:
+        """A database without oaproxy's table is refused with one line asking
+        whether oaproxy stored anything there."""
         empty = os.path.join(os.path.dirname(self.dbaddr), "empty.sqlite")
         sqlite3.connect(empty).close()
         self.assertEqual(
@@ -580,6 +597,8 @@ class SQLiteTests(StoreMixin, SynchronousTestCase):
         self.assertIn("not a database", err)
 
     def test_newer_schema(self) -> None:
+        """A database of a newer schema version is refused with one line asking
+        for a newer oaproxy."""
         connection = sqlite3.connect(self.dbaddr)
         connection.execute(f"UPDATE {VERSION_TABLE} SET version = 99")
         connection.commit()
@@ -651,6 +670,8 @@ class ArgumentTests(SynchronousTestCase):
     """Option and time parsing, before any database."""
 
     def test_bad_time(self) -> None:
+        """A time that is neither ISO 8601 nor relative is a usage error naming
+        the argument, with the command's usage line."""
         status, out, err = run(
             "usage", "--dbtype", "sqlite", "--dbaddr", "x", "--since", "2026-13-01"
         )
@@ -666,6 +687,7 @@ class ArgumentTests(SynchronousTestCase):
         self.assertIn("argument --until: 'yesterday' is not a time", err)
 
     def test_since_not_before_until(self) -> None:
+        """A --since not before --until is refused with both times shown in UTC."""
         self.assertEqual(
             run("usage", "--since", "2026-11-02", "--until", "2026-11-01"),
             (
@@ -679,6 +701,9 @@ class ArgumentTests(SynchronousTestCase):
         )
 
     def test_bad_choices(self) -> None:
+        """Unknown groupings, repeated ones, unknown formats, a missing command
+        and dbtype none on the command line are usage errors (status 2, nothing
+        on stdout)."""
         for argv in (
             ["usage", "--by", "upstream"],
             ["usage", "--by", "key,key"],
@@ -693,12 +718,16 @@ class ArgumentTests(SynchronousTestCase):
             self.assertIn("error:", err, argv)
 
     def test_help(self) -> None:
+        """records export --help shows its formats and says that times without a zone are UTC."""
         status, out, err = run("records", "export", "--help")
         self.assertEqual((status, err), (0, ""))
         self.assertIn("--format {jsonl,chat}", out)
         self.assertIn("without a zone they are UTC", out)
 
     def test_parse_time(self) -> None:
+        """Times are ISO 8601 dates or date-times (UTC unless zoned), 'now', or
+        a number of minutes, hours, days or weeks ago; anything else is
+        refused."""
         now = 2_000_000_000.0
         self.assertEqual(parse_time("2026-11-01", now), T0)
         self.assertEqual(parse_time("2026-11-01T12:00", now), T0 + 12 * 3600)
@@ -750,6 +779,8 @@ class ChatItemTests(SynchronousTestCase):
         )
 
     def test_no_messages(self) -> None:
+        """A record whose body holds no chat messages (none, cut short, another
+        API's, odd shapes, a form) gives no chat item."""
         for body in (
             None,
             '{"model": "m", "messages": [{"role": "user", "content": "cut sh',  # truncated

@@ -163,6 +163,8 @@ class RedactHeadersTests(SynchronousTestCase):
     """Credentials in headers never reach a record."""
 
     def test_pairs(self) -> None:
+        """Credentials and cookies among raw header pairs are redacted, names
+        lower-cased and repeated headers joined."""
         self.assertEqual(
             redact_headers(
                 [
@@ -190,6 +192,7 @@ class RedactHeadersTests(SynchronousTestCase):
         )
 
     def test_twisted_headers(self) -> None:
+        """twisted's Headers are redacted alike, and the secret appears nowhere in the result."""
         headers = Headers(
             {
                 b"Authorization": [b"Bearer sk-secret"],
@@ -203,6 +206,7 @@ class RedactHeadersTests(SynchronousTestCase):
         self.assertNotIn("sk-secret", json.dumps(redacted))
 
     def test_mapping(self) -> None:
+        """A mapping of headers, lists for repeated ones, is redacted alike."""
         self.assertEqual(
             redact_headers({"Authorization": "Bearer x", "X-Test": "1", "X-Many": ["a", "b"]}),
             {"authorization": "[redacted]", "x-test": "1", "x-many": "a, b"},

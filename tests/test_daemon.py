@@ -158,6 +158,10 @@ class DaemonCase(LiveCase):
 
 class ReloadTests(DaemonCase):
     async def test_sighup_reload(self) -> None:
+        """SIGHUP swaps keys and upstreams for new requests while a stream in
+        flight finishes on the old ones; a bad config is refused in one log line
+        and the last good one stays; a changed listener is bound and the old one
+        closed; no secret reaches the output."""
         a = await self.fake(default=SLOW)
         b = await self.fake(default=Chat(text="from B"))
         first_port = free_port()
@@ -260,6 +264,8 @@ class StopTests(DaemonCase):
         return daemon, port, incoming, reactor.seconds()
 
     async def test_sigterm_drains_a_stream_in_flight(self) -> None:
+        """SIGTERM closes the listener at once and lets the stream in flight
+        finish before the daemon exits; its record is written whole."""
         daemon, port, incoming, sent = await self.stopped_mid_stream(SLOW)
 
         # New connections are refused promptly, while the stream goes on.
@@ -284,6 +290,9 @@ class StopTests(DaemonCase):
         self.assertEqual(record["key_name"], "old")
 
     async def test_shutdown_timeout_cuts_a_long_stream(self) -> None:
+        """A stream still running at shutdown_timeout is cut: the daemon exits
+        about then, the client's stream does not look complete, and the record
+        says the proxy cut it."""
         # About 8 s of stream, against a 1 s shutdown_timeout.
         long_stream = Stream(chunks=tuple(f"c{i} " for i in range(40)), delay=0.2)
         daemon, _, incoming, sent = await self.stopped_mid_stream(long_stream, shutdown_timeout=1)
@@ -310,9 +319,12 @@ class StopTests(DaemonCase):
 
 class SocketActivationTests(DaemonCase):
     def test_listen_on_an_inherited_socket(self) -> Deferred[None]:
+        """Given a listening socket as systemd passes it (fd 3, LISTEN_FDS,
+        LISTEN_PID), the daemon serves on it by index."""
         return Deferred.fromCoroutine(self._inherited("systemd:domain=INET:index=0"))
 
     def test_listen_on_an_inherited_socket_by_name(self) -> Deferred[None]:
+        """The inherited socket may be named by its socket unit's name instead of its index."""
         return Deferred.fromCoroutine(self._inherited("systemd:domain=INET:name=oaproxy.socket"))
 
     async def _inherited(self, listen: str) -> None:
@@ -367,6 +379,9 @@ class SocketActivationTests(DaemonCase):
 
 class SummaryTests(DaemonCase):
     async def test_startup_summary(self) -> None:
+        """The startup block names the listener, the client keys by name, each
+        upstream with its models and deadlines, the sinks and the alert
+        channels' hosts, and no secret."""
         main = await self.fake()
         spare = await self.fake()
         port = free_port()

@@ -53,6 +53,8 @@ class ForwardTestCase(SynchronousTestCase):
 
 class FailoverTests(ForwardTestCase):
     def test_first_upstream_answers(self) -> None:
+        """When the first upstream answers, its answer is relayed whole and its
+        one attempt is recorded with the time to its headers."""
         client = self.h.chat()
         self.assertEqual([c.uri for c in self.calls], [b"https://a.test/v1/chat/completions"])
         self.h.clock.advance(1.5)
@@ -72,6 +74,8 @@ class FailoverTests(ForwardTestCase):
         )
 
     def test_connection_error_fails_over(self) -> None:
+        """A refused connection moves on to the next upstream at once, which
+        gets the same body under its own key; both attempts are recorded."""
         client = self.h.chat()
         self.h.clock.advance(0.25)
         self.calls[0].fail(ConnectionRefusedError())
@@ -95,6 +99,8 @@ class FailoverTests(ForwardTestCase):
         self.assertEqual((record["upstream"], record["outcome"]), ("b", "ok"))
 
     def test_dns_error_is_a_connect_error(self) -> None:
+        """A failed DNS lookup fails over like a refused connection and is
+        recorded as a connect error."""
         client = self.h.chat()
         self.calls[0].fail(DNSLookupError("no results for hostname lookup: a.test"))
         self.calls[1].respond(200, body=b"{}")
@@ -105,6 +111,8 @@ class FailoverTests(ForwardTestCase):
         )
 
     def test_failover_statuses(self) -> None:
+        """Each status worth another upstream (401, 403, 404, 408, 409, 429 and
+        any 5xx) makes the next upstream answer instead."""
         self.assertEqual(FAILOVER_STATUSES, {401, 403, 404, 408, 409, 429})
         for status in [401, 403, 404, 408, 409, 429, 500, 502, 503, 504, 529]:
             h = Harness(CONFIG)
@@ -119,6 +127,9 @@ class FailoverTests(ForwardTestCase):
             )
 
     def test_request_errors_answer_at_once(self) -> None:
+        """A status that blames the request (400, 405, 413, 415, 422) is passed
+        to the client as it came, phrase included, and no other upstream is
+        tried."""
         for status in [400, 405, 413, 415, 422]:
             h = Harness(CONFIG)
             client = h.chat()
@@ -136,12 +147,15 @@ class FailoverTests(ForwardTestCase):
             )
 
     def test_fails_over(self) -> None:
+        """fails_over holds for exactly 401, 403, 404, 408, 409, 429 and the 5xx range."""
         self.assertEqual(
             [s for s in range(100, 600) if fails_over(s)],
             [401, 403, 404, 408, 409, 429, *range(500, 600)],
         )
 
     def test_exhausted_returns_the_last_answer(self) -> None:
+        """When every upstream answers with a failover status the client gets
+        the last answer with its own headers, not an earlier upstream's."""
         client = self.h.chat()
         self.calls[0].respond(500, body=b'{"error":"a"}')
         retry = Headers({b"retry-after": [b"7"], b"x-request-id": [b"req-b"]})
@@ -171,6 +185,8 @@ class FailoverTests(ForwardTestCase):
         )
 
     def test_exhausted_keeps_the_last_answer_past_later_errors(self) -> None:
+        """An upstream answer beats later failures without one: after a 429 then
+        a timeout the client gets the 429."""
         client = self.h.chat()
         self.calls[0].fail(ConnectionRefusedError())
         self.calls[1].respond(429, body=b'{"error":"quota"}', phrase=b"Too Many Requests")
@@ -193,6 +209,8 @@ class FailoverTests(ForwardTestCase):
         )
 
     def test_exhausted_without_answer_is_502(self) -> None:
+        """When no upstream answered at all the client gets a JSON 502 naming
+        each upstream's failure."""
         client = self.h.chat()
         self.calls[0].fail(ConnectionRefusedError())
         self.h.clock.advance(30)
@@ -220,6 +238,8 @@ class FailoverTests(ForwardTestCase):
         )
 
     def test_exhausted_by_timeouts_is_504(self) -> None:
+        """Each upstream is cancelled at its deadline and the next tried; when
+        all of them timed out the client gets a 504."""
         client = self.h.chat()
         for n in range(3):
             self.assertEqual(len(self.calls), n + 1)
@@ -239,6 +259,8 @@ class FailoverTests(ForwardTestCase):
         self.assertEqual(self.h.record()["duration"], 90.0)
 
     def test_no_secret_in_answers_or_records(self) -> None:
+        """Neither the client's key nor any upstream key appears in what the
+        client receives or in the record."""
         client = self.h.chat()
         for call in self.calls[:1]:
             call.fail(ConnectionRefusedError())
@@ -277,6 +299,8 @@ class DeadlineTests(ForwardTestCase):
         )
 
     def test_body_failure_before_the_end_fails_over(self) -> None:
+        """A non-stream body cut off before its end is no answer: the next
+        upstream is tried and the cut attempt recorded as ended early."""
         client = self.h.chat()
         response = self.calls[0].respond(200)
         response.write(b'{"id":')
@@ -305,6 +329,7 @@ class DeadlineTests(ForwardTestCase):
         self.assertEqual(len(self.calls), 1)
 
     def test_per_upstream_timeouts(self) -> None:
+        """An upstream's own timeout overrides the global one for its attempt."""
         h = Harness(
             CONFIG.replace("sk: sk-a}", "sk: sk-a, timeout: 3}").replace(
                 "sk: sk-b}", "sk: sk-b, timeout: 7}"
@@ -329,6 +354,9 @@ class DeadlineTests(ForwardTestCase):
         )
 
     def test_attempt_deadline(self) -> None:
+        """A non-stream attempt gets timeout; a stream attempt gets
+        stream_timeout unless it is the last candidate, which gets the longer of
+        the two."""
         upstream = make_config(CONFIG).upstreams[0]
         self.assertEqual(attempt_deadline(upstream, stream=False, last=False), 30)
         self.assertEqual(attempt_deadline(upstream, stream=False, last=True), 30)
@@ -386,6 +414,8 @@ class StreamDeadlineTests(ForwardTestCase):
         )
 
     def test_comments_before_the_first_event_are_relayed(self) -> None:
+        """SSE comments that came before the first event are held back and then
+        relayed ahead of it once it arrives."""
         client = self.h.chat(stream=True)
         first = self.calls[0].respond(200, b"text/event-stream")
         first.write(b": OPENROUTER PROCESSING\n\n")
@@ -401,6 +431,7 @@ class StreamDeadlineTests(ForwardTestCase):
         self.assertEqual(self.h.record()["response_text"], "Hi")
 
     def test_only_comments_then_the_end_fails_over(self) -> None:
+        """A stream that ends after only comments never committed: the next upstream serves it."""
         client = self.h.chat(stream=True)
         first = self.calls[0].respond(200, b"text/event-stream")
         first.write(b": ping\n\n")
@@ -413,12 +444,16 @@ class StreamDeadlineTests(ForwardTestCase):
         )
 
     def test_headers_late_fail_over_after_stream_timeout(self) -> None:
+        """A stream request whose headers have not come by stream_timeout is
+        cancelled and the next upstream tried."""
         self.h.chat(stream=True)
         self.h.clock.advance(5)
         self.assertTrue(self.calls[0].cancelled)
         self.assertEqual(len(self.calls), 2)
 
     def test_last_candidate_waits_longer(self) -> None:
+        """The last candidate of a stream is given the longer of stream_timeout
+        and timeout before the request ends in a 504."""
         client = self.h.chat(stream=True)
         self.h.clock.advance(5)
         self.h.clock.advance(5)
@@ -466,6 +501,8 @@ class StreamDeadlineTests(ForwardTestCase):
         )
 
     def test_end_before_first_event_fails_over(self) -> None:
+        """A stream that ends inside its first, unfinished event never
+        committed: the next upstream serves it."""
         client = self.h.chat(stream=True)
         first = self.calls[0].respond(200, b"text/event-stream")
         first.write(b"data: {")
@@ -488,6 +525,9 @@ class CommittedStreamTests(ForwardTestCase):
         return client, response
 
     def test_failure_after_commit_ends_with_error_event(self) -> None:
+        """Once events were relayed, an upstream that breaks off ends the
+        client's stream with an SSE error event, and no other upstream is
+        tried."""
         client, response = self.commit()
         response.write(sse(content_chunk("lo")))
         self.h.clock.advance(3)
@@ -525,6 +565,9 @@ class CommittedStreamTests(ForwardTestCase):
         )
 
     def test_idle_timeout_ends_with_error_event(self) -> None:
+        """A committed stream silent for stream_idle_timeout is stopped and
+        ended with one SSE error event; the upstream's late close adds
+        nothing."""
         client, response = self.commit()
         self.h.clock.advance(19)
         response.write(sse(content_chunk("lo")))
@@ -549,6 +592,8 @@ class CommittedStreamTests(ForwardTestCase):
         self.assertEqual(record["outcome"], "stream_failed")
 
     def test_keepalive_comments_reset_the_idle_timer(self) -> None:
+        """Keep-alive comments count as activity: a stream with one every 15 s
+        outlives the 20 s idle timeout and ends well."""
         client, response = self.commit()
         for _ in range(5):
             self.h.clock.advance(15)
@@ -563,6 +608,8 @@ class CommittedStreamTests(ForwardTestCase):
 
 class StaleConnectionTests(ForwardTestCase):
     def test_retried_once_on_a_fresh_connection(self) -> None:
+        """A request that failed on a stale pooled connection is sent once more,
+        identical, on a fresh connection to the same upstream."""
         for error in [RequestNotSent(), ResponseNeverReceived([Failure(ConnectionDone())])]:
             h = Harness(CONFIG)
             client = h.chat()
@@ -579,6 +626,8 @@ class StaleConnectionTests(ForwardTestCase):
             self.assertEqual(h.record()["attempts"], [stored_attempt("a", 200, None, 0.0)])
 
     def test_stale_then_failing_fails_over(self) -> None:
+        """When the fresh-connection retry fails too, the next upstream is tried
+        (and gets its own retry); the record has one attempt per upstream."""
         client = self.h.chat()
         self.calls[0].fail(ResponseNeverReceived([Failure(ConnectionDone())]))
         self.h.fresh_agent.only().fail(ResponseNeverReceived([Failure(ConnectionDone())]))
@@ -597,6 +646,8 @@ class StaleConnectionTests(ForwardTestCase):
         )
 
     def test_all_stale_is_502_not_500(self) -> None:
+        """Stale connections everywhere, retries included, end in a 502 naming
+        each upstream, not in an internal error."""
         client = self.h.chat()
         for n in range(3):
             self.calls[n].fail(RequestNotSent())
@@ -629,6 +680,9 @@ class ClientDisconnectTests(ForwardTestCase):
         self.assertEqual((record["status"], record["outcome"]), (status, "client_disconnected"))
 
     def test_disconnect_cancels_the_upstream_request(self) -> None:
+        """A client that leaves while waiting cancels the upstream request, and
+        no other upstream is ever tried for it, however the cancellation is
+        reported."""
         for cancel_error in [None, lambda: ResponseNeverReceived([Failure(CancelledError())])]:
             h = Harness(CONFIG, cancel_error=cancel_error)
             client = h.chat()
@@ -644,6 +698,8 @@ class ClientDisconnectTests(ForwardTestCase):
             )
 
     def test_disconnect_after_a_failover(self) -> None:
+        """A client that leaves after a failover cancels the attempt then under
+        way; the earlier one is left as it was."""
         client = self.h.chat()
         self.calls[0].respond(503, body=b"{}")
         client.disconnect()
@@ -657,6 +713,8 @@ class ClientDisconnectTests(ForwardTestCase):
         )
 
     def test_disconnect_while_reading_the_body(self) -> None:
+        """A client that leaves while a non-stream body arrives stops the
+        upstream's transport; nothing else is tried."""
         client = self.h.chat()
         response = self.calls[0].respond(200)
         response.write(b'{"id":')
@@ -667,6 +725,8 @@ class ClientDisconnectTests(ForwardTestCase):
         self.check_gone(self.h, [stored_attempt("a", None, "cancelled: client disconnected", 0.0)])
 
     def test_disconnect_before_the_first_event(self) -> None:
+        """A client that leaves after stream headers but before any event stops
+        the upstream and is recorded as gone."""
         client = self.h.chat(stream=True)
         response = self.calls[0].respond(200, b"text/event-stream")
         client.disconnect()
@@ -674,6 +734,9 @@ class ClientDisconnectTests(ForwardTestCase):
         self.check_gone(self.h, [stored_attempt("a", None, "cancelled: client disconnected", 0.0)])
 
     def test_disconnect_mid_relay(self) -> None:
+        """A client that leaves mid-stream stops the upstream; what the upstream
+        still sends goes nowhere and the record counts only the bytes
+        relayed."""
         client = self.h.chat(stream=True)
         response = self.calls[0].respond(200, b"text/event-stream")
         response.write(sse(content_chunk("Hel")))

@@ -26,6 +26,8 @@ def _readme_commands() -> list[str]:
 
 class ReadmeTests(SynchronousTestCase):
     def test_opens_with_two_commands(self) -> None:
+        """README.rst opens with the command that runs the proxy and the command
+        that runs the tests."""
         run, test = _readme_commands()
         self.assertIn("pip install .", run)
         self.assertIn("twistd -n oaproxy --config etc/config.yaml", run)
@@ -34,6 +36,7 @@ class ReadmeTests(SynchronousTestCase):
         self.assertIn("-m twisted.trial tests", test)
 
     def test_ci_runs_the_readme_test_command(self) -> None:
+        """CI runs README's test command as it stands there, its output piped into a log."""
         _, test = _readme_commands()
         ci = _read(".ci/run")
         command_lines = [line for line in ci.splitlines() if line.startswith("python3 -m venv")]
@@ -44,6 +47,7 @@ class ReadmeTests(SynchronousTestCase):
 
 class SampleConfigTests(SynchronousTestCase):
     def test_loads(self) -> None:
+        """etc/config.yaml loads, listening on localhost:8888 in front of OpenAI."""
         config = load_config(str(ROOT / "etc/config.yaml"), {"OPENAI_API_KEY": "sk-test"})
         self.assertEqual(config.listen, ("tcp:8888:interface=127.0.0.1",))
         self.assertEqual([u.name for u in config.upstreams], ["openai"])
@@ -65,6 +69,8 @@ class SampleConfigTests(SynchronousTestCase):
 
 class SystemdTests(SynchronousTestCase):
     def test_service(self) -> None:
+        """The service unit runs twistd in the foreground as its own user,
+        sandboxed, restarted on failure and reloaded by SIGHUP."""
         unit = _read("systemd/oaproxy.service")
         self.assertIn("twistd --nodaemon --pidfile= oaproxy", unit)
         for directive in (
@@ -78,6 +84,7 @@ class SystemdTests(SynchronousTestCase):
             self.assertIn(directive, unit)
 
     def test_socket(self) -> None:
+        """The socket unit listens, and says which listen endpoint takes its socket."""
         unit = _read("systemd/oaproxy.socket")
         self.assertIn("ListenStream=", unit)
         self.assertIn("systemd:domain=INET:index=0", unit)

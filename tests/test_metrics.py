@@ -70,6 +70,8 @@ def get(
 
 class LabelTests(SynchronousTestCase):
     def test_status_class(self) -> None:
+        """Statuses are labelled by class; no status is 'none'; anything that is
+        not an HTTP status number is 'other'."""
         self.assertEqual(status_class(200), "2xx")
         self.assertEqual(status_class(204), "2xx")
         self.assertEqual(status_class(429), "4xx")
@@ -133,6 +135,8 @@ class LabelTests(SynchronousTestCase):
             self.assertIn(attempt_outcome(attempt("a", 503, "x", failure=kind)), labels, kind)
 
     def test_route_label(self) -> None:
+        """Paths are labelled by their known route, query and ids dropped;
+        anything else is 'other'."""
         cases = [
             ("/v1/chat/completions", "/v1/chat/completions"),
             ("/v1/chat/completions?api-version=2024", "/v1/chat/completions"),
@@ -157,9 +161,12 @@ class LabelTests(SynchronousTestCase):
 
     @given(st.text())
     def test_route_label_bounded(self, path: str) -> None:
+        """Any text at all gets one of the known routes or 'other'."""
         self.assertIn(route_label(path), (*KNOWN_ROUTES, "other"))
 
     def test_model_label(self) -> None:
+        """Models named in allow lists or known by default keep their names; no
+        model is 'none'; unknown models, paths and non-strings are 'other'."""
         metrics = make_metrics()
         self.assertEqual(metrics.model_label("llama-3-70b"), "llama-3-70b")
         self.assertEqual(metrics.model_label("gpt-4o-mini"), "gpt-4o-mini")
@@ -171,6 +178,7 @@ class LabelTests(SynchronousTestCase):
         self.assertEqual(metrics.model_label(["gpt-4o"]), "other")
 
     def test_default_known_models(self) -> None:
+        """OpenAI's common models are known by default, unless the default list is turned off."""
         for model in (
             "gpt-4o",
             "gpt-4o-mini",
@@ -187,6 +195,7 @@ class LabelTests(SynchronousTestCase):
         self.assertEqual(metrics.model_label("mine"), "mine")
 
     def test_upstream_label(self) -> None:
+        """Configured upstreams keep their names; an unknown one is 'other', none is 'none'."""
         metrics = make_metrics()
         self.assertEqual(metrics.upstream_label("alpha"), "alpha")
         self.assertEqual(metrics.upstream_label("ghost"), "other")
@@ -294,6 +303,8 @@ class TrafficTests(SynchronousTestCase):
         self.scrape = scrape(self.metrics)
 
     def test_requests(self) -> None:
+        """Requests are counted by route, status class and the upstream that
+        answered, six series for six kinds of request."""
         value = self.scrape.value
         chat = "/v1/chat/completions"
         self.assertEqual(
@@ -353,6 +364,8 @@ class TrafficTests(SynchronousTestCase):
         self.assertEqual(len(self.scrape.series("oaproxy_requests_total")), 6)
 
     def test_attempts(self) -> None:
+        """Attempts are counted by upstream and outcome label: ok, 5xx, timeout,
+        cancelled, connect_error."""
         value = self.scrape.value
         self.assertEqual(value("oaproxy_attempts_total", upstream="alpha", outcome="ok"), 2)
         self.assertEqual(value("oaproxy_attempts_total", upstream="alpha", outcome="5xx"), 1)
@@ -366,6 +379,8 @@ class TrafficTests(SynchronousTestCase):
         self.assertEqual(len(self.scrape.series("oaproxy_attempts_total")), 7)
 
     def test_failovers(self) -> None:
+        """A failover is counted for each upstream left for another (never for
+        the last one tried), and an exhausted request once for its route."""
         value = self.scrape.value
         # Left alpha twice (503, timeout); never left beta, the last one tried.
         self.assertEqual(value("oaproxy_failovers_total", upstream="alpha"), 2)
@@ -377,6 +392,8 @@ class TrafficTests(SynchronousTestCase):
         )
 
     def test_duration_histogram(self) -> None:
+        """Request durations fill the histogram's buckets by route,
+        cumulatively, with every bucket present."""
         value = self.scrape.value
         chat = "/v1/chat/completions"
         # Chat durations: 4.0, 25.0, 0.7, and 0.6 for the "other" route.
@@ -406,6 +423,8 @@ class TrafficTests(SynchronousTestCase):
         self.assertEqual(len(buckets), len(LATENCY_BUCKETS) + 1)
 
     def test_ttfb_histogram(self) -> None:
+        """Time to first byte is observed by route and stream flag; a request
+        that sent no byte is not observed."""
         value = self.scrape.value
         chat = "/v1/chat/completions"
         self.assertEqual(
@@ -469,10 +488,14 @@ class TrafficTests(SynchronousTestCase):
         )
 
     def test_bytes(self) -> None:
+        """Bytes in and out are summed over all requests."""
         self.assertEqual(self.scrape.value("oaproxy_bytes_in_total"), 160)
         self.assertEqual(self.scrape.value("oaproxy_bytes_out_total"), 2800)
 
     def test_tokens(self) -> None:
+        """Tokens are counted by upstream, model and kind; unknown models and
+        upstreams are folded into 'other', and no private name, path or id
+        reaches the scrape."""
         value = self.scrape.value
         self.assertEqual(
             value(
@@ -569,6 +592,8 @@ class ActiveTests(SynchronousTestCase):
         )
 
     def test_started_and_finished(self) -> None:
+        """The active gauges count requests and streams under way; finishing one
+        twice changes nothing, and request_finished ends it too."""
         metrics = make_metrics()
         self.assertEqual(self.gauges(metrics), (0, 0))
         stream = metrics.request_started(stream=True)
@@ -629,6 +654,8 @@ class ActiveTests(SynchronousTestCase):
 
 class SinkAndAlertTests(SynchronousTestCase):
     def test_sinks_read_at_scrape(self) -> None:
+        """Each sink's counters are read at every scrape, live; a removed sink
+        leaves the scrape, and removing one never added is harmless."""
         metrics = make_metrics()
         redis = SinkCounters(3, 100, 7, 1, 2)
         metrics.add_sink("redis", redis)
@@ -654,6 +681,8 @@ class SinkAndAlertTests(SynchronousTestCase):
         self.assertEqual(result.series("oaproxy_records_queued"), [{"sink": "file"}])
 
     def test_sink_without_some_counters(self) -> None:
+        """A sink without some counters shows the ones it has."""
+
         class Partial:
             queued = 4
             written = 9
@@ -666,6 +695,7 @@ class SinkAndAlertTests(SynchronousTestCase):
         self.assertEqual(result.series("oaproxy_records_spilled_total"), [])
 
     def test_alerts(self) -> None:
+        """Alerts are counted by channel and result; an unknown channel or result is 'other'."""
         metrics = make_metrics()
         metrics.alert_sent("feishu", "ok")
         metrics.alert_sent("feishu", "ok")
@@ -699,6 +729,7 @@ class RegistryTests(SynchronousTestCase):
         self.assertIsNone(REGISTRY.get_sample_value("oaproxy_active_requests"))
 
     def test_process_and_platform(self) -> None:
+        """The scrape has the process and platform collectors."""
         result = scrape(make_metrics())
         self.assertTrue(result.series("python_info"))
         self.assertIsNotNone(result.value("process_resident_memory_bytes"))
@@ -731,11 +762,15 @@ class ResourceTests(SynchronousTestCase):
         self.assertNotIn(b"oaproxy_", response.body)
 
     def test_open(self) -> None:
+        """Without a metrics key the resource answers the exposition at /metrics and /v1/metrics."""
         resource = MetricsResource(self.metrics)
         self.assertMetrics(get(resource, b"/metrics"))
         self.assertMetrics(get(resource, b"/v1/metrics"))
 
     def test_key_required(self) -> None:
+        """With a metrics key, a missing, non-bearer or wrong key gets OpenAI's
+        401 without any metric or a hint of the key; the right one gets the
+        scrape."""
         resource = MetricsResource(self.metrics, metrics_key="scrape-secret")
         self.assertUnauthorized(get(resource), "authorization header should start with 'Bearer'")
         self.assertUnauthorized(
@@ -758,6 +793,8 @@ class ResourceTests(SynchronousTestCase):
         )
 
     def test_key_changed_on_reload(self) -> None:
+        """A key changed on the resource takes effect at once: the old one is
+        refused, and with no key set the scrape is open again."""
         resource = MetricsResource(self.metrics, metrics_key="old")
         resource.metrics_key = "new"
         self.assertEqual(get(resource, headers={b"Authorization": b"Bearer old"}).status, 401)
@@ -785,11 +822,13 @@ class ResourceTests(SynchronousTestCase):
         self.assertEqual([s.value for s in samples], [1])
 
     def test_only_get(self) -> None:
+        """Any method but GET and HEAD is answered 405 naming those two."""
         response = get(MetricsResource(self.metrics), method=b"POST")
         self.assertEqual(response.status, 405)
         self.assertEqual(response.header(b"allow"), b"GET, HEAD")
 
     def test_head(self) -> None:
+        """HEAD answers 200 without a body."""
         response = get(MetricsResource(self.metrics), method=b"HEAD")
         self.assertEqual(response.status, 200)
         self.assertEqual(response.body, b"")

@@ -132,6 +132,9 @@ class MetricsTests(OperateCase):
         return proxy, records
 
     async def test_values_after_known_traffic(self) -> None:
+        """After known traffic through real sockets, /metrics and /v1/metrics
+        agree on the exact counts of requests, attempts, failovers, tokens and
+        latencies, and show the file sink's counters."""
         proxy, _ = await self._traffic()
         scraped = []
         for path in ("/metrics", "/v1/metrics"):
@@ -224,6 +227,9 @@ class MetricsTests(OperateCase):
         return deferLater(reactor, seconds, lambda: None)
 
     async def test_metrics_key(self) -> None:
+        """With metrics_key set, a scrape without it, with a wrong one or with a
+        client key is a 401 that never shows the key; the right key gets the
+        metrics."""
         fake = await self.fake()
         proxy = await self.proxy([upstream("main", fake.endpoint)], metrics_key=METRICS_KEY)
         for path in ("/metrics", "/v1/metrics"):
@@ -316,6 +322,10 @@ class AlertTests(OperateCase):
             self.assertNotIn(secret, text)
 
     async def test_exhausted_and_stream_failure_alerts(self) -> None:
+        """An exhausted request and a stream that breaks each post one signed
+        Feishu message and one Matrix message with the same text, naming model,
+        route, key, upstream and record, and no secret; the alerts are counted
+        in the metrics."""
         proxy, feishu, matrix, _ = await self._setup()
 
         answer = await self.chat(proxy, "gpt-4o")
@@ -345,6 +355,8 @@ class AlertTests(OperateCase):
         self.assertEqual(scrape.count("oaproxy_alerts_total", channel="matrix", result="ok"), 2)
 
     async def test_repeat_within_min_interval_is_not_posted(self) -> None:
+        """The same failure again within min_interval is suppressed, not posted,
+        and counted as suppressed."""
         proxy, feishu, matrix, _ = await self._setup()
         for count in (1, 2):
             answer = await self.chat(proxy, "gpt-4o")
@@ -362,6 +374,9 @@ class AlertTests(OperateCase):
         self.assertEqual(scrape.count("oaproxy_alerts_total", channel="feishu", result="ok"), 1)
 
     async def test_dead_alert_endpoints_do_not_slow_the_answer(self) -> None:
+        """Refused and hanging alert endpoints do not delay the client's answer;
+        each post ends on its own, by refusal or deadline, and is counted as
+        such."""
         deadline = 2.0
         hanging = await self.fake(default=Hang())
         refused = refused_endpoint()
@@ -399,6 +414,9 @@ class AlertTests(OperateCase):
 
 class ReadinessTests(OperateCase):
     async def test_readyz_follows_the_only_upstream(self) -> None:
+        """/readyz turns 503 after the only upstream failed three times in a row
+        while /healthz stays 200, and back to 200 once the upstream answers
+        again."""
         fake = await self.fake()
         proxy = await self.proxy([upstream("only", fake.endpoint)])
         health = await self.get(proxy, "/healthz")

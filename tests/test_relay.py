@@ -100,6 +100,9 @@ class SSESplitTests(SynchronousTestCase):
     @settings(max_examples=100, deadline=None)
     @given(st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=40))
     def test_any_split_is_byte_identical_when_the_client_asked(self, offsets: list[int]) -> None:
+        """When the client asked for usage itself, the stream reaches it byte
+        for byte, usage chunk included, however the upstream split it; the
+        record still has the usage."""
         h, client = self.relay(cut(STREAM, offsets), {"stream_options": {"include_usage": True}})
         self.assertEqual(client.reply().body, STREAM)
         self.assertEqual(
@@ -107,6 +110,8 @@ class SSESplitTests(SynchronousTestCase):
         )
 
     def test_byte_at_a_time_with_crlf(self) -> None:
+        """A CRLF stream delivered one byte at a time reaches the client as it
+        was sent, less the usage chunk oaproxy asked for."""
         crlf = STREAM.replace(b"\n", b"\r\n")
         _, client = self.relay([crlf[i : i + 1] for i in range(len(crlf))])
         self.assertEqual(
@@ -114,12 +119,16 @@ class SSESplitTests(SynchronousTestCase):
         )
 
     def test_usage_asked_for_the_upstream(self) -> None:
+        """oaproxy adds stream_options.include_usage to the body it sends, and
+        the producer's length is that of the body it writes."""
         h, _ = self.relay([STREAM])
         sent = h.agent.calls[0].json()
         self.assertEqual(sent["stream_options"], {"include_usage": True})
         self.assertEqual(h.agent.calls[0].producer.length, len(h.agent.calls[0].body))  # type: ignore[union-attr]
 
     def test_no_usage_asked_when_the_upstream_opts_out(self) -> None:
+        """With stream_usage off for the upstream, the body goes unchanged and
+        the stream is relayed whole."""
         h, client = self.relay(
             [STREAM], config=CONFIG.replace("sk: sk-a}", "sk: sk-a, stream_usage: false}")
         )
@@ -147,6 +156,8 @@ class StreamEndTests(SynchronousTestCase):
         )
 
     def test_close_after_done_is_a_clean_end(self) -> None:
+        """A connection closed after [DONE] ends the stream well: the client's
+        body is complete and the outcome is ok."""
         self.response.write(FINISH + DONE)
         self.response.lose()
         reply = self.client.reply()
@@ -154,6 +165,9 @@ class StreamEndTests(SynchronousTestCase):
         self.assertEqual(self.h.record()["outcome"], "ok")
 
     def test_close_without_done_is_a_failure(self) -> None:
+        """A connection closed without [DONE] and without a clean end of the
+        body ends the stream with an SSE error event; the record says the stream
+        failed and why."""
         self.response.write(FINISH)
         self.response.lose()
         reply = self.client.reply()
@@ -172,6 +186,7 @@ class StreamEndTests(SynchronousTestCase):
         self.assertEqual(self.h.record()["outcome"], "ok")
 
     def test_data_after_the_end_is_ignored(self) -> None:
+        """Bytes that reach the relay after the body ended are not written to the client."""
         self.response.write(DONE)
         self.response.finish()
         relay = self.response.protocol
@@ -195,6 +210,8 @@ class RawRelayTests(SynchronousTestCase):
         self.response = self.h.agent.calls[0].respond(200, b"audio/mpeg")
 
     def test_bytes_pass_untouched(self) -> None:
+        """A binary body is relayed unchanged, chunked, whatever its pieces; the
+        record counts its bytes and says it was no stream."""
         for piece in cut(self.BINARY, [1, 2, 100, 101, 500, 780]):
             self.response.write(piece)
         self.response.lose()
@@ -232,6 +249,8 @@ class RawRelayTests(SynchronousTestCase):
         self.assertEqual(self.h.record()["outcome"], "stream_failed")
 
     def test_idle_timeout(self) -> None:
+        """A raw body silent for stream_idle_timeout is stopped and the client's
+        connection dropped; the record says why."""
         self.response.write(b"ID3")
         self.h.clock.advance(20)
         self.assertEqual(self.response.transport.events, ["stop"])
@@ -248,6 +267,9 @@ class BackpressureTests(SynchronousTestCase):
         return h, client, response
 
     def test_slow_client_pauses_the_upstream(self) -> None:
+        """A client whose buffer is full pauses the upstream and resumes it when
+        it drains; after the end the client's pauses no longer reach the
+        upstream."""
         _, client, response = self.stream()
         client.pause()
         self.assertEqual(response.transport.events, ["pause"])
@@ -261,6 +283,7 @@ class BackpressureTests(SynchronousTestCase):
         self.assertEqual(response.transport.events, ["pause", "resume"])
 
     def test_raw_relay_pauses_the_upstream(self) -> None:
+        """A raw body's relay passes the client's pauses and resumes to the upstream too."""
         h = Harness(CONFIG)
         client = h.request(
             b"GET",
@@ -322,12 +345,15 @@ class BodyCollectorTests(SynchronousTestCase):
         return collector, response, results
 
     def test_whole_body(self) -> None:
+        """A body that ends cleanly is collected whole, its pieces joined."""
         _, response, results = self.collect()
         response.write(b"01234").write(b"56789")
         response.finish()
         self.assertEqual(results, [b"0123456789"])
 
     def test_over_the_limit(self) -> None:
+        """A body over the limit stops the upstream and fails as too large,
+        once: the upstream's later failure adds nothing."""
         _, response, results = self.collect()
         response.write(b"0123456789")
         self.assertEqual(results, [])
@@ -341,6 +367,7 @@ class BodyCollectorTests(SynchronousTestCase):
         self.assertEqual(len(results), 1)
 
     def test_cancel_stops_the_upstream(self) -> None:
+        """Cancelling the collection stops the upstream's transport."""
         collector, response, results = self.collect()
         collector.finished.cancel()
         self.assertEqual(response.transport.events, ["stop"])
@@ -349,9 +376,11 @@ class BodyCollectorTests(SynchronousTestCase):
 
 class RequestBodyTests(SynchronousTestCase):
     def test_empty_body_has_no_producer(self) -> None:
+        """An empty request body is sent without a body producer."""
         self.assertIsNone(RequestBody(size=0, data=b"").producer(Cooperator()))
 
     def test_bytes_body(self) -> None:
+        """A body held in memory is sent by a BytesProducer of its length."""
         producer = RequestBody(size=3, data=b"abc").producer(Cooperator())
         assert isinstance(producer, BytesProducer)
         self.assertEqual(producer.length, 3)

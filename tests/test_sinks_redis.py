@@ -39,6 +39,8 @@ def documents(records: list[Record]) -> list[dict[str, Any]]:
 
 class HelperTests(SynchronousTestCase):
     def test_address(self) -> None:
+        """A redis: URL gives its host, port, database and credentials, with
+        defaults; another scheme or a database that is no number is refused."""
         self.assertEqual(
             RedisAddress.from_url("redis://u:p%40ss@redis.example:6380/2"),
             RedisAddress("redis.example", 6380, 2, "u", "p@ss"),
@@ -51,6 +53,9 @@ class HelperTests(SynchronousTestCase):
         self.assertRaises(ValueError, RedisAddress.from_url, "redis://x/abc")
 
     def test_script_arguments(self) -> None:
+        """The Lua script gets the dedupe key, the stream and the day's usage
+        hashes (a '-' for no key), and zeros for a record without usage or
+        cost."""
         rec = numbered(1, key_name=None, cost=None, usage=None)
         arguments = script_arguments(rec, key="k", maxlen=10, usage_prefix="u", dedupe_ttl=60)
         self.assertEqual(

@@ -105,6 +105,7 @@ class HelperTests(SynchronousTestCase):
         self.assertEqual(cursor.fetchone(), ("wal",))
 
     def test_placeholder(self) -> None:
+        """Each database gets its parameter placeholder; another database is refused."""
         self.assertEqual(placeholder("sqlite"), "?")
         self.assertEqual(placeholder("postgres"), "%s")
         self.assertRaises(ValueError, placeholder, "mysql")
@@ -252,6 +253,8 @@ class SQLiteSinkTests(SQLSinkBase):
         return self.check_records_arrive()
 
     def test_refused_record_does_not_block(self) -> Deferred[None]:
+        """A record sqlite refuses for its data is set aside in the spool's
+        rejected file; the records around it and after it are written."""
         return self.check_refused_record_does_not_block()
 
     @inlineCallbacks
@@ -295,9 +298,12 @@ class PostgresSinkTests(SQLSinkBase):
         return self.check_records_arrive()
 
     def test_refused_record_does_not_block(self) -> Deferred[None]:
+        """A record PostgreSQL refuses for its data is set aside in the spool's
+        rejected file; the records around it and after it are written."""
         return self.check_refused_record_does_not_block()
 
     def test_schema_version(self) -> None:
+        """In PostgreSQL, migrate creates the schema once and then reports its version."""
         connection = open_database("postgres", self.dbaddr)
         try:
             self.assertEqual(migrate(connection.cursor(), "postgres"), 0)

@@ -49,6 +49,7 @@ def write_file(path: str, text: str) -> None:
 
 class PluginTests(SynchronousTestCase):
     def test_plugin_is_found(self) -> None:
+        """getPlugins finds the oaproxy service maker, with its description and Options."""
         makers: dict[str, Any] = {str(m.tapname): m for m in getPlugins(IServiceMaker)}
         self.assertIn("oaproxy", makers)
         maker = makers["oaproxy"]
@@ -67,6 +68,7 @@ class TwistdTests(TestCase):
         return path
 
     async def test_help_lists_oaproxy(self) -> None:
+        """The installed twistd lists oaproxy among its commands."""
         out, err, code = await run_twistd(["--help"], self.workdir())
         self.assertEqual(code, 0, err)
         lines = [line.split() for line in out.decode().splitlines()]
@@ -93,10 +95,14 @@ class TwistdTests(TestCase):
         self.assertNotIn("starting up", message)
 
     def test_malformed_yaml(self) -> Deferred[None]:
+        """twistd on a file that is not YAML exits at once with one line naming
+        the file and the line, no traceback."""
         text = "dbtype: none\nupstreams:\n  - endpoint: [http://127.0.0.1:1/v1\n"
         return Deferred.fromCoroutine(self._refused(text, 4, None, "not valid YAML"))
 
     def test_unknown_key(self) -> Deferred[None]:
+        """twistd on a config with a misspelt key exits with one line naming the
+        file, the line and the key."""
         text = (
             "dbtype: none\nupstreams:\n  - endpoint: http://127.0.0.1:1/v1\n    stream_timout: 3\n"
         )
@@ -105,10 +111,14 @@ class TwistdTests(TestCase):
         )
 
     def test_wrong_type(self) -> Deferred[None]:
+        """twistd on a config with a value of the wrong type exits with one line
+        naming the key and what was expected."""
         text = "dbtype: none\ntimeout: soon\nupstreams:\n  - endpoint: http://127.0.0.1:1/v1\n"
         return Deferred.fromCoroutine(self._refused(text, 2, "timeout", "expected a number"))
 
     def test_missing_environment_variable(self) -> Deferred[None]:
+        """twistd on a config naming an unset environment variable exits with
+        one line naming the key and the variable."""
         text = (
             "dbtype: none\nupstreams:\n  - endpoint: http://127.0.0.1:1/v1\n"
             "    sk: ${OAPROXY_TEST_UNSET_VARIABLE}\n"
@@ -118,6 +128,8 @@ class TwistdTests(TestCase):
         )
 
     def test_upstream_without_endpoint(self) -> Deferred[None]:
+        """twistd on an upstream without an endpoint exits with one line naming
+        the upstream's key."""
         text = "dbtype: none\nupstreams:\n  - name: nowhere\n    sk: sk-x\n"
         return Deferred.fromCoroutine(
             self._refused(text, 3, "upstreams[0].endpoint", "no endpoint")
@@ -128,6 +140,10 @@ class SmokeTests(LiveCase):
     timeout = 40
 
     async def test_twistd_serves_and_stops_cleanly(self) -> None:
+        """The installed twistd serves /healthz and a chat completion through
+        its upstream with that upstream's key, and stops on SIGTERM as every
+        twistd plugin does, closing its port, without a traceback or a key in
+        its output."""
         fake = await self.fake()
         cwd = os.path.abspath(self.mktemp())
         os.makedirs(cwd)
