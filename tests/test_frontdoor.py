@@ -44,6 +44,18 @@ class ReadmeTests(SynchronousTestCase):
         # CI pipes trial's output into a log to read its summary.
         self.assertEqual(command_lines[0].split(" 2>&1 | tee ")[0], test)
 
+    def test_ci_checks_the_formatting(self) -> None:
+        """After the tests CI runs ruff format --check, installed by the test
+        extra, and counts a tree it would change as a failure."""
+        ci = _read(".ci/run").splitlines()
+        tests = next(i for i, line in enumerate(ci) if line.startswith("python3 -m venv"))
+        check = ci.index("if ! .venv/bin/ruff format --check .; then")
+        self.assertLess(tests, check)
+        self.assertIn("formatting=1", [line.strip() for line in ci[check + 1 : check + 4]])
+        self.assertIn("+ formatting ))", "\n".join(ci))
+        test_extra = _read("setup.cfg").split("test =", 1)[1].split("dev =", 1)[0]
+        self.assertIn("ruff", test_extra)
+
 
 class SampleConfigTests(SynchronousTestCase):
     def test_loads(self) -> None:
