@@ -476,12 +476,13 @@ class Harness:
         self.clock = Clock()
         self.agent = RecordingAgent(cancel_error)
         self.fresh_agent = RecordingAgent(cancel_error)
+        alert_agent = RecordingAgent()
         self.shared = Shared.create(
             self.clock,
             self.config,
-            agent=cast(IAgent, self.agent),
-            fresh_agent=cast(IAgent, self.fresh_agent),
-            alert_agent=cast(IAgent, RecordingAgent()),
+            agents=lambda proxy: cast(IAgent, self.agent),
+            fresh_agents=lambda proxy: cast(IAgent, self.fresh_agent),
+            alert_agents=lambda proxy: cast(IAgent, alert_agent),
             environ={},
             wall_clock=lambda: WALL_TIME,
             rng=rng,

@@ -18,7 +18,6 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import http
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
@@ -36,6 +35,7 @@ from oaproxy.channels import (
 )
 from oaproxy.config import FeishuConfig, MatrixConfig, NotifyConfig
 from oaproxy.credentials import REDACTED
+from oaproxy.outbound import alert_agents
 from oaproxy.record import Attempt, FailureKind, Outcome
 from tests.doubles import EventList, RecordingAgent, capture_log
 from tests.payloads import feishu_signature
@@ -181,9 +181,8 @@ class RealEndpointTests(TestCase, CapturesLog):
 
     def setUp(self) -> None:
         self.capture_log(self)
-        self.pool = HTTPConnectionPool(_reactor, persistent=False)
-        self.agent = as_agent(Agent(_reactor, pool=self.pool))
-        self.addCleanup(self.pool.closeCachedConnections)
+        # The daemon's own alert agent, direct (it keeps no connection open).
+        self.agent = alert_agents(_reactor)(None)
 
     def listen(self, resource: Resource) -> str:
         site: Any = QuietSite(resource)

@@ -1383,7 +1383,6 @@ class UpstreamNameTests(Helpers):
               - endpoint: http://localhost:5000/v1
               - endpoint: https://api.openai.com/v3
               - endpoint: http://[::1]:8080/v1
-              - endpoint: https://user:pw@host.example/v1
             """
         )
         self.assertEqual(
@@ -1394,7 +1393,6 @@ class UpstreamNameTests(Helpers):
                 "localhost:5000",
                 "api.openai.com#3",
                 "[::1]:8080",
-                "host.example",
             ],
         )
 
