@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from twisted.web._newclient import RequestNotSent, ResponseNeverReceived
 from twisted.web.http import NO_BODY_CODES
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IResponse
+from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
 from oaproxy.cache.ticket import CacheTicket
@@ -36,6 +36,7 @@ from oaproxy.credentials import Redactor
 from oaproxy.errors import error_body
 from oaproxy.headers import response_headers, upstream_headers
 from oaproxy.inspection import Inspected
+from oaproxy.outbound import AgentFor
 from oaproxy.record import FailureKind, LimitRefusal, Outcome
 from oaproxy.relay import BodyCollector, RelayFailure, RequestBody, StreamRelay, describe
 from oaproxy.upstreamclient import NoResponse, retry_on_new_connection
@@ -196,8 +197,8 @@ class Forwarder:
     def __init__(
         self,
         clock: IReactorTime,
-        agent: IAgent,
-        fresh_agent: IAgent,
+        agents: AgentFor,
+        fresh_agents: AgentFor,
         cooperator: Cooperator,
         *,
         stream_idle_timeout: float,
@@ -207,8 +208,9 @@ class Forwarder:
         stream_pace: Callable[[bytes], float | None] | None = None,
     ) -> None:
         self._clock = clock
-        self._agent = agent
-        self._fresh_agent = fresh_agent
+        # The agent for an upstream's way out (direct, or its proxy).
+        self._agents = agents
+        self._fresh_agents = fresh_agents
         self._cooperator = cooperator
         self._idle_timeout = stream_idle_timeout
         self._redactor = redactor
@@ -337,7 +339,8 @@ class Forwarder:
             authorization=_authorization(upstream, call),
             forwarded_for=call.forwarded_for,
         )
-        sent = self._agent.request(call.method, url, headers, body.producer(self._cooperator))
+        agent = self._agents(upstream.proxy)
+        sent = agent.request(call.method, url, headers, body.producer(self._cooperator))
         try:
             return await sent
         except (RequestNotSent, ResponseNeverReceived) as e:
@@ -347,7 +350,7 @@ class Forwarder:
                 raise
             attempt.resent = describe(e)[1]
         # A pooled connection the upstream had closed: once more, on a new one.
-        return await self._fresh_agent.request(
+        return await self._fresh_agents(upstream.proxy).request(
             call.method, url, headers, body.producer(self._cooperator)
         )
 

@@ -19,7 +19,6 @@ from typing import Any
 
 from attrs import frozen
 from twisted.internet.task import Cooperator
-from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 
 from oaproxy.alerts import Notifier
@@ -35,6 +34,7 @@ from oaproxy.ledger import RequestLedger
 from oaproxy.logfile import JSONLogFile
 from oaproxy.metrics import Metrics
 from oaproxy.observers import Alerting, MetricsCounting, ReadinessFollowing, RecordPublishing
+from oaproxy.outbound import AgentFor
 from oaproxy.pipeline import CandidateFilter, Gate, HeadGate, Observer, Observers, Pipeline
 from oaproxy.records import RecordEmitter, RecordMaker
 from oaproxy.routing import Router
@@ -50,11 +50,12 @@ class Shared:
     """What every generation of one daemon uses, and a reload keeps."""
 
     reactor: Any
-    agent: IAgent
+    # Each asked for per way out (direct, or a proxy), as each config says.
+    agents: AgentFor
     # For the one retry after a stale pooled connection: a new connection.
-    fresh_agent: IAgent
-    # Alerts go out on an agent of their own, not through the upstream pool.
-    alert_agent: IAgent
+    fresh_agents: AgentFor
+    # Alerts go out on agents of their own, not through the upstream pool.
+    alert_agents: AgentFor
     cooperator: Cooperator
     records: RecordEmitter
     metrics: Metrics
@@ -74,18 +75,18 @@ class Shared:
         reactor: Any,
         config: Config,
         *,
-        agent: IAgent,
-        fresh_agent: IAgent,
-        alert_agent: IAgent,
+        agents: AgentFor,
+        fresh_agents: AgentFor,
+        alert_agents: AgentFor,
         environ: Mapping[str, str],
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> Shared:
         return cls(
             reactor=reactor,
-            agent=agent,
-            fresh_agent=fresh_agent,
-            alert_agent=alert_agent,
+            agents=agents,
+            fresh_agents=fresh_agents,
+            alert_agents=alert_agents,
             cooperator=Cooperator(scheduler=lambda work: reactor.callLater(0, work)),
             records=RecordEmitter(),
             metrics=Metrics(known_models(config), upstream_names(config)),
@@ -135,7 +136,7 @@ def build_generation(
     else:
         notifier = Notifier.from_config(
             config.notify,
-            shared.alert_agent,
+            shared.alert_agents(config.proxy),
             reactor,
             config.hostname,
             environ=shared.environ,
@@ -195,8 +196,8 @@ def build_generation(
     watching = Observers(watchers)
     forwarder = Forwarder(
         reactor,
-        shared.agent,
-        shared.fresh_agent,
+        shared.agents,
+        shared.fresh_agents,
         shared.cooperator,
         stream_idle_timeout=config.stream_idle_timeout,
         redactor=records.redactor,
@@ -274,7 +275,7 @@ def _cache_section(config: Config) -> tuple[Any, ...]:
 
 
 def _notify_section(config: Config) -> tuple[Any, ...]:
-    return (config.notify, config.hostname)
+    return (config.notify, config.hostname, config.proxy)
 
 
 def known_models(config: Config) -> list[str]:

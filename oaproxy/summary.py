@@ -36,6 +36,8 @@ def _upstream_line(upstream: Upstream) -> str:
     ]
     if upstream.deny:
         parts.append("denied " + ", ".join(upstream.deny))
+    if upstream.proxy is not None:
+        parts.append(f"through proxy {upstream.proxy.url}")
     parts.append(f"timeout {upstream.timeout:g}s, stream {upstream.stream_timeout:g}s")
     if urlsplit(upstream.endpoint).path in ("", "/"):
         # openai-api-route dropped the endpoint's path; oaproxy appends to it.
@@ -92,6 +94,8 @@ def summary(
     keys = ", ".join(k.name for k in all_client_keys(config)) or "none, the proxy is open"
     sink_list = ", ".join(sinks) or "none"
     alert_list = ", ".join(alerts) or "none"
+    if alert_list != "none" and config.proxy is not None:
+        alert_list += f"; through proxy {config.proxy.url}"
     lines = [
         f"config {config.path} (hostname {config.hostname})",
         "listening on " + ", ".join(listen),

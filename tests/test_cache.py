@@ -15,7 +15,8 @@ from oaproxy.cache.stores import MemoryStore
 from oaproxy.generation import build_generation
 from oaproxy.record import record_document
 from oaproxy.traffic.routes import api_path
-from tests.support import Client, Harness, Reply, headers, make_config, sse
+from tests.doubles import Client, Harness, Reply, headers, make_config
+from tests.payloads import sse
 
 CONFIG = """
 authorization: {alice: sk-alice, bob: sk-bob}

@@ -5,7 +5,7 @@ same answer headers."""
 from __future__ import annotations
 
 from oaproxy.record import CacheResult, Outcome
-from tests.support import Harness, Reply
+from tests.doubles import Harness, Reply
 from tests.test_cache import CONFIG, CacheCase
 
 LIMITED = CONFIG + 'limits: {per_key: "10/minute", tokens_per_key: "10000/minute"}\n'

@@ -15,9 +15,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from oaproxy.cache.stores import REDIS_TIMEOUT, RedisStore
 from oaproxy.sharedredis import SharedRedis
-from tests.fakeupstream import FAKE_MODEL, FakeUpstream
-from tests.harness import (
-    OTHER_KEY,
+from tests.doubles import Harness
+from tests.fakeupstream import FakeUpstream
+from tests.live import (
     SHARED_REDIS,
     EndToEndCase,
     PrivateRedis,
@@ -26,13 +26,11 @@ from tests.harness import (
     reactor,
     redis_client,
     unavailable,
-    upstream,
     wait_for,
 )
-from tests.support import Harness
+from tests.payloads import FAKE_MODEL, HI, OTHER_KEY, upstream
 from tests.test_cache import COMPLETION
 
-MESSAGES: Any = [{"role": "user", "content": "hi"}]
 CACHING: dict[str, Any] = {"caching": True}
 
 
@@ -114,7 +112,7 @@ class RedisStoreTests(PrefixedCase):
 
 def sdk_chat(client: openai.OpenAI, **more: Any) -> Any:
     raw = client.chat.completions.with_raw_response.create(
-        model=FAKE_MODEL, messages=MESSAGES, extra_body=CACHING, **more
+        model=FAKE_MODEL, messages=HI, extra_body=CACHING, **more
     )
     return raw.headers.get("x-oaproxy-cache"), raw.parse()
 
@@ -122,7 +120,7 @@ def sdk_chat(client: openai.OpenAI, **more: Any) -> Any:
 def sdk_stream(client: openai.OpenAI, **more: Any) -> tuple[str | None, str, list[Any]]:
     """The official SDK reading a stream: the cache header, the text, the usages."""
     raw = client.chat.completions.with_raw_response.create(
-        model=FAKE_MODEL, messages=MESSAGES, stream=True, extra_body=CACHING, **more
+        model=FAKE_MODEL, messages=HI, stream=True, extra_body=CACHING, **more
     )
     text, usages = "", []
     parts: Any = raw.parse()

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.config import ContentFilterConfig
 from oaproxy.contentfilter import ContentFilter, model_texts
-from tests.support import Client, Harness
+from tests.doubles import Client, Harness
 
 CONFIG = r"""
 authorization: {alice: sk-client}

@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.iprules import IPRules
 from oaproxy.record import record_document
-from tests.support import Harness, make_config
+from tests.doubles import Harness, make_config
 
 CONFIG = """
 authorization: {alice: sk-client}

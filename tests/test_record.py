@@ -236,6 +236,7 @@ class BadRecordTests(SynchronousTestCase):
         self.assertBad(self.changed(attempts=["a"]), "an attempt is a JSON object")
 
     def test_unknown_outcome(self) -> None:
+        """A stored outcome oaproxy does not know is refused as a bad record, naming it."""
         self.assertBad(self.changed(outcome="upstream_error"), "no outcome 'upstream_error'")
 
     def test_unknown_cache_result(self) -> None:

@@ -10,7 +10,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.config import parse_rates
 from oaproxy.traffic.pacing import StreamPace, is_content_event
-from tests.support import Client, FakeResponse, Harness, sse
+from tests.doubles import Client, FakeResponse, Harness
+from tests.payloads import sse
 
 CONFIG = """
 dbtype: none

@@ -19,7 +19,8 @@ from oaproxy.record import (
 )
 from oaproxy.traffic.headers import openai_duration, retry_after
 from oaproxy.traffic.routes import RouteTable, api_path
-from tests.support import Client, Harness, headers, sse
+from tests.doubles import Client, Harness, headers
+from tests.payloads import sse
 
 CONFIG = """
 dbtype: none

@@ -20,7 +20,8 @@ from oaproxy.traffic.counters import Admission, Charge, Held
 from oaproxy.traffic.estimate import estimate, tokens
 from oaproxy.traffic.memory import MemoryCounters
 from oaproxy.traffic.tokens import TokenLimits
-from tests.support import WALL_TIME, Client, Harness, sse
+from tests.doubles import WALL_TIME, Client, Harness
+from tests.payloads import sse
 
 # One message "hi" with role "user": 6 characters, 2 prompt tokens.
 # max_tokens 298: each request reserves 300 tokens.

@@ -33,6 +33,8 @@ from oaproxy.config.model import (
 )
 from oaproxy.config.nodes import Item, NodeReader, read_document
 from oaproxy.config.schema import read_settings, section_items
+from oaproxy.config.values import proxy_url
+from oaproxy.upstreamclient.proxy import HTTPProxy
 
 __all__ = ["load_config", "parse_config"]
 
@@ -125,6 +127,7 @@ def _config(nodes: NodeReader, root: Item) -> Config:
                 **p.values,
                 "name": name,
                 "keys": None if p.keys is None else client_keys(p.keys),
+                "proxy": _upstream_proxy(nodes, p.items, values.get("proxy")),
             }
         )
         for p, name in zip(parsed, _upstream_names(nodes, parsed))
@@ -158,6 +161,17 @@ def _check_redis_backends(
             continue
         backend = section_items(nodes, items[name], cls, what)["backend"]
         nodes.fail(backend.key, backend.line, "backend redis needs the top-level redis: URL")
+
+
+def _upstream_proxy(
+    nodes: NodeReader, items: Mapping[str, Item], inherited: HTTPProxy | None
+) -> HTTPProxy | None:
+    """An upstream's way out: its own ``proxy`` (``none``: direct), else the
+    top-level one."""
+    item = items.get("proxy")
+    if item is None or nodes.is_null(item):
+        return inherited
+    return proxy_url(nodes, item)
 
 
 def _dbaddr(nodes: NodeReader, items: Mapping[str, Item], dbtype: str | None) -> str | None:
@@ -326,8 +340,9 @@ def _upstream_names(nodes: NodeReader, parsed: Sequence[_ParsedUpstream]) -> lis
     for p in parsed:
         name = p.values.get("name")
         if name is None:
-            # netloc keeps an explicit port and IPv6 brackets; drop userinfo.
-            base = urlsplit(p.values["endpoint"]).netloc.rpartition("@")[2].lower()
+            # netloc keeps an explicit port and IPv6 brackets (and has no
+            # user information: endpoint_url refuses it).
+            base = urlsplit(p.values["endpoint"]).netloc.lower()
             name, n = base, 1
             while name in used:
                 n += 1

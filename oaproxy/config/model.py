@@ -35,12 +35,14 @@ from oaproxy.config.values import (
     number,
     one_of,
     optional_text,
+    proxy_url,
     re2_patterns,
     redis_url,
     rotation,
     strings,
     text,
 )
+from oaproxy.upstreamclient.proxy import HTTPProxy
 
 DEFAULT_LISTEN: tuple[str, ...] = ("tcp:8888:interface=127.0.0.1",)
 DEFAULT_TRUSTED_PROXIES: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
@@ -148,6 +150,9 @@ class Upstream:
     stream_usage: bool = field(metadata=read(boolean))
     # False: exempt from the content filter (e.g. an internal model).
     content_filter: bool = field(default=True, metadata=read(boolean))
+    # The way out, set by the loader: the top-level proxy unless the
+    # upstream gives its own (``none``: direct, None here).
+    proxy: HTTPProxy | None = field(default=None, metadata=read_by_loader())
 
     @stream_usage.default
     def _stream_usage_default(self) -> bool:
@@ -301,6 +306,9 @@ class Config:
         default=DEFAULT_TRUSTED_PROXIES, metadata=read(networks)
     )
     shutdown_timeout: float = field(default=30.0, metadata=read(non_negative))
+    # Where upstream requests and alert posts go out; None: straight to them.
+    # HTTP_PROXY and the like are not read: the config says where traffic goes.
+    proxy: HTTPProxy | None = field(default=None, metadata=read(proxy_url))
     log_file: str | None = field(default=None, metadata=read(optional_text))
     records: RecordsPolicy = field(
         factory=RecordsPolicy, metadata=section(RecordsPolicy, "a mapping of record settings")

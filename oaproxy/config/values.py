@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any, TypeAlias, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from oaproxy.config.nodes import (
     BOOLEAN_TAGS,
@@ -25,6 +25,7 @@ from oaproxy.config.nodes import (
     NodeReader,
     kind,
 )
+from oaproxy.upstreamclient.proxy import HTTPProxy
 
 Reader: TypeAlias = Callable[[NodeReader, Item], Any]
 
@@ -158,14 +159,19 @@ def choice(enum: type[_E]) -> Callable[[NodeReader, Item], _E]:
     return member
 
 
-def url(nodes: NodeReader, item: Item, schemes: Sequence[str]) -> str:
-    """A URL with one of ``schemes`` and a host, stripped, else unchanged."""
-    value = nodes.required_string(item).strip()
+def _split_url(nodes: NodeReader, item: Item, value: str) -> SplitResult:
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 -- raises ValueError on a bad port
     except ValueError:
         nodes.fail(item.key, item.line, "not a valid URL")
+    return parts
+
+
+def url(nodes: NodeReader, item: Item, schemes: Sequence[str]) -> str:
+    """A URL with one of ``schemes`` and a host, stripped, else unchanged."""
+    value = nodes.required_string(item).strip()
+    parts = _split_url(nodes, item, value)
     if parts.scheme.lower() not in schemes:
         nodes.fail(
             item.key,
@@ -177,8 +183,19 @@ def url(nodes: NodeReader, item: Item, schemes: Sequence[str]) -> str:
     return value
 
 
-def http_url(nodes: NodeReader, item: Item) -> str:
-    return url(nodes, item, _HTTP)
+def http_url(nodes: NodeReader, item: Item, *, credentials: str = "") -> str:
+    """An http(s) URL without user information: oaproxy would have to send
+    it as a header, or a client would see it in an error. ``credentials``
+    says where they go instead."""
+    value = url(nodes, item, _HTTP)
+    if "@" in urlsplit(value).netloc:
+        # Never quoted: user information is a password more often than not.
+        nodes.fail(
+            item.key,
+            item.line,
+            "the URL must not hold user information (user:password@)" + credentials,
+        )
+    return value
 
 
 def homeserver_url(nodes: NodeReader, item: Item) -> str:
@@ -189,11 +206,37 @@ def homeserver_url(nodes: NodeReader, item: Item) -> str:
 def endpoint_url(nodes: NodeReader, item: Item) -> str:
     """An upstream endpoint: an http(s) URL that the request path is
     appended to, so without a query or fragment, and no trailing ``/``."""
-    value = http_url(nodes, item)
+    value = http_url(nodes, item, credentials="; give the upstream's key as sk")
     parts = urlsplit(value)
     if parts.query or parts.fragment or value.endswith(("?", "#")):
         nodes.fail(item.key, item.line, "the endpoint must not have a query or fragment")
     return value.rstrip("/")
+
+
+def proxy_url(nodes: NodeReader, item: Item) -> HTTPProxy | None:
+    """An outbound proxy, ``http://[user:password@]host:port``, or ``none``
+    (None): straight to the upstream."""
+    value = nodes.required_string(item).strip()
+    if value.lower() == "none":
+        return None
+    parts = _split_url(nodes, item, value)
+    if parts.scheme.lower() != "http":
+        nodes.fail(
+            item.key,
+            item.line,
+            "must be none or an http://host:port URL (the proxy is spoken to in plain "
+            "HTTP; https upstreams go through it in a CONNECT tunnel)",
+        )
+    if not parts.hostname:
+        nodes.fail(item.key, item.line, "the proxy URL has no host")
+    if parts.port is None:
+        nodes.fail(item.key, item.line, "the proxy URL needs a port, e.g. http://127.0.0.1:3128")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        nodes.fail(item.key, item.line, "the proxy URL must not have a path, query or fragment")
+    credentials = None
+    if "@" in parts.netloc:
+        credentials = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+    return HTTPProxy(parts.hostname, parts.port, credentials)
 
 
 def redis_url(nodes: NodeReader, item: Item) -> str:
