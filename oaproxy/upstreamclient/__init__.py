@@ -34,8 +34,9 @@ from oaproxy.upstreamclient.pool import (
     Route,
     UpstreamPool,
 )
-from oaproxy.upstreamclient.protocol import MAX_HEAD_BYTES, UpstreamConnection, UpstreamResponse
+from oaproxy.upstreamclient.protocol import MAX_HEAD_BYTES, UpstreamConnection
 from oaproxy.upstreamclient.proxy import HTTPProxy
+from oaproxy.upstreamclient.response import UpstreamResponse
 from oaproxy.upstreamclient.tunnel import ProxyEndpoint, TunnelEndpoint
 
 __all__ = [

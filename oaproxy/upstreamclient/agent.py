@@ -21,8 +21,9 @@ from zope.interface import implementer
 
 from oaproxy.upstreamclient.errors import ProxyRefused
 from oaproxy.upstreamclient.pool import Route, UpstreamPool
-from oaproxy.upstreamclient.protocol import UpstreamConnection, UpstreamResponse
+from oaproxy.upstreamclient.protocol import UpstreamConnection
 from oaproxy.upstreamclient.proxy import HTTPProxy
+from oaproxy.upstreamclient.response import UpstreamResponse
 
 # RFC 9110 tokens for methods; targets of visible ASCII only (no spaces, no
 # CR or LF: nothing that could end the request line early).
