@@ -32,7 +32,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from oaproxy.localanswer import (
+from oaproxy.localresponse import (
     EVENT_STREAM,
     SSE_DONE,
     LocalResponse,

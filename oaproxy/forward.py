@@ -30,13 +30,15 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
+from oaproxy.cache.ticket import CacheTicket
 from oaproxy.config import Upstream
 from oaproxy.credentials import Redactor
 from oaproxy.errors import error_body
 from oaproxy.headers import UPSTREAM_HEADER, response_headers, upstream_headers
 from oaproxy.inspection import Inspected
-from oaproxy.record import FailureKind, Outcome
+from oaproxy.record import FailureKind, LimitRefusal, Outcome
 from oaproxy.relay import BodyCollector, RelayFailure, RequestBody, StreamRelay, describe
+from oaproxy.upstreamclient import NoResponse, retry_on_new_connection
 from oaproxy.upstreams import UpstreamClient
 
 # Statuses worth another upstream: the upstream (its key, its quota, its
@@ -114,6 +116,9 @@ class AttemptLog:
     duration: float | None = None
     # The Retry-After of a 429 or 503 answer, as the upstream sent it.
     retry_after: str | None = None
+    # Why the request went out a second time, on a new connection (the pooled
+    # one was stale); not in the record yet (issue 11 makes it an attempt).
+    resent: str | None = None
 
     def failed(self, failure: FailureKind, error: str) -> None:
         self.failure = failure
@@ -150,6 +155,16 @@ class Exchange:
     client_gone: bool = False
     # The proxy cut the request off at shutdown.
     cut: bool = False
+    # Headers for the answer, whatever it is, over the upstream's (see
+    # oaproxy.web.ProxyRequest); the pipeline gives the request's own.
+    answer_headers: Headers = field(factory=Headers)
+    # The tokens and budget a gate reserved, settled when the request is
+    # over (oaproxy.traffic.tokens).
+    reservation: Any = None
+    # The limit that refused the request, for its record.
+    limit: LimitRefusal | None = None
+    # What the response cache decided; None when it was not asked.
+    cache: CacheTicket | None = None
 
     @property
     def outcome(self) -> Outcome:
@@ -196,9 +211,11 @@ class Forwarder:
         on_event: Callable[[Exchange, Upstream], Callable[[bytes], bool]] | None = None,
         on_attempt_started: Callable[[Exchange, AttemptLog], None] | None = None,
         on_attempt: Callable[[Exchange, AttemptLog], None] | None = None,
+        stream_pace: Callable[[str], float | None] | None = None,
     ) -> None:
         self._clock = clock
-        # How each upstream is reached (HTTP, or a built-in agent).
+        # How each upstream is reached: its type's agent over its way out
+        # (direct, or its proxy); see oaproxy.upstreams.
         self._clients = clients
         self._cooperator = cooperator
         self._idle_timeout = stream_idle_timeout
@@ -207,6 +224,9 @@ class Forwarder:
         # Told of each attempt as it starts and ends (the pipeline's observers).
         self._on_attempt_started = on_attempt_started
         self._on_attempt = on_attempt
+        # Seconds between two content events of a stream, by API path
+        # (limits.stream_pace); None: not paced.
+        self._stream_pace = stream_pace
 
     def forward(
         self, request: Request, exchange: Exchange, candidates: Sequence[Upstream]
@@ -306,7 +326,7 @@ class Forwarder:
         call = exchange.call
         exchange.usage_added = with_usage and call.inspected.asks_usage_for(upstream)
         sent = call.inspected.body_for(upstream, with_usage=with_usage)
-        response = await self._request(upstream, call, sent)
+        response = await self._request(upstream, call, sent, attempt)
         attempt.ttfb = self._clock.seconds() - attempt.started
         status = response.code
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
@@ -320,7 +340,9 @@ class Forwarder:
         body = await collector.finished
         return Answer(upstream, status, response.phrase, response.headers, body)
 
-    async def _request(self, upstream: Upstream, call: Call, body: RequestBody) -> IResponse:
+    async def _request(
+        self, upstream: Upstream, call: Call, body: RequestBody, attempt: AttemptLog
+    ) -> IResponse:
         url = upstream.url(call.upstream_path)
         headers = upstream_headers(
             call.headers,
@@ -330,15 +352,14 @@ class Forwarder:
         )
         client = self._clients(upstream)
         sent = client.agent.request(call.method, url, headers, body.producer(self._cooperator))
-        # Only a connection from the pool can be stale (asked right away).
-        pooled = client.pooled()
         try:
             return await sent
         except (RequestNotSent, ResponseNeverReceived) as e:
             # On a new connection the failure is the upstream's doing (it
             # may have acted on the request): fail over, never send it twice.
-            if not (pooled and _stale_connection(e)):
+            if not _stale_connection(e):
                 raise
+            attempt.resent = describe(e)[1]
         # A pooled connection the upstream had closed: once more, on a new one.
         return await client.fresh_agent.request(
             call.method, url, headers, body.producer(self._cooperator)
@@ -367,6 +388,7 @@ class Forwarder:
             self._idle_timeout,
             sse=sse,
             on_event=self._on_event(exchange, upstream) if sse and self._on_event else None,
+            pace=self._stream_pace(exchange.call.api_path) if sse and self._stream_pace else None,
         )
         response.deliverBody(relay)
         await relay.first_event
@@ -460,6 +482,10 @@ def _authorization(upstream: Upstream, call: Call) -> bytes | None:
 
 def _stale_connection(error: Exception) -> bool:
     """A pooled connection that was dead before this request, not a cancel."""
+    if isinstance(error, NoResponse):
+        # Our upstream client says whether the connection had been reused.
+        return retry_on_new_connection(error)
+    # Another agent cannot tell: any connection may have come from a pool.
     if isinstance(error, RequestNotSent):
         return True
     reasons: list[Failure] = getattr(error, "reasons", [])

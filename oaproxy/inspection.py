@@ -4,6 +4,10 @@ The body is parsed once, and only when it is JSON held in memory; a
 per-upstream body (the upstream's own name for an aliased model,
 ``stream_options.include_usage`` added) is made lazily, once for each
 distinct rewrite, for the first upstream that wants it.
+
+``"caching"`` (openai-forward's parameter, read by the response cache) is
+taken out of every JSON body before it goes anywhere: OpenAI refuses
+parameters it does not know.
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
 from attrs import define, field, frozen
 
 from oaproxy.config import Upstream
 from oaproxy.relay import RequestBody
 
 _COMPACT = (",", ":")
+CACHING = "caching"
 
 
 def media_type(content_type: str | bytes | None) -> str | None:
@@ -109,11 +115,16 @@ def rewritten_body(parsed: Mapping[str, Any], *, model: str | None, include_usag
         merged = dict(stream_options) if isinstance(stream_options, dict) else {}
         merged["include_usage"] = True
         body["stream_options"] = merged
+    return json_body(body)
+
+
+def json_body(value: Any) -> bytes:
+    """``value`` as a compact JSON body, UTF-8."""
     try:
-        return json.dumps(body, separators=_COMPACT, ensure_ascii=False).encode("utf-8")
+        return json.dumps(value, separators=_COMPACT, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         # A lone surrogate from a "\ud800" escape cannot be UTF-8; escape all.
-        return json.dumps(body, separators=_COMPACT).encode("ascii")
+        return json.dumps(value, separators=_COMPACT).encode("ascii")
 
 
 @define
@@ -124,10 +135,18 @@ class Inspected:
     # The client asked for usage itself, so the usage chunk is its own.
     include_usage: bool
     _fields: RequestFields = field(alias="fields", repr=False)
+    # The client's "caching": true or false; None when it gave none.
+    caching: bool | None = None
     # Rewritten bodies, by (the upstream's model name, whether usage is added).
     _rewritten: dict[tuple[str | None, bool], RequestBody] = field(
         factory=dict, init=False, repr=False
     )
+
+    @property
+    def parsed(self) -> dict[str, Any] | None:
+        """The JSON body (without "caching"), parsed once; None for other bodies.
+        Shared: do not mutate."""
+        return self._fields.parsed
 
     def asks_usage_for(self, upstream: Upstream) -> bool:
         """Whether oaproxy adds ``include_usage`` to this upstream's request."""
@@ -156,10 +175,19 @@ class Inspected:
 
 def inspect_request(body: RequestBody, content_type: bytes | None) -> Inspected:
     fields = NOT_JSON if body.data is None else request_fields(body.data, content_type)
+    caching = None
+    if fields.parsed is not None and CACHING in fields.parsed:
+        given = fields.parsed[CACHING]
+        caching = given if isinstance(given, bool) else None
+        parsed = {name: value for name, value in fields.parsed.items() if name != CACHING}
+        data = json_body(parsed)
+        body = RequestBody(size=len(data), data=data)
+        fields = attrs.evolve(fields, parsed=parsed)
     return Inspected(
         body=body,
         model=fields.model,
         stream=fields.stream,
         include_usage=fields.include_usage,
         fields=fields,
+        caching=caching,
     )

@@ -36,7 +36,7 @@ from prometheus_client.metrics_core import (
 from twisted.logger import Logger
 
 from oaproxy.circuits import CircuitCollector, Circuits
-from oaproxy.record import Attempt, FailureKind, Outcome, Record
+from oaproxy.record import Attempt, CacheResult, FailureKind, Outcome, Record
 
 __all__ = [
     "ALERT_CHANNELS",
@@ -424,6 +424,23 @@ class Metrics:
             ["channel", "result"],
             registry=registry,
         )
+        self._rate_limited = Counter(
+            "oaproxy_rate_limited",
+            "Requests refused by a limit, by its kind and scope.",
+            ["kind", "scope"],
+            registry=registry,
+        )
+        self._limiter_backend_errors = Counter(
+            "oaproxy_limiter_backend_errors",
+            "Checks and settlements the limiter's backend (Redis) failed.",
+            registry=registry,
+        )
+        self._cache = Counter(
+            "oaproxy_cache",
+            "Response cache lookups by result (hit, miss, bypass), and entries stored (store).",
+            ["result"],
+            registry=registry,
+        )
         self._sinks = _SinkCollector()
         registry.register(self._sinks)
 
@@ -512,19 +529,32 @@ class Metrics:
                 self._failovers.labels(attempt_upstream).inc()
         if record.outcome is Outcome.EXHAUSTED:
             self._exhausted.labels(route).inc()
+        if record.limit is not None:
+            self._rate_limited.labels(record.limit.kind.value, record.limit.scope.value).inc()
 
         if record.bytes_in:
             self._bytes_in.inc(record.bytes_in)
         if record.bytes_out:
             self._bytes_out.inc(record.bytes_out)
 
+        if record.cache is not None:
+            self._cache.labels(record.cache.value).inc()
         usage = record.usage
-        if usage is not None:
+        # A cache hit's usage is the replayed answer's: no upstream used tokens.
+        if usage is not None and record.cache is not CacheResult.HIT:
             model = self.model_label(record.model)
             if usage.prompt_tokens > 0:
                 self._tokens.labels(upstream, model, "prompt").inc(usage.prompt_tokens)
             if usage.completion_tokens > 0:
                 self._tokens.labels(upstream, model, "completion").inc(usage.completion_tokens)
+
+    def limiter_backend_error(self) -> None:
+        """Count one failure of the limiter's backend (see ``oaproxy.traffic.backend``)."""
+        self._limiter_backend_errors.inc()
+
+    def cache_stored(self) -> None:
+        """Count one answer stored in the response cache."""
+        self._cache.labels("store").inc()
 
     def alert_sent(self, channel: str, result: str) -> None:
         """Count one alert, for the notifier.

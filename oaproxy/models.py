@@ -27,9 +27,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
+from oaproxy.answers import JSONAnswer, LocalAnswer
 from oaproxy.config import Upstream, UpstreamType
 from oaproxy.errors import ErrorAnswer
-from oaproxy.pipeline import Arrival, OwnReply
+from oaproxy.pipeline import Arrival
 from oaproxy.relay import BodyCollector
 from oaproxy.routing import Router
 from oaproxy.upstreams import UpstreamClient
@@ -200,7 +201,7 @@ class ModelsAnswer:
         self._lists = lists
         self._clock = clock
 
-    def __call__(self, arrival: Arrival) -> Deferred[OwnReply | ErrorAnswer] | None:
+    def __call__(self, arrival: Arrival) -> Deferred[LocalAnswer] | None:
         path = arrival.path
         if arrival.request.method != b"GET" or path is None:
             return None
@@ -232,7 +233,7 @@ class ModelsAnswer:
         return d.addCallback(lambda own: shown(upstream, own))
 
 
-def _reply(lists: list[list[ModelEntry]], wanted: str | None) -> OwnReply | ErrorAnswer:
+def _reply(lists: list[list[ModelEntry]], wanted: str | None) -> LocalAnswer:
     merged: dict[str, ModelEntry] = {}
     for entries in lists:
         for entry in entries:
@@ -242,7 +243,7 @@ def _reply(lists: list[list[ModelEntry]], wanted: str | None) -> OwnReply | Erro
             "object": "list",
             "data": [entry.document() for entry in merged.values()],
         }
-        return OwnReply(200, json.dumps(document).encode("utf-8"))
+        return JSONAnswer(json.dumps(document).encode("utf-8"))
     found = merged.get(wanted)
     if found is None:
         return ErrorAnswer(
@@ -251,4 +252,4 @@ def _reply(lists: list[list[ModelEntry]], wanted: str | None) -> OwnReply | Erro
             code="model_not_found",
             param="model",
         )
-    return OwnReply(200, json.dumps(found.document()).encode("utf-8"))
+    return JSONAnswer(json.dumps(found.document()).encode("utf-8"))

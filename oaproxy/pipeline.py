@@ -5,30 +5,37 @@ and the named places where behaviour plugs in.
    sees the ``Arrival`` (the request, the authenticated caller, the route
    path) and may refuse it. Built in, in this order: the body cap (413), the
    path check (400), the client key (401). Checks that need no body go here
-   (IP rules before the key check, request-rate limits after it), so that a
+   (IP rules first of all, request-rate limits after the key check), so that a
    refused client never makes the reactor parse its body.
 2. **Inspection**: the body is read and parsed for what routing needs (the
    model, the stream flag).
 3. **Own answers** (``OwnAnswer``): what oaproxy answers itself instead of
-   an upstream (``GET /v1/models``), with no routing.
+   an upstream (``GET /v1/models``), before the body is read, with no
+   routing.
 4. **Routing**: the router picks the upstreams of the request's route
    prefix that may serve this caller and model (404 or 403 otherwise);
    then each **candidate filter** (``CandidateFilter``) reorders or narrows
-   that list, or refuses: the balancing policy, then the circuit breakers
-   (content-filter exemptions go here too).
+   that list, or refuses: the content filter (narrowing to the exempt
+   upstreams first, so that what follows orders only those that will be
+   tried), the balancing policy, then the circuit breakers.
 5. **Gates** (``Gate``) see the exchange and the candidates and may answer
-   themselves: token limits and budgets, a cache hit.
+   themselves (a ``LocalAnswer``): a cache hit first (it costs no tokens),
+   then token limits and budgets.
 6. **Forwarding**: the forwarder tries the candidates in order.
 7. **Observers** (``Observer``) see each forwarded request start, each
    attempt start and end, and every request finish with its record, refused
-   ones included: records, metrics, readiness, alerts, the in-flight ledger,
-   breaker state and upstream load (limiter accounting and cache fill go
-   here too).
+   ones included: records, metrics, readiness, upstream load, breaker state,
+   alerts, cache fill, limiter accounting, the in-flight ledger.
 
-A gate or a candidate filter may answer at once or return a ``Deferred`` (a
-Redis round trip): they run synchronously until one returns a Deferred, so
-a request whose checks need no I/O pays for no Deferred; a client that goes
-away while one waits cancels it.
+Any stage may add headers to the answer, whoever ends up writing it
+(``Arrival.answer_headers``, the same object as ``Exchange.answer_headers``):
+the cache's ``X-Oaproxy-Cache``, the limits' ``x-ratelimit-*``.
+
+A head gate, a gate or a candidate filter may answer at once or return a
+``Deferred`` (a Redis round trip: limits, the cache, shared breakers): each
+stage's checks run synchronously until one returns a Deferred, so a request
+whose checks need no I/O pays for no Deferred; a client that goes away
+while one waits cancels it.
 """
 
 from __future__ import annotations
@@ -42,7 +49,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
+from twisted.web.http_headers import Headers
 
+from oaproxy.answers import LocalAnswer, write_answer
 from oaproxy.config import Config, Upstream
 from oaproxy.errors import ErrorAnswer, error_body
 from oaproxy.forward import AttemptLog, Call, Exchange, Forwarder
@@ -53,9 +62,9 @@ from oaproxy.record import Outcome, Record
 from oaproxy.records import RecordMaker
 from oaproxy.relay import RequestBody
 from oaproxy.routing import Caller, Router
-from oaproxy.web import IN_MEMORY_BODY, answer_error, client_ip, declared_size, peer
+from oaproxy.web import IN_MEMORY_BODY, answer_headers, client_ip, declared_size, peer
 
-Verdict = ErrorAnswer | None
+Verdict = LocalAnswer | None
 Candidates = list[Upstream] | ErrorAnswer
 _T = TypeVar("_T")
 
@@ -71,15 +80,13 @@ class Arrival:
     path: str | None
     config: Config
     # The route prefix ("/ollama"); None for /v1 itself.
-    route: str | None = None
-
-
-@frozen
-class OwnReply:
-    """A JSON answer oaproxy makes itself."""
-
-    status: int
-    body: bytes
+    route: str | None
+    # As records see it: the peer, or X-Forwarded-For past trusted proxies.
+    client_ip: str
+    # What a gate adds to the answer, whatever it is (x-ratelimit-*,
+    # X-Oaproxy-Cache): the request's own (oaproxy.web.ProxyRequest), the
+    # exchange's later.
+    answer_headers: Headers
 
 
 class HeadGate(Protocol):
@@ -89,10 +96,10 @@ class HeadGate(Protocol):
 
 
 class OwnAnswer(Protocol):
-    """Answers a request itself, with a reply or an error; None lets the
-    request go on to routing."""
+    """Answers a request itself, instead of any upstream (a reply or an
+    error); None lets the request go on to routing."""
 
-    def __call__(self, arrival: Arrival) -> Deferred[OwnReply | ErrorAnswer] | None: ...
+    def __call__(self, arrival: Arrival) -> LocalAnswer | Deferred[LocalAnswer] | None: ...
 
 
 class CandidateFilter(Protocol):
@@ -213,6 +220,8 @@ class Pipeline:
             path=where.api_path if where is not None else None,
             config=self.config,
             route=where.route if where is not None else None,
+            client_ip=client_ip(request, self.config.trusted_proxies),
+            answer_headers=answer_headers(request),
         )
         verdict = _run(self._head_gates, arrival)
         if isinstance(verdict, Deferred):
@@ -224,21 +233,19 @@ class Pipeline:
     ) -> bytes | int:
         request = arrival.request
         content_type = request.getHeader(b"content-type")
-        if refusal is not None:
-            # Refused before the body is read or parsed: a client without a
+        answer = refusal if refusal is not None else self._own_answer(arrival)
+        if answer is not None:
+            # Answered before the body is read or parsed: a client without a
             # key cannot make the reactor parse 64 MiB of JSON for a 401.
-            body = RequestBody(size=declared_size(request), data=None)
-        else:
-            body = _request_body(cast(IO[bytes], request.content), content_type)
-        exchange = self._exchange(arrival, where, self.inspect(body, content_type))
-        if refusal is not None:
-            return self._refuse(request, exchange, refusal)
-        for own_answer in self._own_answers:
-            answering = own_answer(arrival)
-            if answering is not None:
+            unread = RequestBody(size=declared_size(request), data=None)
+            exchange = self._exchange(arrival, where, self.inspect(unread, content_type))
+            if isinstance(answer, Deferred):
                 return self._later(
-                    request, answering, lambda reply: self._answer_own(request, exchange, reply)
+                    request, answer, lambda given: self._answer_here(request, exchange, given)
                 )
+            return self._answer_here(request, exchange, answer)
+        body = _request_body(cast(IO[bytes], request.content), content_type)
+        exchange = self._exchange(arrival, where, self.inspect(body, content_type))
         assert arrival.path is not None
         candidates = self.router.candidates(
             arrival.caller, exchange.call.model, arrival.path, arrival.route
@@ -250,11 +257,18 @@ class Pipeline:
             )
         return self._filtered(request, exchange, filtered)
 
+    def _own_answer(self, arrival: Arrival) -> LocalAnswer | Deferred[LocalAnswer] | None:
+        for own_answer in self._own_answers:
+            answer = own_answer(arrival)
+            if answer is not None:
+                return answer
+        return None
+
     def _filtered(
         self, request: server.Request, exchange: Exchange, candidates: Candidates
     ) -> bytes | int:
         if isinstance(candidates, ErrorAnswer):
-            return self._refuse(request, exchange, candidates)
+            return self._answer_here(request, exchange, candidates)
         chosen = candidates
         verdict = _run(self._gates, exchange, chosen)
         if isinstance(verdict, Deferred):
@@ -271,7 +285,7 @@ class Pipeline:
         answer: Verdict,
     ) -> bytes | int:
         if answer is not None:
-            return self._refuse(request, exchange, answer)
+            return self._answer_here(request, exchange, answer)
         self._observers.request_started(exchange, request)
         self._forward(request, exchange, candidates)
         return server.NOT_DONE_YET
@@ -297,37 +311,23 @@ class Pipeline:
             started=self._clock.seconds(),
             time=self._wall_clock(),
             key_name=caller.key.name if caller.key is not None else None,
-            client_ip=client_ip(request, self.config.trusted_proxies),
+            client_ip=arrival.client_ip,
             user_agent=_text(request.getHeader(b"user-agent")),
+            answer_headers=arrival.answer_headers,
         )
 
-    def _answer_own(
-        self, request: server.Request, exchange: Exchange, reply: OwnReply | ErrorAnswer
+    def _answer_here(
+        self, request: server.Request, exchange: Exchange, answer: LocalAnswer
     ) -> bytes:
-        """Answer with oaproxy's own reply; it is recorded like any request."""
-        if isinstance(reply, ErrorAnswer):
-            return self._refuse(request, exchange, reply)
-        request.setResponseCode(reply.status)
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"content-length", b"%d" % len(reply.body))
-        return self._own_end(request, exchange, reply.status, Outcome.OK, reply.body)
-
-    def _refuse(self, request: server.Request, exchange: Exchange, error: ErrorAnswer) -> bytes:
-        """Answer an error of oaproxy's own; it is recorded like any request."""
-        body = answer_error(request, error)
-        return self._own_end(request, exchange, error.status, Outcome.CLIENT_ERROR, body)
-
-    def _own_end(
-        self,
-        request: server.Request,
-        exchange: Exchange,
-        status: int,
-        outcome: Outcome,
-        body: bytes,
-    ) -> bytes:
-        exchange.status = status
-        exchange.outcome = outcome
-        exchange.response_body = body
+        """Give an answer of oaproxy's own (a refusal, a cache hit, the models
+        list); it is recorded like any request, with the outcome the answer
+        says."""
+        body = write_answer(request, answer)
+        recorded = answer.recorded()
+        exchange.status = answer.status
+        exchange.outcome = answer.outcome
+        exchange.limit = answer.limit
+        exchange.response_body = body if recorded is None else recorded
         exchange.bytes_out = len(body)
         exchange.finished = self._clock.seconds()
         exchange.ttfb = exchange.finished - exchange.started

@@ -37,8 +37,12 @@ class Outcome(enum.Enum):
     CLIENT_DISCONNECTED = "client_disconnected"
     #: Cut off by the proxy: still in flight after ``shutdown_timeout``.
     SHUTDOWN = "shutdown"
-    #: oaproxy itself failed (a bug); the client got a 500.
+    #: oaproxy itself failed (a bug, or a limiter that cannot be asked and
+    #: refuses, 503); the client got a 5xx of oaproxy's own.
     ERROR = "error"
+    #: Refused by a request or token limit or a budget (a 429;
+    #: ``Record.limit`` says which).
+    RATE_LIMITED = "rate_limited"
 
 
 class FailureKind(enum.Enum):
@@ -71,6 +75,39 @@ class FailureKind(enum.Enum):
 
 
 _CLIENT_CAUSED = frozenset({FailureKind.CANCELLED, FailureKind.CLIENT_STOPPED_READING})
+
+
+class LimitKind(enum.Enum):
+    """What a limit counts (``oaproxy.traffic``)."""
+
+    REQUESTS = "requests"
+    TOKENS = "tokens"
+    BUDGET = "budget"
+
+
+class LimitScope(enum.Enum):
+    """Whom a limit counts."""
+
+    GLOBAL = "global"  # all requests together
+    KEY = "key"  # one client key (or client IP, without a key)
+    ROUTE = "route"  # one key (or IP) on one API route
+
+
+class CacheResult(enum.Enum):
+    """What the response cache did with a request (``oaproxy.cache``)."""
+
+    HIT = "hit"  # answered from the cache
+    MISS = "miss"  # looked up, not found; stored if the answer is complete
+    BYPASS = "bypass"  # not looked up: "caching": false, or not asked while default: false
+
+
+@frozen
+class LimitRefusal:
+    """The limit that refused a request: e.g. requests, key, ``10/minute``."""
+
+    kind: LimitKind
+    scope: LimitScope
+    limit: str  # as the config gives it: "10/minute", "50 usd/month"
 
 
 @frozen
@@ -134,13 +171,17 @@ class Record:
     #: The model name the answering upstream was sent: ``model``, or what an
     #: alias stands for there.
     upstream_model: str | None = None
+    #: Set when a limit refused the request (outcome ``rate_limited``).
+    limit: LimitRefusal | None = None
+    #: What the response cache did; None on a route it does not serve.
+    cache: CacheResult | None = None
 
 
 def record_document(record: Record) -> JSONObject:
     """The stored form of a record: a JSON object, in the schema every store
     and export has always used."""
     usage = record.usage
-    return {
+    document: JSONObject = {
         "id": record.id,
         "time": record.time,
         "hostname": record.hostname,
@@ -175,16 +216,30 @@ def record_document(record: Record) -> JSONObject:
         "tool_calls": record.tool_calls,
         "finish_reason": record.finish_reason,
         "truncated": list(record.truncated),
-        "usage": None
-        if usage is None
-        else {
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens,
-        },
+        "usage": None if usage is None else usage_document(usage),
         "cost": record.cost,
         "route": record.route,
         "upstream_model": record.upstream_model,
+    }
+    if record.limit is not None:
+        # Only refusals have it: every other record is stored without it.
+        document["limit"] = {
+            "kind": record.limit.kind.value,
+            "scope": record.limit.scope.value,
+            "limit": record.limit.limit,
+        }
+    if record.cache is not None:
+        # Likewise only requests the cache looked at (or bypassed) have it.
+        document["cache"] = record.cache.value
+    return document
+
+
+def usage_document(usage: Usage) -> JSONObject:
+    """Usage as records store it, in OpenAI's own field names."""
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
     }
 
 
@@ -239,9 +294,11 @@ def record_from_document(document: object) -> Record:
         truncated=_texts(fields.get("truncated", list)),
         usage=_usage(fields.optional("usage", dict)),
         cost=fields.optional_number("cost"),
-        # Added later: records stored before them have neither.
-        route=fields.later_text("route"),
-        upstream_model=fields.later_text("upstream_model"),
+        # Added later: records stored before them have none of these.
+        route=fields.later("route", str),
+        upstream_model=fields.later("upstream_model", str),
+        limit=_limit(fields.later("limit", dict)),
+        cache=_cache(fields.later("cache", str)),
     )
 
 
@@ -285,9 +342,10 @@ class _Fields:
         value: str | None = self.optional(key, str)
         return value
 
-    def later_text(self, key: str) -> str | None:
-        """Text of a key added to the schema later: absent means None."""
-        return self.optional_text(key) if key in self._document else None
+    def later(self, key: str, kind: type[Any]) -> Any:
+        """A key added to the schema later, or stored only when set: absent
+        means None, as null does."""
+        return self.optional(key, kind) if key in self._document else None
 
     def integer(self, key: str) -> int:
         value: int = self.get(key, int)
@@ -327,6 +385,26 @@ def _outcome(value: str) -> Outcome:
         return Outcome(value)
     except ValueError:
         raise BadRecord(f"no outcome {value!r}") from None
+
+
+def _limit(document: dict[str, Any] | None) -> LimitRefusal | None:
+    if document is None:
+        return None
+    fields = _Fields(document)
+    try:
+        kind, scope = LimitKind(fields.text("kind")), LimitScope(fields.text("scope"))
+    except ValueError:
+        raise BadRecord(f"no limit {document!r}") from None
+    return LimitRefusal(kind, scope, fields.text("limit"))
+
+
+def _cache(value: str | None) -> CacheResult | None:
+    if value is None:
+        return None
+    try:
+        return CacheResult(value)
+    except ValueError:
+        raise BadRecord(f"no cache result {value!r}") from None
 
 
 def _usage(document: dict[str, Any] | None) -> Usage | None:

@@ -174,7 +174,8 @@ def _error_text(error: BaseException, database: Database) -> str:
     return text
 
 
-def _missing_table(error: BaseException) -> bool:
+def missing_table(error: BaseException) -> bool:
+    """Whether a driver's error says the records table is not there (yet)."""
     if getattr(error, "pgcode", None) == "42P01":  # undefined_table
         return True
     return isinstance(error, sqlite3.OperationalError) and "no such table" in str(error)
@@ -186,7 +187,7 @@ def _check_schema(connection: Any, database: Database) -> None:
         cursor.execute(f"SELECT version FROM {VERSION_TABLE}")
         versions = [row[0] for row in cursor.fetchall()]
     except _database_errors(database.dbtype) as e:
-        if not _missing_table(e):
+        if not missing_table(e):
             raise
         raise CommandError(
             f"{database.where} has no oaproxy records table "

@@ -33,6 +33,7 @@ from zope.interface import implementer
 
 from oaproxy.record import FailureKind
 from oaproxy.sse import SSESplitter, event_data, sse_error_event
+from oaproxy.traffic.pacing import Pacer
 
 
 @implementer(IBodyProducer)
@@ -196,6 +197,7 @@ class StreamRelay(Protocol):
         *,
         sse: bool,
         on_event: Callable[[bytes], bool] | None = None,
+        pace: float | None = None,
     ) -> None:
         self.first_event: Deferred[None] = Deferred(self._cancel)
         self.done: Deferred[RelayFailure | None] = Deferred(self._cancel)
@@ -212,6 +214,16 @@ class StreamRelay(Protocol):
         self._saw_done = False
         self._held: list[bytes] = []
         self._idle: IDelayedCall | None = None
+        # The upstream is paused while the client is (_paused) or while the
+        # pacer holds events back (_pace_holding).
+        self._upstream_paused = False
+        self._pace_holding = False
+        self._upstream_over = False
+        self._pacer = (
+            Pacer(clock, pace, self._paced_write, self._pace_hold)
+            if pace is not None and sse
+            else None
+        )
 
     def connectionMade(self) -> None:
         if self._splitter is None:
@@ -236,11 +248,16 @@ class StreamRelay(Protocol):
             if all(event_data(e) is None for e in events):
                 return
             events, self._held = self._held, []
-        out = b"".join([e for e in events if self._pass_on(e)])
+        passed = [e for e in events if self._pass_on(e)]
         if not self._committed:
             self._start()
-        if out:
-            self._write(out)
+        self._relay_events(passed)
+
+    def _relay_events(self, events: list[bytes]) -> None:
+        if self._pacer is not None:
+            self._pacer.feed(events)
+        elif events:
+            self._write(b"".join(events))
 
     def _pass_on(self, event: bytes) -> bool:
         data = event_data(event)
@@ -248,6 +265,10 @@ class StreamRelay(Protocol):
             return True
         if data == b"[DONE]":
             self._saw_done = True
+            if self._on_event is not None:
+                # Seen too (the cache stores only streams that end so), and
+                # always passed on.
+                self._on_event(data)
             return True
         # on_event captures the event and says whether to pass it on.
         return self._on_event is None or self._on_event(data)
@@ -266,12 +287,32 @@ class StreamRelay(Protocol):
         # upstream's: a client that stops reading must not hold it forever.
         self._paused = True
         self._restart_timer()
-        _producer(self).pauseProducing()
+        self._steer_upstream()
 
     def resumeProducing(self) -> None:
         self._paused = False
         self._restart_timer()
-        _producer(self).resumeProducing()
+        self._steer_upstream()
+
+    def _steer_upstream(self) -> None:
+        paused = self._paused or self._pace_holding
+        if paused != self._upstream_paused:
+            self._upstream_paused = paused
+            if paused:
+                _producer(self).pauseProducing()
+            else:
+                _producer(self).resumeProducing()
+
+    def _pace_hold(self, holding: bool) -> None:
+        self._pace_holding = holding
+        if not self._ended and not self._upstream_over:
+            self._steer_upstream()
+
+    def _paced_write(self, data: bytes) -> None:
+        # The upstream is silent because the pacer holds it: not idle.
+        if not self._paused and self._idle is not None and self._idle.active():
+            self._idle.reset(self._idle_timeout)
+        self._write(data)
 
     def _restart_timer(self) -> None:
         if self._ended:
@@ -289,6 +330,7 @@ class StreamRelay(Protocol):
         self._request.write(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._upstream_over = True
         if self._ended:
             return
         if not self._committed:
@@ -305,14 +347,20 @@ class StreamRelay(Protocol):
             reason.check(PotentialDataLoss) and (self._splitter is None or self._saw_done)
         ):
             if self._splitter is not None:
-                tail = b"".join([e for e in self._splitter.end() if self._pass_on(e)])
-                tail += self._splitter.pending()
-                if tail:
-                    self._write(tail)
-            self._end(None)
+                tail = [e for e in self._splitter.end() if self._pass_on(e)]
+                pending = self._splitter.pending()
+                self._relay_events([*tail, pending] if pending else tail)
+            self._after_paced(None)
         else:
             _, error = describe(reason)
-            self._end(RelayFailure(FailureKind.UPSTREAM_ENDED_EARLY, error))
+            self._after_paced(RelayFailure(FailureKind.UPSTREAM_ENDED_EARLY, error))
+
+    def _after_paced(self, failure: RelayFailure | None) -> None:
+        """End once the pacer wrote what it holds (at once without one)."""
+        if self._pacer is None:
+            self._end(failure)
+        else:
+            self._pacer.when_drained(lambda: self._end(failure))
 
     def _idle_expired(self) -> None:
         self._idle = None
@@ -334,6 +382,8 @@ class StreamRelay(Protocol):
 
     def _end(self, failure: RelayFailure | None) -> None:
         self._ended = True
+        if self._pacer is not None:
+            self._pacer.stop()
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None

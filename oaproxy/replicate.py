@@ -37,7 +37,7 @@ from zope.interface import implementer
 
 from oaproxy.config import Upstream
 from oaproxy.credentials import REDACTED, bearer_token
-from oaproxy.localanswer import (
+from oaproxy.localresponse import (
     EVENT_STREAM,
     SSE_DONE,
     LocalResponse,

@@ -15,7 +15,7 @@ from typing import Any
 from attrs import frozen
 from twisted.web.http_headers import Headers
 
-from oaproxy.localanswer import LocalResponse, error_response
+from oaproxy.localresponse import LocalResponse, error_response
 
 # A prediction's states that do not change any more.
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})

@@ -12,7 +12,8 @@ from urllib.parse import urlsplit
 
 from twisted.logger import Logger
 
-from oaproxy.config import Config, Upstream, UpstreamType, all_client_keys
+from oaproxy.config import Config, Rate, Upstream, UpstreamType, all_client_keys
+from oaproxy.traffic.budgets import describe_budget
 
 if TYPE_CHECKING:
     from oaproxy.generation import Generation
@@ -46,6 +47,8 @@ def _upstream_line(upstream: Upstream) -> str:
         )
     if upstream.deny:
         parts.append("denied " + ", ".join(upstream.deny))
+    if upstream.proxy is not None:
+        parts.append(f"through proxy {upstream.proxy.url}")
     parts.append(f"timeout {upstream.timeout:g}s, stream {upstream.stream_timeout:g}s")
     if upstream.backup:
         parts.append("backup")
@@ -75,12 +78,49 @@ def warnings(config: Config) -> list[str]:
     ]
 
 
+def _rates(rates: Iterable[Rate]) -> str:
+    return ";".join(rate.text for rate in rates)
+
+
+def _limits_line(config: Config) -> str:
+    limits = config.limits
+    parts = [
+        f"{name} {_rates(rates)}"
+        for name, rates in (
+            ("global", limits.global_),
+            ("per key", limits.per_key),
+            ("tokens per key", limits.tokens_per_key),
+        )
+        if rates
+    ]
+    parts += [f"route {route} {_rates(rates)}" for route, rates in limits.routes.items()]
+    for key in all_client_keys(config):
+        own = [
+            f"{what} {_rates(rates)}"
+            for what, rates in (("requests", key.rate_limit), ("tokens", key.token_limit))
+            if rates is not None
+        ]
+        if key.budget is not None:
+            own.append(f"budget {describe_budget(key.budget)}")
+        if own:
+            parts.append(f"key {key.name}: " + ", ".join(own))
+    parts += [f"pace {route} {rate.text}" for route, rate in limits.stream_pace.items()]
+    if not parts:
+        return "limits: none"
+    return (
+        f"limits ({limits.backend.value}, {limits.strategy.value},"
+        f" on backend error {limits.on_backend_error.value}): " + "; ".join(parts)
+    )
+
+
 def summary(
     config: Config, listen: Iterable[str], sinks: Iterable[str], alerts: Iterable[str]
 ) -> list[str]:
     keys = ", ".join(k.name for k in all_client_keys(config)) or "none, the proxy is open"
     sink_list = ", ".join(sinks) or "none"
     alert_list = ", ".join(alerts) or "none"
+    if alert_list != "none" and config.proxy is not None:
+        alert_list += f"; through proxy {config.proxy.url}"
     lines = [
         f"config {config.path} (hostname {config.hostname})",
         "listening on " + ", ".join(listen),
@@ -106,6 +146,7 @@ def summary(
         f"records: body {policy.body}, response {policy.response}, headers {policy.headers};"
         f" sinks {sink_list}"
     )
+    lines.append(_limits_line(config))
     lines.append(f"alerts: {alert_list}")
     return lines
 

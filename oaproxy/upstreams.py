@@ -1,10 +1,12 @@
 """How the forwarder reaches each upstream: one ``IAgent`` per upstream type.
 
-``openai`` upstreams are plain HTTP through the shared connection pool;
-``echo`` answers in the process (``oaproxy.echo``); ``replicate`` translates
-chat completions to Replicate's predictions (``oaproxy.replicate``) over
-the same pool. The forwarder's attempt logic (deadlines, failover, the
-stream relay) is the same for all: each is an ``IAgent``.
+``openai`` upstreams are plain HTTP over the shared connection pool, by
+their way out (direct, or their proxy: ``oaproxy.outbound``); ``echo``
+answers in the process (``oaproxy.echo``), with no way out at all;
+``replicate`` translates chat completions to Replicate's predictions
+(``oaproxy.replicate``) over the agent for its way out, polls included.
+The forwarder's attempt logic (deadlines, failover, the stream relay) is
+the same for all: each is an ``IAgent``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from twisted.web.iweb import IAgent
 
 from oaproxy.config import Upstream, UpstreamType
 from oaproxy.echo import EchoAgent
+from oaproxy.outbound import AgentFor
 from oaproxy.replicate import ReplicateAgent
 
 
@@ -27,12 +30,6 @@ class UpstreamClient:
     agent: IAgent
     # For the one retry after a stale pooled connection: a new connection.
     fresh_agent: IAgent
-    # Says, right after agent.request(), whether it used a pooled connection.
-    pooled: Callable[[], bool]
-
-
-def _never_pooled() -> bool:
-    return False
 
 
 class UpstreamClients:
@@ -41,7 +38,8 @@ class UpstreamClients:
     def __init__(
         self,
         upstreams: tuple[Upstream, ...],
-        http: UpstreamClient,
+        agents: AgentFor,
+        fresh_agents: AgentFor,
         *,
         clock: Any,
         wall_clock: Callable[[], float],
@@ -50,15 +48,14 @@ class UpstreamClients:
         clients: dict[str, UpstreamClient] = {}
         for upstream in upstreams:
             if upstream.type is UpstreamType.ECHO:
-                clients[upstream.name] = UpstreamClient(echo, echo, _never_pooled)
-            elif upstream.type is UpstreamType.REPLICATE:
-                clients[upstream.name] = UpstreamClient(
-                    ReplicateAgent(upstream, http.agent, clock, wall_clock),
-                    ReplicateAgent(upstream, http.fresh_agent, clock, wall_clock),
-                    http.pooled,
-                )
-            else:
-                clients[upstream.name] = http
+                # Answered here: it has no connection that could be stale.
+                clients[upstream.name] = UpstreamClient(echo, echo)
+                continue
+            agent, fresh_agent = agents(upstream.proxy), fresh_agents(upstream.proxy)
+            if upstream.type is UpstreamType.REPLICATE:
+                agent = ReplicateAgent(upstream, agent, clock, wall_clock)
+                fresh_agent = ReplicateAgent(upstream, fresh_agent, clock, wall_clock)
+            clients[upstream.name] = UpstreamClient(agent, fresh_agent)
         self._clients: Mapping[str, UpstreamClient] = clients
 
     def __call__(self, upstream: Upstream) -> UpstreamClient:

@@ -17,8 +17,10 @@ from io import BytesIO
 from typing import IO, TYPE_CHECKING, Any, cast
 
 from twisted.web import http, server
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
+from oaproxy.answers import write_answer
 from oaproxy.errors import ErrorAnswer
 from oaproxy.headers import UPSTREAM_HEADER
 from oaproxy.paths import route_of
@@ -40,10 +42,17 @@ CORS_HEADERS = {
 
 
 class ProxyRequest(server.Request):
-    """A request whose body is capped at ``max_body_bytes`` while it arrives.
+    """A request whose body is capped at ``max_body_bytes`` while it arrives,
+    and whose answer carries oaproxy's own headers.
 
     Over the cap the rest of the body is read and thrown away (never held),
     and the resource answers 413.
+
+    ``answer_headers`` are put on whatever answer the request gets, when its
+    head is written: an answer of oaproxy's own (a refusal, a cache hit), a
+    relayed upstream answer or stream, alike; they replace the upstream's
+    headers of the same name (a limit's ``x-ratelimit-*`` describe the
+    client's limit, the upstream's the shared upstream key).
     """
 
     too_large = False
@@ -55,6 +64,13 @@ class ProxyRequest(server.Request):
         # whole multipart upload into memory: a proxy passes them on untouched.
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(*args, **kwargs)
+        self.answer_headers = Headers()
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            for name, values in self.answer_headers.getAllRawHeaders():
+                self.responseHeaders.setRawHeaders(name, values)
+        super().write(data)
 
     def gotLength(self, length: int | None) -> None:
         self._limit = self.channel.site.max_body_bytes  # type: ignore[attr-defined]
@@ -101,12 +117,9 @@ class ProxySite(server.Site):
         """No access log line: each request's record says more, in the sinks."""
 
 
-def answer_error(request: server.Request, error: ErrorAnswer) -> bytes:
-    body = error.body()
-    request.setResponseCode(error.status)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"content-length", b"%d" % len(body))
-    return body
+def answer_headers(request: server.Request) -> Headers:
+    """The headers oaproxy gives this request's answer (see ``ProxyRequest``)."""
+    return cast(ProxyRequest, request).answer_headers
 
 
 class ProxyResource(Resource):
@@ -193,7 +206,7 @@ class NotFoundResource(Resource):
     isLeaf = True
 
     def render(self, request: server.Request) -> bytes:
-        return answer_error(
+        return write_answer(
             request,
             ErrorAnswer(
                 404,

@@ -29,7 +29,8 @@ from twisted.web import server
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
-FAKE_MODEL = "gpt-4o-mini"
+from tests.payloads import FAKE_MODEL, error_body, sse_event, stream_chunk, usage_chunk
+
 DEFAULT_CHUNKS = ("Hel", "lo, ", "wor", "ld!")
 DEFAULT_USAGE = {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}
 
@@ -102,16 +103,7 @@ class Status:
     def render_body(self) -> bytes:
         if self.body is not None:
             return self.body
-        return json.dumps(
-            {
-                "error": {
-                    "message": self.message,
-                    "type": self.type,
-                    "param": None,
-                    "code": self.error_code,
-                }
-            }
-        ).encode("utf-8")
+        return json.dumps(error_body(self.message, self.error_code, self.type)).encode("utf-8")
 
 
 @frozen
@@ -124,7 +116,18 @@ class Drop:
     """Read the request, then close the connection without any answer."""
 
 
-Behaviour = Auto | Chat | Stream | Embeddings | Models | TranscriptionEcho | Status | Hang | Drop
+@frozen
+class Wait:
+    """Answer like ``then`` (a ``Chat``), but only once the test calls
+    ``FakeUpstream.release()``: requests in flight together, for as long as
+    the test needs."""
+
+    then: Chat = field(factory=Chat)
+
+
+Behaviour = (
+    Auto | Chat | Stream | Embeddings | Models | TranscriptionEcho | Status | Hang | Drop | Wait
+)
 
 
 @define
@@ -222,28 +225,6 @@ def _transport(protocol: Any) -> Any:
     return transport
 
 
-def sse_event(payload: Any) -> bytes:
-    """One SSE event carrying ``payload`` as compact JSON."""
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode("utf-8") + b"\n\n"
-
-
-def stream_chunk(
-    index: int,
-    delta: dict[str, Any],
-    finish: str | None,
-    model: str,
-    chunk_id: str = "chatcmpl-fake",
-) -> dict[str, Any]:
-    """A ``chat.completion.chunk`` with one choice."""
-    return {
-        "id": chunk_id,
-        "object": "chat.completion.chunk",
-        "created": 1700000000,
-        "model": model,
-        "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}],
-    }
-
-
 _BOUNDARY = re.compile(rb'boundary="?([^";]+)"?')
 
 
@@ -296,11 +277,25 @@ class FakeUpstream:
         self._timers: set[Any] = set()
         # Requests left open on purpose (Hang), finished by stop() if needed.
         self._open: set[server.Request] = set()
+        # Requests that Wait for release().
+        self._waiting: list[tuple[server.Request, RecordedRequest, Chat]] = []
         self._arrivals: list[tuple[int, Deferred[RecordedRequest]]] = []
 
     def script(self, *behaviours: Behaviour) -> None:
         """Answer the next requests with these, in order, then ``default``."""
         self._script.extend(behaviours)
+
+    def release(self) -> None:
+        """Answer every request that waits (``Wait``)."""
+        waiting, self._waiting = self._waiting, []
+        for request, recorded, then in waiting:
+            self._open.discard(request)
+            if request._disconnected:
+                continue
+            body = self._answer(request, recorded, then)
+            assert isinstance(body, bytes)
+            request.write(body)
+            request.finish()
 
     def received(self, count: int = 1) -> Deferred[RecordedRequest]:
         """Fires with the ``count``-th request (1-based) once it has arrived."""
@@ -489,6 +484,10 @@ class FakeUpstream:
         if isinstance(behaviour, Hang):
             self._open.add(request)
             return server.NOT_DONE_YET
+        if isinstance(behaviour, Wait):
+            self._open.add(request)
+            self._waiting.append((request, recorded, behaviour.then))
+            return server.NOT_DONE_YET
         if isinstance(behaviour, Drop):
             assert request.channel is not None and request.channel.transport is not None
             request.channel.transport.abortConnection()  # type: ignore[attr-defined]
@@ -528,18 +527,7 @@ class FakeUpstream:
         else:
             events.append(sse_event(stream_chunk(0, {}, "stop", model)))
             if include_usage:
-                events.append(
-                    sse_event(
-                        {
-                            "id": "chatcmpl-fake",
-                            "object": "chat.completion.chunk",
-                            "created": 1700000000,
-                            "model": model,
-                            "choices": [],
-                            "usage": behaviour.usage,
-                        }
-                    )
-                )
+                events.append(sse_event(usage_chunk(behaviour.usage, model)))
             events.append(b"data: [DONE]\n\n")
         self._open.add(request)
         # Status and headers go out at once, as OpenAI's do, before any event.

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from oaproxy.balancing import Balancer, UpstreamLoad
 from oaproxy.config import Config, Upstream
 from oaproxy.forward import Exchange
-from tests.support import AgentCall, Harness, make_config
+from tests.doubles import AgentCall, Harness, make_config
 
 
 def config(policy: str, *weights: float, backups: str = "", more: str = "") -> Config:

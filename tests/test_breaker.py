@@ -30,15 +30,14 @@ from oaproxy.config import BreakerConfig, Upstream
 from oaproxy.forward import AttemptLog, Exchange
 from oaproxy.record import FailureKind
 from oaproxy.sharedredis import SharedRedis
-from tests.harness import (
+from tests.doubles import Client, Harness, make_config
+from tests.live import (
     SHARED_REDIS,
     LiveCase,
     PrivateRedis,
-    chat_body,
     child_env,
     free_port,
     post_json,
-    proxy_config,
     reachable,
     reactor,
     read_body,
@@ -48,7 +47,7 @@ from tests.harness import (
     wait_for,
     write_yaml,
 )
-from tests.support import Client, Harness, make_config
+from tests.payloads import chat_body, proxy_config
 
 CONFIG = """
 authorization: {alice: sk-client}

@@ -20,16 +20,9 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.echo import FINGERPRINT, MAX_EMBEDDING_VALUES, EchoAgent, embedding, pieces
-from oaproxy.localanswer import LocalResponse
+from oaproxy.localresponse import LocalResponse
 from oaproxy.relay import BodyCollector, BytesProducer
-from tests.harness import (
-    EndToEndCase,
-    child_env,
-    free_port,
-    reachable,
-    spawn_daemon,
-    wait_for,
-)
+from tests.live import EndToEndCase, child_env, free_port, reachable, spawn_daemon, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -36,12 +36,25 @@ class ReadmeTests(SynchronousTestCase):
         self.assertIn("-m twisted.trial tests", test)
 
     def test_ci_runs_the_readme_test_command(self) -> None:
+        """CI runs README's test command as it stands there, its output piped into a log."""
         _, test = _readme_commands()
         ci = _read(".ci/run")
         command_lines = [line for line in ci.splitlines() if line.startswith("python3 -m venv")]
         self.assertEqual(len(command_lines), 1, ci)
         # CI pipes trial's output into a log to read its summary.
         self.assertEqual(command_lines[0].split(" 2>&1 | tee ")[0], test)
+
+    def test_ci_checks_the_formatting(self) -> None:
+        """After the tests CI runs ruff format --check, installed by the test
+        extra, and counts a tree it would change as a failure."""
+        ci = _read(".ci/run").splitlines()
+        tests = next(i for i, line in enumerate(ci) if line.startswith("python3 -m venv"))
+        check = ci.index("if ! .venv/bin/ruff format --check .; then")
+        self.assertLess(tests, check)
+        self.assertIn("formatting=1", [line.strip() for line in ci[check + 1 : check + 4]])
+        self.assertIn("+ formatting ))", "\n".join(ci))
+        test_extra = _read("setup.cfg").split("test =", 1)[1].split("dev =", 1)[0]
+        self.assertIn("ruff", test_extra)
 
 
 class SampleConfigTests(SynchronousTestCase):
@@ -79,6 +92,8 @@ class SampleConfigTests(SynchronousTestCase):
 
 class SystemdTests(SynchronousTestCase):
     def test_service(self) -> None:
+        """The service unit runs twistd in the foreground as its own user,
+        sandboxed, restarted on failure and reloaded by SIGHUP."""
         unit = _read("systemd/oaproxy.service")
         self.assertIn("twistd --nodaemon --pidfile= oaproxy", unit)
         for directive in (
@@ -92,6 +107,7 @@ class SystemdTests(SynchronousTestCase):
             self.assertIn(directive, unit)
 
     def test_socket(self) -> None:
+        """The socket unit listens, and says which listen endpoint takes its socket."""
         unit = _read("systemd/oaproxy.socket")
         self.assertIn("ListenStream=", unit)
         self.assertIn("systemd:domain=INET:index=0", unit)

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.circuits import CircuitState
 from oaproxy.models import FETCH_TIMEOUT, LIST_LIFETIME, RETRY_LIFETIME, parse_list
-from tests.support import AgentCall, Client, Harness
+from tests.doubles import AgentCall, Client, Harness
 
 CONFIG = """
 authorization: {alice: sk-alice-000, bob: sk-bob-0000}

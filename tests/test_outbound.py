@@ -4,13 +4,17 @@ one persistent pool sized for many requests to few hosts."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from service_identity.exceptions import CertificateError
 from treq.client import HTTPClient
 from twisted.internet import ssl
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource, server
 from twisted.web.client import URI, Agent, HTTPConnectionPool
@@ -18,7 +22,9 @@ from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 
 from oaproxy.outbound import CACHED_CONNECTION_TIMEOUT, MAX_PERSISTENT_PER_HOST, ReusedEndpoints
-from tests.harness import CLIENT_KEY, EndToEndCase, chat, reactor, upstream
+from tests.doubles import Reply, parse_reply
+from tests.live import EndToEndCase, chat, reactor
+from tests.payloads import CLIENT_KEY, raw_chat_request, upstream
 
 
 class _Redirect(resource.Resource):
@@ -67,6 +73,7 @@ class OutboundTests(EndToEndCase):
         self.assertTrue(self.flushLoggedErrors(CertificateError))
 
     async def test_redirect_is_passed_on_not_followed(self) -> None:
+        """An upstream's redirect is passed to the client as it came; the proxy never follows it."""
         target = await self.fake()
         redirect = _Redirect(target.endpoint.encode() + b"/chat/completions")
         port = reactor.listenTCP(0, server.Site(redirect), interface="127.0.0.1")
@@ -90,21 +97,130 @@ class OutboundTests(EndToEndCase):
         self.assertEqual(target.requests, [])
 
     async def test_one_persistent_pool(self) -> None:
+        """The service has one persistent pool, tuned as oaproxy.outbound says,
+        and three requests in a row reuse one upstream connection."""
         fake = await self.fake()
         proxy = await self.proxy([upstream("main", fake.endpoint)])
         pool: Any = proxy.service.pool
-        self.assertTrue(pool.persistent)
-        self.assertEqual(pool.maxPersistentPerHost, MAX_PERSISTENT_PER_HOST)
-        self.assertEqual(pool.cachedConnectionTimeout, CACHED_CONNECTION_TIMEOUT)
+        self.assertEqual(pool.max_idle_per_route, MAX_PERSISTENT_PER_HOST)
+        self.assertEqual(pool.idle_timeout, CACHED_CONNECTION_TIMEOUT)
         for _ in range(3):
             await self.sdk(proxy, chat)
         # Three requests, one after another, over one upstream connection.
         self.assertEqual(len(fake.requests), 3)
         self.assertEqual(len(fake.connections.open), 1)
 
+    async def test_second_response_never_reaches_the_next_client(self) -> None:
+        """An upstream answering one request twice: the next client gets its own answer.
+
+        The second response starts where the proxy's first socket read ends,
+        and the next client's request arrives as the first answer does (a
+        busy proxy). Twisted's Agent dropped the rest of that read, pooled
+        the connection and gave the next client the second response.
+        """
+        liar = _LiarUpstream()
+        port = reactor.listenTCP(0, liar, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.addCleanup(liar.close_all)
+        proxy = await self.proxy([upstream("liar", f"http://127.0.0.1:{port.getHost().port}/v1")])
+        first, second = _ReplyClient(), _ReplyClient()
+        for client in (first, second):
+            await _connect(proxy.port, client)
+        first.send(raw_chat_request({"model": "m", "messages": []}, CLIENT_KEY))
+        held = await liar.held
+        answer = _ok(b'{"id": "first"}')
+        secret = _ok(b'{"id": "SECRET"}')
+        held.write(answer + b" " * (65536 - len(answer)) + secret)
+        second.send(raw_chat_request({"model": "m", "messages": []}, CLIENT_KEY))
+        self.assertEqual((await first.reply).json(), {"id": "first"})
+        self.assertEqual((await second.reply).json(), {"id": "next"})
+        self.assertNotIn(b"SECRET", second.received)
+
+
+def _ok(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+
+
+class _Liar(Protocol):
+    def __init__(self, upstream: _LiarUpstream) -> None:
+        self.upstream = upstream
+        self.buffer = b""
+
+    def connectionMade(self) -> None:
+        self.upstream.open.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        head, sep, rest = self.buffer.partition(b"\r\n\r\n")
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        if not sep or len(rest) < (int(length.group(1)) if length else 0):
+            return
+        self.buffer = b""
+        transport: Any = self.transport
+        if not self.upstream.held.called:
+            # The first request waits for the test; the others are answered.
+            self.upstream.held.callback(transport)
+        else:
+            transport.write(_ok(b'{"id": "next"}'))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.upstream.open.remove(self)
+
+
+class _LiarUpstream(Factory):
+    def __init__(self) -> None:
+        self.held: Deferred[Any] = Deferred()
+        self.open: list[_Liar] = []
+
+    def buildProtocol(self, addr: Any) -> _Liar:
+        return _Liar(self)
+
+    def close_all(self) -> None:
+        for protocol in list(self.open):
+            transport: Any = protocol.transport
+            transport.abortConnection()
+
+
+class _ReplyClient(Protocol):
+    """A raw client connection to the proxy; ``reply`` fires with one whole reply."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.reply: Deferred[Reply] = Deferred()
+
+    def send(self, data: bytes) -> None:
+        transport: Any = self.transport
+        transport.write(data)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if b"\r\n\r\n" in self.received and not self.reply.called:
+            reply = parse_reply(self.received)
+            if reply.complete:
+                self.reply.callback(reply)
+                transport: Any = self.transport
+                transport.loseConnection()
+
+
+async def _connect(port: int, protocol: Protocol) -> None:
+    connected: Deferred[None] = Deferred()
+
+    class _Once(ClientFactory):
+        def buildProtocol(self, addr: Any) -> Protocol:
+            reactor.callLater(0, connected.callback, None)
+            return protocol
+
+    reactor.connectTCP("127.0.0.1", port, _Once())
+    await connected
+
 
 class ReusedEndpointsTests(SynchronousTestCase):
     def test_one_endpoint_per_scheme_host_and_port(self) -> None:
+        """Requests to one scheme, host and port share one endpoint; https
+        endpoints are wrapped in TLS."""
         endpoints = ReusedEndpoints(Clock())
         a = endpoints.endpointForURI(URI.fromBytes(b"https://api.example/v1/chat/completions"))
         b = endpoints.endpointForURI(URI.fromBytes(b"https://api.example/v1/embeddings?x=1"))
@@ -116,6 +232,7 @@ class ReusedEndpointsTests(SynchronousTestCase):
         self.assertNotIsInstance(a, HostnameEndpoint)  # wrapped in TLS
 
     def test_other_schemes_refused(self) -> None:
+        """A scheme other than http and https is refused."""
         endpoints = ReusedEndpoints(Clock())
         self.assertRaises(
             SchemeNotSupported, endpoints.endpointForURI, URI.fromBytes(b"ftp://x/v1")

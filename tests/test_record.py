@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from oaproxy.record import (
     Attempt,
     BadRecord,
+    CacheResult,
     FailureKind,
     Outcome,
     Record,
@@ -119,6 +120,7 @@ class VocabularyTests(SynchronousTestCase):
                 "CLIENT_DISCONNECTED": "client_disconnected",
                 "SHUTDOWN": "shutdown",
                 "ERROR": "error",
+                "RATE_LIMITED": "rate_limited",
             },
         )
 
@@ -158,9 +160,19 @@ class DocumentTests(SynchronousTestCase):
             self.assertEqual(encode_record(again), stored)
             self.assertEqual(record_from_document(record_document(rec)), without_failures(rec))
 
+    def test_cache_only_where_the_cache_looked(self) -> None:
+        """``cache`` is stored last, and only for a request the cache decided
+        on: every other record keeps the schema it always had."""
+        self.assertNotIn("cache", record_document(record()))
+        for result in CacheResult:
+            rec = record(cache=result, upstream=None, attempts=(), cost=0.0)
+            document = record_document(rec)
+            self.assertEqual((list(document)[-1], document["cache"]), ("cache", result.value))
+            self.assertEqual(decode_record(encode_record(rec)), rec)
+
     def test_old_spool_line(self) -> None:
         """A line the untyped records wrote reads as a record, and is stored
-        again byte for byte."""
+        again byte for byte, with the fields every record has since added."""
         rec = decode_record(OLD_SPOOL_LINE)
         self.assertEqual(
             rec.attempts,
@@ -230,7 +242,13 @@ class BadRecordTests(SynchronousTestCase):
         self.assertBad(self.changed(attempts=["a"]), "an attempt is a JSON object")
 
     def test_unknown_outcome(self) -> None:
+        """A stored outcome oaproxy does not know is refused as a bad record, naming it."""
         self.assertBad(self.changed(outcome="upstream_error"), "no outcome 'upstream_error'")
+
+    def test_unknown_cache_result(self) -> None:
+        """``cache`` is one of the cache's results, as text."""
+        self.assertBad(self.changed(cache="stale"), "no cache result 'stale'")
+        self.assertBad(self.changed(cache=1), "'cache' is int")
 
     def test_numbers_are_finite(self) -> None:
         """Python's JSON reads NaN and Infinity; a record holds neither."""

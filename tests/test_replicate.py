@@ -21,9 +21,9 @@ from oaproxy.circuits import CircuitState
 from oaproxy.relay import BodyCollector, BytesProducer
 from oaproxy.replicate import ReplicateAgent
 from oaproxy.replicate_format import mistral_prompt
+from tests.doubles import AgentCall, Harness, make_config
 from tests.fakereplicate import FakeReplicate, Prediction
-from tests.harness import EndToEndCase, LiveCase, reactor, wait_for
-from tests.support import AgentCall, Harness, make_config
+from tests.live import EndToEndCase, LiveCase, reactor, wait_for
 
 MODEL = "mistralai/mixtral-8x7b-instruct-v0.1"
 TOKEN = "r8-secret-token-0123"

@@ -13,7 +13,7 @@ from prometheus_client import generate_latest
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.headers import UPSTREAM_HEADER
-from tests.support import Client, Harness
+from tests.doubles import Client, Harness
 
 ROUTES = """
 authorization: {alice: sk-alice-000, bob: sk-bob-0000}

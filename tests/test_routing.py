@@ -11,7 +11,7 @@ from oaproxy import routing
 from oaproxy.config import Upstream
 from oaproxy.errors import ErrorAnswer
 from oaproxy.routing import NOT_BEARER, WRONG_KEY, Caller, Router, serves
-from tests.support import make_config
+from tests.doubles import make_config
 
 CONFIG = """
 authorization: {alice: sk-alice-0001, bob: sk-bob-00002}
@@ -47,6 +47,9 @@ class AuthenticateTests(SynchronousTestCase):
         self.router = Router(make_config(CONFIG))
 
     def test_valid_keys(self) -> None:
+        """Each configured key, global or scoped to an upstream, names its
+        caller; spaces around the key after 'Bearer' are trimmed as
+        openai-api-route does."""
         for header, name in [
             (b"Bearer sk-alice-0001", "alice"),
             (b"Bearer sk-bob-00002", "bob"),
@@ -60,6 +63,8 @@ class AuthenticateTests(SynchronousTestCase):
             self.assertEqual((caller.key.name, caller.refusal), (name, None), header)
 
     def test_not_bearer(self) -> None:
+        """No header, an empty one, another scheme, a lower-case 'bearer' or a
+        bare key are all refused as not bearer."""
         for header in [
             None,
             b"",
@@ -116,6 +121,8 @@ class AuthenticateTests(SynchronousTestCase):
         self.assertEqual(len(compared), 2)
 
     def test_no_keys_is_open(self) -> None:
+        """Without keys anywhere the proxy is open: any header or none is a
+        keyless caller who may use every upstream."""
         router = Router(
             make_config(
                 "upstreams: [{endpoint: https://a.test/v1}, {endpoint: https://b.test/v1}]\n"
@@ -178,6 +185,7 @@ class CandidateTests(SynchronousTestCase):
                 self.assertEqual((result.status, result.code), expected, where)
 
     def test_refusal_texts(self) -> None:
+        """A missing or wrong key is refused with OpenAI's 401 error body and the reason."""
         missing = self.router.candidates(self.caller(None), "gpt-4", "/v1/chat/completions")
         self.assertEqual(
             missing,
@@ -202,6 +210,8 @@ class CandidateTests(SynchronousTestCase):
         )
 
     def test_403_and_404_answers(self) -> None:
+        """A model the key may not use is a 403; a model or path that nothing
+        serves is a 404 saying which."""
         forbidden = self.router.candidates(
             self.caller("sk-alice-0001"), "llama-3", "/v1/chat/completions"
         )
@@ -247,6 +257,8 @@ class CandidateTests(SynchronousTestCase):
             )
 
     def test_global_keys_do_not_reach_scoped_upstreams(self) -> None:
+        """A global key never reaches an upstream scoped to its own keys, and a
+        scoped key reaches only its upstream."""
         config = make_config(
             """
 authorization: sk-global
@@ -299,6 +311,8 @@ class ServesTests(SynchronousTestCase):
         return config.upstreams[0]
 
     def test_allow_then_deny(self) -> None:
+        """An upstream serves a name its allow list admits (an empty one admits
+        all) and its deny list does not name; names match exactly."""
         table = [
             ("[]", "[]", "m", True),
             ("[m]", "[]", "m", True),

@@ -24,8 +24,12 @@ from oaproxy.config.listen import check_listeners
 from oaproxy.config.model import (
     POSTGRES,
     REPLICATE_ENDPOINT,
+    CacheBackend,
+    CacheConfig,
     ClientKey,
     Config,
+    LimiterBackend,
+    Limits,
     RouteSettings,
     Upstream,
     UpstreamType,
@@ -33,7 +37,8 @@ from oaproxy.config.model import (
 )
 from oaproxy.config.nodes import Item, NodeReader, child_key, read_document
 from oaproxy.config.schema import read_section, read_settings, section_items
-from oaproxy.config.values import checked_route
+from oaproxy.config.values import checked_route, proxy_url
+from oaproxy.upstreamclient.proxy import HTTPProxy
 
 __all__ = ["load_config", "parse_config"]
 
@@ -74,6 +79,9 @@ class _RawKey:
     secret: str = attrs.field(repr=False)
     key: str
     line: int
+    # The key's own limits, given as {name: {key: ..., rate_limit: ...}};
+    # None when it was given as plain text.
+    limits: dict[str, Any] | None = None
 
 
 @frozen
@@ -100,12 +108,16 @@ def _config(nodes: NodeReader, root: Item) -> Config:
         values["dbaddr"] = dbaddr
 
     parsed = [_upstream(nodes, item) for item in _upstream_items(nodes, items.get("upstreams"))]
-    names = _key_names(nodes, [global_keys or []] + [p.keys or [] for p in parsed])
+    groups = [global_keys or []] + [p.keys or [] for p in parsed]
+    names = _key_names(nodes, groups)
+    limits = _key_limits(nodes, groups)
 
     def client_keys(raw: list[_RawKey]) -> tuple[ClientKey, ...]:
         seen: dict[str, ClientKey] = {}
         for r in raw:
-            seen.setdefault(r.secret, ClientKey(names[r.secret], r.secret))
+            seen.setdefault(
+                r.secret, ClientKey(names[r.secret], r.secret, **limits.get(r.secret, {}))
+            )
         return tuple(seen.values())
 
     # An upstream without deadlines of its own takes the top-level ones.
@@ -119,6 +131,7 @@ def _config(nodes: NodeReader, root: Item) -> Config:
                 **p.values,
                 "name": name,
                 "keys": None if p.keys is None else client_keys(p.keys),
+                "proxy": _upstream_proxy(nodes, p.items, values.get("proxy")),
             }
         )
         for p, name in zip(parsed, _upstream_names(nodes, parsed))
@@ -128,13 +141,7 @@ def _config(nodes: NodeReader, root: Item) -> Config:
         nodes.fail("upstreams", items["upstreams"].line, "every upstream has enabled: false")
     if "routes" in items:
         values["routes"] = _routes(nodes, items["routes"], {u.route for u in every_upstream})
-    breaker = values.get("breaker")
-    if breaker is not None and breaker.shared and not values.get("redis"):
-        nodes.fail(
-            "breaker.shared",
-            items["breaker"].line,
-            "shared breakers keep their state in the top-level redis:, which is not set",
-        )
+    _check_redis_backends(nodes, items, values)
     config = Config(
         path=nodes.path,
         keys=client_keys(global_keys or []),
@@ -148,6 +155,43 @@ def _config(nodes: NodeReader, root: Item) -> Config:
     else:
         check_listeners(config, config.listen, key=listen_item.key, line=listen_item.line)
     return config
+
+
+def _check_redis_backends(
+    nodes: NodeReader, items: Mapping[str, Item], values: Mapping[str, Any]
+) -> None:
+    """``limits.backend: redis``, ``cache.backend: redis`` and ``breaker.shared``
+    keep their counters, entries and circuits in the top-level ``redis:``."""
+    if values.get("redis"):
+        return
+    breaker = values.get("breaker")
+    if breaker is not None and breaker.shared:
+        nodes.fail(
+            "breaker.shared",
+            items["breaker"].line,
+            "shared breakers keep their state in the top-level redis:, which is not set",
+        )
+    sections = (
+        ("limits", Limits, LimiterBackend.REDIS, "a mapping of limit settings"),
+        ("cache", CacheConfig, CacheBackend.REDIS, "a mapping of cache settings"),
+    )
+    for name, cls, redis, what in sections:
+        settings = values.get(name)
+        if settings is None or settings.backend is not redis:
+            continue
+        backend = section_items(nodes, items[name], cls, what)["backend"]
+        nodes.fail(backend.key, backend.line, "backend redis needs the top-level redis: URL")
+
+
+def _upstream_proxy(
+    nodes: NodeReader, items: Mapping[str, Item], inherited: HTTPProxy | None
+) -> HTTPProxy | None:
+    """An upstream's way out: its own ``proxy`` (``none``: direct), else the
+    top-level one."""
+    item = items.get("proxy")
+    if item is None or nodes.is_null(item):
+        return inherited
+    return proxy_url(nodes, item)
 
 
 def _dbaddr(nodes: NodeReader, items: Mapping[str, Item], dbtype: str | None) -> str | None:
@@ -189,6 +233,9 @@ def _raw_keys(nodes: NodeReader, item: Item, *, scoped: bool) -> list[_RawKey] |
         for name, value in nodes.entries(item, "client keys"):
             if not name.strip():
                 nodes.fail(value.key, value.line, "a key name must not be empty")
+            if isinstance(value.node, yaml.MappingNode):
+                result.append(_key_with_limits(nodes, name.strip(), value))
+                continue
             secret = nodes.required_string(value).strip()
             result.append(_RawKey(name.strip(), secret, value.key, value.line))
     elif isinstance(node, yaml.SequenceNode):
@@ -208,6 +255,30 @@ def _raw_keys(nodes: NodeReader, item: Item, *, scoped: bool) -> list[_RawKey] |
                 nodes.fail(item.key, item.line, "no client key left after interpolation")
             return None
     return result or None
+
+
+def _key_with_limits(nodes: NodeReader, name: str, item: Item) -> _RawKey:
+    """``{key: ..., rate_limit: ..., token_limit: ..., budget: ...}``."""
+    given = section_items(
+        nodes, item, ClientKey, "a client key mapping (key, rate_limit, token_limit, budget)"
+    )
+    settings = read_settings(nodes, item, given, ClientKey)
+    secret = settings.pop("secret").strip()
+    return _RawKey(name, secret, item.key, item.line, settings)
+
+
+def _key_limits(nodes: NodeReader, groups: Iterable[list[_RawKey]]) -> dict[str, dict[str, Any]]:
+    """Each secret's own limits; refuse two different sets for one key (a
+    key may be listed under several upstreams, its limits only once)."""
+    given: dict[str, _RawKey] = {}
+    for r in (r for group in groups for r in group):
+        if r.limits is None:
+            continue
+        other = given.get(r.secret)
+        if other is not None and other.limits != r.limits:
+            nodes.fail(r.key, r.line, f"this key's limits are already given on line {other.line}")
+        given.setdefault(r.secret, r)
+    return {secret: r.limits for secret, r in given.items() if r.limits is not None}
 
 
 def _key_names(nodes: NodeReader, groups: Iterable[list[_RawKey]]) -> dict[str, str]:
@@ -318,8 +389,9 @@ def _upstream_names(nodes: NodeReader, parsed: Sequence[_ParsedUpstream]) -> lis
         name = p.values.get("name")
         if name is None:
             endpoint = p.values.get("endpoint")
-            # netloc keeps an explicit port and IPv6 brackets; drop userinfo.
-            base = urlsplit(endpoint).netloc.rpartition("@")[2].lower() if endpoint else "echo"
+            # netloc keeps an explicit port and IPv6 brackets (and has no
+            # user information: endpoint_url refuses it); echo has no endpoint.
+            base = urlsplit(endpoint).netloc.lower() if endpoint else "echo"
             name, n = base, 1
             while name in used:
                 n += 1

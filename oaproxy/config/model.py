@@ -8,16 +8,19 @@ on other settings (upstream names, keys and inherited timeouts).
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import ipaddress
 import socket
 from collections.abc import Mapping
+from enum import Enum
 from types import MappingProxyType
+from typing import Any
 
 from attrs import field, frozen
 
 from oaproxy.config.listen import listen_addresses
+from oaproxy.config.nodes import Item, NodeReader
+from oaproxy.config.rates import Rate, api_paths, rates, route_paces, route_rates
 from oaproxy.config.schema import named_sections, read, read_by_loader, section
 from oaproxy.config.values import (
     aliases,
@@ -33,12 +36,15 @@ from oaproxy.config.values import (
     number,
     one_of,
     optional_text,
+    proxy_url,
+    re2_patterns,
     redis_url,
     rotation,
     route_prefix,
     strings,
     text,
 )
+from oaproxy.upstreamclient.proxy import HTTPProxy
 
 DEFAULT_LISTEN: tuple[str, ...] = ("tcp:8888:interface=127.0.0.1",)
 DEFAULT_TRUSTED_PROXIES: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
@@ -54,7 +60,7 @@ DBTYPES = (SQLITE, POSTGRES)
 NO_DATABASE = "none"
 
 
-class Word(str, enum.Enum):
+class Word(str, Enum):
     """An enum whose members are the words the file gives, and read as them."""
 
     def __str__(self) -> str:
@@ -91,10 +97,42 @@ def key_fingerprint(secret: str) -> str:
     return "key-" + hashlib.sha256(secret.encode("utf-8")).hexdigest()[:8]
 
 
+class BudgetPeriod(Enum):
+    """The calendar period a budget covers, in UTC."""
+
+    DAY = "day"
+    MONTH = "month"
+
+
+@frozen
+class Budget:
+    """What one client key may spend per period: dollars or tokens."""
+
+    usd: float | None = field(default=None, metadata=read(number))
+    tokens: int | None = field(default=None, metadata=read(integer))
+    period: BudgetPeriod = field(default=BudgetPeriod.MONTH, metadata=read(member_of(BudgetPeriod)))
+
+
+def _one_measure(nodes: NodeReader, item: Item, budget: Budget) -> None:
+    if (budget.usd is None) == (budget.tokens is None):
+        nodes.fail(item.key, item.line, "a budget needs either usd or tokens (not both)")
+
+
 @frozen
 class ClientKey:
-    name: str  # the name given in {name: key}, else key_fingerprint(secret)
-    secret: str = field(repr=False)
+    """A client key; given as ``{name: {key: ..., rate_limit: ...}}`` it has
+    limits of its own (None: the ``limits:`` section's apply)."""
+
+    name: str  # the name given in {name: key}, else key_fingerprint(secret); set by the loader
+    secret: str = field(
+        repr=False, metadata=read(text, key="key", missing="a client key mapping needs key")
+    )
+    rate_limit: tuple[Rate, ...] | None = field(default=None, metadata=read(rates))
+    token_limit: tuple[Rate, ...] | None = field(default=None, metadata=read(rates))
+    budget: Budget | None = field(
+        default=None,
+        metadata=section(Budget, "a mapping with usd or tokens, and period", _one_measure),
+    )
 
 
 @frozen
@@ -144,6 +182,11 @@ class Upstream:
     models: Mapping[str, str] = field(default=MappingProxyType({}), metadata=read(aliases))
     # False: configured, but left out (the loader keeps it aside).
     enabled: bool = field(default=True, metadata=read(boolean))
+    # False: exempt from the content filter (e.g. an internal model).
+    content_filter: bool = field(default=True, metadata=read(boolean))
+    # The way out, set by the loader: the top-level proxy unless the
+    # upstream gives its own (``none``: direct, None here).
+    proxy: HTTPProxy | None = field(default=None, metadata=read_by_loader())
 
     @stream_usage.default
     def _stream_usage_default(self) -> bool:
@@ -221,6 +264,85 @@ class RecordsPolicy:
     queue_size: int = field(default=10000, metadata=read(integer))
 
 
+class LimiterBackend(Enum):
+    MEMORY = "memory"  # this process only
+    REDIS = "redis"  # the top-level redis:, shared by every process using it
+
+
+class WindowStrategy(Enum):
+    MOVING = "moving-window"
+    FIXED = "fixed-window"
+
+
+class BackendErrorPolicy(Enum):
+    """What a request gets while the limiter's backend cannot be asked."""
+
+    OPEN = "open"  # served, and the failure counted
+    CLOSED = "closed"  # 503 limiter_unavailable
+
+
+def _no_routes() -> Mapping[str, Any]:
+    return MappingProxyType({})
+
+
+@frozen
+class Limits:
+    """Request and token limits (``oaproxy.traffic``); every rate is a tuple
+    of ``Rate``s, empty when not limited."""
+
+    backend: LimiterBackend = field(
+        default=LimiterBackend.MEMORY, metadata=read(member_of(LimiterBackend))
+    )
+    strategy: WindowStrategy = field(
+        default=WindowStrategy.MOVING, metadata=read(member_of(WindowStrategy))
+    )
+    on_backend_error: BackendErrorPolicy = field(
+        default=BackendErrorPolicy.OPEN, metadata=read(member_of(BackendErrorPolicy))
+    )
+    global_: tuple[Rate, ...] = field(default=(), metadata=read(rates, key="global"))
+    per_key: tuple[Rate, ...] = field(default=(), metadata=read(rates))
+    routes: Mapping[str, tuple[Rate, ...]] = field(factory=_no_routes, metadata=read(route_rates))
+    tokens_per_key: tuple[Rate, ...] = field(default=(), metadata=read(rates))
+    default_max_tokens: int = field(default=1024, metadata=read(integer))
+    stream_pace: Mapping[str, Rate] = field(factory=_no_routes, metadata=read(route_paces))
+
+
+class CacheBackend(Enum):
+    MEMORY = "memory"  # an LRU in this process
+    REDIS = "redis"  # the top-level redis:, shared by every process using it
+
+
+@frozen
+class CacheConfig:
+    """The response cache; see ``oaproxy.cache``."""
+
+    backend: CacheBackend = field(
+        default=CacheBackend.MEMORY, metadata=read(member_of(CacheBackend))
+    )
+    ttl: int = field(default=3600, metadata=read(integer))  # seconds
+    max_entries: int = field(default=10000, metadata=read(integer))  # memory backend
+    # All entries together (memory backend): entries alone would allow
+    # max_entries x max_entry_bytes.
+    max_bytes: int = field(default=256 * 1024 * 1024, metadata=read(integer))
+    max_entry_bytes: int = field(default=1024 * 1024, metadata=read(integer))
+    routes: tuple[str, ...] = field(
+        default=("/v1/chat/completions", "/v1/completions", "/v1/embeddings"),
+        metadata=read(api_paths),
+    )
+    # False: only requests with "caching": true; true: all but "caching": false.
+    default: bool = field(default=False, metadata=read(boolean))
+    # False: one namespace per client key; true: one for all.
+    shared: bool = field(default=False, metadata=read(boolean))
+
+
+@frozen
+class ContentFilterConfig:
+    """Requests refused for what they ask a model to read; see ``oaproxy.contentfilter``."""
+
+    patterns: tuple[str, ...] = field(default=(), metadata=read(re2_patterns))
+    words: tuple[str, ...] = field(default=(), metadata=read(strings))
+
+
 @frozen(kw_only=True)
 class Config:
     path: str  # the file it was read from; not a key
@@ -228,7 +350,9 @@ class Config:
         default=DEFAULT_LISTEN, metadata=read(listen_addresses, alias="address")
     )
     hostname: str = field(factory=socket.gethostname, metadata=read(text))
-    keys: tuple[ClientKey, ...] = field(default=(), metadata=read_by_loader(key="authorization"))
+    keys: tuple[ClientKey, ...] = field(
+        default=(), metadata=read_by_loader(key="authorization", section=ClientKey)
+    )
     admin_key: str | None = field(default=None, repr=False, metadata=read(optional_text))
     metrics_key: str | None = field(default=None, repr=False, metadata=read(optional_text))
     timeout: float = field(default=120.0, metadata=read(deadline))
@@ -255,6 +379,9 @@ class Config:
         default=DEFAULT_TRUSTED_PROXIES, metadata=read(networks)
     )
     shutdown_timeout: float = field(default=30.0, metadata=read(non_negative))
+    # Where upstream requests and alert posts go out; None: straight to them.
+    # HTTP_PROXY and the like are not read: the config says where traffic goes.
+    proxy: HTTPProxy | None = field(default=None, metadata=read(proxy_url))
     log_file: str | None = field(default=None, metadata=read(optional_text))
     records: RecordsPolicy = field(
         factory=RecordsPolicy, metadata=section(RecordsPolicy, "a mapping of record settings")
@@ -262,11 +389,25 @@ class Config:
     notify: NotifyConfig = field(
         factory=NotifyConfig, metadata=section(NotifyConfig, "a mapping of alert settings")
     )
+    limits: Limits = field(factory=Limits, metadata=section(Limits, "a mapping of limit settings"))
     prices: Mapping[str, Price] = field(  # model -> Price, read-only
         default=MappingProxyType({}),
         metadata=named_sections(
             Price, "a mapping of model names to prices", "a mapping with input and output"
         ),
+    )
+    cache: CacheConfig | None = field(  # None: no cache
+        default=None, metadata=section(CacheConfig, "a mapping of cache settings")
+    )
+    ip_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
+        default=(), metadata=read(networks)
+    )
+    ip_deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
+        default=(), metadata=read(networks)
+    )
+    content_filter: ContentFilterConfig | None = field(  # None: no filter
+        default=None,
+        metadata=section(ContentFilterConfig, "a mapping with patterns and words"),
     )
     upstreams: tuple[Upstream, ...] = field(metadata=read_by_loader(section=Upstream))
     # The upstreams given with ``enabled: false``; not a key.

@@ -17,7 +17,7 @@ what makes later messages helpful (``Upstream.type`` before ``endpoint``).
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -62,12 +62,18 @@ def read_by_loader(*, key: str | None = None, section: type | None = None) -> di
     return {_METADATA: Setting(None, key=key, section=section)}
 
 
-def section(cls: type, what: str) -> dict[str, Setting]:
+def section(
+    cls: type, what: str, check: Callable[[NodeReader, Item, Any], None] | None = None
+) -> dict[str, Setting]:
     """Field metadata: the key holds a mapping of ``cls``'s keys; ``what``
-    names it in messages ("a mapping of record settings")."""
+    names it in messages ("a mapping of record settings").  ``check`` sees
+    the value read, for what depends on more than one of its keys."""
 
     def read_nested(nodes: NodeReader, item: Item) -> Any:
-        return read_section(nodes, item, cls, what)
+        value: Any = read_section(nodes, item, cls, what)
+        if check is not None:
+            check(nodes, item, value)
+        return value
 
     return {_METADATA: Setting(read_nested, section=cls)}
 

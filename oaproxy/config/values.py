@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, TypeAlias, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from oaproxy.config.nodes import (
     BOOLEAN_TAGS,
@@ -26,6 +26,7 @@ from oaproxy.config.nodes import (
     NodeReader,
     kind,
 )
+from oaproxy.upstreamclient.proxy import HTTPProxy
 
 Reader: TypeAlias = Callable[[NodeReader, Item], Any]
 _E = TypeVar("_E", bound=enum.Enum)
@@ -144,8 +145,9 @@ def one_of(allowed: Sequence[str], noun: str | None = None) -> Reader:
     return choice
 
 
-def member_of(kind: type[_E], noun: str | None = None) -> Reader:
-    """A reader of one member of the enum ``kind``, given by its value."""
+def member_of(kind: type[_E], noun: str | None = None) -> Callable[[NodeReader, Item], _E]:
+    """A reader of one member of the enum ``kind``, given by its value (its
+    word); ``noun`` as for ``one_of``."""
     word = one_of([member.value for member in kind], noun)
 
     def choice(nodes: NodeReader, item: Item) -> _E:
@@ -154,14 +156,19 @@ def member_of(kind: type[_E], noun: str | None = None) -> Reader:
     return choice
 
 
-def url(nodes: NodeReader, item: Item, schemes: Sequence[str]) -> str:
-    """A URL with one of ``schemes`` and a host, stripped, else unchanged."""
-    value = nodes.required_string(item).strip()
+def _split_url(nodes: NodeReader, item: Item, value: str) -> SplitResult:
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 -- raises ValueError on a bad port
     except ValueError:
         nodes.fail(item.key, item.line, "not a valid URL")
+    return parts
+
+
+def url(nodes: NodeReader, item: Item, schemes: Sequence[str]) -> str:
+    """A URL with one of ``schemes`` and a host, stripped, else unchanged."""
+    value = nodes.required_string(item).strip()
+    parts = _split_url(nodes, item, value)
     if parts.scheme.lower() not in schemes:
         nodes.fail(
             item.key,
@@ -173,8 +180,19 @@ def url(nodes: NodeReader, item: Item, schemes: Sequence[str]) -> str:
     return value
 
 
-def http_url(nodes: NodeReader, item: Item) -> str:
-    return url(nodes, item, _HTTP)
+def http_url(nodes: NodeReader, item: Item, *, credentials: str = "") -> str:
+    """An http(s) URL without user information: oaproxy would have to send
+    it as a header, or a client would see it in an error. ``credentials``
+    says where they go instead."""
+    value = url(nodes, item, _HTTP)
+    if "@" in urlsplit(value).netloc:
+        # Never quoted: user information is a password more often than not.
+        nodes.fail(
+            item.key,
+            item.line,
+            "the URL must not hold user information (user:password@)" + credentials,
+        )
+    return value
 
 
 def homeserver_url(nodes: NodeReader, item: Item) -> str:
@@ -185,11 +203,37 @@ def homeserver_url(nodes: NodeReader, item: Item) -> str:
 def endpoint_url(nodes: NodeReader, item: Item) -> str:
     """An upstream endpoint: an http(s) URL that the request path is
     appended to, so without a query or fragment, and no trailing ``/``."""
-    value = http_url(nodes, item)
+    value = http_url(nodes, item, credentials="; give the upstream's key as sk")
     parts = urlsplit(value)
     if parts.query or parts.fragment or value.endswith(("?", "#")):
         nodes.fail(item.key, item.line, "the endpoint must not have a query or fragment")
     return value.rstrip("/")
+
+
+def proxy_url(nodes: NodeReader, item: Item) -> HTTPProxy | None:
+    """An outbound proxy, ``http://[user:password@]host:port``, or ``none``
+    (None): straight to the upstream."""
+    value = nodes.required_string(item).strip()
+    if value.lower() == "none":
+        return None
+    parts = _split_url(nodes, item, value)
+    if parts.scheme.lower() != "http":
+        nodes.fail(
+            item.key,
+            item.line,
+            "must be none or an http://host:port URL (the proxy is spoken to in plain "
+            "HTTP; https upstreams go through it in a CONNECT tunnel)",
+        )
+    if not parts.hostname:
+        nodes.fail(item.key, item.line, "the proxy URL has no host")
+    if parts.port is None:
+        nodes.fail(item.key, item.line, "the proxy URL needs a port, e.g. http://127.0.0.1:3128")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        nodes.fail(item.key, item.line, "the proxy URL must not have a path, query or fragment")
+    credentials = None
+    if "@" in parts.netloc:
+        credentials = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+    return HTTPProxy(parts.hostname, parts.port, credentials)
 
 
 def redis_url(nodes: NodeReader, item: Item) -> str:
@@ -215,6 +259,28 @@ def networks(
             result.append(ipaddress.ip_network(value, strict=False))
         except ValueError:
             nodes.fail(part.key, part.line, f"{value!r} is not an IP address or CIDR network")
+    return tuple(result)
+
+
+def re2_patterns(nodes: NodeReader, item: Item) -> tuple[str, ...]:
+    """Regular expressions in RE2 syntax, as written (not stripped: a space
+    may be part of one); each is compiled here, so a bad one stops the load."""
+    # Imported here: only a config with a content filter needs RE2.
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False
+    result = []
+    for part in nodes.as_list(item):
+        pattern = nodes.required_string(part, "a pattern", STRING_TAGS)
+        try:
+            re2.compile(pattern, options)
+        except re2.error as e:
+            reason = e.args[0] if e.args else "invalid"
+            if isinstance(reason, bytes):
+                reason = reason.decode("utf-8", "replace")
+            nodes.fail(part.key, part.line, f"not an RE2 pattern: {reason}")
+        result.append(pattern)
     return tuple(result)
 
 
