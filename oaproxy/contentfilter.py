@@ -25,6 +25,7 @@ from attrs import frozen
 from oaproxy.config import Config, ContentFilterConfig, Upstream
 from oaproxy.errors import ErrorAnswer
 from oaproxy.forward import Exchange
+from oaproxy.inspection import content_texts
 
 # Whole words: not next to a letter, a digit or "_" (in any script).
 _WORD_EDGE_BEFORE = r"(?:\A|[^\pL\pN_])"
@@ -103,22 +104,12 @@ def model_texts(body: dict[str, Any]) -> Iterator[str]:
     if isinstance(messages, list):
         for message in messages:
             if isinstance(message, dict):
-                yield from _content(message.get("content"))
+                yield from content_texts(message.get("content"))
     yield from _strings(body.get("prompt"))
     yield from _input(body.get("input"))
     instructions = body.get("instructions")
     if isinstance(instructions, str):
         yield instructions
-
-
-def _content(content: object) -> Iterator[str]:
-    """A message's content: a string, or parts of which the text ones count."""
-    if isinstance(content, str):
-        yield content
-    elif isinstance(content, list):
-        for part in content:
-            if isinstance(part, dict) and isinstance(part.get("text"), str):
-                yield part["text"]
 
 
 def _strings(value: object) -> Iterator[str]:
@@ -138,6 +129,6 @@ def _input(value: object) -> Iterator[str]:
             yield item
         elif isinstance(item, dict):
             if "content" in item:
-                yield from _content(item["content"])
+                yield from content_texts(item["content"])
             elif isinstance(item.get("text"), str):
                 yield item["text"]

@@ -32,6 +32,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from oaproxy.inspection import content_texts
 from oaproxy.localresponse import (
     EVENT_STREAM,
     SSE_DONE,
@@ -53,19 +54,6 @@ _PIECES = re.compile(r"\s*\S+")
 
 class BadRequest(Exception):
     """A request the echo upstream answers with 400."""
-
-
-def _text(content: Any) -> str:
-    """A message's text: a string, or the text parts of a list of parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            part.get("text", "")
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    return ""
 
 
 def _words(text: str) -> int:
@@ -153,8 +141,8 @@ class EchoAgent:
             raise BadRequest("'messages' must be a list of messages.")
         said = [m for m in messages if isinstance(m, dict)]
         users = [m for m in said if m.get("role") == "user"]
-        answer = _text(users[-1].get("content")) if users else ""
-        prompt = sum(_words(_text(m.get("content"))) for m in said)
+        answer = "".join(content_texts(users[-1].get("content"))) if users else ""
+        prompt = sum(_words("".join(content_texts(m.get("content")))) for m in said)
         head = self._head("chatcmpl", request)
         if request.get("stream") is True:
             return self._stream(head, "chat.completion.chunk", request, answer, prompt, chat=True)

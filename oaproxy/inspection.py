@@ -13,7 +13,7 @@ parameters it does not know.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -91,6 +91,17 @@ def request_fields(body: bytes, content_type: str | bytes | None) -> RequestFiel
         and stream_options.get("include_usage") is True,
         parsed=parsed,
     )
+
+
+def content_texts(content: object) -> Iterator[str]:
+    """The texts of a chat message's ``content``: a string, or the text parts
+    of a list of parts (images and audio are no text)."""
+    if isinstance(content, str):
+        yield content
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                yield part["text"]
 
 
 def with_stream_usage(parsed: Mapping[str, Any]) -> bytes:

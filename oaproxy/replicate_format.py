@@ -15,6 +15,7 @@ from typing import Any
 from attrs import frozen
 from twisted.web.http_headers import Headers
 
+from oaproxy.inspection import content_texts
 from oaproxy.localresponse import LocalResponse, error_response
 
 # A prediction's states that do not change any more.
@@ -67,18 +68,6 @@ class ChatRequest:
     input: Mapping[str, Any]
 
 
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            part.get("text", "")
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    return ""
-
-
 def mistral_prompt(messages: Sequence[Mapping[str, Any]]) -> str:
     """The conversation in Mistral's instruction template:
     ``<s>[INST] user [/INST] answer</s>[INST] next [/INST]``. System text is
@@ -87,7 +76,7 @@ def mistral_prompt(messages: Sequence[Mapping[str, Any]]) -> str:
     turns: list[tuple[str, str | None]] = []
     asked: list[str] = []
     for message in messages:
-        role, text = message.get("role"), _text(message.get("content"))
+        role, text = message.get("role"), "".join(content_texts(message.get("content")))
         if role in ("system", "developer"):
             system.append(text)
         elif role == "assistant":
