@@ -8,7 +8,9 @@
   ``PotentialDataLoss``; its ``UpstreamTransport`` records pause, resume and
   stop, the calls by which the relay drives the upstream connection.
   ``ChunkConsumer`` keeps what a body producer writes.
-- ``make_config``: a ``Config`` through the real parser.
+- ``make_config``: a ``Config`` through the real parser; ``bare_exchange``:
+  an exchange as a candidate filter sees it; ``headers``: Twisted
+  ``Headers`` from a mapping.
 - ``Harness`` and ``Client``: the real ``ProxySite`` (built by the daemon's
   own factory) on a ``StringTransport``, with a ``Clock``, the recording
   agents and a cooperator driven by the clock; ``Client.reply()`` parses what
@@ -71,6 +73,19 @@ def make_config(yaml_text: str, environ: Mapping[str, str] | None = None) -> Con
 
 # ---------------------------------------------------------------------------
 # The upstream side
+
+
+class _Bare:
+    """Attributes as given; compared by identity, and weakly referable."""
+
+    def __init__(self, **attributes: Any) -> None:
+        self.__dict__.update(attributes)
+
+
+def bare_exchange(route: str | None = None) -> Exchange:
+    """An exchange as a candidate filter may see it: its call's route, and
+    an identity of its own (breakers key their probes by it, weakly)."""
+    return cast(Exchange, _Bare(call=_Bare(route=route)))
 
 
 def headers(pairs: Mapping[str, str | list[str]] | None = None) -> Headers:
@@ -221,6 +236,11 @@ class AgentCall:
     @property
     def body(self) -> bytes:
         return b"".join(self.chunks)
+
+    @property
+    def host(self) -> str:
+        """The first label of the host asked: "a" for ``https://a.test/v1/…``."""
+        return self.uri.split(b"//")[1].split(b".")[0].decode()
 
     def header(self, name: bytes) -> list[bytes] | None:
         values = self.headers.getRawHeaders(name)

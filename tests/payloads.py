@@ -3,14 +3,16 @@
 - Requests: ``chat_payload`` and ``chat_body`` (a chat completions body, as a
   dict and as bytes: ``FAKE_MODEL`` told ``HI``), ``http_request`` (the bytes of one HTTP/1.1 request),
   ``raw_chat_request`` (a chat request as those bytes), ``multipart`` (a
-  multipart/form-data body by hand), ``api_path`` (what oaproxy reads in a
-  request path).
-- Answers: ``error_body`` (OpenAI's error object), ``feishu_signature``
-  (what a Feishu bot with a signing secret checks).
+  multipart/form-data body by hand), ``bearer`` (a client key's header
+  line), ``api_path`` (what oaproxy reads in a request path).
+- Answers: ``CHAT_ANSWER`` (a chat completion saying "hi"), ``error_body``
+  (OpenAI's error object), ``feishu_signature`` (what a Feishu bot with a
+  signing secret checks).
 - SSE: ``sse`` (``data:`` events), ``sse_event`` (one event of compact JSON),
   ``stream_chunk``, ``chunk_data``, ``content_chunk`` and ``usage_chunk`` (the
   chunks of a chat completion stream), ``compact`` (JSON as OpenAI streams
-  it), ``cut`` (bytes split as they may arrive).
+  it), ``cut`` (bytes split as they may arrive), ``sse_events`` (a stream
+  read back).
 - Configs: ``upstream`` (one upstream's entry), ``proxy_config`` (a whole
   config as a dict, for YAML), and the keys they use.
 """
@@ -111,6 +113,11 @@ def raw_chat_request(body: dict[str, Any], key: str) -> bytes:
     )
 
 
+def bearer(key: str) -> tuple[bytes, bytes]:
+    """The ``Authorization`` header line of a client key."""
+    return (b"Authorization", b"Bearer " + key.encode())
+
+
 def api_path(uri: bytes, routes: Collection[str] = ()) -> str | None:
     """The API path oaproxy reads in ``uri`` under the route prefixes
     ``routes`` (``oaproxy.paths``); None for a path no API has."""
@@ -136,6 +143,10 @@ def error_body(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+#: A chat completion's answer, as small as an SDK accepts.
+CHAT_ANSWER = b'{"choices": [{"message": {"content": "hi"}}]}'
+
+
 def feishu_signature(timestamp: int, secret: str) -> str:
     """Feishu's documented custom-bot signature, written here independently
     of ``oaproxy.channels``."""
@@ -154,6 +165,12 @@ def sse(*datas: str | bytes) -> bytes:
             data = data.encode("utf-8")
         out += b"data: " + data + b"\n\n"
     return out
+
+
+def sse_events(body: bytes) -> list[Any]:
+    """The data of each SSE event of a body, JSON decoded (``[DONE]`` as is)."""
+    datas = [e.removeprefix(b"data: ") for e in body.split(b"\n\n") if e]
+    return [d.decode() if d == b"[DONE]" else json.loads(d) for d in datas]
 
 
 def sse_event(payload: Any) -> bytes:

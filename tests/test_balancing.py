@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.balancing import Balancer, UpstreamLoad
 from oaproxy.config import Config, Upstream
-from oaproxy.forward import Exchange
-from tests.doubles import AgentCall, Harness, make_config
+from tests.doubles import Harness, bare_exchange, make_config
+from tests.payloads import CHAT_ANSWER
 
 
 def config(policy: str, *weights: float, backups: str = "", more: str = "") -> Config:
@@ -32,10 +31,6 @@ def config(policy: str, *weights: float, backups: str = "", more: str = "") -> C
     return make_config("\n".join(lines) + "\n" + more)
 
 
-def exchange(route: str | None = None) -> Exchange:
-    return cast(Exchange, SimpleNamespace(call=SimpleNamespace(route=route)))
-
-
 def names(upstreams: list[Upstream]) -> str:
     return "".join(u.name for u in upstreams)
 
@@ -43,7 +38,7 @@ def names(upstreams: list[Upstream]) -> str:
 class PolicyOrderTests(SynchronousTestCase):
     def orders(self, cfg: Config, count: int, rng: random.Random | None = None) -> list[str]:
         balancer = Balancer(cfg, UpstreamLoad(), rng or random.Random(0))
-        return [names(balancer(exchange(), list(cfg.upstreams))) for _ in range(count)]
+        return [names(balancer(bare_exchange(), list(cfg.upstreams))) for _ in range(count)]
 
     def test_order(self) -> None:
         """order keeps the config's order, backups after the others."""
@@ -72,7 +67,9 @@ class PolicyOrderTests(SynchronousTestCase):
         cfg = config("round_robin", 1, 1, 1)
         balancer = Balancer(cfg, UpstreamLoad(), random.Random(0))
         every, two = list(cfg.upstreams), list(cfg.upstreams[:2])
-        seen = [names(balancer(exchange(), group)) for group in (every, two, every, two, every)]
+        seen = [
+            names(balancer(bare_exchange(), group)) for group in (every, two, every, two, every)
+        ]
         self.assertEqual(seen, ["abc", "ab", "bca", "ba", "cab"])
 
     def test_weighted(self) -> None:
@@ -101,7 +98,7 @@ class PolicyOrderTests(SynchronousTestCase):
         balancer = Balancer(cfg, load, random.Random(0))
 
         def order() -> str:
-            return names(balancer(exchange(), list(cfg.upstreams)))
+            return names(balancer(bare_exchange(), list(cfg.upstreams)))
 
         self.assertEqual(order(), "abcd")
         load.finished("b", 0.5)
@@ -120,14 +117,14 @@ class PolicyOrderTests(SynchronousTestCase):
         cfg = config("least_busy", 1, 1, 1)
         load = UpstreamLoad()
         balancer = Balancer(cfg, load, random.Random(0))
-        self.assertEqual(names(balancer(exchange(), list(cfg.upstreams))), "abc")
+        self.assertEqual(names(balancer(bare_exchange(), list(cfg.upstreams))), "abc")
         load.started("a")
         load.started("a")
         load.started("b")
-        self.assertEqual(names(balancer(exchange(), list(cfg.upstreams))), "cba")
+        self.assertEqual(names(balancer(bare_exchange(), list(cfg.upstreams))), "cba")
         load.finished("a", None)
         load.finished("a", None)
-        self.assertEqual(names(balancer(exchange(), list(cfg.upstreams))), "acb")
+        self.assertEqual(names(balancer(bare_exchange(), list(cfg.upstreams))), "acb")
 
     def test_route_policy(self) -> None:
         """A route's own policy orders its upstreams; /v1 keeps the global one."""
@@ -146,25 +143,19 @@ upstreams:
         balancer = Balancer(cfg, UpstreamLoad(), random.Random(0))
         plain, pool = list(cfg.upstreams[:2]), list(cfg.upstreams[2:])
         self.assertEqual(
-            [names(balancer(exchange("/pool"), pool)) for _ in range(3)], ["xy", "yx", "xy"]
+            [names(balancer(bare_exchange("/pool"), pool)) for _ in range(3)], ["xy", "yx", "xy"]
         )
-        self.assertEqual([names(balancer(exchange(), plain)) for _ in range(3)], ["ab"] * 3)
-
-
-def host(call: AgentCall) -> str:
-    return call.uri.split(b"//")[1].split(b".")[0].decode()
+        self.assertEqual([names(balancer(bare_exchange(), plain)) for _ in range(3)], ["ab"] * 3)
 
 
 class PolicyThroughTheSiteTests(SynchronousTestCase):
-    CHAT_OK = b'{"choices": [{"message": {"content": "hi"}}]}'
-
     def test_round_robin_spreads_requests(self) -> None:
         """Over many requests through the site, each upstream is asked first in turn."""
         h = Harness(config("round_robin", 1, 1, 1))
         for _ in range(9):
             h.chat(key=None)
-            h.agent.calls[-1].respond(200, body=self.CHAT_OK)
-        self.assertEqual("".join(host(c) for c in h.agent.calls), "abc" * 3)
+            h.agent.calls[-1].respond(200, body=CHAT_ANSWER)
+        self.assertEqual("".join(c.host for c in h.agent.calls), "abc" * 3)
 
     def test_failover_walks_the_whole_order(self) -> None:
         """Failing upstreams are left in policy order, the backup last."""
@@ -174,7 +165,7 @@ class PolicyThroughTheSiteTests(SynchronousTestCase):
             for _ in range(3):
                 h.agent.calls[-1].respond(500, body=b"{}")
             self.assertEqual(client.reply().status, 500)
-        self.assertEqual("".join(host(c) for c in h.agent.calls), "bca" + "cba")
+        self.assertEqual("".join(c.host for c in h.agent.calls), "bca" + "cba")
 
     def test_least_latency_follows_measured_latency(self) -> None:
         """Times to first byte measured on the clock decide the next order."""
@@ -183,11 +174,11 @@ class PolicyThroughTheSiteTests(SynchronousTestCase):
         for _ in range(3):
             h.chat(key=None)
             call = h.agent.calls[-1]
-            h.clock.advance(delays[host(call)])
-            call.respond(200, body=self.CHAT_OK)
-        self.assertEqual([host(c) for c in h.agent.calls], ["a", "b", "c"])
+            h.clock.advance(delays[call.host])
+            call.respond(200, body=CHAT_ANSWER)
+        self.assertEqual([c.host for c in h.agent.calls], ["a", "b", "c"])
         h.chat(key=None)
-        self.assertEqual(host(h.agent.calls[-1]), "b")
+        self.assertEqual(h.agent.calls[-1].host, "b")
 
     def test_least_busy_counts_attempts_in_flight(self) -> None:
         """Unanswered attempts keep their upstream busy; answered ones free it."""
@@ -195,9 +186,9 @@ class PolicyThroughTheSiteTests(SynchronousTestCase):
         h.chat(key=None)
         h.chat(key=None)
         h.chat(key=None)
-        self.assertEqual([host(c) for c in h.agent.calls], ["a", "b", "a"])
-        h.agent.calls[1].respond(200, body=self.CHAT_OK)
+        self.assertEqual([c.host for c in h.agent.calls], ["a", "b", "a"])
+        h.agent.calls[1].respond(200, body=CHAT_ANSWER)
         h.chat(key=None)
-        self.assertEqual(host(h.agent.calls[-1]), "b")
+        self.assertEqual(h.agent.calls[-1].host, "b")
         shared: Any = h.shared
         self.assertEqual((shared.load.in_flight("a"), shared.load.in_flight("b")), (2, 1))

@@ -13,16 +13,15 @@ import email.utils
 import os
 import random
 import uuid
-from typing import Any, cast
+from typing import Any
 
 from prometheus_client import generate_latest
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.http_headers import Headers
 
 from oaproxy.breaker import Breakers, Evidence, evidence
 from oaproxy.circuits import MAX_RETRY_AFTER, Circuits, CircuitState, retry_after
@@ -30,7 +29,7 @@ from oaproxy.config import BreakerConfig, Upstream
 from oaproxy.forward import AttemptLog, Exchange
 from oaproxy.record import FailureKind
 from oaproxy.sharedredis import SharedRedis
-from tests.doubles import Client, Harness, make_config
+from tests.doubles import Client, Harness, bare_exchange, capture_log, headers, make_config
 from tests.live import (
     SHARED_REDIS,
     LiveCase,
@@ -47,7 +46,7 @@ from tests.live import (
     wait_for,
     write_yaml,
 )
-from tests.payloads import chat_body, proxy_config
+from tests.payloads import CHAT_ANSWER, chat_body, proxy_config
 
 CONFIG = """
 authorization: {alice: sk-client}
@@ -58,24 +57,18 @@ upstreams:
   - {name: b, endpoint: "https://b.test/v1", sk: sk-b}
   - {name: c, endpoint: "https://c.test/v1", sk: sk-c, backup: true}
 """
-OK = b'{"choices": [{"message": {"content": "hi"}}]}'
-
-
-def host(uri: bytes) -> str:
-    return uri.split(b"//")[1].split(b".")[0].decode()
+OK = CHAT_ANSWER
 
 
 class LogLines:
     """The daemon's log lines while a test runs."""
 
     def __init__(self, case: SynchronousTestCase) -> None:
-        self.lines: list[str] = []
-        observer = cast(ILogObserver, self)
-        globalLogPublisher.addObserver(observer)
-        case.addCleanup(globalLogPublisher.removeObserver, observer)
+        self._events = capture_log(case)
 
-    def __call__(self, event: LogEvent) -> None:
-        self.lines.append(formatEvent(event))
+    @property
+    def lines(self) -> list[str]:
+        return [formatEvent(event) for event in self._events]
 
     def transitions(self, name: str = "a") -> list[str]:
         """The circuit transitions of upstream ``name``, after "circuit "."""
@@ -102,7 +95,7 @@ class BreakerCase(SynchronousTestCase):
                 call.respond(200, body=answer)
             else:
                 call.respond(answer, body=b'{"error": {"message": "no"}}')
-        return client, [host(c.uri) for c in self.h.agent.calls[before:]]
+        return client, [c.host for c in self.h.agent.calls[before:]]
 
     def state(self, name: str) -> CircuitState:
         return self.h.shared.circuits.state(name)
@@ -134,7 +127,7 @@ class LifecycleTests(BreakerCase):
         self.assertEqual(self.gauge("a"), 1)
         # The probe: a in its normal place, first.
         probe = self.h.chat()
-        self.assertEqual(host(self.h.agent.calls[-1].uri), "a")
+        self.assertEqual(self.h.agent.calls[-1].host, "a")
         probing = self.h.agent.calls[-1]
         # Meanwhile another request finds a among the open ones.
         _, tried = self.chat(500, OK)
@@ -212,7 +205,7 @@ class RetryAfterTests(BreakerCase):
         """A 429 with Retry-After opens the circuit for that long, without a
         breaker block and at the first failure."""
         client = self.h.chat()
-        self.h.agent.calls[-1].respond(429, body=b"{}", headers=_headers(b"retry-after", b"120"))
+        self.h.agent.calls[-1].respond(429, body=b"{}", headers=headers({"retry-after": "120"}))
         self.h.agent.calls[-1].respond(200, body=OK)
         self.assertEqual(client.reply().status, 200)
         self.assertIs(self.state("a"), CircuitState.OPEN)
@@ -227,9 +220,9 @@ class RetryAfterTests(BreakerCase):
     def test_http_date_on_503(self) -> None:
         """A 503's Retry-After may be a date, read against the wall clock."""
         wall = self.h.shared.wall_clock()
-        date = email.utils.formatdate(wall + 45, usegmt=True).encode()
+        date = email.utils.formatdate(wall + 45, usegmt=True)
         client = self.h.chat()
-        self.h.agent.calls[-1].respond(503, body=b"{}", headers=_headers(b"retry-after", date))
+        self.h.agent.calls[-1].respond(503, body=b"{}", headers=headers({"retry-after": date}))
         self.h.agent.calls[-1].respond(200, body=OK)
         self.assertEqual(client.reply().status, 200)
         self.h.clock.advance(44)
@@ -261,7 +254,7 @@ class ProbeTests(BreakerCase):
         the probe back when it ends."""
         self.h.chat()
         self.h.agent.calls[-1].respond(500, body=b"{}")
-        self.h.agent.calls[-1].respond(429, body=b"{}", headers=_headers(b"retry-after", b"5"))
+        self.h.agent.calls[-1].respond(429, body=b"{}", headers=headers({"retry-after": "5"}))
         self.h.agent.calls[-1].respond(200, body=OK)
         self.h.clock.advance(5)
         circuits = self.h.shared.circuits
@@ -307,10 +300,6 @@ class EvidenceTests(SynchronousTestCase):
             self.assertIs(evidence(attempt), expected, (status, failure))
 
 
-def _headers(name: bytes, value: bytes) -> Headers:
-    return Headers({name: [value]})
-
-
 # -- shared state --------------------------------------------------------------------
 
 
@@ -321,14 +310,6 @@ def _upstreams() -> list[Upstream]:
         "  - {name: b, endpoint: 'https://b.test/v1'}\n"
     )
     return list(config.upstreams)
-
-
-class _Request:
-    """Stands for an exchange: Breakers only key their claims by it."""
-
-
-def _exchange() -> Exchange:
-    return cast(Exchange, _Request())
 
 
 class SharedBreakerTests(LiveCase):
@@ -374,7 +355,7 @@ class SharedBreakerTests(LiveCase):
         breakers, circuits = process
         before = circuits.view(name).failures
         attempt = AttemptLog(name, 0.0, status=500, failure=FailureKind.STATUS)
-        breakers.attempt_finished(_exchange(), attempt)
+        breakers.attempt_finished(bare_exchange(), attempt)
         await wait_for(lambda: circuits.view(name).failures > before, timeout=5)
 
     async def test_one_state_for_two_processes(self) -> None:
@@ -386,15 +367,15 @@ class SharedBreakerTests(LiveCase):
         await self.failed(self.second, "a")
         self.assertIs(second_circuits.state("a"), CircuitState.OPEN)
         self.assertIs(first_circuits.state("a"), CircuitState.CLOSED)
-        self.assertEqual(await self.order(first, _exchange()), "ba")
+        self.assertEqual(await self.order(first, bare_exchange()), "ba")
         self.assertIs(first_circuits.state("a"), CircuitState.OPEN)
         self.clock.advance(10)
-        probe = _exchange()
+        probe = bare_exchange()
         self.assertEqual(await self.order(first, probe), "ab")
-        self.assertEqual(await self.order(second, _exchange()), "ba")
+        self.assertEqual(await self.order(second, bare_exchange()), "ba")
         first.attempt_finished(probe, AttemptLog("a", 0.0, status=200))
         await wait_for(lambda: first_circuits.state("a") is CircuitState.CLOSED)
-        self.assertEqual(await self.order(second, _exchange()), "ab")
+        self.assertEqual(await self.order(second, bare_exchange()), "ab")
         self.assertIs(second_circuits.state("a"), CircuitState.CLOSED)
 
     async def test_unused_probe_released(self) -> None:
@@ -403,9 +384,9 @@ class SharedBreakerTests(LiveCase):
         await self.failed(self.first, "a")
         await self.failed(self.first, "a")
         self.clock.advance(10)
-        probe = _exchange()
+        probe = bare_exchange()
         self.assertEqual(await self.order(first, probe), "ab")
-        self.assertEqual(await self.order(second, _exchange()), "ba")
+        self.assertEqual(await self.order(second, bare_exchange()), "ba")
         first.request_finished(probe, None)
         key = self.redis.key("breaker", "a")
         probe_id: list[Any] = ["unknown"]
@@ -415,7 +396,7 @@ class SharedBreakerTests(LiveCase):
 
         while probe_id[0] is not None:
             await look()
-        self.assertEqual(await self.order(second, _exchange()), "ab")
+        self.assertEqual(await self.order(second, bare_exchange()), "ab")
 
     async def test_redis_down(self) -> None:
         """Without Redis each process goes on with its own circuits."""
@@ -428,10 +409,10 @@ class SharedBreakerTests(LiveCase):
         await wait_for(lambda: not breakers._redis.connected)  # type: ignore[union-attr]
         for _ in range(2):
             breakers.attempt_finished(
-                _exchange(), AttemptLog("a", 0.0, status=500, failure=FailureKind.STATUS)
+                bare_exchange(), AttemptLog("a", 0.0, status=500, failure=FailureKind.STATUS)
             )
         self.assertIs(circuits.state("a"), CircuitState.OPEN)
-        self.assertEqual(await self.order(breakers, _exchange()), "ba")
+        self.assertEqual(await self.order(breakers, bare_exchange()), "ba")
         self.assertEqual(
             len([line for line in log.lines if "redis unavailable" in line]), 1, log.lines
         )

@@ -15,7 +15,7 @@ from oaproxy.cache.stores import MemoryStore
 from oaproxy.generation import build_generation
 from oaproxy.record import record_document
 from tests.doubles import Client, Harness, Reply, headers, make_config
-from tests.payloads import api_path, sse
+from tests.payloads import api_path, sse, sse_events
 
 CONFIG = """
 authorization: {alice: sk-alice, bob: sk-bob}
@@ -69,16 +69,10 @@ STREAM = sse(
 )
 
 
-def events(body: bytes) -> list[Any]:
-    """The data of each SSE event of a body, JSON decoded (``[DONE]`` as is)."""
-    datas = [e.removeprefix(b"data: ") for e in body.split(b"\n\n") if e]
-    return [d.decode() if d == b"[DONE]" else json.loads(d) for d in datas]
-
-
 def streamed_text(body: bytes) -> str:
     return "".join(
         choice["delta"].get("content") or ""
-        for event in events(body)[:-1]
+        for event in sse_events(body)[:-1]
         for choice in event["choices"]
     )
 
@@ -169,7 +163,7 @@ class HitAndMissTests(CacheCase):
         reply = self.ask(stream=True).reply()
         self.assertEqual((self.forwarded(), self.cached(reply)), (1, b"hit"))
         self.assertEqual(reply.header(b"content-type"), b"text/event-stream")
-        replayed = events(reply.body)
+        replayed = sse_events(reply.body)
         self.assertEqual(
             [e["choices"][0] for e in replayed[:-1]],
             [
@@ -204,7 +198,7 @@ class HitAndMissTests(CacheCase):
         asked = {**CACHING, "stream_options": {"include_usage": True}}
         reply = self.ask(stream=True, extra=asked).reply()
         self.assertEqual(self.cached(reply), b"hit")
-        *_, usage, done = events(reply.body)
+        *_, usage, done = sse_events(reply.body)
         self.assertEqual((usage["choices"], usage["usage"], done), ([], USAGE, "[DONE]"))
 
     def test_stream_from_a_non_stream_entry(self) -> None:
@@ -214,7 +208,7 @@ class HitAndMissTests(CacheCase):
         reply = self.ask(stream=True).reply()
         self.assertEqual((self.forwarded(), self.cached(reply)), (1, b"hit"))
         self.assertEqual(streamed_text(reply.body), "Hello there")
-        self.assertEqual(events(reply.body)[-2]["choices"][0]["finish_reason"], "stop")
+        self.assertEqual(sse_events(reply.body)[-2]["choices"][0]["finish_reason"], "stop")
 
     def test_non_stream_from_a_stream_entry(self) -> None:
         """A non-stream request is answered from a cached stream as one completion."""
@@ -251,7 +245,7 @@ class HitAndMissTests(CacheCase):
                 "finish_reason": "tool_calls",
             },
         )
-        replayed = events(self.ask(stream=True).reply().body)
+        replayed = sse_events(self.ask(stream=True).reply().body)
         self.assertEqual(replayed[1]["choices"][0]["delta"], {"tool_calls": [{"index": 0, **call}]})
         self.assertEqual(self.forwarded(), 1)
 
@@ -275,7 +269,7 @@ class HitAndMissTests(CacheCase):
             completion["choices"],
             [{"index": 0, "text": "Hi!", "logprobs": None, "finish_reason": "length"}],
         )
-        replayed = events(self.ask(stream=True, path=path).reply().body)
+        replayed = sse_events(self.ask(stream=True, path=path).reply().body)
         self.assertEqual([c["choices"][0]["text"] for c in replayed[:-1]], ["Hi!", ""])
         self.assertEqual(self.forwarded(), 1)
 
@@ -527,7 +521,7 @@ class ReplayTests(SynchronousTestCase):
         }
         stream = stream_from_completion(completion, include_usage=False)
         assert stream is not None
-        parts = [e["choices"][0] for e in events(stream)[:-1]]
+        parts = [e["choices"][0] for e in sse_events(stream)[:-1]]
         self.assertEqual(
             [(p["index"], p["delta"].get("content"), p["finish_reason"]) for p in parts],
             [

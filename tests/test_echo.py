@@ -23,6 +23,7 @@ from oaproxy.echo import FINGERPRINT, MAX_EMBEDDING_VALUES, EchoAgent, embedding
 from oaproxy.localresponse import LocalResponse
 from oaproxy.relay import BodyCollector, BytesProducer
 from tests.live import EndToEndCase, child_env, free_port, reachable, spawn_daemon, wait_for
+from tests.payloads import sse_events
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,12 +43,6 @@ def answer(method: bytes, path: bytes, body: Any = None) -> tuple[int, bytes, by
     collector.finished.addCallback(bodies.append)
     [content_type] = response.headers.getRawHeaders(b"content-type") or [b""]
     return response.code, content_type, bodies[0]
-
-
-def chunks(body: bytes) -> list[Any]:
-    events = [line[6:] for line in body.split(b"\n\n") if line.startswith(b"data: ")]
-    assert events[-1] == b"[DONE]", events[-1:]
-    return [json.loads(event) for event in events[:-1]]
 
 
 class EchoAgentTests(SynchronousTestCase):
@@ -90,7 +85,8 @@ class EchoAgentTests(SynchronousTestCase):
             },
         )
         self.assertEqual((status, kind), (200, b"text/event-stream"))
-        events = chunks(body)
+        *events, done = sse_events(body)
+        self.assertEqual(done, "[DONE]")
         self.assertEqual(events[0]["choices"][0]["delta"], {"role": "assistant", "content": ""})
         contents = [e["choices"][0]["delta"].get("content") for e in events[1:-2]]
         self.assertEqual(contents, [" one", " two", "  three", " "])

@@ -24,6 +24,7 @@ from oaproxy.replicate_format import mistral_prompt
 from tests.doubles import AgentCall, Harness, make_config
 from tests.fakereplicate import FakeReplicate, Prediction
 from tests.live import EndToEndCase, LiveCase, reactor, wait_for
+from tests.payloads import sse_events
 
 MODEL = "mistralai/mixtral-8x7b-instruct-v0.1"
 TOKEN = "r8-secret-token-0123"
@@ -281,9 +282,7 @@ class StreamTests(SynchronousTestCase):
         events.write(b"event: done\ndata: {}\n\n")
         events.finish()
         body = self.client.reply().body
-        chunks = [
-            json.loads(line[6:]) for line in body.split(b"\n\n") if line.startswith(b"data: {")
-        ]
+        chunks = sse_events(body)[:-1]
         self.assertEqual(
             [c["choices"][0]["delta"] for c in chunks],
             [{"role": "assistant", "content": "Hel"}, {"content": "lo\nyou"}, {}],
