@@ -10,9 +10,11 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from oaproxy.circuits import CircuitState
 from oaproxy.config import ContentFilterConfig
 from oaproxy.contentfilter import ContentFilter, model_texts
 from tests.doubles import Client, Harness
+from tests.payloads import CHAT_ANSWER
 
 CONFIG = r"""
 authorization: {alice: sk-client}
@@ -145,3 +147,54 @@ class ThroughTheSiteTests(SynchronousTestCase):
         """A content_filter without patterns or words filters nothing."""
         h = Harness(ONLY_CHECKED.replace("patterns:", "#").replace("words:", "#"))
         self.assertFalse([f for f in h.pipeline._candidate_filters if isinstance(f, ContentFilter)])
+
+
+ORDERED = """
+authorization: {alice: sk-client}
+breaker: {failures: 1, cooldown: 10}
+content_filter: {words: [project-x]}
+upstreams:
+  - {name: a, endpoint: "https://a.test/v1", sk: sk-a}
+  - {name: b, endpoint: "https://b.test/v1", sk: sk-b, content_filter: false}
+  - {name: c, endpoint: "https://c.test/v1", sk: sk-c, content_filter: false}
+"""
+
+
+class FilterOrderTests(SynchronousTestCase):
+    """The content filter narrows the candidates before the balancing policy
+    orders them and before the breakers choose a probe."""
+
+    def ask(self, h: Harness, text: str) -> Client:
+        return h.chat(extra={"messages": [{"role": "user", "content": text}]})
+
+    def test_the_policy_rotates_over_the_exempt(self) -> None:
+        """round_robin over a matching request's candidates: the exempt b and c
+        take turns (rotating over a, b and c first would give b, b, c)."""
+        h = Harness("lb_policy: round_robin\n" + ORDERED)
+        for _ in range(3):
+            client = self.ask(h, "about project-x")
+            h.agent.calls[-1].respond(200, body=CHAT_ANSWER)
+            self.assertEqual(client.reply().status, 200)
+        self.assertEqual([call.host for call in h.agent.calls], ["b", "c", "b"])
+
+    def test_no_probe_for_an_upstream_filtered_out(self) -> None:
+        """A matching request never takes the probe of a half-open upstream it
+        may not use: a request that may, sent while the first is in flight,
+        probes it."""
+        h = Harness(ORDERED)
+        opened = self.ask(h, "hello")
+        h.agent.calls[-1].respond(500, body=b"{}")
+        h.agent.calls[-1].respond(200, body=CHAT_ANSWER)
+        self.assertEqual(opened.reply().status, 200)
+        self.assertIs(h.shared.circuits.state("a"), CircuitState.OPEN)
+        h.clock.advance(10)
+        matching = self.ask(h, "about project-x")
+        waiting = h.agent.calls[-1]
+        self.assertEqual(waiting.host, "b")
+        probe = self.ask(h, "hello")
+        self.assertEqual(h.agent.calls[-1].host, "a")
+        h.agent.calls[-1].respond(200, body=CHAT_ANSWER)
+        self.assertEqual(probe.reply().status, 200)
+        self.assertIs(h.shared.circuits.state("a"), CircuitState.CLOSED)
+        waiting.respond(200, body=CHAT_ANSWER)
+        self.assertEqual(matching.reply().status, 200)

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from oaproxy.circuits import CircuitState
 from oaproxy.models import FETCH_TIMEOUT, LIST_LIFETIME, RETRY_LIFETIME, parse_list
 from tests.doubles import AgentCall, Client, Harness
+from tests.payloads import bearer
 
 CONFIG = """
 authorization: {alice: sk-alice-000, bob: sk-bob-0000}
@@ -52,7 +53,7 @@ class ModelsTests(SynchronousTestCase):
         self.h = Harness(CONFIG)
 
     def ask(self, key: str = "sk-alice-000", path: bytes = b"/v1/models") -> Client:
-        return self.h.request(b"GET", path, b"", [(b"Authorization", b"Bearer " + key.encode())])
+        return self.h.request(b"GET", path, b"", [bearer(key)])
 
     def fetch(self) -> AgentCall:
         """The one fetch of own's list the last ask made."""
@@ -166,9 +167,7 @@ class ModelsTests(SynchronousTestCase):
 
     def test_other_methods_are_forwarded(self) -> None:
         """Deleting a fine-tuned model is the upstream's business."""
-        self.h.request(
-            b"DELETE", b"/v1/models/ft-1", b"", [(b"Authorization", b"Bearer sk-alice-000")]
-        )
+        self.h.request(b"DELETE", b"/v1/models/ft-1", b"", [bearer("sk-alice-000")])
         self.assertEqual(self.h.agent.calls[0].method, b"DELETE")
 
     def test_record(self) -> None:
@@ -181,6 +180,23 @@ class ModelsTests(SynchronousTestCase):
             (record["path"], record["status"], record["outcome"], record["attempts"]),
             ("/v1/models/fast", 200, "ok", []),
         )
+
+    def test_after_the_head_gates(self) -> None:
+        """Request limits count the listing and describe it in its headers;
+        over the limit it is their 429, and no upstream is asked; the cache
+        never looks at it."""
+        self.h = Harness('limits: {per_key: "1/minute"}\ncache: {default: true}' + CONFIG)
+        client = self.ask()
+        self.fetch().respond(200, body=json.dumps(OWN_LIST).encode())
+        reply = client.reply()
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.header(b"x-ratelimit-limit-requests"), b"1")
+        self.assertIsNone(reply.header(b"x-oaproxy-cache"))
+        refused = self.ask().reply()
+        self.assertEqual(
+            (refused.status, refused.json()["error"]["code"]), (429, "rate_limit_exceeded")
+        )
+        self.assertEqual(len(self.h.agent.calls), 1)
 
 
 class ParseTests(SynchronousTestCase):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import base64
 from textwrap import dedent
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -19,12 +19,13 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import URI
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
 from oaproxy.config import ConfigError, parse_config
 from oaproxy.credentials import Redactor, config_secrets
-from oaproxy.outbound import ReusedEndpoints
+from oaproxy.outbound import AgentFor, ReusedEndpoints
+from oaproxy.relay import BytesProducer
 from oaproxy.summary import summary
 from oaproxy.upstreamclient import (
     HTTPProxy,
@@ -37,6 +38,9 @@ from oaproxy.upstreamclient import (
     UpstreamPool,
 )
 from oaproxy.upstreamclient.tunnel import MAX_ANSWER_HEAD_BYTES
+from oaproxy.upstreams import UpstreamClients
+from tests.doubles import RecordingAgent
+from tests.payloads import chat_body
 from tests.test_upstreamclient import OK, MemoryUpstream
 
 PATH = "etc/proxy.yaml"
@@ -448,3 +452,50 @@ class ReusedEndpointsTests(SynchronousTestCase):
         self.assertIs(endpoints.endpointThroughProxy(PROXY, https), tunnelled)
         self.assertIsNot(endpoints.endpointThroughProxy(OTHER_PROXY, https), tunnelled)
         self.assertIsNot(endpoints.endpointForURI(https), tunnelled)
+
+
+WAYS_OUT = """
+proxy: http://proxy.test:3128
+upstreams:
+  - {name: mistral, type: replicate, sk: r8-token, allow: [owner/name]}
+  - {name: demo, type: echo}
+  - {name: direct, endpoint: "https://direct.test/v1", proxy: none}
+"""
+
+
+class UpstreamTypesTests(SynchronousTestCase):
+    def test_each_type_goes_out_its_upstreams_way(self) -> None:
+        """Replicate's calls go through the agent for its upstream's proxy (the
+        fresh one for the retry), an openai upstream's through the agent for
+        its own way out, and echo needs none."""
+        config = parse(WAYS_OUT)
+        ways: dict[tuple[HTTPProxy | None, bool], RecordingAgent] = {}
+
+        def agents(fresh: bool) -> AgentFor:
+            return lambda proxy: cast(IAgent, ways.setdefault((proxy, fresh), RecordingAgent()))
+
+        clients = UpstreamClients(
+            config.upstreams, agents(False), agents(True), clock=Clock(), wall_clock=lambda: 0.0
+        )
+        mistral, demo, direct = config.upstreams
+        self.assertIs(clients(direct).agent, ways[(None, False)])
+        self.assertIs(clients(direct).fresh_agent, ways[(None, True)])
+        via = HTTPProxy("proxy.test", 3128)
+        self.assertEqual(mistral.proxy, via)
+        for fresh, client in (
+            (False, clients(mistral).agent),
+            (True, clients(mistral).fresh_agent),
+        ):
+            client.request(
+                b"POST",
+                mistral.url(b"/chat/completions"),
+                Headers({b"authorization": [b"Bearer r8-token"]}),
+                BytesProducer(chat_body("owner/name")),
+            )
+            [create] = ways[(via, fresh)].calls
+            self.assertEqual(
+                create.uri, b"https://api.replicate.com/v1/models/owner/name/predictions"
+            )
+        answered = self.successResultOf(clients(demo).agent.request(b"GET", demo.url(b"/models")))
+        self.assertEqual(answered.code, 200)
+        self.assertEqual(sum(len(agent.calls) for agent in ways.values()), 2)

@@ -13,6 +13,9 @@ from oaproxy.record import (
     BadRecord,
     CacheResult,
     FailureKind,
+    LimitKind,
+    LimitRefusal,
+    LimitScope,
     Outcome,
     Record,
     Usage,
@@ -162,13 +165,37 @@ class DocumentTests(SynchronousTestCase):
 
     def test_cache_only_where_the_cache_looked(self) -> None:
         """``cache`` is stored last, and only for a request the cache decided
-        on: every other record keeps the schema it always had."""
+        on: every other record is stored without it."""
         self.assertNotIn("cache", record_document(record()))
         for result in CacheResult:
             rec = record(cache=result, upstream=None, attempts=(), cost=0.0)
             document = record_document(rec)
             self.assertEqual((list(document)[-1], document["cache"]), ("cache", result.value))
             self.assertEqual(decode_record(encode_record(rec)), rec)
+
+    def test_fields_added_later_together(self) -> None:
+        """route and upstream_model (always stored), limit and cache (stored
+        when set) read back together; a record stored before them all reads
+        back with none of them."""
+        rec = record(
+            route="/ollama",
+            upstream_model="llama3:70b",
+            limit=LimitRefusal(LimitKind.TOKENS, LimitScope.KEY, "1000/minute"),
+            cache=CacheResult.BYPASS,
+            status=429,
+            outcome=Outcome.RATE_LIMITED,
+            upstream=None,
+            attempts=(),
+        )
+        document = record_document(rec)
+        later = ["route", "upstream_model", "limit", "cache"]
+        self.assertEqual(list(document)[-4:], later)
+        self.assertEqual(decode_record(encode_record(rec)), rec)
+        before = {name: value for name, value in document.items() if name not in later}
+        self.assertEqual(
+            record_from_document(before),
+            attrs.evolve(rec, route=None, upstream_model=None, limit=None, cache=None),
+        )
 
     def test_old_spool_line(self) -> None:
         """A line the untyped records wrote reads as a record, and is stored

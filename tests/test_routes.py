@@ -7,13 +7,13 @@ model for one upstream only.
 
 from __future__ import annotations
 
-import json
-
 from prometheus_client import generate_latest
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.headers import UPSTREAM_HEADER
+from oaproxy.record import record_document
 from tests.doubles import Client, Harness
+from tests.payloads import CHAT_ANSWER, bearer, chat_body, sse, sse_event
 
 ROUTES = """
 authorization: {alice: sk-alice-000, bob: sk-bob-0000}
@@ -22,16 +22,8 @@ upstreams:
   - {name: ollama, endpoint: "http://ollama.test:11434/v1", route: /ollama}
   - {name: team, endpoint: "https://team.test/api/v1", route: /team/a, authorization: {bob: sk-bob-0000}}
 """
-OK = b'{"choices": [{"message": {"content": "hi"}}]}'
+OK = CHAT_ANSWER
 JSON = (b"Content-Type", b"application/json")
-
-
-def chat_body(model: str = "gpt-4o-mini") -> bytes:
-    return json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
-
-
-def auth(key: str) -> tuple[bytes, bytes]:
-    return (b"Authorization", b"Bearer " + key.encode())
 
 
 class PrefixTests(SynchronousTestCase):
@@ -39,13 +31,13 @@ class PrefixTests(SynchronousTestCase):
         self.h = Harness(ROUTES)
 
     def post(self, path: bytes, key: str = "sk-alice-000") -> Client:
-        return self.h.request(b"POST", path, chat_body(), [JSON, auth(key)])
+        return self.h.request(b"POST", path, chat_body(), [JSON, bearer(key)])
 
     def test_prefix_goes_to_its_upstreams(self) -> None:
         """A prefixed path reaches its route's upstream only, the API path
         appended to its endpoint, and the answer names it."""
         client = self.h.request(
-            b"POST", b"/ollama/v1/chat/completions?x=1", chat_body(), [JSON, auth("sk-alice-000")]
+            b"POST", b"/ollama/v1/chat/completions?x=1", chat_body(), [JSON, bearer("sk-alice-000")]
         )
         call = self.h.agent.only()
         self.assertEqual(call.uri, b"http://ollama.test:11434/v1/chat/completions?x=1")
@@ -89,7 +81,7 @@ class PrefixTests(SynchronousTestCase):
         """Climbing or escaped paths under a prefix are refused like under /v1;
         a prefix that is no route is not found."""
         for path in (b"/ollama/v1/../../x", b"/ollama/v1/%2e%2e/x", b"/ollama/v1/./models"):
-            reply = self.h.request(b"GET", path, b"", [auth("sk-alice-000")]).reply()
+            reply = self.h.request(b"GET", path, b"", [bearer("sk-alice-000")]).reply()
             self.assertEqual(reply.status, 400, path)
         for path in (
             b"/ollama/%761/models",
@@ -97,7 +89,7 @@ class PrefixTests(SynchronousTestCase):
             b"/other/v1/models",
             b"/ollama/models",
         ):
-            reply = self.h.request(b"GET", path, b"", [auth("sk-alice-000")]).reply()
+            reply = self.h.request(b"GET", path, b"", [bearer("sk-alice-000")]).reply()
             self.assertEqual(reply.status, 404, path)
         self.assertEqual(self.h.agent.calls, [])
 
@@ -175,3 +167,78 @@ class AliasTests(SynchronousTestCase):
         self.assertEqual(
             (sent["model"], sent["stream_options"]), ("my-deployment-4o", {"include_usage": True})
         )
+
+
+PREFIXED = """
+authorization: {alice: sk-alice-000}
+upstreams:
+  - {name: main, endpoint: "https://main.test/v1", sk: sk-main}
+  - {name: ollama, endpoint: "http://ollama.test:11434/v1", route: /ollama}
+"""
+
+
+class TrafficUnderAPrefixTests(SynchronousTestCase):
+    """Limits and the cache match API paths, so they work under a prefix."""
+
+    def post(self, h: Harness, path: bytes, body: bytes | None = None) -> Client:
+        return h.request(b"POST", path, body or chat_body(), [JSON, bearer("sk-alice-000")])
+
+    def test_a_route_limit_under_a_prefix(self) -> None:
+        """limits.routes' /v1/chat/completions counts /ollama/v1/chat/completions
+        too, with the limit's headers beside the upstream's name; the route's
+        counter is one for the API path, whatever the prefix."""
+        h = Harness('limits: {routes: {/v1/chat/completions: "1/minute"}}' + PREFIXED)
+        client = self.post(h, b"/ollama/v1/chat/completions")
+        h.agent.only().respond(200, body=OK)
+        reply = client.reply()
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.header(UPSTREAM_HEADER), b"ollama")
+        self.assertEqual(reply.header(b"x-ratelimit-limit-requests"), b"1")
+        self.assertEqual(reply.header(b"x-ratelimit-remaining-requests"), b"0")
+        for path in (b"/ollama/v1/chat/completions", b"/v1/chat/completions"):
+            refused = self.post(h, path).reply()
+            self.assertEqual(refused.status, 429, path)
+            self.assertIsNone(refused.header(UPSTREAM_HEADER))
+        self.assertEqual(len(h.agent.calls), 1)
+        record = record_document(h.records[1])
+        self.assertEqual(
+            (record["route"], record["outcome"], record["limit"]),
+            (
+                "/ollama",
+                "rate_limited",
+                {"kind": "requests", "scope": "route", "limit": "1/minute"},
+            ),
+        )
+
+    def test_the_cache_under_a_prefix(self) -> None:
+        """A prefix's answers are cached and served under it; /v1 has entries
+        of its own, since other upstreams serve it."""
+        h = Harness("cache: {default: true}" + PREFIXED)
+        miss = self.post(h, b"/ollama/v1/chat/completions")
+        h.agent.only().respond(200, body=OK)
+        self.assertEqual(miss.reply().header(b"x-oaproxy-cache"), b"miss")
+        hit = self.post(h, b"/ollama/v1/chat/completions").reply()
+        self.assertEqual((hit.header(b"x-oaproxy-cache"), hit.body), (b"hit", OK))
+        self.assertEqual(len(h.agent.calls), 1)
+        plain = self.post(h, b"/v1/chat/completions")
+        call = h.agent.calls[-1]
+        self.assertEqual(call.uri, b"https://main.test/v1/chat/completions")
+        call.respond(200, body=OK)
+        self.assertEqual(plain.reply().header(b"x-oaproxy-cache"), b"miss")
+        self.assertEqual(
+            [(r.route, r.cache.value if r.cache else None) for r in h.records],
+            [("/ollama", "miss"), ("/ollama", "hit"), (None, "miss")],
+        )
+
+    def test_a_stream_paced_under_a_prefix(self) -> None:
+        """limits.stream_pace's /v1/chat/completions paces a prefix's streams too."""
+        h = Harness('limits: {stream_pace: {/v1/chat/completions: "2/second"}}' + PREFIXED)
+        body = chat_body(stream=True)
+        client = self.post(h, b"/ollama/v1/chat/completions", body)
+        response = h.agent.only().respond(200, b"text/event-stream")
+        first, second = (sse_event({"choices": [{"delta": {"content": t}}]}) for t in "ab")
+        response.write(first + second + sse("[DONE]"))
+        response.finish()
+        self.assertEqual(client.reply().body, first)
+        h.clock.advance(0.5)
+        self.assertEqual(client.reply().body, first + second + sse("[DONE]"))
