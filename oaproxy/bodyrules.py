@@ -19,7 +19,6 @@ from oaproxy.config import Upstream
 from oaproxy.errors import ErrorAnswer
 from oaproxy.forward import Exchange
 from oaproxy.inspection import BodyKind, Inspected
-from oaproxy.traffic.routes import api_path
 
 #: The API paths whose POST bodies are JSON objects naming a model.
 MODEL_ROUTES = frozenset(
@@ -33,12 +32,13 @@ MODEL_ROUTES = frozenset(
 )
 
 
-def body_refusal(method: bytes, path: str, inspected: Inspected) -> ErrorAnswer | None:
-    """The 400 for a body routing cannot trust; None for one it can."""
+def body_refusal(method: bytes, api_path: str, inspected: Inspected) -> ErrorAnswer | None:
+    """The 400 for a body routing cannot trust; None for one it can.
+    ``api_path`` is the path under any route prefix (``oaproxy.paths``)."""
     problem = inspected.problem
     if problem is not None:
         return ErrorAnswer(400, f"The request body {problem.value}.", param="model")
-    if method != b"POST" or api_path(path) not in MODEL_ROUTES or inspected.model is not None:
+    if method != b"POST" or api_path not in MODEL_ROUTES or inspected.model is not None:
         return None
     kind = inspected.fields.kind
     if kind is BodyKind.JSON:

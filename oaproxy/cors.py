@@ -9,7 +9,8 @@ answers carry CORS headers only when every request needs a client key
 any.
 
 A preflight is told the request headers it asked for only when they are
-ones the API and the OpenAI SDKs send: never whatever a page asks.
+ones the API and the OpenAI SDKs send: never whatever a page asks. A page
+let in may read which upstream answered (``X-Oaproxy-Upstream``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from attrs import frozen
 from twisted.web.http_headers import Headers
 
 from oaproxy.config import Config, all_client_keys
+from oaproxy.headers import UPSTREAM_HEADER
 
 ANY_ORIGIN = "*"
 
@@ -63,15 +65,17 @@ class CorsPolicy:
         """Put on ``out`` what an answer to a page of ``origin`` carries;
         whether that origin is let in."""
         if self.any_origin:
-            out.setRawHeaders(b"access-control-allow-origin", [b"*"])
-            return True
-        if not self.origins:
+            allowed = b"*"
+        elif not self.origins:
             return False
-        # The answer differs by Origin: caches must keep them apart.
-        out.setRawHeaders(b"vary", [b"Origin"])
-        if origin is None or origin.decode("latin-1") not in self.origins:
-            return False
-        out.setRawHeaders(b"access-control-allow-origin", [origin])
+        else:
+            # The answer differs by Origin: caches must keep them apart.
+            out.setRawHeaders(b"vary", [b"Origin"])
+            if origin is None or origin.decode("latin-1") not in self.origins:
+                return False
+            allowed = origin
+        out.setRawHeaders(b"access-control-allow-origin", [allowed])
+        out.setRawHeaders(b"access-control-expose-headers", [UPSTREAM_HEADER])
         return True
 
     def preflight_headers(self, origin: bytes | None, asked: bytes | None, out: Headers) -> None:

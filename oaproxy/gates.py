@@ -1,5 +1,6 @@
 """The head gates every config has: method, body cap, body budget, path,
-content encoding, client key (in this order).
+content encoding, client key (in this order; a config's IP rules go right
+after the method).
 
 Each looks at the ``Arrival`` only: none of them reads or parses the body.
 """
@@ -92,9 +93,13 @@ def client_key(router: Router) -> HeadGate:
     return check
 
 
-def builtin_head_gates(router: Router) -> tuple[HeadGate, ...]:
+def builtin_head_gates(router: Router, ip_rules: HeadGate | None = None) -> tuple[HeadGate, ...]:
+    """The built-in head gates in their order, with ``ip_rules`` (if any)
+    after the method: a method the API has no use for is refused whoever
+    sends it."""
     return (
         method_check,
+        *(() if ip_rules is None else (ip_rules,)),
         body_cap,
         body_budget,
         path_check,

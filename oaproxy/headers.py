@@ -59,6 +59,9 @@ COOKIES = frozenset({b"set-cookie", b"set-cookie2"})
 # Which pages may read the answers is oaproxy's to say (oaproxy.cors).
 _CORS_PREFIX = b"access-control-"
 
+#: Names, on every proxied answer, the upstream it came from.
+UPSTREAM_HEADER = b"x-oaproxy-upstream"
+
 
 def _connection_tokens(headers: Headers) -> frozenset[bytes]:
     tokens: set[bytes] = set()

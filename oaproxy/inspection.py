@@ -1,5 +1,6 @@
 """What routing needs from a request body: the model, the stream flag, whether
-the client asked for usage; and the body as an upstream is asked for usage.
+the client asked for usage, its ``"caching"``; and the body each upstream is
+sent.
 
 A JSON body is walked (``oaproxy.jsonscan``), never built whole: a body held
 in memory at once, one in its spool file (past ``IN_MEMORY_BODY``) through a
@@ -9,8 +10,16 @@ gives its ``model`` field. Whatever keeps a body from being read for its
 model is a ``BodyProblem`` (``oaproxy.bodyrules`` says what it costs the
 request): routing never guesses.
 
-Asking an upstream for usage (``stream_options.include_usage``) is a splice
-of the client's bytes, not a new body.
+What an upstream is sent is the client's bytes with splices, never a new
+body: ``"caching"`` (openai-forward's parameter, read by the response
+cache) cut out of every JSON body, as OpenAI refuses parameters it does not
+know; the upstream's own name for an aliased model; and
+``stream_options.include_usage`` when oaproxy asks for usage.
+
+Those that need more of a body read it here too: a body of up to
+``WALK_AT_ONCE`` parsed whole (``Inspected.parsed``), and the members a
+model reads (``Inspected.model_read_items``, for the content filter) of any
+body, a list's elements one at a time.
 """
 
 from __future__ import annotations
@@ -18,8 +27,9 @@ from __future__ import annotations
 import json
 import mmap
 import re
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from enum import Enum
+from functools import partial
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -34,6 +44,7 @@ from oaproxy.jsonscan import (
     NotAnObject,
     ObjectScan,
     Problem,
+    kept_items,
     media_bytes,
     run,
     scan_object,
@@ -42,17 +53,22 @@ from oaproxy.jsonscan import (
 from oaproxy.multipart import form_values
 from oaproxy.relay import RequestBody, Splice
 
-#: Bodies up to this size are walked at once; larger ones a step at a time.
+#: Bodies up to this size are walked at once, and may be parsed whole (in at
+#: most a few milliseconds); larger ones are walked a step at a time.
 WALK_AT_ONCE = 64 * 1024
 #: A model name longer than this (as JSON, quotes and escapes included) is
 #: no model's: it is refused rather than copied around.
 MODEL_BYTES = 4096
 
+CACHING = "caching"
+#: The members whose texts a model reads (what the content filter checks).
+MODEL_READS = ("messages", "prompt", "input", "instructions")
+
 # The members read from a body's object, case folded (MODEL counts too).
 _MODEL = "model"
 _STREAM_OPTIONS = "stream_options"
 _NUMBERS = ("max_completion_tokens", "max_tokens", "max_output_tokens", "n")
-_KEYS = frozenset({_MODEL, "stream", _STREAM_OPTIONS, *_NUMBERS})
+_KEYS = frozenset({_MODEL, "stream", _STREAM_OPTIONS, CACHING, *_NUMBERS, *MODEL_READS})
 _INCLUDE_USAGE = frozenset({"include_usage"})
 _NUMBER_BYTES = 32
 _NOT_WHITESPACE = re.compile(rb"[^ \t\n\r]")
@@ -114,6 +130,14 @@ class RequestFields:
     usage_splice: Splice | None = None
     # Bytes of inline media (data: URLs), for a body too large to parse.
     media_bytes: int = 0
+    # The client's "caching": true or false; None when it gave none.
+    caching: bool | None = None
+    # The edits that take every "caching" out of the body.
+    cuts: tuple[Splice, ...] = ()
+    # Where the model's value (a JSON string) is: an alias is put there.
+    model_at: tuple[int, int] | None = None
+    # The members a model reads (MODEL_READS), the last of each name.
+    read_by_model: tuple[Member, ...] = ()
 
 
 def body_kind(head: bytes, content_type: str | bytes | None) -> BodyKind:
@@ -172,6 +196,8 @@ def _json_fields(buffer: Buffer, scan: ObjectScan) -> Generator[None, None, Requ
             return RequestFields(BodyKind.JSON, problem=BodyProblem.NOT_JSON)
     # The last of a key counts, as for json.loads.
     last = {m.key: m for m in members}
+    cachings = [m for m in members if m.key == CACHING]
+    caching = _decoded(buffer, cachings[-1], _NUMBER_BYTES) if cachings else None
     stream = _token(buffer, last.get("stream")) == b"true"
     options = last.get(_STREAM_OPTIONS)
     inner = None
@@ -186,24 +212,58 @@ def _json_fields(buffer: Buffer, scan: ObjectScan) -> Generator[None, None, Requ
         value = _decoded(buffer, last.get(name), _NUMBER_BYTES)
         if isinstance(value, int) and not isinstance(value, bool):
             numbers[name] = value
+    usage_splice = None
+    if stream and not include_usage:
+        # Its members once the "caching" ones are cut.
+        remaining = scan.count - len(cachings)
+        usage_splice = _usage_splice(scan, remaining, options, inner, usage)
     return RequestFields(
         BodyKind.JSON,
         model=model,
         stream=stream,
         include_usage=include_usage,
         numbers=MappingProxyType(numbers),
-        usage_splice=(
-            _usage_splice(scan, options, inner, usage) if stream and not include_usage else None
-        ),
+        usage_splice=usage_splice,
+        caching=caching if isinstance(caching, bool) else None,
+        cuts=_cuts(cachings),
+        model_at=(models[0].value_start, models[0].value_end) if model is not None else None,
+        read_by_model=tuple(last[name] for name in MODEL_READS if name in last),
     )
 
 
+def _cuts(members: Sequence[Member]) -> tuple[Splice, ...]:
+    """The edits that take ``members`` (in the body's order) out of their
+    object, with their commas: each run of them next to each other is cut
+    up to the member after it, or else from the end of the value before it."""
+    runs: list[list[Member]] = []
+    for member in members:
+        if runs and runs[-1][-1].next_start == member.start:
+            runs[-1].append(member)
+        else:
+            runs.append([member])
+    cuts = []
+    for together in runs:
+        first, last = together[0], together[-1]
+        if last.next_start is not None:
+            cuts.append(Splice(first.start, last.next_start, b""))
+        elif first.previous_end is not None:
+            cuts.append(Splice(first.previous_end, last.value_end, b""))
+        else:
+            cuts.append(Splice(first.start, last.value_end, b""))
+    return tuple(cuts)
+
+
 def _usage_splice(
-    scan: ObjectScan, options: Member | None, inner: ObjectScan | None, usage: Member | None
+    scan: ObjectScan,
+    remaining: int,
+    options: Member | None,
+    inner: ObjectScan | None,
+    usage: Member | None,
 ) -> Splice:
     """The edit that makes ``stream_options.include_usage`` true: in the body
-    ``scan``, whose ``options`` (if any) is the object ``inner`` (if it is
-    one) holding ``usage`` (if it does)."""
+    ``scan`` (which keeps ``remaining`` members of its own), whose
+    ``options`` (if any) is the object ``inner`` (if it is one) holding
+    ``usage`` (if it does)."""
     if usage is not None:
         return Splice(usage.value_start, usage.value_end, b"true")
     if inner is not None:
@@ -214,7 +274,7 @@ def _usage_splice(
         # null, or not an object: replaced, as the client's options say nothing.
         return Splice(options.value_start, options.value_end, b'{"include_usage":true}')
     at = scan.open_at + 1
-    comma = b"," if scan.count else b""
+    comma = b"," if remaining else b""
     return Splice(at, at, b'"stream_options":{"include_usage":true}' + comma)
 
 
@@ -223,6 +283,17 @@ def _token(buffer: Buffer, member: Member | None) -> bytes | None:
     if member is None:
         return None
     return bytes(buffer[member.value_start : min(member.value_end, member.value_start + 8)])
+
+
+def content_texts(content: object) -> Iterator[str]:
+    """The texts of a chat message's ``content``: a string, or the text parts
+    of a list of parts (images and audio are no text)."""
+    if isinstance(content, str):
+        yield content
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                yield part["text"]
 
 
 def _decoded(buffer: Buffer, member: Member | None, limit: int = MODEL_BYTES) -> Any:
@@ -236,12 +307,20 @@ def _decoded(buffer: Buffer, member: Member | None, limit: int = MODEL_BYTES) ->
         return None
 
 
+#: Reads one item of a member a model reads: ``(name, item, listed)``,
+#: ``listed`` when the item is an element of the member's list value; True
+#: to stop.
+ItemReader = Callable[[str, Any, bool], bool]
+
+
 @define
 class Inspected:
     """A request body and what was read from it."""
 
     body: RequestBody
     fields: RequestFields
+    # Where a large body's later readings run, a step at a time; None: at once.
+    cooperator: Cooperator | None = None
     # Parsed on first use, for bodies in memory only (see text_characters).
     _parsed: Any = field(default=None, init=False, repr=False)
 
@@ -264,6 +343,11 @@ class Inspected:
         return self.fields.include_usage
 
     @property
+    def caching(self) -> bool | None:
+        """The client's ``"caching"``: true or false; None when it gave none."""
+        return self.fields.caching
+
+    @property
     def problem(self) -> BodyProblem | None:
         return self.fields.problem
 
@@ -274,7 +358,7 @@ class Inspected:
     def parsed(self) -> dict[str, Any] | None:
         """The JSON body as Python objects, for one walked at once (parsing a
         larger one would hold the reactor); None for others. Shared: do not
-        mutate."""
+        mutate. It still holds ``"caching"``."""
         data = self.body.data
         if self._parsed is None and self.is_json_object and data and len(data) <= WALK_AT_ONCE:
             try:
@@ -292,15 +376,59 @@ class Inspected:
             return count(parsed)
         return self.body.size - self.fields.media_bytes
 
+    def model_read_items(self, keep: frozenset[str], read: ItemReader) -> bool | Deferred[bool]:
+        """Give ``read`` each item of the members a model reads
+        (``MODEL_READS``): each element of a list, or the value itself, as
+        Python values (objects with only the members named in ``keep``,
+        unless the body is parsed whole anyway). Whether ``read`` stopped
+        early; a Deferred of it for a large body, walked a step at a time.
+        Raises (or fails with) ``NotAnObject`` for a body with more to read
+        than a walk reads (``oaproxy.jsonscan.MAX_BRACKETS``)."""
+        parsed = self.parsed()
+        if parsed is not None:
+            return any(read(*item) for item in parsed_items(parsed))
+        members = self.fields.read_by_model
+        if not self.is_json_object or not members:
+            return False
+
+        def walk(buffer: Buffer) -> Generator[None, None, bool]:
+            for member in members:
+                found = yield from kept_items(buffer, member, keep, partial(read, member.key))
+                if found:
+                    return True
+            return False
+
+        return _walked(self.body, walk, self.cooperator)
+
     def asks_usage_for(self, upstream: Upstream) -> bool:
         """Whether oaproxy adds ``include_usage`` to this upstream's request."""
         return upstream.stream_usage and self.fields.usage_splice is not None
 
-    def body_for(self, upstream: Upstream) -> RequestBody:
-        splice = self.fields.usage_splice
-        if splice is None or not upstream.stream_usage:
-            return self.body
-        return self.body.edited(splice)
+    def body_for(self, upstream: Upstream, *, with_usage: bool = True) -> RequestBody:
+        """The body ``upstream`` is sent: the client's without ``"caching"``,
+        with the upstream's own name for an aliased model, and (with
+        ``with_usage``) asking for usage when oaproxy does."""
+        fields = self.fields
+        splices = list(fields.cuts)
+        alias = upstream.models.get(self.model) if self.model is not None else None
+        if alias is not None and fields.model_at is not None:
+            splices.append(Splice(*fields.model_at, json.dumps(alias).encode("ascii")))
+        if with_usage and self.asks_usage_for(upstream):
+            assert fields.usage_splice is not None
+            splices.append(fields.usage_splice)
+        return self.body.edited(*splices)
+
+
+def parsed_items(body: Mapping[str, Any]) -> Iterator[tuple[str, Any, bool]]:
+    """The items of the members a model reads in a parsed body, as
+    ``Inspected.model_read_items`` gives them: ``(name, item, listed)``."""
+    for name in MODEL_READS:
+        value = body.get(name)
+        if isinstance(value, list):
+            for item in value:
+                yield name, item, True
+        elif value is not None:
+            yield name, value, False
 
 
 class Inspector:
@@ -313,32 +441,20 @@ class Inspector:
         self, body: RequestBody, content_type: bytes | None
     ) -> Inspected | Deferred[Inspected]:
         kind = body_kind(body.head[:WALK_AT_ONCE], content_type)
+        found: RequestFields | Deferred[RequestFields]
         if kind is BodyKind.JSON and body.size > WALK_AT_ONCE:
-            if body.data is not None:
-                return self._stepped(body, _large_json_fields(body.data, content_type))
-            mapped = _mapped(body)
-            walk = _dropping_pages(mapped, _large_json_fields(mapped, content_type))
-            return self._stepped(body, walk).addBoth(_closing(mapped))
-        if body.data is not None:
-            return Inspected(body, run(read_fields(body.data, kind, content_type)))
-        if kind is BodyKind.FORM:
+            found = _walked(
+                body, lambda buffer: _large_json_fields(buffer, content_type), self._cooperator
+            )
+        elif kind in (BodyKind.JSON, BodyKind.FORM):
             # A form's parts are found by memmem: at once, whatever its size.
-            with _mapped(body) as mapped:
-                return Inspected(body, run(read_fields(mapped, kind, content_type)))
-        # A large upload of another kind: nothing in it is read.
-        return Inspected(body, RequestFields(kind))
-
-    def _stepped(
-        self, body: RequestBody, walk: Generator[None, None, RequestFields]
-    ) -> Deferred[Inspected]:
-        found: list[RequestFields] = []
-        task = self._cooperator.cooperate(stepped(walk, found.append))
-        # Cancelled (the client went away), the walk stops where it is.
-        inspected: Deferred[Inspected] = Deferred(lambda _: task.stop())
-        task.whenDone().addCallbacks(
-            lambda _: inspected.callback(Inspected(body, found[0])), inspected.errback
-        )
-        return inspected
+            found = _walked(body, lambda buffer: read_fields(buffer, kind, content_type), None)
+        else:
+            # Nothing in it is read (a large upload, say).
+            found = RequestFields(kind)
+        if isinstance(found, Deferred):
+            return found.addCallback(lambda fields: Inspected(body, fields, self._cooperator))
+        return Inspected(body, found, self._cooperator)
 
 
 def unread(body: RequestBody) -> Inspected:
@@ -354,6 +470,34 @@ def _large_json_fields(
         # Too large to parse for a token estimate: its inline media are left out.
         fields = evolve(fields, media_bytes=(yield from media_bytes(buffer)))
     return fields
+
+
+def _walked(
+    body: RequestBody,
+    walk: Callable[[Buffer], Generator[None, None, _T]],
+    cooperator: Cooperator | None,
+) -> _T | Deferred[_T]:
+    """``walk`` over the body's bytes: at once without a cooperator or for a
+    small body, else a step at a time (cancelling the Deferred stops it). A
+    body in its spool file is read through a read-only map of the file."""
+    if body.data is not None:
+        if cooperator is None or body.size <= WALK_AT_ONCE:
+            return run(walk(body.data))
+        return _stepped(cooperator, walk(body.data))
+    mapped = _mapped(body)
+    if cooperator is None:
+        with mapped:
+            return run(walk(mapped))
+    return _stepped(cooperator, _dropping_pages(mapped, walk(mapped))).addBoth(_closing(mapped))
+
+
+def _stepped(cooperator: Cooperator, walk: Generator[None, None, _T]) -> Deferred[_T]:
+    found: list[_T] = []
+    task = cooperator.cooperate(stepped(walk, found.append))
+    # Cancelled (the client went away), the walk stops where it is.
+    result: Deferred[_T] = Deferred(lambda _: task.stop())
+    task.whenDone().addCallbacks(lambda _: result.callback(found[0]), result.errback)
+    return result
 
 
 def _dropping_pages(

@@ -14,6 +14,11 @@ The walk is a generator that yields after each piece of work of about
 reactor serving; ``run`` drives one to its end at once (small bodies). It
 reads any buffer with ``find``, slicing and ``re`` (``bytes``, ``mmap``).
 
+What a caller needs of a value's content is read the same way
+(``kept_items``): a list's elements one at a time, each as Python values
+with only the members it names, so that a 60 MiB list of messages is never
+held as objects at once.
+
 What the walk checks is the structure parsers agree on: the object's own
 members (keys, colons, commas), whole strings and matched brackets inside
 values, and nothing after the object. Numbers and words inside values are
@@ -35,8 +40,9 @@ from attrs import frozen
 STEP = 256 * 1024
 # Stepping over one bracket or member costs this much of a step.
 _ITEM_COST = 128
-#: A body with more brackets than this is refused: each costs about a
-#: microsecond of Python, and no API body has a fraction of this many.
+#: A body with more brackets than this (and, where values are read, values)
+#: is refused: each costs about a microsecond of Python, and no API body has
+#: a fraction of this many.
 MAX_BRACKETS = 2 << 20
 #: Keys longer than this (as bytes, escapes included) are not decoded: no
 #: key a caller asks for is near this long, however it is escaped.
@@ -44,6 +50,8 @@ KEY_BYTES = 256
 
 _T = TypeVar("_T")
 Buffer = Any  # bytes or mmap: find, slices, len and re
+# Reads a kept member's value: given its key and where it starts, where it ends.
+_Read = Callable[[str, int], Generator[None, None, int]]
 
 _BOM = b"\xef\xbb\xbf"
 _QUOTE = ord('"')
@@ -61,7 +69,7 @@ class Problem(Enum):
 
     NOT_JSON = "is not valid JSON"
     NOT_AN_OBJECT = "is not a JSON object"
-    TOO_COMPLEX = f"has more than {MAX_BRACKETS} brackets"
+    TOO_COMPLEX = f"has more than {MAX_BRACKETS} brackets or values to read"
 
 
 class NotAnObject(Exception):
@@ -75,12 +83,16 @@ class NotAnObject(Exception):
 @frozen
 class Member:
     """One member of the object: its decoded key, where it starts (its
-    key's quote) and where its value is (``value_end`` is past it)."""
+    key's quote) and where its value is (``value_end`` is past it); and
+    where its neighbours are, to cut it out: the end of the value before
+    it and the start of the member after it (None for none)."""
 
     key: str
     start: int
     value_start: int
     value_end: int
+    previous_end: int | None = None
+    next_start: int | None = None
 
 
 @frozen
@@ -113,14 +125,48 @@ def scan_object(
     return (yield from walk.object(start, keys, whole))
 
 
+def kept_items(
+    buffer: Buffer,
+    member: Member,
+    keep: frozenset[str],
+    found: Callable[[Any, bool], bool],
+    *,
+    depth: int = 4,
+) -> Generator[None, None, bool]:
+    """Give ``found`` each element of ``member``'s value when it is a list
+    (``found(element, True)``), or else the value itself (``found(value,
+    False)``), as Python values: objects with only the members named in
+    ``keep``, containers deeper than ``depth`` as None. ``found`` returns True
+    to stop; whether it did. Raises ``NotAnObject``."""
+    walk = _Walk(buffer, member.value_end)
+    start = member.value_start
+    try:
+        if buffer[start : start + 1] != b"[":
+            value, _ = yield from walk.kept(start, keep, depth)
+            return found(value, False)
+
+        def element(position: int) -> Generator[None, None, int]:
+            value, end = yield from walk.kept(position, keep, depth)
+            if found(value, True):
+                raise _Found
+            return end
+
+        yield from walk.array(start, element)
+    except _Found:
+        return True
+    return False
+
+
+class _Found(Exception):
+    """A ``kept_items`` caller found what it looked for: the walk stops."""
+
+
 def run(walk: Generator[None, None, _T]) -> _T:
     """Drive a walk to its end at once."""
-    while True:
-        try:
-            next(walk)
-        except StopIteration as done:
-            result: _T = done.value
-            return result
+    found: list[_T] = []
+    for _ in stepped(walk, found.append):
+        pass
+    return found[0]
 
 
 def stepped(
@@ -142,8 +188,10 @@ class _Walk:
         self.brackets = 0
 
     def object(
-        self, start: int, keys: frozenset[str], whole: bool
+        self, start: int, keys: frozenset[str], whole: bool, read: _Read | None = None
     ) -> Generator[None, None, ObjectScan]:
+        """With ``read``, the value of each member kept is read by it (given
+        the key and where the value starts, it returns where the value ends)."""
         buffer, end = self.buffer, self.end
         position = yield from self.whitespace(start)
         if buffer[position : position + 1] != b"{":
@@ -151,6 +199,7 @@ class _Walk:
         open_at = position
         kept: list[Member] = []
         count = 0
+        previous_end = None
         position = yield from self.whitespace(position + 1)
         if buffer[position : position + 1] == b"}":
             close_at = position
@@ -163,19 +212,30 @@ class _Walk:
                 if buffer[colon : colon + 1] != b":":
                     raise NotAnObject(Problem.NOT_JSON)
                 value_start = yield from self.whitespace(colon + 1)
-                value_end = yield from self.value_end(value_start)
-                count += 1
                 key = self.key(position, key_end)
-                if key is not None and key.casefold() in keys:
-                    kept.append(Member(key, position, value_start, value_end))
-                position = yield from self.whitespace(value_end)
-                separator = buffer[position : position + 1]
-                if separator == b"}":
-                    close_at = position
-                    break
-                if separator != b",":
+                wanted = key is not None and key.casefold() in keys
+                if wanted and read is not None:
+                    assert key is not None
+                    value_end = yield from read(key, value_start)
+                else:
+                    value_end = yield from self.value_end(value_start)
+                count += 1
+                after = yield from self.whitespace(value_end)
+                separator = buffer[after : after + 1]
+                next_start = None
+                if separator == b",":
+                    next_start = yield from self.whitespace(after + 1)
+                elif separator != b"}":
                     raise NotAnObject(Problem.NOT_JSON)
-                position = yield from self.whitespace(position + 1)
+                if wanted:
+                    assert key is not None
+                    kept.append(
+                        Member(key, position, value_start, value_end, previous_end, next_start)
+                    )
+                if next_start is None:
+                    close_at = after
+                    break
+                previous_end, position = value_end, next_start
                 yield from self.spent(_ITEM_COST)
         if whole and (yield from self.whitespace(close_at + 1)) != end:
             raise NotAnObject(Problem.NOT_JSON)
@@ -244,6 +304,68 @@ class _Walk:
             raise NotAnObject(Problem.NOT_JSON)
         return match.end()
 
+    def array(
+        self, start: int, element: Callable[[int], Generator[None, None, int]]
+    ) -> Generator[None, None, int]:
+        """Past the array at ``start``, each element read by ``element``
+        (given where it starts, it returns where it ends)."""
+        buffer = self.buffer
+        position = yield from self.whitespace(start + 1)
+        if buffer[position : position + 1] == b"]":
+            return position + 1
+        while True:
+            position = yield from self.whitespace((yield from element(position)))
+            separator = buffer[position : position + 1]
+            if separator == b"]":
+                return position + 1
+            if separator != b",":
+                raise NotAnObject(Problem.NOT_JSON)
+            position = yield from self.whitespace(position + 1)
+            yield from self.spent(_ITEM_COST)
+
+    def kept(
+        self, start: int, keep: frozenset[str], depth: int
+    ) -> Generator[None, None, tuple[Any, int]]:
+        """The value at ``start`` as Python values, objects with only the
+        members named in ``keep`` (the last of a key counts, as for
+        ``json.loads``), containers deeper than ``depth`` as None; and where
+        it ends."""
+        buffer = self.buffer
+        first = buffer[start : start + 1]
+        if first not in (b"{", b"["):
+            end = yield from self.value_end(start)
+            self.counted()
+            return _loaded(buffer[start:end]), end
+        if depth <= 0:
+            return None, (yield from self.container_end(start))
+        if first == b"[":
+            items: list[Any] = []
+
+            def element(position: int) -> Generator[None, None, int]:
+                value, end = yield from self.kept(position, keep, depth - 1)
+                items.append(value)
+                return end
+
+            return items, (yield from self.array(start, element))
+        members: dict[str, Any] = {}
+
+        def member(key: str, position: int) -> Generator[None, None, int]:
+            if key not in keep:
+                # Kept for its case-folded key only: not one asked for.
+                return (yield from self.value_end(position))
+            members[key], end = yield from self.kept(position, keep, depth - 1)
+            return end
+
+        self.counted()
+        scan = yield from self.object(start, keep, False, member)
+        return members, scan.close_at + 1
+
+    def counted(self) -> None:
+        """One more value read: they cost like brackets, and count with them."""
+        self.brackets += 1
+        if self.brackets > MAX_BRACKETS:
+            raise NotAnObject(Problem.TOO_COMPLEX)
+
     def container_end(self, start: int) -> Generator[None, None, int]:
         """Past the bracket that closes the one at ``start``."""
         buffer, end = self.buffer, self.end
@@ -281,6 +403,16 @@ class _Walk:
             if self.work >= STEP:
                 self.work = 0
                 yield
+
+
+def _loaded(value: bytes) -> Any:
+    """A string, number or word as Python; None for one Python does not read
+    (a bad escape, a number of thousands of digits). Control characters in
+    strings are taken: a lenient upstream would read them."""
+    try:
+        return json.loads(value, strict=False)
+    except ValueError:
+        return None
 
 
 def media_bytes(buffer: Buffer) -> Generator[None, None, int]:

@@ -102,9 +102,13 @@ class RequestBody:
         """The bytes that are sent: the client's, edited."""
         return self.size + sum(len(s.insert) - (s.end - s.start) for s in self.splices)
 
-    def edited(self, splice: Splice) -> RequestBody:
-        splices = sorted((*self.splices, splice), key=lambda s: s.start)
-        return evolve(self, splices=tuple(splices))
+    def edited(self, *splices: Splice) -> RequestBody:
+        """The body with ``splices`` too; they must not overlap (an insertion
+        where a cut starts goes before the cut)."""
+        if not splices:
+            return self
+        ordered = sorted((*self.splices, *splices), key=lambda s: (s.start, s.end))
+        return evolve(self, splices=tuple(ordered))
 
     def producer(self, cooperator: Cooperator) -> IBodyProducer | None:
         if self.length == 0:
@@ -332,6 +336,10 @@ class StreamRelay(Protocol):
             return True
         if data == b"[DONE]":
             self._saw_done = True
+            if self._on_event is not None:
+                # Seen too (the cache stores only streams that end so), and
+                # always passed on.
+                self._on_event(data)
             return True
         # on_event captures the event and says whether to pass it on.
         return self._on_event is None or self._on_event(data)

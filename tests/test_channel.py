@@ -7,7 +7,8 @@ from __future__ import annotations
 from twisted.internet.address import IPv4Address
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import Client, Harness, http_request, parse_reply
+from tests.doubles import Client, Harness, parse_reply
+from tests.payloads import http_request
 
 CONFIG = """
 authorization: {alice: sk-client}
@@ -60,13 +61,14 @@ class HeadDeadlineTests(SynchronousTestCase):
     def test_the_next_head_is_due_from_its_first_byte(self) -> None:
         """Between requests a connection may idle; the next head is due from its first byte."""
         client = self.h.connect()
-        client.send(http_request(b"GET", b"/v1/models", header_lines=[AUTH]))
+        # /v1/files: forwarded (oaproxy answers /v1/models itself, from a kept list).
+        client.send(http_request(b"GET", b"/v1/files", header_lines=[AUTH]))
         self.h.agent.only().respond(200, body=b"{}")
         self.h.clock.advance(30)
         self.assertFalse(client.transport.disconnecting)
-        client.send(b"GET /v1/mo")
+        client.send(b"GET /v1/fi")
         self.h.clock.advance(4)
-        client.send(b"dels HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer sk-client\r\n\r\n")
+        client.send(b"les HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer sk-client\r\n\r\n")
         self.assertEqual(len(self.h.agent.calls), 2)
         self.h.clock.advance(10)
         self.assertFalse(client.transport.disconnecting)
@@ -74,8 +76,8 @@ class HeadDeadlineTests(SynchronousTestCase):
     def test_pipelined_requests_have_their_deadlines(self) -> None:
         """Pipelined requests are read in turn; a half head after them is cut off."""
         client = self.h.connect()
-        request = http_request(b"GET", b"/v1/models", header_lines=[AUTH])
-        client.send(request + request + b"GET /v1/models HTTP/1.1\r\n")
+        request = http_request(b"GET", b"/v1/files", header_lines=[AUTH])
+        client.send(request + request + b"GET /v1/files HTTP/1.1\r\n")
         self.h.agent.only().respond(200, body=b"{}")
         self.h.agent.calls[1].respond(200, body=b"{}")
         self.h.clock.advance(5)

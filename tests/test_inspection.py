@@ -1,6 +1,7 @@
 """Tests for oaproxy.inspection and oaproxy.jsonscan: what routing reads from
-a request body, without building it, and the body an upstream is sent when
-oaproxy asks it for usage."""
+a request body, without building it, and the body an upstream is sent (usage
+asked for, "caching" cut, an alias put in), all splices of the client's
+bytes."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, Cooperator
 from twisted.trial.unittest import SynchronousTestCase
 
+from oaproxy.config import Upstream
 from oaproxy.inspection import (
     WALK_AT_ONCE,
     BodyKind,
@@ -28,9 +30,12 @@ from oaproxy.inspection import (
 from oaproxy.jsonscan import NotAnObject, run, scan_object
 from oaproxy.relay import RequestBody
 from oaproxy.traffic.estimate import text_characters
-from tests.support import make_config
+from tests.doubles import make_config
 
 UPSTREAM = make_config("upstreams: [{endpoint: 'https://a.test/v1'}]").upstreams[0]
+ALIASED = make_config(
+    "upstreams: [{endpoint: 'https://a.test/v1', models: {fast: their-model}}]"
+).upstreams[0]
 
 
 def fields(body: bytes, content_type: bytes | None = b"application/json") -> RequestFields:
@@ -38,8 +43,8 @@ def fields(body: bytes, content_type: bytes | None = b"application/json") -> Req
     return run(read_fields(body, body_kind(body, content_type), content_type))
 
 
-def sent(inspected: Inspected) -> bytes:
-    """The bytes an upstream with stream_usage is sent."""
+def sent(inspected: Inspected, upstream: Upstream = UPSTREAM) -> bytes:
+    """The bytes ``upstream`` (by default one with stream_usage) is sent."""
     chunks: list[bytes] = []
 
     class Consumer:
@@ -48,7 +53,7 @@ def sent(inspected: Inspected) -> bytes:
 
     clock = Clock()
     cooperator = Cooperator(scheduler=lambda work: clock.callLater(0, work))
-    producer: Any = inspected.body_for(UPSTREAM).producer(cooperator)
+    producer: Any = inspected.body_for(upstream).producer(cooperator)
     producer.startProducing(Consumer())
     while clock.getDelayedCalls():
         clock.advance(0)
@@ -57,6 +62,8 @@ def sent(inspected: Inspected) -> bytes:
 
 class RequestFieldsTests(SynchronousTestCase):
     def test_chat_request(self) -> None:
+        """A chat body gives its model, stream flag and include_usage, and the
+        numbers a token estimate reads."""
         body = (
             b'{"model": "gpt-4o-mini", "messages": [], "stream": true,'
             b' "stream_options": {"include_usage": true}, "max_tokens": 9, "n": 2}'
@@ -70,6 +77,9 @@ class RequestFieldsTests(SynchronousTestCase):
         self.assertIsNone(read.usage_splice)
 
     def test_defaults(self) -> None:
+        """Without stream_options, and with a stream flag that is not true, the
+        request is no stream and asks no usage; numbers that are not whole are
+        none."""
         read = fields(b'{"model": "m", "stream": "yes", "n": 1.5, "max_tokens": true}')
         self.assertEqual((read.model, read.stream, read.include_usage), ("m", False, False))
         self.assertEqual(dict(read.numbers), {})
@@ -216,6 +226,99 @@ class UsageSpliceTests(SynchronousTestCase):
             inspected = Inspected(RequestBody(len(body), body), fields(body))
             self.assertFalse(inspected.asks_usage_for(UPSTREAM))
             self.assertIs(inspected.body_for(UPSTREAM), inspected.body)
+
+
+# Members a body may have, in any order: "caching" (any number of times)
+# is cut, "fast" is an alias, a stream asks for usage.
+_MEMBERS = [
+    '"model": "fast"',
+    '"model": "gpt-4o"',
+    '"stream": true',
+    '"stream": false',
+    '"stream_options": {"include_usage": false, "x": 1}',
+    '"stream_options": {"include_usage": true}',
+    '"stream_options": null',
+    '"messages": [{"role": "user", "content": "caching"}]',
+    '"n": 2',
+]
+_CACHING = ['"caching": true', '"caching": false', '"caching": {"ttl": 5}']
+
+
+def _expected(body: bytes) -> dict[str, Any]:
+    """What ALIASED is to be sent for ``body``, as json.loads reads it."""
+    wanted: dict[str, Any] = json.loads(body)
+    wanted.pop("caching", None)
+    if wanted.get("model") == "fast":
+        wanted["model"] = "their-model"
+    options = wanted.get("stream_options")
+    asked = isinstance(options, dict) and options.get("include_usage") is True
+    if wanted.get("stream") is True and not asked:
+        wanted["stream_options"] = {**(options if isinstance(options, dict) else {})}
+        wanted["stream_options"]["include_usage"] = True
+    return wanted
+
+
+class EditTests(SynchronousTestCase):
+    """Whatever changes a body for an upstream is a splice of the client's
+    bytes, and the splices go together."""
+
+    @given(
+        st.lists(st.sampled_from(_MEMBERS), unique_by=lambda m: m.split(":")[0], max_size=5),
+        st.lists(st.sampled_from(_CACHING), max_size=3),
+        st.randoms(use_true_random=False),
+        st.sampled_from(["", " ", "\n  "]),
+    )
+    def test_caching_alias_and_usage_together(
+        self, members: list[str], cachings: list[str], order: Any, space: str
+    ) -> None:
+        """Every "caching" is cut, an alias put in and usage asked for, in any
+        order and spacing; the length announced is the length sent."""
+        chosen = members + cachings
+        order.shuffle(chosen)
+        body = ("{" + space + ("," + space).join(chosen) + space + "}").encode()
+        inspected = Inspected(RequestBody(len(body), body), fields(body))
+        out = sent(inspected, ALIASED)
+        self.assertEqual(json.loads(out), _expected(body), body)
+        self.assertEqual(inspected.body_for(ALIASED).length, len(out))
+        self.assertNotIn(b'"caching"', out.replace(b'"content": "caching"', b""))
+
+    def test_caching_read_and_cut(self) -> None:
+        """The last "caching" is the client's word; only the exact key is ours."""
+        body = b'{"caching": false, "model": "m", "Caching": 1, "caching": true}'
+        read = fields(body)
+        self.assertEqual((read.caching, len(read.cuts)), (True, 2))
+        self.assertEqual(
+            sent(Inspected(RequestBody(len(body), body), read)), b'{"model": "m", "Caching": 1}'
+        )
+        self.assertIsNone(fields(b'{"caching": "yes"}').caching)
+
+    def test_without_usage(self) -> None:
+        """Asked for the body as the client sent it (an upstream refused
+        stream_options), it still has the alias and no "caching"."""
+        body = b'{"model": "fast", "stream": true, "caching": true}'
+        inspected = Inspected(RequestBody(len(body), body), fields(body))
+        unasked = inspected.body_for(ALIASED, with_usage=False)
+        self.assertEqual(unasked.length, len(b'{"model": "their-model", "stream": true}'))
+        self.assertEqual(unasked.data, body)
+        self.assertEqual(len(unasked.splices), 2)
+
+    def test_spooled_body_edited_in_place(self) -> None:
+        """A body in its spool file is sent from it, spliced: never copied."""
+        text = "w" * (2 * WALK_AT_ONCE)
+        body = json.dumps({"caching": True, "model": "fast", "input": text, "stream": True})
+        spool = tempfile.TemporaryFile()  # noqa: SIM115 - closed in cleanup
+        self.addCleanup(spool.close)
+        spool.write(body.encode())
+        spooled = RequestBody(len(body), None, spool, head=body.encode()[:WALK_AT_ONCE])
+        turns = Clock()
+        inspect = Inspector(Cooperator(scheduler=lambda work: turns.callLater(0, work)))
+        result = inspect(spooled, None)
+        assert isinstance(result, Deferred)
+        while turns.getDelayedCalls():
+            turns.advance(0)
+        inspected = self.successResultOf(result)
+        self.assertIsNone(inspected.body_for(ALIASED).data)
+        self.assertEqual(json.loads(sent(inspected, ALIASED)), _expected(body.encode()))
 
 
 class Turns:

@@ -17,8 +17,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.relay import BytesProducer
 from oaproxy.web import IN_MEMORY_BODY
-from tests.harness import Daemon, child_env, free_port, reactor, read_body
-from tests.support import Client, Harness, http_request
+from tests.doubles import Client, Harness
+from tests.live import Daemon, child_env, free_port, reactor, read_body
+from tests.payloads import http_request
 from tests.test_daemon import DaemonCase, base_config
 
 ROOT = Path(__file__).resolve().parent.parent

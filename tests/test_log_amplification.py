@@ -15,7 +15,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.logthrottle import RepeatLimit
-from tests.harness import CLIENT_KEY, EndToEndCase, raw_chat_request, reactor, upstream
+from tests.live import EndToEndCase, reactor
+from tests.payloads import CLIENT_KEY, raw_chat_request, upstream
 from tests.test_hostile_clients import send_raw
 
 

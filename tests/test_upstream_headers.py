@@ -8,14 +8,8 @@ from typing import Any
 
 from twisted.internet.protocol import Factory, Protocol
 
-from tests.harness import (
-    CLIENT_KEY,
-    EndToEndCase,
-    proxy_config,
-    raw_chat_request,
-    reactor,
-    upstream,
-)
+from tests.live import EndToEndCase, reactor
+from tests.payloads import CLIENT_KEY, proxy_config, raw_chat_request, upstream
 from tests.test_hostile_clients import send_raw
 
 HOP_HEADERS = (

@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from oaproxy.record import Usage
-from oaproxy.traffic.routes import api_path
 
 _MAX_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 _NO_COMPLETION = frozenset({"/v1/embeddings"})
@@ -35,11 +34,12 @@ def tokens(prompt: int, completion: int) -> Usage:
 
 
 def estimate(
-    characters: int, numbers: Mapping[str, Any], path: str, default_max_tokens: int
+    characters: int, numbers: Mapping[str, Any], api_path: str, default_max_tokens: int
 ) -> Usage:
-    """From the characters of a body's text (``text_characters``) and its
-    top-level numbers (``max_tokens``, ``n``...)."""
-    return tokens(math.ceil(characters / 4), _completion(numbers, path, default_max_tokens))
+    """The guess for a request to ``api_path``, from the characters of its
+    body's text (``text_characters``) and its top-level numbers
+    (``max_tokens``, ``n``...)."""
+    return tokens(math.ceil(characters / 4), _completion(numbers, api_path, default_max_tokens))
 
 
 def text_characters(body: Mapping[str, Any]) -> int:
@@ -59,8 +59,8 @@ def text_characters(body: Mapping[str, Any]) -> int:
     return count
 
 
-def _completion(body: Mapping[str, Any], path: str, default_max_tokens: int) -> int:
-    if api_path(path) in _NO_COMPLETION:
+def _completion(body: Mapping[str, Any], api_path: str, default_max_tokens: int) -> int:
+    if api_path in _NO_COMPLETION:
         return 0
     most = next(
         (_count(body.get(name)) for name in _MAX_FIELDS if _count(body.get(name))),

@@ -52,7 +52,6 @@ from oaproxy.traffic.headers import (
     set_retry_after,
 )
 from oaproxy.traffic.routes import who
-from oaproxy.web import route_path
 
 
 class Measure(Enum):
@@ -149,12 +148,11 @@ class TokenLimits:
                     code="model_not_priced",
                     param="model",
                 )
-        path = route_path(call.path) or ""
         inspected = call.inspected
         guess = estimate(
             inspected.text_characters(text_characters),
             inspected.fields.numbers,
-            path,
+            call.api_path,
             self._default_max_tokens,
         )
         plan = self._plan(exchange, rates, budget, price, guess)
