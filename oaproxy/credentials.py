@@ -56,9 +56,12 @@ def bearer_token(authorization: bytes | None) -> bytes | None:
 
 def config_secrets(config: Config) -> list[str]:
     """Every secret value a config holds."""
-    values = [key.secret for key in all_client_keys(config)]
-    values += [u.sk for u in config.upstreams if u.sk and u.sk != "asis"]
-    values += [v for v in (config.admin_key, config.metrics_key) if v]
+    # Keys the store made are known by their hash only: a request's own key
+    # is redacted from its record all the same (the Redactor's ``extra``).
+    values = [key.secret for key in all_client_keys(config) if key.secret is not None]
+    upstreams = (*config.upstreams, *config.disabled_upstreams)
+    values += [u.sk for u in upstreams if u.sk and u.sk != "asis"]
+    values += [v for v in (config.admin_key, config.metrics_key, config.store_key) if v]
     notify = config.notify
     if notify.feishu is not None and notify.feishu.secret:
         values.append(notify.feishu.secret)

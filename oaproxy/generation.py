@@ -22,6 +22,7 @@ from twisted.internet.task import Cooperator
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 
+from oaproxy.activity import CircuitView, NoBreakers, UpstreamActivity
 from oaproxy.alerts import Notifier
 from oaproxy.config import Config
 from oaproxy.forward import Forwarder
@@ -64,6 +65,10 @@ class Shared:
     rng: random.Random
     # The limits' counters of limits.backend: memory.
     traffic: MemoryTraffic
+    # What each upstream is doing (the admin API shows it).
+    activity: UpstreamActivity
+    # Each upstream's circuit, as the breakers see it.
+    circuits: CircuitView
 
     @classmethod
     def create(
@@ -92,6 +97,8 @@ class Shared:
             wall_clock=wall_clock,
             rng=rng or random.Random(),
             traffic=MemoryTraffic.create(reactor),
+            activity=UpstreamActivity(reactor),
+            circuits=NoBreakers(),
         )
 
 
@@ -117,9 +124,11 @@ def build_generation(
     previous: Generation | None = None,
     *,
     observers: Sequence[Observer] = (),
+    admin: Resource | None = None,
 ) -> Generation:
     """Build what ``config`` makes; raises whatever stops a part being made.
-    ``observers`` watch requests beside the built-in ones."""
+    ``observers`` watch requests beside the built-in ones; ``admin`` is
+    served at ``/admin/`` (it outlives the generations: see oaproxy.admin)."""
     reactor = shared.reactor
     if previous is not None and _sink_section(previous.config) == _sink_section(config):
         sinks = previous.sinks
@@ -159,6 +168,7 @@ def build_generation(
             RecordPublishing(shared.records),
             MetricsCounting(shared.metrics),
             ReadinessFollowing(shared.readiness),
+            shared.activity,
             Alerting(notifier),
             *observers,
             *traffic.observers,
@@ -197,6 +207,7 @@ def build_generation(
         ProxyResource(pipeline),
         metrics=MetricsResource(shared.metrics, config.metrics_key),
         ready=ReadyResource(shared.readiness.state),
+        admin=admin,
     )
     return Generation(
         config=config,

@@ -52,9 +52,13 @@ class Readiness:
             else:
                 self._failures[name] += 1
 
+    def failing(self, upstream: str) -> bool:
+        """Whether ``upstream`` failed its last ``FAILING_AFTER`` attempts."""
+        return self._failures.get(upstream, 0) >= FAILING_AFTER
+
     def state(self) -> tuple[bool, dict[str, Any]]:
         now = self._clock.seconds()
-        usable = [name for name in self._upstreams if self._failures.get(name, 0) < FAILING_AFTER]
+        usable = [name for name in self._upstreams if not self.failing(name)]
         dropping = []
         for name, sink in self._sinks.items():
             count, since = self._drops.get(name, (0, -DROP_MEMORY))

@@ -100,6 +100,11 @@ def summary(
         f" max body {config.max_body_bytes} bytes",
     ]
     lines.extend(_upstream_line(u) for u in config.upstreams)
+    lines.extend(f"upstream {u.name}: disabled in the store" for u in config.disabled_upstreams)
+    lines.append(
+        f"admin API: {'on, at /admin/' if config.admin_key else 'off (no admin_key)'};"
+        f" store_key {'set' if config.store_key else 'not set'}"
+    )
     policy = config.records
     lines.append(
         f"records: body {policy.body}, response {policy.response}, headers {policy.headers};"

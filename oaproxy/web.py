@@ -238,13 +238,22 @@ class NotFoundResource(Resource):
 
 
 class RootResource(Resource):
-    def __init__(self, proxy: ProxyResource, *, metrics: Resource, ready: Resource) -> None:
+    def __init__(
+        self,
+        proxy: ProxyResource,
+        *,
+        metrics: Resource,
+        ready: Resource,
+        admin: Resource | None = None,
+    ) -> None:
         super().__init__()
         proxy.putChild(b"metrics", metrics)
         self.putChild(b"v1", proxy)
         self.putChild(b"metrics", metrics)
         self.putChild(b"healthz", HealthResource())
         self.putChild(b"readyz", ready)
+        if admin is not None:
+            self.putChild(b"admin", admin)
 
     def getChild(self, path: bytes, request: server.Request) -> Resource:
         return NotFoundResource()

@@ -70,6 +70,7 @@ from oaproxy.config.model import (
     Upstream,
     WindowStrategy,
     all_client_keys,
+    key_digest,
     key_fingerprint,
 )
 from oaproxy.config.rates import Rate, parse_rates
@@ -100,6 +101,7 @@ __all__ = [
     "all_client_keys",
     "check_listeners",
     "is_loopback_endpoint",
+    "key_digest",
     "key_fingerprint",
     "load_config",
     "parse_config",
