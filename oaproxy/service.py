@@ -9,7 +9,7 @@ makes: see ``oaproxy.generation``).
   and the log file that changed are replaced.
 - The SQL store's upstreams and keys (``oaproxy.admin``) are overlaid on the
   file: a change there (the admin API's, at once; the CLI's or another
-  process's, within ``store_check_interval`` seconds) builds and swaps a
+  process's, within ``store_poll_interval`` seconds) builds and swaps a
   generation the same way, and so does a SIGHUP, which reads both again.
 - Stopping (SIGTERM) stops accepting first, lets requests and streams in
   flight finish for up to ``shutdown_timeout`` seconds, then flushes the
@@ -104,7 +104,8 @@ class ProxyService(MultiService):
         """Follow ``config``'s SQL store, unless that one is followed already."""
         store = self.store
         if store is not None and (store.dbtype, store.dbaddr) == (config.dbtype, config.dbaddr):
-            store.interval = config.store_check_interval
+            store.follow_every(config.store_poll_interval)
+            store.now_in_use(stored.version)
             return
         if store is not None:
             store.disownServiceParent()
@@ -114,7 +115,7 @@ class ProxyService(MultiService):
                 config.dbtype,
                 config.dbaddr,
                 self._reactor,
-                interval=config.store_check_interval,
+                interval=config.store_poll_interval,
                 version=stored.version,
                 apply=self._apply_stored,
             )

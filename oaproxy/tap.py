@@ -39,8 +39,9 @@ class Options(usage.Options):
                     listen.append(parse_listen(endpoint))
                 except ValueError as e:
                     raise SystemExit(f"oaproxy: --listen {endpoint}: {e}") from None
-            # The file, and the store's upstreams and keys on top (oaproxy.admin).
-            loaded = load(path, create_store=True)
+            # The file, and the store's upstreams and keys on top (oaproxy.admin);
+            # a store that cannot be read yet is followed until it can.
+            loaded = load(path, create_store=True, without_store=True)
             if listen:
                 check_listeners(loaded.config, listen, key="--listen")
         except ConfigError as e:

@@ -3,7 +3,7 @@ and client address, OpenAI-shaped error answers.
 
 ``/v1/*`` goes to the request pipeline of the config that made the tree
 (``oaproxy.pipeline``); ``OPTIONS`` is a CORS preflight; ``/healthz`` says
-the process serves. A reload puts a new tree in the site
+the process serves; ``/admin/`` is the admin API (``oaproxy.admin.resource``). A reload puts a new tree in the site
 (``ProxySite.serve``): new requests use it, those in flight keep theirs.
 """
 

@@ -13,6 +13,10 @@ from typing import Any, cast
 import openai
 from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 
+from oaproxy.admin.changes import add_key, new_key_secret
+from oaproxy.admin.loading import UNREAD, StoreUnreadable, load
+from oaproxy.admin.tables import take_change
+from oaproxy.service import ProxyService
 from oaproxy.sinks.sql import AUDIT_TABLE, open_database
 from tests.adminclient import ADMIN_KEY, STORE_KEY, AdminClient
 from tests.fakeupstream import FAKE_MODEL, FakeUpstream
@@ -27,9 +31,12 @@ from tests.harness import (
     postgres_schema,
     proxy_config,
     reachable,
+    reactor,
     unavailable,
     wait_for,
+    write_yaml,
 )
+from tests.test_admin_config import context
 
 SK_FILE = "sk-file-upstream-0123456789"
 SK_NEW = "sk-new-upstream-0123456789"
@@ -178,8 +185,9 @@ class AdminAPITests(ProxyCase):
             "expected a number, got a string",
             (await admin.call("POST", "/upstreams", cases[0][0])).error["message"],
         )
-        not_json = await admin.call("POST", "/upstreams", raw=b"{nope")
-        self.assertEqual((not_json.status, not_json.error["code"]), (400, "invalid_json"))
+        for raw in (b"{nope", b'{"name": "x", "name": "y"}', b'{"timeout": NaN}'):
+            not_json = await admin.call("POST", "/upstreams", raw=raw)
+            self.assertEqual((not_json.status, not_json.error["code"]), (400, "invalid_json"))
         taken = await admin.call("POST", "/upstreams", {"name": "file", "endpoint": fake.endpoint})
         self.assertEqual((taken.status, taken.error["code"]), (409, "conflict"))
         self.assertEqual([u["name"] for u in (await admin.get("/upstreams"))["data"]], ["file"])
@@ -360,3 +368,56 @@ class PostgresAdminAPITests(AdminAPITests):
             unavailable("PostgreSQL is not running on 127.0.0.1:5432")
         schema = f"oaproxy_admin_{uuid.uuid4().hex[:12]}"
         return {"dbtype": "postgres", "dbaddr": postgres_schema(self, schema, POSTGRES_DSN)}
+
+
+class UnreadableAtStartTests(ProxyCase):
+    timeout = 30
+
+    def test_load_without_store(self) -> None:
+        """A store that cannot be read at start leaves the file alone, to be followed."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(directory, "db.sqlite"))
+        path = os.path.join(directory, "config.yaml")
+        write_yaml(
+            path,
+            proxy_config(
+                "t",
+                {"alice": CLIENT_KEY},
+                [{"name": "file", "endpoint": "https://file.test/v1"}],
+                dbtype="sqlite",
+                dbaddr=os.path.join(directory, "db.sqlite"),
+            ),
+        )
+        self.assertRaises(StoreUnreadable, load, path, create_store=True)
+        loaded = load(path, create_store=True, without_store=True)
+        self.assertIs(loaded.stored, UNREAD)
+        self.assertEqual([u.name for u in loaded.config.upstreams], ["file"])
+
+    async def test_applied_once_readable(self) -> None:
+        """A daemon that could not read its store applies it at its first successful look."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "config.yaml")
+        write_yaml(
+            path,
+            proxy_config(
+                "t",
+                {"alice": CLIENT_KEY},
+                [{"name": "file", "endpoint": "https://file.test/v1"}],
+                dbtype="sqlite",
+                dbaddr=os.path.join(directory, "db.sqlite"),
+                store_poll_interval=60,
+            ),
+        )
+        file = load(path, create_store=True).file
+        connection = open_database("sqlite", file.dbaddr)
+        secret = new_key_secret()
+        take_change(connection.cursor(), "sqlite", add_key(context(file), {"name": "late"}, secret))
+        connection.commit()
+        connection.close()
+        service = ProxyService(file, reactor, ("tcp:0:interface=127.0.0.1",), stored=UNREAD)
+        service.startService()
+        self.addCleanup(service.stopService)
+        await wait_for(lambda: service.stored.version > 0, timeout=10)
+        caller = service.generation.router.authenticate(b"Bearer " + secret.encode())
+        self.assertEqual(caller.key.name if caller.key else None, "late")

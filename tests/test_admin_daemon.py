@@ -3,7 +3,7 @@ restart and a SIGHUP; changes made by the CLI (or by hand) reach a running
 daemon, with or without admin_key; two daemons on one PostgreSQL follow each
 other; check-config says what twistd says.
 
-The daemons look at the store every 0.2 s (``store_check_interval``) so that
+The daemons look at the store every 0.2 s (``store_poll_interval``) so that
 the tests wait little; waiting is bounded polling on the reactor.
 """
 
@@ -59,7 +59,7 @@ class StoreDaemonCase(DaemonCase):
         settings: dict[str, Any] = {
             "admin_key": ADMIN_KEY,
             "store_key": "${OAPROXY_STORE_KEY}",
-            "store_check_interval": CHECK,
+            "store_poll_interval": CHECK,
             "dbtype": "sqlite",
             "dbaddr": "./db.sqlite",
             **more,

@@ -11,6 +11,6 @@ daemon on that store follows.
   checked like the config file, with its audit entry;
 - ``describe``: upstreams and keys as the API shows them, never a secret;
 - ``follower``: the daemon's link to the store: changes taken at once,
-  those of others noticed within ``store_check_interval`` seconds;
+  those of others noticed within ``store_poll_interval`` seconds;
 - ``resource`` and ``queries``: the HTTP API; ``commands``: the CLI.
 """

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 from attrs import frozen
 
 from oaproxy.admin.describe import public_text
-from oaproxy.admin.overlay import settings_of
+from oaproxy.admin.overlay import key_upstreams, settings_of
 from oaproxy.admin.sealing import Sealer, SealingError, secret_keys
 from oaproxy.admin.stored import (
     Action,
@@ -184,9 +184,14 @@ def remove_upstream(context: ChangeContext, name: str) -> Decide:
                 RefusalKind.CONFLICT,
                 f"upstream {name!r} is in the config file: disable it, or remove it from the file",
             )
-        if stored.upstream(name) is None:
+        row = stored.upstream(name)
+        if row is None:
             _refuse(RefusalKind.NOT_FOUND, f"no upstream {name!r}")
-        return _change(context, [DropUpstream(name)], Action.UPSTREAM_REMOVED, name, {})
+        # What it was, for the audit log; of its secrets, only that they went too.
+        was: dict[str, Any] = settings_of(row.settings, name)
+        if row.sealed is not None:
+            was.update(dict.fromkeys(_SECRETS))
+        return _change(context, [DropUpstream(name)], Action.UPSTREAM_REMOVED, name, was)
 
     return decide
 
@@ -239,9 +244,11 @@ def remove_key(context: ChangeContext, name: str) -> Decide:
                 RefusalKind.CONFLICT,
                 f"client key {name!r} is in the config file: remove it from the file",
             )
-        if stored.key(name) is None:
+        row = stored.key(name)
+        if row is None:
             _refuse(RefusalKind.NOT_FOUND, f"no client key {name!r}")
-        return _change(context, [DropKey(name)], Action.KEY_REMOVED, name, {})
+        was = {**settings_of(row.settings, name), "upstreams": key_upstreams(row)}
+        return _change(context, [DropKey(name)], Action.KEY_REMOVED, name, was)
 
     return decide
 

@@ -14,7 +14,7 @@ and ``oaproxy check-config``, for openai-api-route's ``-add``/``-list`` users.
 Each takes ``--config`` (and ``--dbtype``/``--dbaddr``) as the record commands
 do, and changes the store exactly as the admin API does (``changes``), in
 one transaction with its audit entry; running daemons notice within
-``store_check_interval`` seconds.  A secret never comes from the command
+``store_poll_interval`` seconds.  A secret never comes from the command
 line, where ``ps`` and the shell's history keep it: an upstream key from an
 environment variable or stdin, a new client key printed once, on stdout.
 """

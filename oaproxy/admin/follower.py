@@ -1,6 +1,6 @@
 """A daemon's link to the SQL store: changes taken at once, those made
 elsewhere (another daemon, the CLI, an ``UPDATE`` by hand) noticed within
-``store_check_interval`` seconds.
+``store_poll_interval`` seconds.
 
 Every few seconds the follower reads ``oaproxy_store_version`` (one row,
 raised by the tables' triggers): a cheap look, whatever the size of the
@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from oaproxy.admin.changes import Decide
+from oaproxy.admin.loading import UNREAD
 from oaproxy.admin.stored import StoreSnapshot
 from oaproxy.admin.tables import Change, read_snapshot, read_version, take_change
 from oaproxy.recordstore import Database, driver_error_text
@@ -75,7 +76,24 @@ class StoreFollower(Service):
         self._pool = connection_pool(self.dbtype, self.dbaddr, reactor=self._reactor, connections=2)
         self._loop = LoopingCall(self._look)
         self._loop.clock = self._reactor
-        self._loop.start(self.interval, now=False)
+        unread = self.version == UNREAD.version
+        if unread:
+            self.log.error(
+                "the store could not be read at start: the config file alone is served"
+                " until it can be"
+            )
+        self._loop.start(self.interval, now=unread)
+
+    def follow_every(self, interval: float) -> None:
+        """Look every ``interval`` seconds from the next look on."""
+        self.interval = interval
+        if self._loop is not None:
+            self._loop.interval = interval
+
+    def now_in_use(self, version: int) -> None:
+        """The daemon runs this version of the store (a reload read it)."""
+        self.version = version
+        self._in_use = True
 
     def stopService(self) -> None:
         super().stopService()

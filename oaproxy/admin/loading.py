@@ -2,8 +2,10 @@
 reactor runs (by ``twistd`` and by ``oaproxy check-config``), checked alike.
 
 The store is part of the config: a row that does not read is refused as a
-line of the file is, and a store that cannot be read stops the start with
-one line saying why (under systemd, the daemon is started again).
+line of the file is.  A store that cannot be read at all (PostgreSQL down)
+is not: the daemon serves the file alone, as it did before it had a store,
+and its follower applies the store once it can be read
+(``StoreUnreadable``, ``UNREAD``); ``check-config`` says so and fails.
 """
 
 from __future__ import annotations
@@ -22,7 +24,16 @@ from oaproxy.config import DBTYPES, SQLITE, Config, ConfigError, load_config
 from oaproxy.recordstore import Database, driver_error_text, missing_table
 from oaproxy.sinks.sql import migrate, open_database
 
-__all__ = ["Loaded", "load", "read_store"]
+__all__ = ["UNREAD", "Loaded", "StoreUnreadable", "load", "read_store"]
+
+#: What a daemon holds of a store it could not read at start: a version no
+#: store has, so that the first look that succeeds applies the store.
+UNREAD = StoreSnapshot(version=-1)
+
+
+class StoreUnreadable(ConfigError):
+    """The store could not be read (a down database, a bad path); the
+    message says why, on one line, never the DSN."""
 
 
 @frozen
@@ -32,13 +43,26 @@ class Loaded:
     config: Config  # the two together: what runs
 
 
-def load(path: str, environ: Mapping[str, str] | None = None, *, create_store: bool) -> Loaded:
+def load(
+    path: str,
+    environ: Mapping[str, str] | None = None,
+    *,
+    create_store: bool,
+    without_store: bool = False,
+) -> Loaded:
     """Read the file at ``path`` and its store; ``ConfigError`` for any
-    problem.  With ``create_store`` the store's tables are made or migrated
-    (the daemon's start), else a store not made yet holds nothing."""
+    problem (``StoreUnreadable`` for a store that cannot be read, unless
+    ``without_store``: the file alone is then loaded, with ``UNREAD``).
+    With ``create_store`` the store's tables are made or migrated (the
+    daemon's start), else a store not made yet holds nothing."""
     file = load_config(path, environ)
     sealer = Sealer.from_config(file)
-    stored = read_store(file, create=create_store)
+    try:
+        stored = read_store(file, create=create_store)
+    except StoreUnreadable:
+        if not without_store:
+            raise
+        stored = UNREAD
     return Loaded(file, stored, overlay(file, stored, sealer))
 
 
@@ -71,8 +95,8 @@ def read_store(config: Config, *, create: bool) -> StoreSnapshot:
             connection.close()
 
 
-def _unreadable(config: Config, error: BaseException, database: Database) -> ConfigError:
-    return ConfigError(
+def _unreadable(config: Config, error: BaseException, database: Database) -> StoreUnreadable:
+    return StoreUnreadable(
         config.path,
         None,
         "dbaddr",

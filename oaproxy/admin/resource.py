@@ -333,9 +333,26 @@ def _body(request: server.Request) -> Any:
         raise _Answer(ErrorAnswer(413, f"the body is over {MAX_BODY} bytes", code="too_large"))
     data = cast(IO[bytes], request.content).read()
     try:
-        return json.loads(data or b"null", parse_constant=_no_constant)
+        return json.loads(
+            data or b"null", parse_constant=_no_constant, object_pairs_hook=_no_duplicates
+        )
+    except _Duplicate as e:
+        raise _Answer(ErrorAnswer(400, f"duplicate key {e}", code="invalid_json")) from None
     except (ValueError, RecursionError):
         raise _Answer(ErrorAnswer(400, "the body is not JSON", code="invalid_json")) from None
+
+
+class _Duplicate(Exception):
+    """A key given twice in one object: the config file refuses it too."""
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _Duplicate(repr(key))
+        result[key] = value
+    return result
 
 
 def _no_constant(name: str) -> Any:

@@ -270,7 +270,7 @@ class Config:
     # key, checked where it is used: see oaproxy.admin.sealing).
     store_key: str | None = field(default=None, repr=False, metadata=read(optional_text))
     # Seconds between two looks at the SQL store for changes made elsewhere.
-    store_check_interval: float = field(default=5.0, metadata=read(number))
+    store_poll_interval: float = field(default=5.0, metadata=read(number))
     metrics_key: str | None = field(default=None, repr=False, metadata=read(optional_text))
     timeout: float = field(default=120.0, metadata=read(deadline))
     stream_timeout: float = field(default=10.0, metadata=read(deadline))
