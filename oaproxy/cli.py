@@ -397,7 +397,7 @@ def build_parser(now: float) -> argparse.ArgumentParser:
         "--dbaddr",
         metavar="ADDR",
         help="overrides the config's dbaddr: a sqlite file, or a libpq DSN or "
-        "postgresql:// URL; with --dbtype too, the config is not read",
+        "postgresql:// URL; with --dbtype too, records and usage do not read the config",
     )
     filters = argparse.ArgumentParser(add_help=False)
     group = filters.add_argument_group("filters")

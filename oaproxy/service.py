@@ -76,7 +76,7 @@ class ProxyService(MultiService):
         self.stored = stored
         # Builds and swaps one generation at a time (a SIGHUP, a store change).
         self._swapping = DeferredLock()
-        self.admin = AdminResource(self, reactor)
+        self.admin = AdminResource(self)
         self.generation = build_generation(
             overlay(config, stored, Sealer.from_config(config)), self.shared, admin=self.admin
         )
@@ -198,10 +198,13 @@ class ProxyService(MultiService):
         # Another store (dbaddr changed): followed only once the reload is done.
         return await read_store_once(config.dbtype, config.dbaddr, self._reactor)
 
-    async def _apply_stored(self, stored: StoreSnapshot) -> bool:
+    async def _apply_stored(self, follower: StoreFollower, stored: StoreSnapshot) -> bool:
         """Run the config the file and ``stored`` make; False when refused."""
         await self._swapping.acquire()
         try:
+            if follower is not self.store:
+                # Read from a store a reload has stopped following meanwhile.
+                return False
             config = self.file_config
             try:
                 new = build_generation(

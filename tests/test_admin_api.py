@@ -241,7 +241,7 @@ class AdminAPITests(ProxyCase):
     # -- keys --------------------------------------------------------------------------
 
     async def test_keys(self) -> None:
-        """A new key is shown once, works at once, is stored as its SHA-256; removed, it is refused."""
+        """A new key is shown once, works at once, is kept as its SHA-256; removed, refused."""
         proxy, admin, _ = await self.start()
         listed = await admin.get("/keys")
         self.assertEqual([k["name"] for k in listed["data"]], ["alice", "bob"])
@@ -346,6 +346,19 @@ class AdminAPITests(ProxyCase):
         self.assertEqual((bad.status, bad.error["param"]), (400, "since"))
         bad = await admin.call("GET", "/usage?by=day")
         self.assertEqual((bad.status, bad.error["param"]), (400, "by"))
+        self.assertEqual(len((await admin.get("/records?outcome=ok,exhausted"))["data"]), 3)
+        self.assertEqual((await admin.get("/records?outcome=exhausted"))["data"], [])
+        bad = await admin.call("GET", "/records?outcome=fine")
+        self.assertEqual((bad.status, bad.error["param"]), (400, "outcome"))
+
+    async def test_status(self) -> None:
+        """/admin/status: readiness, the sinks' queues, the store version in use."""
+        _, admin, _ = await self.start()
+        await admin.call("POST", "/upstreams/file/disable")
+        status = await admin.get("/status")
+        self.assertEqual((status["object"], status["hostname"]), ("status", "admin-test"))
+        self.assertGreater(status["store_version"], 0)
+        self.assertIn("sql", status["sinks"])
 
     async def test_no_store(self) -> None:
         """With dbtype none the API reads the config; a change or a query is 409 no_store."""

@@ -36,6 +36,7 @@ from oaproxy.forward import AttemptLog
 from oaproxy.health import Readiness
 from oaproxy.record import FailureKind
 from oaproxy.routing import Router
+from oaproxy.summary import summary
 from tests.adminclient import STORE_KEY
 from tests.support import make_config
 
@@ -196,6 +197,17 @@ upstreams:
         candidates = router.candidates(guest, "m", "/v1/chat/completions")
         self.assertEqual([u.name for u in candidates], ["guarded"])  # type: ignore[union-attr]
 
+    def test_stored_key_of_gone_upstreams(self) -> None:
+        """A stored key whose upstreams are gone stays a valid key: 403, not 401, and listed."""
+        secret = new_key_secret()
+        row = StoredKey("bob", key_digest(secret), "{}", '["gone"]', 1.0)
+        config = overlay(file_config(), StoreSnapshot(1, keys=(row,)), Sealer(None))
+        router = Router(config)
+        bob = router.authenticate(b"Bearer " + secret.encode())
+        refused = router.candidates(bob, "m", "/v1/chat/completions")
+        self.assertEqual(getattr(refused, "status", None), 403)
+        self.assertIn("bob", [key.name for key in all_client_keys(config)])
+
     def test_conflicts_refused(self) -> None:
         """An admin row named like a file upstream, a key named like a file key: refused."""
         with self.assertRaises(ConfigError) as caught:
@@ -229,7 +241,8 @@ class DescribeTests(SynchronousTestCase):
     def test_never_the_sk(self) -> None:
         """An upstream shows sk_set, never its key; a URL's password is hidden."""
         config = make_config(
-            "upstreams: [{name: a, endpoint: 'https://u:pw-0123456789@a.test/v1', sk: sk-0123456789}]"
+            "upstreams: [{name: a, endpoint: 'https://u:pw-0123456789@a.test/v1',"
+            " sk: sk-0123456789}]"
         )
         shown = describe_upstream(config.upstreams[0], enabled=True, stored=EMPTY, state=None)
         text = json.dumps(shown)
@@ -323,7 +336,7 @@ class ChangeTests(SynchronousTestCase):
         self.assertIn("store_key", no_key.message)
 
     def test_change_and_disable_a_file_upstream(self) -> None:
-        """A file upstream is changed by an overlay row; enabled again with nothing changed, the row goes."""
+        """A file upstream is changed by an overlay row, which goes once it changes nothing."""
         stored = applied(EMPTY, change_upstream(context(), "main", {"timeout": 9})(EMPTY))
         self.assertEqual(stored.upstreams[0].source, "config")
         stored = applied(stored, set_enabled(context(), "main", False)(stored))
@@ -403,3 +416,22 @@ class ActivityTests(SynchronousTestCase):
         self.assertEqual(
             (state.circuit, state.failing, state.in_flight), (Circuit.CLOSED, False, 0)
         )
+
+
+class SummaryTests(SynchronousTestCase):
+    def test_admin_line(self) -> None:
+        """The startup summary says whether /admin/ is on; it warns when served without TLS."""
+        config = make_config(FILE + "admin_key: adm-0123456789abcdef\n")
+        loopback = "\n".join(summary(config, ["tcp:8888:interface=127.0.0.1"], [], []))
+        self.assertIn("admin API: on, at /admin/; store_key set", loopback)
+        self.assertNotIn("WARNING", loopback)
+        public = "\n".join(summary(config, ["tcp:8888:interface=0.0.0.0"], [], []))
+        self.assertIn("WARNING: served without TLS on tcp:8888:interface=0.0.0.0", public)
+        self.assertNotIn("adm-0123456789abcdef", public)
+        self.assertIn("admin API: off", "\n".join(summary(file_config(), [], [], [])))
+
+    def test_disabled_upstream_line(self) -> None:
+        """A disabled upstream is named as such."""
+        row = StoredUpstream("main", Source.CONFIG.value, False, "{}", None)
+        config = overlay(file_config(), StoreSnapshot(1, (row,)), Sealer(None))
+        self.assertIn("upstream main: disabled in the store", summary(config, [], [], []))

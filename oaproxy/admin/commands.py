@@ -104,7 +104,9 @@ def add_commands(
         "variable or stdin, never from the command line (needs store_key).",
     )
     add.add_argument("name", metavar="NAME")
-    add.add_argument("--endpoint", required=True, metavar="URL")
+    add.add_argument(
+        "--endpoint", required=True, metavar="URL", help="its base URL, e.g. https://host/v1"
+    )
     secret = add.add_mutually_exclusive_group()
     secret.add_argument("--sk-env", metavar="VAR", help="the upstream key is in $VAR")
     secret.add_argument(

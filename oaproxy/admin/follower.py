@@ -34,8 +34,8 @@ from oaproxy.sinks.sql import connection_pool, migrate
 
 _T = TypeVar("_T")
 
-#: Applies a snapshot of the store; True when it is in use.
-Apply = Callable[[StoreSnapshot], Awaitable[bool]]
+#: Applies a snapshot that a follower read; True when it is in use.
+Apply = Callable[["StoreFollower", StoreSnapshot], Awaitable[bool]]
 
 
 class StoreFollower(Service):
@@ -119,11 +119,6 @@ class StoreFollower(Service):
         """The store's rows as they are now."""
         return self._interact(read_snapshot)
 
-    def refresh(self) -> Deferred[bool]:
-        """Read the store and apply it, unless its version is the one in use;
-        fires with whether the store as it is now is in use."""
-        return ensureDeferred(self._refresh())
-
     # -- inside ----------------------------------------------------------------
 
     async def _take(self, decide: Decide) -> tuple[Change, bool]:
@@ -160,7 +155,7 @@ class StoreFollower(Service):
             if snapshot.version != self.version:
                 # Applied or refused (the log says why), this version is done
                 # with: a bad row is reported once, not every few seconds.
-                self._in_use = await self._apply(snapshot)
+                self._in_use = await self._apply(self, snapshot)
                 self.version = snapshot.version
             return self._in_use
         finally:
@@ -168,6 +163,8 @@ class StoreFollower(Service):
 
     async def _check(self) -> None:
         version = await self._interact(read_version)
+        if not self.running:
+            return
         if self._down:
             self._down = False
             self.log.info("the store can be read again")
@@ -177,7 +174,7 @@ class StoreFollower(Service):
     def _look(self) -> Deferred[None]:
         def failed(failure: Failure) -> None:
             error = failure.value
-            if not self._down and error is not None:
+            if self.running and not self._down and error is not None:
                 self._down = True
                 self.log.error(
                     "the store cannot be read, changes made elsewhere wait: {error}",

@@ -12,7 +12,8 @@
   valid.
 - Stored client keys, known by their SHA-256, join the global keys, or with
   a list of upstreams, those upstreams' keys (an upstream open to the global
-  keys then lists them beside the new one).
+  keys then lists them beside the new one); all are in
+  ``Config.stored_keys``, valid keys even when their upstreams are gone.
 
 Every problem is a ``ConfigError`` naming the table, the row and the key
 (``the store: oaproxy_upstreams[fast].timeout: must be greater than 0``): a
@@ -32,6 +33,7 @@ from oaproxy.admin.sealing import Sealer, SealingError, secret_keys
 from oaproxy.admin.stored import Source, StoredKey, StoredUpstream, StoreSnapshot
 from oaproxy.config import ClientKey, Config, ConfigError, Upstream, all_client_keys
 from oaproxy.config.jsonvalues import read_json_section
+from oaproxy.config.loader import INHERITED
 from oaproxy.sinks.sql import KEYS_TABLE, UPSTREAMS_TABLE
 
 __all__ = [
@@ -41,9 +43,6 @@ __all__ = [
     "overlay",
     "overlay_with",
     "settings_of",
-    "stored_key",
-    "stored_upstream",
-    "upstream_values",
 ]
 
 #: How messages name the store (never its DSN, which may hold a password).
@@ -73,11 +72,11 @@ def overlay_with(file: Config, stored: StoreSnapshot, unseal: Unsealer) -> Confi
         if row is not None:
             if _source(row) is Source.ADMIN:
                 _fail(row.name, "name", "this upstream is in the config file too: remove one")
-            upstream = attrs.evolve(upstream, **upstream_values(row, unseal, partial=True))
+            upstream = attrs.evolve(upstream, **_upstream_values(row, unseal, partial=True))
         (enabled if row is None or row.enabled else disabled).append(upstream)
     for row in stored.upstreams:
         if _source(row) is Source.ADMIN:
-            upstream = stored_upstream(file, row, unseal)
+            upstream = _stored_upstream(file, row, unseal)
             (enabled if row.enabled else disabled).append(upstream)
 
     file_keys = all_client_keys(file)
@@ -85,8 +84,10 @@ def overlay_with(file: Config, stored: StoreSnapshot, unseal: Unsealer) -> Confi
     digests = {key.sha256 for key in file_keys}
     global_keys = list(file.keys)
     scoped: dict[str, list[ClientKey]] = {}
+    stored_keys = []
     for key_row in stored.keys:
-        key = stored_key(key_row)
+        key = _stored_key(key_row)
+        stored_keys.append(key)
         where = f"{KEYS_TABLE}[{key_row.name}]"
         if key.name in names:
             raise ConfigError(STORE, None, f"{where}.name", "a key of the config file has it")
@@ -112,18 +113,19 @@ def overlay_with(file: Config, stored: StoreSnapshot, unseal: Unsealer) -> Confi
         keys=tuple(global_keys),
         upstreams=tuple(map(with_keys, enabled)),
         disabled_upstreams=tuple(map(with_keys, disabled)),
+        stored_keys=tuple(stored_keys),
     )
 
 
-def stored_upstream(file: Config, row: StoredUpstream, unseal: Unsealer) -> Upstream:
+def _stored_upstream(file: Config, row: StoredUpstream, unseal: Unsealer) -> Upstream:
     """The upstream a row of source ``admin`` defines."""
-    values = upstream_values(row, unseal, partial=False)
-    # As the loader does: the top-level deadlines for those not given.
-    inherited = {name: getattr(file, name) for name in ("timeout", "stream_timeout")}
+    values = _upstream_values(row, unseal, partial=False)
+    # As the loader does: the top-level settings for those not given.
+    inherited = {name: getattr(file, name) for name in INHERITED}
     return Upstream(**{**inherited, **values, "name": row.name, "keys": None})
 
 
-def upstream_values(row: StoredUpstream, unseal: Unsealer, *, partial: bool) -> dict[str, Any]:
+def _upstream_values(row: StoredUpstream, unseal: Unsealer, *, partial: bool) -> dict[str, Any]:
     """The fields a row gives, by attribute name (``partial``: some of them)."""
     settings = settings_of(row.settings, f"{UPSTREAMS_TABLE}[{row.name}]")
     given = secret_keys(Upstream) & settings.keys()
@@ -146,7 +148,7 @@ def upstream_values(row: StoredUpstream, unseal: Unsealer, *, partial: bool) -> 
     )
 
 
-def stored_key(row: StoredKey) -> ClientKey:
+def _stored_key(row: StoredKey) -> ClientKey:
     """The client key a row of ``oaproxy_keys`` holds."""
     where = f"{KEYS_TABLE}[{row.name}]"
     if not row.name.strip():

@@ -21,6 +21,7 @@ from oaproxy.admin.changes import Refusal, RefusalKind
 from oaproxy.admin.stored import AuditEntry
 from oaproxy.admin.tables import read_audit
 from oaproxy.cli import parse_time, usage_total
+from oaproxy.record import Outcome
 from oaproxy.recordstore import GROUP_COLUMNS, Filters, usage_rows
 from oaproxy.sinks.sql import TABLE, placeholder
 
@@ -67,6 +68,7 @@ class RecordsQuery:
     limit: int
     # The (time, id) of the last record of the previous page.
     before: tuple[float, str] | None = None
+    outcomes: tuple[Outcome, ...] = ()
 
 
 @frozen
@@ -155,7 +157,12 @@ def records_query(args: Mapping[bytes, Sequence[bytes]], now: float) -> RecordsQ
             comma = ""
         if not comma:
             raise _invalid("before: expected the next of a page", "before")
-    return RecordsQuery(_filters(args, now), _limit(args), before)
+    try:
+        outcomes = tuple(Outcome(word) for word in _many(args, "outcome"))
+    except ValueError:
+        words = ", ".join(o.value for o in Outcome)
+        raise _invalid(f"outcome: expected some of {words}", "outcome") from None
+    return RecordsQuery(_filters(args, now), _limit(args), before, outcomes)
 
 
 def usage_query(args: Mapping[bytes, Sequence[bytes]], now: float) -> UsageQuery:
@@ -189,12 +196,17 @@ def records_page(connection: Any, dbtype: str, query: RecordsQuery) -> dict[str,
     """``{"object": "list", "data": [record summaries], "has_more", "next"}``."""
     mark = placeholder(dbtype)
     where, parameters = query.filters.where(mark)
+    conditions = []
     if query.before is not None:
         stamp, record_id = query.before
         # "time <= t" first: the range the index scans; then the tie on id.
-        condition = f"time <= {mark} AND (time < {mark} OR id < {mark})"
-        where = f"{where} AND {condition}" if where else f" WHERE {condition}"
+        conditions.append(f"time <= {mark} AND (time < {mark} OR id < {mark})")
         parameters += [stamp, stamp, record_id]
+    if query.outcomes:
+        conditions.append(f"outcome IN ({', '.join([mark] * len(query.outcomes))})")
+        parameters += [outcome.value for outcome in query.outcomes]
+    for condition in conditions:
+        where = f"{where} AND {condition}" if where else f" WHERE {condition}"
     sql = (
         f"SELECT {', '.join(SUMMARY_COLUMNS)} FROM {TABLE}{where}"
         f" ORDER BY time DESC, id DESC LIMIT {mark}"

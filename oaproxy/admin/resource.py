@@ -56,7 +56,7 @@ from oaproxy.admin.stored import StoreSnapshot
 from oaproxy.config import Config, ConfigError, all_client_keys
 from oaproxy.credentials import bearer_token
 from oaproxy.errors import ErrorAnswer
-from oaproxy.web import answer_error, client_ip, declared_size
+from oaproxy.web import NotFoundResource, answer_error, client_ip, declared_size
 
 if TYPE_CHECKING:
     from oaproxy.generation import Generation, Shared
@@ -83,8 +83,8 @@ class AdminHost(Protocol):
     shared: Shared
 
 
-class _Answer(Exception):
-    """An answer other than 200, raised from inside a handler."""
+class _Refused(Exception):
+    """An error answer, raised from inside a handler."""
 
     def __init__(self, error: ErrorAnswer) -> None:
         super().__init__(error)
@@ -95,13 +95,14 @@ Handler = Callable[[server.Request, list[str]], Awaitable[tuple[int, Any]]]
 
 
 class AdminResource(Resource):
+    """Every route under ``/admin/`` (a leaf: it reads the path itself)."""
+
     isLeaf = True
     log = Logger()
 
-    def __init__(self, host: AdminHost, reactor: Any) -> None:
+    def __init__(self, host: AdminHost) -> None:
         super().__init__()
         self._host = host
-        self._reactor = reactor
         # (method, path with "*" for a name) -> handler.
         self._routes: dict[tuple[bytes, tuple[str, ...]], Handler] = {
             (b"GET", ("upstreams",)): self.list_upstreams,
@@ -119,16 +120,18 @@ class AdminResource(Resource):
             (b"GET", ("records", "*")): self.get_record,
             (b"GET", ("usage",)): self.usage,
             (b"GET", ("audit",)): self.audit,
+            (b"GET", ("status",)): self.status,
         }
 
     # -- the door ------------------------------------------------------------
 
     def render(self, request: server.Request) -> bytes | int:
-        request.setHeader(b"server", b"oaproxy")
-        request.setHeader(b"cache-control", b"no-store")
         admin_key = self._host.generation.config.admin_key
         if admin_key is None:
-            return answer_error(request, _not_found(request))
+            # As for any path oaproxy does not serve.
+            return NotFoundResource().render(request)
+        request.setHeader(b"server", b"oaproxy")
+        request.setHeader(b"cache-control", b"no-store")
         presented = bearer_token(request.getHeader(b"authorization"))
         # Digests compared: the time taken says nothing of the key's length.
         if presented is None or not hmac.compare_digest(
@@ -139,7 +142,7 @@ class AdminResource(Resource):
             )
         try:
             handler, names = self._route(request)
-        except _Answer as e:
+        except _Refused as e:
             return answer_error(request, e.error)
         work = ensureDeferred(self._run(handler, request, names))
         work.addErrback(lambda failure: self.log.failure("admin answer failed", failure=failure))
@@ -149,7 +152,7 @@ class AdminResource(Resource):
         try:
             segments = [s.decode("utf-8") for s in request.postpath or []]
         except UnicodeDecodeError:
-            raise _Answer(_not_found(request)) from None
+            raise _Refused(_not_found(request)) from None
         if segments and segments[-1] == "":
             segments.pop()
         allowed = []
@@ -164,13 +167,13 @@ class AdminResource(Resource):
             allowed.append(method)
         if allowed:
             request.setHeader(b"allow", b", ".join(allowed))
-            raise _Answer(ErrorAnswer(405, "method not allowed here", code="method_not_allowed"))
-        raise _Answer(_not_found(request))
+            raise _Refused(ErrorAnswer(405, "method not allowed here", code="method_not_allowed"))
+        raise _Refused(_not_found(request))
 
     async def _run(self, handler: Handler, request: server.Request, names: list[str]) -> None:
         try:
             status, value = await handler(request, names)
-        except _Answer as e:
+        except _Refused as e:
             body = answer_error(request, e.error)
         except Refusal as e:
             error = ErrorAnswer(
@@ -237,7 +240,7 @@ class AdminResource(Resource):
                     return describe_upstream(
                         upstream, enabled=enabled, stored=self._host.stored, state=state
                     )
-        raise _Answer(ErrorAnswer(404, f"no upstream {name!r}", code="not_found"))
+        raise _Refused(ErrorAnswer(404, f"no upstream {name!r}", code="not_found"))
 
     # -- keys ----------------------------------------------------------------------
 
@@ -265,7 +268,7 @@ class AdminResource(Resource):
         for key in all_client_keys(config):
             if key.name == name:
                 return describe_key(key, config, self._host.stored)
-        raise _Answer(ErrorAnswer(404, f"no client key {name!r}", code="not_found"))
+        raise _Refused(ErrorAnswer(404, f"no client key {name!r}", code="not_found"))
 
     # -- the records -----------------------------------------------------------------
 
@@ -278,7 +281,7 @@ class AdminResource(Resource):
         store = self._store()
         record = await store.query(lambda c: record_by_id(c, store.dbtype, names[0]))
         if record is None:
-            raise _Answer(ErrorAnswer(404, f"no record {names[0]!r}", code="not_found"))
+            raise _Refused(ErrorAnswer(404, f"no record {names[0]!r}", code="not_found"))
         return 200, record
 
     async def usage(self, request: server.Request, names: list[str]) -> tuple[int, Any]:
@@ -291,6 +294,18 @@ class AdminResource(Resource):
         store = self._store()
         return 200, await store.query(lambda c: audit_page(c, store.dbtype, query))
 
+    async def status(self, request: server.Request, names: list[str]) -> tuple[int, Any]:
+        """``/readyz``'s view (sinks' queues included), and which store version runs."""
+        ready, details = self._host.shared.readiness.state()
+        config = self._host.generation.config
+        return 200, {
+            "object": "status",
+            "hostname": config.hostname,
+            "ready": ready,
+            **details,
+            "store_version": None if self._host.store is None else self._host.stored.version,
+        }
+
     # -- the parts -------------------------------------------------------------------
 
     def _now(self) -> float:
@@ -299,7 +314,7 @@ class AdminResource(Resource):
     def _store(self) -> StoreFollower:
         store = self._host.store
         if store is None:
-            raise _Answer(
+            raise _Refused(
                 ErrorAnswer(
                     409,
                     "this proxy has no SQL store (dbtype: none): set dbtype to sqlite or postgres",
@@ -318,7 +333,7 @@ class AdminResource(Resource):
     async def _take(self, decide: Decide) -> None:
         _, in_use = await self._store().take(decide)
         if not in_use:
-            raise _Answer(
+            raise _Refused(
                 ErrorAnswer(
                     500,
                     "the change is stored, but the store as a whole is refused (see the log)",
@@ -330,16 +345,16 @@ class AdminResource(Resource):
 
 def _body(request: server.Request) -> Any:
     if getattr(request, "too_large", False) or declared_size(request) > MAX_BODY:
-        raise _Answer(ErrorAnswer(413, f"the body is over {MAX_BODY} bytes", code="too_large"))
+        raise _Refused(ErrorAnswer(413, f"the body is over {MAX_BODY} bytes", code="too_large"))
     data = cast(IO[bytes], request.content).read()
     try:
         return json.loads(
             data or b"null", parse_constant=_no_constant, object_pairs_hook=_no_duplicates
         )
     except _Duplicate as e:
-        raise _Answer(ErrorAnswer(400, f"duplicate key {e}", code="invalid_json")) from None
+        raise _Refused(ErrorAnswer(400, f"duplicate key {e}", code="invalid_json")) from None
     except (ValueError, RecursionError):
-        raise _Answer(ErrorAnswer(400, "the body is not JSON", code="invalid_json")) from None
+        raise _Refused(ErrorAnswer(400, "the body is not JSON", code="invalid_json")) from None
 
 
 class _Duplicate(Exception):

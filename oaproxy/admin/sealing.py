@@ -46,10 +46,6 @@ class Sealer:
                 f"must be a Fernet key (32 bytes in url-safe base64); make one with {MAKE_KEY}",
             ) from None
 
-    @property
-    def can_seal(self) -> bool:
-        return self._fernet is not None
-
     def seal(self, secrets: Mapping[str, str]) -> str:
         if self._fernet is None:
             raise SealingError(

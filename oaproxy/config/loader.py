@@ -32,7 +32,10 @@ from oaproxy.config.model import (
 from oaproxy.config.nodes import Item, NodeReader, read_document
 from oaproxy.config.schema import read_settings, section_items
 
-__all__ = ["load_config", "parse_config"]
+__all__ = ["INHERITED", "load_config", "parse_config"]
+
+#: The top-level settings an upstream without its own takes (its deadlines).
+INHERITED = ("timeout", "stream_timeout")
 
 
 def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
@@ -112,10 +115,7 @@ def _config(nodes: NodeReader, root: Item) -> Config:
             )
         return tuple(seen.values())
 
-    # An upstream without deadlines of its own takes the top-level ones.
-    inherited = {
-        name: values.get(name, _default(Config, name)) for name in ("timeout", "stream_timeout")
-    }
+    inherited = {name: values.get(name, _default(Config, name)) for name in INHERITED}
     upstreams = tuple(
         Upstream(
             **{

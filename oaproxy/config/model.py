@@ -303,10 +303,13 @@ class Config:
         ),
     )
     upstreams: tuple[Upstream, ...] = field(metadata=read_by_loader(section=Upstream))
-    # Not a key: upstreams the store disabled (oaproxy.admin.overlay).  Nothing
-    # is routed to them, but their keys stay valid keys, so that disabling
-    # the upstream that named the only keys never opens the proxy.
+    # Not keys of the file, set by the store's overlay (oaproxy.admin.overlay):
+    # the upstreams it disabled (nothing is routed to them, but their keys
+    # stay valid, so that disabling the upstream that named the only keys
+    # never opens the proxy), and its client keys, valid whatever upstreams
+    # they name (one named only gone ones gets 403, not 401).
     disabled_upstreams: tuple[Upstream, ...] = ()
+    stored_keys: tuple[ClientKey, ...] = ()
 
 
 def all_client_keys(config: Config) -> tuple[ClientKey, ...]:
@@ -320,4 +323,6 @@ def all_client_keys(config: Config) -> tuple[ClientKey, ...]:
     for upstream in (*config.upstreams, *config.disabled_upstreams):
         for key in upstream.keys or ():
             seen.setdefault(key.sha256, key)
+    for key in config.stored_keys:
+        seen.setdefault(key.sha256, key)
     return tuple(seen.values())
