@@ -116,7 +116,7 @@ class ProxyService(MultiService):
                 config.dbaddr,
                 self._reactor,
                 interval=config.store_poll_interval,
-                version=stored.version,
+                stored=stored,
                 apply=self._apply_stored,
             )
             self.store.setServiceParent(self)

@@ -149,7 +149,7 @@ class FollowingTests(StoreDaemonCase):
         """A key and an upstream added by the CLI serve a running daemon that has no admin API."""
         file, fresh = await self.fake(), await self.fake()
         port = free_port()
-        await self.start(self.config(port, file, admin_key=None))
+        daemon = await self.start(self.config(port, file, admin_key=None))
         env = {**self.env(), "NEW_SK": SK_NEW}
         out, err, code = await self.cli(
             "upstreams", "add", "fresh", "--endpoint", fresh.endpoint, "--sk-env", "NEW_SK",
@@ -165,6 +165,12 @@ class FollowingTests(StoreDaemonCase):
 
         await self.until(served, timeout=5)
         self.assertEqual(fresh.requests[-1].header(b"authorization"), f"Bearer {SK_NEW}".encode())
+        # The CLI's audit entries are in the daemon's log too, without a secret.
+        await daemon.wait_for("key.added dave")
+        self.assertIn("store change by cli ", daemon.text)
+        self.assertIn('upstream.added fresh {"allow": ["fresh-model"]', daemon.text)
+        self.assertNotIn(SK_NEW, daemon.text)
+        self.assertNotIn(secret, daemon.text)
 
     async def test_edit_by_hand_reaches_a_daemon(self) -> None:
         """An UPDATE of oaproxy_upstreams by hand is noticed: the upstream is disabled."""

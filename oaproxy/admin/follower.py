@@ -5,9 +5,10 @@ elsewhere (another daemon, the CLI, an ``UPDATE`` by hand) noticed within
 Every few seconds the follower reads ``oaproxy_store_version`` (one row,
 raised by the tables' triggers): a cheap look, whatever the size of the
 records.  When it moved, the whole store is read and handed to ``apply``
-(the service builds the config it makes and swaps it in).  A change taken
-here is written and then applied the same way before its answer goes out,
-so it is in effect at once in this process.
+(the service builds the config it makes and swaps it in), and the audit
+entries others made meanwhile (the CLI's) go to this daemon's log.  A change
+taken here is written, logged, then applied the same way before its answer
+goes out, so it is in effect at once in this process.
 
 All database work runs in adbapi's threads, never on the reactor; a store
 that is down is said once in the log, and looked at again.
@@ -27,12 +28,22 @@ from twisted.python.failure import Failure
 
 from oaproxy.admin.changes import Decide
 from oaproxy.admin.loading import UNREAD
-from oaproxy.admin.stored import StoreSnapshot
-from oaproxy.admin.tables import Change, read_snapshot, read_version, take_change
+from oaproxy.admin.stored import AuditEntry, StoreSnapshot
+from oaproxy.admin.tables import (
+    Change,
+    audit_after,
+    read_snapshot,
+    read_version,
+    take_change,
+)
 from oaproxy.recordstore import Database, driver_error_text
 from oaproxy.sinks.sql import connection_pool, migrate
 
 _T = TypeVar("_T")
+
+#: At most this many audit entries of others are logged at one look (a
+#: script that made thousands of changes gets the rest in the table).
+_AUDIT_LINES = 100
 
 #: Applies a snapshot that a follower read; True when it is in use.
 Apply = Callable[["StoreFollower", StoreSnapshot], Awaitable[bool]]
@@ -50,7 +61,7 @@ class StoreFollower(Service):
         reactor: Any,
         *,
         interval: float,
-        version: int,
+        stored: StoreSnapshot,
         apply: Apply,
     ) -> None:
         self.dbtype = dbtype
@@ -61,12 +72,17 @@ class StoreFollower(Service):
         self._apply = apply
         # The version of the store last applied (the daemon read it at
         # start), and whether the service took it or refused it.
-        self.version = version
+        self.version = stored.version
         self._in_use = True
         self._pool: ConnectionPool | None = None
         self._loop: LoopingCall | None = None
         self._migrated = False
         self._down = False
+        # The newest audit entry in this daemon's log, or that was there when
+        # it started (older ones are no news); None: the store was not read.
+        self._audit_logged: int | None = None if stored is UNREAD else stored.last_audit
+        # Entries this daemon made and logged as it took them.
+        self._own_entries: set[int] = set()
         # One read-and-apply at a time: an older snapshot never replaces a newer.
         self._lock = DeferredLock()
 
@@ -123,14 +139,19 @@ class StoreFollower(Service):
 
     async def _take(self, decide: Decide) -> tuple[Change, bool]:
         change, _ = await self._interact(lambda cursor: take_change(cursor, self.dbtype, decide))
+        self._log_change(change.audit)
+        if change.audit.id is not None:
+            self._own_entries.add(change.audit.id)
+        return change, await self._refresh()
+
+    def _log_change(self, entry: AuditEntry) -> None:
         self.log.info(
             "store change by {actor}: {action} {target} {changes}",
-            actor=change.audit.actor,
-            action=change.audit.action.value,
-            target=change.audit.target,
-            changes=change.audit.changes,
+            actor=entry.actor,
+            action=entry.action.value,
+            target=entry.target,
+            changes=entry.changes,
         )
-        return change, await self._refresh()
 
     def _interact(self, work: Callable[[Any], _T]) -> Deferred[_T]:
         if self._pool is None:
@@ -151,7 +172,13 @@ class StoreFollower(Service):
     async def _refresh(self) -> bool:
         await self._lock.acquire()
         try:
-            snapshot = await self.read()
+            logged = self._audit_logged
+            snapshot, entries = await self._interact(lambda c: self._read_news(c, logged))
+            for entry in entries:
+                if entry.id not in self._own_entries:
+                    self._log_change(entry)
+                self._own_entries.discard(entry.id or 0)
+            self._audit_logged = entries[-1].id if entries else snapshot.last_audit
             if snapshot.version != self.version:
                 # Applied or refused (the log says why), this version is done
                 # with: a bad row is reported once, not every few seconds.
@@ -160,6 +187,14 @@ class StoreFollower(Service):
             return self._in_use
         finally:
             self._lock.release()
+
+    def _read_news(self, cursor: Any, logged: int | None) -> tuple[StoreSnapshot, list[AuditEntry]]:
+        """The store's rows, and the audit entries after ``logged`` (none
+        when nothing was read before: the history is no news)."""
+        snapshot = read_snapshot(cursor)
+        if logged is None:
+            return snapshot, []
+        return snapshot, audit_after(cursor, self.dbtype, logged, limit=_AUDIT_LINES)
 
     async def _check(self) -> None:
         version = await self._interact(read_version)

@@ -47,6 +47,8 @@ class StoreSnapshot:
     version: int
     upstreams: tuple[StoredUpstream, ...] = ()
     keys: tuple[StoredKey, ...] = ()
+    # The id of the newest audit entry then (0: none).
+    last_audit: int = 0
 
     def upstream(self, name: str) -> StoredUpstream | None:
         return next((row for row in self.upstreams if row.name == name), None)

@@ -91,7 +91,7 @@ def read_snapshot(cursor: Any) -> StoreSnapshot:
         StoredKey(name=name, sha256=sha256, settings=settings, upstreams=names, created=created)
         for name, sha256, settings, names, created in cursor.fetchall()
     )
-    return StoreSnapshot(version=version, upstreams=upstreams, keys=keys)
+    return StoreSnapshot(version, upstreams, keys, last_audit_id(cursor))
 
 
 def begin_write(cursor: Any, dbtype: str) -> None:
@@ -176,8 +176,29 @@ def read_audit(
         f" ORDER BY id DESC LIMIT {mark}",
         tuple(parameters),
     )
+    return _entries(cursor.fetchall())
+
+
+def audit_after(cursor: Any, dbtype: str, after: int, *, limit: int) -> list[AuditEntry]:
+    """The entries newer than id ``after``, oldest first."""
+    mark = placeholder(dbtype)
+    cursor.execute(
+        f"SELECT id, time, actor, action, target, changes FROM {AUDIT_TABLE}"
+        f" WHERE id > {mark} ORDER BY id LIMIT {mark}",
+        (after, limit),
+    )
+    return _entries(cursor.fetchall())
+
+
+def last_audit_id(cursor: Any) -> int:
+    cursor.execute(f"SELECT MAX(id) FROM {AUDIT_TABLE}")
+    row = cursor.fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def _entries(rows: Sequence[tuple[Any, ...]]) -> list[AuditEntry]:
     entries = []
-    for entry_id, time, actor, action, target, changes in cursor.fetchall():
+    for entry_id, time, actor, action, target, changes in rows:
         try:
             kind = Action(action)
         except ValueError:
