@@ -62,9 +62,10 @@ class ProxyService(MultiService):
         self._signals = signals
         self._previous_hup: Any = None
         self.pool = upstream_pool(reactor)
+        running = overlay(config, stored, Sealer.from_config(config))
         self.shared = Shared.create(
             reactor,
-            config,
+            running,
             agent=upstream_agent(self.pool),
             fresh_agent=upstream_agent(self.pool, fresh=True),
             alert_agent=alert_agent(reactor),
@@ -77,9 +78,7 @@ class ProxyService(MultiService):
         # Builds and swaps one generation at a time (a SIGHUP, a store change).
         self._swapping = DeferredLock()
         self.admin = AdminResource(self)
-        self.generation = build_generation(
-            overlay(config, stored, Sealer.from_config(config)), self.shared, admin=self.admin
-        )
+        self.generation = build_generation(running, self.shared, admin=self.admin)
         self.store: StoreFollower | None = None
         self._follow(config, stored)
         self.site = ProxySite(self.generation.root, config.max_body_bytes, reactor=reactor)

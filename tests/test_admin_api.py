@@ -218,6 +218,19 @@ class AdminAPITests(ProxyCase):
         missing = await admin.call("POST", "/upstreams/nope/disable")
         self.assertEqual(missing.status, 404)
 
+    async def test_new_sk_for_a_file_upstream(self) -> None:
+        """A file upstream's sk replaced through the API is used, and null gives back the file's."""
+        proxy, admin, fake = await self.start()
+        changed = await admin.call("PATCH", "/upstreams/file", {"sk": SK_NEW})
+        self.assertEqual(changed.body["overridden"], ["sk"])
+        await self.sdk(proxy, chat)
+        self.assertEqual(fake.requests[-1].header(b"authorization"), f"Bearer {SK_NEW}".encode())
+        await admin.call("PATCH", "/upstreams/file", {"sk": None})
+        await self.sdk(proxy, chat)
+        self.assertEqual(fake.requests[-1].header(b"authorization"), f"Bearer {SK_FILE}".encode())
+        self.assertEqual((await admin.upstream("file") or {})["overridden"], [])
+        self.assert_no_secret(self.stored_text(), *self.log_text)
+
     async def test_remove_an_admin_upstream(self) -> None:
         """An upstream of the store is removed (200), then gone (404)."""
         _, admin, fake = await self.start()
