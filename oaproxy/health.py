@@ -1,8 +1,8 @@
 """``/readyz``: whether this instance should get traffic.
 
 Ready means at least one upstream is usable (not failing every attempt
-lately) and no record sink dropped a record lately. ``/healthz`` only says
-the process serves.
+lately, and its circuit not open) and no record sink dropped a record
+lately. ``/healthz`` only says the process serves.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from oaproxy.circuits import Circuits, CircuitState
 from oaproxy.record import Record
 
 # Consecutive failed attempts after which an upstream counts as unusable
@@ -27,8 +28,9 @@ DROP_MEMORY = 60.0
 class Readiness:
     """Follows upstream attempts and sink drops, from the records."""
 
-    def __init__(self, clock: IReactorTime) -> None:
+    def __init__(self, clock: IReactorTime, circuits: Circuits) -> None:
         self._clock = clock
+        self._circuits = circuits
         self._failures: dict[str, int] = {}
         self._upstreams: tuple[str, ...] = ()
         self._sinks: Mapping[str, Any] = {}
@@ -58,7 +60,12 @@ class Readiness:
 
     def state(self) -> tuple[bool, dict[str, Any]]:
         now = self._clock.seconds()
-        usable = [name for name in self._upstreams if not self.failing(name)]
+        circuits = self._circuits.views(self._upstreams)
+        usable = [
+            name
+            for name in self._upstreams
+            if not self.failing(name) and circuits[name].state is not CircuitState.OPEN
+        ]
         dropping = []
         for name, sink in self._sinks.items():
             count, since = self._drops.get(name, (0, -DROP_MEMORY))
@@ -72,6 +79,7 @@ class Readiness:
             "status": "ready" if ready else "unready",
             "usable_upstreams": usable,
             "failing_upstreams": [n for n in self._upstreams if n not in usable],
+            "circuits": {name: view.state.label for name, view in circuits.items()},
             "sinks": {
                 name: {"queued": sink.queued, "spilled": sink.spilled, "dropped": sink.dropped}
                 for name, sink in self._sinks.items()

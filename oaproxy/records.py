@@ -23,7 +23,7 @@ from oaproxy.capture import (
 from oaproxy.config import Config, Upstream
 from oaproxy.credentials import Redactor, bearer_token, config_secrets, redact_headers
 from oaproxy.forward import Exchange
-from oaproxy.record import Attempt, JSONObject, Record
+from oaproxy.record import Attempt, CacheResult, JSONObject, Record
 
 NAMESPACE = "oaproxy.record"
 
@@ -94,6 +94,7 @@ class RecordMaker:
         finished = exchange.finished if exchange.finished is not None else exchange.started
         usage = answer.usage
         model = call.model if call.model is not None else _form_model(request_body)
+        cache = exchange.cache.result if exchange.cache is not None else None
         # Text from upstreams and clients may quote a key (an upstream's "Incorrect
         # API key provided: sk-…"): none is kept.
         redact = self.redactor
@@ -139,9 +140,13 @@ class RecordMaker:
             tool_calls=redact(answer.tool_calls, own_token) if policy.response else None,
             finish_reason=answer.finish_reason,
             truncated=tuple(truncated),
+            # A cache hit keeps the usage of the answer it replays, at no cost.
             usage=usage,
-            cost=cost(usage, self._prices.get(model or "")),
+            cost=0.0 if cache is CacheResult.HIT else cost(usage, self._prices.get(model or "")),
+            route=call.route,
+            upstream_model=exchange.upstream_model,
             limit=exchange.limit,
+            cache=cache,
         )
 
     def _answer(self, exchange: Exchange) -> CapturedResponse:

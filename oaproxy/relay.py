@@ -265,6 +265,10 @@ class StreamRelay(Protocol):
             return True
         if data == b"[DONE]":
             self._saw_done = True
+            if self._on_event is not None:
+                # Seen too (the cache stores only streams that end so), and
+                # always passed on.
+                self._on_event(data)
             return True
         # on_event captures the event and says whether to pass it on.
         return self._on_event is None or self._on_event(data)

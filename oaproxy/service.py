@@ -36,7 +36,7 @@ from oaproxy.admin.stored import EMPTY, StoreSnapshot
 from oaproxy.config import DBTYPES, Config, ConfigError, check_listeners, load_config
 from oaproxy.generation import Generation, Shared, build_generation, known_models, upstream_names
 from oaproxy.listeners import Listeners, check_endpoint, settle
-from oaproxy.outbound import alert_agent, upstream_agent, upstream_pool
+from oaproxy.outbound import alert_agents, upstream_agents, upstream_pool
 from oaproxy.sinks import QueuedSink
 from oaproxy.summary import log_summary
 from oaproxy.web import ProxySite
@@ -66,9 +66,9 @@ class ProxyService(MultiService):
         self.shared = Shared.create(
             reactor,
             running,
-            agent=upstream_agent(self.pool),
-            fresh_agent=upstream_agent(self.pool, fresh=True),
-            alert_agent=alert_agent(reactor),
+            agents=upstream_agents(self.pool),
+            fresh_agents=upstream_agents(self.pool, fresh=True),
+            alert_agents=alert_agents(reactor),
             environ=os.environ if environ is None else environ,
         )
         # The file and the store apart, as the admin API shows them; the
@@ -264,7 +264,7 @@ class ProxyService(MultiService):
                 shared.records.add_observer(sink.observer)
                 shared.metrics.add_sink(name, sink)
         shared.readiness.configure(upstream_names(new.config), new.sinks)
-        shared.activity.keep_only(
+        shared.recent_attempts.keep_only(
             [u.name for u in (*new.config.upstreams, *new.config.disabled_upstreams)]
         )
 

@@ -12,7 +12,7 @@ from cryptography.fernet import Fernet
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
-from tests.harness import reactor, read_body
+from tests.live import reactor, read_body
 
 ADMIN_KEY = "adm-0123456789abcdef"
 #: One store key for every test: a Fernet key, as the config wants.

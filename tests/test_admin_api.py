@@ -20,29 +20,29 @@ from oaproxy.service import ProxyService
 from oaproxy.sinks.sql import AUDIT_TABLE, open_database
 from tests.adminclient import ADMIN_KEY, STORE_KEY, AdminClient
 from tests.fakeupstream import FAKE_MODEL, FakeUpstream
-from tests.harness import (
-    CLIENT_KEY,
-    OTHER_KEY,
+from tests.live import (
     POSTGRES_DSN,
     SHARED_POSTGRES,
     ProxyCase,
     RunningProxy,
     chat,
     postgres_schema,
-    proxy_config,
     reachable,
     reactor,
     unavailable,
     wait_for,
     write_yaml,
 )
+from tests.payloads import CLIENT_KEY, OTHER_KEY, proxy_config
 from tests.test_admin_config import context
 
 SK_FILE = "sk-file-upstream-0123456789"
 SK_NEW = "sk-new-upstream-0123456789"
 
 
-class AdminAPITests(ProxyCase):
+class AdminCase(ProxyCase):
+    """The service with a store and /admin/, an admin client on it."""
+
     timeout = 30
     client_key = CLIENT_KEY
 
@@ -91,6 +91,8 @@ class AdminAPITests(ProxyCase):
             for secret in (SK_FILE, SK_NEW, STORE_KEY, ADMIN_KEY, *secrets):
                 self.assertNotIn(secret, text)
 
+
+class AdminAPITests(AdminCase):
     # -- the door ----------------------------------------------------------------
 
     async def test_off_without_admin_key(self) -> None:

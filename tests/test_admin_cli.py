@@ -16,7 +16,7 @@ from oaproxy.admin.loading import load
 from oaproxy.cli import main
 from oaproxy.routing import Router
 from tests.adminclient import STORE_KEY
-from tests.harness import write_yaml
+from tests.live import write_yaml
 
 SK_FILE = "sk-file-0123456789abcdef"
 SK_NEW = "sk-new-0123456789abcdef"
@@ -97,6 +97,23 @@ class CommandTests(SynchronousTestCase):
             self.assertEqual(code, 2, err)
         self.assertIn("a secret is never given on the command line", err)
         self.assertEqual(len(self.loaded().config.upstreams), 1)
+
+    def test_types_and_proxy(self) -> None:
+        """echo needs no --endpoint, openai does; a proxy URL with credentials is a
+        secret, never taken from --set."""
+        code, _, err = self.run_cli("upstreams", "add", "demo", "--type", "echo")
+        self.assertEqual(code, 0, err)
+        rows = [line.split() for line in self.run_cli("upstreams", "list")[1].splitlines()]
+        self.assertEqual(rows[-1], ["demo", "admin", "yes", "echo", "-", "all", "-"])
+        code, _, err = self.run_cli("upstreams", "add", "x")
+        self.assertEqual((code, err), (2, "oaproxy: endpoint: upstream has no endpoint\n"))
+        proxy = "proxy=http://u:pw-0123456789@proxy.test:3128"
+        code, _, err = self.run_cli(
+            "upstreams", "add", "p", "--endpoint", "https://p.test/v1", "--set", proxy
+        )
+        self.assertEqual(code, 2)
+        self.assertIn("--set proxy: a secret is never given on the command line", err)
+        self.assertNotIn("pw-0123456789", err)
 
     def test_sk_needs_store_key(self) -> None:
         """Without a usable store_key an sk is refused, saying why."""

@@ -4,13 +4,13 @@ overlay on the file, what the API shows, sealing, and each change's decision."""
 from __future__ import annotations
 
 import json
-from typing import Any, cast
+from typing import Any
 
 from attrs import field, frozen
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from oaproxy.activity import RECENT, Circuit, NoBreakers, UpstreamActivity, upstream_state
+from oaproxy.activity import RECENT, RecentAttempts, UpstreamState, upstream_state
 from oaproxy.admin.changes import (
     ChangeContext,
     Refusal,
@@ -28,17 +28,20 @@ from oaproxy.admin.overlay import overlay
 from oaproxy.admin.sealing import Sealer, SealingError
 from oaproxy.admin.stored import EMPTY, Source, StoredKey, StoredUpstream, StoreSnapshot
 from oaproxy.admin.tables import Change, DropKey, DropUpstream, PutKey, PutUpstream
+from oaproxy.balancing import LATENCY_WEIGHT, LoadFollowing, UpstreamLoad
+from oaproxy.circuits import Circuits, CircuitState
 from oaproxy.config import Config, ConfigError, Upstream, all_client_keys, key_digest
 from oaproxy.config.jsonvalues import read_json_section
 from oaproxy.config.schema import file_fields, read
 from oaproxy.config.values import boolean
 from oaproxy.forward import AttemptLog
 from oaproxy.health import Readiness
+from oaproxy.pipeline import Observers
 from oaproxy.record import FailureKind
 from oaproxy.routing import Router
 from oaproxy.summary import summary
 from tests.adminclient import STORE_KEY
-from tests.support import make_config
+from tests.doubles import bare_exchange, make_config
 
 FILE = f"""
 store_key: {STORE_KEY}
@@ -239,22 +242,25 @@ upstreams:
 
 class DescribeTests(SynchronousTestCase):
     def test_never_the_sk(self) -> None:
-        """An upstream shows sk_set, never its key; a URL's password is hidden."""
+        """An upstream shows sk_set, never its key; a URL's password is hidden (a
+        proxy's: an endpoint cannot have one)."""
         config = make_config(
-            "upstreams: [{name: a, endpoint: 'https://u:pw-0123456789@a.test/v1',"
-            " sk: sk-0123456789}]"
+            "upstreams: [{name: a, endpoint: 'https://a.test/v1', sk: sk-0123456789,"
+            " proxy: 'http://u:pw-0123456789@proxy.test:3128'}]"
         )
-        shown = describe_upstream(config.upstreams[0], enabled=True, stored=EMPTY, state=None)
+        shown = describe_upstream(config.upstreams[0], stored=EMPTY, state=None)
         text = json.dumps(shown)
         self.assertNotIn("sk-0123456789", text)
         self.assertNotIn("pw-0123456789", text)
         self.assertTrue(shown["settings"]["sk_set"])
         self.assertEqual(shown["source"], "config")
+        self.assertEqual(shown["settings"]["proxy"], "http://proxy.test:3128")
+        self.assertTrue(shown["settings"]["proxy_credentials_set"])
 
     def test_every_file_key_shown(self) -> None:
         """Every key of an upstream appears in its settings (secret ones as <key>_set)."""
         upstream = file_config().upstreams[0]
-        shown = describe_upstream(upstream, enabled=True, stored=EMPTY, state=None)["settings"]
+        shown = describe_upstream(upstream, stored=EMPTY, state=None)["settings"]
         expected = {key if field.repr else f"{key}_set" for field, key, _ in file_fields(Upstream)}
         self.assertEqual(set(shown), expected - {"name"})
 
@@ -379,42 +385,45 @@ class ChangeTests(SynchronousTestCase):
         self.assertEqual(self.refused(remove_key(context(), "alice")).kind, RefusalKind.CONFLICT)
 
 
-class _Running:
-    """What UpstreamActivity reads of a request: its attempts."""
-
-    def __init__(self) -> None:
-        self.attempts: list[AttemptLog] = []
-
-
 class ActivityTests(SynchronousTestCase):
-    def test_recent_attempts_and_ttfb(self) -> None:
-        """Attempts count for five minutes; the TTFB is a moving average; in flight is live."""
+    def test_recent_attempts_and_state(self) -> None:
+        """Attempts count for five minutes; in flight and the TTFB average are the
+        balancing's, the circuit the breakers'."""
         clock = Clock()
-        activity = UpstreamActivity(clock)
-        running: Any = _Running()
-        activity.request_started(running, cast(Any, None))
+        recent = RecentAttempts(clock)
+        load = UpstreamLoad()
+        circuits = Circuits(clock)
+        readiness = Readiness(clock, circuits)
+        watching = Observers([LoadFollowing(load), recent])
+        exchange = bare_exchange()
+
+        def state() -> UpstreamState:
+            return upstream_state(
+                "a", recent=recent, load=load, circuits=circuits, readiness=readiness
+            )
+
         attempt = AttemptLog("a", clock.seconds())
-        running.attempts.append(attempt)
-        self.assertEqual(activity.in_flight("a"), 1)
+        watching.attempt_started(exchange, attempt)
+        self.assertEqual(state().in_flight, 1)
         attempt.ttfb, attempt.duration = 1.0, 1.0
-        activity.attempt_finished(running, attempt)
-        self.assertEqual(activity.in_flight("a"), 0)
+        watching.attempt_finished(exchange, attempt)
+        self.assertEqual(state().in_flight, 0)
         failed = AttemptLog("a", clock.seconds(), ttfb=2.0, duration=2.0)
         failed.failed(FailureKind.TIMEOUT, "deadline")
-        activity.attempt_finished(running, failed)
         gone = AttemptLog("a", clock.seconds(), duration=0.1)
         gone.failed(FailureKind.CANCELLED, "client disconnected")
-        activity.attempt_finished(running, gone)
-        activity.request_finished(running, None)
-        self.assertEqual(activity.recent("a"), (1, 1))
-        self.assertAlmostEqual(activity.ttfb_average("a") or 0, 1.2)
+        for later in (failed, gone):
+            watching.attempt_started(exchange, later)
+            watching.attempt_finished(exchange, later)
+        self.assertEqual(recent.recent("a"), (1, 1))
+        self.assertAlmostEqual(state().ttfb_average or 0, 1.0 + LATENCY_WEIGHT * (2.0 - 1.0))
         clock.advance(RECENT - 20)
-        self.assertEqual(activity.recent("a"), (1, 1))
+        self.assertEqual(recent.recent("a"), (1, 1))
         clock.advance(40)
-        self.assertEqual(activity.recent("a"), (0, 0))
-        state = upstream_state("a", activity, NoBreakers(), Readiness(clock))
+        self.assertEqual(recent.recent("a"), (0, 0))
+        now = state()
         self.assertEqual(
-            (state.circuit, state.failing, state.in_flight), (Circuit.CLOSED, False, 0)
+            (now.circuit.state, now.failing, now.in_flight), (CircuitState.CLOSED, False, 0)
         )
 
 
@@ -434,4 +443,4 @@ class SummaryTests(SynchronousTestCase):
         """A disabled upstream is named as such."""
         row = StoredUpstream("main", Source.CONFIG.value, False, "{}", None)
         config = overlay(file_config(), StoreSnapshot(1, (row,)), Sealer(None))
-        self.assertIn("upstream main: disabled in the store", summary(config, [], [], []))
+        self.assertIn("upstream main: disabled (enabled: false)", summary(config, [], [], []))

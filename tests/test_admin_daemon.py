@@ -22,7 +22,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 
 from tests.adminclient import ADMIN_KEY, STORE_KEY, AdminClient
 from tests.fakeupstream import FAKE_MODEL, FakeUpstream
-from tests.harness import (
+from tests.live import (
     POLL,
     POSTGRES_DSN,
     SHARED_POSTGRES,
@@ -38,7 +38,8 @@ from tests.harness import (
     unavailable,
     write_yaml,
 )
-from tests.test_daemon import TWISTD_ARGS, DaemonCase, base_config, upstream
+from tests.payloads import upstream
+from tests.test_daemon import TWISTD_ARGS, DaemonCase, base_config
 
 KEY = "ck-file-0123456789abcdef"
 SK_FILE = "sk-file-0123456789abcdef"
@@ -65,7 +66,7 @@ class StoreDaemonCase(DaemonCase):
             **more,
         }
         settings = {k: v for k, v in settings.items() if v is not None}
-        files = [upstream("file", fake, SK_FILE, allow=[FAKE_MODEL])]
+        files = [upstream("file", fake.endpoint, SK_FILE, allow=[FAKE_MODEL])]
         return base_config(port, {"file-key": KEY}, files, **settings)
 
     async def start(self, config: dict[str, Any]) -> Any:

@@ -16,8 +16,8 @@ from oaproxy.admin.stored import Action, StoreSnapshot
 from oaproxy.admin.tables import read_audit, read_snapshot, read_version, take_change
 from oaproxy.config import ConfigError
 from oaproxy.sinks.sql import AUDIT_TABLE, UPSTREAMS_TABLE, migrate, open_database
-from tests.harness import POSTGRES_DSN, SHARED_POSTGRES, postgres_schema, reachable, unavailable
-from tests.support import make_config
+from tests.doubles import make_config
+from tests.live import POSTGRES_DSN, SHARED_POSTGRES, postgres_schema, reachable, unavailable
 from tests.test_admin_config import FILE, context
 
 

@@ -8,20 +8,18 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from oaproxy.circuits import Circuits
 from oaproxy.health import FAILING_AFTER, Readiness
 from oaproxy.record import Attempt, FailureKind
+from tests.doubles import SinkCounters
 from tests.records import attempt, record
-
-
-class Sink:
-    queued = spilled = dropped = 0
 
 
 class ReadinessTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.readiness = Readiness(cast(IReactorTime, self.clock))
-        self.readiness.configure(["alpha", "beta"], {"file": Sink()})
+        self.readiness = Readiness(cast(IReactorTime, self.clock), Circuits(self.clock))
+        self.readiness.configure(["alpha", "beta"], {"file": SinkCounters()})
 
     def tried(self, *attempts: Attempt) -> None:
         for _ in range(FAILING_AFTER):

@@ -22,7 +22,7 @@ from attrs import frozen
 
 from oaproxy.admin.describe import public_text
 from oaproxy.admin.overlay import key_upstreams, settings_of
-from oaproxy.admin.sealing import Sealer, SealingError, secret_keys
+from oaproxy.admin.sealing import CREDENTIALED, Sealer, SealingError, secret_keys, secret_setting
 from oaproxy.admin.stored import (
     Action,
     AuditEntry,
@@ -33,7 +33,7 @@ from oaproxy.admin.stored import (
 )
 from oaproxy.admin.tables import Change, DropKey, DropUpstream, PutKey, PutUpstream, Write
 from oaproxy.config import ClientKey, Config, ConfigError, Upstream, all_client_keys, key_digest
-from oaproxy.config.jsonvalues import read_json_section
+from oaproxy.config.jsonvalues import read_json_section, read_json_upstream
 
 __all__ = [
     "ChangeContext",
@@ -55,6 +55,8 @@ _SECRETS = secret_keys(Upstream)
 # Names are path segments of /admin/upstreams/{name} and CLI arguments.
 _NAME = re.compile(r"[^\x00-\x20/\x7f][^\x00-\x1f/\x7f]{0,199}\Z")
 _NAME_RULE = "a name is 1 to 200 characters, without '/' or control characters"
+# A change that does not give ``enabled``.
+_UNCHANGED: Any = object()
 #: What a key oaproxy makes starts with: shaped like a key, so that one
 #: pasted into text that oaproxy cannot know is hidden all the same.
 KEY_PREFIX = "sk-oaproxy-"
@@ -98,22 +100,24 @@ def new_key_secret() -> str:
 
 def add_upstream(context: ChangeContext, body: Any) -> Decide:
     """A new upstream of source ``admin``: ``body`` is its mapping, as in
-    the config file, ``name`` required."""
+    the config file, ``name`` required (``enabled: false``: added disabled)."""
     given = _object(body)
     name = _new_name(given.get("name"), "upstream")
     settings = {k: v for k, v in given.items() if k != "name"}
     plain, sealed_secrets, _ = _split(settings)
-    _check_upstream(plain, sealed_secrets, partial=False)
+    values = _check_upstream(plain, sealed_secrets, over=None)
+    plain.pop("enabled", None)
+    enabled = values.get("enabled", True)
     sealed = _seal(context, sealed_secrets)
 
     def decide(stored: StoreSnapshot) -> Change:
         row = stored.upstream(name)
-        if any(u.name == name for u in context.file.upstreams):
+        if _file_upstream(context, name) is not None:
             _refuse(RefusalKind.CONFLICT, f"upstream {name!r} is in the config file", "name")
         if row is not None and row.source == Source.ADMIN.value:
             _refuse(RefusalKind.CONFLICT, f"upstream {name!r} exists", "name")
         # Any other row of that name changed a file upstream that is gone.
-        new = StoredUpstream(name, Source.ADMIN.value, True, _dumps(plain), sealed)
+        new = StoredUpstream(name, Source.ADMIN.value, enabled, _dumps(plain), sealed)
         return _change(context, [PutUpstream(new)], Action.UPSTREAM_ADDED, name, settings)
 
     return decide
@@ -122,7 +126,8 @@ def add_upstream(context: ChangeContext, body: Any) -> Decide:
 def change_upstream(context: ChangeContext, name: str, body: Any) -> Decide:
     """Some keys of an upstream changed (null: back to the default, or to
     the config file's value); an upstream of the file is changed by a row of
-    source ``config`` holding only the keys that differ."""
+    source ``config`` holding only the keys that differ.  ``enabled`` is the
+    row's enabled column, as ``set_enabled`` sets it."""
     given = _object(body)
     if not given:
         _refuse(RefusalKind.INVALID, "nothing to change: give the keys to change")
@@ -130,26 +135,36 @@ def change_upstream(context: ChangeContext, name: str, body: Any) -> Decide:
         _refuse(RefusalKind.INVALID, "an upstream's name cannot change: add another", "name")
     given.pop("name", None)
     plain, sealed_secrets, removed_secrets = _split(given)
+    # The row's enabled column (null: enabled, as without a row).
+    switch = plain.pop("enabled", _UNCHANGED)
 
     def decide(stored: StoreSnapshot) -> Change:
         row = stored.upstream(name)
-        in_file = any(u.name == name for u in context.file.upstreams)
-        if not in_file and (row is None or row.source != Source.ADMIN.value):
+        in_file = _file_upstream(context, name)
+        if in_file is None and (row is None or row.source != Source.ADMIN.value):
             _refuse(RefusalKind.NOT_FOUND, f"no upstream {name!r}")
-        source = Source.CONFIG if in_file else Source.ADMIN
+        source = Source.CONFIG if in_file is not None else Source.ADMIN
         settings = {} if row is None else settings_of(row.settings, name)
         for key, value in plain.items():
             if value is None:
                 settings.pop(key, None)
             else:
                 settings[key] = value
-        replaced = sealed_secrets.keys() | removed_secrets
+        for key in sealed_secrets:
+            # A proxy with credentials now: sealed, no longer plain.
+            settings.pop(key, None)
+        replaced = sealed_secrets.keys() | removed_secrets | (plain.keys() & CREDENTIALED)
         # Every secret given again: the old ones need not be read.
-        old_secrets = {} if replaced >= _SECRETS else _unseal(context, row)
+        old_secrets = {} if replaced >= _SECRETS | CREDENTIALED else _unseal(context, row)
         kept = {k: v for k, v in old_secrets.items() if k not in replaced}
         all_secrets = {**kept, **sealed_secrets}
-        _check_upstream(settings, all_secrets, partial=source is Source.CONFIG)
+        checked = dict(settings)
+        if switch is not _UNCHANGED and switch is not None:
+            checked["enabled"] = switch
+        values = _check_upstream(checked, all_secrets, over=in_file)
         enabled = True if row is None else row.enabled
+        if switch is not _UNCHANGED:
+            enabled = _enabling(in_file, name, values.get("enabled", True))
         new = StoredUpstream(
             name, source.value, enabled, _dumps(settings), _seal(context, all_secrets)
         )
@@ -163,23 +178,35 @@ def set_enabled(context: ChangeContext, name: str, enabled: bool) -> Decide:
 
     def decide(stored: StoreSnapshot) -> Change:
         row = stored.upstream(name)
-        in_file = any(u.name == name for u in context.file.upstreams)
-        if not in_file and (row is None or row.source != Source.ADMIN.value):
+        in_file = _file_upstream(context, name)
+        if in_file is None and (row is None or row.source != Source.ADMIN.value):
             _refuse(RefusalKind.NOT_FOUND, f"no upstream {name!r}")
-        if row is None or (in_file and row.source != Source.CONFIG.value):
+        if row is None or (in_file is not None and row.source != Source.CONFIG.value):
             row = StoredUpstream(name, Source.CONFIG.value, enabled, "{}", None)
-        new = StoredUpstream(row.name, row.source, enabled, row.settings, row.sealed)
+        switched = _enabling(in_file, name, enabled)
+        new = StoredUpstream(row.name, row.source, switched, row.settings, row.sealed)
         action = Action.UPSTREAM_ENABLED if enabled else Action.UPSTREAM_DISABLED
         return _change(context, [_put_or_drop(new)], action, name, {"enabled": enabled})
 
     return decide
 
 
+def _enabling(in_file: Upstream | None, name: str, enabled: bool) -> bool:
+    """``enabled``, unless it would enable what the config file disables."""
+    if enabled and in_file is not None and not in_file.enabled:
+        _refuse(
+            RefusalKind.CONFLICT,
+            f"upstream {name!r} has enabled: false in the config file: enable it there",
+            "enabled",
+        )
+    return enabled
+
+
 def remove_upstream(context: ChangeContext, name: str) -> Decide:
     """Remove an upstream of the store; one of the config file stays."""
 
     def decide(stored: StoreSnapshot) -> Change:
-        if any(u.name == name for u in context.file.upstreams):
+        if _file_upstream(context, name) is not None:
             _refuse(
                 RefusalKind.CONFLICT,
                 f"upstream {name!r} is in the config file: disable it, or remove it from the file",
@@ -223,7 +250,7 @@ def add_key(context: ChangeContext, body: Any, secret: str) -> Decide:
         names = {key.name for key in all_client_keys(context.file)}
         if name in names or stored.key(name) is not None:
             _refuse(RefusalKind.CONFLICT, f"a client key named {name!r} exists", "name")
-        known = {u.name for u in context.file.upstreams} | {
+        known = {u.name for u in (*context.file.upstreams, *context.file.disabled_upstreams)} | {
             row.name for row in stored.upstreams if row.source == Source.ADMIN.value
         }
         for position, upstream in enumerate(upstreams or ()):
@@ -277,18 +304,23 @@ def _new_name(value: Any, what: str) -> str:
 
 
 def _split(settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str], set[str]]:
-    """The plain settings, the secrets given (not empty) and those removed."""
-    plain = {k: v for k, v in settings.items() if k not in _SECRETS}
+    """The plain settings, the secrets given (not empty) and those removed;
+    a proxy URL with credentials is a secret given."""
+    plain: dict[str, Any] = {}
     given: dict[str, str] = {}
     removed: set[str] = set()
-    for key in _SECRETS & settings.keys():
-        value = settings[key]
-        if value is None or value == "":
-            removed.add(key)
-        elif not isinstance(value, str):
-            _refuse(RefusalKind.INVALID, f"{key}: expected a string", key)
-        else:
+    for key, value in settings.items():
+        if key in _SECRETS:
+            if value is None or value == "":
+                removed.add(key)
+            elif not isinstance(value, str):
+                _refuse(RefusalKind.INVALID, f"{key}: expected a string", key)
+            else:
+                given[key] = value
+        elif secret_setting(key, value):
             given[key] = value
+        else:
+            plain[key] = value
     return plain, given, removed
 
 
@@ -300,13 +332,20 @@ def _checked(read: Callable[[], Any]) -> Any:
         _refuse(RefusalKind.INVALID, f"{e.key}: {e.message}" if e.key else e.message, e.key or None)
 
 
-def _check_upstream(plain: Mapping[str, Any], secrets: Mapping[str, str], *, partial: bool) -> None:
+def _check_upstream(
+    plain: Mapping[str, Any], secrets: Mapping[str, str], *, over: Upstream | None
+) -> dict[str, Any]:
+    """The values of an upstream's settings, read as the file's are
+    (``over``: the file's upstream they change)."""
     settings = {**plain, **secrets}
-    _checked(
-        lambda: read_json_section(
-            settings, Upstream, "an upstream mapping", where="body", partial=partial
-        )
-    )
+    values: dict[str, Any] = _checked(lambda: read_json_upstream(settings, where="body", over=over))
+    return values
+
+
+def _file_upstream(context: ChangeContext, name: str) -> Upstream | None:
+    """The config file's upstream ``name``, enabled or not."""
+    file = context.file
+    return next((u for u in (*file.upstreams, *file.disabled_upstreams) if u.name == name), None)
 
 
 def _seal(context: ChangeContext, given: Mapping[str, str]) -> str | None:
@@ -326,7 +365,7 @@ def _unseal(context: ChangeContext, row: StoredUpstream | None) -> dict[str, str
     except SealingError as e:
         _refuse(
             RefusalKind.CONFLICT,
-            f"{e}; give {', '.join(sorted(_SECRETS))} again with this change",
+            f"{e}; give {', '.join(sorted(_SECRETS | CREDENTIALED))} again with this change",
             code="store_key_mismatch",
         )
 

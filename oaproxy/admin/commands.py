@@ -2,7 +2,7 @@
 and ``oaproxy check-config``, for openai-api-route's ``-add``/``-list`` users.
 
     oaproxy upstreams list [--format table|json]
-    oaproxy upstreams add NAME --endpoint URL [--sk-env VAR | --sk-stdin]
+    oaproxy upstreams add NAME [--endpoint URL] [--sk-env VAR | --sk-stdin]
                           [--allow m1,m2] [--type T] [--set KEY=VALUE ...]
     oaproxy upstreams remove|enable|disable NAME
     oaproxy keys list [--format table|json]
@@ -48,7 +48,7 @@ from oaproxy.admin.changes import (
 from oaproxy.admin.describe import describe_key, describe_upstream
 from oaproxy.admin.loading import load, read_store
 from oaproxy.admin.overlay import overlay_with
-from oaproxy.admin.sealing import Sealer, secret_keys
+from oaproxy.admin.sealing import Sealer, secret_keys, secret_setting
 from oaproxy.admin.stored import StoreSnapshot
 from oaproxy.admin.tables import Change, take_change
 from oaproxy.config import Config, ConfigError, Upstream, all_client_keys
@@ -105,7 +105,9 @@ def add_commands(
     )
     add.add_argument("name", metavar="NAME")
     add.add_argument(
-        "--endpoint", required=True, metavar="URL", help="its base URL, e.g. https://host/v1"
+        "--endpoint",
+        metavar="URL",
+        help="its base URL, e.g. https://host/v1 (type echo has none; replicate's has a default)",
     )
     secret = add.add_mutually_exclusive_group()
     secret.add_argument("--sk-env", metavar="VAR", help="the upstream key is in $VAR")
@@ -181,9 +183,8 @@ def _message(error: ConfigError, database: Database) -> str:
 def _list_upstreams(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     _, stored, config = _stored(args)
     rows = [
-        describe_upstream(upstream, enabled=enabled, stored=stored, state=None)
-        for enabled, upstreams in ((True, config.upstreams), (False, config.disabled_upstreams))
-        for upstream in upstreams
+        describe_upstream(upstream, stored=stored, state=None)
+        for upstream in (*config.upstreams, *config.disabled_upstreams)
     ]
     if args.format == "json":
         stdout.write(json.dumps(rows, indent=2) + "\n")
@@ -197,7 +198,7 @@ def _list_upstreams(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) ->
                 row["source"],
                 "yes" if row["enabled"] else "no",
                 str(settings.get("type", "")),
-                str(settings.get("endpoint", "")),
+                settings.get("endpoint") or "-",
                 ",".join(settings.get("allow") or []) or "all",
                 "set" if settings.get("sk_set") else "-",
             ]
@@ -330,14 +331,17 @@ def _done(stderr: TextIO, change: Change) -> int:
 
 
 def _add_upstream(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
-    body: dict[str, Any] = {**_settings(args.set), "name": args.name, "endpoint": args.endpoint}
-    given = sorted(secret_keys(Upstream) & body.keys())
+    body: dict[str, Any] = {**_settings(args.set), "name": args.name}
+    given = sorted(key for key, value in body.items() if secret_setting(key, value))
     if given:
+        instead = "use --sk-env or --sk-stdin" if given[0] == "sk" else "give it through /admin/"
         raise CommandError(
             f"--set {given[0]}: a secret is never given on the command line, where ps and the "
-            f"shell's history keep it (use --sk-env or --sk-stdin)",
+            f"shell's history keep it ({instead})",
             EXIT_USAGE,
         )
+    if args.endpoint is not None:
+        body["endpoint"] = args.endpoint
     if args.allow is not None:
         body["allow"] = _names(args.allow)
     if args.type is not None:

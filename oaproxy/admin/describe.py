@@ -26,6 +26,7 @@ from oaproxy.admin.stored import Source, StoreSnapshot
 from oaproxy.config import ClientKey, Config, Rate, Upstream
 from oaproxy.config.schema import file_fields
 from oaproxy.credentials import REDACTED, hide_key_shapes
+from oaproxy.upstreamclient.proxy import HTTPProxy
 
 __all__ = ["describe_key", "describe_upstream", "json_value", "public_text", "settings_json"]
 
@@ -56,6 +57,8 @@ def json_value(value: Any) -> Any:
         return value.name
     if isinstance(value, Rate):
         return value.text
+    if isinstance(value, HTTPProxy):
+        return value.url
     if isinstance(value, tuple) and value and all(isinstance(v, Rate) for v in value):
         # A limit string: "10/minute;100/hour".
         return ";".join(rate.text for rate in value)
@@ -80,15 +83,19 @@ def settings_json(instance: Any, *, show_secrets_set: bool = True) -> dict[str, 
                 result[f"{key}_set"] = bool(value)
             continue
         result[key] = json_value(value)
+        if isinstance(value, HTTPProxy):
+            # Its URL without them; of its credentials, only whether there are any.
+            result[f"{key}_credentials_set"] = value.credentials is not None
     return result
 
 
 def describe_upstream(
-    upstream: Upstream, *, enabled: bool, stored: StoreSnapshot, state: UpstreamState | None
+    upstream: Upstream, *, stored: StoreSnapshot, state: UpstreamState | None
 ) -> dict[str, Any]:
     """``{"object": "upstream", "name", "source", "enabled", "settings",
     "overridden", "state"}``; ``overridden``: the keys the store changes of an
-    upstream of the config file; ``state`` None where no daemon runs (the CLI)."""
+    upstream of the config file; ``state`` None where no daemon runs (the CLI).
+    ``enabled`` false: disabled by the file (``enabled: false``) or the store."""
     row = stored.upstream(upstream.name)
     source = Source.ADMIN if row is not None and row.source == Source.ADMIN.value else Source.CONFIG
     overridden: list[str] = []
@@ -103,7 +110,7 @@ def describe_upstream(
         "object": "upstream",
         "name": upstream.name,
         "source": source.value,
-        "enabled": enabled,
+        "enabled": upstream.enabled,
         "settings": settings,
         "overridden": overridden,
         "state": None if state is None else state_json(state),
@@ -111,8 +118,13 @@ def describe_upstream(
 
 
 def state_json(state: UpstreamState) -> dict[str, Any]:
+    circuit = state.circuit
     return {
-        "circuit": state.circuit.value,
+        "circuit": circuit.state.label,
+        # Failed attempts in a row, and when an open circuit lets a probe
+        # through (the reactor's clock: wall time in the daemon).
+        "circuit_failures": circuit.failures,
+        "circuit_open_until": circuit.open_until,
         "failing": state.failing,
         "in_flight": state.in_flight,
         "ttfb_average": state.ttfb_average,

@@ -1,15 +1,16 @@
 """The config file and the store together: the ``Config`` a daemon runs.
 
 - The file's upstreams keep their place; a stored row of source ``config``
-  changes the keys it holds, and may disable the upstream.  A row for a name
-  the file no longer has is left alone (it applies again if the name comes
-  back).
+  changes the keys it holds, and may disable the upstream (one the file
+  gives ``enabled: false`` stays disabled: the store cannot enable it).  A
+  row for a name the file no longer has is left alone (it applies again if
+  the name comes back).
 - Upstreams of source ``admin`` follow the file's, in the order they were
   stored, each read from its row exactly as the file's are read (the
-  top-level deadlines inherited the same way).
-- Disabled upstreams leave ``Config.upstreams`` for
-  ``Config.disabled_upstreams``: nothing is routed to them, their keys stay
-  valid.
+  top-level deadlines and proxy inherited the same way).
+- An upstream disabled either way has ``enabled`` false and leaves
+  ``Config.upstreams`` for ``Config.disabled_upstreams``, as the file's
+  ``enabled: false`` does: nothing is routed to it, its keys stay valid.
 - Stored client keys, known by their SHA-256, join the global keys, or with
   a list of upstreams, those upstreams' keys (an upstream open to the global
   keys then lists them beside the new one); all are in
@@ -32,7 +33,7 @@ import attrs
 from oaproxy.admin.sealing import Sealer, SealingError, secret_keys
 from oaproxy.admin.stored import Source, StoredKey, StoredUpstream, StoreSnapshot
 from oaproxy.config import ClientKey, Config, ConfigError, Upstream, all_client_keys
-from oaproxy.config.jsonvalues import read_json_section
+from oaproxy.config.jsonvalues import read_json_section, read_json_upstream
 from oaproxy.config.loader import INHERITED
 from oaproxy.sinks.sql import KEYS_TABLE, UPSTREAMS_TABLE
 
@@ -67,17 +68,19 @@ def overlay_with(file: Config, stored: StoreSnapshot, unseal: Unsealer) -> Confi
     rows = {row.name: row for row in stored.upstreams}
     enabled: list[Upstream] = []
     disabled: list[Upstream] = []
-    for upstream in file.upstreams:
+    for upstream in (*file.upstreams, *file.disabled_upstreams):
         row = rows.get(upstream.name)
         if row is not None:
             if _source(row) is Source.ADMIN:
                 _fail(row.name, "name", "this upstream is in the config file too: remove one")
-            upstream = attrs.evolve(upstream, **_upstream_values(row, unseal, partial=True))
-        (enabled if row is None or row.enabled else disabled).append(upstream)
+            values = _upstream_values(row, unseal, over=upstream)
+            # Disabled by the file or by the store: either says enabled: false.
+            upstream = attrs.evolve(upstream, **values, enabled=upstream.enabled and row.enabled)
+        (enabled if upstream.enabled else disabled).append(upstream)
     for row in stored.upstreams:
         if _source(row) is Source.ADMIN:
             upstream = _stored_upstream(file, row, unseal)
-            (enabled if row.enabled else disabled).append(upstream)
+            (enabled if upstream.enabled else disabled).append(upstream)
 
     file_keys = all_client_keys(file)
     names = {key.name for key in file_keys}
@@ -119,32 +122,33 @@ def overlay_with(file: Config, stored: StoreSnapshot, unseal: Unsealer) -> Confi
 
 def _stored_upstream(file: Config, row: StoredUpstream, unseal: Unsealer) -> Upstream:
     """The upstream a row of source ``admin`` defines."""
-    values = _upstream_values(row, unseal, partial=False)
+    values = _upstream_values(row, unseal, over=None)
     # As the loader does: the top-level settings for those not given.
     inherited = {name: getattr(file, name) for name in INHERITED}
-    return Upstream(**{**inherited, **values, "name": row.name, "keys": None})
+    return Upstream(
+        **{**inherited, **values, "name": row.name, "keys": None, "enabled": row.enabled}
+    )
 
 
-def _upstream_values(row: StoredUpstream, unseal: Unsealer, *, partial: bool) -> dict[str, Any]:
-    """The fields a row gives, by attribute name (``partial``: some of them)."""
+def _upstream_values(
+    row: StoredUpstream, unseal: Unsealer, *, over: Upstream | None
+) -> dict[str, Any]:
+    """The fields a row gives, by attribute name (``over``: the file's
+    upstream the row changes)."""
     settings = settings_of(row.settings, f"{UPSTREAMS_TABLE}[{row.name}]")
     given = secret_keys(Upstream) & settings.keys()
     if given:
         _fail(row.name, min(given), "a secret is stored sealed, never in settings (see README)")
-    if "name" in settings:
-        _fail(row.name, "name", "the name is the row's name column")
+    for key, what in (("name", "the name"), ("enabled", "whether it is enabled")):
+        if key in settings:
+            _fail(row.name, key, f"{what} is the row's {key} column")
     if row.sealed is not None:
         try:
             settings.update(unseal(row.sealed))
         except SealingError as e:
             _fail(row.name, "sealed", str(e))
-    return read_json_section(
-        settings,
-        Upstream,
-        "an upstream mapping",
-        where=STORE,
-        key=f"{UPSTREAMS_TABLE}[{row.name}]",
-        partial=partial,
+    return read_json_upstream(
+        settings, where=STORE, key=f"{UPSTREAMS_TABLE}[{row.name}]", over=over
     )
 
 

@@ -53,10 +53,11 @@ from oaproxy.admin.queries import (
 )
 from oaproxy.admin.sealing import Sealer
 from oaproxy.admin.stored import StoreSnapshot
+from oaproxy.answers import JSONAnswer, write_answer
 from oaproxy.config import Config, ConfigError, all_client_keys
 from oaproxy.credentials import bearer_token
 from oaproxy.errors import ErrorAnswer
-from oaproxy.web import NotFoundResource, answer_error, client_ip, declared_size
+from oaproxy.web import NotFoundResource, client_ip, declared_size
 
 if TYPE_CHECKING:
     from oaproxy.generation import Generation, Shared
@@ -137,13 +138,13 @@ class AdminResource(Resource):
         if presented is None or not hmac.compare_digest(
             hashlib.sha256(presented).digest(), hashlib.sha256(admin_key.encode("utf-8")).digest()
         ):
-            return answer_error(
+            return write_answer(
                 request, ErrorAnswer(401, "wrong admin key", code="invalid_api_key")
             )
         try:
             handler, names = self._route(request)
         except _Refused as e:
-            return answer_error(request, e.error)
+            return write_answer(request, e.error)
         work = ensureDeferred(self._run(handler, request, names))
         work.addErrback(lambda failure: self.log.failure("admin answer failed", failure=failure))
         return server.NOT_DONE_YET
@@ -174,26 +175,24 @@ class AdminResource(Resource):
         try:
             status, value = await handler(request, names)
         except _Refused as e:
-            body = answer_error(request, e.error)
+            body = write_answer(request, e.error)
         except Refusal as e:
             error = ErrorAnswer(
                 e.kind.value, e.message, code=e.code or _CODES[e.kind], param=e.param
             )
-            body = answer_error(request, error)
+            body = write_answer(request, error)
         except ConfigError as e:
             # A row of the store that does not read (edited by hand).
-            body = answer_error(request, ErrorAnswer(409, str(e), code="store_invalid"))
+            body = write_answer(request, ErrorAnswer(409, str(e), code="store_invalid"))
         except Exception:  # noqa: BLE001 - bad input never stops the daemon
             self.log.failure("admin request failed")
-            body = answer_error(
+            body = write_answer(
                 request,
                 ErrorAnswer(500, "internal error (see the log)", type="server_error"),
             )
         else:
-            body = json.dumps(value, ensure_ascii=False).encode("utf-8")
-            request.setResponseCode(status)
-            request.setHeader(b"content-type", b"application/json")
-            request.setHeader(b"content-length", b"%d" % len(body))
+            document = json.dumps(value, ensure_ascii=False).encode("utf-8")
+            body = write_answer(request, JSONAnswer(document, status))
         if not request._disconnected:
             request.write(body)
             request.finish()
@@ -233,13 +232,16 @@ class AdminResource(Resource):
     def _upstream(self, name: str) -> dict[str, Any]:
         config = self._host.generation.config
         shared = self._host.shared
-        for enabled, upstreams in ((True, config.upstreams), (False, config.disabled_upstreams)):
-            for upstream in upstreams:
-                if upstream.name == name:
-                    state = upstream_state(name, shared.activity, shared.circuits, shared.readiness)
-                    return describe_upstream(
-                        upstream, enabled=enabled, stored=self._host.stored, state=state
-                    )
+        for upstream in (*config.upstreams, *config.disabled_upstreams):
+            if upstream.name == name:
+                state = upstream_state(
+                    name,
+                    recent=shared.recent_attempts,
+                    load=shared.load,
+                    circuits=shared.circuits,
+                    readiness=shared.readiness,
+                )
+                return describe_upstream(upstream, stored=self._host.stored, state=state)
         raise _Refused(ErrorAnswer(404, f"no upstream {name!r}", code="not_found"))
 
     # -- keys ----------------------------------------------------------------------

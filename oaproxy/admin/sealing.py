@@ -1,17 +1,20 @@
 """Upstream keys at rest: the secret settings of a stored upstream (its
-``sk``) are kept as one JSON object encrypted with ``store_key`` (Fernet:
-AES-128-CBC with an HMAC-SHA256, from ``cryptography``).  Without a
-``store_key`` nothing secret can be stored, and oaproxy says so."""
+``sk``, and a ``proxy`` URL that holds credentials) are kept as one JSON
+object encrypted with ``store_key`` (Fernet: AES-128-CBC with an
+HMAC-SHA256, from ``cryptography``).  Without a ``store_key`` nothing secret
+can be stored, and oaproxy says so."""
 
 from __future__ import annotations
 
 import binascii
 import json
 from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from oaproxy.config import Config, ConfigError
+from oaproxy.config import Config, ConfigError, Upstream
 from oaproxy.config.schema import file_fields
 
 #: How README and the messages say to make a key.
@@ -75,3 +78,24 @@ def secret_keys(cls: type) -> frozenset[str]:
     """The file's keys of ``cls`` whose values are secret (its fields kept
     out of ``repr``: an upstream's ``sk``): sealed in the store, never shown."""
     return frozenset(key for field, key, _ in file_fields(cls) if not field.repr)
+
+
+#: Upstream keys whose value is secret when it holds credentials (a proxy
+#: URL's user:password): sealed then, like an sk.
+CREDENTIALED = frozenset({"proxy"})
+
+
+def secret_setting(key: str, value: Any) -> bool:
+    """Whether an upstream setting is sealed in the store: an ``sk``, or a
+    proxy URL with credentials."""
+    if key in secret_keys(Upstream):
+        return True
+    return key in CREDENTIALED and isinstance(value, str) and _has_credentials(value)
+
+
+def _has_credentials(url: str) -> bool:
+    try:
+        return "@" in urlsplit(url.strip()).netloc
+    except ValueError:
+        # Not a URL: its reader says why.
+        return False

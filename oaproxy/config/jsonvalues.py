@@ -11,16 +11,20 @@ JSON string is those characters, never an environment variable.  Errors are
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import yaml
 
 from oaproxy.config.errors import ConfigError
+from oaproxy.config.loader import settle_upstream
+from oaproxy.config.model import Upstream
 from oaproxy.config.nodes import Item, NodeReader
 from oaproxy.config.schema import file_fields, read_settings, section_items
 
-__all__ = ["read_json_section"]
+__all__ = ["read_json_section", "read_json_upstream"]
+
+_T = TypeVar("_T")
 
 _TAGS = {
     bool: "tag:yaml.org,2002:bool",
@@ -73,32 +77,83 @@ def _read_given(nodes: NodeReader, items: Mapping[str, Item], cls: type) -> dict
     return values
 
 
+def _reading(value: Any, where: str, key: str, read: Callable[[NodeReader, Item], _T]) -> _T:
+    """``read`` of the JSON ``value`` as the item ``key``, errors naming ``where``."""
+    loader = yaml.SafeLoader("")
+    try:
+        nodes = LiteralNodeReader(where, {}, loader)
+        return read(nodes, Item(key, 1, _node(value)))
+    except ConfigError as e:
+        # Lines mean nothing in JSON.
+        raise ConfigError(where, None, e.key, e.message) from None
+    finally:
+        loader.dispose()
+
+
+def _section(
+    nodes: NodeReader,
+    item: Item,
+    cls: type,
+    what: str,
+    *,
+    partial: bool,
+    loader_reads: frozenset[str] = frozenset(),
+) -> tuple[dict[str, Item], dict[str, Any]]:
+    """The items and values of the mapping at ``item``; a key the loader
+    reads is refused unless the caller reads it (``loader_reads``)."""
+    items = section_items(nodes, item, cls, what)
+    for field, _, setting in file_fields(cls):
+        given = items.get(field.name)
+        loader_only = setting.read is None and field.name not in loader_reads
+        if loader_only and given is not None and not nodes.is_null(given):
+            nodes.fail(given.key, None, "only the config file can set this key")
+    values = _read_given(nodes, items, cls) if partial else read_settings(nodes, item, items, cls)
+    return items, values
+
+
 def read_json_section(
     value: Any, cls: type, what: str, *, where: str, key: str = "", partial: bool = False
 ) -> dict[str, Any]:
     """The values of ``cls``'s fields that the JSON ``value`` (a mapping of
     the file's keys) gives, by attribute name, read as the file is read.
 
-    ``what`` names the mapping in messages ("an upstream mapping"); errors
-    are ``ConfigError(where, None, key + "." + …, message)``.  With
+    ``what`` names the mapping in messages ("a key mapping"); errors are
+    ``ConfigError(where, None, key + "." + …, message)``.  With
     ``partial``, required keys may be absent (a change of some keys);
-    either way a key that only the file can set (one the loader reads, such
-    as an upstream's ``authorization``) is refused.
+    either way a key that only the file can set (one the loader reads) is
+    refused.
     """
-    loader = yaml.SafeLoader("")
-    try:
-        nodes = LiteralNodeReader(where, {}, loader)
-        item = Item(key, 1, _node(value))
-        items = section_items(nodes, item, cls, what)
-        for field, _, setting in file_fields(cls):
-            given = items.get(field.name)
-            if setting.read is None and given is not None and not nodes.is_null(given):
-                nodes.fail(given.key, None, "only the config file can set this key")
-        if partial:
-            return _read_given(nodes, items, cls)
-        return read_settings(nodes, item, items, cls)
-    except ConfigError as e:
-        # Lines mean nothing in JSON.
-        raise ConfigError(where, None, e.key, e.message) from None
-    finally:
-        loader.dispose()
+
+    def read(nodes: NodeReader, item: Item) -> dict[str, Any]:
+        return _section(nodes, item, cls, what, partial=partial)[1]
+
+    return _reading(value, where, key, read)
+
+
+def read_json_upstream(
+    value: Any, *, where: str, key: str = "", over: Upstream | None = None
+) -> dict[str, Any]:
+    """An upstream mapping's values, by attribute name, read as the loader
+    reads one of the file: each key, what its type asks of ``endpoint`` and
+    ``sk``, and its own ``proxy`` (None for ``none``: direct); an absent
+    ``proxy`` is left to the caller (the top-level one is inherited).
+    ``authorization`` is the file's alone (stored keys name their upstreams).
+
+    ``over``: the upstream of the file that ``value`` changes; then every
+    key may be absent, and the type's rules see ``over``'s values where
+    ``value`` gives none.  Errors as for ``read_json_section``.
+    """
+
+    def read(nodes: NodeReader, item: Item) -> dict[str, Any]:
+        items, values = _section(
+            nodes,
+            item,
+            Upstream,
+            "an upstream mapping",
+            partial=over is not None,
+            loader_reads=frozenset({"proxy"}),
+        )
+        settle_upstream(nodes, item, items, values, over)
+        return values
+
+    return _reading(value, where, key, read)
