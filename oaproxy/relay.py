@@ -237,7 +237,10 @@ class StreamRelay(Protocol):
         if self._splitter is None:
             self._write(data)
             return
-        events = self._splitter.feed(data)
+        self._take(self._splitter.feed(data))
+
+    def _take(self, events: list[bytes]) -> None:
+        """Hold, or pass on, whole events just split off the stream."""
         if not events:
             return
         if not self._committed:
@@ -329,9 +332,14 @@ class StreamRelay(Protocol):
         self._upstream_over = True
         if self._ended:
             return
+        clean = reason.check(ResponseDone, PotentialDataLoss) is not None
+        if clean and self._splitter is not None:
+            # An event ending in a bare CR waited for the next byte (the LF of
+            # a CRLF?): there is none, so it is whole, and may be "[DONE]".
+            self._take(self._splitter.end())
         if not self._committed:
             self._ended = True
-            if reason.check(ResponseDone, PotentialDataLoss):
+            if clean:
                 error = "upstream ended the stream before its first event"
             else:
                 _, error = describe(reason)
@@ -342,10 +350,10 @@ class StreamRelay(Protocol):
         if reason.check(ResponseDone) or (
             reason.check(PotentialDataLoss) and (self._splitter is None or self._saw_done)
         ):
-            if self._splitter is not None:
-                tail = [e for e in self._splitter.end() if self._pass_on(e)]
-                pending = self._splitter.pending()
-                self._relay_events([*tail, pending] if pending else tail)
+            pending = self._splitter.pending() if self._splitter is not None else b""
+            if pending:
+                # An unterminated tail: passed on as it came, not invented or dropped.
+                self._relay_events([pending])
             self._after_paced(None)
         else:
             _, error = describe(reason)

@@ -1,0 +1,133 @@
+"""Broken and hostile upstreams on real sockets: what they send that a
+well-behaved HTTP server never would, and what oaproxy makes of it.
+
+``RawUpstream`` answers each request with bytes the test wrote (a status
+line, headers and a body, exactly as given), so that framing, line endings
+and texts can be anything; the proxy runs as twistd builds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
+
+from tests.fakeupstream import FAKE_MODEL, ConnectionTracker, sse_event, stream_chunk
+from tests.harness import (
+    CLIENT_KEY,
+    EndToEndCase,
+    RawClient,
+    RunningProxy,
+    raw_chat_request,
+    reactor,
+    upstream,
+)
+from tests.support import Reply, parse_reply
+
+#: What a raw upstream answers: bytes, or bytes made from the request head.
+Answer = bytes | Callable[[bytes], bytes]
+
+
+class _Answering(Protocol):
+    """Reads one request (head and ``Content-Length`` body), writes the next
+    answer and closes the connection, so that a body without length ends."""
+
+    def __init__(self, upstream: RawUpstream) -> None:
+        self._upstream = upstream
+        self._received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self._received += data
+        head, sep, body = self._received.partition(b"\r\n\r\n")
+        if not sep:
+            return
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if len(body) < length:
+            return
+        self._upstream.heads.append(head)
+        answer = self._upstream.answers.pop(0)
+        transport: Any = self.transport
+        transport.write(answer(head) if callable(answer) else answer)
+        transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._received = b""
+
+
+class RawUpstream(Factory):
+    def __init__(self, *answers: Answer) -> None:
+        self.answers = list(answers)
+        self.heads: list[bytes] = []
+        self.connections = ConnectionTracker(self)
+
+    def buildProtocol(self, addr: Any) -> _Answering:
+        return _Answering(self)
+
+
+def authorization_line(head: bytes) -> bytes:
+    """The ``Authorization: Bearer …`` line of a request head, as sent."""
+    return next(line for line in head.split(b"\r\n") if line.lower().startswith(b"authorization:"))
+
+
+def event_stream(*events: bytes) -> bytes:
+    """A 200 SSE answer without length or chunking: the close ends it."""
+    return b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n" + b"".join(events)
+
+
+def content_event(text: str, line_end: bytes = b"\n") -> bytes:
+    event = sse_event(stream_chunk(0, {"content": text}, None, FAKE_MODEL))
+    return event.replace(b"\n", line_end)
+
+
+class HostileUpstreamCase(EndToEndCase):
+    async def raw_upstream(self, *answers: Answer) -> str:
+        """A raw upstream's endpoint URL; it is stopped in cleanup."""
+        raw = RawUpstream(*answers)
+        port = reactor.listenTCP(0, raw, interface="127.0.0.1")
+        self.addCleanup(raw.connections.close_all)
+        self.addCleanup(port.stopListening)
+        self.raw = raw
+        return f"http://127.0.0.1:{port.getHost().port}/v1"
+
+    async def ask(self, proxy: RunningProxy, **payload: Any) -> Reply:
+        """One chat completion through the proxy on a connection of its own."""
+        body = {"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}], **payload}
+        request = raw_chat_request(body, CLIENT_KEY).replace(
+            b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1
+        )
+        client = RawClient(request, events=2**31)
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port), client)
+        await client.lost
+        return parse_reply(client.received)
+
+
+class LineEndTests(HostileUpstreamCase):
+    async def test_bare_cr_done_before_the_close_ends_the_stream(self) -> None:
+        """A close-delimited stream with bare CR line ends is whole once it said [DONE]."""
+        events = (content_event("Hel", b"\r"), content_event("lo", b"\r"), b"data: [DONE]\r\r")
+        endpoint = await self.raw_upstream(event_stream(*events))
+        proxy = await self.proxy([upstream("raw", endpoint, stream_usage=False)])
+        reply = await self.ask(proxy, stream=True)
+        self.assertEqual((reply.status, reply.complete), (200, True))
+        self.assertEqual(reply.body, b"".join(events))
+        record = await proxy.records.nth(1)
+        self.assertEqual((record["outcome"], record["error"]), ("ok", None))
+        self.assertEqual(record["response_text"], "Hello")
+
+    async def test_bare_cr_first_event_at_the_close_is_relayed(self) -> None:
+        """An only event ending in a bare CR at the close is relayed (then an error: no [DONE])."""
+        endpoint = await self.raw_upstream(event_stream(content_event("Hi", b"\r")))
+        proxy = await self.proxy([upstream("raw", endpoint, stream_usage=False)])
+        reply = await self.ask(proxy, stream=True)
+        self.assertEqual(reply.status, 200)
+        self.assertTrue(reply.body.startswith(content_event("Hi", b"\r")), reply.body)
+        self.assertIn(b"event: error", reply.body)
+        record = await proxy.records.nth(1)
+        self.assertEqual(record["response_text"], "Hi")
