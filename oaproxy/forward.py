@@ -8,8 +8,9 @@ its upstream connection, and a client that goes away cancels the whole chain.
   dies mid-body is still failed over.
 - Stream: the deadline covers the headers and the first SSE event; the client
   sees nothing until that event (the commit). After it, silence longer than
-  ``stream_idle_timeout`` or an upstream error ends the stream with an SSE
-  ``error`` event. The last candidate waits ``max(stream_timeout, timeout)``.
+  ``stream_idle_timeout``, an event over ``max_event_bytes`` or an upstream
+  error ends the stream with an SSE ``error`` event. The last candidate waits
+  ``max(stream_timeout, timeout)``.
 """
 
 from __future__ import annotations
@@ -198,6 +199,7 @@ class Forwarder:
         cooperator: Cooperator,
         *,
         stream_idle_timeout: float,
+        max_event_bytes: int,
         redactor: Redactor,
         on_event: Callable[[Exchange, Upstream], Callable[[bytes], bool]] | None = None,
         on_attempt: Callable[[Exchange, AttemptLog], None] | None = None,
@@ -208,6 +210,7 @@ class Forwarder:
         self._fresh_agent = fresh_agent
         self._cooperator = cooperator
         self._idle_timeout = stream_idle_timeout
+        self._max_event_bytes = max_event_bytes
         self._redactor = redactor
         self._on_event = on_event
         # Told of each attempt as it ends (the pipeline's observers).
@@ -370,6 +373,7 @@ class Forwarder:
             commit,
             self._idle_timeout,
             sse=sse,
+            max_event_bytes=self._max_event_bytes,
             on_event=self._on_event(exchange, upstream) if sse and self._on_event else None,
             pace=self._stream_pace(exchange.call.path) if sse and self._stream_pace else None,
         )

@@ -175,6 +175,7 @@ def build_generation(
         shared.fresh_agent,
         shared.cooperator,
         stream_idle_timeout=config.stream_idle_timeout,
+        max_event_bytes=config.max_event_bytes,
         redactor=records.redactor,
         on_event=records.stream_observer,
         on_attempt=watching.attempt_finished,

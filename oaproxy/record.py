@@ -63,6 +63,8 @@ class FailureKind(enum.Enum):
     UPSTREAM_ENDED_EARLY = "upstream_ended_early"
     #: A non-stream answer over the buffering limit.
     BODY_TOO_LARGE = "body_too_large"
+    #: One SSE event (or what a stream held before its first) over ``max_event_bytes``.
+    EVENT_TOO_LARGE = "event_too_large"
     #: A committed stream fell silent past the idle timeout.
     STREAM_IDLE = "stream_idle"
     #: Anything else that went wrong on the way (its text says what).

@@ -32,7 +32,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from oaproxy.record import FailureKind
-from oaproxy.sse import SSESplitter, event_data, sse_error_event
+from oaproxy.sse import EventTooLarge, SSESplitter, event_data, sse_error_event
 from oaproxy.traffic.pacing import Pacer
 
 
@@ -179,8 +179,10 @@ class StreamRelay(Protocol):
     status and headers to the client) only at the first whole event with
     data, so an upstream that answers 200 and then nothing (or only
     keep-alive comments) can still be failed over; a
-    usage-only event the client did not ask for is left out. Without ``sse``
-    bytes are passed on untouched and the relay commits at once.
+    usage-only event the client did not ask for is left out. An event over
+    ``max_event_bytes``, or more than that held before the first one, fails
+    the stream. Without ``sse`` bytes are passed on untouched and the relay
+    commits at once.
 
     ``first_event`` fires when the relay committed; ``done`` fires when the
     relay ended after committing: with None for a whole answer, else with a
@@ -196,6 +198,7 @@ class StreamRelay(Protocol):
         idle_timeout: float,
         *,
         sse: bool,
+        max_event_bytes: int,
         on_event: Callable[[bytes], bool] | None = None,
         pace: float | None = None,
     ) -> None:
@@ -206,13 +209,15 @@ class StreamRelay(Protocol):
         self._clock = clock
         self._commit = commit
         self._idle_timeout = idle_timeout
-        self._splitter = SSESplitter() if sse else None
+        self._splitter = SSESplitter(max_event_bytes) if sse else None
+        self._max_event_bytes = max_event_bytes
         self._on_event = on_event
         self._committed = False
         self._ended = False
         self._paused = False
         self._saw_done = False
         self._held: list[bytes] = []
+        self._held_bytes = 0
         self._idle: IDelayedCall | None = None
         # The upstream is paused while the client is (_paused) or while the
         # pacer holds events back (_pace_holding).
@@ -237,7 +242,12 @@ class StreamRelay(Protocol):
         if self._splitter is None:
             self._write(data)
             return
-        self._take(self._splitter.feed(data))
+        try:
+            events = self._splitter.feed(data)
+        except EventTooLarge as e:
+            self._too_large(str(e))
+            return
+        self._take(events)
 
     def _take(self, events: list[bytes]) -> None:
         """Hold, or pass on, whole events just split off the stream."""
@@ -249,6 +259,9 @@ class StreamRelay(Protocol):
             # that only keeps the connection alive can still be failed over.
             self._held.extend(events)
             if all(event_data(e) is None for e in events):
+                self._held_bytes += sum(map(len, events))
+                if self._held_bytes > self._max_event_bytes:
+                    self._too_large(f"over {self._max_event_bytes} bytes before the first event")
                 return
             events, self._held = self._held, []
         passed = [e for e in events if self._pass_on(e)]
@@ -358,6 +371,17 @@ class StreamRelay(Protocol):
         else:
             _, error = describe(reason)
             self._after_paced(RelayFailure(FailureKind.UPSTREAM_ENDED_EARLY, error))
+
+    def _too_large(self, error: str) -> None:
+        """The upstream sent more than one event may hold: before the
+        commit the attempt fails (the next upstream is tried), after it the
+        stream ends with an error event."""
+        self._abort_upstream()
+        if self._committed:
+            self._end(RelayFailure(FailureKind.EVENT_TOO_LARGE, error))
+            return
+        self._ended = True
+        self.first_event.errback(Failure(UpstreamEndedEarly(error, FailureKind.EVENT_TOO_LARGE)))
 
     def _after_paced(self, failure: RelayFailure | None) -> None:
         """End once the pacer wrote what it holds (at once without one)."""

@@ -427,6 +427,23 @@ class StreamDeadlineTests(ForwardTestCase):
             "UpstreamEndedEarly: upstream ended the stream before its first event",
         )
 
+    def test_too_many_comments_before_the_first_event_fail_over(self) -> None:
+        """What a stream holds before its first event is capped by max_event_bytes."""
+        h = Harness(CONFIG + "max_event_bytes: 256\n")
+        client = h.chat(stream=True)
+        first = h.agent.calls[0].respond(200, b"text/event-stream")
+        for _ in range(32):
+            first.write(b": ping\n\n")
+        self.assertEqual((first.transport.events, len(h.agent.calls)), ([], 1))
+        first.write(b": ping\n\n")
+        self.assertEqual(first.transport.events, ["stop"])
+        h.agent.calls[1].respond(200, b"text/event-stream", body=sse(chunk("Hi"), "[DONE]"))
+        self.assertReply(client.reply(), 200, sse(chunk("Hi"), "[DONE]"))
+        self.assertEqual(
+            h.record()["attempts"][0]["error"],
+            "UpstreamEndedEarly: over 256 bytes before the first event",
+        )
+
     def test_headers_late_fail_over_after_stream_timeout(self) -> None:
         self.h.chat(stream=True)
         self.h.clock.advance(5)

@@ -33,7 +33,8 @@ Answer = bytes | Callable[[bytes], bytes]
 
 class _Answering(Protocol):
     """Reads one request (head and ``Content-Length`` body), writes the next
-    answer and closes the connection, so that a body without length ends."""
+    answer and closes the connection, so that a body without length ends
+    (unless the upstream keeps it open)."""
 
     def __init__(self, upstream: RawUpstream) -> None:
         self._upstream = upstream
@@ -55,15 +56,17 @@ class _Answering(Protocol):
         answer = self._upstream.answers.pop(0)
         transport: Any = self.transport
         transport.write(answer(head) if callable(answer) else answer)
-        transport.loseConnection()
+        if not self._upstream.keep_open:
+            transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._received = b""
 
 
 class RawUpstream(Factory):
-    def __init__(self, *answers: Answer) -> None:
+    def __init__(self, *answers: Answer, keep_open: bool = False) -> None:
         self.answers = list(answers)
+        self.keep_open = keep_open
         self.heads: list[bytes] = []
         self.connections = ConnectionTracker(self)
 
@@ -87,9 +90,9 @@ def content_event(text: str, line_end: bytes = b"\n") -> bytes:
 
 
 class HostileUpstreamCase(EndToEndCase):
-    async def raw_upstream(self, *answers: Answer) -> str:
+    async def raw_upstream(self, *answers: Answer, keep_open: bool = False) -> str:
         """A raw upstream's endpoint URL; it is stopped in cleanup."""
-        raw = RawUpstream(*answers)
+        raw = RawUpstream(*answers, keep_open=keep_open)
         port = reactor.listenTCP(0, raw, interface="127.0.0.1")
         self.addCleanup(raw.connections.close_all)
         self.addCleanup(port.stopListening)
@@ -131,3 +134,41 @@ class LineEndTests(HostileUpstreamCase):
         self.assertIn(b"event: error", reply.body)
         record = await proxy.records.nth(1)
         self.assertEqual(record["response_text"], "Hi")
+
+
+# Data that never reaches the blank line ending an event.
+ENDLESS_EVENT = b"data: " + b"x" * (1024 * 1024)
+
+
+class EventCapTests(HostileUpstreamCase):
+    async def test_endless_event_before_the_first_fails_over(self) -> None:
+        """An upstream sending data without a blank line is failed over at max_event_bytes."""
+        endpoint = await self.raw_upstream(event_stream(ENDLESS_EVENT), keep_open=True)
+        fake = await self.fake()
+        proxy = await self.proxy(
+            [upstream("raw", endpoint), upstream("main", fake.endpoint)], max_event_bytes=65536
+        )
+        reply = await self.ask(proxy, stream=True)
+        self.assertEqual((reply.status, reply.complete), (200, True))
+        self.assertIn(b"data: [DONE]", reply.body)
+        record = await proxy.records.nth(1)
+        self.assertEqual(
+            [(a["upstream"], a["error"]) for a in record["attempts"]],
+            [("raw", "UpstreamEndedEarly: SSE event over 65536 bytes"), ("main", None)],
+        )
+
+    async def test_endless_event_after_the_first_ends_the_stream(self) -> None:
+        """After the first event, an endless one ends the stream with an error event."""
+        first = content_event("Hi")
+        endpoint = await self.raw_upstream(event_stream(first, ENDLESS_EVENT), keep_open=True)
+        proxy = await self.proxy([upstream("raw", endpoint)], max_event_bytes=65536)
+        reply = await self.ask(proxy, stream=True)
+        self.assertEqual((reply.status, reply.complete), (200, True))
+        self.assertTrue(reply.body.startswith(first), reply.body[:200])
+        self.assertIn(b"upstream stream failed: SSE event over 65536 bytes", reply.body)
+        self.assertNotIn(b"xxxx", reply.body)
+        record = await proxy.records.nth(1)
+        self.assertEqual(
+            (record["outcome"], record["error"]),
+            ("stream_failed", "SSE event over 65536 bytes"),
+        )

@@ -251,6 +251,9 @@ class Config:
     timeout: float = field(default=120.0, metadata=read(deadline))
     stream_timeout: float = field(default=10.0, metadata=read(deadline))
     stream_idle_timeout: float = field(default=120.0, metadata=read(number))
+    # The longest SSE event an upstream may send (and what a stream may hold
+    # before its first): past it the attempt fails.
+    max_event_bytes: int = field(default=16 * 1024 * 1024, metadata=read(integer))
     lb_policy: str = field(default="order", metadata=read(one_of(LB_POLICIES, _LATER_LB_POLICIES)))
     dbtype: str = field(default=SQLITE, metadata=read(one_of((*DBTYPES, NO_DATABASE))))
     # A file, or for postgres a DSN, which may hold a password.
