@@ -36,7 +36,7 @@ from oaproxy.credentials import Redactor
 from oaproxy.errors import error_body
 from oaproxy.headers import response_headers, upstream_headers
 from oaproxy.inspection import Inspected
-from oaproxy.record import FailureKind, LimitRefusal, Outcome
+from oaproxy.record import FailureKind, LimitRefusal, Outcome, upstream_at_fault
 from oaproxy.relay import BodyCollector, RelayFailure, RequestBody, StreamRelay, describe
 from oaproxy.upstreamclient import NoResponse, retry_on_new_connection
 
@@ -114,10 +114,17 @@ class AttemptLog:
     # Why the request went out a second time, on a new connection (the pooled
     # one was stale); not in the record yet (issue 11 makes it an attempt).
     resent: str | None = None
+    # With ``sk: asis`` a 401 or 403 refuses the client's key, not the upstream's.
+    client_key_sent: bool = False
 
     def failed(self, failure: FailureKind, error: str) -> None:
         self.failure = failure
         self.error = error
+
+    @property
+    def upstream_at_fault(self) -> bool:
+        """Whether this attempt counts against its upstream (readiness, breakers)."""
+        return upstream_at_fault(self.failure, self.status, client_key_sent=self.client_key_sent)
 
 
 @define(eq=False)
@@ -240,7 +247,9 @@ class Forwarder:
         while tries:
             upstream, with_usage = tries.popleft()
             deadline = attempt_deadline(upstream, call.stream, not tries)
-            attempt = AttemptLog(upstream.name, self._clock.seconds())
+            attempt = AttemptLog(
+                upstream.name, self._clock.seconds(), client_key_sent=upstream.sk == "asis"
+            )
             exchange.attempts.append(attempt)
             try:
                 result = await self._attempt(

@@ -2,7 +2,9 @@
 
 Ready means at least one upstream is usable (not failing every attempt
 lately) and no record sink dropped a record lately. ``/healthz`` only says
-the process serves.
+the process serves. Only failures that are the upstream's own count
+(``Attempt.upstream_at_fault``): a client asking for a model no upstream has
+cannot make the instance unready.
 """
 
 from __future__ import annotations
@@ -44,13 +46,10 @@ class Readiness:
             name = attempt.upstream
             if name not in self._failures:
                 continue
-            failure = attempt.failure
-            if failure is not None and failure.caused_by_client:
-                continue
-            if failure is None and attempt.status is not None:
-                self._failures[name] = 0
-            else:
+            if attempt.upstream_at_fault:
                 self._failures[name] += 1
+            elif attempt.failure is None and attempt.status is not None:
+                self._failures[name] = 0
 
     def state(self) -> tuple[bool, dict[str, Any]]:
         now = self._clock.seconds()

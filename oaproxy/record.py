@@ -78,6 +78,41 @@ class FailureKind(enum.Enum):
 
 _CLIENT_CAUSED = frozenset({FailureKind.CANCELLED, FailureKind.CLIENT_STOPPED_READING})
 
+# What no request can make happen: the upstream cannot be reached, is too
+# slow, or breaks its own answer.
+_UPSTREAM_FAULTS = frozenset(
+    {
+        FailureKind.TIMEOUT,
+        FailureKind.CONNECT_ERROR,
+        FailureKind.DNS_ERROR,
+        FailureKind.TLS_ERROR,
+        FailureKind.UPSTREAM_ENDED_EARLY,
+        FailureKind.EVENT_TOO_LARGE,
+        FailureKind.STREAM_IDLE,
+        FailureKind.OTHER,
+    }
+)
+
+
+def upstream_at_fault(
+    failure: FailureKind | None, status: int | None, *, client_key_sent: bool
+) -> bool:
+    """Whether a failed attempt says something is wrong with the upstream
+    itself: what readiness and circuit breakers count against it.
+
+    It is: no connection (connect, DNS, TLS), a deadline, a broken answer,
+    a 5xx, and a 401 or 403 to the upstream's own key (``sk``, or none).
+    It is not: what the client did (went away, stopped reading) or asked
+    for (404 for a model the upstream lacks, 408, 409, 429, an answer over
+    the buffering limit), nor a 401 or 403 to the client's key passed on
+    with ``sk: asis``.
+    """
+    if failure is FailureKind.STATUS:
+        if status is None:
+            return False
+        return status >= 500 or (status in (401, 403) and not client_key_sent)
+    return failure in _UPSTREAM_FAULTS
+
 
 class LimitKind(enum.Enum):
     """What a limit counts (``oaproxy.traffic``)."""
@@ -127,6 +162,14 @@ class Attempt:
     #: a 4xx that is the request's fault), and for an attempt read back
     #: from storage, whose schema keeps the text alone.
     failure: FailureKind | None = None
+    #: The upstream was sent the client's own key (``sk: asis``), so a 401
+    #: or 403 is about that key (not stored either).
+    client_key_sent: bool = False
+
+    @property
+    def upstream_at_fault(self) -> bool:
+        """Whether this attempt counts against its upstream (see ``upstream_at_fault``)."""
+        return upstream_at_fault(self.failure, self.status, client_key_sent=self.client_key_sent)
 
 
 @frozen

@@ -118,6 +118,7 @@ class RecordMaker:
                     ttfb=attempt.ttfb,
                     duration=attempt.duration,
                     failure=attempt.failure,
+                    client_key_sent=attempt.client_key_sent,
                 )
                 for attempt in exchange.attempts
             ),

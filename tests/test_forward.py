@@ -100,6 +100,20 @@ class FailoverTests(ForwardTestCase):
             ("a", 200, "ok", 1.5, 1.5),
         )
 
+    def test_refusals_of_which_key_are_told_apart(self) -> None:
+        """A 401 to the upstream's own key counts against it; to the client's (asis) not."""
+        h = Harness(CONFIG.replace("sk: sk-b}", "sk: asis}"))
+        client = h.chat()
+        h.agent.calls[0].respond(401, body=b'{"error":"bad sk-a"}')
+        h.agent.calls[1].respond(401, body=b'{"error":"bad client key"}')
+        h.agent.calls[2].respond(200, body=b"{}")
+        self.assertReply(client.reply(), 200, b"{}")
+        a, b, c = h.records[0].attempts
+        self.assertEqual((a.status, b.status, c.status), (401, 401, 200))
+        self.assertEqual(
+            (a.upstream_at_fault, b.upstream_at_fault, c.upstream_at_fault), (True, False, False)
+        )
+
     def test_connection_error_fails_over(self) -> None:
         client = self.h.chat()
         self.h.clock.advance(0.25)
