@@ -3,7 +3,10 @@
 An upstream may quote its key in an error ("Incorrect API key provided:
 sk-…"), a client may paste a key into a prompt: such text is kept in records
 and passed on to clients, so every configured secret is replaced first, by
-``REDACTED``, the one marker of hidden text.
+``REDACTED``, the one marker of hidden text. ``Redactor`` does it for
+content (bodies, answer texts: ``__call__``, ``redact_bytes``) and for words
+about a failure (exception texts, status phrases: ``words``), which lose the
+shapes of keys oaproxy does not know too.
 """
 
 from __future__ import annotations
@@ -90,11 +93,21 @@ class Redactor:
             return value
         return self._scrub(value, extra)
 
-    def redact_bytes(self, data: bytes) -> bytes:
-        """``data`` with the secrets replaced (an answer passed on as it came)."""
-        if self._bytes_pattern is None:
-            return data
-        return self._bytes_pattern.sub(_REDACTED_BYTES, data)
+    def redact_bytes(self, data: bytes, extra: str | None = None) -> bytes:
+        """``data`` with the secrets, and ``extra``, replaced (an answer passed
+        on as it came)."""
+        if self._bytes_pattern is not None:
+            data = self._bytes_pattern.sub(_REDACTED_BYTES, data)
+        if extra is not None and len(extra) >= self._min_length:
+            data = data.replace(extra.encode("utf-8"), _REDACTED_BYTES)
+        return data
+
+    def words(self, text: str, extra: str | None = None) -> str:
+        """Words from outside about a failure (an exception's text, a status
+        phrase) as they may be repeated to a client, in a record, an alert or
+        the log: the secrets and ``extra`` replaced, and anything shaped like
+        a key hidden."""
+        return hide_key_shapes(self(text, extra))
 
     def _scrub(self, value: Any, extra: str | None) -> Any:
         if isinstance(value, str):

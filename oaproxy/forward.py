@@ -26,13 +26,13 @@ from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestNotSent, ResponseNeverReceived
-from twisted.web.http import NO_BODY_CODES
+from twisted.web.http import NO_BODY_CODES, RESPONSES
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 from twisted.web.server import Request
 
 from oaproxy.config import Upstream
-from oaproxy.credentials import Redactor
+from oaproxy.credentials import Redactor, bearer_token
 from oaproxy.errors import error_body
 from oaproxy.headers import response_headers, upstream_headers
 from oaproxy.inspection import Inspected
@@ -72,6 +72,12 @@ class Call:
     @property
     def stream(self) -> bool:
         return self.inspected.stream
+
+    @property
+    def own_token(self) -> str | None:
+        """The client's bearer token as text: hidden wherever it is echoed."""
+        token = bearer_token(self.authorization)
+        return token.decode("utf-8", "replace") if token else None
 
 
 @frozen
@@ -264,7 +270,7 @@ class Forwarder:
                     exchange.client_disconnected(attempt)
                     self._end_attempt(exchange, attempt)
                     return exchange
-                attempt.failed(*describe(e))
+                attempt.failed(*describe(e, self._words(call)))
                 self._end_attempt(exchange, attempt)
                 continue
             if isinstance(result, Committed):
@@ -288,6 +294,20 @@ class Forwarder:
             return exchange
         self._exhausted(request, exchange, last_answer)
         return exchange
+
+    def _words(self, call: Call) -> Callable[[str], str]:
+        """What makes texts from outside about this request's failures fit
+        to repeat to the client, in its record, alerts and logs: the one
+        place they pass (``Redactor.words``), as they come in."""
+        own_token = call.own_token
+        return lambda text: self._redactor.words(text, own_token)
+
+    def _phrase(self, call: Call, status: int, phrase: bytes) -> bytes:
+        """The upstream's reason phrase as the client gets it."""
+        if phrase == RESPONSES.get(status):
+            return phrase
+        # Anything but the standard phrase is the upstream's own text.
+        return self._words(call)(phrase.decode("latin-1")).encode("latin-1", "replace")
 
     def _end_attempt(self, exchange: Exchange, attempt: AttemptLog) -> None:
         """The attempt is over and says why: time it, tell the observers."""
@@ -354,7 +374,7 @@ class Forwarder:
             # may have acted on the request): fail over, never send it twice.
             if not _stale_connection(e):
                 raise
-            attempt.resent = describe(e)[1]
+            attempt.resent = describe(e, self._words(call))[1]
         # A pooled connection the upstream had closed: once more, on a new one.
         return await self._fresh_agent.request(
             call.method, url, headers, body.producer(self._cooperator)
@@ -373,7 +393,9 @@ class Forwarder:
             exchange.ttfb = self._clock.seconds() - exchange.started
             exchange.upstream = upstream.name
             exchange.status = response.code
-            request.setResponseCode(response.code, response.phrase)
+            request.setResponseCode(
+                response.code, self._phrase(exchange.call, response.code, response.phrase)
+            )
             _copy_headers(request, response.headers)
 
         relay = StreamRelay(
@@ -383,6 +405,7 @@ class Forwarder:
             self._idle_timeout,
             sse=sse,
             max_event_bytes=self._max_event_bytes,
+            words=self._words(exchange.call),
             on_event=self._on_event(exchange, upstream) if sse and self._on_event else None,
             pace=self._stream_pace(exchange.call.path) if sse and self._stream_pace else None,
         )
@@ -412,11 +435,12 @@ class Forwarder:
         exchange.upstream = answer.upstream.name
         exchange.status = answer.status
         body = answer.body
+        call = exchange.call
         if answer.status >= 400:
             # Some upstreams quote the key they refused; it is not the client's.
-            body = self._redactor.redact_bytes(body)
+            body = self._redactor.redact_bytes(body, call.own_token)
         exchange.response_body = body
-        request.setResponseCode(answer.status, answer.phrase)
+        request.setResponseCode(answer.status, self._phrase(call, answer.status, answer.phrase))
         _copy_headers(request, answer.headers)
         length = None
         if request.method == b"HEAD":

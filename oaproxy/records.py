@@ -21,7 +21,7 @@ from oaproxy.capture import (
     describe_body,
 )
 from oaproxy.config import Config, Upstream
-from oaproxy.credentials import Redactor, bearer_token, config_secrets, redact_headers
+from oaproxy.credentials import Redactor, config_secrets, redact_headers
 from oaproxy.forward import Exchange
 from oaproxy.record import Attempt, JSONObject, Record
 
@@ -95,10 +95,10 @@ class RecordMaker:
         usage = answer.usage
         model = call.model if call.model is not None else _form_model(request_body)
         # Text from upstreams and clients may quote a key (an upstream's "Incorrect
-        # API key provided: sk-…"): none is kept.
+        # API key provided: sk-…"): none is kept. (Texts about failures were
+        # redacted as they came in: see Forwarder._words.)
         redact = self.redactor
-        token = bearer_token(call.authorization)
-        own_token = token.decode("utf-8", "replace") if token else None
+        own_token = call.own_token
         return Record(
             id=uuid.uuid4().hex,
             time=exchange.time,
@@ -114,7 +114,7 @@ class RecordMaker:
                 Attempt(
                     upstream=attempt.upstream,
                     status=attempt.status,
-                    error=redact(attempt.error, own_token),
+                    error=attempt.error,
                     ttfb=attempt.ttfb,
                     duration=attempt.duration,
                     failure=attempt.failure,
@@ -125,7 +125,7 @@ class RecordMaker:
             upstream=exchange.upstream,
             status=exchange.status if exchange.status is not None else 499,
             outcome=exchange.outcome,
-            error=redact(exchange.error, own_token),
+            error=exchange.error,
             ttfb=exchange.ttfb,
             duration=finished - exchange.started,
             bytes_in=body.size,

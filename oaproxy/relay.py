@@ -31,6 +31,7 @@ from twisted.web.iweb import IBodyProducer
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from oaproxy.credentials import hide_key_shapes
 from oaproxy.record import FailureKind
 from oaproxy.sse import EventTooLarge, SSESplitter, event_data, sse_error_event
 from oaproxy.traffic.pacing import Pacer
@@ -187,7 +188,8 @@ class StreamRelay(Protocol):
     ``first_event`` fires when the relay committed; ``done`` fires when the
     relay ended after committing: with None for a whole answer, else with a
     ``RelayFailure``. Before the commit an upstream failure errbacks
-    ``first_event`` (the caller fails over).
+    ``first_event`` (the caller fails over). ``words`` makes the texts of
+    upstream failures fit to repeat (``Redactor.words``).
     """
 
     def __init__(
@@ -199,6 +201,7 @@ class StreamRelay(Protocol):
         *,
         sse: bool,
         max_event_bytes: int,
+        words: Callable[[str], str],
         on_event: Callable[[bytes], bool] | None = None,
         pace: float | None = None,
     ) -> None:
@@ -211,6 +214,7 @@ class StreamRelay(Protocol):
         self._idle_timeout = idle_timeout
         self._splitter = SSESplitter(max_event_bytes) if sse else None
         self._max_event_bytes = max_event_bytes
+        self._words = words
         self._on_event = on_event
         self._committed = False
         self._ended = False
@@ -355,7 +359,7 @@ class StreamRelay(Protocol):
             if clean:
                 error = "upstream ended the stream before its first event"
             else:
-                _, error = describe(reason)
+                _, error = describe(reason, self._words)
             self.first_event.errback(Failure(UpstreamEndedEarly(error)))
             return
         # A body without length or chunking ends with the connection: that is
@@ -369,7 +373,7 @@ class StreamRelay(Protocol):
                 self._relay_events([pending])
             self._after_paced(None)
         else:
-            _, error = describe(reason)
+            _, error = describe(reason, self._words)
             self._after_paced(RelayFailure(FailureKind.UPSTREAM_ENDED_EARLY, error))
 
     def _too_large(self, error: str) -> None:
@@ -450,22 +454,25 @@ def _producer(protocol: Protocol) -> IPushProducer:
     return cast(IPushProducer, protocol.transport)
 
 
-def describe(reason: Failure | BaseException) -> tuple[FailureKind, str]:
+def describe(
+    reason: Failure | BaseException, words: Callable[[str], str] = hide_key_shapes
+) -> tuple[FailureKind, str]:
     """The kind of an attempt's failure, and a short text for it without
-    secrets or tracebacks."""
+    tracebacks, made fit to repeat by ``words``: an exception's text is
+    from outside (an upstream's garbage, a host name, an echoed header)."""
     exc = reason.value if isinstance(reason, Failure) else reason
     inner = getattr(exc, "reasons", None)
     if inner:
-        described = [describe(r) for r in inner]
+        described = [describe(r, words) for r in inner]
         # The first reason is what went wrong; the others followed from it.
         return described[0][0], "; ".join(text for _, text in described)
     if isinstance(exc, CancelledError):
         return FailureKind.CANCELLED, "cancelled"
+    text = words(str(exc).strip())
+    name = type(exc).__name__
     kind = _connect_failure(exc)
     if kind is not None:
-        return kind, f"connect error: {type(exc).__name__}: {str(exc).strip()}".rstrip(": ")
-    text = str(exc).strip()
-    name = type(exc).__name__
+        return kind, f"connect error: {name}: {text}".rstrip(": ")
     kind = exc.kind if isinstance(exc, UpstreamEndedEarly) else FailureKind.OTHER
     return kind, f"{name}: {text}" if text else name
 

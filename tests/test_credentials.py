@@ -123,6 +123,24 @@ class RedactorTests(SynchronousTestCase):
         clean = b"nothing secret"
         self.assertIs(Redactor([]).redact_bytes(clean), clean)
 
+    def test_a_requests_own_token_in_bytes(self) -> None:
+        """An error body echoing the client's own token loses it too."""
+        self.assertEqual(
+            self.redact.redact_bytes(b"bad caller-token-0123456", extra="caller-token-0123456"),
+            b"bad " + REDACTED.encode(),
+        )
+
+    def test_words_about_a_failure(self) -> None:
+        """Failure texts lose the configured secrets, the request's own token,
+        and anything shaped like a key."""
+        self.assertEqual(
+            self.redact.words(
+                "echo Authorization: Bearer x.y, sk-upstream-0123456789, own-0123456789",
+                extra="own-0123456789",
+            ),
+            f"echo Authorization: Bearer {REDACTED} {REDACTED}, {REDACTED}",
+        )
+
     def test_non_ascii_secret_in_bytes(self) -> None:
         """A secret is matched in bytes as its UTF-8 encoding."""
         redact = Redactor(["clé-secrète-0123"])

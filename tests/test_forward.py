@@ -18,6 +18,7 @@ from twisted.internet.error import (
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import RequestNotSent, ResponseNeverReceived
+from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
 
 from oaproxy.forward import FAILOVER_STATUSES, Exchange, attempt_deadline, fails_over
@@ -819,6 +820,71 @@ class FailureKindTests(ForwardTestCase):
         for index in (0, 1):
             self.assertEqual(self.kinds(index), [FailureKind.CANCELLED])
             self.assertEqual(self.h.records[index].outcome, Outcome.CLIENT_DISCONNECTED)
+
+
+SECRETS_CONFIG = """
+authorization: {alice: ck-alice-0123456789}
+stream_idle_timeout: 20
+upstreams:
+  - {name: a, endpoint: "https://a.test/v1", sk: sk-a-0123456789}
+  - {name: b, endpoint: "https://b.test/v1", sk: asis}
+"""
+
+
+class OutsideTextTests(SynchronousTestCase):
+    """Texts from upstreams about a failure are redacted once, as they come
+    in: the client, the record and the alert all get the redacted text."""
+
+    def setUp(self) -> None:
+        self.h = Harness(SECRETS_CONFIG)
+
+    def assertClean(self, data: str | bytes) -> None:
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+        for secret in ("sk-a-0123456789", "ck-alice-0123456789", "sk-unknown-0123456789"):
+            self.assertNotIn(secret, text)
+
+    def test_exception_texts_quoting_keys(self) -> None:
+        """An error text echoing a configured key, the client's, or an unknown
+        key-shaped one reaches neither the 502 nor the record."""
+        client = self.h.chat(key="ck-alice-0123456789")
+        echo = "upstream said: Authorization: Bearer sk-a-0123456789"
+        self.h.agent.calls[0].fail(ResponseFailed([Failure(ValueError(echo))]))
+        echo = "got ck-alice-0123456789 and sk-unknown-0123456789"
+        self.h.agent.calls[1].fail(ResponseFailed([Failure(ValueError(echo))]))
+        reply = client.reply()
+        self.assertEqual(reply.status, 502)
+        self.assertIn(b"Bearer [redacted]", reply.body)
+        self.assertClean(reply.body)
+        self.assertClean(json.dumps(self.h.record()))
+
+    def test_stream_failure_text_quoting_keys(self) -> None:
+        """A committed stream's failure text is redacted in the SSE error event and the record."""
+        client = self.h.chat(key="ck-alice-0123456789", stream=True)
+        response = self.h.agent.calls[0].respond(200, b"text/event-stream")
+        response.write(sse(chunk("a")))
+        response.fail(ValueError("lost with sk-a-0123456789 and ck-alice-0123456789"))
+        reply = client.reply()
+        self.assertIn(b"upstream stream failed: ", reply.body)
+        self.assertIn(b"[redacted]", reply.body)
+        self.assertClean(reply.body)
+        self.assertClean(json.dumps(self.h.record()))
+
+    def test_phrase_and_error_body_quoting_the_clients_key(self) -> None:
+        """An upstream passed the client's key (asis) that echoes it in its
+        phrase and body: the client and the record get neither."""
+        client = self.h.chat(key="ck-alice-0123456789")
+        self.h.agent.calls[0].respond(500, body=b"{}")
+        self.h.agent.calls[1].respond(
+            401,
+            body=b'{"error": {"message": "bad key ck-alice-0123456789"}}',
+            phrase=b"Unauthorized ck-alice-0123456789",
+        )
+        reply = client.reply()
+        self.assertEqual(
+            (reply.status, reply.phrase, reply.body),
+            (401, b"Unauthorized [redacted]", b'{"error": {"message": "bad key [redacted]"}}'),
+        )
+        self.assertClean(json.dumps(self.h.record()))
 
 
 class ExchangeTests(SynchronousTestCase):

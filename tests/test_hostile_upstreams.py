@@ -8,6 +8,7 @@ and texts can be anything; the proxy runs as twistd builds it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from twisted.python.failure import Failure
 from tests.fakeupstream import FAKE_MODEL, ConnectionTracker, sse_event, stream_chunk
 from tests.harness import (
     CLIENT_KEY,
+    SK_MAIN,
     EndToEndCase,
     RawClient,
     RunningProxy,
@@ -172,3 +174,42 @@ class EventCapTests(HostileUpstreamCase):
             (record["outcome"], record["error"]),
             ("stream_failed", "SSE event over 65536 bytes"),
         )
+
+
+class EchoedSecretTests(HostileUpstreamCase):
+    async def test_status_line_quoting_the_key_is_redacted(self) -> None:
+        """A status line that quotes the request's Authorization never reaches the client."""
+        endpoint = await self.raw_upstream(
+            lambda head: b"HTTP/1.1 502 " + authorization_line(head) + b"\r\n\r\n",
+            lambda head: (
+                b"HTTP/1.1 200 " + authorization_line(head) + b"\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+            ),
+        )
+        proxy = await self.proxy([upstream("raw", endpoint, sk=SK_MAIN)])
+        for _ in range(2):
+            client = RawClient(
+                raw_chat_request({"model": FAKE_MODEL, "messages": []}, CLIENT_KEY).replace(
+                    b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1
+                ),
+                events=2**31,
+            )
+            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port), client)
+            await client.lost
+            self.assertIn(b" Authorization: Bearer [redacted]\r\n", client.received)
+            self.assertNotIn(SK_MAIN.encode(), client.received)
+        self.assertIn(SK_MAIN.encode(), self.raw.heads[0])
+        self.assertEqual(len(proxy.records.seen), 2)
+        self.assertNotIn(SK_MAIN, json.dumps(proxy.records.seen))
+
+    async def test_garbage_status_line_is_no_echo(self) -> None:
+        """A status line that is no HTTP fails the attempt; the 502 quotes none of it."""
+        endpoint = await self.raw_upstream(
+            lambda head: b"HTTP/1.1 abc " + authorization_line(head) + b"\r\n\r\n"
+        )
+        proxy = await self.proxy([upstream("raw", endpoint, sk=SK_MAIN)])
+        reply = await self.ask(proxy)
+        self.assertEqual(reply.status, 502)
+        self.assertNotIn(SK_MAIN.encode(), reply.body)
+        record = await proxy.records.nth(1)
+        self.assertNotIn(SK_MAIN, json.dumps(record))
