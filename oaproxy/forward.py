@@ -309,6 +309,24 @@ class Forwarder:
         # Anything but the standard phrase is the upstream's own text.
         return self._words(call)(phrase.decode("latin-1")).encode("latin-1", "replace")
 
+    def _pass_headers(self, request: Request, call: Call, headers: Headers) -> None:
+        """The upstream's response headers to the client, but any that carries
+        a secret (an upstream's debug header echoing its Authorization):
+        dropped, as a redacted value would mean nothing."""
+        passed = list(response_headers(headers))
+        own_token = call.own_token
+        carries = self._redactor.carries
+        # One look at all the values: an ordinary answer's carry none.
+        if carries(b"\n".join(value for _, values in passed for value in values), own_token):
+            passed = [
+                (name, values)
+                for name, values in passed
+                if not any(carries(value, own_token) for value in values)
+            ]
+        out = request.responseHeaders
+        for name, values in passed:
+            out.setRawHeaders(name, values)
+
     def _end_attempt(self, exchange: Exchange, attempt: AttemptLog) -> None:
         """The attempt is over and says why: time it, tell the observers."""
         attempt.duration = self._clock.seconds() - attempt.started
@@ -396,7 +414,7 @@ class Forwarder:
             request.setResponseCode(
                 response.code, self._phrase(exchange.call, response.code, response.phrase)
             )
-            _copy_headers(request, response.headers)
+            self._pass_headers(request, exchange.call, response.headers)
 
         relay = StreamRelay(
             request,
@@ -441,7 +459,7 @@ class Forwarder:
             body = self._redactor.redact_bytes(body, call.own_token)
         exchange.response_body = body
         request.setResponseCode(answer.status, self._phrase(call, answer.status, answer.phrase))
-        _copy_headers(request, answer.headers)
+        self._pass_headers(request, call, answer.headers)
         length = None
         if request.method == b"HEAD":
             announced = answer.headers.getRawHeaders(b"content-length")
@@ -518,9 +536,3 @@ def _is_document(content_type: bytes) -> bool:
         or content_type.startswith((b"application/json", b"text/"))
         or content_type.endswith(b"+json")
     )
-
-
-def _copy_headers(request: Request, headers: Headers) -> None:
-    out = request.responseHeaders
-    for name, values in response_headers(headers):
-        out.setRawHeaders(name, values)

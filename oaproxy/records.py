@@ -95,20 +95,21 @@ class RecordMaker:
         usage = answer.usage
         model = call.model if call.model is not None else _form_model(request_body)
         # Text from upstreams and clients may quote a key (an upstream's "Incorrect
-        # API key provided: sk-…"): none is kept. (Texts about failures were
-        # redacted as they came in: see Forwarder._words.)
+        # API key provided: sk-…", a client's ?api_key=…, a key sent as the
+        # model or in X-Forwarded-For): none is kept. (Texts about failures
+        # were redacted as they came in: see Forwarder._words.)
         redact = self.redactor
         own_token = call.own_token
         return Record(
             id=uuid.uuid4().hex,
             time=exchange.time,
             hostname=self._hostname,
-            client_ip=exchange.client_ip,
+            client_ip=redact(exchange.client_ip, own_token),
             key_name=exchange.key_name,
-            user_agent=exchange.user_agent,
-            method=call.method.decode("ascii", "replace"),
-            path=call.path.decode("utf-8", "replace"),
-            model=model,
+            user_agent=redact(exchange.user_agent, own_token),
+            method=redact(call.method.decode("ascii", "replace"), own_token),
+            path=redact(call.path.decode("utf-8", "replace"), own_token),
+            model=redact(model, own_token),
             stream=call.stream,
             attempts=tuple(
                 Attempt(
@@ -138,7 +139,7 @@ class RecordMaker:
             ),
             response_text=redact(answer.text, own_token) if policy.response else None,
             tool_calls=redact(answer.tool_calls, own_token) if policy.response else None,
-            finish_reason=answer.finish_reason,
+            finish_reason=redact(answer.finish_reason, own_token),
             truncated=tuple(truncated),
             usage=usage,
             cost=cost(usage, self._prices.get(model or "")),

@@ -213,3 +213,28 @@ class EchoedSecretTests(HostileUpstreamCase):
         self.assertNotIn(SK_MAIN.encode(), reply.body)
         record = await proxy.records.nth(1)
         self.assertNotIn(SK_MAIN, json.dumps(record))
+
+    async def test_response_header_carrying_a_key_is_dropped(self) -> None:
+        """A response header that carries a configured key never reaches the
+        client; the others pass, in answers and streams alike."""
+
+        def debug_headers(head: bytes) -> bytes:
+            return (
+                b"X-Debug-Auth: " + authorization_line(head).split(b": ", 1)[1] + b"\r\n"
+                b"X-Request-Id: req-1\r\n"
+            )
+
+        endpoint = await self.raw_upstream(
+            lambda head: (
+                b"HTTP/1.1 200 OK\r\n" + debug_headers(head) + b"Content-Type: "
+                b"application/json\r\nContent-Length: 2\r\n\r\n{}"
+            ),
+            lambda head: (
+                b"HTTP/1.1 200 OK\r\n" + debug_headers(head) + b"Content-Type: "
+                b"text/event-stream\r\n\r\n" + content_event("Hi") + b"data: [DONE]\n\n"
+            ),
+        )
+        proxy = await self.proxy([upstream("raw", endpoint, sk=SK_MAIN, stream_usage=False)])
+        for reply in (await self.ask(proxy), await self.ask(proxy, stream=True)):
+            self.assertEqual((reply.status, reply.header(b"x-request-id")), (200, b"req-1"))
+            self.assertIsNone(reply.header(b"x-debug-auth"))
