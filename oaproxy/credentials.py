@@ -148,6 +148,7 @@ class Redactor:
         unique = frozenset(s for s in secrets if len(s) >= min_length)
         self._text_forms = _forms(unique) if unique else None
         self._byte_forms = _forms(frozenset(map(_latin1_view, unique))) if unique else None
+        self._longest = max(map(len, unique), default=0)
 
     def __call__(self, value: Any, extra: str | None = None) -> Any:
         """``value`` (text or a JSON value) with the secrets, and ``extra``
@@ -173,6 +174,13 @@ class Redactor:
     def carries(self, data: bytes, extra: str | None = None) -> bool:
         """Whether ``data`` holds a secret, or ``extra``, in any of its forms."""
         return self.redact_bytes(data, extra) is not data
+
+    def span(self, extra: str | None = None) -> int:
+        """The most characters one secret (or ``extra``) may take in text,
+        escaped: what a cut text must keep past the cut to find one there."""
+        longest = self._longest if extra is None else max(self._longest, len(extra))
+        # "\\u002d" for "-": six characters for one.
+        return 6 * longest
 
     def words(self, text: str, extra: str | None = None) -> str:
         """Words from outside about a failure (an exception's text, a status

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.trial.unittest import SynchronousTestCase
 
 from tests.harness import (
     CLIENT_KEY,
@@ -18,7 +19,7 @@ from tests.harness import (
     reactor,
     upstream,
 )
-from tests.support import Reply, parse_reply
+from tests.support import Harness, Reply, parse_reply
 
 
 def request_bytes(path: bytes, body: bytes, headers: dict[bytes, bytes]) -> bytes:
@@ -82,3 +83,76 @@ class RedactionTests(RecordTextCase):
             ),
         )
         self.assertIn("my key is [redacted]", record["request_body"])
+
+
+def multipart(fields: list[tuple[bytes, bytes | None, bytes]], boundary: bytes) -> bytes:
+    """A multipart/form-data body of (name, filename or None, content) parts."""
+    out = b""
+    for name, filename, content in fields:
+        disposition = b'form-data; name="' + name + b'"'
+        if filename is not None:
+            disposition += b'; filename="' + filename + b'"'
+        out += b"--" + boundary + b"\r\nContent-Disposition: " + disposition + b"\r\n\r\n"
+        out += content + b"\r\n"
+    return out + b"--" + boundary + b"--\r\n"
+
+
+class FieldCapTests(RecordTextCase):
+    async def test_huge_model_name_makes_no_huge_record(self) -> None:
+        """A 10 MiB model name is kept as its first max_field_bytes, and named cut."""
+        fake = await self.fake()
+        proxy = await self.proxy([upstream("main", fake.endpoint)])
+        model = "m" * (10 * 1024 * 1024)
+        reply = await self.send(proxy, {"model": model, "messages": []})
+        self.assertEqual(reply.status, 200)
+        record = await proxy.records.nth(1)
+        self.assertEqual(record["model"], "m" * 65536)
+        self.assertIn("model", record["truncated"])
+        self.assertLess(len(json.dumps(record)), 300 * 1024)
+
+    async def test_every_text_field_is_capped(self) -> None:
+        """User agent, path, multipart field names and file names: none
+        longer than max_field_bytes, each named in truncated."""
+        fake = await self.fake()
+        proxy = await self.proxy(
+            [upstream("main", fake.endpoint)], records={"max_field_bytes": 1024, "headers": True}
+        )
+        boundary = b"b0undary"
+        body = multipart(
+            [(b"n" * 4096, None, b"v"), (b"file", b"f" * 4096 + b".wav", b"RIFF")], boundary
+        )
+        reply = await self.send(
+            proxy,
+            body,
+            path=b"/v1/audio/transcriptions?q=" + b"q" * 4096,
+            Content_Type=b"multipart/form-data; boundary=" + boundary,
+            User_Agent=b"u" * 4096,
+        )
+        self.assertEqual(reply.status, 200)
+        record = await proxy.records.nth(1)
+        fields = record["request_body"]["fields"]
+        self.assertEqual((fields[0]["name"], fields[1]["filename"]), ("n" * 1024, "f" * 1024))
+        self.assertEqual(len(record["user_agent"]), 1024)
+        self.assertEqual(len(record["path"]), 1024)
+        self.assertEqual(record["request_headers"]["user-agent"], "u" * 1024)
+        self.assertEqual(
+            set(record["truncated"]), {"user_agent", "path", "request_body", "request_headers"}
+        )
+
+
+class CutSecretTests(SynchronousTestCase):
+    def test_secret_across_the_cut_is_redacted(self) -> None:
+        """A key that the field's cut would halve is redacted first: not even its start is kept."""
+        h = Harness(
+            "authorization: {alice: ck-alice-0123456789}\n"
+            "records: {max_field_bytes: 100}\n"
+            'upstreams: [{name: a, endpoint: "https://a.test/v1", sk: sk-a-0123456789}]\n'
+        )
+        client = h.chat(key="ck-alice-0123456789")
+        text = "x" * 95 + "sk-a-0123456789 and more"
+        answer = {"choices": [{"index": 0, "message": {"content": text}}]}
+        h.agent.calls[0].respond(200, body=json.dumps(answer).encode())
+        self.assertEqual(client.reply().status, 200)
+        record = h.record()
+        self.assertEqual(record["response_text"], "x" * 95 + "[reda")
+        self.assertEqual(record["truncated"], ["response_text"])
