@@ -36,8 +36,17 @@ from oaproxy.credentials import Redactor, bearer_token
 from oaproxy.errors import error_body
 from oaproxy.headers import response_headers, upstream_headers
 from oaproxy.inspection import Inspected
+from oaproxy.largeanswer import MAX_PARSED_ANSWER, USAGE_WINDOW, AnswerEnds
 from oaproxy.record import FailureKind, LimitRefusal, Outcome, upstream_at_fault
-from oaproxy.relay import BodyCollector, RelayFailure, RequestBody, StreamRelay, describe
+from oaproxy.relay import (
+    BodyCollector,
+    CollectedBody,
+    PartsWriter,
+    RelayFailure,
+    RequestBody,
+    StreamRelay,
+    describe,
+)
 from oaproxy.upstreamclient import NoResponse, retry_on_new_connection
 
 # Statuses worth another upstream: the upstream (its key, its quota, its
@@ -47,6 +56,9 @@ FAILOVER_STATUSES = frozenset({401, 403, 404, 408, 409, 429})
 # A non-stream answer is held whole before it is written (to fail over an
 # upstream dying mid-body); past this size an answer is refused, not buffered.
 MAX_BUFFERED_RESPONSE = 256 * 1024 * 1024
+# An error answer is searched for secrets before it is passed on, on the
+# reactor: one longer than this is no error document, and is refused.
+MAX_ERROR_RESPONSE = 1024 * 1024
 
 
 def fails_over(status: int) -> bool:
@@ -88,7 +100,7 @@ class Answer:
     status: int
     phrase: bytes
     headers: Headers
-    body: bytes
+    body: CollectedBody
 
 
 @frozen
@@ -145,7 +157,8 @@ class Exchange:
     user_agent: str | None = None
     # Whether the current attempt's body asks for usage the client did not.
     usage_added: bool = False
-    # Set by the stream observer: what the record says of a streamed answer.
+    # Set by the stream observer: what the record says of a streamed answer
+    # (or by the forwarder, of one too large to parse).
     capture: Any = None
     # The metrics' handle on this request while it is active.
     active: Any = None
@@ -289,10 +302,11 @@ class Forwarder:
                 last_answer = result
                 continue
             self._end_attempt(exchange, attempt)
-            self._send(request, exchange, result)
+            # Before the answer is written: a client gone meanwhile says so after.
             exchange.outcome = Outcome.OK if result.status < 400 else Outcome.CLIENT_ERROR
+            await self._send(request, exchange, result)
             return exchange
-        self._exhausted(request, exchange, last_answer)
+        await self._exhausted(request, exchange, last_answer)
         return exchange
 
     def _words(self, call: Call) -> Callable[[str], str]:
@@ -369,7 +383,7 @@ class Forwarder:
         if 200 <= status < 300 and not call.stream and not _is_document(content_type):
             # Audio, files, images: large and useless to hold; relay as they come.
             return await self._relay(request, exchange, upstream, response, sse=False)
-        collector = BodyCollector(MAX_BUFFERED_RESPONSE)
+        collector = BodyCollector(MAX_BUFFERED_RESPONSE if status < 400 else MAX_ERROR_RESPONSE)
         response.deliverBody(collector)
         body = await collector.finished
         return Answer(upstream, status, response.phrase, response.headers, body)
@@ -449,40 +463,55 @@ class Forwarder:
             attempt.failed(failure.kind, failure.error)
         self._end_attempt(exchange, attempt)
 
-    def _send(self, request: Request, exchange: Exchange, answer: Answer) -> None:
+    async def _send(self, request: Request, exchange: Exchange, answer: Answer) -> None:
         exchange.upstream = answer.upstream.name
         exchange.status = answer.status
-        body = answer.body
         call = exchange.call
-        if answer.status >= 400:
-            # Some upstreams quote the key they refused; it is not the client's.
-            body = self._redactor.redact_bytes(body, call.own_token)
-        exchange.response_body = body
         request.setResponseCode(answer.status, self._phrase(call, answer.status, answer.phrase))
         self._pass_headers(request, call, answer.headers)
         length = None
         if request.method == b"HEAD":
             announced = answer.headers.getRawHeaders(b"content-length")
             length = announced[0] if announced else None
+        collected = answer.body
+        if answer.status < 400 and collected.size > MAX_PARSED_ANSWER:
+            # Never joined, parsed or written in one piece: each would hold
+            # the reactor (an error answer is never this large).
+            exchange.capture = AnswerEnds(*collected.ends(USAGE_WINDOW))
+            self._whole_head(request, exchange, collected.size, length)
+            writer = PartsWriter(request, collected.parts)
+            writer.start()
+            await writer.done
+            return
+        body = collected.joined()
+        if answer.status >= 400:
+            # Some upstreams quote the key they refused; it is not the client's.
+            body = self._redactor.redact_bytes(body, call.own_token)
+        exchange.response_body = body
         self._write_whole(request, exchange, body, length)
 
-    def _write_whole(
-        self, request: Request, exchange: Exchange, body: bytes, length: bytes | None = None
+    def _whole_head(
+        self, request: Request, exchange: Exchange, size: int, length: bytes | None
     ) -> None:
         # A HEAD answer has no body but tells the length the GET would have;
         # 204 and 304 have no body and must not say otherwise.
         if request.code not in NO_BODY_CODES:
-            request.setHeader(b"content-length", length or b"%d" % len(body))
+            request.setHeader(b"content-length", length or b"%d" % size)
         exchange.ttfb = self._clock.seconds() - exchange.started
-        exchange.bytes_out = len(body)
+        exchange.bytes_out = size
+
+    def _write_whole(
+        self, request: Request, exchange: Exchange, body: bytes, length: bytes | None = None
+    ) -> None:
+        self._whole_head(request, exchange, len(body), length)
         request.write(body)
         request.finish()
 
-    def _exhausted(self, request: Request, exchange: Exchange, last: Answer | None) -> None:
+    async def _exhausted(self, request: Request, exchange: Exchange, last: Answer | None) -> None:
         exchange.outcome = Outcome.EXHAUSTED
         if last is not None:
             # The SDK then raises what the upstream meant (a real 429 or 500).
-            self._send(request, exchange, last)
+            await self._send(request, exchange, last)
             return
         timeouts = all(a.failure is FailureKind.TIMEOUT for a in exchange.attempts)
         status = 504 if timeouts else 502

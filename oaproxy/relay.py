@@ -123,11 +123,36 @@ class UpstreamEndedEarly(Exception):
         self.kind = kind
 
 
+@frozen
+class CollectedBody:
+    """A whole response body, in the pieces it arrived in: joined only where
+    that is cheap, as a copy of a 256 MiB answer holds the reactor."""
+
+    parts: tuple[bytes, ...]
+    size: int
+
+    def joined(self) -> bytes:
+        return b"".join(self.parts)
+
+    def ends(self, size: int) -> tuple[bytes, bytes]:
+        """At most ``size`` bytes of the start of the body, and of its end."""
+        head = tail = b""
+        for part in self.parts:
+            if len(head) >= size:
+                break
+            head += part[: size - len(head)]
+        for part in reversed(self.parts):
+            if len(tail) >= size:
+                break
+            tail = part[-(size - len(tail)) :] + tail
+        return head, tail
+
+
 class BodyCollector(Protocol):
     """Reads a whole (non-stream) response body; cancelling aborts the upstream."""
 
     def __init__(self, limit: int) -> None:
-        self.finished: Deferred[bytes] = Deferred(self._cancel)
+        self.finished: Deferred[CollectedBody] = Deferred(self._cancel)
         self._parts: list[bytes] = []
         self._size = 0
         self._limit = limit
@@ -151,17 +176,58 @@ class BodyCollector(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.finished.called:
             return
-        if reason.check(ResponseDone):
-            self.finished.callback(b"".join(self._parts))
-        elif reason.check(PotentialDataLoss):
-            # No Content-Length and no chunking: the close is the end.
-            self.finished.callback(b"".join(self._parts))
+        if reason.check(ResponseDone, PotentialDataLoss):
+            # (PotentialDataLoss: no Content-Length and no chunking, so the
+            # close is the end.)
+            self.finished.callback(CollectedBody(tuple(self._parts), self._size))
         else:
             _, error = describe(reason)
             self.finished.errback(Failure(UpstreamEndedEarly(error)))
 
-    def _cancel(self, _: Deferred[bytes]) -> None:
+    def _cancel(self, _: Deferred[CollectedBody]) -> None:
         _producer(self).stopProducing()
+
+
+@implementer(IPushProducer)
+class PartsWriter:
+    """Writes a body held in memory to the client a piece at a time, as the
+    client's connection takes it: twisted's transport would copy one large
+    write whole into its buffer. ``done`` fires once the request finished,
+    or the client went away."""
+
+    def __init__(self, request: Request, parts: tuple[bytes, ...]) -> None:
+        self.done: Deferred[None] = Deferred(lambda _: self.stopProducing())
+        self._request = request
+        self._parts = parts
+        self._next = 0
+        self._paused = False
+
+    def start(self) -> None:
+        self._request.registerProducer(self, True)
+        self._write()
+
+    def _write(self) -> None:
+        parts = self._parts
+        # A write may pause this producer at once, when the buffer is full.
+        while not self._paused and self._next < len(parts) and not self.done.called:
+            self._next += 1
+            self._request.write(parts[self._next - 1])
+        if self._next == len(parts) and not self.done.called:
+            self._request.unregisterProducer()
+            self._request.finish()
+            self.done.callback(None)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._write()
+
+    def stopProducing(self) -> None:
+        """The client went away (its request tells the forwarder)."""
+        if not self.done.called:
+            self.done.callback(None)
 
 
 @frozen

@@ -115,6 +115,42 @@ class FailoverTests(ForwardTestCase):
             (a.upstream_at_fault, b.upstream_at_fault, c.upstream_at_fault), (True, False, False)
         )
 
+    def test_large_answer_is_passed_in_pieces_not_parsed(self) -> None:
+        """An answer over 1 MiB reaches the client whole; the record keeps its
+        usage, read near its end, and marks its text truncated."""
+        client = self.h.chat()
+        body = json.dumps(
+            {
+                "choices": [{"index": 0, "message": {"content": "x" * (2 * 1024 * 1024)}}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
+            }
+        ).encode()
+        response = self.calls[0].respond(200)
+        for start in range(0, len(body), 65536):
+            response.write(body[start : start + 65536])
+        response.finish()
+        self.assertReply(client.reply(), 200, body)
+        record = self.h.record()
+        self.assertEqual(
+            (record["response_text"], record["truncated"], record["bytes_out"]),
+            (None, ["response_text"], len(body)),
+        )
+        self.assertEqual(
+            record["usage"], {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+        )
+
+    def test_large_error_answer_fails_over(self) -> None:
+        """An error answer over 1 MiB is no error document: the next upstream is tried."""
+        client = self.h.chat()
+        self.calls[0].respond(400).write(b"x" * (1024 * 1024 + 1))
+        self.assertEqual(self.calls[0].response.transport.events, ["stop"])  # type: ignore[union-attr]
+        self.calls[1].respond(200, body=b"{}")
+        self.assertReply(client.reply(), 200, b"{}")
+        self.assertEqual(
+            self.h.record()["attempts"][0]["error"],
+            "UpstreamEndedEarly: response body over 1048576 bytes",
+        )
+
     def test_connection_error_fails_over(self) -> None:
         client = self.h.chat()
         self.h.clock.advance(0.25)

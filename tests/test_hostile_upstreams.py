@@ -12,8 +12,10 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from tests.fakeupstream import FAKE_MODEL, ConnectionTracker, sse_event, stream_chunk
@@ -238,3 +240,82 @@ class EchoedSecretTests(HostileUpstreamCase):
         for reply in (await self.ask(proxy), await self.ask(proxy, stream=True)):
             self.assertEqual((reply.status, reply.header(b"x-request-id")), (200, b"req-1"))
             self.assertIsNone(reply.header(b"x-debug-auth"))
+
+
+class _Counting(Protocol):
+    """A client that sends one request and keeps the response's head and
+    the count of its bytes (a large answer is not held)."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.head = b""
+        self.size = 0
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        if len(self.head) < 4096:
+            self.head += data[:4096]
+        self.size += len(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost.callback(None)
+
+
+def embeddings_answer(vectors: int, dimensions: int) -> bytes:
+    """An embeddings answer as OpenAI sends it (usage last), of about
+    ``vectors * dimensions * 13`` bytes of numbers."""
+    vector = b"[" + b"0.0123456789," * (dimensions - 1) + b"0.0123456789]"
+    items = b",".join(
+        b'{"object":"embedding","index":%d,"embedding":%s}' % (i, vector) for i in range(vectors)
+    )
+    body = (
+        b'{"object":"list","data":[' + items + b'],"model":"text-embedding-3-small",'
+        b'"usage":{"prompt_tokens":8,"total_tokens":8}}'
+    )
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+        % len(body)
+    ) + body
+
+
+class LargeAnswerTests(HostileUpstreamCase):
+    timeout = 60
+
+    async def test_large_answer_does_not_hold_the_reactor(self) -> None:
+        """A 64 MiB embeddings answer passes without holding the reactor (it
+        was parsed whole for the record: 2 s); the record keeps its usage."""
+        answer = embeddings_answer(vectors=1700, dimensions=3072)
+        endpoint = await self.raw_upstream(answer)
+        proxy = await self.proxy([upstream("raw", endpoint)])
+        gaps = [0.0]
+        last = [reactor.seconds()]
+
+        def tick() -> None:
+            now = reactor.seconds()
+            gaps[0] = max(gaps[0], now - last[0])
+            last[0] = now
+
+        ticker = LoopingCall(tick)
+        ticker.clock = reactor
+        ticker.start(0.005)
+        try:
+            body = json.dumps({"model": "text-embedding-3-small", "input": "hi"}).encode()
+            request = raw_chat_request(json.loads(body), CLIENT_KEY).replace(
+                b"/v1/chat/completions", b"/v1/embeddings"
+            )
+            client = _Counting(request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1))
+            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port), client)
+            await client.lost
+            record = await proxy.records.nth(1)
+        finally:
+            ticker.stop()
+        self.assertTrue(client.head.startswith(b"HTTP/1.1 200 "), client.head[:100])
+        self.assertGreater(client.size, len(answer) - 1000)
+        self.assertEqual(
+            record["usage"], {"prompt_tokens": 8, "completion_tokens": 0, "total_tokens": 8}
+        )
+        self.assertLess(gaps[0], 0.5)
