@@ -94,7 +94,7 @@ def content_event(text: str, line_end: bytes = b"\n") -> bytes:
 
 
 class HostileUpstreamCase(EndToEndCase):
-    async def raw_upstream(self, *answers: Answer, keep_open: bool = False) -> str:
+    def raw_upstream(self, *answers: Answer, keep_open: bool = False) -> str:
         """A raw upstream's endpoint URL; it is stopped in cleanup."""
         raw = RawUpstream(*answers, keep_open=keep_open)
         port = reactor.listenTCP(0, raw, interface="127.0.0.1")
@@ -103,8 +103,9 @@ class HostileUpstreamCase(EndToEndCase):
         self.raw = raw
         return f"http://127.0.0.1:{port.getHost().port}/v1"
 
-    async def ask(self, proxy: RunningProxy, **payload: Any) -> Reply:
-        """One chat completion through the proxy on a connection of its own."""
+    async def send(self, proxy: RunningProxy, **payload: Any) -> bytes:
+        """One chat completion through the proxy on a connection of its own:
+        the bytes of its answer."""
         body = {"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}], **payload}
         request = raw_chat_request(body, CLIENT_KEY).replace(
             b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1
@@ -112,14 +113,17 @@ class HostileUpstreamCase(EndToEndCase):
         client = RawClient(request, events=2**31)
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port), client)
         await client.lost
-        return parse_reply(client.received)
+        return client.received
+
+    async def ask(self, proxy: RunningProxy, **payload: Any) -> Reply:
+        return parse_reply(await self.send(proxy, **payload))
 
 
 class LineEndTests(HostileUpstreamCase):
     async def test_bare_cr_done_before_the_close_ends_the_stream(self) -> None:
         """A close-delimited stream with bare CR line ends is whole once it said [DONE]."""
         events = (content_event("Hel", b"\r"), content_event("lo", b"\r"), b"data: [DONE]\r\r")
-        endpoint = await self.raw_upstream(event_stream(*events))
+        endpoint = self.raw_upstream(event_stream(*events))
         proxy = await self.proxy([upstream("raw", endpoint, stream_usage=False)])
         reply = await self.ask(proxy, stream=True)
         self.assertEqual((reply.status, reply.complete), (200, True))
@@ -130,7 +134,7 @@ class LineEndTests(HostileUpstreamCase):
 
     async def test_bare_cr_first_event_at_the_close_is_relayed(self) -> None:
         """An only event ending in a bare CR at the close is relayed (then an error: no [DONE])."""
-        endpoint = await self.raw_upstream(event_stream(content_event("Hi", b"\r")))
+        endpoint = self.raw_upstream(event_stream(content_event("Hi", b"\r")))
         proxy = await self.proxy([upstream("raw", endpoint, stream_usage=False)])
         reply = await self.ask(proxy, stream=True)
         self.assertEqual(reply.status, 200)
@@ -147,7 +151,7 @@ ENDLESS_EVENT = b"data: " + b"x" * (1024 * 1024)
 class EventCapTests(HostileUpstreamCase):
     async def test_endless_event_before_the_first_fails_over(self) -> None:
         """An upstream sending data without a blank line is failed over at max_event_bytes."""
-        endpoint = await self.raw_upstream(event_stream(ENDLESS_EVENT), keep_open=True)
+        endpoint = self.raw_upstream(event_stream(ENDLESS_EVENT), keep_open=True)
         fake = await self.fake()
         proxy = await self.proxy(
             [upstream("raw", endpoint), upstream("main", fake.endpoint)], max_event_bytes=65536
@@ -164,7 +168,7 @@ class EventCapTests(HostileUpstreamCase):
     async def test_endless_event_after_the_first_ends_the_stream(self) -> None:
         """After the first event, an endless one ends the stream with an error event."""
         first = content_event("Hi")
-        endpoint = await self.raw_upstream(event_stream(first, ENDLESS_EVENT), keep_open=True)
+        endpoint = self.raw_upstream(event_stream(first, ENDLESS_EVENT), keep_open=True)
         proxy = await self.proxy([upstream("raw", endpoint)], max_event_bytes=65536)
         reply = await self.ask(proxy, stream=True)
         self.assertEqual((reply.status, reply.complete), (200, True))
@@ -181,7 +185,7 @@ class EventCapTests(HostileUpstreamCase):
 class EchoedSecretTests(HostileUpstreamCase):
     async def test_status_line_quoting_the_key_is_redacted(self) -> None:
         """A status line that quotes the request's Authorization never reaches the client."""
-        endpoint = await self.raw_upstream(
+        endpoint = self.raw_upstream(
             lambda head: b"HTTP/1.1 502 " + authorization_line(head) + b"\r\n\r\n",
             lambda head: (
                 b"HTTP/1.1 200 " + authorization_line(head) + b"\r\n"
@@ -190,23 +194,16 @@ class EchoedSecretTests(HostileUpstreamCase):
         )
         proxy = await self.proxy([upstream("raw", endpoint, sk=SK_MAIN)])
         for _ in range(2):
-            client = RawClient(
-                raw_chat_request({"model": FAKE_MODEL, "messages": []}, CLIENT_KEY).replace(
-                    b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1
-                ),
-                events=2**31,
-            )
-            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port), client)
-            await client.lost
-            self.assertIn(b" Authorization: Bearer [redacted]\r\n", client.received)
-            self.assertNotIn(SK_MAIN.encode(), client.received)
+            received = await self.send(proxy)
+            self.assertIn(b" Authorization: Bearer [redacted]\r\n", received)
+            self.assertNotIn(SK_MAIN.encode(), received)
         self.assertIn(SK_MAIN.encode(), self.raw.heads[0])
         self.assertEqual(len(proxy.records.seen), 2)
         self.assertNotIn(SK_MAIN, json.dumps(proxy.records.seen))
 
     async def test_garbage_status_line_is_no_echo(self) -> None:
         """A status line that is no HTTP fails the attempt; the 502 quotes none of it."""
-        endpoint = await self.raw_upstream(
+        endpoint = self.raw_upstream(
             lambda head: b"HTTP/1.1 abc " + authorization_line(head) + b"\r\n\r\n"
         )
         proxy = await self.proxy([upstream("raw", endpoint, sk=SK_MAIN)])
@@ -226,7 +223,7 @@ class EchoedSecretTests(HostileUpstreamCase):
                 b"X-Request-Id: req-1\r\n"
             )
 
-        endpoint = await self.raw_upstream(
+        endpoint = self.raw_upstream(
             lambda head: (
                 b"HTTP/1.1 200 OK\r\n" + debug_headers(head) + b"Content-Type: "
                 b"application/json\r\nContent-Length: 2\r\n\r\n{}"
@@ -289,7 +286,7 @@ class LargeAnswerTests(HostileUpstreamCase):
         """A 64 MiB embeddings answer passes without holding the reactor (it
         was parsed whole for the record: 2 s); the record keeps its usage."""
         answer = embeddings_answer(vectors=1700, dimensions=3072)
-        endpoint = await self.raw_upstream(answer)
+        endpoint = self.raw_upstream(answer)
         proxy = await self.proxy([upstream("raw", endpoint)])
         gaps = [0.0]
         last = [reactor.seconds()]
@@ -303,10 +300,9 @@ class LargeAnswerTests(HostileUpstreamCase):
         ticker.clock = reactor
         ticker.start(0.005)
         try:
-            body = json.dumps({"model": "text-embedding-3-small", "input": "hi"}).encode()
-            request = raw_chat_request(json.loads(body), CLIENT_KEY).replace(
-                b"/v1/chat/completions", b"/v1/embeddings"
-            )
+            request = raw_chat_request(
+                {"model": "text-embedding-3-small", "input": "hi"}, CLIENT_KEY
+            ).replace(b"/v1/chat/completions", b"/v1/embeddings")
             client = _Counting(request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1))
             await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port), client)
             await client.lost
