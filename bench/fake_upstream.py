@@ -10,10 +10,13 @@ its (small) body.
   a usage chunk when ``stream_options.include_usage`` is true, then
   ``data: [DONE]``; sent chunked, one HTTP chunk per event.
 - Anything else: 404 with an OpenAI-shaped error.
+- With ``--delay-ms D`` every answer leaves D milliseconds after its request
+  arrived, like a model that takes time to answer (real ones take hundreds of
+  milliseconds to seconds).
 
 Run as its own process::
 
-    python bench/fake_upstream.py --port 0 --chunks 20
+    python bench/fake_upstream.py --port 0 --chunks 20 [--delay-ms 50]
 
 It prints ``listening 127.0.0.1:PORT`` on stdout once it accepts connections
 and runs until killed (or for ``--max-seconds``, so it never outlives a run).
@@ -148,8 +151,9 @@ class Answers:
 class UpstreamProtocol(asyncio.Protocol):
     """One keep-alive connection; pipelined requests are answered in order."""
 
-    def __init__(self, answers: Answers) -> None:
+    def __init__(self, answers: Answers, delay: float) -> None:
         self._answers = answers
+        self._delay = delay
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
 
@@ -166,7 +170,13 @@ class UpstreamProtocol(asyncio.Protocol):
                 break
             out.append(parsed)
         if out and self._transport is not None:
-            self._transport.write(b"".join(out))
+            if self._delay:
+                # One delay for all: answers still leave in request order.
+                asyncio.get_running_loop().call_later(
+                    self._delay, self._transport.write, b"".join(out)
+                )
+            else:
+                self._transport.write(b"".join(out))
 
     def _parse_one(self) -> bytes | None:
         buf = self._buffer
@@ -239,11 +249,11 @@ class UpstreamProtocol(asyncio.Protocol):
         self._buffer.clear()
 
 
-async def serve(port: int, chunks: int, max_seconds: float) -> None:
+async def serve(port: int, chunks: int, max_seconds: float, delay: float) -> None:
     loop = asyncio.get_running_loop()
     answers = Answers(chunks)
     server = await loop.create_server(
-        lambda: UpstreamProtocol(answers), "127.0.0.1", port, backlog=1024
+        lambda: UpstreamProtocol(answers, delay), "127.0.0.1", port, backlog=1024
     )
     bound = server.sockets[0].getsockname()[1]
     print(f"listening 127.0.0.1:{bound}", flush=True)
@@ -268,8 +278,11 @@ def main(argv: list[str] | None = None) -> int:
         default=600.0,
         help="exit after this long in any case",
     )
+    parser.add_argument(
+        "--delay-ms", type=float, default=0.0, help="milliseconds before each answer leaves"
+    )
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.port, args.chunks, args.max_seconds))
+    asyncio.run(serve(args.port, args.chunks, args.max_seconds, args.delay_ms / 1000))
     return 0
 
 

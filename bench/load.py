@@ -51,6 +51,8 @@ class Tally:
     errors: int = 0
     error_kinds: dict[str, int] = field(factory=dict)
     bytes_in: int = 0
+    # X-Oaproxy-Cache values seen ("none" when absent).
+    cache: dict[str, int] = field(factory=dict)
 
     def fail(self, kind: str) -> None:
         self.errors += 1
@@ -64,9 +66,36 @@ class Response:
     ttfb: float | None
     close: bool
     tail: bytes  # the last bytes of the body, to check a stream ended with [DONE]
+    cache: str | None = None  # oaproxy's X-Oaproxy-Cache
 
 
-def build_request(url: str, key: str | None, stream: bool, model: str) -> tuple[str, int, bytes]:
+class Requests:
+    """The bytes of each request: the same every time, or with ``unique``
+    one that differs from all others (so a cache never has it)."""
+
+    def __init__(
+        self, url: str, key: str | None, stream: bool, model: str, caching: bool, unique: bool
+    ) -> None:
+        self.host, self.port, self._same = build_request(url, key, stream, model, caching)
+        self._args = (url, key, stream, model, caching)
+        self._unique = unique
+        self._made = 0
+
+    def next(self) -> bytes:
+        if not self._unique:
+            return self._same
+        self._made += 1
+        return build_request(*self._args, content=f"Say something short. #{self._made}")[2]
+
+
+def build_request(
+    url: str,
+    key: str | None,
+    stream: bool,
+    model: str,
+    caching: bool = False,
+    content: str = "Say something short.",
+) -> tuple[str, int, bytes]:
     parts = urlsplit(url)
     if parts.scheme != "http" or parts.hostname is None:
         raise SystemExit(f"load: only http:// URLs are supported, not {url!r}")
@@ -74,10 +103,12 @@ def build_request(url: str, key: str | None, stream: bool, model: str) -> tuple[
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     message: dict[str, Any] = {
         "model": model,
-        "messages": [{"role": "user", "content": "Say something short."}],
+        "messages": [{"role": "user", "content": content}],
     }
     if stream:
         message["stream"] = True
+    if caching:
+        message["caching"] = True
     body = json.dumps(message).encode()
     lines = [
         f"POST {target} HTTP/1.1",
@@ -103,6 +134,7 @@ async def read_response(reader: asyncio.StreamReader, started: float) -> Respons
     length: int | None = None
     chunked = False
     close = status_line[0] == b"HTTP/1.0"
+    cache: str | None = None
     for line in lines[1:]:
         name, _, value = line.partition(b":")
         lname = name.strip().lower()
@@ -113,6 +145,8 @@ async def read_response(reader: asyncio.StreamReader, started: float) -> Respons
             chunked = lvalue.endswith(b"chunked")
         elif lname == b"connection":
             close = b"close" in lvalue
+        elif lname == b"x-oaproxy-cache":
+            cache = lvalue.decode("ascii", "replace")
     ttfb: float | None = None
     if chunked:
         size_total = 0
@@ -132,16 +166,16 @@ async def read_response(reader: asyncio.StreamReader, started: float) -> Respons
                 ttfb = time.perf_counter() - started
             size_total += size
             tail = (tail + chunk[:-2])[-64:]
-        return Response(status, size_total, ttfb, close, tail)
+        return Response(status, size_total, ttfb, close, tail, cache)
     if status in (204, 304) or 100 <= status < 200:
-        return Response(status, 0, None, close, b"")
+        return Response(status, 0, None, close, b"", cache)
     if length is not None:
         body = await reader.readexactly(length)
         ttfb = time.perf_counter() - started
-        return Response(status, length, ttfb, close, body[-64:])
+        return Response(status, length, ttfb, close, body[-64:], cache)
     # Neither framing: the body ends when the server closes.
     body = await reader.read(-1)
-    return Response(status, len(body), time.perf_counter() - started, True, body[-64:])
+    return Response(status, len(body), time.perf_counter() - started, True, body[-64:], cache)
 
 
 class Connection:
@@ -208,7 +242,7 @@ def summarize(values: list[float]) -> dict[str, float | None]:
 
 async def worker(
     connection: Connection,
-    request: bytes,
+    requests: Requests,
     stream: bool,
     budget: list[int],
     deadline: float,
@@ -219,7 +253,7 @@ async def worker(
     while budget[0] > 0 and time.perf_counter() < deadline:
         budget[0] -= 1
         try:
-            response, elapsed = await connection.send(request, timeout)
+            response, elapsed = await connection.send(requests.next(), timeout)
         except (
             TimeoutError,
             OSError,
@@ -240,18 +274,20 @@ async def worker(
             tally.fail("stream without [DONE]")
             continue
         tally.bytes_in += response.body_bytes
+        cache = response.cache or "none"
+        tally.cache[cache] = tally.cache.get(cache, 0) + 1
         tally.samples.append(Sample(elapsed, response.ttfb))
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    host, port, request = build_request(args.url, args.key, args.stream, args.model)
-    connections = [Connection(host, port) for _ in range(args.concurrency)]
+    requests = Requests(args.url, args.key, args.stream, args.model, args.caching, args.unique)
+    connections = [Connection(requests.host, requests.port) for _ in range(args.concurrency)]
     hard_stop = time.perf_counter() + args.max_seconds
     try:
         warm = [args.warmup * args.concurrency]
         await asyncio.gather(
             *(
-                worker(c, request, args.stream, warm, hard_stop, args.timeout, None)
+                worker(c, requests, args.stream, warm, hard_stop, args.timeout, None)
                 for c in connections
             )
         )
@@ -261,7 +297,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         started = time.perf_counter()
         await asyncio.gather(
             *(
-                worker(c, request, args.stream, budget, hard_stop, args.timeout, tally)
+                worker(c, requests, args.stream, budget, hard_stop, args.timeout, tally)
                 for c in connections
             )
         )
@@ -283,6 +319,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": round(elapsed, 3),
         "rps": round(done / elapsed, 1) if elapsed > 0 else None,
         "bytes_in": tally.bytes_in,
+        "cache": tally.cache,
+        "warmup_requests": args.warmup * args.concurrency,
         "latency_ms": summarize([s.latency for s in tally.samples]),
         # How busy the driver itself was: near 1.0 means it may be the limit.
         "driver_cpu": round(cpu / elapsed, 2) if elapsed > 0 else None,
@@ -300,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", default=None, help="client key sent as Authorization: Bearer")
     parser.add_argument("--model", default="gpt-bench")
     parser.add_argument("--stream", action="store_true", help='send "stream": true')
+    parser.add_argument("--caching", action="store_true", help='send "caching": true')
+    parser.add_argument(
+        "--unique", action="store_true", help="make every request differ (always a cache miss)"
+    )
     parser.add_argument("--requests", type=int, default=2000, help="measured requests in all")
     parser.add_argument("--concurrency", type=int, default=16, help="keep-alive connections")
     parser.add_argument(

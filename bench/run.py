@@ -1,21 +1,28 @@
-"""One command: direct-to-upstream versus through oaproxy, non-stream and stream.
+"""One command: direct-to-upstream versus through oaproxy, non-stream and
+stream; what the response cache costs and saves; and, with ``--limits``,
+what the limiter costs.
 
     python bench/run.py [--requests N] [--concurrency C] [--chunks K]
-                        [--limits [--redis URL]]
+                        [--limits] [--redis URL]
 
 It starts the fake upstream (``bench/fake_upstream.py``) and oaproxy through
 the real ``twistd`` of the same virtualenv as ``sys.executable``, on loopback
 ports, with a temporary config (``dbtype: none``, one client key, one
-upstream: the fake; records policy left at its defaults). Once ``/healthz``
-answers it runs ``bench/load.py`` four times and prints a table. Children are
-stopped at the end, on an error and on Ctrl-C. All traffic stays on 127.0.0.1.
+upstream: the fake; records policy left at its defaults). Two more oaproxy
+instances have a cache: one in memory, one in Redis. Once ``/healthz``
+answers it runs ``bench/load.py`` once per scenario and prints a table.
+Children are stopped at the end, on an error and on Ctrl-C. All traffic
+stays on 127.0.0.1.
 
 With ``--limits`` it also measures what the limiter costs on the hot path:
 the same load through two more oaproxy processes whose every request passes
 a global, a per-key and a per-token limit (set high enough never to refuse),
-one keeping its counters in memory, one in Redis (``--redis``, default
-``redis://127.0.0.1:6379/0``, under a key prefix of its own; the keys expire
-with their one-minute windows).
+one keeping its counters in memory, one in Redis.
+
+Redis is a private ``redis-server`` started for the run (without one the
+Redis rows are left out), or ``--redis URL``; each instance that uses it
+has a key prefix of its own, so nothing of another run (or deployment) is
+read or counted.
 
 The machine may be noisy: compare the ratios within one run, not absolute
 numbers across runs.
@@ -27,6 +34,8 @@ import argparse
 import ctypes
 import http.client
 import json
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,7 +44,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 HERE = Path(__file__).resolve().parent
 CLIENT_KEY = "sk-bench-client-0123456789"
@@ -103,7 +112,7 @@ class Children:
 
 
 def start_fake_upstream(
-    children: Children, chunks: int, max_seconds: float
+    children: Children, chunks: int, max_seconds: float, delay_ms: float = 0.0
 ) -> tuple[subprocess.Popen[bytes], int]:
     proc = children.start(
         [
@@ -115,6 +124,8 @@ def start_fake_upstream(
             str(chunks),
             "--max-seconds",
             str(max_seconds),
+            "--delay-ms",
+            str(delay_ms),
         ],
         stdout=subprocess.PIPE,
     )
@@ -137,34 +148,37 @@ LIMITS = (
 )
 
 
-def write_config(directory: Path, upstream_port: int, extra: str = "") -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "config.yaml"
+def redis_config(redis_url: str) -> str:
+    # A prefix of its own: nothing of another run (or deployment) is counted.
+    return f"redis: {redis_url}\nredis_prefix: 'oaproxy-bench:{uuid.uuid4().hex}:'\n"
+
+
+def write_config(directory: Path, name: str, upstream_port: int, more: str = "") -> Path:
+    path = directory / f"{name}.yaml"
     path.write_text(
         "# Written by bench/run.py for one run.\n"
         f"authorization:\n  bench: {CLIENT_KEY}\n"
         "dbtype: none\n"
+        f"records: {{spool_dir: ./spool-{name}}}\n"
+        f"{more}"
         "upstreams:\n"
         "  - name: fake\n"
         f"    endpoint: http://127.0.0.1:{upstream_port}/v1\n"
-        f"    sk: {UPSTREAM_KEY}\n" + extra
+        f"    sk: {UPSTREAM_KEY}\n"
     )
     return path
 
 
-def limits_config(backend: str, redis_url: str) -> str:
-    text = LIMITS.format(backend=backend)
-    if backend == "redis":
-        # A prefix of its own: nothing of another run (or deployment) is counted.
-        text += f"redis: {redis_url}\nredis_prefix: 'oaproxy-bench:{uuid.uuid4().hex}:'\n"
-    return text
+class Proxy(NamedTuple):
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
 
 
-def start_proxy(
-    children: Children, directory: Path, config: Path
-) -> tuple[subprocess.Popen[bytes], int, Path]:
+def start_proxy(children: Children, directory: Path, config: Path) -> Proxy:
+    """An oaproxy on ``config``, once it answers."""
     port = free_port()
-    log = directory / "twistd.log"
+    log = directory / f"{config.stem}.log"
     with log.open("wb") as log_file:
         proxy = children.start(
             [
@@ -182,15 +196,35 @@ def start_proxy(
             stderr=subprocess.STDOUT,
         )
     wait_ready(port, proxy, log)
-    return proxy, port, log
+    return Proxy(proxy, port, log)
 
 
-def wait_limited(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+def start_redis(children: Children, directory: Path) -> int | None:
+    """A private redis-server, once it listens; None when there is none."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None
+    port = free_port()
+    children.start(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=directory,
+        stdout=subprocess.DEVNULL,
+    )
+    for _ in range(READY_TRIES):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return port
+        except OSError:
+            time.sleep(READY_INTERVAL)
+    raise SystemExit("bench: redis-server did not start")
+
+
+def wait_limited(proxy: Proxy) -> None:
     """Until answers carry the limiter's headers: its Redis connection is up
     (before that, on_backend_error: open serves without counting)."""
     body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}]})
     for _ in range(READY_TRIES):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
         headers = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}
         conn.request("POST", PATH, body, headers)
         response = conn.getresponse()
@@ -199,7 +233,7 @@ def wait_limited(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
         if response.getheader("x-ratelimit-limit-requests"):
             return
         time.sleep(READY_INTERVAL)
-    raise SystemExit(f"bench: the limiter never answered (is Redis up?):\n{tail(log)}")
+    raise SystemExit(f"bench: the limiter never answered (is Redis up?):\n{tail(proxy.log)}")
 
 
 def wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -226,6 +260,16 @@ def tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User and system CPU time a process used so far (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # utime and stime: fields 14 and 15 of stat(5), counted after "(comm)".
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -236,21 +280,35 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
-def load(port: int, *, stream: bool, args: argparse.Namespace, key: str | None) -> dict[str, Any]:
+def load(
+    port: int,
+    *,
+    stream: bool,
+    args: argparse.Namespace,
+    key: str | None,
+    caching: bool = False,
+    unique: bool = False,
+    requests: int | None = None,
+    concurrency: int | None = None,
+) -> dict[str, Any]:
     argv = [
         sys.executable,
         str(HERE / "load.py"),
         "--url",
         f"http://127.0.0.1:{port}{PATH}",
         "--requests",
-        str(args.requests),
+        str(requests or args.requests),
         "--concurrency",
-        str(args.concurrency),
+        str(concurrency or args.concurrency),
         "--max-seconds",
         str(args.max_seconds),
     ]
     if stream:
         argv.append("--stream")
+    if caching:
+        argv.append("--caching")
+    if unique:
+        argv.append("--unique")
     if key:
         argv += ["--key", key]
     # Bounded twice: the driver stops itself, and is killed a little later.
@@ -274,7 +332,13 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def report(results: dict[str, dict[str, Any]], rss: dict[str, int | None]) -> str:
+def report(
+    results: dict[str, dict[str, Any]],
+    rss: dict[str, int | None],
+    backends: list[str],
+    upstream_ms: float,
+    concurrency: int,
+) -> str:
     rows = [
         (
             "scenario",
@@ -285,6 +349,7 @@ def report(results: dict[str, dict[str, Any]], rss: dict[str, int | None]) -> st
             "ttfb p50",
             "errors",
             "driver cpu",
+            "proxy cpu ms/req",
         )
     ]
     for name, r in results.items():
@@ -301,6 +366,7 @@ def report(results: dict[str, dict[str, Any]], rss: dict[str, int | None]) -> st
                 fmt(ttfb),
                 errors,
                 fmt(r["driver_cpu"]),
+                fmt(r.get("proxy_cpu_ms"), 3),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -315,29 +381,51 @@ def report(results: dict[str, dict[str, Any]], rss: dict[str, int | None]) -> st
     for mode in ("non-stream", "stream"):
         direct = results[f"direct {mode}"]
         proxied = results[f"oaproxy {mode}"]
-        added = _minus(proxied["latency_ms"]["p50"], direct["latency_ms"]["p50"])
-        added99 = _minus(proxied["latency_ms"]["p99"], direct["latency_ms"]["p99"])
-        ratio = proxied["rps"] / direct["rps"] if direct["rps"] and proxied["rps"] else None
-        lines.append(
-            f"{mode:<10}  added latency p50 {fmt(added)} ms, p99 {fmt(added99)} ms;"
-            f" oaproxy/direct rate {fmt(ratio, 3)}"
-        )
+        ratio = _ratio(proxied["rps"], direct["rps"])
+        lines.append(f"{mode:<10}  {_added(proxied, direct)}; oaproxy/direct rate {fmt(ratio, 3)}")
     for mode in ("non-stream", "stream"):
         plain = results[f"oaproxy {mode}"]
         for backend in ("memory", "redis"):
             limited = results.get(f"oaproxy {mode}, limits in {backend}")
             if limited is None:
                 continue
-            added = _minus(limited["latency_ms"]["p50"], plain["latency_ms"]["p50"])
-            added99 = _minus(limited["latency_ms"]["p99"], plain["latency_ms"]["p99"])
-            ratio = limited["rps"] / plain["rps"] if plain["rps"] and limited["rps"] else None
+            ratio = _ratio(limited["rps"], plain["rps"])
             lines.append(
-                f"{mode:<10}  limits in {backend:<6}: added latency p50 {fmt(added)} ms,"
-                f" p99 {fmt(added99)} ms; limited/unlimited rate {fmt(ratio, 3)}"
+                f"{mode:<10}  limits in {backend:<6}: {_added(limited, plain)};"
+                f" limited/unlimited rate {fmt(ratio, 3)}"
             )
     for name, kib in rss.items():
         lines.append(f"oaproxy RSS {name}: {kib or '?'} KiB")
+    lines.append(
+        f"cache rows: one request at a time (but x{concurrency}), to an upstream that answers"
+        f" after {upstream_ms:g} ms"
+    )
+    forwarded_rate = results["oaproxy non-stream"]["rps"]
+    for backend in backends:
+        row = {kind: results[f"cache {backend} {kind}"] for kind in ("bypass", "miss", "hit")}
+        p50 = {kind: r["latency_ms"]["p50"] for kind, r in row.items()}
+        cpu = {kind: r.get("proxy_cpu_ms") for kind, r in row.items()}
+        loaded = results[f"cache {backend} hit x{concurrency}"]["rps"]
+        lines.append(
+            f"cache {backend:<6}  a hit answers in {fmt(p50['hit'])} ms p50,"
+            f" {fmt(_ratio(p50['bypass'], p50['hit']), 1)}x faster than forwarded"
+            f" ({fmt(p50['bypass'])} ms); {concurrency} connections get {fmt(loaded, 0)} hits/s,"
+            f" {fmt(_ratio(loaded, forwarded_rate), 1)}x the forwarded rate to the instant upstream;"
+            f" a miss (looked up, forwarded, stored) adds {fmt(_minus(p50['miss'], p50['bypass']))}"
+            f" ms p50 and {fmt(_minus(cpu['miss'], cpu['bypass']), 3)} ms of proxy CPU"
+        )
     return "\n".join(lines)
+
+
+def _added(row: dict[str, Any], base: dict[str, Any]) -> str:
+    """The latency ``row`` adds to ``base``, at p50 and p99."""
+    p50 = _minus(row["latency_ms"]["p50"], base["latency_ms"]["p50"])
+    p99 = _minus(row["latency_ms"]["p99"], base["latency_ms"]["p99"])
+    return f"added latency p50 {fmt(p50)} ms, p99 {fmt(p99)} ms"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if not a or not b else a / b
 
 
 def _minus(a: float | None, b: float | None) -> float | None:
@@ -355,11 +443,22 @@ def main(argv: list[str] | None = None) -> int:
         "--max-seconds", type=float, default=20.0, help="cap on each scenario's run"
     )
     parser.add_argument(
+        "--cache-requests", type=int, default=300, help="measured requests per cache scenario"
+    )
+    parser.add_argument(
+        "--upstream-ms",
+        type=float,
+        default=50.0,
+        help="how long the upstream of the cache rows takes to answer (real models: 300+)",
+    )
+    parser.add_argument(
         "--limits",
         action="store_true",
         help="also measure the limiter: counters in memory and in Redis",
     )
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="the Redis of --limits")
+    parser.add_argument(
+        "--redis", help="the Redis of the Redis rows (default: a private redis-server)"
+    )
     parser.add_argument("--json", action="store_true", help="also print the raw results as JSON")
     args = parser.parse_args(argv)
 
@@ -384,49 +483,112 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def run(args: argparse.Namespace, children: Children, directory: Path) -> int:
     # The children outlive no run: the fake stops itself after the longest one could take.
-    runs = 8 if args.limits else 4
+    runs = 4 + 10 + (4 if args.limits else 0)
     lifetime = runs * (args.max_seconds + 30) + 60
     _fake, upstream_port = start_fake_upstream(children, args.chunks, lifetime)
-    plain = directory / "plain"
-    proxy, proxy_port, log = start_proxy(children, plain, write_config(plain, upstream_port))
-    rss = {"after start": rss_kib(proxy.pid)}
+    plain = start_proxy(children, directory, write_config(directory, "plain", upstream_port))
+    proxies = [plain]
+    redis_url = args.redis
+    if redis_url is None:
+        redis_port = start_redis(children, directory)
+        if redis_port is not None:
+            redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        else:
+            print("bench: no redis-server and no --redis, no Redis rows", file=sys.stderr)
+    backends = ["memory"] if redis_url is None else ["memory", "redis"]
+    # (name, proxy): the load is sent to proxy as "oaproxy {mode}{name}".
+    limited: list[tuple[str, Proxy]] = []
+    if args.limits:
+        for backend in backends:
+            more = LIMITS.format(backend=backend)
+            if backend == "redis":
+                assert redis_url is not None
+                more += redis_config(redis_url)
+            config = write_config(directory, f"limits-{backend}", upstream_port, more)
+            proxy = start_proxy(children, directory, config)
+            wait_limited(proxy)
+            limited.append((f", limits in {backend}", proxy))
+            proxies.append(proxy)
+    # The cache rows: an upstream that takes time, as models do.
+    _slow, slow_port = start_fake_upstream(children, args.chunks, lifetime, args.upstream_ms)
+    cached: dict[str, Proxy] = {}
+    for backend in backends:
+        more = f"cache: {{backend: {backend}}}\n"
+        if backend == "redis":
+            assert redis_url is not None
+            more += redis_config(redis_url)
+        config = write_config(directory, f"cache-{backend}", slow_port, more)
+        cached[backend] = start_proxy(children, directory, config)
+        proxies.append(cached[backend])
+    rss = {"after start": rss_kib(plain.proc.pid)}
     print(
-        f"fake upstream 127.0.0.1:{upstream_port}, oaproxy 127.0.0.1:{proxy_port} (pid {proxy.pid}); "
-        f"{args.requests} requests x {args.concurrency} connections, {args.chunks} chunks per stream",
+        f"fake upstream 127.0.0.1:{upstream_port}, oaproxy 127.0.0.1:{plain.port}"
+        f" (pid {plain.proc.pid}); {args.requests} requests x {args.concurrency} connections,"
+        f" {args.chunks} chunks per stream",
         flush=True,
     )
-    # (where, what, port, key): the load is sent to port as "{where} {mode}{what}".
-    targets: list[tuple[str, str, int, str | None]] = [
-        ("direct", "", upstream_port, None),
-        ("oaproxy", "", proxy_port, CLIENT_KEY),
-    ]
-    limited: list[tuple[str, subprocess.Popen[bytes], Path]] = []
-    if args.limits:
-        for backend in ("memory", "redis"):
-            backend_dir = directory / backend
-            config = write_config(backend_dir, upstream_port, limits_config(backend, args.redis))
-            process, port, backend_log = start_proxy(children, backend_dir, config)
-            wait_limited(port, process, backend_log)
-            targets.append(("oaproxy", f", limits in {backend}", port, CLIENT_KEY))
-            limited.append((backend, process, backend_log))
     results: dict[str, dict[str, Any]] = {}
+
+    def scenario(name: str, port: int, pid: int | None, **how: Any) -> None:
+        print(f"  running {name} ...", file=sys.stderr, flush=True)
+        before = cpu_seconds(pid) if pid is not None else None
+        result = load(port, args=args, **how)
+        after = cpu_seconds(pid) if pid is not None else None
+        if before is not None and after is not None:
+            sent = result["requests"] + result["warmup_requests"]
+            result["proxy_cpu_ms"] = (after - before) * 1000 / sent
+        results[name] = result
+
     for mode, stream in (("non-stream", False), ("stream", True)):
-        for where, what, port, key in targets:
-            name = f"{where} {mode}{what}"
-            print(f"  running {name} ...", file=sys.stderr, flush=True)
-            results[name] = load(port, stream=stream, args=args, key=key)
-    rss["after the run"] = rss_kib(proxy.pid)
-    for backend, process, backend_log in limited:
-        rss[f"after the run, limits in {backend}"] = rss_kib(process.pid)
-        if process.poll() is not None:
-            raise SystemExit(f"bench: oaproxy died during the run:\n{tail(backend_log)}")
-    if proxy.poll() is not None:
-        raise SystemExit(f"bench: oaproxy died during the run:\n{tail(log)}")
-    print(report(results, rss))
+        scenario(f"direct {mode}", upstream_port, None, stream=stream, key=None)
+        for what, proxy in [("", plain), *limited]:
+            scenario(
+                f"oaproxy {mode}{what}", proxy.port, proxy.proc.pid, stream=stream, key=CLIENT_KEY
+            )
+    # One request at a time: how fast one is answered, not how many queue.
+    # Bypass: not looked up, forwarded. Misses: every request differs, so each
+    # is looked up, forwarded and stored. Hits: the same request every time
+    # (the warm-up stores it).
+    one_by_one = {"key": CLIENT_KEY, "requests": args.cache_requests, "concurrency": 1}
+    for backend, proxy in cached.items():
+        port, pid = proxy.port, proxy.proc.pid
+        for name, caching, unique in (
+            ("bypass", False, False),
+            ("miss", True, True),
+            ("hit", True, False),
+        ):
+            scenario(
+                f"cache {backend} {name}",
+                port,
+                pid,
+                stream=False,
+                caching=caching,
+                unique=unique,
+                **one_by_one,
+            )
+        scenario(f"cache {backend} hit stream", port, pid, stream=True, caching=True, **one_by_one)
+        # And as many at once as the rows above: how many hits one process serves.
+        hits = f"cache {backend} hit x{args.concurrency}"
+        scenario(hits, port, pid, stream=False, key=CLIENT_KEY, caching=True)
+    rss["after the run"] = rss_kib(plain.proc.pid)
+    for what, proxy in limited:
+        rss[f"after the run{what}"] = rss_kib(proxy.proc.pid)
+    for proxy in proxies:
+        if proxy.proc.poll() is not None:
+            raise SystemExit(f"bench: oaproxy died during the run:\n{tail(proxy.log)}")
+    print(report(results, rss, list(cached), args.upstream_ms, args.concurrency))
     if args.json:
         print(json.dumps({"results": results, "rss_kib": rss}, indent=2))
     failed = any(r["errors"] or not r["requests"] for r in results.values())
-    return 1 if failed else 0
+    # A cache row that did not get what it measures measured something else.
+    wrong = [
+        name
+        for name, r in results.items()
+        if name.startswith("cache ") and set(r["cache"]) != {name.split()[2]}
+    ]
+    if wrong:
+        print(f"bench: cache rows with other results than named: {wrong}", file=sys.stderr)
+    return 1 if failed or wrong else 0
 
 
 if __name__ == "__main__":

@@ -70,6 +70,9 @@ def config_secrets(config: Config) -> list[str]:
         values.append(notify.feishu.secret)
     if notify.matrix is not None:
         values.append(notify.matrix.access_token)
+    # A proxy may quote the credentials it refused (a 407 page, a debug echo).
+    proxies = {config.proxy, *(u.proxy for u in config.upstreams)}
+    values += [s for proxy in proxies if proxy is not None for s in proxy.secrets]
     return values
 
 

@@ -11,7 +11,7 @@ import json
 
 from attrs import frozen
 
-from oaproxy.record import LimitRefusal
+from oaproxy.record import LimitRefusal, Outcome
 
 
 @frozen
@@ -26,8 +26,23 @@ class ErrorAnswer:
     # Set when a limit refused the request: its record says which.
     limit: LimitRefusal | None = None
 
+    @property
+    def content_type(self) -> bytes:
+        return b"application/json"
+
+    @property
+    def outcome(self) -> Outcome:
+        if self.limit is not None:
+            return Outcome.RATE_LIMITED
+        # A 5xx of our own (the limiter unavailable) is no fault of the client's.
+        return Outcome.ERROR if self.status >= 500 else Outcome.CLIENT_ERROR
+
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code, self.param)
+
+    def recorded(self) -> None:
+        """The record reads the body itself (see ``oaproxy.answers.LocalAnswer``)."""
+        return None
 
 
 def error_body(

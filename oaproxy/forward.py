@@ -28,13 +28,14 @@ from twisted.python.failure import Failure
 from twisted.web._newclient import RequestNotSent, ResponseNeverReceived
 from twisted.web.http import NO_BODY_CODES, RESPONSES
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IResponse
+from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
+from oaproxy.cache.ticket import CacheTicket
 from oaproxy.config import Upstream
 from oaproxy.credentials import Redactor, bearer_token
 from oaproxy.errors import error_body
-from oaproxy.headers import response_headers, upstream_headers
+from oaproxy.headers import UPSTREAM_HEADER, response_headers, upstream_headers
 from oaproxy.inspection import Inspected
 from oaproxy.largeanswer import MAX_PARSED_ANSWER, USAGE_WINDOW, AnswerEnds
 from oaproxy.record import FailureKind, LimitRefusal, Outcome, upstream_at_fault
@@ -48,6 +49,7 @@ from oaproxy.relay import (
     describe,
 )
 from oaproxy.upstreamclient import NoResponse, retry_on_new_connection
+from oaproxy.upstreams import UpstreamClient
 
 # Statuses worth another upstream: the upstream (its key, its quota, its
 # health) is the problem. Other 4xx mean the request itself is wrong.
@@ -76,6 +78,8 @@ class Call:
     inspected: Inspected = field(eq=False)
     authorization: bytes | None  # the client's own header, for ``sk: asis``
     forwarded_for: bytes
+    api_path: str  # decoded, e.g. "/v1/chat/completions" (see oaproxy.paths)
+    route: str | None = None  # the route prefix, e.g. "/ollama"; None for /v1
 
     @property
     def model(self) -> str | None:
@@ -129,10 +133,13 @@ class AttemptLog:
     failure: FailureKind | None = None
     ttfb: float | None = None
     duration: float | None = None
+    # The Retry-After of a 429 or 503 answer, as the upstream sent it.
+    retry_after: str | None = None
     # Why the request went out a second time, on a new connection (the pooled
     # one was stale); not in the record yet (issue 11 makes it an attempt).
     resent: str | None = None
-    # With ``sk: asis`` a 401 or 403 refuses the client's key, not the upstream's.
+    # With ``sk: asis`` a 401 or 403 refuses the client's key, not the
+    # upstream's (and a 429's Retry-After speaks of that key).
     client_key_sent: bool = False
 
     def failed(self, failure: FailureKind, error: str) -> None:
@@ -164,6 +171,8 @@ class Exchange:
     active: Any = None
     attempts: list[AttemptLog] = field(factory=list)
     upstream: str | None = None
+    # The model name the answering upstream was sent (an alias's target).
+    upstream_model: str | None = None
     status: int | None = None
     _outcome: Outcome = field(default=Outcome.OK, alias="outcome")
     ttfb: float | None = None
@@ -182,6 +191,8 @@ class Exchange:
     reservation: Any = None
     # The limit that refused the request, for its record.
     limit: LimitRefusal | None = None
+    # What the response cache decided; None when it was not asked.
+    cache: CacheTicket | None = None
 
     @property
     def outcome(self) -> Outcome:
@@ -220,28 +231,30 @@ class Forwarder:
     def __init__(
         self,
         clock: IReactorTime,
-        agent: IAgent,
-        fresh_agent: IAgent,
+        clients: Callable[[Upstream], UpstreamClient],
         cooperator: Cooperator,
         *,
         stream_idle_timeout: float,
         max_event_bytes: int,
         redactor: Redactor,
         on_event: Callable[[Exchange, Upstream], Callable[[bytes], bool]] | None = None,
+        on_attempt_started: Callable[[Exchange, AttemptLog], None] | None = None,
         on_attempt: Callable[[Exchange, AttemptLog], None] | None = None,
-        stream_pace: Callable[[bytes], float | None] | None = None,
+        stream_pace: Callable[[str], float | None] | None = None,
     ) -> None:
         self._clock = clock
-        self._agent = agent
-        self._fresh_agent = fresh_agent
+        # How each upstream is reached: its type's agent over its way out
+        # (direct, or its proxy); see oaproxy.upstreams.
+        self._clients = clients
         self._cooperator = cooperator
         self._idle_timeout = stream_idle_timeout
         self._max_event_bytes = max_event_bytes
         self._redactor = redactor
         self._on_event = on_event
-        # Told of each attempt as it ends (the pipeline's observers).
+        # Told of each attempt as it starts and ends (the pipeline's observers).
+        self._on_attempt_started = on_attempt_started
         self._on_attempt = on_attempt
-        # Seconds between two content events of a stream, by request URI
+        # Seconds between two content events of a stream, by API path
         # (limits.stream_pace); None: not paced.
         self._stream_pace = stream_pace
 
@@ -270,6 +283,8 @@ class Forwarder:
                 upstream.name, self._clock.seconds(), client_key_sent=upstream.sk == "asis"
             )
             exchange.attempts.append(attempt)
+            if self._on_attempt_started is not None:
+                self._on_attempt_started(exchange, attempt)
             try:
                 result = await self._attempt(
                     request, exchange, upstream, attempt, deadline, with_usage
@@ -290,6 +305,8 @@ class Forwarder:
                 await self._finish_relay(exchange, attempt, result)
                 return exchange
             attempt.status = result.status
+            if result.status in (429, 503):
+                attempt.retry_after = _header_text(result.headers, b"retry-after")
             if exchange.usage_added and result.status in (400, 422):
                 # Some OpenAI-compatible servers refuse stream_options: once
                 # more on the same upstream, with the body the client sent.
@@ -373,7 +390,7 @@ class Forwarder:
     ) -> Answer | Committed:
         call = exchange.call
         exchange.usage_added = with_usage and call.inspected.asks_usage_for(upstream)
-        sent = call.inspected.body_for(upstream) if with_usage else call.inspected.body
+        sent = call.inspected.body_for(upstream, with_usage=with_usage)
         response = await self._request(upstream, call, sent, attempt)
         attempt.ttfb = self._clock.seconds() - attempt.started
         status = response.code
@@ -391,14 +408,15 @@ class Forwarder:
     async def _request(
         self, upstream: Upstream, call: Call, body: RequestBody, attempt: AttemptLog
     ) -> IResponse:
-        url = upstream.endpoint.encode("utf-8") + call.upstream_path
+        url = upstream.url(call.upstream_path)
         headers = upstream_headers(
             call.headers,
             keep_header=upstream.keep_header,
             authorization=_authorization(upstream, call),
             forwarded_for=call.forwarded_for,
         )
-        sent = self._agent.request(call.method, url, headers, body.producer(self._cooperator))
+        client = self._clients(upstream)
+        sent = client.agent.request(call.method, url, headers, body.producer(self._cooperator))
         try:
             return await sent
         except (RequestNotSent, ResponseNeverReceived) as e:
@@ -408,7 +426,7 @@ class Forwarder:
                 raise
             attempt.resent = describe(e, self._words(call))[1]
         # A pooled connection the upstream had closed: once more, on a new one.
-        return await self._fresh_agent.request(
+        return await client.fresh_agent.request(
             call.method, url, headers, body.producer(self._cooperator)
         )
 
@@ -423,12 +441,12 @@ class Forwarder:
     ) -> Committed:
         def commit() -> None:
             exchange.ttfb = self._clock.seconds() - exchange.started
-            exchange.upstream = upstream.name
             exchange.status = response.code
             request.setResponseCode(
                 response.code, self._phrase(exchange.call, response.code, response.phrase)
             )
             self._pass_headers(request, exchange.call, response.headers)
+            _answered_by(request, exchange, upstream)
 
         relay = StreamRelay(
             request,
@@ -439,7 +457,7 @@ class Forwarder:
             max_event_bytes=self._max_event_bytes,
             words=self._words(exchange.call),
             on_event=self._on_event(exchange, upstream) if sse and self._on_event else None,
-            pace=self._stream_pace(exchange.call.path) if sse and self._stream_pace else None,
+            pace=self._stream_pace(exchange.call.api_path) if sse and self._stream_pace else None,
         )
         response.deliverBody(relay)
         await relay.first_event
@@ -464,11 +482,11 @@ class Forwarder:
         self._end_attempt(exchange, attempt)
 
     async def _send(self, request: Request, exchange: Exchange, answer: Answer) -> None:
-        exchange.upstream = answer.upstream.name
         exchange.status = answer.status
         call = exchange.call
         request.setResponseCode(answer.status, self._phrase(call, answer.status, answer.phrase))
         self._pass_headers(request, call, answer.headers)
+        _answered_by(request, exchange, answer.upstream)
         length = None
         if request.method == b"HEAD":
             announced = answer.headers.getRawHeaders(b"content-length")
@@ -565,3 +583,15 @@ def _is_document(content_type: bytes) -> bool:
         or content_type.startswith((b"application/json", b"text/"))
         or content_type.endswith(b"+json")
     )
+
+
+def _answered_by(request: Request, exchange: Exchange, upstream: Upstream) -> None:
+    """The answer is this upstream's: the exchange and the client know which."""
+    exchange.upstream = upstream.name
+    exchange.upstream_model = upstream.upstream_model(exchange.call.model)
+    request.setHeader(UPSTREAM_HEADER, upstream.name.encode("utf-8"))
+
+
+def _header_text(headers: Headers, name: bytes) -> str | None:
+    values = headers.getRawHeaders(name)
+    return values[0].decode("latin-1") if values else None

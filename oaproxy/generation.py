@@ -2,12 +2,13 @@
 at each reload, and for the tests, which run the same wiring in memory.
 
 ``Shared`` is what outlives a reload (the upstream agents, the record
-publisher, metrics, readiness, the in-flight ledger); a ``Generation`` is
-everything one config makes on top of it (router, forwarder, the request
-pipeline and its resource tree, sinks, notifier, log file). A reload builds
-a whole new generation before anything is swapped, reusing the previous
-one's sinks, notifier and log file where their config sections did not
-change.
+publisher, metrics, readiness, the in-flight ledger, the limits' counters
+in memory, circuit states, upstream load and models lists); a
+``Generation`` is everything one config makes on top of it (router,
+forwarder, the request pipeline and its resource tree, sinks, notifier, log
+file, cache). A reload builds a whole new generation before anything is
+swapped, reusing the previous one's sinks, notifier, log file and cache
+where their config sections did not change.
 """
 
 from __future__ import annotations
@@ -19,26 +20,34 @@ from typing import Any
 
 from attrs import frozen
 from twisted.internet.task import Cooperator
-from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 
 from oaproxy.alerts import Notifier
+from oaproxy.balancing import Balancer, LoadFollowing, UpstreamLoad
+from oaproxy.breaker import Breakers
+from oaproxy.cache.lookup import ResponseCache, StreamObserver
+from oaproxy.circuits import Circuits
 from oaproxy.config import Config
+from oaproxy.contentfilter import ContentFilter
 from oaproxy.forward import Forwarder
 from oaproxy.gates import builtin_head_gates
 from oaproxy.health import Readiness, ReadyResource
 from oaproxy.inspection import inspect_request
+from oaproxy.iprules import IPRules
 from oaproxy.ledger import RequestLedger
 from oaproxy.logfile import JSONLogFile
 from oaproxy.metrics import Metrics
+from oaproxy.models import ModelLists, ModelsAnswer
 from oaproxy.observers import Alerting, MetricsCounting, ReadinessFollowing, RecordPublishing
-from oaproxy.pipeline import Observer, Observers, Pipeline
+from oaproxy.outbound import AgentFor
+from oaproxy.pipeline import CandidateFilter, Gate, HeadGate, Observer, Observers, Pipeline
 from oaproxy.records import RecordEmitter, RecordMaker
 from oaproxy.routing import Router
 from oaproxy.scrape import MetricsResource
 from oaproxy.sharedredis import SharedRedis
 from oaproxy.sinks import FileSink, QueuedSink, SQLSink
 from oaproxy.traffic.control import MemoryTraffic, build_traffic
+from oaproxy.upstreams import UpstreamClients
 from oaproxy.web import ProxyResource, RootResource
 
 
@@ -47,11 +56,12 @@ class Shared:
     """What every generation of one daemon uses, and a reload keeps."""
 
     reactor: Any
-    agent: IAgent
+    # Each asked for per way out (direct, or a proxy), as each config says.
+    agents: AgentFor
     # For the one retry after a stale pooled connection: a new connection.
-    fresh_agent: IAgent
-    # Alerts go out on an agent of their own, not through the upstream pool.
-    alert_agent: IAgent
+    fresh_agents: AgentFor
+    # Alerts go out on agents of their own, not through the upstream pool.
+    alert_agents: AgentFor
     cooperator: Cooperator
     records: RecordEmitter
     metrics: Metrics
@@ -64,6 +74,12 @@ class Shared:
     rng: random.Random
     # The limits' counters of limits.backend: memory.
     traffic: MemoryTraffic
+    # Each upstream's circuit: what metrics, /readyz and the log show.
+    circuits: Circuits
+    # Attempts in flight and latencies, for least_busy and least_latency.
+    load: UpstreamLoad
+    # Upstreams' own /v1/models answers.
+    model_lists: ModelLists
 
     @classmethod
     def create(
@@ -71,27 +87,33 @@ class Shared:
         reactor: Any,
         config: Config,
         *,
-        agent: IAgent,
-        fresh_agent: IAgent,
-        alert_agent: IAgent,
+        agents: AgentFor,
+        fresh_agents: AgentFor,
+        alert_agents: AgentFor,
         environ: Mapping[str, str],
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> Shared:
+        circuits = Circuits(reactor)
+        metrics = Metrics(known_models(config), upstream_names(config))
+        metrics.add_circuits(circuits)
         return cls(
             reactor=reactor,
-            agent=agent,
-            fresh_agent=fresh_agent,
-            alert_agent=alert_agent,
+            agents=agents,
+            fresh_agents=fresh_agents,
+            alert_agents=alert_agents,
             cooperator=Cooperator(scheduler=lambda work: reactor.callLater(0, work)),
             records=RecordEmitter(),
-            metrics=Metrics(known_models(config), upstream_names(config)),
-            readiness=Readiness(reactor),
+            metrics=metrics,
+            readiness=Readiness(reactor, circuits),
             ledger=RequestLedger(reactor),
             environ=environ,
             wall_clock=wall_clock,
             rng=rng or random.Random(),
             traffic=MemoryTraffic.create(reactor),
+            circuits=circuits,
+            load=UpstreamLoad(),
+            model_lists=ModelLists(reactor),
         )
 
 
@@ -109,6 +131,8 @@ class Generation:
     log_file: JSONLogFile | None
     # The top-level redis: for state shared between processes; None without one.
     shared_redis: SharedRedis | None
+    # None without a cache: section.
+    response_cache: ResponseCache | None
 
 
 def build_generation(
@@ -130,7 +154,7 @@ def build_generation(
     else:
         notifier = Notifier.from_config(
             config.notify,
-            shared.alert_agent,
+            shared.alert_agents(config.proxy),
             reactor,
             config.hostname,
             environ=shared.environ,
@@ -142,6 +166,11 @@ def build_generation(
         shared_redis = (
             SharedRedis(config.redis, config.redis_prefix, reactor) if config.redis else None
         )
+    if previous is not None and _cache_section(previous.config) == _cache_section(config):
+        # Entries in memory outlive a reload that leaves the cache as it was.
+        response_cache = previous.response_cache
+    else:
+        response_cache = ResponseCache.from_config(config, shared_redis, reactor, shared.metrics)
     if previous is not None and previous.config.log_file == config.log_file:
         log_file = previous.log_file
     else:
@@ -154,30 +183,67 @@ def build_generation(
         shared_redis=shared_redis,
         count_backend_error=shared.metrics.limiter_backend_error,
     )
-    watching = Observers(
-        [
-            RecordPublishing(shared.records),
-            MetricsCounting(shared.metrics),
-            ReadinessFollowing(shared.readiness),
-            Alerting(notifier),
-            *observers,
-            *traffic.observers,
-            # Last: a stop waiting for the last request goes on only once
-            # its record is on its way.
-            shared.ledger,
-        ]
+    breakers = Breakers(
+        config.breaker,
+        shared.circuits,
+        wall_clock=shared.wall_clock,
+        rng=shared.rng,
+        redis=shared_redis if config.breaker.shared else None,
     )
     records = RecordMaker(config)
-    router = Router(config, shared.rng)
+    stream_observer: StreamObserver = records.stream_observer
+    router = Router(config)
+    clients = UpstreamClients(
+        config.upstreams,
+        shared.agents,
+        shared.fresh_agents,
+        clock=reactor,
+        wall_clock=shared.wall_clock,
+        max_event_bytes=config.max_event_bytes,
+        words=records.redactor.words,
+    )
+    # IP rules first: a denied address gets 403 whatever it sends; request
+    # limits after the client key.
+    ip_rules = IPRules.from_config(config)
+    head_gates: list[HeadGate] = [] if ip_rules is None else [ip_rules]
+    head_gates += [*builtin_head_gates(router), *traffic.head_gates]
+    # The content filter first: it narrows the candidates to the exempt
+    # ones, so the policy orders (and rotates over) the upstreams that will
+    # really be tried, and a breaker lets a request probe only an upstream
+    # it may send to; its 400 costs no Redis round trip.
+    content_filter = ContentFilter.from_config(config)
+    candidate_filters: list[CandidateFilter] = [] if content_filter is None else [content_filter]
+    candidate_filters += [Balancer(config, shared.load, shared.rng), breakers.order]
+    gates: list[Gate] = []
+    watchers: list[Observer] = [
+        RecordPublishing(shared.records),
+        MetricsCounting(shared.metrics),
+        ReadinessFollowing(shared.readiness),
+        LoadFollowing(shared.load),
+        breakers,
+        Alerting(notifier),
+        *observers,
+    ]
+    if response_cache is not None:
+        # First of the gates, before the token limits: a hit costs no tokens.
+        gates.append(response_cache)
+        watchers.append(response_cache)
+        stream_observer = response_cache.following(stream_observer)
+    gates += traffic.gates
+    watchers += traffic.observers
+    # Last: a stop waiting for the last request goes on only once its
+    # record is on its way.
+    watchers.append(shared.ledger)
+    watching = Observers(watchers)
     forwarder = Forwarder(
         reactor,
-        shared.agent,
-        shared.fresh_agent,
+        clients,
         shared.cooperator,
         stream_idle_timeout=config.stream_idle_timeout,
         max_event_bytes=config.max_event_bytes,
         redactor=records.redactor,
-        on_event=records.stream_observer,
+        on_event=stream_observer,
+        on_attempt_started=watching.attempt_started,
         on_attempt=watching.attempt_finished,
         stream_pace=traffic.stream_pace,
     )
@@ -189,15 +255,19 @@ def build_generation(
         clock=reactor,
         wall_clock=shared.wall_clock,
         inspect=inspect_request,
-        head_gates=(*builtin_head_gates(router), *traffic.head_gates),
-        # Limits last: a gate that answers itself (a cache hit) spends no tokens.
-        gates=traffic.gates,
+        head_gates=head_gates,
+        own_answers=[
+            ModelsAnswer(router, clients, shared.model_lists, reactor, records.redactor.words)
+        ],
+        candidate_filters=candidate_filters,
+        gates=gates,
         observers=watching,
     )
     root = RootResource(
         ProxyResource(pipeline),
         metrics=MetricsResource(shared.metrics, config.metrics_key),
         ready=ReadyResource(shared.readiness.state),
+        routes=config.route_prefixes,
     )
     return Generation(
         config=config,
@@ -209,6 +279,7 @@ def build_generation(
         notifier=notifier,
         log_file=log_file,
         shared_redis=shared_redis,
+        response_cache=response_cache,
     )
 
 
@@ -245,14 +316,19 @@ def _redis_section(config: Config) -> tuple[Any, ...]:
     return (config.redis, config.redis_prefix)
 
 
+def _cache_section(config: Config) -> tuple[Any, ...]:
+    return (config.cache, *_redis_section(config))
+
+
 def _notify_section(config: Config) -> tuple[Any, ...]:
-    return (config.notify, config.hostname)
+    return (config.notify, config.hostname, config.proxy)
 
 
 def known_models(config: Config) -> list[str]:
-    """Model names worth their own metrics label."""
+    """Model names worth their own metrics label (client-facing: aliases too)."""
     names = [name for u in config.upstreams for name in u.allow if not name.startswith("/")]
-    return names + list(config.prices)
+    aliases = [alias for u in config.upstreams for alias in u.models]
+    return names + aliases + list(config.prices)
 
 
 def upstream_names(config: Config) -> list[str]:

@@ -51,6 +51,9 @@ ESSENTIAL = frozenset(
 # Our body to the client is re-framed by twisted.web.
 RESPONSE_DROPPED = frozenset({b"content-length", b"date", b"server"})
 
+#: Names, on every proxied answer, the upstream it came from.
+UPSTREAM_HEADER = b"x-oaproxy-upstream"
+
 
 def _connection_tokens(headers: Headers) -> frozenset[bytes]:
     tokens: set[bytes] = set()

@@ -1,10 +1,11 @@
 """``/readyz``: whether this instance should get traffic.
 
 Ready means at least one upstream is usable (not failing every attempt
-lately) and no record sink dropped a record lately. ``/healthz`` only says
-the process serves. Only failures that are the upstream's own count
-(``Attempt.upstream_at_fault``): a client asking for a model no upstream has
-cannot make the instance unready.
+lately, and its circuit not open) and no record sink dropped a record
+lately. ``/healthz`` only says the process serves. Only failures that are the
+upstream's own count (``record.evidence``, the circuit breakers' judgement
+too): a client asking for a model no upstream has cannot make the instance
+unready.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from oaproxy.record import Record
+from oaproxy.circuits import Circuits, CircuitState
+from oaproxy.record import Evidence, Record, evidence
 
 # Consecutive failed attempts after which an upstream counts as unusable
 # until one of its attempts succeeds again.
@@ -29,8 +31,9 @@ DROP_MEMORY = 60.0
 class Readiness:
     """Follows upstream attempts and sink drops, from the records."""
 
-    def __init__(self, clock: IReactorTime) -> None:
+    def __init__(self, clock: IReactorTime, circuits: Circuits) -> None:
         self._clock = clock
+        self._circuits = circuits
         self._failures: dict[str, int] = {}
         self._upstreams: tuple[str, ...] = ()
         self._sinks: Mapping[str, Any] = {}
@@ -46,14 +49,21 @@ class Readiness:
             name = attempt.upstream
             if name not in self._failures:
                 continue
-            if attempt.upstream_at_fault:
+            found = evidence(attempt)
+            if found is Evidence.FAILED:
                 self._failures[name] += 1
-            elif attempt.failure is None and attempt.status is not None:
+            elif found is Evidence.ANSWERED:
                 self._failures[name] = 0
 
     def state(self) -> tuple[bool, dict[str, Any]]:
         now = self._clock.seconds()
-        usable = [name for name in self._upstreams if self._failures.get(name, 0) < FAILING_AFTER]
+        circuits = self._circuits.views(self._upstreams)
+        usable = [
+            name
+            for name in self._upstreams
+            if self._failures.get(name, 0) < FAILING_AFTER
+            and circuits[name].state is not CircuitState.OPEN
+        ]
         dropping = []
         for name, sink in self._sinks.items():
             count, since = self._drops.get(name, (0, -DROP_MEMORY))
@@ -67,6 +77,7 @@ class Readiness:
             "status": "ready" if ready else "unready",
             "usable_upstreams": usable,
             "failing_upstreams": [n for n in self._upstreams if n not in usable],
+            "circuits": {name: view.state.label for name, view in circuits.items()},
             "sinks": {
                 name: {"queued": sink.queued, "spilled": sink.spilled, "dropped": sink.dropped}
                 for name, sink in self._sinks.items()

@@ -1,22 +1,29 @@
 """What routing needs from a request body: the model, the stream flag.
 
 The body is parsed once, and only when it is JSON held in memory; a
-per-upstream body (``stream_options.include_usage`` added) is made lazily,
-once, for the first upstream that wants it.
+per-upstream body (the upstream's own name for an aliased model,
+``stream_options.include_usage`` added) is made lazily, once for each
+distinct rewrite, for the first upstream that wants it.
+
+``"caching"`` (openai-forward's parameter, read by the response cache) is
+taken out of every JSON body before it goes anywhere: OpenAI refuses
+parameters it does not know.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+import attrs
 from attrs import define, field, frozen
 
 from oaproxy.config import Upstream
 from oaproxy.relay import RequestBody
 
 _COMPACT = (",", ":")
+CACHING = "caching"
 
 
 def media_type(content_type: str | bytes | None) -> str | None:
@@ -86,6 +93,17 @@ def request_fields(body: bytes, content_type: str | bytes | None) -> RequestFiel
     )
 
 
+def content_texts(content: object) -> Iterator[str]:
+    """The texts of a chat message's ``content``: a string, or the text parts
+    of a list of parts (images and audio are no text)."""
+    if isinstance(content, str):
+        yield content
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                yield part["text"]
+
+
 def with_stream_usage(parsed: Mapping[str, Any]) -> bytes:
     """The request body again, asking for usage in the stream's last chunk.
 
@@ -93,16 +111,31 @@ def with_stream_usage(parsed: Mapping[str, Any]) -> bytes:
     kept); ``parsed`` is not modified.  The caller must send the new
     Content-Length.
     """
+    return rewritten_body(parsed, model=None, include_usage=True)
+
+
+def rewritten_body(parsed: Mapping[str, Any], *, model: str | None, include_usage: bool) -> bytes:
+    """The request body again, with ``model`` in place of the client's (when
+    given) and asking for usage in the stream (with ``include_usage``);
+    ``parsed`` is not modified."""
     body = dict(parsed)
-    stream_options = body.get("stream_options")
-    merged = dict(stream_options) if isinstance(stream_options, dict) else {}
-    merged["include_usage"] = True
-    body["stream_options"] = merged
+    if model is not None:
+        body["model"] = model
+    if include_usage:
+        stream_options = body.get("stream_options")
+        merged = dict(stream_options) if isinstance(stream_options, dict) else {}
+        merged["include_usage"] = True
+        body["stream_options"] = merged
+    return json_body(body)
+
+
+def json_body(value: Any) -> bytes:
+    """``value`` as a compact JSON body, UTF-8."""
     try:
-        return json.dumps(body, separators=_COMPACT, ensure_ascii=False).encode("utf-8")
+        return json.dumps(value, separators=_COMPACT, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         # A lone surrogate from a "\ud800" escape cannot be UTF-8; escape all.
-        return json.dumps(body, separators=_COMPACT).encode("ascii")
+        return json.dumps(value, separators=_COMPACT).encode("ascii")
 
 
 @define
@@ -113,11 +146,17 @@ class Inspected:
     # The client asked for usage itself, so the usage chunk is its own.
     include_usage: bool
     _fields: RequestFields = field(alias="fields", repr=False)
-    _with_usage: RequestBody | None = field(default=None, init=False, repr=False)
+    # The client's "caching": true or false; None when it gave none.
+    caching: bool | None = None
+    # Rewritten bodies, by (the upstream's model name, whether usage is added).
+    _rewritten: dict[tuple[str | None, bool], RequestBody] = field(
+        factory=dict, init=False, repr=False
+    )
 
     @property
     def parsed(self) -> dict[str, Any] | None:
-        """The JSON body, parsed once; None for other bodies. Shared: do not mutate."""
+        """The JSON body (without "caching"), parsed once; None for other bodies.
+        Shared: do not mutate."""
         return self._fields.parsed
 
     def asks_usage_for(self, upstream: Upstream) -> bool:
@@ -129,22 +168,37 @@ class Inspected:
             and self._fields.parsed is not None
         )
 
-    def body_for(self, upstream: Upstream) -> RequestBody:
-        if not self.asks_usage_for(upstream):
+    def body_for(self, upstream: Upstream, *, with_usage: bool = True) -> RequestBody:
+        """The body ``upstream`` is sent: with its own name for an aliased
+        model, and (``with_usage``) asking for usage when oaproxy does."""
+        parsed = self._fields.parsed
+        usage = with_usage and self.asks_usage_for(upstream)
+        alias = upstream.models.get(self.model) if self.model is not None else None
+        if parsed is None or (alias is None and not usage):
             return self.body
-        if self._with_usage is None:
-            assert self._fields.parsed is not None
-            data = with_stream_usage(self._fields.parsed)
-            self._with_usage = RequestBody(size=len(data), data=data)
-        return self._with_usage
+        key = (alias, usage)
+        body = self._rewritten.get(key)
+        if body is None:
+            data = rewritten_body(parsed, model=alias, include_usage=usage)
+            body = self._rewritten[key] = RequestBody(size=len(data), data=data)
+        return body
 
 
 def inspect_request(body: RequestBody, content_type: bytes | None) -> Inspected:
     fields = NOT_JSON if body.data is None else request_fields(body.data, content_type)
+    caching = None
+    if fields.parsed is not None and CACHING in fields.parsed:
+        given = fields.parsed[CACHING]
+        caching = given if isinstance(given, bool) else None
+        parsed = {name: value for name, value in fields.parsed.items() if name != CACHING}
+        data = json_body(parsed)
+        body = RequestBody(size=len(data), data=data)
+        fields = attrs.evolve(fields, parsed=parsed)
     return Inspected(
         body=body,
         model=fields.model,
         stream=fields.stream,
         include_usage=fields.include_usage,
         fields=fields,
+        caching=caching,
     )

@@ -35,7 +35,8 @@ from prometheus_client.metrics_core import (
 )
 from twisted.logger import Logger
 
-from oaproxy.record import Attempt, FailureKind, Outcome, Record
+from oaproxy.circuits import CircuitCollector, Circuits
+from oaproxy.record import Attempt, CacheResult, FailureKind, Outcome, Record
 
 __all__ = [
     "ALERT_CHANNELS",
@@ -379,6 +380,12 @@ class Metrics:
             ["upstream"],
             registry=registry,
         )
+        self._prefix_requests = Counter(
+            "oaproxy_prefix_requests",
+            "Client requests by route prefix (none: /v1 itself) and final status class.",
+            ["prefix", "status_class"],
+            registry=registry,
+        )
         self._exhausted = Counter(
             "oaproxy_failover_exhausted",
             "Requests for which every candidate upstream failed.",
@@ -426,6 +433,12 @@ class Metrics:
         self._limiter_backend_errors = Counter(
             "oaproxy_limiter_backend_errors",
             "Checks and settlements the limiter's backend (Redis) failed.",
+            registry=registry,
+        )
+        self._cache = Counter(
+            "oaproxy_cache",
+            "Response cache lookups by result (hit, miss, bypass), and entries stored (store).",
+            ["result"],
             registry=registry,
         )
         self._sinks = _SinkCollector()
@@ -491,9 +504,15 @@ class Metrics:
             self.log.failure("Could not count record {record_id} in metrics", record_id=record.id)
 
     def _count_record(self, record: Record) -> None:
-        route = route_label(record.path)
+        path = record.path
+        if record.route is not None and path.startswith(record.route):
+            # The API route under the prefix; the prefix has its own counter.
+            path = path[len(record.route) :]
+        route = route_label(path)
         upstream = self.upstream_label(record.upstream)
         self._requests.labels(route, status_class(record.status), upstream).inc()
+        # Only configured prefixes are ever a record's route: the label is bounded.
+        self._prefix_requests.labels(record.route or NONE, status_class(record.status)).inc()
 
         # The reactor's clock is the wall clock: a step back makes a time negative.
         if record.duration >= 0:
@@ -518,8 +537,11 @@ class Metrics:
         if record.bytes_out:
             self._bytes_out.inc(record.bytes_out)
 
+        if record.cache is not None:
+            self._cache.labels(record.cache.value).inc()
         usage = record.usage
-        if usage is not None:
+        # A cache hit's usage is the replayed answer's: no upstream used tokens.
+        if usage is not None and record.cache is not CacheResult.HIT:
             model = self.model_label(record.model)
             if usage.prompt_tokens > 0:
                 self._tokens.labels(upstream, model, "prompt").inc(usage.prompt_tokens)
@@ -529,6 +551,10 @@ class Metrics:
     def limiter_backend_error(self) -> None:
         """Count one failure of the limiter's backend (see ``oaproxy.traffic.backend``)."""
         self._limiter_backend_errors.inc()
+
+    def cache_stored(self) -> None:
+        """Count one answer stored in the response cache."""
+        self._cache.labels("store").inc()
 
     def alert_sent(self, channel: str, result: str) -> None:
         """Count one alert, for the notifier.
@@ -540,6 +566,10 @@ class Metrics:
         channel = channel if channel in ALERT_CHANNELS else OTHER
         result = result if result in ALERT_RESULTS else OTHER
         self._alerts.labels(channel, result).inc()
+
+    def add_circuits(self, circuits: Circuits) -> None:
+        """Expose each configured upstream's circuit as ``oaproxy_upstream_state``."""
+        self.registry.register(CircuitCollector(circuits, lambda: sorted(self._upstreams)))
 
     def add_sink(self, name: str, sink: SinkStats) -> None:
         """Expose a record sink's counters, read at each scrape, as

@@ -5,27 +5,37 @@ and the named places where behaviour plugs in.
    sees the ``Arrival`` (the request, the authenticated caller, the route
    path) and may refuse it. Built in, in this order: the body cap (413), the
    path check (400), the client key (401). Checks that need no body go here
-   (IP rules before the key check, request-rate limits after it), so that a
+   (IP rules first of all, request-rate limits after the key check), so that a
    refused client never makes the reactor parse its body.
 2. **Inspection**: the body is read and parsed for what routing needs (the
    model, the stream flag).
-3. **Routing**: the router picks the upstreams that may serve this caller
-   and model (404 or 403 otherwise); then each **candidate filter**
-   (``CandidateFilter``) reorders or narrows that list, or refuses: the
-   balancing policy is one (circuit breakers and content-filter exemptions
-   go here too).
-4. **Gates** (``Gate``) see the exchange and the candidates and may answer
-   themselves: token limits and budgets, a cache hit.
-5. **Forwarding**: the forwarder tries the candidates in order.
-6. **Observers** (``Observer``) see each forwarded request start, each
-   attempt end, and every request finish with its record, refused ones
-   included: records, metrics, readiness, alerts, the in-flight ledger
-   (limiter accounting, breaker state and cache fill go here too).
+3. **Own answers** (``OwnAnswer``): what oaproxy answers itself instead of
+   an upstream (``GET /v1/models``), before the body is read, with no
+   routing.
+4. **Routing**: the router picks the upstreams of the request's route
+   prefix that may serve this caller and model (404 or 403 otherwise);
+   then each **candidate filter** (``CandidateFilter``) reorders or narrows
+   that list, or refuses: the content filter (narrowing to the exempt
+   upstreams first, so that what follows orders only those that will be
+   tried), the balancing policy, then the circuit breakers.
+5. **Gates** (``Gate``) see the exchange and the candidates and may answer
+   themselves (a ``LocalAnswer``): a cache hit first (it costs no tokens),
+   then token limits and budgets.
+6. **Forwarding**: the forwarder tries the candidates in order.
+7. **Observers** (``Observer``) see each forwarded request start, each
+   attempt start and end, and every request finish with its record, refused
+   ones included: records, metrics, readiness, upstream load, breaker state,
+   alerts, cache fill, limiter accounting, the in-flight ledger.
 
-A gate may answer at once or return a ``Deferred`` (a Redis round trip):
-gates run synchronously until one returns a Deferred, so a request whose
-gates need no I/O pays for no Deferred; a client that goes away while a gate
-waits cancels it.
+Any stage may add headers to the answer, whoever ends up writing it
+(``Arrival.answer_headers``, the same object as ``Exchange.answer_headers``):
+the cache's ``X-Oaproxy-Cache``, the limits' ``x-ratelimit-*``.
+
+A head gate, a gate or a candidate filter may answer at once or return a
+``Deferred`` (a Redis round trip: limits, the cache, shared breakers): each
+stage's checks run synchronously until one returns a Deferred, so a request
+whose checks need no I/O pays for no Deferred; a client that goes away
+while one waits cancels it.
 """
 
 from __future__ import annotations
@@ -41,26 +51,21 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.http_headers import Headers
 
+from oaproxy.answers import LocalAnswer, write_answer
 from oaproxy.config import Config, Upstream
 from oaproxy.errors import ErrorAnswer, error_body
 from oaproxy.forward import AttemptLog, Call, Exchange, Forwarder
 from oaproxy.headers import forwarded_for
 from oaproxy.inspection import Inspected
+from oaproxy.paths import RequestPath, request_path
 from oaproxy.record import Outcome, Record
 from oaproxy.records import RecordMaker
 from oaproxy.relay import RequestBody
 from oaproxy.routing import Caller, Router
-from oaproxy.web import (
-    IN_MEMORY_BODY,
-    answer_error,
-    answer_headers,
-    client_ip,
-    declared_size,
-    peer,
-    route_path,
-)
+from oaproxy.web import IN_MEMORY_BODY, answer_headers, client_ip, declared_size, peer
 
-Verdict = ErrorAnswer | None
+Verdict = LocalAnswer | None
+Candidates = list[Upstream] | ErrorAnswer
 _T = TypeVar("_T")
 
 
@@ -70,11 +75,17 @@ class Arrival:
 
     request: server.Request
     caller: Caller
-    # The path as routing sees it; None for one no API has (see route_path).
+    # The API path as routing sees it (``/v1/…``, under any route prefix);
+    # None for one no API has (see ``oaproxy.paths``).
     path: str | None
     config: Config
-    # What a gate adds to the answer, whatever it is (x-ratelimit-*): the
-    # request's own (oaproxy.web.ProxyRequest), the exchange's later.
+    # The route prefix ("/ollama"); None for /v1 itself.
+    route: str | None
+    # As records see it: the peer, or X-Forwarded-For past trusted proxies.
+    client_ip: str
+    # What a gate adds to the answer, whatever it is (x-ratelimit-*,
+    # X-Oaproxy-Cache): the request's own (oaproxy.web.ProxyRequest), the
+    # exchange's later.
     answer_headers: Headers
 
 
@@ -84,12 +95,19 @@ class HeadGate(Protocol):
     def __call__(self, arrival: Arrival) -> Verdict | Deferred[Verdict]: ...
 
 
+class OwnAnswer(Protocol):
+    """Answers a request itself, instead of any upstream (a reply or an
+    error); None lets the request go on to routing."""
+
+    def __call__(self, arrival: Arrival) -> LocalAnswer | Deferred[LocalAnswer] | None: ...
+
+
 class CandidateFilter(Protocol):
     """Reorders or narrows the upstreams that may serve a request, or refuses it."""
 
     def __call__(
         self, exchange: Exchange, candidates: list[Upstream]
-    ) -> list[Upstream] | ErrorAnswer: ...
+    ) -> Candidates | Deferred[list[Upstream]] | Deferred[Candidates]: ...
 
 
 class Gate(Protocol):
@@ -106,6 +124,9 @@ class Observer:
 
     def request_started(self, exchange: Exchange, request: server.Request) -> None:
         """A request goes to the forwarder (refused requests never start)."""
+
+    def attempt_started(self, exchange: Exchange, attempt: AttemptLog) -> None:
+        """One attempt on one upstream begins."""
 
     def attempt_finished(self, exchange: Exchange, attempt: AttemptLog) -> None:
         """One attempt on one upstream is over."""
@@ -130,6 +151,13 @@ class Observers:
                 observer.request_started(exchange, request)
             except Exception:  # noqa: BLE001 - one observer's bug must not stop the others
                 self.log.failure("an observer failed on a started request")
+
+    def attempt_started(self, exchange: Exchange, attempt: AttemptLog) -> None:
+        for observer in self._observers:
+            try:
+                observer.attempt_started(exchange, attempt)
+            except Exception:  # noqa: BLE001 - one observer's bug must not stop the others
+                self.log.failure("an observer failed on a started attempt")
 
     def attempt_finished(self, exchange: Exchange, attempt: AttemptLog) -> None:
         for observer in self._observers:
@@ -162,6 +190,7 @@ class Pipeline:
         wall_clock: Callable[[], float],
         inspect: Callable[[RequestBody, bytes | None], Inspected],
         head_gates: Sequence[HeadGate] = (),
+        own_answers: Sequence[OwnAnswer] = (),
         candidate_filters: Sequence[CandidateFilter] = (),
         gates: Sequence[Gate] = (),
         observers: Observers,
@@ -174,6 +203,8 @@ class Pipeline:
         self._clock = clock
         self._wall_clock = wall_clock
         self._head_gates = tuple(head_gates)
+        self._own_answers = tuple(own_answers)
+        self._routes = config.route_prefixes
         self._candidate_filters = tuple(candidate_filters)
         self._gates = tuple(gates)
         self._observers = observers
@@ -182,38 +213,62 @@ class Pipeline:
 
     def handle(self, request: server.Request) -> bytes | int:
         """Render a ``/v1`` request: its answer, or ``NOT_DONE_YET``."""
+        where = request_path(request.uri, self._routes)
         arrival = Arrival(
             request=request,
             caller=self.router.authenticate(request.getHeader(b"authorization")),
-            path=route_path(request.uri),
+            path=where.api_path if where is not None else None,
             config=self.config,
+            route=where.route if where is not None else None,
+            client_ip=client_ip(request, self.config.trusted_proxies),
             answer_headers=answer_headers(request),
         )
         verdict = _run(self._head_gates, arrival)
         if isinstance(verdict, Deferred):
-            return self._later(request, verdict, lambda v: self._admitted(arrival, v))
-        return self._admitted(arrival, verdict)
+            return self._later(request, verdict, lambda v: self._admitted(arrival, where, v))
+        return self._admitted(arrival, where, verdict)
 
-    def _admitted(self, arrival: Arrival, refusal: Verdict) -> bytes | int:
+    def _admitted(
+        self, arrival: Arrival, where: RequestPath | None, refusal: Verdict
+    ) -> bytes | int:
         request = arrival.request
         content_type = request.getHeader(b"content-type")
-        if refusal is not None:
-            # Refused before the body is read or parsed: a client without a
+        answer = refusal if refusal is not None else self._own_answer(arrival)
+        if answer is not None:
+            # Answered before the body is read or parsed: a client without a
             # key cannot make the reactor parse 64 MiB of JSON for a 401.
-            body = RequestBody(size=declared_size(request), data=None)
-        else:
-            body = _request_body(cast(IO[bytes], request.content), content_type)
-        exchange = self._exchange(arrival, self.inspect(body, content_type))
-        if refusal is not None:
-            return self._refuse(request, exchange, refusal)
+            unread = RequestBody(size=declared_size(request), data=None)
+            exchange = self._exchange(arrival, where, self.inspect(unread, content_type))
+            if isinstance(answer, Deferred):
+                return self._later(
+                    request, answer, lambda given: self._answer_here(request, exchange, given)
+                )
+            return self._answer_here(request, exchange, answer)
+        body = _request_body(cast(IO[bytes], request.content), content_type)
+        exchange = self._exchange(arrival, where, self.inspect(body, content_type))
         assert arrival.path is not None
-        candidates = self.router.candidates(arrival.caller, exchange.call.model, arrival.path)
-        for candidate_filter in self._candidate_filters:
-            if isinstance(candidates, ErrorAnswer):
-                break
-            candidates = candidate_filter(exchange, candidates)
+        candidates = self.router.candidates(
+            arrival.caller, exchange.call.model, arrival.path, arrival.route
+        )
+        filtered = _filter(self._candidate_filters, exchange, candidates)
+        if isinstance(filtered, Deferred):
+            return self._later(
+                request, filtered, lambda chosen: self._filtered(request, exchange, chosen)
+            )
+        return self._filtered(request, exchange, filtered)
+
+    def _own_answer(self, arrival: Arrival) -> LocalAnswer | Deferred[LocalAnswer] | None:
+        for own_answer in self._own_answers:
+            answer = own_answer(arrival)
+            if answer is not None:
+                return answer
+        return None
+
+    def _filtered(
+        self, request: server.Request, exchange: Exchange, candidates: Candidates
+    ) -> bytes | int:
         if isinstance(candidates, ErrorAnswer):
-            return self._refuse(request, exchange, candidates)
+            return self._answer_here(request, exchange, candidates)
         chosen = candidates
         verdict = _run(self._gates, exchange, chosen)
         if isinstance(verdict, Deferred):
@@ -230,44 +285,49 @@ class Pipeline:
         answer: Verdict,
     ) -> bytes | int:
         if answer is not None:
-            return self._refuse(request, exchange, answer)
+            return self._answer_here(request, exchange, answer)
         self._observers.request_started(exchange, request)
         self._forward(request, exchange, candidates)
         return server.NOT_DONE_YET
 
-    def _exchange(self, arrival: Arrival, inspected: Inspected) -> Exchange:
+    def _exchange(
+        self, arrival: Arrival, where: RequestPath | None, inspected: Inspected
+    ) -> Exchange:
         request = arrival.request
-        uri: bytes = request.uri
         caller = arrival.caller
         return Exchange(
             call=Call(
                 method=request.method,
-                path=uri,
-                upstream_path=uri[3:],
+                path=request.uri,
+                # A path no API has is refused: it never reaches an upstream.
+                upstream_path=where.upstream_path if where is not None else b"",
                 headers=request.requestHeaders,
                 inspected=inspected,
                 authorization=request.getHeader(b"authorization"),
                 forwarded_for=forwarded_for(request.requestHeaders, peer(request)),
+                api_path=where.api_path if where is not None else "",
+                route=where.route if where is not None else None,
             ),
             started=self._clock.seconds(),
             time=self._wall_clock(),
             key_name=caller.key.name if caller.key is not None else None,
-            client_ip=client_ip(request, self.config.trusted_proxies),
+            client_ip=arrival.client_ip,
             user_agent=_text(request.getHeader(b"user-agent")),
             answer_headers=arrival.answer_headers,
         )
 
-    def _refuse(self, request: server.Request, exchange: Exchange, error: ErrorAnswer) -> bytes:
-        """Answer an error of oaproxy's own; it is recorded like any request."""
-        body = answer_error(request, error)
-        exchange.status = error.status
-        if error.limit is not None:
-            exchange.outcome = Outcome.RATE_LIMITED
-            exchange.limit = error.limit
-        else:
-            # A 5xx of our own (the limiter unavailable) is no fault of the client's.
-            exchange.outcome = Outcome.ERROR if error.status >= 500 else Outcome.CLIENT_ERROR
-        exchange.response_body = body
+    def _answer_here(
+        self, request: server.Request, exchange: Exchange, answer: LocalAnswer
+    ) -> bytes:
+        """Give an answer of oaproxy's own (a refusal, a cache hit, the models
+        list); it is recorded like any request, with the outcome the answer
+        says."""
+        body = write_answer(request, answer)
+        recorded = answer.recorded()
+        exchange.status = answer.status
+        exchange.outcome = answer.outcome
+        exchange.limit = answer.limit
+        exchange.response_body = body if recorded is None else recorded
         exchange.bytes_out = len(body)
         exchange.finished = self._clock.seconds()
         exchange.ttfb = exchange.finished - exchange.started
@@ -360,6 +420,27 @@ def _run(checks: Sequence[Callable[..., Verdict | Deferred[Verdict]]], *args: An
 
 def _then(verdict: Verdict, rest: Sequence[Callable[..., Any]], args: tuple[Any, ...]) -> Any:
     return verdict if verdict is not None else _run(rest, *args)
+
+
+def _then_filter(
+    candidates: Candidates, rest: Sequence[CandidateFilter], exchange: Exchange
+) -> Candidates | Deferred[Candidates]:
+    return _filter(rest, exchange, candidates)
+
+
+def _filter(
+    filters: Sequence[CandidateFilter], exchange: Exchange, candidates: Candidates
+) -> Candidates | Deferred[Candidates]:
+    """``candidates`` through ``filters`` in order, until one refuses; a
+    Deferred of the result from the first filter that answers later."""
+    for position, candidate_filter in enumerate(filters):
+        if isinstance(candidates, ErrorAnswer):
+            break
+        result = candidate_filter(exchange, candidates)
+        if isinstance(result, Deferred):
+            return result.addCallback(_then_filter, filters[position + 1 :], exchange)
+        candidates = result
+    return candidates
 
 
 def fail_unfinished(request: server.Request) -> None:

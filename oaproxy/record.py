@@ -15,7 +15,7 @@ import enum
 import json
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from attrs import frozen
 
@@ -114,6 +114,41 @@ def upstream_at_fault(
     return failure in _UPSTREAM_FAULTS
 
 
+class Evidence(enum.Enum):
+    """What one attempt says of its upstream's health."""
+
+    #: It answered, and the answer is no fault of its own: it works.
+    ANSWERED = "answered"
+    #: ``upstream_at_fault``.
+    FAILED = "failed"
+    #: Nothing either way: the client went away, the answer was too large.
+    NOTHING = "nothing"
+
+
+class JudgedAttempt(Protocol):
+    """An attempt as it runs (``forward.AttemptLog``) or as recorded (``Attempt``)."""
+
+    @property
+    def status(self) -> int | None: ...
+
+    @property
+    def failure(self) -> FailureKind | None: ...
+
+    @property
+    def upstream_at_fault(self) -> bool: ...
+
+
+def evidence(attempt: JudgedAttempt) -> Evidence:
+    """What ``attempt`` says of its upstream: the one judgement readiness
+    and the circuit breakers both follow (failures in a row count, an
+    answer resets them)."""
+    if attempt.upstream_at_fault:
+        return Evidence.FAILED
+    if attempt.status is not None and attempt.failure in (None, FailureKind.STATUS):
+        return Evidence.ANSWERED
+    return Evidence.NOTHING
+
+
 class LimitKind(enum.Enum):
     """What a limit counts (``oaproxy.traffic``)."""
 
@@ -128,6 +163,14 @@ class LimitScope(enum.Enum):
     GLOBAL = "global"  # all requests together
     KEY = "key"  # one client key (or client IP, without a key)
     ROUTE = "route"  # one key (or IP) on one API route
+
+
+class CacheResult(enum.Enum):
+    """What the response cache did with a request (``oaproxy.cache``)."""
+
+    HIT = "hit"  # answered from the cache
+    MISS = "miss"  # looked up, not found; stored if the answer is complete
+    BYPASS = "bypass"  # not looked up: "caching": false, or not asked while default: false
 
 
 @frozen
@@ -203,8 +246,15 @@ class Record:
     truncated: tuple[str, ...]
     usage: Usage | None
     cost: float | None
+    #: The route prefix the request came under ("/ollama"); None for /v1.
+    route: str | None = None
+    #: The model name the answering upstream was sent: ``model``, or what an
+    #: alias stands for there.
+    upstream_model: str | None = None
     #: Set when a limit refused the request (outcome ``rate_limited``).
     limit: LimitRefusal | None = None
+    #: What the response cache did; None on a route it does not serve.
+    cache: CacheResult | None = None
 
 
 def record_document(record: Record) -> JSONObject:
@@ -246,23 +296,31 @@ def record_document(record: Record) -> JSONObject:
         "tool_calls": record.tool_calls,
         "finish_reason": record.finish_reason,
         "truncated": list(record.truncated),
-        "usage": None
-        if usage is None
-        else {
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens,
-        },
+        "usage": None if usage is None else usage_document(usage),
         "cost": record.cost,
+        "route": record.route,
+        "upstream_model": record.upstream_model,
     }
     if record.limit is not None:
-        # Only refusals have it: every other record is stored as it always was.
+        # Only refusals have it: every other record is stored without it.
         document["limit"] = {
             "kind": record.limit.kind.value,
             "scope": record.limit.scope.value,
             "limit": record.limit.limit,
         }
+    if record.cache is not None:
+        # Likewise only requests the cache looked at (or bypassed) have it.
+        document["cache"] = record.cache.value
     return document
+
+
+def usage_document(usage: Usage) -> JSONObject:
+    """Usage as records store it, in OpenAI's own field names."""
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
 
 
 def encode_record(record: Record) -> bytes:
@@ -316,7 +374,11 @@ def record_from_document(document: object) -> Record:
         truncated=_texts(fields.get("truncated", list)),
         usage=_usage(fields.optional("usage", dict)),
         cost=fields.optional_number("cost"),
-        limit=_limit(fields.optional("limit", dict) if "limit" in document else None),
+        # Added later: records stored before them have none of these.
+        route=fields.later("route", str),
+        upstream_model=fields.later("upstream_model", str),
+        limit=_limit(fields.later("limit", dict)),
+        cache=_cache(fields.later("cache", str)),
     )
 
 
@@ -359,6 +421,11 @@ class _Fields:
     def optional_text(self, key: str) -> str | None:
         value: str | None = self.optional(key, str)
         return value
+
+    def later(self, key: str, kind: type[Any]) -> Any:
+        """A key added to the schema later, or stored only when set: absent
+        means None, as null does."""
+        return self.optional(key, kind) if key in self._document else None
 
     def integer(self, key: str) -> int:
         value: int = self.get(key, int)
@@ -409,6 +476,15 @@ def _limit(document: dict[str, Any] | None) -> LimitRefusal | None:
     except ValueError:
         raise BadRecord(f"no limit {document!r}") from None
     return LimitRefusal(kind, scope, fields.text("limit"))
+
+
+def _cache(value: str | None) -> CacheResult | None:
+    if value is None:
+        return None
+    try:
+        return CacheResult(value)
+    except ValueError:
+        raise BadRecord(f"no cache result {value!r}") from None
 
 
 def _usage(document: dict[str, Any] | None) -> Usage | None:

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, overload
 
+import attrs
 from twisted.logger import ILogObserver, Logger, LogPublisher
 
 from oaproxy.capture import (
@@ -24,7 +25,8 @@ from oaproxy.capture import (
 from oaproxy.config import Config, Upstream
 from oaproxy.credentials import Redactor, config_secrets, redact_headers
 from oaproxy.forward import Call, Exchange
-from oaproxy.record import Attempt, JSONObject, Record
+from oaproxy.largeanswer import MAX_PARSED_ANSWER, USAGE_WINDOW, AnswerEnds
+from oaproxy.record import Attempt, CacheResult, JSONObject, LimitRefusal, Record
 
 NAMESPACE = "oaproxy.record"
 
@@ -110,6 +112,7 @@ class RecordMaker:
         finished = exchange.finished if exchange.finished is not None else exchange.started
         usage = answer.usage
         model = call.model if call.model is not None else _form_model(request_body)
+        cache = exchange.cache.result if exchange.cache is not None else None
         return Record(
             id=uuid.uuid4().hex,
             time=exchange.time,
@@ -150,19 +153,29 @@ class RecordMaker:
             response_text=response_text,
             tool_calls=tool_calls,
             finish_reason=texts.text("finish_reason", answer.finish_reason),
-            truncated=texts.names(),
+            # A cache hit keeps the usage of the answer it replays, at no cost.
             usage=usage,
             # The price is looked up by the model as the client sent it.
-            cost=cost(usage, self._prices.get(model or "")),
-            limit=exchange.limit,
+            cost=0.0 if cache is CacheResult.HIT else cost(usage, self._prices.get(model or "")),
+            route=texts.text("route", call.route),
+            upstream_model=texts.text("upstream_model", exchange.upstream_model),
+            limit=texts.limit(exchange.limit),
+            cache=cache,
+            # Last: the fields above name themselves in it as they are cut.
+            truncated=texts.names(),
         )
 
     def _answer(self, exchange: Exchange) -> CapturedResponse:
         if exchange.capture is not None and exchange.response_body is None:
             result: CapturedResponse = exchange.capture.result()
             return result
-        if exchange.response_body:
-            return capture_json_response(exchange.response_body, self._text_bytes(exchange.call))
+        body = exchange.response_body
+        if body and len(body) > MAX_PARSED_ANSWER:
+            # Not parsed either: a cache hit's entry (a stream stored as its
+            # completion, up to cache.max_entry_bytes).
+            return AnswerEnds(body[:USAGE_WINDOW], body[-USAGE_WINDOW:]).result()
+        if body:
+            return capture_json_response(body, self._text_bytes(exchange.call))
         return CapturedResponse()
 
 
@@ -205,6 +218,12 @@ class _FieldTexts:
         if isinstance(value, list):
             return [self.value(name, v) for v in value]
         return value
+
+    def limit(self, refusal: LimitRefusal | None) -> LimitRefusal | None:
+        """A limit's refusal, its words kept as ``text`` keeps them."""
+        if refusal is None:
+            return None
+        return attrs.evolve(refusal, limit=self.text("limit", refusal.limit))
 
     def names(self) -> tuple[str, ...]:
         """The fields cut, each once, in the order they were cut."""

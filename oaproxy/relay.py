@@ -27,7 +27,7 @@ from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IBodyProducer
+from twisted.web.iweb import IBodyProducer, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -186,6 +186,14 @@ class BodyCollector(Protocol):
 
     def _cancel(self, _: Deferred[CollectedBody]) -> None:
         _producer(self).stopProducing()
+
+
+def small_body(response: IResponse, limit: int) -> Deferred[bytes]:
+    """The whole body of an answer oaproxy reads itself (a models list, a
+    Replicate prediction), joined: at most ``limit`` bytes."""
+    collector = BodyCollector(limit)
+    response.deliverBody(collector)
+    return collector.finished.addCallback(CollectedBody.joined)
 
 
 @implementer(IPushProducer)
@@ -351,6 +359,10 @@ class StreamRelay(Protocol):
             return True
         if data == b"[DONE]":
             self._saw_done = True
+            if self._on_event is not None:
+                # Seen too (the cache stores only streams that end so), and
+                # always passed on.
+                self._on_event(data)
             return True
         # on_event captures the event and says whether to pass it on.
         return self._on_event is None or self._on_event(data)

@@ -1,4 +1,6 @@
-"""Who may use which upstream: client keys, allow/deny lists, ``lb_policy``.
+"""Who may use which upstream: client keys, route prefixes, allow/deny lists
+and aliases. The order of the candidates is for the candidate filters
+(``oaproxy.balancing``, ``oaproxy.breaker``).
 
 Everything derived from the config is computed once, in ``Router.__init__``;
 a request pays for a hash, a dict lookup and a walk over the upstreams.
@@ -8,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import random
-from collections.abc import Sequence
 
 from attrs import frozen
 
@@ -38,13 +38,10 @@ def _digest(secret: str | bytes) -> bytes:
 
 
 class Router:
-    """Authenticates callers and orders the upstreams that may serve them."""
+    """Authenticates callers and finds the upstreams that may serve them."""
 
-    def __init__(self, config: Config, rng: random.Random | None = None) -> None:
+    def __init__(self, config: Config) -> None:
         self.upstreams = config.upstreams
-        self._lb_policy = config.lb_policy
-        # Spreading load needs no cryptographic randomness.
-        self._rng = rng or random.Random()
         global_keys = frozenset(k.secret for k in config.keys)
         every_key: dict[bytes, ClientKey] = {}
         for key in config.keys:
@@ -81,24 +78,20 @@ class Router:
         return Caller(key=key)
 
     def candidates(
-        self, caller: Caller, model: str | None, path: str
+        self, caller: Caller, model: str | None, path: str, route: str | None = None
     ) -> list[Upstream] | ErrorAnswer:
-        """The upstreams to try, in order, or the error to answer instead.
+        """The upstreams that may serve a request, in config order, or the
+        error to answer instead.
 
-        ``model`` is the JSON body's model; without one the request path stands
-        in for it, so ``allow: [/v1/audio/transcriptions]`` works.
+        ``model`` is the JSON body's model; without one the API path stands
+        in for it, so ``allow: [/v1/audio/transcriptions]`` works. Only the
+        upstreams of the request's ``route`` prefix serve it.
         """
         name = model if model is not None else path
-        serving = [u for u in self.upstreams if serves(u, name)]
-        if not self.auth_required:
-            usable = serving
-        elif caller.key is None:
-            usable = [u for u in serving if u.noauth]
-            if not usable:
-                return _unauthorized(caller)
-        else:
-            secret = caller.key.secret
-            usable = [u for u in serving if self._may_use(u, secret)]
+        serving = [u for u in self.upstreams if u.route == route and serves(u, name)]
+        usable = self._usable(caller, serving)
+        if usable is None:
+            return _unauthorized(caller)
         if not usable:
             if not serving:
                 what = f"The model `{model}`" if model is not None else f"The path `{path}`"
@@ -114,7 +107,20 @@ class Router:
                 type="permission_error",
                 code="model_not_allowed",
             )
-        return self.order(usable)
+        return usable
+
+    def usable(self, caller: Caller, route: str | None = None) -> list[Upstream] | None:
+        """The upstreams of ``route`` this caller may use, whatever the model;
+        None when a caller without a valid key may use none."""
+        return self._usable(caller, [u for u in self.upstreams if u.route == route])
+
+    def _usable(self, caller: Caller, upstreams: list[Upstream]) -> list[Upstream] | None:
+        if not self.auth_required:
+            return upstreams
+        if caller.key is None:
+            return [u for u in upstreams if u.noauth] or None
+        secret = caller.key.secret
+        return [u for u in upstreams if self._may_use(u, secret)]
 
     def unauthorized(self, caller: Caller) -> ErrorAnswer | None:
         """The 401 for a caller no upstream would serve, whatever the model."""
@@ -126,19 +132,14 @@ class Router:
         permitted = self._permitted[upstream.name]
         return permitted is None or secret in permitted
 
-    def order(self, usable: Sequence[Upstream]) -> list[Upstream]:
-        ordered = list(usable)
-        if self._lb_policy == "random":
-            self._rng.shuffle(ordered)
-        return ordered
-
 
 def _unauthorized(caller: Caller) -> ErrorAnswer:
     return ErrorAnswer(401, caller.refusal or WRONG_KEY, code="invalid_api_key")
 
 
 def serves(upstream: Upstream, name: str) -> bool:
-    """Whether an upstream serves a model (or path): allow first, then deny."""
-    if upstream.allow and name not in upstream.allow:
+    """Whether an upstream serves a model (or path): allow first, then deny.
+    Both name client-facing names; an alias is allowed by being one."""
+    if upstream.allow and name not in upstream.allow and name not in upstream.models:
         return False
     return name not in upstream.deny

@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from oaproxy.config import Config, ConfigError, check_listeners, load_config
 from oaproxy.generation import Generation, Shared, build_generation, known_models, upstream_names
 from oaproxy.listeners import Listeners, check_endpoint, settle
-from oaproxy.outbound import alert_agent, upstream_agent, upstream_pool
+from oaproxy.outbound import alert_agents, upstream_agents, upstream_pool
 from oaproxy.sinks import QueuedSink
 from oaproxy.summary import log_summary
 from oaproxy.web import ProxySite
@@ -54,9 +54,9 @@ class ProxyService(MultiService):
         self.shared = Shared.create(
             reactor,
             config,
-            agent=upstream_agent(self.pool),
-            fresh_agent=upstream_agent(self.pool, fresh=True),
-            alert_agent=alert_agent(reactor),
+            agents=upstream_agents(self.pool),
+            fresh_agents=upstream_agents(self.pool, fresh=True),
+            alert_agents=alert_agents(reactor),
             environ=os.environ if environ is None else environ,
         )
         self.generation = build_generation(config, self.shared)

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from twisted.logger import Logger
 
-from oaproxy.config import Config, Rate, Upstream, all_client_keys
+from oaproxy.config import Config, Rate, Upstream, UpstreamType, all_client_keys
 from oaproxy.traffic.budgets import describe_budget
 
 if TYPE_CHECKING:
@@ -28,16 +28,33 @@ def public_url(url: str) -> str:
     return f"{parts.scheme}://{host}{parts.path}"
 
 
+def _where(upstream: Upstream) -> str:
+    if upstream.endpoint is None:
+        return "built-in echo, answers locally"
+    where = public_url(upstream.endpoint)
+    return f"replicate at {where}" if upstream.type is UpstreamType.REPLICATE else where
+
+
 def _upstream_line(upstream: Upstream) -> str:
     models = ", ".join(upstream.allow) if upstream.allow else "all"
-    parts = [
-        f"upstream {upstream.name}: {public_url(upstream.endpoint)}",
-        f"models {models}",
-    ]
+    parts = [f"upstream {upstream.name}: {_where(upstream)}"]
+    if upstream.route is not None:
+        parts.append(f"route {upstream.route}")
+    parts.append(f"models {models}")
+    if upstream.models:
+        parts.append(
+            "aliases " + ", ".join(f"{alias} -> {name}" for alias, name in upstream.models.items())
+        )
     if upstream.deny:
         parts.append("denied " + ", ".join(upstream.deny))
+    if upstream.proxy is not None:
+        parts.append(f"through proxy {upstream.proxy.url}")
     parts.append(f"timeout {upstream.timeout:g}s, stream {upstream.stream_timeout:g}s")
-    if urlsplit(upstream.endpoint).path in ("", "/"):
+    if upstream.backup:
+        parts.append("backup")
+    if upstream.weight != 1:
+        parts.append(f"weight {upstream.weight:g}")
+    if upstream.endpoint is not None and urlsplit(upstream.endpoint).path in ("", "/"):
         # openai-api-route dropped the endpoint's path; oaproxy appends to it.
         parts.append("WARNING: the endpoint has no path (most APIs want one ending in /v1)")
     if upstream.noauth:
@@ -46,9 +63,19 @@ def _upstream_line(upstream: Upstream) -> str:
         parts.append("keys " + ", ".join(k.name for k in upstream.keys))
     if upstream.sk == "asis":
         parts.append("client's Authorization passed on")
-    elif not upstream.sk:
+    elif not upstream.sk and upstream.type is not UpstreamType.ECHO:
         parts.append("no upstream key")
     return "; ".join(parts)
+
+
+def warnings(config: Config) -> list[str]:
+    """What the operator should know before the first answer."""
+    return [
+        f"WARNING: answers from upstream {u.name} come from the built-in echo upstream:"
+        " it repeats the last user message, no model writes them"
+        for u in config.upstreams
+        if u.type is UpstreamType.ECHO
+    ]
 
 
 def _rates(rates: Iterable[Rate]) -> str:
@@ -92,14 +119,28 @@ def summary(
     keys = ", ".join(k.name for k in all_client_keys(config)) or "none, the proxy is open"
     sink_list = ", ".join(sinks) or "none"
     alert_list = ", ".join(alerts) or "none"
+    if alert_list != "none" and config.proxy is not None:
+        alert_list += f"; through proxy {config.proxy.url}"
     lines = [
         f"config {config.path} (hostname {config.hostname})",
         "listening on " + ", ".join(listen),
-        f"client keys: {keys}; lb_policy {config.lb_policy};"
+        f"client keys: {keys}; lb_policy {config.lb_policy.value};"
         f" stream idle timeout {config.stream_idle_timeout:g}s;"
         f" max body {config.max_body_bytes} bytes",
     ]
+    breaker = config.breaker
+    lines.append(
+        f"circuit breakers: open after {breaker.failures} failed attempts in a row,"
+        f" one probe after {breaker.cooldown:g}s;"
+        f" state {'shared through redis' if breaker.shared else 'kept by this process'}"
+    )
+    for route in sorted(config.route_prefixes):
+        served = ", ".join(u.name for u in config.upstreams if u.route == route)
+        lines.append(
+            f"route {route}/v1: upstreams {served}; lb_policy {config.lb_policy_for(route).value}"
+        )
     lines.extend(_upstream_line(u) for u in config.upstreams)
+    lines.extend(f"upstream {u.name}: disabled (enabled: false)" for u in config.disabled_upstreams)
     policy = config.records
     lines.append(
         f"records: body {policy.body}, response {policy.response}, headers {policy.headers};"
@@ -124,3 +165,5 @@ def log_summary(log: Logger, headline: str, generation: Generation, listen: Iter
     log.info(headline)
     for line in summary(config, listen, sinks, alerts):
         log.info("  {line}", line=line)
+    for line in warnings(config):
+        log.warn("  {line}", line=line)

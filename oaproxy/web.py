@@ -1,8 +1,9 @@
-"""The HTTP front: the resource tree, the body cap, reading a request's path
-and client address, OpenAI-shaped error answers.
+"""The HTTP front: the resource tree, the body cap, reading a request's client
+address, OpenAI-shaped error answers.
 
-``/v1/*`` goes to the request pipeline of the config that made the tree
-(``oaproxy.pipeline``); ``OPTIONS`` is a CORS preflight; ``/healthz`` says
+``/v1/*`` and each route prefix's ``<route>/v1/*`` go to the request
+pipeline of the config that made the tree (``oaproxy.pipeline``; paths are
+read by ``oaproxy.paths``); ``OPTIONS`` is a CORS preflight; ``/healthz`` says
 the process serves. A reload puts a new tree in the site
 (``ProxySite.serve``): new requests use it, those in flight keep theirs.
 """
@@ -11,15 +12,18 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Collection
 from io import BytesIO
 from typing import IO, TYPE_CHECKING, Any, cast
-from urllib.parse import unquote_to_bytes
 
 from twisted.web import http, server
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
+from oaproxy.answers import write_answer
 from oaproxy.errors import ErrorAnswer
+from oaproxy.headers import UPSTREAM_HEADER
+from oaproxy.paths import route_of
 
 if TYPE_CHECKING:
     from oaproxy.pipeline import Pipeline
@@ -32,20 +36,23 @@ CORS_HEADERS = {
     b"access-control-allow-origin": b"*",
     b"access-control-allow-methods": b"GET, POST, PUT, PATCH, DELETE, OPTIONS",
     b"access-control-max-age": b"86400",
+    # Browser clients may read which upstream answered.
+    b"access-control-expose-headers": UPSTREAM_HEADER,
 }
 
 
 class ProxyRequest(server.Request):
-    """A request whose body is capped at ``max_body_bytes`` while it arrives.
+    """A request whose body is capped at ``max_body_bytes`` while it arrives,
+    and whose answer carries oaproxy's own headers.
 
     Over the cap the rest of the body is read and thrown away (never held),
     and the resource answers 413.
 
     ``answer_headers`` are put on whatever answer the request gets, when its
-    head is written: an error of oaproxy's own, a relayed upstream answer or
-    stream, alike; they replace the upstream's headers of the same name
-    (a limit's ``x-ratelimit-*`` describe the client's limit, the upstream's
-    the shared upstream key).
+    head is written: an answer of oaproxy's own (a refusal, a cache hit), a
+    relayed upstream answer or stream, alike; they replace the upstream's
+    headers of the same name (a limit's ``x-ratelimit-*`` describe the
+    client's limit, the upstream's the shared upstream key).
     """
 
     too_large = False
@@ -115,16 +122,9 @@ def answer_headers(request: server.Request) -> Headers:
     return cast(ProxyRequest, request).answer_headers
 
 
-def answer_error(request: server.Request, error: ErrorAnswer) -> bytes:
-    body = error.body()
-    request.setResponseCode(error.status)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"content-length", b"%d" % len(body))
-    return body
-
-
 class ProxyResource(Resource):
-    """``/v1/*``: CORS, then the request pipeline of one config."""
+    """``/v1/*`` (and ``<route>/v1/*``): CORS, then the request pipeline of
+    one config."""
 
     def __init__(self, pipeline: Pipeline) -> None:
         super().__init__()
@@ -152,27 +152,6 @@ class ProxyResource(Resource):
         # returned b"", which a 204 must not carry.
         request.finish()
         return server.NOT_DONE_YET
-
-
-def route_path(uri: bytes) -> str | None:
-    """The request path as routing sees it: percent-decoded, without empty
-    segments (so ``/v1//files`` or ``/v1/%66iles`` cannot slip past
-    ``deny: [/v1/files]``); None for a path with ``.`` or ``..`` segments,
-    which no API has and which would climb out of an upstream's base path.
-
-    None too unless the raw path starts with the bytes ``/v1``: twisted.web
-    finds this resource through the decoded ``%761``, but the upstream URL is
-    the endpoint plus the raw path after those three bytes, which must not be
-    anything else (``/%761/x`` would make ``https://10.0.0.1`` ``…161/x``).
-    """
-    raw = uri.split(b"?", 1)[0]
-    if not raw.startswith(b"/v1") or raw[3:4] not in (b"", b"/"):
-        return None
-    decoded = unquote_to_bytes(raw).decode("utf-8", "replace")
-    segments = [segment for segment in decoded.split("/") if segment]
-    if any(segment in (".", "..") for segment in segments):
-        return None
-    return "/" + "/".join(segments)
 
 
 def declared_size(request: server.Request) -> int:
@@ -227,7 +206,7 @@ class NotFoundResource(Resource):
     isLeaf = True
 
     def render(self, request: server.Request) -> bytes:
-        return answer_error(
+        return write_answer(
             request,
             ErrorAnswer(
                 404,
@@ -237,14 +216,31 @@ class NotFoundResource(Resource):
         )
 
 
+class RoutedResource(ProxyResource):
+    """``<route>/v1/*``: the whole path is the pipeline's to read."""
+
+    isLeaf = True
+
+
 class RootResource(Resource):
-    def __init__(self, proxy: ProxyResource, *, metrics: Resource, ready: Resource) -> None:
+    def __init__(
+        self,
+        proxy: ProxyResource,
+        *,
+        metrics: Resource,
+        ready: Resource,
+        routes: Collection[str] = (),
+    ) -> None:
         super().__init__()
         proxy.putChild(b"metrics", metrics)
         self.putChild(b"v1", proxy)
         self.putChild(b"metrics", metrics)
         self.putChild(b"healthz", HealthResource())
         self.putChild(b"readyz", ready)
+        self._routes = tuple(routes)
+        self._routed = RoutedResource(proxy.pipeline)
 
     def getChild(self, path: bytes, request: server.Request) -> Resource:
+        if self._routes and route_of(request.uri, self._routes) is not None:
+            return self._routed
         return NotFoundResource()

@@ -29,7 +29,8 @@ from twisted.web import server
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
-FAKE_MODEL = "gpt-4o-mini"
+from tests.payloads import FAKE_MODEL, error_body, sse_event, stream_chunk, usage_chunk
+
 DEFAULT_CHUNKS = ("Hel", "lo, ", "wor", "ld!")
 DEFAULT_USAGE = {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}
 
@@ -102,16 +103,7 @@ class Status:
     def render_body(self) -> bytes:
         if self.body is not None:
             return self.body
-        return json.dumps(
-            {
-                "error": {
-                    "message": self.message,
-                    "type": self.type,
-                    "param": None,
-                    "code": self.error_code,
-                }
-            }
-        ).encode("utf-8")
+        return json.dumps(error_body(self.message, self.error_code, self.type)).encode("utf-8")
 
 
 @frozen
@@ -231,28 +223,6 @@ def _transport(protocol: Any) -> Any:
     if transport is None:
         transport = getattr(getattr(protocol, "_channel", None), "transport", None)
     return transport
-
-
-def sse_event(payload: Any) -> bytes:
-    """One SSE event carrying ``payload`` as compact JSON."""
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode("utf-8") + b"\n\n"
-
-
-def stream_chunk(
-    index: int,
-    delta: dict[str, Any],
-    finish: str | None,
-    model: str,
-    chunk_id: str = "chatcmpl-fake",
-) -> dict[str, Any]:
-    """A ``chat.completion.chunk`` with one choice."""
-    return {
-        "id": chunk_id,
-        "object": "chat.completion.chunk",
-        "created": 1700000000,
-        "model": model,
-        "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}],
-    }
 
 
 _BOUNDARY = re.compile(rb'boundary="?([^";]+)"?')
@@ -557,18 +527,7 @@ class FakeUpstream:
         else:
             events.append(sse_event(stream_chunk(0, {}, "stop", model)))
             if include_usage:
-                events.append(
-                    sse_event(
-                        {
-                            "id": "chatcmpl-fake",
-                            "object": "chat.completion.chunk",
-                            "created": 1700000000,
-                            "model": model,
-                            "choices": [],
-                            "usage": behaviour.usage,
-                        }
-                    )
-                )
+                events.append(sse_event(usage_chunk(behaviour.usage, model)))
             events.append(b"data: [DONE]\n\n")
         self._open.add(request)
         # Status and headers go out at once, as OpenAI's do, before any event.

@@ -1,13 +1,23 @@
-"""Typed records for the tests that feed records to metrics, readiness,
-alerts, sinks and the CLI: one builder each, overridden per test."""
+"""Records for the tests that feed records to metrics, readiness, alerts,
+sinks and the CLI: one builder each, overridden per test.
+
+- ``attempt``, ``usage``, ``record``: the typed values, a served non-stream
+  chat completion through ``alpha`` unless told otherwise; ``numbered``, the
+  n-th record of a run.
+- ``stored_attempt``: an attempt in its stored form, written out by hand.
+- ``record_event`` and ``emit``: a record as the log event the sinks observe.
+- ``read_json_lines``: what a JSON-lines file (records, spool, log) holds.
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import attrs
 
 from oaproxy.record import Attempt, FailureKind, Outcome, Record, Usage
+from oaproxy.sinks.queue import RECORD_NAMESPACE
 
 
 def attempt(
@@ -65,3 +75,45 @@ def record(**overrides: Any) -> Record:
     if "truncated" in overrides:
         overrides["truncated"] = tuple(overrides["truncated"])
     return attrs.evolve(_BASE, **overrides)
+
+
+def numbered(number: int, **overrides: Any) -> Record:
+    """The ``number``-th record of a run: its id says its number, its time is
+    ``number`` seconds after the base record's."""
+    fields: dict[str, Any] = {"id": f"r{number:04d}", "time": _BASE.time + number}
+    fields.update(overrides)
+    return record(**fields)
+
+
+def stored_attempt(
+    upstream: str,
+    status: int | None = None,
+    error: str | None = None,
+    ttfb: float | None = None,
+    duration: float = 0.0,
+) -> dict[str, Any]:
+    """One attempt as the stores hold it (no failure kind), written out by
+    hand rather than through ``oaproxy.record``."""
+    return {
+        "upstream": upstream,
+        "status": status,
+        "error": error,
+        "ttfb": ttfb,
+        "duration": duration,
+    }
+
+
+def record_event(record: Record) -> dict[str, Any]:
+    """The log event by which a record reaches the sinks."""
+    return {"log_namespace": RECORD_NAMESPACE, "record": record}
+
+
+def emit(sink: Any, record: Record) -> None:
+    """Give a sink's log observer the event of one record."""
+    sink.observer(record_event(record))
+
+
+def read_json_lines(path: str) -> list[Any]:
+    """Every JSON document of a JSON-lines file, one a line."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]

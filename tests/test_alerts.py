@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
 from collections.abc import Generator
 from typing import Any, cast
@@ -18,15 +15,13 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import http
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
-from zope.interface import implementer
 
 from oaproxy.alerts import Alert, Notifier, alert_from_record, format_alert
 from oaproxy.channels import (
@@ -40,7 +35,10 @@ from oaproxy.channels import (
 )
 from oaproxy.config import FeishuConfig, MatrixConfig, NotifyConfig
 from oaproxy.credentials import REDACTED
+from oaproxy.outbound import alert_agents
 from oaproxy.record import Attempt, FailureKind, Outcome
+from tests.doubles import EventList, RecordingAgent, capture_log
+from tests.payloads import feishu_signature
 from tests.records import attempt, record
 
 FEISHU_TOKEN = "0f1e2d3c-feishu-hook-token"
@@ -157,22 +155,13 @@ class QuietSite(Site):
         pass
 
 
-@implementer(ILogObserver)
-class EventList(list[LogEvent]):
-    def __call__(self, event: LogEvent) -> None:
-        self.append(event)
-
-
 class CapturesLog:
     """Collects every log event of a test, to prove no secret is in one."""
 
     events: EventList
 
     def capture_log(self, test: SynchronousTestCase) -> None:
-        self.events = EventList()
-        observer = cast(ILogObserver, self.events)
-        globalLogPublisher.addObserver(observer)
-        test.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.events = capture_log(test)
 
     def logged_text(self) -> str:
         return "\n".join((formatEvent(event) or "") + " " + repr(event) for event in self.events)
@@ -192,9 +181,8 @@ class RealEndpointTests(TestCase, CapturesLog):
 
     def setUp(self) -> None:
         self.capture_log(self)
-        self.pool = HTTPConnectionPool(_reactor, persistent=False)
-        self.agent = as_agent(Agent(_reactor, pool=self.pool))
-        self.addCleanup(self.pool.closeCachedConnections)
+        # The daemon's own alert agent, direct (it keeps no connection open).
+        self.agent = alert_agents(_reactor)(None)
 
     def listen(self, resource: Resource) -> str:
         site: Any = QuietSite(resource)
@@ -235,9 +223,7 @@ class RealEndpointTests(TestCase, CapturesLog):
         timestamp = seen.body["timestamp"]
         self.assertIsInstance(timestamp, str)
         self.assertLess(abs(int(timestamp) - _reactor.seconds()), 5)
-        key = f"{timestamp}\n{FEISHU_SECRET}".encode()
-        expected = base64.b64encode(hmac.new(key, b"", hashlib.sha256).digest())
-        self.assertEqual(seen.body["sign"], expected.decode())
+        self.assertEqual(seen.body["sign"], feishu_signature(int(timestamp), FEISHU_SECRET))
 
         text = seen.body["content"]["text"]
         self.assertEqual(
@@ -457,29 +443,6 @@ class RealEndpointTests(TestCase, CapturesLog):
         self.assert_no_secrets(self, FEISHU_TOKEN, MATRIX_TOKEN)
 
 
-@implementer(IAgent)
-class HangingAgent:
-    """An agent whose requests never get an answer until cancelled."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[bytes, bytes]] = []
-        self.cancelled = 0
-
-    def request(
-        self,
-        method: bytes,
-        uri: bytes,
-        headers: Headers | None = None,
-        bodyProducer: IBodyProducer | None = None,
-    ) -> Deferred[IResponse]:
-        self.requests.append((method, uri))
-
-        def cancel(d: Deferred[IResponse]) -> None:
-            self.cancelled += 1
-
-        return Deferred(cancel)
-
-
 class Recorder(Resource):
     """In-memory endpoint for the de-duplication tests."""
 
@@ -596,6 +559,7 @@ class DeduplicationTests(SynchronousTestCase, CapturesLog):
         self.assertEqual(len(self.memory.texts()), 4)
 
     def test_zero_interval_sends_all(self) -> None:
+        """With min_interval 0 every alert is posted."""
         notifier = self.memory.notifier(min_interval=0)
         for _ in range(3):
             notifier.alert(_exhausted())
@@ -610,7 +574,7 @@ class DeduplicationTests(SynchronousTestCase, CapturesLog):
         notifier = Notifier(
             _config(min_interval=60, timeout=1),
             [FeishuChannel("http://feishu.test/hook/" + FEISHU_TOKEN)],
-            as_agent(HangingAgent()),
+            as_agent(RecordingAgent()),
             as_time(clock),
             "edge-1",
         )
@@ -633,7 +597,7 @@ class DeduplicationTests(SynchronousTestCase, CapturesLog):
         A post that hangs ends at the deadline, counted once; the next repeat
         inside the interval is suppressed, not a retry.
         """
-        agent = HangingAgent()
+        agent = RecordingAgent()
         notifier = Notifier(
             _config(min_interval=60, timeout=10),
             [FeishuChannel("http://feishu.test/hook/" + FEISHU_TOKEN)],
@@ -642,18 +606,22 @@ class DeduplicationTests(SynchronousTestCase, CapturesLog):
             "edge-1",
         )
         notifier.alert(_exhausted())
-        self.assertEqual(len(agent.requests), 1)
+        self.assertEqual(len(agent.calls), 1)
         self.memory.clock.advance(10)
-        self.assertEqual((agent.cancelled, notifier.failed), (1, {"feishu": 1}))
+        self.assertEqual(
+            (sum(call.cancelled for call in agent.calls), notifier.failed), (1, {"feishu": 1})
+        )
         self.assertEqual(self.memory.clock.getDelayedCalls(), [])
         notifier.alert(_exhausted())
         self.memory.clock.advance(49)
-        self.assertEqual(len(agent.requests), 1)
+        self.assertEqual(len(agent.calls), 1)
         self.assertEqual(self.memory.clock.getDelayedCalls(), [])
         self.assert_no_secrets(self, FEISHU_TOKEN)
 
     def test_stop_waits_for_posts(self) -> None:
-        agent = HangingAgent()
+        """Stopping the notifier waits for the posts under way, which end at
+        their deadline and are counted as failed."""
+        agent = RecordingAgent()
         notifier = Notifier(
             _config(timeout=3),
             [MatrixChannel("http://m.test", MATRIX_TOKEN, ROOM)],
@@ -681,7 +649,7 @@ class DeduplicationTests(SynchronousTestCase, CapturesLog):
             def request(self, text: str, now: float, txn_id: str) -> ChannelRequest:
                 raise RuntimeError("bug")
 
-        agent = HangingAgent()
+        agent = RecordingAgent()
         channels: list[AlertChannel] = [
             Broken(),
             MatrixChannel("http://m.test", MATRIX_TOKEN, ROOM),
@@ -690,13 +658,14 @@ class DeduplicationTests(SynchronousTestCase, CapturesLog):
         notifier.alert(_exhausted())
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual(notifier.failed, {"broken": 1, "matrix": 0})
-        self.assertEqual(len(agent.requests), 1)  # the other channel still posts
+        self.assertEqual(len(agent.calls), 1)  # the other channel still posts
 
     def test_no_channels(self) -> None:
-        agent = HangingAgent()
+        """Without channels an alert posts nothing and leaves nothing to wait for."""
+        agent = RecordingAgent()
         notifier = Notifier(_config(), [], as_agent(agent), as_time(Clock()), "h")
         notifier.alert(_exhausted())
-        self.assertEqual(agent.requests, [])
+        self.assertEqual(agent.calls, [])
         self.assertIsNone(self.successResultOf(notifier.drained()))
 
 
@@ -704,11 +673,12 @@ class ChannelTests(SynchronousTestCase):
     """Request shapes and the legacy environment variables."""
 
     def test_feishu_sign_matches_recipe(self) -> None:
-        key = b"1700000000\nsecret"
-        expected = base64.b64encode(hmac.new(key, b"", hashlib.sha256).digest())
-        self.assertEqual(feishu_sign(1700000000, "secret"), expected.decode())
+        """feishu_sign gives what Feishu's documented recipe gives."""
+        self.assertEqual(feishu_sign(1700000000, "secret"), feishu_signature(1700000000, "secret"))
 
     def test_feishu_request_uses_clock(self) -> None:
+        """A Feishu request is signed for the whole second of the clock it is
+        given, and its repr hides the webhook."""
         request = FeishuChannel("https://open.feishu.cn/hook/t", "s").request(
             "hi", 1700000000.9, "txn"
         )
@@ -717,6 +687,8 @@ class ChannelTests(SynchronousTestCase):
         self.assertNotIn("open.feishu.cn/hook/t", repr(request))
 
     def test_matrix_url(self) -> None:
+        """A Matrix request is a PUT to the room's send URL, room id escaped,
+        with the token as a bearer that no repr shows."""
         request = MatrixChannel("https://m.example.org/", "tok", ROOM).request(
             "hi", 0, "oaproxy.1.a.2"
         )
@@ -731,6 +703,7 @@ class ChannelTests(SynchronousTestCase):
         self.assertNotIn("tok", repr(MatrixChannel("https://m", "tok", ROOM)))
 
     def test_legacy_matrix_other_url_posted(self) -> None:
+        """A legacy MATRIX_API URL that is no send endpoint is POSTed the message as it stands."""
         request = LegacyMatrixChannel("https://bridge.test/notify?token=t").request("hi", 0, "txn")
         self.assertEqual(
             (request.method, request.url),
@@ -739,6 +712,8 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(request.body, {"msgtype": "m.text", "body": "hi"})
 
     def test_legacy_matrix_send_endpoint_put(self) -> None:
+        """A legacy MATRIX_API send endpoint gets a PUT with the transaction id
+        in its path, before the query."""
         request = LegacyMatrixChannel(
             "https://m.test/_matrix/client/r0/rooms/!r:m.test/send/m.room.message/?access_token=t"
         ).request("hi", 0, "txn.1")
@@ -750,6 +725,8 @@ class ChannelTests(SynchronousTestCase):
         )
 
     def test_environment_channels(self) -> None:
+        """FEISHU_WEBHOOK and MATRIX_API make channels when the config has none,
+        trimmed; empty or absent ones make none."""
         environ = {
             "FEISHU_WEBHOOK": " https://f.test/hook/t ",
             "MATRIX_API": "https://m",
@@ -763,6 +740,8 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(alert_channels(None, {"MATRIX_API": ""}), ())
 
     def test_config_wins_over_environment(self) -> None:
+        """A channel in the config replaces the environment's of its kind; the
+        other kind may still come from the environment."""
         environ = {"FEISHU_WEBHOOK": "https://env/hook", "MATRIX_API": "https://env/m"}
         config = _config(
             feishu=FeishuConfig("https://conf/hook", "s"),
@@ -786,10 +765,13 @@ class MessageTests(SynchronousTestCase):
     """What an alert says."""
 
     def test_suppressed_line(self) -> None:
+        """An alert that follows suppressed ones ends by saying how many, and over how long."""
         text = format_alert(EXHAUSTED, "h", suppressed=1, since=75.4)
         self.assertTrue(text.endswith("(1 similar alert suppressed in the last 75s)"))
 
     def test_no_query_or_key_shapes(self) -> None:
+        """An alert shows no query string and nothing shaped like a key; a
+        missing model or key is said so."""
         alert = Alert(
             Outcome.EXHAUSTED,
             None,
@@ -808,6 +790,8 @@ class MessageTests(SynchronousTestCase):
         self.assertIn(f"- up: HTTP 401: Incorrect API key provided: {REDACTED}", text)
 
     def test_long_attempt_lists_cut(self) -> None:
+        """A long list of attempts is cut to twenty lines, each line shortened,
+        with a line saying how many more."""
         alert = Alert(
             Outcome.EXHAUSTED,
             "m",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import httpx2
 from hypothesis import given, settings
@@ -22,49 +21,19 @@ from oaproxy.config import Price
 from oaproxy.multipart import MULTIPART_MAX_FIELDS
 from oaproxy.record import Usage
 from oaproxy.sse import SSESplitter, event_data
+from tests.payloads import chunk_data, compact, multipart, usage_chunk
 
-
-def chat_chunk(
-    delta: dict[str, Any],
-    index: int = 0,
-    finish_reason: str | None = None,
-    **extra: Any,
-) -> bytes:
-    body = {
-        "id": "chatcmpl-AbC",
-        "object": "chat.completion.chunk",
-        "created": 1732000000,
-        "model": "gpt-4o-mini-2024-07-18",
-        "system_fingerprint": "fp_0ba0d124f1",
-        "choices": [
-            {
-                "index": index,
-                "delta": delta,
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        ],
-        **extra,
-    }
-    return json.dumps(body).encode()
-
-
-def usage_chunk(prompt: int = 12, completion: int = 7) -> bytes:
-    return json.dumps(
+#: The usage-only chunk that ends a stream asked with include_usage.
+USAGE_CHUNK = compact(
+    usage_chunk(
         {
-            "id": "chatcmpl-AbC",
-            "object": "chat.completion.chunk",
-            "created": 1732000000,
-            "model": "gpt-4o-mini-2024-07-18",
-            "choices": [],
-            "usage": {
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": 0},
-            },
+            "prompt_tokens": 12,
+            "completion_tokens": 7,
+            "total_tokens": 19,
+            "prompt_tokens_details": {"cached_tokens": 0},
         }
-    ).encode()
+    )
+)
 
 
 def feed_all(capture: StreamCapture, chunks: list[bytes]) -> list[bool]:
@@ -73,15 +42,17 @@ def feed_all(capture: StreamCapture, chunks: list[bytes]) -> list[bool]:
 
 class StreamCaptureTests(SynchronousTestCase):
     def test_content_finish_and_usage(self) -> None:
+        """A chat stream is reassembled into its text, finish reason and usage;
+        only the usage-only chunk is flagged as one to hide."""
         capture = StreamCapture(max_bytes=1000)
         flags = feed_all(
             capture,
             [
-                chat_chunk({"role": "assistant", "content": "", "refusal": None}),
-                chat_chunk({"content": "Hello"}),
-                chat_chunk({"content": ", wörld"}),
-                chat_chunk({}, finish_reason="stop"),
-                usage_chunk(),
+                chunk_data({"role": "assistant", "content": "", "refusal": None}),
+                chunk_data({"content": "Hello"}),
+                chunk_data({"content": ", wörld"}),
+                chunk_data({}, finish="stop"),
+                USAGE_CHUNK,
                 b"[DONE]",
             ],
         )
@@ -98,13 +69,15 @@ class StreamCaptureTests(SynchronousTestCase):
         self.assertEqual(result.truncated, ())
 
     def test_through_splitter(self) -> None:
-        # The relay's path: bytes -> events -> data -> capture.
+        """On the relay's path (bytes, events, data, capture) in 7-byte pieces,
+        the text is reassembled and exactly one event, the usage chunk, is
+        hidden."""
         stream = b"".join(
             b"data: " + c + b"\r\n\r\n"
             for c in [
-                chat_chunk({"content": "a"}),
-                chat_chunk({"content": "b"}),
-                usage_chunk(),
+                chunk_data({"content": "a"}),
+                chunk_data({"content": "b"}),
+                USAGE_CHUNK,
                 b"[DONE]",
             ]
         )
@@ -117,21 +90,22 @@ class StreamCaptureTests(SynchronousTestCase):
                     hidden.append(event)
         self.assertEqual(capture.result().text, "ab")
         self.assertEqual(len(hidden), 1)
-        self.assertIn(b'"choices": []', hidden[0])
+        self.assertIn(b'"choices":[]', hidden[0])
 
     def test_usage_on_last_content_chunk_is_not_usage_only(self) -> None:
+        """Usage that rides on a content chunk is kept but that chunk is not hidden."""
         capture = StreamCapture(max_bytes=100)
         usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
-        self.assertFalse(
-            capture.feed(chat_chunk({"content": "x"}, finish_reason="stop", usage=usage))
-        )
-        self.assertFalse(capture.feed(chat_chunk({"content": "y"}, usage=None)))
+        self.assertFalse(capture.feed(chunk_data({"content": "x"}, finish="stop", usage=usage)))
+        self.assertFalse(capture.feed(chunk_data({"content": "y"}, usage=None)))
         self.assertEqual(capture.result().usage, Usage(1, 2, 3))
 
     def test_tool_calls_over_many_chunks(self) -> None:
+        """Two tool calls streamed in pieces are reassembled by index into whole
+        calls with their ids, names and arguments; there is no text."""
         chunks = [
-            chat_chunk({"role": "assistant", "content": None}),
-            chat_chunk(
+            chunk_data({"role": "assistant", "content": None}),
+            chunk_data(
                 {
                     "tool_calls": [
                         {
@@ -145,11 +119,11 @@ class StreamCaptureTests(SynchronousTestCase):
             ),
         ]
         chunks += [
-            chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+            chunk_data({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
             for piece in ['{"lo', 'cation"', ': "Par', 'is"}']
         ]
         chunks.append(
-            chat_chunk(
+            chunk_data(
                 {
                     "tool_calls": [
                         {
@@ -163,10 +137,10 @@ class StreamCaptureTests(SynchronousTestCase):
             )
         )
         chunks += [
-            chat_chunk({"tool_calls": [{"index": 1, "function": {"arguments": piece}}]})
+            chunk_data({"tool_calls": [{"index": 1, "function": {"arguments": piece}}]})
             for piece in ['{"tz"', ': "Europe/', 'Paris"}']
         ]
-        chunks += [chat_chunk({}, finish_reason="tool_calls"), b"[DONE]"]
+        chunks += [chunk_data({}, finish="tool_calls"), b"[DONE]"]
         capture = StreamCapture(max_bytes=1000)
         feed_all(capture, chunks)
         result = capture.result()
@@ -195,9 +169,10 @@ class StreamCaptureTests(SynchronousTestCase):
         )
 
     def test_tool_calls_interleaved_in_one_chunk(self) -> None:
+        """Pieces of two tool calls in one chunk, in either order, go to the call of their index."""
         capture = StreamCapture(max_bytes=1000)
         capture.feed(
-            chat_chunk(
+            chunk_data(
                 {
                     "tool_calls": [
                         {
@@ -217,7 +192,7 @@ class StreamCaptureTests(SynchronousTestCase):
             )
         )
         capture.feed(
-            chat_chunk(
+            chunk_data(
                 {
                     "tool_calls": [
                         {"index": 1, "function": {"arguments": "]"}},
@@ -237,15 +212,17 @@ class StreamCaptureTests(SynchronousTestCase):
         )
 
     def test_tool_calls_without_index(self) -> None:
-        # Some OpenAI-compatible servers omit "index" and send whole calls.
+        """Tool calls without an index (as some OpenAI-compatible servers send
+        whole calls) are told apart by their ids; a piece without id continues
+        the last call."""
         capture = StreamCapture(max_bytes=1000)
         capture.feed(
-            chat_chunk({"tool_calls": [{"id": "a", "function": {"name": "f", "arguments": "{}"}}]})
+            chunk_data({"tool_calls": [{"id": "a", "function": {"name": "f", "arguments": "{}"}}]})
         )
         capture.feed(
-            chat_chunk({"tool_calls": [{"id": "b", "function": {"name": "g", "arguments": "{"}}]})
+            chunk_data({"tool_calls": [{"id": "b", "function": {"name": "g", "arguments": "{"}}]})
         )
-        capture.feed(chat_chunk({"tool_calls": [{"function": {"arguments": "}"}}]}))
+        capture.feed(chunk_data({"tool_calls": [{"function": {"arguments": "}"}}]}))
         calls = capture.result().tool_calls
         assert calls is not None
         self.assertEqual(
@@ -254,14 +231,13 @@ class StreamCaptureTests(SynchronousTestCase):
         )
 
     def test_legacy_function_call(self) -> None:
+        """A legacy function_call stream is captured as one tool call without id."""
         capture = StreamCapture(max_bytes=1000)
         capture.feed(
-            chat_chunk({"role": "assistant", "function_call": {"name": "f", "arguments": ""}})
+            chunk_data({"role": "assistant", "function_call": {"name": "f", "arguments": ""}})
         )
-        capture.feed(chat_chunk({"function_call": {"arguments": '{"a":'}}))
-        capture.feed(
-            chat_chunk({"function_call": {"arguments": "1}"}}, finish_reason="function_call")
-        )
+        capture.feed(chunk_data({"function_call": {"arguments": '{"a":'}}))
+        capture.feed(chunk_data({"function_call": {"arguments": "1}"}}, finish="function_call"))
         result = capture.result()
         self.assertEqual(
             result.tool_calls,
@@ -276,14 +252,15 @@ class StreamCaptureTests(SynchronousTestCase):
         self.assertEqual(result.finish_reason, "function_call")
 
     def test_refusal(self) -> None:
+        """A streamed refusal is reassembled apart from the text, which stays None."""
         capture = StreamCapture(max_bytes=1000)
         feed_all(
             capture,
             [
-                chat_chunk({"role": "assistant", "content": None, "refusal": ""}),
-                chat_chunk({"refusal": "I'm sorry, "}),
-                chat_chunk({"refusal": "I can't help with that."}),
-                chat_chunk({}, finish_reason="stop"),
+                chunk_data({"role": "assistant", "content": None, "refusal": ""}),
+                chunk_data({"refusal": "I'm sorry, "}),
+                chunk_data({"refusal": "I can't help with that."}),
+                chunk_data({}, finish="stop"),
             ],
         )
         result = capture.result()
@@ -291,18 +268,19 @@ class StreamCaptureTests(SynchronousTestCase):
         self.assertEqual(result.refusal, "I'm sorry, I can't help with that.")
 
     def test_two_choices(self) -> None:
+        """Two choices are reassembled apart, by index, and the text joins them in index order."""
         capture = StreamCapture(max_bytes=1000)
         feed_all(
             capture,
             [
-                chat_chunk({"role": "assistant", "content": ""}, index=0),
-                chat_chunk({"role": "assistant", "content": ""}, index=1),
-                chat_chunk({"content": "Red"}, index=0),
-                chat_chunk({"content": "Blue"}, index=1),
-                chat_chunk({"content": " sky"}, index=1),
-                chat_chunk({}, index=1, finish_reason="length"),
-                chat_chunk({"content": " apple"}, index=0),
-                chat_chunk({}, index=0, finish_reason="stop"),
+                chunk_data({"role": "assistant", "content": ""}, index=0),
+                chunk_data({"role": "assistant", "content": ""}, index=1),
+                chunk_data({"content": "Red"}, index=0),
+                chunk_data({"content": "Blue"}, index=1),
+                chunk_data({"content": " sky"}, index=1),
+                chunk_data({}, index=1, finish="length"),
+                chunk_data({"content": " apple"}, index=0),
+                chunk_data({}, index=0, finish="stop"),
             ],
         )
         result = capture.result()
@@ -311,6 +289,7 @@ class StreamCaptureTests(SynchronousTestCase):
         self.assertEqual(result.finish_reason, "stop")
 
     def test_legacy_completions(self) -> None:
+        """A legacy completions stream (choices with text) is reassembled too."""
         capture = StreamCapture(max_bytes=1000)
         for text, finish in (("Once", None), (" upon", None), (" a time", "length")):
             body = {
@@ -322,6 +301,8 @@ class StreamCaptureTests(SynchronousTestCase):
         self.assertEqual((result.text, result.finish_reason), ("Once upon a time", "length"))
 
     def test_responses_api_stream(self) -> None:
+        """A Responses API stream gives its text from the output_text deltas,
+        its status and its usage."""
         capture = StreamCapture(max_bytes=1000)
         capture.feed(b'{"type": "response.created", "response": {"status": "in_progress"}}')
         capture.feed(b'{"type": "response.output_text.delta", "delta": "Hi"}')
@@ -339,8 +320,9 @@ class StreamCaptureTests(SynchronousTestCase):
         )
 
     def test_error_chunk(self) -> None:
+        """An error chunk mid-stream is captured as the error, beside the text so far."""
         capture = StreamCapture(max_bytes=1000)
-        capture.feed(chat_chunk({"content": "a"}))
+        capture.feed(chunk_data({"content": "a"}))
         self.assertFalse(
             capture.feed(b'{"error": {"message": "overloaded", "type": "server_error"}}')
         )
@@ -348,6 +330,8 @@ class StreamCaptureTests(SynchronousTestCase):
         self.assertEqual(capture.result().text, "a")
 
     def test_ignores_junk(self) -> None:
+        """Data that is no chunk (None, empty, [DONE], not JSON, odd shapes) is
+        ignored and never raises."""
         capture = StreamCapture(max_bytes=1000)
         for data in (
             None,
@@ -362,13 +346,15 @@ class StreamCaptureTests(SynchronousTestCase):
         self.assertEqual(capture.result(), CapturedResponse())
 
     def test_text_capped_at_multibyte_boundary(self) -> None:
+        """The captured text stops at max_bytes, never inside a character, and
+        says it was truncated."""
         capture = StreamCapture(max_bytes=10)
         feed_all(
             capture,
             [
-                chat_chunk({"content": "abcd"}),
-                chat_chunk({"content": "éééé"}),
-                chat_chunk({"content": "z"}),
+                chunk_data({"content": "abcd"}),
+                chunk_data({"content": "éééé"}),
+                chunk_data({"content": "z"}),
             ],
         )
         result = capture.result()
@@ -377,9 +363,10 @@ class StreamCaptureTests(SynchronousTestCase):
         self.assertEqual(result.truncated, ("response_text",))
 
     def test_tool_arguments_capped(self) -> None:
+        """Tool call arguments are capped at max_bytes too, and say so."""
         capture = StreamCapture(max_bytes=5)
         capture.feed(
-            chat_chunk(
+            chunk_data(
                 {
                     "tool_calls": [
                         {
@@ -392,7 +379,7 @@ class StreamCaptureTests(SynchronousTestCase):
             )
         )
         capture.feed(
-            chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": "0123456789"}}]})
+            chunk_data({"tool_calls": [{"index": 0, "function": {"arguments": "0123456789"}}]})
         )
         result = capture.result()
         assert result.tool_calls is not None
@@ -400,8 +387,10 @@ class StreamCaptureTests(SynchronousTestCase):
         self.assertEqual(result.truncated, ("tool_calls",))
 
     def test_huge_stream_memory_bounded(self) -> None:
+        """A thousand chunks keep memory bounded: the text is capped and the
+        assembler holds only the pieces that fit."""
         capture = StreamCapture(max_bytes=1000)
-        piece = chat_chunk({"content": "x" * 100})
+        piece = chunk_data({"content": "x" * 100})
         for _ in range(1000):
             capture.feed(piece)
         result = capture.result()
@@ -411,6 +400,7 @@ class StreamCaptureTests(SynchronousTestCase):
 
 class CaptureJsonResponseTests(SynchronousTestCase):
     def test_chat_completion(self) -> None:
+        """A chat completion's tool calls, finish reason and usage are captured; it has no text."""
         body = {
             "id": "chatcmpl-1",
             "object": "chat.completion",
@@ -449,6 +439,8 @@ class CaptureJsonResponseTests(SynchronousTestCase):
         self.assertEqual(result.usage, Usage(50, 20, 70))
 
     def test_chat_text_and_refusal(self) -> None:
+        """Each choice's text is kept in order; the text is the first, and a
+        refusal is captured apart."""
         body = {
             "object": "chat.completion",
             "choices": [
@@ -470,6 +462,7 @@ class CaptureJsonResponseTests(SynchronousTestCase):
         self.assertEqual(result.refusal, "No.")
 
     def test_truncated(self) -> None:
+        """A long answer's text is cut at the limit and marked truncated."""
         body = {
             "choices": [{"index": 0, "message": {"content": "x" * 100}, "finish_reason": "stop"}]
         }
@@ -478,6 +471,7 @@ class CaptureJsonResponseTests(SynchronousTestCase):
         self.assertEqual(result.truncated, ("response_text",))
 
     def test_completion(self) -> None:
+        """A legacy completion's text and finish reason are captured."""
         body = {
             "object": "text_completion",
             "choices": [
@@ -494,6 +488,7 @@ class CaptureJsonResponseTests(SynchronousTestCase):
         self.assertEqual((result.text, result.finish_reason), ("\n\nThis is a test", "length"))
 
     def test_embeddings(self) -> None:
+        """Embeddings have no text; their usage has no completion tokens."""
         body = {
             "object": "list",
             "data": [{"object": "embedding", "index": 0, "embedding": [0.1, -0.2]}],
@@ -508,6 +503,8 @@ class CaptureJsonResponseTests(SynchronousTestCase):
         )
 
     def test_responses_api(self) -> None:
+        """A Responses API answer gives its output text, its function calls as
+        tool calls and its usage."""
         body = {
             "object": "response",
             "status": "completed",
@@ -546,6 +543,8 @@ class CaptureJsonResponseTests(SynchronousTestCase):
         self.assertIsNone(result.error)
 
     def test_error(self) -> None:
+        """An error answer is kept as compact JSON text, cut at the limit, and
+        its error object captured."""
         body = b'{\n  "error": {\n    "message": "Rate limit reached",\n    "type": "requests",\n    "code": "rate_limit_exceeded"\n  }\n}'
         result = capture_json_response(body, 1000)
         self.assertEqual(
@@ -558,6 +557,7 @@ class CaptureJsonResponseTests(SynchronousTestCase):
         self.assertEqual((short.text, short.truncated), ('{"error":{"m', ("response_text",)))
 
     def test_not_json(self) -> None:
+        """A body that is not JSON, or empty, captures nothing."""
         self.assertEqual(
             capture_json_response(b"<html>502 Bad Gateway</html>", 1000),
             CapturedResponse(),
@@ -579,33 +579,31 @@ def multipart_body() -> tuple[bytes, str]:
     return request.read(), request.headers["content-type"]
 
 
-def hand_multipart(boundary: bytes, parts: list[tuple[bytes, bytes]]) -> bytes:
-    out = b""
-    for headers, content in parts:
-        out += b"--" + boundary + b"\r\n" + headers + b"\r\n\r\n" + content + b"\r\n"
-    return out + b"--" + boundary + b"--\r\n"
-
-
 class DescribeBodyTests(SynchronousTestCase):
     def test_json(self) -> None:
+        """A JSON body is kept as its text."""
         self.assertEqual(
             describe_body(b'{"model": "m"}', "application/json", 100),
             ('{"model": "m"}', False),
         )
 
     def test_text_truncated_at_boundary(self) -> None:
+        """A text body is cut at the limit, never inside a character, and marked truncated."""
         body = "aé€😀".encode()  # 1 + 2 + 3 + 4 bytes
         self.assertEqual(describe_body(body, "application/json", 6), ("aé€", True))
         self.assertEqual(describe_body(body, "text/plain", 5), ("aé", True))
         self.assertEqual(describe_body(body, "text/plain", 10), ("aé€😀", False))
 
     def test_invalid_utf8_replaced(self) -> None:
+        """Invalid UTF-8 in a text body is replaced, not refused."""
         self.assertEqual(describe_body(b"a\xffb", "text/plain", 10), ("a\ufffdb", False))
 
     def test_empty(self) -> None:
+        """An empty body is described as nothing."""
         self.assertEqual(describe_body(b"", "application/json", 10), (None, False))
 
     def test_no_content_type(self) -> None:
+        """Without a content type, text is kept and binary is described by its size."""
         self.assertEqual(describe_body(b"hello", None, 10), ("hello", False))
         self.assertEqual(
             describe_body(b"\x00\xff\xfe", None, 10),
@@ -613,12 +611,16 @@ class DescribeBodyTests(SynchronousTestCase):
         )
 
     def test_binary(self) -> None:
+        """A binary body is described by its type and size, never kept."""
         self.assertEqual(
             describe_body(b"\x89PNG....", "image/png", 10),
             ({"content_type": "image/png", "size": 8}, False),
         )
 
     def test_multipart_from_httpx(self) -> None:
+        """An upload as httpx encodes it is described by its fields: values of
+        the small ones, file name, type and size of the file, and none of the
+        file's bytes."""
         body, content_type = multipart_body()
         described, truncated = describe_body(body, content_type, 100)
         self.assertFalse(truncated)
@@ -642,8 +644,10 @@ class DescribeBodyTests(SynchronousTestCase):
         self.assertNotIn("RIFF", json.dumps(described))
 
     def test_multipart_by_hand(self) -> None:
+        """A hand-made form is described field by field: long values by their
+        size only, RFC 5987 file names decoded."""
         boundary = b"----WebKitFormBoundary7MA4YWxkTrZu0gW"
-        body = hand_multipart(
+        body = multipart(
             boundary,
             [
                 (
@@ -678,18 +682,21 @@ class DescribeBodyTests(SynchronousTestCase):
         )
 
     def test_multipart_too_many_fields(self) -> None:
+        """A form with too many fields is described up to the cap and marked truncated."""
         parts = [
             (b'Content-Disposition: form-data; name="f%d"' % i, b"v")
             for i in range(MULTIPART_MAX_FIELDS + 5)
         ]
         described, truncated = describe_body(
-            hand_multipart(b"xyz", parts), "multipart/form-data; boundary=xyz", 10
+            multipart(b"xyz", parts), "multipart/form-data; boundary=xyz", 10
         )
         assert isinstance(described, dict)
         self.assertEqual(len(described["fields"]), MULTIPART_MAX_FIELDS)
         self.assertTrue(truncated)
 
     def test_multipart_malformed(self) -> None:
+        """A malformed form falls back to its type and size; one without a close
+        delimiter runs its last part to the end."""
         fallback = {"content_type": "multipart/form-data", "size": 7}
         self.assertEqual(describe_body(b"garbage", "multipart/form-data", 10), (fallback, False))
         self.assertEqual(
@@ -738,6 +745,8 @@ class DescribeBodyTests(SynchronousTestCase):
         ).map(b"".join)
     )
     def test_multipart_never_raises(self, body: bytes) -> None:
+        """Any bytes under a multipart content type give a JSON-serialisable
+        description, never an exception."""
         described, _ = describe_body(body, 'multipart/form-data; boundary="q"', 10)
         self.assertIsInstance(described, (dict, type(None)))
         json.dumps(described)
@@ -745,26 +754,33 @@ class DescribeBodyTests(SynchronousTestCase):
 
 class CostTests(SynchronousTestCase):
     def test_cost(self) -> None:
+        """Cost is the prompt and completion tokens at their per-million prices."""
         usage = Usage(prompt_tokens=1_000_000, completion_tokens=500_000, total_tokens=1_500_000)
         self.assertAlmostEqual(cost(usage, Price(input=0.15, output=0.6)), 0.45)
 
     def test_unknown(self) -> None:
+        """Without usage or without a price, the cost is unknown (None)."""
         self.assertIsNone(cost(None, Price(1, 1)))
         self.assertIsNone(cost(Usage(1, 0, 1), None))
 
     def test_partial_usage(self) -> None:
+        """Usage without completion tokens is priced on its prompt alone."""
         self.assertAlmostEqual(cost(Usage(2000, 0, 2000), Price(2.0, 8.0)), 0.004)
 
 
 class TruncateTextTests(SynchronousTestCase):
     def test_short(self) -> None:
+        """Text within the limit is kept whole and not marked truncated."""
         self.assertEqual(truncate_text("abc", 3), ("abc", False))
         self.assertEqual(truncate_text("é" * 10, 20), ("é" * 10, False))
 
     def test_ascii(self) -> None:
+        """ASCII text is cut at exactly the limit."""
         self.assertEqual(truncate_text("abcdef", 4), ("abcd", True))
 
     def test_multibyte_boundary(self) -> None:
+        """Text is cut at the last whole character within the limit, however
+        many bytes its characters take."""
         text = "a€😀b"  # 1 + 3 + 4 + 1 bytes
         self.assertEqual(truncate_text(text, 1), ("a", True))
         self.assertEqual(truncate_text(text, 2), ("a", True))
@@ -777,6 +793,8 @@ class TruncateTextTests(SynchronousTestCase):
 
     @given(st.text(), st.integers(min_value=0, max_value=40))
     def test_property(self, text: str, limit: int) -> None:
+        """For any text and limit, the kept part is the longest prefix that
+        fits, and it is marked truncated exactly when it is shorter."""
         cut, truncated = truncate_text(text, limit)
         self.assertTrue(text.startswith(cut))
         size = len(cut.encode("utf-8", "surrogatepass"))

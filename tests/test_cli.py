@@ -6,7 +6,6 @@ when it is down, except under ``CI=true``, where that fails).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sqlite3
@@ -14,15 +13,17 @@ import subprocess
 import sys
 import uuid
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy import recordstore
-from oaproxy.cli import chat_item, main, parse_time
+from oaproxy.cli import chat_item, parse_time
 from oaproxy.record import Outcome, Record, decode_record, encode_record
 from oaproxy.sinks.sql import VERSION_TABLE, insert_statement, migrate, open_database, record_row
-from tests.harness import POSTGRES_DSN, free_port, postgres_schema, unavailable
+from tests.doubles import run_cli
+from tests.live import POSTGRES_DSN, free_port, postgres_schema, unavailable
 from tests.records import record, usage
 
 UTC = timezone.utc
@@ -51,25 +52,25 @@ WEATHER_CALL = {
 }
 
 
-def _record(identifier: str, time: float, **fields: Any) -> Record:
-    defaults: dict[str, Any] = {
-        "client_ip": "10.0.0.1",
-        "key_name": None,
-        "model": None,
-        "attempts": [],
-        "upstream": "up",
-        "ttfb": 0.1,
-        "duration": 0.2,
-        "bytes_in": 10,
-        "bytes_out": 20,
-    }
-    return record(id=identifier, time=time, **{**defaults, **fields})
+#: The records here: answered by ``up``, from 10.0.0.1, with neither key nor model.
+_record = partial(
+    record,
+    client_ip="10.0.0.1",
+    key_name=None,
+    model=None,
+    attempts=[],
+    upstream="up",
+    ttfb=0.1,
+    duration=0.2,
+    bytes_in=10,
+    bytes_out=20,
+)
 
 
 #: A chat answer (01:00 on day 0).
 CHAT = _record(
-    "r1-chat",
-    T0 + 3600,
+    id="r1-chat",
+    time=T0 + 3600,
     key_name="alice",
     model="gpt-4o-mini",
     request_body=json.dumps(
@@ -85,8 +86,8 @@ CHAT = _record(
 )
 #: A tool call (exactly 00:00 on day 1).
 TOOL = _record(
-    "r2-tool",
-    T0 + DAY,
+    id="r2-tool",
+    time=T0 + DAY,
     key_name="alice",
     model="gpt-4o-mini",
     request_body=json.dumps(
@@ -107,8 +108,8 @@ TOOL = _record(
 )
 #: Embeddings, no cost known (exactly 00:00 on day 2).
 EMBEDDING = _record(
-    "r3-embedding",
-    T0 + 2 * DAY,
+    id="r3-embedding",
+    time=T0 + 2 * DAY,
     key_name="bob",
     path="/v1/embeddings",
     model="text-embedding-3-small",
@@ -117,8 +118,8 @@ EMBEDDING = _record(
 )
 #: A multipart upload that failed.
 AUDIO = _record(
-    "r4-audio",
-    T0 + 2 * DAY + 60,
+    id="r4-audio",
+    time=T0 + 2 * DAY + 60,
     key_name="bob",
     path="/v1/audio/transcriptions",
     model="/v1/audio/transcriptions",
@@ -132,8 +133,8 @@ AUDIO = _record(
 )
 #: A rate-limited chat without a key (noauth upstream).
 LIMITED = _record(
-    "r5-limited",
-    T0 + 3 * DAY,
+    id="r5-limited",
+    time=T0 + 3 * DAY,
     model="gpt-4o-mini",
     request_body=json.dumps(
         {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "again"}]}
@@ -195,11 +196,8 @@ def chat_json(*items: dict[str, Any]) -> str:
     return "[\n" + ",\n".join(json.dumps(i, ensure_ascii=False) for i in items) + "\n]\n"
 
 
-def run(*argv: str, now: float = NOW) -> tuple[int, str, str]:
-    """``main(argv)``: its exit status, stdout and stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    status = main(list(argv), stdout=out, stderr=err, clock=lambda: now)
-    return status, out.getvalue(), err.getvalue()
+#: The command line in process, at ``NOW`` unless told another time.
+run = partial(run_cli, now=NOW)
 
 
 def store(dbtype: str, dbaddr: str, records: list[Record]) -> None:
@@ -288,6 +286,9 @@ class StoreMixin:
         case.assertEqual(json.loads(result[1]), [CHAT_ITEM, TOOL_ITEM, LIMITED_ITEM])
 
     def test_export_chat_filtered(self) -> None:
+        """The chat format obeys --since and --key, says how many records it
+        left out for having no chat messages, and gives an empty list when
+        nothing matches."""
         self.assertOutput(
             self.export("--format", "chat", "--since", "2026-11-02", "--key", "alice"),
             chat_json(TOOL_ITEM),
@@ -313,6 +314,8 @@ class StoreMixin:
         case.assertEqual(os.listdir(path), ["export.jsonl"])
 
     def test_export_to_missing_directory(self) -> None:
+        """Exporting into a directory that does not exist fails with one line
+        naming the file, and writes nothing to stdout."""
         case: Any = self
         target = os.path.join(case.mktemp(), "export.jsonl")
         status, out, err = self.export("-o", target)
@@ -344,6 +347,8 @@ class StoreMixin:
         )
 
     def test_usage_by_key(self) -> None:
+        """usage --by key sums each key's requests, tokens and cost up to
+        --until (exclusive), '-' for an unknown cost, with a total line."""
         self.assertOutput(
             self.command("usage", "--by", "key", "--until", "2026-11-03T00:01"),
             "key    requests  ok  prompt_tokens  completion_tokens  total_tokens    cost\n"
@@ -353,6 +358,7 @@ class StoreMixin:
         )
 
     def test_usage_empty(self) -> None:
+        """A usage table over no records has only its header and a zero total."""
         self.assertOutput(
             self.command("usage", "--by", "model", "--since", "2027-01-01"),
             "model  requests  ok  prompt_tokens  completion_tokens  total_tokens  cost\n"
@@ -400,6 +406,8 @@ class StoreMixin:
         )
 
     def test_usage_filters(self) -> None:
+        """usage --key and --model keep only their records, grouped in the order
+        --by names, a keyless request under a null key."""
         case: Any = self
         status, out, _ = self.command(
             "usage", "--by", "key,model", "--format", "json", "--key", "alice"
@@ -446,6 +454,7 @@ class SQLiteTests(StoreMixin, SynchronousTestCase):
         )
 
     def test_config_dbaddr_override(self) -> None:
+        """--dbaddr overrides the config file's dbaddr."""
         path = self.config("dbtype: sqlite\ndbaddr: /nonexistent/db.sqlite\n")
         self.assertEqual(
             run(
@@ -479,6 +488,8 @@ class SQLiteTests(StoreMixin, SynchronousTestCase):
         )
 
     def test_dbtype_none(self) -> None:
+        """A config with dbtype none is refused with one line saying there is no
+        store to read and what to set."""
         path = self.config("dbtype: none\n")
         status, out, err = run("usage", "--config", path)
         self.assertEqual((status, out), (2, ""))
@@ -489,6 +500,8 @@ class SQLiteTests(StoreMixin, SynchronousTestCase):
         )
 
     def test_dbtype_override_needs_dbaddr(self) -> None:
+        """A --dbtype other than the config's, without a --dbaddr, is refused
+        with one line saying so."""
         path = self.config(f"dbtype: sqlite\ndbaddr: {self.dbaddr}\n")
         self.assertEqual(
             run("usage", "--config", path, "--dbtype", "postgres"),
@@ -556,6 +569,8 @@ class SQLiteTests(StoreMixin, SynchronousTestCase):
         self.assertFalse(os.path.exists(os.path.dirname(missing)))
 
     def test_no_table(self) -> None:
+        """A database without oaproxy's table is refused with one line asking
+        whether oaproxy stored anything there."""
         empty = os.path.join(os.path.dirname(self.dbaddr), "empty.sqlite")
         sqlite3.connect(empty).close()
         self.assertEqual(
@@ -582,6 +597,8 @@ class SQLiteTests(StoreMixin, SynchronousTestCase):
         self.assertIn("not a database", err)
 
     def test_newer_schema(self) -> None:
+        """A database of a newer schema version is refused with one line asking
+        for a newer oaproxy."""
         connection = sqlite3.connect(self.dbaddr)
         connection.execute(f"UPDATE {VERSION_TABLE} SET version = 99")
         connection.commit()
@@ -653,6 +670,8 @@ class ArgumentTests(SynchronousTestCase):
     """Option and time parsing, before any database."""
 
     def test_bad_time(self) -> None:
+        """A time that is neither ISO 8601 nor relative is a usage error naming
+        the argument, with the command's usage line."""
         status, out, err = run(
             "usage", "--dbtype", "sqlite", "--dbaddr", "x", "--since", "2026-13-01"
         )
@@ -668,6 +687,7 @@ class ArgumentTests(SynchronousTestCase):
         self.assertIn("argument --until: 'yesterday' is not a time", err)
 
     def test_since_not_before_until(self) -> None:
+        """A --since not before --until is refused with both times shown in UTC."""
         self.assertEqual(
             run("usage", "--since", "2026-11-02", "--until", "2026-11-01"),
             (
@@ -681,6 +701,9 @@ class ArgumentTests(SynchronousTestCase):
         )
 
     def test_bad_choices(self) -> None:
+        """Unknown groupings, repeated ones, unknown formats, a missing command
+        and dbtype none on the command line are usage errors (status 2, nothing
+        on stdout)."""
         for argv in (
             ["usage", "--by", "upstream"],
             ["usage", "--by", "key,key"],
@@ -695,12 +718,16 @@ class ArgumentTests(SynchronousTestCase):
             self.assertIn("error:", err, argv)
 
     def test_help(self) -> None:
+        """records export --help shows its formats and says that times without a zone are UTC."""
         status, out, err = run("records", "export", "--help")
         self.assertEqual((status, err), (0, ""))
         self.assertIn("--format {jsonl,chat}", out)
         self.assertIn("without a zone they are UTC", out)
 
     def test_parse_time(self) -> None:
+        """Times are ISO 8601 dates or date-times (UTC unless zoned), 'now', or
+        a number of minutes, hours, days or weeks ago; anything else is
+        refused."""
         now = 2_000_000_000.0
         self.assertEqual(parse_time("2026-11-01", now), T0)
         self.assertEqual(parse_time("2026-11-01T12:00", now), T0 + 12 * 3600)
@@ -724,8 +751,8 @@ class ChatItemTests(SynchronousTestCase):
         """A legacy ``functions`` request answered with a function call."""
         functions = [{"name": "f", "parameters": {"type": "object"}}]
         record = _record(
-            "x",
-            T0,
+            id="x",
+            time=T0,
             request_body={
                 "model": "m",
                 "messages": [{"role": "user", "content": "x"}],
@@ -752,6 +779,8 @@ class ChatItemTests(SynchronousTestCase):
         )
 
     def test_no_messages(self) -> None:
+        """A record whose body holds no chat messages (none, cut short, another
+        API's, odd shapes, a form) gives no chat item."""
         for body in (
             None,
             '{"model": "m", "messages": [{"role": "user", "content": "cut sh',  # truncated
@@ -761,7 +790,7 @@ class ChatItemTests(SynchronousTestCase):
             "[1, 2]",
             {"content_type": "multipart/form-data", "size": 3, "fields": []},
         ):
-            self.assertIsNone(chat_item(_record("x", T0, request_body=body)), body)
+            self.assertIsNone(chat_item(_record(id="x", time=T0, request_body=body)), body)
 
     def test_odd_messages(self) -> None:
         """Messages without a role are left out; content is kept as sent
@@ -780,7 +809,7 @@ class ChatItemTests(SynchronousTestCase):
                 "junk",
             ]
         }
-        item = chat_item(_record("x", T0, request_body=json.dumps(body)))
+        item = chat_item(_record(id="x", time=T0, request_body=json.dumps(body)))
         assert item is not None
         self.assertEqual(
             item["messages"], [{"user": parts}, {"assistant": None}, {"tool": "sunny"}]

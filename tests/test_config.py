@@ -15,15 +15,19 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.config import (
     DEFAULT_LISTEN,
+    BreakerConfig,
+    CacheBackend,
     ClientKey,
     Config,
     ConfigError,
     FeishuConfig,
+    LbPolicy,
     MatrixConfig,
     NotifyConfig,
     Price,
     RecordsPolicy,
     Upstream,
+    UpstreamType,
     all_client_keys,
     check_listeners,
     is_loopback_endpoint,
@@ -138,6 +142,7 @@ class Helpers(SynchronousTestCase):
 
 class ConfigErrorTests(SynchronousTestCase):
     def test_str_with_line(self) -> None:
+        """An error reads file:line: key: message, and keeps each part."""
         error = ConfigError("c.yaml", 7, "upstreams[1].timeout", "must be greater than 0")
         self.assertEqual(str(error), "c.yaml:7: upstreams[1].timeout: must be greater than 0")
         self.assertEqual(
@@ -146,19 +151,25 @@ class ConfigErrorTests(SynchronousTestCase):
         )
 
     def test_str_without_line(self) -> None:
+        """An error without a line reads file: key: message."""
         error = ConfigError("c.yaml", None, "upstreams", "no upstreams are configured")
         self.assertEqual(str(error), "c.yaml: upstreams: no upstreams are configured")
 
     def test_str_without_key(self) -> None:
+        """An error without a key reads file:line: message."""
         self.assertEqual(str(ConfigError("c.yaml", 3, "", "bad")), "c.yaml:3: bad")
 
     def test_one_line(self) -> None:
+        """A message is kept on one line: a newline in it becomes a space."""
         error = ConfigError("c.yaml", 1, "k", "two\nlines")
         self.assertEqual(error.message, "two lines")
 
 
 class DefaultsTests(SynchronousTestCase):
     def test_top_level_defaults(self) -> None:
+        """A config of one upstream gets every top-level default: loopback
+        listener, this host's name, no keys, openai-api-route's deadlines,
+        sqlite, a 64 MiB body cap, loopback trusted."""
         config = parse(MINIMAL)
         self.assertEqual(config.path, PATH)
         self.assertEqual(config.listen, ("tcp:8888:interface=127.0.0.1",))
@@ -184,8 +195,14 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(config.records, RecordsPolicy())
         self.assertEqual(config.notify, NotifyConfig(None, None, 60.0, 10.0))
         self.assertEqual(dict(config.prices), {})
+        self.assertEqual(config.breaker, BreakerConfig(failures=5, cooldown=30.0, shared=False))
+        self.assertEqual(dict(config.routes), {})
+        self.assertEqual(config.disabled_upstreams, ())
 
     def test_records_defaults(self) -> None:
+        """RecordsPolicy's defaults: bodies and answers kept, headers not, 64
+        KiB a field, daily rotation, the Redis stream, the spool, a 10000-record
+        queue."""
         self.assertEqual(
             RecordsPolicy(),
             RecordsPolicy(
@@ -203,6 +220,7 @@ class DefaultsTests(SynchronousTestCase):
         )
 
     def test_upstream_defaults(self) -> None:
+        """An upstream given only an endpoint is named by its host and gets every default."""
         [upstream] = parse(MINIMAL).upstreams
         self.assertEqual(
             upstream,
@@ -210,7 +228,7 @@ class DefaultsTests(SynchronousTestCase):
                 name="api.openai.com",
                 endpoint="https://api.openai.com/v1",
                 sk=None,
-                type="openai",
+                type=UpstreamType.OPENAI,
                 timeout=120.0,
                 stream_timeout=10.0,
                 allow=(),
@@ -224,6 +242,8 @@ class DefaultsTests(SynchronousTestCase):
         )
 
     def test_null_means_default(self) -> None:
+        """A key given no value (YAML null) takes its default, at the top level,
+        in sections and in upstreams."""
         config = parse(
             """\
             timeout:
@@ -248,6 +268,9 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(config.upstreams[0].weight, 1.0)
 
     def test_every_setting(self) -> None:
+        """Every setting, given, lands in its field with its type: numbers as
+        floats, a trailing slash dropped from endpoints, yes as true, a lone
+        string as a list."""
         config = parse(
             """\
             listen: [tcp:8080:interface=127.0.0.1, unix:/run/oaproxy.sock]
@@ -359,7 +382,7 @@ class DefaultsTests(SynchronousTestCase):
                     name="main",
                     endpoint="https://api.openai.com/v1",
                     sk="sk-1",
-                    type="openai",
+                    type=UpstreamType.OPENAI,
                     timeout=30.0,
                     stream_timeout=3.0,
                     allow=("gpt-4o-mini", "/v1/audio/transcriptions"),
@@ -374,10 +397,13 @@ class DefaultsTests(SynchronousTestCase):
         )
 
     def test_prices_read_only(self) -> None:
+        """The prices mapping cannot be changed once loaded."""
         config = parse("prices: {m: {input: 1, output: 2}}\n" + MINIMAL)
         self.assertRaises(TypeError, operator.setitem, config.prices, "x", Price(0, 0))
 
     def test_secrets_not_in_repr(self) -> None:
+        """No secret of the config (client, admin, database, Feishu, Matrix,
+        upstream) is in its repr."""
         config = parse(
             """\
             authorization: {alice: client-secret}
@@ -406,6 +432,10 @@ class DefaultsTests(SynchronousTestCase):
 
 class OpenAIApiRouteSampleTests(Helpers):
     def test_readme_sample_without_replicate(self) -> None:
+        """openai-api-route's README sample loads as it would there: its key,
+        deadlines and database, upstreams named by host (numbered when
+        repeated), with their lists; only the listen address stays on
+        loopback."""
         config = parse(OAR_SAMPLE)
         self.assertEqual(config.keys, (ClientKey(key_fingerprint("woshimima"), "woshimima"),))
         self.assertEqual((config.timeout, config.stream_timeout), (120.0, 10.0))
@@ -434,6 +464,7 @@ class OpenAIApiRouteSampleTests(Helpers):
         self.assertEqual(config.listen, DEFAULT_LISTEN)
 
     def test_readme_sample_inherits_changed_timeouts(self) -> None:
+        """Upstreams without their own deadlines take the global ones, as openai-api-route does."""
         config = parse(
             OAR_SAMPLE.replace("timeout: 120\nstream_timeout: 10", "timeout: 50\nstream_timeout: 7")
         )
@@ -443,16 +474,21 @@ class OpenAIApiRouteSampleTests(Helpers):
         )
 
     def test_readme_sample_with_replicate(self) -> None:
-        text = OAR_SAMPLE + OAR_REPLICATE
-        line = text.splitlines().index("    type: replicate") + 1
-        self.assertEqual(line, 38)
-        error = self.fails(text, 38, "upstreams[3].type", "type 'replicate' is not supported yet")
-        self.assertEqual(
-            str(error),
-            f"{PATH}:38: upstreams[3].type: type 'replicate' is not supported yet",
-        )
+        """openai-api-route's replicate upstream, without an endpoint, goes to
+        Replicate's API with its key and allow list."""
+        config = parse(OAR_SAMPLE + OAR_REPLICATE)
+        replicate = config.upstreams[3]
+        self.assertEqual(replicate.type, UpstreamType.REPLICATE)
+        self.assertEqual(replicate.endpoint, "https://api.replicate.com/v1")
+        self.assertEqual(replicate.name, "api.replicate.com")
+        self.assertEqual(replicate.sk, "key_for_replicate")
+        self.assertEqual(replicate.allow, ("mistralai/mixtral-8x7b-instruct-v0.1",))
+        self.assertFalse(replicate.stream_usage)
 
     def test_complex_sample(self) -> None:
+        """openai-api-route's complex sample: a noauth upstream, and one scoped
+        to a guest key named by its fingerprint; all_client_keys has both keys
+        once."""
         config = parse(OAR_COMPLEX)
         self.assertEqual(config.keys, (ClientKey(key_fingerprint("woshimima"), "woshimima"),))
         public, guest = config.upstreams
@@ -481,6 +517,7 @@ class OpenAIApiRouteSampleTests(Helpers):
         self.assertEqual(config.listen, ("tcp:8080:interface=0.0.0.0",))
 
     def test_address_and_listen(self) -> None:
+        """Giving both listen and address is refused at address's line."""
         self.fails(
             "listen: tcp:1\naddress: ':2'\n" + MINIMAL,
             2,
@@ -491,6 +528,8 @@ class OpenAIApiRouteSampleTests(Helpers):
 
 class AuthorizationTests(Helpers):
     def test_comma_string(self) -> None:
+        """A comma-separated string of keys gives each key trimmed, empty ones
+        dropped, each named by its fingerprint."""
         config = parse("authorization: ' k1, k2 ,,k3,'\n" + MINIMAL)
         self.assertEqual([k.secret for k in config.keys], ["k1", "k2", "k3"])
         self.assertEqual(
@@ -499,9 +538,11 @@ class AuthorizationTests(Helpers):
         )
 
     def test_fingerprint(self) -> None:
+        """A key's fingerprint is 'key-' and eight hex digits, stable."""
         self.assertEqual(key_fingerprint("woshimima"), "key-229123a6")
 
     def test_list(self) -> None:
+        """A list of keys gives each key."""
         config = parse("authorization: [k1, k2]\n" + MINIMAL)
         self.assertEqual([k.secret for k in config.keys], ["k1", "k2"])
 
@@ -511,6 +552,7 @@ class AuthorizationTests(Helpers):
         self.assertEqual([k.secret for k in config.keys], ["12345678"])
 
     def test_mapping(self) -> None:
+        """A mapping names its keys; an upstream's key that is also global keeps its global name."""
         config = parse(
             """\
             authorization:
@@ -529,10 +571,13 @@ class AuthorizationTests(Helpers):
         self.assertEqual(config.upstreams[1].keys, (ClientKey("guest", "g"),))
 
     def test_repeated_key_once(self) -> None:
+        """A key given twice is kept once."""
         config = parse("authorization: k1,k1\n" + MINIMAL)
         self.assertEqual(len(config.keys), 1)
 
     def test_one_key_two_names(self) -> None:
+        """One secret under two names is refused at the second, naming the
+        first's line and not the secret."""
         error = self.fails(
             "authorization:\n  alice: same-secret\n  bob: same-secret\n" + MINIMAL,
             3,
@@ -542,6 +587,8 @@ class AuthorizationTests(Helpers):
         self.assertNotIn("same-secret", str(error))
 
     def test_one_key_two_names_across_upstreams(self) -> None:
+        """One secret named differently globally and on an upstream is refused,
+        without the secret in the message."""
         error = self.fails(
             """\
             authorization: {alice: s3cret}
@@ -556,6 +603,7 @@ class AuthorizationTests(Helpers):
         self.assertNotIn("s3cret", str(error))
 
     def test_one_name_two_keys(self) -> None:
+        """One name for two secrets is refused at the second, naming the first's line."""
         self.fails(
             """\
             authorization: {alice: k1}
@@ -570,6 +618,7 @@ class AuthorizationTests(Helpers):
         )
 
     def test_empty_mapping_value(self) -> None:
+        """A named key with an empty secret is refused."""
         self.fails(
             "authorization: {alice: ''}\n" + MINIMAL,
             1,
@@ -578,6 +627,7 @@ class AuthorizationTests(Helpers):
         )
 
     def test_wrong_type(self) -> None:
+        """A key that is not a string is refused at its place in the list."""
         self.fails(
             "authorization: [[k]]\n" + MINIMAL,
             1,
@@ -617,6 +667,7 @@ class AuthorizationTests(Helpers):
 
 class EnvironmentTests(Helpers):
     def test_whole_value(self) -> None:
+        """${NAME} as a whole value is replaced by the variable, in any string setting."""
         config = parse(
             """\
             admin_key: ${ADMIN}
@@ -631,6 +682,7 @@ class EnvironmentTests(Helpers):
         self.assertEqual(config.upstreams[0].sk, "sk-x")
 
     def test_partial(self) -> None:
+        """${NAME} inside a string is replaced in place, several to a value, in lists too."""
         config = parse(
             """\
             hostname: edge-${N}-${REGION}
@@ -656,6 +708,7 @@ class EnvironmentTests(Helpers):
         self.assertEqual(config.upstreams[0].allow, ("m", "/v1/audio"))
 
     def test_missing(self) -> None:
+        """An unset variable is refused at its line and key, naming the variable."""
         error = self.fails(
             """\
             upstreams:
@@ -673,6 +726,7 @@ class EnvironmentTests(Helpers):
         )
 
     def test_missing_in_list(self) -> None:
+        """An unset variable in a list is refused at its item."""
         self.fails(
             """\
             upstreams:
@@ -687,6 +741,7 @@ class EnvironmentTests(Helpers):
         )
 
     def test_escaped(self) -> None:
+        """$${ is a literal ${; any other $ stays as it is."""
         config = parse(
             """\
             upstreams:
@@ -698,6 +753,7 @@ class EnvironmentTests(Helpers):
         self.assertEqual(config.upstreams[0].sk, "${NOT_A_VAR}-$$-$x-1")
 
     def test_unterminated(self) -> None:
+        """An unterminated ${ is refused as a bad reference."""
         self.fails(
             """\
             upstreams:
@@ -710,9 +766,11 @@ class EnvironmentTests(Helpers):
         )
 
     def test_bad_name(self) -> None:
+        """A variable name that is no name is refused as a bad reference."""
         self.fails("hostname: ${A-B}\n" + MINIMAL, 1, "hostname", "bad '${NAME}' reference")
 
     def test_content_is_not_yaml(self) -> None:
+        """A variable's value is taken as text, never parsed as YAML."""
         value = "[1, 2]\nfoo: bar # ${Y} &a *b"
         config = parse(
             """\
@@ -725,10 +783,12 @@ class EnvironmentTests(Helpers):
         self.assertEqual(config.upstreams[0].sk, value)
 
     def test_keys_not_interpolated(self) -> None:
+        """Mapping keys are not interpolated."""
         config = parse("authorization:\n  ${NAME}: k\n" + MINIMAL, {"NAME": "n"})
         self.assertEqual(config.keys[0].name, "${NAME}")
 
     def test_number_from_variable(self) -> None:
+        """A whole-value variable may give a number or a boolean, blanks around it allowed."""
         config = parse(
             """\
             timeout: ${T}
@@ -746,6 +806,8 @@ class EnvironmentTests(Helpers):
         self.assertFalse(config.upstreams[0].keep_header)
 
     def test_bad_number_from_variable(self) -> None:
+        """A variable that gives no number where one is needed is refused
+        without showing its value."""
         error = self.fails(
             "timeout: ${T}\n" + MINIMAL,
             1,
@@ -756,6 +818,7 @@ class EnvironmentTests(Helpers):
         self.assertNotIn("soon-secret", str(error))
 
     def test_bad_bool_from_variable(self) -> None:
+        """A variable that gives neither true nor false where a boolean is needed is refused."""
         self.fails(
             "upstreams:\n  - endpoint: http://a\n    noauth: ${P}\n",
             3,
@@ -765,6 +828,7 @@ class EnvironmentTests(Helpers):
         )
 
     def test_partial_variable_in_number(self) -> None:
+        """A number with a variable inside it is a string, and refused as one."""
         self.fails(
             "timeout: 1${T}\n" + MINIMAL,
             1,
@@ -774,6 +838,8 @@ class EnvironmentTests(Helpers):
         )
 
     def test_load_config_uses_os_environ(self) -> None:
+        """load_config interpolates from os.environ unless given an environment,
+        and keeps the path it read."""
         path = self.mktemp()
         with open(path, "w", encoding="utf-8") as f:
             f.write("upstreams:\n  - endpoint: http://a\n    sk: ${OAPROXY_TEST_SK}\n")
@@ -787,12 +853,14 @@ class EnvironmentTests(Helpers):
 
 class FileTests(Helpers):
     def test_missing_file(self) -> None:
+        """A missing file is refused naming the file, without a line or key."""
         path = self.mktemp()
         error = self.assertRaises(ConfigError, load_config, path, {})
         self.assertEqual((error.path, error.line, error.key), (path, None, ""))
         self.assertIn("cannot read the config file", str(error))
 
     def test_not_utf8(self) -> None:
+        """A file that is not UTF-8 is refused saying so."""
         path = self.mktemp()
         with open(path, "wb") as f:
             f.write(b"hostname: \xff\n")
@@ -800,13 +868,16 @@ class FileTests(Helpers):
         self.assertIn("UTF-8", error.message)
 
     def test_empty(self) -> None:
+        """An empty file is refused as empty, without a line or key."""
         error = self.fails("", None, "", "the config file is empty")
         self.assertEqual(str(error), f"{PATH}: the config file is empty")
 
     def test_only_comments(self) -> None:
+        """A file of comments alone is empty too."""
         self.fails("# nothing\n\n", None, "", "the config file is empty")
 
     def test_malformed(self) -> None:
+        """Broken YAML is refused at the line where the parser gave up."""
         self.fails(
             """\
             timeout: 1
@@ -821,19 +892,24 @@ class FileTests(Helpers):
         )
 
     def test_malformed_indentation(self) -> None:
+        """A wrongly indented key is broken YAML, refused at its line."""
         self.fails("timeout: 1\n  stream_timeout: 2\n", 2, "", "not valid YAML")
 
     def test_tab(self) -> None:
+        """A tab in the indentation is refused as broken YAML, the message showing the tab."""
         error = self.fails("upstreams:\n\t- endpoint: http://a\n", 2, "", "not valid YAML")
         self.assertIn("\\t", error.message)
 
     def test_forbidden_character(self) -> None:
+        """A control character is refused as broken YAML, naming it."""
         self.fails(MINIMAL + "hostname: a\x01b\n", 3, "", "#x0001")
 
     def test_byte_order_mark(self) -> None:
+        """A leading byte order mark is ignored."""
         self.assertEqual(parse("\ufeff" + MINIMAL).upstreams[0].name, "api.openai.com")
 
     def test_recursive_alias(self) -> None:
+        """A recursive alias is refused as the wrong type at its place, not looped over."""
         self.fails(
             "upstreams: &a [*a]\n",
             1,
@@ -842,9 +918,11 @@ class FileTests(Helpers):
         )
 
     def test_two_documents(self) -> None:
+        """A second YAML document in the file is refused."""
         self.fails(MINIMAL + "---\n" + MINIMAL, 3, "", "not valid YAML")
 
     def test_not_a_mapping(self) -> None:
+        """A top level that is no mapping is refused saying what it is."""
         self.fails(
             "- a\n- b\n",
             1,
@@ -853,6 +931,7 @@ class FileTests(Helpers):
         )
 
     def test_duplicate_key(self) -> None:
+        """A key given twice is refused at the second, naming the first's line."""
         self.fails(
             "timeout: 1\n" + MINIMAL + "timeout: 2\n",
             4,
@@ -861,6 +940,7 @@ class FileTests(Helpers):
         )
 
     def test_python_tags_refused(self) -> None:
+        """Python object tags are not constructed: the value is refused as no string."""
         self.fails(
             "hostname: !!python/object:os.system ls\n" + MINIMAL,
             1,
@@ -869,6 +949,7 @@ class FileTests(Helpers):
         )
 
     def test_merge_keys(self) -> None:
+        """YAML merge keys work: an upstream may take another's settings and override some."""
         config = parse(
             """\
             upstreams:
@@ -885,6 +966,7 @@ class FileTests(Helpers):
         )
 
     def test_anchors(self) -> None:
+        """YAML anchors and aliases work."""
         config = parse(
             """\
             upstreams:
@@ -899,6 +981,7 @@ class FileTests(Helpers):
 
 class UnknownKeyTests(Helpers):
     def test_top_level(self) -> None:
+        """An unknown top-level key is refused at its line, suggesting the likely one."""
         self.fails(
             "timout: 1\n" + MINIMAL,
             1,
@@ -907,6 +990,8 @@ class UnknownKeyTests(Helpers):
         )
 
     def test_upstream(self) -> None:
+        """An unknown key in an upstream is refused at its line, naming the
+        upstream by its index."""
         self.fails(
             """\
             upstreams:
@@ -920,6 +1005,7 @@ class UnknownKeyTests(Helpers):
         )
 
     def test_records(self) -> None:
+        """An unknown key in records is refused at its line."""
         self.fails(
             "records:\n  body: true\n  bodies: false\n" + MINIMAL,
             3,
@@ -928,9 +1014,11 @@ class UnknownKeyTests(Helpers):
         )
 
     def test_notify(self) -> None:
+        """An unknown channel in notify is refused at its line."""
         self.fails("notify:\n  slack: {}\n" + MINIMAL, 2, "notify.slack", "unknown key")
 
     def test_feishu(self) -> None:
+        """An unknown key in notify.feishu is refused at its line."""
         self.fails(
             "notify:\n  feishu:\n    webhook: https://f\n    token: x\n" + MINIMAL,
             4,
@@ -939,6 +1027,7 @@ class UnknownKeyTests(Helpers):
         )
 
     def test_matrix(self) -> None:
+        """An unknown key in notify.matrix is refused at its line."""
         self.fails(
             "notify:\n  matrix:\n    homeserver: https://m\n    access_token: t\n    room_id: '!r'\n    room: x\n"
             + MINIMAL,
@@ -948,6 +1037,7 @@ class UnknownKeyTests(Helpers):
         )
 
     def test_prices(self) -> None:
+        """An unknown key in a price is refused at its line, suggesting the likely one."""
         self.fails(
             "prices:\n  gpt-4o:\n    input: 1\n    ouput: 2\n" + MINIMAL,
             4,
@@ -958,6 +1048,7 @@ class UnknownKeyTests(Helpers):
 
 class TypeTests(Helpers):
     def test_timeout_not_a_number(self) -> None:
+        """A timeout that is no number is refused saying what it is."""
         self.fails("timeout: abc\n" + MINIMAL, 1, "timeout", "expected a number, got a string")
 
     def test_timeout_zero_means_the_default(self) -> None:
@@ -973,6 +1064,7 @@ class TypeTests(Helpers):
         )
 
     def test_stream_timeout_negative(self) -> None:
+        """A negative stream_timeout is refused."""
         self.fails(
             "stream_timeout: -1\n" + MINIMAL,
             1,
@@ -981,6 +1073,7 @@ class TypeTests(Helpers):
         )
 
     def test_stream_idle_timeout(self) -> None:
+        """A stream_idle_timeout that is no number is refused saying what it is."""
         self.fails(
             "stream_idle_timeout: [1]\n" + MINIMAL,
             1,
@@ -989,9 +1082,11 @@ class TypeTests(Helpers):
         )
 
     def test_infinite(self) -> None:
+        """An infinite timeout is refused: it must be finite."""
         self.fails("timeout: .inf\n" + MINIMAL, 1, "timeout", "finite")
 
     def test_bool_is_not_a_number(self) -> None:
+        """A boolean is no number, though Python would take it for one."""
         self.fails(
             "timeout: true\n" + MINIMAL,
             1,
@@ -1000,6 +1095,7 @@ class TypeTests(Helpers):
         )
 
     def test_upstream_timeout(self) -> None:
+        """An upstream's timeout that is no number is refused at its line and key."""
         self.fails(
             """\
             upstreams:
@@ -1013,6 +1109,7 @@ class TypeTests(Helpers):
         )
 
     def test_upstream_stream_timeout_zero_inherits(self) -> None:
+        """An upstream's stream_timeout of 0 takes the global one."""
         config = parse_config(
             "stream_timeout: 7\nupstreams:\n  - endpoint: http://a\n    stream_timeout: 0\n",
             "etc/test.yaml",
@@ -1021,6 +1118,7 @@ class TypeTests(Helpers):
         self.assertEqual(config.upstreams[0].stream_timeout, 7.0)
 
     def test_upstream_timeout_negative(self) -> None:
+        """A negative upstream timeout is refused."""
         self.fails(
             "upstreams:\n  - endpoint: http://a\n    timeout: -3\n",
             3,
@@ -1029,6 +1127,7 @@ class TypeTests(Helpers):
         )
 
     def test_allow_number(self) -> None:
+        """An allow list that is a number is refused saying what was expected."""
         self.fails(
             "upstreams:\n  - endpoint: http://a\n    allow: 3\n",
             3,
@@ -1037,11 +1136,13 @@ class TypeTests(Helpers):
         )
 
     def test_allow_single_string(self) -> None:
+        """A single string is an allow or deny list of one."""
         config = parse("upstreams:\n  - endpoint: http://a\n    allow: gpt-4o\n    deny: [gpt-4]\n")
         self.assertEqual(config.upstreams[0].allow, ("gpt-4o",))
         self.assertEqual(config.upstreams[0].deny, ("gpt-4",))
 
     def test_deny_mapping(self) -> None:
+        """A deny list that is a mapping is refused saying what was expected."""
         self.fails(
             "upstreams:\n  - endpoint: http://a\n    deny: {a: b}\n",
             3,
@@ -1050,6 +1151,7 @@ class TypeTests(Helpers):
         )
 
     def test_deny_empty_item(self) -> None:
+        """An empty name in a deny list is refused at its item."""
         self.fails(
             "upstreams:\n  - endpoint: http://a\n    deny:\n      - gpt-4\n      - ''\n",
             5,
@@ -1058,6 +1160,7 @@ class TypeTests(Helpers):
         )
 
     def test_noauth_string(self) -> None:
+        """A quoted 'yes' is a string, not a boolean, and refused for noauth."""
         self.fails(
             'upstreams:\n  - endpoint: http://a\n    noauth: "yes"\n',
             3,
@@ -1066,6 +1169,7 @@ class TypeTests(Helpers):
         )
 
     def test_keep_header_number(self) -> None:
+        """A number is not a boolean for keep_header."""
         self.fails(
             "upstreams:\n  - endpoint: http://a\n    keep_header: 1\n",
             3,
@@ -1074,6 +1178,7 @@ class TypeTests(Helpers):
         )
 
     def test_weight(self) -> None:
+        """A weight of 0 is refused: it must be greater than 0."""
         self.fails(
             "upstreams:\n  - endpoint: http://a\n    weight: 0\n",
             3,
@@ -1082,11 +1187,13 @@ class TypeTests(Helpers):
         )
 
     def test_int_for_float(self) -> None:
+        """Integers are taken where numbers are expected, as floats."""
         config = parse("timeout: 7\nupstreams:\n  - endpoint: http://a\n    weight: 3\n")
         self.assertEqual(config.timeout, 7.0)
         self.assertEqual(config.upstreams[0].weight, 3.0)
 
     def test_max_body_bytes(self) -> None:
+        """max_body_bytes must be a positive integer."""
         self.fails(
             "max_body_bytes: 1.5\n" + MINIMAL,
             1,
@@ -1101,6 +1208,7 @@ class TypeTests(Helpers):
         )
 
     def test_shutdown_timeout_negative(self) -> None:
+        """A negative shutdown_timeout is refused."""
         self.fails(
             "shutdown_timeout: -1\n" + MINIMAL,
             1,
@@ -1109,6 +1217,7 @@ class TypeTests(Helpers):
         )
 
     def test_hostname_mapping(self) -> None:
+        """A hostname that is a mapping is refused saying what it is."""
         self.fails(
             "hostname: {a: 1}\n" + MINIMAL,
             1,
@@ -1119,6 +1228,8 @@ class TypeTests(Helpers):
 
 class UpstreamTests(Helpers):
     def test_no_endpoint(self) -> None:
+        """An upstream without an endpoint is refused at its first line, and the
+        message shows none of its settings' values."""
         error = self.fails(
             """\
             authorization: k
@@ -1135,6 +1246,7 @@ class UpstreamTests(Helpers):
         self.assertNotIn("key", error.message)
 
     def test_null_endpoint(self) -> None:
+        """An endpoint given no value is no endpoint."""
         self.fails(
             "upstreams:\n  - sk: x\n    endpoint:\n",
             3,
@@ -1143,6 +1255,7 @@ class UpstreamTests(Helpers):
         )
 
     def test_endpoint_scheme(self) -> None:
+        """An endpoint that is no http or https URL is refused without showing its password."""
         error = self.fails(
             "upstreams:\n  - endpoint: ftp://user:pw@host/v1\n",
             2,
@@ -1152,6 +1265,7 @@ class UpstreamTests(Helpers):
         self.assertNotIn("pw", str(error))
 
     def test_endpoint_not_a_url(self) -> None:
+        """An endpoint without a scheme is refused as no URL."""
         self.fails(
             "upstreams:\n  - endpoint: api.openai.com\n",
             2,
@@ -1160,6 +1274,7 @@ class UpstreamTests(Helpers):
         )
 
     def test_endpoint_bad_port(self) -> None:
+        """An endpoint with an impossible port is refused as no valid URL."""
         self.fails(
             "upstreams:\n  - endpoint: http://h:99999/\n",
             2,
@@ -1168,6 +1283,7 @@ class UpstreamTests(Helpers):
         )
 
     def test_endpoint_no_host(self) -> None:
+        """An endpoint without a host is refused."""
         self.fails(
             "upstreams:\n  - endpoint: 'http:///v1'\n",
             2,
@@ -1176,6 +1292,7 @@ class UpstreamTests(Helpers):
         )
 
     def test_endpoint_query(self) -> None:
+        """An endpoint with a query or fragment is refused."""
         self.fails(
             "upstreams:\n  - endpoint: http://h/v1?x=1\n",
             2,
@@ -1184,6 +1301,7 @@ class UpstreamTests(Helpers):
         )
 
     def test_endpoint_trailing_slash(self) -> None:
+        """A trailing slash is dropped from an endpoint, so that paths join it cleanly."""
         config = parse(
             "upstreams:\n  - endpoint: https://openrouter.ai/api/v1/\n  - endpoint: http://h/\n"
         )
@@ -1193,6 +1311,7 @@ class UpstreamTests(Helpers):
         )
 
     def test_sk_forms(self) -> None:
+        """sk may be asis, empty or null (none), or a number read as its text."""
         config = parse(
             """\
             upstreams:
@@ -1209,32 +1328,40 @@ class UpstreamTests(Helpers):
         self.assertEqual([u.sk for u in config.upstreams], ["asis", None, None, "123456"])
 
     def test_unknown_type(self) -> None:
+        """An unknown upstream type is refused, listing the known ones."""
         self.fails(
             "upstreams:\n  - endpoint: http://a\n    type: azure\n",
             3,
             "upstreams[0].type",
-            "unknown type 'azure'; expected one of: openai",
+            "unknown type 'azure'; expected one of: openai, replicate, echo",
         )
 
     def test_replicate(self) -> None:
-        self.fails(
-            "upstreams:\n  - endpoint: http://a\n  - type: replicate\n",
-            3,
-            "upstreams[1].type",
-            "type 'replicate' is not supported yet",
+        """A replicate upstream's endpoint defaults to Replicate's API, and may be set."""
+        config = parse(
+            "upstreams:\n  - type: replicate\n  - {type: replicate, endpoint: 'http://r.test/v1'}\n"
         )
+        self.assertEqual(
+            [u.endpoint for u in config.upstreams],
+            ["https://api.replicate.com/v1", "http://r.test/v1"],
+        )
+        self.assertEqual([u.name for u in config.upstreams], ["api.replicate.com", "r.test"])
 
     def test_upstreams_missing(self) -> None:
+        """A config without upstreams is refused, without a line."""
         error = self.fails("timeout: 1\n", None, "upstreams", "no upstreams are configured")
         self.assertEqual(str(error), f"{PATH}: upstreams: no upstreams are configured")
 
     def test_upstreams_empty(self) -> None:
+        """An empty upstreams list is refused at its line."""
         self.fails("timeout: 1\nupstreams: []\n", 2, "upstreams", "no upstreams are configured")
 
     def test_upstreams_null(self) -> None:
+        """An upstreams key with no value is refused at its line."""
         self.fails("timeout: 1\nupstreams:\n", 2, "upstreams", "no upstreams are configured")
 
     def test_upstreams_mapping(self) -> None:
+        """upstreams as a mapping instead of a list is refused saying so."""
         self.fails(
             "upstreams:\n  endpoint: http://a\n",
             1,
@@ -1243,6 +1370,7 @@ class UpstreamTests(Helpers):
         )
 
     def test_upstream_not_a_mapping(self) -> None:
+        """An upstream that is a bare string is refused saying what was expected."""
         self.fails(
             "upstreams:\n  - http://a\n",
             2,
@@ -1253,6 +1381,9 @@ class UpstreamTests(Helpers):
 
 class UpstreamNameTests(Helpers):
     def test_defaults(self) -> None:
+        """Unnamed upstreams are named by host (and port when given),
+        lower-cased, without credentials, numbered from #2 when a name
+        repeats."""
         config = parse(
             """\
             upstreams:
@@ -1261,7 +1392,6 @@ class UpstreamNameTests(Helpers):
               - endpoint: http://localhost:5000/v1
               - endpoint: https://api.openai.com/v3
               - endpoint: http://[::1]:8080/v1
-              - endpoint: https://user:pw@host.example/v1
             """
         )
         self.assertEqual(
@@ -1272,11 +1402,12 @@ class UpstreamNameTests(Helpers):
                 "localhost:5000",
                 "api.openai.com#3",
                 "[::1]:8080",
-                "host.example",
             ],
         )
 
     def test_explicit_wins(self) -> None:
+        """A name given explicitly keeps it; the unnamed upstream it collides
+        with is numbered instead."""
         config = parse(
             """\
             upstreams:
@@ -1288,6 +1419,8 @@ class UpstreamNameTests(Helpers):
         self.assertEqual([u.name for u in config.upstreams], ["api.openai.com#2", "api.openai.com"])
 
     def test_explicit_duplicate(self) -> None:
+        """Two upstreams explicitly given one name are refused at the second,
+        naming the first's line."""
         self.fails(
             """\
             upstreams:
@@ -1302,6 +1435,7 @@ class UpstreamNameTests(Helpers):
         )
 
     def test_empty_name(self) -> None:
+        """An empty upstream name is refused."""
         self.fails(
             "upstreams:\n  - endpoint: http://a\n    name: ''\n",
             3,
@@ -1311,24 +1445,25 @@ class UpstreamNameTests(Helpers):
 
 
 class PolicyTests(Helpers):
-    def test_lb_policy_later(self) -> None:
-        for policy in ("round_robin", "weighted", "least_latency"):
-            self.fails(
-                f"lb_policy: {policy}\n" + MINIMAL,
-                1,
-                "lb_policy",
-                f"'{policy}' is not supported yet",
-            )
+    def test_lb_policies(self) -> None:
+        """Every balancing policy of the issue loads, as its enum member."""
+        for policy in LbPolicy:
+            config = parse(f"lb_policy: {policy.value}\n" + MINIMAL)
+            self.assertIs(config.lb_policy, policy)
+            self.assertEqual(config.lb_policy, policy.value)
 
     def test_lb_policy_unknown(self) -> None:
+        """An unknown lb_policy is refused, listing the known ones."""
         self.fails(
             "lb_policy: fastest\n" + MINIMAL,
             1,
             "lb_policy",
-            "unknown value 'fastest'; expected one of: order, random",
+            "unknown value 'fastest'; expected one of: order, random, round_robin, weighted,"
+            " least_latency, least_busy",
         )
 
     def test_dbtype(self) -> None:
+        """dbtype is one of sqlite, postgres and none; dbaddr is kept as given."""
         self.fails(
             "dbtype: mysql\n" + MINIMAL,
             1,
@@ -1339,6 +1474,7 @@ class PolicyTests(Helpers):
         self.assertEqual(parse("dbaddr: /var/lib/x.sqlite\n" + MINIMAL).dbaddr, "/var/lib/x.sqlite")
 
     def test_postgres_needs_dbaddr(self) -> None:
+        """dbtype postgres without a dbaddr, or with an empty one, is refused."""
         self.fails(
             "dbtype: postgres\n" + MINIMAL,
             1,
@@ -1353,6 +1489,8 @@ class PolicyTests(Helpers):
         )
 
     def test_postgres_dsn(self) -> None:
+        """A PostgreSQL URL is a valid dbaddr; text that is no libpq DSN is
+        refused without being shown."""
         config = parse("dbtype: postgres\ndbaddr: postgresql://postgres@127.0.0.1/test\n" + MINIMAL)
         self.assertEqual(config.dbaddr, "postgresql://postgres@127.0.0.1/test")
         error = self.fails(
@@ -1364,6 +1502,8 @@ class PolicyTests(Helpers):
         self.assertNotIn("secret", str(error))
 
     def test_redis(self) -> None:
+        """redis must be a redis:// URL with a numeric database; a wrong one is
+        refused without its password."""
         self.assertEqual(parse("redis: redis://h:6380\n" + MINIMAL).redis, "redis://h:6380")
         error = self.fails(
             "redis: http://:pw@h/0\n" + MINIMAL,
@@ -1375,6 +1515,8 @@ class PolicyTests(Helpers):
         self.fails("redis: redis://h/abc\n" + MINIMAL, 1, "redis", "must be a number")
 
     def test_trusted_proxies(self) -> None:
+        """trusted_proxies takes an address or a list of addresses and networks,
+        host bits dropped; anything else is refused at its item."""
         config = parse("trusted_proxies: 10.1.2.3\n" + MINIMAL)
         self.assertEqual(config.trusted_proxies, (ipaddress.ip_network("10.1.2.3/32"),))
         self.assertEqual(parse("trusted_proxies: []\n" + MINIMAL).trusted_proxies, ())
@@ -1390,6 +1532,7 @@ class PolicyTests(Helpers):
         )
 
     def test_rotate(self) -> None:
+        """records.rotate is daily or a size; another word or a zero size is refused."""
         for rotate in ("daily", "100MB", "10KB", "1048576", "1G"):
             config = parse(f"records: {{rotate: {rotate}}}\n" + MINIMAL)
             self.assertEqual(config.records.rotate, rotate)
@@ -1402,6 +1545,8 @@ class PolicyTests(Helpers):
         self.fails("records:\n  rotate: 0MB\n" + MINIMAL, 2, "records.rotate", "greater than 0")
 
     def test_parse_size(self) -> None:
+        """Sizes are a positive whole number with an optional binary unit (K,
+        KB, KiB, M, G...); anything else is refused."""
         self.assertEqual(parse_size("100MB"), 100 * 1024 * 1024)
         self.assertEqual(parse_size("10KB"), 10 * 1024)
         self.assertEqual(parse_size("10k"), 10 * 1024)
@@ -1412,6 +1557,8 @@ class PolicyTests(Helpers):
             self.assertRaises(ValueError, parse_size, bad)
 
     def test_records_types(self) -> None:
+        """records' settings are typed: booleans, a positive queue size, and
+        records itself a mapping."""
         self.fails(
             "records:\n  body: 'no'\n" + MINIMAL,
             2,
@@ -1432,6 +1579,8 @@ class PolicyTests(Helpers):
         )
 
     def test_notify_missing(self) -> None:
+        """A channel lacking what it needs (Feishu's webhook, Matrix's room) or
+        with a bad URL is refused, and notify.timeout must be positive."""
         self.fails(
             "notify:\n  feishu: {secret: s}\n" + MINIMAL,
             2,
@@ -1453,6 +1602,8 @@ class PolicyTests(Helpers):
         self.fails("notify:\n  timeout: 0\n" + MINIMAL, 2, "notify.timeout", "greater than 0")
 
     def test_prices(self) -> None:
+        """A price needs both input and output, neither negative, in a mapping;
+        zero prices are allowed."""
         self.fails(
             "prices:\n  m: {input: 1}\n" + MINIMAL,
             2,
@@ -1477,12 +1628,16 @@ class PolicyTests(Helpers):
         )
 
     def test_empty_admin_key_is_off(self) -> None:
+        """An admin_key that interpolates to nothing means no admin key."""
         config = parse("admin_key: ${ADMIN}\n" + MINIMAL, {"ADMIN": ""})
         self.assertIsNone(config.admin_key)
 
 
 class ListenTests(Helpers):
     def test_forms(self) -> None:
+        """Listen addresses may be endpoint strings, kept as they are, or
+        openai-api-route's host:port forms, turned into endpoints (localhost
+        meaning 127.0.0.1)."""
         cases = {
             "tcp:8888:interface=127.0.0.1": "tcp:8888:interface=127.0.0.1",
             ":8888": "tcp:8888",
@@ -1501,6 +1656,9 @@ class ListenTests(Helpers):
             self.assertEqual(parse_listen(given), expected, given)
 
     def test_bad_forms(self) -> None:
+        """An empty address, a missing or bad port, an unknown endpoint type (as
+        a dotless name before the colon reads), a bad address in brackets or a
+        trailing escape is refused."""
         for bad in (
             "",
             "tcp",
@@ -1516,14 +1674,17 @@ class ListenTests(Helpers):
             self.assertRaises(ValueError, parse_listen, bad)
 
     def test_listen_string(self) -> None:
+        """One listen address may be given as a string."""
         config = parse("authorization: k\nlisten: ':8888'\n" + MINIMAL)
         self.assertEqual(config.listen, ("tcp:8888",))
 
     def test_listen_list(self) -> None:
+        """Several listen addresses may be given as a list, each in either form."""
         config = parse("listen:\n  - 127.0.0.1:8080\n  - unix:/tmp/s\n" + MINIMAL)
         self.assertEqual(config.listen, ("tcp:8080:interface=127.0.0.1", "unix:/tmp/s"))
 
     def test_bad_listen_item(self) -> None:
+        """A bad item in the listen list is refused at its line."""
         self.fails(
             "listen:\n  - tcp:8080:interface=127.0.0.1\n  - tpc:8081\n" + MINIMAL,
             3,
@@ -1532,6 +1693,7 @@ class ListenTests(Helpers):
         )
 
     def test_bad_listen(self) -> None:
+        """A bad port, an empty list and a bare number are refused for listen."""
         self.fails("listen: tcp:http\n" + MINIMAL, 1, "listen", "the port must be a number")
         self.fails("listen: []\n" + MINIMAL, 1, "listen", "no listen address")
         self.fails(
@@ -1542,6 +1704,9 @@ class ListenTests(Helpers):
         )
 
     def test_is_loopback(self) -> None:
+        """Loopback interfaces, localhost and unix sockets are loopback
+        listeners; any other interface, none, an inherited socket or garbage is
+        not."""
         loopback = (
             "tcp:8888:interface=127.0.0.1",
             "tcp:8888:interface=127.3.2.1",
@@ -1574,6 +1739,8 @@ class ListenTests(Helpers):
 
 class OpenRelayTests(Helpers):
     def test_refused(self) -> None:
+        """A public listener without any client key is refused as an open relay,
+        naming the listener."""
         error = self.fails(
             "timeout: 5\nlisten: tcp:8888\n" + MINIMAL,
             2,
@@ -1583,6 +1750,7 @@ class OpenRelayTests(Helpers):
         self.assertIn("'tcp:8888'", error.message)
 
     def test_refused_in_list(self) -> None:
+        """One public listener among loopback ones is enough to be refused."""
         self.fails(
             "listen: [unix:/tmp/s, '0.0.0.0:80']\n" + MINIMAL,
             1,
@@ -1591,6 +1759,8 @@ class OpenRelayTests(Helpers):
         )
 
     def test_openai_api_route_address_without_keys(self) -> None:
+        """openai-api-route's public ':8888' address without keys is refused as
+        an open relay at address's line."""
         self.fails(
             "address: ':8888'\n" + MINIMAL,
             1,
@@ -1599,9 +1769,11 @@ class OpenRelayTests(Helpers):
         )
 
     def test_systemd_refused(self) -> None:
+        """An inherited socket may be public: without keys it is refused too."""
         self.fails("listen: systemd:domain=INET:index=0\n" + MINIMAL, 1, "listen", "open relay")
 
     def test_loopback_allowed(self) -> None:
+        """Loopback listeners need no keys, the default one included."""
         for listen in (
             "tcp:8888:interface=127.0.0.1",
             "unix:/tmp/s",
@@ -1612,12 +1784,16 @@ class OpenRelayTests(Helpers):
         parse(MINIMAL)
 
     def test_global_keys_allowed(self) -> None:
+        """A public listener is allowed when there are global keys."""
         parse("authorization: k\nlisten: tcp:8888\n" + MINIMAL)
 
     def test_upstream_keys_allowed(self) -> None:
+        """Keys on an upstream alone are keys enough for a public listener."""
         parse("listen: tcp:8888\nupstreams:\n  - endpoint: http://a\n    authorization: guest\n")
 
     def test_noauth_upstream_allowed(self) -> None:
+        """A noauth upstream says the openness is meant: a public listener is
+        allowed without keys."""
         config = parse(
             "listen: tcp:8888\nupstreams:\n  - endpoint: http://a\n    noauth: true\n  - endpoint: http://b\n"
         )
@@ -1634,6 +1810,7 @@ class OpenRelayTests(Helpers):
         self.assertEqual(str(error).split(": ")[:2], [PATH, "--listen"])
 
     def test_check_listeners_with_keys(self) -> None:
+        """With keys, check_listeners lets public and inherited listeners through."""
         config = parse("authorization: k\n" + MINIMAL)
         check_listeners(config, ["tcp:80", "systemd:domain=INET:index=0"])
 
@@ -1759,3 +1936,74 @@ class SchemaTests(Helpers):
         error = self.assertRaises(ConfigError, read_toy, "name: a\nnamed: {x: 1}\n")
         self.assertEqual(error.key, "named.x")
         self.assertEqual(error.message, "expected a level mapping, got an integer")
+
+
+class TrafficControlConfigTests(Helpers):
+    """cache:, ip_allow, ip_deny, content_filter: (and per upstream)."""
+
+    def test_defaults(self) -> None:
+        """All off by default; cache: {} is the cache with its defaults."""
+        config = parse(MINIMAL)
+        self.assertEqual(
+            (config.cache, config.ip_allow, config.ip_deny, config.content_filter),
+            (None, (), (), None),
+        )
+        self.assertTrue(config.upstreams[0].content_filter)
+        cache = parse("cache: {}\n" + MINIMAL).cache
+        assert cache is not None
+        self.assertEqual(
+            (cache.backend, cache.ttl, cache.max_entries, cache.max_entry_bytes, cache.default),
+            (CacheBackend.MEMORY, 3600, 10000, 1048576, False),
+        )
+        self.assertEqual(
+            cache.routes, ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+        )
+
+    def test_values(self) -> None:
+        """Routes lose a trailing /; networks are read as CIDRs; patterns stay as written."""
+        config = parse(
+            """\
+            redis: redis://127.0.0.1:6379/0
+            cache: {backend: redis, routes: [/v1/embeddings/], shared: true}
+            ip_allow: [10.0.0.0/8, 192.0.2.1]
+            ip_deny: ["2001:db8::/32"]
+            content_filter: {patterns: [' secret '], words: [project-x]}
+            upstreams:
+              - {endpoint: "https://a/v1", content_filter: false}
+            """
+        )
+        assert config.cache is not None and config.content_filter is not None
+        self.assertEqual((config.cache.routes, config.cache.shared), (("/v1/embeddings",), True))
+        self.assertEqual(
+            config.ip_allow,
+            (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("192.0.2.1/32")),
+        )
+        self.assertEqual(config.content_filter.patterns, (" secret ",))
+        self.assertFalse(config.upstreams[0].content_filter)
+
+    def test_errors(self) -> None:
+        """Each mistake is refused at its line, naming the key."""
+        self.fails(
+            "cache: {backend: redis}\n" + MINIMAL, 1, "cache.backend", "needs the top-level redis"
+        )
+        self.fails("cache: {backend: disk}\n" + MINIMAL, 1, "cache.backend", "unknown value 'disk'")
+        self.fails(
+            "cache: {routes: [chat]}\n" + MINIMAL, 1, "cache.routes[0]", "is not an API path"
+        )
+        self.fails("cache: {ttl: 0}\n" + MINIMAL, 1, "cache.ttl", "must be greater than 0")
+        self.fails("ip_deny: [10.0.0.300/8]\n" + MINIMAL, 1, "ip_deny[0]", "is not an IP address")
+        self.fails(
+            "content_filter:\n  patterns: ['(a)\\1']\n" + MINIMAL,
+            2,
+            "content_filter.patterns[0]",
+            "not an RE2 pattern: invalid escape sequence",
+        )
+        self.fails(
+            "content_filter: {patterns: ['(?<=a)b']}\n" + MINIMAL,
+            1,
+            "content_filter.patterns[0]",
+            "not an RE2 pattern",
+        )
+        self.fails(
+            "content_filter: {wrods: [x]}\n" + MINIMAL, 1, "content_filter.wrods", "unknown key"
+        )

@@ -8,7 +8,6 @@ import json
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from oaproxy.config import parse_config
 from oaproxy.credentials import (
     REDACTED,
     Redactor,
@@ -17,6 +16,7 @@ from oaproxy.credentials import (
     hide_key_shapes,
     redact_headers,
 )
+from tests.doubles import make_config
 
 CONFIG = """
 authorization: {alice: ck-alice-0123456789, guest: guest}
@@ -57,7 +57,7 @@ class BearerTokenTests(SynchronousTestCase):
 
 class RedactorTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.config = parse_config(CONFIG, "test.yaml", {})
+        self.config = make_config(CONFIG)
         self.redact = Redactor(config_secrets(self.config))
 
     def test_every_configured_secret(self) -> None:
@@ -221,6 +221,8 @@ class RedactHeadersTests(SynchronousTestCase):
     """Credentials in headers never reach a record."""
 
     def test_pairs(self) -> None:
+        """Credentials and cookies among raw header pairs are redacted, names
+        lower-cased and repeated headers joined."""
         self.assertEqual(
             redact_headers(
                 [
@@ -248,6 +250,7 @@ class RedactHeadersTests(SynchronousTestCase):
         )
 
     def test_twisted_headers(self) -> None:
+        """twisted's Headers are redacted alike, and the secret appears nowhere in the result."""
         headers = Headers(
             {
                 b"Authorization": [b"Bearer sk-secret"],
@@ -261,6 +264,7 @@ class RedactHeadersTests(SynchronousTestCase):
         self.assertNotIn("sk-secret", json.dumps(redacted))
 
     def test_mapping(self) -> None:
+        """A mapping of headers, lists for repeated ones, is redacted alike."""
         self.assertEqual(
             redact_headers({"Authorization": "Bearer x", "X-Test": "1", "X-Many": ["a", "b"]}),
             {"authorization": "[redacted]", "x-test": "1", "x-many": "a, b"},

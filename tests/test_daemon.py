@@ -18,27 +18,29 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
 from twisted.internet.error import ConnectError, ConnectionRefusedError, ProcessTerminated
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseNeverReceived
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 
-from tests.fakeupstream import Chat, FakeUpstream, Stream
-from tests.harness import (
+from tests.fakeupstream import Chat, Stream
+from tests.live import (
     POLL,
     Daemon,
+    IncomingBody,
     LiveCase,
-    chat_body,
     child_env,
     free_port,
     post_json,
-    proxy_config,
     reactor,
     read_body,
     run_twistd,
     spawn_daemon,
+    twistd_args,
     write_yaml,
 )
+from tests.payloads import chat_body, proxy_config, upstream
+from tests.records import read_json_lines
 
 OLD_KEY = "ck-old-0123456789abcdef"
 NEW_KEY = "ck-new-0123456789abcdef"
@@ -51,30 +53,7 @@ FEISHU_TOKEN = "hook-daemon-token-0123"
 SLOW_CHUNKS = tuple(f"c{i} " for i in range(10))
 SLOW = Stream(chunks=SLOW_CHUNKS, delay=0.2)
 #: How twistd is run: in the foreground, without a pidfile, on config.yaml.
-TWISTD_ARGS = ["-n", "--pidfile=", "oaproxy", "--config", "config.yaml"]
-
-
-class Incoming(Protocol):
-    """A response body as it arrives; ``done`` fires with (body, clean end)."""
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-        self.first: Deferred[None] = Deferred()
-        self.done: Deferred[tuple[bytes, bool]] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.parts.append(data)
-        if not self.first.called:
-            self.first.callback(None)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if not self.first.called:
-            self.first.callback(None)
-        self.done.callback((b"".join(self.parts), bool(reason.check(ResponseDone))))
-
-
-def upstream(name: str, fake: FakeUpstream, sk: str, **more: Any) -> dict[str, Any]:
-    return {"name": name, "endpoint": fake.endpoint, "sk": sk, **more}
+TWISTD_ARGS = twistd_args("config.yaml")
 
 
 def base_config(
@@ -83,11 +62,6 @@ def base_config(
     if port is not None:
         more.setdefault("listen", f"tcp:{port}:interface=127.0.0.1")
     return proxy_config("daemon-test", keys, upstreams, **more)
-
-
-def records_in(path: str) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 class DaemonCase(LiveCase):
@@ -135,13 +109,13 @@ class DaemonCase(LiveCase):
         )
         return response.code, await read_body(response)
 
-    async def start_stream(self, port: int, key: str) -> Incoming:
+    async def start_stream(self, port: int, key: str) -> IncomingBody:
         """A stream request, once its first bytes have arrived."""
         response = await post_json(
             self.agent, f"http://127.0.0.1:{port}/v1/chat/completions", key, chat_body(stream=True)
         )
         self.assertEqual(response.code, 200)
-        incoming = Incoming()
+        incoming = IncomingBody()
         response.deliverBody(incoming)
         await incoming.first
         return incoming
@@ -184,18 +158,22 @@ class DaemonCase(LiveCase):
 
 class ReloadTests(DaemonCase):
     async def test_sighup_reload(self) -> None:
+        """SIGHUP swaps keys and upstreams for new requests while a stream in
+        flight finishes on the old ones; a bad config is refused in one log line
+        and the last good one stays; a changed listener is bound and the old one
+        closed; no secret reaches the output."""
         a = await self.fake(default=SLOW)
         b = await self.fake(default=Chat(text="from B"))
         first_port = free_port()
         second_port = free_port()
-        old = base_config(first_port, {"old": OLD_KEY}, [upstream("a", a, SK_A)])
+        old = base_config(first_port, {"old": OLD_KEY}, [upstream("a", a.endpoint, SK_A)])
         daemon = self.spawn(old)
         await self.serving(daemon, first_port)
         await daemon.wait_for("oaproxy started")
 
         # A slow stream from A is in flight during the reload.
         incoming = await self.start_stream(first_port, OLD_KEY)
-        new = base_config(first_port, {"new": NEW_KEY}, [upstream("b", b, SK_B)])
+        new = base_config(first_port, {"new": NEW_KEY}, [upstream("b", b.endpoint, SK_B)])
         write_yaml(self.config_path, new)
         daemon.signal("HUP")
         await daemon.wait_for("config reloaded")
@@ -252,7 +230,7 @@ class ReloadTests(DaemonCase):
             Factory.forProtocol(Protocol)
         )
         self.addCleanup(busy.stopListening)
-        config = base_config(port, {"new": NEW_KEY}, [upstream("b", b, SK_B)])
+        config = base_config(port, {"new": NEW_KEY}, [upstream("b", b.endpoint, SK_B)])
         daemon = self.spawn(config)
         await self.serving(daemon, port)
         await daemon.wait_for("oaproxy started")
@@ -269,20 +247,26 @@ class ReloadTests(DaemonCase):
 
 
 class StopTests(DaemonCase):
-    async def test_sigterm_drains_a_stream_in_flight(self) -> None:
-        a = await self.fake(default=SLOW)
+    async def stopped_mid_stream(
+        self, stream: Stream, **more: Any
+    ) -> tuple[Daemon, int, IncomingBody, float]:
+        """A daemon serving a stream from ``stream``, sent SIGTERM once the
+        stream began: the daemon, its port, the stream, when SIGTERM was sent."""
+        a = await self.fake(default=stream)
         port = free_port()
-        config = base_config(
-            port,
-            {"old": OLD_KEY},
-            [upstream("a", a, SK_A)],
-            records={"file": "records.jsonl", "spool_dir": "spool"},
-        )
+        records = {"file": "records.jsonl", "spool_dir": "spool"}
+        upstreams = [upstream("a", a.endpoint, SK_A)]
+        config = base_config(port, {"old": OLD_KEY}, upstreams, records=records, **more)
         daemon = self.spawn(config)
         await self.serving(daemon, port)
         incoming = await self.start_stream(port, OLD_KEY)
         daemon.signal("TERM")
-        sent = reactor.seconds()
+        return daemon, port, incoming, reactor.seconds()
+
+    async def test_sigterm_drains_a_stream_in_flight(self) -> None:
+        """SIGTERM closes the listener at once and lets the stream in flight
+        finish before the daemon exits; its record is written whole."""
+        daemon, port, incoming, sent = await self.stopped_mid_stream(SLOW)
 
         # New connections are refused promptly, while the stream goes on.
         for _ in range(40):
@@ -299,28 +283,19 @@ class StopTests(DaemonCase):
         self.assert_stopped_by_sigterm(await daemon.end(), daemon)
         self.assertIn("stopping: waiting up to 30.0s for 1 requests in flight", daemon.text)
 
-        [record] = records_in(os.path.join(self.cwd, "records.jsonl"))
+        [record] = read_json_lines(os.path.join(self.cwd, "records.jsonl"))
         self.assertEqual((record["stream"], record["status"], record["outcome"]), (True, 200, "ok"))
         self.assertEqual(record["upstream"], "a")
         self.assertEqual(record["response_text"], "".join(SLOW_CHUNKS))
         self.assertEqual(record["key_name"], "old")
 
     async def test_shutdown_timeout_cuts_a_long_stream(self) -> None:
+        """A stream still running at shutdown_timeout is cut: the daemon exits
+        about then, the client's stream does not look complete, and the record
+        says the proxy cut it."""
         # About 8 s of stream, against a 1 s shutdown_timeout.
-        a = await self.fake(default=Stream(chunks=tuple(f"c{i} " for i in range(40)), delay=0.2))
-        port = free_port()
-        config = base_config(
-            port,
-            {"old": OLD_KEY},
-            [upstream("a", a, SK_A)],
-            shutdown_timeout=1,
-            records={"file": "records.jsonl", "spool_dir": "spool"},
-        )
-        daemon = self.spawn(config)
-        await self.serving(daemon, port)
-        incoming = await self.start_stream(port, OLD_KEY)
-        daemon.signal("TERM")
-        sent = reactor.seconds()
+        long_stream = Stream(chunks=tuple(f"c{i} " for i in range(40)), delay=0.2)
+        daemon, _, incoming, sent = await self.stopped_mid_stream(long_stream, shutdown_timeout=1)
         reason = await daemon.end()
         assert daemon.ended_at is not None
         took = daemon.ended_at - sent
@@ -333,7 +308,7 @@ class StopTests(DaemonCase):
         self.assertFalse(clean, "a cut stream must not look complete")
         self.assertNotIn(b"[DONE]", body)
 
-        [record] = records_in(os.path.join(self.cwd, "records.jsonl"))
+        [record] = read_json_lines(os.path.join(self.cwd, "records.jsonl"))
         self.assertEqual(record["stream"], True)
         # The proxy cut it, the client did not go away; the record says so.
         self.assertEqual(record["error"], "cut at shutdown")
@@ -344,9 +319,12 @@ class StopTests(DaemonCase):
 
 class SocketActivationTests(DaemonCase):
     def test_listen_on_an_inherited_socket(self) -> Deferred[None]:
+        """Given a listening socket as systemd passes it (fd 3, LISTEN_FDS,
+        LISTEN_PID), the daemon serves on it by index."""
         return Deferred.fromCoroutine(self._inherited("systemd:domain=INET:index=0"))
 
     def test_listen_on_an_inherited_socket_by_name(self) -> Deferred[None]:
+        """The inherited socket may be named by its socket unit's name instead of its index."""
         return Deferred.fromCoroutine(self._inherited("systemd:domain=INET:name=oaproxy.socket"))
 
     async def _inherited(self, listen: str) -> None:
@@ -356,7 +334,9 @@ class SocketActivationTests(DaemonCase):
         listening.bind(("127.0.0.1", 0))
         listening.listen(16)
         port = listening.getsockname()[1]
-        config = base_config(None, {"old": OLD_KEY}, [upstream("a", fake, SK_A)], listen=listen)
+        config = base_config(
+            None, {"old": OLD_KEY}, [upstream("a", fake.endpoint, SK_A)], listen=listen
+        )
         env = {k: v for k, v in child_env().items() if k != "LISTEN_PID"}
         # As systemd (>= 227) does: fd 3, its count, its name (the socket
         # unit's, by default; Twisted ignores descriptors without names) and
@@ -382,7 +362,7 @@ class SocketActivationTests(DaemonCase):
     async def test_no_inherited_socket_is_one_clear_line(self) -> None:
         """Started by hand, without the .socket unit: a one-line refusal, as
         for any config error, not a traceback."""
-        upstreams = [{"name": "a", "endpoint": "http://127.0.0.1:9/v1", "sk": SK_A}]
+        upstreams = [upstream("a", "http://127.0.0.1:9/v1", SK_A)]
         config = base_config(
             None, {"old": OLD_KEY}, upstreams, listen="systemd:domain=INET:index=0"
         )
@@ -399,6 +379,9 @@ class SocketActivationTests(DaemonCase):
 
 class SummaryTests(DaemonCase):
     async def test_startup_summary(self) -> None:
+        """The startup block names the listener, the client keys by name, each
+        upstream with its models and deadlines, the sinks and the alert
+        channels' hosts, and no secret."""
         main = await self.fake()
         spare = await self.fake()
         port = free_port()
@@ -408,13 +391,13 @@ class SummaryTests(DaemonCase):
             [
                 upstream(
                     "main",
-                    main,
+                    main.endpoint,
                     SK_A,
                     allow=["gpt-4o-mini", "gpt-4o"],
                     timeout=30,
                     stream_timeout=7,
                 ),
-                upstream("spare", spare, SK_B),
+                upstream("spare", spare.endpoint, SK_B),
             ],
             records={"file": "log/records.jsonl", "spool_dir": "spool"},
             notify={

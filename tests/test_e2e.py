@@ -11,49 +11,37 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
 
 import openai
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from tests.fakeupstream import FAKE_MODEL, Drop, Hang, Status, Stream
-from tests.harness import (
-    CLIENT_KEY,
-    OTHER_KEY,
-    SK_BACKUP,
-    SK_MAIN,
+from tests.fakeupstream import Drop, Hang, Status, Stream
+from tests.live import (
     EndToEndCase,
     RawClient,
     chat,
-    raw_chat_request,
+    collect_stream,
     reactor,
     refused_endpoint,
+)
+from tests.payloads import (
+    CLIENT_KEY,
+    FAKE_MODEL,
+    HI,
+    OTHER_KEY,
+    SK_BACKUP,
+    SK_MAIN,
+    chat_payload,
+    raw_chat_request,
     upstream,
 )
 
 
-def collect_stream(
-    client: openai.OpenAI, include_usage: bool = False, model: str = FAKE_MODEL
-) -> tuple[list[str], list[Any]]:
-    """The content deltas and the usage objects of a streamed chat."""
-    extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if include_usage else {}
-    deltas: list[str] = []
-    usages: list[Any] = []
-    stream = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "hi"}], stream=True, **extra
-    )
-    for chunk in stream:
-        if chunk.usage is not None:
-            usages.append(chunk.usage)
-        for choice in chunk.choices:
-            if choice.delta.content:
-                deltas.append(choice.delta.content)
-    return deltas, usages
-
-
 class HappyPathTests(EndToEndCase):
     async def test_chat(self) -> None:
+        """A chat completion through the SDK comes back from the upstream with
+        its usage; the upstream got the request as the SDK sent it."""
         fake = await self.fake()
         proxy = await self.proxy([upstream("main", fake.endpoint)])
         completion = await self.sdk(proxy, chat)
@@ -61,9 +49,12 @@ class HappyPathTests(EndToEndCase):
         self.assertEqual(completion.usage.total_tokens, 11)
         [seen] = fake.requests
         self.assertEqual((seen.method, seen.path), (b"POST", b"/v1/chat/completions"))
-        self.assertEqual(seen.json()["messages"], [{"role": "user", "content": "hi"}])
+        self.assertEqual(seen.json()["messages"], HI)
 
     async def test_upstream_gets_its_own_key_never_the_clients(self) -> None:
+        """For chats, streams and model lists alike, the upstream gets its own
+        key and the client's address, never the client's key in any header, and
+        neither key is in a record."""
         fake = await self.fake()
         proxy = await self.proxy([upstream("main", fake.endpoint, sk=SK_MAIN)])
         await self.sdk(proxy, chat)
@@ -73,16 +64,23 @@ class HappyPathTests(EndToEndCase):
         self.assertEqual(len(proxy.records.seen), 3)
         self.assertNotIn(CLIENT_KEY, json.dumps(proxy.records.seen))
         self.assertNotIn(SK_MAIN, json.dumps(proxy.records.seen))
+        forwarded, listed = fake.requests[:2], fake.requests[2]
+        # The models list is oaproxy's own request, on behalf of no one client.
+        self.assertEqual((listed.method, listed.path), (b"GET", b"/v1/models"))
+        self.assertIsNone(listed.headers.getRawHeaders(b"x-forwarded-for"))
         for seen in fake.requests:
             self.assertEqual(
                 seen.headers.getRawHeaders(b"authorization"), [b"Bearer " + SK_MAIN.encode()]
             )
-            self.assertEqual(seen.headers.getRawHeaders(b"x-forwarded-for"), [b"127.0.0.1"])
+            if seen in forwarded:
+                self.assertEqual(seen.headers.getRawHeaders(b"x-forwarded-for"), [b"127.0.0.1"])
             for name, values in seen.headers.getAllRawHeaders():
                 for value in values:
                     self.assertNotIn(CLIENT_KEY.encode(), value, name)
 
     async def test_stream(self) -> None:
+        """A stream reaches the SDK chunk by chunk; the usage oaproxy asked for
+        is recorded but not passed to a client that did not ask."""
         fake = await self.fake()
         proxy = await self.proxy([upstream("main", fake.endpoint)])
         deltas, usages = await self.sdk(proxy, lambda c: collect_stream(c))
@@ -103,12 +101,14 @@ class HappyPathTests(EndToEndCase):
         self.assertEqual(record["key_name"], "alice")
 
     async def test_stream_with_delays(self) -> None:
+        """A stream whose chunks come with pauses reaches the SDK whole, in order."""
         fake = await self.fake(default=Stream(chunks=("a", "b", "c"), delay=0.02))
         proxy = await self.proxy([upstream("main", fake.endpoint)])
         deltas, _ = await self.sdk(proxy, lambda c: collect_stream(c))
         self.assertEqual(deltas, ["a", "b", "c"])
 
     async def test_stream_usage_when_asked(self) -> None:
+        """A client that asks for stream usage gets the usage chunk."""
         fake = await self.fake()
         proxy = await self.proxy([upstream("main", fake.endpoint)])
         deltas, usages = await self.sdk(proxy, lambda c: collect_stream(c, include_usage=True))
@@ -120,6 +120,7 @@ class HappyPathTests(EndToEndCase):
         )
 
     async def test_embeddings(self) -> None:
+        """Embeddings go through to the upstream's /v1/embeddings and come back."""
         fake = await self.fake()
         proxy = await self.proxy([upstream("main", fake.endpoint)])
         result = await self.sdk(
@@ -131,6 +132,7 @@ class HappyPathTests(EndToEndCase):
         self.assertEqual(seen.json()["input"], ["a", "b"])
 
     async def test_models(self) -> None:
+        """GET /v1/models goes through and the SDK reads the upstream's list."""
         fake = await self.fake()
         proxy = await self.proxy([upstream("main", fake.endpoint)])
         models = await self.sdk(proxy, lambda c: [m.id for m in c.models.list()])
@@ -160,16 +162,20 @@ class HappyPathTests(EndToEndCase):
         self.assertEqual(int(seen.header(b"content-length") or b"-1"), len(seen.body))
 
     def test_transcription_small(self) -> Deferred[None]:
-        # Every byte value, and CR/LF sequences that look like multipart syntax.
+        """A small upload with every byte value and multipart-like CRLF
+        sequences reaches the upstream byte for byte, with a correct
+        Content-Length."""
         audio = bytes(range(256)) * 16 + b"\r\n--\r\n\r\n" + bytes(range(255, -1, -1))
         return Deferred.fromCoroutine(self._transcription(audio))
 
     def test_transcription_large(self) -> Deferred[None]:
-        # Over the 1 MiB held in memory: forwarded from twisted.web's spool file.
+        """An upload over the 1 MiB held in memory is forwarded from
+        twisted.web's spool file, byte for byte."""
         audio = hashlib.sha256(b"seed").digest() * (3 * 1024 * 1024 // 32) + b"tail"
         return Deferred.fromCoroutine(self._transcription(audio))
 
     async def test_scoped_upstream_for_its_key(self) -> None:
+        """A key scoped to an upstream is served by that upstream, under that upstream's own key."""
         fake = await self.fake()
         proxy = await self.proxy(
             [
@@ -191,6 +197,8 @@ class HappyPathTests(EndToEndCase):
 
 class FailoverTests(EndToEndCase):
     async def test_connection_refused_then_answer(self) -> None:
+        """An upstream that refuses the connection is passed over for the next,
+        which answers under its own key."""
         refused = refused_endpoint()
         fake = await self.fake()
         proxy = await self.proxy(
@@ -202,6 +210,7 @@ class FailoverTests(EndToEndCase):
         self.assertEqual(seen.header(b"authorization"), b"Bearer " + SK_BACKUP.encode())
 
     async def test_503_then_answer(self) -> None:
+        """A 503 moves the same body on to the next upstream, each under its own key."""
         first = await self.fake(default=Status(503, "overloaded"))
         second = await self.fake()
         proxy = await self.proxy(
@@ -219,6 +228,7 @@ class FailoverTests(EndToEndCase):
         )
 
     async def test_stream_503_then_stream(self) -> None:
+        """A stream refused with a 503 is served by the next upstream."""
         first = await self.fake(default=Status(503, "overloaded"))
         second = await self.fake()
         proxy = await self.proxy(
@@ -229,6 +239,7 @@ class FailoverTests(EndToEndCase):
         self.assertEqual((len(first.requests), len(second.requests)), (1, 1))
 
     async def test_stream_ending_before_its_first_event(self) -> None:
+        """An upstream that closes a stream before its first event is passed over for the next."""
         first = await self.fake(default=Stream(role_chunk=False, close_after=0))
         second = await self.fake()
         proxy = await self.proxy(
@@ -239,10 +250,10 @@ class FailoverTests(EndToEndCase):
         self.assertEqual((len(first.requests), len(second.requests)), (1, 1))
 
     async def test_upstream_dropping_the_request_gets_it_once(self) -> None:
-        # An upstream that reads a request and closes the connection without
-        # answering (a crash, a proxy in front of it) may have done the work:
-        # the POST is not sent to it again but failed over. Only a pooled
-        # connection the upstream had closed while idle is worth a retry.
+        """An upstream that reads a request and closes the connection without an
+        answer (a crash, a proxy in front of it) may have done the work: the
+        POST is not sent to it again but to the next upstream. Only a pooled
+        connection the upstream had closed while idle is worth a retry."""
         first = await self.fake(default=Drop())
         second = await self.fake()
         proxy = await self.proxy(
@@ -253,6 +264,8 @@ class FailoverTests(EndToEndCase):
         self.assertEqual((len(first.requests), len(second.requests)), (1, 1))
 
     async def test_stream_silent_before_its_first_event(self) -> None:
+        """An upstream that sends stream headers and then nothing is failed over
+        at its stream_timeout, and its connection closed."""
         # 200 and headers, then nothing: not committed, so failed over after
         # stream_timeout (a real deadline over real I/O: kept short).
         first = await self.fake(default=Stream(role_chunk=False, hang_after=0))
@@ -268,8 +281,9 @@ class FailoverTests(EndToEndCase):
         self.assertEqual(await first.requests[0].ended(), "lost")
 
     async def test_large_upload_replayed_to_the_next_upstream(self) -> None:
-        # Over 1 MiB the body is forwarded from twisted.web's spool file,
-        # which must be read again from its start for the second attempt.
+        """An upload over 1 MiB, forwarded from twisted.web's spool file, is
+        read again from its start for the next upstream, which gets the same
+        bytes."""
         audio = hashlib.sha256(b"replay").digest() * (2 * 1024 * 1024 // 32) + b"end"
         first = await self.fake(default=Status(503, "overloaded"))
         second = await self.fake()
@@ -288,6 +302,8 @@ class FailoverTests(EndToEndCase):
         self.assertEqual(first.requests[0].body, second.requests[0].body)
 
     async def test_400_is_answered_at_once(self) -> None:
+        """A 400 from the first upstream is the SDK's BadRequestError, and the
+        next upstream is never asked."""
         first = await self.fake(default=Status(400, "bad messages", "invalid_request_error"))
         second = await self.fake()
         proxy = await self.proxy(
@@ -298,6 +314,8 @@ class FailoverTests(EndToEndCase):
         self.assertEqual((len(first.requests), len(second.requests)), (1, 0))
 
     async def test_hanging_upstream_times_out_and_is_hung_up_on(self) -> None:
+        """An upstream that never answers is given up at its timeout, its
+        connection closed, and the next answers."""
         # A real deadline over real I/O: kept short.
         first = await self.fake(default=Hang())
         second = await self.fake()
@@ -312,6 +330,8 @@ class FailoverTests(EndToEndCase):
 
 class ErrorTests(EndToEndCase):
     async def test_wrong_client_key(self) -> None:
+        """A wrong client key is the SDK's AuthenticationError with OpenAI's
+        code, and reaches no upstream."""
         fake = await self.fake()
         proxy = await self.proxy([upstream("main", fake.endpoint)])
         error = await self.sdk_error(proxy, chat, openai.AuthenticationError, key="ck-wrong")
@@ -320,6 +340,8 @@ class ErrorTests(EndToEndCase):
         self.assertEqual(fake.requests, [])
 
     async def test_all_429_passes_the_last_upstreams_answer(self) -> None:
+        """When every upstream answers 429 the SDK gets the last one's answer,
+        its message and type."""
         first = await self.fake(
             default=Status(429, "first is rate limited", "requests", "rate_limit_exceeded")
         )
@@ -336,6 +358,8 @@ class ErrorTests(EndToEndCase):
         self.assertEqual((len(first.requests), len(second.requests)), (1, 1))
 
     async def test_every_upstream_unreachable(self) -> None:
+        """With every upstream unreachable the SDK gets a 502 naming each
+        upstream's connect error."""
         proxy = await self.proxy(
             [upstream("a", refused_endpoint()), upstream("b", refused_endpoint())]
         )
@@ -346,6 +370,8 @@ class ErrorTests(EndToEndCase):
         self.assertIn("b: connect error", error.message)
 
     async def test_key_not_allowed(self) -> None:
+        """A model only another key's upstream serves is the SDK's
+        PermissionDeniedError, and reaches no upstream."""
         fake = await self.fake()
         proxy = await self.proxy(
             [
@@ -360,6 +386,8 @@ class ErrorTests(EndToEndCase):
         self.assertEqual(fake.requests, [])
 
     async def test_model_not_found(self) -> None:
+        """A model no upstream serves is the SDK's NotFoundError with
+        model_not_found, and reaches no upstream."""
         fake = await self.fake()
         proxy = await self.proxy([upstream("main", fake.endpoint, allow=[FAKE_MODEL])])
         error = await self.sdk_error(
@@ -370,14 +398,13 @@ class ErrorTests(EndToEndCase):
         self.assertEqual(fake.requests, [])
 
     async def test_stream_failing_midway_raises(self) -> None:
+        """A stream whose upstream breaks off makes the SDK raise after the chunks that came."""
         fake = await self.fake(default=Stream(chunks=("one ", "two ", "three"), close_after=2))
         proxy = await self.proxy([upstream("main", fake.endpoint)])
         deltas: list[str] = []
 
         def read(client: openai.OpenAI) -> None:
-            stream = client.chat.completions.create(
-                model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
-            )
+            stream = client.chat.completions.create(model=FAKE_MODEL, messages=HI, stream=True)
             for chunk in stream:
                 for choice in chunk.choices:
                     if choice.delta.content:
@@ -388,6 +415,8 @@ class ErrorTests(EndToEndCase):
         self.assertEqual(deltas, ["one ", "two "])
 
     async def test_stream_falling_silent_raises(self) -> None:
+        """A stream whose upstream falls silent makes the SDK raise an idle
+        error, and the upstream's connection is closed."""
         # A real idle deadline over real I/O: kept short.
         fake = await self.fake(default=Stream(chunks=("one ", "two ", "three"), hang_after=2))
         proxy = await self.proxy([upstream("main", fake.endpoint)], stream_idle_timeout=0.3)
@@ -399,13 +428,15 @@ class ErrorTests(EndToEndCase):
 
 class HeaderTests(EndToEndCase):
     async def test_forwarded_for_from_a_trusted_proxy(self) -> None:
+        """A loopback client's X-Forwarded-For is extended with its address, and
+        its cookie is not passed on."""
         fake = await self.fake()
         proxy = await self.proxy([upstream("main", fake.endpoint)])
         await self.sdk(
             proxy,
             lambda c: c.chat.completions.create(
                 model=FAKE_MODEL,
-                messages=[{"role": "user", "content": "hi"}],
+                messages=HI,
                 extra_headers={"X-Forwarded-For": "203.0.113.9", "Cookie": "session=secret"},
             ),
         )
@@ -416,6 +447,7 @@ class HeaderTests(EndToEndCase):
         self.assertIsNone(seen.header(b"cookie"))
 
     async def test_body_too_large(self) -> None:
+        """A body over max_body_bytes is the SDK's 413, and reaches no upstream."""
         fake = await self.fake()
         proxy = await self.proxy([upstream("main", fake.endpoint)], max_body_bytes=1000)
         error = await self.sdk_error(
@@ -431,13 +463,12 @@ class HeaderTests(EndToEndCase):
 
 class ClientDisconnectTests(EndToEndCase):
     async def test_client_hangs_up_while_waiting(self) -> None:
+        """A client that hangs up while the upstream thinks makes the proxy
+        close the upstream connection at once; the record says the client
+        went."""
         fake = await self.fake(default=Hang())
         proxy = await self.proxy([upstream("main", fake.endpoint)])
-        client = RawClient(
-            raw_chat_request(
-                {"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}]}, CLIENT_KEY
-            )
-        )
+        client = RawClient(raw_chat_request(chat_payload(), CLIENT_KEY))
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port), client)
         seen = await fake.received()
         hung_up = reactor.seconds()
@@ -450,18 +481,12 @@ class ClientDisconnectTests(EndToEndCase):
         self.assertEqual(record["outcome"], "client_disconnected")
 
     async def test_client_hangs_up_mid_stream(self) -> None:
+        """A client that hangs up mid-stream makes the proxy close the upstream
+        connection at once, not at a timeout; the record says the client
+        went."""
         fake = await self.fake(default=Stream(hang_after=1))
         proxy = await self.proxy([upstream("main", fake.endpoint)])
-        client = RawClient(
-            raw_chat_request(
-                {
-                    "model": FAKE_MODEL,
-                    "stream": True,
-                    "messages": [{"role": "user", "content": "hi"}],
-                },
-                CLIENT_KEY,
-            )
-        )
+        client = RawClient(raw_chat_request(chat_payload(stream=True), CLIENT_KEY))
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port), client)
         await client.enough
         self.assertIn(b"HTTP/1.1 200", client.received)

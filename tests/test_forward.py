@@ -24,7 +24,9 @@ from twisted.web.http_headers import Headers
 from oaproxy.forward import FAILOVER_STATUSES, Exchange, attempt_deadline, fails_over
 from oaproxy.record import FailureKind, Outcome
 from oaproxy.upstreamclient import NoResponse
-from tests.support import Harness, Reply, make_config, sse
+from tests.doubles import Harness, Reply, make_config
+from tests.payloads import content_chunk, error_body, sse
+from tests.records import stored_attempt
 
 CONFIG = """
 authorization: {alice: sk-client}
@@ -40,36 +42,6 @@ upstreams:
 REFUSED = "connect error: ConnectionRefusedError: Connection was refused by other side."
 
 
-def chunk(content: str) -> str:
-    """One chat completion chunk's data, as OpenAI streams it."""
-    return (
-        '{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
-        '"choices":[{"index":0,"delta":{"content":'
-        + json.dumps(content)
-        + '},"finish_reason":null}]}'
-    )
-
-
-def attempt(
-    upstream: str,
-    status: int | None = None,
-    error: str | None = None,
-    ttfb: float | None = None,
-    duration: float = 0.0,
-) -> dict[str, Any]:
-    return {
-        "upstream": upstream,
-        "status": status,
-        "error": error,
-        "ttfb": ttfb,
-        "duration": duration,
-    }
-
-
-def error_json(message: str, code: str, type: str = "upstream_error") -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": None, "code": code}}
-
-
 class ForwardTestCase(SynchronousTestCase):
     config = CONFIG
 
@@ -83,13 +55,15 @@ class ForwardTestCase(SynchronousTestCase):
 
 class FailoverTests(ForwardTestCase):
     def test_first_upstream_answers(self) -> None:
+        """When the first upstream answers, its answer is relayed whole and its
+        one attempt is recorded with the time to its headers."""
         client = self.h.chat()
         self.assertEqual([c.uri for c in self.calls], [b"https://a.test/v1/chat/completions"])
         self.h.clock.advance(1.5)
         self.calls[0].respond(200, body=b'{"id":"x"}')
         self.assertReply(client.reply(), 200, b'{"id":"x"}')
         record = self.h.record()
-        self.assertEqual(record["attempts"], [attempt("a", 200, None, 1.5, 1.5)])
+        self.assertEqual(record["attempts"], [stored_attempt("a", 200, None, 1.5, 1.5)])
         self.assertEqual(
             (
                 record["upstream"],
@@ -152,6 +126,8 @@ class FailoverTests(ForwardTestCase):
         )
 
     def test_connection_error_fails_over(self) -> None:
+        """A refused connection moves on to the next upstream at once, which
+        gets the same body under its own key; both attempts are recorded."""
         client = self.h.chat()
         self.h.clock.advance(0.25)
         self.calls[0].fail(ConnectionRefusedError())
@@ -167,11 +143,16 @@ class FailoverTests(ForwardTestCase):
         record = self.h.record()
         self.assertEqual(
             record["attempts"],
-            [attempt("a", None, REFUSED, None, 0.25), attempt("b", 200, None, 1.0, 1.0)],
+            [
+                stored_attempt("a", None, REFUSED, None, 0.25),
+                stored_attempt("b", 200, None, 1.0, 1.0),
+            ],
         )
         self.assertEqual((record["upstream"], record["outcome"]), ("b", "ok"))
 
     def test_dns_error_is_a_connect_error(self) -> None:
+        """A failed DNS lookup fails over like a refused connection and is
+        recorded as a connect error."""
         client = self.h.chat()
         self.calls[0].fail(DNSLookupError("no results for hostname lookup: a.test"))
         self.calls[1].respond(200, body=b"{}")
@@ -182,6 +163,8 @@ class FailoverTests(ForwardTestCase):
         )
 
     def test_failover_statuses(self) -> None:
+        """Each status worth another upstream (401, 403, 404, 408, 409, 429 and
+        any 5xx) makes the next upstream answer instead."""
         self.assertEqual(FAILOVER_STATUSES, {401, 403, 404, 408, 409, 429})
         for status in [401, 403, 404, 408, 409, 429, 500, 502, 503, 504, 529]:
             h = Harness(CONFIG)
@@ -192,10 +175,13 @@ class FailoverTests(ForwardTestCase):
             self.assertReply(client.reply(), 200, b'{"ok":true}')
             self.assertEqual(
                 h.record()["attempts"],
-                [attempt("a", status, None, 0.0), attempt("b", 200, None, 0.0)],
+                [stored_attempt("a", status, None, 0.0), stored_attempt("b", 200, None, 0.0)],
             )
 
     def test_request_errors_answer_at_once(self) -> None:
+        """A status that blames the request (400, 405, 413, 415, 422) is passed
+        to the client as it came, phrase included, and no other upstream is
+        tried."""
         for status in [400, 405, 413, 415, 422]:
             h = Harness(CONFIG)
             client = h.chat()
@@ -206,19 +192,22 @@ class FailoverTests(ForwardTestCase):
             self.assertReply(reply, status, body)
             self.assertEqual(reply.phrase, b"Nope")
             record = h.record()
-            self.assertEqual(record["attempts"], [attempt("a", status, None, 0.0)])
+            self.assertEqual(record["attempts"], [stored_attempt("a", status, None, 0.0)])
             self.assertEqual(
                 (record["status"], record["outcome"], record["upstream"]),
                 (status, "client_error", "a"),
             )
 
     def test_fails_over(self) -> None:
+        """fails_over holds for exactly 401, 403, 404, 408, 409, 429 and the 5xx range."""
         self.assertEqual(
             [s for s in range(100, 600) if fails_over(s)],
             [401, 403, 404, 408, 409, 429, *range(500, 600)],
         )
 
     def test_exhausted_returns_the_last_answer(self) -> None:
+        """When every upstream answers with a failover status the client gets
+        the last answer with its own headers, not an earlier upstream's."""
         client = self.h.chat()
         self.calls[0].respond(500, body=b'{"error":"a"}')
         retry = Headers({b"retry-after": [b"7"], b"x-request-id": [b"req-b"]})
@@ -238,9 +227,9 @@ class FailoverTests(ForwardTestCase):
         self.assertEqual(
             record["attempts"],
             [
-                attempt("a", 500, None, 0.0),
-                attempt("b", 429, None, 0.0),
-                attempt("c", 503, None, 0.0),
+                stored_attempt("a", 500, None, 0.0),
+                stored_attempt("b", 429, None, 0.0),
+                stored_attempt("c", 503, None, 0.0),
             ],
         )
         self.assertEqual(
@@ -248,6 +237,8 @@ class FailoverTests(ForwardTestCase):
         )
 
     def test_exhausted_keeps_the_last_answer_past_later_errors(self) -> None:
+        """An upstream answer beats later failures without one: after a 429 then
+        a timeout the client gets the 429."""
         client = self.h.chat()
         self.calls[0].fail(ConnectionRefusedError())
         self.calls[1].respond(429, body=b'{"error":"quota"}', phrase=b"Too Many Requests")
@@ -260,9 +251,9 @@ class FailoverTests(ForwardTestCase):
         self.assertEqual(
             record["attempts"],
             [
-                attempt("a", None, REFUSED, None),
-                attempt("b", 429, None, 0.0),
-                attempt("c", None, "timeout after 30s", None, 30.0),
+                stored_attempt("a", None, REFUSED, None),
+                stored_attempt("b", 429, None, 0.0),
+                stored_attempt("c", None, "timeout after 30s", None, 30.0),
             ],
         )
         self.assertEqual(
@@ -270,6 +261,8 @@ class FailoverTests(ForwardTestCase):
         )
 
     def test_exhausted_without_answer_is_502(self) -> None:
+        """When no upstream answered at all the client gets a JSON 502 naming
+        each upstream's failure."""
         client = self.h.chat()
         self.calls[0].fail(ConnectionRefusedError())
         self.h.clock.advance(30)
@@ -280,14 +273,16 @@ class FailoverTests(ForwardTestCase):
         message = f"All upstreams failed: a: {REFUSED}; b: timeout after 30s; c: {REFUSED}"
         self.assertEqual(reply.status, 502)
         self.assertEqual(reply.header(b"content-type"), b"application/json")
-        self.assertEqual(reply.json(), error_json(message, "upstream_unavailable"))
+        self.assertEqual(
+            reply.json(), error_body(message, "upstream_unavailable", "upstream_error")
+        )
         record = self.h.record()
         self.assertEqual(
             record["attempts"],
             [
-                attempt("a", None, REFUSED),
-                attempt("b", None, "timeout after 30s", None, 30.0),
-                attempt("c", None, REFUSED),
+                stored_attempt("a", None, REFUSED),
+                stored_attempt("b", None, "timeout after 30s", None, 30.0),
+                stored_attempt("c", None, REFUSED),
             ],
         )
         self.assertEqual(
@@ -295,6 +290,8 @@ class FailoverTests(ForwardTestCase):
         )
 
     def test_exhausted_by_timeouts_is_504(self) -> None:
+        """Each upstream is cancelled at its deadline and the next tried; when
+        all of them timed out the client gets a 504."""
         client = self.h.chat()
         for n in range(3):
             self.assertEqual(len(self.calls), n + 1)
@@ -307,12 +304,15 @@ class FailoverTests(ForwardTestCase):
             "All upstreams failed: a: timeout after 30s; b: timeout after 30s; c: timeout after 30s"
         )
         self.assertEqual(
-            (reply.status, reply.json()), (504, error_json(message, "upstream_timeout"))
+            (reply.status, reply.json()),
+            (504, error_body(message, "upstream_timeout", "upstream_error")),
         )
         self.assertEqual(self.h.record()["outcome"], "exhausted")
         self.assertEqual(self.h.record()["duration"], 90.0)
 
     def test_no_secret_in_answers_or_records(self) -> None:
+        """Neither the client's key nor any upstream key appears in what the
+        client receives or in the record."""
         client = self.h.chat()
         for call in self.calls[:1]:
             call.fail(ConnectionRefusedError())
@@ -344,10 +344,15 @@ class DeadlineTests(ForwardTestCase):
         self.assertReply(client.reply(), 200, b'{"id":"chatcmpl-2"}')
         self.assertEqual(
             self.h.record()["attempts"],
-            [attempt("a", None, "timeout after 30s", 2.0, 30.0), attempt("b", 200, None, 1.0, 1.0)],
+            [
+                stored_attempt("a", None, "timeout after 30s", 2.0, 30.0),
+                stored_attempt("b", 200, None, 1.0, 1.0),
+            ],
         )
 
     def test_body_failure_before_the_end_fails_over(self) -> None:
+        """A non-stream body cut off before its end is no answer: the next
+        upstream is tried and the cut attempt recorded as ended early."""
         client = self.h.chat()
         response = self.calls[0].respond(200)
         response.write(b'{"id":')
@@ -356,7 +361,7 @@ class DeadlineTests(ForwardTestCase):
         self.assertReply(client.reply(), 200, b'{"id":"b"}')
         self.assertEqual(
             self.h.record()["attempts"][0],
-            attempt(
+            stored_attempt(
                 "a",
                 None,
                 "UpstreamEndedEarly: ConnectionLost: Connection to the other side was lost "
@@ -376,6 +381,7 @@ class DeadlineTests(ForwardTestCase):
         self.assertEqual(len(self.calls), 1)
 
     def test_per_upstream_timeouts(self) -> None:
+        """An upstream's own timeout overrides the global one for its attempt."""
         h = Harness(
             CONFIG.replace("sk: sk-a}", "sk: sk-a, timeout: 3}").replace(
                 "sk: sk-b}", "sk: sk-b, timeout: 7}"
@@ -393,13 +399,16 @@ class DeadlineTests(ForwardTestCase):
         self.assertEqual(
             h.record()["attempts"],
             [
-                attempt("a", None, "timeout after 3s", None, 3.0),
-                attempt("b", None, "timeout after 7s", None, 7.0),
-                attempt("c", 200, None, 0.0),
+                stored_attempt("a", None, "timeout after 3s", None, 3.0),
+                stored_attempt("b", None, "timeout after 7s", None, 7.0),
+                stored_attempt("c", 200, None, 0.0),
             ],
         )
 
     def test_attempt_deadline(self) -> None:
+        """A non-stream attempt gets timeout; a stream attempt gets
+        stream_timeout unless it is the last candidate, which gets the longer of
+        the two."""
         upstream = make_config(CONFIG).upstreams[0]
         self.assertEqual(attempt_deadline(upstream, stream=False, last=False), 30)
         self.assertEqual(attempt_deadline(upstream, stream=False, last=True), 30)
@@ -422,15 +431,18 @@ class StreamDeadlineTests(ForwardTestCase):
         self.assertEqual(first.transport.events, ["stop"])
         self.assertEqual(len(self.calls), 2)
         second = self.calls[1].respond(200, b"text/event-stream")
-        second.write(sse(chunk("Hi"), "[DONE]"))
+        second.write(sse(content_chunk("Hi"), "[DONE]"))
         second.finish()
         reply = client.reply()
-        self.assertReply(reply, 200, sse(chunk("Hi"), "[DONE]"))
+        self.assertReply(reply, 200, sse(content_chunk("Hi"), "[DONE]"))
         self.assertEqual(reply.header(b"content-type"), b"text/event-stream")
         record = self.h.record()
         self.assertEqual(
             record["attempts"],
-            [attempt("a", None, "timeout after 5s", 1.0, 5.0), attempt("b", 200, None, 0.0, 0.0)],
+            [
+                stored_attempt("a", None, "timeout after 5s", 1.0, 5.0),
+                stored_attempt("b", 200, None, 0.0, 0.0),
+            ],
         )
         self.assertEqual(
             (record["stream"], record["outcome"], record["upstream"]), (True, "ok", "b")
@@ -447,26 +459,31 @@ class StreamDeadlineTests(ForwardTestCase):
         self.assertEqual(client.written, b"")
         self.h.clock.advance(1)
         self.assertEqual(first.transport.events, ["stop"])
-        self.calls[1].respond(200, b"text/event-stream", body=sse(chunk("Hi"), "[DONE]"))
-        self.assertReply(client.reply(), 200, sse(chunk("Hi"), "[DONE]"))
+        self.calls[1].respond(200, b"text/event-stream", body=sse(content_chunk("Hi"), "[DONE]"))
+        self.assertReply(client.reply(), 200, sse(content_chunk("Hi"), "[DONE]"))
         self.assertEqual(
-            self.h.record()["attempts"][0], attempt("a", None, "timeout after 5s", 0.0, 5.0)
+            self.h.record()["attempts"][0], stored_attempt("a", None, "timeout after 5s", 0.0, 5.0)
         )
 
     def test_comments_before_the_first_event_are_relayed(self) -> None:
+        """SSE comments that came before the first event are held back and then
+        relayed ahead of it once it arrives."""
         client = self.h.chat(stream=True)
         first = self.calls[0].respond(200, b"text/event-stream")
         first.write(b": OPENROUTER PROCESSING\n\n")
         first.write(b": OPENROUTER PROCESSING\n\ndata: ")
         self.assertEqual(client.written, b"")
-        first.write((chunk("Hi")).encode() + b"\n\n" + sse("[DONE]"))
+        first.write(content_chunk("Hi") + b"\n\n" + sse("[DONE]"))
         first.finish()
         self.assertReply(
-            client.reply(), 200, b": OPENROUTER PROCESSING\n\n" * 2 + sse(chunk("Hi"), "[DONE]")
+            client.reply(),
+            200,
+            b": OPENROUTER PROCESSING\n\n" * 2 + sse(content_chunk("Hi"), "[DONE]"),
         )
         self.assertEqual(self.h.record()["response_text"], "Hi")
 
     def test_only_comments_then_the_end_fails_over(self) -> None:
+        """A stream that ends after only comments never committed: the next upstream serves it."""
         client = self.h.chat(stream=True)
         first = self.calls[0].respond(200, b"text/event-stream")
         first.write(b": ping\n\n")
@@ -488,20 +505,24 @@ class StreamDeadlineTests(ForwardTestCase):
         self.assertEqual((first.transport.events, len(h.agent.calls)), ([], 1))
         first.write(b": ping\n\n")
         self.assertEqual(first.transport.events, ["stop"])
-        h.agent.calls[1].respond(200, b"text/event-stream", body=sse(chunk("Hi"), "[DONE]"))
-        self.assertReply(client.reply(), 200, sse(chunk("Hi"), "[DONE]"))
+        h.agent.calls[1].respond(200, b"text/event-stream", body=sse(content_chunk("Hi"), "[DONE]"))
+        self.assertReply(client.reply(), 200, sse(content_chunk("Hi"), "[DONE]"))
         self.assertEqual(
             h.record()["attempts"][0]["error"],
             "UpstreamEndedEarly: over 256 bytes before the first event",
         )
 
     def test_headers_late_fail_over_after_stream_timeout(self) -> None:
+        """A stream request whose headers have not come by stream_timeout is
+        cancelled and the next upstream tried."""
         self.h.chat(stream=True)
         self.h.clock.advance(5)
         self.assertTrue(self.calls[0].cancelled)
         self.assertEqual(len(self.calls), 2)
 
     def test_last_candidate_waits_longer(self) -> None:
+        """The last candidate of a stream is given the longer of stream_timeout
+        and timeout before the request ends in a 504."""
         client = self.h.chat(stream=True)
         self.h.clock.advance(5)
         self.h.clock.advance(5)
@@ -517,7 +538,8 @@ class StreamDeadlineTests(ForwardTestCase):
             "All upstreams failed: a: timeout after 5s; b: timeout after 5s; c: timeout after 30s"
         )
         self.assertEqual(
-            (reply.status, reply.json()), (504, error_json(message, "upstream_timeout"))
+            (reply.status, reply.json()),
+            (504, error_body(message, "upstream_timeout", "upstream_error")),
         )
         self.assertEqual(self.h.record()["duration"], 40.0)
 
@@ -548,6 +570,8 @@ class StreamDeadlineTests(ForwardTestCase):
         )
 
     def test_end_before_first_event_fails_over(self) -> None:
+        """A stream that ends inside its first, unfinished event never
+        committed: the next upstream serves it."""
         client = self.h.chat(stream=True)
         first = self.calls[0].respond(200, b"text/event-stream")
         first.write(b"data: {")
@@ -566,12 +590,15 @@ class CommittedStreamTests(ForwardTestCase):
         self.h.clock.advance(1)
         response = self.calls[0].respond(200, b"text/event-stream")
         self.h.clock.advance(1)
-        response.write(sse(chunk("Hel")))
+        response.write(sse(content_chunk("Hel")))
         return client, response
 
     def test_failure_after_commit_ends_with_error_event(self) -> None:
+        """Once events were relayed, an upstream that breaks off ends the
+        client's stream with an SSE error event, and no other upstream is
+        tried."""
         client, response = self.commit()
-        response.write(sse(chunk("lo")))
+        response.write(sse(content_chunk("lo")))
         self.h.clock.advance(3)
         response.fail()
         reply = client.reply()
@@ -584,14 +611,14 @@ class CommittedStreamTests(ForwardTestCase):
             + error.encode()
             + b'","type":"upstream_error","code":null}}\n\n'
         )
-        self.assertReply(reply, 200, sse(chunk("Hel"), chunk("lo")) + event)
+        self.assertReply(reply, 200, sse(content_chunk("Hel"), content_chunk("lo")) + event)
         # Committed: no other upstream is tried.
         self.assertEqual(len(self.calls), 1)
         record = self.h.record()
         self.assertEqual(
             record["attempts"],
             [
-                attempt(
+                stored_attempt(
                     "a",
                     200,
                     "ConnectionLost: Connection to the other side was lost in a non-clean fashion: "
@@ -607,9 +634,12 @@ class CommittedStreamTests(ForwardTestCase):
         )
 
     def test_idle_timeout_ends_with_error_event(self) -> None:
+        """A committed stream silent for stream_idle_timeout is stopped and
+        ended with one SSE error event; the upstream's late close adds
+        nothing."""
         client, response = self.commit()
         self.h.clock.advance(19)
-        response.write(sse(chunk("lo")))
+        response.write(sse(content_chunk("lo")))
         self.h.clock.advance(19.9)
         self.assertFalse(response.transport.stopped)
         self.h.clock.advance(0.1)
@@ -620,14 +650,19 @@ class CommittedStreamTests(ForwardTestCase):
             b'event: error\ndata: {"error":{"message":"upstream stream failed: stream idle for more '
             b'than 20s","type":"upstream_error","code":null}}\n\n'
         )
-        self.assertReply(client.reply(), 200, sse(chunk("Hel"), chunk("lo")) + event)
+        self.assertReply(
+            client.reply(), 200, sse(content_chunk("Hel"), content_chunk("lo")) + event
+        )
         record = self.h.record()
         self.assertEqual(
-            record["attempts"], [attempt("a", 200, "stream idle for more than 20s", 1.0, 41.0)]
+            record["attempts"],
+            [stored_attempt("a", 200, "stream idle for more than 20s", 1.0, 41.0)],
         )
         self.assertEqual(record["outcome"], "stream_failed")
 
     def test_keepalive_comments_reset_the_idle_timer(self) -> None:
+        """Keep-alive comments count as activity: a stream with one every 15 s
+        outlives the 20 s idle timeout and ends well."""
         client, response = self.commit()
         for _ in range(5):
             self.h.clock.advance(15)
@@ -635,13 +670,15 @@ class CommittedStreamTests(ForwardTestCase):
         response.write(sse("[DONE]"))
         response.finish()
         self.assertReply(
-            client.reply(), 200, sse(chunk("Hel")) + b": keep-alive\n\n" * 5 + sse("[DONE]")
+            client.reply(), 200, sse(content_chunk("Hel")) + b": keep-alive\n\n" * 5 + sse("[DONE]")
         )
         self.assertEqual(self.h.record()["outcome"], "ok")
 
 
 class StaleConnectionTests(ForwardTestCase):
     def test_retried_once_on_a_fresh_connection(self) -> None:
+        """A request that failed on a stale pooled connection is sent once more,
+        identical, on a fresh connection to the same upstream."""
         for error in [RequestNotSent(), ResponseNeverReceived([Failure(ConnectionDone())])]:
             h = Harness(CONFIG)
             client = h.chat()
@@ -655,9 +692,11 @@ class StaleConnectionTests(ForwardTestCase):
             fresh.respond(200, body=b'{"id":"fresh"}')
             self.assertReply(client.reply(), 200, b'{"id":"fresh"}')
             self.assertEqual(len(h.agent.calls), 1)
-            self.assertEqual(h.record()["attempts"], [attempt("a", 200, None, 0.0)])
+            self.assertEqual(h.record()["attempts"], [stored_attempt("a", 200, None, 0.0)])
 
     def test_stale_then_failing_fails_over(self) -> None:
+        """When the fresh-connection retry fails too, the next upstream is tried
+        (and gets its own retry); the record has one attempt per upstream."""
         client = self.h.chat()
         self.calls[0].fail(ResponseNeverReceived([Failure(ConnectionDone())]))
         self.h.fresh_agent.only().fail(ResponseNeverReceived([Failure(ConnectionDone())]))
@@ -670,12 +709,14 @@ class StaleConnectionTests(ForwardTestCase):
         self.assertEqual(
             self.h.record()["attempts"],
             [
-                attempt("a", None, "ConnectionDone: Connection was closed cleanly."),
-                attempt("b", 200, None, 0.0),
+                stored_attempt("a", None, "ConnectionDone: Connection was closed cleanly."),
+                stored_attempt("b", 200, None, 0.0),
             ],
         )
 
     def test_all_stale_is_502_not_500(self) -> None:
+        """Stale connections everywhere, retries included, end in a 502 naming
+        each upstream, not in an internal error."""
         client = self.h.chat()
         for n in range(3):
             self.calls[n].fail(RequestNotSent())
@@ -684,9 +725,10 @@ class StaleConnectionTests(ForwardTestCase):
         self.assertEqual(reply.status, 502)
         self.assertEqual(
             reply.json(),
-            error_json(
+            error_body(
                 "All upstreams failed: a: RequestNotSent; b: RequestNotSent; c: RequestNotSent",
                 "upstream_unavailable",
+                "upstream_error",
             ),
         )
 
@@ -730,6 +772,9 @@ class ClientDisconnectTests(ForwardTestCase):
         self.assertEqual((record["status"], record["outcome"]), (status, "client_disconnected"))
 
     def test_disconnect_cancels_the_upstream_request(self) -> None:
+        """A client that leaves while waiting cancels the upstream request, and
+        no other upstream is ever tried for it, however the cancellation is
+        reported."""
         for cancel_error in [None, lambda: ResponseNeverReceived([Failure(CancelledError())])]:
             h = Harness(CONFIG, cancel_error=cancel_error)
             client = h.chat()
@@ -740,19 +785,28 @@ class ClientDisconnectTests(ForwardTestCase):
             # No other upstream is tried for a client that is gone, ever.
             h.clock.advance(100)
             self.assertEqual(len(h.agent.calls), 1)
-            self.check_gone(h, [attempt("a", None, "cancelled: client disconnected", None, 2.0)])
+            self.check_gone(
+                h, [stored_attempt("a", None, "cancelled: client disconnected", None, 2.0)]
+            )
 
     def test_disconnect_after_a_failover(self) -> None:
+        """A client that leaves after a failover cancels the attempt then under
+        way; the earlier one is left as it was."""
         client = self.h.chat()
         self.calls[0].respond(503, body=b"{}")
         client.disconnect()
         self.assertEqual([c.cancelled for c in self.calls], [False, True])
         self.check_gone(
             self.h,
-            [attempt("a", 503, None, 0.0), attempt("b", None, "cancelled: client disconnected")],
+            [
+                stored_attempt("a", 503, None, 0.0),
+                stored_attempt("b", None, "cancelled: client disconnected"),
+            ],
         )
 
     def test_disconnect_while_reading_the_body(self) -> None:
+        """A client that leaves while a non-stream body arrives stops the
+        upstream's transport; nothing else is tried."""
         client = self.h.chat()
         response = self.calls[0].respond(200)
         response.write(b'{"id":')
@@ -760,31 +814,38 @@ class ClientDisconnectTests(ForwardTestCase):
         self.assertEqual(response.transport.events, ["stop"])
         self.h.clock.advance(100)
         self.assertEqual(len(self.calls), 1)
-        self.check_gone(self.h, [attempt("a", None, "cancelled: client disconnected", 0.0)])
+        self.check_gone(self.h, [stored_attempt("a", None, "cancelled: client disconnected", 0.0)])
 
     def test_disconnect_before_the_first_event(self) -> None:
+        """A client that leaves after stream headers but before any event stops
+        the upstream and is recorded as gone."""
         client = self.h.chat(stream=True)
         response = self.calls[0].respond(200, b"text/event-stream")
         client.disconnect()
         self.assertEqual(response.transport.events, ["stop"])
-        self.check_gone(self.h, [attempt("a", None, "cancelled: client disconnected", 0.0)])
+        self.check_gone(self.h, [stored_attempt("a", None, "cancelled: client disconnected", 0.0)])
 
     def test_disconnect_mid_relay(self) -> None:
+        """A client that leaves mid-stream stops the upstream; what the upstream
+        still sends goes nowhere and the record counts only the bytes
+        relayed."""
         client = self.h.chat(stream=True)
         response = self.calls[0].respond(200, b"text/event-stream")
-        response.write(sse(chunk("Hel")))
+        response.write(sse(content_chunk("Hel")))
         self.h.clock.advance(3)
         client.disconnect()
         self.assertEqual(response.transport.events, ["stop"])
         # What the upstream still sends, or its close, goes nowhere.
-        response.write(sse(chunk("lo")))
+        response.write(sse(content_chunk("lo")))
         response.fail()
         self.h.clock.advance(100)
         self.assertEqual(len(self.calls), 1)
         self.check_gone(
-            self.h, [attempt("a", 200, "cancelled: client disconnected", 0.0, 3.0)], status=200
+            self.h,
+            [stored_attempt("a", 200, "cancelled: client disconnected", 0.0, 3.0)],
+            status=200,
         )
-        self.assertEqual(self.h.record()["bytes_out"], len(sse(chunk("Hel"))))
+        self.assertEqual(self.h.record()["bytes_out"], len(sse(content_chunk("Hel"))))
 
 
 class FailureKindTests(ForwardTestCase):
@@ -838,9 +899,9 @@ class FailureKindTests(ForwardTestCase):
         """After the commit, an unclean end ended early and silence is a
         stream idle; both make the request a failed stream."""
         self.h.chat(stream=True)
-        self.calls[0].respond(200, b"text/event-stream").write(sse(chunk("a"))).fail()
+        self.calls[0].respond(200, b"text/event-stream").write(sse(content_chunk("a"))).fail()
         self.h.chat(stream=True)
-        self.calls[1].respond(200, b"text/event-stream").write(sse(chunk("a")))
+        self.calls[1].respond(200, b"text/event-stream").write(sse(content_chunk("a")))
         self.h.clock.advance(20)
         self.assertEqual(self.kinds(0), [FailureKind.UPSTREAM_ENDED_EARLY])
         self.assertEqual(self.kinds(1), [FailureKind.STREAM_IDLE])
@@ -851,7 +912,7 @@ class FailureKindTests(ForwardTestCase):
         stage: waiting for headers, or relaying a stream."""
         self.h.chat().disconnect()
         stream = self.h.chat(stream=True)
-        self.calls[1].respond(200, b"text/event-stream").write(sse(chunk("a")))
+        self.calls[1].respond(200, b"text/event-stream").write(sse(content_chunk("a")))
         stream.disconnect()
         for index in (0, 1):
             self.assertEqual(self.kinds(index), [FailureKind.CANCELLED])
@@ -897,7 +958,7 @@ class OutsideTextTests(SynchronousTestCase):
         """A committed stream's failure text is redacted in the SSE error event and the record."""
         client = self.h.chat(key="ck-alice-0123456789", stream=True)
         response = self.h.agent.calls[0].respond(200, b"text/event-stream")
-        response.write(sse(chunk("a")))
+        response.write(sse(content_chunk("a")))
         response.fail(ValueError("lost with sk-a-0123456789 and ck-alice-0123456789"))
         reply = client.reply()
         self.assertIn(b"upstream stream failed: ", reply.body)
@@ -937,7 +998,7 @@ class ExchangeTests(SynchronousTestCase):
         """A request the proxy cuts off ended by shutdown, though its client's
         side closes next (and its attempt is cancelled)."""
         exchange = self.exchange()
-        self.h.agent.calls[0].respond(200, b"text/event-stream").write(sse(chunk("a")))
+        self.h.agent.calls[0].respond(200, b"text/event-stream").write(sse(content_chunk("a")))
         exchange.cut_at_shutdown()
         self.client.disconnect()
         record = self.h.record()

@@ -11,23 +11,21 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from oaproxy.circuits import Circuits
 from oaproxy.health import FAILING_AFTER, Readiness
 from oaproxy.record import Attempt, FailureKind
+from tests.doubles import SinkCounters, parse_reply
 from tests.fakeupstream import Status
-from tests.harness import EndToEndCase, RawClient, RunningProxy, chat, reactor, upstream
+from tests.live import EndToEndCase, RawClient, RunningProxy, chat, reactor
+from tests.payloads import upstream
 from tests.records import attempt, record
-from tests.support import parse_reply
-
-
-class Sink:
-    queued = spilled = dropped = 0
 
 
 class ReadinessTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.readiness = Readiness(cast(IReactorTime, self.clock))
-        self.readiness.configure(["alpha", "beta"], {"file": Sink()})
+        self.readiness = Readiness(cast(IReactorTime, self.clock), Circuits(self.clock))
+        self.readiness.configure(["alpha", "beta"], {"file": SinkCounters()})
 
     def tried(self, *attempts: Attempt) -> None:
         for _ in range(FAILING_AFTER):

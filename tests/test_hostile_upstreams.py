@@ -18,18 +18,18 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from tests.fakeupstream import FAKE_MODEL, ConnectionTracker, sse_event, stream_chunk
-from tests.harness import (
+from tests.doubles import Reply, parse_reply
+from tests.fakeupstream import ConnectionTracker
+from tests.live import EndToEndCase, RawClient, RunningProxy, reactor
+from tests.payloads import (
     CLIENT_KEY,
     SK_MAIN,
-    EndToEndCase,
-    RawClient,
-    RunningProxy,
+    chat_payload,
+    content_chunk,
     raw_chat_request,
-    reactor,
+    sse,
     upstream,
 )
-from tests.support import Reply, parse_reply
 
 #: What a raw upstream answers: bytes, or bytes made from the request head.
 Answer = bytes | Callable[[bytes], bytes]
@@ -89,8 +89,7 @@ def event_stream(*events: bytes) -> bytes:
 
 
 def content_event(text: str, line_end: bytes = b"\n") -> bytes:
-    event = sse_event(stream_chunk(0, {"content": text}, None, FAKE_MODEL))
-    return event.replace(b"\n", line_end)
+    return sse(content_chunk(text)).replace(b"\n", line_end)
 
 
 class HostileUpstreamCase(EndToEndCase):
@@ -106,8 +105,7 @@ class HostileUpstreamCase(EndToEndCase):
     async def send(self, proxy: RunningProxy, **payload: Any) -> bytes:
         """One chat completion through the proxy on a connection of its own:
         the bytes of its answer."""
-        body = {"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}], **payload}
-        request = raw_chat_request(body, CLIENT_KEY).replace(
+        request = raw_chat_request(chat_payload(**payload), CLIENT_KEY).replace(
             b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1
         )
         client = RawClient(request, events=2**31)

@@ -4,7 +4,6 @@ its bound, flushed at stop."""
 from __future__ import annotations
 
 import io
-import json
 import os
 from contextlib import redirect_stderr
 from typing import Any
@@ -15,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy import logfile
 from oaproxy.logfile import JSONLogFile
+from tests.records import read_json_lines
 
 
 class JSONLogFileTests(SynchronousTestCase):
@@ -32,10 +32,11 @@ class JSONLogFileTests(SynchronousTestCase):
             self.service.stopService()
 
     def lines(self) -> list[dict[str, Any]]:
-        with open(self.path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
+        return read_json_lines(self.path)
 
     def test_batched_on_the_next_turn(self) -> None:
+        """Log events reach the file as JSON lines on the next reactor turn, not
+        while they are logged."""
         self.log.info("first {n}", n=1)
         self.log.warn("second {n}", n=2)
         self.assertEqual(self.lines(), [])
@@ -47,6 +48,8 @@ class JSONLogFileTests(SynchronousTestCase):
         self.assertEqual(events[1]["log_level"]["name"], "warn")
 
     def test_stop_flushes_and_unsubscribes(self) -> None:
+        """Stopping writes what is pending and stops listening: later events
+        never reach the file."""
         self.log.info("last words")
         self.service.stopService()
         self.assertEqual([e["log_format"] for e in self.lines()], ["last words"])
@@ -55,6 +58,8 @@ class JSONLogFileTests(SynchronousTestCase):
         self.assertEqual(len(self.lines()), 1)
 
     def test_bounded(self) -> None:
+        """Past its bound the pending queue drops the oldest lines and says on
+        stderr how many were lost."""
         self.patch(logfile, "MAX_PENDING_LINES", 3)
         self.service.stopService()
         self.service = JSONLogFile(self.path, self.clock, self.publisher)

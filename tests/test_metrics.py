@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import random
 import string
-from typing import Any, cast
+from typing import cast
 
 import attrs
 from hypothesis import given
@@ -13,8 +12,6 @@ from hypothesis import strategies as st
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
-from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
@@ -30,6 +27,8 @@ from oaproxy.metrics import (
 )
 from oaproxy.record import FailureKind, Outcome, Record
 from oaproxy.scrape import MetricsResource
+from tests.doubles import Client, Reply, Scrape, SinkCounters
+from tests.payloads import error_body, http_request
 from tests.records import attempt, record, usage
 
 UPSTREAMS = ("alpha", "beta")
@@ -40,40 +39,10 @@ def make_metrics() -> Metrics:
     return Metrics(known_models=ALLOW, upstream_names=UPSTREAMS)
 
 
-class Scrape:
-    """Parsed text exposition, with lookups by sample name and exact labels."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.samples = [
-            sample for family in text_string_to_metric_families(text) for sample in family.samples
-        ]
-
-    def value(self, name: str, **labels: str) -> float | None:
-        for sample in self.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-        return None
-
-    def series(self, name: str) -> list[dict[str, str]]:
-        return [s.labels for s in self.samples if s.name == name]
-
-
 def scrape(metrics: Metrics) -> Scrape:
     from prometheus_client import generate_latest
 
     return Scrape(generate_latest(metrics.registry).decode("utf-8"))
-
-
-class Response:
-    def __init__(self, raw: bytes) -> None:
-        head, _, self.body = raw.partition(b"\r\n\r\n")
-        status_line, *header_lines = head.split(b"\r\n")
-        self.code = int(status_line.split(b" ")[1])
-        self.headers: dict[bytes, bytes] = {}
-        for line in header_lines:
-            name, _, value = line.partition(b":")
-            self.headers[name.strip().lower()] = value.strip()
 
 
 def get(
@@ -81,7 +50,7 @@ def get(
     path: bytes = b"/metrics",
     method: bytes = b"GET",
     headers: dict[bytes, bytes] | None = None,
-) -> Response:
+) -> Reply:
     """Ask a real ``Site`` for ``path`` over an in-memory transport, with the
     resource mounted where the lead mounts it: ``/metrics`` and ``/v1/metrics``.
     """
@@ -92,19 +61,17 @@ def get(
     root.putChild(b"metrics", cast(IResource, resource))
     root.putChild(b"v1", cast(IResource, v1))
     v1.putChild(b"metrics", cast(IResource, resource))
-    site = Site(root)
-    channel = site.buildProtocol(None)
-    transport = StringTransport()
-    channel.makeConnection(transport)
-    lines = [method + b" " + path + b" HTTP/1.1", b"Host: proxy", b"Connection: close"]
-    lines += [name + b": " + value for name, value in (headers or {}).items()]
-    channel.dataReceived(b"\r\n".join(lines) + b"\r\n\r\n")
-    channel.connectionLost(None)
-    return Response(transport.value())
+    client = Client(Site(root))
+    lines = [(b"Connection", b"close"), *(headers or {}).items()]
+    client.send(http_request(method, path, header_lines=lines))
+    client.disconnect()
+    return client.reply()
 
 
 class LabelTests(SynchronousTestCase):
     def test_status_class(self) -> None:
+        """Statuses are labelled by class; no status is 'none'; anything that is
+        not an HTTP status number is 'other'."""
         self.assertEqual(status_class(200), "2xx")
         self.assertEqual(status_class(204), "2xx")
         self.assertEqual(status_class(429), "4xx")
@@ -168,6 +135,8 @@ class LabelTests(SynchronousTestCase):
             self.assertIn(attempt_outcome(attempt("a", 503, "x", failure=kind)), labels, kind)
 
     def test_route_label(self) -> None:
+        """Paths are labelled by their known route, query and ids dropped;
+        anything else is 'other'."""
         cases = [
             ("/v1/chat/completions", "/v1/chat/completions"),
             ("/v1/chat/completions?api-version=2024", "/v1/chat/completions"),
@@ -192,9 +161,12 @@ class LabelTests(SynchronousTestCase):
 
     @given(st.text())
     def test_route_label_bounded(self, path: str) -> None:
+        """Any text at all gets one of the known routes or 'other'."""
         self.assertIn(route_label(path), (*KNOWN_ROUTES, "other"))
 
     def test_model_label(self) -> None:
+        """Models named in allow lists or known by default keep their names; no
+        model is 'none'; unknown models, paths and non-strings are 'other'."""
         metrics = make_metrics()
         self.assertEqual(metrics.model_label("llama-3-70b"), "llama-3-70b")
         self.assertEqual(metrics.model_label("gpt-4o-mini"), "gpt-4o-mini")
@@ -206,6 +178,7 @@ class LabelTests(SynchronousTestCase):
         self.assertEqual(metrics.model_label(["gpt-4o"]), "other")
 
     def test_default_known_models(self) -> None:
+        """OpenAI's common models are known by default, unless the default list is turned off."""
         for model in (
             "gpt-4o",
             "gpt-4o-mini",
@@ -222,6 +195,7 @@ class LabelTests(SynchronousTestCase):
         self.assertEqual(metrics.model_label("mine"), "mine")
 
     def test_upstream_label(self) -> None:
+        """Configured upstreams keep their names; an unknown one is 'other', none is 'none'."""
         metrics = make_metrics()
         self.assertEqual(metrics.upstream_label("alpha"), "alpha")
         self.assertEqual(metrics.upstream_label("ghost"), "other")
@@ -329,6 +303,8 @@ class TrafficTests(SynchronousTestCase):
         self.scrape = scrape(self.metrics)
 
     def test_requests(self) -> None:
+        """Requests are counted by route, status class and the upstream that
+        answered, six series for six kinds of request."""
         value = self.scrape.value
         chat = "/v1/chat/completions"
         self.assertEqual(
@@ -388,6 +364,8 @@ class TrafficTests(SynchronousTestCase):
         self.assertEqual(len(self.scrape.series("oaproxy_requests_total")), 6)
 
     def test_attempts(self) -> None:
+        """Attempts are counted by upstream and outcome label: ok, 5xx, timeout,
+        cancelled, connect_error."""
         value = self.scrape.value
         self.assertEqual(value("oaproxy_attempts_total", upstream="alpha", outcome="ok"), 2)
         self.assertEqual(value("oaproxy_attempts_total", upstream="alpha", outcome="5xx"), 1)
@@ -401,6 +379,8 @@ class TrafficTests(SynchronousTestCase):
         self.assertEqual(len(self.scrape.series("oaproxy_attempts_total")), 7)
 
     def test_failovers(self) -> None:
+        """A failover is counted for each upstream left for another (never for
+        the last one tried), and an exhausted request once for its route."""
         value = self.scrape.value
         # Left alpha twice (503, timeout); never left beta, the last one tried.
         self.assertEqual(value("oaproxy_failovers_total", upstream="alpha"), 2)
@@ -412,6 +392,8 @@ class TrafficTests(SynchronousTestCase):
         )
 
     def test_duration_histogram(self) -> None:
+        """Request durations fill the histogram's buckets by route,
+        cumulatively, with every bucket present."""
         value = self.scrape.value
         chat = "/v1/chat/completions"
         # Chat durations: 4.0, 25.0, 0.7, and 0.6 for the "other" route.
@@ -441,6 +423,8 @@ class TrafficTests(SynchronousTestCase):
         self.assertEqual(len(buckets), len(LATENCY_BUCKETS) + 1)
 
     def test_ttfb_histogram(self) -> None:
+        """Time to first byte is observed by route and stream flag; a request
+        that sent no byte is not observed."""
         value = self.scrape.value
         chat = "/v1/chat/completions"
         self.assertEqual(
@@ -504,10 +488,14 @@ class TrafficTests(SynchronousTestCase):
         )
 
     def test_bytes(self) -> None:
+        """Bytes in and out are summed over all requests."""
         self.assertEqual(self.scrape.value("oaproxy_bytes_in_total"), 160)
         self.assertEqual(self.scrape.value("oaproxy_bytes_out_total"), 2800)
 
     def test_tokens(self) -> None:
+        """Tokens are counted by upstream, model and kind; unknown models and
+        upstreams are folded into 'other', and no private name, path or id
+        reaches the scrape."""
         value = self.scrape.value
         self.assertEqual(
             value(
@@ -604,6 +592,8 @@ class ActiveTests(SynchronousTestCase):
         )
 
     def test_started_and_finished(self) -> None:
+        """The active gauges count requests and streams under way; finishing one
+        twice changes nothing, and request_finished ends it too."""
         metrics = make_metrics()
         self.assertEqual(self.gauges(metrics), (0, 0))
         stream = metrics.request_started(stream=True)
@@ -662,23 +652,14 @@ class ActiveTests(SynchronousTestCase):
         self.assertEqual(result.value("oaproxy_tokens_total", kind="completion", **labels), 3)
 
 
-class FakeSink:
-    def __init__(
-        self, queued: int, written: int, spilled: int, dropped: int, failures: int
-    ) -> None:
-        self.queued = queued
-        self.written = written
-        self.spilled = spilled
-        self.dropped = dropped
-        self.failures = failures
-
-
 class SinkAndAlertTests(SynchronousTestCase):
     def test_sinks_read_at_scrape(self) -> None:
+        """Each sink's counters are read at every scrape, live; a removed sink
+        leaves the scrape, and removing one never added is harmless."""
         metrics = make_metrics()
-        redis = FakeSink(3, 100, 7, 1, 2)
+        redis = SinkCounters(3, 100, 7, 1, 2)
         metrics.add_sink("redis", redis)
-        metrics.add_sink("file", FakeSink(0, 50, 0, 0, 0))
+        metrics.add_sink("file", SinkCounters(0, 50, 0, 0, 0))
         result = scrape(metrics)
         self.assertEqual(result.value("oaproxy_records_queued", sink="redis"), 3)
         self.assertEqual(result.value("oaproxy_records_written_total", sink="redis"), 100)
@@ -700,6 +681,8 @@ class SinkAndAlertTests(SynchronousTestCase):
         self.assertEqual(result.series("oaproxy_records_queued"), [{"sink": "file"}])
 
     def test_sink_without_some_counters(self) -> None:
+        """A sink without some counters shows the ones it has."""
+
         class Partial:
             queued = 4
             written = 9
@@ -712,6 +695,7 @@ class SinkAndAlertTests(SynchronousTestCase):
         self.assertEqual(result.series("oaproxy_records_spilled_total"), [])
 
     def test_alerts(self) -> None:
+        """Alerts are counted by channel and result; an unknown channel or result is 'other'."""
         metrics = make_metrics()
         metrics.alert_sent("feishu", "ok")
         metrics.alert_sent("feishu", "ok")
@@ -745,6 +729,7 @@ class RegistryTests(SynchronousTestCase):
         self.assertIsNone(REGISTRY.get_sample_value("oaproxy_active_requests"))
 
     def test_process_and_platform(self) -> None:
+        """The scrape has the process and platform collectors."""
         result = scrape(make_metrics())
         self.assertTrue(result.series("python_info"))
         self.assertIsNotNone(result.value("process_resident_memory_bytes"))
@@ -756,9 +741,9 @@ class ResourceTests(SynchronousTestCase):
         self.metrics = make_metrics()
         self.metrics.request_finished(record())
 
-    def assertMetrics(self, response: Any) -> None:
-        self.assertEqual(response.code, 200)
-        self.assertTrue(response.headers[b"content-type"].startswith(b"text/plain"))
+    def assertMetrics(self, response: Reply) -> None:
+        self.assertEqual(response.status, 200)
+        self.assertTrue((response.header(b"content-type") or b"").startswith(b"text/plain"))
         result = Scrape(response.body.decode("utf-8"))
         self.assertEqual(
             result.value(
@@ -770,28 +755,22 @@ class ResourceTests(SynchronousTestCase):
             1,
         )
 
-    def assertUnauthorized(self, response: Any, message: str) -> None:
-        self.assertEqual(response.code, 401)
-        self.assertEqual(response.headers[b"content-type"], b"application/json")
-        self.assertEqual(
-            json.loads(response.body),
-            {
-                "error": {
-                    "message": message,
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": "invalid_api_key",
-                }
-            },
-        )
+    def assertUnauthorized(self, response: Reply, message: str) -> None:
+        self.assertEqual(response.status, 401)
+        self.assertEqual(response.header(b"content-type"), b"application/json")
+        self.assertEqual(response.json(), error_body(message, "invalid_api_key"))
         self.assertNotIn(b"oaproxy_", response.body)
 
     def test_open(self) -> None:
+        """Without a metrics key the resource answers the exposition at /metrics and /v1/metrics."""
         resource = MetricsResource(self.metrics)
         self.assertMetrics(get(resource, b"/metrics"))
         self.assertMetrics(get(resource, b"/v1/metrics"))
 
     def test_key_required(self) -> None:
+        """With a metrics key, a missing, non-bearer or wrong key gets OpenAI's
+        401 without any metric or a hint of the key; the right one gets the
+        scrape."""
         resource = MetricsResource(self.metrics, metrics_key="scrape-secret")
         self.assertUnauthorized(get(resource), "authorization header should start with 'Bearer'")
         self.assertUnauthorized(
@@ -814,9 +793,11 @@ class ResourceTests(SynchronousTestCase):
         )
 
     def test_key_changed_on_reload(self) -> None:
+        """A key changed on the resource takes effect at once: the old one is
+        refused, and with no key set the scrape is open again."""
         resource = MetricsResource(self.metrics, metrics_key="old")
         resource.metrics_key = "new"
-        self.assertEqual(get(resource, headers={b"Authorization": b"Bearer old"}).code, 401)
+        self.assertEqual(get(resource, headers={b"Authorization": b"Bearer old"}).status, 401)
         self.assertMetrics(get(resource, headers={b"Authorization": b"Bearer new"}))
         resource.metrics_key = None
         self.assertMetrics(get(resource))
@@ -828,9 +809,9 @@ class ResourceTests(SynchronousTestCase):
             resource,
             headers={b"Accept": b"application/openmetrics-text;version=1.0.0,text/plain;q=0.5"},
         )
-        self.assertEqual(response.code, 200)
+        self.assertEqual(response.status, 200)
         self.assertTrue(
-            response.headers[b"content-type"].startswith(b"application/openmetrics-text")
+            (response.header(b"content-type") or b"").startswith(b"application/openmetrics-text")
         )
         samples = [
             s
@@ -841,11 +822,13 @@ class ResourceTests(SynchronousTestCase):
         self.assertEqual([s.value for s in samples], [1])
 
     def test_only_get(self) -> None:
+        """Any method but GET and HEAD is answered 405 naming those two."""
         response = get(MetricsResource(self.metrics), method=b"POST")
-        self.assertEqual(response.code, 405)
-        self.assertEqual(response.headers[b"allow"], b"GET, HEAD")
+        self.assertEqual(response.status, 405)
+        self.assertEqual(response.header(b"allow"), b"GET, HEAD")
 
     def test_head(self) -> None:
+        """HEAD answers 200 without a body."""
         response = get(MetricsResource(self.metrics), method=b"HEAD")
-        self.assertEqual(response.code, 200)
+        self.assertEqual(response.status, 200)
         self.assertEqual(response.body, b"")

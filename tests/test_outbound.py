@@ -22,8 +22,9 @@ from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 
 from oaproxy.outbound import CACHED_CONNECTION_TIMEOUT, MAX_PERSISTENT_PER_HOST, ReusedEndpoints
-from tests.harness import CLIENT_KEY, EndToEndCase, chat, raw_chat_request, reactor, upstream
-from tests.support import Reply, parse_reply
+from tests.doubles import Reply, parse_reply
+from tests.live import EndToEndCase, chat, reactor
+from tests.payloads import CLIENT_KEY, raw_chat_request, upstream
 
 
 class _Redirect(resource.Resource):
@@ -72,6 +73,7 @@ class OutboundTests(EndToEndCase):
         self.assertTrue(self.flushLoggedErrors(CertificateError))
 
     async def test_redirect_is_passed_on_not_followed(self) -> None:
+        """An upstream's redirect is passed to the client as it came; the proxy never follows it."""
         target = await self.fake()
         redirect = _Redirect(target.endpoint.encode() + b"/chat/completions")
         port = reactor.listenTCP(0, server.Site(redirect), interface="127.0.0.1")
@@ -95,6 +97,8 @@ class OutboundTests(EndToEndCase):
         self.assertEqual(target.requests, [])
 
     async def test_one_persistent_pool(self) -> None:
+        """The service has one persistent pool, tuned as oaproxy.outbound says,
+        and three requests in a row reuse one upstream connection."""
         fake = await self.fake()
         proxy = await self.proxy([upstream("main", fake.endpoint)])
         pool: Any = proxy.service.pool
@@ -215,6 +219,8 @@ async def _connect(port: int, protocol: Protocol) -> None:
 
 class ReusedEndpointsTests(SynchronousTestCase):
     def test_one_endpoint_per_scheme_host_and_port(self) -> None:
+        """Requests to one scheme, host and port share one endpoint; https
+        endpoints are wrapped in TLS."""
         endpoints = ReusedEndpoints(Clock())
         a = endpoints.endpointForURI(URI.fromBytes(b"https://api.example/v1/chat/completions"))
         b = endpoints.endpointForURI(URI.fromBytes(b"https://api.example/v1/embeddings?x=1"))
@@ -226,6 +232,7 @@ class ReusedEndpointsTests(SynchronousTestCase):
         self.assertNotIsInstance(a, HostnameEndpoint)  # wrapped in TLS
 
     def test_other_schemes_refused(self) -> None:
+        """A scheme other than http and https is refused."""
         endpoints = ReusedEndpoints(Clock())
         self.assertRaises(
             SchemeNotSupported, endpoints.endpointForURI, URI.fromBytes(b"ftp://x/v1")

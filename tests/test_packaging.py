@@ -23,6 +23,9 @@ class InstallTests(TestCase):
     timeout = 240
 
     async def test_pip_install_places_the_plugin(self) -> None:
+        """pip install from a copy of the tree puts the plugin module in
+        twisted/plugins without an __init__.py there or in twisted/, beside the
+        oaproxy package."""
         target = Path(self.mktemp()).resolve()
         # Built from a copy: setuptools leaves build/ and *.egg-info in the tree.
         source = Path(self.mktemp()).resolve()

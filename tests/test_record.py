@@ -11,7 +11,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from oaproxy.record import (
     Attempt,
     BadRecord,
+    CacheResult,
     FailureKind,
+    LimitKind,
+    LimitRefusal,
+    LimitScope,
     Outcome,
     Record,
     Usage,
@@ -71,6 +75,8 @@ FIELDS = [
     "truncated",
     "usage",
     "cost",
+    "route",
+    "upstream_model",
 ]
 
 
@@ -157,9 +163,43 @@ class DocumentTests(SynchronousTestCase):
             self.assertEqual(encode_record(again), stored)
             self.assertEqual(record_from_document(record_document(rec)), without_failures(rec))
 
+    def test_cache_only_where_the_cache_looked(self) -> None:
+        """``cache`` is stored last, and only for a request the cache decided
+        on: every other record is stored without it."""
+        self.assertNotIn("cache", record_document(record()))
+        for result in CacheResult:
+            rec = record(cache=result, upstream=None, attempts=(), cost=0.0)
+            document = record_document(rec)
+            self.assertEqual((list(document)[-1], document["cache"]), ("cache", result.value))
+            self.assertEqual(decode_record(encode_record(rec)), rec)
+
+    def test_fields_added_later_together(self) -> None:
+        """route and upstream_model (always stored), limit and cache (stored
+        when set) read back together; a record stored before them all reads
+        back with none of them."""
+        rec = record(
+            route="/ollama",
+            upstream_model="llama3:70b",
+            limit=LimitRefusal(LimitKind.TOKENS, LimitScope.KEY, "1000/minute"),
+            cache=CacheResult.BYPASS,
+            status=429,
+            outcome=Outcome.RATE_LIMITED,
+            upstream=None,
+            attempts=(),
+        )
+        document = record_document(rec)
+        later = ["route", "upstream_model", "limit", "cache"]
+        self.assertEqual(list(document)[-4:], later)
+        self.assertEqual(decode_record(encode_record(rec)), rec)
+        before = {name: value for name, value in document.items() if name not in later}
+        self.assertEqual(
+            record_from_document(before),
+            attrs.evolve(rec, route=None, upstream_model=None, limit=None, cache=None),
+        )
+
     def test_old_spool_line(self) -> None:
         """A line the untyped records wrote reads as a record, and is stored
-        again byte for byte."""
+        again byte for byte, with the fields every record has since added."""
         rec = decode_record(OLD_SPOOL_LINE)
         self.assertEqual(
             rec.attempts,
@@ -176,7 +216,11 @@ class DocumentTests(SynchronousTestCase):
         )
         self.assertEqual((rec.outcome, rec.usage), (Outcome.OK, Usage(12, 7, 19)))
         self.assertEqual(rec.response_text, "Bonjour ✓")
-        self.assertEqual(encode_record(rec), OLD_SPOOL_LINE)
+        self.assertEqual((rec.route, rec.upstream_model), (None, None))
+        # Stored again, it has the fields added since, as null.
+        self.assertEqual(
+            encode_record(rec), OLD_SPOOL_LINE[:-1] + b',"route":null,"upstream_model":null}'
+        )
 
     def test_lone_surrogate(self) -> None:
         """Text with a lone surrogate is stored as an escape, not refused."""
@@ -225,7 +269,13 @@ class BadRecordTests(SynchronousTestCase):
         self.assertBad(self.changed(attempts=["a"]), "an attempt is a JSON object")
 
     def test_unknown_outcome(self) -> None:
+        """A stored outcome oaproxy does not know is refused as a bad record, naming it."""
         self.assertBad(self.changed(outcome="upstream_error"), "no outcome 'upstream_error'")
+
+    def test_unknown_cache_result(self) -> None:
+        """``cache`` is one of the cache's results, as text."""
+        self.assertBad(self.changed(cache="stale"), "no cache result 'stale'")
+        self.assertBad(self.changed(cache=1), "'cache' is int")
 
     def test_numbers_are_finite(self) -> None:
         """Python's JSON reads NaN and Infinity; a record holds neither."""

@@ -10,23 +10,17 @@ from typing import Any
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.harness import (
+from tests.doubles import Harness, Reply, parse_reply
+from tests.live import EndToEndCase, RawClient, RunningProxy, reactor
+from tests.payloads import (
+    CHAT_ANSWER,
     CLIENT_KEY,
     SK_MAIN,
-    EndToEndCase,
-    RawClient,
-    RunningProxy,
-    reactor,
+    bearer,
+    http_request,
+    multipart,
     upstream,
 )
-from tests.support import Harness, Reply, parse_reply
-
-
-def request_bytes(path: bytes, body: bytes, headers: dict[bytes, bytes]) -> bytes:
-    lines = [b"POST " + path + b" HTTP/1.1", b"Host: 127.0.0.1", b"Connection: close"]
-    lines += [name + b": " + value for name, value in headers.items()]
-    lines.append(b"Content-Length: %d" % len(body))
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
 class RecordTextCase(EndToEndCase):
@@ -38,13 +32,12 @@ class RecordTextCase(EndToEndCase):
         **headers: bytes,
     ) -> Reply:
         """One request with ``headers`` (``_`` in a name is ``-``), the client's key and JSON."""
-        head = {
-            b"Authorization": b"Bearer " + CLIENT_KEY.encode(),
-            b"Content-Type": b"application/json",
-        }
+        head = dict([bearer(CLIENT_KEY), (b"Content-Type", b"application/json")])
         head.update({name.replace("_", "-").encode(): value for name, value in headers.items()})
+        head[b"Connection"] = b"close"
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        client = RawClient(request_bytes(path, body, head), events=2**31)
+        request = http_request(b"POST", path, body, head.items(), host=b"127.0.0.1")
+        client = RawClient(request, events=2**31)
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port), client)
         await client.lost
         return parse_reply(client.received)
@@ -85,18 +78,6 @@ class RedactionTests(RecordTextCase):
         self.assertIn("my key is [redacted]", record["request_body"])
 
 
-def multipart(fields: list[tuple[bytes, bytes | None, bytes]], boundary: bytes) -> bytes:
-    """A multipart/form-data body of (name, filename or None, content) parts."""
-    out = b""
-    for name, filename, content in fields:
-        disposition = b'form-data; name="' + name + b'"'
-        if filename is not None:
-            disposition += b'; filename="' + filename + b'"'
-        out += b"--" + boundary + b"\r\nContent-Disposition: " + disposition + b"\r\n\r\n"
-        out += content + b"\r\n"
-    return out + b"--" + boundary + b"--\r\n"
-
-
 class FieldCapTests(RecordTextCase):
     async def test_huge_model_name_makes_no_huge_record(self) -> None:
         """A 10 MiB model name is kept as its first max_field_bytes, and named cut."""
@@ -119,7 +100,16 @@ class FieldCapTests(RecordTextCase):
         )
         boundary = b"b0undary"
         body = multipart(
-            [(b"n" * 4096, None, b"v"), (b"file", b"f" * 4096 + b".wav", b"RIFF")], boundary
+            boundary,
+            [
+                (b'Content-Disposition: form-data; name="' + b"n" * 4096 + b'"', b"v"),
+                (
+                    b'Content-Disposition: form-data; name="file"; filename="'
+                    + b"f" * 4096
+                    + b'.wav"',
+                    b"RIFF",
+                ),
+            ],
         )
         reply = await self.send(
             proxy,
@@ -156,3 +146,37 @@ class CutSecretTests(SynchronousTestCase):
         record = h.record()
         self.assertEqual(record["response_text"], "x" * 95 + "[reda")
         self.assertEqual(record["truncated"], ["response_text"])
+
+
+class LaterFieldTests(SynchronousTestCase):
+    """The text fields records gained with routing are kept as every other."""
+
+    def harness(self) -> Harness:
+        return Harness(
+            "authorization: {alice: ck-alice-0123456789}\n"
+            "records: {max_field_bytes: 100}\n"
+            'upstreams: [{name: a, endpoint: "https://a.test/v1", sk: sk-a-0123456789}]\n'
+        )
+
+    def test_upstream_model_loses_secrets(self) -> None:
+        """Without an alias the upstream is sent the client's model: a key sent
+        as the model is in neither field."""
+        h = self.harness()
+        client = h.chat("model ck-alice-0123456789", key="ck-alice-0123456789")
+        h.agent.calls[0].respond(200, body=CHAT_ANSWER)
+        self.assertEqual(client.reply().status, 200)
+        record = h.record()
+        self.assertEqual(
+            (record["model"], record["upstream_model"]), ("model [redacted]", "model [redacted]")
+        )
+
+    def test_upstream_model_is_capped(self) -> None:
+        """A long model name is cut in upstream_model too, and both named in
+        truncated (with the request body that holds it)."""
+        h = self.harness()
+        client = h.chat("m" * 1000, key="ck-alice-0123456789")
+        h.agent.calls[0].respond(200, body=CHAT_ANSWER)
+        self.assertEqual(client.reply().status, 200)
+        record = h.record()
+        self.assertEqual((record["model"], record["upstream_model"]), ("m" * 100, "m" * 100))
+        self.assertEqual(record["truncated"], ["request_body", "model", "upstream_model"])

@@ -28,31 +28,23 @@ import openai
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import deferLater
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.web import server
 
-from oaproxy.cli import main as cli_main
 from oaproxy.generation import usage_prefix
 from oaproxy.record import record_from_document
 from oaproxy.sinks.redis import usage_date
-from tests.fakeupstream import (
-    FakeUpstream,
-    RecordedRequest,
-    Status,
-    Stream,
-    sse_event,
-    stream_chunk,
-)
-from tests.harness import (
+from tests.doubles import capture_log, dechunk, run_cli
+from tests.fakeupstream import FakeUpstream, RecordedRequest, Status, Stream
+from tests.live import (
     SHARED_POSTGRES,
     SHARED_REDIS,
     PrivateRedis,
     ProxyCase,
     RawClient,
     RunningProxy,
+    collect_stream,
     postgres_schema,
-    proxy_config,
-    raw_chat_request,
     reachable,
     reactor,
     redis_client,
@@ -60,7 +52,17 @@ from tests.harness import (
     unavailable,
     wait_for,
 )
-from tests.support import dechunk
+from tests.payloads import (
+    chat_payload,
+    proxy_config,
+    raw_chat_request,
+    sse,
+    sse_event,
+    stream_chunk,
+    upstream,
+    usage_chunk,
+)
+from tests.records import read_json_lines
 
 #: The shared server's database the tests write to (not the default 0).
 REDIS_DB = 11
@@ -129,10 +131,6 @@ def cost(usage: dict[str, int], price: dict[str, float]) -> float:
 # -- the upstream -------------------------------------------------------------
 
 
-def _tool_chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-    return stream_chunk(0, delta, finish, model, chunk_id="chatcmpl-tools")
-
-
 def tool_call_events(model: str, include_usage: bool) -> list[bytes]:
     """A stream of two tool calls, each split over several chunks."""
     calls: list[dict[str, Any]] = [
@@ -152,13 +150,14 @@ def tool_call_events(model: str, include_usage: bool) -> list[bytes]:
         },
         {"index": 1, "function": {"arguments": '"CET"}'}},
     ]
-    events = [sse_event(_tool_chunk(model, {"role": "assistant", "content": None}))]
-    events += [sse_event(_tool_chunk(model, {"tool_calls": [call]})) for call in calls]
-    events.append(sse_event(_tool_chunk(model, {}, "tool_calls")))
+    chunk_id = "chatcmpl-tools"
+    deltas: list[dict[str, Any]] = [{"role": "assistant", "content": None}]
+    deltas += [{"tool_calls": [call]} for call in calls]
+    events = [sse_event(stream_chunk(0, delta, None, model, chunk_id)) for delta in deltas]
+    events.append(sse_event(stream_chunk(0, {}, "tool_calls", model, chunk_id)))
     if include_usage:
-        usage_chunk = {**_tool_chunk(model, {}), "choices": [], "usage": TOOL_USAGE}
-        events.append(sse_event(usage_chunk))
-    events.append(b"data: [DONE]\n\n")
+        events.append(sse_event(usage_chunk(TOOL_USAGE, model, chunk_id)))
+    events.append(sse("[DONE]"))
     return events
 
 
@@ -228,10 +227,7 @@ class RecordTrailBase(ProxyCase):
         self.sqlite = os.path.join(self.directory, "db.sqlite")
         self.dbtype = "sqlite"
         self.dbaddr = self.sqlite
-        self.events: list[dict[str, Any]] = []
-        observer: Any = self.events.append
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.events = capture_log(self)
         self.stderr = _Tee(sys.stderr)
         self.patch(sys, "stderr", self.stderr)
 
@@ -268,24 +264,14 @@ class RecordTrailBase(ProxyCase):
         bad1 = await self.fake(default=Status(503, "first is overloaded"))
         bad2 = await self.fake(default=Status(500, "second broke"))
         upstreams = [
-            {
-                "name": "main",
-                "endpoint": main.endpoint,
-                "sk": UPSTREAM_SK,
-                "allow": [self.model, self.tool_model, "/v1/audio/transcriptions"],
-            },
-            {
-                "name": "bad1",
-                "endpoint": bad1.endpoint,
-                "sk": FAILING_SK,
-                "allow": [self.fail_model],
-            },
-            {
-                "name": "bad2",
-                "endpoint": bad2.endpoint,
-                "sk": FAILING_SK,
-                "allow": [self.fail_model],
-            },
+            upstream(
+                "main",
+                main.endpoint,
+                UPSTREAM_SK,
+                allow=[self.model, self.tool_model, "/v1/audio/transcriptions"],
+            ),
+            upstream("bad1", bad1.endpoint, FAILING_SK, allow=[self.fail_model]),
+            upstream("bad2", bad2.endpoint, FAILING_SK, allow=[self.fail_model]),
         ]
         running = await self.start(
             self.config(upstreams, f"redis://127.0.0.1:{SHARED_REDIS[1]}/{REDIS_DB}")
@@ -319,21 +305,9 @@ class RecordTrailBase(ProxyCase):
         self.assertEqual(completion.choices[0].message.content, "Hello, world!")
         await recorded("chat")
 
-        def stream(client: openai.OpenAI) -> tuple[list[str], list[Any]]:
-            deltas: list[str] = []
-            usages: list[Any] = []
-            chunks: Any = client.chat.completions.create(
-                model=model, messages=CHAT_MESSAGES, stream=True
-            )
-            for chunk in chunks:
-                if chunk.usage is not None:
-                    usages.append(chunk.usage)
-                deltas.extend(
-                    choice.delta.content for choice in chunk.choices if choice.delta.content
-                )
-            return deltas, usages
-
-        deltas, usages = await self.sdk(running, stream)
+        deltas, usages = await self.sdk(
+            running, lambda c: collect_stream(c, model=model, messages=CHAT_MESSAGES)
+        )
         self.assertEqual("".join(deltas), "Hello, world!")
         # Usage was asked of the upstream by oaproxy, for the record: hidden.
         self.assertEqual(usages, [])
@@ -418,7 +392,7 @@ class RecordTrailBase(ProxyCase):
 
         main.script(Stream(chunks=("one ", "two ", "three"), hang_after=2))
         request = raw_chat_request(
-            {"model": model, "stream": True, "messages": CHAT_MESSAGES}, CLIENT_SECRET
+            chat_payload(model, stream=True, messages=CHAT_MESSAGES), CLIENT_SECRET
         )
         # The role chunk and two content chunks, then the client hangs up.
         client = RawClient(request, events=3)
@@ -433,10 +407,6 @@ class RecordTrailBase(ProxyCase):
         return records
 
     # -- reading the sinks back ------------------------------------------------
-
-    def read_jsonl(self) -> list[dict[str, Any]]:
-        with open(self.jsonl, encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
 
     async def read_redis(
         self, port: int, key: str, password: str | None = None
@@ -531,11 +501,6 @@ class RecordTrailBase(ProxyCase):
                     self.fail(
                         f"a secret ({secret[:12]}...) in the {where}: {text[max(0, at - 200) : at]!r}"
                     )
-
-    def cli(self, *argv: str) -> tuple[int, str, str]:
-        out, err = io.StringIO(), io.StringIO()
-        status = cli_main(list(argv), stdout=out, stderr=err)
-        return status, out.getvalue(), err.getvalue()
 
     # -- the checks ---------------------------------------------------------------
 
@@ -722,7 +687,7 @@ class RecordTrailBase(ProxyCase):
 
         emitted = running.records.seen
         ids = {record["id"] for record in emitted}
-        from_file = self.read_jsonl()
+        from_file = read_json_lines(self.jsonl)
         from_redis = await self.read_redis(SHARED_REDIS[1], self.redis_key)
         rows = self.read_sql()
         # Every sink holds every record once, as emitted.
@@ -770,7 +735,7 @@ class RecordTrailBase(ProxyCase):
         emitted = running.records.seen
         config = running.config_path
 
-        status, out, err = self.cli("records", "export", "--config", config)
+        status, out, err = run_cli("records", "export", "--config", config)
         self.assertEqual((status, err), (0, ""))
         exported = [json.loads(line) for line in out.splitlines()]
         self.assertEqual(
@@ -781,7 +746,7 @@ class RecordTrailBase(ProxyCase):
             sorted(exported, key=lambda r: r["id"]), sorted(emitted, key=lambda r: r["id"])
         )
 
-        status, out, err = self.cli(
+        status, out, err = run_cli(
             "records", "export", "--config", config, "--key", self.alice, "--model", self.model
         )
         self.assertEqual(status, 0)
@@ -790,7 +755,7 @@ class RecordTrailBase(ProxyCase):
             {records[name]["id"] for name in ("chat", "stream", "abandoned")},
         )
 
-        status, out, err = self.cli("records", "export", "--config", config, "--format", "chat")
+        status, out, err = run_cli("records", "export", "--config", config, "--format", "chat")
         self.assertEqual(status, 0)
         items = json.loads(out)
         # The multipart upload has no chat messages, nor the 401 (refused
@@ -809,7 +774,7 @@ class RecordTrailBase(ProxyCase):
         self.assertTrue(tools["is_tool_calls"])
         self.assertEqual(tools["tools"], TOOLS)
 
-        status, out, err = self.cli("usage", "--config", config, "--format", "json")
+        status, out, err = run_cli("usage", "--config", config, "--format", "json")
         self.assertEqual((status, err), (0, ""))
         chat_cost = cost(CHAT_USAGE, PRICE)
         expected = {
@@ -837,7 +802,7 @@ class RecordTrailBase(ProxyCase):
             else:
                 self.assertAlmostEqual(got[group][5], numbers[5])
 
-        status, out, err = self.cli("usage", "--config", config, "--by", "key")
+        status, out, err = run_cli("usage", "--config", config, "--by", "key")
         self.assertEqual((status, err), (0, ""))
         lines = [line.split() for line in out.splitlines()]
         self.assertEqual(
@@ -909,7 +874,7 @@ class SinkOutageTests(RecordTrailBase):
         await server.start()
         main = await self.fake()
         config = self.config(
-            [{"name": "main", "endpoint": main.endpoint, "sk": UPSTREAM_SK, "allow": [self.model]}],
+            [upstream("main", main.endpoint, UPSTREAM_SK, allow=[self.model])],
             f"redis://:{REDIS_PASSWORD}@127.0.0.1:{server.port}/0",
         )
         config["records"]["queue_size"] = 4
@@ -925,7 +890,7 @@ class SinkOutageTests(RecordTrailBase):
         from twisted.web.client import HTTPConnectionPool
 
         pool = HTTPConnectionPool(reactor, persistent=False)
-        body = {"model": self.model, "messages": CHAT_MESSAGES}
+        body = chat_payload(self.model, messages=CHAT_MESSAGES)
         headers: dict[bytes | str, list[bytes | str]] = {
             "Authorization": [f"Bearer {CLIENT_SECRET}"]
         }
@@ -959,7 +924,7 @@ class SinkOutageTests(RecordTrailBase):
         emitted_ids = [record["id"] for record in running.records.seen]
         stored = await self.read_redis(server.port, self.redis_key, REDIS_PASSWORD)
         self.assertEqual(Counter(record["id"] for record in stored), Counter(emitted_ids))
-        self.assertEqual(sorted(r["id"] for r in self.read_jsonl()), sorted(emitted_ids))
+        self.assertEqual(sorted(r["id"] for r in read_json_lines(self.jsonl)), sorted(emitted_ids))
         self.assertEqual((redis_sink.dropped, sinks["file"].dropped), (0, 0))
         self.assertFalse(os.path.exists(os.path.join(self.spool_dir, "redis.jsonl")))
         with open(self.jsonl, encoding="utf-8") as f:
@@ -997,7 +962,7 @@ class UpstreamEchoTests(RecordTrailBase):
             )
         )
         config = self.config(
-            [{"name": "echo", "endpoint": echo.endpoint, "sk": UPSTREAM_SK, "allow": [self.model]}],
+            [upstream("echo", echo.endpoint, UPSTREAM_SK, allow=[self.model])],
             f"redis://127.0.0.1:{SHARED_REDIS[1]}/{REDIS_DB}",
         )
         running = await self.start(config)

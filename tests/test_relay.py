@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from itertools import pairwise
 from typing import Any
 
 from hypothesis import given, settings
@@ -25,7 +24,8 @@ from oaproxy.relay import (
     UpstreamEndedEarly,
     describe,
 )
-from tests.support import Client, FakeResponse, Harness, sse
+from tests.doubles import ChunkConsumer, Client, FakeResponse, Harness
+from tests.payloads import chunk_data, cut, sse, sse_event, usage_chunk
 
 CONFIG = """
 authorization: sk-client
@@ -37,42 +37,34 @@ upstreams:
   - {name: b, endpoint: "https://b.test/v1", sk: sk-b}
 """
 
-_BASE = (
-    '"id":"chatcmpl-9","object":"chat.completion.chunk","created":1718000000,'
-    '"model":"gpt-4o-mini-2024-07-18","system_fingerprint":"fp_1"'
-)
-
-
-def _chunk(rest: str) -> bytes:
-    return sse("{" + _BASE + "," + rest + "}")
-
-
-ROLE = _chunk(
-    '"choices":[{"index":0,"delta":{"role":"assistant","content":"","refusal":null},'
-    '"logprobs":null,"finish_reason":null}],"usage":null'
-)
+# A real OpenAI chat completion stream asked with include_usage: every chunk
+# names the dated model and a fingerprint, and carries "usage": null until the last.
+OPENAI: dict[str, Any] = {
+    "model": "gpt-4o-mini-2024-07-18",
+    "chunk_id": "chatcmpl-9",
+    "created": 1718000000,
+    "system_fingerprint": "fp_1",
+}
+ROLE = sse(chunk_data({"role": "assistant", "content": "", "refusal": None}, usage=None, **OPENAI))
 CONTENT = b"".join(
-    _chunk(
-        '"choices":[{"index":0,"delta":{"content":' + json.dumps(piece) + "},"
-        '"logprobs":null,"finish_reason":null}],"usage":null'
-    )
+    sse(chunk_data({"content": piece}, usage=None, **OPENAI))
     for piece in ["Bonjour", " \u00e0 vous", ", \u4f60\u597d", " \U0001f44b", "!\n\nOK"]
 )
-FINISH = _chunk(
-    '"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}],"usage":null'
-)
-USAGE = _chunk(
-    '"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21,'
-    '"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}}'
+FINISH = sse(chunk_data({}, "stop", usage=None, **OPENAI))
+USAGE = sse_event(
+    usage_chunk(
+        {
+            "prompt_tokens": 12,
+            "completion_tokens": 9,
+            "total_tokens": 21,
+            "prompt_tokens_details": {"cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        },
+        **OPENAI,
+    )
 )
 DONE = sse("[DONE]")
-# A real OpenAI chat completion stream asked with include_usage.
 STREAM = ROLE + CONTENT + FINISH + USAGE + DONE
-
-
-def cut(data: bytes, offsets: list[int]) -> list[bytes]:
-    points = sorted({0, len(data), *(o % (len(data) + 1) for o in offsets)})
-    return [data[a:b] for a, b in pairwise(points)]
 
 
 class SSESplitTests(SynchronousTestCase):
@@ -108,6 +100,9 @@ class SSESplitTests(SynchronousTestCase):
     @settings(max_examples=100, deadline=None)
     @given(st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=40))
     def test_any_split_is_byte_identical_when_the_client_asked(self, offsets: list[int]) -> None:
+        """When the client asked for usage itself, the stream reaches it byte
+        for byte, usage chunk included, however the upstream split it; the
+        record still has the usage."""
         h, client = self.relay(cut(STREAM, offsets), {"stream_options": {"include_usage": True}})
         self.assertEqual(client.reply().body, STREAM)
         self.assertEqual(
@@ -115,6 +110,8 @@ class SSESplitTests(SynchronousTestCase):
         )
 
     def test_byte_at_a_time_with_crlf(self) -> None:
+        """A CRLF stream delivered one byte at a time reaches the client as it
+        was sent, less the usage chunk oaproxy asked for."""
         crlf = STREAM.replace(b"\n", b"\r\n")
         _, client = self.relay([crlf[i : i + 1] for i in range(len(crlf))])
         self.assertEqual(
@@ -122,12 +119,16 @@ class SSESplitTests(SynchronousTestCase):
         )
 
     def test_usage_asked_for_the_upstream(self) -> None:
+        """oaproxy adds stream_options.include_usage to the body it sends, and
+        the producer's length is that of the body it writes."""
         h, _ = self.relay([STREAM])
         sent = h.agent.calls[0].json()
         self.assertEqual(sent["stream_options"], {"include_usage": True})
         self.assertEqual(h.agent.calls[0].producer.length, len(h.agent.calls[0].body))  # type: ignore[union-attr]
 
     def test_no_usage_asked_when_the_upstream_opts_out(self) -> None:
+        """With stream_usage off for the upstream, the body goes unchanged and
+        the stream is relayed whole."""
         h, client = self.relay(
             [STREAM], config=CONFIG.replace("sk: sk-a}", "sk: sk-a, stream_usage: false}")
         )
@@ -155,6 +156,8 @@ class StreamEndTests(SynchronousTestCase):
         )
 
     def test_close_after_done_is_a_clean_end(self) -> None:
+        """A connection closed after [DONE] ends the stream well: the client's
+        body is complete and the outcome is ok."""
         self.response.write(FINISH + DONE)
         self.response.lose()
         reply = self.client.reply()
@@ -162,6 +165,9 @@ class StreamEndTests(SynchronousTestCase):
         self.assertEqual(self.h.record()["outcome"], "ok")
 
     def test_close_without_done_is_a_failure(self) -> None:
+        """A connection closed without [DONE] and without a clean end of the
+        body ends the stream with an SSE error event; the record says the stream
+        failed and why."""
         self.response.write(FINISH)
         self.response.lose()
         reply = self.client.reply()
@@ -180,6 +186,7 @@ class StreamEndTests(SynchronousTestCase):
         self.assertEqual(self.h.record()["outcome"], "ok")
 
     def test_data_after_the_end_is_ignored(self) -> None:
+        """Bytes that reach the relay after the body ended are not written to the client."""
         self.response.write(DONE)
         self.response.finish()
         relay = self.response.protocol
@@ -203,6 +210,8 @@ class RawRelayTests(SynchronousTestCase):
         self.response = self.h.agent.calls[0].respond(200, b"audio/mpeg")
 
     def test_bytes_pass_untouched(self) -> None:
+        """A binary body is relayed unchanged, chunked, whatever its pieces; the
+        record counts its bytes and says it was no stream."""
         for piece in cut(self.BINARY, [1, 2, 100, 101, 500, 780]):
             self.response.write(piece)
         self.response.lose()
@@ -240,6 +249,8 @@ class RawRelayTests(SynchronousTestCase):
         self.assertEqual(self.h.record()["outcome"], "stream_failed")
 
     def test_idle_timeout(self) -> None:
+        """A raw body silent for stream_idle_timeout is stopped and the client's
+        connection dropped; the record says why."""
         self.response.write(b"ID3")
         self.h.clock.advance(20)
         self.assertEqual(self.response.transport.events, ["stop"])
@@ -256,6 +267,9 @@ class BackpressureTests(SynchronousTestCase):
         return h, client, response
 
     def test_slow_client_pauses_the_upstream(self) -> None:
+        """A client whose buffer is full pauses the upstream and resumes it when
+        it drains; after the end the client's pauses no longer reach the
+        upstream."""
         _, client, response = self.stream()
         client.pause()
         self.assertEqual(response.transport.events, ["pause"])
@@ -269,6 +283,7 @@ class BackpressureTests(SynchronousTestCase):
         self.assertEqual(response.transport.events, ["pause", "resume"])
 
     def test_raw_relay_pauses_the_upstream(self) -> None:
+        """A raw body's relay passes the client's pauses and resumes to the upstream too."""
         h = Harness(CONFIG)
         client = h.request(
             b"GET",
@@ -330,6 +345,7 @@ class BodyCollectorTests(SynchronousTestCase):
         return collector, response, results
 
     def test_whole_body(self) -> None:
+        """A body that ends cleanly is collected whole, its pieces joined."""
         _, response, results = self.collect()
         response.write(b"01234").write(b"56789")
         response.finish()
@@ -337,6 +353,8 @@ class BodyCollectorTests(SynchronousTestCase):
         self.assertEqual((results[0].parts, results[0].size), ((b"01234", b"56789"), 10))
 
     def test_over_the_limit(self) -> None:
+        """A body over the limit stops the upstream and fails as too large,
+        once: the upstream's later failure adds nothing."""
         _, response, results = self.collect()
         response.write(b"0123456789")
         self.assertEqual(results, [])
@@ -350,6 +368,7 @@ class BodyCollectorTests(SynchronousTestCase):
         self.assertEqual(len(results), 1)
 
     def test_cancel_stops_the_upstream(self) -> None:
+        """Cancelling the collection stops the upstream's transport."""
         collector, response, results = self.collect()
         collector.finished.cancel()
         self.assertEqual(response.transport.events, ["stop"])
@@ -358,9 +377,11 @@ class BodyCollectorTests(SynchronousTestCase):
 
 class RequestBodyTests(SynchronousTestCase):
     def test_empty_body_has_no_producer(self) -> None:
+        """An empty request body is sent without a body producer."""
         self.assertIsNone(RequestBody(size=0, data=b"").producer(Cooperator()))
 
     def test_bytes_body(self) -> None:
+        """A body held in memory is sent by a BytesProducer of its length."""
         producer = RequestBody(size=3, data=b"abc").producer(Cooperator())
         assert isinstance(producer, BytesProducer)
         self.assertEqual(producer.length, 3)
@@ -395,17 +416,9 @@ class RequestBodyTests(SynchronousTestCase):
         self.assertEqual(producer.length, body.size)
         out: list[bytes] = []
         done: list[object] = []
-        consumer: Any = Consumer(out)
+        consumer: Any = ChunkConsumer(out)
         producer.startProducing(consumer).addBoth(done.append)
         return out, done, producer
-
-
-class Consumer:
-    def __init__(self, out: list[bytes]) -> None:
-        self.out = out
-
-    def write(self, data: bytes) -> None:
-        self.out.append(data)
 
 
 class DescribeTests(SynchronousTestCase):

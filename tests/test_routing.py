@@ -1,10 +1,9 @@
-"""Tests for oaproxy.routing: client keys, allow/deny, key scopes, lb_policy."""
+"""Tests for oaproxy.routing: client keys, allow/deny, key scopes, routes, aliases."""
 
 from __future__ import annotations
 
 import hmac
 import json
-import random
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -12,7 +11,7 @@ from oaproxy import routing
 from oaproxy.config import Upstream
 from oaproxy.errors import ErrorAnswer
 from oaproxy.routing import NOT_BEARER, WRONG_KEY, Caller, Router, serves
-from tests.support import make_config
+from tests.doubles import make_config
 
 CONFIG = """
 authorization: {alice: sk-alice-0001, bob: sk-bob-00002}
@@ -48,6 +47,9 @@ class AuthenticateTests(SynchronousTestCase):
         self.router = Router(make_config(CONFIG))
 
     def test_valid_keys(self) -> None:
+        """Each configured key, global or scoped to an upstream, names its
+        caller; spaces around the key after 'Bearer' are trimmed as
+        openai-api-route does."""
         for header, name in [
             (b"Bearer sk-alice-0001", "alice"),
             (b"Bearer sk-bob-00002", "bob"),
@@ -61,6 +63,8 @@ class AuthenticateTests(SynchronousTestCase):
             self.assertEqual((caller.key.name, caller.refusal), (name, None), header)
 
     def test_not_bearer(self) -> None:
+        """No header, an empty one, another scheme, a lower-case 'bearer' or a
+        bare key are all refused as not bearer."""
         for header in [
             None,
             b"",
@@ -117,6 +121,8 @@ class AuthenticateTests(SynchronousTestCase):
         self.assertEqual(len(compared), 2)
 
     def test_no_keys_is_open(self) -> None:
+        """Without keys anywhere the proxy is open: any header or none is a
+        keyless caller who may use every upstream."""
         router = Router(
             make_config(
                 "upstreams: [{endpoint: https://a.test/v1}, {endpoint: https://b.test/v1}]\n"
@@ -179,6 +185,7 @@ class CandidateTests(SynchronousTestCase):
                 self.assertEqual((result.status, result.code), expected, where)
 
     def test_refusal_texts(self) -> None:
+        """A missing or wrong key is refused with OpenAI's 401 error body and the reason."""
         missing = self.router.candidates(self.caller(None), "gpt-4", "/v1/chat/completions")
         self.assertEqual(
             missing,
@@ -203,6 +210,8 @@ class CandidateTests(SynchronousTestCase):
         )
 
     def test_403_and_404_answers(self) -> None:
+        """A model the key may not use is a 403; a model or path that nothing
+        serves is a 404 saying which."""
         forbidden = self.router.candidates(
             self.caller("sk-alice-0001"), "llama-3", "/v1/chat/completions"
         )
@@ -248,6 +257,8 @@ class CandidateTests(SynchronousTestCase):
             )
 
     def test_global_keys_do_not_reach_scoped_upstreams(self) -> None:
+        """A global key never reaches an upstream scoped to its own keys, and a
+        scoped key reaches only its upstream."""
         config = make_config(
             """
 authorization: sk-global
@@ -282,36 +293,14 @@ upstreams:
 class OrderTests(SynchronousTestCase):
     UPSTREAMS = "".join(f"  - {{name: u{i}, endpoint: https://u{i}.test/v1}}\n" for i in range(6))
 
-    def test_order_policy_keeps_config_order(self) -> None:
+    def test_candidates_in_config_order(self) -> None:
+        """The router keeps the config's order: the balancing policy is a
+        candidate filter of its own (tests/test_balancing.py)."""
         router = Router(make_config("upstreams:\n" + self.UPSTREAMS))
         for _ in range(3):
             self.assertEqual(
                 names(router.candidates(Caller(None), "m", "/v1/x")), [f"u{i}" for i in range(6)]
             )
-
-    def test_random_policy_uses_the_given_rng(self) -> None:
-        config = make_config("lb_policy: random\nupstreams:\n" + self.UPSTREAMS)
-        router = Router(config, random.Random(1234))
-        expected_rng = random.Random(1234)
-        seen = set()
-        for _ in range(5):
-            expected = [f"u{i}" for i in range(6)]
-            expected_rng.shuffle(expected)
-            got = names(router.candidates(Caller(None), "m", "/v1/x"))
-            self.assertEqual(got, expected)
-            seen.add(tuple(got))
-        # The shuffle really shuffles: five draws are not all one order.
-        self.assertGreater(len(seen), 1)
-
-    def test_random_policy_only_orders_the_usable(self) -> None:
-        config = make_config(
-            "lb_policy: random\nupstreams:\n"
-            + self.UPSTREAMS
-            + "  - {name: other, endpoint: https://x.test/v1, allow: [n]}\n"
-        )
-        for seed in range(10):
-            got = names(Router(config, random.Random(seed)).candidates(Caller(None), "m", "/v1/x"))
-            self.assertEqual(sorted(got), [f"u{i}" for i in range(6)])
 
 
 class ServesTests(SynchronousTestCase):
@@ -322,6 +311,8 @@ class ServesTests(SynchronousTestCase):
         return config.upstreams[0]
 
     def test_allow_then_deny(self) -> None:
+        """An upstream serves a name its allow list admits (an empty one admits
+        all) and its deny list does not name; names match exactly."""
         table = [
             ("[]", "[]", "m", True),
             ("[m]", "[]", "m", True),

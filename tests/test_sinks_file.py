@@ -5,20 +5,19 @@ from __future__ import annotations
 import io
 import json
 import os
+from functools import partial
 from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.python.logfile import DailyLogFile, LogFile
 from twisted.trial.unittest import SynchronousTestCase
 
-from oaproxy.record import Record, record_document
+from oaproxy.record import record_document
 from oaproxy.sinks.file import FileSink
-from oaproxy.sinks.queue import RECORD_NAMESPACE
-from tests.records import record, usage
+from tests.records import emit, numbered, usage
 
-
-def numbered(number: int, **extra: Any) -> Record:
-    return record(id=f"id{number}", time=1700000000.5, usage=usage(3, 4), **extra)
+#: The records here: a served chat completion, with its usage.
+served = partial(numbered, usage=usage(3, 4))
 
 
 class FileSinkTests(SynchronousTestCase):
@@ -50,34 +49,31 @@ class FileSinkTests(SynchronousTestCase):
         as is; the directory is created.
         """
         sink = self.sink()
-        sink.observer({"log_namespace": RECORD_NAMESPACE, "record": numbered(1)})
-        sink.observer(
-            {
-                "log_namespace": RECORD_NAMESPACE,
-                "record": numbered(2, response_text="你好 ✓"),
-            }
-        )
-        sink.observer({"log_namespace": "other", "record": numbered(3)})
+        emit(sink, served(1))
+        emit(sink, served(2, response_text="你好 ✓"))
+        sink.observer({"log_namespace": "other", "record": served(3)})
         self.clock.advance(0)
         lines = self.lines()
         self.assertEqual(len(lines), 2)
         self.assertTrue(all(line.endswith(b"\n") for line in lines))
         self.assertNotIn(b" ", lines[0])
         self.assertIn("你好 ✓".encode(), lines[1])
-        self.assertEqual(json.loads(lines[0]), record_document(numbered(1)))
+        self.assertEqual(json.loads(lines[0]), record_document(served(1)))
         self.assertEqual(json.loads(lines[1])["response_text"], "你好 ✓")
         self.assertEqual(sink.written, 2)
 
     def test_appends(self) -> None:
         """A new sink appends to the existing file."""
         first = self.sink()
-        first.observer({"log_namespace": RECORD_NAMESPACE, "record": numbered(1)})
+        emit(first, served(1))
         self.clock.advance(0)
         self.successResultOf(first.stopService())
         second = self.sink()
-        second.observer({"log_namespace": RECORD_NAMESPACE, "record": numbered(2)})
+        emit(second, served(2))
         self.clock.advance(0)
-        self.assertEqual([json.loads(line)["id"] for line in self.lines()], ["id1", "id2"])
+        self.assertEqual(
+            [json.loads(line)["id"] for line in self.lines()], [served(1).id, served(2).id]
+        )
 
     def test_daily(self) -> None:
         """``rotate="daily"`` writes through a ``DailyLogFile``."""
@@ -93,7 +89,7 @@ class FileSinkTests(SynchronousTestCase):
         self.assertIsInstance(logfile, LogFile)
         self.assertNotIsInstance(logfile, DailyLogFile)
         for number in range(30):
-            sink.observer({"log_namespace": RECORD_NAMESPACE, "record": numbered(number)})
+            emit(sink, served(number))
         self.clock.advance(0)
         self.assertTrue(os.path.exists(self.path + ".1"))
         ids = [
@@ -105,7 +101,7 @@ class FileSinkTests(SynchronousTestCase):
             + ["records.jsonl"]
             for line in self.lines(os.path.join(os.path.dirname(self.path), path))
         ]
-        self.assertEqual(ids, [f"id{n}" for n in range(30)])
+        self.assertEqual(ids, [served(n).id for n in range(30)])
 
     def test_unwritable_file_waits(self) -> None:
         """When the file cannot be opened the records wait (and spill), and are
@@ -115,12 +111,12 @@ class FileSinkTests(SynchronousTestCase):
         os.mkdir(self.path)  # a directory where the file should be
         sink = self.sink(queue_size=2)
         for number in range(5):
-            sink.observer({"log_namespace": RECORD_NAMESPACE, "record": numbered(number)})
+            emit(sink, served(number))
         self.clock.advance(0)
         self.assertEqual((sink.failures, sink.queued, sink.spilled), (1, 2, 3))
         os.rmdir(self.path)
         self.clock.advance(0.5)
         self.assertEqual(
             [json.loads(line)["id"] for line in self.lines()],
-            [f"id{n}" for n in range(5)],
+            [served(n).id for n in range(5)],
         )

@@ -13,20 +13,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.record import Record, encode_record
 from oaproxy.sinks.queue import RECORD_NAMESPACE, QueuedSink
-from tests.records import record
-
-
-def numbered(number: int) -> Record:
-    """The record whose id says its number, as the sinks here count them."""
-    return record(id=f"r{number:04d}", time=1700000000.0 + number)
+from tests.records import emit, numbered
 
 
 def number_of(record_id: str) -> int:
     return int(record_id[1:])
-
-
-def event(number: int) -> dict[str, Any]:
-    return {"log_namespace": RECORD_NAMESPACE, "record": numbered(number)}
 
 
 class RecordingSink(QueuedSink):
@@ -76,7 +67,13 @@ class QueuedSinkTests(SynchronousTestCase):
 
     def feed(self, sink: QueuedSink, numbers: range) -> None:
         for number in numbers:
-            sink.observer(event(number))
+            emit(sink, numbered(number))
+
+    def write_spool(self, *lines: bytes) -> None:
+        """A spool file left by an earlier run, holding these lines."""
+        os.makedirs(self.spool_dir)
+        with open(os.path.join(self.spool_dir, "test.jsonl"), "wb") as f:
+            f.writelines(line + b"\n" for line in lines)
 
     def spool_lines(self, name: str = "test") -> list[int]:
         path = os.path.join(self.spool_dir, f"{name}.jsonl")
@@ -92,7 +89,7 @@ class QueuedSinkTests(SynchronousTestCase):
         sink.observer({"log_namespace": RECORD_NAMESPACE})
         sink.observer({"log_namespace": RECORD_NAMESPACE, "record": "nope"})
         self.assertEqual(sink.queued, 0)
-        sink.observer(event(1))
+        emit(sink, numbered(1))
         self.assertEqual(sink.queued, 1)
 
     def test_observer_never_raises(self) -> None:
@@ -305,11 +302,9 @@ class QueuedSinkTests(SynchronousTestCase):
 
     def test_undecodable_spool_line(self) -> None:
         """A damaged spool line (e.g. a crash mid-write) is skipped and counted."""
-        os.makedirs(self.spool_dir)
-        with open(os.path.join(self.spool_dir, "test.jsonl"), "wb") as f:
-            f.write(encode_record(numbered(1)) + b"\n")
-            f.write(encode_record(numbered(2))[:40] + b"\n")
-            f.write(encode_record(numbered(3)) + b"\n")
+        self.write_spool(
+            encode_record(numbered(1)), encode_record(numbered(2))[:40], encode_record(numbered(3))
+        )
         sink = self.sink()
         sink.startService()
         self.clock.advance(0)
@@ -319,11 +314,7 @@ class QueuedSinkTests(SynchronousTestCase):
     def test_spool_line_that_is_no_record(self) -> None:
         """A JSON line that is not a record of the schema is skipped and
         counted like a damaged one (the sinks never see it)."""
-        os.makedirs(self.spool_dir)
-        with open(os.path.join(self.spool_dir, "test.jsonl"), "wb") as f:
-            f.write(encode_record(numbered(1)) + b"\n")
-            f.write(b'{"n": 2}\n')
-            f.write(encode_record(numbered(3)) + b"\n")
+        self.write_spool(encode_record(numbered(1)), b'{"n": 2}', encode_record(numbered(3)))
         sink = self.sink()
         sink.startService()
         self.clock.advance(0)

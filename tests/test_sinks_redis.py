@@ -10,6 +10,7 @@ import json
 import os
 import uuid
 from collections.abc import Generator
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -17,29 +18,19 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from oaproxy.record import Record, record_document
 from oaproxy.sinks.redis import RedisAddress, RedisSink, script_arguments, usage_date
-from tests.harness import (
+from tests.live import (
     SHARED_REDIS,
     PrivateRedis,
-    emit,
     reachable,
     redis_client,
     unavailable,
     wait_for,
 )
-from tests.records import record, usage
+from tests.records import emit, record, usage
+from tests.records import numbered as nth_record
 
-
-def numbered(number: int, **extra: Any) -> Record:
-    """A chat completion's record of alice's, the ``number``-th second of the run."""
-    fields: dict[str, Any] = {
-        "id": uuid.uuid4().hex,
-        "time": 1700000000.0 + number,
-        "key_name": "alice",
-        "usage": usage(10, 5),
-        "cost": 0.000013,
-    }
-    fields.update(extra)
-    return record(**fields)
+#: The records here: chat completions of alice's, with usage and cost.
+numbered = partial(nth_record, key_name="alice", usage=usage(10, 5), cost=0.000013)
 
 
 def documents(records: list[Record]) -> list[dict[str, Any]]:
@@ -48,6 +39,8 @@ def documents(records: list[Record]) -> list[dict[str, Any]]:
 
 class HelperTests(SynchronousTestCase):
     def test_address(self) -> None:
+        """A redis: URL gives its host, port, database and credentials, with
+        defaults; another scheme or a database that is no number is refused."""
         self.assertEqual(
             RedisAddress.from_url("redis://u:p%40ss@redis.example:6380/2"),
             RedisAddress("redis.example", 6380, 2, "u", "p@ss"),
@@ -60,6 +53,9 @@ class HelperTests(SynchronousTestCase):
         self.assertRaises(ValueError, RedisAddress.from_url, "redis://x/abc")
 
     def test_script_arguments(self) -> None:
+        """The Lua script gets the dedupe key, the stream and the day's usage
+        hashes (a '-' for no key), and zeros for a record without usage or
+        cost."""
         rec = numbered(1, key_name=None, cost=None, usage=None)
         arguments = script_arguments(rec, key="k", maxlen=10, usage_prefix="u", dedupe_ttl=60)
         self.assertEqual(

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Generator
+from functools import partial
 from typing import Any
 
 import attrs
@@ -20,7 +21,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from oaproxy.record import Record, record_document
+from oaproxy.record import record_document
 from oaproxy.sinks.sql import (
     COLUMNS,
     SCHEMA_VERSION,
@@ -33,9 +34,8 @@ from oaproxy.sinks.sql import (
     placeholder,
     record_row,
 )
-from tests.harness import (
+from tests.live import (
     SHARED_POSTGRES,
-    emit,
     free_port,
     postgres_schema,
     reachable,
@@ -43,29 +43,25 @@ from tests.harness import (
     unavailable,
     wait_for,
 )
-from tests.records import attempt, record, usage
+from tests.records import attempt, emit, record, usage
+from tests.records import numbered as nth_record
 
-
-def numbered(number: int, **extra: Any) -> Record:
-    """A streamed chat completion's record, the ``number``-th second of the run."""
-    fields: dict[str, Any] = {
-        "id": uuid.uuid4().hex,
-        "time": 1700000000.0 + number,
-        "key_name": "alice",
-        "user_agent": "OpenAI/Python 1.0",
-        "stream": True,
-        "attempts": [attempt("a", 200, ttfb=0.1, duration=0.5)],
-        "upstream": "a",
-        "ttfb": 0.125,
-        "duration": 0.5,
-        "bytes_in": 120,
-        "bytes_out": 3000,
-        "response_text": "héllo",
-        "usage": usage(10, 5),
-        "cost": 0.25,
-    }
-    fields.update(extra)
-    return record(**fields)
+#: The records here: streamed chat completions of alice's, with usage and cost.
+numbered = partial(
+    nth_record,
+    key_name="alice",
+    user_agent="OpenAI/Python 1.0",
+    stream=True,
+    attempts=[attempt("a", 200, ttfb=0.1, duration=0.5)],
+    upstream="a",
+    ttfb=0.125,
+    duration=0.5,
+    bytes_in=120,
+    bytes_out=3000,
+    response_text="héllo",
+    usage=usage(10, 5),
+    cost=0.25,
+)
 
 
 class HelperTests(SynchronousTestCase):
@@ -109,6 +105,7 @@ class HelperTests(SynchronousTestCase):
         self.assertEqual(cursor.fetchone(), ("wal",))
 
     def test_placeholder(self) -> None:
+        """Each database gets its parameter placeholder; another database is refused."""
         self.assertEqual(placeholder("sqlite"), "?")
         self.assertEqual(placeholder("postgres"), "%s")
         self.assertRaises(ValueError, placeholder, "mysql")
@@ -256,6 +253,8 @@ class SQLiteSinkTests(SQLSinkBase):
         return self.check_records_arrive()
 
     def test_refused_record_does_not_block(self) -> Deferred[None]:
+        """A record sqlite refuses for its data is set aside in the spool's
+        rejected file; the records around it and after it are written."""
         return self.check_refused_record_does_not_block()
 
     @inlineCallbacks
@@ -299,9 +298,12 @@ class PostgresSinkTests(SQLSinkBase):
         return self.check_records_arrive()
 
     def test_refused_record_does_not_block(self) -> Deferred[None]:
+        """A record PostgreSQL refuses for its data is set aside in the spool's
+        rejected file; the records around it and after it are written."""
         return self.check_refused_record_does_not_block()
 
     def test_schema_version(self) -> None:
+        """In PostgreSQL, migrate creates the schema once and then reports its version."""
         connection = open_database("postgres", self.dbaddr)
         try:
             self.assertEqual(migrate(connection.cursor(), "postgres"), 0)

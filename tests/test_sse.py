@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from itertools import pairwise
 
 import httpx2
 import openai
@@ -15,6 +14,7 @@ from openai.types.chat import ChatCompletionChunk
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.sse import EventTooLarge, SSESplitter, event_data, sse_error_event
+from tests.payloads import FAKE_MODEL, HI, content_chunk, cut, sse
 
 
 def split_all(chunks: list[bytes]) -> tuple[list[bytes], bytes]:
@@ -24,11 +24,6 @@ def split_all(chunks: list[bytes]) -> tuple[list[bytes], bytes]:
         events.extend(splitter.feed(chunk))
     events.extend(splitter.end())
     return events, splitter.pending()
-
-
-def cut(data: bytes, offsets: list[int]) -> list[bytes]:
-    points = sorted({0, len(data), *(o % (len(data) + 1) for o in offsets)})
-    return [data[a:b] for a, b in pairwise(points)]
 
 
 # Lines are text without CR or LF; terminators are any SSE line end.
@@ -62,6 +57,7 @@ def events(draw: st.DrawFn) -> list[bytes]:
 
 class SplitterTests(SynchronousTestCase):
     def test_lf_events(self) -> None:
+        """Events end at a blank line; what follows the last one waits, pending, for its end."""
         splitter = SSESplitter()
         self.assertEqual(splitter.feed(b"data: a\n\ndata: b\n"), [b"data: a\n\n"])
         self.assertEqual(splitter.pending(), b"data: b\n")
@@ -69,6 +65,7 @@ class SplitterTests(SynchronousTestCase):
         self.assertEqual(splitter.pending(), b"data: c")
 
     def test_crlf_events(self) -> None:
+        """CRLF-terminated events are split whole, their line ends kept."""
         splitter = SSESplitter()
         self.assertEqual(
             splitter.feed(b"data: a\r\n\r\ndata: b\r\n\r\n"),
@@ -77,19 +74,21 @@ class SplitterTests(SynchronousTestCase):
         self.assertEqual(splitter.pending(), b"")
 
     def test_crlf_is_not_a_blank_line(self) -> None:
-        # "\r\n" is one line end, not CR then LF.
+        """A CRLF is one line end, not CR then LF: it does not end an event on its own."""
         splitter = SSESplitter()
         self.assertEqual(splitter.feed(b"data: a\r\ndata: b\r\n"), [])
         self.assertEqual(splitter.feed(b"\r\n"), [b"data: a\r\ndata: b\r\n\r\n"])
 
     def test_cr_events(self) -> None:
+        """Bare CR line ends split events too."""
         splitter = SSESplitter()
         self.assertEqual(
             splitter.feed(b"data: a\r\rdata: b\r\rx"), [b"data: a\r\r", b"data: b\r\r"]
         )
 
     def test_trailing_cr_waits_for_next_byte(self) -> None:
-        # The final CR may be the first half of a CRLF that belongs to this event.
+        """A CR at the end of what arrived may be half a CRLF, so the event
+        waits for the next byte to know where it ends."""
         splitter = SSESplitter()
         self.assertEqual(splitter.feed(b"data: a\r\n\r"), [])
         self.assertEqual(splitter.feed(b"\n"), [b"data: a\r\n\r\n"])
@@ -98,18 +97,21 @@ class SplitterTests(SynchronousTestCase):
         self.assertEqual(splitter.pending(), b"d")
 
     def test_end_releases_cr_terminated_event(self) -> None:
+        """At the end of the stream an event held back for its trailing CR is released."""
         splitter = SSESplitter()
         self.assertEqual(splitter.feed(b"data: a\r\r"), [])
         self.assertEqual(splitter.end(), [b"data: a\r\r"])
         self.assertEqual(splitter.pending(), b"")
 
     def test_end_keeps_unterminated_tail(self) -> None:
+        """At the end of the stream an unterminated tail is no event; it stays pending."""
         splitter = SSESplitter()
         splitter.feed(b"data: a\n")
         self.assertEqual(splitter.end(), [])
         self.assertEqual(splitter.pending(), b"data: a\n")
 
     def test_mixed_line_ends(self) -> None:
+        """LF, CRLF and CR line ends may be mixed within and between events."""
         splitter = SSESplitter()
         self.assertEqual(
             splitter.feed(b"data: a\r\n\ndata: b\n\r\ndata: c\r\r\n"),
@@ -117,10 +119,12 @@ class SplitterTests(SynchronousTestCase):
         )
 
     def test_leading_blank_line_is_its_own_event(self) -> None:
+        """A blank line with nothing before it is an event of its own, not swallowed."""
         splitter = SSESplitter()
         self.assertEqual(splitter.feed(b"\ndata: a\n\n\r\n"), [b"\n", b"data: a\n\n", b"\r\n"])
 
     def test_byte_at_a_time(self) -> None:
+        """Fed one byte at a time, the splitter finds every event and loses no byte."""
         data = b"".join(b'data: {"i": %d}\r\n\r\n' % i for i in range(200)) + b": tail"
         splitter = SSESplitter()
         got: list[bytes] = []
@@ -130,7 +134,8 @@ class SplitterTests(SynchronousTestCase):
         self.assertEqual(b"".join(got) + splitter.pending(), data)
 
     def test_many_small_chunks_stay_linear(self) -> None:
-        # One long event fed in tiny pieces: each feed searches only the new bytes.
+        """One long event fed in tiny pieces costs linear time: each feed
+        searches only the new bytes."""
         splitter = SSESplitter()
         piece = b"data: " + b"x" * 3 + b"\n"
         for _ in range(20000):
@@ -160,6 +165,8 @@ class SplitterTests(SynchronousTestCase):
     @settings(max_examples=300, deadline=None)
     @given(events(), st.lists(st.integers(min_value=0), max_size=30))
     def test_any_split_of_well_formed_events(self, evs: list[bytes], offsets: list[int]) -> None:
+        """However well-formed events are cut into pieces, the splitter gives
+        back exactly those events and nothing pending."""
         data = b"".join(evs)
         got, pending = split_all(cut(data, offsets))
         self.assertEqual(got, evs)
@@ -174,6 +181,9 @@ class SplitterTests(SynchronousTestCase):
         st.lists(st.integers(min_value=0), max_size=30),
     )
     def test_any_split_of_any_bytes(self, data: bytes, offsets: list[int]) -> None:
+        """However any bytes are cut, the events and pending tail are those of
+        feeding them whole, and every byte is accounted for, before and after
+        the end."""
         whole = SSESplitter()
         expected = whole.feed(data)
         expected_pending = whole.pending()
@@ -196,10 +206,9 @@ class SplitterTests(SynchronousTestCase):
         st.lists(st.integers(min_value=0), max_size=10),
     )
     def test_data_agrees_with_openai_decoder(self, data: bytes, offsets: list[int]) -> None:
-        # The SDK's own decoder is the reference for what a client will see.
-        # With only data lines and comments it dispatches exactly the events
-        # that have data.
-        sdk = [sse.data for sse in SSEDecoder().iter_bytes(iter(cut(data, offsets)))]
+        """For data lines and comments the data of our events is what the openai
+        SDK's own decoder dispatches, however the bytes are cut."""
+        sdk = [event.data for event in SSEDecoder().iter_bytes(iter(cut(data, offsets)))]
         got, _ = split_all(cut(data, offsets))
         ours = [d.decode() for d in map(event_data, got) if d is not None]
         self.assertEqual(ours, sdk)
@@ -207,46 +216,45 @@ class SplitterTests(SynchronousTestCase):
 
 class EventDataTests(SynchronousTestCase):
     def test_single_line(self) -> None:
+        """The data of a one-line event is its value after 'data: '."""
         self.assertEqual(event_data(b'data: {"a": 1}\n\n'), b'{"a": 1}')
 
     def test_no_space(self) -> None:
+        """A data line without a space after the colon still has its value."""
         self.assertEqual(event_data(b"data:x\n\n"), b"x")
 
     def test_only_one_space_removed(self) -> None:
+        """Only the first space after the colon is removed."""
         self.assertEqual(event_data(b"data:  x\n\n"), b" x")
 
     def test_multiple_lines_joined(self) -> None:
+        """Several data lines are joined with LF, a bare 'data' line giving an empty one."""
         self.assertEqual(event_data(b"data: a\r\ndata: b\r\ndata\r\n\r\n"), b"a\nb\n")
 
     def test_comments_and_fields_ignored(self) -> None:
+        """Comments, other fields, and fields whose name only starts with 'data' are no data."""
         self.assertEqual(event_data(b": keep-alive\nevent: x\nid: 3\ndata: a\nretry: 5\n\n"), b"a")
         self.assertEqual(event_data(b"datax: no\ndata: yes\n\n"), b"yes")
 
     def test_no_data(self) -> None:
+        """An event with no data line, a comment or a lone blank line, has no data (None)."""
         self.assertIsNone(event_data(b": OPENROUTER PROCESSING\n\n"))
         self.assertIsNone(event_data(b"event: ping\n\n"))
         self.assertIsNone(event_data(b"\n"))
 
     def test_empty_data(self) -> None:
+        """An empty data line is empty data, not none."""
         self.assertEqual(event_data(b"data:\n\n"), b"")
 
     def test_cr_lines(self) -> None:
+        """Data lines ended by bare CRs are joined like any others."""
         self.assertEqual(event_data(b"data: a\rdata: b\r\r"), b"a\nb")
-
-
-def chunk(content: str) -> bytes:
-    body = {
-        "id": "chatcmpl-1",
-        "object": "chat.completion.chunk",
-        "created": 1,
-        "model": "gpt-4o-mini",
-        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
-    }
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
 class ErrorEventTests(SynchronousTestCase):
     def test_shape(self) -> None:
+        """The error event is one 'event: error' event whose data is OpenAI's
+        error object, message kept whole."""
         event = sse_error_event('upstream "a"\nwent away', code="stream_failed")
         self.assertTrue(event.startswith(b"event: error\ndata: "))
         self.assertTrue(event.endswith(b"\n\n"))
@@ -278,17 +286,17 @@ class ErrorEventTests(SynchronousTestCase):
             http_client=http_client,
         )
         stream = client.chat.completions.create(
-            model="gpt-4o-mini",
-            messages=[{"role": "user", "content": "hi"}],
+            model=FAKE_MODEL,
+            messages=HI,
             stream=True,
         )
         return iter(stream)
 
     def test_sdk_raises(self) -> None:
-        body = (
-            chunk("Hel")
-            + chunk("lo")
-            + sse_error_event("upstream went silent", code="stream_idle_timeout")
+        """The openai SDK reads the chunks before an error event and then raises
+        APIError with its message, code and type."""
+        body = sse(content_chunk("Hel"), content_chunk("lo")) + sse_error_event(
+            "upstream went silent", code="stream_idle_timeout"
         )
         stream = self.stream_through_sdk(body)
         texts = [
@@ -303,6 +311,6 @@ class ErrorEventTests(SynchronousTestCase):
         self.assertEqual(caught.exception.type, "upstream_error")
 
     def test_sdk_without_error_event_completes(self) -> None:
-        # The control: the same stream without the error event ends quietly.
-        stream = self.stream_through_sdk(chunk("Hel") + chunk("lo") + b"data: [DONE]\n\n")
+        """The control: the same stream without the error event ends quietly in the SDK."""
+        stream = self.stream_through_sdk(sse(content_chunk("Hel"), content_chunk("lo"), "[DONE]"))
         self.assertEqual(len(list(stream)), 2)

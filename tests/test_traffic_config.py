@@ -80,6 +80,7 @@ class LimitsSectionTests(Helpers):
         )
 
     def test_bad_limit_string(self) -> None:
+        """A limit string in no known unit, or of zero, is a config error on its line."""
         self.fails(
             'limits: {per_key: "10/fortnight"}' + UPSTREAM,
             1,
@@ -89,6 +90,7 @@ class LimitsSectionTests(Helpers):
         self.fails('limits: {global: "0/minute"}' + UPSTREAM, 1, "limits.global", "greater than 0")
 
     def test_routes_are_api_paths(self) -> None:
+        """Keys of limits.routes must be API paths starting /v1."""
         self.fails(
             'limits:\n  routes:\n    chat/completions: "1/second"' + UPSTREAM,
             3,
@@ -97,6 +99,7 @@ class LimitsSectionTests(Helpers):
         )
 
     def test_a_pace_is_one_rate(self) -> None:
+        """A stream pace is one rate, not several joined with ";"."""
         self.fails(
             'limits:\n  stream_pace:\n    /v1/chat/completions: "1/second;10/minute"' + UPSTREAM,
             3,
@@ -105,6 +108,7 @@ class LimitsSectionTests(Helpers):
         )
 
     def test_redis_backend_needs_redis(self) -> None:
+        """limits.backend: redis without a top-level redis: is refused on its line."""
         self.fails(
             "limits:\n  strategy: moving-window\n  backend: redis" + UPSTREAM,
             3,
@@ -113,6 +117,7 @@ class LimitsSectionTests(Helpers):
         )
 
     def test_unknown_words(self) -> None:
+        """An unknown strategy is refused with the allowed ones listed."""
         self.fails(
             "limits: {strategy: token-bucket}" + UPSTREAM,
             1,
@@ -172,6 +177,7 @@ class KeySettingsTests(Helpers):
         )
 
     def test_budget_errors(self) -> None:
+        """A budget in both usd and tokens, or over an unknown period, is refused."""
         self.fails(
             "authorization:\n  bob: {key: k, budget: {usd: 5, tokens: 9}}" + UPSTREAM,
             2,

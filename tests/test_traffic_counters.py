@@ -25,7 +25,7 @@ from oaproxy.traffic.counters import (
 )
 from oaproxy.traffic.memory import SWEEP_INTERVAL, MemoryCounters
 from oaproxy.traffic.rediscounters import RedisCounters
-from tests.harness import SHARED_REDIS, reachable, reactor, unavailable, wait_for
+from tests.live import SHARED_REDIS, reachable, reactor, unavailable, wait_for
 
 
 def moving(key: str, limit: int, seconds: float = 60) -> Counter:

@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 
 from tests.fakeupstream import Wait
-from tests.harness import (
+from tests.live import (
     POLL,
     SHARED_REDIS,
     Daemon,
@@ -23,7 +23,8 @@ from tests.harness import (
     wait_for,
     write_yaml,
 )
-from tests.test_daemon import TWISTD_ARGS, DaemonCase, base_config, upstream
+from tests.payloads import upstream
+from tests.test_daemon import TWISTD_ARGS, DaemonCase, base_config
 from tests.test_traffic_counters import start_shared_redis
 
 ALICE = "ck-alice-shared-0123456789"
@@ -52,7 +53,7 @@ class SharedRedisDaemonsTests(DaemonCase):
             config = base_config(
                 port,
                 keys,
-                [upstream("fake", fake, SK)],
+                [upstream("fake", fake.endpoint, SK)],
                 redis=f"redis://{SHARED_REDIS[0]}:{SHARED_REDIS[1]}/0",
                 redis_prefix=prefix,
                 records={"spool_dir": os.path.join(cwd, "spool")},

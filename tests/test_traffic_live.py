@@ -15,20 +15,17 @@ from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from tests.fakeupstream import FAKE_MODEL, Chat
-from tests.harness import (
-    CLIENT_KEY,
+from tests.live import (
     EndToEndCase,
     PrivateRedis,
     RunningProxy,
     chat,
-    chat_body,
     post_json,
-    proxy_config,
     reactor,
     read_body,
-    upstream,
     wait_for,
 )
+from tests.payloads import CLIENT_KEY, chat_body, proxy_config, upstream
 
 
 class LiveLimitsCase(EndToEndCase):

@@ -10,7 +10,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.config import parse_rates
 from oaproxy.traffic.pacing import StreamPace, is_content_event
-from tests.support import Client, FakeResponse, Harness, sse
+from tests.doubles import Client, FakeResponse, Harness
+from tests.payloads import api_path, sse
 
 CONFIG = """
 dbtype: none
@@ -151,7 +152,7 @@ class ContentEventTests(SynchronousTestCase):
         self.assertEqual([is_content_event(e) for e in others], [False] * 6)
 
     def test_interval_by_route(self) -> None:
-        """The pace is one interval per route, matched on the path from /v1 on."""
+        """The pace is one interval per route, matched on the request's API path."""
         pace = StreamPace({"/v1/chat/completions": parse_rates("60/second")[0]})
-        self.assertAlmostEqual(pace.interval(b"/v1/chat/completions?x=1"), 1 / 60)
-        self.assertIsNone(pace.interval(b"/v1/completions"))
+        self.assertAlmostEqual(pace.interval(api_path(b"/v1/chat/completions?x=1") or ""), 1 / 60)
+        self.assertIsNone(pace.interval("/v1/completions"))

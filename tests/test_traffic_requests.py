@@ -18,8 +18,9 @@ from oaproxy.record import (
     record_from_document,
 )
 from oaproxy.traffic.headers import openai_duration, retry_after
-from oaproxy.traffic.routes import RouteTable, api_path
-from tests.support import Client, Harness, headers, sse
+from oaproxy.traffic.routes import RouteTable
+from tests.doubles import Client, Harness, headers
+from tests.payloads import api_path, sse
 
 CONFIG = """
 dbtype: none
@@ -256,15 +257,20 @@ class FixedWindowTests(Limited):
 
 class RouteMatchTests(SynchronousTestCase):
     def test_api_path_under_a_prefix(self) -> None:
-        """Routes match the part of a path from /v1 on, on whole segments."""
-        self.assertEqual(api_path("/ollama/v1/chat/completions"), "/v1/chat/completions")
-        self.assertIsNone(api_path("/healthz"))
+        """Routes match a request's API path (what follows its route prefix,
+        without the query), on whole segments."""
+        self.assertEqual(
+            api_path(b"/ollama/v1/chat/completions", ["/ollama"]), "/v1/chat/completions"
+        )
+        self.assertIsNone(api_path(b"/healthz"))
         table = RouteTable({"/v1/files": 1, "/v1/files/special": 2, "/v1/chat": 3})
         self.assertEqual(table.match("/v1/files/abc"), ("/v1/files", 1))
         self.assertEqual(table.match("/v1/files/special/x"), ("/v1/files/special", 2))
-        self.assertEqual(table.match("/v1/chat/completions?x=1"), ("/v1/chat", 3))
+        self.assertEqual(table.match(api_path(b"/v1/chat/completions?x=1") or ""), ("/v1/chat", 3))
         self.assertIsNone(table.match("/v1/filesystem"))
-        self.assertEqual(table.match("/team/v1/files"), ("/v1/files", 1))
+        self.assertEqual(
+            table.match(api_path(b"/team/v1/files", ["/team"]) or ""), ("/v1/files", 1)
+        )
 
 
 class RefusalRecordTests(Limited):

@@ -20,7 +20,8 @@ from oaproxy.traffic.counters import Admission, Charge, Held
 from oaproxy.traffic.estimate import estimate, tokens
 from oaproxy.traffic.memory import MemoryCounters
 from oaproxy.traffic.tokens import TokenLimits
-from tests.support import WALL_TIME, Client, Harness, sse
+from tests.doubles import WALL_TIME, Client, Harness
+from tests.payloads import sse
 
 # One message "hi" with role "user": 6 characters, 2 prompt tokens.
 # max_tokens 298: each request reserves 300 tokens.
@@ -167,10 +168,10 @@ class TokenLimitTests(TokenCase):
         self.assertIsNone(reply.header(b"retry-after"))
 
     def test_requests_without_a_model_are_not_counted(self) -> None:
-        """Listing models or fetching a file spends no tokens."""
+        """Listing files (a request without a model) spends no tokens."""
         for _ in range(10):
             client = self.h.request(
-                b"GET", b"/v1/models", header_lines=[(b"Authorization", b"Bearer sk-alice")]
+                b"GET", b"/v1/files", header_lines=[(b"Authorization", b"Bearer sk-alice")]
             )
             self.h.agent.calls[-1].respond(body=b'{"data": []}')
             self.assertIsNone(client.reply().header(b"x-ratelimit-limit-tokens"))

@@ -22,17 +22,18 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 from twisted.web.iweb import IResponse
 
-from tests.harness import (
+from tests.live import (
     LiveCase,
-    chat_body,
     free_port,
     post_json,
     reactor,
     read_body,
     run_twistd,
     spawn_daemon,
+    twistd_args,
     write_yaml,
 )
+from tests.payloads import chat_body, upstream
 
 CLIENT_KEY = "ck-smoke-0123456789"
 UPSTREAM_SK = "sk-smoke-upstream"
@@ -48,6 +49,7 @@ def write_file(path: str, text: str) -> None:
 
 class PluginTests(SynchronousTestCase):
     def test_plugin_is_found(self) -> None:
+        """getPlugins finds the oaproxy service maker, with its description and Options."""
         makers: dict[str, Any] = {str(m.tapname): m for m in getPlugins(IServiceMaker)}
         self.assertIn("oaproxy", makers)
         maker = makers["oaproxy"]
@@ -66,6 +68,7 @@ class TwistdTests(TestCase):
         return path
 
     async def test_help_lists_oaproxy(self) -> None:
+        """The installed twistd lists oaproxy among its commands."""
         out, err, code = await run_twistd(["--help"], self.workdir())
         self.assertEqual(code, 0, err)
         lines = [line.split() for line in out.decode().splitlines()]
@@ -77,9 +80,7 @@ class TwistdTests(TestCase):
         cwd = self.workdir()
         write_file(os.path.join(cwd, "bad.yaml"), text)
         started = reactor.seconds()
-        out, err, code = await run_twistd(
-            ["-n", "--pidfile=", "oaproxy", "--config", "bad.yaml"], cwd
-        )
+        out, err, code = await run_twistd(twistd_args("bad.yaml"), cwd)
         self.assertLess(reactor.seconds() - started, 20)
         self.assertNotEqual(code, 0)
         self.assertEqual(out, b"")
@@ -94,10 +95,14 @@ class TwistdTests(TestCase):
         self.assertNotIn("starting up", message)
 
     def test_malformed_yaml(self) -> Deferred[None]:
+        """twistd on a file that is not YAML exits at once with one line naming
+        the file and the line, no traceback."""
         text = "dbtype: none\nupstreams:\n  - endpoint: [http://127.0.0.1:1/v1\n"
         return Deferred.fromCoroutine(self._refused(text, 4, None, "not valid YAML"))
 
     def test_unknown_key(self) -> Deferred[None]:
+        """twistd on a config with a misspelt key exits with one line naming the
+        file, the line and the key."""
         text = (
             "dbtype: none\nupstreams:\n  - endpoint: http://127.0.0.1:1/v1\n    stream_timout: 3\n"
         )
@@ -106,10 +111,14 @@ class TwistdTests(TestCase):
         )
 
     def test_wrong_type(self) -> Deferred[None]:
+        """twistd on a config with a value of the wrong type exits with one line
+        naming the key and what was expected."""
         text = "dbtype: none\ntimeout: soon\nupstreams:\n  - endpoint: http://127.0.0.1:1/v1\n"
         return Deferred.fromCoroutine(self._refused(text, 2, "timeout", "expected a number"))
 
     def test_missing_environment_variable(self) -> Deferred[None]:
+        """twistd on a config naming an unset environment variable exits with
+        one line naming the key and the variable."""
         text = (
             "dbtype: none\nupstreams:\n  - endpoint: http://127.0.0.1:1/v1\n"
             "    sk: ${OAPROXY_TEST_UNSET_VARIABLE}\n"
@@ -119,6 +128,8 @@ class TwistdTests(TestCase):
         )
 
     def test_upstream_without_endpoint(self) -> Deferred[None]:
+        """twistd on an upstream without an endpoint exits with one line naming
+        the upstream's key."""
         text = "dbtype: none\nupstreams:\n  - name: nowhere\n    sk: sk-x\n"
         return Deferred.fromCoroutine(
             self._refused(text, 3, "upstreams[0].endpoint", "no endpoint")
@@ -129,27 +140,23 @@ class SmokeTests(LiveCase):
     timeout = 40
 
     async def test_twistd_serves_and_stops_cleanly(self) -> None:
+        """The installed twistd serves /healthz and a chat completion through
+        its upstream with that upstream's key, and stops on SIGTERM as every
+        twistd plugin does, closing its port, without a traceback or a key in
+        its output."""
         fake = await self.fake()
         cwd = os.path.abspath(self.mktemp())
         os.makedirs(cwd)
         config = {
             "dbtype": "none",
             "authorization": {"smoke": CLIENT_KEY},
-            "upstreams": [{"name": "fake", "endpoint": fake.endpoint, "sk": UPSTREAM_SK}],
+            "upstreams": [upstream("fake", fake.endpoint, UPSTREAM_SK)],
         }
         write_yaml(os.path.join(cwd, "good.yaml"), config)
         port = free_port()
         daemon = spawn_daemon(
             self,
-            [
-                "-n",
-                "--pidfile=",
-                "oaproxy",
-                "--config",
-                "good.yaml",
-                "--listen",
-                f"tcp:{port}:interface=127.0.0.1",
-            ],
+            twistd_args("good.yaml", "--listen", f"tcp:{port}:interface=127.0.0.1"),
             cwd,
         )
 

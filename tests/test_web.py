@@ -14,9 +14,11 @@ from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyChannel
 
+from oaproxy.paths import RequestPath, request_path
 from oaproxy.relay import BytesProducer
-from oaproxy.web import IN_MEMORY_BODY, ProxyRequest, route_path
-from tests.support import Harness, Reply
+from oaproxy.web import IN_MEMORY_BODY, ProxyRequest
+from tests.doubles import Harness, Reply
+from tests.payloads import api_path, chat_body, error_body, multipart
 
 CONFIG = """
 authorization: {alice: sk-client}
@@ -29,25 +31,7 @@ upstreams:
 
 AUTH = (b"Authorization", b"Bearer sk-client")
 JSON = (b"Content-Type", b"application/json")
-CHAT = json.dumps({"model": "gpt-4o-mini", "messages": []}).encode()
-
-
-def error(
-    message: str, code: str | None, type: str = "invalid_request_error", param: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def multipart(boundary: bytes, audio: bytes) -> bytes:
-    return (
-        b"--" + boundary + b"\r\n"
-        b'Content-Disposition: form-data; name="model"\r\n\r\n'
-        b"whisper-1\r\n"
-        b"--" + boundary + b"\r\n"
-        b'Content-Disposition: form-data; name="file"; filename="a.wav"\r\n'
-        b"Content-Type: audio/wav\r\n\r\n" + audio + b"\r\n"
-        b"--" + boundary + b"--\r\n"
-    )
+CHAT = chat_body()
 
 
 class BodyCapTests(SynchronousTestCase):
@@ -76,7 +60,7 @@ class BodyCapTests(SynchronousTestCase):
         self.assertEqual(reply.header(b"content-type"), b"application/json")
         self.assertEqual(
             reply.json(),
-            error("Request body too large: the limit is 1000 bytes.", "request_too_large"),
+            error_body("Request body too large: the limit is 1000 bytes.", "request_too_large"),
         )
         self.assertEqual(self.h.agent.calls, [])
         [request] = self.made
@@ -84,10 +68,14 @@ class BodyCapTests(SynchronousTestCase):
         self.assertEqual(self.kept, [b""])
 
     def test_content_length_over_the_cap(self) -> None:
+        """A Content-Length over max_body_bytes is answered 413 before any
+        upstream is asked, and the body is not kept."""
         client = self.h.request(b"POST", b"/v1/chat/completions", b"x" * 1001, [JSON, AUTH])
         self.check_413(client.reply())
 
     def test_no_100_continue_for_a_refused_body(self) -> None:
+        """A client that expects 100-continue for a body over the cap is not
+        invited to send it, and gets the 413."""
         client = self.h.connect()
         client.send(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Length: 1001\r\n"
@@ -98,6 +86,7 @@ class BodyCapTests(SynchronousTestCase):
         self.check_413(client.reply())
 
     def test_100_continue_within_the_cap(self) -> None:
+        """A body within the cap gets its 100 Continue."""
         client = self.h.connect()
         client.send(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Length: 10\r\n"
@@ -106,6 +95,8 @@ class BodyCapTests(SynchronousTestCase):
         self.assertEqual(client.transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def test_chunked_over_the_cap(self) -> None:
+        """A chunked body is refused the moment it passes the cap, its spool
+        file closed, and answered 413 once it ends."""
         client = self.h.connect()
         head = (
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -121,6 +112,7 @@ class BodyCapTests(SynchronousTestCase):
         self.check_413(client.reply())
 
     def test_at_the_cap(self) -> None:
+        """A body of exactly max_body_bytes, plain or chunked, is forwarded whole."""
         for chunked in (False, True):
             h = Harness(CONFIG.replace("max_body_bytes: 4000000", "max_body_bytes: 1000"))
             body = json.dumps({"model": "m", "input": "z" * 973}).encode()
@@ -131,6 +123,8 @@ class BodyCapTests(SynchronousTestCase):
             self.assertEqual(client.reply().status, 200)
 
     def test_unit_content_length(self) -> None:
+        """A request told a length over the cap marks itself too large and keeps
+        none of the content it is handed."""
         request = self.request()
         request.gotLength(5000)
         request.handleContentChunk(b"z" * 5000)
@@ -148,6 +142,8 @@ class ResourceTreeTests(SynchronousTestCase):
         self.h = Harness(CONFIG)
 
     def test_preflight(self) -> None:
+        """A CORS preflight is answered 204 by the proxy itself, allowing the
+        asked headers, without an upstream request or a record."""
         client = self.h.request(
             b"OPTIONS",
             b"/v1/chat/completions",
@@ -172,6 +168,7 @@ class ResourceTreeTests(SynchronousTestCase):
         self.assertEqual(self.h.records, [])
 
     def test_preflight_default_headers(self) -> None:
+        """A preflight that names no headers is allowed the headers the SDKs send."""
         reply = self.h.request(b"OPTIONS", b"/v1/models").reply()
         self.assertEqual(
             reply.header(b"access-control-allow-headers"),
@@ -179,23 +176,27 @@ class ResourceTreeTests(SynchronousTestCase):
         )
 
     def test_healthz(self) -> None:
+        """/healthz answers 200 with a JSON status, without a key."""
         reply = self.h.request(b"GET", b"/healthz").reply()
         self.assertEqual((reply.status, reply.json()), (200, {"status": "ok"}))
         self.assertEqual(reply.header(b"content-type"), b"application/json")
 
     def test_unknown_paths(self) -> None:
+        """Paths outside /v1/ get a JSON 404 saying where the API is, and reach no upstream."""
         for path in [b"/", b"/v2/chat/completions", b"/chat/completions", b"/favicon.ico"]:
             reply = self.h.request(b"GET", path, header_lines=[AUTH]).reply()
             self.assertEqual(reply.status, 404, path)
             shown = path.decode()
             self.assertEqual(
                 reply.json(),
-                error(f"Unknown path {shown}; the API is under /v1/.", "not_found"),
+                error_body(f"Unknown path {shown}; the API is under /v1/.", "not_found"),
                 path,
             )
         self.assertEqual(self.h.agent.calls, [])
 
     def test_401_answers(self) -> None:
+        """A missing, non-bearer or wrong key gets OpenAI's 401 with the reason,
+        CORS headers included, and reaches no upstream."""
         for lines, message in [
             ([JSON], "authorization header should start with 'Bearer'"),
             (
@@ -205,11 +206,14 @@ class ResourceTreeTests(SynchronousTestCase):
             ([JSON, (b"Authorization", b"Bearer sk-clienT")], "wrong authorization header"),
         ]:
             reply = self.h.request(b"POST", b"/v1/chat/completions", CHAT, lines).reply()
-            self.assertEqual((reply.status, reply.json()), (401, error(message, "invalid_api_key")))
+            self.assertEqual(
+                (reply.status, reply.json()), (401, error_body(message, "invalid_api_key"))
+            )
             self.assertEqual(reply.header(b"access-control-allow-origin"), b"*")
         self.assertEqual(self.h.agent.calls, [])
 
     def test_404_model(self) -> None:
+        """A model no upstream serves gets OpenAI's model_not_found 404."""
         h = Harness(
             CONFIG.replace("sk: sk-b}", "sk: sk-b, allow: [gpt-4o]}").replace(
                 "sk: sk-a}", "sk: sk-a, allow: [gpt-4o]}"
@@ -220,7 +224,7 @@ class ResourceTreeTests(SynchronousTestCase):
             (reply.status, reply.json()),
             (
                 404,
-                error(
+                error_body(
                     "The model `gpt-4o-mini` does not exist or is not served by this proxy.",
                     "model_not_found",
                     param="model",
@@ -229,21 +233,24 @@ class ResourceTreeTests(SynchronousTestCase):
         )
 
     def test_query_and_bodiless_get(self) -> None:
-        client = self.h.request(b"GET", b"/v1/models?limit=2&after=x", header_lines=[AUTH])
+        """A GET is forwarded with its query and without a body producer; the
+        record keeps the query in its path and has no model."""
+        client = self.h.request(b"GET", b"/v1/files?limit=2&after=x", header_lines=[AUTH])
         call = self.h.agent.only()
         self.assertEqual(
             (call.method, call.uri, call.producer),
-            (b"GET", b"https://a.test/v1/models?limit=2&after=x", None),
+            (b"GET", b"https://a.test/v1/files?limit=2&after=x", None),
         )
         call.respond(200, body=b'{"data":[]}')
         self.assertEqual(client.reply().body, b'{"data":[]}')
         record = self.h.record()
         self.assertEqual(
             (record["path"], record["model"], record["method"], record["key_name"]),
-            ("/v1/models?limit=2&after=x", None, "GET", "alice"),
+            ("/v1/files?limit=2&after=x", None, "GET", "alice"),
         )
 
     def test_204_from_upstream_has_no_length(self) -> None:
+        """A 204 from the upstream reaches the client without a Content-Length."""
         client = self.h.request(b"DELETE", b"/v1/files/file-1", header_lines=[AUTH])
         self.h.agent.only().respond(204, content_type=None, body=b"")
         raw = client.transport.value()
@@ -251,6 +258,7 @@ class ResourceTreeTests(SynchronousTestCase):
         self.assertNotIn(b"content-length", raw.lower())
 
     def test_head_keeps_the_upstreams_length(self) -> None:
+        """The answer to a HEAD keeps the upstream's Content-Length and has no body."""
         client = self.h.request(b"HEAD", b"/v1/files/file-1/content", header_lines=[AUTH])
         call = self.h.agent.only()
         self.assertEqual(call.method, b"HEAD")
@@ -270,7 +278,17 @@ class BodyTests(SynchronousTestCase):
         )
 
     def send(self, audio: bytes) -> tuple[Any, bytes]:
-        body = multipart(self.BOUNDARY, audio)
+        body = multipart(
+            self.BOUNDARY,
+            [
+                (b'Content-Disposition: form-data; name="model"', b"whisper-1"),
+                (
+                    b'Content-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+                    b"Content-Type: audio/wav",
+                    audio,
+                ),
+            ],
+        )
         content_type = b"multipart/form-data; boundary=" + self.BOUNDARY
         client = self.h.request(
             b"POST", b"/v1/audio/transcriptions", body, [(b"Content-Type", content_type), AUTH]
@@ -278,6 +296,9 @@ class BodyTests(SynchronousTestCase):
         return client, body
 
     def test_small_multipart_is_byte_exact(self) -> None:
+        """A small multipart upload reaches the upstream byte for byte, with its
+        boundary; the record takes the model from the form and the text from the
+        answer."""
         audio = bytes(range(256)) * 8 + b"\r\n--" + self.BOUNDARY + b"x\r\n"
         client, body = self.send(audio)
         call = self.h.agent.only()
@@ -340,6 +361,8 @@ class BodyTests(SynchronousTestCase):
         self.assertEqual(client.reply().status, 200)
 
     def test_large_json_is_read_for_its_model(self) -> None:
+        """A JSON body over the in-memory size is still parsed for its model and
+        sent from memory."""
         body = json.dumps({"model": "gpt-4o-mini", "input": "w" * (IN_MEMORY_BODY + 10)}).encode()
         self.h.request(b"POST", b"/v1/embeddings", body, [JSON, AUTH])
         call = self.h.agent.only()
@@ -382,6 +405,10 @@ class HeaderTests(SynchronousTestCase):
         return h.agent.only().headers
 
     def test_without_keep_header(self) -> None:
+        """By default the upstream gets only the API's own headers: no
+        hop-by-hop or connection-named headers, cookies, other credentials or
+        SDK telemetry; its own key, identity encoding, and the peer added to
+        X-Forwarded-For."""
         sent = self.forwarded("sk: sk-a", peer="10.1.2.3")
         self.assertEqual(
             sorted((name.lower(), values) for name, values in sent.getAllRawHeaders()),
@@ -398,6 +425,8 @@ class HeaderTests(SynchronousTestCase):
         )
 
     def test_keep_header(self) -> None:
+        """With keep_header the client's other headers pass too, but hop-by-hop
+        headers, cookies and credentials are still dropped."""
         sent = self.forwarded("sk: sk-a, keep_header: true", peer="203.0.113.5")
         self.assertEqual(
             sorted((name.lower(), values) for name, values in sent.getAllRawHeaders()),
@@ -415,6 +444,8 @@ class HeaderTests(SynchronousTestCase):
         )
 
     def test_authorization(self) -> None:
+        """The upstream's Authorization is its sk, the client's own key with sk:
+        asis, and none without an sk, whether or not keep_header is set."""
         for upstream, expected in [
             ("sk: sk-a", [b"Bearer sk-a"]),
             ("sk: sk-a, keep_header: true", [b"Bearer sk-a"]),
@@ -428,11 +459,15 @@ class HeaderTests(SynchronousTestCase):
             )
 
     def test_no_forwarded_for_from_the_client(self) -> None:
+        """A client that sent no X-Forwarded-For is named in a new one."""
         h = Harness(CONFIG)
         h.request(b"POST", b"/v1/chat/completions", CHAT, [JSON, AUTH], peer="192.0.2.44")
         self.assertEqual(h.agent.only().header(b"x-forwarded-for"), [b"192.0.2.44"])
 
     def test_response_headers(self) -> None:
+        """The client gets the upstream's headers less the hop-by-hop ones, with
+        a Content-Length of the body relayed and the proxy's own Server and
+        Date."""
         h = Harness(CONFIG)
         client = h.request(b"POST", b"/v1/chat/completions", CHAT, [JSON, AUTH])
         upstream = Headers(
@@ -487,6 +522,9 @@ class ClientAddressTests(SynchronousTestCase):
         return h.record()["client_ip"]
 
     def test_table(self) -> None:
+        """The client address comes from X-Forwarded-For only through trusted
+        proxies, walked from the right, and stops at the first untrusted or
+        unreadable hop."""
         table = [
             # An untrusted peer: its X-Forwarded-For is not believed.
             ("198.51.100.7", [b"203.0.113.9"], "198.51.100.7"),
@@ -508,11 +546,14 @@ class ClientAddressTests(SynchronousTestCase):
             self.assertEqual(self.client_ip(peer, forwarded), expected, (peer, forwarded))
 
     def test_default_trusts_loopback_only(self) -> None:
+        """Without trusted_proxies only a loopback peer's X-Forwarded-For is believed."""
         config = CONFIG.replace('trusted_proxies: [10.0.0.0/8, "2001:db8::/32"]\n', "")
         self.assertEqual(self.client_ip("127.0.0.1", [b"203.0.113.9"], config), "203.0.113.9")
         self.assertEqual(self.client_ip("10.1.2.3", [b"203.0.113.9"], config), "10.1.2.3")
 
     def test_record_fields_from_the_request(self) -> None:
+        """The record takes its time, address, key name, user agent, method,
+        path, model and sizes from the request and its answer."""
         h = Harness(CONFIG)
         client = h.request(
             b"POST",
@@ -574,7 +615,7 @@ class ForwardingFailureTests(SynchronousTestCase):
         reply = h.request(b"POST", b"/v1/chat/completions", CHAT, [JSON, AUTH]).reply()
         self.assertEqual(
             (reply.status, reply.json()),
-            (500, error("Internal proxy error.", "internal_error", type="server_error")),
+            (500, error_body("Internal proxy error.", "internal_error", type="server_error")),
         )
         self.assertEqual(h.record()["outcome"], "error")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
@@ -591,19 +632,46 @@ upstreams:
 """
 
     def test_route_path(self) -> None:
-        self.assertEqual(route_path(b"/v1/models?limit=2"), "/v1/models")
-        self.assertEqual(route_path(b"/v1//files/"), "/v1/files")
-        self.assertEqual(route_path(b"/v1/%66iles"), "/v1/files")
-        self.assertEqual(route_path(b"/v1"), "/v1")
-        self.assertIsNone(route_path(b"/v1/../admin"))
-        self.assertIsNone(route_path(b"/v1/files/%2e%2e/x"))
-        self.assertIsNone(route_path(b"/v1/./models"))
+        """The API path is decoded and without empty segments; paths that
+        climb or spell /v1 with escapes are none."""
+        self.assertEqual(api_path(b"/v1/models?limit=2"), "/v1/models")
+        self.assertEqual(api_path(b"/v1//files/"), "/v1/files")
+        self.assertEqual(api_path(b"/v1/%66iles"), "/v1/files")
+        self.assertEqual(api_path(b"/v1"), "/v1")
+        self.assertIsNone(api_path(b"/v1/../admin"))
+        self.assertIsNone(api_path(b"/v1/files/%2e%2e/x"))
+        self.assertIsNone(api_path(b"/v1/./models"))
         # The upstream URL is endpoint + the raw bytes after "/v1".
-        self.assertIsNone(route_path(b"/%761/chat/completions"))
-        self.assertIsNone(route_path(b"/v%31/models"))
-        self.assertIsNone(route_path(b"/v1x/models"))
+        self.assertIsNone(api_path(b"/%761/chat/completions"))
+        self.assertIsNone(api_path(b"/v%31/models"))
+        self.assertIsNone(api_path(b"/v1x/models"))
+
+    def test_route_prefix_path(self) -> None:
+        """Under a route prefix the same rules hold for what follows it."""
+        routes = ["/ollama", "/team/a"]
+        self.assertEqual(
+            request_path(b"/ollama/v1/chat/completions?x=1", routes),
+            RequestPath("/ollama", "/v1/chat/completions", b"/chat/completions?x=1"),
+        )
+        self.assertEqual(
+            request_path(b"/team/a/v1//files", routes),
+            RequestPath("/team/a", "/v1/files", b"//files"),
+        )
+        self.assertEqual(
+            request_path(b"/v1/models", routes), RequestPath(None, "/v1/models", b"/models")
+        )
+        for uri in (
+            b"/ollama/v1/../x",
+            b"/ollama/%761/models",
+            b"/%6Fllama/v1/models",
+            b"/ollama/v1x",
+            b"/other/v1/models",
+            b"/ollama",
+        ):
+            self.assertIsNone(request_path(uri, routes), uri)
 
     def test_encoded_v1_never_reaches_an_upstream(self) -> None:
+        """A percent-encoded /v1 is answered 400 and reaches no upstream."""
         for path in (b"/%761/chat/completions", b"/v%31/chat/completions", b"/%76%31/models"):
             h = Harness(CONFIG)
             reply = h.request(b"POST", path, CHAT, [JSON, AUTH]).reply()
@@ -611,6 +679,8 @@ upstreams:
             self.assertEqual(h.agent.calls, [], path)
 
     def test_denied_path_in_every_spelling(self) -> None:
+        """A denied path is denied however it is spelled: doubled slashes,
+        percent-encoding, a trailing slash."""
         for path in (b"/v1/files", b"/v1//files", b"/v1/%66iles", b"/v1/files/"):
             h = Harness(self.DENY_FILES)
             reply = h.request(b"GET", path, b"", [AUTH]).reply()
@@ -618,12 +688,14 @@ upstreams:
             self.assertEqual(h.agent.calls, [], path)
 
     def test_climbing_path_refused(self) -> None:
+        """A path with encoded '..' segments is answered 400, reaches no
+        upstream, and is recorded."""
         h = Harness(CONFIG)
         reply = h.request(b"GET", b"/v1/%2e%2e/%2e%2e/admin", b"", [AUTH]).reply()
         self.assertEqual(reply.status, 400)
         self.assertEqual(
             reply.json(),
-            error(
+            error_body(
                 "Invalid path: the API is under /v1/, spelled plainly, with no '.' or '..' segments.",
                 "invalid_path",
             ),

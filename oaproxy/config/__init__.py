@@ -12,11 +12,13 @@ Conventions that hold everywhere in the file:
   - An explicit ``null`` (``key:`` with nothing after it) means the same as
     leaving the key out: the default applies.
   - ``${NAME}`` in any string value is replaced by the environment variable
-    ``NAME``; ``$${`` stands for a literal ``${``.  Replacement happens on the
-    scalar's text after YAML parsing, so a variable's content is never parsed
-    as YAML.  Mapping keys are not interpolated.
+    ``NAME``; ``${NAME:-word}`` and ``${NAME:+word}`` work as in the shell,
+    and ``$${`` stands for a literal ``${`` (``interpolation`` says exactly
+    what is supported).  Replacement happens on the scalar's text after YAML
+    parsing, so a variable's content is never parsed as YAML.  Mapping keys
+    are not interpolated.
   - Number and boolean settings take YAML numbers and booleans.  A string is
-    accepted for them only when the whole value is one ``${NAME}``: an
+    accepted for them only when the whole value is one ``${…}``: an
     environment variable can only ever hold text, and refusing
     ``timeout: ${TIMEOUT}`` would make interpolation useless for numbers.
   - String settings take any non-null scalar as its text (``sk: 123456``,
@@ -32,7 +34,7 @@ Conventions that hold everywhere in the file:
 The modules: ``model`` (the attrs classes: every key and default),
 ``schema`` (field metadata, allowed keys, reading a section), ``values`` (the
 kinds of value: numbers, URLs, sizes…), ``nodes`` (YAML nodes with their
-lines, ``${NAME}``), ``listen`` (endpoint strings, the open-relay check) and
+lines), ``interpolation`` (``${…}``), ``listen`` (endpoint strings, the open-relay check) and
 ``loader`` (``load_config``, and what depends on more than one key).
 
 Adding a key: one attrs field on its section's class in ``model``, whose
@@ -56,18 +58,25 @@ from oaproxy.config.model import (
     POSTGRES,
     SQLITE,
     BackendErrorPolicy,
+    BreakerConfig,
     Budget,
     BudgetPeriod,
+    CacheBackend,
+    CacheConfig,
     ClientKey,
     Config,
+    ContentFilterConfig,
     FeishuConfig,
+    LbPolicy,
     LimiterBackend,
     Limits,
     MatrixConfig,
     NotifyConfig,
     Price,
     RecordsPolicy,
+    RouteSettings,
     Upstream,
+    UpstreamType,
     WindowStrategy,
     all_client_keys,
     key_fingerprint,
@@ -82,12 +91,17 @@ __all__ = [
     "POSTGRES",
     "SQLITE",
     "BackendErrorPolicy",
+    "BreakerConfig",
     "Budget",
     "BudgetPeriod",
+    "CacheBackend",
+    "CacheConfig",
     "ClientKey",
     "Config",
     "ConfigError",
+    "ContentFilterConfig",
     "FeishuConfig",
+    "LbPolicy",
     "LimiterBackend",
     "Limits",
     "MatrixConfig",
@@ -95,7 +109,9 @@ __all__ = [
     "Price",
     "Rate",
     "RecordsPolicy",
+    "RouteSettings",
     "Upstream",
+    "UpstreamType",
     "WindowStrategy",
     "all_client_keys",
     "check_listeners",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,15 +23,22 @@ from oaproxy.config.errors import ConfigError
 from oaproxy.config.listen import check_listeners
 from oaproxy.config.model import (
     POSTGRES,
+    REPLICATE_ENDPOINT,
+    CacheBackend,
+    CacheConfig,
     ClientKey,
     Config,
     LimiterBackend,
     Limits,
+    RouteSettings,
     Upstream,
+    UpstreamType,
     key_fingerprint,
 )
-from oaproxy.config.nodes import Item, NodeReader, read_document
-from oaproxy.config.schema import read_settings, section_items
+from oaproxy.config.nodes import Item, NodeReader, child_key, read_document
+from oaproxy.config.schema import read_section, read_settings, section_items
+from oaproxy.config.values import checked_route, proxy_url
+from oaproxy.upstreamclient.proxy import HTTPProxy
 
 __all__ = ["load_config", "parse_config"]
 
@@ -116,20 +124,30 @@ def _config(nodes: NodeReader, root: Item) -> Config:
     inherited = {
         name: values.get(name, _default(Config, name)) for name in ("timeout", "stream_timeout")
     }
-    upstreams = tuple(
+    every_upstream = [
         Upstream(
             **{
                 **inherited,
                 **p.values,
                 "name": name,
                 "keys": None if p.keys is None else client_keys(p.keys),
+                "proxy": _upstream_proxy(nodes, p.items, values.get("proxy")),
             }
         )
         for p, name in zip(parsed, _upstream_names(nodes, parsed))
-    )
-    _check_limiter_backend(nodes, items, values)
+    ]
+    upstreams = tuple(u for u in every_upstream if u.enabled)
+    if not upstreams:
+        nodes.fail("upstreams", items["upstreams"].line, "every upstream has enabled: false")
+    if "routes" in items:
+        values["routes"] = _routes(nodes, items["routes"], {u.route for u in every_upstream})
+    _check_redis_backends(nodes, items, values)
     config = Config(
-        path=nodes.path, keys=client_keys(global_keys or []), upstreams=upstreams, **values
+        path=nodes.path,
+        keys=client_keys(global_keys or []),
+        upstreams=upstreams,
+        disabled_upstreams=tuple(u for u in every_upstream if not u.enabled),
+        **values,
     )
     listen_item = items.get("listen")
     if listen_item is None:
@@ -139,16 +157,41 @@ def _config(nodes: NodeReader, root: Item) -> Config:
     return config
 
 
-def _check_limiter_backend(
+def _check_redis_backends(
     nodes: NodeReader, items: Mapping[str, Item], values: Mapping[str, Any]
 ) -> None:
-    """``limits.backend: redis`` keeps its counters in the top-level ``redis:``."""
-    limits = values.get("limits")
-    if limits is None or limits.backend is not LimiterBackend.REDIS or values.get("redis"):
+    """``limits.backend: redis``, ``cache.backend: redis`` and ``breaker.shared``
+    keep their counters, entries and circuits in the top-level ``redis:``."""
+    if values.get("redis"):
         return
-    given = section_items(nodes, items["limits"], Limits, "a mapping of limit settings")
-    backend = given["backend"]
-    nodes.fail(backend.key, backend.line, "backend redis needs the top-level redis: URL")
+    breaker = values.get("breaker")
+    if breaker is not None and breaker.shared:
+        nodes.fail(
+            "breaker.shared",
+            items["breaker"].line,
+            "shared breakers keep their state in the top-level redis:, which is not set",
+        )
+    sections = (
+        ("limits", Limits, LimiterBackend.REDIS, "a mapping of limit settings"),
+        ("cache", CacheConfig, CacheBackend.REDIS, "a mapping of cache settings"),
+    )
+    for name, cls, redis, what in sections:
+        settings = values.get(name)
+        if settings is None or settings.backend is not redis:
+            continue
+        backend = section_items(nodes, items[name], cls, what)["backend"]
+        nodes.fail(backend.key, backend.line, "backend redis needs the top-level redis: URL")
+
+
+def _upstream_proxy(
+    nodes: NodeReader, items: Mapping[str, Item], inherited: HTTPProxy | None
+) -> HTTPProxy | None:
+    """An upstream's way out: its own ``proxy`` (``none``: direct), else the
+    top-level one."""
+    item = items.get("proxy")
+    if item is None or nodes.is_null(item):
+        return inherited
+    return proxy_url(nodes, item)
 
 
 def _dbaddr(nodes: NodeReader, items: Mapping[str, Item], dbtype: str | None) -> str | None:
@@ -296,8 +339,36 @@ def _upstream_items(nodes: NodeReader, item: Item | None) -> list[Item]:
 def _upstream(nodes: NodeReader, item: Item) -> _ParsedUpstream:
     items = section_items(nodes, item, Upstream, "an upstream mapping")
     values = read_settings(nodes, item, items, Upstream)
+    kind = values.get("type", UpstreamType.OPENAI)
+    if kind is UpstreamType.ECHO:
+        # Given, they would say the answers come from somewhere: they do not.
+        for key in ("endpoint", "sk"):
+            if key in values:
+                nodes.fail(
+                    items[key].key,
+                    items[key].line,
+                    f"an echo upstream answers by itself: it has no {key}",
+                )
+    elif "endpoint" not in values:
+        if kind is not UpstreamType.REPLICATE:
+            # Absent, the mapping is what lacks it; null, the key itself.
+            given = items.get("endpoint")
+            line = item.line if given is None else given.line
+            nodes.fail(child_key(item.key, "endpoint"), line, "upstream has no endpoint")
+        values["endpoint"] = REPLICATE_ENDPOINT
     keys = _raw_keys(nodes, items["keys"], scoped=True) if "keys" in items else None
     return _ParsedUpstream(values, items, keys, item.line)
+
+
+def _routes(nodes: NodeReader, item: Item, served: set[str | None]) -> Mapping[str, RouteSettings]:
+    """``routes:``, each prefix checked and served by some upstream."""
+    result = {}
+    for prefix, entry in nodes.entries(item, "a mapping of route prefixes to their settings"):
+        route = checked_route(nodes, entry, prefix)
+        if route not in served:
+            nodes.fail(entry.key, entry.line, f"no upstream has route: {route}")
+        result[route] = read_section(nodes, entry, RouteSettings, "a mapping of route settings")
+    return MappingProxyType(result)
 
 
 def _upstream_names(nodes: NodeReader, parsed: Sequence[_ParsedUpstream]) -> list[str]:
@@ -317,8 +388,10 @@ def _upstream_names(nodes: NodeReader, parsed: Sequence[_ParsedUpstream]) -> lis
     for p in parsed:
         name = p.values.get("name")
         if name is None:
-            # netloc keeps an explicit port and IPv6 brackets; drop userinfo.
-            base = urlsplit(p.values["endpoint"]).netloc.rpartition("@")[2].lower()
+            endpoint = p.values.get("endpoint")
+            # netloc keeps an explicit port and IPv6 brackets (and has no
+            # user information: endpoint_url refuses it); echo has no endpoint.
+            base = urlsplit(endpoint).netloc.lower() if endpoint else "echo"
             name, n = base, 1
             while name in used:
                 n += 1

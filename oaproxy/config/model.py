@@ -20,26 +20,31 @@ from attrs import field, frozen
 
 from oaproxy.config.listen import listen_addresses
 from oaproxy.config.nodes import Item, NodeReader
-from oaproxy.config.rates import Rate, rates, route_paces, route_rates
+from oaproxy.config.rates import Rate, api_paths, rates, route_paces, route_rates
 from oaproxy.config.schema import named_sections, read, read_by_loader, section
 from oaproxy.config.values import (
+    aliases,
     boolean,
-    choice,
     deadline,
     endpoint_url,
     homeserver_url,
     http_url,
     integer,
+    member_of,
     networks,
     non_negative,
     number,
     one_of,
     optional_text,
+    proxy_url,
+    re2_patterns,
     redis_url,
     rotation,
+    route_prefix,
     strings,
     text,
 )
+from oaproxy.upstreamclient.proxy import HTTPProxy
 
 DEFAULT_LISTEN: tuple[str, ...] = ("tcp:8888:interface=127.0.0.1",)
 DEFAULT_TRUSTED_PROXIES: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
@@ -54,11 +59,35 @@ DBTYPES = (SQLITE, POSTGRES)
 #: The dbtype that keeps no SQL record store.
 NO_DATABASE = "none"
 
-OPENAI = "openai"
-UPSTREAM_TYPES = (OPENAI,)
-_LATER_UPSTREAM_TYPES = ("replicate",)
-LB_POLICIES = ("order", "random")
-_LATER_LB_POLICIES = ("round_robin", "weighted", "least_latency")
+
+class Word(str, Enum):
+    """An enum whose members are the words the file gives, and read as them."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class UpstreamType(Word):
+    OPENAI = "openai"
+    #: Chat completions translated to Replicate's predictions.
+    REPLICATE = "replicate"
+    #: Built in: answers locally, without network or key.
+    ECHO = "echo"
+
+
+#: Where a replicate upstream without an endpoint goes.
+REPLICATE_ENDPOINT = "https://api.replicate.com/v1"
+
+
+class LbPolicy(Word):
+    """How the upstreams that may serve a request are ordered."""
+
+    ORDER = "order"
+    RANDOM = "random"
+    ROUND_ROBIN = "round_robin"
+    WEIGHTED = "weighted"
+    LEAST_LATENCY = "least_latency"
+    LEAST_BUSY = "least_busy"
 
 
 def key_fingerprint(secret: str) -> str:
@@ -81,7 +110,7 @@ class Budget:
 
     usd: float | None = field(default=None, metadata=read(number))
     tokens: int | None = field(default=None, metadata=read(integer))
-    period: BudgetPeriod = field(default=BudgetPeriod.MONTH, metadata=read(choice(BudgetPeriod)))
+    period: BudgetPeriod = field(default=BudgetPeriod.MONTH, metadata=read(member_of(BudgetPeriod)))
 
 
 def _one_measure(nodes: NodeReader, item: Item, budget: Budget) -> None:
@@ -120,15 +149,15 @@ class Price:
 
 @frozen(kw_only=True)
 class Upstream:
-    # The type first: openai-api-route's replicate upstreams have no
-    # endpoint, and "not supported yet" is the message that helps there.
-    type: str = field(
-        default=OPENAI,
-        metadata=read(one_of(UPSTREAM_TYPES, _LATER_UPSTREAM_TYPES, noun="type")),
+    # The type first: whether an endpoint is needed depends on it.
+    type: UpstreamType = field(
+        default=UpstreamType.OPENAI, metadata=read(member_of(UpstreamType, noun="type"))
     )
-    endpoint: str = field(metadata=read(endpoint_url, missing="upstream has no endpoint"))
+    # Required for openai; replicate's default is REPLICATE_ENDPOINT; echo
+    # has none (set by the loader).
+    endpoint: str | None = field(default=None, metadata=read(endpoint_url))
     # Default (set by the loader, as defaults must differ): the endpoint's
-    # host (host:port), made unique with "#2"…
+    # host (host:port), or "echo", made unique with "#2"…
     name: str = field(metadata=read(text))
     # None = no Authorization; "asis" = the client's.
     sk: str | None = field(default=None, repr=False, metadata=read(optional_text))
@@ -145,11 +174,53 @@ class Upstream:
     keep_header: bool = field(default=False, metadata=read(boolean))
     weight: float = field(default=1.0, metadata=read(number))
     stream_usage: bool = field(metadata=read(boolean))
+    # None: serves /v1/*; "/ollama": serves /ollama/v1/* only.
+    route: str | None = field(default=None, metadata=read(route_prefix))
+    # Tried only after every other candidate.
+    backup: bool = field(default=False, metadata=read(boolean))
+    # Client-facing model name -> this upstream's own name for it.
+    models: Mapping[str, str] = field(default=MappingProxyType({}), metadata=read(aliases))
+    # False: configured, but left out (the loader keeps it aside).
+    enabled: bool = field(default=True, metadata=read(boolean))
+    # False: exempt from the content filter (e.g. an internal model).
+    content_filter: bool = field(default=True, metadata=read(boolean))
+    # The way out, set by the loader: the top-level proxy unless the
+    # upstream gives its own (``none``: direct, None here).
+    proxy: HTTPProxy | None = field(default=None, metadata=read_by_loader())
 
     @stream_usage.default
     def _stream_usage_default(self) -> bool:
-        # Asking for usage in the stream is an OpenAI API option.
-        return self.type == OPENAI
+        # Asking for usage in the stream is an OpenAI API option (echo has it too).
+        return self.type in (UpstreamType.OPENAI, UpstreamType.ECHO)
+
+    def url(self, upstream_path: bytes) -> bytes:
+        """Where an API path (the part after ``/v1``) goes on this upstream;
+        an echo upstream, which has no endpoint, takes the path alone."""
+        return (self.endpoint or "").encode("utf-8") + upstream_path
+
+    def upstream_model(self, model: str | None) -> str | None:
+        """This upstream's own name for the client's ``model``."""
+        return self.models.get(model, model) if model is not None else None
+
+
+@frozen
+class BreakerConfig:
+    """When an upstream's circuit opens, and where its state is kept."""
+
+    # Consecutive failed attempts that open the circuit.
+    failures: int = field(default=5, metadata=read(integer))
+    # Seconds before one probe request is let through (half-open).
+    cooldown: float = field(default=30.0, metadata=read(number))
+    # True: kept in the top-level redis:, seen by every process.
+    shared: bool = field(default=False, metadata=read(boolean))
+
+
+@frozen
+class RouteSettings:
+    """What a route prefix does differently from ``/v1``."""
+
+    # None: the top-level lb_policy.
+    lb_policy: LbPolicy | None = field(default=None, metadata=read(member_of(LbPolicy)))
 
 
 @frozen
@@ -220,13 +291,13 @@ class Limits:
     of ``Rate``s, empty when not limited."""
 
     backend: LimiterBackend = field(
-        default=LimiterBackend.MEMORY, metadata=read(choice(LimiterBackend))
+        default=LimiterBackend.MEMORY, metadata=read(member_of(LimiterBackend))
     )
     strategy: WindowStrategy = field(
-        default=WindowStrategy.MOVING, metadata=read(choice(WindowStrategy))
+        default=WindowStrategy.MOVING, metadata=read(member_of(WindowStrategy))
     )
     on_backend_error: BackendErrorPolicy = field(
-        default=BackendErrorPolicy.OPEN, metadata=read(choice(BackendErrorPolicy))
+        default=BackendErrorPolicy.OPEN, metadata=read(member_of(BackendErrorPolicy))
     )
     global_: tuple[Rate, ...] = field(default=(), metadata=read(rates, key="global"))
     per_key: tuple[Rate, ...] = field(default=(), metadata=read(rates))
@@ -234,6 +305,42 @@ class Limits:
     tokens_per_key: tuple[Rate, ...] = field(default=(), metadata=read(rates))
     default_max_tokens: int = field(default=1024, metadata=read(integer))
     stream_pace: Mapping[str, Rate] = field(factory=_no_routes, metadata=read(route_paces))
+
+
+class CacheBackend(Enum):
+    MEMORY = "memory"  # an LRU in this process
+    REDIS = "redis"  # the top-level redis:, shared by every process using it
+
+
+@frozen
+class CacheConfig:
+    """The response cache; see ``oaproxy.cache``."""
+
+    backend: CacheBackend = field(
+        default=CacheBackend.MEMORY, metadata=read(member_of(CacheBackend))
+    )
+    ttl: int = field(default=3600, metadata=read(integer))  # seconds
+    max_entries: int = field(default=10000, metadata=read(integer))  # memory backend
+    # All entries together (memory backend): entries alone would allow
+    # max_entries x max_entry_bytes.
+    max_bytes: int = field(default=256 * 1024 * 1024, metadata=read(integer))
+    max_entry_bytes: int = field(default=1024 * 1024, metadata=read(integer))
+    routes: tuple[str, ...] = field(
+        default=("/v1/chat/completions", "/v1/completions", "/v1/embeddings"),
+        metadata=read(api_paths),
+    )
+    # False: only requests with "caching": true; true: all but "caching": false.
+    default: bool = field(default=False, metadata=read(boolean))
+    # False: one namespace per client key; true: one for all.
+    shared: bool = field(default=False, metadata=read(boolean))
+
+
+@frozen
+class ContentFilterConfig:
+    """Requests refused for what they ask a model to read; see ``oaproxy.contentfilter``."""
+
+    patterns: tuple[str, ...] = field(default=(), metadata=read(re2_patterns))
+    words: tuple[str, ...] = field(default=(), metadata=read(strings))
 
 
 @frozen(kw_only=True)
@@ -254,7 +361,15 @@ class Config:
     # The longest SSE event an upstream may send (and what a stream may hold
     # before its first): past it the attempt fails.
     max_event_bytes: int = field(default=16 * 1024 * 1024, metadata=read(integer))
-    lb_policy: str = field(default="order", metadata=read(one_of(LB_POLICIES, _LATER_LB_POLICIES)))
+    lb_policy: LbPolicy = field(default=LbPolicy.ORDER, metadata=read(member_of(LbPolicy)))
+    breaker: BreakerConfig = field(
+        factory=BreakerConfig,
+        metadata=section(BreakerConfig, "a mapping of circuit breaker settings"),
+    )
+    # Route prefix -> its settings, read-only; every prefix is some upstream's route.
+    routes: Mapping[str, RouteSettings] = field(
+        default=MappingProxyType({}), metadata=read_by_loader(section=RouteSettings)
+    )
     dbtype: str = field(default=SQLITE, metadata=read(one_of((*DBTYPES, NO_DATABASE))))
     # A file, or for postgres a DSN, which may hold a password.
     dbaddr: str = field(default="./db.sqlite", repr=False, metadata=read_by_loader())
@@ -267,6 +382,9 @@ class Config:
         default=DEFAULT_TRUSTED_PROXIES, metadata=read(networks)
     )
     shutdown_timeout: float = field(default=30.0, metadata=read(non_negative))
+    # Where upstream requests and alert posts go out; None: straight to them.
+    # HTTP_PROXY and the like are not read: the config says where traffic goes.
+    proxy: HTTPProxy | None = field(default=None, metadata=read(proxy_url))
     log_file: str | None = field(default=None, metadata=read(optional_text))
     records: RecordsPolicy = field(
         factory=RecordsPolicy, metadata=section(RecordsPolicy, "a mapping of record settings")
@@ -281,7 +399,34 @@ class Config:
             Price, "a mapping of model names to prices", "a mapping with input and output"
         ),
     )
+    cache: CacheConfig | None = field(  # None: no cache
+        default=None, metadata=section(CacheConfig, "a mapping of cache settings")
+    )
+    ip_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
+        default=(), metadata=read(networks)
+    )
+    ip_deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
+        default=(), metadata=read(networks)
+    )
+    content_filter: ContentFilterConfig | None = field(  # None: no filter
+        default=None,
+        metadata=section(ContentFilterConfig, "a mapping with patterns and words"),
+    )
     upstreams: tuple[Upstream, ...] = field(metadata=read_by_loader(section=Upstream))
+    # The upstreams given with ``enabled: false``; not a key.
+    disabled_upstreams: tuple[Upstream, ...] = ()
+
+    def lb_policy_for(self, route: str | None) -> LbPolicy:
+        """The balancing policy of a route prefix (None: ``/v1`` itself)."""
+        settings = self.routes.get(route) if route is not None else None
+        if settings is not None and settings.lb_policy is not None:
+            return settings.lb_policy
+        return self.lb_policy
+
+    @property
+    def route_prefixes(self) -> frozenset[str]:
+        """The route prefixes some upstream serves."""
+        return frozenset(u.route for u in self.upstreams if u.route is not None)
 
 
 def all_client_keys(config: Config) -> tuple[ClientKey, ...]:

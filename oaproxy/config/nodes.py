@@ -9,7 +9,6 @@ text then means (a number, a URL, a listen address) is for ``values`` to say.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from difflib import get_close_matches
 from typing import Any, NoReturn, TypeVar
@@ -18,6 +17,7 @@ import yaml
 from attrs import frozen
 
 from oaproxy.config.errors import ConfigError
+from oaproxy.config.interpolation import InterpolationError, interpolate, is_one_reference
 
 _TAG_NULL = "tag:yaml.org,2002:null"
 _TAG_BOOL = "tag:yaml.org,2002:bool"
@@ -34,10 +34,6 @@ STRING_TAGS = frozenset({_TAG_STR})
 BOOLEAN_TAGS = frozenset({_TAG_BOOL})
 NUMBER_TAGS = frozenset({_TAG_INT, _TAG_FLOAT})
 INTEGER_TAGS = frozenset({_TAG_INT})
-
-_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_WHOLE_VAR = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}\Z")
-_INTERPOLATION = re.compile(r"\$\$\{|\$\{(?P<name>[^}]*)(?P<close>\}?)")
 
 _T = TypeVar("_T")
 
@@ -215,23 +211,11 @@ class NodeReader:
         return [item]
 
     def interpolate(self, item: Item, text: str) -> str:
-        def replace(match: re.Match[str]) -> str:
-            if match.group(0) == "$${":
-                return "${"
-            name = match.group("name")
-            if not match.group("close") or not _VAR_NAME.match(name):
-                self.fail(
-                    item.key,
-                    item.line,
-                    "bad '${NAME}' reference: NAME must be letters, digits and '_' "
-                    "closed by '}' (write '$${' for a literal '${')",
-                )
-            try:
-                return self.environ[name]
-            except KeyError:
-                self.fail(item.key, item.line, f"environment variable {name} is not set")
-
-        return _INTERPOLATION.sub(replace, text)
+        """``text`` with its ``${…}`` expanded (see ``interpolation``)."""
+        try:
+            return interpolate(text, self.environ)
+        except InterpolationError as e:
+            self.fail(item.key, item.line, str(e))
 
     def string(
         self, item: Item, what: str = "a string", tags: frozenset[str] = TEXT_TAGS
@@ -262,13 +246,13 @@ class NodeReader:
 
     def variable(self, item: Item) -> str | None:
         """The interpolated text, stripped, when the whole scalar is one
-        ``${NAME}``: how a number or boolean comes from the environment,
+        ``${…}``: how a number or boolean comes from the environment,
         which can only ever hold text."""
         node = item.node
         if (
             isinstance(node, yaml.ScalarNode)
             and node.tag == _TAG_STR
-            and _WHOLE_VAR.match(node.value)
+            and is_one_reference(node.value)
         ):
             return self.interpolate(item, node.value).strip()
         return None

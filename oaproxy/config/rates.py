@@ -16,6 +16,7 @@ from attrs import frozen
 from limits import parse_many
 
 from oaproxy.config.nodes import Item, NodeReader
+from oaproxy.config.values import strings
 
 _RATE_EXAMPLE = "a limit such as 10/minute, 100/2minutes or 60/minute;1000/day"
 
@@ -88,6 +89,12 @@ def api_route(nodes: NodeReader, item: Item, name: str) -> str:
             f"{name!r} is not an API path; routes are paths such as /v1/chat/completions",
         )
     return route
+
+
+def api_paths(nodes: NodeReader, item: Item) -> tuple[str, ...]:
+    """A list of API paths (``cache.routes``)."""
+    paths = strings(nodes, item)
+    return tuple(api_route(nodes, part, path) for part, path in zip(nodes.as_list(item), paths))
 
 
 def route_rates(nodes: NodeReader, item: Item) -> Mapping[str, tuple[Rate, ...]]:

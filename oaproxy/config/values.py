@@ -8,13 +8,14 @@ applies, as for a key left out.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import math
 import re
-from collections.abc import Callable, Sequence
-from enum import Enum
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, TypeAlias, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from oaproxy.config.nodes import (
     BOOLEAN_TAGS,
@@ -25,8 +26,10 @@ from oaproxy.config.nodes import (
     NodeReader,
     kind,
 )
+from oaproxy.upstreamclient.proxy import HTTPProxy
 
 Reader: TypeAlias = Callable[[NodeReader, Item], Any]
+_E = TypeVar("_E", bound=enum.Enum)
 
 _TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
 _FALSE_WORDS = frozenset({"false", "no", "off", "0"})
@@ -35,8 +38,6 @@ _SIZE = re.compile(r"(?P<number>[0-9]+)\s*(?P<unit>[kmgt]?i?b?)\Z", re.IGNORECAS
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 _HTTP = ("http", "https")
-
-_E = TypeVar("_E", bound=Enum)
 
 
 def text(nodes: NodeReader, item: Item) -> str:
@@ -127,16 +128,12 @@ def strings(nodes: NodeReader, item: Item) -> tuple[str, ...]:
     )
 
 
-def one_of(allowed: Sequence[str], later: Sequence[str] = (), noun: str | None = None) -> Reader:
-    """A reader of one of the words ``allowed``.  Words in ``later`` are
-    known but not built yet, and say so.  ``noun`` names the setting in the
-    messages ("unknown type 'x'"); without it they say "value"."""
+def one_of(allowed: Sequence[str], noun: str | None = None) -> Reader:
+    """A reader of one of the words ``allowed``.  ``noun`` names the setting
+    in the messages ("unknown type 'x'"); without it they say "value"."""
 
     def choice(nodes: NodeReader, item: Item) -> str:
         value = nodes.required_string(item).strip()
-        said = repr(value) if noun is None else f"{noun} {value!r}"
-        if value in later:
-            nodes.fail(item.key, item.line, f"{said} is not supported yet")
         if value not in allowed:
             nodes.fail(
                 item.key,
@@ -148,24 +145,30 @@ def one_of(allowed: Sequence[str], later: Sequence[str] = (), noun: str | None =
     return choice
 
 
-def choice(enum: type[_E]) -> Callable[[NodeReader, Item], _E]:
-    """A reader of one of an enum's values (its words), as the member."""
-    words = one_of([member.value for member in enum])
+def member_of(kind: type[_E], noun: str | None = None) -> Callable[[NodeReader, Item], _E]:
+    """A reader of one member of the enum ``kind``, given by its value (its
+    word); ``noun`` as for ``one_of``."""
+    word = one_of([member.value for member in kind], noun)
 
-    def member(nodes: NodeReader, item: Item) -> _E:
-        return enum(words(nodes, item))
+    def choice(nodes: NodeReader, item: Item) -> _E:
+        return kind(word(nodes, item))
 
-    return member
+    return choice
 
 
-def url(nodes: NodeReader, item: Item, schemes: Sequence[str]) -> str:
-    """A URL with one of ``schemes`` and a host, stripped, else unchanged."""
-    value = nodes.required_string(item).strip()
+def _split_url(nodes: NodeReader, item: Item, value: str) -> SplitResult:
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 -- raises ValueError on a bad port
     except ValueError:
         nodes.fail(item.key, item.line, "not a valid URL")
+    return parts
+
+
+def url(nodes: NodeReader, item: Item, schemes: Sequence[str]) -> str:
+    """A URL with one of ``schemes`` and a host, stripped, else unchanged."""
+    value = nodes.required_string(item).strip()
+    parts = _split_url(nodes, item, value)
     if parts.scheme.lower() not in schemes:
         nodes.fail(
             item.key,
@@ -177,8 +180,19 @@ def url(nodes: NodeReader, item: Item, schemes: Sequence[str]) -> str:
     return value
 
 
-def http_url(nodes: NodeReader, item: Item) -> str:
-    return url(nodes, item, _HTTP)
+def http_url(nodes: NodeReader, item: Item, *, credentials: str = "") -> str:
+    """An http(s) URL without user information: oaproxy would have to send
+    it as a header, or a client would see it in an error. ``credentials``
+    says where they go instead."""
+    value = url(nodes, item, _HTTP)
+    if "@" in urlsplit(value).netloc:
+        # Never quoted: user information is a password more often than not.
+        nodes.fail(
+            item.key,
+            item.line,
+            "the URL must not hold user information (user:password@)" + credentials,
+        )
+    return value
 
 
 def homeserver_url(nodes: NodeReader, item: Item) -> str:
@@ -189,11 +203,37 @@ def homeserver_url(nodes: NodeReader, item: Item) -> str:
 def endpoint_url(nodes: NodeReader, item: Item) -> str:
     """An upstream endpoint: an http(s) URL that the request path is
     appended to, so without a query or fragment, and no trailing ``/``."""
-    value = http_url(nodes, item)
+    value = http_url(nodes, item, credentials="; give the upstream's key as sk")
     parts = urlsplit(value)
     if parts.query or parts.fragment or value.endswith(("?", "#")):
         nodes.fail(item.key, item.line, "the endpoint must not have a query or fragment")
     return value.rstrip("/")
+
+
+def proxy_url(nodes: NodeReader, item: Item) -> HTTPProxy | None:
+    """An outbound proxy, ``http://[user:password@]host:port``, or ``none``
+    (None): straight to the upstream."""
+    value = nodes.required_string(item).strip()
+    if value.lower() == "none":
+        return None
+    parts = _split_url(nodes, item, value)
+    if parts.scheme.lower() != "http":
+        nodes.fail(
+            item.key,
+            item.line,
+            "must be none or an http://host:port URL (the proxy is spoken to in plain "
+            "HTTP; https upstreams go through it in a CONNECT tunnel)",
+        )
+    if not parts.hostname:
+        nodes.fail(item.key, item.line, "the proxy URL has no host")
+    if parts.port is None:
+        nodes.fail(item.key, item.line, "the proxy URL needs a port, e.g. http://127.0.0.1:3128")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        nodes.fail(item.key, item.line, "the proxy URL must not have a path, query or fragment")
+    credentials = None
+    if "@" in parts.netloc:
+        credentials = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+    return HTTPProxy(parts.hostname, parts.port, credentials)
 
 
 def redis_url(nodes: NodeReader, item: Item) -> str:
@@ -219,6 +259,28 @@ def networks(
             result.append(ipaddress.ip_network(value, strict=False))
         except ValueError:
             nodes.fail(part.key, part.line, f"{value!r} is not an IP address or CIDR network")
+    return tuple(result)
+
+
+def re2_patterns(nodes: NodeReader, item: Item) -> tuple[str, ...]:
+    """Regular expressions in RE2 syntax, as written (not stripped: a space
+    may be part of one); each is compiled here, so a bad one stops the load."""
+    # Imported here: only a config with a content filter needs RE2.
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False
+    result = []
+    for part in nodes.as_list(item):
+        pattern = nodes.required_string(part, "a pattern", STRING_TAGS)
+        try:
+            re2.compile(pattern, options)
+        except re2.error as e:
+            reason = e.args[0] if e.args else "invalid"
+            if isinstance(reason, bytes):
+                reason = reason.decode("utf-8", "replace")
+            nodes.fail(part.key, part.line, f"not an RE2 pattern: {reason}")
+        result.append(pattern)
     return tuple(result)
 
 
@@ -250,3 +312,43 @@ def rotation(nodes: NodeReader, item: Item) -> str:
     except ValueError as e:
         nodes.fail(item.key, item.line, f"expected 'daily' or a size: {e}")
     return value
+
+
+# A route is one or more plain path segments; these first segments are taken.
+_ROUTE_SEGMENT = re.compile(r"[A-Za-z0-9._~-]+\Z")
+RESERVED_ROOTS = frozenset({"v1", "metrics", "healthz", "readyz", "admin"})
+
+
+def route_prefix(nodes: NodeReader, item: Item) -> str:
+    """A route prefix such as ``/ollama``: plain path segments, without a
+    trailing ``/``, not starting with a path oaproxy serves itself."""
+    return checked_route(nodes, item, text(nodes, item))
+
+
+def checked_route(nodes: NodeReader, item: Item, value: str) -> str:
+    """``value`` as a route prefix, or a failure at ``item``."""
+    segments = value.rstrip("/").split("/")
+    if (
+        not value.startswith("/")
+        or len(segments) < 2
+        or not all(_ROUTE_SEGMENT.match(s) and s not in (".", "..") for s in segments[1:])
+    ):
+        nodes.fail(
+            item.key,
+            item.line,
+            "a route is a path such as /ollama: '/' and segments of letters, digits, "
+            "'.', '_', '~' or '-'",
+        )
+    if segments[1] in RESERVED_ROOTS:
+        nodes.fail(item.key, item.line, f"/{segments[1]} is a path oaproxy serves itself")
+    return "/".join(segments)
+
+
+def aliases(nodes: NodeReader, item: Item) -> Mapping[str, str]:
+    """``{client-facing model name: the upstream's own name}``."""
+    result = {}
+    for name, value in nodes.entries(item, "a mapping of model names to the upstream's names"):
+        if not name.strip() or name.startswith("/"):
+            nodes.fail(value.key, value.line, "an alias is a model name, not empty nor a path")
+        result[name.strip()] = text(nodes, value)
+    return MappingProxyType(result)

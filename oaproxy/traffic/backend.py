@@ -17,12 +17,12 @@ from twisted.python.failure import Failure
 
 from oaproxy.config import BackendErrorPolicy
 from oaproxy.errors import ErrorAnswer
+from oaproxy.pipeline import Verdict
 from oaproxy.relay import describe
 
 LOG_INTERVAL = 60.0
 
 _T = TypeVar("_T")
-Verdict = ErrorAnswer | None
 
 UNAVAILABLE = ErrorAnswer(
     503,

@@ -48,7 +48,7 @@ class Traffic:
     head_gates: tuple[HeadGate, ...]
     gates: tuple[Gate, ...]
     observers: tuple[Observer, ...]
-    stream_pace: Callable[[bytes], float | None] | None
+    stream_pace: Callable[[str], float | None] | None
 
 
 def build_traffic(

@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from oaproxy.record import Usage
-from oaproxy.traffic.routes import api_path
 
 _MAX_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 _NO_COMPLETION = frozenset({"/v1/embeddings"})
@@ -34,8 +33,11 @@ def tokens(prompt: int, completion: int) -> Usage:
     return Usage(prompt, completion, prompt + completion)
 
 
-def estimate(body: Mapping[str, Any], path: str, default_max_tokens: int) -> Usage:
-    return tokens(math.ceil(text_characters(body) / 4), _completion(body, path, default_max_tokens))
+def estimate(body: Mapping[str, Any], api_path: str, default_max_tokens: int) -> Usage:
+    """The guess for a request's JSON body sent to ``api_path``."""
+    return tokens(
+        math.ceil(text_characters(body) / 4), _completion(body, api_path, default_max_tokens)
+    )
 
 
 def text_characters(body: Mapping[str, Any]) -> int:
@@ -55,8 +57,8 @@ def text_characters(body: Mapping[str, Any]) -> int:
     return count
 
 
-def _completion(body: Mapping[str, Any], path: str, default_max_tokens: int) -> int:
-    if api_path(path) in _NO_COMPLETION:
+def _completion(body: Mapping[str, Any], api_path: str, default_max_tokens: int) -> int:
+    if api_path in _NO_COMPLETION:
         return 0
     most = next(
         (_count(body.get(name)) for name in _MAX_FIELDS if _count(body.get(name))),

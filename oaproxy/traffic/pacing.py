@@ -23,7 +23,6 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from oaproxy.config import Rate
 from oaproxy.sse import event_data
 from oaproxy.traffic.routes import RouteTable
-from oaproxy.web import route_path
 
 
 class StreamPace:
@@ -37,10 +36,9 @@ class StreamPace:
     def __bool__(self) -> bool:
         return bool(self._routes)
 
-    def interval(self, uri: bytes) -> float | None:
-        """For a request URI; None when its route is not paced."""
-        path = route_path(uri) if self._routes else None
-        matched = self._routes.match(path) if path is not None else None
+    def interval(self, api_path: str) -> float | None:
+        """For a request's API path; None when its route is not paced."""
+        matched = self._routes.match(api_path) if self._routes else None
         return matched[1] if matched is not None else None
 
 

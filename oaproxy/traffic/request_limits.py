@@ -30,7 +30,6 @@ from oaproxy.traffic.headers import (
     set_retry_after,
 )
 from oaproxy.traffic.routes import RouteTable, address, key_named
-from oaproxy.web import client_ip
 
 
 @frozen
@@ -85,7 +84,7 @@ class RequestLimits:
         if key is not None:
             whom, named = key_named(key.name), "this key"
         else:
-            whom = address(client_ip(arrival.request, arrival.config.trusted_proxies))
+            whom = address(arrival.client_ip)
             named = "this client address"
         checks += [
             _Check(f"limits:requests:key:{whom}", rate, LimitScope.KEY, f"for {named}")

@@ -1,9 +1,10 @@
 """Which configured route a request is on, and whom a limit counts.
 
-Routes (``limits.routes``, ``limits.stream_pace``) are API paths; a request
-path matches the longest route that is a whole-segment prefix of its part
-from ``/v1`` on, so routes keep matching under a route prefix
-(``/ollama/v1/chat/completions`` is on ``/v1/chat/completions``).
+Routes (``limits.routes``, ``limits.stream_pace``) are API paths; a
+request's API path (``oaproxy.paths``: what follows its route prefix, if
+any) matches the longest route that is a whole-segment prefix of it, so
+routes keep matching under a route prefix (``/ollama/v1/chat/completions``
+is on ``/v1/chat/completions``).
 """
 
 from __future__ import annotations
@@ -12,16 +13,6 @@ from collections.abc import Mapping
 from typing import Generic, TypeVar
 
 _T = TypeVar("_T")
-
-
-def api_path(path: str) -> str | None:
-    """The part of a request path from its ``v1`` segment on; None without one."""
-    segments = path.split("?", 1)[0].split("/")
-    try:
-        start = segments.index("v1")
-    except ValueError:
-        return None
-    return "/".join(["", *segments[start:]])
 
 
 class RouteTable(Generic[_T]):
@@ -34,13 +25,11 @@ class RouteTable(Generic[_T]):
     def __bool__(self) -> bool:
         return bool(self._routes)
 
-    def match(self, path: str) -> tuple[str, _T] | None:
-        """The route ``path`` is on and its value, or None."""
-        api = api_path(path)
-        if api is None:
-            return None
+    def match(self, api_path: str) -> tuple[str, _T] | None:
+        """The route an API path (``RequestPath.api_path``) is on and its
+        value, or None."""
         for route, value in self._routes:
-            if api == route or api.startswith(route + "/"):
+            if api_path == route or api_path.startswith(route + "/"):
                 return route, value
         return None
 

@@ -52,7 +52,6 @@ from oaproxy.traffic.headers import (
     set_retry_after,
 )
 from oaproxy.traffic.routes import who
-from oaproxy.web import route_path
 
 
 class Measure(Enum):
@@ -150,9 +149,8 @@ class TokenLimits:
                     code="model_not_priced",
                     param="model",
                 )
-        path = route_path(call.path) or ""
         plan = self._plan(
-            exchange, rates, budget, price, estimate(body, path, self._default_max_tokens)
+            exchange, rates, budget, price, estimate(body, call.api_path, self._default_max_tokens)
         )
         waiting = self._history_ready(plan)
         if waiting is not None:

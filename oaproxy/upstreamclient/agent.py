@@ -1,6 +1,7 @@
 """The ``IAgent`` front: ``request(method, uri, headers, bodyProducer)``.
 
 The request head is built here once, as bytes: request line, ``Host``, the
+proxy's credentials when the request goes to a proxy in absolute form, the
 caller's headers, then the body's framing (``Content-Length`` from the
 producer's ``length``, chunked when it is ``UNKNOWN_LENGTH``). On a pooled
 connection the request is written before ``request`` returns, with no
@@ -18,8 +19,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from oaproxy.upstreamclient.errors import ProxyRefused
 from oaproxy.upstreamclient.pool import Route, UpstreamPool
-from oaproxy.upstreamclient.protocol import UpstreamConnection, UpstreamResponse
+from oaproxy.upstreamclient.protocol import UpstreamConnection
+from oaproxy.upstreamclient.proxy import HTTPProxy
+from oaproxy.upstreamclient.response import UpstreamResponse
 
 # RFC 9110 tokens for methods; targets of visible ASCII only (no spaces, no
 # CR or LF: nothing that could end the request line early).
@@ -31,21 +35,30 @@ _KNOWN_METHODS = frozenset(
 # Twisted's Agent sends Content-Length: 0 for these when there is no body.
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 # Framing is the client's: the caller's own values would contradict it.
-_FRAMING = frozenset({b"Content-Length", b"Transfer-Encoding"})
+# Proxy credentials are the route's: a caller's would go to the upstream.
+_OURS = frozenset({b"Content-Length", b"Transfer-Encoding", b"Proxy-Authorization"})
+# What a proxy answers an absolute-form request it will not pass on.
+_PROXY_AUTHENTICATION_REQUIRED = 407
 
 
 @implementer(IAgent)
 class UpstreamAgent:
-    """Requests over ``pool``; with ``fresh`` each on a new connection (which
-    joins the pool after its response, like any other).
+    """Requests over ``pool``, through ``proxy`` if given, else direct; with
+    ``fresh`` each on a new connection (which joins the pool after its
+    response, like any other).
 
     Redirects are not followed. Failures are Twisted's (see
     ``oaproxy.upstreamclient.errors``); cancelling the result before the
     response aborts the connection and fails it with ``CancelledError``.
+    A 407 from a proxy fails the request with ``ProxyRefused``: it is the
+    proxy's refusal, not an answer of the upstream.
     """
 
-    def __init__(self, pool: UpstreamPool, *, fresh: bool = False) -> None:
+    def __init__(
+        self, pool: UpstreamPool, *, proxy: HTTPProxy | None = None, fresh: bool = False
+    ) -> None:
         self._pool = pool
+        self._proxy = proxy
         self._fresh = fresh
 
     def request(
@@ -67,6 +80,8 @@ class UpstreamAgent:
             connection.send(d, head, bodyProducer, method == b"HEAD", True)
         else:
             d = _Connecting(pool, route, head, bodyProducer, method == b"HEAD").deferred
+        if route.target_prefix:
+            d.addCallback(_refused_by_proxy, route)
         return cast("Deferred[IResponse]", d)
 
     def _split(self, uri: bytes) -> tuple[Route, bytes]:
@@ -84,7 +99,16 @@ class UpstreamAgent:
         fragment = target.find(b"#")
         if fragment >= 0:
             target = target[:fragment]
-        return self._pool.route(origin), target
+        return self._pool.route(origin, self._proxy), target
+
+
+def _refused_by_proxy(response: UpstreamResponse, route: Route) -> UpstreamResponse:
+    if response.code != _PROXY_AUTHENTICATION_REQUIRED:
+        return response
+    # Its body is the proxy's; the connection is not used again.
+    response.stopProducing()
+    assert route.proxy is not None
+    raise ProxyRefused(route.proxy.url, "refused: 407 Proxy Authentication Required", 407)
 
 
 def _head(
@@ -102,10 +126,12 @@ def _head(
         target = route.target_prefix + target
     parts = [method, b" ", target, b" HTTP/1.1\r\n"]
     host: bytes | None = route.host
+    if route.proxy_authorization:
+        parts.append(route.proxy_authorization)
     if headers is not None:
         # Twisted's Headers hold valid names and values without CR or LF.
         for name, values in headers.getAllRawHeaders():
-            if name in _FRAMING:
+            if name in _OURS:
                 continue
             if name == b"Host":
                 host = None  # the caller's own, as Twisted's Agent keeps it

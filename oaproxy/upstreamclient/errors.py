@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from twisted.internet.error import ConnectError
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
 
@@ -26,6 +27,35 @@ class NoResponse(ResponseNeverReceived):
         super().__init__(list(reasons))
         self.reused = reused
         self.request_sent = request_sent
+
+
+class ProxyError(ConnectError):
+    """The outbound proxy did not get the request to the upstream.
+
+    A ``ConnectError``, as the upstream was never reached. The text names the
+    proxy by its ``url`` (never its credentials) and says what happened, in
+    words of ours: nothing the proxy sent is quoted.
+    """
+
+    def __init__(self, proxy_url: str, what: str) -> None:
+        super().__init__(string=f"proxy {proxy_url} {what}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class ProxyUnreachable(ProxyError):
+    """The proxy could not be reached, or hung up before it answered."""
+
+
+class ProxyRefused(ProxyError):
+    """The proxy answered a ``CONNECT`` (or an absolute-form request, with
+    407) with a status that is not success; ``status`` is None when its
+    answer was not HTTP."""
+
+    def __init__(self, proxy_url: str, what: str, status: int | None) -> None:
+        super().__init__(proxy_url, what)
+        self.status = status
 
 
 class IncompleteBody(Exception):

@@ -1,14 +1,22 @@
 """Keep-alive connections to upstreams, per route, bounded, closed when idle.
 
-A ``Route`` is where the requests for one origin (scheme, host, port) go: the
-``Host`` header they carry, how their request target is written, the endpoint
-that makes their connections, and the connections idle between requests.
-Today every route is direct. An outbound HTTP proxy (issue 10) makes other
-routes and nothing else: for an http upstream its key adds the proxy, its
-``target_prefix`` is ``b"http://host:port"`` (absolute-form targets) and its
-endpoint connects to the proxy; for an https upstream its endpoint opens a
-``CONNECT`` tunnel and then TLS. Connections, requests and responses do not
-change.
+A ``Route`` is where the requests for one origin (scheme, host, port) go,
+directly or through one outbound proxy: the ``Host`` header they carry, how
+their request target is written, the endpoint that makes their connections,
+and the connections idle between requests. Routes are kept per (proxy,
+origin), so a connection made through one proxy never serves a request meant
+for another way out:
+
+- direct: the endpoint connects to the origin (TLS for https);
+- an http origin through a proxy: the endpoint connects to the proxy, the
+  target is absolute (``b"http://host:port"`` before the path) and each
+  request carries ``Proxy-Authorization`` when the proxy has credentials;
+- an https origin through a proxy: the endpoint opens a ``CONNECT`` tunnel
+  (credentials on the ``CONNECT``) and TLS to the origin inside it; requests
+  are written as for a direct route, and never carry the proxy's
+  credentials, which are not the origin's business.
+
+Connections, requests and responses are the same on every route.
 
 Idle connections are kept last-in first-out, so under a steady load the
 same few stay warm and the surplus ages out; each route has one timer, for
@@ -25,8 +33,10 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClien
 from twisted.internet.protocol import Factory
 from twisted.web.client import URI
 from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import Interface
 
 from oaproxy.upstreamclient.protocol import UpstreamConnection
+from oaproxy.upstreamclient.proxy import HTTPProxy
 
 #: Idle connections kept per route (Twisted's ``maxPersistentPerHost``).
 MAX_IDLE_PER_ROUTE = 64
@@ -38,10 +48,30 @@ IDLE_TIMEOUT = 50.0
 _MAX_ORIGINS = 1024
 
 
+class IProxyEndpointFactory(Interface):
+    """Endpoints for routes through an outbound proxy (``ReusedEndpoints``
+    makes them); the pool's endpoint factory provides this too when any
+    route goes through a proxy."""
+
+    def endpointThroughProxy(proxy: HTTPProxy, uri: URI) -> IStreamClientEndpoint:
+        """Connections that reach ``uri``'s origin through ``proxy``: to the
+        proxy itself for http, a ``CONNECT`` tunnel with TLS inside for https."""
+
+
 class Route:
     """Where the requests for one origin go, and its idle connections."""
 
-    __slots__ = ("endpoint", "expiry", "factory", "host", "idle", "key", "target_prefix")
+    __slots__ = (
+        "endpoint",
+        "expiry",
+        "factory",
+        "host",
+        "idle",
+        "key",
+        "proxy",
+        "proxy_authorization",
+        "target_prefix",
+    )
 
     def __init__(
         self,
@@ -49,13 +79,22 @@ class Route:
         host: bytes,
         endpoint: IStreamClientEndpoint,
         factory: Factory,
-        target_prefix: bytes = b"",
+        *,
+        proxy: HTTPProxy | None = None,
+        absolute: bool = False,
     ) -> None:
         self.key = key
         #: The ``Host`` header line, ready to be written.
         self.host = b"Host: " + host + b"\r\n"
-        #: Put before the origin-form target (``/v1/...``); empty when direct.
-        self.target_prefix = target_prefix
+        #: The proxy this route's connections go through, if any.
+        self.proxy = proxy
+        #: Put before the origin-form target (``/v1/...``) when requests go
+        #: to the proxy in absolute form (``absolute``); else empty.
+        self.target_prefix = b"http://" + host if absolute else b""
+        #: The ``Proxy-Authorization`` line of those requests, if any.
+        self.proxy_authorization = b""
+        if absolute and proxy is not None and proxy.authorization is not None:
+            self.proxy_authorization = b"Proxy-Authorization: " + proxy.authorization + b"\r\n"
         self.endpoint = endpoint
         self.factory = factory
         self.idle: list[UpstreamConnection] = []
@@ -77,8 +116,9 @@ class _ConnectionFactory(Factory):
 
 class UpstreamPool:
     """Connections to upstreams, made through ``endpoints`` (an
-    ``IAgentEndpointFactory`` such as ``oaproxy.outbound.ReusedEndpoints``:
-    TLS and its verification are the endpoints' business) and kept alive
+    ``IAgentEndpointFactory`` such as ``oaproxy.outbound.ReusedEndpoints``,
+    and an ``IProxyEndpointFactory`` for routes through a proxy: TLS and
+    its verification are the endpoints' business) and kept alive
     between requests: up to ``max_idle_per_route`` idle ones per route, each
     closed after ``idle_timeout`` seconds idle on the ``reactor``'s clock.
     """
@@ -96,32 +136,40 @@ class UpstreamPool:
         self._clock = reactor
         self._endpoints = endpoints
         self._routes: dict[tuple[Any, ...], Route] = {}
-        self._origins: dict[bytes, Route] = {}
+        self._origins: dict[tuple[HTTPProxy | None, bytes], Route] = {}
 
     # -- routes -----------------------------------------------------------------
 
-    def route(self, origin: bytes) -> Route:
-        """The route for ``origin`` (``b"https://host[:port]"``)."""
-        route = self._origins.get(origin)
+    def route(self, origin: bytes, proxy: HTTPProxy | None = None) -> Route:
+        """The route for ``origin`` (``b"https://host[:port]"``), directly or
+        through ``proxy``."""
+        route = self._origins.get((proxy, origin))
         if route is None:
-            route = self._route_for(origin)
+            route = self._route_for(origin, proxy)
             if len(self._origins) < _MAX_ORIGINS:
-                self._origins[origin] = route
+                self._origins[proxy, origin] = route
         return route
 
-    def _route_for(self, origin: bytes) -> Route:
+    def _route_for(self, origin: bytes, proxy: HTTPProxy | None) -> Route:
         uri = URI.fromBytes(origin + b"/")
         if b"@" in uri.netloc:
             # Never echoed: user information is a password more often than not.
             raise ValueError("an upstream URL with user information is not supported")
         if uri.scheme not in (b"http", b"https") or not uri.host:
             raise ValueError("not an http or https URL")
-        key = (uri.scheme, uri.host, uri.port)
+        key = (proxy, uri.scheme, uri.host, uri.port)
         route = self._routes.get(key)
         if route is None:
-            endpoint = self._endpoints.endpointForURI(uri)
+            if proxy is None:
+                endpoint = self._endpoints.endpointForURI(uri)
+            else:
+                endpoint = IProxyEndpointFactory(self._endpoints).endpointThroughProxy(proxy, uri)
             factory = _ConnectionFactory(self)
-            route = Route(key, _host_header(uri.scheme, uri.host, uri.port), endpoint, factory)
+            host = _host_header(uri.scheme, uri.host, uri.port)
+            # An http origin's requests go to the proxy itself, in absolute
+            # form; an https origin's go through a tunnel, as if direct.
+            absolute = proxy is not None and uri.scheme == b"http"
+            route = Route(key, host, endpoint, factory, proxy=proxy, absolute=absolute)
             factory.route = route
             self._routes[key] = route
         return route
@@ -182,9 +230,10 @@ class UpstreamPool:
         done: Deferred[Any] = gatherResults(closing)
         return done.addCallback(lambda _: None)
 
-    def idle_count(self, origin: bytes) -> int:
-        """How many connections to ``origin`` are idle (for tests and metrics)."""
-        return len(self.route(origin).idle)
+    def idle_count(self, origin: bytes, proxy: HTTPProxy | None = None) -> int:
+        """How many connections to ``origin`` (through ``proxy``) are idle
+        (for tests and metrics)."""
+        return len(self.route(origin, proxy).idle)
 
 
 def _host_header(scheme: bytes, host: bytes, port: int) -> bytes:

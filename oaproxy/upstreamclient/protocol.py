@@ -3,7 +3,7 @@ llhttp (through ``httptools``), one request at a time.
 
 Per request the connection makes one ``Deferred`` (the caller's), one
 ``UpstreamResponse`` with its ``Headers``, and for a request with a body one
-``_BodyWriter``; the request head arrives as bytes, built once by the agent.
+``BodyWriter``; the request head arrives as bytes, built once by the agent.
 
 A connection goes back to its pool only after a final response that was
 complete, framed by length or chunks, allowed keep-alive, and was followed by
@@ -19,15 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpResponseParser
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IConsumer, IPushProducer, ITCPTransport
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web._newclient import ExcessWrite, WrongBodyLength
-from twisted.web.client import RequestGenerationFailed, ResponseDone, ResponseFailed
+from twisted.web.client import RequestGenerationFailed, ResponseFailed
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
-from zope.interface import implementer
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 
 from oaproxy.upstreamclient.errors import (
     IncompleteBody,
@@ -39,277 +36,19 @@ from oaproxy.upstreamclient.errors import (
 if TYPE_CHECKING:
     from oaproxy.upstreamclient.pool import Route, UpstreamPool
 
+from oaproxy.upstreamclient.bodywriter import BodyWriter
+from oaproxy.upstreamclient.response import (
+    CANONICAL_NAMES,
+    RESPONSE_DONE,
+    UpstreamResponse,
+    canonical_name,
+    is_chunked,
+    make_headers,
+)
+
 #: Status line and headers of one response (each 1xx counts on its own).
 #: Upstream APIs send a few KiB; nginx refuses more than 8 KiB by default.
 MAX_HEAD_BYTES = 64 * 1024
-
-# Shared like twisted.internet.protocol.connectionDone: body protocols only
-# check() it, and a complete response is the common case.
-_RESPONSE_DONE = Failure(ResponseDone("Response body fully received"))
-
-_VERSIONS = {"1.1": (b"HTTP", 1, 1), "1.0": (b"HTTP", 1, 0)}
-
-
-# -- response headers ---------------------------------------------------------
-
-
-def _headers_by_storage() -> bool:
-    """Whether a ``Headers`` can be given its name -> values dict directly.
-
-    ``Headers.addRawHeader`` canonicalizes the name and sanitizes the value on
-    every call (about 3 µs for a typical response's headers); llhttp already
-    refused values with CR, LF or NUL, so the dict is built here with the names
-    canonicalized once per distinct spelling, and handed over (1.5 µs). Only
-    when Twisted stores headers the way this probe expects; otherwise the
-    public API is used.
-    """
-    probe = Headers()
-    probe.addRawHeader(b"x-probe-name", b"v")
-    return getattr(probe, "_rawHeaders", None) == {b"X-Probe-Name": [b"v"]}
-
-
-_BY_STORAGE = _headers_by_storage()
-_CANONICAL: dict[bytes, bytes] = {}
-# Like Twisted's own cache: an upstream inventing names cannot grow it forever.
-_MAX_CANONICAL = 10_000
-
-
-def _canonical(name: bytes) -> bytes:
-    probe = Headers()
-    probe.addRawHeader(name, b"")
-    canonical = next(iter(probe.getAllRawHeaders()))[0]
-    if len(_CANONICAL) < _MAX_CANONICAL:
-        _CANONICAL[name] = canonical
-    return canonical
-
-
-def _make_headers(raw: dict[bytes, list[bytes]]) -> Headers:
-    headers = Headers()
-    if _BY_STORAGE:
-        headers._rawHeaders = raw
-    else:
-        for name, values in raw.items():
-            headers.setRawHeaders(name, values)
-    return headers
-
-
-def _chunked(transfer_encoding: list[bytes]) -> bool:
-    """llhttp's rule: the body is chunked when the last coding is ``chunked``."""
-    return transfer_encoding[-1].rsplit(b",", 1)[-1].strip().lower() == b"chunked"
-
-
-# -- the response --------------------------------------------------------------
-
-
-@implementer(IResponse, IPushProducer)
-class UpstreamResponse:
-    """A response as Twisted's ``Agent`` gives it: ``code``, ``phrase``,
-    ``headers``, ``length`` and ``deliverBody``.
-
-    It is also its body's transport: the protocol given to ``deliverBody``
-    can ``pauseProducing``/``resumeProducing`` the upstream connection and
-    ``stopProducing`` it (which aborts the connection; the protocol's
-    ``connectionLost`` then comes when it is closed). Once the body ended
-    these do nothing, as the connection may be serving another request.
-    Body bytes that arrive before ``deliverBody`` are held for it.
-    """
-
-    __slots__ = (
-        "_buffer",
-        "_connection",
-        "_ended",
-        "_protocol",
-        "_version",
-        "code",
-        "headers",
-        "length",
-        "phrase",
-    )
-
-    previousResponse = None
-    request = None
-
-    def __init__(
-        self,
-        code: int,
-        phrase: bytes,
-        headers: Headers,
-        length: int | object,
-        version: str,
-        connection: UpstreamConnection,
-    ) -> None:
-        self.code = code
-        self.phrase = phrase
-        self.headers = headers
-        self.length = length
-        self._version = version
-        self._connection: UpstreamConnection | None = connection
-        self._protocol: Any = None
-        self._buffer: list[bytes] = []
-        self._ended: Failure | None = None
-
-    @property
-    def version(self) -> tuple[bytes, int, int]:
-        return _VERSIONS.get(self._version, (b"HTTP", 1, 1))
-
-    def deliverBody(self, protocol: Any) -> None:
-        protocol.makeConnection(self)
-        if self._buffer:
-            held, self._buffer = self._buffer, []
-            for data in held:
-                protocol.dataReceived(data)
-        if self._ended is not None:
-            protocol.connectionLost(self._ended)
-        else:
-            self._protocol = protocol
-
-    # The body's transport.
-
-    def pauseProducing(self) -> None:
-        if self._connection is not None:
-            self._connection.pause_body()
-
-    def resumeProducing(self) -> None:
-        if self._connection is not None:
-            self._connection.resume_body()
-
-    def stopProducing(self) -> None:
-        if self._connection is not None:
-            self._connection.stop_body(self)
-
-    # What Twisted's body transport also answers (readBody aborts with it).
-    loseConnection = abortConnection = stopProducing
-
-    def setPreviousResponse(self, response: IResponse) -> None:
-        raise NotImplementedError("1xx responses are skipped, not kept")
-
-    # From the connection.
-
-    def _end(self, reason: Failure) -> None:
-        self._connection = None
-        self._ended = reason
-        protocol = self._protocol
-        if protocol is not None:
-            # The protocol keeps its transport (this); no cycle is left for the GC.
-            self._protocol = None
-            protocol.connectionLost(reason)
-
-
-# -- the request body -----------------------------------------------------------
-
-
-@implementer(IConsumer)
-class _BodyWriter:
-    """Writes one request body: framed by its length (which it must match) or
-    chunked. The first write goes out together with the request head, in one
-    TLS record where there is TLS. Once closed it refuses writes, so a
-    producer that outlives its request can never write into the next one.
-    """
-
-    __slots__ = (
-        "_chunked",
-        "_connection",
-        "_head",
-        "_left",
-        "_open",
-        "_producer",
-        "_registered",
-        "_transport",
-    )
-
-    def __init__(
-        self, connection: UpstreamConnection, transport: Any, head: bytes, producer: IBodyProducer
-    ) -> None:
-        self._connection = connection
-        self._transport = transport
-        self._head: bytes | None = head
-        self._producer = producer
-        length = producer.length
-        self._chunked = length is UNKNOWN_LENGTH
-        self._left: int = 0 if self._chunked else length
-        self._open = True
-        self._registered = False
-
-    def start(self) -> None:
-        try:
-            produced = self._producer.startProducing(self)
-        except Exception:  # noqa: BLE001 - any producer error fails this request
-            self._failed(Failure())
-            return
-        if produced.called and not isinstance(produced.result, Failure):
-            # A body written at once (bytes in memory): no callbacks to run.
-            self._produced(None)
-            return
-        if self._open:
-            self._transport.registerProducer(self._producer, True)
-            self._registered = True
-        produced.addCallbacks(self._produced, self._failed)
-
-    def write(self, data: bytes) -> None:
-        if not self._open:
-            raise ExcessWrite()
-        size = len(data)
-        if not size:
-            return
-        if self._chunked:
-            parts = [b"%x\r\n" % size, data, b"\r\n"]
-        else:
-            self._left -= size
-            if self._left < 0:
-                self._failed(Failure(WrongBodyLength("too many bytes written")))
-                raise ExcessWrite()
-            parts = [data]
-        if self._head is not None:
-            parts.insert(0, self._head)
-            self._head = None
-        self._transport.writeSequence(parts)
-
-    @property
-    def all_written(self) -> bool:
-        return self._head is None and not self._chunked and self._left == 0
-
-    def _produced(self, _: object) -> None:
-        if not self._open:
-            return
-        if not self._chunked and self._left:
-            self._failed(Failure(WrongBodyLength("too few bytes written")))
-            return
-        parts = []
-        if self._head is not None:
-            parts.append(self._head)
-            self._head = None
-        if self._chunked:
-            parts.append(b"0\r\n\r\n")
-        if parts:
-            self._transport.writeSequence(parts)
-        self._close()
-        self._connection.request_written()
-
-    def _failed(self, failure: Failure) -> None:
-        if not self._open:
-            return
-        self._close()
-        self._connection.request_failed(failure)
-
-    def stop(self) -> None:
-        """The request ended before its body was written: stop the producer."""
-        if not self._open:
-            return
-        self._close()
-        self._producer.stopProducing()
-
-    def _close(self) -> None:
-        self._open = False
-        if self._registered:
-            self._registered = False
-            self._transport.unregisterProducer()
-
-    # IConsumer: the body producer is registered with the transport itself.
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        pass
-
-    def unregisterProducer(self) -> None:
-        pass
 
 
 class _Halt(Exception):
@@ -337,7 +76,7 @@ class UpstreamConnection(Protocol):
         self._deferred: Deferred[UpstreamResponse] | None = None
         self._response: UpstreamResponse | None = None
         self._stopped: UpstreamResponse | None = None
-        self._writer: _BodyWriter | None = None
+        self._writer: BodyWriter | None = None
         self._reused = False
         self._head_request = False
         self._received = False
@@ -381,7 +120,7 @@ class UpstreamConnection(Protocol):
         if producer is None:
             self._transport.write(head)
             return
-        writer = self._writer = _BodyWriter(self, self._transport, head, producer)
+        writer = self._writer = BodyWriter(self, self._transport, head, producer)
         writer.start()
 
     def cancel(self, deferred: Deferred[Any]) -> None:
@@ -510,7 +249,7 @@ class UpstreamConnection(Protocol):
             # request it makes at once can use this connection.
             self._pool.release(self)
         if response is not None:
-            response._end(_RESPONSE_DONE)
+            response._end(RESPONSE_DONE)
 
     def _fail(self, error: BaseException) -> None:
         """An upstream that does not speak HTTP/1.1 as it must."""
@@ -575,7 +314,7 @@ class UpstreamConnection(Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._response is not None or not self._busy:
             return  # a trailer after a chunked body, or after the caller stopped
-        canonical = _CANONICAL.get(name) or _canonical(name)
+        canonical = CANONICAL_NAMES.get(name) or canonical_name(name)
         value = value.rstrip(b" \t")
         values = self._raw.get(canonical)
         if values is None:
@@ -600,7 +339,7 @@ class UpstreamConnection(Protocol):
             coding = raw.get(b"Transfer-Encoding")
             if coding is not None:
                 length = UNKNOWN_LENGTH
-                self._until_close = not _chunked(coding)
+                self._until_close = not is_chunked(coding)
             else:
                 announced = raw.get(b"Content-Length")
                 if announced is not None:
@@ -612,7 +351,7 @@ class UpstreamConnection(Protocol):
         response = UpstreamResponse(
             code,
             self._phrase,
-            _make_headers(raw),
+            make_headers(raw),
             length,
             self._parser.get_http_version(),
             self,

@@ -1,27 +1,27 @@
 """Helpers of the tests that run for real: sockets, subprocesses, servers.
 
-(The fast, in-memory doubles are in ``tests.support``; the scripted upstream
-is ``tests.fakeupstream``.)
+(The fast, in-memory doubles are in ``tests.doubles``; request bodies and
+configs in ``tests.payloads``; the scripted upstream is ``tests.fakeupstream``.)
 
 - External services: ``unavailable`` (skip, or fail under ``CI=true``),
   ``reachable``, ``free_port``, ``wait_for``; the shared Redis and
   PostgreSQL, a ``PrivateRedis`` of a test's own, ``postgres_schema`` (a
-  fresh schema, dropped in cleanup), ``sql_rows``, ``emit`` (a record event
-  into a sink).
+  fresh schema, dropped in cleanup), ``sql_rows``.
 - The service in process, built as twistd builds it (``Options`` then
   ``makeService``) on ``tcp:0:interface=127.0.0.1``: ``ProxyCase.start_proxy``
   gives a ``RunningProxy`` whose ``RecordLog`` sees every record;
-  ``ProxyCase.sdk`` runs the official (synchronous) SDK in a thread;
-  ``RawClient`` is an HTTP/1.1 client that hangs up mid-stream.
+  ``ProxyCase.sdk`` runs the official (synchronous) SDK in a thread, ``chat``
+  and ``collect_stream`` being what it most often runs; ``RawClient`` is an
+  HTTP/1.1 client that hangs up mid-stream.
   ``EndToEndCase`` is that case with the keys and defaults most tests use.
-- The installed twistd as a subprocess: ``twistd_command``, ``child_env``,
-  ``run_twistd``, ``Daemon`` (its output and its end), ``read_body`` and
-  ``post_json`` for talking to it with twisted.web's ``Agent``.
+- The installed twistd as a subprocess: ``twistd_args``, ``twistd_command``,
+  ``child_env``, ``run_twistd``, ``spawn_daemon``, ``Daemon`` (its output and
+  its end); ``post_json``, ``read_body`` and ``IncomingBody`` for talking to
+  it with twisted.web's ``Agent``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -47,11 +47,11 @@ from twisted.web.client import FileBodyProducer, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from oaproxy.record import Record, record_document
-from oaproxy.sinks.queue import RECORD_NAMESPACE
+from oaproxy.record import record_document
 from oaproxy.sinks.sql import COLUMNS, TABLE, open_database
 from oaproxy.tap import Options, makeService
-from tests.fakeupstream import FAKE_MODEL, ConnectionTracker, FakeUpstream
+from tests.fakeupstream import ConnectionTracker, FakeUpstream
+from tests.payloads import CLIENT_KEY, FAKE_MODEL, HI, OTHER_KEY, proxy_config
 
 reactor: Any = _reactor
 T = TypeVar("T")
@@ -182,11 +182,6 @@ def sql_rows(dbtype: str, dbaddr: str, order_by: str = "time") -> list[dict[str,
         connection.close()
 
 
-def emit(sink: Any, record: Record) -> None:
-    """Give a sink's log observer the event of one record."""
-    sink.observer({"log_namespace": RECORD_NAMESPACE, "record": record})
-
-
 # -- the service in process ---------------------------------------------------------
 
 
@@ -196,23 +191,6 @@ def write_yaml(path: str, content: Any) -> str:
         yaml.safe_dump(content, f)
     os.replace(path + ".new", path)
     return path
-
-
-def proxy_config(
-    hostname: str, keys: dict[str, Any], upstreams: list[dict[str, Any]], **more: Any
-) -> dict[str, Any]:
-    """A config without a database and with 10 s deadlines, and ``more``."""
-    config: dict[str, Any] = {
-        "dbtype": "none",
-        "hostname": hostname,
-        "authorization": keys,
-        "timeout": 10,
-        "stream_timeout": 10,
-        "stream_idle_timeout": 10,
-        "upstreams": upstreams,
-    }
-    config.update(more)
-    return config
 
 
 class RecordLog:
@@ -362,31 +340,29 @@ class RawClient(Protocol):
         return self.lost
 
 
-def raw_chat_request(body: dict[str, Any], key: str) -> bytes:
-    """A chat completions request as the bytes of HTTP/1.1."""
-    data = json.dumps(body).encode()
-    return (
-        b"POST /v1/chat/completions HTTP/1.1\r\n"
-        b"Host: 127.0.0.1\r\n"
-        b"Authorization: Bearer " + key.encode() + b"\r\n"
-        b"Content-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n" % len(data)
-    ) + data
-
-
-# The keys of EndToEndCase's config.
-CLIENT_KEY = "ck-alice-0123456789"
-OTHER_KEY = "ck-bob-0123456789"
-SK_MAIN = "sk-main-upstream"
-SK_BACKUP = "sk-backup-upstream"
-
-
-def upstream(name: str, endpoint: str, sk: str | None = SK_MAIN, **more: Any) -> dict[str, Any]:
-    return {"name": name, "endpoint": endpoint, "sk": sk, **more}
-
-
 def chat(client: openai.OpenAI, model: str = FAKE_MODEL) -> Any:
-    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+    """A chat completion through the SDK: one user message, "hi"."""
+    return client.chat.completions.create(model=model, messages=HI)
+
+
+def collect_stream(
+    client: openai.OpenAI,
+    include_usage: bool = False,
+    model: str = FAKE_MODEL,
+    messages: list[Any] = HI,
+) -> tuple[list[str], list[Any]]:
+    """A streamed chat through the SDK: its content deltas and its usage objects."""
+    extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if include_usage else {}
+    deltas: list[str] = []
+    usages: list[Any] = []
+    stream = client.chat.completions.create(model=model, messages=messages, stream=True, **extra)
+    for chunk in stream:
+        if chunk.usage is not None:
+            usages.append(chunk.usage)
+        for choice in chunk.choices:
+            if choice.delta.content:
+                deltas.append(choice.delta.content)
+    return deltas, usages
 
 
 class EndToEndCase(ProxyCase):
@@ -414,6 +390,12 @@ class EndToEndCase(ProxyCase):
 
 #: How often a test looks again at a daemon's output or port.
 POLL = 0.05
+
+
+def twistd_args(config: str, *more: str) -> list[str]:
+    """twistd's arguments for oaproxy on ``config``: in the foreground,
+    without a pidfile, then ``more`` of oaproxy's options."""
+    return ["-n", "--pidfile=", "oaproxy", "--config", config, *more]
 
 
 def twistd_command() -> list[str]:
@@ -521,39 +503,43 @@ def spawn_daemon(
     return daemon
 
 
-class _Body(Protocol):
-    # Not twisted.web.client.readBody: it warns (DeprecationWarning) when a
-    # body that already arrived is delivered through a proxy transport.
+class IncomingBody(Protocol):
+    """A response body as it arrives: ``first`` fires at its first bytes (or
+    its end), ``done`` with the whole body and whether it ended cleanly."""
+
     def __init__(self) -> None:
         self.parts: list[bytes] = []
-        self.done: Deferred[bytes] = Deferred()
+        self.first: Deferred[None] = Deferred()
+        self.done: Deferred[tuple[bytes, bool]] = Deferred()
+        self.reason: Failure | None = None
 
     def dataReceived(self, data: bytes) -> None:
         self.parts.append(data)
+        if not self.first.called:
+            self.first.callback(None)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if reason.check(ResponseDone):
-            self.done.callback(b"".join(self.parts))
-        else:
-            self.done.errback(reason)
+        # Not twisted.web.client.readBody: it warns (DeprecationWarning) when a
+        # body that already arrived is delivered through a proxy transport.
+        self.reason = reason
+        if not self.first.called:
+            self.first.callback(None)
+        self.done.callback((b"".join(self.parts), bool(reason.check(ResponseDone))))
 
 
 def read_body(response: Any) -> Deferred[bytes]:
-    body = _Body()
+    """The whole body of ``response``; fails with the reason if it did not end cleanly."""
+    body = IncomingBody()
     response.deliverBody(body)
-    return body.done
 
+    def whole(result: tuple[bytes, bool]) -> bytes | Failure:
+        data, clean = result
+        if clean:
+            return data
+        assert body.reason is not None
+        return body.reason
 
-def chat_body(
-    model: str = FAKE_MODEL, *, stream: bool = False, include_usage: bool = False
-) -> bytes:
-    """A chat completions request body: one user message, "hi"."""
-    payload: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-    if stream:
-        payload["stream"] = True
-    if include_usage:
-        payload["stream_options"] = {"include_usage": True}
-    return json.dumps(payload).encode()
+    return body.done.addCallback(whole)
 
 
 def post_json(agent: Any, url: str, key: str, body: bytes) -> Deferred[IResponse]:

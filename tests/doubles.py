@@ -1,26 +1,41 @@
-"""Test doubles for the fast tests of the forwarder, relay, routing and web layer.
+"""In-memory doubles for the fast tests of the forwarder, relay, routing and web layer.
 
 - ``RecordingAgent``: an ``IAgent`` like treq's ``_agentspy`` that records each
-  ``request()`` call; the test fires (or fails) the response by hand and sees
-  whether the forwarder cancelled it.
+  ``request()`` call (an ``AgentCall``); the test fires (or fails) the
+  response by hand, or never, and sees whether the caller cancelled it.
 - ``FakeResponse``: an ``IResponse`` whose body the test delivers chunk by
   chunk and ends with ``ResponseDone``, ``ResponseFailed`` or
   ``PotentialDataLoss``; its ``UpstreamTransport`` records pause, resume and
   stop, the calls by which the relay drives the upstream connection.
-- ``make_config``: a ``Config`` through the real parser.
-- ``Harness`` and ``Client``: the real ``ProxySite`` on a ``StringTransport``,
-  with a ``Clock``, the recording agents and a cooperator driven by the clock;
-  ``Client.reply()`` parses what the site wrote back.
+  ``ChunkConsumer`` keeps what a body producer writes.
+- ``make_config``: a ``Config`` through the real parser; ``bare_exchange``:
+  an exchange as a candidate filter sees it; ``headers``: Twisted
+  ``Headers`` from a mapping.
+- ``Harness`` and ``Client``: the real ``ProxySite`` (built by the daemon's
+  own factory) on a ``StringTransport``, with a ``Clock``, the recording
+  agents and a cooperator driven by the clock; ``Client.reply()`` parses what
+  the site wrote back (``parse_reply``, ``dechunk``, ``Reply``). A ``Client``
+  talks to any ``Site``.
+- ``Scrape``: a Prometheus exposition, parsed.
+- Around the proxy: ``SinkCounters`` (a sink as metrics and readiness see
+  it), ``capture_log`` (every log event of a test), ``run_cli`` (the command
+  line in process).
+
+(Real sockets and processes are in ``tests.live``; request bodies and SSE
+chunks in ``tests.payloads``; records in ``tests.records``.)
 """
 
 from __future__ import annotations
 
+import io
 import json
 import random
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 from attrs import define, field, frozen
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -28,20 +43,24 @@ from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import ILogObserver
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
+from twisted.web.server import Site
 from zope.interface import implementer
 
+from oaproxy.cli import main as cli_main
 from oaproxy.config import Config, parse_config
 from oaproxy.forward import Exchange
 from oaproxy.generation import Shared, build_generation
 from oaproxy.pipeline import Observer
 from oaproxy.record import Record, record_document
 from oaproxy.web import ProxySite
+from tests.payloads import chat_body, http_request
 
 # The wall-clock time the harness gives records (the reactor clock starts at 0).
 WALL_TIME = 1_700_000_000.0
@@ -52,26 +71,30 @@ def make_config(yaml_text: str, environ: Mapping[str, str] | None = None) -> Con
     return parse_config(yaml_text, "test.yaml", environ or {})
 
 
-def sse(*datas: str | bytes) -> bytes:
-    """SSE events, one ``data:`` line each, LF-terminated as OpenAI sends them."""
-    out = b""
-    for data in datas:
-        if isinstance(data, str):
-            data = data.encode("utf-8")
-        out += b"data: " + data + b"\n\n"
-    return out
+# ---------------------------------------------------------------------------
+# The upstream side
+
+
+class _Bare:
+    """Attributes as given; compared by identity, and weakly referable."""
+
+    def __init__(self, **attributes: Any) -> None:
+        self.__dict__.update(attributes)
+
+
+def bare_exchange(route: str | None = None) -> Exchange:
+    """An exchange as a candidate filter may see it: its call's route, and
+    an identity of its own (breakers key their probes by it, weakly)."""
+    return cast(Exchange, _Bare(call=_Bare(route=route)))
 
 
 def headers(pairs: Mapping[str, str | list[str]] | None = None) -> Headers:
+    """Twisted ``Headers`` from a mapping of names to one value or a list."""
     result = Headers()
     for name, value in (pairs or {}).items():
         values = value if isinstance(value, list) else [value]
         result.setRawHeaders(name.encode("latin-1"), [v.encode("latin-1") for v in values])
     return result
-
-
-# ---------------------------------------------------------------------------
-# The upstream side
 
 
 @implementer(IPushProducer)
@@ -180,12 +203,14 @@ class FakeResponse:
 
 
 @implementer(IConsumer)
-class _BodyConsumer:
-    def __init__(self, call: AgentCall) -> None:
-        self._call = call
+class ChunkConsumer:
+    """A body producer's consumer that keeps each chunk written to it."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
 
     def write(self, data: bytes) -> None:
-        self._call.chunks.append(data)
+        self.chunks.append(data)
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         raise AssertionError("body producers do not register with their consumer")
@@ -211,6 +236,11 @@ class AgentCall:
     @property
     def body(self) -> bytes:
         return b"".join(self.chunks)
+
+    @property
+    def host(self) -> str:
+        """The first label of the host asked: "a" for ``https://a.test/v1/…``."""
+        return self.uri.split(b"//")[1].split(b".")[0].decode()
 
     def header(self, name: bytes) -> list[bytes] | None:
         values = self.headers.getRawHeaders(name)
@@ -281,7 +311,7 @@ class RecordingAgent:
         call.deferred = Deferred(cancel)
         self.calls.append(call)
         if producer is not None:
-            produced: Deferred[None] = producer.startProducing(_BodyConsumer(call))
+            produced: Deferred[None] = producer.startProducing(ChunkConsumer(call.chunks))
 
             def finished(result: object) -> None:
                 call.body_finished = True
@@ -361,36 +391,48 @@ def dechunk(data: bytes) -> tuple[bytes, bool]:
         data = data[size + 2 :]
 
 
-def http_request(
-    method: bytes,
-    path: bytes,
-    body: bytes = b"",
-    header_lines: Iterable[tuple[bytes, bytes]] = (),
-    *,
-    chunked: bool = False,
-    chunk_size: int = 4096,
-) -> bytes:
-    """The bytes of one HTTP/1.1 request."""
-    lines = [method + b" " + path + b" HTTP/1.1", b"Host: proxy.test"]
-    lines.extend(name + b": " + value for name, value in header_lines)
-    if chunked:
-        lines.append(b"Transfer-Encoding: chunked")
-        framed = b"".join(
-            b"%x\r\n" % len(body[i : i + chunk_size]) + body[i : i + chunk_size] + b"\r\n"
-            for i in range(0, len(body), chunk_size)
+class Scrape:
+    """A Prometheus text exposition, parsed, with lookups by sample name and
+    exact labels."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.samples = [
+            sample for family in text_string_to_metric_families(text) for sample in family.samples
+        ]
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """The value of the series with exactly these labels; None if it does not exist."""
+        for sample in self.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+        return None
+
+    def count(self, name: str, **labels: str) -> float:
+        """As ``value``, 0 where the series does not exist (a counter not yet hit)."""
+        value = self.value(name, **labels)
+        return 0.0 if value is None else value
+
+    def total(self, name: str, **labels: str) -> float:
+        """The sum over every series of ``name`` whose labels include ``labels``."""
+        wanted = labels.items()
+        return sum(
+            float(s.value) for s in self.samples if s.name == name and wanted <= s.labels.items()
         )
-        payload = framed + b"0\r\n\r\n"
-    else:
-        if body or method in (b"POST", b"PUT", b"PATCH"):
-            lines.append(b"Content-Length: %d" % len(body))
-        payload = body
-    return b"\r\n".join(lines) + b"\r\n\r\n" + payload
+
+    def series(self, name: str) -> list[dict[str, str]]:
+        """The label sets of every series of ``name``."""
+        return [s.labels for s in self.samples if s.name == name]
+
+    def label_values(self, name: str, label: str) -> set[str]:
+        """Every value ``label`` takes in the series of ``name``."""
+        return {labels[label] for labels in self.series(name) if label in labels}
 
 
 class Client:
-    """One client connection to the site, on an in-memory transport."""
+    """One client connection to a site, on an in-memory transport."""
 
-    def __init__(self, site: ProxySite, peer: str) -> None:
+    def __init__(self, site: Site, peer: str = "10.1.2.3") -> None:
         address = IPv4Address("TCP", peer, 40000)
         self.transport = StringTransport(
             hostAddress=IPv4Address("TCP", "127.0.0.1", 8888), peerAddress=address
@@ -454,12 +496,13 @@ class Harness:
         self.clock = Clock()
         self.agent = RecordingAgent(cancel_error)
         self.fresh_agent = RecordingAgent(cancel_error)
+        alert_agent = RecordingAgent()
         self.shared = Shared.create(
             self.clock,
             self.config,
-            agent=cast(IAgent, self.agent),
-            fresh_agent=cast(IAgent, self.fresh_agent),
-            alert_agent=cast(IAgent, RecordingAgent()),
+            agents=lambda proxy: cast(IAgent, self.agent),
+            fresh_agents=lambda proxy: cast(IAgent, self.fresh_agent),
+            alert_agents=lambda proxy: cast(IAgent, alert_agent),
             environ={},
             wall_clock=lambda: WALL_TIME,
             rng=rng,
@@ -505,18 +548,54 @@ class Harness:
         peer: str = "10.1.2.3",
     ) -> Client:
         """A chat completion request, as an OpenAI SDK sends it."""
-        body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-        if stream:
-            body["stream"] = True
-        body.update(extra or {})
         lines = [(b"Content-Type", b"application/json"), *header_lines]
         if key is not None:
             lines.append((b"Authorization", b"Bearer " + key.encode("ascii")))
-        return self.request(
-            b"POST", b"/v1/chat/completions", json.dumps(body).encode("utf-8"), lines, peer=peer
-        )
+        body = chat_body(model, stream=stream, **(extra or {}))
+        return self.request(b"POST", b"/v1/chat/completions", body, lines, peer=peer)
 
     def record(self) -> dict[str, Any]:
-        assert len(self.records) == 1, f"{len(self.records)} records, not 1"
         """The one record made so far, in its stored form."""
+        assert len(self.records) == 1, f"{len(self.records)} records, not 1"
         return record_document(self.records[0])
+
+
+# ---------------------------------------------------------------------------
+# Around the proxy: sinks, logs, the command line
+
+
+@define
+class SinkCounters:
+    """What metrics and readiness read of a record sink: its counters alone."""
+
+    queued: int = 0
+    written: int = 0
+    spilled: int = 0
+    dropped: int = 0
+    failures: int = 0
+
+
+@implementer(ILogObserver)
+class EventList(list[LogEvent]):
+    """A log observer that keeps every event."""
+
+    def __call__(self, event: LogEvent) -> None:
+        self.append(event)
+
+
+def capture_log(case: SynchronousTestCase) -> EventList:
+    """Every log event of the rest of ``case``, from the global publisher."""
+    events = EventList()
+    observer = cast(ILogObserver, events)
+    globalLogPublisher.addObserver(observer)
+    case.addCleanup(globalLogPublisher.removeObserver, observer)
+    return events
+
+
+def run_cli(*argv: str, now: float | None = None) -> tuple[int, str, str]:
+    """``oaproxy`` run in process with ``argv``: its exit status, stdout and
+    stderr; ``now`` is its clock for relative times (else the real time)."""
+    out, err = io.StringIO(), io.StringIO()
+    clock: Callable[[], float] = time.time if now is None else lambda: now
+    status = cli_main(list(argv), stdout=out, stderr=err, clock=clock)
+    return status, out.getvalue(), err.getvalue()
