@@ -8,15 +8,17 @@ tries them, so a full outage heals itself. After the cooldown the first
 request that has a half-open upstream among its candidates probes it in its
 normal place; the others meanwhile find it among the open ones.
 
-What an attempt says of its upstream is readiness's judgement too
-(``oaproxy.record.evidence``): it fails its upstream on connection, DNS
-and TLS errors, deadlines, a stream that broke, fell silent or sent an
-event over ``max_event_bytes``, a 5xx, and a 401 or 403 to the upstream's
-own key; any other answer (a 400, a 404 for a model it lacks, a 429) shows
-the upstream works. A client that went away says nothing. Apart from that
-judgement, a 429 or 503 with ``Retry-After`` holds the circuit open as long
-as it asks (unless the 429 spoke of the client's own key, sent with ``sk:
-asis``). Requests oaproxy makes itself (the ``/v1/models`` fetch) are not
+What an attempt says of its upstream is readiness's judgement
+(``oaproxy.record.evidence``) and one failure more: it fails its upstream
+on connection, DNS and TLS errors, deadlines, a stream that broke, fell
+silent or sent an event over ``max_event_bytes``, a 5xx, a 401 or 403 to
+the upstream's own key, and a 429 to it (the shared key is out of quota:
+the next candidate is better tried first; readiness does not count it, as
+an upstream out of quota still serves others); any other answer (a 400, a
+404 for a model it lacks) shows the upstream works. A client that went away
+says nothing. Besides, a 429 or 503 with ``Retry-After`` holds the circuit
+open as long as it asks. A 429 to the client's own key (``sk: asis``) is
+about that key alone and counts for nothing. Requests oaproxy makes itself (the ``/v1/models`` fetch) are not
 attempts and never count.
 
 With ``breaker.shared`` each step is one Lua script on the shared Redis, so
@@ -245,7 +247,7 @@ class Breakers(Observer):
     # -- the observer ----------------------------------------------------------------
 
     def attempt_finished(self, exchange: Exchange, attempt: AttemptLog) -> None:
-        found = evidence(attempt)
+        found = circuit_evidence(attempt)
         claim = self._claims.get(exchange)
         probe = claim.token if claim is not None and attempt.upstream in claim.probes else None
         hold = self._hold(attempt)
@@ -357,3 +359,11 @@ class Breakers(Observer):
         if self._redis_down:
             self._redis_down = False
             self.log.info("shared circuit breakers: redis is back")
+
+
+def circuit_evidence(attempt: AttemptLog) -> Evidence:
+    """What an attempt says of its upstream's circuit: readiness's judgement,
+    and a 429 to the upstream's own key as a failure too."""
+    if attempt.status == 429 and not attempt.client_key_sent:
+        return Evidence.FAILED
+    return evidence(attempt)

@@ -23,7 +23,7 @@ from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from oaproxy.breaker import Breakers
+from oaproxy.breaker import Breakers, circuit_evidence
 from oaproxy.circuits import MAX_RETRY_AFTER, Circuits, CircuitState, retry_after
 from oaproxy.config import BreakerConfig, Upstream
 from oaproxy.forward import AttemptLog, Exchange
@@ -175,15 +175,15 @@ class LifecycleTests(BreakerCase):
         self.assertEqual(tried, ["b"])
 
     def test_what_counts(self) -> None:
-        """5xx, a 401 to the upstream's own key, timeouts and connection
-        errors count; a 400, 404 or 429 is an answer (it resets the count);
-        a client gone says nothing."""
+        """5xx, 429, a 401 to the upstream's own key, timeouts and connection
+        errors count; a 400 or 404 is an answer (it resets the count); a
+        client gone says nothing."""
         self.chat(500, OK)
         _, tried = self.chat(400)
         self.assertEqual(tried, ["a"])
         self.chat(429, OK)
-        self.chat(404, OK)
         self.assertIs(self.state("a"), CircuitState.CLOSED)
+        self.chat(404, OK)
         self.assertEqual(self.h.shared.circuits.view("a").failures, 0)
         self.chat(401, OK)
         client = self.h.chat()
@@ -305,6 +305,15 @@ class EvidenceTests(SynchronousTestCase):
         for status, failure, expected in table:
             attempt = AttemptLog("a", 0.0, status=status, failure=failure)
             self.assertIs(evidence(attempt), expected, (status, failure))
+
+    def test_a_429_opens_circuits_not_readiness(self) -> None:
+        """A 429 to the upstream's own key fails its circuit (readiness calls
+        it an answer); to the client's own key (sk: asis) it is an answer."""
+        quota = AttemptLog("a", 0.0, status=429, failure=FailureKind.STATUS)
+        self.assertIs(circuit_evidence(quota), Evidence.FAILED)
+        self.assertIs(evidence(quota), Evidence.ANSWERED)
+        own = AttemptLog("a", 0.0, status=429, failure=FailureKind.STATUS, client_key_sent=True)
+        self.assertIs(circuit_evidence(own), Evidence.ANSWERED)
 
     def test_the_clients_own_key_refused(self) -> None:
         """With sk: asis a 401 or 403 refuses the client's key: the upstream answered."""
