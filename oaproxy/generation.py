@@ -206,6 +206,8 @@ def build_generation(
         shared.fresh_agents,
         clock=reactor,
         wall_clock=shared.wall_clock,
+        max_event_bytes=config.max_event_bytes,
+        words=records.redactor.words,
     )
     # IP rules first: a denied address gets 403 whatever it sends; request
     # limits after the client key.
@@ -246,6 +248,7 @@ def build_generation(
         clients,
         shared.cooperator,
         stream_idle_timeout=config.stream_idle_timeout,
+        max_event_bytes=config.max_event_bytes,
         redactor=records.redactor,
         on_event=stream_observer,
         on_attempt_started=watching.attempt_started,
@@ -261,7 +264,9 @@ def build_generation(
         wall_clock=shared.wall_clock,
         inspect=inspect_request,
         head_gates=head_gates,
-        own_answers=[ModelsAnswer(router, clients, shared.model_lists, reactor)],
+        own_answers=[
+            ModelsAnswer(router, clients, shared.model_lists, reactor, records.redactor.words)
+        ],
         candidate_filters=candidate_filters,
         gates=gates,
         observers=watching,

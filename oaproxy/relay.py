@@ -27,12 +27,13 @@ from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IBodyProducer
+from twisted.web.iweb import IBodyProducer, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from oaproxy.credentials import hide_key_shapes
 from oaproxy.record import FailureKind
-from oaproxy.sse import SSESplitter, event_data, sse_error_event
+from oaproxy.sse import EventTooLarge, SSESplitter, event_data, sse_error_event
 from oaproxy.traffic.pacing import Pacer
 
 
@@ -122,11 +123,36 @@ class UpstreamEndedEarly(Exception):
         self.kind = kind
 
 
+@frozen
+class CollectedBody:
+    """A whole response body, in the pieces it arrived in: joined only where
+    that is cheap, as a copy of a 256 MiB answer holds the reactor."""
+
+    parts: tuple[bytes, ...]
+    size: int
+
+    def joined(self) -> bytes:
+        return b"".join(self.parts)
+
+    def ends(self, size: int) -> tuple[bytes, bytes]:
+        """At most ``size`` bytes of the start of the body, and of its end."""
+        head = tail = b""
+        for part in self.parts:
+            if len(head) >= size:
+                break
+            head += part[: size - len(head)]
+        for part in reversed(self.parts):
+            if len(tail) >= size:
+                break
+            tail = part[-(size - len(tail)) :] + tail
+        return head, tail
+
+
 class BodyCollector(Protocol):
     """Reads a whole (non-stream) response body; cancelling aborts the upstream."""
 
     def __init__(self, limit: int) -> None:
-        self.finished: Deferred[bytes] = Deferred(self._cancel)
+        self.finished: Deferred[CollectedBody] = Deferred(self._cancel)
         self._parts: list[bytes] = []
         self._size = 0
         self._limit = limit
@@ -150,17 +176,66 @@ class BodyCollector(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.finished.called:
             return
-        if reason.check(ResponseDone):
-            self.finished.callback(b"".join(self._parts))
-        elif reason.check(PotentialDataLoss):
-            # No Content-Length and no chunking: the close is the end.
-            self.finished.callback(b"".join(self._parts))
+        if reason.check(ResponseDone, PotentialDataLoss):
+            # (PotentialDataLoss: no Content-Length and no chunking, so the
+            # close is the end.)
+            self.finished.callback(CollectedBody(tuple(self._parts), self._size))
         else:
             _, error = describe(reason)
             self.finished.errback(Failure(UpstreamEndedEarly(error)))
 
-    def _cancel(self, _: Deferred[bytes]) -> None:
+    def _cancel(self, _: Deferred[CollectedBody]) -> None:
         _producer(self).stopProducing()
+
+
+def small_body(response: IResponse, limit: int) -> Deferred[bytes]:
+    """The whole body of an answer oaproxy reads itself (a models list, a
+    Replicate prediction), joined: at most ``limit`` bytes."""
+    collector = BodyCollector(limit)
+    response.deliverBody(collector)
+    return collector.finished.addCallback(CollectedBody.joined)
+
+
+@implementer(IPushProducer)
+class PartsWriter:
+    """Writes a body held in memory to the client a piece at a time, as the
+    client's connection takes it: twisted's transport would copy one large
+    write whole into its buffer. ``done`` fires once the request finished,
+    or the client went away."""
+
+    def __init__(self, request: Request, parts: tuple[bytes, ...]) -> None:
+        self.done: Deferred[None] = Deferred(lambda _: self.stopProducing())
+        self._request = request
+        self._parts = parts
+        self._next = 0
+        self._paused = False
+
+    def start(self) -> None:
+        self._request.registerProducer(self, True)
+        self._write()
+
+    def _write(self) -> None:
+        parts = self._parts
+        # A write may pause this producer at once, when the buffer is full.
+        while not self._paused and self._next < len(parts) and not self.done.called:
+            self._next += 1
+            self._request.write(parts[self._next - 1])
+        if self._next == len(parts) and not self.done.called:
+            self._request.unregisterProducer()
+            self._request.finish()
+            self.done.callback(None)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._write()
+
+    def stopProducing(self) -> None:
+        """The client went away (its request tells the forwarder)."""
+        if not self.done.called:
+            self.done.callback(None)
 
 
 @frozen
@@ -179,13 +254,16 @@ class StreamRelay(Protocol):
     status and headers to the client) only at the first whole event with
     data, so an upstream that answers 200 and then nothing (or only
     keep-alive comments) can still be failed over; a
-    usage-only event the client did not ask for is left out. Without ``sse``
-    bytes are passed on untouched and the relay commits at once.
+    usage-only event the client did not ask for is left out. An event over
+    ``max_event_bytes``, or more than that held before the first one, fails
+    the stream. Without ``sse`` bytes are passed on untouched and the relay
+    commits at once.
 
     ``first_event`` fires when the relay committed; ``done`` fires when the
     relay ended after committing: with None for a whole answer, else with a
     ``RelayFailure``. Before the commit an upstream failure errbacks
-    ``first_event`` (the caller fails over).
+    ``first_event`` (the caller fails over). ``words`` makes the texts of
+    upstream failures fit to repeat (``Redactor.words``).
     """
 
     def __init__(
@@ -196,6 +274,8 @@ class StreamRelay(Protocol):
         idle_timeout: float,
         *,
         sse: bool,
+        max_event_bytes: int,
+        words: Callable[[str], str],
         on_event: Callable[[bytes], bool] | None = None,
         pace: float | None = None,
     ) -> None:
@@ -206,13 +286,16 @@ class StreamRelay(Protocol):
         self._clock = clock
         self._commit = commit
         self._idle_timeout = idle_timeout
-        self._splitter = SSESplitter() if sse else None
+        self._splitter = SSESplitter(max_event_bytes) if sse else None
+        self._max_event_bytes = max_event_bytes
+        self._words = words
         self._on_event = on_event
         self._committed = False
         self._ended = False
         self._paused = False
         self._saw_done = False
         self._held: list[bytes] = []
+        self._held_bytes = 0
         self._idle: IDelayedCall | None = None
         # The upstream is paused while the client is (_paused) or while the
         # pacer holds events back (_pace_holding).
@@ -237,7 +320,15 @@ class StreamRelay(Protocol):
         if self._splitter is None:
             self._write(data)
             return
-        events = self._splitter.feed(data)
+        try:
+            events = self._splitter.feed(data)
+        except EventTooLarge as e:
+            self._too_large(str(e))
+            return
+        self._take(events)
+
+    def _take(self, events: list[bytes]) -> None:
+        """Hold, or pass on, whole events just split off the stream."""
         if not events:
             return
         if not self._committed:
@@ -246,6 +337,9 @@ class StreamRelay(Protocol):
             # that only keeps the connection alive can still be failed over.
             self._held.extend(events)
             if all(event_data(e) is None for e in events):
+                self._held_bytes += sum(map(len, events))
+                if self._held_bytes > self._max_event_bytes:
+                    self._too_large(f"over {self._max_event_bytes} bytes before the first event")
                 return
             events, self._held = self._held, []
         passed = [e for e in events if self._pass_on(e)]
@@ -333,12 +427,17 @@ class StreamRelay(Protocol):
         self._upstream_over = True
         if self._ended:
             return
+        clean = reason.check(ResponseDone, PotentialDataLoss) is not None
+        if clean and self._splitter is not None:
+            # An event ending in a bare CR waited for the next byte (the LF of
+            # a CRLF?): there is none, so it is whole, and may be "[DONE]".
+            self._take(self._splitter.end())
         if not self._committed:
             self._ended = True
-            if reason.check(ResponseDone, PotentialDataLoss):
+            if clean:
                 error = "upstream ended the stream before its first event"
             else:
-                _, error = describe(reason)
+                _, error = describe(reason, self._words)
             self.first_event.errback(Failure(UpstreamEndedEarly(error)))
             return
         # A body without length or chunking ends with the connection: that is
@@ -346,14 +445,25 @@ class StreamRelay(Protocol):
         if reason.check(ResponseDone) or (
             reason.check(PotentialDataLoss) and (self._splitter is None or self._saw_done)
         ):
-            if self._splitter is not None:
-                tail = [e for e in self._splitter.end() if self._pass_on(e)]
-                pending = self._splitter.pending()
-                self._relay_events([*tail, pending] if pending else tail)
+            pending = self._splitter.pending() if self._splitter is not None else b""
+            if pending:
+                # An unterminated tail: passed on as it came, not invented or dropped.
+                self._relay_events([pending])
             self._after_paced(None)
         else:
-            _, error = describe(reason)
+            _, error = describe(reason, self._words)
             self._after_paced(RelayFailure(FailureKind.UPSTREAM_ENDED_EARLY, error))
+
+    def _too_large(self, error: str) -> None:
+        """The upstream sent more than one event may hold: before the
+        commit the attempt fails (the next upstream is tried), after it the
+        stream ends with an error event."""
+        self._abort_upstream()
+        if self._committed:
+            self._end(RelayFailure(FailureKind.EVENT_TOO_LARGE, error))
+            return
+        self._ended = True
+        self.first_event.errback(Failure(UpstreamEndedEarly(error, FailureKind.EVENT_TOO_LARGE)))
 
     def _after_paced(self, failure: RelayFailure | None) -> None:
         """End once the pacer wrote what it holds (at once without one)."""
@@ -422,22 +532,25 @@ def _producer(protocol: Protocol) -> IPushProducer:
     return cast(IPushProducer, protocol.transport)
 
 
-def describe(reason: Failure | BaseException) -> tuple[FailureKind, str]:
+def describe(
+    reason: Failure | BaseException, words: Callable[[str], str] = hide_key_shapes
+) -> tuple[FailureKind, str]:
     """The kind of an attempt's failure, and a short text for it without
-    secrets or tracebacks."""
+    tracebacks, made fit to repeat by ``words``: an exception's text is
+    from outside (an upstream's garbage, a host name, an echoed header)."""
     exc = reason.value if isinstance(reason, Failure) else reason
     inner = getattr(exc, "reasons", None)
     if inner:
-        described = [describe(r) for r in inner]
+        described = [describe(r, words) for r in inner]
         # The first reason is what went wrong; the others followed from it.
         return described[0][0], "; ".join(text for _, text in described)
     if isinstance(exc, CancelledError):
         return FailureKind.CANCELLED, "cancelled"
+    text = words(str(exc).strip())
+    name = type(exc).__name__
     kind = _connect_failure(exc)
     if kind is not None:
-        return kind, f"connect error: {type(exc).__name__}: {str(exc).strip()}".rstrip(": ")
-    text = str(exc).strip()
-    name = type(exc).__name__
+        return kind, f"connect error: {name}: {text}".rstrip(": ")
     kind = exc.kind if isinstance(exc, UpstreamEndedEarly) else FailureKind.OTHER
     return kind, f"{name}: {text}" if text else name
 

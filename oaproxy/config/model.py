@@ -382,6 +382,9 @@ class Config:
     timeout: float = field(default=120.0, metadata=read(deadline))
     stream_timeout: float = field(default=10.0, metadata=read(deadline))
     stream_idle_timeout: float = field(default=120.0, metadata=read(number))
+    # The longest SSE event an upstream may send (and what a stream may hold
+    # before its first): past it the attempt fails.
+    max_event_bytes: int = field(default=16 * 1024 * 1024, metadata=read(integer))
     lb_policy: LbPolicy = field(default=LbPolicy.ORDER, metadata=read(member_of(LbPolicy)))
     breaker: BreakerConfig = field(
         factory=BreakerConfig,
