@@ -77,8 +77,10 @@ class _Counts:
 
 
 class RecentAttempts(Observer):
-    """Counts each upstream's attempts of the last ``RECENT`` seconds (one
-    object per daemon, kept over reloads)."""
+    """Counts each upstream's attempts of the last ``RECENT`` seconds: ok
+    (answered, and passed on) or failed (whatever made it fail over or end
+    in an error); one whose client went away is neither.  One object per
+    daemon, kept over reloads."""
 
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock

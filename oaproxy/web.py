@@ -5,9 +5,9 @@ address, OpenAI-shaped error answers.
 pipeline of the config that made the tree (``oaproxy.pipeline``; paths are
 read by ``oaproxy.paths``); ``OPTIONS`` is a CORS preflight; ``/healthz`` says
 the process serves; ``/admin/`` is the admin API (``oaproxy.admin.resource``).
-No route prefix can shadow these (``config.values.RESERVED_ROOTS``). A
-reload puts a new tree in the site
-(``ProxySite.serve``): new requests use it, those in flight keep theirs.
+No route prefix can shadow these (``config.values.RESERVED_ROOTS``). A reload
+puts a new tree in the site (``ProxySite.serve``): new requests use it, those
+in flight keep theirs.
 """
 
 from __future__ import annotations
