@@ -8,11 +8,18 @@ tries them, so a full outage heals itself. After the cooldown the first
 request that has a half-open upstream among its candidates probes it in its
 normal place; the others meanwhile find it among the open ones.
 
-An attempt fails its upstream on connection, DNS and TLS errors, deadlines,
-a stream that broke or fell silent, 5xx and 429; any other answer (a 400,
-a 404) shows the upstream works. A client that went away says nothing.
-Requests oaproxy makes itself (the ``/v1/models`` fetch) are not attempts
-and never count.
+What an attempt says of its upstream is readiness's judgement
+(``oaproxy.record.evidence``) and one failure more: it fails its upstream
+on connection, DNS and TLS errors, deadlines, a stream that broke, fell
+silent or sent an event over ``max_event_bytes``, a 5xx, a 401 or 403 to
+the upstream's own key, and a 429 to it (the shared key is out of quota:
+the next candidate is better tried first; readiness does not count it, as
+an upstream out of quota still serves others); any other answer (a 400, a
+404 for a model it lacks) shows the upstream works. A client that went away
+says nothing. Besides, a 429 or 503 with ``Retry-After`` holds the circuit
+open as long as it asks. A 429 to the client's own key (``sk: asis``) is
+about that key alone and counts for nothing. Requests oaproxy makes itself (the ``/v1/models`` fetch) are not
+attempts and never count.
 
 With ``breaker.shared`` each step is one Lua script on the shared Redis, so
 every process sees one state; the process's ``Circuits`` mirror what Redis
@@ -22,7 +29,6 @@ answered. While Redis is down each process goes on with its own circuits
 
 from __future__ import annotations
 
-import enum
 import random
 import weakref
 from collections.abc import Callable, Sequence
@@ -38,7 +44,7 @@ from oaproxy.circuits import Circuits, CircuitState, failed_in_a_row, retry_afte
 from oaproxy.config import BreakerConfig, Upstream
 from oaproxy.forward import AttemptLog, Exchange
 from oaproxy.pipeline import Observer
-from oaproxy.record import FailureKind, Record
+from oaproxy.record import Evidence, Record, evidence
 from oaproxy.sharedredis import LuaScript, SharedRedis
 
 # A probe's claim lasts its upstream's longest deadline and this much more:
@@ -46,31 +52,6 @@ from oaproxy.sharedredis import LuaScript, SharedRedis
 PROBE_MARGIN = 10.0
 # Shared circuit keys vanish a day after their last failure.
 KEY_LIFETIME = 86400
-
-_NEUTRAL_FAILURES = frozenset(
-    {FailureKind.CANCELLED, FailureKind.CLIENT_STOPPED_READING, FailureKind.BODY_TOO_LARGE}
-)
-
-
-class Evidence(enum.Enum):
-    """What one attempt says of its upstream's health."""
-
-    ANSWERED = "answered"
-    FAILED = "failed"
-    NOTHING = "nothing"
-
-
-def evidence(attempt: AttemptLog) -> Evidence:
-    failure = attempt.failure
-    if failure is None:
-        return Evidence.ANSWERED if attempt.status is not None else Evidence.NOTHING
-    if failure is FailureKind.STATUS:
-        status = attempt.status or 0
-        return Evidence.FAILED if status >= 500 or status == 429 else Evidence.ANSWERED
-    if failure in _NEUTRAL_FAILURES:
-        return Evidence.NOTHING
-    return Evidence.FAILED
-
 
 _BACKUP_LAST = attrgetter("backup")
 
@@ -266,17 +247,24 @@ class Breakers(Observer):
     # -- the observer ----------------------------------------------------------------
 
     def attempt_finished(self, exchange: Exchange, attempt: AttemptLog) -> None:
-        found = evidence(attempt)
+        found = circuit_evidence(attempt)
         claim = self._claims.get(exchange)
         probe = claim.token if claim is not None and attempt.upstream in claim.probes else None
-        if found is Evidence.FAILED:
-            hold = retry_after(attempt.retry_after, self._wall_clock())
+        hold = self._hold(attempt)
+        if found is Evidence.FAILED or hold is not None:
             why = attempt.error or f"status {attempt.status}"
             self._failed(attempt.upstream, hold, probe, why)
         elif found is Evidence.ANSWERED:
             self._answered(attempt.upstream)
         if probe is not None and claim is not None and found is not Evidence.NOTHING:
             claim.probes.discard(attempt.upstream)
+
+    def _hold(self, attempt: AttemptLog) -> float | None:
+        """How long the upstream asked to be left alone (a 429's or 503's
+        Retry-After); a 429 to the client's own key asks it of that key."""
+        if attempt.client_key_sent and attempt.status == 429:
+            return None
+        return retry_after(attempt.retry_after, self._wall_clock())
 
     def request_finished(self, exchange: Exchange, record: Record | None) -> None:
         claim = self._claims.pop(exchange, None)
@@ -371,3 +359,11 @@ class Breakers(Observer):
         if self._redis_down:
             self._redis_down = False
             self.log.info("shared circuit breakers: redis is back")
+
+
+def circuit_evidence(attempt: AttemptLog) -> Evidence:
+    """What an attempt says of its upstream's circuit: readiness's judgement,
+    and a 429 to the upstream's own key as a failure too."""
+    if attempt.status == 429 and not attempt.client_key_sent:
+        return Evidence.FAILED
+    return evidence(attempt)

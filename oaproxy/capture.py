@@ -484,7 +484,8 @@ def capture_json_response(body: bytes, max_bytes: int) -> CapturedResponse:
     Chat completions (message content, refusal, tool calls, finish reason),
     legacy completions (``text``), Responses API objects, transcriptions
     (``text``), embeddings (usage only) and error bodies (``text`` is the whole body as compact JSON, cut
-    at max_bytes).  A body that is not a JSON object captures nothing.
+    at max_bytes).  A body that is not a JSON object captures nothing.  (A
+    large one is not parsed at all: see ``oaproxy.largeanswer``.)
     """
     obj = parse_json(body)
     if not isinstance(obj, dict):

@@ -6,9 +6,10 @@ A circuit is closed until ``breaker.failures`` attempts in a row fail, or an
 upstream answers 429 or 503 with ``Retry-After``; it is then open until its
 time is up (``breaker.cooldown``, or what Retry-After said, whichever is
 later), then half-open: one real request may probe it, and the first answer
-closes it again. ``oaproxy.breaker`` decides what counts and orders the
-candidates by it; with ``breaker.shared`` the state lives in Redis and this
-book mirrors what Redis said last.
+closes it again. What counts is ``oaproxy.record.evidence``, readiness's
+judgement too; ``oaproxy.breaker`` follows it and orders the candidates by
+the circuits; with ``breaker.shared`` the state lives in Redis and this book
+mirrors what Redis said last.
 
 Times are the reactor's clock (wall time in the daemon, shared between
 machines through NTP); Retry-After dates are read against the wall clock.

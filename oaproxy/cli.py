@@ -3,6 +3,9 @@
     oaproxy records export [--format jsonl|chat] [FILTERS] [--output FILE|-]
     oaproxy usage [--by key|model|key,model] [--format table|json] [FILTERS]
 
+(and the store's ``upstreams``, ``keys`` and ``check-config``: see
+``oaproxy.admin.commands``).
+
 FILTERS are ``--since T``, ``--until T`` (exclusive), ``--key NAME`` and
 ``--model M`` (both repeatable).  The database comes from the config file
 (``--config``, default ``etc/config.yaml``: its ``dbtype`` and ``dbaddr``), or
@@ -58,6 +61,7 @@ from contextlib import (
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
+from oaproxy.admin.commands import add_commands
 from oaproxy.record import BadRecord, Record, decode_record
 from oaproxy.recordstore import (
     EXIT_DATABASE,
@@ -393,7 +397,7 @@ def build_parser(now: float) -> argparse.ArgumentParser:
         "--dbaddr",
         metavar="ADDR",
         help="overrides the config's dbaddr: a sqlite file, or a libpq DSN or "
-        "postgresql:// URL; with --dbtype too, the config is not read",
+        "postgresql:// URL; with --dbtype too, records and usage do not read the config",
     )
     filters = argparse.ArgumentParser(add_help=False)
     group = filters.add_argument_group("filters")
@@ -421,7 +425,8 @@ def build_parser(now: float) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="oaproxy",
-        description="Query and export oaproxy's SQL record store.",
+        description="Query and export oaproxy's SQL record store; manage the upstreams "
+        "and client keys it stores; check a config.",
         epilog=_TIMES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -472,6 +477,14 @@ def build_parser(now: float) -> argparse.ArgumentParser:
         "--format", choices=("table", "json"), default="table", help="(default: table)"
     )
     usage.set_defaults(run=_usage)
+    config_only = argparse.ArgumentParser(add_help=False)
+    config_only.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        metavar="FILE",
+        help="the oaproxy config file (default: %(default)s)",
+    )
+    add_commands(commands, database, config_only)
     return parser
 
 

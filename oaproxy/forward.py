@@ -8,8 +8,9 @@ its upstream connection, and a client that goes away cancels the whole chain.
   dies mid-body is still failed over.
 - Stream: the deadline covers the headers and the first SSE event; the client
   sees nothing until that event (the commit). After it, silence longer than
-  ``stream_idle_timeout`` or an upstream error ends the stream with an SSE
-  ``error`` event. The last candidate waits ``max(stream_timeout, timeout)``.
+  ``stream_idle_timeout``, an event over ``max_event_bytes`` or an upstream
+  error ends the stream with an SSE ``error`` event. The last candidate waits
+  ``max(stream_timeout, timeout)``.
 """
 
 from __future__ import annotations
@@ -25,19 +26,28 @@ from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestNotSent, ResponseNeverReceived
-from twisted.web.http import NO_BODY_CODES
+from twisted.web.http import NO_BODY_CODES, RESPONSES
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
 from oaproxy.cache.ticket import CacheTicket
 from oaproxy.config import Upstream
-from oaproxy.credentials import Redactor
+from oaproxy.credentials import Redactor, token_text
 from oaproxy.errors import error_body
 from oaproxy.headers import UPSTREAM_HEADER, response_headers, upstream_headers
 from oaproxy.inspection import Inspected
-from oaproxy.record import FailureKind, LimitRefusal, Outcome
-from oaproxy.relay import BodyCollector, RelayFailure, RequestBody, StreamRelay, describe
+from oaproxy.largeanswer import MAX_PARSED_ANSWER, USAGE_WINDOW, AnswerEnds
+from oaproxy.record import FailureKind, LimitRefusal, Outcome, upstream_at_fault
+from oaproxy.relay import (
+    BodyCollector,
+    CollectedBody,
+    PartsWriter,
+    RelayFailure,
+    StreamRelay,
+    describe,
+)
+from oaproxy.requestbody import RequestBody
 from oaproxy.upstreamclient import NoResponse, retry_on_new_connection
 from oaproxy.upstreams import UpstreamClient
 
@@ -48,6 +58,9 @@ FAILOVER_STATUSES = frozenset({401, 403, 404, 408, 409, 429})
 # A non-stream answer is held whole before it is written (to fail over an
 # upstream dying mid-body); past this size an answer is refused, not buffered.
 MAX_BUFFERED_RESPONSE = 256 * 1024 * 1024
+# An error answer is searched for secrets before it is passed on, on the
+# reactor: one longer than this is no error document, and is refused.
+MAX_ERROR_RESPONSE = 1024 * 1024
 
 
 def fails_over(status: int) -> bool:
@@ -76,6 +89,11 @@ class Call:
     def stream(self) -> bool:
         return self.inspected.stream
 
+    @property
+    def own_token(self) -> str | None:
+        """The client's bearer token as text: hidden wherever it is echoed."""
+        return token_text(self.authorization)
+
 
 @frozen
 class Answer:
@@ -85,7 +103,7 @@ class Answer:
     status: int
     phrase: bytes
     headers: Headers
-    body: bytes
+    body: CollectedBody
 
 
 @frozen
@@ -119,10 +137,18 @@ class AttemptLog:
     # Why the request went out a second time, on a new connection (the pooled
     # one was stale); not in the record yet (issue 11 makes it an attempt).
     resent: str | None = None
+    # With ``sk: asis`` a 401 or 403 refuses the client's key, not the
+    # upstream's (and a 429's Retry-After speaks of that key).
+    client_key_sent: bool = False
 
     def failed(self, failure: FailureKind, error: str) -> None:
         self.failure = failure
         self.error = error
+
+    @property
+    def upstream_at_fault(self) -> bool:
+        """Whether this attempt counts against its upstream (readiness, breakers)."""
+        return upstream_at_fault(self.failure, self.status, client_key_sent=self.client_key_sent)
 
 
 @define(eq=False)
@@ -137,7 +163,8 @@ class Exchange:
     user_agent: str | None = None
     # Whether the current attempt's body asks for usage the client did not.
     usage_added: bool = False
-    # Set by the stream observer: what the record says of a streamed answer.
+    # Set by the stream observer: what the record says of a streamed answer
+    # (or by the forwarder, of one too large to parse).
     capture: Any = None
     # The metrics' handle on this request while it is active.
     active: Any = None
@@ -207,6 +234,7 @@ class Forwarder:
         cooperator: Cooperator,
         *,
         stream_idle_timeout: float,
+        max_event_bytes: int,
         redactor: Redactor,
         on_event: Callable[[Exchange, Upstream], Callable[[bytes], bool]] | None = None,
         on_attempt_started: Callable[[Exchange, AttemptLog], None] | None = None,
@@ -219,6 +247,7 @@ class Forwarder:
         self._clients = clients
         self._cooperator = cooperator
         self._idle_timeout = stream_idle_timeout
+        self._max_event_bytes = max_event_bytes
         self._redactor = redactor
         self._on_event = on_event
         # Told of each attempt as it starts and ends (the pipeline's observers).
@@ -249,7 +278,9 @@ class Forwarder:
         while tries:
             upstream, with_usage = tries.popleft()
             deadline = attempt_deadline(upstream, call.stream, not tries)
-            attempt = AttemptLog(upstream.name, self._clock.seconds())
+            attempt = AttemptLog(
+                upstream.name, self._clock.seconds(), client_key_sent=upstream.sk == "asis"
+            )
             exchange.attempts.append(attempt)
             if self._on_attempt_started is not None:
                 self._on_attempt_started(exchange, attempt)
@@ -266,7 +297,7 @@ class Forwarder:
                     exchange.client_disconnected(attempt)
                     self._end_attempt(exchange, attempt)
                     return exchange
-                attempt.failed(*describe(e))
+                attempt.failed(*describe(e, self._words(call)))
                 self._end_attempt(exchange, attempt)
                 continue
             if isinstance(result, Committed):
@@ -287,11 +318,46 @@ class Forwarder:
                 last_answer = result
                 continue
             self._end_attempt(exchange, attempt)
-            self._send(request, exchange, result)
+            # Before the answer is written: a client gone meanwhile says so after.
             exchange.outcome = Outcome.OK if result.status < 400 else Outcome.CLIENT_ERROR
+            await self._send(request, exchange, result)
             return exchange
-        self._exhausted(request, exchange, last_answer)
+        await self._exhausted(request, exchange, last_answer)
         return exchange
+
+    def _words(self, call: Call) -> Callable[[str], str]:
+        """What makes texts from outside about this request's failures fit
+        to repeat to the client, in its record, alerts and logs: the one
+        place they pass (``Redactor.words``), as they come in."""
+        own_token = call.own_token
+        return lambda text: self._redactor.words(text, own_token)
+
+    def _phrase(self, call: Call, status: int, phrase: bytes) -> bytes:
+        """The upstream's reason phrase as the client gets it."""
+        if phrase == RESPONSES.get(status):
+            return phrase
+        # Anything but the standard phrase is the upstream's own text.
+        return self._words(call)(phrase.decode("latin-1")).encode("latin-1", "replace")
+
+    def _pass_headers(
+        self, request: Request, call: Call, headers: Headers, upstream: Upstream
+    ) -> None:
+        """The upstream's response headers to the client (``response_headers``),
+        but any that carries a secret (an upstream's debug header echoing its
+        Authorization): dropped, as a redacted value would mean nothing."""
+        passed = list(response_headers(headers, keep_header=upstream.keep_header))
+        own_token = call.own_token
+        carries = self._redactor.carries
+        # One look at all the values: an ordinary answer's carry none.
+        if carries(b"\n".join(value for _, values in passed for value in values), own_token):
+            passed = [
+                (name, values)
+                for name, values in passed
+                if not any(carries(value, own_token) for value in values)
+            ]
+        out = request.responseHeaders
+        for name, values in passed:
+            out.setRawHeaders(name, values)
 
     def _end_attempt(self, exchange: Exchange, attempt: AttemptLog) -> None:
         """The attempt is over and says why: time it, tell the observers."""
@@ -335,7 +401,7 @@ class Forwarder:
         if 200 <= status < 300 and not call.stream and not _is_document(content_type):
             # Audio, files, images: large and useless to hold; relay as they come.
             return await self._relay(request, exchange, upstream, response, sse=False)
-        collector = BodyCollector(MAX_BUFFERED_RESPONSE)
+        collector = BodyCollector(MAX_BUFFERED_RESPONSE if status < 400 else MAX_ERROR_RESPONSE)
         response.deliverBody(collector)
         body = await collector.finished
         return Answer(upstream, status, response.phrase, response.headers, body)
@@ -359,7 +425,7 @@ class Forwarder:
             # may have acted on the request): fail over, never send it twice.
             if not _stale_connection(e):
                 raise
-            attempt.resent = describe(e)[1]
+            attempt.resent = describe(e, self._words(call))[1]
         # A pooled connection the upstream had closed: once more, on a new one.
         return await client.fresh_agent.request(
             call.method, url, headers, body.producer(self._cooperator)
@@ -377,8 +443,10 @@ class Forwarder:
         def commit() -> None:
             exchange.ttfb = self._clock.seconds() - exchange.started
             exchange.status = response.code
-            request.setResponseCode(response.code, response.phrase)
-            _copy_headers(request, response.headers, upstream)
+            request.setResponseCode(
+                response.code, self._phrase(exchange.call, response.code, response.phrase)
+            )
+            self._pass_headers(request, exchange.call, response.headers, upstream)
             _answered_by(request, exchange, upstream)
 
         relay = StreamRelay(
@@ -387,6 +455,8 @@ class Forwarder:
             commit,
             self._idle_timeout,
             sse=sse,
+            max_event_bytes=self._max_event_bytes,
+            words=self._words(exchange.call),
             on_event=self._on_event(exchange, upstream) if sse and self._on_event else None,
             pace=self._stream_pace(exchange.call.api_path) if sse and self._stream_pace else None,
         )
@@ -412,39 +482,55 @@ class Forwarder:
             attempt.failed(failure.kind, failure.error)
         self._end_attempt(exchange, attempt)
 
-    def _send(self, request: Request, exchange: Exchange, answer: Answer) -> None:
+    async def _send(self, request: Request, exchange: Exchange, answer: Answer) -> None:
         exchange.status = answer.status
-        body = answer.body
-        if answer.status >= 400:
-            # Some upstreams quote the key they refused; it is not the client's.
-            body = self._redactor.redact_bytes(body)
-        exchange.response_body = body
-        request.setResponseCode(answer.status, answer.phrase)
-        _copy_headers(request, answer.headers, answer.upstream)
+        call = exchange.call
+        request.setResponseCode(answer.status, self._phrase(call, answer.status, answer.phrase))
+        self._pass_headers(request, call, answer.headers, answer.upstream)
         _answered_by(request, exchange, answer.upstream)
         length = None
         if request.method == b"HEAD":
             announced = answer.headers.getRawHeaders(b"content-length")
             length = announced[0] if announced else None
+        collected = answer.body
+        if answer.status < 400 and collected.size > MAX_PARSED_ANSWER:
+            # Never joined, parsed or written in one piece: each would hold
+            # the reactor (an error answer is never this large).
+            exchange.capture = AnswerEnds(*collected.ends(USAGE_WINDOW))
+            self._whole_head(request, exchange, collected.size, length)
+            writer = PartsWriter(request, collected.parts)
+            writer.start()
+            await writer.done
+            return
+        body = collected.joined()
+        if answer.status >= 400:
+            # Some upstreams quote the key they refused; it is not the client's.
+            body = self._redactor.redact_bytes(body, call.own_token)
+        exchange.response_body = body
         self._write_whole(request, exchange, body, length)
 
-    def _write_whole(
-        self, request: Request, exchange: Exchange, body: bytes, length: bytes | None = None
+    def _whole_head(
+        self, request: Request, exchange: Exchange, size: int, length: bytes | None
     ) -> None:
         # A HEAD answer has no body but tells the length the GET would have;
         # 204 and 304 have no body and must not say otherwise.
         if request.code not in NO_BODY_CODES:
-            request.setHeader(b"content-length", length or b"%d" % len(body))
+            request.setHeader(b"content-length", length or b"%d" % size)
         exchange.ttfb = self._clock.seconds() - exchange.started
-        exchange.bytes_out = len(body)
+        exchange.bytes_out = size
+
+    def _write_whole(
+        self, request: Request, exchange: Exchange, body: bytes, length: bytes | None = None
+    ) -> None:
+        self._whole_head(request, exchange, len(body), length)
         request.write(body)
         request.finish()
 
-    def _exhausted(self, request: Request, exchange: Exchange, last: Answer | None) -> None:
+    async def _exhausted(self, request: Request, exchange: Exchange, last: Answer | None) -> None:
         exchange.outcome = Outcome.EXHAUSTED
         if last is not None:
             # The SDK then raises what the upstream meant (a real 429 or 500).
-            self._send(request, exchange, last)
+            await self._send(request, exchange, last)
             return
         timeouts = all(a.failure is FailureKind.TIMEOUT for a in exchange.attempts)
         status = 504 if timeouts else 502
@@ -498,12 +584,6 @@ def _is_document(content_type: bytes) -> bool:
         or content_type.startswith((b"application/json", b"text/"))
         or content_type.endswith(b"+json")
     )
-
-
-def _copy_headers(request: Request, headers: Headers, upstream: Upstream) -> None:
-    out = request.responseHeaders
-    for name, values in response_headers(headers, keep_header=upstream.keep_header):
-        out.setRawHeaders(name, values)
 
 
 def _answered_by(request: Request, exchange: Exchange, upstream: Upstream) -> None:

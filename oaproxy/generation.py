@@ -3,7 +3,8 @@ at each reload, and for the tests, which run the same wiring in memory.
 
 ``Shared`` is what outlives a reload (the upstream agents, the record
 publisher, metrics, readiness, the in-flight ledger, the limits' counters
-in memory, circuit states, upstream load and models lists); a
+in memory, circuit states, upstream load, recent attempts and models
+lists); a
 ``Generation`` is everything one config makes on top of it (router,
 forwarder, the request pipeline and its resource tree, sinks, notifier, log
 file, cache). A reload builds a whole new generation before anything is
@@ -22,6 +23,7 @@ from attrs import frozen
 from twisted.internet.task import Cooperator
 from twisted.web.resource import Resource
 
+from oaproxy.activity import RecentAttempts
 from oaproxy.alerts import Notifier
 from oaproxy.balancing import Balancer, LoadFollowing, UpstreamLoad
 from oaproxy.bodyrules import form_model_filter
@@ -82,6 +84,8 @@ class Shared:
     load: UpstreamLoad
     # Upstreams' own /v1/models answers.
     model_lists: ModelLists
+    # Each upstream's attempts of the last five minutes (the admin API's).
+    recent_attempts: RecentAttempts
 
     @classmethod
     def create(
@@ -116,6 +120,7 @@ class Shared:
             circuits=circuits,
             load=UpstreamLoad(),
             model_lists=ModelLists(reactor),
+            recent_attempts=RecentAttempts(reactor),
         )
 
 
@@ -143,9 +148,11 @@ def build_generation(
     previous: Generation | None = None,
     *,
     observers: Sequence[Observer] = (),
+    admin: Resource | None = None,
 ) -> Generation:
     """Build what ``config`` makes; raises whatever stops a part being made.
-    ``observers`` watch requests beside the built-in ones."""
+    ``observers`` watch requests beside the built-in ones; ``admin`` is
+    served at ``/admin/`` (it outlives the generations: see oaproxy.admin)."""
     reactor = shared.reactor
     if previous is not None and _sink_section(previous.config) == _sink_section(config):
         sinks = previous.sinks
@@ -201,6 +208,8 @@ def build_generation(
         shared.fresh_agents,
         clock=reactor,
         wall_clock=shared.wall_clock,
+        max_event_bytes=config.max_event_bytes,
+        words=records.redactor.words,
     )
     # IP rules right after the method: a denied address gets 403 whatever
     # it sends; request limits after the client key.
@@ -223,6 +232,7 @@ def build_generation(
         MetricsCounting(shared.metrics),
         ReadinessFollowing(shared.readiness),
         LoadFollowing(shared.load),
+        shared.recent_attempts,
         breakers,
         Alerting(notifier),
         *observers,
@@ -243,6 +253,7 @@ def build_generation(
         clients,
         shared.cooperator,
         stream_idle_timeout=config.stream_idle_timeout,
+        max_event_bytes=config.max_event_bytes,
         redactor=records.redactor,
         on_event=stream_observer,
         on_attempt_started=watching.attempt_started,
@@ -258,7 +269,9 @@ def build_generation(
         wall_clock=shared.wall_clock,
         inspect=Inspector(shared.cooperator),
         head_gates=head_gates,
-        own_answers=[ModelsAnswer(router, clients, shared.model_lists, reactor)],
+        own_answers=[
+            ModelsAnswer(router, clients, shared.model_lists, reactor, records.redactor.words)
+        ],
         candidate_filters=candidate_filters,
         gates=gates,
         observers=watching,
@@ -268,6 +281,7 @@ def build_generation(
         metrics=MetricsResource(shared.metrics, config.metrics_key),
         ready=ReadyResource(shared.readiness.state),
         routes=config.route_prefixes,
+        admin=admin,
     )
     return Generation(
         config=config,

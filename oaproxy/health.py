@@ -2,7 +2,10 @@
 
 Ready means at least one upstream is usable (not failing every attempt
 lately, and its circuit not open) and no record sink dropped a record
-lately. ``/healthz`` only says the process serves.
+lately. ``/healthz`` only says the process serves. Only failures that are the
+upstream's own count (``record.evidence``, the circuit breakers' judgement
+too): a client asking for a model no upstream has cannot make the instance
+unready.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from oaproxy.circuits import Circuits, CircuitState
-from oaproxy.record import Record
+from oaproxy.record import Evidence, Record, evidence
 
 # Consecutive failed attempts after which an upstream counts as unusable
 # until one of its attempts succeeds again.
@@ -46,13 +49,15 @@ class Readiness:
             name = attempt.upstream
             if name not in self._failures:
                 continue
-            failure = attempt.failure
-            if failure is not None and failure.caused_by_client:
-                continue
-            if failure is None and attempt.status is not None:
-                self._failures[name] = 0
-            else:
+            found = evidence(attempt)
+            if found is Evidence.FAILED:
                 self._failures[name] += 1
+            elif found is Evidence.ANSWERED:
+                self._failures[name] = 0
+
+    def failing(self, upstream: str) -> bool:
+        """Whether ``upstream`` failed its last ``FAILING_AFTER`` attempts."""
+        return self._failures.get(upstream, 0) >= FAILING_AFTER
 
     def state(self) -> tuple[bool, dict[str, Any]]:
         now = self._clock.seconds()
@@ -60,8 +65,7 @@ class Readiness:
         usable = [
             name
             for name in self._upstreams
-            if self._failures.get(name, 0) < FAILING_AFTER
-            and circuits[name].state is not CircuitState.OPEN
+            if not self.failing(name) and circuits[name].state is not CircuitState.OPEN
         ]
         dropping = []
         for name, sink in self._sinks.items():

@@ -51,7 +51,7 @@ from oaproxy.jsonscan import (
     stepped,
 )
 from oaproxy.multipart import form_values
-from oaproxy.relay import RequestBody, Splice
+from oaproxy.requestbody import RequestBody, Splice
 
 #: Bodies up to this size are walked at once, and may be parsed whole (in at
 #: most a few milliseconds); larger ones are walked a step at a time.

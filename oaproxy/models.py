@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 from attrs import frozen
 from twisted.internet.defer import Deferred, gatherResults, succeed
@@ -31,7 +31,7 @@ from oaproxy.answers import JSONAnswer, LocalAnswer
 from oaproxy.config import Upstream, UpstreamType
 from oaproxy.errors import ErrorAnswer
 from oaproxy.pipeline import Arrival
-from oaproxy.relay import BodyCollector
+from oaproxy.relay import describe, small_body
 from oaproxy.routing import Router
 from oaproxy.upstreams import UpstreamClient
 
@@ -143,24 +143,35 @@ class ModelLists:
         return mine
 
 
+class ListUnavailable(Exception):
+    """An upstream's own list could not be fetched; the text says why, fit for the log."""
+
+
 def fetch_list(
-    upstream: Upstream, client: UpstreamClient, clock: IReactorTime, authorization: bytes | None
+    upstream: Upstream,
+    client: UpstreamClient,
+    clock: IReactorTime,
+    authorization: bytes | None,
+    words: Callable[[str], str],
 ) -> Deferred[tuple[ModelEntry, ...]]:
-    """An upstream's own ``/v1/models`` answer, under ``FETCH_TIMEOUT``."""
+    """An upstream's own ``/v1/models`` answer, under ``FETCH_TIMEOUT``; a
+    failure is a ``ListUnavailable`` whose text (from outside: an
+    upstream's, a proxy's) ``words`` made fit to repeat."""
 
     async def fetch() -> tuple[ModelEntry, ...]:
         headers = Headers({b"accept": [b"application/json"]})
         if authorization is not None:
             headers.setRawHeaders(b"authorization", [authorization])
         response = await client.agent.request(b"GET", upstream.url(b"/models"), headers, None)
-        collector = BodyCollector(MAX_LIST_BYTES)
-        response.deliverBody(collector)
-        body = await collector.finished
+        body = await small_body(response, MAX_LIST_BYTES)
         if response.code != 200:
             raise ValueError(f"status {response.code}")
         return parse_list(body)
 
-    return Deferred.fromCoroutine(fetch()).addTimeout(FETCH_TIMEOUT, clock)
+    def unavailable(failure: Failure) -> NoReturn:
+        raise ListUnavailable(describe(failure, words)[1])
+
+    return Deferred.fromCoroutine(fetch()).addTimeout(FETCH_TIMEOUT, clock).addErrback(unavailable)
 
 
 def allowed(upstream: Upstream) -> list[ModelEntry]:
@@ -195,11 +206,13 @@ class ModelsAnswer:
         clients: Callable[[Upstream], UpstreamClient],
         lists: ModelLists,
         clock: IReactorTime,
+        words: Callable[[str], str],
     ) -> None:
         self._router = router
         self._clients = clients
         self._lists = lists
         self._clock = clock
+        self._words = words
 
     def __call__(self, arrival: Arrival) -> Deferred[LocalAnswer] | None:
         path = arrival.path
@@ -225,11 +238,13 @@ class ModelsAnswer:
         client = self._clients(upstream)
         if upstream.sk == "asis":
             # Its list is the asking client's key's: asked each time, kept for no one.
-            d = fetch_list(upstream, client, self._clock, client_auth)
+            d = fetch_list(upstream, client, self._clock, client_auth, self._words)
             d.addErrback(lambda _: ())
         else:
             auth = b"Bearer " + upstream.sk.encode("utf-8") if upstream.sk else None
-            d = self._lists.get(upstream, lambda: fetch_list(upstream, client, self._clock, auth))
+            d = self._lists.get(
+                upstream, lambda: fetch_list(upstream, client, self._clock, auth, self._words)
+            )
         return d.addCallback(lambda own: shown(upstream, own))
 
 

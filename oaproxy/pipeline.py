@@ -58,6 +58,7 @@ from twisted.web.http_headers import Headers
 from oaproxy.answers import LocalAnswer, write_answer
 from oaproxy.bodyrules import body_refusal
 from oaproxy.config import Config, Upstream
+from oaproxy.credentials import token_text
 from oaproxy.errors import ErrorAnswer, error_body
 from oaproxy.forward import AttemptLog, Call, Exchange, Forwarder
 from oaproxy.headers import forwarded_for
@@ -65,7 +66,7 @@ from oaproxy.inspection import WALK_AT_ONCE, Inspected, unread
 from oaproxy.paths import RequestPath, request_path
 from oaproxy.record import Outcome, Record
 from oaproxy.records import RecordMaker
-from oaproxy.relay import RequestBody
+from oaproxy.requestbody import RequestBody
 from oaproxy.routing import Caller, Router
 from oaproxy.web import IN_MEMORY_BODY, answer_headers, client_ip, declared_size, peer
 
@@ -248,9 +249,10 @@ class Pipeline:
                     request, answer, lambda given: self._answer_here(request, exchange, given)
                 )
             return self._answer_here(request, exchange, answer)
-        body = _request_body(
-            cast(IO[bytes], request.content), self.config.records.max_field_bytes + 1
-        )
+        # Of a body left in its spool file, the head its record reads (and a
+        # byte more: it says the record's text is cut) is kept.
+        own_token = token_text(request.getHeader(b"authorization"))
+        body = _request_body(cast(IO[bytes], request.content), self._records.reach(own_token) + 1)
         inspected = self.inspect(body, request.getHeader(b"content-type"))
         if isinstance(inspected, Deferred):
             return self._later(request, inspected, lambda i: self._inspected(arrival, where, i))

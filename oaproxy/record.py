@@ -15,7 +15,7 @@ import enum
 import json
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from attrs import frozen
 
@@ -63,6 +63,8 @@ class FailureKind(enum.Enum):
     UPSTREAM_ENDED_EARLY = "upstream_ended_early"
     #: A non-stream answer over the buffering limit.
     BODY_TOO_LARGE = "body_too_large"
+    #: One SSE event (or what a stream held before its first) over ``max_event_bytes``.
+    EVENT_TOO_LARGE = "event_too_large"
     #: A committed stream fell silent past the idle timeout.
     STREAM_IDLE = "stream_idle"
     #: Anything else that went wrong on the way (its text says what).
@@ -75,6 +77,76 @@ class FailureKind(enum.Enum):
 
 
 _CLIENT_CAUSED = frozenset({FailureKind.CANCELLED, FailureKind.CLIENT_STOPPED_READING})
+
+# What no request can make happen: the upstream cannot be reached, is too
+# slow, or breaks its own answer.
+_UPSTREAM_FAULTS = frozenset(
+    {
+        FailureKind.TIMEOUT,
+        FailureKind.CONNECT_ERROR,
+        FailureKind.DNS_ERROR,
+        FailureKind.TLS_ERROR,
+        FailureKind.UPSTREAM_ENDED_EARLY,
+        FailureKind.EVENT_TOO_LARGE,
+        FailureKind.STREAM_IDLE,
+        FailureKind.OTHER,
+    }
+)
+
+
+def upstream_at_fault(
+    failure: FailureKind | None, status: int | None, *, client_key_sent: bool
+) -> bool:
+    """Whether a failed attempt says something is wrong with the upstream
+    itself: what readiness and circuit breakers count against it.
+
+    It is: no connection (connect, DNS, TLS), a deadline, a broken answer,
+    a 5xx, and a 401 or 403 to the upstream's own key (``sk``, or none).
+    It is not: what the client did (went away, stopped reading) or asked
+    for (404 for a model the upstream lacks, 408, 409, 429, an answer over
+    the buffering limit), nor a 401 or 403 to the client's key passed on
+    with ``sk: asis``.
+    """
+    if failure is FailureKind.STATUS:
+        if status is None:
+            return False
+        return status >= 500 or (status in (401, 403) and not client_key_sent)
+    return failure in _UPSTREAM_FAULTS
+
+
+class Evidence(enum.Enum):
+    """What one attempt says of its upstream's health."""
+
+    #: It answered, and the answer is no fault of its own: it works.
+    ANSWERED = "answered"
+    #: ``upstream_at_fault``.
+    FAILED = "failed"
+    #: Nothing either way: the client went away, the answer was too large.
+    NOTHING = "nothing"
+
+
+class JudgedAttempt(Protocol):
+    """An attempt as it runs (``forward.AttemptLog``) or as recorded (``Attempt``)."""
+
+    @property
+    def status(self) -> int | None: ...
+
+    @property
+    def failure(self) -> FailureKind | None: ...
+
+    @property
+    def upstream_at_fault(self) -> bool: ...
+
+
+def evidence(attempt: JudgedAttempt) -> Evidence:
+    """What ``attempt`` says of its upstream: the one judgement readiness
+    and the circuit breakers both follow (failures in a row count, an
+    answer resets them)."""
+    if attempt.upstream_at_fault:
+        return Evidence.FAILED
+    if attempt.status is not None and attempt.failure in (None, FailureKind.STATUS):
+        return Evidence.ANSWERED
+    return Evidence.NOTHING
 
 
 class LimitKind(enum.Enum):
@@ -133,6 +205,14 @@ class Attempt:
     #: a 4xx that is the request's fault), and for an attempt read back
     #: from storage, whose schema keeps the text alone.
     failure: FailureKind | None = None
+    #: The upstream was sent the client's own key (``sk: asis``), so a 401
+    #: or 403 is about that key (not stored either).
+    client_key_sent: bool = False
+
+    @property
+    def upstream_at_fault(self) -> bool:
+        """Whether this attempt counts against its upstream (see ``upstream_at_fault``)."""
+        return upstream_at_fault(self.failure, self.status, client_key_sent=self.client_key_sent)
 
 
 @frozen

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, overload
 
+import attrs
 from twisted.logger import ILogObserver, Logger, LogPublisher
 
 from oaproxy.capture import (
@@ -20,11 +21,13 @@ from oaproxy.capture import (
     cost,
     describe_body,
     keeps_text,
+    truncate_text,
 )
 from oaproxy.config import Config, Upstream
-from oaproxy.credentials import Redactor, bearer_token, config_secrets, redact_headers
-from oaproxy.forward import Exchange
-from oaproxy.record import Attempt, CacheResult, JSONObject, Record
+from oaproxy.credentials import Redactor, config_secrets, redact_headers
+from oaproxy.forward import Call, Exchange
+from oaproxy.largeanswer import MAX_PARSED_ANSWER, USAGE_WINDOW, AnswerEnds
+from oaproxy.record import Attempt, CacheResult, JSONObject, LimitRefusal, Record
 
 NAMESPACE = "oaproxy.record"
 
@@ -53,14 +56,23 @@ class RecordMaker:
         self._policy = config.records
         self._hostname = config.hostname
         self._prices = config.prices
-        self._text_bytes = config.records.max_field_bytes if config.records.response else 0
         # Also what the forwarder hides in the answers it passes on.
         self.redactor = Redactor(config_secrets(config))
+
+    def reach(self, own_token: str | None) -> int:
+        """How much of a text is read for a field of ``max_field_bytes``: a
+        little more, so that a secret (or the request's ``own_token``) cut at
+        the field's end is still found."""
+        return self._policy.max_field_bytes + self.redactor.span(own_token)
+
+    def _text_bytes(self, call: Call) -> int:
+        """What the answer's capture keeps of each field."""
+        return self.reach(call.own_token) if self._policy.response else 0
 
     def stream_observer(self, exchange: Exchange, upstream: Upstream) -> Callable[[bytes], bool]:
         """What the relay calls with each SSE event's data: capture, and say
         whether to pass the event on (not the usage chunk oaproxy asked for)."""
-        capture = StreamCapture(self._text_bytes)
+        capture = StreamCapture(self._text_bytes(exchange.call))
         exchange.capture = capture
         feed = capture.feed
         if exchange.usage_added:
@@ -75,19 +87,29 @@ class RecordMaker:
     def make(self, exchange: Exchange, request: Any) -> Record:
         call = exchange.call
         policy = self._policy
-        truncated: list[str] = []
+        # Text from upstreams and clients may quote a key (an upstream's "Incorrect
+        # API key provided: sk-…", a client's ?api_key=…, a key sent as the
+        # model or in X-Forwarded-For): none is kept, and no field is longer
+        # than max_field_bytes. (Texts about failures were redacted as they
+        # came in: see Forwarder._words.)
+        texts = _FieldTexts(self.redactor, call.own_token, policy.max_field_bytes)
         answer = self._answer(exchange)
         if policy.response:
-            truncated.extend(answer.truncated)
+            texts.truncated.extend(answer.truncated)
         request_body: str | JSONObject | None = None
         body = call.inspected.body
         content_type = request.getHeader(b"content-type")
+        response_text = texts.text("response_text", answer.text) if policy.response else None
+        tool_calls = texts.value("tool_calls", answer.tool_calls) if policy.response else None
         if policy.body:
             if body.data is not None or (body.file is not None and keeps_text(content_type)):
-                # A JSON or text body in its spool file: its head is all a record keeps.
-                request_body, cut = describe_body(body.head, content_type, policy.max_field_bytes)
+                # A JSON or text body in its spool file: its head is all a record
+                # reads (the pipeline keeps reach() and a byte more of it).
+                request_body, cut = describe_body(
+                    body.head, content_type, self.reach(call.own_token)
+                )
                 if cut:
-                    truncated.append("request_body")
+                    texts.truncated.append("request_body")
             else:
                 request_body = {
                     "content_type": (content_type or b"").decode("latin-1") or None,
@@ -97,67 +119,127 @@ class RecordMaker:
         usage = answer.usage
         model = call.model if call.model is not None else _form_model(request_body)
         cache = exchange.cache.result if exchange.cache is not None else None
-        # Text from upstreams and clients may quote a key (an upstream's "Incorrect
-        # API key provided: sk-…"): none is kept.
-        redact = self.redactor
-        token = bearer_token(call.authorization)
-        own_token = token.decode("utf-8", "replace") if token else None
         return Record(
             id=uuid.uuid4().hex,
             time=exchange.time,
             hostname=self._hostname,
-            client_ip=exchange.client_ip,
+            client_ip=texts.text("client_ip", exchange.client_ip),
             key_name=exchange.key_name,
-            user_agent=exchange.user_agent,
-            method=call.method.decode("ascii", "replace"),
-            path=call.path.decode("utf-8", "replace"),
-            model=model,
+            user_agent=texts.text("user_agent", exchange.user_agent),
+            method=texts.text("method", call.method.decode("ascii", "replace")),
+            path=texts.text("path", call.path.decode("utf-8", "replace")),
+            model=texts.text("model", model),
             stream=call.stream,
             attempts=tuple(
                 Attempt(
                     upstream=attempt.upstream,
                     status=attempt.status,
-                    error=redact(attempt.error, own_token),
+                    error=texts.cut("attempts", attempt.error),
                     ttfb=attempt.ttfb,
                     duration=attempt.duration,
                     failure=attempt.failure,
+                    client_key_sent=attempt.client_key_sent,
                 )
                 for attempt in exchange.attempts
             ),
             upstream=exchange.upstream,
             status=exchange.status if exchange.status is not None else 499,
             outcome=exchange.outcome,
-            error=redact(exchange.error, own_token),
+            error=texts.cut("error", exchange.error),
             ttfb=exchange.ttfb,
             duration=finished - exchange.started,
             bytes_in=body.size,
             bytes_out=exchange.bytes_out,
-            request_body=redact(request_body, own_token),
+            request_body=texts.value("request_body", request_body),
             request_headers=(
-                redact(redact_headers(call.headers.getAllRawHeaders()), own_token)
+                texts.value("request_headers", redact_headers(call.headers.getAllRawHeaders()))
                 if policy.headers
                 else None
             ),
-            response_text=redact(answer.text, own_token) if policy.response else None,
-            tool_calls=redact(answer.tool_calls, own_token) if policy.response else None,
-            finish_reason=answer.finish_reason,
-            truncated=tuple(truncated),
+            response_text=response_text,
+            tool_calls=tool_calls,
+            finish_reason=texts.text("finish_reason", answer.finish_reason),
             # A cache hit keeps the usage of the answer it replays, at no cost.
             usage=usage,
+            # The price is looked up by the model as the client sent it.
             cost=0.0 if cache is CacheResult.HIT else cost(usage, self._prices.get(model or "")),
-            route=call.route,
-            upstream_model=exchange.upstream_model,
-            limit=exchange.limit,
+            route=texts.text("route", call.route),
+            upstream_model=texts.text("upstream_model", exchange.upstream_model),
+            limit=texts.limit(exchange.limit),
             cache=cache,
+            # Last: the fields above name themselves in it as they are cut.
+            truncated=texts.names(),
         )
 
     def _answer(self, exchange: Exchange) -> CapturedResponse:
         if exchange.capture is not None and exchange.response_body is None:
             result: CapturedResponse = exchange.capture.result()
             return result
-        if exchange.response_body:
-            return capture_json_response(exchange.response_body, self._text_bytes)
+        body = exchange.response_body
+        if body and len(body) > MAX_PARSED_ANSWER:
+            # Not parsed either: a cache hit's entry (a stream stored as its
+            # completion, up to cache.max_entry_bytes).
+            return AnswerEnds(body[:USAGE_WINDOW], body[-USAGE_WINDOW:]).result()
+        if body:
+            return capture_json_response(body, self._text_bytes(exchange.call))
         return CapturedResponse()
+
+
+class _FieldTexts:
+    """The texts of one record's fields as it keeps them: redacted, then cut
+    to ``max_field_bytes``; the fields cut are named in ``truncated``."""
+
+    def __init__(self, redactor: Redactor, own_token: str | None, max_bytes: int) -> None:
+        self._redactor = redactor
+        self._own_token = own_token
+        self._max_bytes = max_bytes
+        # Redacted before the cut, and a little past it: a secret cut in two
+        # is no longer found (nor is a 10 MiB model name read whole).
+        self._reach = max_bytes + redactor.span(own_token)
+        self.truncated: list[str] = []
+
+    @overload
+    def text(self, name: str, value: str) -> str: ...
+    @overload
+    def text(self, name: str, value: str | None) -> str | None: ...
+
+    def text(self, name: str, value: str | None) -> str | None:
+        """A text from outside, redacted and cut."""
+        if value is None:
+            return None
+        head, cut = truncate_text(value, self._reach)
+        return self._cut(name, self._redactor(head, self._own_token), cut)
+
+    def cut(self, name: str, value: str | None) -> str | None:
+        """A text already redacted, cut."""
+        return None if value is None else self._cut(name, value, False)
+
+    def value(self, name: str, value: Any) -> Any:
+        """A JSON value with each string in it, mapping keys too, as ``text``
+        keeps one."""
+        if isinstance(value, str):
+            return self.text(name, value)
+        if isinstance(value, dict):
+            return {self.text(name, k): self.value(name, v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.value(name, v) for v in value]
+        return value
+
+    def limit(self, refusal: LimitRefusal | None) -> LimitRefusal | None:
+        """A limit's refusal, its words kept as ``text`` keeps them."""
+        if refusal is None:
+            return None
+        return attrs.evolve(refusal, limit=self.text("limit", refusal.limit))
+
+    def names(self) -> tuple[str, ...]:
+        """The fields cut, each once, in the order they were cut."""
+        return tuple(dict.fromkeys(self.truncated))
+
+    def _cut(self, name: str, text: str, cut: bool) -> str:
+        kept, cut_again = truncate_text(text, self._max_bytes)
+        if cut or cut_again:
+            self.truncated.append(name)
+        return kept
 
 
 def _form_model(request_body: Any) -> str | None:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from attrs import field, frozen
 
-from oaproxy.config import ConfigError, load_config
+from oaproxy.config import Config, ConfigError, load_config
 from oaproxy.credentials import Redactor
 from oaproxy.sinks.sql import (
     DBTYPES,
@@ -154,7 +154,7 @@ def _database_errors(dbtype: str) -> tuple[type[BaseException], ...]:
     return (sqlite3.Error,)
 
 
-def _error_text(error: BaseException, database: Database) -> str:
+def driver_error_text(error: BaseException, database: Database) -> str:
     """The first line of a driver's message, with any password taken out."""
     lines = str(error).strip().splitlines()
     text = lines[0].strip() if lines else type(error).__name__
@@ -224,7 +224,7 @@ def with_database(database: Database, work: Callable[[Any], _T]) -> _T:
         connection = open_database(database.dbtype, database.dbaddr)
     except errors + (OSError,) as e:
         raise CommandError(
-            f"cannot open {database.where}: {_error_text(e, database)}", EXIT_DATABASE
+            f"cannot open {database.where}: {driver_error_text(e, database)}", EXIT_DATABASE
         ) from None
     try:
         if database.dbtype == POSTGRES:
@@ -232,7 +232,9 @@ def with_database(database: Database, work: Callable[[Any], _T]) -> _T:
         _check_schema(connection, database)
         return work(connection)
     except errors as e:
-        raise CommandError(f"{database.where}: {_error_text(e, database)}", EXIT_DATABASE) from None
+        raise CommandError(
+            f"{database.where}: {driver_error_text(e, database)}", EXIT_DATABASE
+        ) from None
     finally:
         with suppress(*errors):
             connection.close()
@@ -259,6 +261,15 @@ def fetch_rows(
         cursor.close()
 
 
+def read_config(path: str) -> Config:
+    """The config file as a command reads it: its ``${NAME}``s need not be
+    set (a placeholder stands in), and a problem is a ``CommandError``."""
+    try:
+        return load_config(path, _ReadingEnviron(os.environ))
+    except ConfigError as e:
+        raise CommandError(str(e), EXIT_USAGE) from None
+
+
 def resolve_database(args: argparse.Namespace) -> Database:
     """The database the options name: ``--dbtype``/``--dbaddr`` over the config."""
     dbtype: str | None = args.dbtype
@@ -266,10 +277,7 @@ def resolve_database(args: argparse.Namespace) -> Database:
     config_path: str = args.config
     from_config = False
     if dbtype is None or dbaddr is None:
-        try:
-            config = load_config(config_path, _ReadingEnviron(os.environ))
-        except ConfigError as e:
-            raise CommandError(str(e), EXIT_USAGE) from None
+        config = read_config(config_path)
         if config.dbtype not in DBTYPES and dbtype is None:
             raise CommandError(
                 f"{config_path}: dbtype is {config.dbtype}: there is no SQL record "

@@ -1,4 +1,5 @@
-"""Moving bodies: request bodies to upstreams, response bodies to clients.
+"""Moving bodies: response bodies to clients (request bodies are
+``oaproxy.requestbody``'s), and bytes held in memory to anyone.
 
 ``StreamRelay`` is the streaming passthrough: it is the ``Protocol`` given to
 an upstream response's ``deliverBody``, writes to the client's twisted.web
@@ -9,11 +10,10 @@ that a stream which ended uncleanly finished.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from typing import IO, Any, BinaryIO, cast
+from typing import Any, cast
 
-from attrs import evolve, field, frozen
+from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import (
@@ -23,16 +23,16 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
-from twisted.web.client import FileBodyProducer, ResponseDone
+from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IBodyProducer
+from twisted.web.iweb import IBodyProducer, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from oaproxy.credentials import hide_key_shapes
 from oaproxy.record import FailureKind
-from oaproxy.sse import SSESplitter, event_data, sse_error_event
+from oaproxy.sse import EventTooLarge, SSESplitter, event_data, sse_error_event
 from oaproxy.traffic.pacing import Pacer
 
 
@@ -61,130 +61,6 @@ class BytesProducer:
         pass
 
 
-@frozen
-class Splice:
-    """Bytes put in place of the body's ``[start, end)`` (an edit of a JSON body)."""
-
-    start: int
-    end: int
-    insert: bytes
-
-
-# A piece of a body as it is sent: a range of the client's bytes, or new ones.
-_Piece = tuple[int, int] | bytes
-
-
-@frozen
-class RequestBody:
-    """The client's request body, replayable for every attempt.
-
-    Small bodies are held as bytes; large ones stay in the spool file that
-    twisted.web wrote them to and are read again for each attempt. Either
-    way it is the only copy: an edited body (``edited``) is the client's
-    bytes with splices, read from the same bytes or file as it is sent.
-    """
-
-    size: int  # as the client sent it
-    data: bytes | None
-    file: IO[bytes] | None = None
-    splices: tuple[Splice, ...] = ()
-    # The first bytes the client sent: all of a body held in memory, the
-    # start of one in its file (kept for the record, made once twisted.web
-    # has closed the file).
-    head: bytes = field()
-
-    @head.default
-    def _whole(self) -> bytes:
-        return self.data or b""
-
-    @property
-    def length(self) -> int:
-        """The bytes that are sent: the client's, edited."""
-        return self.size + sum(len(s.insert) - (s.end - s.start) for s in self.splices)
-
-    def edited(self, *splices: Splice) -> RequestBody:
-        """The body with ``splices`` too; they must not overlap (an insertion
-        where a cut starts goes before the cut)."""
-        if not splices:
-            return self
-        ordered = sorted((*self.splices, *splices), key=lambda s: (s.start, s.end))
-        return evolve(self, splices=tuple(ordered))
-
-    def producer(self, cooperator: Cooperator) -> IBodyProducer | None:
-        if self.length == 0:
-            return None
-        if self.data is not None:
-            if not self.splices:
-                return BytesProducer(self.data)
-            data = self.data
-            return BytesProducer(
-                *(p if isinstance(p, bytes) else data[p[0] : p[1]] for p in self._pieces())
-            )
-        assert self.file is not None
-        reader = _SpoolReader(self.file, self._pieces())
-        return FileBodyProducer(cast(BinaryIO, reader), cooperator, readSize=2**16)
-
-    def _pieces(self) -> tuple[_Piece, ...]:
-        pieces: list[_Piece] = []
-        position = 0
-        for splice in self.splices:
-            pieces += [(position, splice.start), splice.insert]
-            position = splice.end
-        pieces.append((position, self.size))
-        return tuple(piece for piece in pieces if isinstance(piece, bytes) or piece[1] > piece[0])
-
-
-class _SpoolReader:
-    """One attempt's reading of the shared spool file (its ``pieces``).
-
-    ``FileBodyProducer`` closes its file at the end and when stopped, which
-    would leave nothing to fail over with; and an upstream that answers
-    before reading the whole body may still be sent the rest while the next
-    attempt reads: so each reader keeps its own position and never closes.
-    """
-
-    def __init__(self, file: IO[bytes], pieces: tuple[_Piece, ...]) -> None:
-        self._file = file
-        self._pieces = pieces
-        self._length = sum(len(p) if isinstance(p, bytes) else p[1] - p[0] for p in pieces)
-        self._position = 0
-
-    def read(self, size: int = -1) -> bytes:
-        wanted = self._length - self._position if size < 0 else size
-        out: list[bytes] = []
-        offset = 0  # where the current piece starts, in what is sent
-        for piece in self._pieces:
-            piece_length = len(piece) if isinstance(piece, bytes) else piece[1] - piece[0]
-            skip = self._position - offset
-            offset += piece_length
-            if wanted <= 0 or skip >= piece_length:
-                continue
-            take = min(piece_length - skip, wanted)
-            if isinstance(piece, bytes):
-                out.append(piece[skip : skip + take])
-            else:
-                self._file.seek(piece[0] + skip)
-                out.append(self._file.read(take))
-            self._position += take
-            wanted -= take
-        return b"".join(out)
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        if whence == os.SEEK_END:
-            self._position = self._length + offset
-        elif whence == os.SEEK_CUR:
-            self._position += offset
-        else:
-            self._position = offset
-        return self._position
-
-    def tell(self) -> int:
-        return self._position
-
-    def close(self) -> None:
-        pass
-
-
 class UpstreamEndedEarly(Exception):
     """The upstream closed a response before it was complete (or made it too long)."""
 
@@ -193,11 +69,36 @@ class UpstreamEndedEarly(Exception):
         self.kind = kind
 
 
+@frozen
+class CollectedBody:
+    """A whole response body, in the pieces it arrived in: joined only where
+    that is cheap, as a copy of a 256 MiB answer holds the reactor."""
+
+    parts: tuple[bytes, ...]
+    size: int
+
+    def joined(self) -> bytes:
+        return b"".join(self.parts)
+
+    def ends(self, size: int) -> tuple[bytes, bytes]:
+        """At most ``size`` bytes of the start of the body, and of its end."""
+        head = tail = b""
+        for part in self.parts:
+            if len(head) >= size:
+                break
+            head += part[: size - len(head)]
+        for part in reversed(self.parts):
+            if len(tail) >= size:
+                break
+            tail = part[-(size - len(tail)) :] + tail
+        return head, tail
+
+
 class BodyCollector(Protocol):
     """Reads a whole (non-stream) response body; cancelling aborts the upstream."""
 
     def __init__(self, limit: int) -> None:
-        self.finished: Deferred[bytes] = Deferred(self._cancel)
+        self.finished: Deferred[CollectedBody] = Deferred(self._cancel)
         self._parts: list[bytes] = []
         self._size = 0
         self._limit = limit
@@ -221,17 +122,66 @@ class BodyCollector(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.finished.called:
             return
-        if reason.check(ResponseDone):
-            self.finished.callback(b"".join(self._parts))
-        elif reason.check(PotentialDataLoss):
-            # No Content-Length and no chunking: the close is the end.
-            self.finished.callback(b"".join(self._parts))
+        if reason.check(ResponseDone, PotentialDataLoss):
+            # (PotentialDataLoss: no Content-Length and no chunking, so the
+            # close is the end.)
+            self.finished.callback(CollectedBody(tuple(self._parts), self._size))
         else:
             _, error = describe(reason)
             self.finished.errback(Failure(UpstreamEndedEarly(error)))
 
-    def _cancel(self, _: Deferred[bytes]) -> None:
+    def _cancel(self, _: Deferred[CollectedBody]) -> None:
         _producer(self).stopProducing()
+
+
+def small_body(response: IResponse, limit: int) -> Deferred[bytes]:
+    """The whole body of an answer oaproxy reads itself (a models list, a
+    Replicate prediction), joined: at most ``limit`` bytes."""
+    collector = BodyCollector(limit)
+    response.deliverBody(collector)
+    return collector.finished.addCallback(CollectedBody.joined)
+
+
+@implementer(IPushProducer)
+class PartsWriter:
+    """Writes a body held in memory to the client a piece at a time, as the
+    client's connection takes it: twisted's transport would copy one large
+    write whole into its buffer. ``done`` fires once the request finished,
+    or the client went away."""
+
+    def __init__(self, request: Request, parts: tuple[bytes, ...]) -> None:
+        self.done: Deferred[None] = Deferred(lambda _: self.stopProducing())
+        self._request = request
+        self._parts = parts
+        self._next = 0
+        self._paused = False
+
+    def start(self) -> None:
+        self._request.registerProducer(self, True)
+        self._write()
+
+    def _write(self) -> None:
+        parts = self._parts
+        # A write may pause this producer at once, when the buffer is full.
+        while not self._paused and self._next < len(parts) and not self.done.called:
+            self._next += 1
+            self._request.write(parts[self._next - 1])
+        if self._next == len(parts) and not self.done.called:
+            self._request.unregisterProducer()
+            self._request.finish()
+            self.done.callback(None)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._write()
+
+    def stopProducing(self) -> None:
+        """The client went away (its request tells the forwarder)."""
+        if not self.done.called:
+            self.done.callback(None)
 
 
 @frozen
@@ -250,13 +200,16 @@ class StreamRelay(Protocol):
     status and headers to the client) only at the first whole event with
     data, so an upstream that answers 200 and then nothing (or only
     keep-alive comments) can still be failed over; a
-    usage-only event the client did not ask for is left out. Without ``sse``
-    bytes are passed on untouched and the relay commits at once.
+    usage-only event the client did not ask for is left out. An event over
+    ``max_event_bytes``, or more than that held before the first one, fails
+    the stream. Without ``sse`` bytes are passed on untouched and the relay
+    commits at once.
 
     ``first_event`` fires when the relay committed; ``done`` fires when the
     relay ended after committing: with None for a whole answer, else with a
     ``RelayFailure``. Before the commit an upstream failure errbacks
-    ``first_event`` (the caller fails over).
+    ``first_event`` (the caller fails over). ``words`` makes the texts of
+    upstream failures fit to repeat (``Redactor.words``).
     """
 
     def __init__(
@@ -267,6 +220,8 @@ class StreamRelay(Protocol):
         idle_timeout: float,
         *,
         sse: bool,
+        max_event_bytes: int,
+        words: Callable[[str], str],
         on_event: Callable[[bytes], bool] | None = None,
         pace: float | None = None,
     ) -> None:
@@ -277,13 +232,16 @@ class StreamRelay(Protocol):
         self._clock = clock
         self._commit = commit
         self._idle_timeout = idle_timeout
-        self._splitter = SSESplitter() if sse else None
+        self._splitter = SSESplitter(max_event_bytes) if sse else None
+        self._max_event_bytes = max_event_bytes
+        self._words = words
         self._on_event = on_event
         self._committed = False
         self._ended = False
         self._paused = False
         self._saw_done = False
         self._held: list[bytes] = []
+        self._held_bytes = 0
         self._idle: IDelayedCall | None = None
         # The upstream is paused while the client is (_paused) or while the
         # pacer holds events back (_pace_holding).
@@ -308,7 +266,15 @@ class StreamRelay(Protocol):
         if self._splitter is None:
             self._write(data)
             return
-        events = self._splitter.feed(data)
+        try:
+            events = self._splitter.feed(data)
+        except EventTooLarge as e:
+            self._too_large(str(e))
+            return
+        self._take(events)
+
+    def _take(self, events: list[bytes]) -> None:
+        """Hold, or pass on, whole events just split off the stream."""
         if not events:
             return
         if not self._committed:
@@ -317,6 +283,9 @@ class StreamRelay(Protocol):
             # that only keeps the connection alive can still be failed over.
             self._held.extend(events)
             if all(event_data(e) is None for e in events):
+                self._held_bytes += sum(map(len, events))
+                if self._held_bytes > self._max_event_bytes:
+                    self._too_large(f"over {self._max_event_bytes} bytes before the first event")
                 return
             events, self._held = self._held, []
         passed = [e for e in events if self._pass_on(e)]
@@ -404,12 +373,17 @@ class StreamRelay(Protocol):
         self._upstream_over = True
         if self._ended:
             return
+        clean = reason.check(ResponseDone, PotentialDataLoss) is not None
+        if clean and self._splitter is not None:
+            # An event ending in a bare CR waited for the next byte (the LF of
+            # a CRLF?): there is none, so it is whole, and may be "[DONE]".
+            self._take(self._splitter.end())
         if not self._committed:
             self._ended = True
-            if reason.check(ResponseDone, PotentialDataLoss):
+            if clean:
                 error = "upstream ended the stream before its first event"
             else:
-                _, error = describe(reason)
+                _, error = describe(reason, self._words)
             self.first_event.errback(Failure(UpstreamEndedEarly(error)))
             return
         # A body without length or chunking ends with the connection: that is
@@ -417,14 +391,25 @@ class StreamRelay(Protocol):
         if reason.check(ResponseDone) or (
             reason.check(PotentialDataLoss) and (self._splitter is None or self._saw_done)
         ):
-            if self._splitter is not None:
-                tail = [e for e in self._splitter.end() if self._pass_on(e)]
-                pending = self._splitter.pending()
-                self._relay_events([*tail, pending] if pending else tail)
+            pending = self._splitter.pending() if self._splitter is not None else b""
+            if pending:
+                # An unterminated tail: passed on as it came, not invented or dropped.
+                self._relay_events([pending])
             self._after_paced(None)
         else:
-            _, error = describe(reason)
+            _, error = describe(reason, self._words)
             self._after_paced(RelayFailure(FailureKind.UPSTREAM_ENDED_EARLY, error))
+
+    def _too_large(self, error: str) -> None:
+        """The upstream sent more than one event may hold: before the
+        commit the attempt fails (the next upstream is tried), after it the
+        stream ends with an error event."""
+        self._abort_upstream()
+        if self._committed:
+            self._end(RelayFailure(FailureKind.EVENT_TOO_LARGE, error))
+            return
+        self._ended = True
+        self.first_event.errback(Failure(UpstreamEndedEarly(error, FailureKind.EVENT_TOO_LARGE)))
 
     def _after_paced(self, failure: RelayFailure | None) -> None:
         """End once the pacer wrote what it holds (at once without one)."""
@@ -493,22 +478,25 @@ def _producer(protocol: Protocol) -> IPushProducer:
     return cast(IPushProducer, protocol.transport)
 
 
-def describe(reason: Failure | BaseException) -> tuple[FailureKind, str]:
+def describe(
+    reason: Failure | BaseException, words: Callable[[str], str] = hide_key_shapes
+) -> tuple[FailureKind, str]:
     """The kind of an attempt's failure, and a short text for it without
-    secrets or tracebacks."""
+    tracebacks, made fit to repeat by ``words``: an exception's text is
+    from outside (an upstream's garbage, a host name, an echoed header)."""
     exc = reason.value if isinstance(reason, Failure) else reason
     inner = getattr(exc, "reasons", None)
     if inner:
-        described = [describe(r) for r in inner]
+        described = [describe(r, words) for r in inner]
         # The first reason is what went wrong; the others followed from it.
         return described[0][0], "; ".join(text for _, text in described)
     if isinstance(exc, CancelledError):
         return FailureKind.CANCELLED, "cancelled"
+    text = words(str(exc).strip())
+    name = type(exc).__name__
     kind = _connect_failure(exc)
     if kind is not None:
-        return kind, f"connect error: {type(exc).__name__}: {str(exc).strip()}".rstrip(": ")
-    text = str(exc).strip()
-    name = type(exc).__name__
+        return kind, f"connect error: {name}: {text}".rstrip(": ")
     kind = exc.kind if isinstance(exc, UpstreamEndedEarly) else FailureKind.OTHER
     return kind, f"{name}: {text}" if text else name
 

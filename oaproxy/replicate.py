@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -47,7 +47,7 @@ from oaproxy.localresponse import (
     sse_data,
     too_large,
 )
-from oaproxy.relay import BodyCollector, BytesProducer, UpstreamEndedEarly
+from oaproxy.relay import BytesProducer, UpstreamEndedEarly, describe, small_body
 from oaproxy.replicate_format import (
     TERMINAL,
     BadChat,
@@ -63,7 +63,7 @@ from oaproxy.replicate_format import (
     upstream_failed,
     usage,
 )
-from oaproxy.sse import SSESplitter, event_data
+from oaproxy.sse import EventTooLarge, SSESplitter, event_data
 
 POLL_FIRST = 0.5
 POLL_LONGEST = 2.0
@@ -111,6 +111,9 @@ class ReplicateAgent:
         http: IAgent,
         clock: IReactorTime,
         wall_clock: Callable[[], float],
+        *,
+        max_event_bytes: int,
+        words: Callable[[str], str],
     ) -> None:
         assert upstream.endpoint is not None
         self._endpoint = upstream.endpoint
@@ -118,6 +121,10 @@ class ReplicateAgent:
         self._http = http
         self._clock = clock
         self._wall_clock = wall_clock
+        # Replicate's stream events, like an upstream's, are capped.
+        self.max_event_bytes = max_event_bytes
+        # What makes Replicate's texts about a failure fit for the log.
+        self._words = words
 
     def request(
         self,
@@ -228,9 +235,9 @@ class ReplicateAgent:
             raise PredictionUnreachable(f"Replicate: the stream failed: {e}") from None
         if response.code != 200:
             self._cancel(urls, auth)
-            collector = BodyCollector(MAX_ANSWER)
-            response.deliverBody(collector)
-            return mapped_error(response.code, await collector.finished, response.headers)
+            return mapped_error(
+                response.code, await small_body(response, MAX_ANSWER), response.headers
+            )
         translator = _StreamTranslator(
             self, chat, str(prediction.get("id", "replicate")), urls, auth, int(self._wall_clock())
         )
@@ -261,10 +268,7 @@ class ReplicateAgent:
             headers.setRawHeaders(b"content-type", [b"application/json"])
             producer = BytesProducer(json.dumps(payload).encode("utf-8"))
         response = await self._http.request(method, url, headers, producer)
-        collector = BodyCollector(MAX_ANSWER)
-        response.deliverBody(collector)
-        body = await collector.finished
-        return response.code, response.headers, body
+        return response.code, response.headers, await small_body(response, MAX_ANSWER)
 
     def _cancel(self, urls: Mapping[str, Any], auth: bytes | None) -> None:
         """Ask Replicate to stop the prediction, in the background."""
@@ -278,7 +282,7 @@ class ReplicateAgent:
             self.log.warn(
                 "upstream {upstream}: cancelling a prediction failed: {error}",
                 upstream=self._name,
-                error=failure.getErrorMessage(),
+                error=describe(failure, self._words)[1],
             )
 
         call.addErrback(failed)
@@ -303,7 +307,7 @@ class _StreamTranslator(Protocol):
         self._urls = urls
         self._auth = auth
         self._created = created
-        self._splitter = SSESplitter()
+        self._splitter = SSESplitter(agent.max_event_bytes)
         self._spoke = False
         self._over = False
 
@@ -315,7 +319,13 @@ class _StreamTranslator(Protocol):
         self.answer.write(sse_data(payload))
 
     def dataReceived(self, data: bytes) -> None:
-        for event in self._splitter.feed(data):
+        try:
+            events = self._splitter.feed(data)
+        except EventTooLarge as e:
+            cast(IPushProducer, self.transport).stopProducing()
+            self._end(f"Replicate: {e}")
+            return
+        for event in events:
             if self._over:
                 return
             name, text = _event_name(event), event_data(event)

@@ -13,7 +13,7 @@ import hmac
 
 from attrs import frozen
 
-from oaproxy.config import ClientKey, Config, Upstream
+from oaproxy.config import ClientKey, Config, Upstream, all_client_keys
 from oaproxy.credentials import bearer_token
 from oaproxy.errors import ErrorAnswer
 
@@ -42,15 +42,14 @@ class Router:
 
     def __init__(self, config: Config) -> None:
         self.upstreams = config.upstreams
-        global_keys = frozenset(k.secret for k in config.keys)
-        every_key: dict[bytes, ClientKey] = {}
-        for key in config.keys:
-            every_key[_digest(key.secret)] = key
-        for upstream in config.upstreams:
-            for key in upstream.keys or ():
-                every_key.setdefault(_digest(key.secret), key)
+        global_keys = frozenset(k.sha256 for k in config.keys)
         # Looked up by the SHA-256 of the presented key, so the lookup's timing
         # says nothing about the secret; compare_digest then confirms it.
+        # A key the store made is known by its SHA-256 alone.
+        every_key: dict[bytes, ClientKey] = {
+            bytes.fromhex(key.sha256) if key.secret is None else _digest(key.secret): key
+            for key in all_client_keys(config)
+        }
         self._keys = every_key
         # Without any client key configured the operator chose an open proxy
         # (the config refuses that on a non-loopback listener).
@@ -61,7 +60,7 @@ class Router:
             if upstream.noauth:
                 self._permitted[upstream.name] = None
             elif upstream.keys is not None:
-                self._permitted[upstream.name] = frozenset(k.secret for k in upstream.keys)
+                self._permitted[upstream.name] = frozenset(k.sha256 for k in upstream.keys)
             else:
                 self._permitted[upstream.name] = global_keys
 
@@ -72,8 +71,15 @@ class Router:
         presented = bearer_token(authorization)
         if presented is None:
             return Caller(key=None, refusal=NOT_BEARER)
-        key = self._keys.get(_digest(presented))
-        if key is None or not hmac.compare_digest(key.secret.encode("utf-8"), presented):
+        digest = _digest(presented)
+        key = self._keys.get(digest)
+        if key is None:
+            return Caller(key=None, refusal=WRONG_KEY)
+        if key.secret is None:
+            known, given = bytes.fromhex(key.sha256), digest
+        else:
+            known, given = key.secret.encode("utf-8"), presented
+        if not hmac.compare_digest(known, given):
             return Caller(key=None, refusal=WRONG_KEY)
         return Caller(key=key)
 
@@ -119,8 +125,8 @@ class Router:
             return upstreams
         if caller.key is None:
             return [u for u in upstreams if u.noauth] or None
-        secret = caller.key.secret
-        return [u for u in upstreams if self._may_use(u, secret)]
+        digest = caller.key.sha256
+        return [u for u in upstreams if self._may_use(u, digest)]
 
     def unauthorized(self, caller: Caller) -> ErrorAnswer | None:
         """The 401 for a caller no upstream would serve, whatever the model."""
@@ -128,9 +134,9 @@ class Router:
             return _unauthorized(caller)
         return None
 
-    def _may_use(self, upstream: Upstream, secret: str) -> bool:
+    def _may_use(self, upstream: Upstream, digest: str) -> bool:
         permitted = self._permitted[upstream.name]
-        return permitted is None or secret in permitted
+        return permitted is None or digest in permitted
 
 
 def _unauthorized(caller: Caller) -> ErrorAnswer:

@@ -7,6 +7,10 @@ makes: see ``oaproxy.generation``).
   and the old one stays), then swapped in: new requests use it at once,
   requests in flight finish on the old one. Listeners, sinks, alert channels
   and the log file that changed are replaced.
+- The SQL store's upstreams and keys (``oaproxy.admin``) are overlaid on the
+  file: a change there (the admin API's, at once; the CLI's or another
+  process's, within ``store_poll_interval`` seconds) builds and swaps a
+  generation the same way, and so does a SIGHUP, which reads both again.
 - Stopping (SIGTERM) stops accepting first, lets requests and streams in
   flight finish for up to ``shutdown_timeout`` seconds, then flushes the
   record sinks and closes the upstream pool.
@@ -20,11 +24,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from oaproxy.config import Config, ConfigError, check_listeners, load_config
+from oaproxy.admin.follower import StoreFollower, read_store_once
+from oaproxy.admin.overlay import overlay
+from oaproxy.admin.resource import AdminResource
+from oaproxy.admin.sealing import Sealer
+from oaproxy.admin.stored import EMPTY, StoreSnapshot
+from oaproxy.config import DBTYPES, Config, ConfigError, check_listeners, load_config
 from oaproxy.descriptors import raise_descriptor_limit
 from oaproxy.generation import Generation, Shared, build_generation, known_models, upstream_names
 from oaproxy.listeners import Listeners, check_endpoint, settle
@@ -45,25 +54,37 @@ class ProxyService(MultiService):
         *,
         signals: bool = False,
         environ: Mapping[str, str] | None = None,
+        stored: StoreSnapshot = EMPTY,
     ) -> None:
+        """``config`` is the file's; ``stored``, what its store held at start."""
         super().__init__()
         self._reactor = reactor
         self._listen_override = tuple(listen)
         self._signals = signals
         self._previous_hup: Any = None
         self.pool = upstream_pool(reactor)
+        running = overlay(config, stored, Sealer.from_config(config))
         self.shared = Shared.create(
             reactor,
-            config,
+            running,
             agents=upstream_agents(self.pool),
             fresh_agents=upstream_agents(self.pool, fresh=True),
             alert_agents=alert_agents(reactor),
             environ=os.environ if environ is None else environ,
         )
-        self.generation = build_generation(config, self.shared)
+        # The file and the store apart, as the admin API shows them; the
+        # generation runs the two together.
+        self.file_config = config
+        self.stored = stored
+        # Builds and swaps one generation at a time (a SIGHUP, a store change).
+        self._swapping = DeferredLock()
+        self.admin = AdminResource(self)
+        self.generation = build_generation(running, self.shared, admin=self.admin)
+        self.store: StoreFollower | None = None
+        self._follow(config, stored)
         # More client connections, and never EMFILE under them (see oaproxy.descriptors).
         raise_descriptor_limit()
-        self.site = ProxySite(self.generation.root, config, self.shared.metrics, reactor=reactor)
+        self.site = ProxySite(self.generation.root, running, self.shared.metrics, reactor=reactor)
         # Nothing runs yet, so nothing is waited for: done at once.
         failed: list[Failure] = []
         ensureDeferred(self._adopt(None, self.generation)).addErrback(failed.append)
@@ -80,6 +101,27 @@ class ProxyService(MultiService):
     @property
     def sinks(self) -> Mapping[str, QueuedSink]:
         return self.generation.sinks
+
+    def _follow(self, config: Config, stored: StoreSnapshot) -> None:
+        """Follow ``config``'s SQL store, unless that one is followed already."""
+        store = self.store
+        if store is not None and (store.dbtype, store.dbaddr) == (config.dbtype, config.dbaddr):
+            store.follow_every(config.store_poll_interval)
+            store.now_in_use(stored.version)
+            return
+        if store is not None:
+            store.disownServiceParent()
+        self.store = None
+        if config.dbtype in DBTYPES:
+            self.store = StoreFollower(
+                config.dbtype,
+                config.dbaddr,
+                self._reactor,
+                interval=config.store_poll_interval,
+                stored=stored,
+                apply=self._apply_stored,
+            )
+            self.store.setServiceParent(self)
 
     def _listen_for(self, config: Config) -> tuple[str, ...]:
         return self._listen_override or config.listen
@@ -103,6 +145,13 @@ class ProxyService(MultiService):
         return ensureDeferred(self._reload())
 
     async def _reload(self) -> bool:
+        await self._swapping.acquire()
+        try:
+            return await self._reload_file()
+        finally:
+            self._swapping.release()
+
+    async def _reload_file(self) -> bool:
         path = self.config.path
         try:
             config = load_config(path, self.shared.environ)
@@ -111,9 +160,16 @@ class ProxyService(MultiService):
             for endpoint in self._listen_for(config):
                 if endpoint not in self.listeners.services:
                     check_endpoint(self._reactor, endpoint, config.path)
+            sealer = Sealer.from_config(config)
+            stored = await self._read_store(config)
             # Everything the new config makes is made before anything is
             # swapped: a failure here leaves the running config untouched.
-            new = build_generation(config, self.shared, previous=self.generation)
+            new = build_generation(
+                overlay(config, stored, sealer),
+                self.shared,
+                previous=self.generation,
+                admin=self.admin,
+            )
         except ConfigError as e:
             self.log.error("reload refused, the running config stays: {error}", error=str(e))
             return False
@@ -127,10 +183,57 @@ class ProxyService(MultiService):
         except Exception:  # noqa: BLE001 - a reload must not stop the daemon
             self.log.failure("reload refused, the running config stays")
             return False
+        self.file_config, self.stored = config, stored
+        self._follow(config, stored)
         await self._swap(new)
         await self.listeners.replace(self._listen_for(config))
         log_summary(self.log, "config reloaded", self.generation, self.listeners)
         return True
+
+    async def _read_store(self, config: Config) -> StoreSnapshot:
+        """What ``config``'s store holds now (its follower reads it)."""
+        store = self.store
+        if config.dbtype not in DBTYPES:
+            return EMPTY
+        if store is not None and (store.dbtype, store.dbaddr) == (config.dbtype, config.dbaddr):
+            return await store.read()
+        # Another store (dbaddr changed): followed only once the reload is done.
+        return await read_store_once(config.dbtype, config.dbaddr, self._reactor)
+
+    async def _apply_stored(self, follower: StoreFollower, stored: StoreSnapshot) -> bool:
+        """Run the config the file and ``stored`` make; False when refused."""
+        await self._swapping.acquire()
+        try:
+            if follower is not self.store:
+                # Read from a store a reload has stopped following meanwhile.
+                return False
+            config = self.file_config
+            try:
+                new = build_generation(
+                    overlay(config, stored, Sealer.from_config(config)),
+                    self.shared,
+                    previous=self.generation,
+                    admin=self.admin,
+                )
+            except ConfigError as e:
+                self.log.error(
+                    "store change refused, the running config stays: {error}", error=str(e)
+                )
+                return False
+            except Exception:  # noqa: BLE001 - a store change must not stop the daemon
+                self.log.failure("store change refused, the running config stays")
+                return False
+            self.log.info(
+                "store version {version} applied: {changes}",
+                version=stored.version,
+                changes=stored.changes_since(self.stored),
+            )
+            self.stored = stored
+            await self._swap(new)
+            log_summary(self.log, "store changes applied", self.generation, self.listeners)
+            return True
+        finally:
+            self._swapping.release()
 
     async def _swap(self, new: Generation) -> None:
         old, self.generation = self.generation, new
@@ -164,6 +267,9 @@ class ProxyService(MultiService):
                 shared.records.add_observer(sink.observer)
                 shared.metrics.add_sink(name, sink)
         shared.readiness.configure(upstream_names(new.config), new.sinks)
+        shared.recent_attempts.keep_only(
+            [u.name for u in (*new.config.upstreams, *new.config.disabled_upstreams)]
+        )
 
     async def _replace(self, old: IService | None, new: IService | None) -> None:
         """Start ``new``, then stop ``old``, unless they are one."""

@@ -3,7 +3,9 @@
 The relay writes every event exactly as it arrived, so the splitter never
 rewrites bytes: the concatenation of all returned events plus ``pending()``
 is always the input.  Line ends follow the SSE spec: CRLF, LF or a bare CR,
-in any mix; an event ends at a blank line.
+in any mix; an event ends at a blank line. An event longer than the
+splitter's cap (whole, or still unfinished) is refused: an upstream that never
+sends a blank line cannot make it hold more.
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ _LF = 0x0A
 _COLON = 0x3A
 
 
+class EventTooLarge(Exception):
+    """An SSE event longer than the splitter's ``max_event_bytes``."""
+
+    def __init__(self, max_event_bytes: int) -> None:
+        super().__init__(f"SSE event over {max_event_bytes} bytes")
+
+
 class SSESplitter:
     """Incremental SSE event splitter.
 
@@ -38,15 +47,20 @@ class SSESplitter:
     ``end()`` releases such an event.
     """
 
-    __slots__ = ("_buf", "_scan")
+    __slots__ = ("_buf", "_max_event_bytes", "_scan")
 
-    def __init__(self) -> None:
+    def __init__(self, max_event_bytes: int | None = None) -> None:
         self._buf = bytearray()
         # Offset in _buf where the next blank-line search starts.
         self._scan = 0
+        self._max_event_bytes = max_event_bytes
 
     def feed(self, data: bytes) -> list[bytes]:
-        """Add received bytes; return the events they complete (maybe none)."""
+        """Add received bytes; return the events they complete (maybe none).
+
+        Raises ``EventTooLarge`` when an event, or the one not finished yet,
+        is longer than ``max_event_bytes``.
+        """
         self._buf += data
         return self._split(final=False)
 
@@ -67,6 +81,7 @@ class SSESplitter:
         events: list[bytes] = []
         start = 0
         scan = self._scan
+        limit = self._max_event_bytes if self._max_event_bytes is not None else n
         while start < n:
             first = buf[start]
             # A blank line at the start of an event is an event of its own.
@@ -88,8 +103,12 @@ class SSESplitter:
                 if end == n and buf[end - 1] == _CR and not final:
                     scan = max(start, n - _RESCAN)
                     break
+            if end - start > limit:
+                raise EventTooLarge(limit)
             events.append(bytes(buf[start:end]))
             start = scan = end
+        if n - start > limit:
+            raise EventTooLarge(limit)
         if start:
             del buf[:start]
             scan -= start

@@ -12,7 +12,14 @@ from urllib.parse import urlsplit
 
 from twisted.logger import Logger
 
-from oaproxy.config import Config, Rate, Upstream, UpstreamType, all_client_keys
+from oaproxy.config import (
+    Config,
+    Rate,
+    Upstream,
+    UpstreamType,
+    all_client_keys,
+    is_loopback_endpoint,
+)
 from oaproxy.descriptors import connection_cap
 from oaproxy.traffic.budgets import describe_budget
 
@@ -125,9 +132,28 @@ def _limits_line(config: Config) -> str:
     )
 
 
+def _admin_line(config: Config, listen: Iterable[str]) -> str:
+    if not config.admin_key:
+        return "admin API: off (no admin_key)"
+    line = f"admin API: on, at /admin/; store_key {'set' if config.store_key else 'not set'}"
+    plain = [
+        endpoint
+        for endpoint in listen
+        if not endpoint.startswith("ssl:") and not is_loopback_endpoint(endpoint)
+    ]
+    if plain:
+        # The admin key travels with every request.
+        line += (
+            f"; WARNING: served without TLS on {', '.join(plain)}: reach it through TLS"
+            " or an SSH tunnel only"
+        )
+    return line
+
+
 def summary(
     config: Config, listen: Iterable[str], sinks: Iterable[str], alerts: Iterable[str]
 ) -> list[str]:
+    listen = list(listen)
     keys = ", ".join(k.name for k in all_client_keys(config)) or "none, the proxy is open"
     sink_list = ", ".join(sinks) or "none"
     alert_list = ", ".join(alerts) or "none"
@@ -153,7 +179,9 @@ def summary(
             f"route {route}/v1: upstreams {served}; lb_policy {config.lb_policy_for(route).value}"
         )
     lines.extend(_upstream_line(u) for u in config.upstreams)
+    # Disabled by the file's enabled: false or by the store: the same thing.
     lines.extend(f"upstream {u.name}: disabled (enabled: false)" for u in config.disabled_upstreams)
+    lines.append(_admin_line(config, listen))
     policy = config.records
     lines.append(
         f"records: body {policy.body}, response {policy.response}, headers {policy.headers};"

@@ -7,7 +7,8 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from oaproxy.config import ConfigError, check_listeners, load_config, parse_listen
+from oaproxy.admin.loading import load
+from oaproxy.config import ConfigError, check_listeners, parse_listen
 
 
 class Options(usage.Options):
@@ -38,16 +39,19 @@ class Options(usage.Options):
                     listen.append(parse_listen(endpoint))
                 except ValueError as e:
                     raise SystemExit(f"oaproxy: --listen {endpoint}: {e}") from None
-            config = load_config(path)
+            # The file, and the store's upstreams and keys on top (oaproxy.admin);
+            # a store that cannot be read yet is followed until it can.
+            loaded = load(path, create_store=True, without_store=True)
             if listen:
-                check_listeners(config, listen, key="--listen")
+                check_listeners(loaded.config, listen, key="--listen")
         except ConfigError as e:
             # Not a UsageError: twistd would print its whole --help before it.
             # One line naming file, line and key, no traceback, no reactor.
             raise SystemExit(f"oaproxy: {e}") from None
         except OSError as e:
             raise SystemExit(f"oaproxy: {path}: cannot read the config: {e.strerror}") from None
-        self["loaded"] = config
+        self["loaded"] = loaded.file
+        self["stored"] = loaded.stored
         self["listen"] = listen
 
 
@@ -66,4 +70,4 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             check_endpoint(reactor, endpoint, config.path)
     except ConfigError as e:
         raise SystemExit(f"oaproxy: {e}") from None
-    return ProxyService(config, reactor, listen, signals=True)
+    return ProxyService(config, reactor, listen, signals=True, stored=options["stored"])

@@ -43,6 +43,8 @@ class UpstreamClients:
         *,
         clock: Any,
         wall_clock: Callable[[], float],
+        max_event_bytes: int,
+        words: Callable[[str], str],
     ) -> None:
         echo = EchoAgent(wall_clock)
         clients: dict[str, UpstreamClient] = {}
@@ -53,8 +55,17 @@ class UpstreamClients:
                 continue
             agent, fresh_agent = agents(upstream.proxy), fresh_agents(upstream.proxy)
             if upstream.type is UpstreamType.REPLICATE:
-                agent = ReplicateAgent(upstream, agent, clock, wall_clock)
-                fresh_agent = ReplicateAgent(upstream, fresh_agent, clock, wall_clock)
+                agent, fresh_agent = (
+                    ReplicateAgent(
+                        upstream,
+                        http,
+                        clock,
+                        wall_clock,
+                        max_event_bytes=max_event_bytes,
+                        words=words,
+                    )
+                    for http in (agent, fresh_agent)
+                )
             clients[upstream.name] = UpstreamClient(agent, fresh_agent)
         self._clients: Mapping[str, UpstreamClient] = clients
 

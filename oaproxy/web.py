@@ -4,9 +4,10 @@ address, OpenAI-shaped error answers.
 ``/v1/*`` and each route prefix's ``<route>/v1/*`` go to the request
 pipeline of the config that made the tree (``oaproxy.pipeline``; paths are
 read by ``oaproxy.paths``); ``OPTIONS`` is a CORS preflight
-(``oaproxy.cors``); ``/healthz`` says the process serves. A reload puts a
-new tree in the site (``ProxySite.serve``): new requests use it, those in
-flight keep theirs.
+(``oaproxy.cors``); ``/healthz`` says the process serves; ``/admin/`` is the
+admin API (``oaproxy.admin.resource``). No route prefix can shadow these
+(``config.values.RESERVED_ROOTS``). A reload puts a new tree in the site
+(``ProxySite.serve``): new requests use it, those in flight keep theirs.
 """
 
 from __future__ import annotations
@@ -307,6 +308,7 @@ class RootResource(Resource):
         metrics: Resource,
         ready: Resource,
         routes: Collection[str] = (),
+        admin: Resource | None = None,
     ) -> None:
         super().__init__()
         proxy.putChild(b"metrics", metrics)
@@ -314,6 +316,8 @@ class RootResource(Resource):
         self.putChild(b"metrics", metrics)
         self.putChild(b"healthz", HealthResource())
         self.putChild(b"readyz", ready)
+        if admin is not None:
+            self.putChild(b"admin", admin)
         self._routes = tuple(routes)
         self._routed = RoutedResource(proxy.pipeline, proxy.cors)
 

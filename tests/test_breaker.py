@@ -23,11 +23,12 @@ from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from oaproxy.breaker import Breakers, Evidence, evidence
+from oaproxy.breaker import Breakers, circuit_evidence
 from oaproxy.circuits import MAX_RETRY_AFTER, Circuits, CircuitState, retry_after
 from oaproxy.config import BreakerConfig, Upstream
 from oaproxy.forward import AttemptLog, Exchange
-from oaproxy.record import FailureKind
+from oaproxy.health import FAILING_AFTER
+from oaproxy.record import Evidence, FailureKind, evidence
 from oaproxy.sharedredis import SharedRedis
 from tests.doubles import Client, Harness, bare_exchange, capture_log, headers, make_config
 from tests.live import (
@@ -174,13 +175,17 @@ class LifecycleTests(BreakerCase):
         self.assertEqual(tried, ["b"])
 
     def test_what_counts(self) -> None:
-        """5xx, 429, timeouts and connection errors count; a 400 or 404 is
-        an answer (it resets the count); a client gone says nothing."""
+        """5xx, 429, a 401 to the upstream's own key, timeouts and connection
+        errors count; a 400 or 404 is an answer (it resets the count); a
+        client gone says nothing."""
         self.chat(500, OK)
         _, tried = self.chat(400)
         self.assertEqual(tried, ["a"])
         self.chat(429, OK)
         self.assertIs(self.state("a"), CircuitState.CLOSED)
+        self.chat(404, OK)
+        self.assertEqual(self.h.shared.circuits.view("a").failures, 0)
+        self.chat(401, OK)
         client = self.h.chat()
         self.h.agent.calls[-1].fail(ConnectionRefusedError())
         self.h.agent.calls[-1].respond(200, body=OK)
@@ -281,8 +286,9 @@ class EvidenceTests(SynchronousTestCase):
             (200, None, Evidence.ANSWERED),
             (400, None, Evidence.ANSWERED),
             (404, FailureKind.STATUS, Evidence.ANSWERED),
-            (401, FailureKind.STATUS, Evidence.ANSWERED),
-            (429, FailureKind.STATUS, Evidence.FAILED),
+            (401, FailureKind.STATUS, Evidence.FAILED),
+            (403, FailureKind.STATUS, Evidence.FAILED),
+            (429, FailureKind.STATUS, Evidence.ANSWERED),
             (500, FailureKind.STATUS, Evidence.FAILED),
             (503, FailureKind.STATUS, Evidence.FAILED),
             (None, FailureKind.TIMEOUT, Evidence.FAILED),
@@ -291,6 +297,7 @@ class EvidenceTests(SynchronousTestCase):
             (None, FailureKind.TLS_ERROR, Evidence.FAILED),
             (200, FailureKind.UPSTREAM_ENDED_EARLY, Evidence.FAILED),
             (200, FailureKind.STREAM_IDLE, Evidence.FAILED),
+            (200, FailureKind.EVENT_TOO_LARGE, Evidence.FAILED),
             (None, FailureKind.CANCELLED, Evidence.NOTHING),
             (200, FailureKind.CLIENT_STOPPED_READING, Evidence.NOTHING),
             (200, FailureKind.BODY_TOO_LARGE, Evidence.NOTHING),
@@ -298,6 +305,73 @@ class EvidenceTests(SynchronousTestCase):
         for status, failure, expected in table:
             attempt = AttemptLog("a", 0.0, status=status, failure=failure)
             self.assertIs(evidence(attempt), expected, (status, failure))
+
+    def test_a_429_opens_circuits_not_readiness(self) -> None:
+        """A 429 to the upstream's own key fails its circuit (readiness calls
+        it an answer); to the client's own key (sk: asis) it is an answer."""
+        quota = AttemptLog("a", 0.0, status=429, failure=FailureKind.STATUS)
+        self.assertIs(circuit_evidence(quota), Evidence.FAILED)
+        self.assertIs(evidence(quota), Evidence.ANSWERED)
+        own = AttemptLog("a", 0.0, status=429, failure=FailureKind.STATUS, client_key_sent=True)
+        self.assertIs(circuit_evidence(own), Evidence.ANSWERED)
+
+    def test_the_clients_own_key_refused(self) -> None:
+        """With sk: asis a 401 or 403 refuses the client's key: the upstream answered."""
+        for status in (401, 403):
+            attempt = AttemptLog(
+                "a", 0.0, status=status, failure=FailureKind.STATUS, client_key_sent=True
+            )
+            self.assertIs(evidence(attempt), Evidence.ANSWERED, status)
+
+
+JUDGED_CONFIG = """
+authorization: {alice: sk-client}
+breaker: {failures: 3, cooldown: 10}
+upstreams:
+  - {name: a, endpoint: "https://a.test/v1", sk: sk-a}
+  - {name: b, endpoint: "https://b.test/v1", sk: asis}
+  - {name: c, endpoint: "https://c.test/v1", sk: sk-c, backup: true}
+"""
+
+
+class OneJudgementTests(BreakerCase):
+    """Readiness and the circuit breakers judge attempts one way."""
+
+    config = JUDGED_CONFIG
+
+    def judged(self) -> tuple[list[str], list[CircuitState]]:
+        failing = self.h.shared.readiness.state()[1]["failing_upstreams"]
+        return failing, [self.state(name) for name in "abc"]
+
+    def test_what_the_client_asked_for_counts_for_neither(self) -> None:
+        """404s for a model the upstream lacks and 401s to the client's own
+        key (sk: asis) neither make /readyz list an upstream nor open its circuit."""
+        for _ in range(FAILING_AFTER):
+            _, tried = self.chat(404, 401, OK)
+            self.assertEqual(tried, ["a", "b", "c"])
+        self.assertEqual(self.judged(), ([], [CircuitState.CLOSED] * 3))
+
+    def test_the_upstreams_own_failures_count_for_both(self) -> None:
+        """401s to the upstream's own key and 503s make /readyz list it and
+        open its circuit, at the same attempts."""
+        for _ in range(FAILING_AFTER):
+            self.chat(401, 503, OK)
+        self.assertEqual(
+            self.judged(),
+            (["a", "b"], [CircuitState.OPEN, CircuitState.OPEN, CircuitState.CLOSED]),
+        )
+
+    def test_retry_after_to_the_clients_key_holds_nothing(self) -> None:
+        """A 429 with Retry-After to the client's own key speaks of that key:
+        the upstream's circuit stays closed; to the upstream's own key it holds."""
+        client = self.h.chat()
+        self.h.agent.calls[-1].respond(429, body=b"{}", headers=headers({"retry-after": "60"}))
+        self.h.agent.calls[-1].respond(429, body=b"{}", headers=headers({"retry-after": "60"}))
+        self.h.agent.calls[-1].respond(200, body=OK)
+        self.assertEqual(client.reply().status, 200)
+        self.assertEqual(
+            self.judged(), (["a"], [CircuitState.OPEN, CircuitState.CLOSED, CircuitState.CLOSED])
+        )
 
 
 # -- shared state --------------------------------------------------------------------

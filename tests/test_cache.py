@@ -14,6 +14,7 @@ from oaproxy.cache.replay import StreamedAnswer, stream_from_completion
 from oaproxy.cache.stores import MemoryStore
 from oaproxy.generation import build_generation
 from oaproxy.inspection import WALK_AT_ONCE
+from oaproxy.largeanswer import MAX_PARSED_ANSWER
 from oaproxy.record import record_document
 from tests.doubles import Client, Harness, Reply, headers, make_config
 from tests.payloads import api_path, sse, sse_events
@@ -442,6 +443,39 @@ class WhatIsStoredTests(CacheCase):
         self.answer_json({**COMPLETION, "id": "x" * 100})
         self.ask()
         self.assertEqual(self.forwarded(), 2)
+
+    def test_answers_too_large_to_parse_are_not_stored(self) -> None:
+        """A non-stream answer over 1 MiB (never joined nor parsed) is passed
+        on whole but not stored, even under a larger max_entry_bytes."""
+        self.h = Harness(CONFIG.replace("cache: {ttl: 60}", "cache: {max_entry_bytes: 4194304}"))
+        large = {**COMPLETION, "id": "x" * (MAX_PARSED_ANSWER + 1)}
+        first = self.ask()
+        self.answer_json(large)
+        self.assertEqual(first.reply().body, json.dumps(large).encode())
+        self.assertEqual(self.cached(first.reply()), b"miss")
+        self.ask()
+        self.assertEqual((self.forwarded(), self.count("store")), (2, None))
+
+    def test_large_stream_entry_is_not_parsed_for_a_hits_record(self) -> None:
+        """A stream stored as a completion over 1 MiB (max_entry_bytes allows
+        it) answers a non-stream hit whole; its record, like a large answer's,
+        keeps the usage and marks the text truncated."""
+        self.h = Harness(CONFIG.replace("cache: {ttl: 60}", "cache: {max_entry_bytes: 4194304}"))
+        text = "x" * (MAX_PARSED_ANSWER + 1)
+        self.ask(stream=True)
+        self.answer_stream(
+            sse(chunk({"role": "assistant", "content": text}), chunk({}, "stop"), USAGE_CHUNK)
+            + sse("[DONE]")
+        )
+        reply = self.ask().reply()
+        self.assertEqual(
+            (self.cached(reply), reply.json()["choices"][0]["message"]["content"]), (b"hit", text)
+        )
+        record = record_document(self.h.records[1])
+        self.assertEqual(
+            (record["response_text"], record["truncated"], record["usage"]),
+            (None, ["response_text"], USAGE),
+        )
 
 
 class BypassTests(CacheCase):

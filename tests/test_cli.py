@@ -21,7 +21,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from oaproxy import recordstore
 from oaproxy.cli import chat_item, parse_time
 from oaproxy.record import Outcome, Record, decode_record, encode_record
-from oaproxy.sinks.sql import VERSION_TABLE, insert_statement, migrate, open_database, record_row
+from oaproxy.sinks.sql import (
+    SCHEMA_VERSION,
+    VERSION_TABLE,
+    insert_statement,
+    migrate,
+    open_database,
+    record_row,
+)
 from tests.doubles import run_cli
 from tests.live import POSTGRES_DSN, free_port, postgres_schema, unavailable
 from tests.records import record, usage
@@ -610,7 +617,7 @@ class SQLiteTests(StoreMixin, SynchronousTestCase):
                 "",
                 (
                     f"oaproxy: the sqlite database {self.dbaddr} has schema version 99, "
-                    f"newer than this oaproxy's 1: upgrade oaproxy to read it\n"
+                    f"newer than this oaproxy's {SCHEMA_VERSION}: upgrade oaproxy to read it\n"
                 ),
             ),
         )

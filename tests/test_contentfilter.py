@@ -15,7 +15,7 @@ from oaproxy.circuits import CircuitState
 from oaproxy.config import ContentFilterConfig
 from oaproxy.contentfilter import ContentFilter, item_texts, model_texts
 from oaproxy.inspection import WALK_AT_ONCE, Inspected
-from oaproxy.relay import RequestBody
+from oaproxy.requestbody import RequestBody
 from tests.doubles import Client, Harness
 from tests.payloads import CHAT_ANSWER
 from tests.test_inspection import fields

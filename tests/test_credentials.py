@@ -123,6 +123,64 @@ class RedactorTests(SynchronousTestCase):
         clean = b"nothing secret"
         self.assertIs(Redactor([]).redact_bytes(clean), clean)
 
+    def test_a_requests_own_token_in_bytes(self) -> None:
+        """An error body echoing the client's own token loses it too."""
+        self.assertEqual(
+            self.redact.redact_bytes(b"bad caller-token-0123456", extra="caller-token-0123456"),
+            b"bad " + REDACTED.encode(),
+        )
+
+    def test_words_about_a_failure(self) -> None:
+        """Failure texts lose the configured secrets, the request's own token,
+        and anything shaped like a key."""
+        self.assertEqual(
+            self.redact.words(
+                "echo Authorization: Bearer x.y, sk-upstream-0123456789, own-0123456789",
+                extra="own-0123456789",
+            ),
+            f"echo Authorization: Bearer {REDACTED} {REDACTED}, {REDACTED}",
+        )
+
+    def test_json_escaped_forms(self) -> None:
+        """A secret with characters written as JSON escapes is still found."""
+        self.assertEqual(
+            self.redact(
+                '{"k": "sk\\u002dupstream\\u002D0123456789", "l": "ck-bob\\u002d0123456789"}'
+            ),
+            f'{{"k": "{REDACTED}", "l": "{REDACTED}"}}',
+        )
+        self.assertEqual(
+            self.redact.redact_bytes(b'"sk\\u002dupstream-0123456789"'),
+            b'"' + REDACTED.encode() + b'"',
+        )
+        slashed = Redactor(["tok/abc/0123456789"])
+        self.assertEqual(slashed('"tok\\/abc\\/0123456789"'), f'"{REDACTED}"')
+
+    def test_url_escaped_forms(self) -> None:
+        """A secret percent-encoded in a query string is still found, the
+        request's own token too."""
+        self.assertEqual(
+            self.redact("/v1/models?api_key=ck%2Dalice%2d0123456789&x=1"),
+            f"/v1/models?api_key={REDACTED}&x=1",
+        )
+        self.assertEqual(
+            self.redact("?key=own%2D0123456789", extra="own-0123456789"), f"?key={REDACTED}"
+        )
+
+    def test_escapes_of_other_characters_cost_no_copy(self) -> None:
+        """Escapes that stand for no character of a secret leave the text as it is."""
+        text = '{"text": "caf\\u00e9 \\u4e2d 100%25 done\\n"}'
+        self.assertIs(self.redact(text), text)
+        data = text.encode()
+        self.assertIs(self.redact.redact_bytes(data), data)
+
+    def test_carries(self) -> None:
+        """Whether bytes hold a secret (or the request's own token) in any form."""
+        self.assertTrue(self.redact.carries(b"Bearer sk-upstream-0123456789"))
+        self.assertTrue(self.redact.carries(b"sk%2Dupstream-0123456789"))
+        self.assertTrue(self.redact.carries(b"x own-0123456789", extra="own-0123456789"))
+        self.assertFalse(self.redact.carries(b"application/json"))
+
     def test_non_ascii_secret_in_bytes(self) -> None:
         """A secret is matched in bytes as its UTF-8 encoding."""
         redact = Redactor(["clé-secrète-0123"])

@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from oaproxy.echo import FINGERPRINT, MAX_EMBEDDING_VALUES, EchoAgent, embedding, pieces
 from oaproxy.inspection import WALK_AT_ONCE
 from oaproxy.localresponse import LocalResponse
-from oaproxy.relay import BodyCollector, BytesProducer
+from oaproxy.relay import BytesProducer, small_body
 from tests.live import EndToEndCase, child_env, free_port, reachable, spawn_daemon, wait_for
 from tests.payloads import sse_events
 
@@ -38,10 +38,8 @@ def answer(method: bytes, path: bytes, body: Any = None) -> tuple[int, bytes, by
     )
     [response] = results
     assert isinstance(response, LocalResponse)
-    collector = BodyCollector(1 << 24)
-    response.deliverBody(collector)
     bodies: list[bytes] = []
-    collector.finished.addCallback(bodies.append)
+    small_body(response, 1 << 24).addCallback(bodies.append)
     [content_type] = response.headers.getRawHeaders(b"content-type") or [b""]
     return response.code, content_type, bodies[0]
 

@@ -18,6 +18,7 @@ from twisted.internet.error import (
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import RequestNotSent, ResponseNeverReceived
+from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
 
 from oaproxy.forward import FAILOVER_STATUSES, Exchange, attempt_deadline, fails_over
@@ -72,6 +73,56 @@ class FailoverTests(ForwardTestCase):
                 record["duration"],
             ),
             ("a", 200, "ok", 1.5, 1.5),
+        )
+
+    def test_refusals_of_which_key_are_told_apart(self) -> None:
+        """A 401 to the upstream's own key counts against it; to the client's (asis) not."""
+        h = Harness(CONFIG.replace("sk: sk-b}", "sk: asis}"))
+        client = h.chat()
+        h.agent.calls[0].respond(401, body=b'{"error":"bad sk-a"}')
+        h.agent.calls[1].respond(401, body=b'{"error":"bad client key"}')
+        h.agent.calls[2].respond(200, body=b"{}")
+        self.assertReply(client.reply(), 200, b"{}")
+        a, b, c = h.records[0].attempts
+        self.assertEqual((a.status, b.status, c.status), (401, 401, 200))
+        self.assertEqual(
+            (a.upstream_at_fault, b.upstream_at_fault, c.upstream_at_fault), (True, False, False)
+        )
+
+    def test_large_answer_is_passed_in_pieces_not_parsed(self) -> None:
+        """An answer over 1 MiB reaches the client whole; the record keeps its
+        usage, read near its end, and marks its text truncated."""
+        client = self.h.chat()
+        body = json.dumps(
+            {
+                "choices": [{"index": 0, "message": {"content": "x" * (2 * 1024 * 1024)}}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
+            }
+        ).encode()
+        response = self.calls[0].respond(200)
+        for start in range(0, len(body), 65536):
+            response.write(body[start : start + 65536])
+        response.finish()
+        self.assertReply(client.reply(), 200, body)
+        record = self.h.record()
+        self.assertEqual(
+            (record["response_text"], record["truncated"], record["bytes_out"]),
+            (None, ["response_text"], len(body)),
+        )
+        self.assertEqual(
+            record["usage"], {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+        )
+
+    def test_large_error_answer_fails_over(self) -> None:
+        """An error answer over 1 MiB is no error document: the next upstream is tried."""
+        client = self.h.chat()
+        self.calls[0].respond(400).write(b"x" * (1024 * 1024 + 1))
+        self.assertEqual(self.calls[0].response.transport.events, ["stop"])  # type: ignore[union-attr]
+        self.calls[1].respond(200, body=b"{}")
+        self.assertReply(client.reply(), 200, b"{}")
+        self.assertEqual(
+            self.h.record()["attempts"][0]["error"],
+            "UpstreamEndedEarly: response body over 1048576 bytes",
         )
 
     def test_connection_error_fails_over(self) -> None:
@@ -442,6 +493,23 @@ class StreamDeadlineTests(ForwardTestCase):
         self.assertEqual(
             self.h.record()["attempts"][0]["error"],
             "UpstreamEndedEarly: upstream ended the stream before its first event",
+        )
+
+    def test_too_many_comments_before_the_first_event_fail_over(self) -> None:
+        """What a stream holds before its first event is capped by max_event_bytes."""
+        h = Harness(CONFIG + "max_event_bytes: 256\n")
+        client = h.chat(stream=True)
+        first = h.agent.calls[0].respond(200, b"text/event-stream")
+        for _ in range(32):
+            first.write(b": ping\n\n")
+        self.assertEqual((first.transport.events, len(h.agent.calls)), ([], 1))
+        first.write(b": ping\n\n")
+        self.assertEqual(first.transport.events, ["stop"])
+        h.agent.calls[1].respond(200, b"text/event-stream", body=sse(content_chunk("Hi"), "[DONE]"))
+        self.assertReply(client.reply(), 200, sse(content_chunk("Hi"), "[DONE]"))
+        self.assertEqual(
+            h.record()["attempts"][0]["error"],
+            "UpstreamEndedEarly: over 256 bytes before the first event",
         )
 
     def test_headers_late_fail_over_after_stream_timeout(self) -> None:
@@ -849,6 +917,71 @@ class FailureKindTests(ForwardTestCase):
         for index in (0, 1):
             self.assertEqual(self.kinds(index), [FailureKind.CANCELLED])
             self.assertEqual(self.h.records[index].outcome, Outcome.CLIENT_DISCONNECTED)
+
+
+SECRETS_CONFIG = """
+authorization: {alice: ck-alice-0123456789}
+stream_idle_timeout: 20
+upstreams:
+  - {name: a, endpoint: "https://a.test/v1", sk: sk-a-0123456789}
+  - {name: b, endpoint: "https://b.test/v1", sk: asis}
+"""
+
+
+class OutsideTextTests(SynchronousTestCase):
+    """Texts from upstreams about a failure are redacted once, as they come
+    in: the client, the record and the alert all get the redacted text."""
+
+    def setUp(self) -> None:
+        self.h = Harness(SECRETS_CONFIG)
+
+    def assertClean(self, data: str | bytes) -> None:
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+        for secret in ("sk-a-0123456789", "ck-alice-0123456789", "sk-unknown-0123456789"):
+            self.assertNotIn(secret, text)
+
+    def test_exception_texts_quoting_keys(self) -> None:
+        """An error text echoing a configured key, the client's, or an unknown
+        key-shaped one reaches neither the 502 nor the record."""
+        client = self.h.chat(key="ck-alice-0123456789")
+        echo = "upstream said: Authorization: Bearer sk-a-0123456789"
+        self.h.agent.calls[0].fail(ResponseFailed([Failure(ValueError(echo))]))
+        echo = "got ck-alice-0123456789 and sk-unknown-0123456789"
+        self.h.agent.calls[1].fail(ResponseFailed([Failure(ValueError(echo))]))
+        reply = client.reply()
+        self.assertEqual(reply.status, 502)
+        self.assertIn(b"Bearer [redacted]", reply.body)
+        self.assertClean(reply.body)
+        self.assertClean(json.dumps(self.h.record()))
+
+    def test_stream_failure_text_quoting_keys(self) -> None:
+        """A committed stream's failure text is redacted in the SSE error event and the record."""
+        client = self.h.chat(key="ck-alice-0123456789", stream=True)
+        response = self.h.agent.calls[0].respond(200, b"text/event-stream")
+        response.write(sse(content_chunk("a")))
+        response.fail(ValueError("lost with sk-a-0123456789 and ck-alice-0123456789"))
+        reply = client.reply()
+        self.assertIn(b"upstream stream failed: ", reply.body)
+        self.assertIn(b"[redacted]", reply.body)
+        self.assertClean(reply.body)
+        self.assertClean(json.dumps(self.h.record()))
+
+    def test_phrase_and_error_body_quoting_the_clients_key(self) -> None:
+        """An upstream passed the client's key (asis) that echoes it in its
+        phrase and body: the client and the record get neither."""
+        client = self.h.chat(key="ck-alice-0123456789")
+        self.h.agent.calls[0].respond(500, body=b"{}")
+        self.h.agent.calls[1].respond(
+            401,
+            body=b'{"error": {"message": "bad key ck-alice-0123456789"}}',
+            phrase=b"Unauthorized ck-alice-0123456789",
+        )
+        reply = client.reply()
+        self.assertEqual(
+            (reply.status, reply.phrase, reply.body),
+            (401, b"Unauthorized [redacted]", b'{"error": {"message": "bad key [redacted]"}}'),
+        )
+        self.assertClean(json.dumps(self.h.record()))
 
 
 class ExchangeTests(SynchronousTestCase):

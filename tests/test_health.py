@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, cast
 
+import attrs
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -11,7 +14,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from oaproxy.circuits import Circuits
 from oaproxy.health import FAILING_AFTER, Readiness
 from oaproxy.record import Attempt, FailureKind
-from tests.doubles import SinkCounters
+from tests.doubles import SinkCounters, parse_reply
+from tests.fakeupstream import Status
+from tests.live import EndToEndCase, RawClient, RunningProxy, chat, reactor
+from tests.payloads import upstream
 from tests.records import attempt, record
 
 
@@ -68,3 +74,76 @@ class ReadinessTests(SynchronousTestCase):
         """Attempts of upstreams no longer configured are not followed."""
         self.tried(attempt("gone", 503, failure=FailureKind.STATUS))
         self.assertEqual(self.state()["failing_upstreams"], [])
+
+    def test_what_the_client_asked_for_does_not_count(self) -> None:
+        """404, 408, 409 and 429 say what the request asked for, not that the upstream fails."""
+        for status in (404, 408, 409, 429):
+            self.tried(attempt("alpha", status, failure=FailureKind.STATUS))
+        self.tried(attempt("alpha", None, "too big", failure=FailureKind.BODY_TOO_LARGE))
+        self.assertEqual(self.state()["failing_upstreams"], [])
+
+    def test_refused_upstream_key_counts(self) -> None:
+        """A 401 or 403 to the upstream's own key means the upstream cannot serve."""
+        self.tried(attempt("alpha", 401, failure=FailureKind.STATUS))
+        self.tried(attempt("beta", 403, failure=FailureKind.STATUS))
+        self.assertEqual(self.state()["failing_upstreams"], ["alpha", "beta"])
+
+    def test_refused_client_key_does_not_count(self) -> None:
+        """With sk: asis a 401 or 403 refuses the client's key, not the upstream."""
+        for status in (401, 403):
+            refused = attempt("alpha", status, failure=FailureKind.STATUS)
+            self.tried(attrs.evolve(refused, client_key_sent=True))
+        self.assertEqual(self.state()["failing_upstreams"], [])
+
+    def test_judgement_of_each_kind(self) -> None:
+        """Every failure kind is judged: the upstream's own troubles count, the client's do not."""
+        counted = {
+            kind for kind in FailureKind if attempt(failure=kind, status=None).upstream_at_fault
+        }
+        self.assertEqual(
+            counted,
+            {
+                FailureKind.TIMEOUT,
+                FailureKind.CONNECT_ERROR,
+                FailureKind.DNS_ERROR,
+                FailureKind.TLS_ERROR,
+                FailureKind.UPSTREAM_ENDED_EARLY,
+                FailureKind.EVENT_TOO_LARGE,
+                FailureKind.STREAM_IDLE,
+                FailureKind.OTHER,
+            },
+        )
+        self.assertFalse(attempt(status=200).upstream_at_fault)
+        self.assertTrue(attempt(status=503, failure=FailureKind.STATUS).upstream_at_fault)
+
+
+class ReadinessLiveTests(EndToEndCase):
+    async def readyz(self, proxy: RunningProxy) -> tuple[int, dict[str, Any]]:
+        client = RawClient(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port), client)
+        await client.lost
+        reply = parse_reply(client.received)
+        return reply.status, json.loads(reply.body)
+
+    async def test_unknown_models_do_not_make_it_unready(self) -> None:
+        """Requests for a model the upstream lacks (its 404) leave /readyz ready."""
+        fake = await self.fake()
+        unknown = Status(404, "The model `gpt-9` does not exist", "invalid_request_error")
+        fake.script(*[unknown] * FAILING_AFTER)
+        proxy = await self.proxy([upstream("main", fake.endpoint)])
+        for _ in range(FAILING_AFTER):
+            await self.assertFailure(self.sdk(proxy, lambda c: chat(c, "gpt-9")), Exception)
+        await proxy.records.nth(FAILING_AFTER)
+        status, details = await self.readyz(proxy)
+        self.assertEqual((status, details["failing_upstreams"]), (200, []))
+
+    async def test_failing_upstream_makes_it_unready(self) -> None:
+        """The control: 503s from the only upstream make /readyz answer 503."""
+        fake = await self.fake()
+        fake.script(*[Status(503)] * FAILING_AFTER)
+        proxy = await self.proxy([upstream("main", fake.endpoint)])
+        for _ in range(FAILING_AFTER):
+            await self.assertFailure(self.sdk(proxy, chat), Exception)
+        await proxy.records.nth(FAILING_AFTER)
+        status, details = await self.readyz(proxy)
+        self.assertEqual((status, details["failing_upstreams"]), (503, ["main"]))

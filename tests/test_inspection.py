@@ -28,7 +28,7 @@ from oaproxy.inspection import (
     read_fields,
 )
 from oaproxy.jsonscan import NotAnObject, run, scan_object
-from oaproxy.relay import RequestBody
+from oaproxy.requestbody import RequestBody
 from oaproxy.traffic.estimate import text_characters
 from tests.doubles import make_config
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 
+from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.circuits import CircuitState
 from oaproxy.models import FETCH_TIMEOUT, LIST_LIFETIME, RETRY_LIFETIME, parse_list
-from tests.doubles import AgentCall, Client, Harness
+from tests.doubles import AgentCall, Client, Harness, capture_log
 from tests.payloads import bearer
 
 CONFIG = """
@@ -118,6 +119,18 @@ class ModelsTests(SynchronousTestCase):
         self.h.clock.advance(FETCH_TIMEOUT)
         self.assertTrue(hanging.cancelled)
         self.assertIn("mixtral", self.ids(slow))
+
+    def test_failure_text_is_redacted_in_the_log(self) -> None:
+        """A failed fetch's text is from outside: the log line quotes it without
+        the upstream's key (nor anything shaped like one)."""
+        events = capture_log(self)
+        asked = self.ask()
+        self.fetch().fail(ValueError("refused Bearer sk-own-upstream-1 and sk-unknown-0123456"))
+        self.assertIn("big", self.ids(asked))
+        [line] = [formatEvent(e) for e in events if "models list" in formatEvent(e)]
+        self.assertIn("ValueError: refused Bearer [redacted]", line)
+        self.assertNotIn("sk-own-upstream-1", line)
+        self.assertNotIn("sk-unknown-0123456", line)
 
     def test_concurrent_asks_share_one_fetch(self) -> None:
         """Two clients asking at once wait for the same fetch; one going

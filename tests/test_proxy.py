@@ -475,7 +475,13 @@ class UpstreamTypesTests(SynchronousTestCase):
             return lambda proxy: cast(IAgent, ways.setdefault((proxy, fresh), RecordingAgent()))
 
         clients = UpstreamClients(
-            config.upstreams, agents(False), agents(True), clock=Clock(), wall_clock=lambda: 0.0
+            config.upstreams,
+            agents(False),
+            agents(True),
+            clock=Clock(),
+            wall_clock=lambda: 0.0,
+            max_event_bytes=config.max_event_bytes,
+            words=str,
         )
         mistral, demo, direct = config.upstreams
         self.assertIs(clients(direct).agent, ways[(None, False)])

@@ -20,10 +20,10 @@ from oaproxy.record import FailureKind
 from oaproxy.relay import (
     BodyCollector,
     BytesProducer,
-    RequestBody,
     UpstreamEndedEarly,
     describe,
 )
+from oaproxy.requestbody import RequestBody
 from tests.doubles import ChunkConsumer, Client, FakeResponse, Harness
 from tests.payloads import chunk_data, cut, sse, sse_event, usage_chunk
 
@@ -349,7 +349,8 @@ class BodyCollectorTests(SynchronousTestCase):
         _, response, results = self.collect()
         response.write(b"01234").write(b"56789")
         response.finish()
-        self.assertEqual(results, [b"0123456789"])
+        self.assertEqual([r.joined() for r in results], [b"0123456789"])
+        self.assertEqual((results[0].parts, results[0].size), ((b"01234", b"56789"), 10))
 
     def test_over_the_limit(self) -> None:
         """A body over the limit stops the upstream and fails as too large,

@@ -19,7 +19,7 @@ from twisted.web.http_headers import Headers
 
 from oaproxy.circuits import CircuitState
 from oaproxy.inspection import WALK_AT_ONCE
-from oaproxy.relay import BodyCollector, BytesProducer
+from oaproxy.relay import BytesProducer, small_body
 from oaproxy.replicate import ReplicateAgent
 from oaproxy.replicate_format import mistral_prompt
 from tests.doubles import AgentCall, Harness, make_config
@@ -276,7 +276,11 @@ class ErrorMappingTests(SynchronousTestCase):
 
 class StreamTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.h = Harness(CONFIG)
+        self.start(CONFIG)
+
+    def start(self, config: str) -> None:
+        """A stream request to the replicate upstream, its prediction made and its stream asked."""
+        self.h = Harness(config)
         self.client = self.h.chat(MODEL, key="sk-client", stream=True)
         create = self.h.agent.only()
         self.assertEqual(create.json()["stream"], True)
@@ -324,6 +328,18 @@ class StreamTests(SynchronousTestCase):
         self.assertEqual(self.client.reply().header(b"x-oaproxy-upstream"), b"spare")
         self.assertIn("Replicate: boom", self.h.record()["attempts"][0]["error"])
 
+    def test_endless_event_ends_the_stream(self) -> None:
+        """Replicate's events are capped by max_event_bytes like an upstream's:
+        one that never ends stops the stream with an error, and the prediction."""
+        self.start(CONFIG.replace("timeout: 60\n", "timeout: 60\nmax_event_bytes: 256\n"))
+        events = self.stream.respond(200, content_type=b"text/event-stream")
+        events.write(b"event: output\ndata: Hel\n\n")
+        events.write(b"event: output\ndata: " + b"x" * 256)
+        self.assertTrue(events.transport.stopped)
+        body = self.client.reply().body
+        self.assertIn(b"Replicate: SSE event over 256 bytes", body)
+        self.assertIn("SSE event over 256 bytes", self.h.record()["error"])
+
     def test_slow_client_pauses_and_gone_client_cancels(self) -> None:
         """A paused client pauses Replicate's stream; one that goes away stops
         it and cancels the prediction."""
@@ -354,7 +370,9 @@ class PollingOnASocketTests(LiveCase):
         ).upstreams[0]
         clock = Clock()
         http = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
-        agent = ReplicateAgent(upstream, http, clock, lambda: 1_700_000_000.0)
+        agent = ReplicateAgent(
+            upstream, http, clock, lambda: 1_700_000_000.0, max_event_bytes=1 << 20, words=str
+        )
         body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
         answered = agent.request(
             b"POST",
@@ -367,9 +385,7 @@ class PollingOnASocketTests(LiveCase):
             clock.advance(delay)
             await wait_for(lambda polls=polls: len(fake.requests) == 1 + polls, timeout=5)  # type: ignore[misc]
         response = await answered
-        collector = BodyCollector(1 << 20)
-        response.deliverBody(collector)
-        completion = json.loads(await collector.finished)
+        completion = json.loads(await small_body(response, 1 << 20))
         self.assertEqual(completion["choices"][0]["message"]["content"], "Hello!")
         self.assertEqual(completion["usage"]["total_tokens"], 12)
         self.assertEqual(

@@ -76,11 +76,16 @@ class HelperTests(SynchronousTestCase):
         connection.commit()
         cursor = connection.cursor()
         cursor.execute(f"SELECT version FROM {VERSION_TABLE}")
-        self.assertEqual(cursor.fetchall(), [(1,)])
+        self.assertEqual(cursor.fetchall(), [(SCHEMA_VERSION,)])
         cursor.execute("SELECT name FROM sqlite_master WHERE type = 'index' ORDER BY name")
         self.assertEqual(
             [name for (name,) in cursor.fetchall() if not name.startswith("sqlite_")],
-            ["oaproxy_records_key_time", "oaproxy_records_model_time", "oaproxy_records_time"],
+            [
+                "oaproxy_audit_time",
+                "oaproxy_records_key_time",
+                "oaproxy_records_model_time",
+                "oaproxy_records_time",
+            ],
         )
 
     def test_beside_an_openai_api_route_database(self) -> None:
@@ -308,7 +313,7 @@ class PostgresSinkTests(SQLSinkBase):
         try:
             self.assertEqual(migrate(connection.cursor(), "postgres"), 0)
             connection.commit()
-            self.assertEqual(migrate(connection.cursor(), "postgres"), 1)
+            self.assertEqual(migrate(connection.cursor(), "postgres"), SCHEMA_VERSION)
             connection.commit()
         finally:
             connection.close()

@@ -13,7 +13,7 @@ from openai._streaming import SSEDecoder
 from openai.types.chat import ChatCompletionChunk
 from twisted.trial.unittest import SynchronousTestCase
 
-from oaproxy.sse import SSESplitter, event_data, sse_error_event
+from oaproxy.sse import EventTooLarge, SSESplitter, event_data, sse_error_event
 from tests.payloads import FAKE_MODEL, HI, content_chunk, cut, sse
 
 
@@ -143,6 +143,24 @@ class SplitterTests(SynchronousTestCase):
         self.assertLessEqual(splitter._scan, len(splitter.pending()))
         self.assertGreater(splitter._scan, len(splitter.pending()) - 4)
         self.assertEqual(len(splitter.feed(b"\n")), 1)
+
+    def test_event_up_to_the_cap_passes(self) -> None:
+        """An event of exactly max_event_bytes is split as any other."""
+        event = b"data: " + b"x" * 92 + b"\n\n"
+        self.assertEqual(SSESplitter(100).feed(event[:50] + event[50:]), [event])
+
+    def test_unfinished_event_over_the_cap_is_refused(self) -> None:
+        """Data that never reaches a blank line stops growing the buffer at the cap."""
+        splitter = SSESplitter(100)
+        self.assertEqual(splitter.feed(b"data: " + b"x" * 90), [])
+        with self.assertRaises(EventTooLarge) as caught:
+            splitter.feed(b"x" * 10)
+        self.assertEqual(str(caught.exception), "SSE event over 100 bytes")
+
+    def test_whole_event_over_the_cap_is_refused(self) -> None:
+        """An event longer than the cap is refused even when it came whole in one chunk."""
+        with self.assertRaises(EventTooLarge):
+            SSESplitter(100).feed(b"data: ok\n\n" + b"data: " + b"x" * 100 + b"\n\n")
 
     @settings(max_examples=300, deadline=None)
     @given(events(), st.lists(st.integers(min_value=0), max_size=30))

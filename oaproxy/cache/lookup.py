@@ -209,6 +209,9 @@ class ResponseCache(Observer):
         if exchange.call.stream:
             return None if ticket.stream is None else ticket.stream.completion()
         body = exchange.response_body
+        # None for an answer over largeanswer.MAX_PARSED_ANSWER (1 MiB): it is
+        # never joined nor parsed (either holds the reactor), so never stored,
+        # whatever max_entry_bytes allows.
         if body is None or len(body) > self._max_entry_bytes:
             return None
         try:

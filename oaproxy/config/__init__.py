@@ -79,6 +79,7 @@ from oaproxy.config.model import (
     UpstreamType,
     WindowStrategy,
     all_client_keys,
+    key_digest,
     key_fingerprint,
 )
 from oaproxy.config.rates import Rate, parse_rates
@@ -116,6 +117,7 @@ __all__ = [
     "all_client_keys",
     "check_listeners",
     "is_loopback_endpoint",
+    "key_digest",
     "key_fingerprint",
     "load_config",
     "parse_config",

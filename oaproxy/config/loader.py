@@ -2,8 +2,10 @@
 
 The sections are read from the model (``schema.read_section``); what is
 left here depends on more than one key: the client keys and their names
-across all upstreams, upstream names and inherited timeouts, ``dbaddr``'s
-dependence on ``dbtype``, and the open-relay check once all is known.
+across all upstreams, upstream names, what an upstream inherits (timeouts,
+proxy) and what its type asks (``settle_upstream``, which the store's
+upstreams are read with too), ``dbaddr``'s dependence on ``dbtype``, and the
+open-relay check once all is known.
 """
 
 from __future__ import annotations
@@ -38,9 +40,12 @@ from oaproxy.config.model import (
 from oaproxy.config.nodes import Item, NodeReader, child_key, read_document
 from oaproxy.config.schema import read_section, read_settings, section_items
 from oaproxy.config.values import checked_route, proxy_url
-from oaproxy.upstreamclient.proxy import HTTPProxy
 
-__all__ = ["load_config", "parse_config"]
+__all__ = ["INHERITED", "load_config", "parse_config", "settle_upstream"]
+
+#: The top-level settings an upstream without its own takes (its deadlines
+#: and its way out).
+INHERITED = ("timeout", "stream_timeout", "proxy")
 
 
 def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
@@ -120,10 +125,7 @@ def _config(nodes: NodeReader, root: Item) -> Config:
             )
         return tuple(seen.values())
 
-    # An upstream without deadlines of its own takes the top-level ones.
-    inherited = {
-        name: values.get(name, _default(Config, name)) for name in ("timeout", "stream_timeout")
-    }
+    inherited = {name: values.get(name, _default(Config, name)) for name in INHERITED}
     every_upstream = [
         Upstream(
             **{
@@ -131,7 +133,6 @@ def _config(nodes: NodeReader, root: Item) -> Config:
                 **p.values,
                 "name": name,
                 "keys": None if p.keys is None else client_keys(p.keys),
-                "proxy": _upstream_proxy(nodes, p.items, values.get("proxy")),
             }
         )
         for p, name in zip(parsed, _upstream_names(nodes, parsed))
@@ -181,17 +182,6 @@ def _check_redis_backends(
             continue
         backend = section_items(nodes, items[name], cls, what)["backend"]
         nodes.fail(backend.key, backend.line, "backend redis needs the top-level redis: URL")
-
-
-def _upstream_proxy(
-    nodes: NodeReader, items: Mapping[str, Item], inherited: HTTPProxy | None
-) -> HTTPProxy | None:
-    """An upstream's way out: its own ``proxy`` (``none``: direct), else the
-    top-level one."""
-    item = items.get("proxy")
-    if item is None or nodes.is_null(item):
-        return inherited
-    return proxy_url(nodes, item)
 
 
 def _dbaddr(nodes: NodeReader, items: Mapping[str, Item], dbtype: str | None) -> str | None:
@@ -339,25 +329,50 @@ def _upstream_items(nodes: NodeReader, item: Item | None) -> list[Item]:
 def _upstream(nodes: NodeReader, item: Item) -> _ParsedUpstream:
     items = section_items(nodes, item, Upstream, "an upstream mapping")
     values = read_settings(nodes, item, items, Upstream)
-    kind = values.get("type", UpstreamType.OPENAI)
+    settle_upstream(nodes, item, items, values)
+    keys = _raw_keys(nodes, items["keys"], scoped=True) if "keys" in items else None
+    return _ParsedUpstream(values, items, keys, item.line)
+
+
+def settle_upstream(
+    nodes: NodeReader,
+    item: Item,
+    items: Mapping[str, Item],
+    values: dict[str, Any],
+    over: Upstream | None = None,
+) -> None:
+    """What an upstream mapping says beyond each key alone, into ``values``
+    (its settings by attribute name): its own ``proxy`` (None for ``none``:
+    direct), and what its type asks of ``endpoint`` and ``sk`` (replicate's
+    endpoint has a default).  ``over``: the upstream these values change
+    (the store's change of an upstream of the file), whose type, endpoint
+    and sk stand where the values give none.
+    """
+    given = items.get("proxy")
+    if given is not None and not nodes.is_null(given):
+        values["proxy"] = proxy_url(nodes, given)
+    base = {} if over is None else {"type": over.type, "endpoint": over.endpoint, "sk": over.sk}
+
+    def current(name: str) -> Any:
+        return values.get(name, base.get(name))
+
+    kind = current("type") or UpstreamType.OPENAI
     if kind is UpstreamType.ECHO:
         # Given, they would say the answers come from somewhere: they do not.
         for key in ("endpoint", "sk"):
-            if key in values:
+            if current(key) is not None:
+                # The key given, or the type that makes it wrong.
+                wrong = items.get(key) or items.get("type") or item
                 nodes.fail(
-                    items[key].key,
-                    items[key].line,
-                    f"an echo upstream answers by itself: it has no {key}",
+                    wrong.key, wrong.line, f"an echo upstream answers by itself: it has no {key}"
                 )
-    elif "endpoint" not in values:
+    elif current("endpoint") is None:
         if kind is not UpstreamType.REPLICATE:
             # Absent, the mapping is what lacks it; null, the key itself.
-            given = items.get("endpoint")
-            line = item.line if given is None else given.line
+            endpoint = items.get("endpoint")
+            line = item.line if endpoint is None else endpoint.line
             nodes.fail(child_key(item.key, "endpoint"), line, "upstream has no endpoint")
         values["endpoint"] = REPLICATE_ENDPOINT
-    keys = _raw_keys(nodes, items["keys"], scoped=True) if "keys" in items else None
-    return _ParsedUpstream(values, items, keys, item.line)
 
 
 def _routes(nodes: NodeReader, item: Item, served: set[str | None]) -> Mapping[str, RouteSettings]:

@@ -119,13 +119,24 @@ def _one_measure(nodes: NodeReader, item: Item, budget: Budget) -> None:
         nodes.fail(item.key, item.line, "a budget needs either usd or tokens (not both)")
 
 
+def key_digest(secret: str | bytes) -> str:
+    """The SHA-256 of a client key, in hex: all the store keeps of a key."""
+    if isinstance(secret, str):
+        secret = secret.encode("utf-8")
+    return hashlib.sha256(secret).hexdigest()
+
+
 @frozen
 class ClientKey:
     """A client key; given as ``{name: {key: ..., rate_limit: ...}}`` it has
-    limits of its own (None: the ``limits:`` section's apply)."""
+    limits of its own (None: the ``limits:`` section's apply).
+
+    A key of the config file has its ``secret``; a key the admin API or the
+    CLI made is known by its ``sha256`` only (``secret`` None).
+    """
 
     name: str  # the name given in {name: key}, else key_fingerprint(secret); set by the loader
-    secret: str = field(
+    secret: str | None = field(
         repr=False, metadata=read(text, key="key", missing="a client key mapping needs key")
     )
     rate_limit: tuple[Rate, ...] | None = field(default=None, metadata=read(rates))
@@ -134,6 +145,14 @@ class ClientKey:
         default=None,
         metadata=section(Budget, "a mapping with usd or tokens, and period", _one_measure),
     )
+    # Not a key of the file: how a presented key is recognised.
+    sha256: str = field(repr=False)
+
+    @sha256.default
+    def _sha256_default(self) -> str:
+        if self.secret is None:
+            raise ValueError("a client key needs its secret or its sha256")
+        return key_digest(self.secret)
 
 
 @frozen
@@ -355,10 +374,18 @@ class Config:
         default=(), metadata=read_by_loader(key="authorization", section=ClientKey)
     )
     admin_key: str | None = field(default=None, repr=False, metadata=read(optional_text))
+    # Encrypts the upstream keys the admin API and the CLI store (a Fernet
+    # key, checked where it is used: see oaproxy.admin.sealing).
+    store_key: str | None = field(default=None, repr=False, metadata=read(optional_text))
+    # Seconds between two looks at the SQL store for changes made elsewhere.
+    store_poll_interval: float = field(default=5.0, metadata=read(number))
     metrics_key: str | None = field(default=None, repr=False, metadata=read(optional_text))
     timeout: float = field(default=120.0, metadata=read(deadline))
     stream_timeout: float = field(default=10.0, metadata=read(deadline))
     stream_idle_timeout: float = field(default=120.0, metadata=read(number))
+    # The longest SSE event an upstream may send (and what a stream may hold
+    # before its first): past it the attempt fails.
+    max_event_bytes: int = field(default=16 * 1024 * 1024, metadata=read(integer))
     lb_policy: LbPolicy = field(default=LbPolicy.ORDER, metadata=read(member_of(LbPolicy)))
     breaker: BreakerConfig = field(
         factory=BreakerConfig,
@@ -423,8 +450,14 @@ class Config:
         metadata=section(ContentFilterConfig, "a mapping with patterns and words"),
     )
     upstreams: tuple[Upstream, ...] = field(metadata=read_by_loader(section=Upstream))
-    # The upstreams given with ``enabled: false``; not a key.
+    # Not keys of the file. The upstreams with enabled: false, given so in
+    # the file or disabled in the store (oaproxy.admin.overlay): nothing is
+    # routed to them, but their keys stay valid, so that disabling the
+    # upstream that named the only keys never opens the proxy. And the
+    # store's client keys, valid whatever upstreams they name (one that
+    # names only gone ones gets 403, not 401).
     disabled_upstreams: tuple[Upstream, ...] = ()
+    stored_keys: tuple[ClientKey, ...] = ()
 
     def lb_policy_for(self, route: str | None) -> LbPolicy:
         """The balancing policy of a route prefix (None: ``/v1`` itself)."""
@@ -446,8 +479,10 @@ def all_client_keys(config: Config) -> tuple[ClientKey, ...]:
     """
     seen: dict[str, ClientKey] = {}
     for key in config.keys:
-        seen.setdefault(key.secret, key)
-    for upstream in config.upstreams:
+        seen.setdefault(key.sha256, key)
+    for upstream in (*config.upstreams, *config.disabled_upstreams):
         for key in upstream.keys or ():
-            seen.setdefault(key.secret, key)
+            seen.setdefault(key.sha256, key)
+    for key in config.stored_keys:
+        seen.setdefault(key.sha256, key)
     return tuple(seen.values())

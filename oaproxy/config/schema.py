@@ -103,6 +103,17 @@ def _file_key(field: attrs.Attribute[Any], setting: Setting) -> str:
     return setting.key or field.name
 
 
+def file_fields(cls: type) -> list[tuple[attrs.Attribute[Any], str, Setting]]:
+    """The fields of ``cls`` that are keys of the file: each with the file's
+    name for it and its ``Setting``, in the order the class declares them."""
+    result = []
+    for field in attrs.fields(cls):
+        setting = _setting(field)
+        if setting is not None:
+            result.append((field, _file_key(field, setting), setting))
+    return result
+
+
 @functools.cache
 def _attributes_by_key(cls: type) -> Mapping[str, str]:
     """The file's names of ``cls``'s keys, aliases included -> attribute."""

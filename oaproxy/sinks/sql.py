@@ -105,8 +105,82 @@ def _migration_1(cursor: Any, dbtype: str) -> None:
     cursor.execute(f"CREATE INDEX IF NOT EXISTS {TABLE}_model_time ON {TABLE} (model, time)")
 
 
+#: The settings the admin API and the CLI store (``oaproxy.admin``), overlaid
+#: on the config file: upstreams, client keys, the audit log of every change.
+UPSTREAMS_TABLE = "oaproxy_upstreams"
+KEYS_TABLE = "oaproxy_keys"
+AUDIT_TABLE = "oaproxy_audit"
+#: One row, one number, raised by triggers on every change of the two
+#: tables, by oaproxy or by hand: what a daemon looks at every few seconds.
+STORE_VERSION_TABLE = "oaproxy_store_version"
+
+
+def _migration_2(cursor: Any, dbtype: str) -> None:
+    real = "DOUBLE PRECISION" if dbtype == POSTGRES else "REAL"
+    boolean, true = ("BOOLEAN", "TRUE") if dbtype == POSTGRES else ("INTEGER", "1")
+    serial = "BIGSERIAL PRIMARY KEY" if dbtype == POSTGRES else "INTEGER PRIMARY KEY AUTOINCREMENT"
+    # settings: the upstream's keys as the config file names them, as a JSON
+    # object (for source 'config': only those that differ from the file);
+    # sealed: the secret ones (sk), a JSON object encrypted with store_key.
+    cursor.execute(
+        f"""CREATE TABLE {UPSTREAMS_TABLE} (
+            id {serial},
+            name TEXT NOT NULL UNIQUE,
+            source TEXT NOT NULL DEFAULT 'admin',
+            enabled {boolean} NOT NULL DEFAULT {true},
+            settings TEXT NOT NULL DEFAULT '{{}}',
+            sealed TEXT,
+            updated {real}
+        )"""
+    )
+    # A key is kept as the SHA-256 of its secret (hex); upstreams: a JSON
+    # list of the upstream names it may use, NULL for those open to all keys.
+    cursor.execute(
+        f"""CREATE TABLE {KEYS_TABLE} (
+            id {serial},
+            name TEXT NOT NULL UNIQUE,
+            sha256 TEXT NOT NULL UNIQUE,
+            settings TEXT NOT NULL DEFAULT '{{}}',
+            upstreams TEXT,
+            created {real}
+        )"""
+    )
+    cursor.execute(
+        f"""CREATE TABLE {AUDIT_TABLE} (
+            id {serial},
+            time {real} NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            changes TEXT NOT NULL
+        )"""
+    )
+    cursor.execute(f"CREATE INDEX {AUDIT_TABLE}_time ON {AUDIT_TABLE} (time)")
+    cursor.execute(f"CREATE TABLE {STORE_VERSION_TABLE} (version BIGINT NOT NULL)")
+    cursor.execute(f"INSERT INTO {STORE_VERSION_TABLE} (version) VALUES (0)")
+    bump = f"UPDATE {STORE_VERSION_TABLE} SET version = version + 1"
+    if dbtype == POSTGRES:
+        cursor.execute(
+            f"""CREATE FUNCTION oaproxy_store_changed() RETURNS trigger AS $$
+                BEGIN {bump}; RETURN NULL; END $$ LANGUAGE plpgsql"""
+        )
+        for table in (UPSTREAMS_TABLE, KEYS_TABLE):
+            cursor.execute(
+                f"CREATE TRIGGER {table}_changed"
+                f" AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table}"
+                " FOR EACH STATEMENT EXECUTE PROCEDURE oaproxy_store_changed()"
+            )
+        return
+    for table in (UPSTREAMS_TABLE, KEYS_TABLE):
+        for event in ("INSERT", "UPDATE", "DELETE"):
+            cursor.execute(
+                f"CREATE TRIGGER {table}_after_{event.lower()} AFTER {event} ON {table}"
+                f" BEGIN {bump}; END"
+            )
+
+
 #: Schema migrations: entry N brings version N to N + 1.  Append, never edit.
-MIGRATIONS: Sequence[Callable[[Any, str], None]] = (_migration_1,)
+MIGRATIONS: Sequence[Callable[[Any, str], None]] = (_migration_1, _migration_2)
 
 #: The schema version this code writes.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -240,12 +314,13 @@ def connection_pool(
     reactor: Any = None,
     busy_timeout: float = 5.0,
     connect_timeout: int = 5,
+    connections: int = 1,
 ) -> ConnectionPool:
-    """An adbapi pool on the database: one connection (the sink writes one
-    batch at a time), reconnecting after a PostgreSQL restart.
+    """An adbapi pool on the database, reconnecting after a PostgreSQL
+    restart: one connection by default (the sink writes one batch at a time).
     """
     _check(dbtype)
-    options: dict[str, Any] = {"cp_min": 1, "cp_max": 1}
+    options: dict[str, Any] = {"cp_min": 1, "cp_max": connections}
     if reactor is not None:
         options["cp_reactor"] = reactor
     if dbtype == SQLITE:
