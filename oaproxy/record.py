@@ -255,6 +255,9 @@ class Record:
     limit: LimitRefusal | None = None
     #: What the response cache did; None on a route it does not serve.
     cache: CacheResult | None = None
+    #: The process that served the request (one of the workers); None in
+    #: records stored before it was kept.
+    pid: int | None = None
 
 
 def record_document(record: Record) -> JSONObject:
@@ -311,6 +314,9 @@ def record_document(record: Record) -> JSONObject:
     if record.cache is not None:
         # Likewise only requests the cache looked at (or bypassed) have it.
         document["cache"] = record.cache.value
+    if record.pid is not None:
+        # Every record oaproxy makes has it; those stored before, not.
+        document["pid"] = record.pid
     return document
 
 
@@ -379,6 +385,7 @@ def record_from_document(document: object) -> Record:
         upstream_model=fields.later("upstream_model", str),
         limit=_limit(fields.later("limit", dict)),
         cache=_cache(fields.later("cache", str)),
+        pid=fields.later("pid", int),
     )
 
 

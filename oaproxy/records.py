@@ -7,6 +7,7 @@ not flooded with one event per request.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable
 from typing import Any, overload
@@ -52,9 +53,12 @@ class RecordEmitter:
 class RecordMaker:
     """Turns a finished exchange into a record, per the ``records`` policy."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, pid: int | None = None) -> None:
         self._policy = config.records
         self._hostname = config.hostname
+        # Which process served the request: one of several workers
+        # (oaproxy.workers) shares the port, and the stores, with the others.
+        self._pid = os.getpid() if pid is None else pid
         self._prices = config.prices
         # Also what the forwarder hides in the answers it passes on.
         self.redactor = Redactor(config_secrets(config))
@@ -167,6 +171,7 @@ class RecordMaker:
             upstream_model=texts.text("upstream_model", exchange.upstream_model),
             limit=texts.limit(exchange.limit),
             cache=cache,
+            pid=self._pid,
             # Last: the fields above name themselves in it as they are cut.
             truncated=texts.names(),
         )

@@ -19,6 +19,9 @@ from tests.records import emit, numbered, usage
 #: The records here: a served chat completion, with its usage.
 served = partial(numbered, usage=usage(3, 4))
 
+#: The sink's default flush_interval: what the Clock is advanced by to write.
+FLUSH = 0.05
+
 
 class FileSinkTests(SynchronousTestCase):
     def setUp(self) -> None:
@@ -52,7 +55,7 @@ class FileSinkTests(SynchronousTestCase):
         emit(sink, served(1))
         emit(sink, served(2, response_text="你好 ✓"))
         sink.observer({"log_namespace": "other", "record": served(3)})
-        self.clock.advance(0)
+        self.clock.advance(FLUSH)
         lines = self.lines()
         self.assertEqual(len(lines), 2)
         self.assertTrue(all(line.endswith(b"\n") for line in lines))
@@ -66,11 +69,11 @@ class FileSinkTests(SynchronousTestCase):
         """A new sink appends to the existing file."""
         first = self.sink()
         emit(first, served(1))
-        self.clock.advance(0)
+        self.clock.advance(FLUSH)
         self.successResultOf(first.stopService())
         second = self.sink()
         emit(second, served(2))
-        self.clock.advance(0)
+        self.clock.advance(FLUSH)
         self.assertEqual(
             [json.loads(line)["id"] for line in self.lines()], [served(1).id, served(2).id]
         )
@@ -90,7 +93,7 @@ class FileSinkTests(SynchronousTestCase):
         self.assertNotIsInstance(logfile, DailyLogFile)
         for number in range(30):
             emit(sink, served(number))
-        self.clock.advance(0)
+        self.clock.advance(FLUSH)
         self.assertTrue(os.path.exists(self.path + ".1"))
         ids = [
             json.loads(line)["id"]
@@ -112,7 +115,7 @@ class FileSinkTests(SynchronousTestCase):
         sink = self.sink(queue_size=2)
         for number in range(5):
             emit(sink, served(number))
-        self.clock.advance(0)
+        self.clock.advance(FLUSH)
         self.assertEqual((sink.failures, sink.queued, sink.spilled), (1, 2, 3))
         os.rmdir(self.path)
         self.clock.advance(0.5)

@@ -56,6 +56,10 @@ class QueuedSinkTests(SynchronousTestCase):
         self.spool_dir = self.mktemp()
 
     def sink(self, **options: Any) -> RecordingSink:
+        # The state machine's tests write on the next turn (flush_interval 0,
+        # records of one turn still share a batch); the timer's own tests
+        # (BatchTimerTests) run the default.
+        options.setdefault("flush_interval", 0)
         options.setdefault("clock", self.clock)
         options.setdefault("spool_dir", self.spool_dir)
         options.setdefault("stderr", self.stderr)
@@ -321,3 +325,89 @@ class QueuedSinkTests(SynchronousTestCase):
         self.assertEqual(sink.stored, [1, 3])
         self.assertEqual(sink.dropped, 1)
         self.assertIn("undecodable line", self.stderr.getvalue())
+
+
+class BatchTimerTests(SynchronousTestCase):
+    """The default triggers: every 50 ms, or at once when 500 records wait."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.sink = RecordingSink(clock=self.clock, spool_dir=self.mktemp(), stderr=io.StringIO())
+        self.sink.startService()
+
+    def feed(self, numbers: range) -> None:
+        for number in numbers:
+            emit(self.sink, numbered(number))
+
+    def test_defaults(self) -> None:
+        """A sink flushes every 50 ms or every 500 records unless told otherwise."""
+        self.assertEqual((self.sink.flush_interval, self.sink.batch_size), (0.05, 500))
+
+    def test_interval(self) -> None:
+        """Records short of a batch are written together once 50 ms have passed
+        since the first of them, not on the next reactor turn."""
+        self.feed(range(3))
+        self.clock.advance(0.03)
+        self.feed(range(3, 5))
+        self.clock.advance(0.0199)
+        self.assertEqual(self.sink.batches, [])
+        self.clock.advance(0.0001)
+        self.assertEqual(self.sink.batches, [[0, 1, 2, 3, 4]])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        # The next record starts a new interval.
+        self.feed(range(5, 6))
+        self.clock.advance(0.049)
+        self.assertEqual(len(self.sink.batches), 1)
+        self.clock.advance(0.001)
+        self.assertEqual(self.sink.batches[1:], [[5]])
+
+    def test_full_batch_at_once(self) -> None:
+        """The 500th record has its batch written on the next turn; the rest
+        waits for the timer."""
+        self.feed(range(499))
+        self.clock.advance(0)
+        self.assertEqual(self.sink.batches, [])
+        self.feed(range(499, 1203))
+        self.clock.advance(0)
+        self.assertEqual([len(batch) for batch in self.sink.batches], [500, 500])
+        self.clock.advance(0.05)
+        self.assertEqual([len(batch) for batch in self.sink.batches], [500, 500, 203])
+        self.assertEqual(self.sink.stored, list(range(1203)))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_interval_passes_during_a_write(self) -> None:
+        """Records that came during a write, and whose 50 ms passed meanwhile,
+        are written as soon as that write ends."""
+        self.sink.mode = "hang"
+        self.feed(range(2))
+        self.clock.advance(0.05)
+        self.assertEqual(self.sink.batches, [[0, 1]])
+        self.feed(range(2, 4))
+        self.clock.advance(0.05)
+        self.assertEqual(len(self.sink.batches), 1)
+        self.sink.succeed_pending()
+        self.assertEqual(self.sink.batches, [[0, 1], [2, 3]])
+        # Still hanging: the third write waits its turn, nothing else does.
+        self.feed(range(4, 5))
+        self.sink.succeed_pending()
+        self.assertEqual(len(self.sink.batches), 2)
+        self.clock.advance(0.05)
+        self.assertEqual(self.sink.batches[2:], [[4]])
+
+    def test_retry_writes_at_once(self) -> None:
+        """After a backoff the waiting records are written without another 50 ms."""
+        self.sink.mode = "fail"
+        self.feed(range(2))
+        self.clock.advance(0.05)
+        self.assertEqual(self.sink.failures, 1)
+        self.sink.mode = "ok"
+        self.clock.advance(0.5)
+        self.assertEqual(self.sink.stored, [0, 1])
+
+    def test_stop_writes_without_waiting(self) -> None:
+        """Stopping (SIGTERM) writes a part batch at once and leaves no timer."""
+        self.feed(range(3))
+        d = self.sink.stopService()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.sink.stored, [0, 1, 2])
+        self.assertEqual(self.clock.getDelayedCalls(), [])

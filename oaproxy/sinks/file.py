@@ -26,8 +26,8 @@ class FileSink(QueuedSink):
     (``None``: all).  Further ``QueuedSink`` options (``batch_size``,
     ``write_timeout``, ``flush_timeout``, ``stderr``…) are passed on.
 
-    Batches are written by one thread of the sink's own, so a slow disk
-    never stalls the reactor (one thread keeps the lines in order; a batch
+    Batches are encoded and written by one thread of the sink's own, so
+    neither JSON nor a slow disk stalls the reactor (one thread keeps the lines in order; a batch
     that outlives ``write_timeout`` is retried behind it).  ``in_thread=False``
     writes on the calling thread, for tests on a ``Clock``.
     """
@@ -93,18 +93,18 @@ class FileSink(QueuedSink):
             self._threads.start()
 
     def write_batch(self, records: list[Record]) -> Deferred[object]:
-        lines = [encode_record(record) + b"\n" for record in records]
         if self._threads is None:
-            self._append_lines(lines)
+            self._append(records)
             return succeed(None)
-        return deferToThreadPool(self._reactor, self._threads, self._append_lines, lines)
+        return deferToThreadPool(self._reactor, self._threads, self._append, records)
 
-    def _append_lines(self, lines: list[bytes]) -> None:
+    def _append(self, records: list[Record]) -> None:
+        """Append the records' lines (in the writer thread: their JSON too)."""
         try:
             logfile = self._open()
-            for line in lines:
+            for record in records:
                 # bytes, so LogFile counts the size in bytes, not characters.
-                logfile.write(line)
+                logfile.write(encode_record(record) + b"\n")
             logfile.flush()
         except BaseException:
             # Reopen next time: the file may have been moved or the disk

@@ -1,7 +1,10 @@
 """The shared base of the record sinks: a bounded queue that spills to disk.
 
 A sink's observer only appends the record to an in-memory deque; a drain
-loop writes batches to the backend.  While the backend fails, records wait
+loop writes batches to the backend: every ``flush_interval`` seconds (50 ms)
+or as soon as ``batch_size`` records (500) wait, whichever comes first, so
+that one transaction carries many records and the reactor sees one write per
+batch rather than one per request.  While the backend fails, records wait
 (retried with capped exponential backoff); when the deque is full its
 oldest records are appended to a spool file, which is replayed - in order,
 before the deque - once the backend answers again.  Stopping the sink
@@ -82,6 +85,13 @@ class QueuedSink(Service):
     (called from ``startService``) and ``close_backend`` (called from
     ``stopService`` after the final flush).
 
+    A batch is written ``flush_interval`` seconds after the first of its
+    records came, or on the next reactor turn once ``batch_size`` records
+    wait (0 writes whenever the backend is free).  Records in memory are as
+    durable as they are today: a SIGTERM (``stopService``) writes them at
+    once, without waiting for the timer; only a crash (``kill -9``, power)
+    loses them, at most ``flush_interval`` more than before.
+
     ``spool`` is the ``Spool`` that takes the records the queue has no room
     for, and those left at stop.
 
@@ -101,7 +111,8 @@ class QueuedSink(Service):
         spool_dir: str,
         clock: IReactorTime | None = None,
         queue_size: int = 10000,
-        batch_size: int = 100,
+        batch_size: int = 500,
+        flush_interval: float = 0.05,
         write_timeout: float = 5.0,
         flush_timeout: float = 10.0,
         min_backoff: float = 0.5,
@@ -110,6 +121,8 @@ class QueuedSink(Service):
     ) -> None:
         if queue_size < 1 or batch_size < 1:
             raise ValueError("queue_size and batch_size must be positive")
+        if flush_interval < 0:
+            raise ValueError("flush_interval must not be negative")
         if clock is None:
             from twisted.internet import reactor
 
@@ -118,6 +131,7 @@ class QueuedSink(Service):
         self.spool_dir = spool_dir
         self.queue_size = queue_size
         self.batch_size = batch_size
+        self.flush_interval = flush_interval
         self.write_timeout = write_timeout
         self.flush_timeout = flush_timeout
         self.min_backoff = min_backoff
@@ -148,7 +162,13 @@ class QueuedSink(Service):
         # dropped, un-counted if the write succeeds after all.
         self._inflight_dropped = 0
         self._in_pump = False
+        # _kick writes at once (a full batch, the spool, a stop); _timer
+        # once flush_interval has passed since the first record queued.
         self._kick: _DelayedCall | None = None
+        self._timer: _DelayedCall | None = None
+        # The timer fired (or a retry came): what is queued is written now,
+        # however few, until the queue is empty.
+        self._due = False
         self._retry: _DelayedCall | None = None
         self._deadline: _DelayedCall | None = None
         self._flushed: Deferred[None] | None = None
@@ -232,10 +252,10 @@ class QueuedSink(Service):
         """
         super().stopService()
         self._state = "stopping"
-        for call in (self._kick, self._retry):
+        for call in (self._kick, self._retry, self._timer):
             if call is not None and call.active():
                 call.cancel()
-        self._kick = self._retry = None
+        self._kick = self._retry = self._timer = None
         # A failing backend gets one prompt attempt (then its usual backoff)
         # rather than waiting out a long retry delay.
         self._attempt = 0
@@ -275,6 +295,7 @@ class QueuedSink(Service):
 
     def _finish_stop(self) -> None:
         self._state = "stopped"
+        self._cancel_timer()
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
@@ -295,10 +316,38 @@ class QueuedSink(Service):
     def _idle(self) -> bool:
         return self._pending is None and not self._queue and not self.spool.has_records
 
+    def _ready(self) -> bool:
+        """Whether a batch is to be written now rather than on the timer."""
+        return (
+            self.spool.has_records
+            or len(self._queue) >= self.batch_size
+            or (bool(self._queue) and (self._due or self.flush_interval == 0))
+            or self._state == "stopping"
+        )
+
     def _schedule_pump(self) -> None:
-        # callLater(0) so records logged in the same reactor turn share a batch.
-        if self._active() and self._pending is None and self._retry is None and self._kick is None:
-            self._kick = self._clock.callLater(0, self._pump)
+        if not self._active():
+            return
+        # Never two writes at once, nor one during a backoff: the end of
+        # either looks again.
+        if self._pending is None and self._retry is None and self._ready():
+            if self._kick is None:
+                # callLater(0) so records logged in the same reactor turn share a batch.
+                self._kick = self._clock.callLater(0, self._pump)
+        elif self._queue and self._timer is None and not self._due:
+            # From the first record's arrival: a write under way meanwhile
+            # does not make it wait longer.
+            self._timer = self._clock.callLater(self.flush_interval, self._flush_due)
+
+    def _flush_due(self) -> None:
+        self._timer = None
+        self._due = True
+        self._pump()
+
+    def _cancel_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def _pump(self) -> None:
         self._kick = None
@@ -307,12 +356,15 @@ class QueuedSink(Service):
         self._in_pump = True
         try:
             while self._active() and self._pending is None and self._retry is None:
-                if not self._start_batch():
+                if not self._ready() or not self._start_batch():
                     break
         finally:
             self._in_pump = False
         if self._state == "stopping" and self._idle():
             self._fire_flushed()
+        else:
+            # Records short of a batch: the timer writes them.
+            self._schedule_pump()
 
     def _start_batch(self) -> bool:
         """Start writing the next batch; ``False`` if there is none."""
@@ -332,6 +384,10 @@ class QueuedSink(Service):
             return True
         if self._queue:
             count = min(self.batch_size, len(self._queue))
+            if count == len(self._queue):
+                # All of it: what comes next waits for its own timer.
+                self._due = False
+                self._cancel_timer()
             self._inflight = count
             self._inflight_spilled_bytes = 0
             self._inflight_dropped = 0
@@ -391,6 +447,8 @@ class QueuedSink(Service):
 
     def _retry_now(self) -> None:
         self._retry = None
+        # What waited through the backoff has waited long enough.
+        self._due = True
         self._pump()
 
     # -- spilling ---------------------------------------------------------

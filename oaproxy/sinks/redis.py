@@ -25,6 +25,8 @@ from attrs import frozen
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
 
 from oaproxy.record import Record, encode_record
 from oaproxy.sinks.queue import QueuedSink
@@ -125,6 +127,9 @@ class RedisSink(QueuedSink):
     - ``maxlen``: approximate stream length kept.
     - ``dedupe_ttl``: seconds a record id is remembered against double
       writes on retry.
+    - ``threadpool``: where each batch's script arguments (the JSON of its
+      records) are built, off the reactor; by default one thread of the
+      sink's own, started and stopped with it.
     - ``options``: further ``QueuedSink`` options.
     """
 
@@ -139,6 +144,7 @@ class RedisSink(QueuedSink):
         dedupe_ttl: int = 86400,
         connect_timeout: float = 5.0,
         reactor: Any = None,
+        threadpool: ThreadPool | None = None,
         queue_size: int = 10000,
         name: str = "redis",
         **options: Any,
@@ -155,6 +161,12 @@ class RedisSink(QueuedSink):
         self.connect_timeout = connect_timeout
         self._reactor = reactor
         self._factory: Any = None
+        self._own_threads = threadpool is None
+        self._threads = (
+            ThreadPool(minthreads=1, maxthreads=1, name=f"oaproxy-{name}-encoder")
+            if threadpool is None
+            else threadpool
+        )
         clock: IReactorTime = reactor
         super().__init__(
             name=name,
@@ -181,6 +193,8 @@ class RedisSink(QueuedSink):
         factory.reconnect = True
         # Reconnect within a few seconds of Redis coming back.
         factory.maxDelay = 5
+        if self._own_threads:
+            self._threads.start()
         factory.startConnecting(
             HostnameEndpoint(
                 self._reactor, address.host, address.port, timeout=self.connect_timeout
@@ -188,31 +202,42 @@ class RedisSink(QueuedSink):
         )
         self._factory = factory
 
-    def write_batch(self, records: list[Record]) -> Deferred[object]:
+    def _connection(self) -> Any:
         factory = self._factory
         if factory is None or not factory.size:
             # txredisapi would wait for a connection indefinitely; failing
             # at once lets the records wait in our queue (and spill).
             raise ConnectionError("redis is not connected")
-        redis = factory.handler
-        writes = [
-            redis.execute_command(
-                "EVAL",
-                _SCRIPT,
-                *script_arguments(
-                    record,
-                    key=self.key,
-                    maxlen=self.maxlen,
-                    usage_prefix=self.usage_prefix,
-                    dedupe_ttl=self.dedupe_ttl,
-                ),
+        return factory.handler
+
+    def write_batch(self, records: list[Record]) -> Deferred[object]:
+        self._connection()
+        encoding = deferToThreadPool(self._reactor, self._threads, self._arguments, records)
+        return encoding.addCallback(self._send)
+
+    def _arguments(self, records: list[Record]) -> list[list[object]]:
+        """Each record's ``EVAL`` arguments (in the thread pool)."""
+        return [
+            script_arguments(
+                record,
+                key=self.key,
+                maxlen=self.maxlen,
+                usage_prefix=self.usage_prefix,
+                dedupe_ttl=self.dedupe_ttl,
             )
             for record in records
         ]
+
+    def _send(self, arguments: list[list[object]]) -> Deferred[object]:
+        # Asked again: the connection may have gone while the thread worked.
+        redis = self._connection()
+        writes = [redis.execute_command("EVAL", _SCRIPT, *each) for each in arguments]
         done: Deferred[object] = gatherResults(writes, consumeErrors=True)  # type: ignore[assignment]
         return done
 
     def close_backend(self) -> Deferred[object] | None:
+        if self._own_threads and self._threads.started:
+            self._threads.stop()
         factory, self._factory = self._factory, None
         if factory is None:
             return None

@@ -43,6 +43,8 @@ COLUMNS = (
     "total_tokens",
     "cost",
     "record",
+    # Added by migration 3: the worker process that served the request.
+    "pid",
 )
 
 #: Serialises concurrent migrations of several processes (PostgreSQL).
@@ -179,8 +181,13 @@ def _migration_2(cursor: Any, dbtype: str) -> None:
             )
 
 
+def _migration_3(cursor: Any, dbtype: str) -> None:
+    # NULL in the rows stored before: their pid was never kept.
+    cursor.execute(f"ALTER TABLE {TABLE} ADD COLUMN pid INTEGER")
+
+
 #: Schema migrations: entry N brings version N to N + 1.  Append, never edit.
-MIGRATIONS: Sequence[Callable[[Any, str], None]] = (_migration_1, _migration_2)
+MIGRATIONS: Sequence[Callable[[Any, str], None]] = (_migration_1, _migration_2, _migration_3)
 
 #: The schema version this code writes.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -256,6 +263,7 @@ def record_row(record: Record, dbtype: str) -> tuple[object, ...]:
         record.cost,
         # JSON escapes a NUL: the document needs no _text.
         encode_record(record).decode("utf-8"),
+        record.pid,
     )
 
 
@@ -357,13 +365,16 @@ def _refusals(dbtype: str) -> tuple[type[BaseException], ...]:
 
 
 def _store(
-    cursor: Any, rows: list[tuple[object, ...]], dbtype: str, migrate_first: bool
+    cursor: Any, records: Sequence[Record], dbtype: str, migrate_first: bool
 ) -> list[tuple[int, str]]:
-    """Insert the rows; returns (index, error name) of the rows refused."""
+    """Insert the records' rows; returns (index, error name) of the rows
+    refused.  Runs in the pool's thread: the rows (and the JSON of each
+    record) are built there, not on the reactor."""
     if migrate_first:
         migrate(cursor, dbtype)
-    if not rows:
+    if not records:
         return []
+    rows = [record_row(record, dbtype) for record in records]
     statement = insert_statement(dbtype)
     refusals = _refusals(dbtype)
     # PostgreSQL aborts the whole transaction on an error; savepoints keep
@@ -402,7 +413,8 @@ class SQLSink(QueuedSink):
     ``dbtype`` is ``"sqlite"`` or ``"postgres"``; ``dbaddr`` is the sqlite
     file, or a libpq DSN / ``postgresql://`` URL.  Further ``QueuedSink``
     options are passed on (``write_timeout`` defaults to 30 s here: a locked
-    sqlite waits ``busy_timeout`` itself).
+    sqlite waits ``busy_timeout`` itself).  Rows and their JSON are built in
+    the connection pool's thread, inside the batch's interaction.
     """
 
     def __init__(
@@ -451,10 +463,10 @@ class SQLSink(QueuedSink):
             lambda f: self._complain(f"schema setup failed, will retry: {f.getErrorMessage()}")
         )
 
-    def _interact(self, rows: list[tuple[object, ...]]) -> Deferred[list[tuple[int, str]]]:
+    def _interact(self, records: list[Record]) -> Deferred[list[tuple[int, str]]]:
         assert self._pool is not None
         d: Deferred[list[tuple[int, str]]] = self._pool.runInteraction(
-            _store, rows, self.dbtype, not self._migrated
+            _store, records, self.dbtype, not self._migrated
         )
 
         def migrated(result: list[tuple[int, str]]) -> list[tuple[int, str]]:
@@ -466,13 +478,12 @@ class SQLSink(QueuedSink):
     def write_batch(self, records: list[Record]) -> Deferred[object]:
         if self._pool is None:
             raise RuntimeError("the SQL sink is not started")
-        rows = [record_row(record, self.dbtype) for record in records]
 
         def refused(rejected: list[tuple[int, str]]) -> None:
             if rejected:
                 self.reject([records[index] for index, _ in rejected], rejected[0][1])
 
-        return self._interact(rows).addCallback(refused)
+        return self._interact(records).addCallback(refused)
 
     def close_backend(self) -> None:
         pool, self._pool = self._pool, None
