@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import attrs
 from attrs import frozen
 from twisted.internet.task import Cooperator
 from twisted.web.resource import Resource
@@ -53,6 +54,7 @@ from oaproxy.sinks import FileSink, QueuedSink, SQLSink
 from oaproxy.traffic.control import MemoryTraffic, build_traffic
 from oaproxy.upstreams import UpstreamClients
 from oaproxy.web import ProxyResource, RootResource
+from oaproxy.workers import worker_records_policy, worker_slot
 
 
 @frozen
@@ -157,7 +159,11 @@ def build_generation(
     if previous is not None and _sink_section(previous.config) == _sink_section(config):
         sinks = previous.sinks
     else:
-        sinks = make_sinks(config, reactor)
+        # A worker keeps its records file and spool of its own (oaproxy.workers).
+        slot = worker_slot(shared.environ)
+        sinks = make_sinks(
+            attrs.evolve(config, records=worker_records_policy(config.records, slot)), reactor
+        )
     if previous is not None and _notify_section(previous.config) == _notify_section(config):
         notifier = previous.notifier
     else:

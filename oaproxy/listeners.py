@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
@@ -13,6 +14,7 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from oaproxy.config import ConfigError
+from oaproxy.workers import InheritedListener
 
 
 def check_endpoint(reactor: Any, endpoint: str, path: str) -> None:
@@ -35,14 +37,26 @@ def check_endpoint(reactor: Any, endpoint: str, path: str) -> None:
 
 
 class Listeners:
-    """One ``strports`` child service of ``parent`` per endpoint, all serving ``site``."""
+    """One ``strports`` child service of ``parent`` per endpoint, all serving ``site``.
+
+    A worker (``oaproxy.workers``) is handed its parent's sockets,
+    ``inherited`` by endpoint: it adopts those instead of binding them, and
+    keeps them across reloads.
+    """
 
     log = Logger()
 
-    def __init__(self, parent: MultiService, site: Site, reactor: Any) -> None:
+    def __init__(
+        self,
+        parent: MultiService,
+        site: Site,
+        reactor: Any,
+        inherited: Mapping[str, InheritedListener] | None = None,
+    ) -> None:
         self._parent = parent
         self._site = site
         self._reactor = reactor
+        self._inherited = dict(inherited or {})
         self.services: dict[str, IService] = {}
 
     def __iter__(self) -> Iterator[str]:
@@ -53,7 +67,12 @@ class Listeners:
         self.services[endpoint] = self._bind(endpoint)
 
     def _bind(self, endpoint: str) -> IService:
-        listener = strports.service(endpoint, self._site, reactor=self._reactor)
+        inherited = self._inherited.get(endpoint)
+        listener: IService
+        if inherited is not None:
+            listener = StreamServerEndpointService(inherited.endpoint(self._reactor), self._site)
+        else:
+            listener = strports.service(endpoint, self._site, reactor=self._reactor)
         try:
             listener.setServiceParent(self._parent)
         except Exception:
@@ -64,6 +83,14 @@ class Listeners:
 
     async def replace(self, wanted: tuple[str, ...]) -> None:
         """Bind the new listeners first; only when all bound, close the old."""
+        if self._inherited and set(wanted) != set(self.services):
+            # The sockets are the parent's, bound for all the workers at once.
+            self.log.error(
+                "reload: listen changed, but a worker keeps the listeners its parent"
+                " bound ({endpoints}); restart oaproxy to listen elsewhere",
+                endpoints=", ".join(self.services),
+            )
+            return
         added: dict[str, IService] = {}
         for endpoint in wanted:
             if endpoint in self.services:

@@ -36,11 +36,13 @@ from oaproxy.admin.stored import EMPTY, StoreSnapshot
 from oaproxy.config import DBTYPES, Config, ConfigError, check_listeners, load_config
 from oaproxy.descriptors import raise_descriptor_limit
 from oaproxy.generation import Generation, Shared, build_generation, known_models, upstream_names
+from oaproxy.heap import freeze_heap
 from oaproxy.listeners import Listeners, check_endpoint, settle
 from oaproxy.outbound import alert_agents, upstream_agents, upstream_pool
 from oaproxy.sinks import QueuedSink
 from oaproxy.summary import log_summary
 from oaproxy.web import ProxySite
+from oaproxy.workers import InheritedListener
 
 
 class ProxyService(MultiService):
@@ -55,8 +57,10 @@ class ProxyService(MultiService):
         signals: bool = False,
         environ: Mapping[str, str] | None = None,
         stored: StoreSnapshot = EMPTY,
+        inherited: Mapping[str, InheritedListener] | None = None,
     ) -> None:
-        """``config`` is the file's; ``stored``, what its store held at start."""
+        """``config`` is the file's; ``stored``, what its store held at start;
+        ``inherited``, a worker's sockets (``oaproxy.workers``)."""
         super().__init__()
         self._reactor = reactor
         self._listen_override = tuple(listen)
@@ -90,7 +94,7 @@ class ProxyService(MultiService):
         ensureDeferred(self._adopt(None, self.generation)).addErrback(failed.append)
         if failed:
             failed[0].raiseException()
-        self.listeners = Listeners(self, self.site, reactor)
+        self.listeners = Listeners(self, self.site, reactor, inherited)
         for endpoint in self._listen_for(config):
             self.listeners.add(endpoint)
 
@@ -131,6 +135,7 @@ class ProxyService(MultiService):
         if self._signals:
             self._previous_hup = signal.signal(signal.SIGHUP, self._on_sighup)
         log_summary(self.log, "oaproxy started", self.generation, self.listeners)
+        self._freeze_heap()
 
     # -- reload ----------------------------------------------------------------
 
@@ -240,6 +245,13 @@ class ProxyService(MultiService):
         self.shared.metrics.update_labels(known_models(new.config), upstream_names(new.config))
         self.site.serve(new.root, new.config)
         await self._adopt(old, new)
+        self._freeze_heap()
+
+    def _freeze_heap(self) -> None:
+        # The daemon's process only (signals: run by twistd): tests running
+        # many services in one process keep their collector as it is.
+        if self._signals:
+            freeze_heap()
 
     async def _adopt(self, old: Generation | None, new: Generation) -> None:
         """Run ``new``'s services in place of those of ``old`` that differ."""

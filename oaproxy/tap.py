@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.application.service import IService
@@ -12,13 +13,20 @@ from oaproxy.config import ConfigError, check_listeners, parse_listen
 
 
 class Options(usage.Options):
-    synopsis = "[--config etc/config.yaml] [--listen ENDPOINT ...]"
+    synopsis = "[--config etc/config.yaml] [--listen ENDPOINT ...] [--workers N]"
     longdesc = (
         "Runs oaproxy: one OpenAI-compatible /v1 endpoint in front of many "
         "upstreams, with failover, records, metrics and alerts."
     )
     optParameters = [
         ["config", "c", "etc/config.yaml", "The YAML config file."],
+        [
+            "workers",
+            "w",
+            None,
+            "Processes serving the listeners together (default: the config's workers, 1).",
+            int,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -32,6 +40,8 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         path = self["config"]
+        if self["workers"] is not None and self["workers"] < 1:
+            raise SystemExit("oaproxy: --workers must be 1 or more")
         try:
             listen = []
             for endpoint in self["listen"]:
@@ -58,6 +68,7 @@ class Options(usage.Options):
 def makeService(options: Options, reactor: Any = None) -> IService:
     from oaproxy.listeners import check_endpoint
     from oaproxy.service import ProxyService
+    from oaproxy.workers import WorkerSupervisor, inherited_listeners
 
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -65,9 +76,37 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor = default_reactor
     config = options["loaded"]
     listen = tuple(options["listen"])
+    # A worker's sockets were bound by its parent: there is nothing to check.
+    inherited = inherited_listeners(os.environ)
     try:
         for endpoint in listen or config.listen:
-            check_endpoint(reactor, endpoint, config.path)
+            if endpoint not in inherited:
+                check_endpoint(reactor, endpoint, config.path)
     except ConfigError as e:
         raise SystemExit(f"oaproxy: {e}") from None
-    return ProxyService(config, reactor, listen, signals=True, stored=options["stored"])
+    workers = options["workers"] or config.workers
+    if workers > 1:
+        supervisor = WorkerSupervisor(
+            reactor,
+            count=workers,
+            listen=listen or config.listen,
+            arguments=["--config", options["config"], *(f"--listen={e}" for e in listen)],
+            config_path=config.path,
+            shutdown_timeout=config.shutdown_timeout,
+            environ=os.environ,
+        )
+        try:
+            supervisor.bind()
+        except ConfigError as e:
+            raise SystemExit(f"oaproxy: {e}") from None
+        except OSError as e:
+            raise SystemExit(f"oaproxy: {config.path}: cannot listen: {e}") from None
+        return supervisor
+    return ProxyService(
+        config,
+        reactor,
+        listen,
+        signals=True,
+        stored=options["stored"],
+        inherited=inherited,
+    )

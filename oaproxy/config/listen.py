@@ -27,7 +27,7 @@ _ENDPOINT_TYPES = ("tcp", "tcp6", "ssl", "unix", "systemd")
 _HOST_PORT = re.compile(r"(?P<host>\[[^\]]*\]|[^:\[\]]*):(?P<port>[0-9]+)\Z")
 
 
-def _split_endpoint(description: str) -> tuple[list[str], dict[str, str]]:
+def split_endpoint(description: str) -> tuple[list[str], dict[str, str]]:
     """Split a Twisted endpoint string the way
     ``twisted.internet.endpoints._tokenize`` does: ``:`` separates arguments,
     the first ``=`` of an argument makes it a keyword, ``\\`` escapes.
@@ -98,7 +98,7 @@ def parse_listen(description: str) -> str:
             host = "127.0.0.1"
         return f"tcp:{port}:interface={_escape_endpoint(host)}"
 
-    args, kwargs = _split_endpoint(description)
+    args, kwargs = split_endpoint(description)
     kind, positional = args[0], args[1:]
     if kind not in _ENDPOINT_TYPES:
         raise ValueError(
@@ -161,7 +161,7 @@ def is_loopback_endpoint(desc: str) -> bool:
     """
     try:
         description = parse_listen(desc)
-        args, kwargs = _split_endpoint(description)
+        args, kwargs = split_endpoint(description)
     except ValueError:
         return False
     kind = args[0]

@@ -369,6 +369,8 @@ class Config:
     listen: tuple[str, ...] = field(
         default=DEFAULT_LISTEN, metadata=read(listen_addresses, alias="address")
     )
+    # Processes serving the listeners together (oaproxy.workers).
+    workers: int = field(default=1, metadata=read(integer))
     hostname: str = field(factory=socket.gethostname, metadata=read(text))
     keys: tuple[ClientKey, ...] = field(
         default=(), metadata=read_by_loader(key="authorization", section=ClientKey)
