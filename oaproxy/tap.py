@@ -68,7 +68,7 @@ class Options(usage.Options):
 def makeService(options: Options, reactor: Any = None) -> IService:
     from oaproxy.listeners import check_endpoint
     from oaproxy.service import ProxyService
-    from oaproxy.workers import WorkerSupervisor, inherited_listeners
+    from oaproxy.workers import WorkerSupervisor, follow_parent, inherited_listeners
 
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -78,6 +78,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     listen = tuple(options["listen"])
     # A worker's sockets were bound by its parent: there is nothing to check.
     inherited = inherited_listeners(os.environ)
+    follow_parent(os.environ)
     try:
         for endpoint in listen or config.listen:
             if endpoint not in inherited:

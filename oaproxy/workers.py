@@ -23,6 +23,7 @@ the records file, the spool - it keeps per slot (``worker_records_policy``).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -48,6 +49,8 @@ from oaproxy.config.listen import split_endpoint
 SLOT_VARIABLE = "OAPROXY_WORKER"
 #: The child's sockets: JSON ``{endpoint: [descriptor, family]}``.
 LISTENERS_VARIABLE = "OAPROXY_WORKER_LISTENERS"
+#: The parent's pid: a worker whose parent is gone stops.
+PARENT_VARIABLE = "OAPROXY_WORKER_PARENT"
 
 #: Restart delays of a child that keeps dying: from MIN, doubling, up to MAX;
 #: one that lived STABLE seconds starts over from MIN.
@@ -62,6 +65,7 @@ FLUSH_GRACE = 60.0
 _FIRST_FD = 3
 _FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}
 _TWISTD = "from twisted.scripts.twistd import run; run()"
+_PR_SET_PDEATHSIG = 1
 
 
 @frozen
@@ -91,6 +95,23 @@ def worker_slot(environ: Mapping[str, str]) -> int | None:
     """This process's slot among the workers; None unless it is one."""
     text = environ.get(SLOT_VARIABLE)
     return int(text) if text else None
+
+
+def follow_parent(environ: Mapping[str, str]) -> None:
+    """In a worker: be sent SIGTERM when the parent dies, even by SIGKILL
+    (Linux's ``PR_SET_PDEATHSIG``), so that no worker outlives it serving a
+    port nobody supervises; one whose parent is gone already stops now."""
+    parent = environ.get(PARENT_VARIABLE)
+    if not parent:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        # Not Linux: a stopped parent still sends SIGTERM itself.
+        pass
+    if os.getppid() != int(parent):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def worker_records_policy(policy: RecordsPolicy, slot: int | None) -> RecordsPolicy:
@@ -321,6 +342,7 @@ class WorkerSupervisor(Service):
         environ = dict(self._environ)
         environ[SLOT_VARIABLE] = str(slot)
         environ[LISTENERS_VARIABLE] = json.dumps(inherited)
+        environ[PARENT_VARIABLE] = str(os.getpid())
         command = [
             sys.executable,
             "-c",
