@@ -7,11 +7,13 @@ sinks and the CLI: one builder each, overridden per test.
 - ``stored_attempt``: an attempt in its stored form, written out by hand.
 - ``record_event`` and ``emit``: a record as the log event the sinks observe.
 - ``read_json_lines``: what a JSON-lines file (records, spool, log) holds.
+- ``calls_on_main_thread``: which thread a sink builds its rows in.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import attrs
@@ -117,3 +119,17 @@ def read_json_lines(path: str) -> list[Any]:
     """Every JSON document of a JSON-lines file, one a line."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
+
+
+def calls_on_main_thread(case: Any, module: Any, name: str) -> list[bool]:
+    """Patch ``module.name`` (for ``case``'s duration) to note, per call,
+    whether it ran on the main thread, the reactor's."""
+    calls: list[bool] = []
+    original = getattr(module, name)
+
+    def noting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(threading.current_thread() is threading.main_thread())
+        return original(*args, **kwargs)
+
+    case.patch(module, name, noting)
+    return calls

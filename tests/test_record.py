@@ -197,6 +197,19 @@ class DocumentTests(SynchronousTestCase):
             attrs.evolve(rec, route=None, upstream_model=None, limit=None, cache=None),
         )
 
+    def test_pid(self) -> None:
+        """The worker's pid is stored last when known, read back as it was; a
+        record stored without it reads back with None; a pid that is no
+        integer is refused."""
+        rec = record(pid=4321)
+        document = record_document(rec)
+        self.assertEqual((list(document)[-1], document["pid"]), ("pid", 4321))
+        self.assertEqual(decode_record(encode_record(rec)), rec)
+        self.assertNotIn("pid", record_document(record()))
+        self.assertIsNone(record_from_document(record_document(record())).pid)
+        with self.assertRaises(BadRecord):
+            record_from_document({**document, "pid": "4321"})
+
     def test_old_spool_line(self) -> None:
         """A line the untyped records wrote reads as a record, and is stored
         again byte for byte, with the fields every record has since added."""

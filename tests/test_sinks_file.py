@@ -10,11 +10,13 @@ from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.python.logfile import DailyLogFile, LogFile
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from oaproxy.record import record_document
+from oaproxy.sinks import file
 from oaproxy.sinks.file import FileSink
-from tests.records import emit, numbered, usage
+from tests.live import wait_for
+from tests.records import calls_on_main_thread, emit, numbered, read_json_lines, usage
 
 #: The records here: a served chat completion, with its usage.
 served = partial(numbered, usage=usage(3, 4))
@@ -123,3 +125,20 @@ class FileSinkTests(SynchronousTestCase):
             [json.loads(line)["id"] for line in self.lines()],
             [served(n).id for n in range(5)],
         )
+
+
+class FileSinkThreadTests(TestCase):
+    async def test_encoded_in_the_writer_thread(self) -> None:
+        """On the reactor, each record's JSON is made in the writer thread,
+        which writes the batch; the pid is in each line."""
+        on_main = calls_on_main_thread(self, file, "encode_record")
+        base = self.mktemp()
+        path = os.path.join(base, "records.jsonl")
+        sink = FileSink(path, spool_dir=os.path.join(base, "spool"), stderr=io.StringIO())
+        sink.startService()
+        for number in range(3):
+            emit(sink, served(number, pid=99))
+        await wait_for(lambda: sink.written == 3, timeout=10)
+        await sink.stopService()
+        self.assertEqual(on_main, [False] * 3)
+        self.assertEqual([line["pid"] for line in read_json_lines(path)], [99] * 3)

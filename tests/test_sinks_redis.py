@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from oaproxy.record import Record, record_document
+from oaproxy.sinks import redis
 from oaproxy.sinks.redis import RedisAddress, RedisSink, script_arguments, usage_date
 from tests.live import (
     SHARED_REDIS,
@@ -26,7 +27,7 @@ from tests.live import (
     unavailable,
     wait_for,
 )
-from tests.records import emit, record, usage
+from tests.records import calls_on_main_thread, emit, record, usage
 from tests.records import numbered as nth_record
 
 #: The records here: chat completions of alice's, with usage and cost.
@@ -99,6 +100,23 @@ class RedisSinkTests(TestCase):
         finally:
             yield client.disconnect()
         return [json.loads(fields[1]) for _, fields in entries]
+
+    @inlineCallbacks
+    def test_arguments_built_in_a_thread(self) -> Generator[Deferred[Any], Any, None]:
+        """Each record's script arguments (its JSON) are built in the sink's
+        thread, not the reactor's; the pid is in the stream's record."""
+        if not reachable(*SHARED_REDIS):
+            unavailable("Redis is not running at 127.0.0.1:6379")
+        on_main = calls_on_main_thread(self, redis, "script_arguments")
+        sink = self.sink(SHARED_REDIS[1], self.mktemp())
+        sink.startService()
+        for n in range(3):
+            emit(sink, numbered(n, pid=31337))
+        yield wait_for(lambda: sink.written == 3, timeout=20)
+        yield sink.stopService()
+        self.assertEqual(on_main, [False] * 3)
+        stored = yield self.stream(SHARED_REDIS[1])
+        self.assertEqual([entry["pid"] for entry in stored], [31337] * 3)
 
     @inlineCallbacks
     def test_records_and_usage(self) -> Generator[Deferred[Any], Any, None]:

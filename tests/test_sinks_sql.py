@@ -22,6 +22,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from oaproxy.record import record_document
+from oaproxy.sinks import sql
 from oaproxy.sinks.sql import (
     COLUMNS,
     SCHEMA_VERSION,
@@ -43,7 +44,7 @@ from tests.live import (
     unavailable,
     wait_for,
 )
-from tests.records import attempt, emit, record, usage
+from tests.records import attempt, calls_on_main_thread, emit, record, usage
 from tests.records import numbered as nth_record
 
 #: The records here: streamed chat completions of alice's, with usage and cost.
@@ -87,6 +88,25 @@ class HelperTests(SynchronousTestCase):
                 "oaproxy_records_time",
             ],
         )
+
+    def test_pid_column_added_to_a_version_2_table(self) -> None:
+        """A table made before the pid column (schema version 2) gets it, NULL
+        in the rows it held, and takes new rows with it."""
+        path = os.path.join(self.mktemp(), "db.sqlite")
+        connection = open_database("sqlite", path)
+        self.addCleanup(connection.close)
+        cursor = connection.cursor()
+        for migration in sql.MIGRATIONS[:2]:
+            migration(cursor, "sqlite")
+        cursor.execute(f"CREATE TABLE {VERSION_TABLE} (version INTEGER NOT NULL)")
+        cursor.execute(f"INSERT INTO {VERSION_TABLE} (version) VALUES (2)")
+        cursor.execute(f"INSERT INTO {TABLE} (id, time, record) VALUES ('old', 1, '{{}}')")
+        connection.commit()
+        self.assertEqual(migrate(connection.cursor(), "sqlite"), 2)
+        cursor.execute(insert_statement("sqlite"), record_row(numbered(1, pid=77), "sqlite"))
+        connection.commit()
+        cursor.execute(f"SELECT id, pid FROM {TABLE} ORDER BY time")
+        self.assertEqual(cursor.fetchall(), [("old", None), (numbered(1).id, 77)])
 
     def test_beside_an_openai_api_route_database(self) -> None:
         """dbaddr may be openai-api-route's own db.sqlite, with its table
@@ -246,6 +266,20 @@ class SQLSinkBase(TestCase):
         error = "IntegrityError" if self.dbtype == "sqlite" else "CheckViolation"
         self.assertIn(f"the backend refused a record ({error}); kept in", stderr.getvalue())
 
+    @inlineCallbacks
+    def check_rows_built_in_the_pool(self) -> Generator[Deferred[Any], Any, None]:
+        on_main = calls_on_main_thread(self, sql, "record_row")
+        sink = self.sink(self.mktemp())
+        sink.startService()
+        for n in range(7):
+            emit(sink, numbered(n, pid=4242 + n % 2))
+        yield wait_for(lambda: sink.written == 7, timeout=30)
+        yield sink.stopService()
+        self.assertEqual(on_main, [False] * 7)
+        rows = sql_rows(self.dbtype, self.dbaddr)
+        self.assertEqual([row["pid"] for row in rows], [4242, 4243] * 3 + [4242])
+        self.assertEqual(json.loads(rows[1]["record"])["pid"], 4243)
+
 
 class SQLiteSinkTests(SQLSinkBase):
     dbtype = "sqlite"
@@ -256,6 +290,11 @@ class SQLiteSinkTests(SQLSinkBase):
     def test_records_arrive(self) -> Deferred[None]:
         """Records are inserted with their columns and whole JSON, once."""
         return self.check_records_arrive()
+
+    def test_rows_built_in_the_pool(self) -> Deferred[None]:
+        """Rows and their JSON are built in the pool's thread, not the
+        reactor's; the worker's pid is a column and in the JSON."""
+        return self.check_rows_built_in_the_pool()
 
     def test_refused_record_does_not_block(self) -> Deferred[None]:
         """A record sqlite refuses for its data is set aside in the spool's
@@ -301,6 +340,11 @@ class PostgresSinkTests(SQLSinkBase):
     def test_records_arrive(self) -> Deferred[None]:
         """Records are inserted with their columns and whole JSON, once."""
         return self.check_records_arrive()
+
+    def test_rows_built_in_the_pool(self) -> Deferred[None]:
+        """Rows and their JSON are built in the pool's thread, not the
+        reactor's; the worker's pid is a column and in the JSON."""
+        return self.check_rows_built_in_the_pool()
 
     def test_refused_record_does_not_block(self) -> Deferred[None]:
         """A record PostgreSQL refuses for its data is set aside in the spool's
