@@ -29,7 +29,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -203,18 +203,15 @@ def _bind(reactor: Any, endpoint: str, count: int, path: str) -> BoundListener:
 
 def _tcp_socket(family: int, interface: str, port: int, backlog: int) -> socket.socket:
     listener = socket.socket(family, socket.SOCK_STREAM)
-    try:
+
+    def bind() -> None:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         listener.bind((interface, port))
-        listener.listen(backlog)
-        listener.setblocking(False)
-    except BaseException:
-        listener.close()
-        raise
-    return listener
+
+    return _listening(listener, bind, backlog)
 
 
 def _unix_socket(address: str, options: Mapping[str, str], backlog: int) -> socket.socket:
@@ -231,9 +228,19 @@ def _unix_socket(address: str, options: Mapping[str, str], backlog: int) -> sock
         finally:
             probe.close()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
+
+    def bind() -> None:
         listener.bind(address)
         os.chmod(address, int(options.get("mode", "666"), 8))
+
+    return _listening(listener, bind, backlog)
+
+
+def _listening(listener: socket.socket, bind: Callable[[], None], backlog: int) -> socket.socket:
+    """``listener`` bound (by ``bind``), listening and non-blocking; closed
+    again if any of that fails."""
+    try:
+        bind()
         listener.listen(backlog)
         listener.setblocking(False)
     except BaseException:
