@@ -58,13 +58,16 @@ class ProxyService(MultiService):
         environ: Mapping[str, str] | None = None,
         stored: StoreSnapshot = EMPTY,
         inherited: Mapping[str, InheritedListener] | None = None,
+        freeze: bool = False,
     ) -> None:
         """``config`` is the file's; ``stored``, what its store held at start;
-        ``inherited``, a worker's sockets (``oaproxy.workers``)."""
+        ``inherited``, a worker's sockets (``oaproxy.workers``); ``freeze``:
+        ``gc.freeze`` after start and each swap (``oaproxy.heap``)."""
         super().__init__()
         self._reactor = reactor
         self._listen_override = tuple(listen)
         self._signals = signals
+        self._freeze = freeze
         self._previous_hup: Any = None
         self.pool = upstream_pool(reactor)
         running = overlay(config, stored, Sealer.from_config(config))
@@ -248,9 +251,7 @@ class ProxyService(MultiService):
         self._freeze_heap()
 
     def _freeze_heap(self) -> None:
-        # The daemon's process only (signals: run by twistd): tests running
-        # many services in one process keep their collector as it is.
-        if self._signals:
+        if self._freeze:
             freeze_heap()
 
     async def _adopt(self, old: Generation | None, new: Generation) -> None:

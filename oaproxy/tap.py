@@ -70,6 +70,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     from oaproxy.service import ProxyService
     from oaproxy.workers import WorkerSupervisor, follow_parent, inherited_listeners
 
+    # twistd calls this with its options alone: the process is the daemon's
+    # own, whose heap is frozen (oaproxy.heap).  A program that passes its
+    # reactor (the tests) keeps its garbage collector as it is.
+    freeze = reactor is None
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -110,4 +114,5 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         signals=True,
         stored=options["stored"],
         inherited=inherited,
+        freeze=freeze,
     )
