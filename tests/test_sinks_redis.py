@@ -16,9 +16,15 @@ from typing import Any
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from oaproxy.record import Record, record_document
+from oaproxy.record import Record, encode_record, record_document
 from oaproxy.sinks import redis
-from oaproxy.sinks.redis import RedisAddress, RedisSink, script_arguments, usage_date
+from oaproxy.sinks.redis import (
+    RedisAddress,
+    RedisSink,
+    batched_arguments,
+    script_arguments,
+    usage_date,
+)
 from tests.live import (
     SHARED_REDIS,
     PrivateRedis,
@@ -71,6 +77,21 @@ class HelperTests(SynchronousTestCase):
         )
         self.assertEqual(arguments[-3:], [0, 0, 0])
         self.assertEqual(usage_date(record(time=86400.0 * 365)), "1971-01-01")
+
+    def test_batched_arguments(self) -> None:
+        """A batch's records share an EVAL: their keys first, then their
+        arguments, in order; a new EVAL starts past EVAL_BYTES of JSON."""
+        each = [
+            script_arguments(numbered(n), key="k", maxlen=10, usage_prefix="u", dedupe_ttl=60)
+            for n in range(3)
+        ]
+        [one] = batched_arguments(each)
+        self.assertEqual(one[0], 12)
+        self.assertEqual(one[1:13], [key for args in each for key in args[1:5]])
+        self.assertEqual(one[13:], [value for args in each for value in args[5:]])
+        self.patch(redis, "EVAL_BYTES", len(encode_record(numbered(0))) * 2)
+        self.assertEqual([batch[0] for batch in batched_arguments(each)], [8, 4])
+        self.assertEqual(batched_arguments([]), [])
 
 
 class RedisSinkTests(TestCase):

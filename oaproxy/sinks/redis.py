@@ -1,6 +1,8 @@
 """The Redis record sink: a stream of records plus per-day usage counters.
 
-Per record, one Lua script (``EVAL``) runs atomically on the server::
+Per record, a Lua script runs atomically on the server (one ``EVAL`` for
+up to about 1 MiB of records of a batch, so that a batch costs a few round
+trips, not one per record)::
 
     XADD {key} MAXLEN ~ {maxlen} * record {json}
     HINCRBY oaproxy:usage:{YYYY-MM-DD}:key:{key_name}  requests 1,
@@ -33,20 +35,29 @@ from oaproxy.sinks.queue import QueuedSink
 
 USAGE_TTL = 35 * 24 * 3600
 
+# What script_arguments gives per record: 4 keys (seen, stream, the two
+# usage hashes), then 7 arguments.
+_KEYS_PER_RECORD = 4
 _SCRIPT = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then
-  return 0
+local written = 0
+for r = 0, #KEYS / 4 - 1 do
+  local k, a = r * 4, r * 7
+  if redis.call('SET', KEYS[k + 1], '1', 'NX', 'EX', ARGV[a + 3]) then
+    redis.call('XADD', KEYS[k + 2], 'MAXLEN', '~', ARGV[a + 2], '*', 'record', ARGV[a + 1])
+    for i = 3, 4 do
+      redis.call('HINCRBY', KEYS[k + i], 'requests', 1)
+      redis.call('HINCRBY', KEYS[k + i], 'prompt_tokens', ARGV[a + 5])
+      redis.call('HINCRBY', KEYS[k + i], 'completion_tokens', ARGV[a + 6])
+      redis.call('HINCRBY', KEYS[k + i], 'cost_microusd', ARGV[a + 7])
+      redis.call('EXPIRE', KEYS[k + i], ARGV[a + 4])
+    end
+    written = written + 1
+  end
 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'record', ARGV[1])
-for i = 3, 4 do
-  redis.call('HINCRBY', KEYS[i], 'requests', 1)
-  redis.call('HINCRBY', KEYS[i], 'prompt_tokens', ARGV[5])
-  redis.call('HINCRBY', KEYS[i], 'completion_tokens', ARGV[6])
-  redis.call('HINCRBY', KEYS[i], 'cost_microusd', ARGV[7])
-  redis.call('EXPIRE', KEYS[i], ARGV[4])
-end
-return 1
+return written
 """
+#: Records' JSON per ``EVAL``, about: one command never holds a huge batch.
+EVAL_BYTES = 1024 * 1024
 
 
 @frozen
@@ -83,6 +94,31 @@ def usage_date(record: Record) -> str:
     """The UTC day a record counts for, ``YYYY-MM-DD``."""
     utc = datetime.timezone.utc
     return datetime.datetime.fromtimestamp(record.time, utc).strftime("%Y-%m-%d")
+
+
+def batched_arguments(per_record: list[list[object]]) -> list[list[object]]:
+    """The ``EVAL`` arguments (after the script) of ``script_arguments``'
+    records, grouped: about ``EVAL_BYTES`` of records' JSON per ``EVAL``."""
+    batches: list[list[object]] = []
+    keys: list[object] = []
+    values: list[object] = []
+    size = 0
+
+    def close() -> None:
+        if keys:
+            batches.append([len(keys), *keys, *values])
+
+    for arguments in per_record:
+        record_json = arguments[1 + _KEYS_PER_RECORD]
+        assert isinstance(record_json, bytes)
+        if keys and size + len(record_json) > EVAL_BYTES:
+            close()
+            keys, values, size = [], [], 0
+        keys.extend(arguments[1 : 1 + _KEYS_PER_RECORD])
+        values.extend(arguments[1 + _KEYS_PER_RECORD :])
+        size += len(record_json)
+    close()
+    return batches
 
 
 def script_arguments(
@@ -216,17 +252,19 @@ class RedisSink(QueuedSink):
         return encoding.addCallback(self._send)
 
     def _arguments(self, records: list[Record]) -> list[list[object]]:
-        """Each record's ``EVAL`` arguments (in the thread pool)."""
-        return [
-            script_arguments(
-                record,
-                key=self.key,
-                maxlen=self.maxlen,
-                usage_prefix=self.usage_prefix,
-                dedupe_ttl=self.dedupe_ttl,
-            )
-            for record in records
-        ]
+        """The batch's ``EVAL`` arguments (in the thread pool)."""
+        return batched_arguments(
+            [
+                script_arguments(
+                    record,
+                    key=self.key,
+                    maxlen=self.maxlen,
+                    usage_prefix=self.usage_prefix,
+                    dedupe_ttl=self.dedupe_ttl,
+                )
+                for record in records
+            ]
+        )
 
     def _send(self, arguments: list[list[object]]) -> Deferred[object]:
         # Asked again: the connection may have gone while the thread worked.
