@@ -100,10 +100,15 @@ def worker_slot(environ: Mapping[str, str]) -> int | None:
 def follow_parent(environ: Mapping[str, str]) -> None:
     """In a worker: be sent SIGTERM when the parent dies, even by SIGKILL
     (Linux's ``PR_SET_PDEATHSIG``), so that no worker outlives it serving a
-    port nobody supervises; one whose parent is gone already stops now."""
+    port nobody supervises; one whose parent is gone already stops now.
+
+    A process group of its own, too: a terminal's Ctrl-C reaches the parent
+    alone, which passes SIGTERM on, rather than each worker twice.
+    """
     parent = environ.get(PARENT_VARIABLE)
     if not parent:
         return
+    os.setpgid(0, 0)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -257,11 +262,8 @@ class _Worker(ProcessProtocol):
         self.slot = slot
         self.started = started
         self.process: Any = None
-
-    @property
-    def pid(self) -> int | None:
-        pid: int | None = self.process.pid if self.process is not None else None
-        return pid
+        # Kept: the process forgets its pid once it has ended.
+        self.pid: int | None = None
 
     def processEnded(self, reason: Failure) -> None:
         self.supervisor.worker_ended(self, reason)
@@ -365,6 +367,7 @@ class WorkerSupervisor(Service):
         worker.process = self._reactor.spawnProcess(
             worker, sys.executable, command, env=environ, childFDs=child_fds
         )
+        worker.pid = worker.process.pid
         self.workers[slot] = worker
 
     def worker_ended(self, worker: _Worker, reason: Failure) -> None:

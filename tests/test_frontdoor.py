@@ -105,6 +105,8 @@ class SystemdTests(SynchronousTestCase):
             "ExecReload=/bin/kill -HUP $MAINPID",
             # Room for max_connections' default of 10,000 client connections.
             "LimitNOFILE=65536",
+            # SIGTERM to the parent of the workers alone: it passes it on.
+            "KillMode=mixed",
         ):
             self.assertIn(directive, unit)
 
