@@ -42,7 +42,7 @@ from twisted.python.failure import Failure
 
 from oaproxy.circuits import Circuits, CircuitState, failed_in_a_row, retry_after
 from oaproxy.config import BreakerConfig, Upstream
-from oaproxy.forward import AttemptLog, Exchange
+from oaproxy.exchange import AttemptLog, Exchange
 from oaproxy.pipeline import Observer
 from oaproxy.record import Evidence, Record, evidence
 from oaproxy.sharedredis import LuaScript, SharedRedis

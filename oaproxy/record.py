@@ -126,7 +126,7 @@ class Evidence(enum.Enum):
 
 
 class JudgedAttempt(Protocol):
-    """An attempt as it runs (``forward.AttemptLog``) or as recorded (``Attempt``)."""
+    """An attempt as it runs (``exchange.AttemptLog``) or as recorded (``Attempt``)."""
 
     @property
     def status(self) -> int | None: ...

@@ -25,7 +25,7 @@ from oaproxy.capture import (
 )
 from oaproxy.config import Config, Upstream
 from oaproxy.credentials import Redactor, config_secrets, redact_headers
-from oaproxy.forward import Call, Exchange
+from oaproxy.exchange import Call, Exchange
 from oaproxy.largeanswer import MAX_PARSED_ANSWER, USAGE_WINDOW, AnswerEnds
 from oaproxy.record import Attempt, CacheResult, JSONObject, LimitRefusal, Record
 

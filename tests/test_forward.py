@@ -21,7 +21,8 @@ from twisted.web._newclient import RequestNotSent, ResponseNeverReceived
 from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
 
-from oaproxy.forward import FAILOVER_STATUSES, Exchange, attempt_deadline, fails_over
+from oaproxy.exchange import Exchange
+from oaproxy.forward import FAILOVER_STATUSES, attempt_deadline, fails_over
 from oaproxy.record import FailureKind, Outcome
 from oaproxy.upstreamclient import NoResponse
 from tests.doubles import Harness, Reply, make_config
