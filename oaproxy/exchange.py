@@ -10,11 +10,12 @@ from attrs import define, field, frozen
 from twisted.web.http_headers import Headers
 
 from oaproxy.cache.ticket import CacheTicket
-from oaproxy.config import Upstream
+from oaproxy.config import ResumeMode, Upstream
 from oaproxy.credentials import token_text
 from oaproxy.inspection import Inspected
 from oaproxy.record import FailureKind, LimitRefusal, Outcome, upstream_at_fault
 from oaproxy.relay import CollectedBody, StreamRelay
+from oaproxy.resume import ResumeState
 
 
 @frozen
@@ -78,9 +79,15 @@ class AttemptLog:
     duration: float | None = None
     # The Retry-After of a 429 or 503 answer, as the upstream sent it.
     retry_after: str | None = None
-    # Why the request went out a second time, on a new connection (the pooled
-    # one was stale); not in the record yet (issue 11 makes it an attempt).
+    # Why the request went out again, on a new connection: the attempt
+    # before found its pooled connection closed (``STALE_CONNECTION``).
     resent: str | None = None
+    # How it continued a stream that broke, and the characters of text the
+    # client had then.
+    resumed: ResumeMode | None = None
+    resumed_at: int | None = None
+    # Why the same upstream was tried again after it ("429", "reset").
+    retried: str | None = None
     # With ``sk: asis`` a 401 or 403 refuses the client's key, not the
     # upstream's (and a 429's Retry-After speaks of that key).
     client_key_sent: bool = False
@@ -136,6 +143,8 @@ class Exchange:
     limit: LimitRefusal | None = None
     # What the response cache decided; None when it was not asked.
     cache: CacheTicket | None = None
+    # What a committed stream relayed so far, when it can be resumed.
+    resume: ResumeState | None = None
 
     @property
     def outcome(self) -> Outcome:

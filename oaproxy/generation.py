@@ -34,6 +34,7 @@ from oaproxy.config import Config
 from oaproxy.contentfilter import ContentFilter
 from oaproxy.cors import CorsPolicy
 from oaproxy.forward import Forwarder
+from oaproxy.retries import RetryPolicy
 from oaproxy.gates import builtin_head_gates
 from oaproxy.health import Readiness, ReadyResource
 from oaproxy.inspection import Inspector
@@ -259,6 +260,8 @@ def build_generation(
         on_attempt_started=watching.attempt_started,
         on_attempt=watching.attempt_finished,
         stream_pace=traffic.stream_pace,
+        retries=RetryPolicy.from_config(config, shared.rng, shared.wall_clock),
+        failover_codes=config.failover_codes,
     )
     pipeline = Pipeline(
         config,

@@ -139,6 +139,10 @@ class RecordMaker:
                     duration=attempt.duration,
                     failure=attempt.failure,
                     client_key_sent=attempt.client_key_sent,
+                    resumed=attempt.resumed.value if attempt.resumed is not None else None,
+                    resumed_at=attempt.resumed_at,
+                    retried=attempt.retried,
+                    resent=attempt.resent,
                 )
                 for attempt in exchange.attempts
             ),
