@@ -34,7 +34,6 @@ from oaproxy.config import Config
 from oaproxy.contentfilter import ContentFilter
 from oaproxy.cors import CorsPolicy
 from oaproxy.forward import Forwarder
-from oaproxy.retries import RetryPolicy
 from oaproxy.gates import builtin_head_gates
 from oaproxy.health import Readiness, ReadyResource
 from oaproxy.inspection import Inspector
@@ -47,6 +46,7 @@ from oaproxy.observers import Alerting, MetricsCounting, ReadinessFollowing, Rec
 from oaproxy.outbound import AgentFor
 from oaproxy.pipeline import CandidateFilter, Gate, HeadGate, Observer, Observers, Pipeline
 from oaproxy.records import RecordEmitter, RecordMaker
+from oaproxy.retries import RetryPolicy
 from oaproxy.routing import Router
 from oaproxy.scrape import MetricsResource
 from oaproxy.sharedredis import SharedRedis
