@@ -195,17 +195,17 @@ class Forwarder:
                 status = attempt.status = result.status
                 if status in (429, 503):
                     attempt.retry_after = _header_text(result.headers, b"retry-after")
-                if exchange.usage_added and status in (400, 422):
-                    # Some OpenAI-compatible servers refuse stream_options: once
-                    # more on the same upstream, with the body the client sent.
-                    self._end_attempt(exchange, attempt)
-                    tries.appendleft(evolve(current, with_usage=False))
-                    continue
                 if current.how is ResumeMode.PREFILL and status in (400, 422):
                     # Refused the prefill: once more here, as a restart.
                     attempt.failure = FailureKind.STATUS
                     self._end_attempt(exchange, attempt)
                     tries.appendleft(evolve(current, how=ResumeMode.RESTART, splices=()))
+                    continue
+                if exchange.usage_added and status in (400, 422):
+                    # Some OpenAI-compatible servers refuse stream_options: once
+                    # more on the same upstream, with the body the client sent.
+                    self._end_attempt(exchange, attempt)
+                    tries.appendleft(evolve(current, with_usage=False))
                     continue
             wait = self._retry_wait(current, attempt, status, error, starts, deadline)
             if wait is not None:

@@ -350,7 +350,11 @@ class StreamRelay(Protocol):
         self._abort_upstream()
         kind = FailureKind.DIVERGED if isinstance(error, Diverged) else FailureKind.STREAM_ERROR
         failure = RelayFailure(kind, self._words(str(error)))
-        if self._committed:
+        if self._committed or kind is FailureKind.DIVERGED:
+            # A continuation's client has its response already: a restart
+            # that diverges ends it, whether or not it sent anything new.
+            if not self._committed:
+                self._start()
             self._end(failure)
             return
         # Before the commit: the attempt failed, the next one is tried.
