@@ -15,7 +15,7 @@ from prometheus_client import generate_latest
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.record import FailureKind, Outcome
-from tests.doubles import AgentCall, Harness, Reply, Scrape
+from tests.doubles import AgentCall, FakeResponse, Harness, Reply, Scrape
 from tests.payloads import chunk_data, compact, sse, usage_chunk
 
 CONFIG = """
@@ -62,7 +62,7 @@ class ResumeCase(SynchronousTestCase):
     def stream(self, **extra: Any) -> Any:
         return self.h.chat(stream=True, extra=extra or None)
 
-    def respond(self, call: AgentCall, *datas: bytes) -> Any:
+    def respond(self, call: AgentCall, *datas: bytes) -> FakeResponse:
         response = call.respond(200, b"text/event-stream")
         if datas:
             response.write(sse(*datas))
@@ -137,9 +137,9 @@ class PrefillTests(ResumeCase):
     def test_upstream_error_event_resumed(self) -> None:
         """An error event mid-stream is a break: not passed on, resumed at b."""
         client = self.stream()
-        self.respond(self.calls[0], chunk(ROLE), text("Hel"))
-        self.calls[0].response.write(sse(compact({"error": {"message": "overloaded"}})))
-        self.assertTrue(self.calls[0].response.transport.stopped)
+        a = self.respond(self.calls[0], chunk(ROLE), text("Hel"))
+        a.write(sse(compact({"error": {"message": "overloaded"}})))
+        self.assertTrue(a.transport.stopped)
         b = self.respond(self.calls[1], text("lo"), chunk({}, "stop"), b"[DONE]")
         b.finish()
         self.assertOneStream(client.reply(), "Hello")
@@ -224,9 +224,9 @@ class PrefillTests(ResumeCase):
         for the next candidate, as a first attempt would be."""
         client = self.stream()
         self.respond(self.calls[0], chunk(ROLE), text("Hel")).fail()
-        self.respond(self.calls[1])
+        b = self.respond(self.calls[1])
         self.h.clock.advance(10)
-        self.assertTrue(self.calls[1].cancelled or self.calls[1].response.transport.stopped)
+        self.assertTrue(b.transport.stopped)
         self.respond(self.calls[2], text("lo"), chunk({}, "stop"), b"[DONE]").finish()
         self.assertOneStream(client.reply(), "Hello")
         self.assertEqual(self.attempts()[1][1], FailureKind.TIMEOUT)
