@@ -147,7 +147,10 @@ class Forwarder:
                     continue
                 current = continuing
             elif broke is None and kind is not None:
-                exchange.resume = ResumeState(kind, continuable)
+                # Followed only when some candidate left could continue it:
+                # a lone upstream's events are not parsed for nothing.
+                resumers = any(t.upstream.resume is not ResumeMode.OFF for t in tries)
+                exchange.resume = ResumeState(kind, continuable) if resumers else None
             upstream = current.upstream
             deadline = attempt_deadline(upstream, call.stream, not tries)
             now = self._clock.seconds()

@@ -14,7 +14,7 @@ from typing import Any
 from prometheus_client import generate_latest
 from twisted.trial.unittest import SynchronousTestCase
 
-from oaproxy.record import FailureKind, Outcome
+from oaproxy.record import FailureKind, Outcome, record_document, record_from_document
 from tests.doubles import AgentCall, FakeResponse, Harness, Reply, Scrape
 from tests.payloads import chunk_data, compact, sse, usage_chunk
 
@@ -381,4 +381,25 @@ class ResumeMetricsTests(ResumeCase):
         self.assertEqual(
             scrape.value("oaproxy_stream_resumes_total", upstream="b", how="restart", result="ok"),
             1.0,
+        )
+
+
+class StoredFormTests(ResumeCase):
+    def test_attempts_keep_resume_fields(self) -> None:
+        """The stored form keeps ``resumed`` and ``resumed_at`` (only where
+        set) and reads them back."""
+        client = self.stream()
+        self.respond(self.calls[0], chunk(ROLE), text("Hel")).fail()
+        self.respond(self.calls[1], text("lo"), chunk({}, "stop"), b"[DONE]").finish()
+        client.reply()
+        [record] = self.h.records
+        document = record_document(record)
+        self.assertNotIn("resumed", document["attempts"][0])
+        self.assertEqual(
+            (document["attempts"][1]["resumed"], document["attempts"][1]["resumed_at"]),
+            ("prefill", 3),
+        )
+        again = record_from_document(json.loads(json.dumps(document)))
+        self.assertEqual(
+            [(a.resumed, a.resumed_at) for a in again.attempts], [(None, None), ("prefill", 3)]
         )
