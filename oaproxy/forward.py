@@ -7,10 +7,16 @@ its upstream connection, and a client that goes away cancels the whole chain.
   which is read before anything is written to the client, so an upstream that
   dies mid-body is still failed over.
 - Stream: the deadline covers the headers and the first SSE event; the client
-  sees nothing until that event (the commit). After it, silence longer than
-  ``stream_idle_timeout``, an event over ``max_event_bytes`` or an upstream
-  error ends the stream with an SSE ``error`` event. The last candidate waits
-  ``max(stream_timeout, timeout)``.
+  sees nothing until that event (the commit). After it, a cut, silence longer
+  than ``stream_idle_timeout`` or an upstream error event is continued on the
+  next candidate that resumes (``oaproxy.resume``), each continuation an
+  attempt under the same deadline; with none left, or after an event over
+  ``max_event_bytes``, the stream ends with an SSE ``error`` event. The last
+  candidate waits ``max(stream_timeout, timeout)``.
+
+Before the next candidate, a busy or broken upstream may be tried again
+(``oaproxy.retries``), and a request that met a stale pooled connection is
+sent once more on a new one: each sending is an attempt of its own.
 """
 
 from __future__ import annotations
