@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.config import ConfigError, RecordsPolicy
+from oaproxy.tap import Options
 from oaproxy.workers import (
     LISTENERS_VARIABLE,
     SLOT_VARIABLE,
@@ -30,6 +31,7 @@ from oaproxy.workers import (
     worker_records_policy,
     worker_slot,
 )
+from tests.doubles import make_config
 from tests.live import POLL, SHARED_REDIS, free_port, reactor, sql_rows, wait_for
 from tests.records import read_json_lines
 from tests.test_daemon import DaemonCase, base_config
@@ -65,6 +67,29 @@ class SlotTests(SynchronousTestCase):
         self.assertEqual(
             (policy.file, policy.spool_dir), ("log/records.worker2.jsonl", "log/spool/worker2")
         )
+
+
+class OptionTests(SynchronousTestCase):
+    UPSTREAMS = "upstreams:\n  - name: echo\n    type: echo\n"
+
+    def test_config(self) -> None:
+        """``workers`` is 1 unless set; 0 is refused on its line."""
+        self.assertEqual(make_config(self.UPSTREAMS).workers, 1)
+        self.assertEqual(make_config("workers: 4\n" + self.UPSTREAMS).workers, 4)
+        error = self.assertRaises(ConfigError, make_config, "workers: 0\n" + self.UPSTREAMS)
+        self.assertEqual((error.line, error.key), (1, "workers"))
+
+    def test_option(self) -> None:
+        """``--workers`` takes a count of 1 or more."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(self.UPSTREAMS)
+        options = Options()
+        options.parseOptions(["--config", path, "--workers", "3"])
+        self.assertEqual(options["workers"], 3)
+        with self.assertRaises(SystemExit) as caught:
+            Options().parseOptions(["--config", path, "--workers", "0"])
+        self.assertIn("--workers", str(caught.exception))
 
 
 class BindTests(SynchronousTestCase):
