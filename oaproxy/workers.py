@@ -66,6 +66,7 @@ _FIRST_FD = 3
 _FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}
 _TWISTD = "from twisted.scripts.twistd import run; run()"
 _PR_SET_PDEATHSIG = 1
+_log = Logger()
 
 
 @frozen
@@ -109,6 +110,13 @@ def follow_parent(environ: Mapping[str, str]) -> None:
     if not parent:
         return
     os.setpgid(0, 0)
+    # Its log lines mingle with its siblings': this one says which is which.
+    _log.info(
+        "worker {slot} of oaproxy {parent} runs as pid {pid}",
+        slot=worker_slot(environ),
+        parent=parent,
+        pid=os.getpid(),
+    )
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
