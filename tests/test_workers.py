@@ -13,13 +13,18 @@ import uuid
 from collections import Counter
 from typing import Any
 
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from oaproxy.config import ConfigError, RecordsPolicy
+from oaproxy.listeners import Listeners
 from oaproxy.tap import Options
 from oaproxy.workers import (
     LISTENERS_VARIABLE,
@@ -31,8 +36,16 @@ from oaproxy.workers import (
     worker_records_policy,
     worker_slot,
 )
-from tests.doubles import make_config
-from tests.live import POLL, SHARED_REDIS, free_port, reactor, sql_rows, wait_for
+from tests.doubles import capture_log, make_config
+from tests.live import (
+    POLL,
+    SHARED_REDIS,
+    free_port,
+    reactor,
+    read_body,
+    sql_rows,
+    wait_for,
+)
 from tests.records import read_json_lines
 from tests.test_daemon import DaemonCase, base_config
 from tests.test_traffic_counters import start_shared_redis
@@ -133,6 +146,43 @@ class BindTests(SynchronousTestCase):
         again = socket.socket()
         self.addCleanup(again.close)
         again.bind(("127.0.0.1", port))
+
+
+class Adopted(Resource):
+    """What the adopted socket serves: one word, on every path."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        return b"adopted"
+
+
+class AdoptionTests(TestCase):
+    async def test_a_worker_adopts_and_keeps_its_listeners(self) -> None:
+        """A worker serves on the socket it was handed rather than binding
+        the endpoint, and a reload that changes ``listen`` leaves it as it is
+        (logged: the sockets are the parent's)."""
+        [bound] = bind_listeners(reactor, ["tcp:0:interface=127.0.0.1"], 1, "c.yaml")
+        self.addCleanup(bound.close)
+        address = bound.sockets[0].getsockname()
+        fd = os.dup(bound.sockets[0].fileno())
+        parent = MultiService()
+        parent.startService()
+        self.addCleanup(parent.stopService)
+        site = Site(Adopted())
+        endpoint = "tcp:9:interface=127.0.0.1"
+        listeners = Listeners(parent, site, reactor, {endpoint: InheritedListener(fd, "INET")})
+        listeners.add(endpoint)
+        events = capture_log(self)
+        agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        url = f"http://127.0.0.1:{address[1]}/".encode()
+        self.assertEqual(await read_body(await agent.request(b"GET", url)), b"adopted")
+        await listeners.replace(("tcp:10:interface=127.0.0.1",))
+        self.assertEqual(list(listeners), [endpoint])
+        self.assertTrue(any("restart oaproxy" in str(e.get("log_format")) for e in events))
+        response = await agent.request(b"GET", url)
+        self.assertEqual(await read_body(response), b"adopted")
+        await listeners.close()
 
 
 class FakeProcess:
