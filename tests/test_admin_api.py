@@ -448,6 +448,6 @@ class UnreadableAtStartTests(ProxyCase):
         service = ProxyService(file, reactor, ("tcp:0:interface=127.0.0.1",), stored=UNREAD)
         service.startService()
         self.addCleanup(service.stopService)
-        await wait_for(lambda: service.stored.version > 0, timeout=10)
+        await wait_for(lambda: service.sources.stored.version > 0, timeout=10)
         caller = service.generation.router.authenticate(b"Bearer " + secret.encode())
         self.assertEqual(caller.key.name if caller.key else None, "late")
