@@ -132,6 +132,16 @@ class Shared:
             recent_attempts=RecentAttempts(reactor),
         )
 
+    def follow(self, generation: Generation) -> None:
+        """Point what outlives a reload at ``generation``'s config: the
+        metrics' labels, readiness, the upstreams recent attempts are kept for."""
+        config = generation.config
+        self.metrics.update_labels(known_models(config), upstream_names(config))
+        self.readiness.configure(upstream_names(config), generation.sinks)
+        self.recent_attempts.keep_only(
+            [u.name for u in (*config.upstreams, *config.disabled_upstreams)]
+        )
+
 
 @frozen
 class Generation:
@@ -397,7 +407,6 @@ async def swap_in(
 ) -> None:
     """Run ``new``'s services under ``parent`` in place of those of ``old``
     that differ, and point what outlives a reload at ``new``."""
-    shared.metrics.update_labels(known_models(new.config), upstream_names(new.config))
     if old is None or new.log_file is not old.log_file:
         await _replace(parent, old.log_file if old else None, None)
         if new.log_file is not None:
@@ -420,10 +429,7 @@ async def swap_in(
             sink.setServiceParent(parent)
             shared.records.add_observer(sink.observer)
             shared.metrics.add_sink(name, sink)
-    shared.readiness.configure(upstream_names(new.config), new.sinks)
-    shared.recent_attempts.keep_only(
-        [u.name for u in (*new.config.upstreams, *new.config.disabled_upstreams)]
-    )
+    shared.follow(new)
 
 
 async def _replace(parent: MultiService, old: IService | None, new: IService | None) -> None:

@@ -516,6 +516,8 @@ class Harness:
         self.generation = build_generation(
             self.config, self.shared, observers=[ExchangeLog(self.exchanges)]
         )
+        # As the daemon's swap_in does (the sinks are the daemon's to run).
+        self.shared.follow(self.generation)
         self.pipeline = self.generation.pipeline
         self.forwarder = self.generation.forwarder
         self.site = ProxySite(

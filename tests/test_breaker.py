@@ -82,7 +82,6 @@ class BreakerCase(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.h = Harness(self.config)
-        self.h.shared.readiness.configure([u.name for u in self.h.config.upstreams], {})
         self.log = LogLines(self)
 
     def chat(self, *answers: int | bytes) -> tuple[Client, list[str]]:
