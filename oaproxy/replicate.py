@@ -36,7 +36,7 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from oaproxy.config import Upstream
-from oaproxy.credentials import REDACTED, bearer_token
+from oaproxy.credentials import Words, token_text
 from oaproxy.localresponse import (
     EVENT_STREAM,
     SSE_DONE,
@@ -82,15 +82,6 @@ class PredictionUnreachable(UpstreamEndedEarly):
     attempt fails, and is never retried as a new prediction."""
 
 
-def hidden(text: str, auth: bytes | None) -> str:
-    """``text`` without the credential it might quote: texts of Replicate's
-    that end a stream reach the client as they are."""
-    token = bearer_token(auth)
-    if token:
-        text = text.replace(token.decode("utf-8", "replace"), REDACTED)
-    return text
-
-
 def _event_name(event: bytes) -> bytes:
     """An SSE event's ``event`` field (``message`` when it has none)."""
     for line in event.splitlines():
@@ -113,7 +104,7 @@ class ReplicateAgent:
         wall_clock: Callable[[], float],
         *,
         max_event_bytes: int,
-        words: Callable[[str], str],
+        words: Words,
     ) -> None:
         assert upstream.endpoint is not None
         self._endpoint = upstream.endpoint
@@ -124,7 +115,7 @@ class ReplicateAgent:
         # Replicate's stream events, like an upstream's, are capped.
         self.max_event_bytes = max_event_bytes
         # What makes Replicate's texts about a failure fit for the log.
-        self._words = words
+        self.words = words
 
     def request(
         self,
@@ -282,7 +273,7 @@ class ReplicateAgent:
             self.log.warn(
                 "upstream {upstream}: cancelling a prediction failed: {error}",
                 upstream=self._name,
-                error=describe(failure, self._words)[1],
+                error=describe(failure, self.words)[1],
             )
 
         call.addErrback(failed)
@@ -336,7 +327,12 @@ class _StreamTranslator(Protocol):
                     self._spoke = True
                 self._chunk(delta)
             elif name == b"error":
-                self._end(hidden(f"Replicate: {detail(text or b'')}", self._auth))
+                # Replicate's words reach the client: the key it may quote
+                # (the client's own, passed on as is) hidden.
+                words = self._agent.words(
+                    f"Replicate: {detail(text or b'')}", token_text(self._auth)
+                )
+                self._end(words)
             elif name == b"done":
                 reason = _document(text or b"{}").get("reason")
                 if reason in ("error", "canceled"):

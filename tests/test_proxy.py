@@ -39,7 +39,7 @@ from oaproxy.upstreamclient import (
 )
 from oaproxy.upstreamclient.tunnel import MAX_ANSWER_HEAD_BYTES
 from oaproxy.upstreams import UpstreamClients
-from tests.doubles import RecordingAgent
+from tests.doubles import RecordingAgent, words_as_said
 from tests.payloads import chat_body
 from tests.test_upstreamclient import OK, MemoryUpstream
 
@@ -481,7 +481,7 @@ class UpstreamTypesTests(SynchronousTestCase):
             clock=Clock(),
             wall_clock=lambda: 0.0,
             max_event_bytes=config.max_event_bytes,
-            words=str,
+            words=words_as_said,
         )
         mistral, demo, direct = config.upstreams
         self.assertIs(clients(direct).agent, ways[(None, False)])

@@ -22,7 +22,7 @@ from oaproxy.inspection import WALK_AT_ONCE
 from oaproxy.relay import BytesProducer, small_body
 from oaproxy.replicate import ReplicateAgent
 from oaproxy.replicate_format import mistral_prompt
-from tests.doubles import AgentCall, Harness, make_config
+from tests.doubles import AgentCall, Harness, make_config, words_as_said
 from tests.fakereplicate import FakeReplicate, Prediction
 from tests.live import EndToEndCase, LiveCase, reactor, wait_for
 from tests.payloads import sse_events
@@ -371,7 +371,12 @@ class PollingOnASocketTests(LiveCase):
         clock = Clock()
         http = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
         agent = ReplicateAgent(
-            upstream, http, clock, lambda: 1_700_000_000.0, max_event_bytes=1 << 20, words=str
+            upstream,
+            http,
+            clock,
+            lambda: 1_700_000_000.0,
+            max_event_bytes=1 << 20,
+            words=words_as_said,
         )
         body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
         answered = agent.request(
