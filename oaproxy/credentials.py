@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from attrs import frozen
 
-from oaproxy.config import Config, all_client_keys
+from oaproxy.config import Config, Upstream, all_client_keys
 
 REDACTED = "[redacted]"
 
@@ -66,6 +66,14 @@ def bearer_token(authorization: bytes | None) -> bytes | None:
     if authorization is None or not authorization.startswith(b"Bearer"):
         return None
     return authorization[len(b"Bearer") :].strip()
+
+
+def upstream_authorization(upstream: Upstream, client: bytes | None) -> bytes | None:
+    """The ``Authorization`` an upstream is sent: its ``sk`` as a bearer, the
+    client's own (``client``) for ``sk: asis``, none without a key."""
+    if upstream.sk == "asis":
+        return client
+    return b"Bearer " + upstream.sk.encode("utf-8") if upstream.sk else None
 
 
 def token_text(authorization: bytes | None) -> str | None:

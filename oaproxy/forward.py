@@ -33,7 +33,7 @@ from twisted.web.server import Request
 
 from oaproxy.cache.ticket import CacheTicket
 from oaproxy.config import Upstream
-from oaproxy.credentials import Redactor, token_text
+from oaproxy.credentials import Redactor, token_text, upstream_authorization
 from oaproxy.errors import error_body
 from oaproxy.headers import UPSTREAM_HEADER, response_headers, upstream_headers
 from oaproxy.inspection import Inspected
@@ -413,7 +413,7 @@ class Forwarder:
         headers = upstream_headers(
             call.headers,
             keep_header=upstream.keep_header,
-            authorization=_authorization(upstream, call),
+            authorization=upstream_authorization(upstream, call.authorization),
             forwarded_for=call.forwarded_for,
         )
         client = self._clients(upstream)
@@ -556,14 +556,6 @@ def attempt_deadline(upstream: Upstream, stream: bool, last: bool) -> float:
         # Nothing left to fail over to: waiting longer beats failing early.
         return max(upstream.stream_timeout, upstream.timeout)
     return upstream.stream_timeout
-
-
-def _authorization(upstream: Upstream, call: Call) -> bytes | None:
-    if upstream.sk == "asis":
-        return call.authorization
-    if not upstream.sk:
-        return None
-    return b"Bearer " + upstream.sk.encode("utf-8")
 
 
 def _stale_connection(error: Exception) -> bool:

@@ -170,6 +170,22 @@ def sse_data(payload: Any) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
+class BadBody(ValueError):
+    """A request body an upstream made here answers with 400; the message
+    (plain words, for the client) says why."""
+
+
+def request_object(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object; ``BadBody`` when it is none."""
+    try:
+        request = json.loads(body)
+    except (ValueError, RecursionError):
+        raise BadBody("The request body is not JSON.") from None
+    if not isinstance(request, dict):
+        raise BadBody("The request body must be a JSON object.")
+    return request
+
+
 @implementer(IConsumer)
 class _Collector:
     def __init__(self) -> None:

@@ -37,9 +37,11 @@ from zope.interface import implementer
 
 from oaproxy.config import Upstream
 from oaproxy.credentials import Words, token_text
+from oaproxy.inspection import json_object
 from oaproxy.localresponse import (
     EVENT_STREAM,
     SSE_DONE,
+    BadBody,
     LocalResponse,
     error_response,
     json_response,
@@ -50,7 +52,6 @@ from oaproxy.localresponse import (
 from oaproxy.relay import BytesProducer, UpstreamEndedEarly, describe, small_body
 from oaproxy.replicate_format import (
     TERMINAL,
-    BadChat,
     ChatRequest,
     ModelRef,
     chunk,
@@ -143,7 +144,7 @@ class ReplicateAgent:
             return refused
         try:
             chat = parse_chat(await request_bytes(body))
-        except BadChat as e:
+        except BadBody as e:
             return error_response(400, str(e))
         ref = ModelRef.parse(chat.model)
         if ref is None:
@@ -158,7 +159,7 @@ class ReplicateAgent:
         code, headers, answer = await self._call(b"POST", url, auth, payload)
         if code not in (200, 201):
             return mapped_error(code, answer, headers)
-        prediction = _document(answer)
+        prediction = json_object(answer)
         urls = prediction.get("urls")
         if not isinstance(urls, dict):
             return upstream_failed("Replicate: the new prediction has no urls")
@@ -193,7 +194,7 @@ class ReplicateAgent:
                 failures = 0
                 if code != 200:
                     return mapped_error(code, answer, headers)
-                prediction = _document(answer)
+                prediction = json_object(answer)
         finally:
             if prediction.get("status") not in TERMINAL:
                 self._cancel(urls, auth)
@@ -246,7 +247,7 @@ class ReplicateAgent:
             raise
         except Exception:  # noqa: BLE001 - usage is worth a try, not a failed answer
             return None
-        return usage(_document(answer)) if code == 200 else None
+        return usage(json_object(answer)) if code == 200 else None
 
     # -- calls ------------------------------------------------------------------------------
 
@@ -334,7 +335,7 @@ class _StreamTranslator(Protocol):
                 )
                 self._end(words)
             elif name == b"done":
-                reason = _document(text or b"{}").get("reason")
+                reason = json_object(text or b"{}").get("reason")
                 if reason in ("error", "canceled"):
                     self._end(f"Replicate: the prediction ended: {reason}")
                 else:
@@ -389,12 +390,3 @@ def _url(urls: Mapping[str, Any], name: str) -> bytes:
     if not isinstance(url, str):
         raise PredictionUnreachable(f"Replicate: the prediction has no {name} url")
     return url.encode("utf-8")
-
-
-def _document(data: bytes) -> dict[str, Any]:
-    """A JSON object of Replicate's, or an empty one for anything else."""
-    try:
-        document = json.loads(data)
-    except (ValueError, RecursionError):
-        return {}
-    return document if isinstance(document, dict) else {}
