@@ -394,7 +394,9 @@ class Forwarder:
         sent = call.inspected.body_for(upstream, with_usage=with_usage)
         response = await self._request(upstream, call, sent, attempt)
         attempt.ttfb = self._clock.seconds() - attempt.started
-        status = response.code
+        # The upstream answered: its status is the attempt's, even if the
+        # answer then fails before it is passed on.
+        attempt.status = status = response.code
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
         if 200 <= status < 300 and content_type.startswith(b"text/event-stream"):
             return await self._relay(request, exchange, upstream, response, sse=True)

@@ -122,7 +122,7 @@ class FailoverTests(ForwardTestCase):
         self.assertReply(client.reply(), 200, b"{}")
         self.assertEqual(
             self.h.record()["attempts"][0]["error"],
-            "UpstreamEndedEarly: response body over 1048576 bytes",
+            "response body over 1048576 bytes",
         )
 
     def test_connection_error_fails_over(self) -> None:
@@ -345,7 +345,7 @@ class DeadlineTests(ForwardTestCase):
         self.assertEqual(
             self.h.record()["attempts"],
             [
-                stored_attempt("a", None, "timeout after 30s", 2.0, 30.0),
+                stored_attempt("a", 200, "timeout after 30s", 2.0, 30.0),
                 stored_attempt("b", 200, None, 1.0, 1.0),
             ],
         )
@@ -363,8 +363,8 @@ class DeadlineTests(ForwardTestCase):
             self.h.record()["attempts"][0],
             stored_attempt(
                 "a",
-                None,
-                "UpstreamEndedEarly: ConnectionLost: Connection to the other side was lost "
+                200,
+                "ConnectionLost: Connection to the other side was lost "
                 "in a non-clean fashion: upstream went away.",
                 0.0,
             ),
@@ -440,7 +440,7 @@ class StreamDeadlineTests(ForwardTestCase):
         self.assertEqual(
             record["attempts"],
             [
-                stored_attempt("a", None, "timeout after 5s", 1.0, 5.0),
+                stored_attempt("a", 200, "timeout after 5s", 1.0, 5.0),
                 stored_attempt("b", 200, None, 0.0, 0.0),
             ],
         )
@@ -462,7 +462,7 @@ class StreamDeadlineTests(ForwardTestCase):
         self.calls[1].respond(200, b"text/event-stream", body=sse(content_chunk("Hi"), "[DONE]"))
         self.assertReply(client.reply(), 200, sse(content_chunk("Hi"), "[DONE]"))
         self.assertEqual(
-            self.h.record()["attempts"][0], stored_attempt("a", None, "timeout after 5s", 0.0, 5.0)
+            self.h.record()["attempts"][0], stored_attempt("a", 200, "timeout after 5s", 0.0, 5.0)
         )
 
     def test_comments_before_the_first_event_are_relayed(self) -> None:
@@ -492,7 +492,20 @@ class StreamDeadlineTests(ForwardTestCase):
         self.assertReply(client.reply(), 200, sse("[DONE]"))
         self.assertEqual(
             self.h.record()["attempts"][0]["error"],
-            "UpstreamEndedEarly: upstream ended the stream before its first event",
+            "upstream ended the stream before its first event",
+        )
+
+    def test_an_attempt_that_fails_before_its_first_event_keeps_its_status(self) -> None:
+        """The status an upstream answered with is in the attempt's record,
+        though its stream ended before anything was passed on."""
+        self.h.chat(stream=True)
+        first = self.calls[0].respond(200, b"text/event-stream")
+        first.finish()
+        self.calls[1].respond(200, b"text/event-stream", body=sse("[DONE]"))
+        attempt = self.h.record()["attempts"][0]
+        self.assertEqual(
+            (attempt["status"], attempt["error"]),
+            (200, "upstream ended the stream before its first event"),
         )
 
     def test_too_many_comments_before_the_first_event_fail_over(self) -> None:
@@ -509,7 +522,7 @@ class StreamDeadlineTests(ForwardTestCase):
         self.assertReply(client.reply(), 200, sse(content_chunk("Hi"), "[DONE]"))
         self.assertEqual(
             h.record()["attempts"][0]["error"],
-            "UpstreamEndedEarly: over 256 bytes before the first event",
+            "over 256 bytes before the first event",
         )
 
     def test_headers_late_fail_over_after_stream_timeout(self) -> None:
@@ -580,7 +593,7 @@ class StreamDeadlineTests(ForwardTestCase):
         self.assertReply(client.reply(), 200, sse("[DONE]"))
         self.assertEqual(
             self.h.record()["attempts"][0]["error"],
-            "UpstreamEndedEarly: upstream ended the stream before its first event",
+            "upstream ended the stream before its first event",
         )
 
 
@@ -814,7 +827,7 @@ class ClientDisconnectTests(ForwardTestCase):
         self.assertEqual(response.transport.events, ["stop"])
         self.h.clock.advance(100)
         self.assertEqual(len(self.calls), 1)
-        self.check_gone(self.h, [stored_attempt("a", None, "cancelled: client disconnected", 0.0)])
+        self.check_gone(self.h, [stored_attempt("a", 200, "cancelled: client disconnected", 0.0)])
 
     def test_disconnect_before_the_first_event(self) -> None:
         """A client that leaves after stream headers but before any event stops
@@ -823,7 +836,7 @@ class ClientDisconnectTests(ForwardTestCase):
         response = self.calls[0].respond(200, b"text/event-stream")
         client.disconnect()
         self.assertEqual(response.transport.events, ["stop"])
-        self.check_gone(self.h, [stored_attempt("a", None, "cancelled: client disconnected", 0.0)])
+        self.check_gone(self.h, [stored_attempt("a", 200, "cancelled: client disconnected", 0.0)])
 
     def test_disconnect_mid_relay(self) -> None:
         """A client that leaves mid-stream stops the upstream; what the upstream
