@@ -56,6 +56,7 @@ from oaproxy.answers import JSONAnswer, write_answer
 from oaproxy.config import ConfigError, all_client_keys
 from oaproxy.credentials import bearer_token
 from oaproxy.errors import ErrorAnswer
+from oaproxy.record import BadRecord
 from oaproxy.web import NotFoundResource, client_ip, declared_size
 
 if TYPE_CHECKING:
@@ -280,7 +281,18 @@ class AdminResource(Resource):
 
     async def get_record(self, request: server.Request, names: list[str]) -> tuple[int, Any]:
         store = self._store()
-        record = await store.query(lambda c: record_by_id(c, store.dbtype, names[0]))
+        try:
+            record = await store.query(lambda c: record_by_id(c, store.dbtype, names[0]))
+        except BadRecord as e:
+            self.log.error("record {id} in the store cannot be read: {error}", id=names[0], error=e)
+            raise _Refused(
+                ErrorAnswer(
+                    500,
+                    "The stored record cannot be read; the proxy's log says why.",
+                    type="server_error",
+                    code="bad_record",
+                )
+            ) from None
         if record is None:
             raise _Refused(ErrorAnswer(404, f"no record {names[0]!r}", code="not_found"))
         return 200, record
