@@ -219,7 +219,7 @@ class Exchange:
         """Mark the request as cut off by the proxy (still in flight after
         ``shutdown_timeout``), before its connection is aborted."""
         self.cut = True
-        self.error = f"cut at {Outcome.SHUTDOWN.value}"
+        self.error = "cut off when the proxy shut down"
 
 
 class Forwarder:

@@ -1015,7 +1015,9 @@ class ExchangeTests(SynchronousTestCase):
         exchange.cut_at_shutdown()
         self.client.disconnect()
         record = self.h.record()
-        self.assertEqual((record["outcome"], record["error"]), ("shutdown", "cut at shutdown"))
+        self.assertEqual(
+            (record["outcome"], record["error"]), ("shutdown", "cut off when the proxy shut down")
+        )
         self.assertEqual(record["attempts"][0]["error"], "cancelled: client disconnected")
         self.assertIs(exchange.outcome, Outcome.SHUTDOWN)
 
