@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import define, field, frozen
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
@@ -32,12 +32,14 @@ from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
 from oaproxy.cache.ticket import CacheTicket
+from oaproxy.capture import StreamCapture
 from oaproxy.config import Upstream
 from oaproxy.credentials import Redactor, token_text, upstream_authorization
 from oaproxy.errors import error_body
 from oaproxy.headers import UPSTREAM_HEADER, response_headers, upstream_headers
 from oaproxy.inspection import Inspected
 from oaproxy.largeanswer import MAX_PARSED_ANSWER, USAGE_WINDOW, AnswerEnds
+from oaproxy.metrics import ActiveRequest
 from oaproxy.record import FailureKind, LimitRefusal, Outcome, upstream_at_fault
 from oaproxy.relay import (
     BodyCollector,
@@ -50,6 +52,10 @@ from oaproxy.relay import (
 from oaproxy.requestbody import RequestBody
 from oaproxy.upstreamclient import NoResponse, retry_on_new_connection
 from oaproxy.upstreams import UpstreamClient
+
+if TYPE_CHECKING:
+    # It imports this module.
+    from oaproxy.traffic.tokens import Reservation
 
 # Statuses worth another upstream: the upstream (its key, its quota, its
 # health) is the problem. Other 4xx mean the request itself is wrong.
@@ -165,9 +171,9 @@ class Exchange:
     usage_added: bool = False
     # Set by the stream observer: what the record says of a streamed answer
     # (or by the forwarder, of one too large to parse).
-    capture: Any = None
+    capture: StreamCapture | AnswerEnds | None = None
     # The metrics' handle on this request while it is active.
-    active: Any = None
+    active: ActiveRequest | None = None
     attempts: list[AttemptLog] = field(factory=list)
     upstream: str | None = None
     # The model name the answering upstream was sent (an alias's target).
@@ -187,7 +193,7 @@ class Exchange:
     answer_headers: Headers = field(factory=Headers)
     # The tokens and budget a gate reserved, settled when the request is
     # over (oaproxy.traffic.tokens).
-    reservation: Any = None
+    reservation: Reservation | None = None
     # The limit that refused the request, for its record.
     limit: LimitRefusal | None = None
     # What the response cache decided; None when it was not asked.
