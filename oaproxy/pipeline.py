@@ -38,8 +38,10 @@ the cache's ``X-Oaproxy-Cache``, the limits' ``x-ratelimit-*``.
 A head gate, a gate or a candidate filter may answer at once or return a
 ``Deferred`` (a Redis round trip: limits, the cache, shared breakers): each
 stage's checks run synchronously until one returns a Deferred, so a request
-whose checks need no I/O pays for no Deferred; a client that goes away
-while one waits cancels it.
+whose checks need no I/O pays for no Deferred. A client that goes away
+while one waits cancels it, and the request ends there: like every request,
+with one record, and each observer's ``request_finished`` once (what a
+candidate filter held for it, a breaker's probe, is given back).
 """
 
 from __future__ import annotations
