@@ -35,7 +35,7 @@ from oaproxy.config.jsonvalues import read_json_section
 from oaproxy.config.schema import file_fields, read
 from oaproxy.config.values import boolean
 from oaproxy.credentials import public_text
-from oaproxy.forward import AttemptLog
+from oaproxy.exchange import AttemptLog
 from oaproxy.health import Readiness
 from oaproxy.pipeline import Observers
 from oaproxy.record import FailureKind
