@@ -70,7 +70,8 @@ class Limited(SynchronousTestCase):
 
 class PerKeyTests(Limited):
     def test_the_limit_then_429(self) -> None:
-        """A key gets its limit, then a 429 that never reaches an upstream."""
+        """A key gets its limit, then a 429 (with its standard reason phrase,
+        which Twisted lacks) that never reaches an upstream."""
         first = self.served(self.h.chat(key="sk-alice"))
         self.assertEqual(self.ratelimit(first), (b"2", b"1", b"1m0s"))
         self.h.clock.advance(15)
@@ -80,7 +81,7 @@ class PerKeyTests(Limited):
         refused = self.h.chat(key="sk-alice")
         self.assertEqual(len(self.h.agent.calls), 2)
         reply = refused.reply()
-        self.assertEqual(reply.status, 429)
+        self.assertEqual((reply.status, reply.phrase), (429, b"Too Many Requests"))
         self.assertEqual(
             reply.json(),
             {
