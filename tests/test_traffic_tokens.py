@@ -13,15 +13,17 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.cli import UsageRow
 from oaproxy.config import BackendErrorPolicy, Budget, BudgetPeriod
-from oaproxy.record import record_document
+from oaproxy.record import CacheResult, record_document
+from oaproxy.sinks.sql import insert_statement, migrate, open_database, record_row
 from oaproxy.traffic.backend import BackendTrouble
-from oaproxy.traffic.budgets import BudgetHistory, budget_counter, period_at
+from oaproxy.traffic.budgets import BudgetHistory, budget_counter, period_at, period_usage
 from oaproxy.traffic.counters import Admission, Charge, Held
 from oaproxy.traffic.estimate import estimate, text_characters, tokens
 from oaproxy.traffic.memory import MemoryCounters
 from oaproxy.traffic.tokens import TokenLimits
 from tests.doubles import WALL_TIME, Client, Harness
 from tests.payloads import sse
+from tests.records import numbered, usage
 
 # One message "hi" with role "user": 6 characters, 2 prompt tokens.
 # max_tokens 298: each request reserves 300 tokens.
@@ -271,6 +273,26 @@ class BudgetTests(TokenCase):
         self.assertIsNone(
             BudgetHistory(counters).ready(counter, "bob", budget, period, lambda *a: succeed(None))
         )
+
+    def test_history_leaves_out_cache_hits(self) -> None:
+        """What the records of a period spent counts the answers upstreams
+        gave, not the cache's hits (which carry the original answer's usage
+        but spent nothing, as they spend nothing while the daemon runs)."""
+        dbaddr = self.mktemp() + ".sqlite"
+        connection = open_database("sqlite", dbaddr)
+        cursor = connection.cursor()
+        migrate(cursor, "sqlite")
+        forwarded = numbered(1, key_name="bob", usage=usage(7, 4))
+        hit = numbered(
+            2, key_name="bob", usage=usage(7, 4), upstream=None, attempts=(), cache=CacheResult.HIT
+        )
+        for record in (forwarded, hit):
+            cursor.execute(insert_statement("sqlite"), record_row(record, "sqlite"))
+        connection.commit()
+        connection.close()
+        row = period_usage("sqlite", dbaddr, "bob", forwarded.time - 1, hit.time + 1)
+        assert row is not None
+        self.assertEqual((row.requests, row.total_tokens), (1, 11))
 
 
 class EstimateTests(SynchronousTestCase):
