@@ -13,6 +13,7 @@ import email.utils
 import os
 import random
 import uuid
+from functools import partial
 from typing import Any
 
 from prometheus_client import generate_latest
@@ -409,6 +410,10 @@ def _upstreams() -> list[Upstream]:
     return list(config.upstreams)
 
 
+def _is_open(circuits: Circuits) -> bool:
+    return circuits.state("a") is CircuitState.OPEN
+
+
 class SharedBreakerTests(LiveCase):
     """Two Breakers on one Redis are two processes: each sees the other's state."""
 
@@ -482,18 +487,15 @@ class SharedBreakerTests(LiveCase):
         hold ends, is held for the probe's own Retry-After, not the cooldown."""
         self.first = await self.breakers(failures=5)
         self.second = await self.breakers(failures=5)
-        (first, first_circuits), (second, second_circuits) = self.first, self.second
-        for asked, process, circuits in (
-            ("30", first, first_circuits),
-            ("5", second, second_circuits),
-        ):
+        first, second_circuits = self.first[0], self.second[1]
+        for asked, (process, circuits) in (("30", self.first), ("5", self.second)):
             probe = bare_exchange()
             self.assertEqual((await self.order(process, probe))[0], "a")
             attempt = AttemptLog(
                 "a", 0.0, status=429, failure=FailureKind.STATUS, retry_after=asked
             )
             process.attempt_finished(probe, attempt)
-            await wait_for(lambda c=circuits: c.state("a") is CircuitState.OPEN)
+            await wait_for(partial(_is_open, circuits))
             self.clock.advance(int(asked) - 1)
             self.assertEqual(await self.order(first, bare_exchange()), "ba")
             self.clock.advance(1)
