@@ -22,7 +22,7 @@ from oaproxy.traffic.estimate import estimate, text_characters, tokens
 from oaproxy.traffic.memory import MemoryCounters
 from oaproxy.traffic.tokens import TokenLimits
 from tests.doubles import WALL_TIME, Client, Harness
-from tests.payloads import sse
+from tests.payloads import multipart, sse
 from tests.records import numbered, usage
 
 # One message "hi" with role "user": 6 characters, 2 prompt tokens.
@@ -243,6 +243,39 @@ class BudgetTests(TokenCase):
         self.assertEqual(reply.json()["error"]["code"], "model_not_priced")
         self.assertEqual(self.h.agent.calls, [])
         self.assertEqual(self.h.chat(model="gpt-4o", key="sk-alice").written, b"")
+
+    def transcribe(self, key: str, model: str) -> Client:
+        """An audio transcription: a form whose model is a text field."""
+        boundary = b"b0undary"
+        body = multipart(
+            boundary,
+            [
+                (b'Content-Disposition: form-data; name="model"', model.encode()),
+                (b'Content-Disposition: form-data; name="file"; filename="a.wav"', b"RIFF" * 64),
+            ],
+        )
+        lines = [
+            (b"Content-Type", b"multipart/form-data; boundary=" + boundary),
+            (b"Authorization", b"Bearer " + key.encode()),
+        ]
+        return self.h.request(b"POST", b"/v1/audio/transcriptions", body, lines)
+
+    def test_a_forms_model_needs_a_price_too(self) -> None:
+        """A form names its model too: a key with a budget in dollars may not
+        use one without a price; with one, the form reserves nothing (its
+        audio is no prompt) and counts what its answer's usage says."""
+        reply = self.transcribe("sk-carol", "whisper-1").reply()
+        self.assertEqual((reply.status, reply.json()["error"]["code"]), (403, "model_not_priced"))
+        self.assertEqual(self.h.agent.calls, [])
+        client = self.transcribe("sk-carol", "gpt-4o-mini")
+        self.assertEqual(len(self.h.agent.calls), 1)
+        self.h.agent.calls[0].respond(body=answer(1000, 200))
+        self.assertEqual(client.reply().status, 200)
+        # 1000 x $0.15 + 200 x $0.60 per million: 270 of the 500
+        # micro-dollars, so one chat reservation (180) fits, not two.
+        self.ask("sk-carol")
+        self.assertEqual(len(self.h.agent.calls), 2)
+        self.assertEqual(self.ask("sk-carol").reply().status, 429)
 
     def test_history_counts_before_the_first_check(self) -> None:
         """In memory, a period's earlier spending (from the SQL store) is
