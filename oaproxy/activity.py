@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from oaproxy.balancing import UpstreamLoad
 from oaproxy.circuits import Circuits, CircuitView
-from oaproxy.forward import AttemptLog, Exchange
+from oaproxy.exchange import AttemptLog, Exchange
 from oaproxy.health import Readiness
 from oaproxy.pipeline import Observer
 

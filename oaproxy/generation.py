@@ -46,6 +46,7 @@ from oaproxy.observers import Alerting, MetricsCounting, ReadinessFollowing, Rec
 from oaproxy.outbound import AgentFor
 from oaproxy.pipeline import CandidateFilter, Gate, HeadGate, Observer, Observers, Pipeline
 from oaproxy.records import RecordEmitter, RecordMaker
+from oaproxy.retries import RetryPolicy
 from oaproxy.routing import Router
 from oaproxy.scrape import MetricsResource
 from oaproxy.sharedredis import SharedRedis
@@ -259,6 +260,8 @@ def build_generation(
         on_attempt_started=watching.attempt_started,
         on_attempt=watching.attempt_finished,
         stream_pace=traffic.stream_pace,
+        retries=RetryPolicy.from_config(config, shared.rng, shared.wall_clock),
+        failover_codes=config.failover_codes,
     )
     pipeline = Pipeline(
         config,

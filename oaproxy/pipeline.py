@@ -60,7 +60,8 @@ from oaproxy.bodyrules import body_refusal
 from oaproxy.config import Config, Upstream
 from oaproxy.credentials import token_text
 from oaproxy.errors import ErrorAnswer, error_body
-from oaproxy.forward import AttemptLog, Call, Exchange, Forwarder
+from oaproxy.exchange import AttemptLog, Call, Exchange
+from oaproxy.forward import Forwarder
 from oaproxy.headers import forwarded_for
 from oaproxy.inspection import WALK_AT_ONCE, Inspected, unread
 from oaproxy.paths import RequestPath, request_path

@@ -25,7 +25,7 @@ from oaproxy.capture import (
 )
 from oaproxy.config import Config, Upstream
 from oaproxy.credentials import Redactor, config_secrets, redact_headers
-from oaproxy.forward import Call, Exchange
+from oaproxy.exchange import Call, Exchange
 from oaproxy.largeanswer import MAX_PARSED_ANSWER, USAGE_WINDOW, AnswerEnds
 from oaproxy.record import Attempt, CacheResult, JSONObject, LimitRefusal, Record
 
@@ -139,6 +139,10 @@ class RecordMaker:
                     duration=attempt.duration,
                     failure=attempt.failure,
                     client_key_sent=attempt.client_key_sent,
+                    resumed=attempt.resumed.value if attempt.resumed is not None else None,
+                    resumed_at=attempt.resumed_at,
+                    retried=attempt.retried,
+                    resent=attempt.resent,
                 )
                 for attempt in exchange.attempts
             ),

@@ -55,7 +55,7 @@ from zope.interface import implementer
 
 from oaproxy.cli import main as cli_main
 from oaproxy.config import Config, parse_config
-from oaproxy.forward import Exchange
+from oaproxy.exchange import Exchange
 from oaproxy.generation import Shared, build_generation
 from oaproxy.pipeline import Observer
 from oaproxy.record import Record, record_document

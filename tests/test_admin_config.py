@@ -34,7 +34,7 @@ from oaproxy.config import Config, ConfigError, Upstream, all_client_keys, key_d
 from oaproxy.config.jsonvalues import read_json_section
 from oaproxy.config.schema import file_fields, read
 from oaproxy.config.values import boolean
-from oaproxy.forward import AttemptLog
+from oaproxy.exchange import AttemptLog
 from oaproxy.health import Readiness
 from oaproxy.pipeline import Observers
 from oaproxy.record import FailureKind

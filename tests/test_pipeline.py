@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.answers import LocalAnswer
 from oaproxy.config import Upstream
-from oaproxy.forward import Exchange
+from oaproxy.exchange import Exchange
 from tests.doubles import Harness
 from tests.payloads import CHAT_ANSWER
 

@@ -308,11 +308,19 @@ class StreamTests(SynchronousTestCase):
         self.assertTrue(body.endswith(b"data: [DONE]\n\n"))
         self.assertEqual(self.h.record()["response_text"], "Hello\nyou")
 
+    def spare_fails(self) -> None:
+        """The spare, asked to continue the broken stream (oaproxy.resume),
+        fails too: the stream ends with the break's error event."""
+        spare = self.h.agent.calls[-1]
+        self.assertEqual(spare.uri, b"https://spare.test/v1/chat/completions")
+        spare.respond(500, body=b"{}")
+
     def test_error_text_hides_the_token(self) -> None:
         """An error event quoting the token ends the stream without it."""
         events = self.stream.respond(200, content_type=b"text/event-stream")
         events.write(b"event: output\ndata: Hel\n\n")
         events.write(b'event: error\ndata: {"detail": "token ' + TOKEN.encode() + b' revoked"}\n\n')
+        self.spare_fails()
         body = self.client.reply().body
         self.assertIn(b"Replicate: token [redacted] revoked", body)
         self.assertNotIn(TOKEN.encode(), body)
@@ -336,6 +344,7 @@ class StreamTests(SynchronousTestCase):
         events.write(b"event: output\ndata: Hel\n\n")
         events.write(b"event: output\ndata: " + b"x" * 256)
         self.assertTrue(events.transport.stopped)
+        self.spare_fails()
         body = self.client.reply().body
         self.assertIn(b"Replicate: SSE event over 256 bytes", body)
         self.assertIn("SSE event over 256 bytes", self.h.record()["error"])

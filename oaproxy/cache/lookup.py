@@ -30,7 +30,7 @@ from oaproxy.cache.replay import StreamedAnswer, stream_from_completion
 from oaproxy.cache.stores import AnswerStore, MemoryStore, RedisStore
 from oaproxy.cache.ticket import CacheTicket
 from oaproxy.config import CacheBackend, CacheConfig, Config, Upstream
-from oaproxy.forward import Exchange
+from oaproxy.exchange import Exchange
 from oaproxy.inspection import Inspected
 from oaproxy.metrics import Metrics
 from oaproxy.pipeline import Observer, Verdict
