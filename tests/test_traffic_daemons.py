@@ -43,7 +43,7 @@ class SharedRedisDaemonsTests(DaemonCase):
         """Two daemons on one Redis and prefix, both serving, both connected to it."""
         prefix = f"oaproxy-test:{uuid.uuid4().hex}:"
         # Deletes the prefix's keys in cleanup.
-        await start_shared_redis(self, prefix=prefix)
+        self.redis = await start_shared_redis(self, prefix=prefix)
         ports = [free_port(), free_port()]
         keys = {
             "alice": ALICE,
@@ -145,6 +145,15 @@ class SharedRedisDaemonsTests(DaemonCase):
             return response.code, response.headers.getRawHeaders(b"x-oaproxy-cache"), answer
 
         first = await ask(ports[0], ALICE)
+
+        async def stored() -> bool:
+            return bool(await self.redis.command("KEYS", self.redis.key("cache", "*")))
+
+        # The entry is written once the first request is over: wait for it.
+        for _ in range(100):
+            if await stored():
+                break
+            await deferLater(reactor, POLL, lambda: None)
         second = await ask(ports[1], ALICE)
         other_key = await ask(ports[1], WARM)
         self.assertEqual(
