@@ -19,12 +19,11 @@ from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
-from twisted.web.http import RESPONSES
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from oaproxy.errors import error_body
+from oaproxy.errors import error_body, reason_phrase
 
 JSON = b"application/json"
 EVENT_STREAM = b"text/event-stream"
@@ -70,7 +69,7 @@ class LocalResponse:
         on_stop: Callable[[], None] | None = None,
     ) -> None:
         self.code = code
-        self.phrase = RESPONSES.get(code, b"Unknown")
+        self.phrase = reason_phrase(code)
         self.headers = headers if headers is not None else Headers()
         self.headers.setRawHeaders(b"content-type", [content_type])
         self.behind: IPushProducer | None = None
