@@ -17,7 +17,9 @@ the next candidate is better tried first; readiness does not count it, as
 an upstream out of quota still serves others); any other answer (a 400, a
 404 for a model it lacks) shows the upstream works. A client that went away
 says nothing. Besides, a 429 or 503 with ``Retry-After`` holds the circuit
-open as long as it asks. A 429 to the client's own key (``sk: asis``) is
+open as long as it asks; when such a hold ends the circuit is half-open,
+and while fewer than ``breaker.failures`` attempts failed in a row a failed
+probe holds it only as long as its own Retry-After asks, not a cooldown. A 429 to the client's own key (``sk: asis``) is
 about that key alone and counts for nothing. Requests oaproxy makes itself (the ``/v1/models`` fetch) are not
 attempts and never count.
 
@@ -114,7 +116,7 @@ if open_until then
   if now < open_until then before = 2 else before = 1 end
 end
 local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
-if before == 1 or failures >= threshold then
+if failures >= threshold then
   open_until = math.max(open_until or now, now + cooldown)
 end
 if ARGV[4] ~= '' then open_until = math.max(open_until or now, now + tonumber(ARGV[4])) end

@@ -4,18 +4,25 @@ from which its record is made (``Exchange``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from attrs import define, field, frozen
 from twisted.web.http_headers import Headers
 
 from oaproxy.cache.ticket import CacheTicket
+from oaproxy.capture import StreamCapture
 from oaproxy.config import ResumeMode, Upstream
 from oaproxy.credentials import token_text
 from oaproxy.inspection import Inspected
+from oaproxy.largeanswer import AnswerEnds
+from oaproxy.metrics import ActiveRequest
 from oaproxy.record import FailureKind, LimitRefusal, Outcome, upstream_at_fault
 from oaproxy.relay import CollectedBody, StreamRelay
 from oaproxy.resume import ResumeState
+
+if TYPE_CHECKING:
+    # It imports this module.
+    from oaproxy.traffic.tokens import Reservation
 
 
 @frozen
@@ -116,9 +123,9 @@ class Exchange:
     usage_added: bool = False
     # Set by the stream observer: what the record says of a streamed answer
     # (or by the forwarder, of one too large to parse).
-    capture: Any = None
+    capture: StreamCapture | AnswerEnds | None = None
     # The metrics' handle on this request while it is active.
-    active: Any = None
+    active: ActiveRequest | None = None
     attempts: list[AttemptLog] = field(factory=list)
     upstream: str | None = None
     # The model name the answering upstream was sent (an alias's target).
@@ -138,7 +145,7 @@ class Exchange:
     answer_headers: Headers = field(factory=Headers)
     # The tokens and budget a gate reserved, settled when the request is
     # over (oaproxy.traffic.tokens).
-    reservation: Any = None
+    reservation: Reservation | None = None
     # The limit that refused the request, for its record.
     limit: LimitRefusal | None = None
     # What the response cache decided; None when it was not asked.
@@ -172,4 +179,4 @@ class Exchange:
         """Mark the request as cut off by the proxy (still in flight after
         ``shutdown_timeout``), before its connection is aborted."""
         self.cut = True
-        self.error = f"cut at {Outcome.SHUTDOWN.value}"
+        self.error = "cut off when the proxy shut down"

@@ -47,7 +47,7 @@ from oaproxy.attempts import (
     stale_connection,
 )
 from oaproxy.config import ResumeMode, Upstream
-from oaproxy.credentials import Redactor
+from oaproxy.credentials import Redactor, upstream_authorization
 from oaproxy.errorcodes import CONTEXT_LENGTH_EXCEEDED, error_code
 from oaproxy.errors import error_body
 from oaproxy.exchange import Answer, AttemptLog, Call, Committed, Exchange
@@ -377,7 +377,9 @@ class Forwarder:
         sent = call.inspected.body_for(upstream, with_usage=with_usage).edited(*current.splices)
         response = await self._request(upstream, call, sent, current.resent is not None)
         attempt.ttfb = self._clock.seconds() - attempt.started
-        status = response.code
+        # The upstream answered: its status is the attempt's, even if the
+        # answer then fails before it is passed on.
+        attempt.status = status = response.code
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
         if 200 <= status < 300 and content_type.startswith(b"text/event-stream"):
             return await self._relay(request, exchange, current, response, sse=True)
@@ -396,7 +398,7 @@ class Forwarder:
         headers = upstream_headers(
             call.headers,
             keep_header=upstream.keep_header,
-            authorization=_authorization(upstream, call),
+            authorization=upstream_authorization(upstream, call.authorization),
             forwarded_for=call.forwarded_for,
         )
         client = self._clients(upstream)
@@ -557,14 +559,6 @@ class Forwarder:
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
         self._write_whole(request, exchange, body)
-
-
-def _authorization(upstream: Upstream, call: Call) -> bytes | None:
-    if upstream.sk == "asis":
-        return call.authorization
-    if not upstream.sk:
-        return None
-    return b"Bearer " + upstream.sk.encode("utf-8")
 
 
 def _is_document(content_type: bytes) -> bool:

@@ -30,7 +30,8 @@ from oaproxy.exchange import Call, Exchange
 from oaproxy.largeanswer import MAX_PARSED_ANSWER, USAGE_WINDOW, AnswerEnds
 from oaproxy.record import Attempt, CacheResult, JSONObject, LimitRefusal, Record
 
-NAMESPACE = "oaproxy.record"
+# The namespace the sinks observe.
+from oaproxy.sinks.queue import RECORD_NAMESPACE
 
 
 class RecordEmitter:
@@ -38,7 +39,7 @@ class RecordEmitter:
 
     def __init__(self) -> None:
         self.publisher = LogPublisher()
-        self._log = Logger(namespace=NAMESPACE, observer=self.publisher)
+        self._log = Logger(namespace=RECORD_NAMESPACE, observer=self.publisher)
 
     def add_observer(self, observer: ILogObserver) -> None:
         self.publisher.addObserver(observer)

@@ -550,13 +550,17 @@ def describe(
         return described[0][0], "; ".join(text for _, text in described)
     if isinstance(exc, CancelledError):
         return FailureKind.CANCELLED, "cancelled"
+    if isinstance(exc, PotentialDataLoss):
+        return FailureKind.OTHER, "the upstream closed the connection before the end of its answer"
     text = words(str(exc).strip())
+    if isinstance(exc, UpstreamEndedEarly):
+        # Its words are oaproxy's own, and say it all.
+        return exc.kind, text
     name = type(exc).__name__
     kind = _connect_failure(exc)
     if kind is not None:
         return kind, f"connect error: {name}: {text}".rstrip(": ")
-    kind = exc.kind if isinstance(exc, UpstreamEndedEarly) else FailureKind.OTHER
-    return kind, f"{name}: {text}" if text else name
+    return FailureKind.OTHER, f"{name}: {text}" if text else name
 
 
 def _connect_failure(exc: object) -> FailureKind | None:

@@ -82,6 +82,11 @@ class _Bare:
         self.__dict__.update(attributes)
 
 
+def words_as_said(text: str, extra: str | None = None) -> str:
+    """A ``credentials.Words`` that changes nothing: for tests of texts as they come."""
+    return text
+
+
 def bare_exchange(route: str | None = None) -> Exchange:
     """An exchange as a candidate filter may see it: its call's route, and
     an identity of its own (breakers key their probes by it, weakly)."""
@@ -516,6 +521,8 @@ class Harness:
         self.generation = build_generation(
             self.config, self.shared, observers=[ExchangeLog(self.exchanges)]
         )
+        # As the daemon's swap_in does (the sinks are the daemon's to run).
+        self.shared.follow(self.generation)
         self.pipeline = self.generation.pipeline
         self.forwarder = self.generation.forwarder
         self.site = ProxySite(

@@ -134,7 +134,7 @@ class FailoverTests(ForwardTestCase):
         self.assertReply(client.reply(), 200, b"{}")
         self.assertEqual(
             self.h.record()["attempts"][0]["error"],
-            "UpstreamEndedEarly: response body over 1048576 bytes",
+            "response body over 1048576 bytes",
         )
 
     def test_connection_error_fails_over(self) -> None:
@@ -361,7 +361,7 @@ class DeadlineTests(ForwardTestCase):
         self.assertEqual(
             self.h.record()["attempts"],
             [
-                stored_attempt("a", None, "timeout after 30s", 2.0, 30.0),
+                stored_attempt("a", 200, "timeout after 30s", 2.0, 30.0),
                 stored_attempt("b", 200, None, 1.0, 1.0),
             ],
         )
@@ -379,8 +379,8 @@ class DeadlineTests(ForwardTestCase):
             self.h.record()["attempts"][0],
             stored_attempt(
                 "a",
-                None,
-                "UpstreamEndedEarly: ConnectionLost: Connection to the other side was lost "
+                200,
+                "ConnectionLost: Connection to the other side was lost "
                 "in a non-clean fashion: upstream went away.",
                 0.0,
             ),
@@ -456,7 +456,7 @@ class StreamDeadlineTests(ForwardTestCase):
         self.assertEqual(
             record["attempts"],
             [
-                stored_attempt("a", None, "timeout after 5s", 1.0, 5.0),
+                stored_attempt("a", 200, "timeout after 5s", 1.0, 5.0),
                 stored_attempt("b", 200, None, 0.0, 0.0),
             ],
         )
@@ -478,7 +478,7 @@ class StreamDeadlineTests(ForwardTestCase):
         self.calls[1].respond(200, b"text/event-stream", body=sse(content_chunk("Hi"), "[DONE]"))
         self.assertReply(client.reply(), 200, sse(content_chunk("Hi"), "[DONE]"))
         self.assertEqual(
-            self.h.record()["attempts"][0], stored_attempt("a", None, "timeout after 5s", 0.0, 5.0)
+            self.h.record()["attempts"][0], stored_attempt("a", 200, "timeout after 5s", 0.0, 5.0)
         )
 
     def test_comments_before_the_first_event_are_relayed(self) -> None:
@@ -508,7 +508,20 @@ class StreamDeadlineTests(ForwardTestCase):
         self.assertReply(client.reply(), 200, sse("[DONE]"))
         self.assertEqual(
             self.h.record()["attempts"][0]["error"],
-            "UpstreamEndedEarly: upstream ended the stream before its first event",
+            "upstream ended the stream before its first event",
+        )
+
+    def test_an_attempt_that_fails_before_its_first_event_keeps_its_status(self) -> None:
+        """The status an upstream answered with is in the attempt's record,
+        though its stream ended before anything was passed on."""
+        self.h.chat(stream=True)
+        first = self.calls[0].respond(200, b"text/event-stream")
+        first.finish()
+        self.calls[1].respond(200, b"text/event-stream", body=sse("[DONE]"))
+        attempt = self.h.record()["attempts"][0]
+        self.assertEqual(
+            (attempt["status"], attempt["error"]),
+            (200, "upstream ended the stream before its first event"),
         )
 
     def test_too_many_comments_before_the_first_event_fail_over(self) -> None:
@@ -525,7 +538,7 @@ class StreamDeadlineTests(ForwardTestCase):
         self.assertReply(client.reply(), 200, sse(content_chunk("Hi"), "[DONE]"))
         self.assertEqual(
             h.record()["attempts"][0]["error"],
-            "UpstreamEndedEarly: over 256 bytes before the first event",
+            "over 256 bytes before the first event",
         )
 
     def test_headers_late_fail_over_after_stream_timeout(self) -> None:
@@ -596,7 +609,7 @@ class StreamDeadlineTests(ForwardTestCase):
         self.assertReply(client.reply(), 200, sse("[DONE]"))
         self.assertEqual(
             self.h.record()["attempts"][0]["error"],
-            "UpstreamEndedEarly: upstream ended the stream before its first event",
+            "upstream ended the stream before its first event",
         )
 
 
@@ -844,7 +857,7 @@ class ClientDisconnectTests(ForwardTestCase):
         self.assertEqual(response.transport.events, ["stop"])
         self.h.clock.advance(100)
         self.assertEqual(len(self.calls), 1)
-        self.check_gone(self.h, [stored_attempt("a", None, "cancelled: client disconnected", 0.0)])
+        self.check_gone(self.h, [stored_attempt("a", 200, "cancelled: client disconnected", 0.0)])
 
     def test_disconnect_before_the_first_event(self) -> None:
         """A client that leaves after stream headers but before any event stops
@@ -853,7 +866,7 @@ class ClientDisconnectTests(ForwardTestCase):
         response = self.calls[0].respond(200, b"text/event-stream")
         client.disconnect()
         self.assertEqual(response.transport.events, ["stop"])
-        self.check_gone(self.h, [stored_attempt("a", None, "cancelled: client disconnected", 0.0)])
+        self.check_gone(self.h, [stored_attempt("a", 200, "cancelled: client disconnected", 0.0)])
 
     def test_disconnect_mid_relay(self) -> None:
         """A client that leaves mid-stream stops the upstream; what the upstream
@@ -1036,7 +1049,9 @@ class ExchangeTests(SynchronousTestCase):
         exchange.cut_at_shutdown()
         self.client.disconnect()
         record = self.h.record()
-        self.assertEqual((record["outcome"], record["error"]), ("shutdown", "cut at shutdown"))
+        self.assertEqual(
+            (record["outcome"], record["error"]), ("shutdown", "cut off when the proxy shut down")
+        )
         self.assertEqual(record["attempts"][0]["error"], "cancelled: client disconnected")
         self.assertIs(exchange.outcome, Outcome.SHUTDOWN)
 

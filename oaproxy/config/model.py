@@ -509,9 +509,11 @@ class Config:
         return self.lb_policy
 
     @property
-    def route_prefixes(self) -> frozenset[str]:
-        """The route prefixes some upstream serves."""
-        return frozenset(u.route for u in self.upstreams if u.route is not None)
+    def route_prefixes(self) -> tuple[str, ...]:
+        """The route prefixes some upstream serves, longest first (as
+        ``oaproxy.paths.route_of`` tries them: ``/team/a`` before ``/team``)."""
+        routes = {u.route for u in self.upstreams if u.route is not None}
+        return tuple(sorted(routes, key=lambda route: (-len(route), route)))
 
 
 def all_client_keys(config: Config) -> tuple[ClientKey, ...]:
