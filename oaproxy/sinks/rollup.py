@@ -1,0 +1,125 @@
+"""The records summed as they are stored: what the dashboard's pages read
+instead of scanning ``oaproxy_records`` (schema migration 3).
+
+- ``oaproxy_usage_daily``: per UTC day, key and model, the requests, those
+  answered below 400, the tokens and the cost (NULL while no record of the
+  group had one);
+- ``oaproxy_upstream_hourly``: per hour and answering upstream, the requests
+  and those answered below 400;
+- an index on ``(outcome, time)``, for the Requests page's outcome filter.
+
+A trigger on the records table keeps both sums: it fires only for a row
+really inserted, so the sink's idempotent retries (``ON CONFLICT DO
+NOTHING``) never count a record twice.  A record without a key, model or
+upstream is summed under ``''`` (a primary key column cannot be NULL).
+The migration sums the records already there once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["DAILY_TABLE", "HOURLY_TABLE", "migration_3"]
+
+DAILY_TABLE = "oaproxy_usage_daily"
+HOURLY_TABLE = "oaproxy_upstream_hourly"
+
+_RECORDS = "oaproxy_records"
+_DAY = 86400
+_HOUR = 3600
+
+
+def _bucket(dbtype: str, column: str, span: int) -> str:
+    if dbtype == "postgres":
+        return f"(floor({column} / {span}) * {span})::bigint"
+    return f"(CAST({column} / {span} AS INTEGER) * {span})"
+
+
+def _upserts(dbtype: str, row: str) -> list[str]:
+    """The two upserts adding the record ``row`` (``NEW``) to the sums."""
+    ok = f"CASE WHEN {row}.status < 400 THEN 1 ELSE 0 END"
+    daily = (
+        f"INSERT INTO {DAILY_TABLE} (day, key_name, model, requests, ok,"
+        " prompt_tokens, completion_tokens, total_tokens, cost)"
+        f" VALUES ({_bucket(dbtype, f'{row}.time', _DAY)}, COALESCE({row}.key_name, ''),"
+        f" COALESCE({row}.model, ''), 1, {ok}, COALESCE({row}.prompt_tokens, 0),"
+        f" COALESCE({row}.completion_tokens, 0), COALESCE({row}.total_tokens, 0), {row}.cost)"
+        " ON CONFLICT (day, key_name, model) DO UPDATE SET"
+        f" requests = {DAILY_TABLE}.requests + 1,"
+        f" ok = {DAILY_TABLE}.ok + excluded.ok,"
+        f" prompt_tokens = {DAILY_TABLE}.prompt_tokens + excluded.prompt_tokens,"
+        f" completion_tokens = {DAILY_TABLE}.completion_tokens + excluded.completion_tokens,"
+        f" total_tokens = {DAILY_TABLE}.total_tokens + excluded.total_tokens,"
+        f" cost = COALESCE({DAILY_TABLE}.cost + excluded.cost, {DAILY_TABLE}.cost, excluded.cost)"
+    )
+    hourly = (
+        f"INSERT INTO {HOURLY_TABLE} (hour, upstream, requests, ok)"
+        f" VALUES ({_bucket(dbtype, f'{row}.time', _HOUR)}, COALESCE({row}.upstream, ''), 1, {ok})"
+        " ON CONFLICT (hour, upstream) DO UPDATE SET"
+        f" requests = {HOURLY_TABLE}.requests + 1, ok = {HOURLY_TABLE}.ok + excluded.ok"
+    )
+    return [daily, hourly]
+
+
+def _backfill(cursor: Any, dbtype: str) -> None:
+    ok = "SUM(CASE WHEN status < 400 THEN 1 ELSE 0 END)"
+    day = _bucket(dbtype, "time", _DAY)
+    cursor.execute(
+        f"INSERT INTO {DAILY_TABLE} (day, key_name, model, requests, ok,"
+        " prompt_tokens, completion_tokens, total_tokens, cost)"
+        f" SELECT {day}, COALESCE(key_name, ''), COALESCE(model, ''), COUNT(*), {ok},"
+        " COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0),"
+        f" COALESCE(SUM(total_tokens), 0), SUM(cost) FROM {_RECORDS}"
+        f" GROUP BY {day}, COALESCE(key_name, ''), COALESCE(model, '')"
+    )
+    hour = _bucket(dbtype, "time", _HOUR)
+    cursor.execute(
+        f"INSERT INTO {HOURLY_TABLE} (hour, upstream, requests, ok)"
+        f" SELECT {hour}, COALESCE(upstream, ''), COUNT(*), {ok} FROM {_RECORDS}"
+        f" GROUP BY {hour}, COALESCE(upstream, '')"
+    )
+
+
+def migration_3(cursor: Any, dbtype: str) -> None:
+    """The sums, their trigger, the outcome index; the records so far summed."""
+    real = "DOUBLE PRECISION" if dbtype == "postgres" else "REAL"
+    big = "BIGINT" if dbtype == "postgres" else "INTEGER"
+    cursor.execute(
+        f"""CREATE TABLE {DAILY_TABLE} (
+            day {big} NOT NULL,
+            key_name TEXT NOT NULL,
+            model TEXT NOT NULL,
+            requests {big} NOT NULL,
+            ok {big} NOT NULL,
+            prompt_tokens {big} NOT NULL,
+            completion_tokens {big} NOT NULL,
+            total_tokens {big} NOT NULL,
+            cost {real},
+            PRIMARY KEY (day, key_name, model)
+        )"""
+    )
+    cursor.execute(
+        f"""CREATE TABLE {HOURLY_TABLE} (
+            hour {big} NOT NULL,
+            upstream TEXT NOT NULL,
+            requests {big} NOT NULL,
+            ok {big} NOT NULL,
+            PRIMARY KEY (hour, upstream)
+        )"""
+    )
+    cursor.execute(f"CREATE INDEX {_RECORDS}_outcome_time ON {_RECORDS} (outcome, time)")
+    _backfill(cursor, dbtype)
+    body = "; ".join(_upserts(dbtype, "NEW"))
+    if dbtype == "postgres":
+        cursor.execute(
+            f"""CREATE FUNCTION oaproxy_records_rollup() RETURNS trigger AS $$
+                BEGIN {body}; RETURN NULL; END $$ LANGUAGE plpgsql"""
+        )
+        cursor.execute(
+            f"CREATE TRIGGER {_RECORDS}_rollup AFTER INSERT ON {_RECORDS}"
+            " FOR EACH ROW EXECUTE PROCEDURE oaproxy_records_rollup()"
+        )
+        return
+    cursor.execute(
+        f"CREATE TRIGGER {_RECORDS}_rollup AFTER INSERT ON {_RECORDS} BEGIN {body}; END"
+    )
