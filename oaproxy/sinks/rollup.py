@@ -120,6 +120,4 @@ def migration_3(cursor: Any, dbtype: str) -> None:
             " FOR EACH ROW EXECUTE PROCEDURE oaproxy_records_rollup()"
         )
         return
-    cursor.execute(
-        f"CREATE TRIGGER {_RECORDS}_rollup AFTER INSERT ON {_RECORDS} BEGIN {body}; END"
-    )
+    cursor.execute(f"CREATE TRIGGER {_RECORDS}_rollup AFTER INSERT ON {_RECORDS} BEGIN {body}; END")
