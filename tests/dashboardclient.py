@@ -39,7 +39,7 @@ class Page:
 
     @property
     def set_cookies(self) -> list[str]:
-        return self.headers.getRawHeaders("set-cookie") or []
+        return list(self.headers.getRawHeaders("set-cookie") or ())
 
 
 def page_text(html: str) -> str:

@@ -207,7 +207,7 @@ class DoorTests(DashboardCase):
 
     async def test_static_and_methods(self) -> None:
         """The script and style sheet are served with their types; others 404; PUT 405."""
-        proxy, browser = await self.logged_in()
+        _, browser = await self.logged_in()
         script = await browser.get("/admin/ui/static/dashboard.js")
         self.assertEqual((script.status, script.header("content-type")), (200, "text/javascript"))
         self.assertIn("data-confirm", script.text)
@@ -381,7 +381,7 @@ class PageTests(DashboardCase):
 
     async def test_without_store(self) -> None:
         """With dbtype none, Overview and the forms' pages work; the record pages say why not."""
-        proxy, browser = await self.logged_in(dbtype="none", dbaddr=None, store_key=None)
+        _, browser = await self.logged_in(dbtype="none", dbaddr=None, store_key=None)
         self.assert_page(await browser.get("/admin/ui/"))
         self.assert_page(await browser.get("/admin/ui/keys"))
         for path in ("/admin/ui/usage", "/admin/ui/requests", "/admin/ui/requests/x"):
