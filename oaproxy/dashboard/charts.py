@@ -13,7 +13,7 @@ from attrs import frozen
 
 from oaproxy.dashboard.markup import Markup, html, join
 
-__all__ = ["PALETTE", "Column", "color", "stacked_bars"]
+__all__ = ["ERROR", "PALETTE", "Column", "color", "legend", "stacked_bars"]
 
 #: Series colors, in order (an error series is given ERROR).
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#76b7b2", "#edc948", "#9c755f", "#bab0ac")
@@ -91,7 +91,7 @@ def stacked_bars(
             )
     axis = html(
         '<line x1="{l}" y1="{b}" x2="{r}" y2="{b}" stroke="#888"/>'
-        '<text x="{t}" y="12" font-size="10" text-anchor="end">{top}</text>'
+        '<text x="2" y="12" font-size="10">{top}</text>'
         '<text x="{t}" y="{b}" font-size="10" text-anchor="end">0</text>',
         l=_LEFT,
         r=_WIDTH,

@@ -82,7 +82,7 @@ class UsageReport:
     days: tuple[float, ...]  # each day's start, oldest first
     by_key: dict[str, Totals]
     by_model: dict[str, Totals]
-    # (day, key) and (day, model) -> totals
+    # (day, key) and (day, model) -> totals; only the one asked for is filled
     day_key: dict[tuple[float, str], Totals]
     day_model: dict[tuple[float, str], Totals]
     total: Totals
@@ -143,23 +143,46 @@ def period_days(period: Period, now: float) -> tuple[float, ...]:
     return tuple(today - DAY * back for back in reversed(range(period.days)))
 
 
-def usage_report(connection: Any, dbtype: str, period: Period, now: float) -> UsageReport:
+_SUMS = "SUM(requests), SUM(ok), SUM(prompt_tokens), SUM(completion_tokens), SUM(total_tokens), SUM(cost)"
+
+
+def usage_report(
+    connection: Any, dbtype: str, period: Period, now: float, stack: str = "key"
+) -> UsageReport:
+    """The period's sums by key, by model, and by day and ``stack`` (key or
+    model), each summed by the database from the per-day rows."""
     days = period_days(period, now)
     mark = placeholder(dbtype)
-    rows = _rows(
-        connection,
-        f"SELECT day, key_name, model, requests, ok, prompt_tokens, completion_tokens,"
-        f" total_tokens, cost FROM {DAILY_TABLE} WHERE day >= {mark}",
-        [int(days[0])],
-    )
+    since = [int(days[0])]
     report = UsageReport(days, {}, {}, {}, {}, Totals())
-    for day, key, model, *sums in rows:
-        day = float(day)
-        report.by_key.setdefault(key, Totals()).add(sums)
-        report.by_model.setdefault(model, Totals()).add(sums)
-        report.day_key.setdefault((day, key), Totals()).add(sums)
-        report.day_model.setdefault((day, model), Totals()).add(sums)
-        report.total.add(sums)
+    for column, groups in (("key_name", report.by_key), ("model", report.by_model)):
+        for name, *sums in _rows(
+            connection,
+            f"SELECT {column}, {_SUMS} FROM {DAILY_TABLE} WHERE day >= {mark} GROUP BY {column}",
+            since,
+        ):
+            groups.setdefault(name, Totals()).add(sums)
+    for totals in report.by_key.values():
+        report.total.add(
+            (
+                totals.requests,
+                totals.ok,
+                totals.prompt_tokens,
+                totals.completion_tokens,
+                totals.total_tokens,
+                totals.cost,
+            )
+        )
+    column, by_day = (
+        ("model", report.day_model) if stack == "model" else ("key_name", report.day_key)
+    )
+    for day, name, *sums in _rows(
+        connection,
+        f"SELECT day, {column}, {_SUMS} FROM {DAILY_TABLE} WHERE day >= {mark}"
+        f" GROUP BY day, {column}",
+        since,
+    ):
+        by_day.setdefault((float(day), name), Totals()).add(sums)
     return report
 
 

@@ -116,9 +116,11 @@ def table(headings: Sequence[str], rows: Sequence[Sequence[object]], empty: str)
     """A table; a cell that is not ``Markup`` is escaped."""
     if not rows:
         return html('<p class="empty">{}</p>', empty)
-    head = join(html("<th>{}</th>", h) for h in headings)
+    head = Markup("")
+    if headings:
+        head = html("<thead><tr>{}</tr></thead>", join(html("<th>{}</th>", h) for h in headings))
     body = join(html("<tr>{}</tr>", join(html("<td>{}</td>", c) for c in row)) for row in rows)
-    return html("<table><thead><tr>{}</tr></thead><tbody>{}</tbody></table>", head, body)
+    return html("<table>{}<tbody>{}</tbody></table>", head, body)
 
 
 # -- Overview ----------------------------------------------------------------

@@ -183,6 +183,12 @@ def _timeline(attempts: Sequence[Mapping[str, Any]]) -> Markup:
 def _text_block(value: Any) -> Markup:
     if value is None:
         return Markup('<p class="empty">Not kept (see the records policy).</p>')
+    if isinstance(value, str):
+        try:
+            # A JSON body kept as text reads better indented.
+            value = json.loads(value)
+        except ValueError:
+            return html('<pre class="body">{}</pre>', value)
     text = value if isinstance(value, str) else json.dumps(value, indent=2, ensure_ascii=False)
     return html('<pre class="body">{}</pre>', text)
 
@@ -191,7 +197,7 @@ def record_page(record: Mapping[str, Any], csrf: str) -> Markup:
     attempts = list(record.get("attempts") or ())
     usage = record.get("usage") or {}
     facts = table(
-        ("", ""),
+        (),
         [
             ("Id", record.get("id")),
             ("Time (UTC)", stamp(record.get("time"))),

@@ -298,7 +298,7 @@ class DashboardResource:
 
         def read(connection: Any) -> tuple[data.UsageReport, dict[str, tuple[float, int]]]:
             return (
-                data.usage_report(connection, dbtype, period, now),
+                data.usage_report(connection, dbtype, period, now, stack),
                 data.budget_used(connection, dbtype, keys, now),
             )
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DAILY_TABLE", "HOURLY_TABLE", "migration_3"]
+__all__ = ["DAILY_TABLE", "HOURLY_TABLE", "TRIGGER", "create_trigger", "migration_3"]
 
 DAILY_TABLE = "oaproxy_usage_daily"
 HOURLY_TABLE = "oaproxy_upstream_hourly"
@@ -109,15 +109,24 @@ def migration_3(cursor: Any, dbtype: str) -> None:
     )
     cursor.execute(f"CREATE INDEX {_RECORDS}_outcome_time ON {_RECORDS} (outcome, time)")
     _backfill(cursor, dbtype)
+    create_trigger(cursor, dbtype)
+
+
+#: The trigger's name (on the records table).
+TRIGGER = f"{_RECORDS}_rollup"
+
+
+def create_trigger(cursor: Any, dbtype: str) -> None:
+    """The trigger that adds each record inserted to the sums."""
     body = "; ".join(_upserts(dbtype, "NEW"))
     if dbtype == "postgres":
         cursor.execute(
-            f"""CREATE FUNCTION oaproxy_records_rollup() RETURNS trigger AS $$
+            f"""CREATE OR REPLACE FUNCTION oaproxy_records_rollup() RETURNS trigger AS $$
                 BEGIN {body}; RETURN NULL; END $$ LANGUAGE plpgsql"""
         )
         cursor.execute(
-            f"CREATE TRIGGER {_RECORDS}_rollup AFTER INSERT ON {_RECORDS}"
+            f"CREATE TRIGGER {TRIGGER} AFTER INSERT ON {_RECORDS}"
             " FOR EACH ROW EXECUTE PROCEDURE oaproxy_records_rollup()"
         )
         return
-    cursor.execute(f"CREATE TRIGGER {_RECORDS}_rollup AFTER INSERT ON {_RECORDS} BEGIN {body}; END")
+    cursor.execute(f"CREATE TRIGGER {TRIGGER} AFTER INSERT ON {_RECORDS} BEGIN {body}; END")
