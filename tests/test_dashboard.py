@@ -5,6 +5,7 @@ every POST, the headers, escaping of what users control, the forms."""
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Any
 
 import openai
@@ -13,7 +14,16 @@ from oaproxy.dashboard.resource import CSP
 from tests.adminclient import ADMIN_KEY
 from tests.dashboardclient import DashboardClient, Page, page_text
 from tests.fakeupstream import FAKE_MODEL
-from tests.live import RunningProxy, chat, wait_for
+from tests.live import (
+    POSTGRES_DSN,
+    SHARED_POSTGRES,
+    RunningProxy,
+    chat,
+    postgres_schema,
+    reachable,
+    unavailable,
+    wait_for,
+)
 from tests.payloads import CLIENT_KEY
 from tests.test_admin_api import AdminCase
 
@@ -224,6 +234,16 @@ class DoorTests(DashboardCase):
             # Nothing loaded from elsewhere.
             self.assertEqual(re.findall(r'(?:src|href)="(?!/admin/ui/|\?|#)', text), [])
 
+    async def test_without_store(self) -> None:
+        """With dbtype none, Overview and the forms' pages work; the record pages say why not."""
+        _, browser = await self.logged_in(dbtype="none", dbaddr=None, store_key=None)
+        self.assert_page(await browser.get("/admin/ui/"))
+        self.assert_page(await browser.get("/admin/ui/keys"))
+        for path in ("/admin/ui/usage", "/admin/ui/requests", "/admin/ui/requests/x"):
+            answer = await browser.get(path)
+            self.assert_page(answer, 409)
+            self.assertIn("no SQL store", answer.text)
+
 
 class PageTests(DashboardCase):
     async def test_every_page(self) -> None:
@@ -379,12 +399,12 @@ class PageTests(DashboardCase):
         assert found is not None
         return found
 
-    async def test_without_store(self) -> None:
-        """With dbtype none, Overview and the forms' pages work; the record pages say why not."""
-        _, browser = await self.logged_in(dbtype="none", dbaddr=None, store_key=None)
-        self.assert_page(await browser.get("/admin/ui/"))
-        self.assert_page(await browser.get("/admin/ui/keys"))
-        for path in ("/admin/ui/usage", "/admin/ui/requests", "/admin/ui/requests/x"):
-            answer = await browser.get(path)
-            self.assert_page(answer, 409)
-            self.assertIn("no SQL store", answer.text)
+
+class PostgresPageTests(PageTests):
+    """The same pages and forms, the store in PostgreSQL."""
+
+    def database(self) -> dict[str, Any]:
+        if not reachable(*SHARED_POSTGRES):
+            unavailable("PostgreSQL is not running on 127.0.0.1:5432")
+        schema = f"oaproxy_dashboard_{uuid.uuid4().hex[:12]}"
+        return {"dbtype": "postgres", "dbaddr": postgres_schema(self, schema, POSTGRES_DSN)}
