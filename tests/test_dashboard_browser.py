@@ -20,11 +20,12 @@ import shutil
 from typing import Any
 
 import openai
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 
 from tests.adminclient import ADMIN_KEY, STORE_KEY
 from tests.fakeupstream import FAKE_MODEL, Status
-from tests.live import ProxyCase, RunningProxy, chat, reactor, unavailable
+from tests.live import ProxyCase, RunningProxy, chat, reactor, unavailable, wait_for
 from tests.payloads import CLIENT_KEY, proxy_config
 
 CHROMIUM = "/usr/bin/chromium"
@@ -90,14 +91,11 @@ class BrowserTests(ProxyCase):
 
     def wait_written(self, sink: Any, count: int) -> None:
         """Block the browser's thread until the SQL sink wrote ``count`` records."""
-        from tests.live import wait_for
 
-        async def written() -> None:
-            await wait_for(lambda: sink.written >= count, timeout=10)
+        def written() -> Any:
+            return ensureDeferred(wait_for(lambda: sink.written >= count, timeout=10))
 
-        from twisted.internet.defer import ensureDeferred
-
-        blockingCallFromThread(reactor, lambda: ensureDeferred(written()))
+        blockingCallFromThread(reactor, written)
 
     async def test_walk_through(self) -> None:
         """Log in, watch a circuit open, make and use a key, open its request, log out."""
@@ -117,7 +115,12 @@ class BrowserTests(ProxyCase):
             )
             try:
                 page = browser.new_page(viewport={"width": 1280, "height": 900})
-                page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+
+                def dialog_opened(dialog: Any) -> None:
+                    dialogs.append(dialog.message)
+                    dialog.dismiss()
+
+                page.on("dialog", dialog_opened)
                 errors: list[str] = []
                 page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
 
