@@ -29,6 +29,7 @@ __all__ = [
     "AuditQuery",
     "RecordsQuery",
     "UsageQuery",
+    "all_rows",
     "audit_page",
     "audit_query",
     "record_by_id",
@@ -183,7 +184,8 @@ def audit_query(args: Mapping[bytes, Sequence[bytes]]) -> AuditQuery:
 # -- the queries, on a DB-API connection ---------------------------------------
 
 
-def _rows(connection: Any, sql: str, parameters: Sequence[object]) -> list[tuple[Any, ...]]:
+def all_rows(connection: Any, sql: str, parameters: Sequence[object]) -> list[tuple[Any, ...]]:
+    """Every row of one query, the cursor closed after."""
     cursor = connection.cursor()
     try:
         cursor.execute(sql, tuple(parameters))
@@ -211,7 +213,7 @@ def records_page(connection: Any, dbtype: str, query: RecordsQuery) -> dict[str,
         f"SELECT {', '.join(SUMMARY_COLUMNS)} FROM {TABLE}{where}"
         f" ORDER BY time DESC, id DESC LIMIT {mark}"
     )
-    rows = _rows(connection, sql, [*parameters, query.limit + 1])
+    rows = all_rows(connection, sql, [*parameters, query.limit + 1])
     more = len(rows) > query.limit
     data = []
     for row in rows[: query.limit]:
@@ -230,7 +232,7 @@ def records_page(connection: Any, dbtype: str, query: RecordsQuery) -> dict[str,
 def record_by_id(connection: Any, dbtype: str, record_id: str) -> dict[str, Any] | None:
     """The whole record as stored, or None."""
     mark = placeholder(dbtype)
-    rows = _rows(connection, f"SELECT record FROM {TABLE} WHERE id = {mark}", [record_id])
+    rows = all_rows(connection, f"SELECT record FROM {TABLE} WHERE id = {mark}", [record_id])
     if not rows or rows[0][0] is None:
         return None
     document = json.loads(rows[0][0])

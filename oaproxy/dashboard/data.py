@@ -16,9 +16,10 @@ from typing import Any
 
 from attrs import define, frozen
 
+from oaproxy.admin.queries import all_rows
 from oaproxy.config import BudgetPeriod, ClientKey
-from oaproxy.sinks.rollup import DAILY_TABLE, HOURLY_TABLE
-from oaproxy.sinks.sql import POSTGRES, TABLE, placeholder
+from oaproxy.sinks.rollup import DAILY_TABLE, HOURLY_TABLE, bucket
+from oaproxy.sinks.sql import TABLE, placeholder
 
 __all__ = [
     "Minute",
@@ -88,30 +89,15 @@ class UsageReport:
     total: Totals
 
 
-def _rows(connection: Any, sql: str, parameters: Sequence[object]) -> list[tuple[Any, ...]]:
-    cursor = connection.cursor()
-    try:
-        cursor.execute(sql, tuple(parameters))
-        return list(cursor.fetchall())
-    finally:
-        cursor.close()
-
-
-def _floor(dbtype: str, column: str, span: int) -> str:
-    if dbtype == POSTGRES:
-        return f"(floor({column} / {span}) * {span})::bigint"
-    return f"(CAST({column} / {span} AS INTEGER) * {span})"
-
-
 def last_hour(connection: Any, dbtype: str, now: float) -> list[Minute]:
     """Requests and errors per minute of the last hour, oldest first (60 of them)."""
     mark = placeholder(dbtype)
     first = now - now % MINUTE - 59 * MINUTE
-    bucket = _floor(dbtype, "time", MINUTE)
-    rows = _rows(
+    minute = bucket(dbtype, "time", MINUTE)
+    rows = all_rows(
         connection,
-        f"SELECT {bucket}, COUNT(*), SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END)"
-        f" FROM {TABLE} WHERE time >= {mark} GROUP BY {bucket}",
+        f"SELECT {minute}, COUNT(*), SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END)"
+        f" FROM {TABLE} WHERE time >= {mark} GROUP BY {minute}",
         [first],
     )
     counted = {float(start): (int(count), int(errors or 0)) for start, count, errors in rows}
@@ -128,7 +114,7 @@ def upstreams_day(connection: Any, dbtype: str, now: float) -> dict[str, tuple[i
     mark = placeholder(dbtype)
     since = now - DAY
     since -= since % HOUR
-    rows = _rows(
+    rows = all_rows(
         connection,
         f"SELECT upstream, SUM(requests), SUM(ok) FROM {HOURLY_TABLE}"
         f" WHERE hour >= {mark} GROUP BY upstream",
@@ -156,7 +142,7 @@ def usage_report(
     since = [int(days[0])]
     report = UsageReport(days, {}, {}, {}, {}, Totals())
     for column, groups in (("key_name", report.by_key), ("model", report.by_model)):
-        for name, *sums in _rows(
+        for name, *sums in all_rows(
             connection,
             f"SELECT {column}, {_SUMS} FROM {DAILY_TABLE} WHERE day >= {mark} GROUP BY {column}",
             since,
@@ -176,7 +162,7 @@ def usage_report(
     column, by_day = (
         ("model", report.day_model) if stack == "model" else ("key_name", report.day_key)
     )
-    for day, name, *sums in _rows(
+    for day, name, *sums in all_rows(
         connection,
         f"SELECT day, {column}, {_SUMS} FROM {DAILY_TABLE} WHERE day >= {mark}"
         f" GROUP BY day, {column}",
@@ -204,7 +190,7 @@ def budget_used(
     mark = placeholder(dbtype)
     since = min(budget_start(BudgetPeriod.MONTH, now), budget_start(BudgetPeriod.DAY, now))
     names = [key.name for key in budgeted]
-    rows = _rows(
+    rows = all_rows(
         connection,
         f"SELECT key_name, day, SUM(cost), SUM(total_tokens) FROM {DAILY_TABLE}"
         f" WHERE day >= {mark} AND key_name IN ({', '.join([mark] * len(names))})"

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DAILY_TABLE", "HOURLY_TABLE", "TRIGGER", "create_trigger", "migration_3"]
+__all__ = ["DAILY_TABLE", "HOURLY_TABLE", "TRIGGER", "bucket", "create_trigger", "migration_3"]
 
 DAILY_TABLE = "oaproxy_usage_daily"
 HOURLY_TABLE = "oaproxy_upstream_hourly"
@@ -29,7 +29,8 @@ _DAY = 86400
 _HOUR = 3600
 
 
-def _bucket(dbtype: str, column: str, span: int) -> str:
+def bucket(dbtype: str, column: str, span: int) -> str:
+    """SQL for ``column`` (seconds) rounded down to a multiple of ``span``."""
     if dbtype == "postgres":
         return f"(floor({column} / {span}) * {span})::bigint"
     return f"(CAST({column} / {span} AS INTEGER) * {span})"
@@ -41,7 +42,7 @@ def _upserts(dbtype: str, row: str) -> list[str]:
     daily = (
         f"INSERT INTO {DAILY_TABLE} (day, key_name, model, requests, ok,"
         " prompt_tokens, completion_tokens, total_tokens, cost)"
-        f" VALUES ({_bucket(dbtype, f'{row}.time', _DAY)}, COALESCE({row}.key_name, ''),"
+        f" VALUES ({bucket(dbtype, f'{row}.time', _DAY)}, COALESCE({row}.key_name, ''),"
         f" COALESCE({row}.model, ''), 1, {ok}, COALESCE({row}.prompt_tokens, 0),"
         f" COALESCE({row}.completion_tokens, 0), COALESCE({row}.total_tokens, 0), {row}.cost)"
         " ON CONFLICT (day, key_name, model) DO UPDATE SET"
@@ -54,7 +55,7 @@ def _upserts(dbtype: str, row: str) -> list[str]:
     )
     hourly = (
         f"INSERT INTO {HOURLY_TABLE} (hour, upstream, requests, ok)"
-        f" VALUES ({_bucket(dbtype, f'{row}.time', _HOUR)}, COALESCE({row}.upstream, ''), 1, {ok})"
+        f" VALUES ({bucket(dbtype, f'{row}.time', _HOUR)}, COALESCE({row}.upstream, ''), 1, {ok})"
         " ON CONFLICT (hour, upstream) DO UPDATE SET"
         f" requests = {HOURLY_TABLE}.requests + 1, ok = {HOURLY_TABLE}.ok + excluded.ok"
     )
@@ -63,7 +64,7 @@ def _upserts(dbtype: str, row: str) -> list[str]:
 
 def _backfill(cursor: Any, dbtype: str) -> None:
     ok = "SUM(CASE WHEN status < 400 THEN 1 ELSE 0 END)"
-    day = _bucket(dbtype, "time", _DAY)
+    day = bucket(dbtype, "time", _DAY)
     cursor.execute(
         f"INSERT INTO {DAILY_TABLE} (day, key_name, model, requests, ok,"
         " prompt_tokens, completion_tokens, total_tokens, cost)"
@@ -72,7 +73,7 @@ def _backfill(cursor: Any, dbtype: str) -> None:
         f" COALESCE(SUM(total_tokens), 0), SUM(cost) FROM {_RECORDS}"
         f" GROUP BY {day}, COALESCE(key_name, ''), COALESCE(model, '')"
     )
-    hour = _bucket(dbtype, "time", _HOUR)
+    hour = bucket(dbtype, "time", _HOUR)
     cursor.execute(
         f"INSERT INTO {HOURLY_TABLE} (hour, upstream, requests, ok)"
         f" SELECT {hour}, COALESCE(upstream, ''), COUNT(*), {ok} FROM {_RECORDS}"
