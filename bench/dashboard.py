@@ -277,29 +277,41 @@ def time_pages(dbtype: str, dbaddr: str, runs: int, directory: str) -> dict[str,
     twistd = str(Path(sys.executable).parent / "twistd")
     command = [twistd, "-n", "--pidfile=", "oaproxy", "--config", str(config)]
     command += ["--listen", f"tcp:{port}:interface=127.0.0.1"]
-    proxy = subprocess.Popen(
-        command, cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    log_path = Path(directory) / f"{dbtype}.log"
+    with open(log_path, "wb") as log:
+        proxy = subprocess.Popen(command, cwd=directory, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            return _timed(proxy, port, runs, dbtype, log_path)
+        finally:
+            proxy.terminate()
+            proxy.wait(timeout=30)
+
+
+def _timed(
+    proxy: subprocess.Popen[bytes], port: int, runs: int, dbtype: str, log: Path
+) -> dict[str, list[float]]:
+    """Each page's times, once the daemon answers ``/healthz``."""
+    for _ in range(600):
+        try:
+            if get(port, "/healthz")[0] == 200:
+                break
+        except OSError:
+            if proxy.poll() is not None:
+                tail = log.read_text()[-3000:]
+                raise RuntimeError(f"oaproxy on {dbtype} ended:\n{tail}") from None
+            time.sleep(0.1)
+    else:
+        raise RuntimeError(f"oaproxy did not start on {dbtype}")
     times: dict[str, list[float]] = {}
-    try:
-        for _ in range(200):
-            try:
-                if get(port, "/healthz")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
-        for what, path in pages(port):
-            seen = []
-            for run in range(runs + 1):
-                status, elapsed, body = get(port, path)
-                if status != 200:
-                    raise RuntimeError(f"{what}: {path} answered {status}: {body[:300]!r}")
-                if run:
-                    seen.append(elapsed)
-            times[what] = seen
-    finally:
-        proxy.terminate()
-        proxy.wait(timeout=30)
+    for what, path in pages(port):
+        seen = []
+        for run in range(runs + 1):
+            status, elapsed, body = get(port, path)
+            if status != 200:
+                raise RuntimeError(f"{what}: {path} answered {status}: {body[:300]!r}")
+            if run:
+                seen.append(elapsed)
+        times[what] = seen
     return times
 
 
