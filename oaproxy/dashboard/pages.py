@@ -56,7 +56,10 @@ def rate(ok: int, total: int) -> str:
 
 
 def money(value: float | None) -> str:
-    return "" if value is None else f"${value:,.4f}"
+    if value is None:
+        return ""
+    # Cents for sums, more digits for one request's fraction of a cent.
+    return f"${value:,.2f}" if value >= 1 else f"${value:.6f}"
 
 
 def page(title: str, active: str | None, body: Markup, csrf: str | None) -> Markup:
@@ -158,7 +161,14 @@ def _circuit(row: UpstreamRow) -> Markup:
 
 def overview_page(overview: Overview, csrf: str) -> Markup:
     upstreams = table(
-        ("Upstream", "Circuit", "In flight", "TTFB average", "Success 5 min", "Success 24 h"),
+        (
+            "Upstream",
+            "Circuit",
+            "In flight",
+            "TTFB average",
+            "Attempts ok, 5 min",
+            "Requests answered ok, 24 h",
+        ),
         [
             (
                 html('<a href="{}upstreams#u-{}">{}</a>', BASE, row.name, row.name),
