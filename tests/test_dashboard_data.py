@@ -6,15 +6,21 @@ queries, in sqlite and in PostgreSQL."""
 from __future__ import annotations
 
 import os
+import re
 import uuid
+from io import BytesIO
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Request
+from twisted.web.test.requesthelper import DummyChannel
 
 from oaproxy.config import Budget, BudgetPeriod, ClientKey
 from oaproxy.dashboard import data
 from oaproxy.dashboard.markup import Markup, html, join
+from oaproxy.dashboard.resource import DashboardResource
 from oaproxy.dashboard.session import Session, Sessions, admin_key_matches
 from oaproxy.record import Outcome
 from oaproxy.sinks.rollup import DAILY_TABLE, HOURLY_TABLE
@@ -92,6 +98,41 @@ class SessionTests(SynchronousTestCase):
         self.assertTrue(admin_key_matches(KEY.encode(), KEY))
         for wrong in (None, b"", KEY[:-1].encode(), KEY.encode() + b"x", b"\xff"):
             self.assertFalse(admin_key_matches(wrong, KEY), wrong)
+
+
+class SecureCookieTests(SynchronousTestCase):
+    def request(self, method: bytes, body: bytes = b"") -> Request:
+        channel = DummyChannel()
+        channel.transport = DummyChannel.SSL()
+        request = Request(channel)
+        request.method = method
+        request.content = BytesIO(body)
+        request.args = {}
+        return request
+
+    def test_secure_over_tls(self) -> None:
+        """Over TLS both cookies of the login are Secure (and HttpOnly, SameSite=Strict)."""
+        clock = Clock()
+        host = SimpleNamespace(
+            shared=SimpleNamespace(wall_clock=clock.seconds),
+            generation=SimpleNamespace(config=SimpleNamespace(dashboard_session=60.0)),
+        )
+        dashboard = DashboardResource(SimpleNamespace(host=host))  # type: ignore[arg-type]
+        form = self.request(b"GET")
+        page = dashboard.render(form, ["login"], KEY)
+        assert isinstance(page, bytes)
+        [nonce_cookie] = form.cookies
+        nonce = nonce_cookie.split(b";")[0].split(b"=", 1)[1]
+        token = re.search(rb'name="csrf" value="([0-9a-f]+)"', page)
+        assert token is not None
+        login = self.request(b"POST", b"csrf=" + token[1] + b"&admin_key=" + KEY.encode())
+        login.received_cookies = {b"oaproxy_login": nonce}
+        dashboard.render(login, ["login"], KEY)
+        self.assertEqual(login.code, 303)
+        [session] = [c for c in login.cookies if c.startswith(b"oaproxy_session=")]
+        for cookie in (nonce_cookie, session):
+            for part in (b"; Secure", b"; HttpOnly", b"; SameSite=strict"):
+                self.assertIn(part, cookie)
 
 
 class MarkupTests(SynchronousTestCase):
