@@ -122,12 +122,14 @@ class DashboardResource:
         if segments == ["login"]:
             return self._login(request, admin_key)
         try:
-            binding = self._binding(request, admin_key)
+            session = self._session(request, admin_key)
+            # What the CSRF token is bound to: the session, or the admin key alone.
+            binding = "bearer" if session is None else session.id
             if request.method == b"POST":
                 if not self.sessions.csrf_good(admin_key, binding, self._field(request, "csrf")):
                     raise _Answer(403, _refused("The form expired or came from another page."))
                 if segments == ["logout"]:
-                    return self._logout(request, binding)
+                    return self._logout(request, session)
             handler, names = self._route(request, segments)
         except _Answer as answer:
             return _answer(request, answer)
@@ -135,17 +137,17 @@ class DashboardResource:
         ensureDeferred(self._run(handler, request, names, csrf))
         return server.NOT_DONE_YET
 
-    def _binding(self, request: server.Request, admin_key: str) -> str:
-        """What the CSRF token is bound to: the session, or ``bearer``."""
+    def _session(self, request: server.Request, admin_key: str) -> Session | None:
+        """The request's session; None for one with the admin key as Bearer."""
         header = request.getHeader(b"authorization")
         if header is not None:
             if admin_key_matches(bearer_token(header), admin_key):
-                return "bearer"
+                return None
             raise _Answer(401, self._login_form(request, admin_key, "Wrong admin key."))
         session = self.sessions.check(request.getCookie(SESSION_COOKIE), admin_key)
         if session is None:
             raise _Answer(303, location=f"{BASE}login")
-        return session.id
+        return session
 
     def _login_form(self, request: server.Request, admin_key: str, message: str | None) -> Markup:
         nonce = Sessions.nonce()
@@ -194,9 +196,9 @@ class DashboardResource:
         )
         return _answer(request, _Answer(303, location=BASE))
 
-    def _logout(self, request: server.Request, binding: str) -> bytes:
-        if binding != "bearer":
-            self.sessions.close(Session(binding, self._host.shared.wall_clock() + 86400 * 366))
+    def _logout(self, request: server.Request, session: Session | None) -> bytes:
+        if session is not None:
+            self.sessions.close(session)
         request.addCookie(
             SESSION_COOKIE, b"", path="/admin/", max_age="0", httpOnly=True, sameSite="strict"
         )
