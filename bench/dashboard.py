@@ -257,6 +257,8 @@ def pages(port: int) -> list[tuple[str, str]]:
         ("Requests, key+model", "/admin/ui/requests?key=key-07&model=o3-mini"),
         ("Requests, exhausted", "/admin/ui/requests?outcome=exhausted"),
         ("Requests, key+exhausted", "/admin/ui/requests?key=key-07&outcome=exhausted"),
+        ("Requests, 2 models", "/admin/ui/requests?model=o3-mini,gpt-4o"),
+        ("Requests, 2 outcomes", "/admin/ui/requests?outcome=ok,exhausted"),
         ("Requests, a day 20 d ago", "/admin/ui/requests?since=20d&until=19d"),
         ("Requests, shutdown (none)", "/admin/ui/requests?outcome=shutdown"),
         ("One record", f"/admin/ui/requests/{record_id}"),

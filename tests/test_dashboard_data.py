@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 
+from oaproxy.admin.queries import records_page, records_query
 from oaproxy.config import Budget, BudgetPeriod, ClientKey
 from oaproxy.dashboard import data
 from oaproxy.dashboard.markup import Markup, html, join
@@ -282,6 +283,39 @@ class StoreCase(SynchronousTestCase):
             data.budget_used(self.connection, self.dbtype, monthly, NOW), {"alice": (0.75, 24)}
         )
         self.assertEqual(data.budget_start(BudgetPeriod.MONTH, NOW), 1796083200.0)
+
+    def test_records_page_of_several(self) -> None:
+        """Several keys and outcomes: one query each, merged newest first, paged
+        by (time, id) across them as one query would."""
+        self.migrate()
+        records = [
+            _record(
+                n,
+                key_name=("alice", "bob", "carol")[n % 3],
+                status=200 if n % 2 else 502,
+                outcome=Outcome.OK if n % 2 else Outcome.EXHAUSTED,
+            )
+            for n in range(1, 31)
+        ]
+        self.insert(*records)
+        wanted = [
+            r.id
+            for r in sorted(records, key=lambda r: (-r.time, r.id))
+            if r.key_name in ("alice", "bob") and r.outcome in (Outcome.OK, Outcome.EXHAUSTED)
+        ]
+        seen: list[str] = []
+        cursor = None
+        while True:
+            args = {b"key": [b"alice,bob"], b"outcome": [b"ok", b"exhausted"], b"limit": [b"4"]}
+            if cursor:
+                args[b"before"] = [cursor.encode()]
+            page = records_page(self.connection, self.dbtype, records_query(args, NOW))
+            seen += [r["id"] for r in page["data"]]
+            cursor = page["next"]
+            if not page["has_more"]:
+                break
+        self.assertEqual(seen, wanted)
+        self.assertEqual(len(seen), 20)
 
 
 class PostgresStoreTests(StoreCase):
