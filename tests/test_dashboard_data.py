@@ -24,7 +24,7 @@ from oaproxy.dashboard.markup import Markup, html, join
 from oaproxy.dashboard.resource import DashboardResource
 from oaproxy.dashboard.session import Session, Sessions, admin_key_matches
 from oaproxy.record import Outcome
-from oaproxy.sinks.rollup import DAILY_TABLE, HOURLY_TABLE
+from oaproxy.sinks.rollup import DAILY_TABLE, MINUTELY_TABLE
 from oaproxy.sinks.sql import (
     MIGRATIONS,
     VERSION_TABLE,
@@ -197,7 +197,7 @@ class StoreCase(SynchronousTestCase):
         ]
 
     def test_sums(self) -> None:
-        """The trigger sums each record once, whatever is retried, by day and by hour."""
+        """The trigger sums each record once, whatever is retried, by day and by minute."""
         self.migrate()
         records = self.sample()
         self.insert(*records)
@@ -213,9 +213,9 @@ class StoreCase(SynchronousTestCase):
                 (today, "bob", "m2", 1, 0, 0, 0, 0, None),
             ],
         )
-        hour = int(NOW - NOW % 3600)
-        hourly = sorted(self.rows(f"SELECT * FROM {HOURLY_TABLE} WHERE hour = {hour}"))
-        self.assertEqual(hourly, [(hour, "", 1, 0), (hour, "alpha", 3, 2)])
+        minute = int(NOW - 60)  # records 1 to 4, seconds before NOW (a minute's start)
+        minutely = sorted(self.rows(f"SELECT * FROM {MINUTELY_TABLE} WHERE minute = {minute}"))
+        self.assertEqual(minutely, [(minute, "", 1, 0), (minute, "alpha", 3, 2)])
 
     def test_migrated_late(self) -> None:
         """Records stored before migration 3 are summed by it."""

@@ -1,9 +1,9 @@
 """What the dashboard's pages read of the SQL store, each a few indexed
 queries run in a database thread (``StoreFollower.query``).
 
-None scans the records table: the last hour is a range of its ``time``
-index, and longer spans read the sums of ``oaproxy.sinks.rollup`` (a row
-per day, key and model; a row per hour and upstream).  Days are UTC.
+None scans the records table: the Overview and Usage read the sums of
+``oaproxy.sinks.rollup`` (a row per minute and upstream; a row per day, key
+and model), the Requests page the records' indexes.  Days are UTC.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from attrs import define, frozen
 
 from oaproxy.admin.queries import all_rows
 from oaproxy.config import BudgetPeriod, ClientKey
-from oaproxy.sinks.rollup import DAILY_TABLE, HOURLY_TABLE, bucket
-from oaproxy.sinks.sql import TABLE, placeholder
+from oaproxy.sinks.rollup import DAILY_TABLE, MINUTELY_TABLE
+from oaproxy.sinks.sql import placeholder
 
 __all__ = [
     "Minute",
@@ -33,7 +33,6 @@ __all__ = [
 ]
 
 DAY = 86400
-HOUR = 3600
 MINUTE = 60
 
 
@@ -93,14 +92,13 @@ def last_hour(connection: Any, dbtype: str, now: float) -> list[Minute]:
     """Requests and errors per minute of the last hour, oldest first (60 of them)."""
     mark = placeholder(dbtype)
     first = now - now % MINUTE - 59 * MINUTE
-    minute = bucket(dbtype, "time", MINUTE)
     rows = all_rows(
         connection,
-        f"SELECT {minute}, COUNT(*), SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END)"
-        f" FROM {TABLE} WHERE time >= {mark} GROUP BY {minute}",
-        [first],
+        f"SELECT minute, SUM(requests), SUM(ok) FROM {MINUTELY_TABLE}"
+        f" WHERE minute >= {mark} GROUP BY minute",
+        [int(first)],
     )
-    counted = {float(start): (int(count), int(errors or 0)) for start, count, errors in rows}
+    counted = {float(start): (int(count), int(count) - int(ok)) for start, count, ok in rows}
     minutes = []
     for index in range(60):
         start = first + index * MINUTE
@@ -110,14 +108,14 @@ def last_hour(connection: Any, dbtype: str, now: float) -> list[Minute]:
 
 
 def upstreams_day(connection: Any, dbtype: str, now: float) -> dict[str, tuple[int, int]]:
-    """Each upstream's (requests, ok) of the hours since 24 hours ago."""
+    """Each upstream's (requests, ok) of the last 24 hours (from a minute's start)."""
     mark = placeholder(dbtype)
     since = now - DAY
-    since -= since % HOUR
+    since -= since % MINUTE
     rows = all_rows(
         connection,
-        f"SELECT upstream, SUM(requests), SUM(ok) FROM {HOURLY_TABLE}"
-        f" WHERE hour >= {mark} GROUP BY upstream",
+        f"SELECT upstream, SUM(requests), SUM(ok) FROM {MINUTELY_TABLE}"
+        f" WHERE minute >= {mark} GROUP BY upstream",
         [int(since)],
     )
     return {name: (int(requests), int(ok)) for name, requests, ok in rows}

@@ -4,8 +4,9 @@ instead of scanning ``oaproxy_records`` (schema migration 3).
 - ``oaproxy_usage_daily``: per UTC day, key and model, the requests, those
   answered below 400, the tokens and the cost (NULL while no record of the
   group had one);
-- ``oaproxy_upstream_hourly``: per hour and answering upstream, the requests
-  and those answered below 400;
+- ``oaproxy_upstream_minutely``: per minute and answering upstream, the
+  requests and those answered below 400 (the Overview's last hour and 24
+  hours: a few thousand rows, however busy the proxy);
 - an index on ``(outcome, time)``, for the Requests page's outcome filter.
 
 A trigger on the records table keeps both sums: it fires only for a row
@@ -19,14 +20,14 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DAILY_TABLE", "HOURLY_TABLE", "TRIGGER", "bucket", "create_trigger", "migration_3"]
+__all__ = ["DAILY_TABLE", "MINUTELY_TABLE", "TRIGGER", "bucket", "create_trigger", "migration_3"]
 
 DAILY_TABLE = "oaproxy_usage_daily"
-HOURLY_TABLE = "oaproxy_upstream_hourly"
+MINUTELY_TABLE = "oaproxy_upstream_minutely"
 
 _RECORDS = "oaproxy_records"
 _DAY = 86400
-_HOUR = 3600
+_MINUTE = 60
 
 
 def bucket(dbtype: str, column: str, span: int) -> str:
@@ -53,13 +54,13 @@ def _upserts(dbtype: str, row: str) -> list[str]:
         f" total_tokens = {DAILY_TABLE}.total_tokens + excluded.total_tokens,"
         f" cost = COALESCE({DAILY_TABLE}.cost + excluded.cost, {DAILY_TABLE}.cost, excluded.cost)"
     )
-    hourly = (
-        f"INSERT INTO {HOURLY_TABLE} (hour, upstream, requests, ok)"
-        f" VALUES ({bucket(dbtype, f'{row}.time', _HOUR)}, COALESCE({row}.upstream, ''), 1, {ok})"
-        " ON CONFLICT (hour, upstream) DO UPDATE SET"
-        f" requests = {HOURLY_TABLE}.requests + 1, ok = {HOURLY_TABLE}.ok + excluded.ok"
+    minutely = (
+        f"INSERT INTO {MINUTELY_TABLE} (minute, upstream, requests, ok)"
+        f" VALUES ({bucket(dbtype, f'{row}.time', _MINUTE)}, COALESCE({row}.upstream, ''), 1, {ok})"
+        " ON CONFLICT (minute, upstream) DO UPDATE SET"
+        f" requests = {MINUTELY_TABLE}.requests + 1, ok = {MINUTELY_TABLE}.ok + excluded.ok"
     )
-    return [daily, hourly]
+    return [daily, minutely]
 
 
 def _backfill(cursor: Any, dbtype: str) -> None:
@@ -73,11 +74,11 @@ def _backfill(cursor: Any, dbtype: str) -> None:
         f" COALESCE(SUM(total_tokens), 0), SUM(cost) FROM {_RECORDS}"
         f" GROUP BY {day}, COALESCE(key_name, ''), COALESCE(model, '')"
     )
-    hour = bucket(dbtype, "time", _HOUR)
+    minute = bucket(dbtype, "time", _MINUTE)
     cursor.execute(
-        f"INSERT INTO {HOURLY_TABLE} (hour, upstream, requests, ok)"
-        f" SELECT {hour}, COALESCE(upstream, ''), COUNT(*), {ok} FROM {_RECORDS}"
-        f" GROUP BY {hour}, COALESCE(upstream, '')"
+        f"INSERT INTO {MINUTELY_TABLE} (minute, upstream, requests, ok)"
+        f" SELECT {minute}, COALESCE(upstream, ''), COUNT(*), {ok} FROM {_RECORDS}"
+        f" GROUP BY {minute}, COALESCE(upstream, '')"
     )
 
 
@@ -100,12 +101,12 @@ def migration_3(cursor: Any, dbtype: str) -> None:
         )"""
     )
     cursor.execute(
-        f"""CREATE TABLE {HOURLY_TABLE} (
-            hour {big} NOT NULL,
+        f"""CREATE TABLE {MINUTELY_TABLE} (
+            minute {big} NOT NULL,
             upstream TEXT NOT NULL,
             requests {big} NOT NULL,
             ok {big} NOT NULL,
-            PRIMARY KEY (hour, upstream)
+            PRIMARY KEY (minute, upstream)
         )"""
     )
     cursor.execute(f"CREATE INDEX {_RECORDS}_outcome_time ON {_RECORDS} (outcome, time)")
