@@ -16,6 +16,7 @@ from typing import Protocol
 from attrs import frozen
 from twisted.web import server
 
+from oaproxy.errors import reason_phrase
 from oaproxy.record import LimitRefusal, Outcome
 
 
@@ -77,7 +78,7 @@ class JSONAnswer:
 def write_answer(request: server.Request, answer: LocalAnswer) -> bytes:
     """Set the status and headers of ``answer`` on ``request``; its body."""
     body = answer.body()
-    request.setResponseCode(answer.status)
+    request.setResponseCode(answer.status, reason_phrase(answer.status))
     request.setHeader(b"content-type", answer.content_type)
     request.setHeader(b"content-length", b"%d" % len(body))
     return body

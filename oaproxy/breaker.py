@@ -17,7 +17,9 @@ the next candidate is better tried first; readiness does not count it, as
 an upstream out of quota still serves others); any other answer (a 400, a
 404 for a model it lacks) shows the upstream works. A client that went away
 says nothing. Besides, a 429 or 503 with ``Retry-After`` holds the circuit
-open as long as it asks. A 429 to the client's own key (``sk: asis``) is
+open as long as it asks; when such a hold ends the circuit is half-open,
+and while fewer than ``breaker.failures`` attempts failed in a row a failed
+probe holds it only as long as its own Retry-After asks, not a cooldown. A 429 to the client's own key (``sk: asis``) is
 about that key alone and counts for nothing. Requests oaproxy makes itself (the ``/v1/models`` fetch) are not
 attempts and never count.
 
@@ -42,7 +44,7 @@ from twisted.python.failure import Failure
 
 from oaproxy.circuits import Circuits, CircuitState, failed_in_a_row, retry_after
 from oaproxy.config import BreakerConfig, Upstream
-from oaproxy.forward import AttemptLog, Exchange
+from oaproxy.exchange import AttemptLog, Exchange
 from oaproxy.pipeline import Observer
 from oaproxy.record import Evidence, Record, evidence
 from oaproxy.sharedredis import LuaScript, SharedRedis
@@ -114,7 +116,7 @@ if open_until then
   if now < open_until then before = 2 else before = 1 end
 end
 local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
-if before == 1 or failures >= threshold then
+if failures >= threshold then
   open_until = math.max(open_until or now, now + cooldown)
 end
 if ARGV[4] ~= '' then open_until = math.max(open_until or now, now + tonumber(ARGV[4])) end
@@ -261,8 +263,9 @@ class Breakers(Observer):
 
     def _hold(self, attempt: AttemptLog) -> float | None:
         """How long the upstream asked to be left alone (a 429's or 503's
-        Retry-After); a 429 to the client's own key asks it of that key."""
-        if attempt.client_key_sent and attempt.status == 429:
+        Retry-After); a 429 to the client's own key asks it of that key.
+        One the request waited for and retried here asks nothing more."""
+        if attempt.retried is not None or (attempt.client_key_sent and attempt.status == 429):
             return None
         return retry_after(attempt.retry_after, self._wall_clock())
 

@@ -163,7 +163,10 @@ class Circuits:
         before = circuit.state(now)
         circuit.failures += 1
         until = circuit.open_until
-        if before is CircuitState.HALF_OPEN or circuit.failures >= threshold:
+        # A probe that fails opens the circuit for another cooldown when
+        # failures opened it; one open only for a Retry-After is held for
+        # what the new failure asks, if anything (probed again meanwhile).
+        if circuit.failures >= threshold:
             until = max(until or now, now + cooldown)
         if hold is not None:
             until = max(until or now, now + hold)

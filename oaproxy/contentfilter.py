@@ -1,8 +1,9 @@
 """The content filter: a candidate filter on the text a model would read.
 
 The text is what the request asks a model to read: chat ``messages``
-content (text parts included), ``prompt``, ``input`` (a string, a list of
-strings, or Responses API items with their content parts) and
+content (text parts included) and the arguments of their tool calls,
+``prompt``, ``input`` (a string, a list of strings, or Responses API items
+with their content parts, function call arguments and outputs) and
 ``instructions``. ``patterns`` are RE2 regular expressions and ``words``
 whole words, both case-insensitive. RE2 matches in time linear in the
 text, whatever the pattern: no request can make a pattern hang the reactor
@@ -31,13 +32,17 @@ from twisted.python.failure import Failure
 
 from oaproxy.config import Config, ContentFilterConfig, Upstream
 from oaproxy.errors import ErrorAnswer
-from oaproxy.forward import Exchange
+from oaproxy.exchange import Exchange
 from oaproxy.inspection import content_texts, parsed_items
 from oaproxy.jsonscan import NotAnObject
 from oaproxy.pipeline import Candidates
 
-# What is read of each item: a message's content, a part's text.
-_KEEP = frozenset({"content", "text"})
+# What is read of each item: a message's content, a part's text, the
+# arguments of the tool calls a conversation made and (Responses API) their
+# outputs: the model reads those too.
+_KEEP = frozenset(
+    {"content", "text", "tool_calls", "function", "function_call", "arguments", "output"}
+)
 
 # Whole words: not next to a letter, a digit or "_" (in any script).
 _WORD_EDGE_BEFORE = r"(?:\A|[^\pL\pN_])"
@@ -166,6 +171,7 @@ def item_texts(name: str, item: Any, listed: bool) -> Iterator[str]:
     if name == "messages":
         if listed and isinstance(item, dict):
             yield from content_texts(item.get("content"))
+            yield from _call_arguments(item)
     elif name == "input":
         if isinstance(item, str):
             yield item
@@ -174,5 +180,22 @@ def item_texts(name: str, item: Any, listed: bool) -> Iterator[str]:
                 yield from content_texts(item["content"])
             elif isinstance(item.get("text"), str):
                 yield item["text"]
+            # A function_call item's arguments, a function_call_output's output.
+            if isinstance(item.get("arguments"), str):
+                yield item["arguments"]
+            yield from content_texts(item.get("output"))
     elif isinstance(item, str) and (name == "prompt" or not listed):
         yield item
+
+
+def _call_arguments(message: Mapping[str, Any]) -> Iterator[str]:
+    """The arguments of an assistant message's ``tool_calls`` (and of the
+    legacy ``function_call``): text the model reads back."""
+    calls = message.get("tool_calls")
+    functions = (
+        [c.get("function") for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
+    )
+    functions.append(message.get("function_call"))
+    for function in functions:
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            yield function["arguments"]

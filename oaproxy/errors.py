@@ -8,8 +8,10 @@ oaproxy makes itself is shaped like OpenAI's own.
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 
 from attrs import frozen
+from twisted.web.http import RESPONSES
 
 from oaproxy.record import LimitRefusal, Outcome
 
@@ -54,3 +56,16 @@ def error_body(
     return json.dumps(
         {"error": {"message": message, "type": type, "param": param, "code": code}}
     ).encode("utf-8")
+
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase of ``status``: Twisted's, else Python's
+    (Twisted has none for 429, whose status line would say "Unknown Status").
+    """
+    phrase = RESPONSES.get(status)
+    if phrase is not None:
+        return phrase
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b"Unknown"

@@ -35,6 +35,7 @@ from prometheus_client.metrics_core import (
 )
 from twisted.logger import Logger
 
+from oaproxy.attemptmetrics import AttemptCounters
 from oaproxy.circuits import CircuitCollector, Circuits
 from oaproxy.frontmetrics import FrontMetrics
 from oaproxy.record import Attempt, CacheResult, FailureKind, Outcome, Record
@@ -387,6 +388,7 @@ class Metrics:
             ["prefix", "status_class"],
             registry=registry,
         )
+        self._attempt_counters = AttemptCounters(registry, self.upstream_label)
         self._exhausted = Counter(
             "oaproxy_failover_exhausted",
             "Requests for which every candidate upstream failed.",
@@ -534,6 +536,7 @@ class Metrics:
             self._attempts.labels(attempt_upstream, attempt_outcome(attempt)).inc()
             if index < last:
                 self._failovers.labels(attempt_upstream).inc()
+        self._attempt_counters.count(record)
         if record.outcome is Outcome.EXHAUSTED:
             self._exhausted.labels(route).inc()
         if record.limit is not None:

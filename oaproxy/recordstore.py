@@ -90,13 +90,15 @@ class Database:
 @frozen
 class Filters:
     """The records a command looks at: ``since <= time < until``, and one of
-    ``keys`` / ``models`` when given.
+    ``keys`` / ``models`` when given; with ``answered``, only those an
+    upstream answered (not refusals, nor the cache's hits).
     """
 
     since: float | None = None
     until: float | None = None
     keys: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
+    answered: bool = False
 
     def where(self, mark: str) -> tuple[str, list[object]]:
         """The ``WHERE`` clause (empty, or with a leading space) and its
@@ -114,6 +116,8 @@ class Filters:
             if values:
                 conditions.append(f"{column} IN ({', '.join([mark] * len(values))})")
                 parameters.extend(values)
+        if self.answered:
+            conditions.append("upstream IS NOT NULL")
         if not conditions:
             return "", parameters
         return " WHERE " + " AND ".join(conditions), parameters

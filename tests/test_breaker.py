@@ -13,6 +13,7 @@ import email.utils
 import os
 import random
 import uuid
+from functools import partial
 from typing import Any
 
 from prometheus_client import generate_latest
@@ -26,7 +27,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from oaproxy.breaker import Breakers, circuit_evidence
 from oaproxy.circuits import MAX_RETRY_AFTER, Circuits, CircuitState, retry_after
 from oaproxy.config import BreakerConfig, Upstream
-from oaproxy.forward import AttemptLog, Exchange
+from oaproxy.exchange import AttemptLog, Exchange
 from oaproxy.health import FAILING_AFTER
 from oaproxy.record import Evidence, FailureKind, evidence
 from oaproxy.sharedredis import SharedRedis
@@ -82,7 +83,6 @@ class BreakerCase(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.h = Harness(self.config)
-        self.h.shared.readiness.configure([u.name for u in self.h.config.upstreams], {})
         self.log = LogLines(self)
 
     def chat(self, *answers: int | bytes) -> tuple[Client, list[str]]:
@@ -221,6 +221,29 @@ class RetryAfterTests(BreakerCase):
         self.h.clock.advance(1)
         self.assertIs(self.state("a"), CircuitState.HALF_OPEN)
         self.assertIn("Retry-After 120s", self.log.transitions()[0])
+
+    def test_a_probe_after_a_hold_is_held_as_asked(self) -> None:
+        """A circuit open only for a Retry-After (fewer failures than
+        breaker.failures) is probed when the hold ends; a probe that gets
+        another Retry-After holds it that long, not for the cooldown, and
+        one that fails without leaves it to the next request's probe."""
+        for asked in ("120", "5"):
+            client = self.h.chat()
+            self.h.agent.calls[-1].respond(429, body=b"{}", headers=headers({"retry-after": asked}))
+            self.h.agent.calls[-1].respond(200, body=OK)
+            self.assertEqual(client.reply().status, 200)
+            self.assertIs(self.state("a"), CircuitState.OPEN)
+            self.h.clock.advance(int(asked) - 1)
+            self.assertIs(self.state("a"), CircuitState.OPEN)
+            self.h.clock.advance(1)
+            self.assertIs(self.state("a"), CircuitState.HALF_OPEN)
+        # The probe fails with a 500: a is probed again by the next request.
+        _, tried = self.chat(500, OK)
+        self.assertEqual(tried, ["a", "b"])
+        self.assertIs(self.state("a"), CircuitState.HALF_OPEN)
+        _, tried = self.chat(OK)
+        self.assertEqual(tried, ["a"])
+        self.assertIs(self.state("a"), CircuitState.CLOSED)
 
     def test_http_date_on_503(self) -> None:
         """A 503's Retry-After may be a date, read against the wall clock."""
@@ -386,6 +409,10 @@ def _upstreams() -> list[Upstream]:
     return list(config.upstreams)
 
 
+def _is_open(circuits: Circuits) -> bool:
+    return circuits.state("a") is CircuitState.OPEN
+
+
 class SharedBreakerTests(LiveCase):
     """Two Breakers on one Redis are two processes: each sees the other's state."""
 
@@ -401,7 +428,9 @@ class SharedBreakerTests(LiveCase):
         self.first = await self.breakers()
         self.second = await self.breakers()
 
-    async def breakers(self, port: int = SHARED_REDIS[1]) -> tuple[Breakers, Circuits]:
+    async def breakers(
+        self, port: int = SHARED_REDIS[1], failures: int = 2
+    ) -> tuple[Breakers, Circuits]:
         redis = SharedRedis(f"redis://127.0.0.1:{port}/0", self.prefix, reactor)
         redis.startService()
         self.addCleanup(redis.stopService)
@@ -409,7 +438,7 @@ class SharedBreakerTests(LiveCase):
         self.addCleanup(self.forget, redis)
         self.redis = redis
         circuits = Circuits(self.clock)
-        config = BreakerConfig(failures=2, cooldown=10, shared=True)
+        config = BreakerConfig(failures=failures, cooldown=10, shared=True)
         return Breakers(
             config, circuits, wall_clock=lambda: 0.0, rng=random.Random(), redis=redis
         ), circuits
@@ -451,6 +480,26 @@ class SharedBreakerTests(LiveCase):
         await wait_for(lambda: first_circuits.state("a") is CircuitState.CLOSED)
         self.assertEqual(await self.order(second, bare_exchange()), "ab")
         self.assertIs(second_circuits.state("a"), CircuitState.CLOSED)
+
+    async def test_a_probe_after_a_hold_is_held_as_asked(self) -> None:
+        """Shared too: a circuit open only for a Retry-After, probed when the
+        hold ends, is held for the probe's own Retry-After, not the cooldown."""
+        self.first = await self.breakers(failures=5)
+        self.second = await self.breakers(failures=5)
+        first, second_circuits = self.first[0], self.second[1]
+        for asked, (process, circuits) in (("30", self.first), ("5", self.second)):
+            probe = bare_exchange()
+            self.assertEqual((await self.order(process, probe))[0], "a")
+            attempt = AttemptLog(
+                "a", 0.0, status=429, failure=FailureKind.STATUS, retry_after=asked
+            )
+            process.attempt_finished(probe, attempt)
+            await wait_for(partial(_is_open, circuits))
+            self.clock.advance(int(asked) - 1)
+            self.assertEqual(await self.order(first, bare_exchange()), "ba")
+            self.clock.advance(1)
+        self.assertEqual(await self.order(first, bare_exchange()), "ab")
+        self.assertEqual(second_circuits.view("a").failures, 2)
 
     async def test_unused_probe_released(self) -> None:
         """A probe not used goes back to Redis when its request ends."""

@@ -70,7 +70,9 @@ class MatchingTests(SynchronousTestCase):
         )
 
     def test_texts_a_model_reads(self) -> None:
-        """Checked: messages content and text parts, prompt, input, instructions; nothing else."""
+        """Checked: messages content and text parts and tool call arguments,
+        prompt, input (with function calls and their outputs), instructions;
+        nothing else."""
         body: dict[str, Any] = {
             "model": "password",
             "messages": [
@@ -82,20 +84,37 @@ class MatchingTests(SynchronousTestCase):
                         {"type": "image_url", "image_url": {"url": "https://x/password"}},
                     ],
                 },
-                {"role": "tool", "content": "three", "name": "password"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "password",
+                            "type": "function",
+                            "function": {"name": "password", "arguments": '{"a": "called"}'},
+                        }
+                    ],
+                    "function_call": {"name": "password", "arguments": "legacy"},
+                },
+                {"role": "tool", "content": "three", "name": "password", "tool_call_id": "x"},
             ],
             "prompt": ["four", [1, 2, 3]],
             "input": [
                 "five",
                 {"role": "user", "content": [{"type": "input_text", "text": "six"}]},
                 {"type": "input_text", "text": "seven"},
+                {"type": "function_call", "call_id": "password", "arguments": "args"},
+                {"type": "function_call_output", "call_id": "password", "output": "out"},
             ],
             "instructions": "eight",
             "user": "password",
         }
         self.assertEqual(
             list(model_texts(body)),
-            ["one", "two", "three", "four", "five", "six", "seven", "eight"],
+            [
+                *("one", "two", '{"a": "called"}', "legacy", "three", "four", "five"),
+                *("six", "seven", "args", "out", "eight"),
+            ],
         )
         self.assertEqual(list(model_texts({"input": "alone", "prompt": "p"})), ["p", "alone"])
 
@@ -225,6 +244,16 @@ class LargeBodyTests(SynchronousTestCase):
         """A text part of the last of 2 MiB of messages matches: 400, nothing sent."""
         h = Harness(ONLY_CHECKED)
         last = {"role": "user", "content": [{"type": "text", "text": "my password"}]}
+        reply = self.ask(h, [*padding(2 << 20), last]).reply()
+        self.assertEqual(reply.status, 400)
+        self.assertIn("patterns[0]", reply.json()["error"]["message"])
+        self.assertEqual(h.agent.calls, [])
+
+    def test_tool_call_arguments_in_a_large_body(self) -> None:
+        """A tool call's arguments are read by the walk too: 400, nothing sent."""
+        h = Harness(ONLY_CHECKED)
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "password"}}
+        last = {"role": "assistant", "content": None, "tool_calls": [call]}
         reply = self.ask(h, [*padding(2 << 20), last]).reply()
         self.assertEqual(reply.status, 400)
         self.assertIn("patterns[0]", reply.json()["error"]["message"])

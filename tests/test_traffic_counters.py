@@ -159,6 +159,24 @@ class CounterBehaviour:
         await self.settle(admission.held, [0])
         self.assertTrue((await self.acquire(Charge(counter, 10))).admitted)
 
+    async def test_wait_when_weights_add_up_to_their_number(self: Any) -> None:
+        """A window whose charges weigh 0 (an empty estimate, a refund) and 2
+        in all, as many as there are charges, still waits for the charge
+        that frees enough, not for the one at that index."""
+        empty, refunded = moving("empty", 3), moving("refunded", 3)
+        await self.acquire(Charge(empty, 0))
+        refund = await self.acquire(Charge(refunded, 1))
+        await self.settle(refund.held, [0])
+        self.clock.advance(5)
+        for counter in (empty, refunded):
+            self.assertTrue((await self.acquire(Charge(counter, 2))).admitted)
+        self.clock.advance(5)
+        for counter in (empty, refunded):
+            refused = await self.acquire(Charge(counter, 2))
+            self.assertFalse(refused.admitted)
+            # 1 more is needed: only the charge of 2, made 5 s ago, frees it, in 55 s.
+            self.assertAlmostEqual(refused.readings[0].wait, 55)
+
     async def test_settle_after_the_window_changes_nothing(self: Any) -> None:
         """A reservation settled after its window passed does not count in the next."""
         counter = moving("late", 10, seconds=10)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from typing import Any
@@ -36,11 +37,13 @@ SK = "sk-shared-upstream-0123"
 class SharedRedisDaemonsTests(DaemonCase):
     timeout = 60
 
-    async def two_daemons(self, fake: Any, **limits: Any) -> list[int]:
+    async def two_daemons(
+        self, fake: Any, cache: dict[str, Any] | None = None, **limits: Any
+    ) -> list[int]:
         """Two daemons on one Redis and prefix, both serving, both connected to it."""
         prefix = f"oaproxy-test:{uuid.uuid4().hex}:"
         # Deletes the prefix's keys in cleanup.
-        await start_shared_redis(self, prefix=prefix)
+        self.redis = await start_shared_redis(self, prefix=prefix)
         ports = [free_port(), free_port()]
         keys = {
             "alice": ALICE,
@@ -58,6 +61,7 @@ class SharedRedisDaemonsTests(DaemonCase):
                 redis_prefix=prefix,
                 records={"spool_dir": os.path.join(cwd, "spool")},
                 limits={"backend": "redis", "on_backend_error": "closed", **limits},
+                **({} if cache is None else {"cache": cache}),
             )
             write_yaml(os.path.join(cwd, "config.yaml"), config)
             daemon: Daemon = spawn_daemon(self, TWISTD_ARGS, cwd)
@@ -123,3 +127,38 @@ class SharedRedisDaemonsTests(DaemonCase):
         # Reservations are strict: not even the one request of slack is used.
         self.assertEqual(admitted, 5)
         self.assertEqual(sorted(statuses), [200] * 5 + [429] * 15)
+
+    async def test_an_answer_cached_by_one_is_a_hit_for_the_other(self) -> None:
+        """With cache.backend: redis, what one process stored the other
+        serves (for the same key only), and the upstream is asked once."""
+        fake = await self.fake()
+        ports = await self.two_daemons(
+            fake, cache={"backend": "redis", "default": True}, per_key="1000/minute"
+        )
+        before = len(fake.requests)
+        url = "http://127.0.0.1:{}/v1/chat/completions"
+        body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "shared?"}]}'
+
+        async def ask(port: int, key: str) -> tuple[int, list[bytes] | None, bytes]:
+            response = await post_json(self.agent, url.format(port), key, body)
+            answer = await read_body(response)
+            return response.code, response.headers.getRawHeaders(b"x-oaproxy-cache"), answer
+
+        first = await ask(ports[0], ALICE)
+
+        async def stored() -> bool:
+            return bool(await self.redis.command("KEYS", self.redis.key("cache", "*")))
+
+        # The entry is written once the first request is over: wait for it.
+        for _ in range(100):
+            if await stored():
+                break
+            await deferLater(reactor, POLL, lambda: None)
+        second = await ask(ports[1], ALICE)
+        other_key = await ask(ports[1], WARM)
+        self.assertEqual(
+            [(status, cached) for status, cached, _ in (first, second, other_key)],
+            [(200, [b"miss"]), (200, [b"hit"]), (200, [b"miss"])],
+        )
+        self.assertEqual(json.loads(second[2])["choices"], json.loads(first[2])["choices"])
+        self.assertEqual(len(fake.requests) - before, 2)

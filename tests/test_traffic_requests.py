@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.record import (
@@ -18,6 +20,7 @@ from oaproxy.record import (
     record_from_document,
 )
 from oaproxy.traffic.headers import openai_duration, retry_after
+from oaproxy.traffic.rediscounters import REDIS_TIMEOUT
 from oaproxy.traffic.routes import RouteTable
 from tests.doubles import Client, Harness, headers
 from tests.payloads import api_path, sse
@@ -70,7 +73,8 @@ class Limited(SynchronousTestCase):
 
 class PerKeyTests(Limited):
     def test_the_limit_then_429(self) -> None:
-        """A key gets its limit, then a 429 that never reaches an upstream."""
+        """A key gets its limit, then a 429 (with its standard reason phrase,
+        which Twisted lacks) that never reaches an upstream."""
         first = self.served(self.h.chat(key="sk-alice"))
         self.assertEqual(self.ratelimit(first), (b"2", b"1", b"1m0s"))
         self.h.clock.advance(15)
@@ -80,7 +84,7 @@ class PerKeyTests(Limited):
         refused = self.h.chat(key="sk-alice")
         self.assertEqual(len(self.h.agent.calls), 2)
         reply = refused.reply()
-        self.assertEqual(reply.status, 429)
+        self.assertEqual((reply.status, reply.phrase), (429, b"Too Many Requests"))
         self.assertEqual(
             reply.json(),
             {
@@ -290,3 +294,59 @@ class RefusalRecordTests(Limited):
         document = record_document(refused)
         document["limit"] = {"kind": "wishes", "scope": "key", "limit": "1/day"}
         self.assertRaises(BadRecord, record_from_document, document)
+
+
+class HungRedisTests(SynchronousTestCase):
+    """A Redis that takes the connection but never answers holds a request
+    for the limiter's timeout only, then ``on_backend_error`` decides."""
+
+    CONFIG = """
+dbtype: none
+authorization: {alice: sk-alice}
+redis: redis://127.0.0.1:1/0
+limits: {backend: redis, per_key: "10/minute", on_backend_error: POLICY}
+upstreams:
+  - {name: a, endpoint: "https://a.test/v1", sk: sk-a}
+"""
+
+    def hung(self, policy: str) -> tuple[Harness, list[Deferred[Any]]]:
+        h = Harness(self.CONFIG.replace("POLICY", policy))
+        redis = h.generation.shared_redis
+        assert redis is not None
+        pending: list[Deferred[Any]] = []
+
+        def command(*arguments: object) -> Deferred[Any]:
+            pending.append(Deferred())
+            return pending[-1]
+
+        redis.command = command  # type: ignore[method-assign]
+        return h, pending
+
+    def test_closed_answers_503_after_the_timeout(self) -> None:
+        """closed: nothing is forwarded; after REDIS_TIMEOUT a 503
+        limiter_unavailable, counted, and nothing left waiting."""
+        h, pending = self.hung("closed")
+        client = h.chat(key="sk-alice")
+        h.clock.advance(REDIS_TIMEOUT - 0.1)
+        self.assertEqual((client.written, h.agent.calls), (b"", []))
+        h.clock.advance(0.1)
+        reply = client.reply()
+        self.assertEqual(
+            (reply.status, reply.json()["error"]["code"]), (503, "limiter_unavailable")
+        )
+        self.assertEqual(h.agent.calls, [])
+        self.assertTrue(all(d.called for d in pending))
+        self.assertEqual(
+            h.shared.metrics.registry.get_sample_value("oaproxy_limiter_backend_errors_total"), 1
+        )
+
+    def test_open_serves_after_the_timeout(self) -> None:
+        """open: after REDIS_TIMEOUT the request goes on, without rate headers."""
+        h, _ = self.hung("open")
+        client = h.chat(key="sk-alice")
+        self.assertEqual(h.agent.calls, [])
+        h.clock.advance(REDIS_TIMEOUT)
+        h.agent.only().respond(body=ANSWER)
+        reply = client.reply()
+        self.assertEqual(reply.status, 200)
+        self.assertIsNone(reply.header(b"x-ratelimit-remaining-requests"))

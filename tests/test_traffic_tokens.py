@@ -13,15 +13,17 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.cli import UsageRow
 from oaproxy.config import BackendErrorPolicy, Budget, BudgetPeriod
-from oaproxy.record import record_document
+from oaproxy.record import CacheResult, record_document
+from oaproxy.sinks.sql import insert_statement, migrate, open_database, record_row
 from oaproxy.traffic.backend import BackendTrouble
-from oaproxy.traffic.budgets import BudgetHistory, budget_counter, period_at
+from oaproxy.traffic.budgets import BudgetHistory, budget_counter, period_at, period_usage
 from oaproxy.traffic.counters import Admission, Charge, Held
 from oaproxy.traffic.estimate import estimate, text_characters, tokens
 from oaproxy.traffic.memory import MemoryCounters
 from oaproxy.traffic.tokens import TokenLimits
 from tests.doubles import WALL_TIME, Client, Harness
-from tests.payloads import sse
+from tests.payloads import multipart, sse
+from tests.records import numbered, usage
 
 # One message "hi" with role "user": 6 characters, 2 prompt tokens.
 # max_tokens 298: each request reserves 300 tokens.
@@ -242,6 +244,39 @@ class BudgetTests(TokenCase):
         self.assertEqual(self.h.agent.calls, [])
         self.assertEqual(self.h.chat(model="gpt-4o", key="sk-alice").written, b"")
 
+    def transcribe(self, key: str, model: str) -> Client:
+        """An audio transcription: a form whose model is a text field."""
+        boundary = b"b0undary"
+        body = multipart(
+            boundary,
+            [
+                (b'Content-Disposition: form-data; name="model"', model.encode()),
+                (b'Content-Disposition: form-data; name="file"; filename="a.wav"', b"RIFF" * 64),
+            ],
+        )
+        lines = [
+            (b"Content-Type", b"multipart/form-data; boundary=" + boundary),
+            (b"Authorization", b"Bearer " + key.encode()),
+        ]
+        return self.h.request(b"POST", b"/v1/audio/transcriptions", body, lines)
+
+    def test_a_forms_model_needs_a_price_too(self) -> None:
+        """A form names its model too: a key with a budget in dollars may not
+        use one without a price; with one, the form reserves nothing (its
+        audio is no prompt) and counts what its answer's usage says."""
+        reply = self.transcribe("sk-carol", "whisper-1").reply()
+        self.assertEqual((reply.status, reply.json()["error"]["code"]), (403, "model_not_priced"))
+        self.assertEqual(self.h.agent.calls, [])
+        client = self.transcribe("sk-carol", "gpt-4o-mini")
+        self.assertEqual(len(self.h.agent.calls), 1)
+        self.h.agent.calls[0].respond(body=answer(1000, 200))
+        self.assertEqual(client.reply().status, 200)
+        # 1000 x $0.15 + 200 x $0.60 per million: 270 of the 500
+        # micro-dollars, so one chat reservation (180) fits, not two.
+        self.ask("sk-carol")
+        self.assertEqual(len(self.h.agent.calls), 2)
+        self.assertEqual(self.ask("sk-carol").reply().status, 429)
+
     def test_history_counts_before_the_first_check(self) -> None:
         """In memory, a period's earlier spending (from the SQL store) is
         added before the budget is first checked, once per period."""
@@ -271,6 +306,26 @@ class BudgetTests(TokenCase):
         self.assertIsNone(
             BudgetHistory(counters).ready(counter, "bob", budget, period, lambda *a: succeed(None))
         )
+
+    def test_history_leaves_out_cache_hits(self) -> None:
+        """What the records of a period spent counts the answers upstreams
+        gave, not the cache's hits (which carry the original answer's usage
+        but spent nothing, as they spend nothing while the daemon runs)."""
+        dbaddr = self.mktemp() + ".sqlite"
+        connection = open_database("sqlite", dbaddr)
+        cursor = connection.cursor()
+        migrate(cursor, "sqlite")
+        forwarded = numbered(1, key_name="bob", usage=usage(7, 4))
+        hit = numbered(
+            2, key_name="bob", usage=usage(7, 4), upstream=None, attempts=(), cache=CacheResult.HIT
+        )
+        for record in (forwarded, hit):
+            cursor.execute(insert_statement("sqlite"), record_row(record, "sqlite"))
+        connection.commit()
+        connection.close()
+        row = period_usage("sqlite", dbaddr, "bob", forwarded.time - 1, hit.time + 1)
+        assert row is not None
+        self.assertEqual((row.requests, row.total_tokens), (1, 11))
 
 
 class EstimateTests(SynchronousTestCase):

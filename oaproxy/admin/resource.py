@@ -39,7 +39,7 @@ from oaproxy.admin.changes import (
     set_enabled,
 )
 from oaproxy.admin.describe import describe_key, describe_upstream
-from oaproxy.admin.follower import StoreFollower
+from oaproxy.admin.follower import ConfigSources, StoreFollower
 from oaproxy.admin.queries import (
     audit_page,
     audit_query,
@@ -50,13 +50,13 @@ from oaproxy.admin.queries import (
     usage_query,
 )
 from oaproxy.admin.sealing import Sealer
-from oaproxy.admin.stored import StoreSnapshot
 from oaproxy.answers import JSONAnswer, write_answer
-from oaproxy.config import Config, ConfigError, all_client_keys
+from oaproxy.config import ConfigError, all_client_keys
 from oaproxy.credentials import bearer_token
 from oaproxy.dashboard.resource import DashboardResource
 from oaproxy.dashboard.session import admin_key_matches
 from oaproxy.errors import ErrorAnswer
+from oaproxy.record import BadRecord
 from oaproxy.web import NotFoundResource, client_ip, declared_size
 
 if TYPE_CHECKING:
@@ -78,9 +78,7 @@ class AdminHost(Protocol):
     @property
     def generation(self) -> Generation: ...
 
-    file_config: Config  # the config file alone
-    stored: StoreSnapshot  # the store's rows in use
-    store: StoreFollower | None  # None: dbtype none
+    sources: ConfigSources  # the config file alone, the store's rows in use
     shared: Shared
 
 
@@ -260,7 +258,7 @@ class AdminResource(Resource):
         for upstream in (*config.upstreams, *config.disabled_upstreams):
             if upstream.name == name:
                 state = self.upstream_state(name)
-                return describe_upstream(upstream, stored=self._host.stored, state=state)
+                return describe_upstream(upstream, stored=self._host.sources.stored, state=state)
         raise _Refused(ErrorAnswer(404, f"no upstream {name!r}", code="not_found"))
 
     # -- keys ----------------------------------------------------------------------
@@ -271,7 +269,9 @@ class AdminResource(Resource):
     def keys_json(self) -> list[dict[str, Any]]:
         """Every client key as ``GET /admin/keys`` lists it."""
         config = self._host.generation.config
-        return [describe_key(key, config, self._host.stored) for key in all_client_keys(config)]
+        return [
+            describe_key(key, config, self._host.sources.stored) for key in all_client_keys(config)
+        ]
 
     async def get_key(self, request: server.Request, names: list[str]) -> tuple[int, Any]:
         return 200, self._key(names[0])
@@ -291,7 +291,7 @@ class AdminResource(Resource):
         config = self._host.generation.config
         for key in all_client_keys(config):
             if key.name == name:
-                return describe_key(key, config, self._host.stored)
+                return describe_key(key, config, self._host.sources.stored)
         raise _Refused(ErrorAnswer(404, f"no client key {name!r}", code="not_found"))
 
     # -- the records -----------------------------------------------------------------
@@ -303,7 +303,18 @@ class AdminResource(Resource):
 
     async def get_record(self, request: server.Request, names: list[str]) -> tuple[int, Any]:
         store = self._store()
-        record = await store.query(lambda c: record_by_id(c, store.dbtype, names[0]))
+        try:
+            record = await store.query(lambda c: record_by_id(c, store.dbtype, names[0]))
+        except BadRecord as e:
+            self.log.error("record {id} in the store cannot be read: {error}", id=names[0], error=e)
+            raise _Refused(
+                ErrorAnswer(
+                    500,
+                    "The stored record cannot be read; the proxy's log says why.",
+                    type="server_error",
+                    code="bad_record",
+                )
+            ) from None
         if record is None:
             raise _Refused(ErrorAnswer(404, f"no record {names[0]!r}", code="not_found"))
         return 200, record
@@ -327,7 +338,9 @@ class AdminResource(Resource):
             "hostname": config.hostname,
             "ready": ready,
             **details,
-            "store_version": None if self._host.store is None else self._host.stored.version,
+            "store_version": None
+            if self._host.sources.store is None
+            else self._host.sources.stored.version,
         }
 
     # -- the parts -------------------------------------------------------------------
@@ -336,7 +349,7 @@ class AdminResource(Resource):
         return self._host.shared.wall_clock()
 
     def _store(self) -> StoreFollower:
-        store = self._host.store
+        store = self._host.sources.store
         if store is None:
             raise _Refused(
                 ErrorAnswer(
@@ -348,7 +361,7 @@ class AdminResource(Resource):
         return store
 
     def _context(self, request: server.Request) -> ChangeContext:
-        file = self._host.file_config
+        file = self._host.sources.file_config
         address = client_ip(request, file.trusted_proxies)
         return ChangeContext(
             file, Sealer.from_config(file), f"admin API from {address}", self._now()

@@ -49,6 +49,7 @@ from oaproxy.dashboard.pages import (
 )
 from oaproxy.dashboard.requests import FILTERS, record_page, requests_page
 from oaproxy.dashboard.session import Session, Sessions, admin_key_matches
+from oaproxy.record import BadRecord
 from oaproxy.web import client_ip, declared_size
 
 if TYPE_CHECKING:
@@ -255,7 +256,7 @@ class DashboardResource:
         now = host.shared.wall_clock()
         minutes: list[data.Minute] = []
         day: dict[str, tuple[int, int]] = {}
-        store = host.store
+        store = host.sources.store
         if store is not None:
             dbtype = store.dbtype
 
@@ -328,7 +329,13 @@ class DashboardResource:
     ) -> tuple[int, Markup]:
         store = self._store_or_notice("Request", "requests", csrf)
         dbtype = store.dbtype
-        found = await store.query(lambda c: record_by_id(c, dbtype, names[0]))
+        try:
+            found = await store.query(lambda c: record_by_id(c, dbtype, names[0]))
+        except BadRecord as e:
+            self.log.error("record {id} in the store cannot be read: {error}", id=names[0], error=e)
+            raise _Answer(
+                500, _refused("The stored record cannot be read; the proxy's log says why.")
+            ) from None
         if found is None:
             raise _Answer(404, _refused(f"No record {names[0]}."))
         return 200, record_page(found, csrf)
@@ -430,10 +437,10 @@ class DashboardResource:
         self, request: server.Request, decide: Callable[[ChangeContext], Decide]
     ) -> str | None:
         """Make the change through the store; its refusal's message, or None."""
-        store = self._host.store
+        store = self._host.sources.store
         if store is None:
             return "This proxy has no SQL store (dbtype: none): set dbtype to sqlite or postgres."
-        file = self._host.file_config
+        file = self._host.sources.file_config
         context = ChangeContext(
             file,
             Sealer.from_config(file),
@@ -451,7 +458,7 @@ class DashboardResource:
         return None
 
     def _store_or_notice(self, title: str, active: str, csrf: str) -> Any:
-        store = self._host.store
+        store = self._host.sources.store
         if store is None:
             raise _Answer(
                 409,

@@ -5,7 +5,8 @@ A budget is a fixed-window counter named by its period
 (``budget:key=alice:usd:2026-05``). In Redis it outlives a restart by
 itself; in memory, ``BudgetHistory`` first adds what the SQL store's records
 of the period already spent (summed once per key and period, when the
-period is first used), so a restart does not give a key its budget again.
+period is first used; cache hits spent nothing), so a restart does not give
+a key its budget again.
 """
 
 from __future__ import annotations
@@ -183,7 +184,10 @@ def period_usage(
     None when the store has no records table yet."""
     connection = open_database(dbtype, dbaddr)
     try:
-        rows = usage_rows(connection, dbtype, ("key",), Filters(since, until, keys=(key_name,)))
+        # A cache hit's record carries its original answer's usage, but the
+        # hit spent nothing: the budget counts what upstreams answered.
+        answered = Filters(since, until, keys=(key_name,), answered=True)
+        rows = usage_rows(connection, dbtype, ("key",), answered)
     except Exception as e:
         if missing_table(e):
             return None

@@ -43,13 +43,16 @@ class _Entry:
 class _Log:
     """A moving window: the charges made in the last ``seconds``."""
 
-    __slots__ = ("by_member", "entries", "seconds", "total")
+    __slots__ = ("by_member", "entries", "seconds", "total", "uneven")
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.entries: deque[_Entry] = deque()
         self.by_member: dict[str, _Entry] = {}
         self.total = 0
+        # Entries that do not weigh 1 (tokens, refunds): while there are
+        # none the entry to wait for is found by its index.
+        self.uneven = 0
 
     def trim(self, now: float) -> None:
         cutoff = now - self.seconds
@@ -57,6 +60,7 @@ class _Log:
         while entries and entries[0].time <= cutoff:
             entry = entries.popleft()
             self.total -= entry.amount
+            self.uneven -= entry.amount != 1
             del self.by_member[entry.member]
 
     def reading(self, now: float, limit: int, amount: int) -> Reading:
@@ -69,7 +73,7 @@ class _Log:
         excess = self.total + amount - limit
         if excess <= 0:
             return 0.0
-        if self.total == len(self.entries):
+        if not self.uneven:
             # Every entry weighs 1 (request counts): the one to wait for is known.
             return self.entries[excess - 1].time + self.seconds - now
         freed = 0
@@ -84,12 +88,14 @@ class _Log:
         self.entries.append(entry)
         self.by_member[member] = entry
         self.total += amount
+        self.uneven += amount != 1
 
     def settle(self, member: str, amount: int) -> None:
         entry = self.by_member.get(member)
         if entry is None:
             return
         self.total += amount - entry.amount
+        self.uneven += (amount != 1) - (entry.amount != 1)
         entry.amount = amount
 
 

@@ -8,7 +8,8 @@ library does), so that tests can drive them with a ``Clock``; machines
 sharing a Redis are expected to keep their clocks in step (NTP).
 
 A moving window is a sorted set (member -> time of the charge) and a hash
-(member -> amount, and ``#total``); a fixed window is one integer. Every
+(member -> amount, ``#total``, and ``#uneven``: how many amounts are not 1);
+a fixed window is one integer. Every
 key expires when its window has passed.
 """
 
@@ -42,18 +43,21 @@ local function trim(log, amounts, cutoff)
   while true do
     local old = redis.call('ZRANGEBYSCORE', log, '-inf', cutoff, 'LIMIT', 0, 256)
     if #old == 0 then return end
-    local freed = 0
+    local freed, uneven = 0, 0
     for _, amount in ipairs(redis.call('HMGET', amounts, unpack(old))) do
-      freed = freed + (tonumber(amount) or 0)
+      amount = tonumber(amount) or 0
+      freed = freed + amount
+      if amount ~= 1 then uneven = uneven + 1 end
     end
     redis.call('ZREM', log, unpack(old))
     redis.call('HDEL', amounts, unpack(old))
     redis.call('HINCRBY', amounts, '#total', -freed)
+    if uneven > 0 then redis.call('HINCRBY', amounts, '#uneven', -uneven) end
   end
 end
 
 local function moving_wait(log, amounts, total, excess, span)
-  if total == redis.call('ZCARD', log) then
+  if (tonumber(redis.call('HGET', amounts, '#uneven')) or 0) == 0 then
     -- Every entry weighs 1 (request counts): the one to wait for is known.
     local entry = redis.call('ZRANGE', log, excess - 1, excess - 1, 'WITHSCORES')
     return tonumber(entry[2]) + span - now
@@ -98,6 +102,7 @@ if fits then
       redis.call('ZADD', key, now, member)
       redis.call('HSET', amounts, member, amount)
       redis.call('HINCRBY', amounts, '#total', amount)
+      if amount ~= 1 then redis.call('HINCRBY', amounts, '#uneven', 1) end
       redis.call('PEXPIRE', key, span)
       redis.call('PEXPIRE', amounts, span)
       resets[i] = span
@@ -130,13 +135,16 @@ for i = 1, #KEYS / 2 do
   if kind == 'm' then
     local old = tonumber(redis.call('HGET', amounts, member))
     if old then
+      local uneven = (old ~= 1) and -1 or 0
       if amount == 0 then
         redis.call('ZREM', key, member)
         redis.call('HDEL', amounts, member)
       else
         redis.call('HSET', amounts, member, amount)
+        if amount ~= 1 then uneven = uneven + 1 end
       end
       redis.call('HINCRBY', amounts, '#total', amount - old)
+      if uneven ~= 0 then redis.call('HINCRBY', amounts, '#uneven', uneven) end
     end
   elseif redis.call('EXISTS', key) == 1 then
     redis.call('INCRBY', key, amount - counted)

@@ -2,7 +2,8 @@
 
 ``TokenLimits`` is a gate (the body is parsed, the model known): for a
 request with a JSON body and a model, it estimates the tokens
-(``estimate``) and, in one acquisition, reserves them against the key's
+(``estimate``; a form, such as an audio upload, reserves none and counts
+its answer's usage) and, in one acquisition, reserves them against the key's
 token rates (its ``token_limit``, else ``limits.tokens_per_key``; per
 client IP without a key) and its budget (tokens, or dollars at the model's
 price). The estimates of requests in flight together never pass a limit:
@@ -27,7 +28,7 @@ from twisted.python.failure import Failure
 
 from oaproxy.config import Budget, ClientKey, Config, Price, Rate, Upstream, all_client_keys
 from oaproxy.errors import ErrorAnswer
-from oaproxy.forward import Exchange
+from oaproxy.exchange import Exchange
 from oaproxy.pipeline import Observer, Verdict
 from oaproxy.record import LimitKind, LimitRefusal, LimitScope, Record, Usage
 from oaproxy.traffic.backend import BackendTrouble
@@ -126,7 +127,10 @@ class TokenLimits:
         self, exchange: Exchange, candidates: Sequence[Upstream]
     ) -> Verdict | Deferred[Verdict]:
         call = exchange.call
-        if call.model is None:
+        inspected = call.inspected
+        # A form (an audio upload) names its model in a text field.
+        model = call.model if call.model is not None else inspected.form_model
+        if model is None:
             # Not a model's work (listing models, files): nothing to count.
             return None
         key = self._keys.get(exchange.key_name) if exchange.key_name is not None else None
@@ -138,23 +142,27 @@ class TokenLimits:
             return None
         price = None
         if budget is not None and budget.usd is not None:
-            price = self._prices.get(call.model)
+            price = self._prices.get(model)
             if price is None:
                 return ErrorAnswer(
                     403,
-                    f"The model `{call.model}` has no price, and this key's budget is in"
+                    f"The model `{model}` has no price, and this key's budget is in"
                     " dollars: it cannot be counted.",
                     type="permission_error",
                     code="model_not_priced",
                     param="model",
                 )
-        inspected = call.inspected
-        guess = estimate(
-            inspected.text_characters(text_characters),
-            inspected.fields.numbers,
-            call.api_path,
-            self._default_max_tokens,
-        )
+        if call.model is None:
+            # A form's audio or image is no prompt to estimate: it reserves
+            # nothing, and counts the usage its answer reports.
+            guess = NOTHING
+        else:
+            guess = estimate(
+                inspected.text_characters(text_characters),
+                inspected.fields.numbers,
+                call.api_path,
+                self._default_max_tokens,
+            )
         plan = self._plan(exchange, rates, budget, price, guess)
         waiting = self._history_ready(plan)
         if waiting is not None:
