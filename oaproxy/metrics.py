@@ -448,6 +448,11 @@ class Metrics:
         registry.register(self._sinks)
         self.front = FrontMetrics(registry)
 
+    def active_streams(self) -> int:
+        """Client requests in progress that asked for a stream (the dashboard's)."""
+        value = self.registry.get_sample_value("oaproxy_active_streams")
+        return int(value or 0)
+
     def update_labels(self, known_models: Iterable[str], upstream_names: Iterable[str]) -> None:
         """Replace the known models and upstream names, e.g. after a config
         reload. Collectors stay registered; series already counted under an

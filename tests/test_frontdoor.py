@@ -34,12 +34,14 @@ class ReadmeTests(SynchronousTestCase):
         self.assertNotIn("OPENAI_API_KEY", run)
         self.assertIn("'.[test]'", test)
         self.assertIn("-m twisted.trial tests", test)
+        # The browser tests' Chromium, from Debian, before anything else.
+        self.assertTrue(test.startswith("(command -v chromium >/dev/null || (apt-get update"))
 
     def test_ci_runs_the_readme_test_command(self) -> None:
         """CI runs README's test command as it stands there, its output piped into a log."""
         _, test = _readme_commands()
         ci = _read(".ci/run")
-        command_lines = [line for line in ci.splitlines() if line.startswith("python3 -m venv")]
+        command_lines = [line for line in ci.splitlines() if "python3 -m venv .venv && " in line]
         self.assertEqual(len(command_lines), 1, ci)
         # CI pipes trial's output into a log to read its summary.
         self.assertEqual(command_lines[0].split(" 2>&1 | tee ")[0], test)
@@ -48,7 +50,7 @@ class ReadmeTests(SynchronousTestCase):
         """After the tests CI runs ruff format --check, installed by the test
         extra, and counts a tree it would change as a failure."""
         ci = _read(".ci/run").splitlines()
-        tests = next(i for i, line in enumerate(ci) if line.startswith("python3 -m venv"))
+        tests = next(i for i, line in enumerate(ci) if "python3 -m venv .venv && " in line)
         check = ci.index("if ! .venv/bin/ruff format --check .; then")
         self.assertLess(tests, check)
         self.assertIn("formatting=1", [line.strip() for line in ci[check + 1 : check + 4]])

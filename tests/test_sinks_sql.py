@@ -85,6 +85,7 @@ class HelperTests(SynchronousTestCase):
                 "oaproxy_audit_time",
                 "oaproxy_records_key_time",
                 "oaproxy_records_model_time",
+                "oaproxy_records_outcome_time",
                 "oaproxy_records_time",
             ],
         )

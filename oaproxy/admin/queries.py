@@ -11,10 +11,12 @@ many records there are.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import attrs
 from attrs import frozen
 
 from oaproxy.admin.changes import Refusal, RefusalKind
@@ -29,6 +31,7 @@ __all__ = [
     "AuditQuery",
     "RecordsQuery",
     "UsageQuery",
+    "all_rows",
     "audit_page",
     "audit_query",
     "record_by_id",
@@ -183,7 +186,8 @@ def audit_query(args: Mapping[bytes, Sequence[bytes]]) -> AuditQuery:
 # -- the queries, on a DB-API connection ---------------------------------------
 
 
-def _rows(connection: Any, sql: str, parameters: Sequence[object]) -> list[tuple[Any, ...]]:
+def all_rows(connection: Any, sql: str, parameters: Sequence[object]) -> list[tuple[Any, ...]]:
+    """Every row of one query, the cursor closed after."""
     cursor = connection.cursor()
     try:
         cursor.execute(sql, tuple(parameters))
@@ -192,10 +196,10 @@ def _rows(connection: Any, sql: str, parameters: Sequence[object]) -> list[tuple
         cursor.close()
 
 
-def records_page(connection: Any, dbtype: str, query: RecordsQuery) -> dict[str, Any]:
-    """``{"object": "list", "data": [record summaries], "has_more", "next"}``."""
+def _page_select(dbtype: str, query: RecordsQuery, filters: Filters) -> tuple[str, list[object]]:
+    """One SELECT of a page: newest first, at most ``limit + 1`` rows."""
     mark = placeholder(dbtype)
-    where, parameters = query.filters.where(mark)
+    where, parameters = filters.where(mark)
     conditions = []
     if query.before is not None:
         stamp, record_id = query.before
@@ -211,7 +215,45 @@ def records_page(connection: Any, dbtype: str, query: RecordsQuery) -> dict[str,
         f"SELECT {', '.join(SUMMARY_COLUMNS)} FROM {TABLE}{where}"
         f" ORDER BY time DESC, id DESC LIMIT {mark}"
     )
-    rows = _rows(connection, sql, [*parameters, query.limit + 1])
+    return sql, [*parameters, query.limit + 1]
+
+
+#: Past this many combinations of keys, models and outcomes, one query.
+MAX_BRANCHES = 64
+
+
+def records_page(connection: Any, dbtype: str, query: RecordsQuery) -> dict[str, Any]:
+    """``{"object": "list", "data": [record summaries], "has_more", "next"}``.
+
+    With several keys, models or outcomes, each combination is a query of
+    its own (``UNION ALL``): each reads its index in time order and stops
+    at the page's end, where one ``IN`` over several would sort every match.
+    """
+    filters = query.filters
+    branches = list(
+        itertools.product(
+            filters.keys or [None], filters.models or [None], query.outcomes or [None]
+        )
+    )
+    if len(branches) == 1 or len(branches) > MAX_BRANCHES:
+        sql, parameters = _page_select(dbtype, query, filters)
+    else:
+        selects, parameters = [], []
+        for index, (key, model, outcome) in enumerate(branches):
+            one = attrs.evolve(
+                filters,
+                keys=() if key is None else (key,),
+                models=() if model is None else (model,),
+            )
+            branch = attrs.evolve(query, outcomes=() if outcome is None else (outcome,))
+            select, values = _page_select(dbtype, branch, one)
+            selects.append(f"SELECT * FROM ({select}) AS branch_{index}")
+            parameters += values
+        sql = (
+            f"{' UNION ALL '.join(selects)} ORDER BY time DESC, id DESC LIMIT {placeholder(dbtype)}"
+        )
+        parameters.append(query.limit + 1)
+    rows = all_rows(connection, sql, parameters)
     more = len(rows) > query.limit
     data = []
     for row in rows[: query.limit]:
@@ -231,7 +273,7 @@ def record_by_id(connection: Any, dbtype: str, record_id: str) -> dict[str, Any]
     """The whole record, in the one stored form (``record_document``), or
     None; ``BadRecord`` for a row that holds none."""
     mark = placeholder(dbtype)
-    rows = _rows(connection, f"SELECT record FROM {TABLE} WHERE id = {mark}", [record_id])
+    rows = all_rows(connection, f"SELECT record FROM {TABLE} WHERE id = {mark}", [record_id])
     if not rows:
         return None
     return {"object": "record", **record_document(decode_record(rows[0][0]))}

@@ -15,8 +15,6 @@ daemon's ``StoreFollower``, which applies it before the answer is written.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 from collections.abc import Awaitable, Callable
 from typing import IO, TYPE_CHECKING, Any, Protocol, cast
@@ -26,7 +24,7 @@ from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from oaproxy.activity import upstream_state
+from oaproxy.activity import UpstreamState, upstream_state
 from oaproxy.admin.changes import (
     ChangeContext,
     Decide,
@@ -55,6 +53,8 @@ from oaproxy.admin.sealing import Sealer
 from oaproxy.answers import JSONAnswer, write_answer
 from oaproxy.config import ConfigError, all_client_keys
 from oaproxy.credentials import bearer_token
+from oaproxy.dashboard.resource import DashboardResource
+from oaproxy.dashboard.session import admin_key_matches
 from oaproxy.errors import ErrorAnswer
 from oaproxy.record import BadRecord
 from oaproxy.web import NotFoundResource, client_ip, declared_size
@@ -101,7 +101,7 @@ class AdminResource(Resource):
 
     def __init__(self, host: AdminHost) -> None:
         super().__init__()
-        self._host = host
+        self.host = self._host = host
         # (method, path with "*" for a name) -> handler.
         self._routes: dict[tuple[bytes, tuple[str, ...]], Handler] = {
             (b"GET", ("upstreams",)): self.list_upstreams,
@@ -121,6 +121,8 @@ class AdminResource(Resource):
             (b"GET", ("audit",)): self.audit,
             (b"GET", ("status",)): self.status,
         }
+        # The dashboard, /admin/ui/: HTML pages of the same state.
+        self.dashboard = DashboardResource(self)
 
     # -- the door ------------------------------------------------------------
 
@@ -131,11 +133,22 @@ class AdminResource(Resource):
             return NotFoundResource().render(request)
         request.setHeader(b"server", b"oaproxy")
         request.setHeader(b"cache-control", b"no-store")
-        presented = bearer_token(request.getHeader(b"authorization"))
+        postpath = request.postpath or []
+        if postpath in ([], [b""]):
+            # /admin/ itself: a browser is sent to the dashboard.
+            request.setResponseCode(303)
+            request.setHeader(b"location", b"/admin/ui/")
+            return b""
+        if postpath[0] == b"ui":
+            try:
+                segments = [s.decode("utf-8") for s in postpath[1:]]
+            except UnicodeDecodeError:
+                return write_answer(request, _not_found(request))
+            if segments and segments[-1] == "":
+                segments.pop()
+            return self.dashboard.render(request, segments, admin_key)
         # Digests compared: the time taken says nothing of the key's length.
-        if presented is None or not hmac.compare_digest(
-            hashlib.sha256(presented).digest(), hashlib.sha256(admin_key.encode("utf-8")).digest()
-        ):
+        if not admin_key_matches(bearer_token(request.getHeader(b"authorization")), admin_key):
             return write_answer(
                 request, ErrorAnswer(401, "wrong admin key", code="invalid_api_key")
             )
@@ -198,10 +211,23 @@ class AdminResource(Resource):
     # -- upstreams -------------------------------------------------------------
 
     async def list_upstreams(self, request: server.Request, names: list[str]) -> tuple[int, Any]:
+        return 200, {"object": "list", "data": self.upstreams_json()}
+
+    def upstreams_json(self) -> list[dict[str, Any]]:
+        """Every upstream as ``GET /admin/upstreams`` lists it (the dashboard's too)."""
         config = self._host.generation.config
-        upstreams = [self._upstream(u.name) for u in config.upstreams]
-        upstreams += [self._upstream(u.name) for u in config.disabled_upstreams]
-        return 200, {"object": "list", "data": upstreams}
+        return [self._upstream(u.name) for u in (*config.upstreams, *config.disabled_upstreams)]
+
+    def upstream_state(self, name: str) -> UpstreamState:
+        """What the upstream is doing now."""
+        shared = self._host.shared
+        return upstream_state(
+            name,
+            recent=shared.recent_attempts,
+            load=shared.load,
+            circuits=shared.circuits,
+            readiness=shared.readiness,
+        )
 
     async def get_upstream(self, request: server.Request, names: list[str]) -> tuple[int, Any]:
         return 200, self._upstream(names[0])
@@ -229,27 +255,23 @@ class AdminResource(Resource):
 
     def _upstream(self, name: str) -> dict[str, Any]:
         config = self._host.generation.config
-        shared = self._host.shared
         for upstream in (*config.upstreams, *config.disabled_upstreams):
             if upstream.name == name:
-                state = upstream_state(
-                    name,
-                    recent=shared.recent_attempts,
-                    load=shared.load,
-                    circuits=shared.circuits,
-                    readiness=shared.readiness,
-                )
+                state = self.upstream_state(name)
                 return describe_upstream(upstream, stored=self._host.sources.stored, state=state)
         raise _Refused(ErrorAnswer(404, f"no upstream {name!r}", code="not_found"))
 
     # -- keys ----------------------------------------------------------------------
 
     async def list_keys(self, request: server.Request, names: list[str]) -> tuple[int, Any]:
+        return 200, {"object": "list", "data": self.keys_json()}
+
+    def keys_json(self) -> list[dict[str, Any]]:
+        """Every client key as ``GET /admin/keys`` lists it."""
         config = self._host.generation.config
-        keys = [
+        return [
             describe_key(key, config, self._host.sources.stored) for key in all_client_keys(config)
         ]
-        return 200, {"object": "list", "data": keys}
 
     async def get_key(self, request: server.Request, names: list[str]) -> tuple[int, Any]:
         return 200, self._key(names[0])

@@ -404,6 +404,8 @@ class Config:
         default=(), metadata=read_by_loader(key="authorization", section=ClientKey)
     )
     admin_key: str | None = field(default=None, repr=False, metadata=read(optional_text))
+    # Seconds a login to the dashboard (/admin/ui/) lasts.
+    dashboard_session: float = field(default=28800.0, metadata=read(number))
     # Encrypts the upstream keys the admin API and the CLI store (a Fernet
     # key, checked where it is used: see oaproxy.admin.sealing).
     store_key: str | None = field(default=None, repr=False, metadata=read(optional_text))

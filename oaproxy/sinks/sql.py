@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from oaproxy.config import DBTYPES, POSTGRES, SQLITE
 from oaproxy.record import Record, encode_record
 from oaproxy.sinks.queue import QueuedSink
+from oaproxy.sinks.rollup import add_rollups
 
 #: Columns of ``records``, in insert order.
 COLUMNS = (
@@ -187,7 +188,12 @@ def _migration_3(cursor: Any, dbtype: str) -> None:
 
 
 #: Schema migrations: entry N brings version N to N + 1.  Append, never edit.
-MIGRATIONS: Sequence[Callable[[Any, str], None]] = (_migration_1, _migration_2, _migration_3)
+MIGRATIONS: Sequence[Callable[[Any, str], None]] = (
+    _migration_1,
+    _migration_2,
+    _migration_3,
+    add_rollups,
+)
 
 #: The schema version this code writes.
 SCHEMA_VERSION = len(MIGRATIONS)

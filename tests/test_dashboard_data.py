@@ -1,0 +1,327 @@
+"""The dashboard's parts alone: sessions and CSRF tokens on a Clock, escaping
+by default, the sums the records' trigger keeps (counted once however often
+a batch is retried; those of a store migrated late), and each page's
+queries, in sqlite and in PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from io import BytesIO
+from types import SimpleNamespace
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Request
+from twisted.web.test.requesthelper import DummyChannel
+
+from oaproxy.admin.queries import records_page, records_query
+from oaproxy.config import Budget, BudgetPeriod, ClientKey
+from oaproxy.dashboard import data
+from oaproxy.dashboard.markup import Markup, html, join
+from oaproxy.dashboard.resource import DashboardResource
+from oaproxy.dashboard.session import Session, Sessions, admin_key_matches
+from oaproxy.record import Outcome
+from oaproxy.sinks.rollup import DAILY_TABLE, MINUTELY_TABLE
+from oaproxy.sinks.sql import (
+    MIGRATIONS,
+    VERSION_TABLE,
+    insert_statement,
+    migrate,
+    open_database,
+    record_row,
+)
+from tests.live import SHARED_POSTGRES, postgres_schema, reachable, unavailable
+from tests.records import record, usage
+
+KEY = "adm-0123456789abcdef"
+#: 2026-12-03 12:30:00 UTC
+NOW = 1796301000.0
+
+
+class SessionTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.sessions = Sessions(self.clock.seconds)
+
+    def test_open_and_check(self) -> None:
+        """A cookie opens its session until it expires, and not after."""
+        session, cookie = self.sessions.open(KEY, 60)
+        self.assertEqual(self.sessions.check(cookie.encode(), KEY), session)
+        self.clock.advance(59)
+        self.assertIsNotNone(self.sessions.check(cookie.encode(), KEY))
+        self.clock.advance(1)
+        self.assertIsNone(self.sessions.check(cookie.encode(), KEY))
+
+    def test_signed(self) -> None:
+        """Another admin key, another process's secret, any change: no session."""
+        _, cookie = self.sessions.open(KEY, 60)
+        self.assertIsNone(self.sessions.check(cookie.encode(), KEY + "x"))
+        self.assertIsNone(Sessions(self.clock.seconds).check(cookie.encode(), KEY))
+        session_id, expires, mac = cookie.split(".")
+        for forged in (
+            f"{session_id}.{int(expires) + 1}.{mac}",
+            f"{session_id[::-1]}.{expires}.{mac}",
+            f"{session_id}.{expires}.{mac[:-1]}",
+            f"{session_id}.-1.{mac}",
+            "",
+            "a.b",
+        ):
+            self.assertIsNone(self.sessions.check(forged.encode(), KEY), forged)
+        self.assertIsNone(self.sessions.check(b"\xff\xfe", KEY))
+        self.assertIsNone(self.sessions.check(None, KEY))
+
+    def test_close(self) -> None:
+        """A closed session stays closed; the others open; the closed are forgotten once expired."""
+        first, cookie = self.sessions.open(KEY, 60)
+        _, other = self.sessions.open(KEY, 600)
+        self.sessions.close(first)
+        self.assertIsNone(self.sessions.check(cookie.encode(), KEY))
+        self.assertIsNotNone(self.sessions.check(other.encode(), KEY))
+        self.clock.advance(61)
+        self.sessions.close(Session("another", NOW + 700))
+        self.assertEqual(set(self.sessions._closed), {"another"})
+
+    def test_csrf(self) -> None:
+        """A token is good for its binding and admin key only."""
+        token = self.sessions.csrf_token(KEY, "s1").encode()
+        self.assertTrue(self.sessions.csrf_good(KEY, "s1", token))
+        self.assertFalse(self.sessions.csrf_good(KEY, "s2", token))
+        self.assertFalse(self.sessions.csrf_good(KEY + "x", "s1", token))
+        self.assertFalse(self.sessions.csrf_good(KEY, "s1", None))
+        self.assertFalse(self.sessions.csrf_good(KEY, "s1", b"\xff" + token))
+
+    def test_admin_key_matches(self) -> None:
+        """Only the admin key itself matches."""
+        self.assertTrue(admin_key_matches(KEY.encode(), KEY))
+        for wrong in (None, b"", KEY[:-1].encode(), KEY.encode() + b"x", b"\xff"):
+            self.assertFalse(admin_key_matches(wrong, KEY), wrong)
+
+
+class SecureCookieTests(SynchronousTestCase):
+    def request(self, method: bytes, body: bytes = b"") -> Request:
+        channel = DummyChannel()
+        channel.transport = DummyChannel.SSL()
+        request = Request(channel)
+        request.method = method
+        request.content = BytesIO(body)
+        request.args = {}
+        return request
+
+    def test_secure_over_tls(self) -> None:
+        """Over TLS both cookies of the login are Secure (and HttpOnly, SameSite=Strict)."""
+        clock = Clock()
+        host = SimpleNamespace(
+            shared=SimpleNamespace(wall_clock=clock.seconds),
+            generation=SimpleNamespace(config=SimpleNamespace(dashboard_session=60.0)),
+        )
+        dashboard = DashboardResource(SimpleNamespace(host=host))  # type: ignore[arg-type]
+        form = self.request(b"GET")
+        page = dashboard.render(form, ["login"], KEY)
+        assert isinstance(page, bytes)
+        [nonce_cookie] = form.cookies
+        nonce = nonce_cookie.split(b";")[0].split(b"=", 1)[1]
+        token = re.search(rb'name="csrf" value="([0-9a-f]+)"', page)
+        assert token is not None
+        login = self.request(b"POST", b"csrf=" + token[1] + b"&admin_key=" + KEY.encode())
+        login.received_cookies = {b"oaproxy_login": nonce}
+        dashboard.render(login, ["login"], KEY)
+        self.assertEqual(login.code, 303)
+        [session] = [c for c in login.cookies if c.startswith(b"oaproxy_session=")]
+        for cookie in (nonce_cookie, session):
+            for part in (b"; Secure", b"; HttpOnly", b"; SameSite=strict"):
+                self.assertIn(part, cookie)
+
+
+class MarkupTests(SynchronousTestCase):
+    def test_escaped_by_default(self) -> None:
+        """Text is escaped, quotes too; Markup and numbers pass as they are."""
+        self.assertEqual(
+            html('<a title="{}">{}</a>{}', '"x"', "<script>", Markup("<b>ok</b>")),
+            '<a title="&quot;x&quot;">&lt;script&gt;</a><b>ok</b>',
+        )
+        self.assertEqual(html("{:.1f} {}", 1.25, None), "1.2 ")
+        self.assertEqual(join(["<", Markup("<br>")]), "&lt;<br>")
+        self.assertIsInstance(html("{}", "x"), Markup)
+
+
+def _record(n: int, **fields: Any) -> Any:
+    return record(id=f"r{n:06d}", time=NOW - n, **fields)
+
+
+class StoreCase(SynchronousTestCase):
+    dbtype = "sqlite"
+
+    def connect(self) -> Any:
+        path = os.path.join(self.mktemp(), "db.sqlite")
+        return path
+
+    def setUp(self) -> None:
+        self.dbaddr = self.connect()
+        self.connection = open_database(self.dbtype, self.dbaddr)
+        self.addCleanup(self.connection.close)
+
+    def migrate(self, upto: int | None = None) -> None:
+        cursor = self.connection.cursor()
+        if upto is None:
+            migrate(cursor, self.dbtype)
+        else:
+            for migration in MIGRATIONS[:upto]:
+                migration(cursor, self.dbtype)
+            cursor.execute(f"CREATE TABLE {VERSION_TABLE} (version INTEGER NOT NULL)")
+            cursor.execute(f"INSERT INTO {VERSION_TABLE} (version) VALUES ({upto})")
+        self.connection.commit()
+
+    def insert(self, *records: Any) -> None:
+        cursor = self.connection.cursor()
+        cursor.executemany(
+            insert_statement(self.dbtype), [record_row(r, self.dbtype) for r in records]
+        )
+        self.connection.commit()
+
+    def rows(self, sql: str) -> list[tuple[Any, ...]]:
+        cursor = self.connection.cursor()
+        cursor.execute(sql)
+        return [tuple(row) for row in cursor.fetchall()]
+
+    def sample(self) -> list[Any]:
+        return [
+            _record(1, key_name="alice", model="m1", usage=usage(10, 5), cost=0.5),
+            _record(2, key_name="alice", model="m1", usage=usage(1, 1), cost=None),
+            _record(3, key_name="bob", model="m2", status=502, outcome=Outcome.EXHAUSTED),
+            _record(4, key_name=None, model=None, upstream=None, status=429),
+            _record(90000, key_name="alice", model="m1", usage=usage(7, 0), cost=0.25),
+        ]
+
+    def test_sums(self) -> None:
+        """The trigger sums each record once, whatever is retried, by day and by minute."""
+        self.migrate()
+        records = self.sample()
+        self.insert(*records)
+        self.insert(*records[:2])  # a batch retried: ON CONFLICT DO NOTHING
+        today = int(NOW - NOW % 86400)
+        daily = sorted(self.rows(f"SELECT * FROM {DAILY_TABLE}"))
+        self.assertEqual(
+            daily,
+            [
+                (today - 86400, "alice", "m1", 1, 1, 7, 0, 7, 0.25),
+                (today, "", "", 1, 0, 0, 0, 0, None),
+                (today, "alice", "m1", 2, 2, 11, 6, 17, 0.5),
+                (today, "bob", "m2", 1, 0, 0, 0, 0, None),
+            ],
+        )
+        minute = int(NOW - 60)  # records 1 to 4, seconds before NOW (a minute's start)
+        minutely = sorted(self.rows(f"SELECT * FROM {MINUTELY_TABLE} WHERE minute = {minute}"))
+        self.assertEqual(minutely, [(minute, "", 1, 0), (minute, "alpha", 3, 2)])
+
+    def test_migrated_late(self) -> None:
+        """Records stored before migration 4 (the sums) are summed by it."""
+        self.migrate(upto=3)
+        records = self.sample()
+        self.insert(*records)
+        self.migrate()
+        self.insert(_record(5, key_name="bob", model="m2"))
+        today = int(NOW - NOW % 86400)
+        self.assertEqual(
+            self.rows(
+                f"SELECT requests, ok FROM {DAILY_TABLE} WHERE day = {today} AND key_name = 'bob'"
+            ),
+            [(2, 1)],
+        )
+
+    def test_last_hour(self) -> None:
+        """Sixty minutes, oldest first, each with its requests and errors."""
+        self.migrate()
+        self.insert(*self.sample())
+        minutes = data.last_hour(self.connection, self.dbtype, NOW)
+        self.assertEqual(len(minutes), 60)
+        self.assertEqual(minutes[-1].start, NOW - NOW % 60)
+        # Records 1 to 4 are seconds before NOW, a minute's start: in the minute before.
+        self.assertEqual([(m.requests, m.errors) for m in minutes[-2:]], [(4, 2), (0, 0)])
+        self.assertEqual(sum(m.requests for m in minutes), 4)
+
+    def test_upstreams_day(self) -> None:
+        """Each upstream's requests and answers of the last 24 hours."""
+        self.migrate()
+        self.insert(*self.sample())
+        self.assertEqual(
+            data.upstreams_day(self.connection, self.dbtype, NOW), {"alpha": (3, 2), "": (1, 0)}
+        )
+
+    def test_usage_report(self) -> None:
+        """A period's sums by key, model and day; older days left out."""
+        self.migrate()
+        self.insert(*self.sample())
+        day = data.usage_report(self.connection, self.dbtype, data.Period.DAY, NOW)
+        self.assertEqual(day.days, (NOW - NOW % 86400,))
+        self.assertEqual(day.by_key["alice"].requests, 2)
+        self.assertEqual(day.by_key["alice"].total_tokens, 17)
+        self.assertEqual(day.by_model["m2"].ok, 0)
+        self.assertEqual(day.total.requests, 4)
+        self.assertEqual(day.total.cost, 0.5)
+        week = data.usage_report(self.connection, self.dbtype, data.Period.WEEK, NOW)
+        self.assertEqual(len(week.days), 7)
+        self.assertEqual(week.by_key["alice"].requests, 3)
+        self.assertEqual(week.day_key[(week.days[-2], "alice")].cost, 0.25)
+
+    def test_budget_used(self) -> None:
+        """A key's spend since its period began (UTC day or month)."""
+        self.migrate()
+        self.insert(*self.sample())
+        keys = [
+            ClientKey("alice", "sk-a", budget=Budget(usd=5, period=BudgetPeriod.DAY)),
+            ClientKey("bob", "sk-b", budget=Budget(tokens=100)),
+            ClientKey("carol", "sk-c"),
+        ]
+        used = data.budget_used(self.connection, self.dbtype, keys, NOW)
+        self.assertEqual(used, {"alice": (0.5, 17), "bob": (0.0, 0)})
+        monthly = [ClientKey("alice", "sk-a", budget=Budget(usd=5))]
+        self.assertEqual(
+            data.budget_used(self.connection, self.dbtype, monthly, NOW), {"alice": (0.75, 24)}
+        )
+        self.assertEqual(data.budget_start(BudgetPeriod.MONTH, NOW), 1796083200.0)
+
+    def test_records_page_of_several(self) -> None:
+        """Several keys and outcomes: one query each, merged newest first, paged
+        by (time, id) across them as one query would."""
+        self.migrate()
+        records = [
+            _record(
+                n,
+                key_name=("alice", "bob", "carol")[n % 3],
+                status=200 if n % 2 else 502,
+                outcome=Outcome.OK if n % 2 else Outcome.EXHAUSTED,
+            )
+            for n in range(1, 31)
+        ]
+        self.insert(*records)
+        wanted = [
+            r.id
+            for r in sorted(records, key=lambda r: (-r.time, r.id))
+            if r.key_name in ("alice", "bob") and r.outcome in (Outcome.OK, Outcome.EXHAUSTED)
+        ]
+        seen: list[str] = []
+        cursor = None
+        while True:
+            args = {b"key": [b"alice,bob"], b"outcome": [b"ok", b"exhausted"], b"limit": [b"4"]}
+            if cursor:
+                args[b"before"] = [cursor.encode()]
+            page = records_page(self.connection, self.dbtype, records_query(args, NOW))
+            seen += [r["id"] for r in page["data"]]
+            cursor = page["next"]
+            if not page["has_more"]:
+                break
+        self.assertEqual(seen, wanted)
+        self.assertEqual(len(seen), 20)
+
+
+class PostgresStoreTests(StoreCase):
+    dbtype = "postgres"
+
+    def connect(self) -> Any:
+        if not reachable(*SHARED_POSTGRES):
+            unavailable("PostgreSQL is not running at 127.0.0.1:5432")
+        return postgres_schema(self, f"oaproxy_test_{uuid.uuid4().hex[:12]}")
