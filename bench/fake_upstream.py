@@ -18,6 +18,8 @@ its (small) body.
   ``--paced-interval-ms`` (50: 20 tokens/s) until ``--paced-chunks`` (200:
   a 10 s stream). One timer paces every such stream, so a thousand of them
   cost the fake a write each per tick, not a timer each.
+- With ``--fail-model M`` a request for the model M gets a 502 with an
+  OpenAI-shaped error: an upstream a proxy fails over from.
 
 Run as its own process::
 
@@ -118,17 +120,18 @@ def stream_response(chunks: int, include_usage: bool) -> bytes:
     return b"".join(parts)
 
 
-def not_found_response() -> bytes:
+def error_response(status: bytes, message: str) -> bytes:
     body = json.dumps(
         {
             "error": {
-                "message": "not found",
-                "type": "invalid_request_error",
-                "code": "not_found",
+                "message": message,
+                "type": "invalid_request_error" if status.startswith(b"4") else "server_error",
+                "param": None,
+                "code": None,
             }
         }
     ).encode()
-    return _response(b"404 Not Found", [(b"content-type", b"application/json")], body)
+    return _response(status, [(b"content-type", b"application/json")], body)
 
 
 def stream_parts(chunks: int, include_usage: bool) -> list[bytes]:
@@ -183,14 +186,18 @@ class Paced:
 class Answers:
     """Every response this server can give, built once."""
 
-    def __init__(self, chunks: int, paced_chunks: int, paced_interval: float) -> None:
+    def __init__(
+        self, chunks: int, paced_chunks: int, paced_interval: float, fail_model: str | None
+    ) -> None:
         self.completion = completion_response()
+        self.fail_model = fail_model
+        self.failure = error_response(b"502 Bad Gateway", "the model is overloaded")
         self.stream = stream_response(chunks, include_usage=False)
         self.stream_usage = stream_response(chunks, include_usage=True)
         self.paced = stream_parts(paced_chunks, include_usage=False)
         self.paced_usage = stream_parts(paced_chunks, include_usage=True)
         self.pacer = Paced(paced_interval)
-        self.not_found = not_found_response()
+        self.not_found = error_response(b"404 Not Found", "not found")
         self.bad_request = _response(b"400 Bad Request", [(b"connection", b"close")], b"")
 
     def for_request(self, method: bytes, target: bytes, body: bytes) -> bytes | list[bytes]:
@@ -201,7 +208,11 @@ class Answers:
             request = json.loads(body)
         except ValueError:
             return self.bad_request
-        if not isinstance(request, dict) or not request.get("stream"):
+        if not isinstance(request, dict):
+            return self.bad_request
+        if self.fail_model is not None and request.get("model") == self.fail_model:
+            return self.failure
+        if not request.get("stream"):
             return self.completion
         options = request.get("stream_options") or {}
         usage = isinstance(options, dict) and options.get("include_usage")
@@ -320,10 +331,15 @@ class UpstreamProtocol(asyncio.Protocol):
 
 
 async def serve(
-    port: int, chunks: int, max_seconds: float, delay: float, paced: tuple[int, float]
+    port: int,
+    chunks: int,
+    max_seconds: float,
+    delay: float,
+    paced: tuple[int, float],
+    fail_model: str | None,
 ) -> None:
     loop = asyncio.get_running_loop()
-    answers = Answers(chunks, *paced)
+    answers = Answers(chunks, *paced, fail_model)
     server = await loop.create_server(
         lambda: UpstreamProtocol(answers, delay), "127.0.0.1", port, backlog=4096
     )
@@ -362,9 +378,11 @@ def main(argv: list[str] | None = None) -> int:
         default=50.0,
         help=f"milliseconds between two events of a {PACED_MODEL} stream",
     )
+    parser.add_argument("--fail-model", default=None, help="answer 502 to this model")
     args = parser.parse_args(argv)
     paced = (args.paced_chunks, args.paced_interval_ms / 1000)
-    asyncio.run(serve(args.port, args.chunks, args.max_seconds, args.delay_ms / 1000, paced))
+    delay = args.delay_ms / 1000
+    asyncio.run(serve(args.port, args.chunks, args.max_seconds, delay, paced, args.fail_model))
     return 0
 
 

@@ -134,8 +134,9 @@ def start_fake_upstream(
     max_seconds: float,
     delay_ms: float = 0.0,
     core: int | None = None,
+    more: tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """``fake_upstream.py`` on a free port."""
+    """``fake_upstream.py`` on a free port; ``more`` are further arguments."""
     argv = [
         sys.executable,
         str(HERE / "fake_upstream.py"),
@@ -147,6 +148,7 @@ def start_fake_upstream(
         str(max_seconds),
         "--delay-ms",
         str(delay_ms),
+        *more,
     ]
     return children.start_listening(argv, core)
 

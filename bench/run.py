@@ -148,13 +148,15 @@ def openai_forward_venv(say: Callable[[str], None]) -> Path | None:
     (said why) when it cannot be made."""
     venv = cache_dir() / "openai-forward"
     python = venv / "bin" / "python"
-    if (venv / "bin" / "uvicorn").exists():
+    ready = venv / "oaproxy-bench-ready"
+    if ready.exists():
         return venv
     say(f"bench: installing openai-forward into {venv} (once) ...")
     try:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
         subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", "openai-forward", "uvicorn"],
+            # openai-forward 0.8 imports yaml without depending on PyYAML.
+            [str(python), "-m", "pip", "install", "-q", "openai-forward", "pyyaml", "uvicorn"],
             check=True,
             timeout=600,
             capture_output=True,
@@ -162,6 +164,7 @@ def openai_forward_venv(say: Callable[[str], None]) -> Path | None:
     except (OSError, subprocess.SubprocessError) as e:
         say(f"bench: openai-forward left out: could not install it ({e})")
         return None
+    ready.touch()
     return venv
 
 
