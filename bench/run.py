@@ -19,6 +19,9 @@ process:
                   first run (``pip install openai-forward``); left out, saying
                   so, when that fails
 ``nginx``         nginx as a keep-alive reverse proxy, when installed
+``before``        with ``--before DIR``: the full case again, with the oaproxy of
+                  the checkout DIR (say a worktree at main): a change's
+                  before and after from one run
 
 With ``taskset`` the server runs on core 0, the fake and the drivers on core 1.
 Per case: ``load.py`` at 1, 16 and 64 keep-alive connections (requests/s,
@@ -45,6 +48,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from profile import py_spy, record, summary
 from typing import Any, NamedTuple
 
 from procs import (
@@ -182,6 +186,7 @@ class Starter:
             (p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None
         )
         self.ofwd: Path | None = None
+        self.before: Path | None = None
 
     def available(self, case: str) -> bool:
         if case == "nginx" and self.nginx is None:
@@ -198,8 +203,8 @@ class Starter:
         log = where / "server.log"
         if case == "direct":
             return Server(self.upstream, None, None)
-        if case in ("oaproxy", "no-records"):
-            text = FULL_CONFIG if case == "oaproxy" else NO_RECORDS
+        if case in ("oaproxy", "no-records", "before"):
+            text = NO_RECORDS if case == "no-records" else FULL_CONFIG
             config = where / "config.yaml"
             config.write_text(text.format(key=CLIENT_KEY, port=self.upstream, sk=UPSTREAM_KEY))
             port = free_port()
@@ -213,7 +218,11 @@ class Starter:
                 "--listen",
                 f"tcp:{port}:interface=127.0.0.1:backlog=4096",
             ]
-            return self._serve(argv, where, log, port, CLIENT_KEY)
+            env = None
+            if case == "before":
+                # Another checkout's oaproxy, with this virtualenv's packages.
+                env = {**os.environ, "PYTHONPATH": str(self.before)}
+            return self._serve(argv, where, log, port, CLIENT_KEY, env=env)
         if case == "minimal":
             upstream = f"http://127.0.0.1:{self.upstream}"
             argv = [sys.executable, str(HERE / "minimal_proxy.py"), "--upstream", upstream]
@@ -292,13 +301,17 @@ def drive(argv: list[str], timeout: float) -> dict[str, Any]:
     return result
 
 
-def measure(server: Server, args: argparse.Namespace) -> dict[str, Any]:
-    """Every figure of one case in one round."""
+def measure(server: Server, args: argparse.Namespace, profile: Path | None) -> dict[str, Any]:
+    """Every figure of one case in one round; with ``profile``, py-spy's
+    samples of the server during the 16-connection load go there."""
     url = f"http://127.0.0.1:{server.port}{PATH}"
     key = ["--key", server.key] if server.key else []
     pid = server.proc.pid if server.proc is not None else None
     figures: dict[str, Any] = {}
     for connections in CONNECTIONS:
+        sampler = None
+        if profile is not None and pid and connections == 16:
+            sampler = record(pid, args.seconds, profile)
         before = tree_cpu_seconds(pid) if pid else None
         result = drive(
             [
@@ -317,6 +330,8 @@ def measure(server: Server, args: argparse.Namespace) -> dict[str, Any]:
             args.seconds + 60,
         )
         after = tree_cpu_seconds(pid) if pid else None
+        if sampler is not None:
+            sampler.wait(timeout=60)
         sent = result["requests"] + result["warmup_requests"]
         if before is not None and after is not None and sent:
             result["server_cpu_us"] = (after - before) * 1e6 / sent
@@ -472,6 +487,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each load (s)")
     parser.add_argument("--only", nargs="+", choices=CASES, help="just these cases")
     parser.add_argument("--json", action="store_true", help="also print every round's figures")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the full oaproxy case with py-spy at 16 connections and print where time goes",
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="also run the full case from this checkout of oaproxy (e.g. a worktree at main)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.seconds = 1, 1.0
@@ -501,6 +526,9 @@ def run(args: argparse.Namespace, children: Children, directory: Path) -> int:
     lifetime = per_case * len(cases) * args.rounds + 600
     _fake, upstream = start_fake_upstream(children, 20, lifetime, core=DRIVER_CORE)
     starter = Starter(children, directory, upstream, say)
+    if args.before is not None:
+        starter.before = args.before.resolve()
+        cases.insert(cases.index("oaproxy") + 1 if "oaproxy" in cases else 0, "before")
     cases = [c for c in cases if starter.available(c)]
     rounds: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
     started = time.monotonic()
@@ -509,7 +537,10 @@ def run(args: argparse.Namespace, children: Children, directory: Path) -> int:
             say(f"  round {round_}: {case} ...")
             server = starter.start(case, round_)
             try:
-                rounds[case].append(measure(server, args))
+                profile = None
+                if args.profile and case == "oaproxy" and round_ == 1:
+                    profile = directory / "oaproxy.pyspy"
+                rounds[case].append(measure(server, args, profile))
             except SystemExit:
                 if server.proc is not None:
                     say(tail(directory / f"{case}-{round_}" / "server.log"))
@@ -525,6 +556,12 @@ def run(args: argparse.Namespace, children: Children, directory: Path) -> int:
     )
     print(table(rows))
     print("\n".join(targets(rows)))
+    if args.profile:
+        raw = directory / "oaproxy.pyspy"
+        if py_spy() is None:
+            print("profile: no py-spy (pip install py-spy into this virtualenv)")
+        elif raw.exists():
+            print("\n".join(summary(raw)))
     if args.json:
         print(json.dumps(rounds, indent=1))
     return 1 if any(row.errors for row in rows.values()) else 0
