@@ -80,6 +80,8 @@ limits:
 cache:
   backend: memory
   default: true
+  # Full within the warm-up: growth after it is not the cache filling up.
+  max_entries: 2000
 upstreams:
   - name: fake-a
     endpoint: http://127.0.0.1:{failing}/v1
