@@ -236,7 +236,7 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        out = []
+        out: list[bytes] = []
         while True:
             parsed = self._parse_one()
             if parsed is None:

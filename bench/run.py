@@ -149,6 +149,15 @@ def cache_dir() -> Path:
     return Path(base) / "oaproxy-bench"
 
 
+def profile_path() -> Path:
+    """Where ``--profile`` keeps py-spy's samples (kept after the run, for a
+    flame graph): the raw stacks of the 16-connection load, and beside them
+    (``.streams``) those of the 1,000-stream run."""
+    where = cache_dir() / "profiles"
+    where.mkdir(parents=True, exist_ok=True)
+    return where / "oaproxy.pyspy"
+
+
 def openai_forward_venv(say: Callable[[str], None]) -> Path | None:
     """The virtualenv with openai-forward and uvicorn, made once; None
     (said why) when it cannot be made."""
@@ -305,7 +314,8 @@ def drive(argv: list[str], timeout: float) -> dict[str, Any]:
 
 def measure(server: Server, args: argparse.Namespace, profile: Path | None) -> dict[str, Any]:
     """Every figure of one case in one round; with ``profile``, py-spy's
-    samples of the server during the 16-connection load go there."""
+    samples of the server during the 16-connection load go there (and
+    those during the 1,000-stream rate run beside it, ``.streams``)."""
     url = f"http://127.0.0.1:{server.port}{PATH}"
     key = ["--key", server.key] if server.key else []
     pid = server.proc.pid if server.proc is not None else None
@@ -343,7 +353,12 @@ def measure(server: Server, args: argparse.Namespace, profile: Path | None) -> d
     # memory that the rate run would have left allocated.
     hold = [*streams, "--mode", "hold", "--stream-seconds", str(PACED_SECONDS)]
     figures["hold"] = drive([*hold, "--pid", str(pid or 0)], PACED_SECONDS + 120)
+    sampler = None
+    if profile is not None and pid:
+        sampler = record(pid, args.seconds, profile.with_suffix(".streams"))
     figures["rate"] = drive([*streams, "--mode", "rate", "--seconds", str(args.seconds)], 120)
+    if sampler is not None:
+        sampler.wait(timeout=60)
     if server.proc is not None and server.proc.poll() is not None:
         raise SystemExit(
             f"bench: a server died during its measurement (code {server.proc.returncode})"
@@ -380,7 +395,7 @@ def summarize(rounds: list[dict[str, Any]]) -> Row:
         errors += sum(r[f"c{c}"]["errors"] for c in CONNECTIONS)
         errors += sum(r["rate"]["failures"].values()) + sum(r["hold"]["failures"].values())
     return Row(
-        rps={c: each(lambda r, c=c: r[f"c{c}"]["rps"]) for c in CONNECTIONS},
+        rps={c: median([r[f"c{c}"]["rps"] for r in rounds]) for c in CONNECTIONS},
         p50_1=each(lambda r: r["c1"]["latency_ms"]["p50"]),
         p99_16=each(lambda r: r["c16"]["latency_ms"]["p99"]),
         cpu_us=each(lambda r: r["c16"].get("server_cpu_us")),
@@ -500,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="sample the full oaproxy case with py-spy at 16 connections and print where time goes",
+        help="sample the full oaproxy case with py-spy (16 connections, 1,000 streams): where time goes",
     )
     parser.add_argument(
         "--before",
@@ -549,7 +564,7 @@ def run(args: argparse.Namespace, children: Children, directory: Path) -> int:
             try:
                 profile = None
                 if args.profile and case == "oaproxy" and round_ == 1:
-                    profile = directory / "oaproxy.pyspy"
+                    profile = profile_path()
                 rounds[case].append(measure(server, args, profile))
             except SystemExit:
                 if server.proc is not None:
@@ -567,11 +582,13 @@ def run(args: argparse.Namespace, children: Children, directory: Path) -> int:
     print(table(rows))
     print("\n".join(targets(rows)))
     if args.profile:
-        raw = directory / "oaproxy.pyspy"
+        raw = profile_path()
         if py_spy() is None:
             print("profile: no py-spy (pip install py-spy into this virtualenv)")
-        elif raw.exists():
-            print("\n".join(summary(raw)))
+        for what, path in (("16 connections", raw), ("1,000 streams", raw.with_suffix(".streams"))):
+            if path.exists():
+                print(f"profile of oaproxy at {what} (py-spy's raw samples: {path}):")
+                print("\n".join(summary(path)))
     if args.json:
         print(json.dumps(rounds, indent=1))
     return 1 if any(row.errors for row in rows.values()) else 0

@@ -16,6 +16,8 @@ Two ways to use them, each printing one JSON object:
     with ``--pid``, that process's RSS before the streams and while all are
     open (halfway through), so the memory each open stream holds.
 
+Every request differs (a serial number in its message), so a response
+cache in front looks each up and misses; ``--same`` sends one request.
 A raw ``asyncio.Protocol`` client with ``httptools`` framing: the driver must
 stay cheaper than the servers it measures::
 
@@ -27,11 +29,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import resource
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -43,7 +47,9 @@ FAST_MODEL = "gpt-bench"
 CONNECT_TIMEOUT = 30.0
 
 
-def build_request(url: str, key: str | None, model: str) -> tuple[str, int, bytes]:
+def build_request(
+    url: str, key: str | None, model: str, serial: int | None = None
+) -> tuple[str, int, bytes]:
     parts = urlsplit(url)
     if parts.scheme != "http" or parts.hostname is None:
         raise SystemExit(f"streams: only http:// URLs are supported, not {url!r}")
@@ -52,7 +58,7 @@ def build_request(url: str, key: str | None, model: str) -> tuple[str, int, byte
         {
             "model": model,
             "stream": True,
-            "messages": [{"role": "user", "content": "Tell a short story."}],
+            "messages": [{"role": "user", "content": f"Tell a short story. #{serial}"}],
         }
     ).encode()
     lines = [
@@ -71,7 +77,7 @@ class StreamClient(asyncio.Protocol):
     """One connection: sends a stream request, counts its events, and when
     ``again`` says so sends the next on the same connection."""
 
-    def __init__(self, request: bytes, started: float, again: Any) -> None:
+    def __init__(self, request: Callable[[], bytes], started: float, again: Any) -> None:
         self._request = request
         self._again = again
         self._parser = httptools.HttpResponseParser(self)
@@ -89,7 +95,7 @@ class StreamClient(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        transport.write(self._request)
+        transport.write(self._request())
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -113,7 +119,7 @@ class StreamClient(asyncio.Protocol):
         if self.status != 200:
             self._finish(f"status {self.status}")
         elif self._again() and self.transport is not None:
-            self.transport.write(self._request)
+            self.transport.write(self._request())
         else:
             self.ended = time.perf_counter()
             self._finish(None)
@@ -131,7 +137,7 @@ class StreamClient(asyncio.Protocol):
 
 
 async def open_all(
-    host: str, port: int, request: bytes, count: int, again: Any
+    host: str, port: int, request: Callable[[], bytes], count: int, again: Any
 ) -> tuple[float, list[StreamClient]]:
     """``count`` connections started at once; returns when each is connected
     (or failed to be)."""
@@ -172,8 +178,18 @@ def failures(clients: list[StreamClient]) -> dict[str, int]:
     return kinds
 
 
+def requests(args: argparse.Namespace, model: str) -> tuple[str, int, Callable[[], bytes]]:
+    """Where to connect, and what makes each request: every one different
+    (so a response cache never has it), unless ``--same``."""
+    host, port, same = build_request(args.url, args.key, model)
+    if args.same:
+        return host, port, lambda: same
+    serial = itertools.count()
+    return host, port, lambda: build_request(args.url, args.key, model, next(serial))[2]
+
+
 async def rate(args: argparse.Namespace) -> dict[str, Any]:
-    host, port, request = build_request(args.url, args.key, FAST_MODEL)
+    host, port, request = requests(args, FAST_MODEL)
     stop = time.perf_counter() + args.seconds
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     started, clients = await open_all(
@@ -196,7 +212,7 @@ async def rate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def hold(args: argparse.Namespace) -> dict[str, Any]:
-    host, port, request = build_request(args.url, args.key, PACED_MODEL)
+    host, port, request = requests(args, PACED_MODEL)
     rss_before = rss_kib(args.pid) if args.pid else None
     started, clients = await open_all(host, port, request, args.streams, lambda: False)
     # Halfway through a paced stream every one of them is open.
@@ -241,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         help="--mode hold: how long a paced stream lasts (the fake's chunks x interval)",
     )
     parser.add_argument("--pid", type=int, default=0, help="--mode hold: the server's pid")
+    parser.add_argument(
+        "--same", action="store_true", help="the same request every time (default: all differ)"
+    )
     args = parser.parse_args(argv)
     raise_open_files()
     run = rate if args.mode == "rate" else hold
