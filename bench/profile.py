@@ -45,17 +45,9 @@ def record(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | Non
 # with the part that made it); a sample in none of them is the reactor's.
 PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("metrics", ("oaproxy/metrics.py", "oaproxy/tallies.py", "oaproxy/frontmetrics.py")),
-    (
-        "records (making, sinks, JSON)",
-        (
-            "oaproxy/records.py",
-            "oaproxy/capture.py",
-            "oaproxy/record.py",
-            "oaproxy/sinks/",
-            "oaproxy/recordstore.py",
-            "oaproxy/credentials.py",
-        ),
-    ),
+    ("records: making", ("oaproxy/records.py", "oaproxy/capture.py", "oaproxy/credentials.py")),
+    # record.py's encode_record and record_document: the sinks' JSON.
+    ("records: sinks", ("oaproxy/sinks/", "oaproxy/recordstore.py", "oaproxy/record.py")),
     ("limits", ("oaproxy/traffic/",)),
     ("cache", ("oaproxy/cache/",)),
     ("upstream client", ("oaproxy/upstreamclient/",)),
