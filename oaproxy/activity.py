@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from oaproxy.balancing import UpstreamLoad
 from oaproxy.circuits import Circuits, CircuitView
-from oaproxy.forward import AttemptLog, Exchange
+from oaproxy.exchange import AttemptLog, Exchange
 from oaproxy.health import Readiness
 from oaproxy.pipeline import Observer
 
@@ -77,10 +77,13 @@ class _Counts:
 
 
 class RecentAttempts(Observer):
-    """Counts each upstream's attempts of the last ``RECENT`` seconds: ok
-    (answered, and passed on) or failed (whatever made it fail over or end
-    in an error); one whose client went away is neither.  One object per
-    daemon, kept over reloads."""
+    """Counts each upstream's attempts of the last ``RECENT`` seconds (give
+    or take a slot of ``_SLOT``): ok, one that did not fail (its answer,
+    whatever its status, went to the client); failed, one that did (a status
+    failed over, a timeout, a connection or a stream broken).  One whose
+    client went away is neither: it says nothing of the upstream.  A
+    pipeline observer, one per daemon (``generation.Shared``), kept over
+    reloads; ``keep_only`` forgets the upstreams a reload removed."""
 
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock

@@ -1,6 +1,7 @@
 """Alerts to Feishu and Matrix when failover is exhausted or a stream breaks.
 
-The forwarder calls `Notifier.alert` and goes on at once: posting is
+The ``Alerting`` observer (``oaproxy.observers``) calls ``Notifier.alert``
+with each finished request's alert, and goes on at once: posting is
 fire-and-forget, each post under its own short deadline, never retried, so a
 dead alert channel can neither delay nor fail the client's answer.  Repeats of
 the same failure are folded into one message per ``notify.min_interval``.

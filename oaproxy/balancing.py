@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from oaproxy.config import Config, LbPolicy, Upstream
-from oaproxy.forward import AttemptLog, Exchange
+from oaproxy.exchange import AttemptLog, Exchange
 from oaproxy.pipeline import Observer
 from oaproxy.record import FailureKind
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from oaproxy.config import Upstream
 from oaproxy.errors import ErrorAnswer
-from oaproxy.forward import Exchange
+from oaproxy.exchange import Exchange
 from oaproxy.inspection import BodyKind, Inspected
 
 #: The API paths whose POST bodies are JSON objects naming a model.

@@ -42,7 +42,7 @@ from twisted.python.failure import Failure
 
 from oaproxy.circuits import Circuits, CircuitState, failed_in_a_row, retry_after
 from oaproxy.config import BreakerConfig, Upstream
-from oaproxy.forward import AttemptLog, Exchange
+from oaproxy.exchange import AttemptLog, Exchange
 from oaproxy.pipeline import Observer
 from oaproxy.record import Evidence, Record, evidence
 from oaproxy.sharedredis import LuaScript, SharedRedis
@@ -261,8 +261,9 @@ class Breakers(Observer):
 
     def _hold(self, attempt: AttemptLog) -> float | None:
         """How long the upstream asked to be left alone (a 429's or 503's
-        Retry-After); a 429 to the client's own key asks it of that key."""
-        if attempt.client_key_sent and attempt.status == 429:
+        Retry-After); a 429 to the client's own key asks it of that key.
+        One the request waited for and retried here asks nothing more."""
+        if attempt.retried is not None or (attempt.client_key_sent and attempt.status == 429):
             return None
         return retry_after(attempt.retry_after, self._wall_clock())
 

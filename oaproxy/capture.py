@@ -13,7 +13,7 @@ from typing import Any
 from attrs import frozen
 
 from oaproxy.config import Price
-from oaproxy.inspection import media_type, parse_json
+from oaproxy.inspection import content_texts, media_type, parse_json
 from oaproxy.multipart import describe_multipart
 from oaproxy.record import JSONObject, Usage
 
@@ -542,11 +542,7 @@ def _capture_choice(assembler: _Assembler, obj: dict[str, Any], position: int) -
         content = message.get("content")
         if isinstance(content, list):
             # Content parts: keep the text ones.
-            content = "".join(
-                part["text"]
-                for part in content
-                if isinstance(part, dict) and isinstance(part.get("text"), str)
-            )
+            content = "".join(content_texts(content))
         if content is not None:
             assembler.add_text(choice, content)
         refusal = message.get("refusal")

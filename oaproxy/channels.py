@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -17,6 +16,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from attrs import field, frozen
 
 from oaproxy.credentials import hide_key_shapes
+from oaproxy.inspection import json_object
 
 if TYPE_CHECKING:
     # Only attributes are read from the config objects, so the import is for
@@ -186,17 +186,9 @@ def alert_channels(
     return tuple(channels)
 
 
-def _json_object(body: bytes) -> Mapping[str, Any]:
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def answer_problem(channel: AlertChannel, code: int, body: bytes) -> str | None:
     """Why an answer is not a success, in words safe to log; None if it is."""
-    answer = _json_object(body)
+    answer = json_object(body)
     if not 200 <= code < 300:
         # Matrix errcodes (M_FORBIDDEN…) are fixed names, safe to log.
         errcode = answer.get("errcode")

@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 
 from oaproxy.config import Config, ContentFilterConfig, Upstream
 from oaproxy.errors import ErrorAnswer
-from oaproxy.forward import Exchange
+from oaproxy.exchange import Exchange
 from oaproxy.inspection import content_texts, parsed_items
 from oaproxy.jsonscan import NotAnObject
 from oaproxy.pipeline import Candidates

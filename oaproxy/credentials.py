@@ -14,39 +14,47 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from attrs import frozen
 
-from oaproxy.config import Config, all_client_keys
+from oaproxy.config import Config, Upstream, all_client_keys
 
 REDACTED = "[redacted]"
-_REDACTED_BYTES = REDACTED.encode("ascii")
 
 # Shorter values (a client key like "guest") are ordinary words in answers;
 # replacing them would maim text and protect nothing.
 MIN_SECRET_LENGTH = 8
 
-#: Header names (lower case) whose values never reach a record.
-REDACTED_HEADERS = frozenset(
+#: Header names (lower case) that carry credentials: never forwarded from
+#: a client (``oaproxy.headers``), never in a record.
+SECRET_HEADERS = frozenset(
     {
-        "authorization",
-        "proxy-authorization",
-        "api-key",
-        "x-api-key",
-        "x-goog-api-key",
-        "cookie",
-        "set-cookie",
+        b"authorization",
+        b"proxy-authorization",
+        b"api-key",
+        b"x-api-key",
+        b"x-goog-api-key",
+        b"cookie",
+        b"set-cookie",
     }
 )
+_SECRET_HEADER_NAMES = frozenset(name.decode("ascii") for name in SECRET_HEADERS)
 
 # Defence in depth for text whose secrets oaproxy cannot know (an alert's
 # reasons, from upstream error text): the shapes of keys and tokens.
 _KEY_SHAPES = re.compile(
     r"(?i)(bearer\s+)\S+"
     r"|\bsk-[A-Za-z0-9_\-]{6,}"
-    r"|((?:api[_-]?key|access_token|token|key|sig|sign)=)[^&\s]+"
+    r"|((?:api[_-]?key|access_token|token|key|sig|sign|password|secret)=)[^&\s]+"
 )
+
+
+class Words(Protocol):
+    """``Redactor.words``: words about a failure made fit to repeat."""
+
+    def __call__(self, text: str, extra: str | None = None) -> str: ...
 
 
 def bearer_token(authorization: bytes | None) -> bytes | None:
@@ -58,6 +66,14 @@ def bearer_token(authorization: bytes | None) -> bytes | None:
     if authorization is None or not authorization.startswith(b"Bearer"):
         return None
     return authorization[len(b"Bearer") :].strip()
+
+
+def upstream_authorization(upstream: Upstream, client: bytes | None) -> bytes | None:
+    """The ``Authorization`` an upstream is sent: its ``sk`` as a bearer, the
+    client's own (``client``) for ``sk: asis``, none without a key."""
+    if upstream.sk == "asis":
+        return client
+    return b"Bearer " + upstream.sk.encode("utf-8") if upstream.sk else None
 
 
 def token_text(authorization: bytes | None) -> str | None:
@@ -243,6 +259,21 @@ def hide_key_shapes(text: str) -> str:
     return _KEY_SHAPES.sub(hide, text)
 
 
+def public_text(text: str) -> str:
+    """``text`` (a URL, a setting) fit to show: a URL's password replaced,
+    and anything shaped like a key hidden (a query's ``key=…``)."""
+    try:
+        parts = urlsplit(text)
+        password = parts.password
+    except ValueError:
+        password = None
+    if password:
+        user = parts.username or ""
+        host = parts.netloc.rpartition("@")[2]
+        text = urlunsplit(parts._replace(netloc=f"{user}:{REDACTED}@{host}"))
+    return hide_key_shapes(text)
+
+
 def redact_headers(
     headers: Iterable[tuple[bytes | str, bytes | str | Iterable[bytes | str]]] | Mapping[Any, Any],
 ) -> dict[str, str]:
@@ -258,7 +289,7 @@ def redact_headers(
         name = (
             raw_name.decode("latin-1") if isinstance(raw_name, bytes) else str(raw_name)
         ).lower()
-        if name in REDACTED_HEADERS:
+        if name in _SECRET_HEADER_NAMES:
             result[name] = REDACTED
             continue
         if isinstance(raw_value, (bytes, str)):

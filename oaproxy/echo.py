@@ -36,10 +36,12 @@ from oaproxy.inspection import content_texts
 from oaproxy.localresponse import (
     EVENT_STREAM,
     SSE_DONE,
+    BadBody,
     LocalResponse,
     error_response,
     json_response,
     request_bytes,
+    request_object,
     sse_data,
     too_large,
 )
@@ -51,10 +53,6 @@ MAX_DIMENSIONS = 3072
 MAX_EMBEDDING_VALUES = 1 << 18
 
 _PIECES = re.compile(r"\s*\S+")
-
-
-class BadRequest(Exception):
-    """A request the echo upstream answers with 400."""
 
 
 def _words(text: str) -> int:
@@ -113,13 +111,13 @@ class EchoAgent:
             if method == b"GET" and path.startswith("/models/"):
                 return json_response(200, self._model(path[len("/models/") :]))
             if method == b"POST" and path in ("/chat/completions", "/completions", "/embeddings"):
-                request = _json_object(body)
+                request = request_object(body)
                 if path == "/chat/completions":
                     return self._chat(request)
                 if path == "/completions":
                     return self._completion(request)
                 return json_response(200, self._embeddings(request))
-        except BadRequest as e:
+        except BadBody as e:
             return error_response(400, str(e))
         return error_response(
             404,
@@ -142,7 +140,7 @@ class EchoAgent:
     def _chat(self, request: dict[str, Any]) -> IResponse:
         messages = request.get("messages")
         if not isinstance(messages, list):
-            raise BadRequest("'messages' must be a list of messages.")
+            raise BadBody("'messages' must be a list of messages.")
         said = [m for m in messages if isinstance(m, dict)]
         users = [m for m in said if m.get("role") == "user"]
         answer = "".join(content_texts(users[-1].get("content"))) if users else ""
@@ -244,9 +242,9 @@ class EchoAgent:
             or isinstance(dimensions, bool)
             or not 1 <= dimensions <= MAX_DIMENSIONS
         ):
-            raise BadRequest(f"'dimensions' must be an integer from 1 to {MAX_DIMENSIONS}.")
+            raise BadBody(f"'dimensions' must be an integer from 1 to {MAX_DIMENSIONS}.")
         if len(inputs) * dimensions > MAX_EMBEDDING_VALUES:
-            raise BadRequest(
+            raise BadBody(
                 f"The echo upstream makes at most {MAX_EMBEDDING_VALUES} values per request."
             )
         as_base64 = request.get("encoding_format") == "base64"
@@ -269,16 +267,6 @@ class EchoAgent:
         }
 
 
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        request = json.loads(body)
-    except (ValueError, RecursionError):
-        raise BadRequest("The request body is not JSON.") from None
-    if not isinstance(request, dict):
-        raise BadRequest("The request body must be a JSON object.")
-    return request
-
-
 def _inputs(value: Any, name: str) -> list[str]:
     """A prompt or input as texts: a string, a list of strings, or tokens
     (a list of integers, or of lists of them), whose text is their JSON."""
@@ -289,7 +277,7 @@ def _inputs(value: Any, name: str) -> list[str]:
             return [json.dumps(value)]
         if all(isinstance(item, (str, list)) for item in value):
             return [item if isinstance(item, str) else json.dumps(item) for item in value]
-    raise BadRequest(f"'{name}' must be a string or a list of strings or tokens.")
+    raise BadBody(f"'{name}' must be a string or a list of strings or tokens.")
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:

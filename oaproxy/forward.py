@@ -7,53 +7,66 @@ its upstream connection, and a client that goes away cancels the whole chain.
   which is read before anything is written to the client, so an upstream that
   dies mid-body is still failed over.
 - Stream: the deadline covers the headers and the first SSE event; the client
-  sees nothing until that event (the commit). After it, silence longer than
-  ``stream_idle_timeout``, an event over ``max_event_bytes`` or an upstream
-  error ends the stream with an SSE ``error`` event. The last candidate waits
-  ``max(stream_timeout, timeout)``.
+  sees nothing until that event (the commit). After it, a cut, silence longer
+  than ``stream_idle_timeout`` or an upstream error event is continued on the
+  next candidate that resumes (``oaproxy.resume``), each continuation an
+  attempt under the same deadline; with none left, or after an event over
+  ``max_event_bytes``, the stream ends with an SSE ``error`` event. The last
+  candidate waits ``max(stream_timeout, timeout)``.
+
+Before the next candidate, a busy or broken upstream may be tried again
+(``oaproxy.retries``), and a request that met a stale pooled connection is
+sent once more on a new one: each sending is an attempt of its own.
 """
 
 from __future__ import annotations
 
+import random
+import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from attrs import define, field, frozen
+from attrs import evolve
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import Cooperator
+from twisted.internet.task import Cooperator, deferLater
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web._newclient import RequestNotSent, ResponseNeverReceived
 from twisted.web.http import NO_BODY_CODES, RESPONSES
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
-from oaproxy.cache.ticket import CacheTicket
-from oaproxy.config import Upstream
-from oaproxy.credentials import Redactor, token_text
+from oaproxy.attempts import (
+    AttemptTimeout,
+    StaleConnection,
+    Try,
+    attempt_deadline,
+    fails_over,
+    stale_connection,
+)
+from oaproxy.config import ResumeMode, Upstream
+from oaproxy.credentials import Redactor, upstream_authorization
+from oaproxy.errorcodes import CONTEXT_LENGTH_EXCEEDED, error_code
 from oaproxy.errors import error_body
+from oaproxy.exchange import Answer, AttemptLog, Call, Committed, Exchange
 from oaproxy.headers import UPSTREAM_HEADER, response_headers, upstream_headers
-from oaproxy.inspection import Inspected
 from oaproxy.largeanswer import MAX_PARSED_ANSWER, USAGE_WINDOW, AnswerEnds
-from oaproxy.record import FailureKind, LimitRefusal, Outcome, upstream_at_fault
+from oaproxy.record import FailureKind, Outcome
 from oaproxy.relay import (
     BodyCollector,
-    CollectedBody,
     PartsWriter,
     RelayFailure,
     StreamRelay,
     describe,
 )
-from oaproxy.requestbody import RequestBody
-from oaproxy.upstreamclient import NoResponse, retry_on_new_connection
+from oaproxy.requestbody import RequestBody, Splice
+from oaproxy.resume import ResumeState, StreamFollower, stream_kind
+from oaproxy.resumebody import prefill_splices
+from oaproxy.retries import RetryPolicy, retry_reason
+from oaproxy.sse import sse_error_event
 from oaproxy.upstreams import UpstreamClient
-
-# Statuses worth another upstream: the upstream (its key, its quota, its
-# health) is the problem. Other 4xx mean the request itself is wrong.
-FAILOVER_STATUSES = frozenset({401, 403, 404, 408, 409, 429})
 
 # A non-stream answer is held whole before it is written (to fail over an
 # upstream dying mid-body); past this size an answer is refused, not buffered.
@@ -61,165 +74,6 @@ MAX_BUFFERED_RESPONSE = 256 * 1024 * 1024
 # An error answer is searched for secrets before it is passed on, on the
 # reactor: one longer than this is no error document, and is refused.
 MAX_ERROR_RESPONSE = 1024 * 1024
-
-
-def fails_over(status: int) -> bool:
-    return status >= 500 or status in FAILOVER_STATUSES
-
-
-@frozen
-class Call:
-    """What the client asked for, parsed once, shared by every attempt."""
-
-    method: bytes
-    path: bytes  # as the client sent it, e.g. b"/v1/chat/completions?x=1"
-    upstream_path: bytes  # the part after "/v1", appended to each endpoint
-    headers: Headers
-    inspected: Inspected = field(eq=False)
-    authorization: bytes | None  # the client's own header, for ``sk: asis``
-    forwarded_for: bytes
-    api_path: str  # decoded, e.g. "/v1/chat/completions" (see oaproxy.paths)
-    route: str | None = None  # the route prefix, e.g. "/ollama"; None for /v1
-
-    @property
-    def model(self) -> str | None:
-        return self.inspected.model
-
-    @property
-    def stream(self) -> bool:
-        return self.inspected.stream
-
-    @property
-    def own_token(self) -> str | None:
-        """The client's bearer token as text: hidden wherever it is echoed."""
-        return token_text(self.authorization)
-
-
-@frozen
-class Answer:
-    """A whole upstream response, read before anything reached the client."""
-
-    upstream: Upstream
-    status: int
-    phrase: bytes
-    headers: Headers
-    body: CollectedBody
-
-
-@frozen
-class Committed:
-    """An upstream response that is being relayed to the client."""
-
-    upstream: Upstream
-    status: int
-    relay: StreamRelay
-
-
-class AttemptTimeout(Exception):
-    def __init__(self, deadline: float) -> None:
-        super().__init__(f"timeout after {deadline:g}s")
-        self.deadline = deadline
-
-
-@define
-class AttemptLog:
-    """One attempt while it runs; the record keeps it as an ``Attempt``."""
-
-    upstream: str
-    started: float
-    status: int | None = None
-    error: str | None = None
-    failure: FailureKind | None = None
-    ttfb: float | None = None
-    duration: float | None = None
-    # The Retry-After of a 429 or 503 answer, as the upstream sent it.
-    retry_after: str | None = None
-    # Why the request went out a second time, on a new connection (the pooled
-    # one was stale); not in the record yet (issue 11 makes it an attempt).
-    resent: str | None = None
-    # With ``sk: asis`` a 401 or 403 refuses the client's key, not the
-    # upstream's (and a 429's Retry-After speaks of that key).
-    client_key_sent: bool = False
-
-    def failed(self, failure: FailureKind, error: str) -> None:
-        self.failure = failure
-        self.error = error
-
-    @property
-    def upstream_at_fault(self) -> bool:
-        """Whether this attempt counts against its upstream (readiness, breakers)."""
-        return upstream_at_fault(self.failure, self.status, client_key_sent=self.client_key_sent)
-
-
-@define(eq=False)
-class Exchange:
-    """The state of one client request, from which its record is made."""
-
-    call: Call
-    started: float  # on the reactor's clock, for durations
-    time: float  # wall-clock time the request arrived, for the record
-    key_name: str | None
-    client_ip: str
-    user_agent: str | None = None
-    # Whether the current attempt's body asks for usage the client did not.
-    usage_added: bool = False
-    # Set by the stream observer: what the record says of a streamed answer
-    # (or by the forwarder, of one too large to parse).
-    capture: Any = None
-    # The metrics' handle on this request while it is active.
-    active: Any = None
-    attempts: list[AttemptLog] = field(factory=list)
-    upstream: str | None = None
-    # The model name the answering upstream was sent (an alias's target).
-    upstream_model: str | None = None
-    status: int | None = None
-    _outcome: Outcome = field(default=Outcome.OK, alias="outcome")
-    ttfb: float | None = None
-    finished: float | None = None
-    bytes_out: int = 0
-    response_body: bytes | None = None  # a non-stream answer, for the record
-    error: str | None = None  # why a committed stream ended badly
-    client_gone: bool = False
-    # The proxy cut the request off at shutdown.
-    cut: bool = False
-    # Headers for the answer, whatever it is, over the upstream's (see
-    # oaproxy.web.ProxyRequest); the pipeline gives the request's own.
-    answer_headers: Headers = field(factory=Headers)
-    # The tokens and budget a gate reserved, settled when the request is
-    # over (oaproxy.traffic.tokens).
-    reservation: Any = None
-    # The limit that refused the request, for its record.
-    limit: LimitRefusal | None = None
-    # What the response cache decided; None when it was not asked.
-    cache: CacheTicket | None = None
-
-    @property
-    def outcome(self) -> Outcome:
-        # After a cut the client's side closes too: that is not why it ended.
-        return Outcome.SHUTDOWN if self.cut else self._outcome
-
-    @outcome.setter
-    def outcome(self, outcome: Outcome) -> None:
-        self._outcome = outcome
-
-    def client_disconnected(
-        self,
-        attempt: AttemptLog | None = None,
-        failure: FailureKind = FailureKind.CANCELLED,
-        why: str = "client disconnected",
-    ) -> None:
-        """The client went away (or was let go): the request ends here, and
-        the attempt under way, if any, was cancelled rather than failed."""
-        self.client_gone = True
-        self.outcome = Outcome.CLIENT_DISCONNECTED
-        if attempt is not None:
-            attempt.failed(failure, f"cancelled: {why}")
-
-    def cut_at_shutdown(self) -> None:
-        """Mark the request as cut off by the proxy (still in flight after
-        ``shutdown_timeout``), before its connection is aborted."""
-        self.cut = True
-        self.error = f"cut at {Outcome.SHUTDOWN.value}"
 
 
 class Forwarder:
@@ -240,6 +94,8 @@ class Forwarder:
         on_attempt_started: Callable[[Exchange, AttemptLog], None] | None = None,
         on_attempt: Callable[[Exchange, AttemptLog], None] | None = None,
         stream_pace: Callable[[str], float | None] | None = None,
+        retries: RetryPolicy | None = None,
+        failover_codes: Collection[str] = (CONTEXT_LENGTH_EXCEEDED,),
     ) -> None:
         self._clock = clock
         # How each upstream is reached: its type's agent over its way out
@@ -256,6 +112,9 @@ class Forwarder:
         # Seconds between two content events of a stream, by API path
         # (limits.stream_pace); None: not paced.
         self._stream_pace = stream_pace
+        self._retries = retries or RetryPolicy(0.5, 5.0, random.Random(), time.time)
+        # The error codes of a 400 that fail over (oaproxy.errorcodes).
+        self._failover_codes = frozenset(failover_codes)
 
     def forward(
         self, request: Request, exchange: Exchange, candidates: Sequence[Upstream]
@@ -273,24 +132,60 @@ class Forwarder:
     ) -> Exchange:
         call = exchange.call
         last_answer: Answer | None = None
-        # (upstream, whether oaproxy may add stream_options for usage)
-        tries = deque((upstream, True) for upstream in candidates)
+        tries = deque(Try(upstream) for upstream in candidates)
+        # When each attempt on an upstream started (for its retries).
+        starts: dict[str, list[float]] = {}
+        # The break of a committed stream that the next candidates continue.
+        broke: RelayFailure | None = None
+        kind = stream_kind(call.api_path) if call.stream else None
+
+        def continuable() -> bool:
+            state = exchange.resume
+            return state is not None and any(
+                state.how(t.upstream) is not ResumeMode.OFF for t in tries
+            )
+
         while tries:
-            upstream, with_usage = tries.popleft()
+            current = tries.popleft()
+            if broke is not None and current.how is None:
+                continuing = self._continuation(exchange, current)
+                if continuing is None:
+                    continue
+                current = continuing
+            elif broke is None and kind is not None:
+                # Followed only when some candidate left could continue it:
+                # a lone upstream's events are not parsed for nothing.
+                resumers = any(t.upstream.resume is not ResumeMode.OFF for t in tries)
+                exchange.resume = ResumeState(kind, continuable) if resumers else None
+            upstream = current.upstream
             deadline = attempt_deadline(upstream, call.stream, not tries)
+            now = self._clock.seconds()
+            starts.setdefault(upstream.name, []).append(now)
             attempt = AttemptLog(
-                upstream.name, self._clock.seconds(), client_key_sent=upstream.sk == "asis"
+                upstream.name,
+                now,
+                client_key_sent=upstream.sk == "asis",
+                resent=current.resent,
+                resumed=current.how,
+                resumed_at=exchange.resume.chars if current.how and exchange.resume else None,
             )
             exchange.attempts.append(attempt)
             if self._on_attempt_started is not None:
                 self._on_attempt_started(exchange, attempt)
+            status: int | None = None
+            error: Exception | None = None
+            answer: Answer | None = None
             try:
-                result = await self._attempt(
-                    request, exchange, upstream, attempt, deadline, with_usage
-                )
+                result = await self._attempt(request, exchange, current, attempt, deadline)
             except AttemptTimeout as e:
+                # Never retried: a silent upstream is left at once.
                 attempt.failed(FailureKind.TIMEOUT, str(e))
                 self._end_attempt(exchange, attempt)
+                continue
+            except StaleConnection as e:
+                attempt.failed(FailureKind.STALE_CONNECTION, e.reason)
+                self._end_attempt(exchange, attempt)
+                tries.appendleft(evolve(current, resent=e.reason))
                 continue
             except Exception as e:  # noqa: BLE001 - any failed attempt means the next upstream
                 if exchange.client_gone or isinstance(e, CancelledError):
@@ -298,32 +193,124 @@ class Forwarder:
                     self._end_attempt(exchange, attempt)
                     return exchange
                 attempt.failed(*describe(e, self._words(call)))
+                error = e
+            else:
+                if isinstance(result, Committed):
+                    broke = await self._finish_relay(exchange, attempt, result)
+                    if broke is None:
+                        return exchange
+                    continue
+                answer = result
+                status = attempt.status = result.status
+                if status in (429, 503):
+                    attempt.retry_after = _header_text(result.headers, b"retry-after")
+                if current.how is ResumeMode.PREFILL and status in (400, 422):
+                    # Refused the prefill: once more here, as a restart.
+                    attempt.failure = FailureKind.STATUS
+                    self._end_attempt(exchange, attempt)
+                    tries.appendleft(evolve(current, how=ResumeMode.RESTART, splices=()))
+                    continue
+                if exchange.usage_added and status in (400, 422):
+                    # Some OpenAI-compatible servers refuse stream_options: once
+                    # more on the same upstream, with the body the client sent.
+                    self._end_attempt(exchange, attempt)
+                    tries.appendleft(evolve(current, with_usage=False))
+                    continue
+            wait = self._retry_wait(current, attempt, status, error, starts, deadline)
+            if wait is not None:
+                self._end_attempt(exchange, attempt)
+                if not await self._pause(exchange, wait):
+                    return exchange
+                tries.appendleft(evolve(current, retried=current.retried + 1, resent=None))
+                continue
+            if answer is None:
                 self._end_attempt(exchange, attempt)
                 continue
-            if isinstance(result, Committed):
-                await self._finish_relay(exchange, attempt, result)
-                return exchange
-            attempt.status = result.status
-            if result.status in (429, 503):
-                attempt.retry_after = _header_text(result.headers, b"retry-after")
-            if exchange.usage_added and result.status in (400, 422):
-                # Some OpenAI-compatible servers refuse stream_options: once
-                # more on the same upstream, with the body the client sent.
-                self._end_attempt(exchange, attempt)
-                tries.appendleft((upstream, False))
-                continue
-            if fails_over(result.status):
+            if broke is not None or fails_over(answer.status) or self._too_long(answer):
+                # (A continuation has no status of its own to answer with.)
                 attempt.failure = FailureKind.STATUS
                 self._end_attempt(exchange, attempt)
-                last_answer = result
+                last_answer = answer
                 continue
             self._end_attempt(exchange, attempt)
             # Before the answer is written: a client gone meanwhile says so after.
-            exchange.outcome = Outcome.OK if result.status < 400 else Outcome.CLIENT_ERROR
-            await self._send(request, exchange, result)
+            exchange.outcome = Outcome.OK if answer.status < 400 else Outcome.CLIENT_ERROR
+            await self._send(request, exchange, answer)
+            return exchange
+        if broke is not None:
+            self._end_broken(request, exchange, broke)
             return exchange
         await self._exhausted(request, exchange, last_answer)
         return exchange
+
+    def _continuation(self, exchange: Exchange, next_try: Try) -> Try | None:
+        """How ``next_try`` continues the broken stream; None: it does not."""
+        state = exchange.resume
+        assert state is not None
+        how = state.how(next_try.upstream)
+        if how is ResumeMode.OFF:
+            return None
+        splices: tuple[Splice, ...] = ()
+        if how is ResumeMode.PREFILL:
+            made = prefill_splices(
+                exchange.call.inspected, state.kind, state.text, next_try.upstream
+            )
+            if made is None:
+                how = ResumeMode.RESTART
+            else:
+                splices = made
+        return evolve(next_try, how=how, splices=splices)
+
+    def _retry_wait(
+        self,
+        current: Try,
+        attempt: AttemptLog,
+        status: int | None,
+        error: Exception | None,
+        starts: dict[str, list[float]],
+        deadline: float,
+    ) -> float | None:
+        """How long to wait before trying ``current``'s upstream again (see
+        ``oaproxy.retries``); None to go on to the next candidate."""
+        reason = retry_reason(status, error)
+        if reason is None:
+            return None
+        upstream = current.upstream
+        now = self._clock.seconds()
+        started = starts[upstream.name]
+        remaining = started[0] + deadline - now
+        header = attempt.retry_after if status is not None else None
+        wait = self._retries.wait(upstream, current.retried, header, remaining, started, now)
+        if wait is not None:
+            attempt.retried = reason
+        return wait
+
+    async def _pause(self, exchange: Exchange, wait: float) -> bool:
+        """Wait before a retry; False when the client went away meanwhile."""
+        try:
+            await deferLater(self._clock, wait)
+        except CancelledError:
+            exchange.client_disconnected()
+            return False
+        return True
+
+    def _too_long(self, answer: Answer) -> bool:
+        """A 400 that another candidate may not give (``failover_codes``:
+        a larger context, say); other 400s are the request's fault."""
+        return answer.status == 400 and error_code(answer.body.joined()) in self._failover_codes
+
+    def _end_broken(self, request: Request, exchange: Exchange, broke: RelayFailure) -> None:
+        """No candidate continued the broken stream: it ends as it would have."""
+        reasons = "; ".join(
+            f"{a.upstream}: {a.error}" for a in exchange.attempts if a.resumed is not None
+        )
+        error = f"{broke.error}; resuming failed ({reasons})" if reasons else broke.error
+        exchange.outcome = Outcome.STREAM_FAILED
+        exchange.error = error
+        message = sse_error_event(f"upstream stream failed: {error}")
+        exchange.bytes_out += len(message)
+        request.write(message)
+        request.finish()
 
     def _words(self, call: Call) -> Callable[[str], str]:
         """What makes texts from outside about this request's failures fit
@@ -369,12 +356,11 @@ class Forwarder:
         self,
         request: Request,
         exchange: Exchange,
-        upstream: Upstream,
+        current: Try,
         attempt: AttemptLog,
         deadline: float,
-        with_usage: bool,
     ) -> Deferred[Answer | Committed]:
-        d = ensureDeferred(self._try_upstream(request, exchange, upstream, attempt, with_usage))
+        d = ensureDeferred(self._try_upstream(request, exchange, current, attempt))
 
         def timed_out(result: Any, timeout: float) -> Any:
             raise AttemptTimeout(timeout)
@@ -382,65 +368,70 @@ class Forwarder:
         return d.addTimeout(deadline, self._clock, onTimeoutCancel=timed_out)
 
     async def _try_upstream(
-        self,
-        request: Request,
-        exchange: Exchange,
-        upstream: Upstream,
-        attempt: AttemptLog,
-        with_usage: bool,
+        self, request: Request, exchange: Exchange, current: Try, attempt: AttemptLog
     ) -> Answer | Committed:
         call = exchange.call
+        upstream = current.upstream
+        with_usage = current.with_usage
         exchange.usage_added = with_usage and call.inspected.asks_usage_for(upstream)
-        sent = call.inspected.body_for(upstream, with_usage=with_usage)
-        response = await self._request(upstream, call, sent, attempt)
+        sent = call.inspected.body_for(upstream, with_usage=with_usage).edited(*current.splices)
+        response = await self._request(upstream, call, sent, current.resent is not None)
         attempt.ttfb = self._clock.seconds() - attempt.started
-        status = response.code
+        # The upstream answered: its status is the attempt's, even if the
+        # answer then fails before it is passed on.
+        attempt.status = status = response.code
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
         if 200 <= status < 300 and content_type.startswith(b"text/event-stream"):
-            return await self._relay(request, exchange, upstream, response, sse=True)
+            return await self._relay(request, exchange, current, response, sse=True)
         if 200 <= status < 300 and not call.stream and not _is_document(content_type):
             # Audio, files, images: large and useless to hold; relay as they come.
-            return await self._relay(request, exchange, upstream, response, sse=False)
+            return await self._relay(request, exchange, current, response, sse=False)
         collector = BodyCollector(MAX_BUFFERED_RESPONSE if status < 400 else MAX_ERROR_RESPONSE)
         response.deliverBody(collector)
         body = await collector.finished
         return Answer(upstream, status, response.phrase, response.headers, body)
 
     async def _request(
-        self, upstream: Upstream, call: Call, body: RequestBody, attempt: AttemptLog
+        self, upstream: Upstream, call: Call, body: RequestBody, fresh: bool
     ) -> IResponse:
         url = upstream.url(call.upstream_path)
         headers = upstream_headers(
             call.headers,
             keep_header=upstream.keep_header,
-            authorization=_authorization(upstream, call),
+            authorization=upstream_authorization(upstream, call.authorization),
             forwarded_for=call.forwarded_for,
         )
         client = self._clients(upstream)
-        sent = client.agent.request(call.method, url, headers, body.producer(self._cooperator))
+        # After a pooled connection the upstream had closed: on a new one.
+        agent = client.fresh_agent if fresh else client.agent
+        sent = agent.request(call.method, url, headers, body.producer(self._cooperator))
         try:
             return await sent
         except (RequestNotSent, ResponseNeverReceived) as e:
             # On a new connection the failure is the upstream's doing (it
-            # may have acted on the request): fail over, never send it twice.
-            if not _stale_connection(e):
+            # may have acted on the request): not sent again as stale.
+            if fresh or not stale_connection(e):
                 raise
-            attempt.resent = describe(e, self._words(call))[1]
-        # A pooled connection the upstream had closed: once more, on a new one.
-        return await client.fresh_agent.request(
-            call.method, url, headers, body.producer(self._cooperator)
-        )
+            raise StaleConnection(describe(e, self._words(call))[1]) from e
 
     async def _relay(
         self,
         request: Request,
         exchange: Exchange,
-        upstream: Upstream,
+        current: Try,
         response: IResponse,
         *,
         sse: bool,
     ) -> Committed:
+        upstream = current.upstream
+        state = exchange.resume if sse else None
+
         def commit() -> None:
+            if current.how is not None:
+                # The client has the first attempt's status and headers.
+                exchange.upstream = upstream.name
+                exchange.upstream_model = upstream.upstream_model(exchange.call.model)
+                return
             exchange.ttfb = self._clock.seconds() - exchange.started
             exchange.status = response.code
             request.setResponseCode(
@@ -457,23 +448,44 @@ class Forwarder:
             sse=sse,
             max_event_bytes=self._max_event_bytes,
             words=self._words(exchange.call),
-            on_event=self._on_event(exchange, upstream) if sse and self._on_event else None,
+            on_event=self._observer(exchange, current) if sse else None,
             pace=self._stream_pace(exchange.call.api_path) if sse and self._stream_pace else None,
+            follower=StreamFollower(state, current.how) if state is not None else None,
         )
         response.deliverBody(relay)
         await relay.first_event
         return Committed(upstream, response.code, relay)
 
+    def _observer(self, exchange: Exchange, current: Try) -> Callable[[bytes], bool] | None:
+        """The record's observer of a stream's events: a continuation's is
+        the first attempt's, so that the record has one answer."""
+        state = exchange.resume
+        if current.how is not None and state is not None:
+            return state.observer
+        observer = self._on_event(exchange, current.upstream) if self._on_event else None
+        if state is not None:
+            state.observer = observer
+        return observer
+
     async def _finish_relay(
         self, exchange: Exchange, attempt: AttemptLog, committed: Committed
-    ) -> None:
+    ) -> RelayFailure | None:
+        """Wait for a committed relay to end; its failure when the stream is
+        to be continued on the next candidate, else None."""
         attempt.status = committed.status
+        relay = committed.relay
         failure: RelayFailure | None
         try:
-            failure = await committed.relay.done
+            failure = await relay.done
         except CancelledError:
             failure = RelayFailure(FailureKind.CANCELLED, "client disconnected")
-        exchange.bytes_out = committed.relay.bytes_out
+        exchange.bytes_out += relay.bytes_out
+        if failure is not None and relay.left_open:
+            attempt.failed(failure.kind, failure.error)
+            if relay.follower is not None:
+                relay.follower.ended()
+            self._end_attempt(exchange, attempt)
+            return failure
         if failure is not None and failure.kind.caused_by_client:
             exchange.client_disconnected(attempt, failure.kind, failure.error)
         elif failure is not None:
@@ -481,6 +493,7 @@ class Forwarder:
             exchange.error = failure.error
             attempt.failed(failure.kind, failure.error)
         self._end_attempt(exchange, attempt)
+        return None
 
     async def _send(self, request: Request, exchange: Exchange, answer: Answer) -> None:
         exchange.status = answer.status
@@ -546,36 +559,6 @@ class Forwarder:
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
         self._write_whole(request, exchange, body)
-
-
-def attempt_deadline(upstream: Upstream, stream: bool, last: bool) -> float:
-    """How long one attempt may take before the next upstream is tried."""
-    if not stream:
-        return upstream.timeout
-    if last:
-        # Nothing left to fail over to: waiting longer beats failing early.
-        return max(upstream.stream_timeout, upstream.timeout)
-    return upstream.stream_timeout
-
-
-def _authorization(upstream: Upstream, call: Call) -> bytes | None:
-    if upstream.sk == "asis":
-        return call.authorization
-    if not upstream.sk:
-        return None
-    return b"Bearer " + upstream.sk.encode("utf-8")
-
-
-def _stale_connection(error: Exception) -> bool:
-    """A pooled connection that was dead before this request, not a cancel."""
-    if isinstance(error, NoResponse):
-        # Our upstream client says whether the connection had been reused.
-        return retry_on_new_connection(error)
-    # Another agent cannot tell: any connection may have come from a pool.
-    if isinstance(error, RequestNotSent):
-        return True
-    reasons: list[Failure] = getattr(error, "reasons", [])
-    return not any(r.check(CancelledError) for r in reasons)
 
 
 def _is_document(content_type: bytes) -> bool:

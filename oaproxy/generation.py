@@ -8,8 +8,13 @@ lists); a
 ``Generation`` is everything one config makes on top of it (router,
 forwarder, the request pipeline and its resource tree, sinks, notifier, log
 file, cache). A reload builds a whole new generation before anything is
-swapped, reusing the previous one's sinks, notifier, log file and cache
-where their config sections did not change.
+swapped, reusing the previous one's sinks, notifier, shared Redis, log
+file and cache where what they are made of did not change: each such part
+is made from a settings value (``SinkSettings``, ``NotifySettings``,
+``RedisSettings``) holding the config fields of its names, so what a part
+reads is exactly what a reload compares.  ``swap_in`` runs a generation's
+services and points what outlives a reload (record publisher, metrics,
+readiness, recent attempts) at it.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar, cast
 
+import attrs
 from attrs import frozen
+from twisted.application.service import IService, MultiService
 from twisted.internet.task import Cooperator
 from twisted.web.resource import Resource
 
@@ -30,7 +37,7 @@ from oaproxy.bodyrules import form_model_filter
 from oaproxy.breaker import Breakers
 from oaproxy.cache.lookup import ResponseCache, StreamObserver
 from oaproxy.circuits import Circuits
-from oaproxy.config import Config
+from oaproxy.config import Config, NotifyConfig, RecordsPolicy
 from oaproxy.contentfilter import ContentFilter
 from oaproxy.cors import CorsPolicy
 from oaproxy.forward import Forwarder
@@ -39,6 +46,7 @@ from oaproxy.health import Readiness, ReadyResource
 from oaproxy.inspection import Inspector
 from oaproxy.iprules import IPRules
 from oaproxy.ledger import RequestLedger
+from oaproxy.listeners import settle
 from oaproxy.logfile import JSONLogFile
 from oaproxy.metrics import Metrics
 from oaproxy.models import ModelLists, ModelsAnswer
@@ -46,11 +54,13 @@ from oaproxy.observers import Alerting, MetricsCounting, ReadinessFollowing, Rec
 from oaproxy.outbound import AgentFor
 from oaproxy.pipeline import CandidateFilter, Gate, HeadGate, Observer, Observers, Pipeline
 from oaproxy.records import RecordEmitter, RecordMaker
+from oaproxy.retries import RetryPolicy
 from oaproxy.routing import Router
 from oaproxy.scrape import MetricsResource
 from oaproxy.sharedredis import SharedRedis
 from oaproxy.sinks import FileSink, QueuedSink, SQLSink
 from oaproxy.traffic.control import MemoryTraffic, build_traffic
+from oaproxy.upstreamclient.proxy import HTTPProxy
 from oaproxy.upstreams import UpstreamClients
 from oaproxy.web import ProxyResource, RootResource
 
@@ -123,6 +133,16 @@ class Shared:
             recent_attempts=RecentAttempts(reactor),
         )
 
+    def follow(self, generation: Generation) -> None:
+        """Point what outlives a reload at ``generation``'s config: the
+        metrics' labels, readiness, the upstreams recent attempts are kept for."""
+        config = generation.config
+        self.metrics.update_labels(known_models(config), upstream_names(config))
+        self.readiness.configure(upstream_names(config), generation.sinks)
+        self.recent_attempts.keep_only(
+            [u.name for u in (*config.upstreams, *config.disabled_upstreams)]
+        )
+
 
 @frozen
 class Generation:
@@ -154,32 +174,41 @@ def build_generation(
     ``observers`` watch requests beside the built-in ones; ``admin`` is
     served at ``/admin/`` (it outlives the generations: see oaproxy.admin)."""
     reactor = shared.reactor
-    if previous is not None and _sink_section(previous.config) == _sink_section(config):
-        sinks = previous.sinks
-    else:
-        sinks = make_sinks(config, reactor)
-    if previous is not None and _notify_section(previous.config) == _notify_section(config):
-        notifier = previous.notifier
-    else:
-        notifier = Notifier.from_config(
-            config.notify,
-            shared.alert_agents(config.proxy),
+    sinks = _part(
+        previous, config, SinkSettings, lambda g: g.sinks, lambda s: make_sinks(s, reactor)
+    )
+    notifier = _part(
+        previous,
+        config,
+        NotifySettings,
+        lambda g: g.notifier,
+        lambda s: Notifier.from_config(
+            s.notify,
+            shared.alert_agents(s.proxy),
             reactor,
-            config.hostname,
+            s.hostname,
             environ=shared.environ,
             on_result=shared.metrics.alert_sent,
-        )
-    if previous is not None and _redis_section(previous.config) == _redis_section(config):
-        shared_redis = previous.shared_redis
-    else:
-        shared_redis = (
-            SharedRedis(config.redis, config.redis_prefix, reactor) if config.redis else None
-        )
-    if previous is not None and _cache_section(previous.config) == _cache_section(config):
+        ),
+    )
+    shared_redis = _part(
+        previous,
+        config,
+        RedisSettings,
+        lambda g: g.shared_redis,
+        lambda s: SharedRedis(s.redis, s.redis_prefix, reactor) if s.redis else None,
+    )
+    if (
+        previous is not None
+        and previous.config.cache == config.cache
+        and previous.shared_redis is shared_redis
+    ):
         # Entries in memory outlive a reload that leaves the cache as it was.
         response_cache = previous.response_cache
     else:
-        response_cache = ResponseCache.from_config(config, shared_redis, reactor, shared.metrics)
+        response_cache = ResponseCache.from_config(
+            config.cache, shared_redis, reactor, shared.metrics
+        )
     if previous is not None and previous.config.log_file == config.log_file:
         log_file = previous.log_file
     else:
@@ -259,6 +288,8 @@ def build_generation(
         on_attempt_started=watching.attempt_started,
         on_attempt=watching.attempt_finished,
         stream_pace=traffic.stream_pace,
+        retries=RetryPolicy.from_config(config, shared.rng, shared.wall_clock),
+        failover_codes=config.failover_codes,
     )
     pipeline = Pipeline(
         config,
@@ -297,21 +328,74 @@ def build_generation(
     )
 
 
-def make_sinks(config: Config, reactor: Any) -> dict[str, QueuedSink]:
-    """The sinks a config asks for, not yet observing nor started."""
-    policy = config.records
+@frozen
+class SinkSettings:
+    """What the record sinks are made of: the config values of these names."""
+
+    dbtype: str
+    dbaddr: str
+    redis: str | None
+    records: RecordsPolicy
+
+
+@frozen
+class NotifySettings:
+    """What the notifier is made of."""
+
+    notify: NotifyConfig
+    hostname: str
+    proxy: HTTPProxy | None
+
+
+@frozen
+class RedisSettings:
+    """What the shared Redis connection is made of."""
+
+    redis: str | None
+    redis_prefix: str
+
+
+_S = TypeVar("_S")
+_P = TypeVar("_P")
+
+
+def settings_of(cls: type[_S], config: Config) -> _S:
+    """``cls``'s fields, each the config's value of the same name.  A part
+    is made of these alone, so what it reads is what a reload compares."""
+    return cls(
+        **{field.name: getattr(config, field.name) for field in attrs.fields(cast(Any, cls))}
+    )
+
+
+def _part(
+    previous: Generation | None,
+    config: Config,
+    cls: type[_S],
+    kept: Callable[[Generation], _P],
+    make: Callable[[_S], _P],
+) -> _P:
+    """The previous generation's part when its settings did not change, else a new one."""
+    wanted = settings_of(cls, config)
+    if previous is not None and settings_of(cls, previous.config) == wanted:
+        return kept(previous)
+    return make(wanted)
+
+
+def make_sinks(settings: SinkSettings, reactor: Any) -> dict[str, QueuedSink]:
+    """The sinks the settings ask for, not yet observing nor started."""
+    policy = settings.records
     common: dict[str, Any] = {"spool_dir": policy.spool_dir, "queue_size": policy.queue_size}
     sinks: dict[str, QueuedSink] = {}
-    if config.dbtype != "none":
-        sinks["sql"] = SQLSink(config.dbtype, config.dbaddr, reactor=reactor, **common)
+    if settings.dbtype != "none":
+        sinks["sql"] = SQLSink(settings.dbtype, settings.dbaddr, reactor=reactor, **common)
     if policy.file:
         sinks["file"] = FileSink(policy.file, rotate=policy.rotate, clock=reactor, **common)
-    if config.redis:
+    if settings.redis:
         # Imported here: txredisapi installs the global reactor on import.
         from oaproxy.sinks.redis import RedisSink
 
         sinks["redis"] = RedisSink(
-            config.redis,
+            settings.redis,
             key=policy.redis_key,
             maxlen=policy.redis_maxlen,
             usage_prefix=usage_prefix(policy.redis_key),
@@ -321,21 +405,44 @@ def make_sinks(config: Config, reactor: Any) -> dict[str, QueuedSink]:
     return sinks
 
 
-def _sink_section(config: Config) -> tuple[Any, ...]:
-    """What the sinks are made of: a change anywhere in it makes new ones."""
-    return (config.dbtype, config.dbaddr, config.redis, config.records)
+async def swap_in(
+    parent: MultiService, shared: Shared, old: Generation | None, new: Generation
+) -> None:
+    """Run ``new``'s services under ``parent`` in place of those of ``old``
+    that differ, and point what outlives a reload at ``new``."""
+    if old is None or new.log_file is not old.log_file:
+        await _replace(parent, old.log_file if old else None, None)
+        if new.log_file is not None:
+            new.log_file.setServiceParent(parent)
+            # The first child: children stop in reverse order, so it
+            # sees the others' last words.
+            parent.services.remove(new.log_file)
+            parent.services.insert(0, new.log_file)
+    await _replace(parent, old.notifier if old else None, new.notifier)
+    await _replace(parent, old.shared_redis if old else None, new.shared_redis)
+    if old is None or new.sinks is not old.sinks:
+        # The old sinks keep observing until they have stopped (records
+        # that come meanwhile are queued or spooled by them); the new ones
+        # read the spool at their start, so none is written by two at once.
+        for name, sink in (old.sinks if old else {}).items():
+            await settle([sink.disownServiceParent()])
+            shared.records.remove_observer(sink.observer)
+            shared.metrics.remove_sink(name)
+        for name, sink in new.sinks.items():
+            sink.setServiceParent(parent)
+            shared.records.add_observer(sink.observer)
+            shared.metrics.add_sink(name, sink)
+    shared.follow(new)
 
 
-def _redis_section(config: Config) -> tuple[Any, ...]:
-    return (config.redis, config.redis_prefix)
-
-
-def _cache_section(config: Config) -> tuple[Any, ...]:
-    return (config.cache, *_redis_section(config))
-
-
-def _notify_section(config: Config) -> tuple[Any, ...]:
-    return (config.notify, config.hostname, config.proxy)
+async def _replace(parent: MultiService, old: IService | None, new: IService | None) -> None:
+    """Start ``new``, then stop ``old``, unless they are one."""
+    if new is old:
+        return
+    if new is not None:
+        new.setServiceParent(parent)
+    if old is not None:
+        await settle([old.disownServiceParent()])
 
 
 def known_models(config: Config) -> list[str]:

@@ -6,6 +6,8 @@ from collections.abc import Iterable, Sequence
 
 from twisted.web.http_headers import Headers
 
+from oaproxy.credentials import SECRET_HEADERS
+
 # RFC 9110 section 7.6.1, plus the proxy-era names that still appear.
 HOP_BY_HOP = frozenset(
     {
@@ -23,12 +25,8 @@ HOP_BY_HOP = frozenset(
 
 # Never forwarded from the client: credentials (replaced by the upstream's own),
 # and headers the agent or oaproxy set for itself.
-CLIENT_ONLY = frozenset(
+CLIENT_ONLY = SECRET_HEADERS | frozenset(
     {
-        b"authorization",
-        b"api-key",
-        b"x-api-key",
-        b"cookie",
         b"host",
         b"content-length",
         b"accept-encoding",

@@ -95,6 +95,12 @@ def parse_json(data: bytes | str) -> Any:
         return None
 
 
+def json_object(data: bytes | str) -> dict[str, Any]:
+    """A JSON object's members; empty for anything else (not JSON, another value)."""
+    value = parse_json(data)
+    return value if isinstance(value, dict) else {}
+
+
 class BodyKind(Enum):
     EMPTY = "empty"
     JSON = "JSON"  # said so by its content type, or starting with { or [

@@ -10,7 +10,7 @@ from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from oaproxy.forward import Exchange
+from oaproxy.exchange import Exchange
 from oaproxy.pipeline import Observer
 from oaproxy.record import Record
 

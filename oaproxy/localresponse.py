@@ -25,7 +25,6 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from oaproxy.errors import error_body
-from oaproxy.inspection import WALK_AT_ONCE
 
 JSON = b"application/json"
 EVENT_STREAM = b"text/event-stream"
@@ -171,6 +170,22 @@ def sse_data(payload: Any) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
+class BadBody(ValueError):
+    """A request body an upstream made here answers with 400; the message
+    (plain words, for the client) says why."""
+
+
+def request_object(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object; ``BadBody`` when it is none."""
+    try:
+        request = json.loads(body)
+    except (ValueError, RecursionError):
+        raise BadBody("The request body is not JSON.") from None
+    if not isinstance(request, dict):
+        raise BadBody("The request body must be a JSON object.")
+    return request
+
+
 @implementer(IConsumer)
 class _Collector:
     def __init__(self) -> None:
@@ -186,15 +201,20 @@ class _Collector:
         pass
 
 
+#: An upstream made here (echo, Replicate) parses a request body whole, on
+#: the reactor: up to this size, enough for a chat with a long context, and
+#: a few milliseconds of parsing at most.
+LOCAL_BODY_BYTES = 1024 * 1024
+
+
 def too_large(producer: IBodyProducer | None, reader: str) -> LocalResponse | None:
     """413 for a body larger than an upstream made here reads (``reader``
-    names it): it is parsed whole, on the reactor, so no larger than
-    ``oaproxy.inspection.WALK_AT_ONCE`` (a few milliseconds at most)."""
-    if producer is None or producer.length is UNKNOWN_LENGTH or producer.length <= WALK_AT_ONCE:
+    names it): over ``LOCAL_BODY_BYTES``."""
+    if producer is None or producer.length is UNKNOWN_LENGTH or producer.length <= LOCAL_BODY_BYTES:
         return None
     return error_response(
         413,
-        f"{reader} reads request bodies of up to {WALK_AT_ONCE} bytes;"
+        f"{reader} reads request bodies of up to {LOCAL_BODY_BYTES} bytes;"
         f" this one has {producer.length}.",
         error_code="request_too_large",
     )

@@ -17,6 +17,11 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import ILogObserver, LogPublisher, eventAsJSON, globalLogPublisher
 from zope.interface import implementer
 
+# The logger and the object that logged: no JSON has them, and each would
+# be written as {"unpersistable": true} on every line (log_namespace says
+# who logged).
+_NOT_WRITTEN = ("log_logger", "log_source")
+
 # Lines held while the disk is slow; past this the oldest are let go (and
 # counted on stderr): the daemon's log must never grow its memory.
 MAX_PENDING_LINES = 10000
@@ -40,7 +45,8 @@ class JSONLogFile(Service):
     def __call__(self, event: dict[str, Any]) -> None:
         if len(self._pending) == MAX_PENDING_LINES:
             self._lost += 1
-        self._pending.append(eventAsJSON(event))
+        written = {key: value for key, value in event.items() if key not in _NOT_WRITTEN}
+        self._pending.append(eventAsJSON(written))
         if self._flush_call is None and self._file is not None:
             self._flush_call = self._clock.callLater(0, self._flush)
 

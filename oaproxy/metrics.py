@@ -32,6 +32,7 @@ from prometheus_client.metrics_core import (
 )
 from twisted.logger import Logger
 
+from oaproxy.attemptmetrics import AttemptCounters
 from oaproxy.circuits import CircuitCollector, Circuits
 from oaproxy.frontmetrics import FrontMetrics
 from oaproxy.record import Attempt, CacheResult, FailureKind, Outcome, Record
@@ -376,6 +377,7 @@ class Metrics:
             "Client requests by route prefix (none: /v1 itself) and final status class.",
             ["prefix", "status_class"],
         )
+        self._attempt_counters = AttemptCounters(tallies, self.upstream_label)
         self._exhausted = tallies.tally(
             "oaproxy_failover_exhausted",
             "Requests for which every candidate upstream failed.",
@@ -510,6 +512,7 @@ class Metrics:
             self._attempts.inc((attempt_upstream, attempt_outcome(attempt)))
             if index < last:
                 self._failovers.inc((attempt_upstream,))
+        self._attempt_counters.count(record)
         if record.outcome is Outcome.EXHAUSTED:
             self._exhausted.inc((route,))
         if record.limit is not None:

@@ -29,6 +29,7 @@ from twisted.web.http_headers import Headers
 
 from oaproxy.answers import JSONAnswer, LocalAnswer
 from oaproxy.config import Upstream, UpstreamType
+from oaproxy.credentials import upstream_authorization
 from oaproxy.errors import ErrorAnswer
 from oaproxy.pipeline import Arrival
 from oaproxy.relay import describe, small_body
@@ -241,7 +242,7 @@ class ModelsAnswer:
             d = fetch_list(upstream, client, self._clock, client_auth, self._words)
             d.addErrback(lambda _: ())
         else:
-            auth = b"Bearer " + upstream.sk.encode("utf-8") if upstream.sk else None
+            auth = upstream_authorization(upstream, None)
             d = self._lists.get(
                 upstream, lambda: fetch_list(upstream, client, self._clock, auth, self._words)
             )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from twisted.web.server import Request
 
 from oaproxy.alerts import Notifier, alert_from_record
-from oaproxy.forward import Exchange
+from oaproxy.exchange import Exchange
 from oaproxy.health import Readiness
 from oaproxy.metrics import Metrics
 from oaproxy.pipeline import Observer

@@ -9,7 +9,7 @@ under any route prefix: ``RequestPath.api_path`` is what they compare.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Sequence
 from urllib.parse import unquote_to_bytes
 
 from attrs import frozen
@@ -28,20 +28,20 @@ class RequestPath:
     upstream_path: bytes
 
 
-def route_of(uri: bytes, routes: Collection[str]) -> str | None:
-    """The route prefix ``uri`` is under: one of ``routes`` followed by
-    ``/v1``, spelled plainly; None when there is none (``/v1`` itself, or a
-    path no route serves)."""
+def route_of(uri: bytes, routes: Sequence[str]) -> str | None:
+    """The route prefix ``uri`` is under: the first of ``routes`` (longest
+    first, as ``Config.route_prefixes`` gives them, so that /team/a wins
+    over /team) followed by ``/v1``, spelled plainly; None when there is
+    none (``/v1`` itself, or a path no route serves)."""
     raw = uri.split(b"?", 1)[0]
-    # Longest first, so that /team/a wins over /team.
-    for route in sorted(routes, key=len, reverse=True):
+    for route in routes:
         prefix = route.encode("ascii")
         if raw.startswith(prefix) and _is_api_path(raw[len(prefix) :]):
             return route
     return None
 
 
-def request_path(uri: bytes, routes: Collection[str] = ()) -> RequestPath | None:
+def request_path(uri: bytes, routes: Sequence[str] = ()) -> RequestPath | None:
     """Where ``uri`` goes; None for a path no API has.
 
     The API path is percent-decoded and without empty segments (so

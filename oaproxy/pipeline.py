@@ -38,8 +38,10 @@ the cache's ``X-Oaproxy-Cache``, the limits' ``x-ratelimit-*``.
 A head gate, a gate or a candidate filter may answer at once or return a
 ``Deferred`` (a Redis round trip: limits, the cache, shared breakers): each
 stage's checks run synchronously until one returns a Deferred, so a request
-whose checks need no I/O pays for no Deferred; a client that goes away
-while one waits cancels it.
+whose checks need no I/O pays for no Deferred. A client that goes away
+while one waits cancels it, and the request ends there: like every request,
+with one record, and each observer's ``request_finished`` once (what a
+candidate filter held for it, a breaker's probe, is given back).
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ from oaproxy.bodyrules import body_refusal
 from oaproxy.config import Config, Upstream
 from oaproxy.credentials import token_text
 from oaproxy.errors import ErrorAnswer, error_body
-from oaproxy.forward import AttemptLog, Call, Exchange, Forwarder
+from oaproxy.exchange import AttemptLog, Call, Exchange
+from oaproxy.forward import Forwarder
 from oaproxy.headers import forwarded_for
 from oaproxy.inspection import WALK_AT_ONCE, Inspected, unread
 from oaproxy.paths import RequestPath, request_path
@@ -231,7 +234,12 @@ class Pipeline:
         )
         verdict = _run(self._head_gates, arrival)
         if isinstance(verdict, Deferred):
-            return self._later(request, verdict, lambda v: self._admitted(arrival, where, v))
+            return self._later(
+                request,
+                verdict,
+                lambda v: self._admitted(arrival, where, v),
+                self._nothing_read(arrival, where),
+            )
         return self._admitted(arrival, where, verdict)
 
     def _admitted(
@@ -242,11 +250,13 @@ class Pipeline:
         if answer is not None:
             # Answered before the body is read: a client without a key
             # cannot make the reactor walk 64 MiB of JSON for a 401.
-            nothing_read = unread(RequestBody(size=declared_size(request), data=None))
-            exchange = self._exchange(arrival, where, nothing_read)
+            exchange = self._nothing_read(arrival, where)
             if isinstance(answer, Deferred):
                 return self._later(
-                    request, answer, lambda given: self._answer_here(request, exchange, given)
+                    request,
+                    answer,
+                    lambda given: self._answer_here(request, exchange, given),
+                    exchange,
                 )
             return self._answer_here(request, exchange, answer)
         # Of a body left in its spool file, the head its record reads (and a
@@ -255,7 +265,12 @@ class Pipeline:
         body = _request_body(cast(IO[bytes], request.content), self._records.reach(own_token) + 1)
         inspected = self.inspect(body, request.getHeader(b"content-type"))
         if isinstance(inspected, Deferred):
-            return self._later(request, inspected, lambda i: self._inspected(arrival, where, i))
+            return self._later(
+                request,
+                inspected,
+                lambda i: self._inspected(arrival, where, i),
+                self._nothing_read(arrival, where),
+            )
         return self._inspected(arrival, where, inspected)
 
     def _inspected(
@@ -273,7 +288,10 @@ class Pipeline:
         filtered = _filter(self._candidate_filters, exchange, candidates)
         if isinstance(filtered, Deferred):
             return self._later(
-                request, filtered, lambda chosen: self._filtered(request, exchange, chosen)
+                request,
+                filtered,
+                lambda chosen: self._filtered(request, exchange, chosen),
+                exchange,
             )
         return self._filtered(request, exchange, filtered)
 
@@ -293,7 +311,7 @@ class Pipeline:
         verdict = _run(self._gates, exchange, chosen)
         if isinstance(verdict, Deferred):
             return self._later(
-                request, verdict, lambda v: self._gated(request, exchange, chosen, v)
+                request, verdict, lambda v: self._gated(request, exchange, chosen, v), exchange
             )
         return self._gated(request, exchange, chosen, verdict)
 
@@ -309,6 +327,11 @@ class Pipeline:
         self._observers.request_started(exchange, request)
         self._forward(request, exchange, candidates)
         return server.NOT_DONE_YET
+
+    def _nothing_read(self, arrival: Arrival, where: RequestPath | None) -> Exchange:
+        """The exchange of a request that ends before its body is read."""
+        body = unread(RequestBody(size=declared_size(arrival.request), data=None))
+        return self._exchange(arrival, where, body)
 
     def _exchange(
         self, arrival: Arrival, where: RequestPath | None, inspected: Inspected
@@ -386,34 +409,52 @@ class Pipeline:
         request: server.Request,
         pending: Deferred[_T],
         then: Callable[[_T], bytes | int],
+        exchange: Exchange,
     ) -> int:
         """Go on with ``then`` when a stage's answer comes (a gate's, a
-        candidate filter's, a large body's inspection); a client that goes
-        away meanwhile cancels the wait."""
+        candidate filter's, a large body's inspection).  A client that goes
+        away meanwhile cancels the wait, and the request ends there, as does
+        one whose stage failed: ``exchange`` (the request as far as it got)
+        makes its record.  Whichever comes first of the three ends the wait."""
+        waiting = [pending]
 
         def client_gone(reason: Failure) -> None:
-            pending.cancel()
+            if waiting:
+                waiting.clear()
+                # Cleared first: the cancelled stage's failure is no bug.
+                pending.cancel()
+                exchange.client_disconnected()
+                self._ended(request, exchange)
 
         request.notifyFinish().addErrback(client_gone)
 
         def answered(verdict: _T) -> None:
-            if request._disconnected:
+            if not waiting:
                 return
+            waiting.clear()
             body = then(verdict)
             if isinstance(body, bytes):
                 request.write(body)
                 request.finish()
 
         def failed(failure: Failure) -> None:
-            if request._disconnected:
+            if not waiting:
                 return
+            waiting.clear()
             self.log.failure("a request stage failed", failure=failure)
             fail_unfinished(request)
+            exchange.status = request.code
+            exchange.outcome = Outcome.ERROR
+            self._ended(request, exchange)
 
         pending.addCallbacks(answered, failed).addErrback(
             lambda failure: self.log.failure("finishing a request failed", failure=failure)
         )
         return server.NOT_DONE_YET
+
+    def _ended(self, request: server.Request, exchange: Exchange) -> None:
+        exchange.finished = self._clock.seconds()
+        self.finished(exchange, request)
 
     # -- the end -------------------------------------------------------------
 

@@ -67,6 +67,12 @@ class FailureKind(enum.Enum):
     EVENT_TOO_LARGE = "event_too_large"
     #: A committed stream fell silent past the idle timeout.
     STREAM_IDLE = "stream_idle"
+    #: A stream's upstream sent an error event (and it was resumed elsewhere).
+    STREAM_ERROR = "stream_error"
+    #: A restarted stream said something else than what the client had.
+    DIVERGED = "diverged"
+    #: A pooled connection the upstream had closed: sent again on a new one.
+    STALE_CONNECTION = "stale_connection"
     #: Anything else that went wrong on the way (its text says what).
     OTHER = "other"
 
@@ -89,6 +95,7 @@ _UPSTREAM_FAULTS = frozenset(
         FailureKind.UPSTREAM_ENDED_EARLY,
         FailureKind.EVENT_TOO_LARGE,
         FailureKind.STREAM_IDLE,
+        FailureKind.STREAM_ERROR,
         FailureKind.OTHER,
     }
 )
@@ -126,7 +133,7 @@ class Evidence(enum.Enum):
 
 
 class JudgedAttempt(Protocol):
-    """An attempt as it runs (``forward.AttemptLog``) or as recorded (``Attempt``)."""
+    """An attempt as it runs (``exchange.AttemptLog``) or as recorded (``Attempt``)."""
 
     @property
     def status(self) -> int | None: ...
@@ -208,6 +215,15 @@ class Attempt:
     #: The upstream was sent the client's own key (``sk: asis``), so a 401
     #: or 403 is about that key (not stored either).
     client_key_sent: bool = False
+    #: How this attempt continued a stream that broke ("prefill", "restart").
+    resumed: str | None = None
+    #: The characters of text the client had when it broke.
+    resumed_at: int | None = None
+    #: Why it was followed by a retry on the same upstream ("429", "reset").
+    retried: str | None = None
+    #: Why the request went out again, on a new connection: the attempt
+    #: before found the pooled connection closed.
+    resent: str | None = None
 
     @property
     def upstream_at_fault(self) -> bool:
@@ -272,16 +288,7 @@ def record_document(record: Record) -> JSONObject:
         "path": record.path,
         "model": record.model,
         "stream": record.stream,
-        "attempts": [
-            {
-                "upstream": attempt.upstream,
-                "status": attempt.status,
-                "error": attempt.error,
-                "ttfb": attempt.ttfb,
-                "duration": attempt.duration,
-            }
-            for attempt in record.attempts
-        ],
+        "attempts": [_attempt_document(attempt) for attempt in record.attempts],
         "upstream": record.upstream,
         "status": record.status,
         "outcome": record.outcome.value,
@@ -312,6 +319,26 @@ def record_document(record: Record) -> JSONObject:
         # Likewise only requests the cache looked at (or bypassed) have it.
         document["cache"] = record.cache.value
     return document
+
+
+def _attempt_document(attempt: Attempt) -> JSONObject:
+    document: JSONObject = {
+        "upstream": attempt.upstream,
+        "status": attempt.status,
+        "error": attempt.error,
+        "ttfb": attempt.ttfb,
+        "duration": attempt.duration,
+    }
+    # Stored only when set, as most attempts are none of these.
+    for name in _ATTEMPT_LATER:
+        value = getattr(attempt, name)
+        if value is not None:
+            document[name] = value
+    return document
+
+
+# The keys added to an attempt's stored form later, with their types.
+_ATTEMPT_LATER: dict[str, type] = {"resumed": str, "resumed_at": int, "retried": str, "resent": str}
 
 
 def usage_document(usage: Usage) -> JSONObject:
@@ -457,6 +484,7 @@ def _attempt(document: object) -> Attempt:
         error=fields.optional_text("error"),
         ttfb=fields.optional_number("ttfb"),
         duration=fields.optional_number("duration"),
+        **{name: fields.later(name, kind) for name, kind in _ATTEMPT_LATER.items()},
     )
 
 

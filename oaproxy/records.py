@@ -25,12 +25,13 @@ from oaproxy.capture import (
 )
 from oaproxy.config import Config, Upstream
 from oaproxy.credentials import Redactor, config_secrets, redact_headers
-from oaproxy.forward import Call, Exchange
+from oaproxy.exchange import Call, Exchange
 from oaproxy.largeanswer import MAX_PARSED_ANSWER, USAGE_WINDOW, AnswerEnds
 from oaproxy.record import Attempt, CacheResult, JSONObject, LimitRefusal, Record
-from oaproxy.web import API_METHODS
 
-NAMESPACE = "oaproxy.record"
+# The namespace the sinks observe.
+from oaproxy.sinks.queue import RECORD_NAMESPACE
+from oaproxy.web import API_METHODS
 
 
 class RecordEmitter:
@@ -38,7 +39,7 @@ class RecordEmitter:
 
     def __init__(self) -> None:
         self.publisher = LogPublisher()
-        self._log = Logger(namespace=NAMESPACE, observer=self.publisher)
+        self._log = Logger(namespace=RECORD_NAMESPACE, observer=self.publisher)
 
     def add_observer(self, observer: ILogObserver) -> None:
         self.publisher.addObserver(observer)
@@ -148,6 +149,10 @@ class RecordMaker:
                     duration=attempt.duration,
                     failure=attempt.failure,
                     client_key_sent=attempt.client_key_sent,
+                    resumed=attempt.resumed.value if attempt.resumed is not None else None,
+                    resumed_at=attempt.resumed_at,
+                    retried=attempt.retried,
+                    resent=attempt.resent,
                 )
                 for attempt in exchange.attempts
             ),

@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from oaproxy.credentials import hide_key_shapes
 from oaproxy.record import FailureKind
+from oaproxy.resume import Diverged, StreamFollower, UpstreamErrorEvent
 from oaproxy.sse import EventTooLarge, SSESplitter, event_data, sse_error_event
 from oaproxy.traffic.pacing import Pacer
 
@@ -210,6 +211,13 @@ class StreamRelay(Protocol):
     ``RelayFailure``. Before the commit an upstream failure errbacks
     ``first_event`` (the caller fails over). ``words`` makes the texts of
     upstream failures fit to repeat (``Redactor.words``).
+
+    With a ``follower`` (``oaproxy.resume``) each event passes through it
+    first; a failure it ``can_resume`` leaves the client's request open
+    (no error event, no finish) for the next attempt to continue, and an
+    upstream's error event is such a failure too. Only events with data
+    count as the stream's progress: keep-alive comments do not hold off
+    ``idle_timeout``.
     """
 
     def __init__(
@@ -224,10 +232,14 @@ class StreamRelay(Protocol):
         words: Callable[[str], str],
         on_event: Callable[[bytes], bool] | None = None,
         pace: float | None = None,
+        follower: StreamFollower | None = None,
     ) -> None:
         self.first_event: Deferred[None] = Deferred(self._cancel)
         self.done: Deferred[RelayFailure | None] = Deferred(self._cancel)
         self.bytes_out = 0
+        # The relay ended leaving the client's response open, for the next
+        # attempt to continue (see ``follower``).
+        self.left_open = False
         self._request = request
         self._clock = clock
         self._commit = commit
@@ -236,6 +248,7 @@ class StreamRelay(Protocol):
         self._max_event_bytes = max_event_bytes
         self._words = words
         self._on_event = on_event
+        self.follower = follower
         self._committed = False
         self._ended = False
         self._paused = False
@@ -261,9 +274,9 @@ class StreamRelay(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._ended:
             return
-        if self._idle is not None:
-            self._idle.reset(self._idle_timeout)
         if self._splitter is None:
+            if self._idle is not None:
+                self._idle.reset(self._idle_timeout)
             self._write(data)
             return
         try:
@@ -288,7 +301,16 @@ class StreamRelay(Protocol):
                     self._too_large(f"over {self._max_event_bytes} bytes before the first event")
                 return
             events, self._held = self._held, []
-        passed = [e for e in events if self._pass_on(e)]
+        elif self._idle is not None and any(event_data(e) is not None for e in events):
+            self._idle.reset(self._idle_timeout)
+        passed = []
+        for event in events:
+            out = self._pass_on(event)
+            if self._ended:
+                # The follower saw the stream break (or diverge).
+                return
+            if out is not None:
+                passed.append(out)
         if not self._committed:
             self._start()
         self._relay_events(passed)
@@ -299,19 +321,45 @@ class StreamRelay(Protocol):
         elif events:
             self._write(b"".join(events))
 
-    def _pass_on(self, event: bytes) -> bool:
+    def _pass_on(self, event: bytes) -> bytes | None:
+        """The event as it goes to the client; None: left out."""
         data = event_data(event)
         if data is None:
-            return True
+            return event
         if data == b"[DONE]":
             self._saw_done = True
             if self._on_event is not None:
                 # Seen too (the cache stores only streams that end so), and
                 # always passed on.
                 self._on_event(data)
-            return True
+            return event
+        if self.follower is not None:
+            try:
+                followed = self.follower.rewrite(event, data)
+            except (UpstreamErrorEvent, Diverged) as e:
+                self._broke(e)
+                return None
+            if followed is None:
+                return None
+            event, data = followed
         # on_event captures the event and says whether to pass it on.
-        return self._on_event is None or self._on_event(data)
+        return event if self._on_event is None or self._on_event(data) else None
+
+    def _broke(self, error: UpstreamErrorEvent | Diverged) -> None:
+        """The follower says the stream cannot go on as it is."""
+        self._abort_upstream()
+        kind = FailureKind.DIVERGED if isinstance(error, Diverged) else FailureKind.STREAM_ERROR
+        failure = RelayFailure(kind, self._words(str(error)))
+        if self._committed or kind is FailureKind.DIVERGED:
+            # A continuation's client has its response already: a restart
+            # that diverges ends it, whether or not it sent anything new.
+            if not self._committed:
+                self._start()
+            self._end(failure)
+            return
+        # Before the commit: the attempt failed, the next one is tried.
+        self._ended = True
+        self.first_event.errback(Failure(UpstreamEndedEarly(failure.error, kind)))
 
     def _start(self) -> None:
         self._committed = True
@@ -444,7 +492,11 @@ class StreamRelay(Protocol):
             self._idle.cancel()
         self._idle = None
         request = self._request
-        if failure is None or not failure.kind.caused_by_client:
+        if failure is not None and self.follower is not None and self._resumes(failure):
+            # The next attempt continues this response.
+            self.left_open = True
+            request.unregisterProducer()
+        elif failure is None or not failure.kind.caused_by_client:
             request.unregisterProducer()
             if failure is not None and self._splitter is None:
                 # A raw body cannot carry an error: closing without the final
@@ -457,6 +509,12 @@ class StreamRelay(Protocol):
                 request.finish()
         if not self.done.called:
             self.done.callback(failure)
+
+    def _resumes(self, failure: RelayFailure) -> bool:
+        assert self.follower is not None
+        if failure.kind.caused_by_client or failure.kind is FailureKind.DIVERGED:
+            return False
+        return self.follower.can_resume
 
     def _abort_upstream(self) -> None:
         if self.transport is not None:
@@ -492,13 +550,17 @@ def describe(
         return described[0][0], "; ".join(text for _, text in described)
     if isinstance(exc, CancelledError):
         return FailureKind.CANCELLED, "cancelled"
+    if isinstance(exc, PotentialDataLoss):
+        return FailureKind.OTHER, "the upstream closed the connection before the end of its answer"
     text = words(str(exc).strip())
+    if isinstance(exc, UpstreamEndedEarly):
+        # Its words are oaproxy's own, and say it all.
+        return exc.kind, text
     name = type(exc).__name__
     kind = _connect_failure(exc)
     if kind is not None:
         return kind, f"connect error: {name}: {text}".rstrip(": ")
-    kind = exc.kind if isinstance(exc, UpstreamEndedEarly) else FailureKind.OTHER
-    return kind, f"{name}: {text}" if text else name
+    return FailureKind.OTHER, f"{name}: {text}" if text else name
 
 
 def _connect_failure(exc: object) -> FailureKind | None:

@@ -36,10 +36,12 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from oaproxy.config import Upstream
-from oaproxy.credentials import REDACTED, bearer_token
+from oaproxy.credentials import Words, token_text
+from oaproxy.inspection import json_object
 from oaproxy.localresponse import (
     EVENT_STREAM,
     SSE_DONE,
+    BadBody,
     LocalResponse,
     error_response,
     json_response,
@@ -50,7 +52,6 @@ from oaproxy.localresponse import (
 from oaproxy.relay import BytesProducer, UpstreamEndedEarly, describe, small_body
 from oaproxy.replicate_format import (
     TERMINAL,
-    BadChat,
     ChatRequest,
     ModelRef,
     chunk,
@@ -82,15 +83,6 @@ class PredictionUnreachable(UpstreamEndedEarly):
     attempt fails, and is never retried as a new prediction."""
 
 
-def hidden(text: str, auth: bytes | None) -> str:
-    """``text`` without the credential it might quote: texts of Replicate's
-    that end a stream reach the client as they are."""
-    token = bearer_token(auth)
-    if token:
-        text = text.replace(token.decode("utf-8", "replace"), REDACTED)
-    return text
-
-
 def _event_name(event: bytes) -> bytes:
     """An SSE event's ``event`` field (``message`` when it has none)."""
     for line in event.splitlines():
@@ -113,7 +105,7 @@ class ReplicateAgent:
         wall_clock: Callable[[], float],
         *,
         max_event_bytes: int,
-        words: Callable[[str], str],
+        words: Words,
     ) -> None:
         assert upstream.endpoint is not None
         self._endpoint = upstream.endpoint
@@ -124,7 +116,7 @@ class ReplicateAgent:
         # Replicate's stream events, like an upstream's, are capped.
         self.max_event_bytes = max_event_bytes
         # What makes Replicate's texts about a failure fit for the log.
-        self._words = words
+        self.words = words
 
     def request(
         self,
@@ -152,7 +144,7 @@ class ReplicateAgent:
             return refused
         try:
             chat = parse_chat(await request_bytes(body))
-        except BadChat as e:
+        except BadBody as e:
             return error_response(400, str(e))
         ref = ModelRef.parse(chat.model)
         if ref is None:
@@ -167,7 +159,7 @@ class ReplicateAgent:
         code, headers, answer = await self._call(b"POST", url, auth, payload)
         if code not in (200, 201):
             return mapped_error(code, answer, headers)
-        prediction = _document(answer)
+        prediction = json_object(answer)
         urls = prediction.get("urls")
         if not isinstance(urls, dict):
             return upstream_failed("Replicate: the new prediction has no urls")
@@ -202,7 +194,7 @@ class ReplicateAgent:
                 failures = 0
                 if code != 200:
                     return mapped_error(code, answer, headers)
-                prediction = _document(answer)
+                prediction = json_object(answer)
         finally:
             if prediction.get("status") not in TERMINAL:
                 self._cancel(urls, auth)
@@ -255,7 +247,7 @@ class ReplicateAgent:
             raise
         except Exception:  # noqa: BLE001 - usage is worth a try, not a failed answer
             return None
-        return usage(_document(answer)) if code == 200 else None
+        return usage(json_object(answer)) if code == 200 else None
 
     # -- calls ------------------------------------------------------------------------------
 
@@ -282,7 +274,7 @@ class ReplicateAgent:
             self.log.warn(
                 "upstream {upstream}: cancelling a prediction failed: {error}",
                 upstream=self._name,
-                error=describe(failure, self._words)[1],
+                error=describe(failure, self.words)[1],
             )
 
         call.addErrback(failed)
@@ -336,9 +328,14 @@ class _StreamTranslator(Protocol):
                     self._spoke = True
                 self._chunk(delta)
             elif name == b"error":
-                self._end(hidden(f"Replicate: {detail(text or b'')}", self._auth))
+                # Replicate's words reach the client: the key it may quote
+                # (the client's own, passed on as is) hidden.
+                words = self._agent.words(
+                    f"Replicate: {detail(text or b'')}", token_text(self._auth)
+                )
+                self._end(words)
             elif name == b"done":
-                reason = _document(text or b"{}").get("reason")
+                reason = json_object(text or b"{}").get("reason")
                 if reason in ("error", "canceled"):
                     self._end(f"Replicate: the prediction ended: {reason}")
                 else:
@@ -393,12 +390,3 @@ def _url(urls: Mapping[str, Any], name: str) -> bytes:
     if not isinstance(url, str):
         raise PredictionUnreachable(f"Replicate: the prediction has no {name} url")
     return url.encode("utf-8")
-
-
-def _document(data: bytes) -> dict[str, Any]:
-    """A JSON object of Replicate's, or an empty one for anything else."""
-    try:
-        document = json.loads(data)
-    except (ValueError, RecursionError):
-        return {}
-    return document if isinstance(document, dict) else {}

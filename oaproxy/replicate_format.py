@@ -16,7 +16,7 @@ from attrs import frozen
 from twisted.web.http_headers import Headers
 
 from oaproxy.inspection import content_texts
-from oaproxy.localresponse import LocalResponse, error_response
+from oaproxy.localresponse import BadBody, LocalResponse, error_response, request_object
 
 # A prediction's states that do not change any more.
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
@@ -36,10 +36,6 @@ _INPUT_FIELDS = (
     ("presence_penalty", "presence_penalty"),
     ("frequency_penalty", "frequency_penalty"),
 )
-
-
-class BadChat(ValueError):
-    """A request body that is no chat completion (answered with 400)."""
 
 
 @frozen
@@ -98,17 +94,12 @@ def mistral_prompt(messages: Sequence[Mapping[str, Any]]) -> str:
 
 
 def parse_chat(body: bytes) -> ChatRequest:
-    try:
-        request = json.loads(body)
-    except (ValueError, RecursionError):
-        raise BadChat("The request body is not JSON.") from None
-    if not isinstance(request, dict):
-        raise BadChat("The request body must be a JSON object.")
+    request = request_object(body)
     model, messages = request.get("model"), request.get("messages")
     if not isinstance(model, str):
-        raise BadChat("'model' must be a string.")
+        raise BadBody("'model' must be a string.")
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise BadChat("'messages' must be a list of messages.")
+        raise BadBody("'messages' must be a list of messages.")
     values: dict[str, Any] = {
         # Without it Replicate's Mistral models wrap the prompt in the
         # template again.

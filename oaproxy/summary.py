@@ -20,6 +20,7 @@ from oaproxy.config import (
     all_client_keys,
     is_loopback_endpoint,
 )
+from oaproxy.credentials import public_text
 from oaproxy.descriptors import connection_cap
 from oaproxy.traffic.budgets import describe_budget
 
@@ -27,19 +28,10 @@ if TYPE_CHECKING:
     from oaproxy.generation import Generation
 
 
-def public_url(url: str) -> str:
-    """A URL without user info, query or fragment (which may carry secrets)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return f"{parts.scheme}://{host}{parts.path}"
-
-
 def _where(upstream: Upstream) -> str:
     if upstream.endpoint is None:
         return "built-in echo, answers locally"
-    where = public_url(upstream.endpoint)
+    where = public_text(upstream.endpoint)
     return f"replicate at {where}" if upstream.type is UpstreamType.REPLICATE else where
 
 
@@ -200,7 +192,7 @@ def log_summary(log: Logger, headline: str, generation: Generation, listen: Iter
         # A postgres DSN may hold a password; a sqlite path does not.
         "sql": "postgres" if config.dbtype == "postgres" else config.dbaddr,
         "file": config.records.file,
-        "redis": public_url(config.redis) if config.redis else None,
+        "redis": public_text(config.redis) if config.redis else None,
     }
     sinks = [f"{name} ({where[name]})" for name in generation.sinks]
     log.info(headline)

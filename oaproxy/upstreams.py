@@ -18,6 +18,7 @@ from attrs import frozen
 from twisted.web.iweb import IAgent
 
 from oaproxy.config import Upstream, UpstreamType
+from oaproxy.credentials import Words
 from oaproxy.echo import EchoAgent
 from oaproxy.outbound import AgentFor
 from oaproxy.replicate import ReplicateAgent
@@ -44,7 +45,7 @@ class UpstreamClients:
         clock: Any,
         wall_clock: Callable[[], float],
         max_event_bytes: int,
-        words: Callable[[str], str],
+        words: Words,
     ) -> None:
         echo = EchoAgent(wall_clock)
         clients: dict[str, UpstreamClient] = {}

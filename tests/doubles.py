@@ -55,7 +55,7 @@ from zope.interface import implementer
 
 from oaproxy.cli import main as cli_main
 from oaproxy.config import Config, parse_config
-from oaproxy.forward import Exchange
+from oaproxy.exchange import Exchange
 from oaproxy.generation import Shared, build_generation
 from oaproxy.pipeline import Observer
 from oaproxy.record import Record, record_document
@@ -80,6 +80,11 @@ class _Bare:
 
     def __init__(self, **attributes: Any) -> None:
         self.__dict__.update(attributes)
+
+
+def words_as_said(text: str, extra: str | None = None) -> str:
+    """A ``credentials.Words`` that changes nothing: for tests of texts as they come."""
+    return text
 
 
 def bare_exchange(route: str | None = None) -> Exchange:
@@ -516,6 +521,8 @@ class Harness:
         self.generation = build_generation(
             self.config, self.shared, observers=[ExchangeLog(self.exchanges)]
         )
+        # As the daemon's swap_in does (the sinks are the daemon's to run).
+        self.shared.follow(self.generation)
         self.pipeline = self.generation.pipeline
         self.forwarder = self.generation.forwarder
         self.site = ProxySite(

@@ -63,6 +63,7 @@ class Stream:
     many content chunks nothing more is ever sent. Without ``role_chunk`` the
     stream does not open with the usual ``{"role": "assistant"}`` chunk, so
     ``close_after=0``/``hang_after=0`` send the headers and not one event.
+    ``chunk_id`` is every chunk's ``id``.
     """
 
     chunks: tuple[str, ...] = DEFAULT_CHUNKS
@@ -71,6 +72,7 @@ class Stream:
     close_after: int | None = None
     hang_after: int | None = None
     role_chunk: bool = True
+    chunk_id: str = "chatcmpl-fake"
 
 
 @frozen
@@ -514,7 +516,11 @@ class FakeUpstream:
         events: list[bytes] = []
         if behaviour.role_chunk:
             events.append(
-                sse_event(stream_chunk(0, {"role": "assistant", "content": ""}, None, model))
+                sse_event(
+                    stream_chunk(
+                        0, {"role": "assistant", "content": ""}, None, model, behaviour.chunk_id
+                    )
+                )
             )
         for index, text in enumerate(behaviour.chunks):
             if behaviour.close_after is not None and index == behaviour.close_after:
@@ -523,11 +529,13 @@ class FakeUpstream:
             if behaviour.hang_after is not None and index == behaviour.hang_after:
                 events.append(b"HANG")
                 break
-            events.append(sse_event(stream_chunk(0, {"content": text}, None, model)))
+            events.append(
+                sse_event(stream_chunk(0, {"content": text}, None, model, behaviour.chunk_id))
+            )
         else:
-            events.append(sse_event(stream_chunk(0, {}, "stop", model)))
+            events.append(sse_event(stream_chunk(0, {}, "stop", model, behaviour.chunk_id)))
             if include_usage:
-                events.append(sse_event(usage_chunk(behaviour.usage, model)))
+                events.append(sse_event(usage_chunk(behaviour.usage, model, behaviour.chunk_id)))
             events.append(b"data: [DONE]\n\n")
         self._open.add(request)
         # Status and headers go out at once, as OpenAI's do, before any event.

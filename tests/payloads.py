@@ -23,7 +23,7 @@ import base64
 import hashlib
 import hmac
 import json
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable, Sequence
 from itertools import pairwise
 from typing import Any
 
@@ -118,7 +118,7 @@ def bearer(key: str) -> tuple[bytes, bytes]:
     return (b"Authorization", b"Bearer " + key.encode())
 
 
-def api_path(uri: bytes, routes: Collection[str] = ()) -> str | None:
+def api_path(uri: bytes, routes: Sequence[str] = ()) -> str | None:
     """The API path oaproxy reads in ``uri`` under the route prefixes
     ``routes`` (``oaproxy.paths``); None for a path no API has."""
     where = request_path(uri, routes)

@@ -91,15 +91,18 @@ def stored_attempt(
     error: str | None = None,
     ttfb: float | None = None,
     duration: float = 0.0,
+    **later: Any,
 ) -> dict[str, Any]:
     """One attempt as the stores hold it (no failure kind), written out by
-    hand rather than through ``oaproxy.record``."""
+    hand rather than through ``oaproxy.record``; ``later``: the keys stored
+    only when set (``resumed``, ``resumed_at``, ``retried``, ``resent``)."""
     return {
         "upstream": upstream,
         "status": status,
         "error": error,
         "ttfb": ttfb,
         "duration": duration,
+        **later,
     }
 
 

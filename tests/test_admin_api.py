@@ -17,7 +17,7 @@ from oaproxy.admin.changes import add_key, new_key_secret
 from oaproxy.admin.loading import UNREAD, StoreUnreadable, load
 from oaproxy.admin.tables import take_change
 from oaproxy.service import ProxyService
-from oaproxy.sinks.sql import AUDIT_TABLE, open_database
+from oaproxy.sinks.sql import AUDIT_TABLE, TABLE, open_database, placeholder
 from tests.adminclient import ADMIN_KEY, STORE_KEY, AdminClient
 from tests.fakeupstream import FAKE_MODEL, FakeUpstream
 from tests.live import (
@@ -300,6 +300,18 @@ class AdminAPITests(AdminCase):
         finally:
             connection.close()
 
+    def set_record_text(self, record_id: str, text: str) -> None:
+        """Overwrite one record row's stored JSON, as a hand edit would."""
+        connection = open_database(self.settings["dbtype"], self.settings["dbaddr"])
+        try:
+            mark = placeholder(self.settings["dbtype"])
+            connection.cursor().execute(
+                f"UPDATE {TABLE} SET record = {mark} WHERE id = {mark}", [text, record_id]
+            )
+            connection.commit()
+        finally:
+            connection.close()
+
     async def test_audit(self) -> None:
         """Every change is in the audit log, table and API, saying what changed but no secret."""
         _, admin, fake = await self.start()
@@ -367,6 +379,14 @@ class AdminAPITests(AdminCase):
         self.assertEqual((await admin.get("/records?outcome=exhausted"))["data"], [])
         bad = await admin.call("GET", "/records?outcome=fine")
         self.assertEqual((bad.status, bad.error["param"]), (400, "outcome"))
+        # A row that holds no record (edited by hand): a 500 in plain words.
+        record_id = first["data"][1]["id"]
+        self.set_record_text(record_id, '{"id": "x"}')
+        broken = await admin.call("GET", "/records/" + record_id)
+        self.assertEqual((broken.status, broken.error["code"]), (500, "bad_record"))
+        self.assertEqual(
+            broken.error["message"], "The stored record cannot be read; the proxy's log says why."
+        )
 
     async def test_status(self) -> None:
         """/admin/status: readiness, the sinks' queues, the store version in use."""
@@ -448,6 +468,6 @@ class UnreadableAtStartTests(ProxyCase):
         service = ProxyService(file, reactor, ("tcp:0:interface=127.0.0.1",), stored=UNREAD)
         service.startService()
         self.addCleanup(service.stopService)
-        await wait_for(lambda: service.stored.version > 0, timeout=10)
+        await wait_for(lambda: service.sources.stored.version > 0, timeout=10)
         caller = service.generation.router.authenticate(b"Bearer " + secret.encode())
         self.assertEqual(caller.key.name if caller.key else None, "late")

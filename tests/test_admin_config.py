@@ -23,7 +23,7 @@ from oaproxy.admin.changes import (
     remove_upstream,
     set_enabled,
 )
-from oaproxy.admin.describe import describe_key, describe_upstream, public_text, settings_json
+from oaproxy.admin.describe import describe_key, describe_upstream, settings_json
 from oaproxy.admin.overlay import overlay
 from oaproxy.admin.sealing import Sealer, SealingError
 from oaproxy.admin.stored import EMPTY, Source, StoredKey, StoredUpstream, StoreSnapshot
@@ -34,7 +34,8 @@ from oaproxy.config import Config, ConfigError, Upstream, all_client_keys, key_d
 from oaproxy.config.jsonvalues import read_json_section
 from oaproxy.config.schema import file_fields, read
 from oaproxy.config.values import boolean
-from oaproxy.forward import AttemptLog
+from oaproxy.credentials import public_text
+from oaproxy.exchange import AttemptLog
 from oaproxy.health import Readiness
 from oaproxy.pipeline import Observers
 from oaproxy.record import FailureKind

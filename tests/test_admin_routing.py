@@ -85,7 +85,7 @@ class StoredSettingsTests(SynchronousTestCase):
             ("/team", 3, True, False),
         )
         self.assertEqual(dict(upstream.models), {"gpt-4o": "team-4o"})
-        self.assertEqual(config.route_prefixes, frozenset({"/team"}))
+        self.assertEqual(config.route_prefixes, ("/team",))
         shown = describe_upstream(upstream, stored=EMPTY, state=None)["settings"]
         self.assertEqual((shown["route"], shown["models"]), ("/team", {"gpt-4o": "team-4o"}))
 
@@ -251,7 +251,7 @@ class AdminPathTests(SynchronousTestCase):
         self.assertEqual(served, set(RESERVED_ROOTS))
         for reserved in RESERVED_ROOTS - {"v1"}:
             path = f"/{reserved}/v1/chat/completions".encode()
-            self.assertIsNone(request_path(path, {"/team", "/ollama"}), reserved)
+            self.assertIsNone(request_path(path, ("/ollama", "/team")), reserved)
 
 
 class LiveStateTests(AdminCase):

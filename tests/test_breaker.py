@@ -26,7 +26,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from oaproxy.breaker import Breakers, circuit_evidence
 from oaproxy.circuits import MAX_RETRY_AFTER, Circuits, CircuitState, retry_after
 from oaproxy.config import BreakerConfig, Upstream
-from oaproxy.forward import AttemptLog, Exchange
+from oaproxy.exchange import AttemptLog, Exchange
 from oaproxy.health import FAILING_AFTER
 from oaproxy.record import Evidence, FailureKind, evidence
 from oaproxy.sharedredis import SharedRedis
@@ -82,7 +82,6 @@ class BreakerCase(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.h = Harness(self.config)
-        self.h.shared.readiness.configure([u.name for u in self.h.config.upstreams], {})
         self.log = LogLines(self)
 
     def chat(self, *answers: int | bytes) -> tuple[Client, list[str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from oaproxy.config import BreakerConfig, LbPolicy, RouteSettings, UpstreamType
+from oaproxy.paths import request_path
 from tests.test_config import MINIMAL, Helpers, parse
 
 
@@ -24,7 +25,7 @@ class RouteTests(Helpers):
             """
         )
         self.assertEqual([u.route for u in config.upstreams], ["/ollama", "/team/a", None])
-        self.assertEqual(config.route_prefixes, frozenset({"/ollama", "/team/a"}))
+        self.assertEqual(config.route_prefixes, ("/ollama", "/team/a"))
         self.assertEqual(
             dict(config.routes),
             {"/ollama": RouteSettings(LbPolicy.LEAST_BUSY), "/team/a": RouteSettings(None)},
@@ -32,6 +33,17 @@ class RouteTests(Helpers):
         self.assertIs(config.lb_policy_for("/ollama"), LbPolicy.LEAST_BUSY)
         self.assertIs(config.lb_policy_for("/team/a"), LbPolicy.ROUND_ROBIN)
         self.assertIs(config.lb_policy_for(None), LbPolicy.ROUND_ROBIN)
+
+    def test_route_prefixes_longest_first(self) -> None:
+        """Route prefixes come longest first, so that /team/a is matched before /team."""
+        config = parse(
+            "upstreams:\n"
+            "  - {endpoint: 'http://t/v1', route: /team}\n"
+            "  - {endpoint: 'http://a/v1', route: /team/a}\n"
+        )
+        self.assertEqual(config.route_prefixes, ("/team/a", "/team"))
+        where = request_path(b"/team/a/v1/models", config.route_prefixes)
+        self.assertEqual(where.route if where is not None else None, "/team/a")
 
     def test_bad_routes(self) -> None:
         """A route is plain path segments, not one of oaproxy's own paths."""

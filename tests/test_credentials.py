@@ -16,7 +16,8 @@ from oaproxy.credentials import (
     hide_key_shapes,
     redact_headers,
 )
-from tests.doubles import make_config
+from tests.doubles import Harness, make_config
+from tests.payloads import CHAT_ANSWER
 
 CONFIG = """
 authorization: {alice: ck-alice-0123456789, guest: guest}
@@ -269,3 +270,37 @@ class RedactHeadersTests(SynchronousTestCase):
             redact_headers({"Authorization": "Bearer x", "X-Test": "1", "X-Many": ["a", "b"]}),
             {"authorization": "[redacted]", "x-test": "1", "x-many": "a, b"},
         )
+
+
+class SecretHeadersTests(SynchronousTestCase):
+    """The client's credential headers, one list for forwarding and records:
+    even with keep_header none reaches the upstream, and a record keeps
+    each as REDACTED."""
+
+    def test_never_forwarded_nor_recorded(self) -> None:
+        """x-goog-api-key and api-key: not forwarded with keep_header, redacted in the record."""
+        h = Harness(
+            "authorization: {alice: sk-client-0123456789}\n"
+            "records: {headers: true}\n"
+            "upstreams:\n"
+            "  - {endpoint: 'https://a.test/v1', sk: sk-a-0123456789, keep_header: true}\n"
+        )
+        given = {
+            b"X-Goog-Api-Key": b"goog-secret-0123456789",
+            b"Api-Key": b"azure-secret-0123456789",
+            b"X-Api-Key": b"anthropic-secret-0123456789",
+            b"Cookie": b"session=cookie-secret-0123456789",
+            b"X-Custom": b"kept",
+        }
+        h.chat(key="sk-client-0123456789", header_lines=list(given.items()))
+        call = h.agent.only()
+        self.assertEqual(
+            {name: call.header(name) for name in given},
+            {**dict.fromkeys(list(given)[:4]), b"X-Custom": [b"kept"]},
+        )
+        call.respond(200, body=CHAT_ANSWER)
+        headers = h.record()["request_headers"]
+        for name in ("x-goog-api-key", "api-key", "x-api-key", "cookie", "authorization"):
+            self.assertEqual(headers[name], REDACTED)
+        self.assertEqual(headers["x-custom"], "kept")
+        self.assertNotIn("secret-0123456789", json.dumps(h.record()))

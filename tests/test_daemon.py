@@ -311,7 +311,7 @@ class StopTests(DaemonCase):
         [record] = read_json_lines(os.path.join(self.cwd, "records.jsonl"))
         self.assertEqual(record["stream"], True)
         # The proxy cut it, the client did not go away; the record says so.
-        self.assertEqual(record["error"], "cut at shutdown")
+        self.assertEqual(record["error"], "cut off when the proxy shut down")
         self.assertEqual(record["outcome"], "shutdown")
         self.assertNotEqual(record["response_text"], "".join(f"c{i} " for i in range(40)))
         self.assertLess(record["duration"], 3.5)

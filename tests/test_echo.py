@@ -20,8 +20,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.echo import FINGERPRINT, MAX_EMBEDDING_VALUES, EchoAgent, embedding, pieces
-from oaproxy.inspection import WALK_AT_ONCE
-from oaproxy.localresponse import LocalResponse
+from oaproxy.localresponse import LOCAL_BODY_BYTES, LocalResponse
 from oaproxy.relay import BytesProducer, small_body
 from tests.live import EndToEndCase, child_env, free_port, reachable, spawn_daemon, wait_for
 from tests.payloads import sse_events
@@ -120,11 +119,12 @@ class EchoAgentTests(SynchronousTestCase):
         self.assertEqual(len(embedding("x", 256)), 256)
 
     def test_large_bodies_refused(self) -> None:
-        """A body over 64 KiB would be parsed whole on the reactor: 413, unread."""
-        large = {"messages": [{"role": "user", "content": "x" * WALK_AT_ONCE}]}
+        """A body over 1 MiB would be parsed whole on the reactor: 413, unread;
+        a long chat of 100 KiB is answered."""
+        large = {"messages": [{"role": "user", "content": "x" * LOCAL_BODY_BYTES}]}
         status, _, body = answer(b"POST", b"/chat/completions", large)
         self.assertEqual((status, json.loads(body)["error"]["code"]), (413, "request_too_large"))
-        small = {"messages": [{"role": "user", "content": "x" * (WALK_AT_ONCE - 100)}]}
+        small = {"messages": [{"role": "user", "content": "x" * (100 * 1024)}]}
         self.assertEqual(answer(b"POST", b"/chat/completions", small)[0], 200)
 
     def test_refusals(self) -> None:

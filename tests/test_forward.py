@@ -21,8 +21,10 @@ from twisted.web._newclient import RequestNotSent, ResponseNeverReceived
 from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
 
-from oaproxy.forward import FAILOVER_STATUSES, Exchange, attempt_deadline, fails_over
+from oaproxy.attempts import FAILOVER_STATUSES, attempt_deadline, fails_over
+from oaproxy.exchange import Exchange
 from oaproxy.record import FailureKind, Outcome
+from oaproxy.relay import describe
 from oaproxy.upstreamclient import NoResponse
 from tests.doubles import Harness, Reply, make_config
 from tests.payloads import content_chunk, error_body, sse
@@ -40,6 +42,16 @@ upstreams:
 """
 
 REFUSED = "connect error: ConnectionRefusedError: Connection was refused by other side."
+DONE = "ConnectionDone: Connection was closed cleanly."
+
+
+# Today's behaviour for a committed stream that breaks: it ends there
+# (tests/test_resume.py has the resumes).
+RESUME_OFF_CONFIG = (
+    CONFIG.replace("sk: sk-a}", "sk: sk-a, resume: off}")
+    .replace("sk: sk-b}", "sk: sk-b, resume: off}")
+    .replace("sk: sk-c}", "sk: sk-c, resume: off}")
+)
 
 
 class ForwardTestCase(SynchronousTestCase):
@@ -122,7 +134,7 @@ class FailoverTests(ForwardTestCase):
         self.assertReply(client.reply(), 200, b"{}")
         self.assertEqual(
             self.h.record()["attempts"][0]["error"],
-            "UpstreamEndedEarly: response body over 1048576 bytes",
+            "response body over 1048576 bytes",
         )
 
     def test_connection_error_fails_over(self) -> None:
@@ -270,7 +282,10 @@ class FailoverTests(ForwardTestCase):
         # The stale-connection retry on a new connection fails too.
         self.h.fresh_agent.only().fail(ConnectionRefusedError())
         reply = client.reply()
-        message = f"All upstreams failed: a: {REFUSED}; b: timeout after 30s; c: {REFUSED}"
+        message = (
+            f"All upstreams failed: a: {REFUSED}; b: timeout after 30s; c: RequestNotSent; "
+            f"c: {REFUSED}"
+        )
         self.assertEqual(reply.status, 502)
         self.assertEqual(reply.header(b"content-type"), b"application/json")
         self.assertEqual(
@@ -282,7 +297,8 @@ class FailoverTests(ForwardTestCase):
             [
                 stored_attempt("a", None, REFUSED),
                 stored_attempt("b", None, "timeout after 30s", None, 30.0),
-                stored_attempt("c", None, REFUSED),
+                stored_attempt("c", None, "RequestNotSent"),
+                stored_attempt("c", None, REFUSED, resent="RequestNotSent"),
             ],
         )
         self.assertEqual(
@@ -345,7 +361,7 @@ class DeadlineTests(ForwardTestCase):
         self.assertEqual(
             self.h.record()["attempts"],
             [
-                stored_attempt("a", None, "timeout after 30s", 2.0, 30.0),
+                stored_attempt("a", 200, "timeout after 30s", 2.0, 30.0),
                 stored_attempt("b", 200, None, 1.0, 1.0),
             ],
         )
@@ -363,8 +379,8 @@ class DeadlineTests(ForwardTestCase):
             self.h.record()["attempts"][0],
             stored_attempt(
                 "a",
-                None,
-                "UpstreamEndedEarly: ConnectionLost: Connection to the other side was lost "
+                200,
+                "ConnectionLost: Connection to the other side was lost "
                 "in a non-clean fashion: upstream went away.",
                 0.0,
             ),
@@ -440,7 +456,7 @@ class StreamDeadlineTests(ForwardTestCase):
         self.assertEqual(
             record["attempts"],
             [
-                stored_attempt("a", None, "timeout after 5s", 1.0, 5.0),
+                stored_attempt("a", 200, "timeout after 5s", 1.0, 5.0),
                 stored_attempt("b", 200, None, 0.0, 0.0),
             ],
         )
@@ -462,7 +478,7 @@ class StreamDeadlineTests(ForwardTestCase):
         self.calls[1].respond(200, b"text/event-stream", body=sse(content_chunk("Hi"), "[DONE]"))
         self.assertReply(client.reply(), 200, sse(content_chunk("Hi"), "[DONE]"))
         self.assertEqual(
-            self.h.record()["attempts"][0], stored_attempt("a", None, "timeout after 5s", 0.0, 5.0)
+            self.h.record()["attempts"][0], stored_attempt("a", 200, "timeout after 5s", 0.0, 5.0)
         )
 
     def test_comments_before_the_first_event_are_relayed(self) -> None:
@@ -492,7 +508,20 @@ class StreamDeadlineTests(ForwardTestCase):
         self.assertReply(client.reply(), 200, sse("[DONE]"))
         self.assertEqual(
             self.h.record()["attempts"][0]["error"],
-            "UpstreamEndedEarly: upstream ended the stream before its first event",
+            "upstream ended the stream before its first event",
+        )
+
+    def test_an_attempt_that_fails_before_its_first_event_keeps_its_status(self) -> None:
+        """The status an upstream answered with is in the attempt's record,
+        though its stream ended before anything was passed on."""
+        self.h.chat(stream=True)
+        first = self.calls[0].respond(200, b"text/event-stream")
+        first.finish()
+        self.calls[1].respond(200, b"text/event-stream", body=sse("[DONE]"))
+        attempt = self.h.record()["attempts"][0]
+        self.assertEqual(
+            (attempt["status"], attempt["error"]),
+            (200, "upstream ended the stream before its first event"),
         )
 
     def test_too_many_comments_before_the_first_event_fail_over(self) -> None:
@@ -509,7 +538,7 @@ class StreamDeadlineTests(ForwardTestCase):
         self.assertReply(client.reply(), 200, sse(content_chunk("Hi"), "[DONE]"))
         self.assertEqual(
             h.record()["attempts"][0]["error"],
-            "UpstreamEndedEarly: over 256 bytes before the first event",
+            "over 256 bytes before the first event",
         )
 
     def test_headers_late_fail_over_after_stream_timeout(self) -> None:
@@ -580,11 +609,13 @@ class StreamDeadlineTests(ForwardTestCase):
         self.assertReply(client.reply(), 200, sse("[DONE]"))
         self.assertEqual(
             self.h.record()["attempts"][0]["error"],
-            "UpstreamEndedEarly: upstream ended the stream before its first event",
+            "upstream ended the stream before its first event",
         )
 
 
 class CommittedStreamTests(ForwardTestCase):
+    config = RESUME_OFF_CONFIG
+
     def commit(self) -> tuple[Any, Any]:
         client = self.h.chat(stream=True)
         self.h.clock.advance(1)
@@ -660,19 +691,21 @@ class CommittedStreamTests(ForwardTestCase):
         )
         self.assertEqual(record["outcome"], "stream_failed")
 
-    def test_keepalive_comments_reset_the_idle_timer(self) -> None:
-        """Keep-alive comments count as activity: a stream with one every 15 s
-        outlives the 20 s idle timeout and ends well."""
+    def test_keepalive_comments_are_no_progress(self) -> None:
+        """Keep-alive comments are relayed but are no progress: a stream
+        that sends only them for the 20 s idle timeout has stalled."""
         client, response = self.commit()
-        for _ in range(5):
-            self.h.clock.advance(15)
-            response.write(b": keep-alive\n\n")
-        response.write(sse("[DONE]"))
-        response.finish()
-        self.assertReply(
-            client.reply(), 200, sse(content_chunk("Hel")) + b": keep-alive\n\n" * 5 + sse("[DONE]")
+        self.h.clock.advance(10)
+        response.write(b": keep-alive\n\n")
+        self.h.clock.advance(9.9)
+        self.assertFalse(response.transport.stopped)
+        self.h.clock.advance(0.1)
+        self.assertTrue(response.transport.stopped)
+        self.assertIn(sse(content_chunk("Hel")) + b": keep-alive\n\n", client.reply().body)
+        record = self.h.record()
+        self.assertEqual(
+            (record["outcome"], record["error"]), ("stream_failed", "stream idle for more than 20s")
         )
-        self.assertEqual(self.h.record()["outcome"], "ok")
 
 
 class StaleConnectionTests(ForwardTestCase):
@@ -692,11 +725,16 @@ class StaleConnectionTests(ForwardTestCase):
             fresh.respond(200, body=b'{"id":"fresh"}')
             self.assertReply(client.reply(), 200, b'{"id":"fresh"}')
             self.assertEqual(len(h.agent.calls), 1)
-            self.assertEqual(h.record()["attempts"], [stored_attempt("a", 200, None, 0.0)])
+            # The record shows both sendings, as the upstream saw them.
+            said = describe(error)[1]
+            self.assertEqual(
+                h.record()["attempts"],
+                [stored_attempt("a", None, said), stored_attempt("a", 200, None, 0.0, resent=said)],
+            )
 
     def test_stale_then_failing_fails_over(self) -> None:
         """When the fresh-connection retry fails too, the next upstream is tried
-        (and gets its own retry); the record has one attempt per upstream."""
+        (and gets its own resend); the record has each sending."""
         client = self.h.chat()
         self.calls[0].fail(ResponseNeverReceived([Failure(ConnectionDone())]))
         self.h.fresh_agent.only().fail(ResponseNeverReceived([Failure(ConnectionDone())]))
@@ -709,8 +747,10 @@ class StaleConnectionTests(ForwardTestCase):
         self.assertEqual(
             self.h.record()["attempts"],
             [
-                stored_attempt("a", None, "ConnectionDone: Connection was closed cleanly."),
-                stored_attempt("b", 200, None, 0.0),
+                stored_attempt("a", None, DONE),
+                stored_attempt("a", None, DONE, resent=DONE),
+                stored_attempt("b", None, "RequestNotSent"),
+                stored_attempt("b", 200, None, 0.0, resent="RequestNotSent"),
             ],
         )
 
@@ -726,7 +766,8 @@ class StaleConnectionTests(ForwardTestCase):
         self.assertEqual(
             reply.json(),
             error_body(
-                "All upstreams failed: a: RequestNotSent; b: RequestNotSent; c: RequestNotSent",
+                "All upstreams failed: "
+                + "; ".join(f"{name}: RequestNotSent; {name}: RequestNotSent" for name in "abc"),
                 "upstream_unavailable",
                 "upstream_error",
             ),
@@ -751,9 +792,11 @@ class UpstreamClientStaleTests(ForwardTestCase):
         self.calls[0].fail(NoResponse([Failure(ConnectionDone())], reused=True, request_sent=True))
         self.h.fresh_agent.only().respond(200, body=b"{}")
         self.assertReply(client.reply(), 200, b"{}")
-        (attempt_log,) = self.h.exchanges[0].attempts
-        self.assertEqual(attempt_log.resent, "ConnectionDone: Connection was closed cleanly.")
+        stale, resent = self.h.exchanges[0].attempts
+        self.assertEqual((stale.failure, stale.error), (FailureKind.STALE_CONNECTION, DONE))
+        self.assertEqual(resent.resent, DONE)
         self.assertNotIn("resent", self.h.record()["attempts"][0])
+        self.assertEqual(self.h.record()["attempts"][1]["resent"], DONE)
 
     def test_new_connection_failed_over_not_resent(self) -> None:
         """NoResponse on a new connection: the upstream may have acted, so fail over."""
@@ -814,7 +857,7 @@ class ClientDisconnectTests(ForwardTestCase):
         self.assertEqual(response.transport.events, ["stop"])
         self.h.clock.advance(100)
         self.assertEqual(len(self.calls), 1)
-        self.check_gone(self.h, [stored_attempt("a", None, "cancelled: client disconnected", 0.0)])
+        self.check_gone(self.h, [stored_attempt("a", 200, "cancelled: client disconnected", 0.0)])
 
     def test_disconnect_before_the_first_event(self) -> None:
         """A client that leaves after stream headers but before any event stops
@@ -823,7 +866,7 @@ class ClientDisconnectTests(ForwardTestCase):
         response = self.calls[0].respond(200, b"text/event-stream")
         client.disconnect()
         self.assertEqual(response.transport.events, ["stop"])
-        self.check_gone(self.h, [stored_attempt("a", None, "cancelled: client disconnected", 0.0)])
+        self.check_gone(self.h, [stored_attempt("a", 200, "cancelled: client disconnected", 0.0)])
 
     def test_disconnect_mid_relay(self) -> None:
         """A client that leaves mid-stream stops the upstream; what the upstream
@@ -850,6 +893,8 @@ class ClientDisconnectTests(ForwardTestCase):
 
 class FailureKindTests(ForwardTestCase):
     """Each attempt's record says why it failed as a kind, beside its text."""
+
+    config = RESUME_OFF_CONFIG
 
     def kinds(self, index: int = 0) -> list[FailureKind | None]:
         return [attempt.failure for attempt in self.h.records[index].attempts]
@@ -960,6 +1005,8 @@ class OutsideTextTests(SynchronousTestCase):
         response = self.h.agent.calls[0].respond(200, b"text/event-stream")
         response.write(sse(content_chunk("a")))
         response.fail(ValueError("lost with sk-a-0123456789 and ck-alice-0123456789"))
+        # b would continue it, and fails too: the stream ends with the break.
+        self.h.agent.calls[1].respond(500, body=b"{}")
         reply = client.reply()
         self.assertIn(b"upstream stream failed: ", reply.body)
         self.assertIn(b"[redacted]", reply.body)
@@ -1002,7 +1049,9 @@ class ExchangeTests(SynchronousTestCase):
         exchange.cut_at_shutdown()
         self.client.disconnect()
         record = self.h.record()
-        self.assertEqual((record["outcome"], record["error"]), ("shutdown", "cut at shutdown"))
+        self.assertEqual(
+            (record["outcome"], record["error"]), ("shutdown", "cut off when the proxy shut down")
+        )
         self.assertEqual(record["attempts"][0]["error"], "cancelled: client disconnected")
         self.assertIs(exchange.outcome, Outcome.SHUTDOWN)
 

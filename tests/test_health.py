@@ -110,6 +110,7 @@ class ReadinessTests(SynchronousTestCase):
                 FailureKind.UPSTREAM_ENDED_EARLY,
                 FailureKind.EVENT_TOO_LARGE,
                 FailureKind.STREAM_IDLE,
+                FailureKind.STREAM_ERROR,
                 FailureKind.OTHER,
             },
         )

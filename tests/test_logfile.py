@@ -6,10 +6,10 @@ from __future__ import annotations
 import io
 import os
 from contextlib import redirect_stderr
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.task import Clock
-from twisted.logger import Logger, LogPublisher
+from twisted.logger import ILogObserver, Logger, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy import logfile
@@ -46,6 +46,23 @@ class JSONLogFileTests(SynchronousTestCase):
             [(e["log_format"], e["n"]) for e in events], [("first {n}", 1), ("second {n}", 2)]
         )
         self.assertEqual(events[1]["log_level"]["name"], "warn")
+
+    def test_no_unpersistable_noise(self) -> None:
+        """A line holds what was logged, not the logger and its source as
+        ``{"unpersistable": true}``; other observers still get the whole event."""
+        seen: list[dict[str, Any]] = []
+        self.publisher.addObserver(cast(ILogObserver, seen.append))
+
+        class Source:
+            log = Logger(namespace="test", observer=self.publisher)
+
+        Source().log.info("from {who}", who="a source")
+        self.clock.advance(0)
+        with open(self.path, encoding="utf-8") as f:
+            text = f.read()
+        self.assertNotIn("unpersistable", text)
+        self.assertEqual(self.lines()[0]["who"], "a source")
+        self.assertIn("log_source", seen[0])
 
     def test_stop_flushes_and_unsubscribes(self) -> None:
         """Stopping writes what is pending and stops listening: later events

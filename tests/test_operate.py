@@ -504,7 +504,7 @@ class ReloadTests(OperateCase):
         config["authorization"] = {"carol": "ck-carol-0123456789"}
         write_yaml(proxy.config_path, config)
 
-        def broken(config: Any, reactor: Any) -> Any:
+        def broken(settings: Any, reactor: Any) -> Any:
             raise ValueError("a sink cannot be made of this")
 
         self.patch(generation, "make_sinks", broken)

@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy.answers import LocalAnswer
 from oaproxy.config import Upstream
-from oaproxy.forward import Exchange
+from oaproxy.exchange import Exchange
 from tests.doubles import Harness
 from tests.payloads import CHAT_ANSWER
 
@@ -76,3 +76,82 @@ class LaterStagesTests(SynchronousTestCase):
         client.disconnect()
         self.assertEqual(self.later.cancelled, 1)
         self.assertEqual((self.later.gating, self.h.agent.calls), ([], []))
+
+
+class ClientGoneWhileWaitingTests(SynchronousTestCase):
+    """A client that leaves while a stage waits: the request still ends with
+    one record, and every observer sees it finish exactly once."""
+
+    def setUp(self) -> None:
+        self.h = Harness(CONFIG)
+        self.later = Later()
+        self.pipeline = self.h.pipeline
+
+    def assert_ended_once(self) -> None:
+        self.assertEqual(len(self.h.exchanges), 1)
+        record = self.h.record()
+        # 499: the status records give a request its client left.
+        self.assertEqual((record["outcome"], record["status"]), ("client_disconnected", 499))
+
+    def test_gone_while_a_gate_waits(self) -> None:
+        """Gone while a gate waits: one record, one request_finished."""
+        self.pipeline._gates = (self.later.gate, *self.pipeline._gates)
+        client = self.h.chat(key="sk-client")
+        self.assertEqual(len(self.later.gating), 1)
+        client.disconnect()
+        self.assert_ended_once()
+        # The gate's answer, if it comes anyway, changes nothing.
+        self.later.gating[0].callback(None)
+        self.assertEqual((len(self.h.exchanges), self.h.agent.calls), (1, []))
+
+    def test_gone_while_a_filter_waits(self) -> None:
+        """Gone while a candidate filter waits: one record, one request_finished."""
+        self.pipeline._candidate_filters = (*self.pipeline._candidate_filters, self.later.filter)
+        client = self.h.chat(key="sk-client")
+        client.disconnect()
+        self.assertEqual(self.later.cancelled, 1)
+        self.assert_ended_once()
+
+    def test_gone_while_a_head_gate_waits(self) -> None:
+        """Gone before the body is read, while a head gate waits: one record."""
+        waiting: list[Deferred[LocalAnswer | None]] = []
+
+        def head_gate(arrival: object) -> Deferred[LocalAnswer | None]:
+            waiting.append(Deferred())
+            return waiting[-1]
+
+        self.pipeline._head_gates = (*self.pipeline._head_gates, head_gate)
+        client = self.h.chat(key="sk-client")
+        self.assertEqual(len(waiting), 1)
+        client.disconnect()
+        self.assert_ended_once()
+
+    def test_a_failing_stage_is_recorded(self) -> None:
+        """A stage that fails (a bug) answers 500 and still ends with one record."""
+        self.pipeline._gates = (self.later.gate, *self.pipeline._gates)
+        client = self.h.chat(key="sk-client")
+        self.later.gating[0].errback(RuntimeError("a gate's bug"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(client.reply().status, 500)
+        self.assertEqual(len(self.h.exchanges), 1)
+        self.assertEqual(self.h.record()["outcome"], "error")
+
+
+class HalfOpenProbeTests(SynchronousTestCase):
+    """A probe of a half-open upstream is given back when its client leaves
+    while a later gate waits, so that the next request may probe."""
+
+    def test_probe_released_when_the_client_leaves(self) -> None:
+        """The next request probes the half-open upstream after the first one's client left."""
+        h = Harness(CONFIG + "breaker: {failures: 1, cooldown: 10}\n")
+        later = Later()
+        h.pipeline._gates = (later.gate, *h.pipeline._gates)
+        h.shared.circuits.failed(
+            "a", threshold=1, cooldown=10, hold=None, probe_id=None, why="a test"
+        )
+        h.clock.advance(11)
+        first = h.chat(key="sk-client")
+        first.disconnect()
+        h.chat(key="sk-client")
+        later.gating[1].callback(None)
+        self.assertEqual(h.agent.calls[0].host, "a")

@@ -39,7 +39,7 @@ from oaproxy.upstreamclient import (
 )
 from oaproxy.upstreamclient.tunnel import MAX_ANSWER_HEAD_BYTES
 from oaproxy.upstreams import UpstreamClients
-from tests.doubles import RecordingAgent
+from tests.doubles import RecordingAgent, words_as_said
 from tests.payloads import chat_body
 from tests.test_upstreamclient import OK, MemoryUpstream
 
@@ -416,7 +416,7 @@ class RouteTests(SynchronousTestCase):
             self.assertTrue(link.sent().startswith(b"GET " + target + b" "))
             link.feed(OK)
             self.successResultOf(d)
-            self.assertEqual(self.pool.idle_count(b"http://api.example", proxy), 1)
+            self.assertEqual(len(self.pool.route(b"http://api.example", proxy).idle), 1)
         self.assertEqual(len(self.ways.links), 3)
 
     def test_407_from_the_proxy_fails_the_request(self) -> None:
@@ -430,7 +430,7 @@ class RouteTests(SynchronousTestCase):
             str(error), "proxy http://proxy.test:3128 refused: 407 Proxy Authentication Required"
         )
         self.assertTrue(self.ways.last.closing)
-        self.assertEqual(self.pool.idle_count(b"http://api.example", PROXY), 0)
+        self.assertEqual(len(self.pool.route(b"http://api.example", PROXY).idle), 0)
 
     def test_407_on_a_direct_route_is_an_answer(self) -> None:
         """Without a proxy a 407 is just the upstream's answer, passed on."""
@@ -481,7 +481,7 @@ class UpstreamTypesTests(SynchronousTestCase):
             clock=Clock(),
             wall_clock=lambda: 0.0,
             max_event_bytes=config.max_event_bytes,
-            words=str,
+            words=words_as_said,
         )
         mistral, demo, direct = config.upstreams
         self.assertIs(clients(direct).agent, ways[(None, False)])

@@ -354,8 +354,8 @@ class TunnelTests(LiveCase):
         self.assertEqual((connect.method, connect.target), (b"CONNECT", b"localhost:" + port))
         self.assertEqual(connect.header(b"proxy-authorization"), BASIC)
         self.assertEqual(names, [b"localhost"])
-        self.assertEqual(pool.idle_count(origin, proxy), 1)
-        self.assertEqual(pool.idle_count(origin), 0)
+        self.assertEqual(len(pool.route(origin, proxy).idle), 1)
+        self.assertEqual(len(pool.route(origin).idle), 0)
 
     async def test_untrusted_upstream_through_tunnel_refused(self) -> None:
         """Through the tunnel the upstream's certificate is checked: the platform's roots refuse it."""
@@ -368,5 +368,5 @@ class TunnelTests(LiveCase):
         else:
             self.fail("an untrusted certificate was accepted through the tunnel")
         self.assertEqual(len(fake.requests), 1)
-        self.assertEqual(pool.idle_count(origin, proxy), 0)
+        self.assertEqual(len(pool.route(origin, proxy).idle), 0)
         self.flushLoggedErrors()

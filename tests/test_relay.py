@@ -171,7 +171,7 @@ class StreamEndTests(SynchronousTestCase):
         self.response.write(FINISH)
         self.response.lose()
         reply = self.client.reply()
-        message = "PotentialDataLoss"
+        message = "the upstream closed the connection before the end of its answer"
         self.assertEqual(
             (reply.body, reply.complete),
             (ROLE + CONTENT + FINISH + self.error_event(message), True),
@@ -456,12 +456,12 @@ class DescribeTests(SynchronousTestCase):
             (
                 UpstreamEndedEarly("response body over 10 bytes", FailureKind.BODY_TOO_LARGE),
                 FailureKind.BODY_TOO_LARGE,
-                "UpstreamEndedEarly: response body over 10 bytes",
+                "response body over 10 bytes",
             ),
             (
                 UpstreamEndedEarly("upstream ended the stream before its first event"),
                 FailureKind.UPSTREAM_ENDED_EARLY,
-                "UpstreamEndedEarly: upstream ended the stream before its first event",
+                "upstream ended the stream before its first event",
             ),
         ]
         for error, kind, text in table:

@@ -18,11 +18,11 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from oaproxy.circuits import CircuitState
-from oaproxy.inspection import WALK_AT_ONCE
+from oaproxy.localresponse import LOCAL_BODY_BYTES
 from oaproxy.relay import BytesProducer, small_body
 from oaproxy.replicate import ReplicateAgent
 from oaproxy.replicate_format import mistral_prompt
-from tests.doubles import AgentCall, Harness, make_config
+from tests.doubles import AgentCall, Harness, make_config, words_as_said
 from tests.fakereplicate import FakeReplicate, Prediction
 from tests.live import EndToEndCase, LiveCase, reactor, wait_for
 from tests.payloads import sse_events
@@ -256,16 +256,25 @@ class ErrorMappingTests(SynchronousTestCase):
         self.assertNotIn(TOKEN, json.dumps(self.h.record()))
 
     def test_large_bodies_refused(self) -> None:
-        """A body over 64 KiB would be parsed whole on the reactor: 413, and
+        """A body over 1 MiB would be parsed whole on the reactor: 413, and
         Replicate is never asked."""
         h = Harness(ALONE)
-        messages = [{"role": "user", "content": "x" * WALK_AT_ONCE}]
+        messages = [{"role": "user", "content": "x" * LOCAL_BODY_BYTES}]
         client = h.chat(MODEL, key="sk-client", extra={"messages": messages})
         for _ in range(10):
             h.clock.advance(0)
         reply = client.reply()
         self.assertEqual((reply.status, reply.json()["error"]["code"]), (413, "request_too_large"))
         self.assertEqual(h.agent.calls, [])
+
+    def test_a_long_chat_is_sent(self) -> None:
+        """A chat of 100 KiB (over what is parsed at once for routing) goes to Replicate."""
+        h = Harness(ALONE)
+        messages = [{"role": "user", "content": "x" * (100 * 1024)}]
+        h.chat(MODEL, key="sk-client", extra={"messages": messages})
+        for _ in range(10):
+            h.clock.advance(0)
+        self.assertIn("x" * (100 * 1024), h.agent.only().body.decode())
 
     def test_not_a_replicate_model(self) -> None:
         """A model name Replicate cannot have is a 404 without a request."""
@@ -308,11 +317,19 @@ class StreamTests(SynchronousTestCase):
         self.assertTrue(body.endswith(b"data: [DONE]\n\n"))
         self.assertEqual(self.h.record()["response_text"], "Hello\nyou")
 
+    def spare_fails(self) -> None:
+        """The spare, asked to continue the broken stream (oaproxy.resume),
+        fails too: the stream ends with the break's error event."""
+        spare = self.h.agent.calls[-1]
+        self.assertEqual(spare.uri, b"https://spare.test/v1/chat/completions")
+        spare.respond(500, body=b"{}")
+
     def test_error_text_hides_the_token(self) -> None:
         """An error event quoting the token ends the stream without it."""
         events = self.stream.respond(200, content_type=b"text/event-stream")
         events.write(b"event: output\ndata: Hel\n\n")
         events.write(b'event: error\ndata: {"detail": "token ' + TOKEN.encode() + b' revoked"}\n\n')
+        self.spare_fails()
         body = self.client.reply().body
         self.assertIn(b"Replicate: token [redacted] revoked", body)
         self.assertNotIn(TOKEN.encode(), body)
@@ -336,6 +353,7 @@ class StreamTests(SynchronousTestCase):
         events.write(b"event: output\ndata: Hel\n\n")
         events.write(b"event: output\ndata: " + b"x" * 256)
         self.assertTrue(events.transport.stopped)
+        self.spare_fails()
         body = self.client.reply().body
         self.assertIn(b"Replicate: SSE event over 256 bytes", body)
         self.assertIn("SSE event over 256 bytes", self.h.record()["error"])
@@ -371,7 +389,12 @@ class PollingOnASocketTests(LiveCase):
         clock = Clock()
         http = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
         agent = ReplicateAgent(
-            upstream, http, clock, lambda: 1_700_000_000.0, max_event_bytes=1 << 20, words=str
+            upstream,
+            http,
+            clock,
+            lambda: 1_700_000_000.0,
+            max_event_bytes=1 << 20,
+            words=words_as_said,
         )
         body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
         answered = agent.request(

@@ -178,7 +178,7 @@ class Client:
 
     @property
     def idle(self) -> int:
-        return self.pool.idle_count(ORIGIN)
+        return len(self.pool.route(ORIGIN).idle)
 
 
 def _result(d: Deferred[Any]) -> Any:

@@ -141,7 +141,7 @@ class KeepAliveTests(LiveCase):
             answers,
             [b"POST /v1/echo?q=1 1000", b"POST /v1/echo?q=1 300000", b"POST /v1/echo?q=1 0"],
         )
-        self.assertEqual(pool.idle_count(origin), 1)
+        self.assertEqual(len(pool.route(origin).idle), 1)
 
 
 class LyingUpstreamTests(LiveCase):
@@ -272,7 +272,7 @@ class TLSTests(LiveCase):
         for _ in range(2):
             response = await agent.request(b"POST", origin + b"/v1/x", None, BytesProducer(b"abc"))
             self.assertEqual(await read(response), b"POST /v1/x 3")
-        self.assertEqual(pool.idle_count(origin), 1)
+        self.assertEqual(len(pool.route(origin).idle), 1)
 
     async def test_tls_untrusted_certificate_refused(self) -> None:
         """The same server with the platform's roots is refused before any request."""
@@ -285,7 +285,7 @@ class TLSTests(LiveCase):
             self.assertTrue(type(e.reasons[0].value).__module__.startswith("OpenSSL"))
         else:
             self.fail("an untrusted certificate was accepted")
-        self.assertEqual(pool.idle_count(origin), 0)
+        self.assertEqual(len(pool.route(origin).idle), 0)
         self.flushLoggedErrors()
 
 
@@ -298,9 +298,9 @@ class ShutdownTests(LiveCase):
         both = [agent.request(b"GET", origin + b"/%d" % i) for i in range(2)]
         for d in both:
             await read(await d)
-        self.assertEqual(pool.idle_count(origin), 2)
+        self.assertEqual(len(pool.route(origin).idle), 2)
         await pool.closeCachedConnections()
-        self.assertEqual(pool.idle_count(origin), 0)
+        self.assertEqual(len(pool.route(origin).idle), 0)
         await _turns(3)
         self.assertEqual(upstream.lost, 2)
 

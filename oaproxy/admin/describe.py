@@ -15,7 +15,6 @@ import ipaddress
 from collections.abc import Mapping
 from enum import Enum
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 
@@ -25,24 +24,10 @@ from oaproxy.admin.sealing import secret_keys
 from oaproxy.admin.stored import Source, StoreSnapshot
 from oaproxy.config import ClientKey, Config, Rate, Upstream
 from oaproxy.config.schema import file_fields
-from oaproxy.credentials import REDACTED, hide_key_shapes
+from oaproxy.credentials import public_text
 from oaproxy.upstreamclient.proxy import HTTPProxy
 
 __all__ = ["describe_key", "describe_upstream", "json_value", "public_text", "settings_json"]
-
-
-def public_text(text: str) -> str:
-    """``text`` without a URL's password or anything shaped like a key."""
-    try:
-        parts = urlsplit(text)
-        password = parts.password
-    except ValueError:
-        password = None
-    if password:
-        user = parts.username or ""
-        host = parts.netloc.rpartition("@")[2]
-        text = urlunsplit(parts._replace(netloc=f"{user}:{REDACTED}@{host}"))
-    return hide_key_shapes(text)
 
 
 def json_value(value: Any) -> Any:

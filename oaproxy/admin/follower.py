@@ -12,6 +12,10 @@ goes out, so it is in effect at once in this process.
 
 All database work runs in adbapi's threads, never on the reactor; a store
 that is down is said once in the log, and looked at again.
+
+``ConfigSources`` is what a daemon's config comes from: the file, the
+store's rows overlaid on it, and the follower of that store (replaced when
+a reload names another one).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
 from twisted.enterprise.adbapi import ConnectionPool
 from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred
 from twisted.internet.task import LoopingCall
@@ -28,7 +32,8 @@ from twisted.python.failure import Failure
 
 from oaproxy.admin.changes import Decide
 from oaproxy.admin.loading import UNREAD
-from oaproxy.admin.stored import AuditEntry, StoreSnapshot
+from oaproxy.admin.overlay import running_config
+from oaproxy.admin.stored import EMPTY, AuditEntry, StoreSnapshot
 from oaproxy.admin.tables import (
     Change,
     audit_after,
@@ -36,6 +41,7 @@ from oaproxy.admin.tables import (
     read_version,
     take_change,
 )
+from oaproxy.config import DBTYPES, Config
 from oaproxy.recordstore import Database, driver_error_text
 from oaproxy.sinks.sql import connection_pool, migrate
 
@@ -233,3 +239,59 @@ async def read_store_once(dbtype: str, dbaddr: str, reactor: Any) -> StoreSnapsh
         return snapshot
     finally:
         pool.close()
+
+
+class ConfigSources(MultiService):
+    """The file and the store a daemon's config comes from, apart (as the
+    admin API shows them), and the follower of that store: its only child."""
+
+    def __init__(
+        self, file_config: Config, stored: StoreSnapshot, reactor: Any, *, apply: Apply
+    ) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self._apply = apply
+        self.store: StoreFollower | None = None  # None: dbtype none
+        self.file_config = config = file_config
+        self.stored = stored
+        self.now_running(config, stored)
+
+    def combined(self) -> Config:
+        """The config that runs: the file with the store overlaid."""
+        return running_config(self.file_config, self.stored)
+
+    def now_running(self, config: Config, stored: StoreSnapshot) -> None:
+        """The daemon runs ``config`` (a file) with ``stored``: follow
+        ``config``'s store from now on, unless that one is followed already."""
+        self.file_config, self.stored = config, stored
+        store = self.store
+        if store is not None and self._follows(config):
+            store.follow_every(config.store_poll_interval)
+            store.now_in_use(stored.version)
+            return
+        if store is not None:
+            store.disownServiceParent()
+        self.store = None
+        if config.dbtype in DBTYPES:
+            self.store = StoreFollower(
+                config.dbtype,
+                config.dbaddr,
+                self._reactor,
+                interval=config.store_poll_interval,
+                stored=stored,
+                apply=self._apply,
+            )
+            self.store.setServiceParent(self)
+
+    async def read(self, config: Config) -> StoreSnapshot:
+        """What ``config``'s store holds now (read by its follower, if followed)."""
+        if config.dbtype not in DBTYPES:
+            return EMPTY
+        if self.store is not None and self._follows(config):
+            return await self.store.read()
+        # Another store (dbaddr changed): followed only once the reload is done.
+        return await read_store_once(config.dbtype, config.dbaddr, self._reactor)
+
+    def _follows(self, config: Config) -> bool:
+        store = self.store
+        return store is not None and (store.dbtype, store.dbaddr) == (config.dbtype, config.dbaddr)

@@ -16,8 +16,7 @@ from contextlib import suppress
 
 from attrs import frozen
 
-from oaproxy.admin.overlay import overlay
-from oaproxy.admin.sealing import Sealer
+from oaproxy.admin.overlay import running_config
 from oaproxy.admin.stored import EMPTY, StoreSnapshot
 from oaproxy.admin.tables import read_snapshot
 from oaproxy.config import DBTYPES, SQLITE, Config, ConfigError, load_config
@@ -56,14 +55,13 @@ def load(
     With ``create_store`` the store's tables are made or migrated (the
     daemon's start), else a store not made yet holds nothing."""
     file = load_config(path, environ)
-    sealer = Sealer.from_config(file)
     try:
         stored = read_store(file, create=create_store)
     except StoreUnreadable:
         if not without_store:
             raise
         stored = UNREAD
-    return Loaded(file, stored, overlay(file, stored, sealer))
+    return Loaded(file, stored, running_config(file, stored))
 
 
 def read_store(config: Config, *, create: bool) -> StoreSnapshot:

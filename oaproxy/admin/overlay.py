@@ -43,6 +43,7 @@ __all__ = [
     "key_upstreams",
     "overlay",
     "overlay_with",
+    "running_config",
     "settings_of",
 ]
 
@@ -54,6 +55,12 @@ _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 #: Reads the secret settings of a row: decrypts them, or (for a command
 #: that only lists) stands in for them.
 Unsealer = Callable[[str], Mapping[str, str]]
+
+
+def running_config(file: Config, stored: StoreSnapshot) -> Config:
+    """The config the file and the store's rows make together: what runs
+    (the store's secrets unsealed with the file's ``store_key``)."""
+    return overlay(file, stored, Sealer.from_config(file))
 
 
 def overlay(file: Config, stored: StoreSnapshot, sealer: Sealer) -> Config:

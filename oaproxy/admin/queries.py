@@ -21,7 +21,7 @@ from oaproxy.admin.changes import Refusal, RefusalKind
 from oaproxy.admin.stored import AuditEntry
 from oaproxy.admin.tables import read_audit
 from oaproxy.cli import parse_time, usage_total
-from oaproxy.record import Outcome
+from oaproxy.record import Outcome, decode_record, record_document
 from oaproxy.recordstore import GROUP_COLUMNS, Filters, usage_rows
 from oaproxy.sinks.sql import TABLE, placeholder
 
@@ -228,13 +228,13 @@ def records_page(connection: Any, dbtype: str, query: RecordsQuery) -> dict[str,
 
 
 def record_by_id(connection: Any, dbtype: str, record_id: str) -> dict[str, Any] | None:
-    """The whole record as stored, or None."""
+    """The whole record, in the one stored form (``record_document``), or
+    None; ``BadRecord`` for a row that holds none."""
     mark = placeholder(dbtype)
     rows = _rows(connection, f"SELECT record FROM {TABLE} WHERE id = {mark}", [record_id])
-    if not rows or rows[0][0] is None:
+    if not rows:
         return None
-    document = json.loads(rows[0][0])
-    return {"object": "record", **document} if isinstance(document, dict) else None
+    return {"object": "record", **record_document(decode_record(rows[0][0]))}
 
 
 def usage(connection: Any, dbtype: str, query: UsageQuery) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from oaproxy.admin.changes import (
     set_enabled,
 )
 from oaproxy.admin.describe import describe_key, describe_upstream
-from oaproxy.admin.follower import StoreFollower
+from oaproxy.admin.follower import ConfigSources, StoreFollower
 from oaproxy.admin.queries import (
     audit_page,
     audit_query,
@@ -52,11 +52,11 @@ from oaproxy.admin.queries import (
     usage_query,
 )
 from oaproxy.admin.sealing import Sealer
-from oaproxy.admin.stored import StoreSnapshot
 from oaproxy.answers import JSONAnswer, write_answer
-from oaproxy.config import Config, ConfigError, all_client_keys
+from oaproxy.config import ConfigError, all_client_keys
 from oaproxy.credentials import bearer_token
 from oaproxy.errors import ErrorAnswer
+from oaproxy.record import BadRecord
 from oaproxy.web import NotFoundResource, client_ip, declared_size
 
 if TYPE_CHECKING:
@@ -78,9 +78,7 @@ class AdminHost(Protocol):
     @property
     def generation(self) -> Generation: ...
 
-    file_config: Config  # the config file alone
-    stored: StoreSnapshot  # the store's rows in use
-    store: StoreFollower | None  # None: dbtype none
+    sources: ConfigSources  # the config file alone, the store's rows in use
     shared: Shared
 
 
@@ -241,14 +239,16 @@ class AdminResource(Resource):
                     circuits=shared.circuits,
                     readiness=shared.readiness,
                 )
-                return describe_upstream(upstream, stored=self._host.stored, state=state)
+                return describe_upstream(upstream, stored=self._host.sources.stored, state=state)
         raise _Refused(ErrorAnswer(404, f"no upstream {name!r}", code="not_found"))
 
     # -- keys ----------------------------------------------------------------------
 
     async def list_keys(self, request: server.Request, names: list[str]) -> tuple[int, Any]:
         config = self._host.generation.config
-        keys = [describe_key(key, config, self._host.stored) for key in all_client_keys(config)]
+        keys = [
+            describe_key(key, config, self._host.sources.stored) for key in all_client_keys(config)
+        ]
         return 200, {"object": "list", "data": keys}
 
     async def get_key(self, request: server.Request, names: list[str]) -> tuple[int, Any]:
@@ -269,7 +269,7 @@ class AdminResource(Resource):
         config = self._host.generation.config
         for key in all_client_keys(config):
             if key.name == name:
-                return describe_key(key, config, self._host.stored)
+                return describe_key(key, config, self._host.sources.stored)
         raise _Refused(ErrorAnswer(404, f"no client key {name!r}", code="not_found"))
 
     # -- the records -----------------------------------------------------------------
@@ -281,7 +281,18 @@ class AdminResource(Resource):
 
     async def get_record(self, request: server.Request, names: list[str]) -> tuple[int, Any]:
         store = self._store()
-        record = await store.query(lambda c: record_by_id(c, store.dbtype, names[0]))
+        try:
+            record = await store.query(lambda c: record_by_id(c, store.dbtype, names[0]))
+        except BadRecord as e:
+            self.log.error("record {id} in the store cannot be read: {error}", id=names[0], error=e)
+            raise _Refused(
+                ErrorAnswer(
+                    500,
+                    "The stored record cannot be read; the proxy's log says why.",
+                    type="server_error",
+                    code="bad_record",
+                )
+            ) from None
         if record is None:
             raise _Refused(ErrorAnswer(404, f"no record {names[0]!r}", code="not_found"))
         return 200, record
@@ -305,7 +316,9 @@ class AdminResource(Resource):
             "hostname": config.hostname,
             "ready": ready,
             **details,
-            "store_version": None if self._host.store is None else self._host.stored.version,
+            "store_version": None
+            if self._host.sources.store is None
+            else self._host.sources.stored.version,
         }
 
     # -- the parts -------------------------------------------------------------------
@@ -314,7 +327,7 @@ class AdminResource(Resource):
         return self._host.shared.wall_clock()
 
     def _store(self) -> StoreFollower:
-        store = self._host.store
+        store = self._host.sources.store
         if store is None:
             raise _Refused(
                 ErrorAnswer(
@@ -326,7 +339,7 @@ class AdminResource(Resource):
         return store
 
     def _context(self, request: server.Request) -> ChangeContext:
-        file = self._host.file_config
+        file = self._host.sources.file_config
         address = client_ip(request, file.trusted_proxies)
         return ChangeContext(
             file, Sealer.from_config(file), f"admin API from {address}", self._now()

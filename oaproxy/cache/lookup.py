@@ -29,8 +29,8 @@ from oaproxy.cache.keys import cache_key, namespace
 from oaproxy.cache.replay import StreamedAnswer, stream_from_completion
 from oaproxy.cache.stores import AnswerStore, MemoryStore, RedisStore
 from oaproxy.cache.ticket import CacheTicket
-from oaproxy.config import CacheBackend, CacheConfig, Config, Upstream
-from oaproxy.forward import Exchange
+from oaproxy.config import CacheBackend, CacheConfig, Upstream
+from oaproxy.exchange import Exchange
 from oaproxy.inspection import Inspected
 from oaproxy.metrics import Metrics
 from oaproxy.pipeline import Observer, Verdict
@@ -96,13 +96,12 @@ class ResponseCache(Observer):
     @classmethod
     def from_config(
         cls,
-        config: Config,
+        section: CacheConfig | None,
         shared_redis: SharedRedis | None,
         clock: IReactorTime,
         metrics: Metrics,
     ) -> ResponseCache | None:
-        """The cache ``config`` asks for; None without a ``cache:`` section."""
-        section = config.cache
+        """The cache ``section`` (``cache:``) asks for; None without one."""
         if section is None:
             return None
         store: AnswerStore

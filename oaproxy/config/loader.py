@@ -43,9 +43,9 @@ from oaproxy.config.values import checked_route, proxy_url
 
 __all__ = ["INHERITED", "load_config", "parse_config", "settle_upstream"]
 
-#: The top-level settings an upstream without its own takes (its deadlines
-#: and its way out).
-INHERITED = ("timeout", "stream_timeout", "proxy")
+#: The top-level settings an upstream without its own takes (its deadlines,
+#: its retries and its way out).
+INHERITED = ("timeout", "stream_timeout", "retries", "proxy")
 
 
 def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:

@@ -25,11 +25,13 @@ from oaproxy.config.schema import named_sections, read, read_by_loader, section
 from oaproxy.config.values import (
     aliases,
     boolean,
+    count,
     deadline,
     endpoint_url,
     homeserver_url,
     http_url,
     integer,
+    json_members,
     member_of,
     networks,
     non_negative,
@@ -74,6 +76,18 @@ class UpstreamType(Word):
     REPLICATE = "replicate"
     #: Built in: answers locally, without network or key.
     ECHO = "echo"
+
+
+class ResumeMode(Word):
+    """How a committed stream that broke is continued on the next candidate
+    (``oaproxy.resume``); the continuing candidate's choice."""
+
+    #: The request again with the text so far as an assistant message.
+    PREFILL = "prefill"
+    #: The request again; the text already relayed is skipped.
+    RESTART = "restart"
+    #: Not continued: the stream ends with an SSE error event.
+    OFF = "off"
 
 
 #: Where a replicate upstream without an endpoint goes.
@@ -204,6 +218,15 @@ class Upstream:
     enabled: bool = field(default=True, metadata=read(boolean))
     # False: exempt from the content filter (e.g. an internal model).
     content_filter: bool = field(default=True, metadata=read(boolean))
+    # How a broken stream is continued here; prefill for openai upstreams.
+    resume: ResumeMode = field(metadata=read(member_of(ResumeMode)))
+    # Body members added to a prefill request, e.g. vLLM's
+    # {continue_final_message: true, add_generation_prompt: false}.
+    resume_body: Mapping[str, Any] = field(
+        default=MappingProxyType({}), metadata=read(json_members)
+    )
+    # Inherited from the top-level retries.
+    retries: int = field(default=0, metadata=read(count))
     # The way out, set by the loader: the top-level proxy unless the
     # upstream gives its own (``none``: direct, None here).
     proxy: HTTPProxy | None = field(default=None, metadata=read_by_loader())
@@ -212,6 +235,11 @@ class Upstream:
     def _stream_usage_default(self) -> bool:
         # Asking for usage in the stream is an OpenAI API option (echo has it too).
         return self.type in (UpstreamType.OPENAI, UpstreamType.ECHO)
+
+    @resume.default
+    def _resume_default(self) -> ResumeMode:
+        # A prefilled assistant message is an OpenAI API idiom; others restart.
+        return ResumeMode.PREFILL if self.type is UpstreamType.OPENAI else ResumeMode.RESTART
 
     def url(self, upstream_path: bytes) -> bytes:
         """Where an API path (the part after ``/v1``) goes on this upstream;
@@ -382,7 +410,19 @@ class Config:
     metrics_key: str | None = field(default=None, repr=False, metadata=read(optional_text))
     timeout: float = field(default=120.0, metadata=read(deadline))
     stream_timeout: float = field(default=10.0, metadata=read(deadline))
-    stream_idle_timeout: float = field(default=120.0, metadata=read(number))
+    # Silence after the commit that counts as a stall (keep-alive comments
+    # are silence): long enough for a model thinking before its next token,
+    # short enough that a resumed answer does not keep a client waiting.
+    stream_idle_timeout: float = field(default=30.0, metadata=read(number))
+    # Same-upstream retries (429, 5xx, a reset before any byte) before failing over.
+    retries: int = field(default=0, metadata=read(count))
+    retry_backoff: float = field(default=0.5, metadata=read(non_negative))
+    # The longest Retry-After waited for; a longer one leaves the upstream.
+    max_retry_after: float = field(default=5.0, metadata=read(non_negative))
+    # The error codes of a 400 that fail over (oaproxy.errorcodes).
+    failover_codes: tuple[str, ...] = field(
+        default=("context_length_exceeded",), metadata=read(strings)
+    )
     # The longest SSE event an upstream may send (and what a stream may hold
     # before its first): past it the attempt fails.
     max_event_bytes: int = field(default=16 * 1024 * 1024, metadata=read(integer))
@@ -467,9 +507,11 @@ class Config:
         return self.lb_policy
 
     @property
-    def route_prefixes(self) -> frozenset[str]:
-        """The route prefixes some upstream serves."""
-        return frozenset(u.route for u in self.upstreams if u.route is not None)
+    def route_prefixes(self) -> tuple[str, ...]:
+        """The route prefixes some upstream serves, longest first (as
+        ``oaproxy.paths.route_of`` tries them: ``/team/a`` before ``/team``)."""
+        routes = {u.route for u in self.upstreams if u.route is not None}
+        return tuple(sorted(routes, key=lambda route: (-len(route), route)))
 
 
 def all_client_keys(config: Config) -> tuple[ClientKey, ...]:

@@ -17,6 +17,8 @@ from types import MappingProxyType
 from typing import Any, TypeAlias, TypeVar
 from urllib.parse import SplitResult, unquote, urlsplit
 
+import yaml
+
 from oaproxy.config.nodes import (
     BOOLEAN_TAGS,
     INTEGER_TAGS,
@@ -116,6 +118,39 @@ def integer(nodes: NodeReader, item: Item) -> int:
     if value <= 0:
         nodes.fail(item.key, item.line, "must be greater than 0")
     return value
+
+
+def count(nodes: NodeReader, item: Item) -> int:
+    """An integer >= 0 (``retries: 0``)."""
+    if nodes.scalar(item, INTEGER_TAGS) == 0 or nodes.variable(item) == "0":
+        return 0
+    return integer(nodes, item)
+
+
+def json_members(nodes: NodeReader, item: Item) -> Mapping[str, Any]:
+    """A mapping whose values are JSON values (members added to a request
+    body), read-only; strings are interpolated like any other."""
+    result = {}
+    for name, value in nodes.entries(item, "a mapping of JSON body members"):
+        result[name] = _json_value(nodes, value)
+    return MappingProxyType(result)
+
+
+def _json_value(nodes: NodeReader, item: Item) -> Any:
+    node = item.node
+    if isinstance(node, yaml.MappingNode):
+        return {name: _json_value(nodes, value) for name, value in nodes.entries(item)}
+    if isinstance(node, yaml.SequenceNode):
+        return [_json_value(nodes, part) for part in nodes.sequence(item)]
+    if nodes.is_null(item):
+        return None
+    for tags in (BOOLEAN_TAGS, INTEGER_TAGS, NUMBER_TAGS):
+        value = nodes.scalar(item, tags)
+        if value is not None:
+            if isinstance(value, float) and not math.isfinite(value):
+                nodes.fail(item.key, item.line, "must be a finite number")
+            return value
+    return nodes.string(item, "a JSON value")
 
 
 def strings(nodes: NodeReader, item: Item) -> tuple[str, ...]:

@@ -1,11 +1,12 @@
 """Record sinks: observers of ``oaproxy.record`` events that store the records.
 
 Each sink is a ``twisted.application.service.Service`` with an ``observer``
-(an ``ILogObserver``); wire both::
+(an ``ILogObserver``) of the records' own publisher, never the global one
+(``records.RecordEmitter``); ``generation.swap_in`` wires both::
 
     sink = FileSink("log/records.jsonl", spool_dir="log/spool")
-    sink.setServiceParent(multi_service)
-    globalLogPublisher.addObserver(sink.observer)
+    sink.setServiceParent(daemon)
+    shared.records.add_observer(sink.observer)
 
 ``RedisSink`` lives in ``oaproxy.sinks.redis`` and is imported from there
 (txredisapi installs the global reactor when imported).

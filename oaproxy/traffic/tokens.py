@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 
 from oaproxy.config import Budget, ClientKey, Config, Price, Rate, Upstream, all_client_keys
 from oaproxy.errors import ErrorAnswer
-from oaproxy.forward import Exchange
+from oaproxy.exchange import Exchange
 from oaproxy.pipeline import Observer, Verdict
 from oaproxy.record import LimitKind, LimitRefusal, LimitScope, Record, Usage
 from oaproxy.traffic.backend import BackendTrouble

@@ -230,11 +230,6 @@ class UpstreamPool:
         done: Deferred[Any] = gatherResults(closing)
         return done.addCallback(lambda _: None)
 
-    def idle_count(self, origin: bytes, proxy: HTTPProxy | None = None) -> int:
-        """How many connections to ``origin`` (through ``proxy``) are idle
-        (for tests and metrics)."""
-        return len(self.route(origin, proxy).idle)
-
 
 def _host_header(scheme: bytes, host: bytes, port: int) -> bytes:
     """The ``Host`` value Twisted's ``Agent`` sends for this origin."""
