@@ -1,6 +1,6 @@
 """A bounded soak: does oaproxy's memory settle under mixed load?
 
-    python bench/soak.py [--minutes 3] [--clients 250] [--warmup 45]
+    python bench/soak.py [--minutes 3] [--clients 250] [--warmup 75]
 
 One oaproxy (configured as ``run.py``'s full case: keys, records to sqlite
 and a file, metrics, limiter, cache) in front of two fakes: ``fake-a``, which
@@ -175,7 +175,9 @@ async def soak(args: argparse.Namespace, port: int, pid: int) -> tuple[int, int,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="oaproxy's memory under a mixed load")
     parser.add_argument("--minutes", type=float, default=3.0, help="how long in all")
-    parser.add_argument("--warmup", type=float, default=45.0, help="seconds before the first RSS")
+    # The limiter's one-minute moving windows hold an entry per request
+    # until they are a minute old: full only after the first minute.
+    parser.add_argument("--warmup", type=float, default=75.0, help="seconds before the first RSS")
     parser.add_argument("--clients", type=int, default=250, help="clients at once (>= 200)")
     parser.add_argument("--every", type=float, default=15.0, help="seconds between RSS lines")
     args = parser.parse_args(argv)
