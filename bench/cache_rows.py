@@ -36,11 +36,9 @@ import argparse
 import http.client
 import json
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -58,12 +56,12 @@ from procs import (
     die_with_parent,
     fmt,
     free_port,
-    interrupt,
     rss_kib,
     start_fake_upstream,
     tail,
     twistd_path,
     wait_ready,
+    with_children,
 )
 from procs import minus as _minus
 from procs import ratio as _ratio
@@ -337,19 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="also print the raw results as JSON")
     args = parser.parse_args(argv)
 
-    children = Children()
-    # SIGTERM (e.g. from a CI timeout) takes the same way out as Ctrl-C.
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
-        with tempfile.TemporaryDirectory(prefix="oaproxy-bench-") as tmp:
-            try:
-                return run(args, children, Path(tmp))
-            finally:
-                # Before the temp dir goes: twistd may still write its log there.
-                children.stop_all()
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
+    return with_children("bench", lambda children, tmp: run(args, children, tmp))
 
 
 def run(args: argparse.Namespace, children: Children, directory: Path) -> int:

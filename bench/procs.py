@@ -18,7 +18,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -250,3 +252,22 @@ def minus(a: float | None, b: float | None) -> float | None:
 def interrupt(signum: int, frame: Any) -> None:
     """SIGTERM (e.g. from a CI timeout) takes the same way out as Ctrl-C."""
     raise KeyboardInterrupt
+
+
+def with_children(name: str, run: Callable[[Children, Path], int]) -> int:
+    """``run(children, directory)`` in a temporary directory; every child it
+    started is stopped at the end, on an error, on Ctrl-C and on SIGTERM
+    (exit status 130 then)."""
+    raise_open_files()
+    children = Children()
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"oaproxy-{name}-") as tmp:
+            try:
+                return run(children, Path(tmp))
+            finally:
+                # Before the directory goes: the servers may still write there.
+                children.stop_all()
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130

@@ -42,11 +42,9 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,16 +60,15 @@ from procs import (
     die_with_parent,
     fmt,
     free_port,
-    interrupt,
     minus,
     pinned,
-    raise_open_files,
     ratio,
     start_fake_upstream,
     tail,
     tree_cpu_seconds,
     twistd_path,
     wait_ready,
+    with_children,
 )
 
 SERVER_CORE = 0
@@ -100,10 +97,10 @@ cache:
   default: true
 upstreams:
   - name: fake-a
-    endpoint: http://127.0.0.1:{port}/v1
+    endpoint: http://127.0.0.1:{port_a}/v1
     sk: {sk}
   - name: fake-b
-    endpoint: http://127.0.0.1:{port}/v1
+    endpoint: http://127.0.0.1:{port_b}/v1
     sk: {sk}
 """
 
@@ -217,7 +214,8 @@ class Starter:
         if case in ("oaproxy", "no-records", "before"):
             text = NO_RECORDS if case == "no-records" else FULL_CONFIG
             config = where / "config.yaml"
-            config.write_text(text.format(key=CLIENT_KEY, port=self.upstream, sk=UPSTREAM_KEY))
+            ports = {"port_a": self.upstream, "port_b": self.upstream}
+            config.write_text(text.format(key=CLIENT_KEY, sk=UPSTREAM_KEY, **ports))
             port = free_port()
             argv = [
                 twistd_path(),
@@ -525,19 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.seconds = 1, 1.0
-    raise_open_files()
-    children = Children()
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
-        with tempfile.TemporaryDirectory(prefix="oaproxy-bench-") as tmp:
-            try:
-                return run(args, children, Path(tmp))
-            finally:
-                # Before the temp dir goes: the servers may still write there.
-                children.stop_all()
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
+    return with_children("bench", lambda children, tmp: run(args, children, tmp))
 
 
 def run(args: argparse.Namespace, children: Children, directory: Path) -> int:

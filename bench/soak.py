@@ -27,10 +27,8 @@ import argparse
 import asyncio
 import json
 import random
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -41,14 +39,14 @@ from procs import (
     UPSTREAM_KEY,
     Children,
     free_port,
-    interrupt,
-    raise_open_files,
     rss_kib,
     start_fake_upstream,
     tail,
     twistd_path,
     wait_ready,
+    with_children,
 )
+from run import FULL_CONFIG
 
 FAIL_MODEL = "bench-fail"
 PACED_MODEL = "bench-paced"
@@ -63,33 +61,9 @@ MIX = (
     ("abandon", 5),
 )
 
-CONFIG = """\
-# Written by bench/soak.py.
-authorization:
-  bench: {key}
-dbtype: sqlite
-dbaddr: ./records.sqlite
-records:
-  file: ./records.jsonl
-  spool_dir: ./spool
-limits:
-  backend: memory
-  global: "100000000/minute"
-  per_key: "100000000/minute"
-  tokens_per_key: "100000000000/minute"
-cache:
-  backend: memory
-  default: true
-  # Full within the warm-up: growth after it is not the cache filling up.
-  max_entries: 2000
-upstreams:
-  - name: fake-a
-    endpoint: http://127.0.0.1:{failing}/v1
-    sk: {sk}
-  - name: fake-b
-    endpoint: http://127.0.0.1:{healthy}/v1
-    sk: {sk}
-"""
+# run.py's full case, its cache full within the warm-up (growth after it is
+# then not the cache filling up).
+CONFIG = FULL_CONFIG.replace("  default: true\n", "  default: true\n  max_entries: 2000\n")
 
 
 def request(port: int, model: str, stream: bool, serial: int) -> bytes:
@@ -181,18 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=250, help="clients at once (>= 200)")
     parser.add_argument("--every", type=float, default=15.0, help="seconds between RSS lines")
     args = parser.parse_args(argv)
-    raise_open_files()
-    children = Children()
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
-        with tempfile.TemporaryDirectory(prefix="oaproxy-soak-") as tmp:
-            try:
-                return run(args, children, Path(tmp))
-            finally:
-                children.stop_all()
-    except KeyboardInterrupt:
-        print("soak: interrupted", file=sys.stderr)
-        return 130
+    return with_children("soak", lambda children, tmp: run(args, children, tmp))
 
 
 def run(args: argparse.Namespace, children: Children, directory: Path) -> int:
@@ -204,7 +167,7 @@ def run(args: argparse.Namespace, children: Children, directory: Path) -> int:
     _b, healthy = start_fake_upstream(children, 20, lifetime, core=1, more=paced)
     config = directory / "config.yaml"
     config.write_text(
-        CONFIG.format(key=CLIENT_KEY, failing=failing, healthy=healthy, sk=UPSTREAM_KEY)
+        CONFIG.format(key=CLIENT_KEY, port_a=failing, port_b=healthy, sk=UPSTREAM_KEY)
     )
     port = free_port()
     log = directory / "oaproxy.log"
