@@ -53,13 +53,13 @@ from procs import (
     UPSTREAM_KEY,
     Children,
     cpu_seconds,
-    die_with_parent,
     fmt,
     free_port,
+    oaproxy_argv,
     rss_kib,
+    run_driver,
     start_fake_upstream,
     tail,
-    twistd_path,
     wait_ready,
     with_children,
 )
@@ -110,16 +110,7 @@ def start_proxy(children: Children, directory: Path, config: Path) -> Proxy:
     log = directory / f"{config.stem}.log"
     with log.open("wb") as log_file:
         proxy = children.start(
-            [
-                twistd_path(),
-                "-n",
-                "--pidfile=",
-                "oaproxy",
-                "--config",
-                str(config),
-                "--listen",
-                f"tcp:{port}:interface=127.0.0.1",
-            ],
+            oaproxy_argv(config, port),
             cwd=directory,  # anything relative (./log, spools) lands in the temp dir
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -197,20 +188,7 @@ def load(
     if key:
         argv += ["--key", key]
     # Bounded twice: the driver stops itself, and is killed a little later.
-    done = subprocess.run(
-        argv,
-        check=False,
-        capture_output=True,
-        timeout=args.max_seconds + 30,
-        preexec_fn=die_with_parent,
-    )
-    try:
-        result: dict[str, Any] = json.loads(done.stdout)
-    except ValueError:
-        raise SystemExit(
-            f"bench: the load driver failed ({done.returncode}): {done.stderr.decode(errors='replace')}"
-        ) from None
-    return result
+    return run_driver(argv, args.max_seconds + 30)
 
 
 def report(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import http.client
+import json
 import os
 import resource
 import shutil
@@ -52,6 +53,37 @@ def twistd_path() -> str:
             f"bench: no twistd beside {sys.executable}; install oaproxy in that environment"
         )
     return str(candidate)
+
+
+def oaproxy_argv(config: Path, port: int) -> list[str]:
+    """The ``twistd`` command of an oaproxy on ``config``, on 127.0.0.1:``port``
+    (a backlog for a thousand connections opened at once)."""
+    return [
+        twistd_path(),
+        "-n",
+        "--pidfile=",
+        "oaproxy",
+        "--config",
+        str(config),
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1:backlog=4096",
+    ]
+
+
+def run_driver(argv: list[str], timeout: float) -> dict[str, Any]:
+    """Run a driver (``load.py``, ``streams.py``: its full command) to its
+    end, bounded by ``timeout``; the one JSON object it prints."""
+    done = subprocess.run(
+        argv, check=False, capture_output=True, timeout=timeout, preexec_fn=die_with_parent
+    )
+    try:
+        result: dict[str, Any] = json.loads(done.stdout)
+    except ValueError:
+        raise SystemExit(
+            f"bench: {' '.join(argv[:3])} failed ({done.returncode}):"
+            f" {done.stderr.decode(errors='replace')}"
+        ) from None
+    return result
 
 
 def raise_open_files() -> None:

@@ -57,16 +57,16 @@ from procs import (
     PATH,
     UPSTREAM_KEY,
     Children,
-    die_with_parent,
     fmt,
     free_port,
     minus,
+    oaproxy_argv,
     pinned,
     ratio,
+    run_driver,
     start_fake_upstream,
     tail,
     tree_cpu_seconds,
-    twistd_path,
     wait_ready,
     with_children,
 )
@@ -217,16 +217,7 @@ class Starter:
             ports = {"port_a": self.upstream, "port_b": self.upstream}
             config.write_text(text.format(key=CLIENT_KEY, sk=UPSTREAM_KEY, **ports))
             port = free_port()
-            argv = [
-                twistd_path(),
-                "-n",
-                "--pidfile=",
-                "oaproxy",
-                "--config",
-                str(config),
-                "--listen",
-                f"tcp:{port}:interface=127.0.0.1:backlog=4096",
-            ]
+            argv = oaproxy_argv(config, port)
             env = None
             if case == "before":
                 # Another checkout's oaproxy, with this virtualenv's packages.
@@ -294,20 +285,7 @@ class Starter:
 
 def drive(argv: list[str], timeout: float) -> dict[str, Any]:
     """Run a driver on the driver core; its one JSON line."""
-    done = subprocess.run(
-        pinned(DRIVER_CORE) + [sys.executable, *argv],
-        check=False,
-        capture_output=True,
-        timeout=timeout,
-        preexec_fn=die_with_parent,
-    )
-    try:
-        result: dict[str, Any] = json.loads(done.stdout)
-    except ValueError:
-        raise SystemExit(
-            f"bench: {argv[0]} failed ({done.returncode}): {done.stderr.decode(errors='replace')}"
-        ) from None
-    return result
+    return run_driver(pinned(DRIVER_CORE) + [sys.executable, *argv], timeout)
 
 
 def measure(server: Server, args: argparse.Namespace, profile: Path | None) -> dict[str, Any]:

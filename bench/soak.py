@@ -39,10 +39,10 @@ from procs import (
     UPSTREAM_KEY,
     Children,
     free_port,
+    oaproxy_argv,
     rss_kib,
     start_fake_upstream,
     tail,
-    twistd_path,
     wait_ready,
     with_children,
 )
@@ -173,16 +173,7 @@ def run(args: argparse.Namespace, children: Children, directory: Path) -> int:
     log = directory / "oaproxy.log"
     with log.open("wb") as out:
         proxy = children.start(
-            [
-                twistd_path(),
-                "-n",
-                "--pidfile=",
-                "oaproxy",
-                "--config",
-                str(config),
-                "--listen",
-                f"tcp:{port}:interface=127.0.0.1:backlog=4096",
-            ],
+            oaproxy_argv(config, port),
             0,
             cwd=directory,
             stdout=out,
