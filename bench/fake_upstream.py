@@ -13,6 +13,13 @@ its (small) body.
 - With ``--delay-ms D`` every answer leaves D milliseconds after its request
   arrived, like a model that takes time to answer (real ones take hundreds of
   milliseconds to seconds).
+- A stream for the model ``bench-paced`` is paced like a model generating:
+  its head and first event leave at once, then one event every
+  ``--paced-interval-ms`` (50: 20 tokens/s) until ``--paced-chunks`` (200:
+  a 10 s stream). One timer paces every such stream, so a thousand of them
+  cost the fake a write each per tick, not a timer each.
+- With ``--fail-model M`` a request for the model M gets a 502 with an
+  OpenAI-shaped error: an upstream a proxy fails over from.
 
 Run as its own process::
 
@@ -31,7 +38,10 @@ import signal
 import sys
 from typing import Any
 
+from attrs import define, field
+
 MODEL = "gpt-bench"
+PACED_MODEL = "bench-paced"
 COMPLETION_ID = "chatcmpl-bench"
 CREATED = 1700000000
 CONTENT = "The quick brown fox jumps over the lazy dog."
@@ -110,42 +120,105 @@ def stream_response(chunks: int, include_usage: bool) -> bytes:
     return b"".join(parts)
 
 
-def not_found_response() -> bytes:
+def error_response(status: bytes, message: str) -> bytes:
     body = json.dumps(
         {
             "error": {
-                "message": "not found",
-                "type": "invalid_request_error",
-                "code": "not_found",
+                "message": message,
+                "type": "invalid_request_error" if status.startswith(b"4") else "server_error",
+                "param": None,
+                "code": None,
             }
         }
     ).encode()
-    return _response(b"404 Not Found", [(b"content-type", b"application/json")], body)
+    return _response(status, [(b"content-type", b"application/json")], body)
+
+
+def stream_parts(chunks: int, include_usage: bool) -> list[bytes]:
+    """``stream_response`` cut where a paced model would pause: the head
+    with the first event, then one part per event (the last with the end)."""
+    whole = stream_response(chunks, include_usage)
+    head, _, body = whole.partition(b"\r\n\r\n")
+    events = [e + b"\r\n" for e in body.split(b"\r\n")[1::2][:-1]]
+    # Each HTTP chunk is "size\r\npayload\r\n": rebuild them whole.
+    sized = [b"%x\r\n" % (len(e) - 2) + e for e in events]
+    parts = [head + b"\r\n\r\n" + sized[0], *sized[1:]]
+    parts[-1] += b"0\r\n\r\n"
+    return parts
+
+
+@define
+class Paced:
+    """Streams being paced: each a transport and the parts it has yet to get."""
+
+    interval: float
+    streams: list[tuple[asyncio.Transport, list[bytes]]] = field(factory=list)
+    ticking: bool = False
+    # When the next tick is due: ticks keep to this schedule, so the time a
+    # tick takes does not stretch every stream.
+    due: float = 0.0
+
+    def start(self, transport: asyncio.Transport, parts: list[bytes]) -> None:
+        transport.write(parts[0])
+        self.streams.append((transport, list(reversed(parts[1:]))))
+        if not self.ticking:
+            self.ticking = True
+            loop = asyncio.get_running_loop()
+            self.due = loop.time() + self.interval
+            loop.call_at(self.due, self.tick)
+
+    def tick(self) -> None:
+        alive = []
+        for transport, left in self.streams:
+            if transport.is_closing():
+                continue
+            transport.write(left.pop())
+            if left:
+                alive.append((transport, left))
+        self.streams = alive
+        if alive:
+            self.due += self.interval
+            asyncio.get_running_loop().call_at(self.due, self.tick)
+        else:
+            self.ticking = False
 
 
 class Answers:
     """Every response this server can give, built once."""
 
-    def __init__(self, chunks: int) -> None:
+    def __init__(
+        self, chunks: int, paced_chunks: int, paced_interval: float, fail_model: str | None
+    ) -> None:
         self.completion = completion_response()
+        self.fail_model = fail_model
+        self.failure = error_response(b"502 Bad Gateway", "the model is overloaded")
         self.stream = stream_response(chunks, include_usage=False)
         self.stream_usage = stream_response(chunks, include_usage=True)
-        self.not_found = not_found_response()
+        self.paced = stream_parts(paced_chunks, include_usage=False)
+        self.paced_usage = stream_parts(paced_chunks, include_usage=True)
+        self.pacer = Paced(paced_interval)
+        self.not_found = error_response(b"404 Not Found", "not found")
         self.bad_request = _response(b"400 Bad Request", [(b"connection", b"close")], b"")
 
-    def for_request(self, method: bytes, target: bytes, body: bytes) -> bytes:
+    def for_request(self, method: bytes, target: bytes, body: bytes) -> bytes | list[bytes]:
+        """The answer's bytes, or for a paced stream its parts."""
         if method != b"POST" or not target.startswith(b"/v1/chat/completions"):
             return self.not_found
         try:
             request = json.loads(body)
         except ValueError:
             return self.bad_request
-        if not isinstance(request, dict) or not request.get("stream"):
+        if not isinstance(request, dict):
+            return self.bad_request
+        if self.fail_model is not None and request.get("model") == self.fail_model:
+            return self.failure
+        if not request.get("stream"):
             return self.completion
         options = request.get("stream_options") or {}
-        if isinstance(options, dict) and options.get("include_usage"):
-            return self.stream_usage
-        return self.stream
+        usage = isinstance(options, dict) and options.get("include_usage")
+        if request.get("model") == PACED_MODEL:
+            return self.paced_usage if usage else self.paced
+        return self.stream_usage if usage else self.stream
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -163,11 +236,19 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        out = []
+        out: list[bytes] = []
         while True:
             parsed = self._parse_one()
             if parsed is None:
                 break
+            if isinstance(parsed, list):
+                # A paced stream: the rest of this connection's answers
+                # would wait for it; clients send one request at a time.
+                assert self._transport is not None
+                if out:
+                    self._transport.write(b"".join(out))
+                self._answers.pacer.start(self._transport, parsed)
+                return
             out.append(parsed)
         if out and self._transport is not None:
             if self._delay:
@@ -178,7 +259,7 @@ class UpstreamProtocol(asyncio.Protocol):
             else:
                 self._transport.write(b"".join(out))
 
-    def _parse_one(self) -> bytes | None:
+    def _parse_one(self) -> bytes | list[bytes] | None:
         buf = self._buffer
         end = buf.find(b"\r\n\r\n")
         if end < 0:
@@ -249,11 +330,18 @@ class UpstreamProtocol(asyncio.Protocol):
         self._buffer.clear()
 
 
-async def serve(port: int, chunks: int, max_seconds: float, delay: float) -> None:
+async def serve(
+    port: int,
+    chunks: int,
+    max_seconds: float,
+    delay: float,
+    paced: tuple[int, float],
+    fail_model: str | None,
+) -> None:
     loop = asyncio.get_running_loop()
-    answers = Answers(chunks)
+    answers = Answers(chunks, *paced, fail_model)
     server = await loop.create_server(
-        lambda: UpstreamProtocol(answers, delay), "127.0.0.1", port, backlog=1024
+        lambda: UpstreamProtocol(answers, delay), "127.0.0.1", port, backlog=4096
     )
     bound = server.sockets[0].getsockname()[1]
     print(f"listening 127.0.0.1:{bound}", flush=True)
@@ -281,8 +369,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--delay-ms", type=float, default=0.0, help="milliseconds before each answer leaves"
     )
+    parser.add_argument(
+        "--paced-chunks", type=int, default=200, help=f"events of a {PACED_MODEL} stream"
+    )
+    parser.add_argument(
+        "--paced-interval-ms",
+        type=float,
+        default=50.0,
+        help=f"milliseconds between two events of a {PACED_MODEL} stream",
+    )
+    parser.add_argument("--fail-model", default=None, help="answer 502 to this model")
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.port, args.chunks, args.max_seconds, args.delay_ms / 1000))
+    paced = (args.paced_chunks, args.paced_interval_ms / 1000)
+    delay = args.delay_ms / 1000
+    asyncio.run(serve(args.port, args.chunks, args.max_seconds, delay, paced, args.fail_model))
     return 0
 
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter
-
 from oaproxy.record import Attempt, FailureKind, Record
+from oaproxy.tallies import Tallies
 
 #: The ``result`` of a resume: it finished the answer; its upstream refused
 #: the prefill (then restarted); the restart said something else; it failed
@@ -32,26 +31,24 @@ class AttemptCounters:
     ``oaproxy_retries_total{upstream, reason}``, labelled by
     ``upstream_label`` (configured names, else "other")."""
 
-    def __init__(self, registry: CollectorRegistry, upstream_label: Callable[[str], str]) -> None:
+    def __init__(self, tallies: Tallies, upstream_label: Callable[[str], str]) -> None:
         self._upstream_label = upstream_label
-        self._resumes = Counter(
+        self._resumes = tallies.tally(
             "oaproxy_stream_resumes",
             "Attempts that continued a broken stream, by upstream, how and result.",
             ["upstream", "how", "result"],
-            registry=registry,
         )
-        self._retries = Counter(
+        self._retries = tallies.tally(
             "oaproxy_retries",
             "Attempts followed by a retry on the same upstream, by upstream and reason.",
             ["upstream", "reason"],
-            registry=registry,
         )
 
     def count(self, record: Record) -> None:
         for attempt in record.attempts:
             if attempt.resumed is not None:
                 upstream = self._upstream_label(attempt.upstream)
-                self._resumes.labels(upstream, attempt.resumed, resume_result(attempt)).inc()
+                self._resumes.inc((upstream, attempt.resumed, resume_result(attempt)))
             if attempt.retried is not None:
                 upstream = self._upstream_label(attempt.upstream)
-                self._retries.labels(upstream, attempt.retried).inc()
+                self._retries.inc((upstream, attempt.retried))

@@ -377,6 +377,25 @@ class _Assembler:
         )
 
 
+# The last event's data and what it parsed to. A stream that a cache miss
+# stores goes through two captures, the record's and the cache's, each given
+# the same bytes object in turn: the second finds its parse here, and one
+# parse serves both. Only the reactor's thread captures; the parsed values
+# are read, never changed, by the captures.
+_last_event: list[Any] = [None, None]
+
+
+def parse_event(data: bytes | str) -> Any:
+    """``parse_json`` of one SSE event's data, once for consecutive captures
+    of the same event."""
+    last = _last_event
+    if data is last[0]:
+        return last[1]
+    parsed = parse_json(data)
+    last[0], last[1] = data, parsed
+    return parsed
+
+
 class StreamCapture:
     """Reassembles a streamed answer from its SSE events' data.
 
@@ -404,7 +423,7 @@ class StreamCapture:
             return False
         if data[:6] == (b"[DONE]" if isinstance(data, bytes) else "[DONE]"):
             return False
-        chunk = parse_json(data)
+        chunk = parse_event(data)
         if not isinstance(chunk, dict):
             return False
         assembler = self._assembler

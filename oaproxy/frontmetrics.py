@@ -3,45 +3,37 @@ held at once (``oaproxy.web.ProxySite``). Part of ``oaproxy.metrics.Metrics``.""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
-
 from oaproxy.channel import ClientClose
+from oaproxy.tallies import Tallies
 
 
 class FrontMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._open = Gauge(
-            "oaproxy_connections_open",
-            "Client connections open now.",
-            registry=registry,
-        )
-        self._refused = Counter(
+    def __init__(self, tallies: Tallies) -> None:
+        self._open = tallies.level("oaproxy_connections_open", "Client connections open now.")
+        self._refused = tallies.tally(
             "oaproxy_connections_refused",
             "Client connections closed at once: max_connections were open.",
-            registry=registry,
         )
-        self._closed = Counter(
+        self._closed = tallies.tally(
             "oaproxy_connections_closed",
             "Client connections oaproxy closed, by why: idle, slow_head, slow_body.",
             ["reason"],
-            registry=registry,
         )
         for why in ClientClose:
-            self._closed.labels(why.value)
-        self._bodies = Gauge(
+            self._closed.touch((why.value,))
+        self._bodies = tallies.level(
             "oaproxy_request_body_bytes",
             "Request body bytes held now (max_inflight_body_bytes).",
-            registry=registry,
         )
 
     def connections_open(self, count: int) -> None:
-        self._open.set(count)
+        self._open.value = count
 
     def connection_refused(self) -> None:
         self._refused.inc()
 
     def connection_closed(self, why: ClientClose) -> None:
-        self._closed.labels(why.value).inc()
+        self._closed.inc((why.value,))
 
     def body_bytes_held(self, held: int) -> None:
-        self._bodies.set(held)
+        self._bodies.value = held

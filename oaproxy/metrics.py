@@ -21,10 +21,7 @@ from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
-    Counter,
-    Gauge,
     GCCollector,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
 )
@@ -39,6 +36,7 @@ from oaproxy.attemptmetrics import AttemptCounters
 from oaproxy.circuits import CircuitCollector, Circuits
 from oaproxy.frontmetrics import FrontMetrics
 from oaproxy.record import Attempt, CacheResult, FailureKind, Outcome, Record
+from oaproxy.tallies import Tallies
 
 __all__ = [
     "ALERT_CHANNELS",
@@ -140,18 +138,20 @@ _FAILURE_OUTCOMES: dict[FailureKind, str] = {
 }
 
 
-def status_class(status: object) -> str:
+# Per status code, its class: the status of every request is looked up here.
+_STATUS_CLASSES: dict[int, str] = {code: f"{code // 100}xx" for code in range(100, 600)}
+
+
+def status_class(status: int | None) -> str:
     """Return the class of an HTTP status code: ``"2xx"``, ``"4xx"``, …
 
     ``status`` is a status code, or ``None`` when there was no response.
     Returns ``"1xx"`` to ``"5xx"``, ``"none"`` for ``None``, ``"other"`` for
-    anything else.
+    a code outside 100–599.
     """
     if status is None:
         return NONE
-    if isinstance(status, int) and not isinstance(status, bool) and 100 <= status <= 599:
-        return f"{status // 100}xx"
-    return OTHER
+    return _STATUS_CLASSES.get(status, OTHER)
 
 
 def attempt_outcome(attempt: Attempt) -> str:
@@ -177,14 +177,14 @@ def attempt_outcome(attempt: Attempt) -> str:
     return klass
 
 
-def route_label(path: object) -> str:
+def route_label(path: str) -> str:
     """Return the bounded route label of a request path.
 
     ``path`` is the request path, possibly with a query string.  Returns one
     of ``KNOWN_ROUTES``, or ``"other"``.
     """
-    if not isinstance(path, str):
-        return OTHER
+    if path in _KNOWN_ROUTES:
+        return path
     path = path.partition("?")[0]
     parts = path.split("/", 4)
     # Longest route first: KNOWN_ROUTES are at most three segments deep, so
@@ -196,12 +196,10 @@ def route_label(path: object) -> str:
     return OTHER
 
 
-def _bounded(value: object, allowed: frozenset[str]) -> str:
+def _bounded(value: str | None, allowed: frozenset[str]) -> str:
     if value is None:
         return NONE
-    if isinstance(value, str) and value in allowed:
-        return value
-    return OTHER
+    return value if value in allowed else OTHER
 
 
 class SinkStats(Protocol):
@@ -282,11 +280,7 @@ class _SinkCollector:
             else:
                 family = GaugeMetricFamily(name, doc, labels=["sink"])
             for sink_name, sink in sinks:
-                value = getattr(sink, attribute, None)
-                # A sink without, say, a spool has no "spilled": leave the
-                # series out rather than fail the whole scrape.
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    family.add_metric([sink_name], value)
+                family.add_metric([sink_name], getattr(sink, attribute))
             yield family
 
 
@@ -310,9 +304,9 @@ class ActiveRequest:
         if self._done:
             return
         self._done = True
-        self._metrics._active_requests.dec()
+        self._metrics._active_requests.value -= 1
         if self._stream:
-            self._metrics._active_streams.dec()
+            self._metrics._active_streams.value -= 1
 
 
 class Metrics:
@@ -350,103 +344,89 @@ class Metrics:
         GCCollector(registry=self.registry)
         registry = self.registry
 
-        self._requests = Counter(
+        tallies = Tallies(registry)
+        self._requests = tallies.tally(
             "oaproxy_requests",
             "Client requests by route, final status class and upstream.",
             ["route", "status_class", "upstream"],
-            registry=registry,
         )
-        self._duration = Histogram(
+        self._duration = tallies.spread(
             "oaproxy_request_duration_seconds",
             "Time from request arrival to its end.",
             ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            LATENCY_BUCKETS,
         )
-        self._ttfb = Histogram(
+        self._ttfb = tallies.spread(
             "oaproxy_time_to_first_byte_seconds",
             "Time from request arrival to the first response byte sent to the client.",
             ["route", "stream"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            LATENCY_BUCKETS,
         )
-        self._attempts = Counter(
+        self._attempts = tallies.tally(
             "oaproxy_attempts",
             "Upstream attempts by upstream and outcome.",
             ["upstream", "outcome"],
-            registry=registry,
         )
-        self._failovers = Counter(
+        self._failovers = tallies.tally(
             "oaproxy_failovers",
             "Attempts that were followed by another, by the upstream left.",
             ["upstream"],
-            registry=registry,
         )
-        self._prefix_requests = Counter(
+        self._prefix_requests = tallies.tally(
             "oaproxy_prefix_requests",
             "Client requests by route prefix (none: /v1 itself) and final status class.",
             ["prefix", "status_class"],
-            registry=registry,
         )
-        self._attempt_counters = AttemptCounters(registry, self.upstream_label)
-        self._exhausted = Counter(
+        self._attempt_counters = AttemptCounters(tallies, self.upstream_label)
+        self._exhausted = tallies.tally(
             "oaproxy_failover_exhausted",
             "Requests for which every candidate upstream failed.",
             ["route"],
-            registry=registry,
         )
-        self._bytes_in = Counter(
+        self._bytes_in = tallies.tally(
             "oaproxy_bytes_in",
             "Request body bytes received from clients.",
-            registry=registry,
         )
-        self._bytes_out = Counter(
+        self._bytes_out = tallies.tally(
             "oaproxy_bytes_out",
             "Response body bytes sent to clients.",
-            registry=registry,
         )
-        self._tokens = Counter(
+        self._tokens = tallies.tally(
             "oaproxy_tokens",
             "Tokens reported by upstreams, by upstream, model and kind.",
             ["upstream", "model", "kind"],
-            registry=registry,
         )
-        self._active_requests = Gauge(
+        self._active_requests = tallies.level(
             "oaproxy_active_requests",
             "Client requests in progress.",
-            registry=registry,
         )
-        self._active_streams = Gauge(
+        self._active_streams = tallies.level(
             "oaproxy_active_streams",
             "Client requests in progress that asked for a stream.",
-            registry=registry,
         )
-        self._alerts = Counter(
+        self._alerts = tallies.tally(
             "oaproxy_alerts",
             "Alerts by channel and result.",
             ["channel", "result"],
-            registry=registry,
         )
-        self._rate_limited = Counter(
+        self._rate_limited = tallies.tally(
             "oaproxy_rate_limited",
             "Requests refused by a limit, by its kind and scope.",
             ["kind", "scope"],
-            registry=registry,
         )
-        self._limiter_backend_errors = Counter(
+        self._limiter_backend_errors = tallies.tally(
             "oaproxy_limiter_backend_errors",
             "Checks and settlements the limiter's backend (Redis) failed.",
-            registry=registry,
         )
-        self._cache = Counter(
+        self._cache = tallies.tally(
             "oaproxy_cache",
             "Response cache lookups by result (hit, miss, bypass), and entries stored (store).",
             ["result"],
-            registry=registry,
         )
+        self.front = FrontMetrics(tallies)
+        tallies.register()
         self._sinks = _SinkCollector()
         registry.register(self._sinks)
-        self.front = FrontMetrics(registry)
 
     def active_streams(self) -> int:
         """Client requests in progress that asked for a stream (the dashboard's)."""
@@ -461,25 +441,25 @@ class Metrics:
         ``known_models`` is as for the constructor (paths are ignored);
         ``upstream_names`` are the configured upstreams' names.
         """
-        models = {m for m in known_models if isinstance(m, str) and not m.startswith("/")}
+        models = {m for m in known_models if not m.startswith("/")}
         models.update(self._extra_known_models)
         # Swap whole frozensets so a label lookup never sees a half-update.
         self._known_models = frozenset(models)
-        self._upstreams = frozenset(n for n in upstream_names if isinstance(n, str))
+        self._upstreams = frozenset(upstream_names)
 
-    def model_label(self, model: object) -> str:
+    def model_label(self, model: str | None) -> str:
         """Return the model itself when known, ``"none"`` for ``None``, else
         ``"other"``.
         """
         return _bounded(model, self._known_models)
 
-    def upstream_label(self, upstream: object) -> str:
+    def upstream_label(self, upstream: str | None) -> str:
         """Return the upstream name when configured, ``"none"`` for ``None``,
         else ``"other"``.
         """
         return _bounded(upstream, self._upstreams)
 
-    def route_label(self, path: object) -> str:
+    def route_label(self, path: str) -> str:
         """Return the bounded route of ``path``; see the module's ``route_label``."""
         return route_label(path)
 
@@ -491,9 +471,9 @@ class Metrics:
         handle whose ``ActiveRequest.finish`` ends it; call that in a
         ``finally``, or pass it to ``request_finished``.
         """
-        self._active_requests.inc()
+        self._active_requests.value += 1
         if stream:
-            self._active_streams.inc()
+            self._active_streams.value += 1
         return ActiveRequest(self, stream)
 
     def request_finished(self, record: Record, active: ActiveRequest | None = None) -> None:
@@ -519,44 +499,45 @@ class Metrics:
             path = path[len(record.route) :]
         route = route_label(path)
         upstream = self.upstream_label(record.upstream)
-        self._requests.labels(route, status_class(record.status), upstream).inc()
+        klass = status_class(record.status)
+        self._requests.inc((route, klass, upstream))
         # Only configured prefixes are ever a record's route: the label is bounded.
-        self._prefix_requests.labels(record.route or NONE, status_class(record.status)).inc()
+        self._prefix_requests.inc((record.route or NONE, klass))
 
         # The reactor's clock is the wall clock: a step back makes a time negative.
         if record.duration >= 0:
-            self._duration.labels(route).observe(record.duration)
+            self._duration.observe((route,), record.duration)
         if record.ttfb is not None and record.ttfb >= 0:
-            self._ttfb.labels(route, "true" if record.stream else "false").observe(record.ttfb)
+            self._ttfb.observe((route, "true" if record.stream else "false"), record.ttfb)
 
         attempts = record.attempts
         last = len(attempts) - 1
         for index, attempt in enumerate(attempts):
             attempt_upstream = self.upstream_label(attempt.upstream)
-            self._attempts.labels(attempt_upstream, attempt_outcome(attempt)).inc()
+            self._attempts.inc((attempt_upstream, attempt_outcome(attempt)))
             if index < last:
-                self._failovers.labels(attempt_upstream).inc()
+                self._failovers.inc((attempt_upstream,))
         self._attempt_counters.count(record)
         if record.outcome is Outcome.EXHAUSTED:
-            self._exhausted.labels(route).inc()
+            self._exhausted.inc((route,))
         if record.limit is not None:
-            self._rate_limited.labels(record.limit.kind.value, record.limit.scope.value).inc()
+            self._rate_limited.inc((record.limit.kind.value, record.limit.scope.value))
 
         if record.bytes_in:
-            self._bytes_in.inc(record.bytes_in)
+            self._bytes_in.inc((), record.bytes_in)
         if record.bytes_out:
-            self._bytes_out.inc(record.bytes_out)
+            self._bytes_out.inc((), record.bytes_out)
 
         if record.cache is not None:
-            self._cache.labels(record.cache.value).inc()
+            self._cache.inc((record.cache.value,))
         usage = record.usage
         # A cache hit's usage is the replayed answer's: no upstream used tokens.
         if usage is not None and record.cache is not CacheResult.HIT:
             model = self.model_label(record.model)
             if usage.prompt_tokens > 0:
-                self._tokens.labels(upstream, model, "prompt").inc(usage.prompt_tokens)
+                self._tokens.inc((upstream, model, "prompt"), usage.prompt_tokens)
             if usage.completion_tokens > 0:
-                self._tokens.labels(upstream, model, "completion").inc(usage.completion_tokens)
+                self._tokens.inc((upstream, model, "completion"), usage.completion_tokens)
 
     def limiter_backend_error(self) -> None:
         """Count one failure of the limiter's backend (see ``oaproxy.traffic.backend``)."""
@@ -564,7 +545,7 @@ class Metrics:
 
     def cache_stored(self) -> None:
         """Count one answer stored in the response cache."""
-        self._cache.labels("store").inc()
+        self._cache.inc(("store",))
 
     def alert_sent(self, channel: str, result: str) -> None:
         """Count one alert, for the notifier.
@@ -575,7 +556,7 @@ class Metrics:
         """
         channel = channel if channel in ALERT_CHANNELS else OTHER
         result = result if result in ALERT_RESULTS else OTHER
-        self._alerts.labels(channel, result).inc()
+        self._alerts.inc((channel, result))
 
     def add_circuits(self, circuits: Circuits) -> None:
         """Expose each configured upstream's circuit as ``oaproxy_upstream_state``."""

@@ -32,6 +32,7 @@ from oaproxy.record import Attempt, CacheResult, JSONObject, LimitRefusal, Recor
 
 # The namespace the sinks observe.
 from oaproxy.sinks.queue import RECORD_NAMESPACE
+from oaproxy.web import API_METHODS
 
 
 class RecordEmitter:
@@ -123,7 +124,10 @@ class RecordMaker:
         finished = exchange.finished if exchange.finished is not None else exchange.started
         usage = answer.usage
         model = call.model if call.model is not None else _form_model(request_body)
+        model_text = texts.text("model", model)
+        upstream_model = exchange.upstream_model
         cache = exchange.cache.result if exchange.cache is not None else None
+        method = call.method.decode("ascii", "replace")
         return Record(
             id=uuid.uuid4().hex,
             time=exchange.time,
@@ -131,9 +135,14 @@ class RecordMaker:
             client_ip=texts.text("client_ip", exchange.client_ip),
             key_name=exchange.key_name,
             user_agent=texts.text("user_agent", exchange.user_agent),
-            method=texts.text("method", call.method.decode("ascii", "replace")),
+            # One of the API's methods is no text from outside; any other is.
+            method=(
+                texts.cut("method", method)
+                if call.method in API_METHODS
+                else texts.text("method", method)
+            ),
             path=texts.text("path", call.path.decode("utf-8", "replace")),
-            model=texts.text("model", model),
+            model=model_text,
             stream=call.stream,
             attempts=tuple(
                 Attempt(
@@ -172,8 +181,14 @@ class RecordMaker:
             usage=usage,
             # The price is looked up by the model as the client sent it.
             cost=0.0 if cache is CacheResult.HIT else cost(usage, self._prices.get(model or "")),
-            route=texts.text("route", call.route),
-            upstream_model=texts.text("upstream_model", exchange.upstream_model),
+            # The config's words: a route prefix, an alias (or the model the
+            # client sent, already redacted above).
+            route=texts.cut("route", call.route),
+            upstream_model=(
+                texts.again("upstream_model", "model", model_text)
+                if upstream_model == model
+                else texts.cut("upstream_model", upstream_model)
+            ),
             limit=texts.limit(exchange.limit),
             cache=cache,
             pid=self._pid,
@@ -220,9 +235,21 @@ class _FieldTexts:
         head, cut = truncate_text(value, self._reach)
         return self._cut(name, self._redactor(head, self._own_token), cut)
 
+    @overload
+    def cut(self, name: str, value: str) -> str: ...
+    @overload
+    def cut(self, name: str, value: str | None) -> str | None: ...
+
     def cut(self, name: str, value: str | None) -> str | None:
         """A text already redacted, cut."""
         return None if value is None else self._cut(name, value, False)
+
+    def again(self, name: str, first: str, kept: str | None) -> str | None:
+        """The field ``first`` kept as ``kept``, again as field ``name`` (cut
+        when that one was)."""
+        if first in self.truncated:
+            self.truncated.append(name)
+        return kept
 
     def value(self, name: str, value: Any) -> Any:
         """A JSON value with each string in it, mapping keys too, as ``text``

@@ -9,6 +9,7 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from oaproxy import capture
 from oaproxy.cache.keys import cache_key, namespace
 from oaproxy.cache.replay import StreamedAnswer, stream_from_completion
 from oaproxy.cache.stores import MemoryStore
@@ -606,6 +607,32 @@ class ReplayTests(SynchronousTestCase):
         for data in (chunk({"content": "ABCD"}), "[DONE]"):
             cut.feed(data.encode())
         self.assertEqual(cut.completion(), None)
+
+    def test_an_event_parsed_once_for_record_and_cache(self) -> None:
+        """A stream's event fed to the record's capture and the cache's answer
+        is parsed once, and both get all of it."""
+        parses: list[bytes | str] = []
+        real = capture.parse_json
+
+        def counted(data: bytes | str) -> Any:
+            parses.append(data)
+            return real(data)
+
+        self.patch(capture, "parse_json", counted)
+        record = capture.StreamCapture(1000)
+        answer = StreamedAnswer(1000)
+        events = [chunk({"role": "assistant", "content": "Hi"}), chunk({"content": " there"})]
+        for data in [e.encode() for e in events] + [b"[DONE]"]:
+            answer.feed(data)
+            record.feed(data)
+        self.assertEqual(len(parses), 2)
+        self.assertEqual(record.result().text, "Hi there")
+        stored = answer.completion()
+        assert stored is not None
+        self.assertEqual(json.loads(stored)["choices"][0]["message"]["content"], "Hi there")
+        # A new bytes object with the same text is parsed again (never a stale parse).
+        record.feed(events[1].encode())
+        self.assertEqual(len(parses), 3)
 
 
 class ReloadTests(CacheCase):

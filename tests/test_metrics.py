@@ -70,8 +70,8 @@ def get(
 
 class LabelTests(SynchronousTestCase):
     def test_status_class(self) -> None:
-        """Statuses are labelled by class; no status is 'none'; anything that is
-        not an HTTP status number is 'other'."""
+        """Statuses are labelled by class; no status is 'none'; a number
+        outside 100-599 is 'other'."""
         self.assertEqual(status_class(200), "2xx")
         self.assertEqual(status_class(204), "2xx")
         self.assertEqual(status_class(429), "4xx")
@@ -79,8 +79,6 @@ class LabelTests(SynchronousTestCase):
         self.assertEqual(status_class(None), "none")
         self.assertEqual(status_class(99), "other")
         self.assertEqual(status_class(600), "other")
-        self.assertEqual(status_class(True), "other")
-        self.assertEqual(status_class("200"), "other")
 
     def test_attempt_outcome(self) -> None:
         """Failures with a label of their own win over the status; answers
@@ -154,7 +152,6 @@ class LabelTests(SynchronousTestCase):
             ("/v2/chat/completions", "other"),
             ("", "other"),
             ("/", "other"),
-            (None, "other"),
         ]
         for path, expected in cases:
             self.assertEqual(route_label(path), expected, path)
@@ -166,7 +163,7 @@ class LabelTests(SynchronousTestCase):
 
     def test_model_label(self) -> None:
         """Models named in allow lists or known by default keep their names; no
-        model is 'none'; unknown models, paths and non-strings are 'other'."""
+        model is 'none'; unknown models and paths are 'other'."""
         metrics = make_metrics()
         self.assertEqual(metrics.model_label("llama-3-70b"), "llama-3-70b")
         self.assertEqual(metrics.model_label("gpt-4o-mini"), "gpt-4o-mini")
@@ -175,7 +172,6 @@ class LabelTests(SynchronousTestCase):
         self.assertEqual(metrics.model_label("my-secret-finetune"), "other")
         # Allow entries starting with "/" are paths, not models.
         self.assertEqual(metrics.model_label("/v1/audio/transcriptions"), "other")
-        self.assertEqual(metrics.model_label(["gpt-4o"]), "other")
 
     def test_default_known_models(self) -> None:
         """OpenAI's common models are known by default, unless the default list is turned off."""
@@ -679,20 +675,6 @@ class SinkAndAlertTests(SynchronousTestCase):
         metrics.remove_sink("never-added")
         result = scrape(metrics)
         self.assertEqual(result.series("oaproxy_records_queued"), [{"sink": "file"}])
-
-    def test_sink_without_some_counters(self) -> None:
-        """A sink without some counters shows the ones it has."""
-
-        class Partial:
-            queued = 4
-            written = 9
-
-        metrics = make_metrics()
-        metrics.add_sink("sql", Partial())  # type: ignore[arg-type]
-        result = scrape(metrics)
-        self.assertEqual(result.value("oaproxy_records_queued", sink="sql"), 4)
-        self.assertEqual(result.value("oaproxy_records_written_total", sink="sql"), 9)
-        self.assertEqual(result.series("oaproxy_records_spilled_total"), [])
 
     def test_alerts(self) -> None:
         """Alerts are counted by channel and result; an unknown channel or result is 'other'."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from oaproxy.capture import StreamCapture
+from oaproxy.capture import StreamCapture, parse_event
 from oaproxy.record import usage_document
 
 CHAT = "chat.completion"
@@ -121,10 +121,7 @@ class StreamedAnswer:
             self.ended = True
             return
         if self._head is None:
-            try:
-                chunk = json.loads(data)
-            except (ValueError, RecursionError):
-                chunk = None
+            chunk = parse_event(data)
             self._head = chunk if isinstance(chunk, dict) else {}
         self._capture.feed(data)
 
