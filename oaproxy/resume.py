@@ -144,6 +144,14 @@ class StreamFollower:
             self._state.usages.append(self.usage)
             self.usage = None
 
+    def done(self) -> None:
+        """The attempt sent ``[DONE]``: the stream is over, whatever broke
+        after it. Raises ``Diverged`` for a restart that ends before it
+        said what the client has."""
+        if any(self._skip.values()):
+            raise Diverged()
+        self._state.finished = True
+
     def rewrite(self, event: bytes, data: bytes) -> tuple[bytes, bytes] | None:
         """The event (and its data) to pass on for ``event``; None to leave
         it out. Raises ``UpstreamErrorEvent`` or ``Diverged``."""

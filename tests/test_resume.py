@@ -219,6 +219,33 @@ class PrefillTests(ResumeCase):
         self.assertOneStream(client.reply(), "Hello")
         self.assertEqual(self.attempts()[0][1], FailureKind.STREAM_IDLE)
 
+    def test_break_after_done_is_a_clean_end(self) -> None:
+        """[DONE] ends the stream even without a finish chunk: a cut after
+        it is no break (nothing resumed, no error event)."""
+        client = self.stream()
+        a = self.respond(self.calls[0], chunk(ROLE), text("Hello"), b"[DONE]")
+        a.fail()
+        self.assertEqual(len(self.calls), 1)
+        reply = client.reply()
+        self.assertEqual((reply.status, reply.complete), (200, True))
+        got = events(reply)
+        self.assertEqual(got[-1], "[DONE]")
+        self.assertEqual("".join(c["choices"][0]["delta"]["content"] for c in got[:-1]), "Hello")
+        [record] = self.h.records
+        self.assertEqual(record.outcome, Outcome.OK)
+
+    def test_stall_after_done_is_a_clean_end(self) -> None:
+        """An upstream silent after [DONE] is let go at stream_idle_timeout
+        without a resume or an error event."""
+        client = self.stream()
+        self.respond(self.calls[0], chunk(ROLE), text("Hello"), b"[DONE]")
+        self.h.clock.advance(20)
+        self.assertEqual(len(self.calls), 1)
+        reply = client.reply()
+        self.assertEqual((reply.complete, events(reply)[-1]), (True, "[DONE]"))
+        [record] = self.h.records
+        self.assertEqual(record.outcome, Outcome.OK)
+
     def test_resume_waits_for_its_first_event(self) -> None:
         """A continuation that sends nothing within stream_timeout is left
         for the next candidate, as a first attempt would be."""
@@ -279,6 +306,18 @@ class RestartTests(ResumeCase):
         [record] = self.h.records
         self.assertEqual(record.outcome, Outcome.STREAM_FAILED)
         self.assertEqual(record.attempts[1].failure, FailureKind.DIVERGED)
+
+    def test_restart_done_before_the_prefix_diverges(self) -> None:
+        """A restart that sends [DONE] before saying what the client has is
+        no whole answer: the stream ends with the error event."""
+        self.h = Harness(CONFIG.replace("sk: sk-b\n", "sk: sk-b\n    resume: restart\n"))
+        self.calls = self.h.agent.calls
+        client = self.stream()
+        self.respond(self.calls[0], chunk(ROLE), text("Hello")).fail()
+        self.respond(self.calls[1], chunk(ROLE), text("Hel"), b"[DONE]").finish()
+        got = events(client.reply())
+        self.assertIn("differs from the text already sent", got[-1]["error"]["message"])
+        self.assertNotIn("[DONE]", got)
 
     def test_tool_calls_resume_by_restart(self) -> None:
         """A stream that carried tool-call deltas resumes by restart even
