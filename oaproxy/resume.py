@@ -40,6 +40,17 @@ Channel = tuple[str, int]
 CONTENT: Channel = ("content", 0)
 REFUSAL: Channel = ("refusal", 0)
 FUNCTION: Channel = ("function_call", 0)
+#: The reasoning deltas: vLLM's and DeepSeek's, and OpenRouter's.
+REASONING: tuple[Channel, ...] = (("reasoning_content", 0), ("reasoning", 0))
+#: A chat delta's members as text channels, compared and skipped by name.
+_TEXTS: tuple[tuple[str, Channel], ...] = (
+    ("content", CONTENT),
+    ("refusal", REFUSAL),
+    *((channel[0], channel) for channel in REASONING),
+)
+#: The delta members a continuation knows how to carry on (others: see
+#: ``ResumeState.untracked``).
+_TRACKED = frozenset({"role", "tool_calls", "function_call", *(name for name, _ in _TEXTS)})
 _USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
@@ -76,6 +87,9 @@ class ResumeState:
     # Characters of text relayed (an attempt's ``resumed_at``).
     chars: int = 0
     tools_or_refusal: bool = False
+    # A delta member it does not follow carried something (audio, say): a
+    # continuation could neither skip nor repeat it, so none is made.
+    untracked: bool = False
     several_choices: bool = False
     first_id: str | None = None
     finished: bool = False
@@ -88,7 +102,12 @@ class ResumeState:
     def resumable(self) -> bool:
         """Whether a break now can be continued: one choice, not finished,
         and a candidate left to do it."""
-        return not self.several_choices and not self.finished and self.continuable()
+        return (
+            not self.several_choices
+            and not self.finished
+            and not self.untracked
+            and self.continuable()
+        )
 
     @property
     def text(self) -> str:
@@ -96,8 +115,10 @@ class ResumeState:
 
     def how(self, upstream: Upstream) -> ResumeMode:
         """How ``upstream`` continues this stream (OFF: it does not)."""
-        if upstream.resume is ResumeMode.PREFILL and self.tools_or_refusal:
-            # A prefill carries text only: the rest is asked for again.
+        thinking = not self.relayed.get(CONTENT) and any(c in self.relayed for c in REASONING)
+        if upstream.resume is ResumeMode.PREFILL and (self.tools_or_refusal or thinking):
+            # A prefill carries the answer's text only: the rest (a break
+            # before the answer, in its reasoning) is asked for again.
             return ResumeMode.RESTART
         return upstream.resume
 
@@ -220,7 +241,11 @@ class StreamFollower:
         state = self._state
         if self._how is not None:
             delta.pop("role", None)
-        for name, channel in (("content", CONTENT), ("refusal", REFUSAL)):
+        if any(
+            value not in (None, "", [], {}) for name, value in delta.items() if name not in _TRACKED
+        ):
+            state.untracked = True
+        for name, channel in _TEXTS:
             piece = delta.get(name)
             if not isinstance(piece, str):
                 continue

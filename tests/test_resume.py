@@ -361,6 +361,64 @@ class RestartTests(ResumeCase):
         self.assertEqual(json.loads(arguments), {"city": "Paris"})
         self.assertEqual(self.attempts()[1][2], "restart")
 
+    def test_restart_skips_reasoning(self) -> None:
+        """A restart skips the reasoning the client has (vLLM's
+        reasoning_content, OpenRouter's reasoning) as it skips the text."""
+        self.h = Harness(CONFIG.replace("sk: sk-b\n", "sk: sk-b\n    resume: restart\n"))
+        self.calls = self.h.agent.calls
+        client = self.stream()
+        self.respond(
+            self.calls[0],
+            chunk(ROLE),
+            chunk({"reasoning_content": "think.", "reasoning": "think."}),
+            text("Hel"),
+        ).fail()
+        self.respond(
+            self.calls[1],
+            chunk(ROLE),
+            chunk({"reasoning_content": "thi", "reasoning": "thi"}),
+            chunk({"reasoning_content": "nk.", "reasoning": "nk."}),
+            text("Hello"),
+            chunk({}, "stop"),
+            b"[DONE]",
+        ).finish()
+        chunks = self.assertOneStream(client.reply(), "Hello")
+        deltas = [ch["delta"] for c in chunks for ch in c["choices"]]
+        for name in ("reasoning_content", "reasoning"):
+            self.assertEqual("".join(d.get(name) or "" for d in deltas), "think.")
+
+    def test_break_in_reasoning_restarts(self) -> None:
+        """A stream that broke in its reasoning, before any text, resumes by
+        restart: a prefill carries the answer's text, not its reasoning."""
+        client = self.stream()
+        self.respond(self.calls[0], chunk(ROLE), chunk({"reasoning_content": "Hm"})).fail()
+        self.assertEqual(self.calls[1].json(), self.calls[0].json())
+        self.respond(
+            self.calls[1],
+            chunk({"reasoning_content": "Hm."}),
+            text("Hi"),
+            chunk({}, "stop"),
+            b"[DONE]",
+        ).finish()
+        chunks = self.assertOneStream(client.reply(), "Hi")
+        reasoning = [ch["delta"].get("reasoning_content") for c in chunks for ch in c["choices"]]
+        self.assertEqual("".join(r or "" for r in reasoning), "Hm.")
+        self.assertEqual(self.attempts()[1][2], "restart")
+
+    def test_untracked_delta_not_resumed(self) -> None:
+        """A stream whose deltas carried a member resume does not follow
+        (audio) is not resumed: a continuation would repeat or lose it."""
+        client = self.stream()
+        self.respond(
+            self.calls[0],
+            chunk({**ROLE, "audio": None}),
+            chunk({"audio": {"id": "audio_1", "data": "UklG"}}),
+            text("Hel"),
+        ).fail()
+        self.assertEqual(len(self.calls), 1)
+        got = events(client.reply())
+        self.assertIn("upstream stream failed", got[-1]["error"]["message"])
+
     def test_resume_off_is_skipped(self) -> None:
         """A candidate with resume: off does not continue a stream; the
         next one does."""
