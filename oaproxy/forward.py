@@ -158,9 +158,12 @@ class Forwarder:
                 resumers = any(t.upstream.resume is not ResumeMode.OFF for t in tries)
                 exchange.resume = ResumeState(kind, continuable) if resumers else None
             upstream = current.upstream
-            deadline = attempt_deadline(upstream, call.stream, not tries)
+            full_deadline = attempt_deadline(upstream, call.stream, not tries)
             now = self._clock.seconds()
-            starts.setdefault(upstream.name, []).append(now)
+            started = starts.setdefault(upstream.name, [])
+            # A retry has what is left of its upstream's deadline, not a new one.
+            deadline = started[0] + full_deadline - now if current.retried else full_deadline
+            started.append(now)
             attempt = AttemptLog(
                 upstream.name,
                 now,
@@ -216,7 +219,7 @@ class Forwarder:
                     self._end_attempt(exchange, attempt)
                     tries.appendleft(evolve(current, with_usage=False))
                     continue
-            wait = self._retry_wait(current, attempt, status, error, starts, deadline)
+            wait = self._retry_wait(current, attempt, status, error, starts, full_deadline)
             if wait is not None:
                 self._end_attempt(exchange, attempt)
                 if not await self._pause(exchange, wait):

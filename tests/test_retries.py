@@ -15,6 +15,7 @@ from twisted.web.http_headers import Headers
 from oaproxy.circuits import CircuitState
 from oaproxy.config import ConfigError, ResumeMode
 from oaproxy.errorcodes import CONTEXT_LENGTH_EXCEEDED, CONTEXT_LENGTH_MESSAGES, error_code
+from oaproxy.record import FailureKind
 from oaproxy.upstreamclient import NoResponse
 from tests.doubles import WALL_TIME, Harness, Scrape, make_config
 from tests.payloads import compact
@@ -94,6 +95,23 @@ class RetryAfterTests(RetryCase):
         self.h.clock.advance(25)
         self.calls[0].respond(503, body=b"{}", headers=retry_after("6"))
         self.assertEqual(self.hosts(), ["a", "b"])
+
+    def test_retry_has_what_is_left_of_the_deadline(self) -> None:
+        """A retry is under what is left of its upstream's deadline: a 503
+        at 29 s of a 30 s timeout, a silent retry, and b is tried at 30 s."""
+        client = self.h.chat()
+        self.h.clock.advance(29)
+        self.calls[0].respond(503, body=b"{}")
+        self.h.clock.advance(0.5)
+        self.assertEqual(self.hosts(), ["a", "a"])
+        self.h.clock.advance(0.49)
+        self.assertEqual(self.hosts(), ["a", "a"])
+        self.h.clock.advance(0.01)
+        self.assertEqual(self.hosts(), ["a", "a", "b"])
+        self.calls[2].respond(200, body=b"{}")
+        self.assertEqual(client.reply().status, 200)
+        [record] = self.h.records
+        self.assertEqual(record.attempts[1].failure, FailureKind.TIMEOUT)
 
 
 class BackoffTests(RetryCase):
