@@ -14,6 +14,7 @@ from typing import Any
 from prometheus_client import generate_latest
 from twisted.trial.unittest import SynchronousTestCase
 
+from oaproxy import resume
 from oaproxy.record import FailureKind, Outcome, record_document, record_from_document
 from tests.doubles import AgentCall, FakeResponse, Harness, Reply, Scrape
 from tests.payloads import chunk_data, compact, sse, usage_chunk
@@ -245,6 +246,29 @@ class PrefillTests(ResumeCase):
         self.assertEqual((reply.complete, events(reply)[-1]), (True, "[DONE]"))
         [record] = self.h.records
         self.assertEqual(record.outcome, Outcome.OK)
+
+    def test_many_pieces_prefilled_whole(self) -> None:
+        """The text of many deltas (kept in joined runs) is prefilled whole
+        and in order."""
+        client = self.stream()
+        pieces = [f"{n} " for n in range(200)]
+        self.respond(self.calls[0], chunk(ROLE), *(text(p) for p in pieces)).fail()
+        self.assertEqual(self.calls[1].json()["messages"][-1]["content"], "".join(pieces))
+        self.respond(self.calls[1], text("end"), chunk({}, "stop"), b"[DONE]").finish()
+        self.assertOneStream(client.reply(), "".join(pieces) + "end")
+
+    def test_text_past_the_cap_not_resumed(self) -> None:
+        """A stream whose text passed MAX_FOLLOWED_TEXT is not followed
+        further nor resumed: its break ends it with the error event."""
+        self.patch(resume, "MAX_FOLLOWED_TEXT", 8)
+        client = self.stream()
+        self.respond(self.calls[0], chunk(ROLE), text("Hello"), text(" world"), text("!")).fail()
+        self.assertEqual(len(self.calls), 1)
+        got = events(client.reply())
+        self.assertIn("upstream stream failed", got[-1]["error"]["message"])
+        # What came after the cap was not read.
+        state = self.h.exchanges[0].resume
+        self.assertEqual((state.kept, state.text), (11, "Hello world"))
 
     def test_resume_waits_for_its_first_event(self) -> None:
         """A continuation that sends nothing within stream_timeout is left
