@@ -64,7 +64,7 @@ from oaproxy.relay import (
 from oaproxy.requestbody import RequestBody, Splice
 from oaproxy.resume import ResumeState, StreamFollower, stream_kind
 from oaproxy.resumebody import prefill_splices
-from oaproxy.retries import RetryPolicy, retry_reason
+from oaproxy.retries import RetryPolicy, retry_reason, spacing
 from oaproxy.sse import sse_error_event
 from oaproxy.upstreams import UpstreamClient
 
@@ -211,12 +211,16 @@ class Forwarder:
                     # Refused the prefill: once more here, as a restart.
                     attempt.failure = FailureKind.STATUS
                     self._end_attempt(exchange, attempt)
+                    if not await self._spaced(exchange, starts[upstream.name]):
+                        return exchange
                     tries.appendleft(evolve(current, how=ResumeMode.RESTART, splices=()))
                     continue
                 if exchange.usage_added and status in (400, 422):
                     # Some OpenAI-compatible servers refuse stream_options: once
                     # more on the same upstream, with the body the client sent.
                     self._end_attempt(exchange, attempt)
+                    if not await self._spaced(exchange, starts[upstream.name]):
+                        return exchange
                     tries.appendleft(evolve(current, with_usage=False))
                     continue
             wait = self._retry_wait(current, attempt, status, error, starts, full_deadline)
@@ -297,6 +301,13 @@ class Forwarder:
             return False
         return True
 
+    async def _spaced(self, exchange: Exchange, started: Sequence[float]) -> bool:
+        """Wait as long as another attempt on an upstream must, so that it
+        gets no more than two a second (``oaproxy.retries.spacing``);
+        False when the client went away meanwhile."""
+        wait = spacing(started, self._clock.seconds())
+        return wait <= 0 or await self._pause(exchange, wait)
+
     def _too_long(self, answer: Answer) -> bool:
         """A 400 that another candidate may not give (``failover_codes``:
         a larger context, say); other 400s are the request's fault."""
@@ -305,7 +316,10 @@ class Forwarder:
     def _end_broken(self, request: Request, exchange: Exchange, broke: RelayFailure) -> None:
         """No candidate continued the broken stream: it ends as it would have."""
         reasons = "; ".join(
-            f"{a.upstream}: {a.error}" for a in exchange.attempts if a.resumed is not None
+            # An answer's status is its failure (the record keeps no error for it).
+            f"{a.upstream}: {a.error or f'status {a.status}'}"
+            for a in exchange.attempts
+            if a.resumed is not None
         )
         error = f"{broke.error}; resuming failed ({reasons})" if reasons else broke.error
         exchange.outcome = Outcome.STREAM_FAILED

@@ -343,6 +343,29 @@ class RestartTests(ResumeCase):
         self.assertIn("differs from the text already sent", got[-1]["error"]["message"])
         self.assertNotIn("[DONE]", got)
 
+    def test_refusals_spaced_and_named(self) -> None:
+        """A refused prefill's restart and the retry without stream_options
+        are attempts on the same upstream like a retry: no more than two a
+        second; when all are refused, the error event names their statuses."""
+        self.h = Harness(
+            CONFIG.replace('  - {name: c, endpoint: "https://c.test/v1", sk: sk-c}\n', "")
+        )
+        self.calls = self.h.agent.calls
+        client = self.stream()
+        self.respond(self.calls[0], chunk(ROLE), text("Hel")).fail()
+        self.calls[1].respond(400, body=b'{"error": {"message": "no prefill"}}')
+        self.calls[2].respond(400, body=b'{"error": {"message": "bad"}}')
+        self.assertEqual([c.host for c in self.calls], ["a", "b", "b"])
+        self.h.clock.advance(0.99)
+        self.assertEqual(len(self.calls), 3)
+        self.h.clock.advance(0.01)
+        self.assertEqual([c.host for c in self.calls], ["a", "b", "b", "b"])
+        self.assertIn("stream_options", self.calls[2].json())
+        self.assertNotIn("stream_options", self.calls[3].json())
+        self.calls[3].respond(400, body=b'{"error": {"message": "bad"}}')
+        message = events(client.reply())[-1]["error"]["message"]
+        self.assertIn("resuming failed (b: status 400; b: status 400; b: status 400)", message)
+
     def test_tool_calls_resume_by_restart(self) -> None:
         """A stream that carried tool-call deltas resumes by restart even
         where prefill is the choice: the call's id and name come once, its
