@@ -154,8 +154,12 @@ class Forwarder:
                 current = continuing
             elif broke is None and kind is not None:
                 # Followed only when some candidate left could continue it:
-                # a lone upstream's events are not parsed for nothing.
-                resumers = any(t.upstream.resume is not ResumeMode.OFF for t in tries)
+                # a lone upstream's events are not parsed for nothing. Nor
+                # are several choices (n > 1): a continuation's could come
+                # on other indexes than the ones the client has.
+                resumers = call.inspected.fields.numbers.get("n", 1) <= 1 and any(
+                    t.upstream.resume is not ResumeMode.OFF for t in tries
+                )
                 exchange.resume = ResumeState(kind, continuable) if resumers else None
             upstream = current.upstream
             full_deadline = attempt_deadline(upstream, call.stream, not tries)

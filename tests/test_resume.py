@@ -466,6 +466,15 @@ class RestartTests(ResumeCase):
         got = events(client.reply())
         self.assertIn("upstream stream failed", got[-1]["error"]["message"])
 
+    def test_several_choices_not_resumed(self) -> None:
+        """A request for several choices (n > 1) is not resumed, even when
+        the break came before any choice but the first was seen."""
+        client = self.stream(n=2)
+        self.respond(self.calls[0], chunk(ROLE), text("Hel")).fail()
+        self.assertEqual(len(self.calls), 1)
+        got = events(client.reply())
+        self.assertIn("upstream stream failed", got[-1]["error"]["message"])
+
     def test_resume_off_is_skipped(self) -> None:
         """A candidate with resume: off does not continue a stream; the
         next one does."""
