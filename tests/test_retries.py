@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import calendar
+import os
 import random
+import time
 from email.utils import formatdate
 
 from prometheus_client import generate_latest
@@ -13,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from oaproxy.circuits import CircuitState
+from oaproxy.circuits import retry_after as circuit_retry_after
 from oaproxy.config import ConfigError, ResumeMode
 from oaproxy.errorcodes import CONTEXT_LENGTH_EXCEEDED, CONTEXT_LENGTH_MESSAGES, error_code
 from oaproxy.record import FailureKind
@@ -73,6 +77,25 @@ class RetryAfterTests(RetryCase):
         self.assertEqual(self.hosts(), ["a"])
         self.h.clock.advance(0.1)
         self.assertEqual(self.hosts(), ["a", "a"])
+
+    def test_retry_after_date_without_zone_is_gmt(self) -> None:
+        """An HTTP date without a zone (or with -0000) is read as GMT, not
+        as the machine's local time."""
+        before = os.environ.get("TZ")
+
+        def restore() -> None:
+            if before is None:
+                os.environ.pop("TZ", None)
+            else:
+                os.environ["TZ"] = before
+            time.tzset()
+
+        self.addCleanup(restore)
+        os.environ["TZ"] = "Asia/Tokyo"
+        time.tzset()
+        at = calendar.timegm((2026, 1, 1, 0, 0, 0))
+        for value in ("Thu, 01 Jan 2026 00:00:03", "Thu, 01 Jan 2026 00:00:03 -0000"):
+            self.assertEqual(circuit_retry_after(value, at), 3.0)
 
     def test_retry_after_too_long_leaves_and_tells_the_breaker(self) -> None:
         """A Retry-After over max_retry_after leaves the upstream at once,
