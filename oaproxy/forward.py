@@ -154,9 +154,8 @@ class Forwarder:
                 current = continuing
             elif broke is None and kind is not None:
                 # Followed only when some candidate left could continue it:
-                # a lone upstream's events are not parsed for nothing. Nor
-                # are several choices (n > 1): a continuation's could come
-                # on other indexes than the ones the client has.
+                # a lone upstream's events are not parsed for nothing. Nor are
+                # several choices (n > 1): a continuation's may come on others.
                 resumers = call.inspected.fields.numbers.get("n", 1) <= 1 and any(
                     t.upstream.resume is not ResumeMode.OFF for t in tries
                 )
@@ -306,9 +305,8 @@ class Forwarder:
         return True
 
     async def _spaced(self, exchange: Exchange, started: Sequence[float]) -> bool:
-        """Wait as long as another attempt on an upstream must, so that it
-        gets no more than two a second (``oaproxy.retries.spacing``);
-        False when the client went away meanwhile."""
+        """Wait as ``oaproxy.retries.spacing`` says before another attempt on
+        an upstream; False when the client went away meanwhile."""
         wait = spacing(started, self._clock.seconds())
         return wait <= 0 or await self._pause(exchange, wait)
 

@@ -268,6 +268,7 @@ class PrefillTests(ResumeCase):
         self.assertIn("upstream stream failed", got[-1]["error"]["message"])
         # What came after the cap was not read.
         state = self.h.exchanges[0].resume
+        assert state is not None
         self.assertEqual((state.kept, state.text), (11, "Hello world"))
 
     def test_resume_waits_for_its_first_event(self) -> None:
