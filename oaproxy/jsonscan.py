@@ -32,7 +32,7 @@ import json
 import re
 from collections.abc import Callable, Generator
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from attrs import frozen
 
@@ -145,8 +145,10 @@ def scan_text(text: str, keys: frozenset[str]) -> tuple[ObjectScan, dict[str, An
     scanner does not take, which the walk then reads (or refuses, saying
     why): it checks more than the walk, never less, and NaN and Infinity,
     which the walk refuses as member values, are refused at any depth."""
-    scan_value = _TEXT_DECODER.scan_once
-    whitespace = _TEXT_WHITESPACE.match
+    # The value at an offset and where it ends (the C scanner; not in typeshed).
+    scan_value: Callable[[str, int], tuple[Any, int]] = _TEXT_DECODER.scan_once  # type: ignore[attr-defined]
+    # The pattern matches the empty string: never None.
+    whitespace = cast(Callable[..., re.Match[str]], _TEXT_WHITESPACE.match)
     try:
         position = whitespace(text).end()
         if text[position : position + 1] != "{":
