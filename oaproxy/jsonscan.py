@@ -140,7 +140,7 @@ def scan_object(
 def scan_text(text: str, keys: frozenset[str]) -> tuple[ObjectScan, dict[str, Any]] | None:
     """``scan_object``'s result for an ASCII ``text`` (where a character's
     offset is its byte's) holding one whole object, found by the C JSON
-    scanner: for a small body, a tenth of the walk's cost, and the object
+    scanner: for a small body, a quarter of the walk's cost, and the object
     itself (what ``json.loads`` gives) comes with it. None for what the C
     scanner does not take, which the walk then reads (or refuses, saying
     why): it checks more than the walk, never less, and NaN and Infinity,
