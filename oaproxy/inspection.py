@@ -218,9 +218,10 @@ def _json_fields(buffer: Buffer, scan: ObjectScan) -> Generator[None, None, Requ
     include_usage = _token(buffer, usage) == b"true"
     numbers = {}
     for name in _NUMBERS:
-        value = _decoded(buffer, last.get(name), _NUMBER_BYTES)
-        if isinstance(value, int) and not isinstance(value, bool):
-            numbers[name] = value
+        if name in last:
+            value = _decoded(buffer, last[name], _NUMBER_BYTES)
+            if isinstance(value, int) and not isinstance(value, bool):
+                numbers[name] = value
     usage_splice = None
     if stream and not include_usage:
         # Its members once the "caching" ones are cut.
@@ -231,10 +232,10 @@ def _json_fields(buffer: Buffer, scan: ObjectScan) -> Generator[None, None, Requ
         model=model,
         stream=stream,
         include_usage=include_usage,
-        numbers=MappingProxyType(numbers),
+        numbers=MappingProxyType(numbers) if numbers else _NO_NUMBERS,
         usage_splice=usage_splice,
         caching=caching if isinstance(caching, bool) else None,
-        cuts=_cuts(cachings),
+        cuts=_cuts(cachings) if cachings else (),
         model_at=(models[0].value_start, models[0].value_end) if model is not None else None,
         read_by_model=tuple(last[name] for name in MODEL_READS if name in last),
     )
