@@ -83,7 +83,9 @@ class HelperTests(SynchronousTestCase):
             [name for (name,) in cursor.fetchall() if not name.startswith("sqlite_")],
             [
                 "oaproxy_audit_time",
+                "oaproxy_records_key_name_outcome_time",
                 "oaproxy_records_key_time",
+                "oaproxy_records_model_outcome_time",
                 "oaproxy_records_model_time",
                 "oaproxy_records_outcome_time",
                 "oaproxy_records_time",

@@ -187,12 +187,23 @@ def _migration_3(cursor: Any, dbtype: str) -> None:
     cursor.execute(f"ALTER TABLE {TABLE} ADD COLUMN pid INTEGER")
 
 
+def _migration_5(cursor: Any, dbtype: str) -> None:
+    # The Requests page's key or model filter with an outcome: each index
+    # read in time order, where (key_name, time) alone scans every record
+    # of the key for the few of that outcome.
+    for column in ("key_name", "model"):
+        cursor.execute(
+            f"CREATE INDEX {TABLE}_{column}_outcome_time ON {TABLE} ({column}, outcome, time)"
+        )
+
+
 #: Schema migrations: entry N brings version N to N + 1.  Append, never edit.
 MIGRATIONS: Sequence[Callable[[Any, str], None]] = (
     _migration_1,
     _migration_2,
     _migration_3,
     add_rollups,
+    _migration_5,
 )
 
 #: The schema version this code writes.
