@@ -18,11 +18,13 @@ from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 
 from oaproxy.admin.queries import _page_select, records_page, records_query
+from oaproxy.admin.tables import read_snapshot
 from oaproxy.config import Budget, BudgetPeriod, ClientKey
 from oaproxy.dashboard import data
 from oaproxy.dashboard.markup import Markup, html, join
 from oaproxy.dashboard.resource import DashboardResource
 from oaproxy.dashboard.session import Session, Sessions, admin_key_matches
+from oaproxy.dashboard.sessiontables import close_session, read_session_secret, session_closed
 from oaproxy.record import Outcome
 from oaproxy.sinks.rollup import DAILY_TABLE, MINUTELY_TABLE
 from oaproxy.sinks.sql import (
@@ -45,7 +47,7 @@ class SessionTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(NOW)
-        self.sessions = Sessions(self.clock.seconds)
+        self.sessions = Sessions(self.clock.seconds, lambda: b"one secret")
 
     def test_open_and_check(self) -> None:
         """A cookie opens its session until it expires, and not after."""
@@ -57,10 +59,14 @@ class SessionTests(SynchronousTestCase):
         self.assertIsNone(self.sessions.check(cookie.encode(), KEY))
 
     def test_signed(self) -> None:
-        """Another admin key, another process's secret, any change: no session."""
+        """Another admin key, another secret, any change: no session; the same
+        secret (another worker's, on the same store): the session."""
         _, cookie = self.sessions.open(KEY, 60)
         self.assertIsNone(self.sessions.check(cookie.encode(), KEY + "x"))
-        self.assertIsNone(Sessions(self.clock.seconds).check(cookie.encode(), KEY))
+        other = Sessions(self.clock.seconds, lambda: b"another secret")
+        self.assertIsNone(other.check(cookie.encode(), KEY))
+        same = Sessions(self.clock.seconds, lambda: b"one secret")
+        self.assertIsNotNone(same.check(cookie.encode(), KEY))
         session_id, expires, mac = cookie.split(".")
         for forged in (
             f"{session_id}.{int(expires) + 1}.{mac}",
@@ -115,7 +121,8 @@ class SecureCookieTests(SynchronousTestCase):
         """Over TLS both cookies of the login are Secure (and HttpOnly, SameSite=Strict)."""
         clock = Clock()
         host = SimpleNamespace(
-            shared=SimpleNamespace(wall_clock=clock.seconds),
+            shared=SimpleNamespace(wall_clock=clock.seconds, environ={}),
+            sources=SimpleNamespace(store=None),
             generation=SimpleNamespace(config=SimpleNamespace(dashboard_session=60.0)),
         )
         dashboard = DashboardResource(SimpleNamespace(host=host))  # type: ignore[arg-type]
@@ -316,6 +323,26 @@ class StoreCase(SynchronousTestCase):
                 break
         self.assertEqual(seen, wanted)
         self.assertEqual(len(seen), 20)
+
+    def test_session_tables(self) -> None:
+        """The store's session secret is made once by the migration; a logout
+        is seen by any connection, and forgotten once its session expired."""
+        self.migrate()
+        cursor = self.connection.cursor()
+        secret = read_session_secret(cursor)
+        self.assertEqual(len(secret), 64)
+        self.assertEqual(read_snapshot(cursor).session_secret, secret)
+        close_session(self.connection, self.dbtype, "s1", NOW + 60, NOW)
+        close_session(self.connection, self.dbtype, "s1", NOW + 60, NOW)
+        self.connection.commit()
+        other = open_database(self.dbtype, self.dbaddr)
+        self.addCleanup(other.close)
+        self.assertTrue(session_closed(other, self.dbtype, "s1"))
+        self.assertFalse(session_closed(other, self.dbtype, "s2"))
+        close_session(self.connection, self.dbtype, "s2", NOW + 600, NOW + 60)
+        self.connection.commit()
+        self.assertFalse(session_closed(other, self.dbtype, "s1"))
+        self.assertTrue(session_closed(other, self.dbtype, "s2"))
 
     def plan(self, args: dict[bytes, list[bytes]]) -> str:
         """How the database reads the Requests page of ``args``."""

@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from oaproxy.config import DBTYPES, POSTGRES, SQLITE
+from oaproxy.dashboard.sessiontables import add_session_tables
 from oaproxy.record import Record, encode_record
 from oaproxy.sinks.queue import QueuedSink
 from oaproxy.sinks.rollup import add_rollups
@@ -204,6 +205,7 @@ MIGRATIONS: Sequence[Callable[[Any, str], None]] = (
     _migration_3,
     add_rollups,
     _migration_5,
+    add_session_tables,
 )
 
 #: The schema version this code writes.
