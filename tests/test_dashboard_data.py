@@ -5,6 +5,7 @@ queries, in sqlite and in PostgreSQL."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import uuid
@@ -108,39 +109,70 @@ class SessionTests(SynchronousTestCase):
 
 
 class SecureCookieTests(SynchronousTestCase):
-    def request(self, method: bytes, body: bytes = b"") -> Request:
+    def request(
+        self, method: bytes, body: bytes = b"", *, tls: bool, proto: bytes | None
+    ) -> Request:
         channel = DummyChannel()
-        channel.transport = DummyChannel.SSL()
+        if tls:
+            channel.transport = DummyChannel.SSL()
         request = Request(channel)
         request.method = method
         request.content = BytesIO(body)
         request.args = {}
+        if proto is not None:
+            request.requestHeaders.setRawHeaders(b"x-forwarded-proto", [proto])
         return request
 
-    def test_secure_over_tls(self) -> None:
-        """Over TLS both cookies of the login are Secure (and HttpOnly, SameSite=Strict)."""
+    def login_cookies(
+        self, *, tls: bool = False, proto: bytes | None = None, trusted: str = "192.168.1.0/24"
+    ) -> list[bytes]:
+        """The cookies of the login form and of the login (the peer is
+        DummyChannel's, 192.168.1.1), with ``trusted`` as trusted_proxies."""
         clock = Clock()
+        config = SimpleNamespace(
+            dashboard_session=60.0, trusted_proxies=(ipaddress.ip_network(trusted),)
+        )
         host = SimpleNamespace(
             shared=SimpleNamespace(wall_clock=clock.seconds, environ={}),
             sources=SimpleNamespace(store=None),
-            generation=SimpleNamespace(config=SimpleNamespace(dashboard_session=60.0)),
+            generation=SimpleNamespace(config=config),
         )
         dashboard = DashboardResource(SimpleNamespace(host=host))  # type: ignore[arg-type]
-        form = self.request(b"GET")
+        form = self.request(b"GET", tls=tls, proto=proto)
         page = dashboard.render(form, ["login"], KEY)
         assert isinstance(page, bytes)
         [nonce_cookie] = form.cookies
         nonce = nonce_cookie.split(b";")[0].split(b"=", 1)[1]
         token = re.search(rb'name="csrf" value="([0-9a-f]+)"', page)
         assert token is not None
-        login = self.request(b"POST", b"csrf=" + token[1] + b"&admin_key=" + KEY.encode())
+        body = b"csrf=" + token[1] + b"&admin_key=" + KEY.encode()
+        login = self.request(b"POST", body, tls=tls, proto=proto)
         login.received_cookies = {b"oaproxy_login": nonce}
         dashboard.render(login, ["login"], KEY)
         self.assertEqual(login.code, 303)
         [session] = [c for c in login.cookies if c.startswith(b"oaproxy_session=")]
-        for cookie in (nonce_cookie, session):
+        return [nonce_cookie, session]
+
+    def test_secure_over_tls(self) -> None:
+        """Over TLS both cookies of the login are Secure (and HttpOnly, SameSite=Strict)."""
+        for cookie in self.login_cookies(tls=True):
             for part in (b"; Secure", b"; HttpOnly", b"; SameSite=strict"):
                 self.assertIn(part, cookie)
+
+    def test_secure_behind_a_trusted_tls_proxy(self) -> None:
+        """Plain HTTP from a trusted proxy that says ``X-Forwarded-Proto:
+        https``: Secure; the same header from another peer, or http: not."""
+        for cookie in self.login_cookies(proto=b"https"):
+            self.assertIn(b"; Secure", cookie)
+        for cookie in self.login_cookies(proto=b"HTTPS, http"):
+            self.assertIn(b"; Secure", cookie)
+        for cookie in (
+            *self.login_cookies(proto=b"https", trusted="10.0.0.0/8"),
+            *self.login_cookies(proto=b"http"),
+            *self.login_cookies(),
+        ):
+            self.assertNotIn(b"; Secure", cookie)
+            self.assertIn(b"; HttpOnly", cookie)
 
 
 class MarkupTests(SynchronousTestCase):

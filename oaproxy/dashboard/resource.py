@@ -11,6 +11,7 @@ origin, no framing).
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from collections.abc import Awaitable, Callable
 from importlib.resources import files
@@ -52,7 +53,7 @@ from oaproxy.dashboard.requests import FILTERS, record_page, requests_page
 from oaproxy.dashboard.session import Session, Sessions, admin_key_matches
 from oaproxy.dashboard.sessiontables import close_session, session_closed
 from oaproxy.record import BadRecord
-from oaproxy.web import client_ip, declared_size
+from oaproxy.web import client_ip, declared_size, peer
 from oaproxy.workers import SESSION_SECRET_VARIABLE
 
 if TYPE_CHECKING:
@@ -164,6 +165,24 @@ class DashboardResource:
             raise _Answer(303, location=f"{BASE}login")
         return session
 
+    def _secure(self, request: server.Request) -> bool:
+        """Whether the browser reached us over TLS: ours, or a proxy's in front
+        (``X-Forwarded-Proto: https`` from one of ``trusted_proxies``; a
+        client that forges it only keeps its own cookie off plain HTTP)."""
+        if request.isSecure():
+            return True
+        trusted = self._host.generation.config.trusted_proxies
+        try:
+            address = ipaddress.ip_address(peer(request))
+        except ValueError:
+            return False
+        if not any(address in network for network in trusted):
+            return False
+        schemes = request.requestHeaders.getRawHeaders(b"x-forwarded-proto") or []
+        return any(
+            part.strip().lower() == b"https" for value in schemes for part in value.split(b",")
+        )
+
     def _login_form(self, request: server.Request, admin_key: str, message: str | None) -> Markup:
         nonce = Sessions.nonce()
         request.addCookie(
@@ -171,7 +190,7 @@ class DashboardResource:
             nonce.encode("ascii"),
             path=BASE,
             max_age="3600",
-            secure=request.isSecure() or None,
+            secure=self._secure(request) or None,
             httpOnly=True,
             sameSite="strict",
         )
@@ -202,7 +221,7 @@ class DashboardResource:
             cookie.encode("ascii"),
             path="/admin/",
             max_age=str(int(lifetime)),
-            secure=request.isSecure() or None,
+            secure=self._secure(request) or None,
             httpOnly=True,
             sameSite="strict",
         )
