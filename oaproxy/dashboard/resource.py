@@ -154,10 +154,12 @@ class DashboardResource:
         return server.NOT_DONE_YET
 
     def _session(self, request: server.Request, admin_key: str) -> Session | None:
-        """The request's session; None for one with the admin key as Bearer."""
-        header = request.getHeader(b"authorization")
-        if header is not None:
-            if admin_key_matches(bearer_token(header), admin_key):
+        """The request's session; None for one with the admin key as Bearer.
+        Another kind of ``Authorization`` (an auth proxy's ``Basic``) is not
+        ours: the cookie decides."""
+        token = bearer_token(request.getHeader(b"authorization"))
+        if token is not None:
+            if admin_key_matches(token, admin_key):
                 return None
             raise _Answer(401, self._login_form(request, admin_key, "Wrong admin key."))
         session = self.sessions.check(request.getCookie(SESSION_COOKIE), admin_key)
