@@ -51,6 +51,10 @@ COLUMNS = (
 
 #: Serialises concurrent migrations of several processes (PostgreSQL).
 _MIGRATION_LOCK = 0x6F617072  # "oapr"
+#: Serialises the record batches of several processes (PostgreSQL): each
+#: batch's rows update the sums (``rollup``) in the order of its records,
+#: so two at once could each hold a row the other waits for - a deadlock.
+_BATCH_LOCK = 0x6F617062  # "oapb"
 
 _INT64 = 2**63 - 1
 
@@ -397,8 +401,13 @@ def _store(
     statement = insert_statement(dbtype)
     refusals = _refusals(dbtype)
     # PostgreSQL aborts the whole transaction on an error; savepoints keep
-    # the rows before it. (sqlite undoes only the failing statement.)
+    # the rows before it. (sqlite undoes only the failing statement, and
+    # its one writer at a time needs no lock of ours.)
     savepoints = dbtype == POSTGRES
+    if savepoints:
+        # Held to the commit: a batch takes a few milliseconds, so waiting
+        # for another's costs little; a deadlock costs a retry seconds later.
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_BATCH_LOCK,))
     if savepoints:
         cursor.execute("SAVEPOINT batch")
     try:
