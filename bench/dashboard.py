@@ -36,8 +36,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from oaproxy.record import Attempt, Outcome, Record, Usage
 from oaproxy.sinks.rollup import TRIGGER, create_trigger
-from oaproxy.sinks.sql import COLUMNS, MIGRATIONS, TABLE, VERSION_TABLE, insert_statement
+from oaproxy.sinks.sql import (
+    COLUMNS,
+    MIGRATIONS,
+    TABLE,
+    VERSION_TABLE,
+    insert_statement,
+    record_row,
+)
 
 ADMIN_KEY = "adm-bench-0123456789"
 KEYS = [f"key-{n:02d}" for n in range(50)]
@@ -66,60 +74,41 @@ def rows(count: int, days: int, now: float, seed: int = 1) -> Iterator[tuple[Any
         upstream = rng.choice(UPSTREAMS)
         failed = rng.random() < 0.02
         status = 502 if failed else 200
-        outcome = "exhausted" if failed else "ok"
         prompt, completion = rng.randint(20, 2000), 0 if failed else rng.randint(5, 800)
         cost = None if failed else (prompt * 2.5 + completion * 10) / 1e6
         record_id = f"{n:08x}{rng.getrandbits(64):016x}"
-        document = {
-            "id": record_id,
-            "time": moment,
-            "key_name": key,
-            "model": model,
-            "upstream": upstream,
-            "status": status,
-            "outcome": outcome,
-            "attempts": [
-                {
-                    "upstream": upstream,
-                    "status": status,
-                    "error": None,
-                    "ttfb": 0.3,
-                    "duration": 1.2,
-                }
-            ],
-            "request_body": {"model": model, "messages": [{"role": "user", "content": PROMPT}]},
-            "response_text": None if failed else ANSWER,
-            "usage": {
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-            },
-        }
-        yield (
-            record_id,
-            moment,
-            "bench",
-            "10.0.0.1",
-            key,
-            "OpenAI/Python",
-            "POST",
-            "/v1/chat/completions",
-            model,
-            False,
-            upstream,
-            status,
-            outcome,
-            0.3,
-            1.2,
-            900,
-            700,
-            prompt,
-            completion,
-            prompt + completion,
-            cost,
-            json.dumps(document),
-            4242,
+        # A whole Record, as the sink stores it: the dashboard reads it back.
+        record = Record(
+            id=record_id,
+            time=moment,
+            hostname="bench",
+            client_ip="10.0.0.1",
+            key_name=key,
+            user_agent="OpenAI/Python",
+            method="POST",
+            path="/v1/chat/completions",
+            model=model,
+            stream=False,
+            attempts=(Attempt(upstream, status, "502 Bad Gateway" if failed else None, 0.3, 1.2),),
+            upstream=upstream,
+            status=status,
+            outcome=Outcome.EXHAUSTED if failed else Outcome.OK,
+            error="every upstream failed" if failed else None,
+            ttfb=0.3,
+            duration=1.2,
+            bytes_in=900,
+            bytes_out=700,
+            request_body={"model": model, "messages": [{"role": "user", "content": PROMPT}]},
+            request_headers=None,
+            response_text=None if failed else ANSWER,
+            tool_calls=None,
+            finish_reason=None if failed else "stop",
+            truncated=(),
+            usage=Usage(prompt, completion, prompt + completion),
+            cost=cost,
+            pid=4242,
         )
+        yield record_row(record, "sqlite")
 
 
 def _before_sums(cursor: Any, dbtype: str) -> None:
