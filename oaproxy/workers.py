@@ -19,6 +19,9 @@ drained its requests and flushed its records (killed after
 Each child knows its slot (1..N) from ``OAPROXY_WORKER`` and its sockets from
 ``OAPROXY_WORKER_LISTENERS``; what must not be shared between processes -
 the records file, the spool - it keeps per slot (``worker_records_policy``).
+What they must share without a store to share it through - the secret the
+dashboard signs its sessions with - the parent gives them all alike
+(``OAPROXY_WORKER_SESSION_SECRET``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -51,6 +55,9 @@ SLOT_VARIABLE = "OAPROXY_WORKER"
 LISTENERS_VARIABLE = "OAPROXY_WORKER_LISTENERS"
 #: The parent's pid: a worker whose parent is gone stops.
 PARENT_VARIABLE = "OAPROXY_WORKER_PARENT"
+#: A random value of the parent's, the same for every child: what the
+#: dashboard signs its sessions with when no SQL store holds one.
+SESSION_SECRET_VARIABLE = "OAPROXY_WORKER_SESSION_SECRET"
 
 #: Restart delays of a child that keeps dying: from MIN, doubling, up to MAX;
 #: one that lived STABLE seconds starts over from MIN.
@@ -311,6 +318,8 @@ class WorkerSupervisor(Service):
             # systemd's, meant for this process alone.
             if name not in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
         }
+        # One for the parent's whole life: a restarted child keeps the sessions.
+        self._environ[SESSION_SECRET_VARIABLE] = secrets.token_hex(32)
         self._signals = signals
         self._previous_hup: Any = None
         self._listeners: list[BoundListener] = []

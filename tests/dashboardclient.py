@@ -62,15 +62,19 @@ class DashboardClient:
         fields: dict[str, str] | None = None,
         *,
         bearer: str | None = None,
+        authorization: str | None = None,
         raw: bytes | None = None,
     ) -> Page:
-        """``method`` on ``path`` (from the origin), ``fields`` as a form."""
+        """``method`` on ``path`` (from the origin), ``fields`` as a form;
+        ``authorization``: the header as it is (``bearer``: of that token)."""
         headers = Headers()
         if self.cookies:
             cookie = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
             headers.setRawHeaders("cookie", [cookie])
         if bearer is not None:
-            headers.setRawHeaders("authorization", [f"Bearer {bearer}"])
+            authorization = f"Bearer {bearer}"
+        if authorization is not None:
+            headers.setRawHeaders("authorization", [authorization])
         producer: Any = None
         if fields is not None or raw is not None:
             headers.setRawHeaders("content-type", ["application/x-www-form-urlencoded"])

@@ -4,6 +4,7 @@ every POST, the headers, escaping of what users control, the forms."""
 
 from __future__ import annotations
 
+import base64
 import re
 import uuid
 from typing import Any
@@ -198,6 +199,23 @@ class DoorTests(DashboardCase):
         )
         self.assert_page(made)
         self.assertIn("sk-oaproxy-", made.text)
+
+    async def test_another_authorization_scheme(self) -> None:
+        """An ``Authorization`` that is not Bearer (``Basic``, from an auth
+        proxy in front) leaves it to the session cookie: pages open with
+        one, and without one the browser is sent to the login form."""
+        proxy, browser = await self.logged_in()
+        basic = "Basic " + base64.b64encode(b"alice:proxy-password").decode("ascii")
+        for path in PAGES:
+            self.assert_page(await browser.get(path, authorization=basic))
+        token = (await browser.get("/admin/ui/keys", authorization=basic)).csrf
+        made = await browser.post(
+            "/admin/ui/keys", {"name": "carol", "csrf": token}, authorization=basic
+        )
+        self.assert_page(made)
+        stranger = DashboardClient(proxy.port)
+        sent = await stranger.get("/admin/ui/", authorization=basic)
+        self.assertEqual((sent.status, sent.header("location")), (303, "/admin/ui/login"))
 
     async def test_csrf_on_every_post(self) -> None:
         """Every POST without the token, or with another session's, changes nothing (403)."""

@@ -5,6 +5,7 @@ queries, in sqlite and in PostgreSQL."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import uuid
@@ -17,12 +18,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 
-from oaproxy.admin.queries import records_page, records_query
+from oaproxy.admin.queries import _page_select, records_page, records_query
+from oaproxy.admin.tables import read_snapshot
 from oaproxy.config import Budget, BudgetPeriod, ClientKey
 from oaproxy.dashboard import data
 from oaproxy.dashboard.markup import Markup, html, join
 from oaproxy.dashboard.resource import DashboardResource
 from oaproxy.dashboard.session import Session, Sessions, admin_key_matches
+from oaproxy.dashboard.sessiontables import close_session, read_session_secret, session_closed
 from oaproxy.record import Outcome
 from oaproxy.sinks.rollup import DAILY_TABLE, MINUTELY_TABLE
 from oaproxy.sinks.sql import (
@@ -45,7 +48,7 @@ class SessionTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(NOW)
-        self.sessions = Sessions(self.clock.seconds)
+        self.sessions = Sessions(self.clock.seconds, lambda: b"one secret")
 
     def test_open_and_check(self) -> None:
         """A cookie opens its session until it expires, and not after."""
@@ -57,10 +60,14 @@ class SessionTests(SynchronousTestCase):
         self.assertIsNone(self.sessions.check(cookie.encode(), KEY))
 
     def test_signed(self) -> None:
-        """Another admin key, another process's secret, any change: no session."""
+        """Another admin key, another secret, any change: no session; the same
+        secret (another worker's, on the same store): the session."""
         _, cookie = self.sessions.open(KEY, 60)
         self.assertIsNone(self.sessions.check(cookie.encode(), KEY + "x"))
-        self.assertIsNone(Sessions(self.clock.seconds).check(cookie.encode(), KEY))
+        other = Sessions(self.clock.seconds, lambda: b"another secret")
+        self.assertIsNone(other.check(cookie.encode(), KEY))
+        same = Sessions(self.clock.seconds, lambda: b"one secret")
+        self.assertIsNotNone(same.check(cookie.encode(), KEY))
         session_id, expires, mac = cookie.split(".")
         for forged in (
             f"{session_id}.{int(expires) + 1}.{mac}",
@@ -102,38 +109,70 @@ class SessionTests(SynchronousTestCase):
 
 
 class SecureCookieTests(SynchronousTestCase):
-    def request(self, method: bytes, body: bytes = b"") -> Request:
+    def request(
+        self, method: bytes, body: bytes = b"", *, tls: bool, proto: bytes | None
+    ) -> Request:
         channel = DummyChannel()
-        channel.transport = DummyChannel.SSL()
+        if tls:
+            channel.transport = DummyChannel.SSL()
         request = Request(channel)
         request.method = method
         request.content = BytesIO(body)
         request.args = {}
+        if proto is not None:
+            request.requestHeaders.setRawHeaders(b"x-forwarded-proto", [proto])
         return request
 
-    def test_secure_over_tls(self) -> None:
-        """Over TLS both cookies of the login are Secure (and HttpOnly, SameSite=Strict)."""
+    def login_cookies(
+        self, *, tls: bool = False, proto: bytes | None = None, trusted: str = "192.168.1.0/24"
+    ) -> list[bytes]:
+        """The cookies of the login form and of the login (the peer is
+        DummyChannel's, 192.168.1.1), with ``trusted`` as trusted_proxies."""
         clock = Clock()
+        config = SimpleNamespace(
+            dashboard_session=60.0, trusted_proxies=(ipaddress.ip_network(trusted),)
+        )
         host = SimpleNamespace(
-            shared=SimpleNamespace(wall_clock=clock.seconds),
-            generation=SimpleNamespace(config=SimpleNamespace(dashboard_session=60.0)),
+            shared=SimpleNamespace(wall_clock=clock.seconds, environ={}),
+            sources=SimpleNamespace(store=None),
+            generation=SimpleNamespace(config=config),
         )
         dashboard = DashboardResource(SimpleNamespace(host=host))  # type: ignore[arg-type]
-        form = self.request(b"GET")
+        form = self.request(b"GET", tls=tls, proto=proto)
         page = dashboard.render(form, ["login"], KEY)
         assert isinstance(page, bytes)
         [nonce_cookie] = form.cookies
         nonce = nonce_cookie.split(b";")[0].split(b"=", 1)[1]
         token = re.search(rb'name="csrf" value="([0-9a-f]+)"', page)
         assert token is not None
-        login = self.request(b"POST", b"csrf=" + token[1] + b"&admin_key=" + KEY.encode())
+        body = b"csrf=" + token[1] + b"&admin_key=" + KEY.encode()
+        login = self.request(b"POST", body, tls=tls, proto=proto)
         login.received_cookies = {b"oaproxy_login": nonce}
         dashboard.render(login, ["login"], KEY)
         self.assertEqual(login.code, 303)
         [session] = [c for c in login.cookies if c.startswith(b"oaproxy_session=")]
-        for cookie in (nonce_cookie, session):
+        return [nonce_cookie, session]
+
+    def test_secure_over_tls(self) -> None:
+        """Over TLS both cookies of the login are Secure (and HttpOnly, SameSite=Strict)."""
+        for cookie in self.login_cookies(tls=True):
             for part in (b"; Secure", b"; HttpOnly", b"; SameSite=strict"):
                 self.assertIn(part, cookie)
+
+    def test_secure_behind_a_trusted_tls_proxy(self) -> None:
+        """Plain HTTP from a trusted proxy that says ``X-Forwarded-Proto:
+        https``: Secure; the same header from another peer, or http: not."""
+        for cookie in self.login_cookies(proto=b"https"):
+            self.assertIn(b"; Secure", cookie)
+        for cookie in self.login_cookies(proto=b"HTTPS, http"):
+            self.assertIn(b"; Secure", cookie)
+        for cookie in (
+            *self.login_cookies(proto=b"https", trusted="10.0.0.0/8"),
+            *self.login_cookies(proto=b"http"),
+            *self.login_cookies(),
+        ):
+            self.assertNotIn(b"; Secure", cookie)
+            self.assertIn(b"; HttpOnly", cookie)
 
 
 class MarkupTests(SynchronousTestCase):
@@ -316,6 +355,67 @@ class StoreCase(SynchronousTestCase):
                 break
         self.assertEqual(seen, wanted)
         self.assertEqual(len(seen), 20)
+
+    def test_session_tables(self) -> None:
+        """The store's session secret is made once by the migration; a logout
+        is seen by any connection, and forgotten once its session expired."""
+        self.migrate()
+        cursor = self.connection.cursor()
+        secret = read_session_secret(cursor)
+        self.assertEqual(len(secret), 64)
+        self.assertEqual(read_snapshot(cursor).session_secret, secret)
+        close_session(self.connection, self.dbtype, "s1", NOW + 60, NOW)
+        close_session(self.connection, self.dbtype, "s1", NOW + 60, NOW)
+        self.connection.commit()
+        other = open_database(self.dbtype, self.dbaddr)
+        self.addCleanup(other.close)
+        self.assertTrue(session_closed(other, self.dbtype, "s1"))
+        self.assertFalse(session_closed(other, self.dbtype, "s2"))
+        close_session(self.connection, self.dbtype, "s2", NOW + 600, NOW + 60)
+        self.connection.commit()
+        self.assertFalse(session_closed(other, self.dbtype, "s1"))
+        self.assertTrue(session_closed(other, self.dbtype, "s2"))
+
+    def plan(self, args: dict[bytes, list[bytes]]) -> str:
+        """How the database reads the Requests page of ``args``."""
+        query = records_query({**args, b"limit": [b"50"]}, NOW)
+        sql, parameters = _page_select(self.dbtype, query, query.filters)
+        cursor = self.connection.cursor()
+        if self.dbtype == "postgres":
+            cursor.execute("ANALYZE oaproxy_records")
+            # A small table: the plan of a big one.
+            cursor.execute("SET enable_seqscan = off")
+            cursor.execute("SET enable_bitmapscan = off")
+            cursor.execute("EXPLAIN " + sql, parameters)
+        else:
+            cursor.execute("EXPLAIN QUERY PLAN " + sql, parameters)
+        return "\n".join(str(row[-1]) for row in cursor.fetchall())
+
+    def test_key_or_model_with_an_outcome_is_indexed(self) -> None:
+        """A key or a model filtered by outcome reads an index of all three
+        (schema migration 5), in time order: no scan of every record of the
+        key or model for those of the outcome, no sort of every match."""
+        self.migrate()
+        outcomes = list(Outcome)
+        self.insert(
+            *(
+                _record(
+                    n,
+                    key_name=f"k{n % 3}",
+                    model=f"m{n % 4}",
+                    outcome=outcomes[n % len(outcomes)],
+                    status=200,
+                )
+                for n in range(1, 601)
+            )
+        )
+        for column, field, value in (("key_name", b"key", b"k1"), ("model", b"model", b"m3")):
+            plan = self.plan({field: [value], b"outcome": [b"shutdown"]})
+            self.assertIn(f"oaproxy_records_{column}_outcome_time", plan)
+            # Only ties of time are sorted (on id), never every match.
+            self.assertNotIn("TEMP B-TREE FOR ORDER BY", plan)
+            self.assertRegex(plan, r"(outcome=\?|Index Cond: .*outcome = )")
+            self.assertNotIn("Filter: (outcome", plan)
 
 
 class PostgresStoreTests(StoreCase):

@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Generator
 from functools import partial
@@ -83,7 +85,9 @@ class HelperTests(SynchronousTestCase):
             [name for (name,) in cursor.fetchall() if not name.startswith("sqlite_")],
             [
                 "oaproxy_audit_time",
+                "oaproxy_records_key_name_outcome_time",
                 "oaproxy_records_key_time",
+                "oaproxy_records_model_outcome_time",
                 "oaproxy_records_model_time",
                 "oaproxy_records_outcome_time",
                 "oaproxy_records_time",
@@ -362,6 +366,58 @@ class PostgresSinkTests(SQLSinkBase):
             connection.commit()
         finally:
             connection.close()
+
+    def test_concurrent_batches_never_deadlock(self) -> None:
+        """Two workers' batches touching the same sums (a day's key, a
+        minute's upstream) in opposite orders: the second waits for the
+        first instead of PostgreSQL ending one with a deadlock."""
+        setup = open_database("postgres", self.dbaddr)
+        migrate(setup.cursor(), "postgres")
+        setup.commit()
+        setup.close()
+        first, second = (open_database("postgres", self.dbaddr) for _ in range(2))
+        self.addCleanup(first.close)
+        self.addCleanup(second.close)
+
+        def batch(n: int, key: str, upstream: str) -> list[Any]:
+            return [nth_record(n, key_name=key, upstream=upstream, time=1796323400.0)]
+
+        errors: list[BaseException] = []
+
+        def second_batch() -> None:
+            try:
+                # key k2 first, then k1 (which the first holds until it commits).
+                sql._store(
+                    second.cursor(), batch(2, "k2", "u2") + batch(3, "k1", "u9"), "postgres", False
+                )
+                second.commit()
+            except Exception as e:
+                errors.append(e)
+
+        sql._store(first.cursor(), batch(1, "k1", "u1"), "postgres", False)
+        thread = threading.Thread(target=second_batch)
+        thread.start()
+        watch = open_database("postgres", self.dbaddr)
+        self.addCleanup(watch.close)
+        watch.autocommit = True
+        pid = second.get_backend_pid()
+        cursor = watch.cursor()
+        for _ in range(1000):
+            cursor.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,))
+            if cursor.fetchone() == ("Lock",) or not thread.is_alive():
+                break
+            time.sleep(0.01)
+        try:
+            # key k2 now, which the second took first before the fix.
+            sql._store(first.cursor(), batch(4, "k2", "u9"), "postgres", False)
+            first.commit()
+        except Exception as e:
+            errors.append(e)
+            first.rollback()
+        thread.join(30)
+        self.assertEqual(errors, [])
+        cursor.execute("SELECT key_name, requests FROM oaproxy_usage_daily ORDER BY key_name")
+        self.assertEqual(cursor.fetchall(), [("k1", 2), ("k2", 2)])
 
 
 def _postgres_bin() -> str | None:

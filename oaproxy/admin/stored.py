@@ -49,6 +49,9 @@ class StoreSnapshot:
     keys: tuple[StoredKey, ...] = ()
     # The id of the newest audit entry then (0: none).
     last_audit: int = 0
+    # What every process signs the dashboard's sessions with (and the admin
+    # key): ``oaproxy.dashboard.sessiontables``; '' when there is none.
+    session_secret: str = field(default="", repr=False)
 
     def upstream(self, name: str) -> StoredUpstream | None:
         return next((row for row in self.upstreams if row.name == name), None)

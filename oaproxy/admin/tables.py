@@ -23,6 +23,7 @@ from oaproxy.admin.stored import (
     StoreSnapshot,
 )
 from oaproxy.config import POSTGRES, SQLITE
+from oaproxy.dashboard.sessiontables import read_session_secret
 from oaproxy.sinks.sql import (
     AUDIT_TABLE,
     KEYS_TABLE,
@@ -91,7 +92,9 @@ def read_snapshot(cursor: Any) -> StoreSnapshot:
         StoredKey(name=name, sha256=sha256, settings=settings, upstreams=names, created=created)
         for name, sha256, settings, names, created in cursor.fetchall()
     )
-    return StoreSnapshot(version, upstreams, keys, last_audit_id(cursor))
+    return StoreSnapshot(
+        version, upstreams, keys, last_audit_id(cursor), read_session_secret(cursor)
+    )
 
 
 def begin_write(cursor: Any, dbtype: str) -> None:

@@ -3,6 +3,8 @@
 sheet of this package), on the admin API's state and the SQL store.
 
 - ``session``: the admin key checked, the signed session cookie, CSRF tokens;
+- ``sessiontables``: the sessions' secret and logouts in the SQL store, for
+  every process on it;
 - ``markup``: escaping by default (``Markup``, ``html``);
 - ``charts``: inline SVG charts;
 - ``data``: what each page reads of the store (indexed, the sums of

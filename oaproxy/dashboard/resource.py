@@ -11,6 +11,8 @@ origin, no framing).
 
 from __future__ import annotations
 
+import ipaddress
+import secrets
 from collections.abc import Awaitable, Callable
 from importlib.resources import files
 from typing import IO, TYPE_CHECKING, Any, cast
@@ -49,8 +51,10 @@ from oaproxy.dashboard.pages import (
 )
 from oaproxy.dashboard.requests import FILTERS, record_page, requests_page
 from oaproxy.dashboard.session import Session, Sessions, admin_key_matches
+from oaproxy.dashboard.sessiontables import close_session, session_closed
 from oaproxy.record import BadRecord
-from oaproxy.web import client_ip, declared_size
+from oaproxy.web import client_ip, declared_size, peer
+from oaproxy.workers import SESSION_SECRET_VARIABLE
 
 if TYPE_CHECKING:
     from oaproxy.admin.resource import AdminResource
@@ -88,7 +92,12 @@ class DashboardResource:
     def __init__(self, admin: AdminResource) -> None:
         self._admin = admin
         self._host = admin.host
-        self.sessions = Sessions(self._host.shared.wall_clock)
+        # The secret of this process, when no store holds one: the same in
+        # every worker of one parent.
+        self._own_secret = self._host.shared.environ.get(
+            SESSION_SECRET_VARIABLE
+        ) or secrets.token_hex(32)
+        self.sessions = Sessions(self._host.shared.wall_clock, self._session_secret)
         self._gets: dict[tuple[str, ...], Page] = {
             (): self.overview,
             ("usage",): self.usage,
@@ -107,6 +116,11 @@ class DashboardResource:
         }
 
     # -- the door ------------------------------------------------------------------
+
+    def _session_secret(self) -> bytes:
+        """The store's secret (every process on it signs alike), else our own."""
+        stored = self._host.sources.stored.session_secret if self._host.sources.store else ""
+        return (stored or self._own_secret).encode("ascii")
 
     def render(self, request: server.Request, segments: list[str], admin_key: str) -> bytes | int:
         request.setHeader(b"content-security-policy", CSP.encode("ascii"))
@@ -130,25 +144,46 @@ class DashboardResource:
                 if not self.sessions.csrf_good(admin_key, binding, self._field(request, "csrf")):
                     raise _Answer(403, _refused("The form expired or came from another page."))
                 if segments == ["logout"]:
-                    return self._logout(request, session)
+                    ensureDeferred(self._finish(request, self._logout(request, session)))
+                    return server.NOT_DONE_YET
             handler, names = self._route(request, segments)
         except _Answer as answer:
             return _answer(request, answer)
         csrf = self.sessions.csrf_token(admin_key, binding)
-        ensureDeferred(self._run(handler, request, names, csrf))
+        ensureDeferred(self._finish(request, self._run(handler, request, names, csrf, session)))
         return server.NOT_DONE_YET
 
     def _session(self, request: server.Request, admin_key: str) -> Session | None:
-        """The request's session; None for one with the admin key as Bearer."""
-        header = request.getHeader(b"authorization")
-        if header is not None:
-            if admin_key_matches(bearer_token(header), admin_key):
+        """The request's session; None for one with the admin key as Bearer.
+        Another kind of ``Authorization`` (an auth proxy's ``Basic``) is not
+        ours: the cookie decides."""
+        token = bearer_token(request.getHeader(b"authorization"))
+        if token is not None:
+            if admin_key_matches(token, admin_key):
                 return None
             raise _Answer(401, self._login_form(request, admin_key, "Wrong admin key."))
         session = self.sessions.check(request.getCookie(SESSION_COOKIE), admin_key)
         if session is None:
             raise _Answer(303, location=f"{BASE}login")
         return session
+
+    def _secure(self, request: server.Request) -> bool:
+        """Whether the browser reached us over TLS: ours, or a proxy's in front
+        (``X-Forwarded-Proto: https`` from one of ``trusted_proxies``; a
+        client that forges it only keeps its own cookie off plain HTTP)."""
+        if request.isSecure():
+            return True
+        trusted = self._host.generation.config.trusted_proxies
+        try:
+            address = ipaddress.ip_address(peer(request))
+        except ValueError:
+            return False
+        if not any(address in network for network in trusted):
+            return False
+        schemes = request.requestHeaders.getRawHeaders(b"x-forwarded-proto") or []
+        return any(
+            part.strip().lower() == b"https" for value in schemes for part in value.split(b",")
+        )
 
     def _login_form(self, request: server.Request, admin_key: str, message: str | None) -> Markup:
         nonce = Sessions.nonce()
@@ -157,7 +192,7 @@ class DashboardResource:
             nonce.encode("ascii"),
             path=BASE,
             max_age="3600",
-            secure=request.isSecure() or None,
+            secure=self._secure(request) or None,
             httpOnly=True,
             sameSite="strict",
         )
@@ -188,7 +223,7 @@ class DashboardResource:
             cookie.encode("ascii"),
             path="/admin/",
             max_age=str(int(lifetime)),
-            secure=request.isSecure() or None,
+            secure=self._secure(request) or None,
             httpOnly=True,
             sameSite="strict",
         )
@@ -197,13 +232,39 @@ class DashboardResource:
         )
         return _answer(request, _Answer(303, location=BASE))
 
-    def _logout(self, request: server.Request, session: Session | None) -> bytes:
-        if session is not None:
-            self.sessions.close(session)
+    async def _logout(self, request: server.Request, session: Session | None) -> bytes:
         request.addCookie(
             SESSION_COOKIE, b"", path="/admin/", max_age="0", httpOnly=True, sameSite="strict"
         )
+        if session is not None:
+            self.sessions.close(session)
+            store = self._host.sources.store
+            if store is not None:
+                # For every process on the store: the cookie may be sent to any.
+                dbtype, now = store.dbtype, self._host.shared.wall_clock()
+                try:
+                    await store.query(
+                        lambda c: close_session(c, dbtype, session.id, session.expires, now)
+                    )
+                except Exception:  # noqa: BLE001 - said, and answered
+                    self.log.failure("dashboard logout could not be stored")
+                    raise _Answer(
+                        503,
+                        _refused(
+                            "Logged out of this process only: the store could not be"
+                            " written (the proxy's log says why)."
+                        ),
+                    ) from None
         return _answer(request, _Answer(303, location=f"{BASE}login"))
+
+    async def _logged_out(self, session: Session | None) -> bool:
+        """Whether another process (on the store) logged the session out."""
+        store = self._host.sources.store
+        if session is None or store is None:
+            return False
+        dbtype = store.dbtype
+        closed: bool = await store.query(lambda c: session_closed(c, dbtype, session.id))
+        return closed
 
     def _route(self, request: server.Request, segments: list[str]) -> tuple[Page, list[str]]:
         routes = self._posts if request.method == b"POST" else self._gets
@@ -217,12 +278,23 @@ class DashboardResource:
         raise _Answer(404, _refused("No such page."))
 
     async def _run(
-        self, handler: Page, request: server.Request, names: list[str], csrf: str
-    ) -> None:
+        self,
+        handler: Page,
+        request: server.Request,
+        names: list[str],
+        csrf: str,
+        session: Session | None,
+    ) -> bytes:
+        if await self._logged_out(session):
+            raise _Answer(303, location=f"{BASE}login")
+        status, body = await handler(request, names, csrf)
+        request.setResponseCode(status)
+        return body.encode("utf-8")
+
+    async def _finish(self, request: server.Request, work: Awaitable[bytes]) -> None:
+        """Answer with what ``work`` makes of the request."""
         try:
-            status, body = await handler(request, names, csrf)
-            request.setResponseCode(status)
-            document = body.encode("utf-8")
+            document = await work
         except _Answer as answer:
             document = _answer(request, answer)
         except Exception:  # noqa: BLE001 - a page that fails never stops the daemon

@@ -2,9 +2,12 @@
 cookie, and CSRF tokens bound to the session.
 
 A session cookie is ``<id>.<expires>.<mac>``: an HMAC-SHA256 of the first
-two under a key made from a secret of this process and the admin key, so a
-new ``admin_key`` (or a restart) ends every session.  Logging out forgets
-the id until it would have expired anyway.  The CSRF token of a form is an
+two under a key made from a secret and the admin key, so a new
+``admin_key`` ends every session.  The secret is the SQL store's, shared by
+every process and machine on it (``sessiontables``); without a store, the
+one a ``workers:`` parent gives its children, or one of this process.
+Logging out forgets the id (here, and in the store: ``DashboardResource``)
+until it would have expired anyway.  The CSRF token of a form is an
 HMAC of the session id; the login form's, of a nonce kept in a cookie of its
 own (a double submit: another site can neither read nor set it).
 
@@ -43,14 +46,15 @@ class Session:
 class Sessions:
     """Opens, checks and closes the sessions of one daemon (kept over reloads)."""
 
-    def __init__(self, clock: Callable[[], float], secret: bytes | None = None) -> None:
+    def __init__(self, clock: Callable[[], float], secret: Callable[[], bytes]) -> None:
         self._clock = clock
-        self._secret = secret if secret is not None else secrets.token_bytes(32)
+        # Asked at each use: the store's secret once the store is read.
+        self._secret = secret
         # Closed (logged out) session id -> when it would have expired.
         self._closed: dict[str, float] = {}
 
     def _key(self, admin_key: str) -> bytes:
-        return hmac.new(self._secret, admin_key.encode("utf-8"), hashlib.sha256).digest()
+        return hmac.new(self._secret(), admin_key.encode("utf-8"), hashlib.sha256).digest()
 
     def _mac(self, admin_key: str, text: str) -> str:
         return hmac.new(self._key(admin_key), text.encode("ascii"), hashlib.sha256).hexdigest()
@@ -62,8 +66,8 @@ class Sessions:
         return session, f"{signed}.{self._mac(admin_key, signed)}"
 
     def check(self, cookie: bytes | None, admin_key: str) -> Session | None:
-        """The session of a cookie: signed by this process for this admin
-        key, not expired, not closed; else None."""
+        """The session of a cookie: signed with this secret for this admin
+        key, not expired, not closed here; else None."""
         try:
             text = (cookie or b"").decode("ascii")
         except UnicodeDecodeError:

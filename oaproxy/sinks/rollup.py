@@ -13,7 +13,9 @@ A trigger on the records table keeps both sums: it fires only for a row
 really inserted, so the sink's idempotent retries (``ON CONFLICT DO
 NOTHING``) never count a record twice.  A record without a key, model or
 upstream is summed under ``''`` (a primary key column cannot be NULL).
-The migration sums the records already there once.
+The migration sums the records already there once.  In PostgreSQL the
+sink's batches of several processes take turns (``sql._BATCH_LOCK``): two
+at once would update the same sums in different orders and deadlock.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from oaproxy.config import DBTYPES, POSTGRES, SQLITE
+from oaproxy.dashboard.sessiontables import add_session_tables
 from oaproxy.record import Record, encode_record
 from oaproxy.sinks.queue import QueuedSink
 from oaproxy.sinks.rollup import add_rollups
@@ -50,6 +51,10 @@ COLUMNS = (
 
 #: Serialises concurrent migrations of several processes (PostgreSQL).
 _MIGRATION_LOCK = 0x6F617072  # "oapr"
+#: Serialises the record batches of several processes (PostgreSQL): each
+#: batch's rows update the sums (``rollup``) in the order of its records,
+#: so two at once could each hold a row the other waits for - a deadlock.
+_BATCH_LOCK = 0x6F617062  # "oapb"
 
 _INT64 = 2**63 - 1
 
@@ -187,12 +192,24 @@ def _migration_3(cursor: Any, dbtype: str) -> None:
     cursor.execute(f"ALTER TABLE {TABLE} ADD COLUMN pid INTEGER")
 
 
+def _migration_5(cursor: Any, dbtype: str) -> None:
+    # The Requests page's key or model filter with an outcome: each index
+    # read in time order, where (key_name, time) alone scans every record
+    # of the key for the few of that outcome.
+    for column in ("key_name", "model"):
+        cursor.execute(
+            f"CREATE INDEX {TABLE}_{column}_outcome_time ON {TABLE} ({column}, outcome, time)"
+        )
+
+
 #: Schema migrations: entry N brings version N to N + 1.  Append, never edit.
 MIGRATIONS: Sequence[Callable[[Any, str], None]] = (
     _migration_1,
     _migration_2,
     _migration_3,
     add_rollups,
+    _migration_5,
+    add_session_tables,
 )
 
 #: The schema version this code writes.
@@ -384,8 +401,13 @@ def _store(
     statement = insert_statement(dbtype)
     refusals = _refusals(dbtype)
     # PostgreSQL aborts the whole transaction on an error; savepoints keep
-    # the rows before it. (sqlite undoes only the failing statement.)
+    # the rows before it. (sqlite undoes only the failing statement, and
+    # its one writer at a time needs no lock of ours.)
     savepoints = dbtype == POSTGRES
+    if savepoints:
+        # Held to the commit: a batch takes a few milliseconds, so waiting
+        # for another's costs little; a deadlock costs a retry seconds later.
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_BATCH_LOCK,))
     if savepoints:
         cursor.execute("SAVEPOINT batch")
     try:
