@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 # A blank line is a line terminator right after another one.  "\r(?!\n)"
 # keeps a CRLF from being read as CR + LF, which would invent a blank line.
@@ -142,6 +143,36 @@ def event_data(event: bytes) -> bytes | None:
     if values is None:
         return None
     return values[0] if len(values) == 1 else b"\n".join(values)
+
+
+# The last event's data and what it parsed to. An event's data is read by
+# up to three on its way: a first attempt's resume follower, the record's
+# capture and, on a cache miss, the cache's, each given the same bytes object
+# in turn: the later ones find its parse here, and one parse serves all.
+# Only the reactor's thread reads events; the parsed values are read, never
+# changed, by them.
+_last_event: list[Any] = [None, None]
+
+
+def parse_event(data: bytes | str) -> Any:
+    """The JSON of one SSE event's data (None where it is not JSON), parsed
+    once for consecutive readers of the same event."""
+    last = _last_event
+    if data is last[0]:
+        return last[1]
+    parsed = event_json(data)
+    last[0], last[1] = data, parsed
+    return parsed
+
+
+def event_json(data: bytes | str) -> Any:
+    """The JSON of an event's data, None where it is not JSON: a parse of
+    the caller's own, to change."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        # ValueError covers JSONDecodeError and UnicodeDecodeError.
+        return None
 
 
 def sse_error_event(message: str, type: str = "upstream_error", code: str | None = None) -> bytes:
