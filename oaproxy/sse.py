@@ -62,22 +62,27 @@ class SSESplitter:
         Raises ``EventTooLarge`` when an event, or the one not finished yet,
         is longer than ``max_event_bytes``.
         """
-        self._buf += data
-        return self._split(final=False)
+        if self._buf:
+            self._buf += data
+            return self._split(self._buf, final=False)
+        # Nothing pending (the usual read: whole events): split ``data``
+        # itself, an event that is all of it without a copy.
+        return self._split(data, final=False)
 
     def end(self) -> list[bytes]:
         """The stream ended: return an event still held back by a trailing CR.
 
         Whatever stays in ``pending()`` afterwards is an unterminated tail.
         """
-        return self._split(final=True)
+        return self._split(self._buf, final=True)
 
     def pending(self) -> bytes:
         """The bytes received after the last complete event."""
         return bytes(self._buf)
 
-    def _split(self, final: bool) -> list[bytes]:
-        buf = self._buf
+    def _split(self, buf: bytes | bytearray, final: bool) -> list[bytes]:
+        """Split the events off ``buf`` (the pending bytes, or a read when
+        none were pending); what is left of it is pending after."""
         n = len(buf)
         events: list[bytes] = []
         start = 0
@@ -110,10 +115,15 @@ class SSESplitter:
             start = scan = end
         if n - start > limit:
             raise EventTooLarge(limit)
-        if start:
-            del buf[:start]
-            scan -= start
-        self._scan = max(0, scan)
+        if start == n:
+            if buf is self._buf:
+                # A fresh buffer: the old one keeps the room it grew to.
+                self._buf = bytearray()
+        elif buf is not self._buf:
+            self._buf = bytearray(buf[start:])
+        elif start:
+            del self._buf[:start]
+        self._scan = max(0, scan - start)
         return events
 
 
