@@ -480,7 +480,12 @@ class StreamCapture:
 
 
 def capture_json_response(body: bytes, max_bytes: int) -> CapturedResponse:
-    """What a record keeps of a non-stream answer.
+    """``capture_json_document`` of a non-stream answer's bytes."""
+    return capture_json_document(parse_json(body), max_bytes)
+
+
+def capture_json_document(obj: object, max_bytes: int) -> CapturedResponse:
+    """What a record keeps of a non-stream answer, parsed (``parse_json``).
 
     Chat completions (message content, refusal, tool calls, finish reason),
     legacy completions (``text``), Responses API objects, transcriptions
@@ -488,7 +493,6 @@ def capture_json_response(body: bytes, max_bytes: int) -> CapturedResponse:
     at max_bytes).  A body that is not a JSON object captures nothing.  (A
     large one is not parsed at all: see ``oaproxy.largeanswer``.)
     """
-    obj = parse_json(body)
     if not isinstance(obj, dict):
         return CapturedResponse()
     error = obj.get("error")

@@ -70,6 +70,8 @@ class ProxyChannel(http.HTTPChannel):
     _awaiting_head = True
     # Body bytes in the current rate window.
     _window_bytes = 0
+    # A body has begun, and its rate check is yet to start (dataReceived).
+    _body_started = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -77,9 +79,18 @@ class ProxyChannel(http.HTTPChannel):
         self._head_due = self.callLater(self.site.config.header_timeout, self._slow_head)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._awaiting_head and self._head_due is None:
-            self._head_due = self.callLater(self.site.config.header_timeout, self._slow_head)
         super().dataReceived(data)
+        # The deadlines of what these bytes left unfinished, started once
+        # they are read (in the same reactor turn as they came): most heads
+        # and bodies come whole in one read, and need no timer.
+        if not self.connected:
+            return
+        config = self.site.config
+        if self._awaiting_head and self._head_due is None:
+            self._head_due = self.callLater(config.header_timeout, self._slow_head)
+        if self._body_started:
+            self._body_started = False
+            self._rate_check = self.callLater(config.body_rate_window, self._body_rate)
 
     def allHeadersReceived(self) -> None:
         self._awaiting_head = False
@@ -89,14 +100,15 @@ class ProxyChannel(http.HTTPChannel):
         # 0: no body; an int: Content-Length; None: chunked.
         if self.length != 0:
             self._window_bytes = 0
-            self._rate_check = self.callLater(self.site.config.body_rate_window, self._body_rate)
+            self._body_started = True
 
     def rawDataReceived(self, data: bytes) -> None:
-        if self._rate_check is not None:
+        if self._rate_check is not None or self._body_started:
             self._window_bytes += len(data)
         super().rawDataReceived(data)
 
     def allContentReceived(self) -> None:
+        self._body_started = False
         _cancel(self._rate_check)
         self._rate_check = None
         super().allContentReceived()

@@ -17,6 +17,7 @@ machines through NTP); Retry-After dates are read against the wall clock.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import enum
 import re
@@ -82,7 +83,11 @@ def retry_after(value: str | None, wall_now: float) -> float | None:
         seconds = float(value)
     else:
         try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - wall_now
+            date = email.utils.parsedate_to_datetime(value)
+            if date.tzinfo is None:
+                # An HTTP date is GMT, said or not (never the local time).
+                date = date.replace(tzinfo=datetime.timezone.utc)
+            seconds = date.timestamp() - wall_now
         except (TypeError, ValueError, OverflowError):
             return None
     return min(seconds, MAX_RETRY_AFTER) if seconds > 0 else None

@@ -13,7 +13,7 @@ from oaproxy.cache.ticket import CacheTicket
 from oaproxy.capture import StreamCapture
 from oaproxy.config import ResumeMode, Upstream
 from oaproxy.credentials import token_text
-from oaproxy.inspection import Inspected
+from oaproxy.inspection import Inspected, parse_json
 from oaproxy.largeanswer import AnswerEnds
 from oaproxy.metrics import ActiveRequest
 from oaproxy.record import FailureKind, LimitRefusal, Outcome, upstream_at_fault
@@ -152,6 +152,8 @@ class Exchange:
     cache: CacheTicket | None = None
     # What a committed stream relayed so far, when it can be resumed.
     resume: ResumeState | None = None
+    # response_body parsed (by answer_document), and the body it was.
+    _answer_parsed: tuple[bytes, object] | None = field(default=None, init=False, repr=False)
 
     @property
     def outcome(self) -> Outcome:
@@ -161,6 +163,17 @@ class Exchange:
     @outcome.setter
     def outcome(self, outcome: Outcome) -> None:
         self._outcome = outcome
+
+    def answer_document(self) -> object:
+        """``response_body`` parsed (``parse_json``: None for no JSON),
+        once for all that read it (the record, the response cache)."""
+        body = self.response_body
+        if body is None:
+            return None
+        parsed = self._answer_parsed
+        if parsed is None or parsed[0] is not body:
+            parsed = self._answer_parsed = (body, parse_json(body))
+        return parsed[1]
 
     def client_disconnected(
         self,

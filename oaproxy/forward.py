@@ -64,7 +64,7 @@ from oaproxy.relay import (
 from oaproxy.requestbody import RequestBody, Splice
 from oaproxy.resume import ResumeState, StreamFollower, stream_kind
 from oaproxy.resumebody import prefill_splices
-from oaproxy.retries import RetryPolicy, retry_reason
+from oaproxy.retries import RetryPolicy, retry_reason, spacing
 from oaproxy.sse import sse_error_event
 from oaproxy.upstreams import UpstreamClient
 
@@ -154,13 +154,19 @@ class Forwarder:
                 current = continuing
             elif broke is None and kind is not None:
                 # Followed only when some candidate left could continue it:
-                # a lone upstream's events are not parsed for nothing.
-                resumers = any(t.upstream.resume is not ResumeMode.OFF for t in tries)
+                # a lone upstream's events are not parsed for nothing. Nor are
+                # several choices (n > 1): a continuation's may come on others.
+                resumers = call.inspected.fields.numbers.get("n", 1) <= 1 and any(
+                    t.upstream.resume is not ResumeMode.OFF for t in tries
+                )
                 exchange.resume = ResumeState(kind, continuable) if resumers else None
             upstream = current.upstream
-            deadline = attempt_deadline(upstream, call.stream, not tries)
+            full_deadline = attempt_deadline(upstream, call.stream, not tries)
             now = self._clock.seconds()
-            starts.setdefault(upstream.name, []).append(now)
+            started = starts.setdefault(upstream.name, [])
+            # A retry has what is left of its upstream's deadline, not a new one.
+            deadline = started[0] + full_deadline - now if current.retried else full_deadline
+            started.append(now)
             attempt = AttemptLog(
                 upstream.name,
                 now,
@@ -208,15 +214,19 @@ class Forwarder:
                     # Refused the prefill: once more here, as a restart.
                     attempt.failure = FailureKind.STATUS
                     self._end_attempt(exchange, attempt)
+                    if not await self._spaced(exchange, starts[upstream.name]):
+                        return exchange
                     tries.appendleft(evolve(current, how=ResumeMode.RESTART, splices=()))
                     continue
                 if exchange.usage_added and status in (400, 422):
                     # Some OpenAI-compatible servers refuse stream_options: once
                     # more on the same upstream, with the body the client sent.
                     self._end_attempt(exchange, attempt)
+                    if not await self._spaced(exchange, starts[upstream.name]):
+                        return exchange
                     tries.appendleft(evolve(current, with_usage=False))
                     continue
-            wait = self._retry_wait(current, attempt, status, error, starts, deadline)
+            wait = self._retry_wait(current, attempt, status, error, starts, full_deadline)
             if wait is not None:
                 self._end_attempt(exchange, attempt)
                 if not await self._pause(exchange, wait):
@@ -294,6 +304,12 @@ class Forwarder:
             return False
         return True
 
+    async def _spaced(self, exchange: Exchange, started: Sequence[float]) -> bool:
+        """Wait as ``oaproxy.retries.spacing`` says before another attempt on
+        an upstream; False when the client went away meanwhile."""
+        wait = spacing(started, self._clock.seconds())
+        return wait <= 0 or await self._pause(exchange, wait)
+
     def _too_long(self, answer: Answer) -> bool:
         """A 400 that another candidate may not give (``failover_codes``:
         a larger context, say); other 400s are the request's fault."""
@@ -302,7 +318,10 @@ class Forwarder:
     def _end_broken(self, request: Request, exchange: Exchange, broke: RelayFailure) -> None:
         """No candidate continued the broken stream: it ends as it would have."""
         reasons = "; ".join(
-            f"{a.upstream}: {a.error}" for a in exchange.attempts if a.resumed is not None
+            # An answer's status is its failure (the record keeps no error for it).
+            f"{a.upstream}: {a.error or f'status {a.status}'}"
+            for a in exchange.attempts
+            if a.resumed is not None
         )
         error = f"{broke.error}; resuming failed ({reasons})" if reasons else broke.error
         exchange.outcome = Outcome.STREAM_FAILED

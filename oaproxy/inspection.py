@@ -48,6 +48,7 @@ from oaproxy.jsonscan import (
     media_bytes,
     run,
     scan_object,
+    scan_text,
     stepped,
 )
 from oaproxy.multipart import form_values
@@ -166,9 +167,10 @@ def body_kind(head: bytes, content_type: str | bytes | None) -> BodyKind:
 
 
 def read_fields(
-    buffer: Buffer, kind: BodyKind, content_type: bytes | None
+    buffer: Buffer, kind: BodyKind, content_type: bytes | None, scan: ObjectScan | None = None
 ) -> Generator[None, None, RequestFields]:
-    """The fields of a body of ``kind`` in ``buffer``, a step at a time."""
+    """The fields of a body of ``kind`` in ``buffer``, a step at a time
+    (given ``scan``, a JSON body's object found already)."""
     if kind is BodyKind.FORM:
         values = form_values(buffer, content_type or b"", _MODEL)
         if values is None or len(values) > 1:
@@ -177,7 +179,8 @@ def read_fields(
     if kind is not BodyKind.JSON:
         return RequestFields(kind)
     try:
-        scan = yield from scan_object(buffer, _KEYS)
+        if scan is None:
+            scan = yield from scan_object(buffer, _KEYS)
         return (yield from _json_fields(buffer, scan))
     except NotAnObject as e:
         return RequestFields(kind, problem=BodyProblem[e.problem.name])
@@ -215,9 +218,10 @@ def _json_fields(buffer: Buffer, scan: ObjectScan) -> Generator[None, None, Requ
     include_usage = _token(buffer, usage) == b"true"
     numbers = {}
     for name in _NUMBERS:
-        value = _decoded(buffer, last.get(name), _NUMBER_BYTES)
-        if isinstance(value, int) and not isinstance(value, bool):
-            numbers[name] = value
+        if name in last:
+            value = _decoded(buffer, last[name], _NUMBER_BYTES)
+            if isinstance(value, int) and not isinstance(value, bool):
+                numbers[name] = value
     usage_splice = None
     if stream and not include_usage:
         # Its members once the "caching" ones are cut.
@@ -228,10 +232,10 @@ def _json_fields(buffer: Buffer, scan: ObjectScan) -> Generator[None, None, Requ
         model=model,
         stream=stream,
         include_usage=include_usage,
-        numbers=MappingProxyType(numbers),
+        numbers=MappingProxyType(numbers) if numbers else _NO_NUMBERS,
         usage_splice=usage_splice,
         caching=caching if isinstance(caching, bool) else None,
-        cuts=_cuts(cachings),
+        cuts=_cuts(cachings) if cachings else (),
         model_at=(models[0].value_start, models[0].value_end) if model is not None else None,
         read_by_model=tuple(last[name] for name in MODEL_READS if name in last),
     )
@@ -327,8 +331,9 @@ class Inspected:
     fields: RequestFields
     # Where a large body's later readings run, a step at a time; None: at once.
     cooperator: Cooperator | None = None
-    # Parsed on first use, for bodies in memory only (see text_characters).
-    _parsed: Any = field(default=None, init=False, repr=False)
+    # Parsed on first use (or given, read with the fields), for bodies in
+    # memory only (see text_characters).
+    _parsed: Any = field(default=None, repr=False)
 
     @property
     def model(self) -> str | None:
@@ -452,6 +457,10 @@ class Inspector:
             found = _walked(
                 body, lambda buffer: _large_json_fields(buffer, content_type), self._cooperator
             )
+        elif kind is BodyKind.JSON and body.data is not None and body.data.isascii():
+            # Small and ASCII (most bodies): the C scanner finds the object,
+            # which is kept for parsed().
+            return _small_json(body, body.data, self._cooperator)
         elif kind in (BodyKind.JSON, BodyKind.FORM):
             # A form's parts are found by memmem: at once, whatever its size.
             found = _walked(body, lambda buffer: read_fields(buffer, kind, content_type), None)
@@ -461,6 +470,17 @@ class Inspector:
         if isinstance(found, Deferred):
             return found.addCallback(lambda fields: Inspected(body, fields, self._cooperator))
         return Inspected(body, found, self._cooperator)
+
+
+def _small_json(body: RequestBody, data: bytes, cooperator: Cooperator) -> Inspected:
+    """A small ASCII JSON body inspected: through ``scan_text`` (the walk
+    where it declines)."""
+    found = scan_text(data.decode("ascii"), _KEYS)
+    if found is None:
+        return Inspected(body, run(read_fields(data, BodyKind.JSON, None)), cooperator)
+    scan, document = found
+    fields = run(read_fields(data, BodyKind.JSON, None, scan))
+    return Inspected(body, fields, cooperator, document if fields.problem is None else None)
 
 
 def unread(body: RequestBody) -> Inspected:

@@ -32,7 +32,7 @@ import json
 import re
 from collections.abc import Callable, Generator
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from attrs import frozen
 
@@ -61,7 +61,19 @@ _WHITESPACE = re.compile(rb"[ \t\n\r]*")
 _STRING_REST = re.compile(rb'(?:[^"\\]++|\\.)*+', re.DOTALL)
 # Anything but brackets, strings whole: a run inside a container value.
 _RUN = re.compile(rb'(?:[^"\[\]{}]++|"(?:[^"\\]++|\\.)*+")*+', re.DOTALL)
+# The same for scan_text, over text.
+_TEXT_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_TEXT_COLON = re.compile(r"[ \t\n\r]*:[ \t\n\r]*")
+# The comma (and the whitespace to the next member) or the closing brace.
+_TEXT_SEPARATOR = re.compile(r"[ \t\n\r]*(?:(,)[ \t\n\r]*|\})")
 _SCALAR = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_TEXT_DECODER = json.JSONDecoder(parse_constant=_no_constant)
 
 
 class Problem(Enum):
@@ -123,6 +135,61 @@ def scan_object(
     if whole and buffer[start : start + 3] == _BOM:
         start += 3
     return (yield from walk.object(start, keys, whole))
+
+
+def scan_text(text: str, keys: frozenset[str]) -> tuple[ObjectScan, dict[str, Any]] | None:
+    """``scan_object``'s result for an ASCII ``text`` (where a character's
+    offset is its byte's) holding one whole object, found by the C JSON
+    scanner: for a small body, a quarter of the walk's cost, and the object
+    itself (what ``json.loads`` gives) comes with it. None for what the C
+    scanner does not take, which the walk then reads (or refuses, saying
+    why): it checks more than the walk, never less, and NaN and Infinity,
+    which the walk refuses as member values, are refused at any depth."""
+    # The value at an offset and where it ends (the C scanner; not in typeshed).
+    scan_value: Callable[[str, int], tuple[Any, int]] = _TEXT_DECODER.scan_once  # type: ignore[attr-defined]
+    # The pattern matches the empty string: never None.
+    whitespace = cast(Callable[..., re.Match[str]], _TEXT_WHITESPACE.match)
+    try:
+        position = whitespace(text).end()
+        if text[position : position + 1] != "{":
+            return None
+        open_at = position
+        document: dict[str, Any] = {}
+        kept: list[Member] = []
+        count = 0
+        previous_end = None
+        position = whitespace(text, position + 1).end()
+        if text[position : position + 1] == "}":
+            close_at = position
+        else:
+            while True:
+                if text[position : position + 1] != '"':
+                    return None
+                key, key_end = scan_value(text, position)
+                colon = _TEXT_COLON.match(text, key_end)
+                if colon is None:
+                    return None
+                value_start = colon.end()
+                document[key], value_end = scan_value(text, value_start)
+                count += 1
+                separator = _TEXT_SEPARATOR.match(text, value_end)
+                if separator is None:
+                    return None
+                next_start = separator.end() if separator.group(1) == "," else None
+                if key_end - position <= KEY_BYTES and key.casefold() in keys:
+                    kept.append(
+                        Member(key, position, value_start, value_end, previous_end, next_start)
+                    )
+                if next_start is None:
+                    close_at = separator.end() - 1
+                    break
+                previous_end, position = value_end, next_start
+    except (ValueError, RecursionError, StopIteration):
+        # StopIteration: no value where one must be.
+        return None
+    if whitespace(text, close_at + 1).end() != len(text):
+        return None
+    return ObjectScan(open_at, close_at, count, tuple(kept)), document
 
 
 def kept_items(

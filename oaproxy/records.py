@@ -18,7 +18,7 @@ from twisted.logger import ILogObserver, Logger, LogPublisher
 from oaproxy.capture import (
     CapturedResponse,
     StreamCapture,
-    capture_json_response,
+    capture_json_document,
     cost,
     describe_body,
     keeps_text,
@@ -206,7 +206,9 @@ class RecordMaker:
             # completion, up to cache.max_entry_bytes).
             return AnswerEnds(body[:USAGE_WINDOW], body[-USAGE_WINDOW:]).result()
         if body:
-            return capture_json_response(body, self._text_bytes(exchange.call))
+            return capture_json_document(
+                exchange.answer_document(), self._text_bytes(exchange.call)
+            )
         return CapturedResponse()
 
 

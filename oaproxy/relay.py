@@ -332,6 +332,12 @@ class StreamRelay(Protocol):
         if data is None:
             return event
         if data == b"[DONE]":
+            if self.follower is not None:
+                try:
+                    self.follower.done()
+                except Diverged as e:
+                    self._broke(e)
+                    return None
             self._saw_done = True
             if self._on_event is not None:
                 # Seen too (the cache stores only streams that end so), and
@@ -495,6 +501,9 @@ class StreamRelay(Protocol):
         )
 
     def _end(self, failure: RelayFailure | None) -> None:
+        if self._saw_done and failure is not None and not failure.kind.caused_by_client:
+            # After "[DONE]" the answer is whole, however the upstream then ends.
+            failure = None
         self._ended = True
         if self._pacer is not None:
             self._pacer.stop()

@@ -41,7 +41,24 @@ Channel = tuple[str, int]
 CONTENT: Channel = ("content", 0)
 REFUSAL: Channel = ("refusal", 0)
 FUNCTION: Channel = ("function_call", 0)
+#: The reasoning deltas: vLLM's and DeepSeek's, and OpenRouter's.
+REASONING: tuple[Channel, ...] = (("reasoning_content", 0), ("reasoning", 0))
+#: A chat delta's members as text channels, compared and skipped by name.
+_TEXTS: tuple[tuple[str, Channel], ...] = (
+    ("content", CONTENT),
+    ("refusal", REFUSAL),
+    *((channel[0], channel) for channel in REASONING),
+)
+#: The delta members a continuation knows how to carry on (others: see
+#: ``ResumeState.untracked``).
+_TRACKED = frozenset({"role", "tool_calls", "function_call", *(name for name, _ in _TEXTS)})
 _USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
+#: Characters of text (all channels) a stream is followed for; past them
+#: it is not resumed (and the first attempt's events are no longer read).
+MAX_FOLLOWED_TEXT = 1024 * 1024
+# Pieces of text joined into one string at a time: a delta's few
+# characters are not kept each as an object of their own.
+_RUN = 64
 
 
 class UpstreamErrorEvent(Exception):
@@ -64,6 +81,23 @@ def stream_kind(api_path: str) -> StreamKind | None:
 
 
 @define(eq=False)
+class RelayedText:
+    """One channel's text as relayed, kept in runs of joined pieces."""
+
+    _runs: list[str] = field(factory=list)
+    _pieces: list[str] = field(factory=list)
+
+    def append(self, piece: str) -> None:
+        self._pieces.append(piece)
+        if len(self._pieces) >= _RUN:
+            self._runs.append("".join(self._pieces))
+            self._pieces.clear()
+
+    def joined(self) -> str:
+        return "".join(self._runs) + "".join(self._pieces)
+
+
+@define(eq=False)
 class ResumeState:
     """What one client's stream carried so far, over all its attempts."""
 
@@ -73,10 +107,17 @@ class ResumeState:
     # The record's observer of the stream's events (the forwarder's
     # ``on_event``), kept for the continuations: the record sees one answer.
     observer: Callable[[bytes], bool] | None = None
-    relayed: dict[Channel, list[str]] = field(factory=dict)
+    relayed: dict[Channel, RelayedText] = field(factory=dict)
+    # Characters kept in ``relayed``; past ``MAX_FOLLOWED_TEXT`` the stream
+    # is ``over``: too long to be resumed.
+    kept: int = 0
+    over: bool = False
     # Characters of text relayed (an attempt's ``resumed_at``).
     chars: int = 0
     tools_or_refusal: bool = False
+    # A delta member it does not follow carried something (audio, say): a
+    # continuation could neither skip nor repeat it, so none is made.
+    untracked: bool = False
     several_choices: bool = False
     first_id: str | None = None
     finished: bool = False
@@ -89,16 +130,25 @@ class ResumeState:
     def resumable(self) -> bool:
         """Whether a break now can be continued: one choice, not finished,
         and a candidate left to do it."""
-        return not self.several_choices and not self.finished and self.continuable()
+        return (
+            not self.several_choices
+            and not self.finished
+            and not self.untracked
+            and not self.over
+            and self.continuable()
+        )
 
     @property
     def text(self) -> str:
-        return "".join(self.relayed.get(CONTENT, ()))
+        content = self.relayed.get(CONTENT)
+        return content.joined() if content is not None else ""
 
     def how(self, upstream: Upstream) -> ResumeMode:
         """How ``upstream`` continues this stream (OFF: it does not)."""
-        if upstream.resume is ResumeMode.PREFILL and self.tools_or_refusal:
-            # A prefill carries text only: the rest is asked for again.
+        thinking = CONTENT not in self.relayed and any(c in self.relayed for c in REASONING)
+        if upstream.resume is ResumeMode.PREFILL and (self.tools_or_refusal or thinking):
+            # A prefill carries the answer's text only: the rest (a break
+            # before the answer, in its reasoning) is asked for again.
             return ResumeMode.RESTART
         return upstream.resume
 
@@ -134,7 +184,7 @@ class StreamFollower:
         self._state = state
         self._how = how
         self._skip: dict[Channel, str] = (
-            {channel: "".join(pieces) for channel, pieces in state.relayed.items()}
+            {channel: text.joined() for channel, text in state.relayed.items()}
             if how is ResumeMode.RESTART
             else {}
         )
@@ -150,9 +200,20 @@ class StreamFollower:
             self._state.usages.append(self.usage)
             self.usage = None
 
+    def done(self) -> None:
+        """The attempt sent ``[DONE]``: the stream is over, whatever broke
+        after it. Raises ``Diverged`` for a restart that ends before it
+        said what the client has."""
+        if any(self._skip.values()):
+            raise Diverged()
+        self._state.finished = True
+
     def rewrite(self, event: bytes, data: bytes) -> tuple[bytes, bytes] | None:
         """The event (and its data) to pass on for ``event``; None to leave
         it out. Raises ``UpstreamErrorEvent`` or ``Diverged``."""
+        if self._state.over and self._how is None:
+            # Too long to be resumed: the first attempt's events need not be read.
+            return event, data
         # A continuation's chunk is changed: a parse of its own.
         chunk = parse_event(data) if self._how is None else event_json(data)
         if not isinstance(chunk, dict):
@@ -218,7 +279,11 @@ class StreamFollower:
         state = self._state
         if self._how is not None:
             delta.pop("role", None)
-        for name, channel in (("content", CONTENT), ("refusal", REFUSAL)):
+        if any(
+            value not in (None, "", [], {}) for name, value in delta.items() if name not in _TRACKED
+        ):
+            state.untracked = True
+        for name, channel in _TEXTS:
             piece = delta.get(name)
             if not isinstance(piece, str):
                 continue
@@ -300,8 +365,11 @@ class StreamFollower:
                 raise Diverged()
             self._skip[channel] = skip[n:]
             piece = piece[n:]
-        if piece:
-            self._state.relayed.setdefault(channel, []).append(piece)
-            if channel == CONTENT:
-                self._state.chars += len(piece)
+        state = self._state
+        if piece and not state.over:
+            state.kept += len(piece)
+            state.over = state.kept > MAX_FOLLOWED_TEXT
+            state.relayed.setdefault(channel, RelayedText()).append(piece)
+        if channel == CONTENT:
+            state.chars += len(piece)
         return piece

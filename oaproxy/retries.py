@@ -10,7 +10,10 @@ of the upstream's deadline; a longer one leaves the upstream at once (its
 attempt keeps the header, and the circuit breaker holds the circuit open as
 asked). A deadline is never retried: a silent upstream is left at once, as
 retrying it only multiplies the wait. Whatever the waits, no upstream gets
-more than ``ATTEMPTS_PER_SECOND`` attempts of one request in a second.
+more than ``ATTEMPTS_PER_SECOND`` attempts of one request in a second
+(``spacing``: the forwarder's other attempts again on the same upstream, a
+refused prefill's restart and a request sent without ``stream_options``,
+wait for it too).
 """
 
 from __future__ import annotations
@@ -76,12 +79,20 @@ class RetryPolicy:
                 wait = asked
         else:
             wait = self._backoff(retried)
-        if len(starts) >= ATTEMPTS_PER_SECOND:
-            wait = max(wait, starts[-ATTEMPTS_PER_SECOND] + 1.0 - now)
+        wait = max(wait, spacing(starts, now))
         return wait if wait < remaining else None
 
     def _backoff(self, retried: int) -> float:
         return float(self.backoff * 2**retried * self.rng.uniform(0.5, 1.0))
+
+
+def spacing(starts: Sequence[float], now: float) -> float:
+    """Seconds to wait before another attempt on an upstream whose attempts
+    of this request started at ``starts``, so that it gets no more than
+    ``ATTEMPTS_PER_SECOND`` in a second (0: none)."""
+    if len(starts) < ATTEMPTS_PER_SECOND:
+        return 0.0
+    return max(0.0, starts[-ATTEMPTS_PER_SECOND] + 1.0 - now)
 
 
 def retry_reason(status: int | None, error: BaseException | None) -> str | None:

@@ -9,13 +9,13 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from oaproxy import capture
+from oaproxy import capture, exchange
 from oaproxy import sse as sse_module
 from oaproxy.cache.keys import cache_key, namespace
 from oaproxy.cache.replay import StreamedAnswer, stream_from_completion
 from oaproxy.cache.stores import MemoryStore
 from oaproxy.generation import build_generation
-from oaproxy.inspection import WALK_AT_ONCE
+from oaproxy.inspection import WALK_AT_ONCE, parse_json
 from oaproxy.largeanswer import MAX_PARSED_ANSWER
 from oaproxy.record import record_document
 from tests.doubles import Client, Harness, Reply, headers, make_config
@@ -138,6 +138,23 @@ class HitAndMissTests(CacheCase):
         self.assertEqual((reply.status, self.cached(reply)), (200, b"hit"))
         self.assertEqual(reply.header(b"content-type"), b"application/json")
         self.assertEqual(reply.json(), COMPLETION)
+
+    def test_a_miss_parses_its_answer_once(self) -> None:
+        """The answer of a miss is parsed once, for its record and its entry."""
+        parsed: list[object] = []
+
+        def counted(data: bytes | str) -> object:
+            parsed.append(data)
+            return parse_json(data)
+
+        self.patch(exchange, "parse_json", counted)
+        self.patch(capture, "parse_json", counted)
+        first = self.ask()
+        self.answer_json()
+        self.assertEqual(self.cached(first.reply()), b"miss")
+        self.assertEqual(parsed, [json.dumps(COMPLETION).encode()])
+        self.assertEqual(self.h.records[-1].response_text, "Hello there")
+        self.assertEqual(self.count("store"), 1.0)
 
     def test_hit_is_recorded_without_upstream_at_no_cost(self) -> None:
         """A hit is recorded: outcome ok, cache hit, no upstream, the original usage, cost 0."""

@@ -4,6 +4,8 @@ site with an in-memory transport and a ``Clock``."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.address import IPv4Address
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -125,6 +127,35 @@ class BodyRateTests(SynchronousTestCase):
         self.h.clock.advance(60)
         self.assertFalse(client.transport.disconnecting)
         self.assertEqual(len(self.h.agent.calls), 1)
+
+    def test_a_request_read_whole_starts_no_deadline(self) -> None:
+        """A head and body that come in one read need neither deadline: no
+        timer is started for them; a body left unfinished by a read has its
+        rate check from then on."""
+        client = self.h.connect()
+        started: list[str] = []
+        call_later = client.protocol.callLater
+
+        def recorded(delay: float, f: Any, *args: object) -> Any:
+            started.append(f.__name__)
+            return call_later(delay, f, *args)
+
+        client.protocol.callLater = recorded
+        body = b'{"model": "m", "input": "hi"}'
+        client.send(
+            HEAD
+            + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body
+        )
+        self.assertEqual(len(self.h.agent.calls), 1)
+        self.assertNotIn("_slow_head", started)
+        self.assertNotIn("_body_rate", started)
+        self.h.agent.only().respond(200, body=b"{}")
+        client.send(HEAD + b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+        self.assertEqual(started.count("_body_rate"), 1)
+        self.assertNotIn("_slow_head", started)
+        self.h.clock.advance(2)
+        self.assertTrue(client.transport.disconnecting)
 
     def test_chunked_bodies_too(self) -> None:
         """A chunked body is held to the same rate."""

@@ -14,6 +14,7 @@ from typing import Any
 from prometheus_client import generate_latest
 from twisted.trial.unittest import SynchronousTestCase
 
+from oaproxy import resume
 from oaproxy import sse as sse_module
 from oaproxy.capture import StreamCapture
 from oaproxy.config import ResumeMode
@@ -223,6 +224,57 @@ class PrefillTests(ResumeCase):
         self.assertOneStream(client.reply(), "Hello")
         self.assertEqual(self.attempts()[0][1], FailureKind.STREAM_IDLE)
 
+    def test_break_after_done_is_a_clean_end(self) -> None:
+        """[DONE] ends the stream even without a finish chunk: a cut after
+        it is no break (nothing resumed, no error event)."""
+        client = self.stream()
+        a = self.respond(self.calls[0], chunk(ROLE), text("Hello"), b"[DONE]")
+        a.fail()
+        self.assertEqual(len(self.calls), 1)
+        reply = client.reply()
+        self.assertEqual((reply.status, reply.complete), (200, True))
+        got = events(reply)
+        self.assertEqual(got[-1], "[DONE]")
+        self.assertEqual("".join(c["choices"][0]["delta"]["content"] for c in got[:-1]), "Hello")
+        [record] = self.h.records
+        self.assertEqual(record.outcome, Outcome.OK)
+
+    def test_stall_after_done_is_a_clean_end(self) -> None:
+        """An upstream silent after [DONE] is let go at stream_idle_timeout
+        without a resume or an error event."""
+        client = self.stream()
+        self.respond(self.calls[0], chunk(ROLE), text("Hello"), b"[DONE]")
+        self.h.clock.advance(20)
+        self.assertEqual(len(self.calls), 1)
+        reply = client.reply()
+        self.assertEqual((reply.complete, events(reply)[-1]), (True, "[DONE]"))
+        [record] = self.h.records
+        self.assertEqual(record.outcome, Outcome.OK)
+
+    def test_many_pieces_prefilled_whole(self) -> None:
+        """The text of many deltas (kept in joined runs) is prefilled whole
+        and in order."""
+        client = self.stream()
+        pieces = [f"{n} " for n in range(200)]
+        self.respond(self.calls[0], chunk(ROLE), *(text(p) for p in pieces)).fail()
+        self.assertEqual(self.calls[1].json()["messages"][-1]["content"], "".join(pieces))
+        self.respond(self.calls[1], text("end"), chunk({}, "stop"), b"[DONE]").finish()
+        self.assertOneStream(client.reply(), "".join(pieces) + "end")
+
+    def test_text_past_the_cap_not_resumed(self) -> None:
+        """A stream whose text passed MAX_FOLLOWED_TEXT is not followed
+        further nor resumed: its break ends it with the error event."""
+        self.patch(resume, "MAX_FOLLOWED_TEXT", 8)
+        client = self.stream()
+        self.respond(self.calls[0], chunk(ROLE), text("Hello"), text(" world"), text("!")).fail()
+        self.assertEqual(len(self.calls), 1)
+        got = events(client.reply())
+        self.assertIn("upstream stream failed", got[-1]["error"]["message"])
+        # What came after the cap was not read.
+        state = self.h.exchanges[0].resume
+        assert state is not None
+        self.assertEqual((state.kept, state.text), (11, "Hello world"))
+
     def test_resume_waits_for_its_first_event(self) -> None:
         """A continuation that sends nothing within stream_timeout is left
         for the next candidate, as a first attempt would be."""
@@ -284,6 +336,41 @@ class RestartTests(ResumeCase):
         self.assertEqual(record.outcome, Outcome.STREAM_FAILED)
         self.assertEqual(record.attempts[1].failure, FailureKind.DIVERGED)
 
+    def test_restart_done_before_the_prefix_diverges(self) -> None:
+        """A restart that sends [DONE] before saying what the client has is
+        no whole answer: the stream ends with the error event."""
+        self.h = Harness(CONFIG.replace("sk: sk-b\n", "sk: sk-b\n    resume: restart\n"))
+        self.calls = self.h.agent.calls
+        client = self.stream()
+        self.respond(self.calls[0], chunk(ROLE), text("Hello")).fail()
+        self.respond(self.calls[1], chunk(ROLE), text("Hel"), b"[DONE]").finish()
+        got = events(client.reply())
+        self.assertIn("differs from the text already sent", got[-1]["error"]["message"])
+        self.assertNotIn("[DONE]", got)
+
+    def test_refusals_spaced_and_named(self) -> None:
+        """A refused prefill's restart and the retry without stream_options
+        are attempts on the same upstream like a retry: no more than two a
+        second; when all are refused, the error event names their statuses."""
+        self.h = Harness(
+            CONFIG.replace('  - {name: c, endpoint: "https://c.test/v1", sk: sk-c}\n', "")
+        )
+        self.calls = self.h.agent.calls
+        client = self.stream()
+        self.respond(self.calls[0], chunk(ROLE), text("Hel")).fail()
+        self.calls[1].respond(400, body=b'{"error": {"message": "no prefill"}}')
+        self.calls[2].respond(400, body=b'{"error": {"message": "bad"}}')
+        self.assertEqual([c.host for c in self.calls], ["a", "b", "b"])
+        self.h.clock.advance(0.99)
+        self.assertEqual(len(self.calls), 3)
+        self.h.clock.advance(0.01)
+        self.assertEqual([c.host for c in self.calls], ["a", "b", "b", "b"])
+        self.assertIn("stream_options", self.calls[2].json())
+        self.assertNotIn("stream_options", self.calls[3].json())
+        self.calls[3].respond(400, body=b'{"error": {"message": "bad"}}')
+        message = events(client.reply())[-1]["error"]["message"]
+        self.assertIn("resuming failed (b: status 400; b: status 400; b: status 400)", message)
+
     def test_tool_calls_resume_by_restart(self) -> None:
         """A stream that carried tool-call deltas resumes by restart even
         where prefill is the choice: the call's id and name come once, its
@@ -325,6 +412,73 @@ class RestartTests(ResumeCase):
         arguments = "".join(call.get("function", {}).get("arguments", "") for call in calls)
         self.assertEqual(json.loads(arguments), {"city": "Paris"})
         self.assertEqual(self.attempts()[1][2], "restart")
+
+    def test_restart_skips_reasoning(self) -> None:
+        """A restart skips the reasoning the client has (vLLM's
+        reasoning_content, OpenRouter's reasoning) as it skips the text."""
+        self.h = Harness(CONFIG.replace("sk: sk-b\n", "sk: sk-b\n    resume: restart\n"))
+        self.calls = self.h.agent.calls
+        client = self.stream()
+        self.respond(
+            self.calls[0],
+            chunk(ROLE),
+            chunk({"reasoning_content": "think.", "reasoning": "think."}),
+            text("Hel"),
+        ).fail()
+        self.respond(
+            self.calls[1],
+            chunk(ROLE),
+            chunk({"reasoning_content": "thi", "reasoning": "thi"}),
+            chunk({"reasoning_content": "nk.", "reasoning": "nk."}),
+            text("Hello"),
+            chunk({}, "stop"),
+            b"[DONE]",
+        ).finish()
+        chunks = self.assertOneStream(client.reply(), "Hello")
+        deltas = [ch["delta"] for c in chunks for ch in c["choices"]]
+        for name in ("reasoning_content", "reasoning"):
+            self.assertEqual("".join(d.get(name) or "" for d in deltas), "think.")
+
+    def test_break_in_reasoning_restarts(self) -> None:
+        """A stream that broke in its reasoning, before any text, resumes by
+        restart: a prefill carries the answer's text, not its reasoning."""
+        client = self.stream()
+        self.respond(self.calls[0], chunk(ROLE), chunk({"reasoning_content": "Hm"})).fail()
+        self.assertEqual(self.calls[1].json(), self.calls[0].json())
+        self.respond(
+            self.calls[1],
+            chunk({"reasoning_content": "Hm."}),
+            text("Hi"),
+            chunk({}, "stop"),
+            b"[DONE]",
+        ).finish()
+        chunks = self.assertOneStream(client.reply(), "Hi")
+        reasoning = [ch["delta"].get("reasoning_content") for c in chunks for ch in c["choices"]]
+        self.assertEqual("".join(r or "" for r in reasoning), "Hm.")
+        self.assertEqual(self.attempts()[1][2], "restart")
+
+    def test_untracked_delta_not_resumed(self) -> None:
+        """A stream whose deltas carried a member resume does not follow
+        (audio) is not resumed: a continuation would repeat or lose it."""
+        client = self.stream()
+        self.respond(
+            self.calls[0],
+            chunk({**ROLE, "audio": None}),
+            chunk({"audio": {"id": "audio_1", "data": "UklG"}}),
+            text("Hel"),
+        ).fail()
+        self.assertEqual(len(self.calls), 1)
+        got = events(client.reply())
+        self.assertIn("upstream stream failed", got[-1]["error"]["message"])
+
+    def test_several_choices_not_resumed(self) -> None:
+        """A request for several choices (n > 1) is not resumed, even when
+        the break came before any choice but the first was seen."""
+        client = self.stream(n=2)
+        self.respond(self.calls[0], chunk(ROLE), text("Hel")).fail()
+        self.assertEqual(len(self.calls), 1)
+        got = events(client.reply())
+        self.assertIn("upstream stream failed", got[-1]["error"]["message"])
 
     def test_resume_off_is_skipped(self) -> None:
         """A candidate with resume: off does not continue a stream; the

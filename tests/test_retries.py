@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import calendar
+import os
 import random
+import time
 from email.utils import formatdate
 
 from prometheus_client import generate_latest
@@ -13,8 +16,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from oaproxy.circuits import CircuitState
+from oaproxy.circuits import retry_after as circuit_retry_after
 from oaproxy.config import ConfigError, ResumeMode
 from oaproxy.errorcodes import CONTEXT_LENGTH_EXCEEDED, CONTEXT_LENGTH_MESSAGES, error_code
+from oaproxy.record import FailureKind
 from oaproxy.upstreamclient import NoResponse
 from tests.doubles import WALL_TIME, Harness, Scrape, make_config
 from tests.payloads import compact
@@ -73,6 +78,25 @@ class RetryAfterTests(RetryCase):
         self.h.clock.advance(0.1)
         self.assertEqual(self.hosts(), ["a", "a"])
 
+    def test_retry_after_date_without_zone_is_gmt(self) -> None:
+        """An HTTP date without a zone (or with -0000) is read as GMT, not
+        as the machine's local time."""
+        before = os.environ.get("TZ")
+
+        def restore() -> None:
+            if before is None:
+                os.environ.pop("TZ", None)
+            else:
+                os.environ["TZ"] = before
+            time.tzset()
+
+        self.addCleanup(restore)
+        os.environ["TZ"] = "Asia/Tokyo"
+        time.tzset()
+        at = calendar.timegm((2026, 1, 1, 0, 0, 0))
+        for value in ("Thu, 01 Jan 2026 00:00:03", "Thu, 01 Jan 2026 00:00:03 -0000"):
+            self.assertEqual(circuit_retry_after(value, at), 3.0)
+
     def test_retry_after_too_long_leaves_and_tells_the_breaker(self) -> None:
         """A Retry-After over max_retry_after leaves the upstream at once,
         and its circuit is held open: the next request starts at b."""
@@ -94,6 +118,23 @@ class RetryAfterTests(RetryCase):
         self.h.clock.advance(25)
         self.calls[0].respond(503, body=b"{}", headers=retry_after("6"))
         self.assertEqual(self.hosts(), ["a", "b"])
+
+    def test_retry_has_what_is_left_of_the_deadline(self) -> None:
+        """A retry is under what is left of its upstream's deadline: a 503
+        at 29 s of a 30 s timeout, a silent retry, and b is tried at 30 s."""
+        client = self.h.chat()
+        self.h.clock.advance(29)
+        self.calls[0].respond(503, body=b"{}")
+        self.h.clock.advance(0.5)
+        self.assertEqual(self.hosts(), ["a", "a"])
+        self.h.clock.advance(0.49)
+        self.assertEqual(self.hosts(), ["a", "a"])
+        self.h.clock.advance(0.01)
+        self.assertEqual(self.hosts(), ["a", "a", "b"])
+        self.calls[2].respond(200, body=b"{}")
+        self.assertEqual(client.reply().status, 200)
+        [record] = self.h.records
+        self.assertEqual(record.attempts[1].failure, FailureKind.TIMEOUT)
 
 
 class BackoffTests(RetryCase):

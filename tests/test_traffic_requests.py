@@ -19,6 +19,7 @@ from oaproxy.record import (
     record_document,
     record_from_document,
 )
+from oaproxy.traffic import request_limits
 from oaproxy.traffic.headers import openai_duration, retry_after
 from oaproxy.traffic.rediscounters import REDIS_TIMEOUT
 from oaproxy.traffic.routes import RouteTable
@@ -243,6 +244,23 @@ upstreams:
         )
         other = self.served(self.h.chat(model="open-model", key=None, peer="10.0.0.2"))
         self.assertEqual(other.reply().status, 200)
+
+    def test_addresses_past_the_plans_kept_still_count(self) -> None:
+        """The checks made per address are let go past PLANS_KEPT (addresses
+        are without number); an address seen before still counts as before."""
+        config = self.config.replace('global: "3/minute"', 'per_key: "1/minute"')
+        self.h = Harness(config)
+        self.patch(request_limits, "PLANS_KEPT", 3)
+        self.served(self.h.chat(model="open-model", key=None, peer="10.0.0.1"))
+        for last in range(2, 6):
+            peer = f"10.0.0.{last}"
+            self.assertEqual(
+                self.served(self.h.chat(model="open-model", key=None, peer=peer)).reply().status,
+                200,
+            )
+        self.assertEqual(
+            self.h.chat(model="open-model", key=None, peer="10.0.0.1").reply().status, 429
+        )
 
 
 class FixedWindowTests(Limited):

@@ -213,10 +213,7 @@ class ResponseCache(Observer):
         # whatever max_entry_bytes allows.
         if body is None or len(body) > self._max_entry_bytes:
             return None
-        try:
-            answer = json.loads(body)
-        except (ValueError, RecursionError):
-            return None
+        answer = exchange.answer_document()
         # Some OpenAI-compatible servers say 200 with an error body.
         return body if isinstance(answer, dict) and "error" not in answer else None
 

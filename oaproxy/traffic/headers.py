@@ -53,13 +53,19 @@ def longest_wait(readings: Sequence[Reading]) -> Reading:
     return max(readings, key=lambda r: math.inf if r.wait is None else r.wait)
 
 
+# The three header names of each kind of limit, made once.
+_RATE_HEADERS = {
+    what: tuple(f"x-ratelimit-{part}-{what}".encode() for part in ("limit", "remaining", "reset"))
+    for what in ("requests", "tokens")
+}
+
+
 def set_rate_headers(headers: Headers, what: str, reading: Reading) -> None:
     """The three ``x-ratelimit-*-{what}`` headers (``requests`` or ``tokens``)."""
-    headers.setRawHeaders(b"x-ratelimit-limit-" + what.encode(), [b"%d" % reading.limit])
-    headers.setRawHeaders(b"x-ratelimit-remaining-" + what.encode(), [b"%d" % reading.remaining])
-    headers.setRawHeaders(
-        b"x-ratelimit-reset-" + what.encode(), [openai_duration(reading.reset).encode()]
-    )
+    limit, remaining, reset = _RATE_HEADERS[what]
+    headers.setRawHeaders(limit, [b"%d" % reading.limit])
+    headers.setRawHeaders(remaining, [b"%d" % reading.remaining])
+    headers.setRawHeaders(reset, [openai_duration(reading.reset).encode()])
 
 
 def set_retry_after(headers: Headers, seconds: float | None) -> None:

@@ -16,7 +16,7 @@ from attrs import frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
-from oaproxy.config import Limits, Rate
+from oaproxy.config import Limits, Rate, WindowStrategy
 from oaproxy.errors import ErrorAnswer
 from oaproxy.pipeline import Arrival, Verdict
 from oaproxy.record import LimitKind, LimitRefusal, LimitScope
@@ -42,6 +42,12 @@ class _Check:
     whose: str  # for the message: "for this key on /v1/chat/completions"
 
 
+# A request's checks, and their charges when they hold for any time.
+_Plan = tuple[tuple[_Check, ...], tuple[Charge, ...] | None]
+#: Plans kept (per caller and route) before they are all let go.
+PLANS_KEPT = 10_000
+
+
 class RequestLimits:
     """The head gate of every request rate of one config."""
 
@@ -59,26 +65,51 @@ class RequestLimits:
         self._counters = counters
         self._trouble = trouble
         self._clock = clock
+        self._plans: dict[object, _Plan] = {}
 
     def __call__(self, arrival: Arrival) -> Verdict | Deferred[Verdict]:
-        checks = self._checks(arrival)
+        checks, charges = self._planned(arrival)
         if not checks:
             return None
-        now = self._clock.seconds()
-        charges = [Charge(rate_counter(c.key, c.rate, self._strategy, now), 1) for c in checks]
+        if charges is None:
+            # Fixed windows: each counter is named by the window it is in.
+            now = self._clock.seconds()
+            charges = tuple(
+                Charge(rate_counter(c.key, c.rate, self._strategy, now), 1) for c in checks
+            )
         return self._trouble.checked(
             self._counters.acquire(charges),
             lambda admission: self._decide(arrival, checks, admission),
         )
 
-    def _checks(self, arrival: Arrival) -> list[_Check]:
+    def _planned(self, arrival: Arrival) -> _Plan:
+        """The checks of a request, and their charges where those do not
+        change with time (moving windows): made once per caller and route."""
+        key = arrival.caller.key
+        route = self._routes.match(arrival.path) if arrival.path is not None else None
+        caller = ("key", key.name, key.rate_limit) if key is not None else ("ip", arrival.client_ip)
+        memo = (caller, route[0] if route is not None else None)
+        plan = self._plans.get(memo)
+        if plan is None:
+            if len(self._plans) >= PLANS_KEPT:
+                # Callers by client IP are without number: start again.
+                self._plans.clear()
+            checks = tuple(self._checks(arrival, route))
+            charges = None
+            if self._strategy is WindowStrategy.MOVING:
+                charges = tuple(
+                    Charge(rate_counter(c.key, c.rate, self._strategy, 0.0), 1) for c in checks
+                )
+            plan = self._plans[memo] = (checks, charges)
+        return plan
+
+    def _checks(self, arrival: Arrival, route: tuple[str, tuple[Rate, ...]] | None) -> list[_Check]:
         checks = [
             _Check("limits:requests:global", rate, LimitScope.GLOBAL, "for all requests")
             for rate in self._global
         ]
         key = arrival.caller.key
         per_key = self._per_key if key is None or key.rate_limit is None else key.rate_limit
-        route = self._routes.match(arrival.path) if arrival.path is not None else None
         if not per_key and route is None:
             return checks
         if key is not None:
