@@ -16,6 +16,7 @@ from oaproxy.config import Price
 from oaproxy.inspection import content_texts, media_type, parse_json
 from oaproxy.multipart import describe_multipart
 from oaproxy.record import JSONObject, Usage
+from oaproxy.sse import parse_event
 
 _COMPACT = (",", ":")
 
@@ -375,25 +376,6 @@ class _Assembler:
             error=self.error,
             texts=texts,
         )
-
-
-# The last event's data and what it parsed to. A stream that a cache miss
-# stores goes through two captures, the record's and the cache's, each given
-# the same bytes object in turn: the second finds its parse here, and one
-# parse serves both. Only the reactor's thread captures; the parsed values
-# are read, never changed, by the captures.
-_last_event: list[Any] = [None, None]
-
-
-def parse_event(data: bytes | str) -> Any:
-    """``parse_json`` of one SSE event's data, once for consecutive captures
-    of the same event."""
-    last = _last_event
-    if data is last[0]:
-        return last[1]
-    parsed = parse_json(data)
-    last[0], last[1] = data, parsed
-    return parsed
 
 
 class StreamCapture:

@@ -15,7 +15,11 @@ Twisted and treq).
 Twisted's ``Agent`` builds a new ``HostnameEndpoint`` for every request (IDNA
 encoding the host each time) and, for https, a new TLS client context with the
 platform's trust roots loaded again; a proxy sends many requests to few hosts,
-so endpoints are made once per (proxy, scheme, host, port) and reused.
+so endpoints are made once per (proxy, scheme, host, port) and reused. An
+upstream (or proxy) named by an IP address is connected to with a plain TCP
+endpoint: ``HostnameEndpoint`` would still resolve it in the thread pool and
+race its connection attempts, about a fifth of the cost of a stream's
+request when a thousand open at once.
 """
 
 from __future__ import annotations
@@ -23,7 +27,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.error import SchemeNotSupported
@@ -74,8 +84,17 @@ class ReusedEndpoints:
             endpoint = self._endpoints[key] = self._make_through(proxy, uri)
         return endpoint
 
+    def _tcp(self, host: str, port: int) -> IStreamClientEndpoint:
+        """Connections to ``host``: resolved (and raced over its addresses)
+        only when it is a name."""
+        if isIPAddress(host):
+            return TCP4ClientEndpoint(self._reactor, host, port)
+        if isIPv6Address(host):
+            return TCP6ClientEndpoint(self._reactor, host, port)
+        return HostnameEndpoint(self._reactor, host, port)
+
     def _make(self, uri: URI) -> IStreamClientEndpoint:
-        plain = HostnameEndpoint(self._reactor, uri.host.decode("ascii"), uri.port)
+        plain = self._tcp(uri.host.decode("ascii"), uri.port)
         if uri.scheme == b"http":
             return plain
         if uri.scheme == b"https":
@@ -83,7 +102,7 @@ class ReusedEndpoints:
         raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
 
     def _make_through(self, proxy: HTTPProxy, uri: URI) -> IStreamClientEndpoint:
-        to_proxy = HostnameEndpoint(self._reactor, proxy.host, proxy.port)
+        to_proxy = self._tcp(proxy.host, proxy.port)
         if uri.scheme == b"http":
             return ProxyEndpoint(to_proxy, proxy)
         if uri.scheme == b"https":

@@ -253,9 +253,14 @@ class StreamRelay(Protocol):
         self._ended = False
         self._paused = False
         self._saw_done = False
-        self._held: list[bytes] = []
+        # Events before the commit, with their data.
+        self._held: list[tuple[bytes, bytes | None]] = []
         self._held_bytes = 0
+        # One timer per attempt for idleness, pushed back lazily: progress
+        # only notes its time, and the timer, when it fires, waits again for
+        # whatever is left since then (no timer moved per event).
         self._idle: IDelayedCall | None = None
+        self._progress = 0.0
         # The upstream is paused while the client is (_paused) or while the
         # pacer holds events back (_pace_holding).
         self._upstream_paused = False
@@ -275,8 +280,7 @@ class StreamRelay(Protocol):
         if self._ended:
             return
         if self._splitter is None:
-            if self._idle is not None:
-                self._idle.reset(self._idle_timeout)
+            self._progress = self._clock.seconds()
             self._write(data)
             return
         try:
@@ -290,22 +294,23 @@ class StreamRelay(Protocol):
         """Hold, or pass on, whole events just split off the stream."""
         if not events:
             return
+        read = [(event, event_data(event)) for event in events]
         if not self._committed:
             # Comments and keep-alives (OpenRouter's ": OPENROUTER PROCESSING")
             # carry no data: held until the first real event, so an upstream
             # that only keeps the connection alive can still be failed over.
-            self._held.extend(events)
-            if all(event_data(e) is None for e in events):
+            self._held.extend(read)
+            if all(data is None for _, data in read):
                 self._held_bytes += sum(map(len, events))
                 if self._held_bytes > self._max_event_bytes:
                     self._too_large(f"over {self._max_event_bytes} bytes before the first event")
                 return
-            events, self._held = self._held, []
-        elif self._idle is not None and any(event_data(e) is not None for e in events):
-            self._idle.reset(self._idle_timeout)
+            read, self._held = self._held, []
+        elif any(data is not None for _, data in read):
+            self._progress = self._clock.seconds()
         passed = []
-        for event in events:
-            out = self._pass_on(event)
+        for event, data in read:
+            out = self._pass_on(event, data)
             if self._ended:
                 # The follower saw the stream break (or diverge).
                 return
@@ -321,9 +326,9 @@ class StreamRelay(Protocol):
         elif events:
             self._write(b"".join(events))
 
-    def _pass_on(self, event: bytes) -> bytes | None:
-        """The event as it goes to the client; None: left out."""
-        data = event_data(event)
+    def _pass_on(self, event: bytes, data: bytes | None) -> bytes | None:
+        """The event (whose data is ``data``) as it goes to the client; None:
+        left out."""
         if data is None:
             return event
         if data == b"[DONE]":
@@ -370,6 +375,7 @@ class StreamRelay(Protocol):
     def _start(self) -> None:
         self._committed = True
         self._commit()
+        self._progress = self._clock.seconds()
         self._idle = self._clock.callLater(self._idle_timeout, self._idle_expired)
         # The relay, not the transport, is the client's producer: while the
         # client holds the upstream paused, the silence is not the upstream's.
@@ -404,16 +410,15 @@ class StreamRelay(Protocol):
 
     def _paced_write(self, data: bytes) -> None:
         # The upstream is silent because the pacer holds it: not idle.
-        if not self._paused and self._idle is not None and self._idle.active():
-            self._idle.reset(self._idle_timeout)
+        if not self._paused:
+            self._progress = self._clock.seconds()
         self._write(data)
 
     def _restart_timer(self) -> None:
         if self._ended:
             return
-        if self._idle is not None and self._idle.active():
-            self._idle.reset(self._idle_timeout)
-        else:
+        self._progress = self._clock.seconds()
+        if self._idle is None:
             self._idle = self._clock.callLater(self._idle_timeout, self._idle_expired)
 
     def stopProducing(self) -> None:
@@ -473,6 +478,11 @@ class StreamRelay(Protocol):
             self._pacer.when_drained(lambda: self._end(failure))
 
     def _idle_expired(self) -> None:
+        quiet = self._clock.seconds() - self._progress
+        if quiet < self._idle_timeout:
+            # There was progress since the timer was set: wait the rest.
+            self._idle = self._clock.callLater(self._idle_timeout - quiet, self._idle_expired)
+            return
         self._idle = None
         self._abort_upstream()
         if self._paused:

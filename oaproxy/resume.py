@@ -25,6 +25,7 @@ from typing import Any
 from attrs import define, field
 
 from oaproxy.config import ResumeMode, Upstream
+from oaproxy.sse import event_json, parse_event
 
 
 class StreamKind(Enum):
@@ -172,6 +173,11 @@ class StreamFollower:
 
     Only when a break would be continued (``can_resume``) is an upstream's
     error event a break; else it is passed on as it came.
+
+    A first attempt's events are only read, from the parse the record's
+    capture reads too (``parse_event``: one parse per event, and the texts
+    kept here are the capture's own strings, not copies); a continuation's
+    are parsed afresh, as they are rewritten.
     """
 
     def __init__(self, state: ResumeState, how: ResumeMode | None) -> None:
@@ -208,10 +214,8 @@ class StreamFollower:
         if self._state.over and self._how is None:
             # Too long to be resumed: the first attempt's events need not be read.
             return event, data
-        try:
-            chunk = json.loads(data)
-        except (ValueError, RecursionError):
-            chunk = None
+        # A continuation's chunk is changed: a parse of its own.
+        chunk = parse_event(data) if self._how is None else event_json(data)
         if not isinstance(chunk, dict):
             return event, data
         error = chunk.get("error")
@@ -258,8 +262,10 @@ class StreamFollower:
         else:
             text = choice.get("text")
             if isinstance(text, str):
-                choice["text"] = self._take(CONTENT, text)
-                carries = bool(choice["text"])
+                taken = self._take(CONTENT, text)
+                if self._how is not None:
+                    choice["text"] = taken
+                carries = bool(taken)
         finish = choice.get("finish_reason")
         if finish is not None:
             if any(self._skip.values()):
@@ -284,20 +290,25 @@ class StreamFollower:
             if channel is REFUSAL:
                 state.tools_or_refusal = True
             taken = self._take(channel, piece)
-            if taken or self._how is None:
+            if self._how is None:
+                continue
+            if taken:
                 delta[name] = taken
             else:
                 del delta[name]
         calls = delta.get("tool_calls")
         if isinstance(calls, list):
             state.tools_or_refusal = True
-            delta["tool_calls"] = [
+            kept = [
                 call
                 for position, call in enumerate(calls)
                 if not isinstance(call, dict) or self._call(call, position)
             ]
-            if not delta["tool_calls"] and self._how is not None:
-                del delta["tool_calls"]
+            if self._how is not None:
+                if kept:
+                    delta["tool_calls"] = kept
+                else:
+                    del delta["tool_calls"]
         function = delta.get("function_call")
         if isinstance(function, dict):
             state.tools_or_refusal = True
@@ -334,11 +345,12 @@ class StreamFollower:
         arguments = function.get("arguments")
         if isinstance(arguments, str):
             taken = self._take(channel, arguments)
-            if taken or self._how is None:
-                function["arguments"] = taken
-            else:
-                del function["arguments"]
-        if call is not None and not function and "function" in call:
+            if self._how is not None:
+                if taken:
+                    function["arguments"] = taken
+                else:
+                    del function["arguments"]
+        if call is not None and self._how is not None and not function and "function" in call:
             del call["function"]
         left = set(head) - {"index"}
         return bool(left) or bool(function)

@@ -10,6 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy import capture, exchange
+from oaproxy import sse as sse_module
 from oaproxy.cache.keys import cache_key, namespace
 from oaproxy.cache.replay import StreamedAnswer, stream_from_completion
 from oaproxy.cache.stores import MemoryStore
@@ -629,13 +630,13 @@ class ReplayTests(SynchronousTestCase):
         """A stream's event fed to the record's capture and the cache's answer
         is parsed once, and both get all of it."""
         parses: list[bytes | str] = []
-        real = capture.parse_json
+        real = sse_module.event_json
 
         def counted(data: bytes | str) -> Any:
             parses.append(data)
             return real(data)
 
-        self.patch(capture, "parse_json", counted)
+        self.patch(sse_module, "event_json", counted)
         record = capture.StreamCapture(1000)
         answer = StreamedAnswer(1000)
         events = [chunk({"role": "assistant", "content": "Hi"}), chunk({"content": " there"})]

@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from oaproxy import service as service_module
 from oaproxy.config import load_config
-from oaproxy.heap import freeze_heap
+from oaproxy.heap import YOUNG_COLLECTION, freeze_heap
 from oaproxy.service import ProxyService
 from oaproxy.tap import Options, makeService
 from tests.live import reactor, write_yaml
@@ -28,6 +28,15 @@ class Cycle:
 class FreezeHeapTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.addCleanup(gc.unfreeze)
+        self.addCleanup(gc.set_threshold, *gc.get_threshold())
+
+    def test_young_collections_made_rarer(self) -> None:
+        """After the freeze the young generation is collected every
+        YOUNG_COLLECTION allocations; the older generations' thresholds
+        stay as they were."""
+        gc.set_threshold(700, 10, 10)
+        freeze_heap()
+        self.assertEqual(gc.get_threshold(), (YOUNG_COLLECTION, 10, 10))
 
     def test_freezes(self) -> None:
         """What lives now is frozen, out of the collector's sight."""

@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource, server
@@ -22,6 +23,7 @@ from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 
 from oaproxy.outbound import CACHED_CONNECTION_TIMEOUT, MAX_PERSISTENT_PER_HOST, ReusedEndpoints
+from oaproxy.upstreamclient import HTTPProxy
 from tests.doubles import Reply, parse_reply
 from tests.live import EndToEndCase, chat, reactor
 from tests.payloads import CLIENT_KEY, raw_chat_request, upstream
@@ -230,6 +232,25 @@ class ReusedEndpointsTests(SynchronousTestCase):
         self.assertEqual(len({id(a), id(c), id(d)}), 3)
         self.assertIsInstance(c, HostnameEndpoint)
         self.assertNotIsInstance(a, HostnameEndpoint)  # wrapped in TLS
+
+    def test_ip_literals_connect_without_resolving(self) -> None:
+        """An upstream or proxy named by an IPv4 or IPv6 address is connected
+        to at once, with no name resolution (a host name still is resolved)."""
+        memory = MemoryReactorClock()
+        endpoints = ReusedEndpoints(memory)
+        for url in (b"http://127.0.0.1:8080/v1", b"https://[::1]:8443/v1"):
+            endpoints.endpointForURI(URI.fromBytes(url)).connect(Factory.forProtocol(Protocol))
+        proxy = HTTPProxy("10.0.0.9", 3128)
+        endpoints.endpointThroughProxy(proxy, URI.fromBytes(b"http://api.example/v1")).connect(
+            Factory.forProtocol(Protocol)
+        )
+        self.assertEqual(
+            [(host, port) for host, port, *_ in memory.tcpClients],
+            [("127.0.0.1", 8080), ("::1", 8443), ("10.0.0.9", 3128)],
+        )
+        self.assertIsInstance(
+            endpoints.endpointForURI(URI.fromBytes(b"http://api.example:80/v1")), HostnameEndpoint
+        )
 
     def test_other_schemes_refused(self) -> None:
         """A scheme other than http and https is refused."""

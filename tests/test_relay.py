@@ -185,6 +185,28 @@ class StreamEndTests(SynchronousTestCase):
         self.assertEqual(self.client.reply().body, ROLE + CONTENT)
         self.assertEqual(self.h.record()["outcome"], "ok")
 
+    def test_idle_timer_counts_from_the_last_event_without_moving(self) -> None:
+        """Events hold the stream's idle timeout off without a timer moved or
+        made per event; the stream ends stream_idle_timeout after its last
+        event with data (a keep-alive comment is no progress)."""
+        timers = [(call, call.getTime()) for call in self.h.clock.getDelayedCalls()]
+        for _ in range(19):
+            self.h.clock.advance(1)
+            self.response.write(CONTENT)
+        self.assertEqual(
+            [(call, call.getTime()) for call in self.h.clock.getDelayedCalls()], timers
+        )
+        # Due once the first time: it waits again for what is left.
+        self.h.clock.advance(11)
+        self.response.write(CONTENT)
+        self.response.write(b": keep-alive\n\n")
+        self.h.clock.advance(19)
+        self.assertEqual(self.response.transport.events, [])
+        self.h.clock.advance(1)
+        self.assertEqual(self.response.transport.events, ["stop"])
+        # The idle stream is continued on the second upstream.
+        self.assertEqual(len(self.h.agent.calls), 2)
+
     def test_data_after_the_end_is_ignored(self) -> None:
         """Bytes that reach the relay after the body ended are not written to the client."""
         self.response.write(DONE)

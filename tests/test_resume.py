@@ -15,7 +15,11 @@ from prometheus_client import generate_latest
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaproxy import resume
+from oaproxy import sse as sse_module
+from oaproxy.capture import StreamCapture
+from oaproxy.config import ResumeMode
 from oaproxy.record import FailureKind, Outcome, record_document, record_from_document
+from oaproxy.resume import ResumeState, StreamFollower, StreamKind
 from tests.doubles import AgentCall, FakeResponse, Harness, Reply, Scrape
 from tests.payloads import chunk_data, compact, sse, usage_chunk
 
@@ -556,4 +560,58 @@ class StoredFormTests(ResumeCase):
         again = record_from_document(json.loads(json.dumps(document)))
         self.assertEqual(
             [(a.resumed, a.resumed_at) for a in again.attempts], [(None, None), ("prefill", 3)]
+        )
+
+
+class FollowerParseTests(SynchronousTestCase):
+    """What following costs an event: on a first attempt, nothing more than
+    the record's capture pays."""
+
+    def follow(self, how: ResumeMode | None) -> tuple[list[Any], list[Any]]:
+        """Feed one tool-call chunk and one text chunk through a follower,
+        then the record's capture; the parses made, and what the follower
+        passed on."""
+        parses: list[Any] = []
+        real = sse_module.event_json
+
+        def counted(data: bytes | str) -> Any:
+            parses.append(data)
+            return real(data)
+
+        self.patch(sse_module, "event_json", counted)
+        state = ResumeState(StreamKind.CHAT, continuable=lambda: True)
+        state.tool_heads.add(0)
+        follower = StreamFollower(state, how)
+        record = StreamCapture(1000)
+        calls = [{"index": 0, "id": "call_1", "function": {"name": "f", "arguments": "{}"}}]
+        passed = []
+        for delta in ({"role": "assistant", "tool_calls": calls}, {"content": "Hi"}):
+            data = chunk_data(delta, usage=None)
+            followed = follower.rewrite(b"data: " + data + b"\n\n", data)
+            assert followed is not None
+            passed.append(json.loads(followed[1]))
+            record.feed(followed[1])
+            # The parse the follower read (and the capture after it) is unchanged.
+            self.assertEqual(sse_module.parse_event(followed[1]), json.loads(followed[1]))
+        self.assertEqual(record.result().text, "Hi")
+        return parses, passed
+
+    def test_first_attempt_shares_the_records_parse(self) -> None:
+        """A first attempt's follower reads each event from the parse the
+        record's capture reads too, and passes it on as it came."""
+        parses, passed = self.follow(None)
+        self.assertEqual(len(parses), 2)
+        self.assertEqual(passed[0]["choices"][0]["delta"]["role"], "assistant")
+
+    def test_continuation_parses_what_it_rewrites(self) -> None:
+        """A continuation rewrites a parse of its own (no second role, no
+        second tool call head); the capture parses the rewritten event."""
+        parses, passed = self.follow(ResumeMode.PREFILL)
+        # The capture's parses, of the rewritten events (the follower's own
+        # are not shared, so not counted here).
+        self.assertEqual(len(parses), 2)
+        self.assertNotIn(b'"role"', b"".join(parses))
+        self.assertEqual(
+            passed[0]["choices"][0]["delta"],
+            {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]},
         )

@@ -123,6 +123,18 @@ class SplitterTests(SynchronousTestCase):
         splitter = SSESplitter()
         self.assertEqual(splitter.feed(b"\ndata: a\n\n\r\n"), [b"\n", b"data: a\n\n", b"\r\n"])
 
+    def test_a_read_of_one_whole_event_is_not_copied(self) -> None:
+        """With nothing pending, a read that is one whole event comes back
+        as it is; a read that ends inside an event leaves that part pending
+        and the next read completes it."""
+        splitter = SSESplitter()
+        event = b'data: {"x": 1}\n\n'
+        self.assertIs(splitter.feed(event)[0], event)
+        self.assertEqual(splitter.feed(event + b"data: y"), [event])
+        self.assertEqual(splitter.pending(), b"data: y")
+        self.assertEqual(splitter.feed(b"\n\n" + event), [b"data: y\n\n", event])
+        self.assertEqual(splitter.pending(), b"")
+
     def test_byte_at_a_time(self) -> None:
         """Fed one byte at a time, the splitter finds every event and loses no byte."""
         data = b"".join(b'data: {"i": %d}\r\n\r\n' % i for i in range(200)) + b": tail"

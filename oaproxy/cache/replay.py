@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from oaproxy.capture import StreamCapture, parse_event
+from oaproxy.capture import StreamCapture
 from oaproxy.record import usage_document
+from oaproxy.sse import parse_event
 
 CHAT = "chat.completion"
 CHAT_CHUNK = "chat.completion.chunk"
