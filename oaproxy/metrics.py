@@ -4,9 +4,9 @@ One ``Metrics`` object per process owns a private ``CollectorRegistry``: tests
 build as many as they like and a config reload keeps the same object (see
 ``Metrics.update_labels``), so collectors are registered exactly once.
 
-The forwarder calls ``Metrics.request_started`` when a client request arrives
-and ``Metrics.request_finished`` with its ``Record`` when it is done;
-everything per request is derived from the record. Every label value is
+The metrics observer (``oaproxy.observers``) calls ``Metrics.request_started``
+when a client request arrives and ``Metrics.request_finished`` with its
+``Record`` when it is done; everything per request is derived from the record. Every label value is
 bounded: models, routes and upstreams outside the configured or well-known
 sets are counted as ``"other"``, so no client can create new time series by
 sending made-up names.
@@ -458,10 +458,6 @@ class Metrics:
         else ``"other"``.
         """
         return _bounded(upstream, self._upstreams)
-
-    def route_label(self, path: str) -> str:
-        """Return the bounded route of ``path``; see the module's ``route_label``."""
-        return route_label(path)
 
     def request_started(self, stream: bool) -> ActiveRequest:
         """Count a client request as active (and as an active stream when it

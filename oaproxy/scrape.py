@@ -21,8 +21,8 @@ class MetricsResource(Resource):
     scraper asks for it), optionally behind a bearer key.
 
     ``metrics_key`` is the key scrapers must send as
-    ``Authorization: Bearer <key>``, or ``None`` for an open endpoint.
-    Assignable on reload.
+    ``Authorization: Bearer <key>``, or ``None`` for an open endpoint; each
+    generation builds its own resource with the config's key.
     """
 
     isLeaf = True
