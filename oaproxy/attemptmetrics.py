@@ -45,10 +45,12 @@ class AttemptCounters:
         )
 
     def count(self, record: Record) -> None:
+        """Count the resumes and retries among a finished request's attempts."""
         for attempt in record.attempts:
+            if attempt.resumed is None and attempt.retried is None:
+                continue
+            upstream = self._upstream_label(attempt.upstream)
             if attempt.resumed is not None:
-                upstream = self._upstream_label(attempt.upstream)
                 self._resumes.inc((upstream, attempt.resumed, resume_result(attempt)))
             if attempt.retried is not None:
-                upstream = self._upstream_label(attempt.upstream)
                 self._retries.inc((upstream, attempt.retried))
