@@ -19,6 +19,8 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from oaproxy.sinks.redis import RedisAddress
 
@@ -40,6 +42,8 @@ class LuaScript:
 class SharedRedis(Service):
     """A reconnecting connection to the shared Redis, started and stopped
     with the daemon (and replaced on a reload that changes ``redis:``)."""
+
+    log = Logger()
 
     def __init__(
         self, url: str, prefix: str, reactor: Any, *, connect_timeout: float = 5.0
@@ -74,6 +78,9 @@ class SharedRedis(Service):
             username=address.username,
         )
         factory.reconnect = True
+        # Said once: when the first connection is up (what limits and the
+        # cache wait for), or why there will be none (a refused AUTH/SELECT).
+        factory.deferred.addCallbacks(self._connected, self._refused)
         # Reconnect within a few seconds of Redis coming back.
         factory.maxDelay = 5
         factory.startConnecting(
@@ -82,6 +89,21 @@ class SharedRedis(Service):
             )
         )
         self._factory = factory
+
+    def _connected(self, handler: object) -> None:
+        self.log.info(
+            "shared Redis connected at {host}:{port}",
+            host=self.address.host,
+            port=self.address.port,
+        )
+
+    def _refused(self, failure: Failure) -> None:
+        self.log.error(
+            "shared Redis at {host}:{port} refused the connection: {why}",
+            host=self.address.host,
+            port=self.address.port,
+            why=failure.getErrorMessage(),
+        )
 
     def stopService(self) -> Deferred[object] | None:
         super().stopService()

@@ -16,7 +16,7 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -38,7 +38,6 @@ from oaproxy.workers import (
 )
 from tests.doubles import capture_log, make_config
 from tests.live import (
-    POLL,
     SHARED_REDIS,
     free_port,
     reactor,
@@ -395,7 +394,7 @@ class LiveWorkersTests(DaemonCase):
         await self.serving(daemon, port)
         await daemon.wait_for("oaproxy started\n", count=2, timeout=30)
         # Closed: a 503 while a worker's Redis connection is not up yet.
-        await deferLater(reactor, POLL * 20, lambda: None)
+        await daemon.wait_for("shared Redis connected at", count=2, timeout=30)
         statuses = await self.many(port, 12)
         self.assertEqual(sorted(statuses), [200] * 5 + [429] * 7, daemon.text)
         await wait_for(lambda: sum(self.stored_pids().values()) == 12, timeout=30)
