@@ -579,6 +579,9 @@ class TwoDaemonsTests(LiveCase):
             )
             await wait_for(lambda port=port: reachable("127.0.0.1", port), timeout=20)  # type: ignore[misc]
             await daemon.wait_for("oaproxy started")
+            # The circuits are read from Redis once it is up; before, each
+            # daemon keeps its own.
+            await daemon.wait_for("shared Redis connected at")
         self.addCleanup(self._forget, prefix)
         agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
 
