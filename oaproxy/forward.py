@@ -193,16 +193,17 @@ class Forwarder:
                 attempt.failed(FailureKind.TIMEOUT, str(e))
                 self._end_attempt(exchange, attempt)
                 continue
-            except StaleConnection as e:
-                attempt.failed(FailureKind.STALE_CONNECTION, e.reason)
-                self._end_attempt(exchange, attempt)
-                tries.appendleft(evolve(current, resent=e.reason))
-                continue
             except Exception as e:  # noqa: BLE001 - any failed attempt means the next upstream
                 if exchange.client_gone or isinstance(e, CancelledError):
                     exchange.client_disconnected(attempt)
                     self._end_attempt(exchange, attempt)
                     return exchange
+                if isinstance(e, StaleConnection):
+                    # (Never the client's cancel, told as a request not sent.)
+                    attempt.failed(FailureKind.STALE_CONNECTION, e.reason)
+                    self._end_attempt(exchange, attempt)
+                    tries.appendleft(evolve(current, resent=e.reason))
+                    continue
                 attempt.failed(*describe(e, self._words(call)))
                 error = e
             else:
