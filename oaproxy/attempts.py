@@ -1,11 +1,15 @@
 """One attempt of the attempt chain (``oaproxy.forward``): what is tried
-(``Try``), how long it may take, and what ends it early.
+(``Try``), how long it may take (``Deadline``), and what ends it early.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
 from attrs import frozen
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestNotSent
 
@@ -16,6 +20,8 @@ from oaproxy.upstreamclient import NoResponse, retry_on_new_connection
 # Statuses worth another upstream: the upstream (its key, its quota, its
 # health) is the problem. Other 4xx mean the request itself is wrong.
 FAILOVER_STATUSES = frozenset({401, 403, 404, 408, 409, 429})
+
+_T = TypeVar("_T")
 
 
 def fails_over(status: int) -> bool:
@@ -51,6 +57,60 @@ class AttemptTimeout(Exception):
     def __init__(self, deadline: float) -> None:
         super().__init__(f"timeout after {deadline:g}s")
         self.deadline = deadline
+
+
+class Deadline:
+    """One attempt's deadline: one reactor timer that, when it fires,
+    cancels the Deferred the attempt awaits then (``watch``: its upstream
+    request, its body, its stream's first event).
+
+    So the attempt runs in the request's own coroutine: no coroutine of its
+    own to cancel, no ``addTimeout`` around it. Whatever the attempt ends
+    with once the deadline passed (the cancel's own error, or a canceller
+    that made it succeed) it timed out: ``expired`` says so, and a cancel
+    while it has not passed is the client's.
+    """
+
+    __slots__ = ("_awaited", "_timer", "expired", "seconds")
+
+    def __init__(self, clock: IReactorTime, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._awaited: Deferred[Any] | None = None
+        self._timer = clock.callLater(seconds, self._expire)
+
+    async def run(self, attempt: Awaitable[_T]) -> _T:
+        """What ``attempt`` (awaiting through ``watch``) ends with, but
+        ``AttemptTimeout`` once the deadline passed; then the timer is gone."""
+        try:
+            result = await attempt
+        except Exception:
+            if self.expired:
+                raise AttemptTimeout(self.seconds) from None
+            raise
+        finally:
+            self.stop()
+        if self.expired:
+            raise AttemptTimeout(self.seconds)
+        return result
+
+    def watch(self, awaited: Deferred[_T]) -> Deferred[_T]:
+        """``awaited``, which the attempt awaits now, cancelled when the
+        deadline passes (at once when it has passed: the attempt is over)."""
+        self._awaited = awaited
+        if self.expired:
+            awaited.cancel()
+        return awaited
+
+    def stop(self) -> None:
+        self._awaited = None
+        if self._timer.active():
+            self._timer.cancel()
+
+    def _expire(self) -> None:
+        self.expired = True
+        if self._awaited is not None:
+            self._awaited.cancel()
 
 
 def attempt_deadline(upstream: Upstream, stream: bool, last: bool) -> float:

@@ -188,6 +188,25 @@ class Exchange:
         if attempt is not None:
             attempt.failed(failure, f"cancelled: {why}")
 
+    def all_failed(self) -> tuple[int, str]:
+        """No candidate gave an answer to pass on: the status (504 when every
+        attempt timed out, else 502) and the message saying why each failed."""
+        attempts = self.attempts
+        timeouts = all(a.failure is FailureKind.TIMEOUT for a in attempts)
+        reasons = "; ".join(f"{a.upstream}: {a.error}" for a in attempts)
+        return 504 if timeouts else 502, f"All upstreams failed: {reasons}"
+
+    def resuming_failed(self, error: str) -> str:
+        """``error``, why a committed stream broke, with why each attempt
+        to continue it failed."""
+        reasons = "; ".join(
+            # An answer's status is its failure (the record keeps no error for it).
+            f"{a.upstream}: {a.error or f'status {a.status}'}"
+            for a in self.attempts
+            if a.resumed is not None
+        )
+        return f"{error}; resuming failed ({reasons})" if reasons else error
+
     def cut_at_shutdown(self) -> None:
         """Mark the request as cut off by the proxy (still in flight after
         ``shutdown_timeout``), before its connection is aborted."""

@@ -1,7 +1,9 @@
 """The attempt chain: one client request, tried on upstreams one after another.
 
-Every attempt runs under ``Deferred.addTimeout``; cancelling an attempt aborts
-its upstream connection, and a client that goes away cancels the whole chain.
+The chain is one coroutine per request, which awaits each attempt itself
+under one reactor timer (``oaproxy.attempts.Deadline``) that cancels what the
+attempt awaits when it passes; cancelling aborts the upstream connection, and
+a client that goes away cancels the chain, so the attempt under way.
 
 - Non-stream: the deadline covers the response headers and the whole body,
   which is read before anything is written to the client, so an upstream that
@@ -25,7 +27,6 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
-from typing import Any
 
 from attrs import evolve
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
@@ -40,6 +41,7 @@ from twisted.web.server import Request
 
 from oaproxy.attempts import (
     AttemptTimeout,
+    Deadline,
     StaleConnection,
     Try,
     attempt_deadline,
@@ -165,7 +167,7 @@ class Forwarder:
             now = self._clock.seconds()
             started = starts.setdefault(upstream.name, [])
             # A retry has what is left of its upstream's deadline, not a new one.
-            deadline = started[0] + full_deadline - now if current.retried else full_deadline
+            seconds = started[0] + full_deadline - now if current.retried else full_deadline
             started.append(now)
             attempt = AttemptLog(
                 upstream.name,
@@ -182,22 +184,26 @@ class Forwarder:
             error: Exception | None = None
             answer: Answer | None = None
             try:
-                result = await self._attempt(request, exchange, current, attempt, deadline)
+                deadline = Deadline(self._clock, seconds)
+                result = await deadline.run(
+                    self._try_upstream(request, exchange, current, attempt, deadline)
+                )
             except AttemptTimeout as e:
                 # Never retried: a silent upstream is left at once.
                 attempt.failed(FailureKind.TIMEOUT, str(e))
                 self._end_attempt(exchange, attempt)
-                continue
-            except StaleConnection as e:
-                attempt.failed(FailureKind.STALE_CONNECTION, e.reason)
-                self._end_attempt(exchange, attempt)
-                tries.appendleft(evolve(current, resent=e.reason))
                 continue
             except Exception as e:  # noqa: BLE001 - any failed attempt means the next upstream
                 if exchange.client_gone or isinstance(e, CancelledError):
                     exchange.client_disconnected(attempt)
                     self._end_attempt(exchange, attempt)
                     return exchange
+                if isinstance(e, StaleConnection):
+                    # (Never the client's cancel, told as a request not sent.)
+                    attempt.failed(FailureKind.STALE_CONNECTION, e.reason)
+                    self._end_attempt(exchange, attempt)
+                    tries.appendleft(evolve(current, resent=e.reason))
+                    continue
                 attempt.failed(*describe(e, self._words(call)))
                 error = e
             else:
@@ -317,13 +323,7 @@ class Forwarder:
 
     def _end_broken(self, request: Request, exchange: Exchange, broke: RelayFailure) -> None:
         """No candidate continued the broken stream: it ends as it would have."""
-        reasons = "; ".join(
-            # An answer's status is its failure (the record keeps no error for it).
-            f"{a.upstream}: {a.error or f'status {a.status}'}"
-            for a in exchange.attempts
-            if a.resumed is not None
-        )
-        error = f"{broke.error}; resuming failed ({reasons})" if reasons else broke.error
+        error = exchange.resuming_failed(broke.error)
         exchange.outcome = Outcome.STREAM_FAILED
         exchange.error = error
         message = sse_error_event(f"upstream stream failed: {error}")
@@ -371,47 +371,37 @@ class Forwarder:
         if self._on_attempt is not None:
             self._on_attempt(exchange, attempt)
 
-    def _attempt(
+    async def _try_upstream(
         self,
         request: Request,
         exchange: Exchange,
         current: Try,
         attempt: AttemptLog,
-        deadline: float,
-    ) -> Deferred[Answer | Committed]:
-        d = ensureDeferred(self._try_upstream(request, exchange, current, attempt))
-
-        def timed_out(result: Any, timeout: float) -> Any:
-            raise AttemptTimeout(timeout)
-
-        return d.addTimeout(deadline, self._clock, onTimeoutCancel=timed_out)
-
-    async def _try_upstream(
-        self, request: Request, exchange: Exchange, current: Try, attempt: AttemptLog
+        deadline: Deadline,
     ) -> Answer | Committed:
         call = exchange.call
         upstream = current.upstream
         with_usage = current.with_usage
         exchange.usage_added = with_usage and call.inspected.asks_usage_for(upstream)
         sent = call.inspected.body_for(upstream, with_usage=with_usage).edited(*current.splices)
-        response = await self._request(upstream, call, sent, current.resent is not None)
+        response = await self._request(upstream, call, sent, current.resent is not None, deadline)
         attempt.ttfb = self._clock.seconds() - attempt.started
         # The upstream answered: its status is the attempt's, even if the
         # answer then fails before it is passed on.
         attempt.status = status = response.code
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
         if 200 <= status < 300 and content_type.startswith(b"text/event-stream"):
-            return await self._relay(request, exchange, current, response, sse=True)
+            return await self._relay(request, exchange, current, response, deadline, sse=True)
         if 200 <= status < 300 and not call.stream and not _is_document(content_type):
             # Audio, files, images: large and useless to hold; relay as they come.
-            return await self._relay(request, exchange, current, response, sse=False)
+            return await self._relay(request, exchange, current, response, deadline, sse=False)
         collector = BodyCollector(MAX_BUFFERED_RESPONSE if status < 400 else MAX_ERROR_RESPONSE)
         response.deliverBody(collector)
-        body = await collector.finished
+        body = await deadline.watch(collector.finished)
         return Answer(upstream, status, response.phrase, response.headers, body)
 
     async def _request(
-        self, upstream: Upstream, call: Call, body: RequestBody, fresh: bool
+        self, upstream: Upstream, call: Call, body: RequestBody, fresh: bool, deadline: Deadline
     ) -> IResponse:
         url = upstream.url(call.upstream_path)
         headers = upstream_headers(
@@ -425,7 +415,7 @@ class Forwarder:
         agent = client.fresh_agent if fresh else client.agent
         sent = agent.request(call.method, url, headers, body.producer(self._cooperator))
         try:
-            return await sent
+            return await deadline.watch(sent)
         except (RequestNotSent, ResponseNeverReceived) as e:
             # On a new connection the failure is the upstream's doing (it
             # may have acted on the request): not sent again as stale.
@@ -439,6 +429,7 @@ class Forwarder:
         exchange: Exchange,
         current: Try,
         response: IResponse,
+        deadline: Deadline,
         *,
         sse: bool,
     ) -> Committed:
@@ -472,7 +463,7 @@ class Forwarder:
             follower=StreamFollower(state, current.how) if state is not None else None,
         )
         response.deliverBody(relay)
-        await relay.first_event
+        await deadline.watch(relay.first_event)
         return Committed(upstream, response.code, relay)
 
     def _observer(self, exchange: Exchange, current: Try) -> Callable[[bytes], bool] | None:
@@ -564,10 +555,7 @@ class Forwarder:
             # The SDK then raises what the upstream meant (a real 429 or 500).
             await self._send(request, exchange, last)
             return
-        timeouts = all(a.failure is FailureKind.TIMEOUT for a in exchange.attempts)
-        status = 504 if timeouts else 502
-        reasons = "; ".join(f"{a.upstream}: {a.error}" for a in exchange.attempts)
-        message = f"All upstreams failed: {reasons}"
+        status, message = exchange.all_failed()
         body = error_body(
             message,
             type="upstream_error",
