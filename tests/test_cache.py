@@ -3,6 +3,7 @@ through the real site on an in-memory transport, with a ``Clock``."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -368,6 +369,22 @@ class KeyTests(CacheCase):
         self.assertEqual(len(key or ""), 64)
         self.assertEqual(key, cache_key("key:alice", "/v1/embeddings", {"input": "\ud800"}))
         self.assertNotEqual(key, cache_key("key:bob", "/v1/embeddings", {"input": "\ud800"}))
+
+    def test_the_key_stays_what_it_was(self) -> None:
+        """Keys stored in Redis by an earlier oaproxy are still found: the
+        hash of the namespace, the path and the sorted compact JSON, each
+        followed by a NUL."""
+        body = {"z": [1, {"b": "é", "a": None}], "model": "m", "user": "u", "caching": True}
+        canonical = '{"model":"m","z":[1,{"a":null,"b":"\\u00e9"}]}'
+        named = "\0".join(("key:alice", "/v1/chat/completions", canonical, ""))
+        self.assertEqual(
+            cache_key("key:alice", "/v1/chat/completions", body),
+            hashlib.sha256(named.encode()).hexdigest(),
+        )
+        self.assertEqual(
+            cache_key("key:alice", "/v1/chat/completions", body),
+            cache_key("key:alice", "/v1/chat/completions", {"z": body["z"], "model": "m"}),
+        )
 
     def test_routes_match_under_any_prefix(self) -> None:
         """cache.routes are API paths, matched on what follows a route prefix."""
