@@ -8,12 +8,13 @@ not flooded with one event per request.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any, overload
 
 import attrs
-from twisted.logger import ILogObserver, Logger, LogPublisher
+from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher
 
 from oaproxy.capture import (
     CapturedResponse,
@@ -34,6 +35,9 @@ from oaproxy.record import Attempt, CacheResult, JSONObject, LimitRefusal, Recor
 from oaproxy.sinks.queue import RECORD_NAMESPACE
 from oaproxy.web import API_METHODS
 
+#: What the text of a record's event says.
+RECORD_FORMAT = "{record.method} {record.path} {record.status}"
+
 
 class RecordEmitter:
     """Emits records to whichever sinks observe ``publisher``."""
@@ -49,7 +53,20 @@ class RecordEmitter:
         self.publisher.removeObserver(observer)
 
     def emit(self, record: Record) -> None:
-        self._log.info("{record.method} {record.path} {record.status}", record=record)
+        # The event ``self._log.info(RECORD_FORMAT, record=record)`` makes,
+        # made here: Logger.emit checks its level against every level first,
+        # once per request for a level that is always the same.
+        self.publisher(
+            {
+                "record": record,
+                "log_logger": self._log,
+                "log_level": LogLevel.info,
+                "log_namespace": RECORD_NAMESPACE,
+                "log_source": None,
+                "log_format": RECORD_FORMAT,
+                "log_time": time.time(),
+            }
+        )
 
 
 class RecordMaker:

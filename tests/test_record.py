@@ -6,8 +6,11 @@ import json
 import math
 
 import attrs
+from twisted.logger import Logger, LogPublisher, formatEvent
+from twisted.logger import _logger as logger_module
 from twisted.trial.unittest import SynchronousTestCase
 
+from oaproxy import records as records_module
 from oaproxy.record import (
     Attempt,
     BadRecord,
@@ -24,6 +27,8 @@ from oaproxy.record import (
     record_document,
     record_from_document,
 )
+from oaproxy.records import RECORD_FORMAT, RecordEmitter
+from oaproxy.sinks.queue import RECORD_NAMESPACE
 from tests.records import attempt, record, usage
 
 #: A spool line as oaproxy wrote it before records were typed (a failover
@@ -298,3 +303,25 @@ class BadRecordTests(SynchronousTestCase):
     def test_integral_times_read_as_floats(self) -> None:
         """Another writer's integral time is still a time."""
         self.assertEqual(decode_record(self.changed(time=1700000000)).time, 1700000000.0)
+
+
+class RecordEmitterTests(SynchronousTestCase):
+    def test_the_event_is_the_one_a_logger_makes(self) -> None:
+        """The sinks (and any observer) see the event ``Logger.info`` would
+        make of a record: the same keys, in the same order, and values."""
+        emitter = RecordEmitter()
+        seen: list[dict[str, object]] = []
+        emitter.add_observer(seen.append)
+        made = record()
+        self.patch(records_module.time, "time", lambda: 1234.5)
+        emitter.emit(made)
+        publisher = LogPublisher()
+        publisher.addObserver(seen.append)
+        logger = Logger(namespace=RECORD_NAMESPACE, observer=publisher)
+        self.patch(logger_module, "time", lambda: 1234.5)
+        logger.info(RECORD_FORMAT, record=made)
+        ours, theirs = seen
+        self.assertIs(ours.pop("log_logger").observer, emitter.publisher)  # type: ignore[attr-defined]
+        self.assertIs(theirs.pop("log_logger"), logger)
+        self.assertEqual(list(ours.items()), list(theirs.items()))
+        self.assertEqual(formatEvent(ours), "POST /v1/chat/completions 200")
