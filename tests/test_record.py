@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+from typing import cast
 
 import attrs
-from twisted.logger import Logger, LogPublisher, formatEvent
+from twisted.logger import ILogObserver, Logger, LogPublisher, formatEvent
 from twisted.logger import _logger as logger_module
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -311,12 +312,12 @@ class RecordEmitterTests(SynchronousTestCase):
         make of a record: the same keys, in the same order, and values."""
         emitter = RecordEmitter()
         seen: list[dict[str, object]] = []
-        emitter.add_observer(seen.append)
+        emitter.add_observer(cast(ILogObserver, seen.append))
         made = record()
         self.patch(records_module.time, "time", lambda: 1234.5)
         emitter.emit(made)
         publisher = LogPublisher()
-        publisher.addObserver(seen.append)
+        publisher.addObserver(cast(ILogObserver, seen.append))
         logger = Logger(namespace=RECORD_NAMESPACE, observer=publisher)
         self.patch(logger_module, "time", lambda: 1234.5)
         logger.info(RECORD_FORMAT, record=made)
