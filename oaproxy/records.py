@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any, overload
 
@@ -34,6 +33,17 @@ from oaproxy.record import Attempt, CacheResult, JSONObject, LimitRefusal, Recor
 # The namespace the sinks observe.
 from oaproxy.sinks.queue import RECORD_NAMESPACE
 from oaproxy.web import API_METHODS
+
+# A version 4 UUID's fixed bits: its variant (RFC 4122) and its version.
+_UUID4_KEPT = ~(0xC000 << 48 | 0xF000 << 64) & (1 << 128) - 1
+_UUID4_SET = 0x8000 << 48 | 4 << 76
+
+
+def record_id() -> str:
+    """A new record's id: ``uuid.uuid4().hex``, without the ``UUID`` object
+    (its checks took most of the time)."""
+    return "%032x" % (int.from_bytes(os.urandom(16), "big") & _UUID4_KEPT | _UUID4_SET)
+
 
 #: What the text of a record's event says.
 RECORD_FORMAT = "{record.method} {record.path} {record.status}"
@@ -146,7 +156,7 @@ class RecordMaker:
         cache = exchange.cache.result if exchange.cache is not None else None
         method = call.method.decode("ascii", "replace")
         return Record(
-            id=uuid.uuid4().hex,
+            id=record_id(),
             time=exchange.time,
             hostname=self._hostname,
             client_ip=texts.text("client_ip", exchange.client_ip),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from typing import cast
 
 import attrs
@@ -28,7 +29,7 @@ from oaproxy.record import (
     record_document,
     record_from_document,
 )
-from oaproxy.records import RECORD_FORMAT, RecordEmitter
+from oaproxy.records import RECORD_FORMAT, RecordEmitter, record_id
 from oaproxy.sinks.queue import RECORD_NAMESPACE
 from tests.records import attempt, record, usage
 
@@ -326,3 +327,17 @@ class RecordEmitterTests(SynchronousTestCase):
         self.assertIs(theirs.pop("log_logger"), logger)
         self.assertEqual(list(ours.items()), list(theirs.items()))
         self.assertEqual(formatEvent(ours), "POST /v1/chat/completions 200")
+
+
+class RecordIdTests(SynchronousTestCase):
+    def test_ids_are_uuid4_hex(self) -> None:
+        """A record's id is a version 4 UUID's hex, as ``uuid.uuid4().hex``
+        writes it, and one of its own each time."""
+        ids = [record_id() for _ in range(2000)]
+        self.assertEqual(len(set(ids)), len(ids))
+        for made in ids:
+            parsed = uuid.UUID(hex=made)
+            self.assertEqual((parsed.version, parsed.variant), (4, uuid.RFC_4122))
+            self.assertEqual(parsed.hex, made)
+        self.patch(records_module.os, "urandom", lambda size: bytes(range(size)))
+        self.assertEqual(record_id(), uuid.UUID(bytes=bytes(range(16)), version=4).hex)
