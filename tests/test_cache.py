@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -14,7 +14,7 @@ from oaproxy import capture, exchange
 from oaproxy import sse as sse_module
 from oaproxy.cache.keys import cache_key, namespace
 from oaproxy.cache.replay import StreamedAnswer, stream_from_completion
-from oaproxy.cache.stores import MemoryStore
+from oaproxy.cache.stores import AnswerStore, MemoryStore
 from oaproxy.generation import build_generation
 from oaproxy.inspection import WALK_AT_ONCE, parse_json
 from oaproxy.largeanswer import MAX_PARSED_ANSWER
@@ -421,7 +421,7 @@ class ExpiryTests(CacheCase):
         """The memory store drops the least recently used entries past either bound."""
         store = MemoryStore(Clock(), ttl=60, max_entries=2, max_bytes=10)
         # Stored at once: nothing to wait for.
-        self.assertIsNone(store.put("a", b"1234"))
+        self.assertIsNone(cast(AnswerStore, store).put("a", b"1234"))
         store.put("b", b"1234")
         self.assertEqual(store.get("a"), b"1234")  # b is now the oldest
         store.put("c", b"1234")
