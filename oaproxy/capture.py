@@ -36,10 +36,6 @@ _TEXT_TYPES = frozenset(
 )
 
 
-# --------------------------------------------------------------------------
-# Small helpers
-
-
 def _is_text_type(kind: str) -> bool:
     return kind.startswith("text/") or kind in _TEXT_TYPES or kind.endswith(("+json", "+xml"))
 
@@ -163,10 +159,6 @@ def describe_body(
     if kind == "multipart/form-data":
         return describe_multipart(body, content_type or "")
     return {"content_type": kind, "size": len(body)}, False
-
-
-# --------------------------------------------------------------------------
-# Responses
 
 
 @frozen
@@ -505,9 +497,22 @@ def capture_json_document(obj: object, max_bytes: int) -> CapturedResponse:
             truncated=("response_text",) if cut else (),
             error=error if isinstance(error, dict) else {"message": str(error)},
         )
+    choices = obj.get("choices")
+    if isinstance(choices, list) and len(choices) == 1 and _plain(choices[0]):
+        # The common answer, kept as the assembler keeps it, without one.
+        content = choices[0]["message"].get("content")
+        said, cut = ("", False) if content is None else truncate_text(content, max_bytes)
+        plain = None if content is None else said
+        finish = choices[0].get("finish_reason")
+        return CapturedResponse(
+            text=plain,
+            finish_reason=finish if isinstance(finish, str) else None,
+            usage=normalise_usage(obj.get("usage")),
+            truncated=("response_text",) if cut else (),
+            texts=(plain,),
+        )
     assembler = _Assembler(max_bytes)
     assembler.usage = normalise_usage(obj.get("usage"))
-    choices = obj.get("choices")
     if isinstance(choices, list):
         for position, choice_obj in enumerate(choices):
             if isinstance(choice_obj, dict):
@@ -518,6 +523,18 @@ def capture_json_document(obj: object, max_bytes: int) -> CapturedResponse:
         # Transcriptions and translations: {"text": ...}.
         assembler.add_text(assembler.choice(0), obj["text"])
     return assembler.result()
+
+
+def _plain(choice: object) -> bool:
+    """A choice of a message of plain text (or none), without calls or refusal."""
+    message = choice.get("message") if isinstance(choice, dict) else None
+    return (
+        isinstance(message, dict)
+        and isinstance(message.get("content"), (str, type(None)))
+        and message.get("refusal") is None
+        and message.get("tool_calls") is None
+        and message.get("function_call") is None
+    )
 
 
 def _capture_choice(assembler: _Assembler, obj: dict[str, Any], position: int) -> None:

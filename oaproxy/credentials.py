@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -188,6 +188,16 @@ class Redactor:
             return value
         return self._scrub(value, extra)
 
+    def for_texts(self, extra: str | None = None) -> Callable[[str], str]:
+        """``self(text, extra)`` for one request's texts, ``extra`` checked
+        once for them all."""
+        if extra is not None and len(extra) < self._min_length:
+            extra = None
+        forms = self._text_forms
+        if forms is None and extra is None:
+            return _unchanged
+        return lambda text: self._replace(text, forms, extra)
+
     def redact_bytes(self, data: bytes, extra: str | None = None) -> bytes:
         """``data`` with the secrets, and ``extra``, replaced (an answer passed
         on as it came)."""
@@ -246,6 +256,10 @@ class Redactor:
         if isinstance(value, list):
             return [self._scrub(v, extra) for v in value]
         return value
+
+
+def _unchanged(text: str) -> str:
+    return text
 
 
 def hide_key_shapes(text: str) -> str:

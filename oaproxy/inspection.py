@@ -167,10 +167,15 @@ def body_kind(head: bytes, content_type: str | bytes | None) -> BodyKind:
 
 
 def read_fields(
-    buffer: Buffer, kind: BodyKind, content_type: bytes | None, scan: ObjectScan | None = None
+    buffer: Buffer,
+    kind: BodyKind,
+    content_type: bytes | None,
+    scan: ObjectScan | None = None,
+    document: Mapping[str, Any] | None = None,
 ) -> Generator[None, None, RequestFields]:
     """The fields of a body of ``kind`` in ``buffer``, a step at a time
-    (given ``scan``, a JSON body's object found already)."""
+    (given ``scan``, a JSON body's object found already, and ``document``,
+    that object parsed)."""
     if kind is BodyKind.FORM:
         values = form_values(buffer, content_type or b"", _MODEL)
         if values is None or len(values) > 1:
@@ -181,12 +186,20 @@ def read_fields(
     try:
         if scan is None:
             scan = yield from scan_object(buffer, _KEYS)
-        return (yield from _json_fields(buffer, scan))
+        return (yield from _json_fields(buffer, scan, document))
     except NotAnObject as e:
         return RequestFields(kind, problem=BodyProblem[e.problem.name])
 
 
-def _json_fields(buffer: Buffer, scan: ObjectScan) -> Generator[None, None, RequestFields]:
+def _json_fields(
+    buffer: Buffer, scan: ObjectScan, document: Mapping[str, Any] | None
+) -> Generator[None, None, RequestFields]:
+    def decoded(member: Member | None, limit: int = MODEL_BYTES) -> Any:
+        # Read from the parsed object where there is one: the last of a key.
+        if document is None or member is None or member.value_end - member.value_start > limit:
+            return _decoded(buffer, member, limit)
+        return document[member.key]
+
     members = scan.members
     models = [m for m in members if m.key.casefold() == _MODEL]
     if len(models) > 1:
@@ -199,14 +212,14 @@ def _json_fields(buffer: Buffer, scan: ObjectScan) -> Generator[None, None, Requ
             return RequestFields(BodyKind.JSON, problem=BodyProblem.MODEL_NOT_A_STRING)
         if member.value_end - member.value_start > MODEL_BYTES:
             return RequestFields(BodyKind.JSON, problem=BodyProblem.MODEL_TOO_LONG)
-        model = _decoded(buffer, member)
+        model = decoded(member)
         if model is None:
             # A bad escape in it: no parser would take the body.
             return RequestFields(BodyKind.JSON, problem=BodyProblem.NOT_JSON)
     # The last of a key counts, as for json.loads.
     last = {m.key: m for m in members}
     cachings = [m for m in members if m.key == CACHING]
-    caching = _decoded(buffer, cachings[-1], _NUMBER_BYTES) if cachings else None
+    caching = decoded(cachings[-1], _NUMBER_BYTES) if cachings else None
     stream = _token(buffer, last.get("stream")) == b"true"
     options = last.get(_STREAM_OPTIONS)
     inner = None
@@ -219,7 +232,7 @@ def _json_fields(buffer: Buffer, scan: ObjectScan) -> Generator[None, None, Requ
     numbers = {}
     for name in _NUMBERS:
         if name in last:
-            value = _decoded(buffer, last[name], _NUMBER_BYTES)
+            value = decoded(last[name], _NUMBER_BYTES)
             if isinstance(value, int) and not isinstance(value, bool):
                 numbers[name] = value
     usage_splice = None
@@ -479,7 +492,7 @@ def _small_json(body: RequestBody, data: bytes, cooperator: Cooperator) -> Inspe
     if found is None:
         return Inspected(body, run(read_fields(data, BodyKind.JSON, None)), cooperator)
     scan, document = found
-    fields = run(read_fields(data, BodyKind.JSON, None, scan))
+    fields = run(read_fields(data, BodyKind.JSON, None, scan, document))
     return Inspected(body, fields, cooperator, document if fields.problem is None else None)
 
 

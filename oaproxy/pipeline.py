@@ -153,34 +153,48 @@ class Observers:
 
     def __init__(self, observers: Sequence[Observer]) -> None:
         self._observers = tuple(observers)
+        # Each event goes to the observers that have it: most leave most of
+        # Observer's methods as they are, and calling those does nothing.
+        self._started = _having(self._observers, "request_started")
+        self._attempting = _having(self._observers, "attempt_started")
+        self._attempted = _having(self._observers, "attempt_finished")
+        self._finished = _having(self._observers, "request_finished")
 
     def request_started(self, exchange: Exchange, request: server.Request) -> None:
-        for observer in self._observers:
+        for observer in self._started:
             try:
                 observer.request_started(exchange, request)
             except Exception:  # noqa: BLE001 - one observer's bug must not stop the others
                 self.log.failure("an observer failed on a started request")
 
     def attempt_started(self, exchange: Exchange, attempt: AttemptLog) -> None:
-        for observer in self._observers:
+        for observer in self._attempting:
             try:
                 observer.attempt_started(exchange, attempt)
             except Exception:  # noqa: BLE001 - one observer's bug must not stop the others
                 self.log.failure("an observer failed on a started attempt")
 
     def attempt_finished(self, exchange: Exchange, attempt: AttemptLog) -> None:
-        for observer in self._observers:
+        for observer in self._attempted:
             try:
                 observer.attempt_finished(exchange, attempt)
             except Exception:  # noqa: BLE001 - one observer's bug must not stop the others
                 self.log.failure("an observer failed on a finished attempt")
 
     def request_finished(self, exchange: Exchange, record: Record | None) -> None:
-        for observer in self._observers:
+        for observer in self._finished:
             try:
                 observer.request_finished(exchange, record)
             except Exception:  # noqa: BLE001 - one observer's bug must not stop the others
                 self.log.failure("an observer failed on a finished request")
+
+
+def _having(observers: tuple[Observer, ...], event: str) -> tuple[Observer, ...]:
+    """The observers whose ``event`` is their own, not Observer's (which does nothing)."""
+    nothing = getattr(Observer, event)
+    return tuple(
+        o for o in observers if getattr(getattr(o, event, None), "__func__", None) is not nothing
+    )
 
 
 class Pipeline:

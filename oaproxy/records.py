@@ -8,12 +8,12 @@ not flooded with one event per request.
 from __future__ import annotations
 
 import os
-import uuid
+import time
 from collections.abc import Callable
 from typing import Any, overload
 
 import attrs
-from twisted.logger import ILogObserver, Logger, LogPublisher
+from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher
 
 from oaproxy.capture import (
     CapturedResponse,
@@ -26,13 +26,27 @@ from oaproxy.capture import (
 )
 from oaproxy.config import Config, Upstream
 from oaproxy.credentials import Redactor, config_secrets, redact_headers
-from oaproxy.exchange import Call, Exchange
+from oaproxy.exchange import Exchange
 from oaproxy.largeanswer import MAX_PARSED_ANSWER, USAGE_WINDOW, AnswerEnds
 from oaproxy.record import Attempt, CacheResult, JSONObject, LimitRefusal, Record
 
 # The namespace the sinks observe.
 from oaproxy.sinks.queue import RECORD_NAMESPACE
 from oaproxy.web import API_METHODS
+
+# A version 4 UUID's fixed bits: its variant (RFC 4122) and its version.
+_UUID4_KEPT = ~(0xC000 << 48 | 0xF000 << 64) & (1 << 128) - 1
+_UUID4_SET = 0x8000 << 48 | 4 << 76
+
+
+def record_id() -> str:
+    """A new record's id: ``uuid.uuid4().hex``, without the ``UUID`` object
+    (its checks took most of the time)."""
+    return "%032x" % (int.from_bytes(os.urandom(16), "big") & _UUID4_KEPT | _UUID4_SET)
+
+
+#: What the text of a record's event says.
+RECORD_FORMAT = "{record.method} {record.path} {record.status}"
 
 
 class RecordEmitter:
@@ -49,7 +63,20 @@ class RecordEmitter:
         self.publisher.removeObserver(observer)
 
     def emit(self, record: Record) -> None:
-        self._log.info("{record.method} {record.path} {record.status}", record=record)
+        # The event ``self._log.info(RECORD_FORMAT, record=record)`` makes,
+        # made here: Logger.emit checks its level against every level first,
+        # once per request for a level that is always the same.
+        self.publisher(
+            {
+                "record": record,
+                "log_logger": self._log,
+                "log_level": LogLevel.info,
+                "log_namespace": RECORD_NAMESPACE,
+                "log_source": None,
+                "log_format": RECORD_FORMAT,
+                "log_time": time.time(),
+            }
+        )
 
 
 class RecordMaker:
@@ -71,14 +98,14 @@ class RecordMaker:
         the field's end is still found."""
         return self._policy.max_field_bytes + self.redactor.span(own_token)
 
-    def _text_bytes(self, call: Call) -> int:
-        """What the answer's capture keeps of each field."""
-        return self.reach(call.own_token) if self._policy.response else 0
+    def _text_bytes(self, reach: int) -> int:
+        """What the answer's capture keeps of each field, of ``reach``."""
+        return reach if self._policy.response else 0
 
     def stream_observer(self, exchange: Exchange, upstream: Upstream) -> Callable[[bytes], bool]:
         """What the relay calls with each SSE event's data: capture, and say
         whether to pass the event on (not the usage chunk oaproxy asked for)."""
-        capture = StreamCapture(self._text_bytes(exchange.call))
+        capture = StreamCapture(self._text_bytes(self.reach(exchange.call.own_token)))
         exchange.capture = capture
         feed = capture.feed
         if exchange.usage_added:
@@ -98,8 +125,10 @@ class RecordMaker:
         # model or in X-Forwarded-For): none is kept, and no field is longer
         # than max_field_bytes. (Texts about failures were redacted as they
         # came in: see Forwarder._words.)
-        texts = _FieldTexts(self.redactor, call.own_token, policy.max_field_bytes)
-        answer = self._answer(exchange)
+        own_token = call.own_token
+        reach = self.reach(own_token)
+        texts = _FieldTexts(self.redactor.for_texts(own_token), reach, policy.max_field_bytes)
+        answer = self._answer(exchange, self._text_bytes(reach))
         if policy.response:
             texts.truncated.extend(answer.truncated)
         request_body: str | JSONObject | None = None
@@ -111,9 +140,7 @@ class RecordMaker:
             if body.data is not None or (body.file is not None and keeps_text(content_type)):
                 # A JSON or text body in its spool file: its head is all a record
                 # reads (the pipeline keeps reach() and a byte more of it).
-                request_body, cut = describe_body(
-                    body.head, content_type, self.reach(call.own_token)
-                )
+                request_body, cut = describe_body(body.head, content_type, reach)
                 if cut:
                     texts.truncated.append("request_body")
             else:
@@ -129,7 +156,7 @@ class RecordMaker:
         cache = exchange.cache.result if exchange.cache is not None else None
         method = call.method.decode("ascii", "replace")
         return Record(
-            id=uuid.uuid4().hex,
+            id=record_id(),
             time=exchange.time,
             hostname=self._hostname,
             client_ip=texts.text("client_ip", exchange.client_ip),
@@ -196,7 +223,7 @@ class RecordMaker:
             truncated=texts.names(),
         )
 
-    def _answer(self, exchange: Exchange) -> CapturedResponse:
+    def _answer(self, exchange: Exchange, text_bytes: int) -> CapturedResponse:
         if exchange.capture is not None and exchange.response_body is None:
             result: CapturedResponse = exchange.capture.result()
             return result
@@ -206,9 +233,7 @@ class RecordMaker:
             # completion, up to cache.max_entry_bytes).
             return AnswerEnds(body[:USAGE_WINDOW], body[-USAGE_WINDOW:]).result()
         if body:
-            return capture_json_document(
-                exchange.answer_document(), self._text_bytes(exchange.call)
-            )
+            return capture_json_document(exchange.answer_document(), text_bytes)
         return CapturedResponse()
 
 
@@ -216,13 +241,14 @@ class _FieldTexts:
     """The texts of one record's fields as it keeps them: redacted, then cut
     to ``max_field_bytes``; the fields cut are named in ``truncated``."""
 
-    def __init__(self, redactor: Redactor, own_token: str | None, max_bytes: int) -> None:
-        self._redactor = redactor
-        self._own_token = own_token
+    def __init__(self, redact: Callable[[str], str], reach: int, max_bytes: int) -> None:
+        # The redactor of the request's texts (its own token among the secrets).
+        self._redact = redact
         self._max_bytes = max_bytes
-        # Redacted before the cut, and a little past it: a secret cut in two
-        # is no longer found (nor is a 10 MiB model name read whole).
-        self._reach = max_bytes + redactor.span(own_token)
+        # Redacted before the cut, and a little past it (RecordMaker.reach): a
+        # secret cut in two is no longer found (nor is a 10 MiB model name
+        # read whole).
+        self._reach = reach
         self.truncated: list[str] = []
 
     @overload
@@ -235,7 +261,7 @@ class _FieldTexts:
         if value is None:
             return None
         head, cut = truncate_text(value, self._reach)
-        return self._cut(name, self._redactor(head, self._own_token), cut)
+        return self._cut(name, self._redact(head), cut)
 
     @overload
     def cut(self, name: str, value: str) -> str: ...

@@ -3,8 +3,9 @@ through the real site on an in-memory transport, with a ``Clock``."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -13,7 +14,7 @@ from oaproxy import capture, exchange
 from oaproxy import sse as sse_module
 from oaproxy.cache.keys import cache_key, namespace
 from oaproxy.cache.replay import StreamedAnswer, stream_from_completion
-from oaproxy.cache.stores import MemoryStore
+from oaproxy.cache.stores import AnswerStore, MemoryStore
 from oaproxy.generation import build_generation
 from oaproxy.inspection import WALK_AT_ONCE, parse_json
 from oaproxy.largeanswer import MAX_PARSED_ANSWER
@@ -369,6 +370,22 @@ class KeyTests(CacheCase):
         self.assertEqual(key, cache_key("key:alice", "/v1/embeddings", {"input": "\ud800"}))
         self.assertNotEqual(key, cache_key("key:bob", "/v1/embeddings", {"input": "\ud800"}))
 
+    def test_the_key_stays_what_it_was(self) -> None:
+        """Keys stored in Redis by an earlier oaproxy are still found: the
+        hash of the namespace, the path and the sorted compact JSON, each
+        followed by a NUL."""
+        body = {"z": [1, {"b": "é", "a": None}], "model": "m", "user": "u", "caching": True}
+        canonical = '{"model":"m","z":[1,{"a":null,"b":"\\u00e9"}]}'
+        named = "\0".join(("key:alice", "/v1/chat/completions", canonical, ""))
+        self.assertEqual(
+            cache_key("key:alice", "/v1/chat/completions", body),
+            hashlib.sha256(named.encode()).hexdigest(),
+        )
+        self.assertEqual(
+            cache_key("key:alice", "/v1/chat/completions", body),
+            cache_key("key:alice", "/v1/chat/completions", {"z": body["z"], "model": "m"}),
+        )
+
     def test_routes_match_under_any_prefix(self) -> None:
         """cache.routes are API paths, matched on what follows a route prefix."""
         self.assertEqual(api_path(b"/v1/chat/completions"), "/v1/chat/completions")
@@ -403,7 +420,8 @@ class ExpiryTests(CacheCase):
     def test_lru_bounded_by_entries_and_bytes(self) -> None:
         """The memory store drops the least recently used entries past either bound."""
         store = MemoryStore(Clock(), ttl=60, max_entries=2, max_bytes=10)
-        store.put("a", b"1234")
+        # Stored at once: nothing to wait for.
+        self.assertIsNone(cast(AnswerStore, store).put("a", b"1234"))
         store.put("b", b"1234")
         self.assertEqual(store.get("a"), b"1234")  # b is now the oldest
         store.put("c", b"1234")

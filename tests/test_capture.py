@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from oaproxy import capture
 from oaproxy.capture import (
     CapturedResponse,
     StreamCapture,
@@ -577,6 +578,48 @@ def multipart_body() -> tuple[bytes, str]:
         files={"file": ("a;b.wav", AUDIO, "audio/wav")},
     )
     return request.read(), request.headers["content-type"]
+
+
+class PlainChoiceTests(SynchronousTestCase):
+    def test_one_plain_choice_is_kept_as_the_assembler_keeps_it(self) -> None:
+        """An answer of one choice of plain text, taken without the
+        assembler, is captured as the assembler captures it: cut or not,
+        empty, absent, with or without a finish reason or usage."""
+        usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+        choices: list[dict[str, object]] = [
+            {"index": 0, "message": {"role": "assistant", "content": "Hello! " * 20}},
+            {"message": {"content": "héllo wörld " * 9}, "finish_reason": "length"},
+            {"message": {"content": ""}, "finish_reason": "stop"},
+            {"message": {"content": None, "refusal": None}, "finish_reason": 3},
+            {"index": 2, "message": {"role": "assistant"}, "finish_reason": "stop"},
+            {"message": {"content": "\ud800 lone", "tool_calls": None}},
+            {"message": {"content": "x", "tool_calls": []}},
+            {"message": {"content": ["part"]}},
+            {"message": "text"},
+            {"text": "legacy"},
+        ]
+        answers = [
+            {"choices": [choice], **extra}
+            for choice in choices
+            for extra in ({}, {"usage": usage}, {"usage": "nonsense"})
+        ]
+        for max_bytes in (0, 1, 5, 64, 1000):
+            for answer in answers:
+                quick = capture.capture_json_document(answer, max_bytes)
+                assembler = self.patch(capture, "_plain", lambda choice: False)
+                assembled = capture.capture_json_document(answer, max_bytes)
+                assembler.restore()
+                self.assertEqual(quick, assembled, (answer, max_bytes))
+
+    def test_a_plain_choice_needs_no_assembler(self) -> None:
+        """The common answer is kept without building an assembler."""
+
+        def refuse(max_bytes: int) -> None:
+            raise AssertionError("an assembler was made")
+
+        self.patch(capture, "_Assembler", refuse)
+        answer = {"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}]}
+        self.assertEqual(capture.capture_json_document(answer, 100).text, "hi")
 
 
 class DescribeBodyTests(SynchronousTestCase):

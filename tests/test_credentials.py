@@ -202,6 +202,27 @@ class RedactorTests(SynchronousTestCase):
         )
         self.assertEqual(Redactor(["pw"])("auth failed for pw"), "auth failed for pw")
 
+    def test_for_texts_is_the_redactor_on_texts(self) -> None:
+        """``for_texts(extra)`` redacts each text as ``redactor(text, extra)``
+        does: known secrets, the request's own token (when long enough), as
+        written or escaped."""
+        texts = [
+            "plain words",
+            "",
+            "key ck-alice-0123456789 and sk-upstream-0123456789",
+            "ck\\u002dalice-0123456789 escaped, ck%2Dbob-0123456789 too",
+            "own token sk-own-token-99 here, short tok",
+            "own sk\\u002down-token-99 escaped",
+        ]
+        for redactor in (self.redact, Redactor([])):
+            for extra in (None, "sk-own-token-99", "tok"):
+                for_texts = redactor.for_texts(extra)
+                self.assertEqual(
+                    [for_texts(text) for text in texts], [redactor(text, extra) for text in texts]
+                )
+        unchanged = Redactor([]).for_texts(None)
+        self.assertIs(unchanged(texts[2]), texts[2])
+
 
 class KeyShapeTests(SynchronousTestCase):
     def test_shapes(self) -> None:

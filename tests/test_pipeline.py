@@ -4,14 +4,18 @@ later (shared breakers, limits and the cache in Redis), in order."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Request
 
 from oaproxy.answers import LocalAnswer
 from oaproxy.config import Upstream
-from oaproxy.exchange import Exchange
-from tests.doubles import Harness
+from oaproxy.exchange import AttemptLog, Exchange
+from oaproxy.pipeline import Observer, Observers
+from oaproxy.record import Record
+from tests.doubles import Harness, capture_log
 from tests.payloads import CHAT_ANSWER
 
 CONFIG = """
@@ -155,3 +159,38 @@ class HalfOpenProbeTests(SynchronousTestCase):
         h.chat(key="sk-client")
         later.gating[1].callback(None)
         self.assertEqual(h.agent.calls[0].host, "a")
+
+
+class ObserversTests(SynchronousTestCase):
+    def test_each_event_reaches_the_observers_that_have_it(self) -> None:
+        """An observer sees the events it has its own method for (given by
+        its class or set on it), and one observer's bug stops no other."""
+        seen: list[str] = []
+
+        class Finishing(Observer):
+            def request_finished(self, exchange: Exchange, record: Record | None) -> None:
+                seen.append("finishing: finished")
+
+        class Failing(Observer):
+            def attempt_started(self, exchange: Exchange, attempt: AttemptLog) -> None:
+                raise RuntimeError("a bug")
+
+            def request_finished(self, exchange: Exchange, record: Record | None) -> None:
+                raise RuntimeError("a bug")
+
+        given = Observer()
+        given.attempt_started = lambda exchange, attempt: seen.append("given: attempt")  # type: ignore[method-assign]
+        observers = Observers([Observer(), Failing(), Finishing(), given])
+        exchange = cast(Exchange, object())
+        attempt = cast(AttemptLog, object())
+        logged = capture_log(self)
+        observers.request_started(exchange, cast(Request, object()))
+        observers.attempt_started(exchange, attempt)
+        observers.attempt_finished(exchange, attempt)
+        observers.request_finished(exchange, None)
+        self.assertEqual(seen, ["given: attempt", "finishing: finished"])
+        self.assertEqual(
+            [event["log_format"] for event in logged if "log_failure" in event],
+            ["an observer failed on a started attempt", "an observer failed on a finished request"],
+        )
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)

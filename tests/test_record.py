@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
+from typing import cast
 
 import attrs
+from twisted.logger import ILogObserver, Logger, LogPublisher, formatEvent
+from twisted.logger import _logger as logger_module
 from twisted.trial.unittest import SynchronousTestCase
 
+from oaproxy import records as records_module
 from oaproxy.record import (
     Attempt,
     BadRecord,
@@ -24,6 +29,8 @@ from oaproxy.record import (
     record_document,
     record_from_document,
 )
+from oaproxy.records import RECORD_FORMAT, RecordEmitter, record_id
+from oaproxy.sinks.queue import RECORD_NAMESPACE
 from tests.records import attempt, record, usage
 
 #: A spool line as oaproxy wrote it before records were typed (a failover
@@ -298,3 +305,39 @@ class BadRecordTests(SynchronousTestCase):
     def test_integral_times_read_as_floats(self) -> None:
         """Another writer's integral time is still a time."""
         self.assertEqual(decode_record(self.changed(time=1700000000)).time, 1700000000.0)
+
+
+class RecordEmitterTests(SynchronousTestCase):
+    def test_the_event_is_the_one_a_logger_makes(self) -> None:
+        """The sinks (and any observer) see the event ``Logger.info`` would
+        make of a record: the same keys, in the same order, and values."""
+        emitter = RecordEmitter()
+        seen: list[dict[str, object]] = []
+        emitter.add_observer(cast(ILogObserver, seen.append))
+        made = record()
+        self.patch(records_module.time, "time", lambda: 1234.5)
+        emitter.emit(made)
+        publisher = LogPublisher()
+        publisher.addObserver(cast(ILogObserver, seen.append))
+        logger = Logger(namespace=RECORD_NAMESPACE, observer=publisher)
+        self.patch(logger_module, "time", lambda: 1234.5)
+        logger.info(RECORD_FORMAT, record=made)
+        ours, theirs = seen
+        self.assertIs(ours.pop("log_logger").observer, emitter.publisher)  # type: ignore[attr-defined]
+        self.assertIs(theirs.pop("log_logger"), logger)
+        self.assertEqual(list(ours.items()), list(theirs.items()))
+        self.assertEqual(formatEvent(ours), "POST /v1/chat/completions 200")
+
+
+class RecordIdTests(SynchronousTestCase):
+    def test_ids_are_uuid4_hex(self) -> None:
+        """A record's id is a version 4 UUID's hex, as ``uuid.uuid4().hex``
+        writes it, and one of its own each time."""
+        ids = [record_id() for _ in range(2000)]
+        self.assertEqual(len(set(ids)), len(ids))
+        for made in ids:
+            parsed = uuid.UUID(hex=made)
+            self.assertEqual((parsed.version, parsed.variant), (4, uuid.RFC_4122))
+            self.assertEqual(parsed.hex, made)
+        self.patch(records_module.os, "urandom", lambda size: bytes(range(size)))
+        self.assertEqual(record_id(), uuid.UUID(bytes=bytes(range(16)), version=4).hex)

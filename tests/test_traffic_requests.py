@@ -9,6 +9,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
 
 from oaproxy.record import (
     BadRecord,
@@ -19,8 +20,10 @@ from oaproxy.record import (
     record_document,
     record_from_document,
 )
+from oaproxy.traffic import headers as rate_headers
 from oaproxy.traffic import request_limits
-from oaproxy.traffic.headers import openai_duration, retry_after
+from oaproxy.traffic.counters import Reading
+from oaproxy.traffic.headers import openai_duration, retry_after, set_rate_headers
 from oaproxy.traffic.rediscounters import REDIS_TIMEOUT
 from oaproxy.traffic.routes import RouteTable
 from tests.doubles import Client, Harness, headers
@@ -275,6 +278,25 @@ class FixedWindowTests(Limited):
         self.assertEqual(self.h.chat(key="sk-alice").reply().status, 429)
         self.h.clock.advance(10)
         self.assertEqual(self.served(self.h.chat(key="sk-alice")).reply().status, 200)
+
+
+class RateHeaderTests(SynchronousTestCase):
+    def test_reset_values_kept_are_those_written(self) -> None:
+        """The reset values kept from earlier requests are what the format
+        gives, however many different ones came (kept up to a bound)."""
+        self.patch(rate_headers, "RESETS_KEPT", 3)
+        self.patch(rate_headers, "_RESETS", {})
+        for reset in (60.0, 60.0, 0.5, 86.4, 1.25, 60.0, 3600.0, 0.5):
+            written = Headers()
+            set_rate_headers(written, "requests", Reading(7, 2, reset, 0.0))
+            self.assertEqual(
+                [
+                    written.getRawHeaders(f"x-ratelimit-{part}-requests".encode())
+                    for part in ("limit", "remaining", "reset")
+                ],
+                [[b"7"], [b"5"], [openai_duration(reset).encode()]],
+            )
+            self.assertLessEqual(len(rate_headers._RESETS), 3)
 
 
 class RouteMatchTests(SynchronousTestCase):

@@ -15,6 +15,7 @@ from oaproxy.cli import UsageRow
 from oaproxy.config import BackendErrorPolicy, Budget, BudgetPeriod
 from oaproxy.record import CacheResult, record_document
 from oaproxy.sinks.sql import insert_statement, migrate, open_database, record_row
+from oaproxy.traffic import tokens as token_gate
 from oaproxy.traffic.backend import BackendTrouble
 from oaproxy.traffic.budgets import BudgetHistory, budget_counter, period_at, period_usage
 from oaproxy.traffic.counters import Admission, Charge, Held
@@ -103,6 +104,20 @@ class TokenLimitTests(TokenCase):
             record_document(self.h.records[0])["limit"],
             {"kind": "tokens", "scope": "key", "limit": "1000/minute"},
         )
+
+    def test_callers_past_the_counters_kept_still_count(self) -> None:
+        """The counters made per caller are let go past COUNTERS_KEPT
+        (callers by address are without number); a caller seen before still
+        counts what it used before."""
+        self.patch(token_gate, "COUNTERS_KEPT", 2)
+        for _ in range(3):
+            self.answered(self.ask())
+        for other in ("sk-bob", "sk-carol"):
+            self.assertEqual(self.answered(self.ask(key=other)).reply().status, 200)
+        # alice used 3 x 11 tokens, then reserves 300 more of her 1000.
+        self.assertEqual(self.tokens_headers(self.answered(self.ask())), (b"1000", b"667", b"1m0s"))
+        # 44 used: 962 more do not fit.
+        self.assertEqual(self.ask(max_tokens=960).reply().status, 429)
 
     def test_real_usage_replaces_the_reservation(self) -> None:
         """Once answered, a request counts what it used, not its estimate."""

@@ -21,6 +21,10 @@ from oaproxy.inspection import CACHING
 # "caching" asks for the cache, and is cut from what upstreams are sent.
 IGNORED_PARAMETERS = frozenset({"stream", "stream_options", "user", CACHING})
 
+# json.dumps(sort_keys=True, separators=...) as one encoder made once:
+# json.dumps makes a new one per call for any non-default argument.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
 SHARED = "shared"
 ANONYMOUS = "anonymous"
 
@@ -35,14 +39,17 @@ def namespace(key_name: str | None, shared: bool) -> str:
 def cache_key(space: str, path: str, body: Mapping[str, Any]) -> str | None:
     """The hex SHA-256 naming a request's entry; None for a body that has no
     canonical form (nested too deep to encode again)."""
-    kept = {name: value for name, value in body.items() if name not in IGNORED_PARAMETERS}
+    kept = (
+        # Copied only to drop what the key leaves out.
+        body
+        if isinstance(body, dict) and IGNORED_PARAMETERS.isdisjoint(body)
+        else {name: value for name, value in body.items() if name not in IGNORED_PARAMETERS}
+    )
     try:
-        canonical = json.dumps(kept, sort_keys=True, separators=(",", ":"))
+        canonical = _CANONICAL.encode(kept)
     except (ValueError, RecursionError):
         return None
-    digest = hashlib.sha256()
-    for part in (space, path, canonical):
-        # Lone surrogates pass through: the digest only needs the same bytes each time.
-        digest.update(part.encode("utf-8", "surrogatepass"))
-        digest.update(b"\0")
-    return digest.hexdigest()
+    # Each part followed by a NUL, hashed in one go. Lone surrogates pass
+    # through: the digest only needs the same bytes each time.
+    named = "\0".join((space, path, canonical, ""))
+    return hashlib.sha256(named.encode("utf-8", "surrogatepass")).hexdigest()

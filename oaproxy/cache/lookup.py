@@ -196,12 +196,16 @@ class ResponseCache(Observer):
         if entry is None or len(entry) > self._max_entry_bytes:
             return
 
+        stored = self.store.put(ticket.key, entry)
+        if stored is None:
+            # In memory: stored already, with no Deferred to wait for.
+            self._metrics.cache_stored()
+            return
+
         def failed(failure: Failure) -> None:
             self._complain("storing a cache entry failed", failure)
 
-        self.store.put(ticket.key, entry).addCallbacks(
-            lambda _: self._metrics.cache_stored(), failed
-        )
+        stored.addCallbacks(lambda _: self._metrics.cache_stored(), failed)
 
     def _entry(self, exchange: Exchange, ticket: CacheTicket) -> bytes | None:
         """What a finished miss stores: its completion, or None."""

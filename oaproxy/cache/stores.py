@@ -12,7 +12,7 @@ import zlib
 from collections import OrderedDict
 from typing import Protocol
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from oaproxy.sharedredis import SharedRedis
@@ -30,8 +30,9 @@ class AnswerStore(Protocol):
     def get(self, key: str) -> bytes | Deferred[bytes | None] | None:
         """The entry under ``key``, or None."""
 
-    def put(self, key: str, value: bytes) -> Deferred[None]:
-        """Store ``value`` under ``key`` for the store's ttl."""
+    def put(self, key: str, value: bytes) -> Deferred[None] | None:
+        """Store ``value`` under ``key`` for the store's ttl: at once (None),
+        or when the Deferred fires."""
 
 
 class MemoryStore:
@@ -61,7 +62,7 @@ class MemoryStore:
         self._entries.move_to_end(key)
         return value
 
-    def put(self, key: str, value: bytes) -> Deferred[None]:
+    def put(self, key: str, value: bytes) -> None:
         if len(value) <= self._max_bytes:
             if key in self._entries:
                 self._remove(key)
@@ -69,7 +70,6 @@ class MemoryStore:
             self.bytes += len(value)
             while len(self._entries) > self._max_entries or self.bytes > self._max_bytes:
                 self._remove(next(iter(self._entries)))
-        return succeed(None)
 
     def _remove(self, key: str) -> None:
         _, value = self._entries.pop(key)

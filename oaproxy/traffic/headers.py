@@ -60,12 +60,29 @@ _RATE_HEADERS = {
 }
 
 
+#: Reset values written before, kept up to ``RESETS_KEPT``: an admitted
+#: request's reset on a moving window is the window itself, the same value
+#: every time, so most requests find theirs here.
+_RESETS: dict[float, bytes] = {}
+RESETS_KEPT = 1024
+
+
+def _reset_value(seconds: float) -> bytes:
+    value = _RESETS.get(seconds)
+    if value is None:
+        if len(_RESETS) >= RESETS_KEPT:
+            # Fixed windows' resets change every request: start again.
+            _RESETS.clear()
+        value = _RESETS[seconds] = openai_duration(seconds).encode()
+    return value
+
+
 def set_rate_headers(headers: Headers, what: str, reading: Reading) -> None:
     """The three ``x-ratelimit-*-{what}`` headers (``requests`` or ``tokens``)."""
     limit, remaining, reset = _RATE_HEADERS[what]
     headers.setRawHeaders(limit, [b"%d" % reading.limit])
     headers.setRawHeaders(remaining, [b"%d" % reading.remaining])
-    headers.setRawHeaders(reset, [openai_duration(reading.reset).encode()])
+    headers.setRawHeaders(reset, [_reset_value(reading.reset)])
 
 
 def set_retry_after(headers: Headers, seconds: float | None) -> None:

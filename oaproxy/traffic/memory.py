@@ -123,17 +123,21 @@ class MemoryCounters:
         now = self._clock.seconds()
         if now - self._swept >= SWEEP_INTERVAL:
             self._sweep(now)
-        readings = tuple(self._reading(charge, now) for charge in charges)
-        if not all(reading.fits for reading in readings):
-            return Admission(False, readings, None)
+        readings = [self._reading(charge, now) for charge in charges]
+        for reading in readings:
+            if not reading.fits:
+                return Admission(False, tuple(readings), None)
         member = str(next(self._members))
-        for charge in charges:
-            self._add(charge.counter, charge.amount, member, now)
-        admitted = tuple(
-            Reading(r.limit, r.used + c.amount, _full_reset(c.counter, r), 0.0)
-            for c, r in zip(charges, readings)
-        )
-        return Admission(True, admitted, Held(member, tuple(charges)))
+        admitted = []
+        for charge, reading in zip(charges, readings):
+            counter = charge.counter
+            window = counter.window
+            self._add(counter, charge.amount, member, now)
+            # After a charge made now, a moving window is full again one
+            # window from now; a fixed one when it ends, as before.
+            reset = window.seconds if isinstance(window, MovingWindow) else reading.reset
+            admitted.append(Reading(reading.limit, reading.used + charge.amount, reset, 0.0))
+        return Admission(True, tuple(admitted), Held(member, tuple(charges)))
 
     def settle(self, held: Held, amounts: Sequence[int]) -> None:
         now = self._clock.seconds()
@@ -209,10 +213,3 @@ def _fixed_wait(counter: Counter, used: int, charge: Charge) -> float | None:
         return 0.0
     assert isinstance(counter.window, FixedWindow)
     return counter.window.ends_in
-
-
-def _full_reset(counter: Counter, before: Reading) -> float:
-    """After a charge made now, a moving window is full again one window
-    from now; a fixed one when it ends, as before."""
-    window = counter.window
-    return window.seconds if isinstance(window, MovingWindow) else before.reset

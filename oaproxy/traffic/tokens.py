@@ -26,7 +26,16 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from oaproxy.config import Budget, ClientKey, Config, Price, Rate, Upstream, all_client_keys
+from oaproxy.config import (
+    Budget,
+    ClientKey,
+    Config,
+    Price,
+    Rate,
+    Upstream,
+    WindowStrategy,
+    all_client_keys,
+)
 from oaproxy.errors import ErrorAnswer
 from oaproxy.exchange import Exchange
 from oaproxy.pipeline import Observer, Verdict
@@ -42,7 +51,15 @@ from oaproxy.traffic.budgets import (
     describe_budget,
     period_at,
 )
-from oaproxy.traffic.counters import Admission, Charge, Counters, Held, Reading, rate_counter
+from oaproxy.traffic.counters import (
+    Admission,
+    Charge,
+    Counter,
+    Counters,
+    Held,
+    Reading,
+    rate_counter,
+)
 from oaproxy.traffic.estimate import NOTHING, billed, estimate, text_characters
 from oaproxy.traffic.headers import (
     longest_wait,
@@ -53,6 +70,9 @@ from oaproxy.traffic.headers import (
     set_retry_after,
 )
 from oaproxy.traffic.routes import who
+
+#: Token rate counters kept (per caller and rates) before they are all let go.
+COUNTERS_KEPT = 10_000
 
 
 class Measure(Enum):
@@ -122,6 +142,7 @@ class TokenLimits:
         self._wall_clock = wall_clock
         self._history = history
         self._read_usage = read_usage
+        self._counters_of: dict[tuple[str, tuple[Rate, ...]], tuple[Counter, ...]] = {}
 
     def __call__(
         self, exchange: Exchange, candidates: Sequence[Upstream]
@@ -177,15 +198,8 @@ class TokenLimits:
         price: Price | None,
         guess: Usage,
     ) -> _Plan:
-        now = self._clock.seconds()
-        whom = who(exchange.key_name, exchange.client_ip)
-        charges = [
-            Charge(
-                rate_counter(f"limits:tokens:key:{whom}", rate, self._strategy, now),
-                guess.total_tokens,
-            )
-            for rate in rates
-        ]
+        counters = self._rate_counters(exchange, rates)
+        charges = [Charge(counter, guess.total_tokens) for counter in counters]
         measures = [Measure.TOKENS] * len(rates)
         period = None
         if budget is not None:
@@ -203,6 +217,26 @@ class TokenLimits:
         return _Plan(
             rates, budget, exchange.key_name, tuple(charges), tuple(measures), price, guess, period
         )
+
+    def _rate_counters(self, exchange: Exchange, rates: tuple[Rate, ...]) -> tuple[Counter, ...]:
+        """The counters of a request's token rates: made once per caller
+        and rates for moving windows, which do not change with time."""
+        whom = who(exchange.key_name, exchange.client_ip)
+        if self._strategy is not WindowStrategy.MOVING:
+            # Fixed windows: each counter is named by the window it is in.
+            now = self._clock.seconds()
+            key = f"limits:tokens:key:{whom}"
+            return tuple(rate_counter(key, rate, self._strategy, now) for rate in rates)
+        memo = (whom, rates)
+        counters = self._counters_of.get(memo)
+        if counters is None:
+            if len(self._counters_of) >= COUNTERS_KEPT:
+                # Callers by client IP are without number: start again.
+                self._counters_of.clear()
+            key = f"limits:tokens:key:{whom}"
+            counters = tuple(rate_counter(key, rate, self._strategy, 0.0) for rate in rates)
+            self._counters_of[memo] = counters
+        return counters
 
     def _history_ready(self, plan: _Plan) -> Deferred[None] | None:
         if self._history is None or plan.budget is None or plan.period is None:
