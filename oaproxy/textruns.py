@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 # Pieces (a delta's few characters each, a str object of ~55 bytes) joined
-# into one string at a time; runs joined into one once there are as many.
-# The record's capture, the cache's and the resume follower keep the same
-# pieces: with one run size for all, each piece is let go by all of them at
-# once, and an open stream holds about its text once per keeper, not a
-# string object per event.
+# into one string at a time. The record's capture, the cache's and the
+# resume follower keep the same pieces: with one run size for all, each
+# piece is let go by all of them at once, and an open stream holds about its
+# text once per keeper, not a string object per event.
 RUN = 16
 
 
 class TextRuns:
-    """Text kept in joined runs of pieces, for a stream held open for long."""
+    """Text kept in joined runs of pieces, for a stream held open for long.
+
+    A new run is joined with the one before while that one is not longer:
+    the runs halve in length from the first, so there are few of them (a
+    MiB of text is under 20), and each character is copied only a few times
+    (as often as its run doubled)."""
 
     __slots__ = ("_pieces", "_runs")
 
@@ -24,13 +28,12 @@ class TextRuns:
         pieces = self._pieces
         pieces.append(piece)
         if len(pieces) >= RUN:
-            runs = self._runs
-            runs.append("".join(pieces))
+            run = "".join(pieces)
             pieces.clear()
-            if len(runs) >= RUN:
-                # A copy of the text so far every RUN * RUN pieces (a MiB of
-                # 5-character deltas: ~0.4 GB over its 200,000 events).
-                runs[:] = ["".join(runs)]
+            runs = self._runs
+            while runs and len(runs[-1]) <= len(run):
+                run = runs.pop() + run
+            runs.append(run)
 
     def joined(self) -> str:
         return "".join(self._runs) + "".join(self._pieces)

@@ -12,8 +12,8 @@ class TextRunsTests(SynchronousTestCase):
         self.assertEqual(TextRuns().joined(), "")
 
     def test_every_length_joins_to_the_pieces_in_order(self) -> None:
-        # Across a run's end, and across the runs' own merge (RUN * RUN).
-        for count in (1, RUN - 1, RUN, RUN + 1, RUN * RUN - 1, RUN * RUN, RUN * RUN * 3 + 5):
+        # Across a run's end, and across the merges of runs.
+        for count in (1, RUN - 1, RUN, RUN + 1, RUN * 2, RUN * 3 + 1, RUN * RUN * 3 + 5):
             runs = TextRuns()
             pieces = [f"{i}," for i in range(count)]
             for piece in pieces:
@@ -21,9 +21,10 @@ class TextRunsTests(SynchronousTestCase):
             self.assertEqual(runs.joined(), "".join(pieces), count)
 
     def test_holds_few_objects(self) -> None:
-        """However many pieces, at most RUN - 1 of them and RUN - 1 runs are kept."""
+        """A 100,000 pieces are kept in under RUN pieces and 20 runs."""
         runs = TextRuns()
-        for i in range(RUN * RUN * 5 + 7):
-            runs.append(str(i))
-        self.assertLess(len(runs._runs), RUN)
+        for _ in range(100_000):
+            runs.append("abcde")
+        self.assertLess(len(runs._runs), 20)
         self.assertLess(len(runs._pieces), RUN)
+        self.assertEqual(runs.joined(), "abcde" * 100_000)
