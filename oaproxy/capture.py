@@ -337,7 +337,7 @@ class _Assembler:
     def result(self) -> CapturedResponse:
         order = sorted(self.choices)
         texts = tuple(
-            None if (text := self.choices[i].text) is None else text.joined() for i in order
+            None if (kept := self.choices[i].text) is None else kept.joined() for i in order
         )
         present = [t for t in texts if t is not None]
         if len(order) <= 1:

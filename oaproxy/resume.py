@@ -260,7 +260,8 @@ class StreamFollower:
         state = self._state
         if self._how is not None:
             delta.pop("role", None)
-        if any(
+        # (The usual delta has only tracked members: checked at C speed.)
+        if not _TRACKED.issuperset(delta) and any(
             value not in (None, "", [], {}) for name, value in delta.items() if name not in _TRACKED
         ):
             state.untracked = True
