@@ -211,12 +211,16 @@ class StreamFollower:
         if isinstance(usage, dict):
             self.usage = usage
         choices = chunk.get("choices")
+        if not continuing:
+            # The first attempt's bytes go as they came: its choices are only followed.
+            if isinstance(choices, list):
+                for choice in choices:
+                    if isinstance(choice, dict):
+                        self._choice(choice)
+            return event, data
         kept = choices
         if isinstance(choices, list):
             kept = [c for c in choices if not isinstance(c, dict) or self._choice(c)]
-        if not continuing:
-            # The first attempt's bytes go as they came.
-            return event, data
         if choices and not kept and not isinstance(usage, dict):
             return None
         if isinstance(kept, list):

@@ -175,6 +175,7 @@ def event_data(event: bytes) -> bytes | None:
 # Only the reactor's thread reads events; the parsed values are read, never
 # changed, by them.
 _last_event: list[Any] = [None, None]
+_DECODE = json.JSONDecoder().decode
 
 
 def parse_event(data: bytes | str) -> Any:
@@ -192,6 +193,10 @@ def event_json(data: bytes | str) -> Any:
     """The JSON of an event's data, None where it is not JSON: a parse of
     the caller's own, to change."""
     try:
+        if data[:1] == b"{" and data[1:2] != b"\x00":
+            # What json.loads does with these bytes (its encoding sniffing
+            # says UTF-8 for them), without its checks per call.
+            return _DECODE(data.decode("utf-8", "surrogatepass"))  # type: ignore[union-attr]
         return json.loads(data)
     except (ValueError, RecursionError):
         # ValueError covers JSONDecodeError and UnicodeDecodeError.
