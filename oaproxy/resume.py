@@ -161,6 +161,9 @@ class StreamFollower:
     are parsed afresh, as they are rewritten.
     """
 
+    # One per attempt of every open stream.
+    __slots__ = ("_how", "_skip", "_state", "usage")
+
     def __init__(self, state: ResumeState, how: ResumeMode | None) -> None:
         self._state = state
         self._how = how
