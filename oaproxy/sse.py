@@ -66,6 +66,13 @@ class SSESplitter:
         if self._buf:
             self._buf += data
             return self._split(self._buf, final=False)
+        n = len(data)
+        if n > 2 and data.find(b"\n") == n - 2 and data[-1] == _LF and _CR_BYTE not in data:
+            # One line and the blank line after it (an upstream's usual
+            # write): that one event, as the search would find it.
+            if self._max_event_bytes is not None and n > self._max_event_bytes:
+                raise EventTooLarge(self._max_event_bytes)
+            return [data]
         # Nothing pending (the usual read: whole events): split ``data``
         # itself, an event that is all of it without a copy.
         return self._split(data, final=False)
