@@ -17,6 +17,7 @@ from oaproxy.inspection import content_texts, media_type, parse_json
 from oaproxy.multipart import describe_multipart
 from oaproxy.record import JSONObject, Usage
 from oaproxy.sse import parse_event
+from oaproxy.textruns import TextRuns
 
 _COMPACT = (",", ":")
 
@@ -216,13 +217,13 @@ class _ToolCall:
         self.call_id: str | None = None
         self.type: str | None = None
         self.name: str | None = None
-        self.arguments: list[str] = []
+        self.arguments = TextRuns()
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "id": self.call_id,
             "type": self.type or "function",
-            "function": {"name": self.name, "arguments": "".join(self.arguments)},
+            "function": {"name": self.name, "arguments": self.arguments.joined()},
         }
 
 
@@ -230,8 +231,9 @@ class _Choice:
     __slots__ = ("finish_reason", "function_call", "refusal", "text", "tool_calls")
 
     def __init__(self) -> None:
-        self.text: list[str] | None = None
-        self.refusal: list[str] | None = None
+        # Kept in runs: a stream open for long holds its text, not a string per event.
+        self.text: TextRuns | None = None
+        self.refusal: TextRuns | None = None
         self.finish_reason: str | None = None
         self.tool_calls: dict[int, _ToolCall] = {}
         self.function_call: _ToolCall | None = None
@@ -259,7 +261,7 @@ class _Assembler:
         if not isinstance(piece, str):
             return
         if choice.text is None:
-            choice.text = []
+            choice.text = TextRuns()
         kept = self.text_budget.take(piece)
         if kept:
             choice.text.append(kept)
@@ -268,7 +270,7 @@ class _Assembler:
         if not isinstance(piece, str):
             return
         if choice.refusal is None:
-            choice.refusal = []
+            choice.refusal = TextRuns()
         kept = self.refusal_budget.take(piece)
         if kept:
             choice.refusal.append(kept)
@@ -327,8 +329,7 @@ class _Assembler:
     def result(self) -> CapturedResponse:
         order = sorted(self.choices)
         texts = tuple(
-            None if self.choices[i].text is None else "".join(self.choices[i].text or ())
-            for i in order
+            None if (kept := self.choices[i].text) is None else kept.joined() for i in order
         )
         present = [t for t in texts if t is not None]
         if len(order) <= 1:
@@ -344,7 +345,7 @@ class _Assembler:
             if choice.function_call is not None:
                 tool_calls.append(choice.function_call.as_dict())
             if choice.refusal is not None:
-                refusals.append("".join(choice.refusal))
+                refusals.append(choice.refusal.joined())
             if finish_reason is None:
                 finish_reason = choice.finish_reason
         if 0 in self.choices and self.choices[0].finish_reason is not None:

@@ -294,19 +294,25 @@ class StreamRelay(Protocol):
         """Hold, or pass on, whole events just split off the stream."""
         if not events:
             return
-        read = [(event, event_data(event)) for event in events]
+        read = []
+        carries = False
+        for event in events:
+            data = event_data(event)
+            if data is not None:
+                carries = True
+            read.append((event, data))
         if not self._committed:
             # Comments and keep-alives (OpenRouter's ": OPENROUTER PROCESSING")
             # carry no data: held until the first real event, so an upstream
             # that only keeps the connection alive can still be failed over.
             self._held.extend(read)
-            if all(data is None for _, data in read):
+            if not carries:
                 self._held_bytes += sum(map(len, events))
                 if self._held_bytes > self._max_event_bytes:
                     self._too_large(f"over {self._max_event_bytes} bytes before the first event")
                 return
             read, self._held = self._held, []
-        elif any(data is not None for _, data in read):
+        elif carries:
             self._progress = self._clock.seconds()
         passed = []
         for event, data in read:

@@ -26,6 +26,7 @@ from attrs import define, field
 
 from oaproxy.config import ResumeMode, Upstream
 from oaproxy.sse import event_json, parse_event
+from oaproxy.textruns import TextRuns
 
 
 class StreamKind(Enum):
@@ -56,9 +57,6 @@ _USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
 #: Characters of text (all channels) a stream is followed for; past them
 #: it is not resumed (and the first attempt's events are no longer read).
 MAX_FOLLOWED_TEXT = 1024 * 1024
-# Pieces of text joined into one string at a time: a delta's few
-# characters are not kept each as an object of their own.
-_RUN = 64
 
 
 class UpstreamErrorEvent(Exception):
@@ -81,23 +79,6 @@ def stream_kind(api_path: str) -> StreamKind | None:
 
 
 @define(eq=False)
-class RelayedText:
-    """One channel's text as relayed, kept in runs of joined pieces."""
-
-    _runs: list[str] = field(factory=list)
-    _pieces: list[str] = field(factory=list)
-
-    def append(self, piece: str) -> None:
-        self._pieces.append(piece)
-        if len(self._pieces) >= _RUN:
-            self._runs.append("".join(self._pieces))
-            self._pieces.clear()
-
-    def joined(self) -> str:
-        return "".join(self._runs) + "".join(self._pieces)
-
-
-@define(eq=False)
 class ResumeState:
     """What one client's stream carried so far, over all its attempts."""
 
@@ -107,7 +88,7 @@ class ResumeState:
     # The record's observer of the stream's events (the forwarder's
     # ``on_event``), kept for the continuations: the record sees one answer.
     observer: Callable[[bytes], bool] | None = None
-    relayed: dict[Channel, RelayedText] = field(factory=dict)
+    relayed: dict[Channel, TextRuns] = field(factory=dict)
     # Characters kept in ``relayed``; past ``MAX_FOLLOWED_TEXT`` the stream
     # is ``over``: too long to be resumed.
     kept: int = 0
@@ -180,6 +161,9 @@ class StreamFollower:
     are parsed afresh, as they are rewritten.
     """
 
+    # One per attempt of every open stream.
+    __slots__ = ("_how", "_skip", "_state", "usage")
+
     def __init__(self, state: ResumeState, how: ResumeMode | None) -> None:
         self._state = state
         self._how = how
@@ -230,12 +214,16 @@ class StreamFollower:
         if isinstance(usage, dict):
             self.usage = usage
         choices = chunk.get("choices")
+        if not continuing:
+            # The first attempt's bytes go as they came: its choices are only followed.
+            if isinstance(choices, list):
+                for choice in choices:
+                    if isinstance(choice, dict):
+                        self._choice(choice)
+            return event, data
         kept = choices
         if isinstance(choices, list):
             kept = [c for c in choices if not isinstance(c, dict) or self._choice(c)]
-        if not continuing:
-            # The first attempt's bytes go as they came.
-            return event, data
         if choices and not kept and not isinstance(usage, dict):
             return None
         if isinstance(kept, list):
@@ -279,7 +267,8 @@ class StreamFollower:
         state = self._state
         if self._how is not None:
             delta.pop("role", None)
-        if any(
+        # (The usual delta has only tracked members: checked at C speed.)
+        if not _TRACKED.issuperset(delta) and any(
             value not in (None, "", [], {}) for name, value in delta.items() if name not in _TRACKED
         ):
             state.untracked = True
@@ -369,7 +358,7 @@ class StreamFollower:
         if piece and not state.over:
             state.kept += len(piece)
             state.over = state.kept > MAX_FOLLOWED_TEXT
-            state.relayed.setdefault(channel, RelayedText()).append(piece)
+            state.relayed.setdefault(channel, TextRuns()).append(piece)
         if channel == CONTENT:
             state.chars += len(piece)
         return piece

@@ -66,6 +66,13 @@ class SSESplitter:
         if self._buf:
             self._buf += data
             return self._split(self._buf, final=False)
+        n = len(data)
+        if n > 2 and data.find(b"\n") == n - 2 and data[-1] == _LF and _CR_BYTE not in data:
+            # One line and the blank line after it (an upstream's usual
+            # write): that one event, as the search would find it.
+            if self._max_event_bytes is not None and n > self._max_event_bytes:
+                raise EventTooLarge(self._max_event_bytes)
+            return [data]
         # Nothing pending (the usual read: whole events): split ``data``
         # itself, an event that is all of it without a copy.
         return self._split(data, final=False)
@@ -175,6 +182,7 @@ def event_data(event: bytes) -> bytes | None:
 # Only the reactor's thread reads events; the parsed values are read, never
 # changed, by them.
 _last_event: list[Any] = [None, None]
+_DECODE = json.JSONDecoder().decode
 
 
 def parse_event(data: bytes | str) -> Any:
@@ -192,6 +200,10 @@ def event_json(data: bytes | str) -> Any:
     """The JSON of an event's data, None where it is not JSON: a parse of
     the caller's own, to change."""
     try:
+        if data[:1] == b"{" and data[1:2] != b"\x00":
+            # What json.loads does with these bytes (its encoding sniffing
+            # says UTF-8 for them), without its checks per call.
+            return _DECODE(data.decode("utf-8", "surrogatepass"))  # type: ignore[union-attr]
         return json.loads(data)
     except (ValueError, RecursionError):
         # ValueError covers JSONDecodeError and UnicodeDecodeError.

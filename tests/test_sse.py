@@ -174,6 +174,22 @@ class SplitterTests(SynchronousTestCase):
         with self.assertRaises(EventTooLarge):
             SSESplitter(100).feed(b"data: ok\n\n" + b"data: " + b"x" * 100 + b"\n\n")
 
+    def test_a_read_of_one_line_event(self) -> None:
+        """A read that is one line and a blank line is that one event (the
+        cap still holds, a CR or a leading blank line still split it), and
+        the next read starts afresh."""
+        event = b"data: " + b"x" * 92 + b"\n\n"
+        self.assertIs(SSESplitter(100).feed(event)[0], event)
+        with self.assertRaises(EventTooLarge):
+            SSESplitter(99).feed(event)
+        self.assertEqual(SSESplitter().feed(b"\n\n"), [b"\n", b"\n"])
+        self.assertEqual(SSESplitter().feed(b"data: a\r\n\n"), [b"data: a\r\n\n"])
+        self.assertEqual(SSESplitter().feed(b"data: a\r\n"), [])
+        splitter = SSESplitter()
+        self.assertEqual(splitter.feed(b"data: a\n\n"), [b"data: a\n\n"])
+        self.assertEqual(splitter.feed(b"data: b\n"), [])
+        self.assertEqual(splitter.feed(b"\n"), [b"data: b\n\n"])
+
     @settings(max_examples=300, deadline=None)
     @given(events(), st.lists(st.integers(min_value=0), max_size=30))
     def test_any_split_of_well_formed_events(self, evs: list[bytes], offsets: list[int]) -> None:
