@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections import deque
 from collections.abc import Callable, Collection, Sequence
 
 from attrs import evolve
@@ -134,21 +133,22 @@ class Forwarder:
     ) -> Exchange:
         call = exchange.call
         last_answer: Answer | None = None
-        tries = deque(Try(upstream) for upstream in candidates)
+        # The tries left, the next one last (a list: a deque's first block
+        # alone is 600 bytes, held for as long as a stream runs).
+        tries = [Try(upstream) for upstream in reversed(candidates)]
         # When each attempt on an upstream started (for its retries).
         starts: dict[str, list[float]] = {}
         # The break of a committed stream that the next candidates continue.
         broke: RelayFailure | None = None
         kind = stream_kind(call.api_path) if call.stream else None
 
-        def continuable() -> bool:
-            state = exchange.resume
-            return state is not None and any(
-                state.how(t.upstream) is not ResumeMode.OFF for t in tries
-            )
+        # Given the state, not closing over the exchange that holds it: an
+        # exchange in a cycle would be freed only by the garbage collector.
+        def continuable(state: ResumeState) -> bool:
+            return any(state.how(t.upstream) is not ResumeMode.OFF for t in tries)
 
         while tries:
-            current = tries.popleft()
+            current = tries.pop()
             if broke is not None and current.how is None:
                 continuing = self._continuation(exchange, current)
                 if continuing is None:
@@ -202,7 +202,7 @@ class Forwarder:
                     # (Never the client's cancel, told as a request not sent.)
                     attempt.failed(FailureKind.STALE_CONNECTION, e.reason)
                     self._end_attempt(exchange, attempt)
-                    tries.appendleft(evolve(current, resent=e.reason))
+                    tries.append(evolve(current, resent=e.reason))
                     continue
                 attempt.failed(*describe(e, self._words(call)))
                 error = e
@@ -222,7 +222,7 @@ class Forwarder:
                     self._end_attempt(exchange, attempt)
                     if not await self._spaced(exchange, starts[upstream.name]):
                         return exchange
-                    tries.appendleft(evolve(current, how=ResumeMode.RESTART, splices=()))
+                    tries.append(evolve(current, how=ResumeMode.RESTART, splices=()))
                     continue
                 if exchange.usage_added and status in (400, 422):
                     # Some OpenAI-compatible servers refuse stream_options: once
@@ -230,14 +230,14 @@ class Forwarder:
                     self._end_attempt(exchange, attempt)
                     if not await self._spaced(exchange, starts[upstream.name]):
                         return exchange
-                    tries.appendleft(evolve(current, with_usage=False))
+                    tries.append(evolve(current, with_usage=False))
                     continue
             wait = self._retry_wait(current, attempt, status, error, starts, full_deadline)
             if wait is not None:
                 self._end_attempt(exchange, attempt)
                 if not await self._pause(exchange, wait):
                     return exchange
-                tries.appendleft(evolve(current, retried=current.retried + 1, resent=None))
+                tries.append(evolve(current, retried=current.retried + 1, resent=None))
                 continue
             if answer is None:
                 self._end_attempt(exchange, attempt)

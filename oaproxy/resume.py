@@ -84,7 +84,7 @@ class ResumeState:
 
     kind: StreamKind
     # Whether a candidate is left that would continue it (the forwarder's).
-    continuable: Callable[[], bool] = field(default=lambda: False)
+    continuable: Callable[[ResumeState], bool] = field(default=lambda state: False)
     # The record's observer of the stream's events (the forwarder's
     # ``on_event``), kept for the continuations: the record sees one answer.
     observer: Callable[[bytes], bool] | None = None
@@ -116,7 +116,7 @@ class ResumeState:
             and not self.finished
             and not self.untracked
             and not self.over
-            and self.continuable()
+            and self.continuable(self)
         )
 
     @property

@@ -579,7 +579,7 @@ class FollowerParseTests(SynchronousTestCase):
             return real(data)
 
         self.patch(sse_module, "event_json", counted)
-        state = ResumeState(StreamKind.CHAT, continuable=lambda: True)
+        state = ResumeState(StreamKind.CHAT, continuable=lambda state: True)
         state.tool_heads.add(0)
         follower = StreamFollower(state, how)
         record = StreamCapture(1000)
