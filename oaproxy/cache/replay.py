@@ -25,6 +25,8 @@ TEXT = "text_completion"
 
 # What every chunk of a replayed stream repeats from the completion.
 _HEAD_FIELDS = ("id", "created", "model", "system_fingerprint", "service_tier")
+# What a stream's first chunk is kept of while the stream runs.
+_KEPT_OF_HEAD = (*_HEAD_FIELDS, "object")
 
 DONE = b"data: [DONE]\n\n"
 _COMPACT = (",", ":")
@@ -112,8 +114,9 @@ class StreamedAnswer:
 
     def __init__(self, max_bytes: int) -> None:
         self._capture = StreamCapture(max_bytes)
-        # The first chunk: the id, model and kind every chunk repeats
-        # ({} when it was no JSON object).
+        # Of the first chunk, the id, model and kind every chunk repeats
+        # ({} when it was no JSON object): not its choices, held for as
+        # long as the stream runs.
         self._head: dict[str, Any] | None = None
         self.ended = False
 
@@ -123,7 +126,8 @@ class StreamedAnswer:
             return
         if self._head is None:
             chunk = parse_event(data)
-            self._head = chunk if isinstance(chunk, dict) else {}
+            fields = chunk if isinstance(chunk, dict) else {}
+            self._head = {name: fields[name] for name in _KEPT_OF_HEAD if name in fields}
         self._capture.feed(data)
 
     def completion(self) -> bytes | None:
