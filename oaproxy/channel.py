@@ -23,7 +23,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -72,6 +72,21 @@ class ProxyChannel(http.HTTPChannel):
     _window_bytes = 0
     # A body has begun, and its rate check is yet to start (dataReceived).
     _body_started = False
+
+    # The connection's two addresses, asked of the transport once (twisted.web
+    # asks for both on every request; the local one is a getsockname call).
+    _host_address: IAddress | None = None
+    _peer_address: IAddress | None = None
+
+    def getHost(self) -> IAddress:
+        if self._host_address is None:
+            self._host_address = self.transport.getHost()  # type: ignore[union-attr]
+        return self._host_address
+
+    def getPeer(self) -> IAddress:
+        if self._peer_address is None:
+            self._peer_address = self.transport.getPeer()  # type: ignore[union-attr]
+        return self._peer_address
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -167,8 +182,7 @@ class ProxyChannel(http.HTTPChannel):
         super().connectionLost(reason)
 
     def _peer(self) -> str:
-        address = self.transport.getPeer()  # type: ignore[union-attr]
-        return getattr(address, "host", None) or "unix"
+        return getattr(self.getPeer(), "host", None) or "unix"
 
 
 def _cancel(call: IDelayedCall | None) -> None:
