@@ -147,15 +147,16 @@ class RequestParser:
         """``data`` starting a request, with a method llhttp does not read
         put as GET (and kept, to be told); b"" while the method is cut."""
         start = data.lstrip(b"\r\n")
-        method, space, rest = start.partition(b" ")
-        if not space and len(start) < _LONGEST_METHOD:
+        end = start.find(b" ", 0, _LONGEST_METHOD)
+        if end < 0 and len(start) < _LONGEST_METHOD:
             self._method_start = data
             return b""
         self._method_start = b""
-        if space and method not in _READ_AS_SENT and _TOKEN.match(method):
-            self._method = method
-            return b"GET " + rest
-        return data
+        method = start[:end]
+        if end < 0 or method in _READ_AS_SENT or not _TOKEN.match(method):
+            return data  # llhttp's to read
+        self._method = method
+        return b"GET" + start[end:]
 
     def _read(self, data: bytes) -> None:
         try:
