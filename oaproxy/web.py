@@ -77,6 +77,11 @@ class ProxyRequest(server.Request):
     relayed upstream answer or stream, alike; they replace the upstream's
     headers of the same name (a limit's ``x-ratelimit-*`` describe the
     client's limit, the upstream's the shared upstream key).
+
+    The head is written in one pass (``oaproxy.answerhead``): the ``Server``
+    and ``Date`` lines ready-made, then the upstream's headers passed on
+    (``pass_headers``), those set on the request and ``answer_headers``,
+    each copied once, into the head itself.
     """
 
     refused: BodyRefusal | None = None

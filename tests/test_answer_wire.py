@@ -200,3 +200,27 @@ class AnswerHeadTests(SynchronousTestCase):
         self.assertIn(b"\r\nX-Note: a Set-Cookie: stolen=1  body\r\nX-Note: b c d\r\n", head)
         self.assertNotIn(b"\r\nSet-Cookie", head)
         self.assertEqual(client.reply().body, b"{}")
+
+    def test_head_requests(self) -> None:
+        """HEAD: the head GET would have, without a body (twisted.web's
+        faked HEAD for /healthz; the upstream's length for a forwarded one)."""
+        health = self.h.request(b"HEAD", b"/healthz")
+        self.assertTrue(health.written.endswith(b"Content-Length: 16\r\n\r\n"))
+        client = self.h.request(b"HEAD", b"/v1/files", header_lines=[AUTH])
+        upstream = Headers({b"Content-Length": [b"7"]})
+        self.h.agent.only().respond(200, body=b"", headers=upstream)
+        self.assertEqual(
+            self.head(client.written),
+            b"HTTP/1.1 200 OK\r\n"
+            b"Server: oaproxy\r\n"
+            b"Date: <date>\r\n"
+            b"Content-Type: application/json\r\n"
+            b"X-Oaproxy-Upstream: a\r\n"
+            b"Content-Length: 7\r\n"
+            b"Access-Control-Allow-Origin: *\r\n"
+            b"Access-Control-Expose-Headers: x-oaproxy-upstream\r\n"
+            b"X-Ratelimit-Limit-Requests: 1000\r\n"
+            b"X-Ratelimit-Remaining-Requests: 999\r\n"
+            b"X-Ratelimit-Reset-Requests: 1m0s\r\n\r\n",
+        )
+        self.assertTrue(client.written.endswith(b"\r\n\r\n"))
