@@ -1,6 +1,7 @@
-"""One client connection: twisted.web's ``HTTPChannel`` with deadlines a slow
-client cannot stretch, saying what it does through the site's rate-limited
-log (``oaproxy.logthrottle``).
+"""One client connection: twisted.web's ``HTTPChannel`` whose requests are
+read by llhttp (``oaproxy.requestparser``), with deadlines a slow client
+cannot stretch, saying what it does through the site's rate-limited log
+(``oaproxy.logthrottle``).
 
 Twisted's idle timer restarts on every byte, so a client sending its request
 head one byte a second holds its connection (and a descriptor) for ever; a
@@ -23,12 +24,14 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http
 
 from oaproxy.errors import error_body
+from oaproxy.requestparser import RequestParser
+from oaproxy.upstreamclient.response import make_headers
 
 
 class ClientClose(Enum):
@@ -72,17 +75,50 @@ class ProxyChannel(http.HTTPChannel):
     _window_bytes = 0
     # A body has begun, and its rate check is yet to start (dataReceived).
     _body_started = False
+    # Bytes the client sent while a request of it was being answered.
+    _sent_meanwhile = 0
+
+    # The connection's two addresses, asked of the transport once (twisted.web
+    # asks for both on every request; the local one is a getsockname call).
+    _host_address: IAddress | None = None
+    _peer_address: IAddress | None = None
+
+    def getHost(self) -> IAddress:
+        if self._host_address is None:
+            self._host_address = self.transport.getHost()  # type: ignore[union-attr]
+        return self._host_address
+
+    def getPeer(self) -> IAddress:
+        if self._peer_address is None:
+            self._peer_address = self.transport.getPeer()  # type: ignore[union-attr]
+        return self._peer_address
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self._reading = RequestParser(
+            self, max_head_bytes=self.totalHeadersSize, max_headers=self.maxHeaders
+        )
         self.site.connection_opened()
         self._head_due = self.callLater(self.site.config.header_timeout, self._slow_head)
 
     def dataReceived(self, data: bytes) -> None:
-        super().dataReceived(data)
-        # The deadlines of what these bytes left unfinished, started once
-        # they are read (in the same reactor turn as they came): most heads
-        # and bodies come whole in one read, and need no timer.
+        self.resetTimeout()
+        if self._handlingRequest:
+            self._sent_meanwhile += len(data)
+            if (
+                self._sent_meanwhile > self._optimisticEagerReadSize
+                and not self._waitingForTransport
+            ):
+                # As twisted.web: a client sending requests while one is
+                # being answered is read no further, past a little.
+                self._networkProducer.pauseProducing()
+        self._reading.feed(data)
+        self._start_deadlines()
+
+    def _start_deadlines(self) -> None:
+        """The deadlines of what was read and left unfinished, started once it
+        is read (in the same reactor turn as it came): most heads and bodies
+        come whole in one read, and need no timer."""
         if not self.connected:
             return
         config = self.site.config
@@ -91,6 +127,43 @@ class ProxyChannel(http.HTTPChannel):
         if self._body_started:
             self._body_started = False
             self._rate_check = self.callLater(config.body_rate_window, self._body_rate)
+
+    # -- what the parser read (oaproxy.requestparser) ------------------------
+
+    def request_began(self) -> None:
+        self.requests.append(self.requestFactory(self))
+
+    def head_read(
+        self, method: bytes, path: bytes, version: bytes, headers: dict[bytes, list[bytes]]
+    ) -> None:
+        self.requests[-1].requestHeaders = make_headers(headers)
+        chunked = headers.get(b"Transfer-Encoding")
+        length = headers.get(b"Content-Length")
+        if chunked is not None:
+            # twisted.web's rule: one Transfer-Encoding, chunked.
+            if len(chunked) != 1 or chunked[0].lower() != b"chunked":
+                self.unreadable()
+                return
+            self.length = None
+        else:
+            # llhttp checked it: digits, once, and not with Transfer-Encoding.
+            self.length = int(length[0]) if length is not None else 0
+        self._command, self._path, self._version = method, path, version
+        self.allHeadersReceived()
+
+    def body_read(self, data: bytes) -> None:
+        if self._rate_check is not None or self._body_started:
+            self._window_bytes += len(data)
+        self.requests[-1].handleContentChunk(data)
+
+    def request_read(self) -> None:
+        self.allContentReceived()
+
+    def unreadable(self) -> None:
+        self._reading.stop()
+        self._respondToBadRequestAndDisconnect()
+
+    # -- twisted.web's request steps ------------------------------------------
 
     def allHeadersReceived(self) -> None:
         self._awaiting_head = False
@@ -102,11 +175,6 @@ class ProxyChannel(http.HTTPChannel):
             self._window_bytes = 0
             self._body_started = True
 
-    def rawDataReceived(self, data: bytes) -> None:
-        if self._rate_check is not None or self._body_started:
-            self._window_bytes += len(data)
-        super().rawDataReceived(data)
-
     def allContentReceived(self) -> None:
         self._body_started = False
         _cancel(self._rate_check)
@@ -117,7 +185,13 @@ class ProxyChannel(http.HTTPChannel):
         # Set first: the requests the client sent meanwhile are read from
         # here on, and their heads are due like any.
         self._awaiting_head = bool(self.persistent)
+        self._sent_meanwhile = 0
+        waiting = self._reading.waiting
         super().requestDone(request)
+        if self.persistent:
+            self._reading.release()
+            if waiting:
+                self._start_deadlines()
 
     def timeoutConnection(self) -> None:
         self._give_up(ClientClose.IDLE)
@@ -167,8 +241,7 @@ class ProxyChannel(http.HTTPChannel):
         super().connectionLost(reason)
 
     def _peer(self) -> str:
-        address = self.transport.getPeer()  # type: ignore[union-attr]
-        return getattr(address, "host", None) or "unix"
+        return getattr(self.getPeer(), "host", None) or "unix"
 
 
 def _cancel(call: IDelayedCall | None) -> None:

@@ -68,6 +68,7 @@ from oaproxy.resumebody import prefill_splices
 from oaproxy.retries import RetryPolicy, retry_reason, spacing
 from oaproxy.sse import sse_error_event
 from oaproxy.upstreams import UpstreamClient
+from oaproxy.web import pass_headers
 
 # A non-stream answer is held whole before it is written (to fail over an
 # upstream dying mid-body); past this size an answer is refused, not buffered.
@@ -361,9 +362,7 @@ class Forwarder:
                 for name, values in passed
                 if not any(carries(value, own_token) for value in values)
             ]
-        out = request.responseHeaders
-        for name, values in passed:
-            out.setRawHeaders(name, values)
+        pass_headers(request, passed)
 
     def _end_attempt(self, exchange: Exchange, attempt: AttemptLog) -> None:
         """The attempt is over and says why: time it, tell the observers."""

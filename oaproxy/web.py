@@ -14,17 +14,27 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from enum import Enum
 from io import BytesIO
 from typing import IO, TYPE_CHECKING, Any, cast
 
 from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger, globalLogPublisher
-from twisted.web import http, server
+from twisted.python.failure import Failure
+from twisted.web import http, resource, server
+from twisted.web.http import NO_BODY_CODES, datetimeToString, unquote
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
+from oaproxy.answerhead import (
+    OAPROXY_SERVER,
+    TWISTED_SERVER,
+    DateLine,
+    Fields,
+    head_parts,
+    single_lines,
+)
 from oaproxy.answers import write_answer
 from oaproxy.bodybudget import BodyBudget
 from oaproxy.channel import ClientClose, ProxyChannel
@@ -67,6 +77,11 @@ class ProxyRequest(server.Request):
     relayed upstream answer or stream, alike; they replace the upstream's
     headers of the same name (a limit's ``x-ratelimit-*`` describe the
     client's limit, the upstream's the shared upstream key).
+
+    The head is written in one pass (``oaproxy.answerhead``): the ``Server``
+    and ``Date`` lines ready-made, then the upstream's headers passed on
+    (``pass_headers``), those set on the request and ``answer_headers``,
+    each copied once, into the head itself.
     """
 
     refused: BodyRefusal | None = None
@@ -76,6 +91,11 @@ class ProxyRequest(server.Request):
     _held = 0
     _counted_as_it_comes = False
 
+    # The answer's Server line (oaproxy's own answers say oaproxy), and the
+    # upstream's headers passed on (``pass_headers``).
+    server_line = TWISTED_SERVER
+    passed: Fields = ()
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # twisted.web would parse form bodies into request.args, reading a
         # whole multipart upload into memory: a proxy passes them on untouched.
@@ -83,11 +103,65 @@ class ProxyRequest(server.Request):
         super().__init__(*args, **kwargs)
         self.answer_headers = Headers()
 
+    def process(self) -> None:
+        """twisted.web's, but for the ``Server`` and ``Date`` it would set on
+        every request's headers: the head writes them ready-made."""
+        self.site = self.channel.site  # type: ignore[attr-defined]
+        self.prepath = []
+        self.postpath = list(map(unquote, self.path[1:].split(b"/")))
+        if self.path == b"*":
+            self._handleStar()
+            return
+        try:
+            found = self.site.getResourceFor(self)
+            if resource._IEncodingResource.providedBy(found):
+                encoder = found.getEncoder(self)
+                if encoder is not None:
+                    self._encoder = encoder
+            self.render(found)
+        except BaseException:  # noqa: BLE001 - as twisted.web: any failure is answered 500
+            self.processingFailed(Failure())
+
     def write(self, data: bytes) -> None:
-        if not self.startedWriting:
-            for name, values in self.answer_headers.getAllRawHeaders():
-                self.responseHeaders.setRawHeaders(name, values)
-        super().write(data)
+        if self.startedWriting or self._inFakeHead or self.finished or self._disconnected:
+            # twisted.web's: the body, or its refusals.
+            super().write(data)
+            return
+        if self._write_head():
+            super().write(data)
+        else:
+            # HEAD, 204, 304: no body, whatever is written.
+            self.write = _no_body  # type: ignore[method-assign]
+
+    def _write_head(self) -> bool:
+        """Write the head in one pass (``oaproxy.answerhead``); whether a body
+        follows."""
+        self.startedWriting = 1
+        code = self.code
+        extra: list[tuple[bytes, Sequence[bytes]]] = []
+        if self.lastModified is not None and not self.responseHeaders.hasHeader(b"Last-Modified"):
+            extra.append((b"Last-Modified", [datetimeToString(self.lastModified)]))
+        if self.etag is not None:
+            extra.append((b"ETag", [self.etag]))
+        if self.cookies:
+            extra.append((b"Set-Cookie", self.cookies))
+        parts, chunked = head_parts(
+            (self.clientproto, b" ", b"%d" % code, b" ", self.code_message, b"\r\n"),
+            self.server_line,
+            self.channel.site.date.line(),  # type: ignore[attr-defined]
+            (
+                self.passed,
+                self.responseHeaders.getAllRawHeaders(),
+                self.answer_headers.getAllRawHeaders(),
+            ),
+            chunkable=self.clientproto == b"HTTP/1.1" and self.method != b"HEAD",
+            code=code,
+            default_type=self.defaultContentType,
+            extra=extra,
+        )
+        self.chunked = chunked
+        self.channel.writeSequence(parts)
+        return self.method != b"HEAD" and code not in NO_BODY_CODES
 
     def gotLength(self, length: int | None) -> None:
         site = self.channel.site  # type: ignore[attr-defined]
@@ -157,6 +231,7 @@ class ProxySite(server.Site):
         self.open_connections = 0
         # One budget for the process: the bodies in flight outlive a reload.
         self.bodies = BodyBudget(config.max_inflight_body_bytes, metrics.front.body_bytes_held)
+        self.date = DateLine(self.reactor)
         self.serve(root, config)
 
     def serve(self, root: Resource, config: Config) -> None:
@@ -202,6 +277,16 @@ def answer_headers(request: server.Request) -> Headers:
     return cast(ProxyRequest, request).answer_headers
 
 
+def pass_headers(request: server.Request, passed: Sequence[tuple[bytes, Sequence[bytes]]]) -> None:
+    """The upstream's headers (canonical names, as a ``Headers`` gives them)
+    that this request's answer passes on, before those set on the request."""
+    cast(ProxyRequest, request).passed = single_lines(passed)
+
+
+def _no_body(data: bytes) -> None:
+    """What a HEAD, 204 or 304 answer writes of its body."""
+
+
 class ProxyResource(Resource):
     """``/v1/*`` (and ``<route>/v1/*``): CORS, then the request pipeline of
     one config."""
@@ -215,7 +300,7 @@ class ProxyResource(Resource):
         return self
 
     def render(self, request: server.Request) -> bytes | int:
-        request.setHeader(b"server", b"oaproxy")
+        cast(ProxyRequest, request).server_line = OAPROXY_SERVER
         origin = request.getHeader(b"origin")
         if request.method == b"OPTIONS":
             asked = request.getHeader(b"access-control-request-headers")

@@ -177,3 +177,31 @@ class ConnectionCapTests(SynchronousTestCase):
         clients[0].disconnect()
         self.assertIsNotNone(h.site.buildProtocol(address))
         self.assertEqual(sample(h, "oaproxy_connections_open"), 2)
+
+
+class AddressTests(SynchronousTestCase):
+    def test_asked_once_per_connection(self) -> None:
+        """The connection's addresses are asked of the transport once, however
+        many requests it carries; each request sees them."""
+        h = Harness(CONFIG)
+        client = h.connect("10.9.8.7")
+        asked: list[str] = []
+        transport = client.transport
+        get_host, get_peer = transport.getHost, transport.getPeer
+
+        def host() -> Any:
+            asked.append("host")
+            return get_host()
+
+        def peer() -> Any:
+            asked.append("peer")
+            return get_peer()
+
+        transport.getHost, transport.getPeer = host, peer  # type: ignore[method-assign]
+        for _ in range(3):
+            client.send(b"GET /healthz HTTP/1.1\r\nHost: p\r\n\r\n")
+        self.assertEqual(client.written.count(b"HTTP/1.1 200 OK"), 3)
+        self.assertEqual(sorted(asked), ["host", "peer"])
+        request: Any = h.site.requestFactory(client.protocol)
+        self.assertEqual(request.getClientAddress(), IPv4Address("TCP", "10.9.8.7", 40000))
+        self.assertEqual(request.getHost(), IPv4Address("TCP", "127.0.0.1", 8888))
