@@ -148,7 +148,7 @@ def scan_text(text: str, keys: frozenset[str]) -> tuple[ObjectScan, dict[str, An
     # The value at an offset and where it ends (the C scanner; not in typeshed).
     scan_value: Callable[[str, int], tuple[Any, int]] = _TEXT_DECODER.scan_once  # type: ignore[attr-defined]
     # The pattern matches the empty string: never None.
-    whitespace = cast(Callable[..., re.Match[str]], _TEXT_WHITESPACE.match)
+    whitespace = cast("Callable[..., re.Match[str]]", _TEXT_WHITESPACE.match)
     try:
         position = whitespace(text).end()
         if text[position : position + 1] != "{":

@@ -276,7 +276,7 @@ class Pipeline:
         # Of a body left in its spool file, the head its record reads (and a
         # byte more: it says the record's text is cut) is kept.
         own_token = token_text(request.getHeader(b"authorization"))
-        body = _request_body(cast(IO[bytes], request.content), self._records.reach(own_token) + 1)
+        body = _request_body(cast("IO[bytes]", request.content), self._records.reach(own_token) + 1)
         inspected = self.inspect(body, request.getHeader(b"content-type"))
         if isinstance(inspected, Deferred):
             return self._later(

@@ -183,16 +183,16 @@ class ProxyRequest(server.Request):
             return
         self.received += len(data)
         if self.received > self._limit:
-            cast(IO[bytes], self.content).close()
+            cast("IO[bytes]", self.content).close()
             self._refuse(BodyRefusal.TOO_LARGE, self.received)
             return
         if self._counted_as_it_comes:
             if not self._budget.take(len(data), self.received):
-                cast(IO[bytes], self.content).close()
+                cast("IO[bytes]", self.content).close()
                 self._refuse(BodyRefusal.BUSY, self.received)
                 return
             self._held += len(data)
-        cast(IO[bytes], self.content).write(data)
+        cast("IO[bytes]", self.content).write(data)
 
     def _refuse(self, why: BodyRefusal, received: int) -> None:
         self.refused = why
@@ -321,7 +321,7 @@ def declared_size(request: server.Request) -> int:
     """The body's size without reading it (what arrived, or was announced)."""
     if getattr(request, "refused", None) is not None:
         return int(request.received)  # type: ignore[attr-defined]
-    content = cast(IO[bytes], request.content)
+    content = cast("IO[bytes]", request.content)
     content.seek(0, 2)
     size = content.tell()
     content.seek(0)
