@@ -9,7 +9,10 @@ head is put together from the three sources as they are: the upstream's
 headers passed on (``passed``, whose values are made single lines once, as
 they come from outside), then those set on the request, then oaproxy's
 ``answer_headers``, each replacing the same name where it stands. The
-bytes are those twisted.web writes: the same lines, in the same order.
+lines are those twisted.web writes, in its order but for one: the
+``Connection: close`` it sets as a request begins came before ``Server``
+and ``Date``, and comes after them here (the order of header fields of
+different names means nothing to HTTP).
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ pipelined requests in turn.
 The head is held to twisted.web's limits: ``max_head_bytes`` for the
 request line and headers together, ``max_headers`` headers; an unreadable
 or oversized head is told as ``unreadable`` (the connection answers 400).
+So are more than two empty lines before a request, a body's framing
+(chunk sizes, extensions, its trailer) over 64 KiB between two of its
+bytes, and more than 16 requests read ahead of the one being answered:
+nothing a client sends is held unbounded or read again and again.
 Header values are stripped of surrounding blanks, as twisted.web does.
 llhttp is stricter than twisted.web in a few places (a folded header, a
 control character in a value, a method it does not know, a
@@ -43,6 +47,17 @@ _READ_AS_SENT = frozenset(
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 # A method longer than this is not waited for whole: llhttp judges it.
 _LONGEST_METHOD = 32
+# Empty lines before a request that are ignored (RFC 9112 asks for at least
+# one): past these bytes of them, what comes is no request.
+_BLANK_BEFORE = 4
+# What a body may carry between two of its bytes (chunk sizes, extensions,
+# the trailer), as twisted.web's limit on a trailer: llhttp would hold a
+# trailer's value whole, growing with every read.
+_MAX_FRAMING = 64 * 1024
+# Requests read ahead of the one being answered (pipelined): each is
+# events and a head's objects, some 30 times its bytes; past these the
+# client gets its answers, then 400.
+_MAX_AHEAD = 16
 
 
 class RequestReader(Protocol):
@@ -95,8 +110,15 @@ class RequestParser:
         self._header_count = 0
         self._head_size = 0
         self._head_reads = -1
-        # No request begun: the next byte starts one (its method is read here).
+        # Bytes of a body's reads since one carried body bytes.
+        self._framing = 0
+        self._body_in_read = False
+        # Whole requests read and not told yet.
+        self._ahead = 0
+        # No request begun: the next byte starts one (its method is read
+        # here); the empty lines before it, and a method cut by a read.
         self._between = True
+        self._blank = 0
         self._method_start = b""
         self._method: bytes | None = None
 
@@ -109,16 +131,24 @@ class RequestParser:
         if self._between:
             data = self._own_method(self._method_start + data)
             if not data:
+                self._tell()
                 return
+        self._body_in_read = False
         self._read(data)
         if self._in_head and not self._broken:
             # The read the head began in counts for nothing: its part of
-            # the head is what llhttp holds of it, at most the read.
+            # the head is what llhttp holds of it, at most the read. Its
+            # line ends count too, which the head's size does not.
             if self._head_reads < 0:
                 self._head_reads = 0
             else:
                 self._head_reads += len(data)
-            if self._head_reads > self._max_head_bytes:
+            if self._head_reads > self._max_head_bytes + 2 * (self._max_headers + 2):
+                self._fail()
+        elif not self._between and not self._broken:
+            # In a body: reads with no body byte are its framing.
+            self._framing = 0 if self._body_in_read else self._framing + len(data)
+            if self._framing > _MAX_FRAMING:
                 self._fail()
         self._tell()
 
@@ -147,14 +177,18 @@ class RequestParser:
         """``data`` starting a request, with a method llhttp does not read
         put as GET (and kept, to be told); b"" while the method is cut."""
         start = data.lstrip(b"\r\n")
+        self._blank += len(data) - len(start)
+        if self._blank > _BLANK_BEFORE:
+            self._fail()
+            return b""
         end = start.find(b" ", 0, _LONGEST_METHOD)
         if end < 0 and len(start) < _LONGEST_METHOD:
-            self._method_start = data
+            self._method_start = start
             return b""
         self._method_start = b""
         method = start[:end]
         if end < 0 or method in _READ_AS_SENT or not _TOKEN.match(method):
-            return data  # llhttp's to read
+            return start  # llhttp's to read
         self._method = method
         return b"GET" + start[end:]
 
@@ -196,7 +230,11 @@ class RequestParser:
     # -- llhttp's callbacks (httptools) ----------------------------------
 
     def on_message_begin(self) -> None:
+        if self._ahead >= _MAX_AHEAD:
+            raise _Unreadable
         self._between = False
+        self._blank = 0
+        self._framing = 0
         self._in_head = True
         self._url = b""
         self._headers = {}
@@ -240,12 +278,15 @@ class RequestParser:
         self._add(self._reader.head_read, head)
 
     def on_body(self, data: bytes) -> None:
+        self._body_in_read = True
         self._add(self._reader.body_read, (data,))
 
     def on_message_complete(self) -> None:
         self._between = True
+        self._ahead += 1
         self._add(self._complete, ())
 
     def _complete(self) -> None:
+        self._ahead -= 1
         self.hold()
         self._reader.request_read()

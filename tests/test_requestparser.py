@@ -80,6 +80,74 @@ class LimitTests(SynchronousTestCase):
             self.assertTrue(client.transport.disconnecting, head)
         self.assertEqual(self.h.agent.calls, [])
 
+    def test_empty_lines_before_a_request(self) -> None:
+        """Two are ignored, as twisted.web ignored one; a flood of them is
+        refused at once, never held or read again (it grew with each read)."""
+        client = self.h.connect()
+        client.send(b"\r\n\r\n" + FILES)
+        self.assertEqual(len(self.h.agent.calls), 1)
+        self.h.agent.calls.clear()
+        flood = self.h.connect()
+        flood.send(b"\r\n\r\n")
+        self.assertEqual(flood.written, b"")
+        flood.send(b"\n")
+        self.check_400(flood)
+        big = self.h.connect()
+        big.send(b"\r\n" * 40000)
+        self.check_400(big)
+
+    def test_endless_trailer(self) -> None:
+        """A chunked body's trailer (or any framing) over 64 KiB between two
+        body bytes is refused, whatever the reads: llhttp would hold it whole."""
+        client = self.h.connect()
+        client.send(
+            b"POST /v1/embeddings HTTP/1.1\r\nAuthorization: Bearer sk-client\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\nX-Trailer: " % (len(EMBED), EMBED)
+        )
+        for _ in range(70):
+            client.send(b"t" * 1024)
+        self.check_400(client)
+
+    def test_many_small_chunks_are_a_body(self) -> None:
+        """Framing is counted only between body bytes: a body of many tiny
+        chunks, far more framing than 64 KiB in all, is read whole."""
+        body = json.dumps({"model": "m", "input": "x" * 30000}).encode()
+        chunks = b"".join(
+            b"1;pad=%s\r\n%s\r\n" % (b"p" * 8, body[i : i + 1]) for i in range(len(body))
+        )
+        client = self.h.connect()
+        client.send(
+            b"POST /v1/embeddings HTTP/1.1\r\nAuthorization: Bearer sk-client\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+        )
+        self.assertGreater(len(chunks) - len(body), 64 * 1024)
+        self.assertEqual(self.h.agent.only().body, body)
+
+    def test_requests_read_ahead_are_bounded(self) -> None:
+        """Past 16 requests read and not answered yet (pipelined), the
+        client gets the answers to those, then 400: what is read ahead is
+        events and objects many times its size."""
+        client = self.h.connect()
+        health = b"GET /healthz HTTP/1.1\r\nHost: p\r\n\r\n"
+        client.send(FILES + health * 100)
+        self.assertEqual(len(self.h.agent.calls), 1)
+        self.h.agent.only().respond(200, body=b"{}")
+        self.assertEqual(client.written.count(b"HTTP/1.1 200 OK"), 16)
+        self.assertTrue(client.written.endswith(BAD))
+        self.assertTrue(client.transport.disconnecting)
+
+    def test_head_size_whatever_the_reads(self) -> None:
+        """A head under the limit is read however it is cut: its line ends,
+        counted in the reads, are not counted against it."""
+        lines = [AUTH] + [(b"X-H%03d" % i, b"v" * 155) for i in range(100)]
+        head = http_request(b"GET", b"/v1/files", header_lines=lines)
+        self.assertLess(len(head) - 2 * (len(lines) + 2), 16384)
+        self.assertGreater(len(head), 16384)
+        client = self.h.connect()
+        for part in (head[:10], head[10:-2], head[-2:]):
+            client.send(part)
+        self.assertEqual(len(self.h.agent.calls), 1)
+
 
 class ReadingTests(SynchronousTestCase):
     def setUp(self) -> None:
