@@ -31,7 +31,7 @@ from typing import Protocol
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
-from oaproxy.upstreamclient.response import CANONICAL_NAMES, canonical_name
+from oaproxy.upstreamclient.response import add_header
 
 _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 
@@ -254,13 +254,7 @@ class RequestParser:
         if self._header_count > self._max_headers:
             raise _Unreadable
         self._grow(len(name) + len(value) + 2)
-        canonical = CANONICAL_NAMES.get(name) or canonical_name(name)
-        value = value.rstrip(b" \t")
-        values = self._headers.get(canonical)
-        if values is None:
-            self._headers[canonical] = [value]
-        else:
-            values.append(value)
+        add_header(self._headers, name, value)
 
     def _grow(self, size: int) -> None:
         self._head_size += size

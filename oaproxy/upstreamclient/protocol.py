@@ -38,10 +38,9 @@ if TYPE_CHECKING:
 
 from oaproxy.upstreamclient.bodywriter import BodyWriter
 from oaproxy.upstreamclient.response import (
-    CANONICAL_NAMES,
     RESPONSE_DONE,
     UpstreamResponse,
-    canonical_name,
+    add_header,
     is_chunked,
     make_headers,
 )
@@ -314,13 +313,7 @@ class UpstreamConnection(Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._response is not None or not self._busy:
             return  # a trailer after a chunked body, or after the caller stopped
-        canonical = CANONICAL_NAMES.get(name) or canonical_name(name)
-        value = value.rstrip(b" \t")
-        values = self._raw.get(canonical)
-        if values is None:
-            self._raw[canonical] = [value]
-        else:
-            values.append(value)
+        add_header(self._raw, name, value)
 
     def on_headers_complete(self) -> None:
         code: int = self._parser.get_status_code()

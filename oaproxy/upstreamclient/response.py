@@ -55,6 +55,19 @@ def canonical_name(name: bytes) -> bytes:
     return canonical
 
 
+def add_header(raw: dict[bytes, list[bytes]], name: bytes, value: bytes) -> None:
+    """One header as llhttp read it, added to ``raw`` under its canonical
+    name (``make_headers``' input), stripped of trailing blanks as
+    twisted.web strips them."""
+    canonical = CANONICAL_NAMES.get(name) or canonical_name(name)
+    value = value.rstrip(b" \t")
+    values = raw.get(canonical)
+    if values is None:
+        raw[canonical] = [value]
+    else:
+        values.append(value)
+
+
 def make_headers(raw: dict[bytes, list[bytes]]) -> Headers:
     headers = Headers()
     if _BY_STORAGE:
