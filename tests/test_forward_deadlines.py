@@ -72,6 +72,15 @@ STAGES: list[tuple[str, Stage, bool, float, int | None]] = [
 
 
 class DeadlineTestCase(SynchronousTestCase):
+    def awaiting(
+        self, stage: Stage, stream: bool, cancel_error: Callable[[], BaseException] | None
+    ) -> tuple[Harness, Client, FakeResponse | None]:
+        """A request whose attempt awaits ``stage``, a second after it began."""
+        h = Harness(CONFIG, cancel_error=cancel_error)
+        client = h.chat(stream=stream)
+        h.clock.advance(1)
+        return h, client, stage(h, client)
+
     def assertNoTimerLeft(self, h: Harness, client: Client) -> None:
         client.disconnect()
         self.assertEqual(h.clock.getDelayedCalls(), [])
@@ -92,10 +101,7 @@ class AttemptDeadlineTests(DeadlineTestCase):
         for name, stage, stream, seconds, status in STAGES:
             for cancel_error in CANCEL_ERRORS:
                 with self.subTest(name, cancel_error=cancel_error):
-                    h = Harness(CONFIG, cancel_error=cancel_error)
-                    client = h.chat(stream=stream)
-                    h.clock.advance(1)
-                    response = stage(h, client)
+                    h, client, response = self.awaiting(stage, stream, cancel_error)
                     h.clock.advance(seconds - 2)
                     self.assertEqual(len(h.agent.calls), 1)
                     h.clock.advance(1)
@@ -171,10 +177,7 @@ class ClientGoneTests(DeadlineTestCase):
         for name, stage, stream, seconds, status in STAGES:
             for cancel_error in CANCEL_ERRORS:
                 with self.subTest(name, cancel_error=cancel_error):
-                    h = Harness(CONFIG, cancel_error=cancel_error)
-                    client = h.chat(stream=stream)
-                    h.clock.advance(1)
-                    response = stage(h, client)
+                    h, client, response = self.awaiting(stage, stream, cancel_error)
                     # Just before the deadline: it must not be taken for it.
                     h.clock.advance(seconds - 1.5)
                     client.disconnect()
