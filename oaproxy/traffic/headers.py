@@ -11,6 +11,7 @@ millisecond precision: ``20ms``, ``1s``, ``1m26.4s``, ``6m0s``).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -60,21 +61,12 @@ _RATE_HEADERS = {
 }
 
 
-#: Reset values written before, kept up to ``RESETS_KEPT``: an admitted
-#: request's reset on a moving window is the window itself, the same value
-#: every time, so most requests find theirs here.
-_RESETS: dict[float, bytes] = {}
-RESETS_KEPT = 1024
-
-
+# Reset values written before: an admitted request's reset on a moving
+# window is the window itself, the same value every time, so most requests
+# find theirs here (fixed windows' resets change every request: bounded).
+@functools.lru_cache(maxsize=1024)
 def _reset_value(seconds: float) -> bytes:
-    value = _RESETS.get(seconds)
-    if value is None:
-        if len(_RESETS) >= RESETS_KEPT:
-            # Fixed windows' resets change every request: start again.
-            _RESETS.clear()
-        value = _RESETS[seconds] = openai_duration(seconds).encode()
-    return value
+    return openai_duration(seconds).encode()
 
 
 def set_rate_headers(headers: Headers, what: str, reading: Reading) -> None:
