@@ -502,8 +502,7 @@ def capture_json_document(obj: object, max_bytes: int) -> CapturedResponse:
     if isinstance(choices, list) and len(choices) == 1 and _plain(choices[0]):
         # The common answer, kept as the assembler keeps it, without one.
         content = choices[0]["message"].get("content")
-        said, cut = ("", False) if content is None else truncate_text(content, max_bytes)
-        plain = None if content is None else said
+        plain, cut = (None, False) if content is None else truncate_text(content, max_bytes)
         finish = choices[0].get("finish_reason")
         return CapturedResponse(
             text=plain,
